@@ -1,0 +1,201 @@
+//! Runs a fixture in the golden format (`shared/golden/README.md`) through our model and reports
+//! the error of every output and gradient. Used by the parity tests and `convmae check-fixture`.
+
+use crate::config::ConvMaeConfig;
+use crate::masking::Masking;
+use crate::model::ConvMae;
+use crate::params::{pretrain_param_specs, ParamStore};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// Max relative error (max|ours - ref| / max|ref|) a faithful implementation stays under.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-8,
+        _ => 1e-4,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TensorError {
+    pub name: String,
+    pub max_abs: f64,
+    pub max_rel: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FixtureReport {
+    pub fixture: String,
+    pub kind: String,
+    pub dtype: String,
+    pub tolerance: f64,
+    pub pass: bool,
+    pub worst: String,
+    pub worst_rel: f64,
+    pub errors: Vec<TensorError>,
+}
+
+pub struct Fixture {
+    pub kind: String,
+    pub meta: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+fn err(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+impl Fixture {
+    pub fn read(path: &str) -> candle_core::Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read fixture '{path}': {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(format!("fixture '{path}' is not a safetensors file: {e}")))?;
+        let config = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("config"))
+            .ok_or_else(|| err(format!("fixture '{path}' has no 'config' metadata")))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(config).map_err(|e| err(format!("fixture '{path}': bad config JSON: {e}")))?;
+        let kind = meta["kind"].as_str().unwrap_or("pretrain").to_string();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        Ok(Self { kind, meta, tensors })
+    }
+
+    pub fn tensor(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| err(format!("fixture has no tensor '{name}'")))
+    }
+
+    /// The model configuration recorded in the fixture's metadata.
+    pub fn pretrain_config(&self) -> candle_core::Result<ConvMaeConfig> {
+        let m = &self.meta;
+        let mut cfg = ConvMaeConfig::base();
+        let usize3 = |v: &serde_json::Value| -> Option<[usize; 3]> {
+            let a = v.as_array()?;
+            Some([a.first()?.as_u64()? as usize, a.get(1)?.as_u64()? as usize, a.get(2)?.as_u64()? as usize])
+        };
+        if let Some(v) = usize3(&m["embed_dim"]) {
+            cfg.embed_dim = v;
+        }
+        if let Some(v) = usize3(&m["depth"]) {
+            cfg.depth = v;
+        }
+        if let Some(v) = usize3(&m["patch_size"]) {
+            cfg.patch_size = v;
+        }
+        if let Some(a) = m["mlp_ratio"].as_array() {
+            for (i, r) in a.iter().take(3).enumerate() {
+                cfg.mlp_ratio[i] = r.as_f64().unwrap_or(4.0);
+            }
+        }
+        let get_usize = |k: &str, dflt: usize| m[k].as_u64().map(|v| v as usize).unwrap_or(dflt);
+        cfg.img_size = get_usize("img_size", cfg.img_size);
+        cfg.num_heads = get_usize("num_heads", cfg.num_heads);
+        cfg.decoder_embed_dim = get_usize("decoder_embed_dim", cfg.decoder_embed_dim);
+        cfg.decoder_depth = get_usize("decoder_depth", cfg.decoder_depth);
+        cfg.decoder_num_heads = get_usize("decoder_num_heads", cfg.decoder_num_heads);
+        cfg.norm_pix_loss = m["norm_pix_loss"].as_bool().unwrap_or(cfg.norm_pix_loss);
+        cfg.mask_ratio = m["mask_ratio"].as_f64().unwrap_or(cfg.mask_ratio);
+        cfg.validate().map_err(err)?;
+        if let Some(k) = m["len_keep"].as_u64() {
+            if k as usize != cfg.len_keep() {
+                return Err(err(format!("fixture len_keep {k} disagrees with its mask_ratio ({})", cfg.len_keep())));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Builds a model holding the fixture's `param.*` tensors, in `dtype`.
+    pub fn pretrain_model(&self, dtype: DType, device: &Device) -> candle_core::Result<ConvMae> {
+        let cfg = self.pretrain_config()?;
+        let params = ParamStore::build(pretrain_param_specs(&cfg), dtype, device, |spec| {
+            let t = self.tensor(&format!("param.{}", spec.name))?;
+            if t.dims() != spec.shape.as_slice() {
+                return Err(err(format!("fixture tensor 'param.{}' has shape {:?}, the model expects {:?}", spec.name, t.dims(), spec.shape)));
+            }
+            Ok(t.clone())
+        })?;
+        Ok(ConvMae { cfg, params })
+    }
+}
+
+/// max|a - b| and that over max|b|, computed in f64.
+pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> candle_core::Result<TensorError> {
+    if ours.dims() != reference.dims() {
+        return Err(err(format!("'{name}': our shape {:?} differs from the reference's {:?}", ours.dims(), reference.dims())));
+    }
+    let a = ours.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = reference.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut max_abs = 0f64;
+    let mut max_ref = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        // NaN must count as failure, so compare with `!(d <= max)`.
+        if !(d <= max_abs) {
+            max_abs = d;
+        }
+        max_ref = max_ref.max(y.abs());
+    }
+    let max_rel = if max_ref > 0.0 { max_abs / max_ref } else { max_abs };
+    Ok(TensorError { name: name.to_string(), max_abs, max_rel })
+}
+
+/// Runs a pretraining fixture: forward with the fixture's noise, backward, compare everything.
+pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, device: &Device) -> candle_core::Result<FixtureReport> {
+    let model = fx.pretrain_model(dtype, device)?;
+    let cfg = &model.cfg;
+    let imgs = fx.tensor("input.imgs")?; // [B, C, H, W]
+    let (b, _, h, w) = imgs.dims4()?;
+    if h != cfg.img_size || w != cfg.img_size {
+        return Err(err(format!("fixture images are {h}x{w}, its config says img_size {}", cfg.img_size)));
+    }
+    let noise = fx.tensor("input.noise")?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let masking = Masking::from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep());
+    let imgs_nhwc = imgs.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
+    let out = model.forward_pretrain(&imgs_nhwc, &masking)?;
+    let grads = out.loss.backward()?;
+
+    let nchw = |t: &Tensor| t.permute((0, 3, 1, 2));
+    let ids_restore = Tensor::from_slice(&masking.ids_restore, (b, cfg.num_tokens()), &Device::Cpu)?;
+    let mut errors = vec![
+        compare("output.loss", &out.loss.reshape(1)?, fx.tensor("output.loss")?)?,
+        compare("output.pred", &out.pred, fx.tensor("output.pred")?)?,
+        compare("output.mask", &out.mask, fx.tensor("output.mask")?)?,
+        compare("output.ids_restore", &ids_restore, fx.tensor("output.ids_restore")?)?,
+        compare("output.latent", &out.latent, fx.tensor("output.latent")?)?,
+        compare("act.stage1", &nchw(&out.stage1)?, fx.tensor("act.stage1")?)?,
+        compare("act.stage2", &nchw(&out.stage2)?, fx.tensor("act.stage2")?)?,
+        compare("act.stage3_tokens", &out.stage3_tokens, fx.tensor("act.stage3_tokens")?)?,
+    ];
+    for (param, var) in model.params.trainable() {
+        let name = format!("grad.{}", param.spec.name);
+        let g = grads.get(var.as_tensor()).ok_or_else(|| err(format!("no gradient reached '{}'", param.spec.name)))?;
+        errors.push(compare(&name, g, fx.tensor(&name)?)?);
+    }
+    Ok(report(path, "pretrain", dtype, errors))
+}
+
+fn report(path: &str, kind: &str, dtype: DType, errors: Vec<TensorError>) -> FixtureReport {
+    let tol = tolerance(dtype);
+    let worst = errors.iter().max_by(|a, b| a.max_rel.total_cmp(&b.max_rel)).unwrap();
+    FixtureReport {
+        fixture: path.to_string(),
+        kind: kind.to_string(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tolerance: tol,
+        pass: errors.iter().all(|e| e.max_rel <= tol),
+        worst: worst.name.clone(),
+        worst_rel: worst.max_rel,
+        errors,
+    }
+}
+
+/// Reads the fixture's kind from its metadata and runs the matching check.
+pub fn check_fixture(path: &str, dtype: DType) -> candle_core::Result<FixtureReport> {
+    let fx = Fixture::read(path)?;
+    match fx.kind.as_str() {
+        "pretrain" => check_pretrain(&fx, path, dtype, &Device::Cpu),
+        other => Err(err(format!("fixture '{path}' has kind '{other}', which this build cannot check"))),
+    }
+}

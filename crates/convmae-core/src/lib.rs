@@ -1,0 +1,22 @@
+//! ConvMAE in Rust: configuration, model, masking, loss, training and checkpoints.
+//! The N-API surface lives in `node.rs` (feature `node`) and only marshals.
+
+pub mod config;
+pub mod fixture;
+pub mod loss;
+pub mod masking;
+pub mod model;
+pub mod params;
+pub mod pos_embed;
+pub mod rng;
+
+pub use config::ConvMaeConfig;
+pub use model::ConvMae;
+pub mod optim;
+pub mod train;
+pub mod checkpoint;
+pub mod flops;
+pub mod recon;
+pub mod session;
+#[cfg(feature = "node")]
+mod node;

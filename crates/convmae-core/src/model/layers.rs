@@ -1,0 +1,113 @@
+//! The building blocks of ConvMAE on channels-last tensors.
+//!
+//! Feature maps are kept as [B, H, W, C] so that every per-position op (LayerNorm over channels,
+//! 1x1 convs, the MLP) is a plain matmul over the last dimension, and the depthwise conv reads
+//! contiguous channel vectors. Weights stay in the official PyTorch layouts and are viewed here.
+
+use crate::params::ParamStore;
+use candle_core::{Result, Tensor, D};
+use convmae_kernels as k;
+
+/// LayerNorm eps of the conv blocks and patch embeds (plain `nn.LayerNorm`).
+pub const CONV_LN_EPS: f64 = 1e-5;
+/// LayerNorm eps of the transformer blocks and the final norms (`partial(nn.LayerNorm, eps=1e-6)`).
+pub const VIT_LN_EPS: f64 = 1e-6;
+
+/// `x @ weight^T + bias` over the last dim; `weight` may be a [out, in, 1, 1] conv kernel.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let out = weight.dim(0)?;
+    let w = weight.reshape((out, ()))?;
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap();
+    let rows = x.elem_count() / inp;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?.broadcast_add(bias)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = out;
+    y.reshape(out_dims)
+}
+
+pub fn linear_p(p: &ParamStore, prefix: &str, x: &Tensor) -> Result<Tensor> {
+    linear(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")))
+}
+
+pub fn layer_norm_p(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64) -> Result<Tensor> {
+    k::layer_norm(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), eps)
+}
+
+/// Conv2d with kernel = stride = `k` and no padding (every patch embed and fusion conv of ConvMAE):
+/// non-overlapping windows, so it is exactly a matmul over the flattened k x k x C patches.
+/// x: [B, H, W, C]; weight: [O, C, k, k] (PyTorch layout); returns [B, H/k, W/k, O].
+pub fn patch_conv(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (ho, wo) = (h / k, w / k);
+    let patches = x
+        .reshape(&[b, ho, k, wo, k, c][..])?
+        .permute([0, 1, 3, 2, 4, 5])?
+        .contiguous()?
+        .reshape((b, ho, wo, k * k * c))?;
+    // [O, C, k, k] -> [O, k, k, C] so its flattening matches the patch order (row, col, channel).
+    let o = weight.dim(0)?;
+    let w_rows = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
+    linear(&patches, &w_rows, bias)
+}
+
+/// PatchEmbed: conv(k, stride k) -> LayerNorm over channels (eps 1e-5) -> GELU (erf).
+pub fn patch_embed(p: &ParamStore, prefix: &str, x: &Tensor, k: usize) -> Result<Tensor> {
+    let y = patch_conv(x, p.get(&format!("{prefix}.proj.weight")), p.get(&format!("{prefix}.proj.bias")), k)?;
+    layer_norm_p(p, &format!("{prefix}.norm"), &y, CONV_LN_EPS)?.apply(&k::gelu_erf)
+}
+
+/// CBlock: x + conv2(DW5x5(keep * conv1(LN(x)))), then x + fc2(GELU(fc1(LN(x)))).
+/// `keep` ([B, H, W, 1], 1 = visible) multiplies only the depthwise conv's input, as in the official code.
+pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, CONV_LN_EPS)?;
+    let mut h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
+    if let Some(keep) = keep {
+        h = h.broadcast_mul(keep)?;
+    }
+    let dw = p.get(&format!("{prefix}.attn.weight"));
+    let (c, _, kh, kw) = dw.dims4()?;
+    let h = k::depthwise_conv2d(&h, &dw.reshape((c, kh, kw))?)?.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
+    let x = (x + linear_p(p, &format!("{prefix}.conv2"), &h)?)?;
+    let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, CONV_LN_EPS)?;
+    let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
+    x + linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?
+}
+
+/// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous.
+pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let hd = d / num_heads;
+    let qkv = linear_p(p, &format!("{prefix}.qkv"), x)?
+        .reshape((b, n, 3, num_heads, hd))?
+        .permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let kt = qkv.get(1)?.t()?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scale = (hd as f64).powf(-0.5);
+    let attn = k::softmax_last_dim(&(q.matmul(&kt)? * scale)?)?;
+    let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+    linear_p(p, &format!("{prefix}.proj"), &y)
+}
+
+/// timm ViT Block: x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
+pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
+    let x = (x + attention(p, &format!("{prefix}.attn"), &h, num_heads)?)?;
+    let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, VIT_LN_EPS)?;
+    let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
+    x + linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?
+}
+
+/// Gathers rows of `x` ([B, L, D]) at `ids` ([B, K] u32) along dim 1.
+pub fn gather_tokens(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, _, d) = x.dims3()?;
+    let kk = ids.dim(1)?;
+    let idx = ids.unsqueeze(2)?.broadcast_as((b, kk, d))?.contiguous()?;
+    x.contiguous()?.gather(&idx, 1)
+}
+
+/// Mean over the last dim, keeping it.
+pub fn mean_last(x: &Tensor) -> Result<Tensor> {
+    x.mean_keepdim(D::Minus1)
+}

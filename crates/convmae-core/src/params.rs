@@ -1,0 +1,225 @@
+//! Parameter tensors under their official state_dict names, in the official registration order.
+//!
+//! `pretrain_param_specs` is the single place that knows which tensors a ConvMAE model has, their
+//! shapes, whether they train and how the official code initializes them. Init, the manifest,
+//! `convmae info`, checkpoint loading and the optimizer all read it.
+
+use crate::config::ConvMaeConfig;
+use crate::pos_embed::sincos_2d;
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+/// How the official code initializes a tensor when training from scratch (spec section 1.9).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// torch.nn.init.xavier_uniform_: U(+-sqrt(6 / (fan_in + fan_out))).
+    XavierUniform { fan_in: usize, fan_out: usize },
+    /// PyTorch's default Conv2d init, kaiming_uniform(a = sqrt 5): U(+-1/sqrt(fan_in)); also its bias init.
+    ConvDefault { fan_in: usize },
+    Normal { std: f64 },
+    /// Fixed 2-D sin-cos table of the given width on the model's token grid.
+    SinCos { dim: usize, grid: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub trainable: bool,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct SpecList(Vec<ParamSpec>);
+
+impl SpecList {
+    fn push(&mut self, name: String, shape: &[usize], init: Init) {
+        self.0.push(ParamSpec { name, shape: shape.to_vec(), trainable: true, init });
+    }
+    fn frozen(&mut self, name: &str, shape: &[usize], init: Init) {
+        self.0.push(ParamSpec { name: name.into(), shape: shape.to_vec(), trainable: false, init });
+    }
+    fn linear(&mut self, prefix: &str, inp: usize, out: usize) {
+        self.push(format!("{prefix}.weight"), &[out, inp], Init::XavierUniform { fan_in: inp, fan_out: out });
+        self.push(format!("{prefix}.bias"), &[out], Init::Zeros);
+    }
+    fn layer_norm(&mut self, prefix: &str, dim: usize) {
+        self.push(format!("{prefix}.weight"), &[dim], Init::Ones);
+        self.push(format!("{prefix}.bias"), &[dim], Init::Zeros);
+    }
+    /// A Conv2d left at PyTorch's default init (groups = `inp` for depthwise: weight [out, 1, k, k]).
+    fn conv(&mut self, prefix: &str, inp_per_group: usize, out: usize, k: usize) {
+        let fan_in = inp_per_group * k * k;
+        self.push(format!("{prefix}.weight"), &[out, inp_per_group, k, k], Init::ConvDefault { fan_in });
+        self.push(format!("{prefix}.bias"), &[out], Init::ConvDefault { fan_in });
+    }
+    fn patch_embed(&mut self, prefix: &str, inp: usize, out: usize, k: usize) {
+        self.conv(&format!("{prefix}.proj"), inp, out, k);
+        self.layer_norm(&format!("{prefix}.norm"), out);
+    }
+    fn conv_block(&mut self, prefix: &str, dim: usize, mlp_ratio: f64) {
+        let hidden = ConvMaeConfig::mlp_hidden(dim, mlp_ratio);
+        self.layer_norm(&format!("{prefix}.norm1"), dim);
+        self.conv(&format!("{prefix}.conv1"), dim, dim, 1);
+        self.conv(&format!("{prefix}.conv2"), dim, dim, 1);
+        self.conv(&format!("{prefix}.attn"), 1, dim, 5);
+        self.layer_norm(&format!("{prefix}.norm2"), dim);
+        self.conv(&format!("{prefix}.mlp.fc1"), dim, hidden, 1);
+        self.conv(&format!("{prefix}.mlp.fc2"), hidden, dim, 1);
+    }
+    fn transformer_block(&mut self, prefix: &str, dim: usize, mlp_ratio: f64) {
+        let hidden = ConvMaeConfig::mlp_hidden(dim, mlp_ratio);
+        self.layer_norm(&format!("{prefix}.norm1"), dim);
+        self.linear(&format!("{prefix}.attn.qkv"), dim, 3 * dim);
+        self.linear(&format!("{prefix}.attn.proj"), dim, dim);
+        self.layer_norm(&format!("{prefix}.norm2"), dim);
+        self.linear(&format!("{prefix}.mlp.fc1"), dim, hidden);
+        self.linear(&format!("{prefix}.mlp.fc2"), hidden, dim);
+    }
+}
+
+/// Every tensor of `MaskedAutoencoderConvViT`, in the order of its state_dict.
+pub fn pretrain_param_specs(cfg: &ConvMaeConfig) -> Vec<ParamSpec> {
+    let [d1, d2, d3] = cfg.embed_dim;
+    let [p1, p2, p3] = cfg.patch_size;
+    let (grid, tokens, dd) = (cfg.grid(), cfg.num_tokens(), cfg.decoder_embed_dim);
+    let mut s = SpecList(Vec::new());
+    s.frozen("pos_embed", &[1, tokens, d3], Init::SinCos { dim: d3, grid });
+    s.push("mask_token".into(), &[1, 1, dd], Init::Normal { std: 0.02 });
+    s.frozen("decoder_pos_embed", &[1, tokens, dd], Init::SinCos { dim: dd, grid });
+    s.patch_embed("patch_embed1", cfg.in_chans, d1, p1);
+    s.patch_embed("patch_embed2", d1, d2, p2);
+    s.patch_embed("patch_embed3", d2, d3, p3);
+    // The only conv the official init treats like a Linear: xavier on its [out, in*k*k] view.
+    let pe3 = s.0.iter_mut().find(|p| p.name == "patch_embed3.proj.weight").unwrap();
+    pe3.init = Init::XavierUniform { fan_in: d2 * p3 * p3, fan_out: d3 };
+    s.linear("patch_embed4", d3, d3);
+    s.conv("stage1_output_decode", d1, d3, cfg.stage_cell(0));
+    s.conv("stage2_output_decode", d2, d3, cfg.stage_cell(1));
+    for i in 0..cfg.depth[0] {
+        s.conv_block(&format!("blocks1.{i}"), d1, cfg.mlp_ratio[0]);
+    }
+    for i in 0..cfg.depth[1] {
+        s.conv_block(&format!("blocks2.{i}"), d2, cfg.mlp_ratio[1]);
+    }
+    for i in 0..cfg.depth[2] {
+        s.transformer_block(&format!("blocks3.{i}"), d3, cfg.mlp_ratio[2]);
+    }
+    s.layer_norm("norm", d3);
+    s.linear("decoder_embed", d3, dd);
+    for i in 0..cfg.decoder_depth {
+        // The official decoder blocks use mlp_ratio[0].
+        s.transformer_block(&format!("decoder_blocks.{i}"), dd, cfg.mlp_ratio[0]);
+    }
+    s.layer_norm("decoder_norm", dd);
+    s.linear("decoder_pred", dd, cfg.patch_values());
+    s.0
+}
+
+/// Draws one tensor's initial values (in f64; callers cast).
+pub fn init_values(spec: &ParamSpec, rng: &mut Rng) -> Vec<f64> {
+    let n = spec.numel();
+    match spec.init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::XavierUniform { fan_in, fan_out } => {
+            let a = (6.0 / (fan_in + fan_out) as f64).sqrt();
+            (0..n).map(|_| rng.uniform_range(-a, a)).collect()
+        }
+        Init::ConvDefault { fan_in } => {
+            let a = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| rng.uniform_range(-a, a)).collect()
+        }
+        Init::Normal { std } => (0..n).map(|_| rng.normal() * std).collect(),
+        Init::SinCos { dim, grid } => sincos_2d(dim, grid),
+    }
+}
+
+/// One named tensor of a live model. Trainable tensors are candle `Var`s (autograd leaves);
+/// frozen ones are plain tensors, so no gradient is computed for them.
+pub struct Param {
+    pub spec: ParamSpec,
+    pub var: Option<Var>,
+    pub tensor: Tensor,
+}
+
+pub struct ParamStore {
+    params: Vec<Param>,
+    index: HashMap<String, usize>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl ParamStore {
+    /// Builds the tensors of `specs` with values from `values(spec)` (f64, cast to `dtype`).
+    pub fn build(
+        specs: Vec<ParamSpec>,
+        dtype: DType,
+        device: &Device,
+        mut values: impl FnMut(&ParamSpec) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let mut params = Vec::with_capacity(specs.len());
+        let mut index = HashMap::new();
+        for spec in specs {
+            let t = values(&spec)?.to_dtype(dtype)?.to_device(device)?;
+            let (var, tensor) = if spec.trainable {
+                let v = Var::from_tensor(&t)?;
+                let t = v.as_tensor().clone();
+                (Some(v), t)
+            } else {
+                (None, t)
+            };
+            index.insert(spec.name.clone(), params.len());
+            params.push(Param { spec, var, tensor });
+        }
+        Ok(Self { params, index, dtype, device: device.clone() })
+    }
+
+    /// Fresh weights with the official init, drawn from `seed`.
+    pub fn init(specs: Vec<ParamSpec>, dtype: DType, device: &Device, seed: u64) -> candle_core::Result<Self> {
+        let mut rng = Rng::new(seed);
+        Self::build(specs, dtype, device, |spec| {
+            Tensor::from_vec(init_values(spec, &mut rng), spec.shape.as_slice(), &Device::Cpu)
+        })
+    }
+
+    /// The tensor named `name` (the model's own names; a missing one is a programming error).
+    pub fn get(&self, name: &str) -> &Tensor {
+        match self.index.get(name) {
+            Some(&i) => &self.params[i].tensor,
+            None => panic!("model has no tensor named '{name}'"),
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.params[i])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter()
+    }
+
+    pub fn trainable(&self) -> impl Iterator<Item = (&Param, &Var)> {
+        self.params.iter().filter_map(|p| p.var.as_ref().map(|v| (p, v)))
+    }
+
+    /// Replaces a tensor's values (shape-checked by the caller); keeps Var identity for the optimizer.
+    pub fn set(&mut self, name: &str, value: &Tensor) -> candle_core::Result<()> {
+        let i = *self.index.get(name).ok_or_else(|| candle_core::Error::Msg(format!("model has no tensor named '{name}'")))?;
+        let value = value.to_dtype(self.dtype)?.to_device(&self.device)?;
+        let p = &mut self.params[i];
+        match &p.var {
+            Some(v) => v.set(&value)?,
+            None => p.tensor = value,
+        }
+        Ok(())
+    }
+}

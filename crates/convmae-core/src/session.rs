@@ -1,0 +1,120 @@
+//! A model's home: one dedicated worker thread owns the trainer (device, parameters, optimizer)
+//! and runs commands in order. Callers get answers through callbacks, so the N-API layer can
+//! resolve Promises without pinning Node's libuv pool, and a panic in the compute becomes an
+//! error for that command instead of taking the process down.
+
+use crate::checkpoint::{self, LoadReport};
+use crate::recon::{self, Reconstruction};
+use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// Owned images for a command: uint8 channels-last [batch, height, width, 3].
+pub struct Images {
+    pub pixels: Vec<u8>,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Images {
+    fn view(&self) -> Batch<'_> {
+        Batch { pixels: &self.pixels, batch: self.batch, height: self.height, width: self.width, channels: 3 }
+    }
+}
+
+pub enum Command {
+    Step { images: Images, opts: StepOptions },
+    Save { path: PathBuf, extra: String },
+    Load { path: PathBuf, strict: bool },
+    Reconstruct { images: Images, seed: u64 },
+}
+
+pub enum Reply {
+    Step(StepStats),
+    Saved,
+    Loaded { report: LoadReport, extra: String },
+    Reconstruction(Reconstruction),
+}
+
+pub type Callback = Box<dyn FnOnce(Result<Reply, String>) + Send>;
+
+pub struct Session {
+    sender: Option<mpsc::Sender<(Command, Callback)>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+fn run(trainer: &mut Pretrainer, command: Command) -> Result<Reply, String> {
+    let e = |e: candle_core::Error| e.to_string();
+    match command {
+        Command::Step { images, opts } => trainer.step(&images.view(), &opts).map(Reply::Step).map_err(e),
+        Command::Save { path, extra } => checkpoint::save_pretrainer(trainer, &path, &extra).map(|_| Reply::Saved).map_err(e),
+        Command::Load { path, strict } => checkpoint::load_pretrainer(trainer, &path, strict)
+            .map(|(report, extra)| Reply::Loaded { report, extra })
+            .map_err(e),
+        Command::Reconstruct { images, seed } => {
+            recon::reconstruct(&trainer.model, &images.view(), seed).map(Reply::Reconstruction).map_err(e)
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("internal error (Rust panic) in the model worker: {text}")
+}
+
+impl Session {
+    /// Starts the worker; `make` builds the trainer on the worker thread itself.
+    pub fn start(trainer: Pretrainer) -> Self {
+        let (sender, receiver) = mpsc::channel::<(Command, Callback)>();
+        let worker = std::thread::Builder::new()
+            .name("convmae-model".into())
+            .spawn(move || {
+                let mut trainer = trainer;
+                for (command, reply) in receiver {
+                    let result = catch_unwind(AssertUnwindSafe(|| run(&mut trainer, command)))
+                        .unwrap_or_else(|p| Err(panic_message(p)));
+                    reply(result);
+                }
+            })
+            .expect("cannot spawn the model worker thread");
+        Self { sender: Some(sender), worker: Some(worker) }
+    }
+
+    /// Queues a command; the callback runs on the worker thread when it is done.
+    pub fn submit(&self, command: Command, reply: Callback) {
+        match &self.sender {
+            Some(s) => {
+                if let Err(mpsc::SendError((_, reply))) = s.send((command, reply)) {
+                    reply(Err("the model worker has stopped".into()));
+                }
+            }
+            None => reply(Err("this session was disposed".into())),
+        }
+    }
+
+    /// Stops accepting commands, lets queued ones finish and frees the model.
+    pub fn dispose(&mut self) {
+        self.sender.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+
+    pub fn is_disposed(&self) -> bool {
+        self.sender.is_none()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker loop; don't block a finalizer on it.
+        self.sender.take();
+    }
+}

@@ -1,0 +1,175 @@
+//! One pretraining step: normalize the batch, draw the mask, forward, backward, accumulate, AdamW.
+
+use crate::masking::Masking;
+use crate::model::ConvMae;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::Rng;
+use candle_core::{DType, Result, Tensor};
+use serde::Serialize;
+
+/// ImageNet statistics used by every official recipe.
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// A batch of uint8 images, channels-last [B, H, W, C], as the data pipeline packs them.
+pub struct Batch<'a> {
+    pub pixels: &'a [u8],
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct StepOptions {
+    pub lr: f64,
+    /// Micro-batches per optimizer update (the official `accum_iter`).
+    pub accum_steps: usize,
+    /// Explicit mask noise [B, L] (tests, fixtures); drawn from (seed, micro step) when absent.
+    pub noise: Option<Vec<f64>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub lr: f64,
+    /// Micro-steps taken so far, this one included.
+    pub micro_step: u64,
+    /// Optimizer updates applied so far.
+    pub optimizer_step: u64,
+    /// Whether this micro-step ended an accumulation window and updated the weights.
+    pub updated: bool,
+}
+
+/// `(pixel / 255 - mean) / std` per channel, computed in `dtype` like torchvision's ToTensor + Normalize.
+pub fn normalize(batch: &Batch, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let Batch { pixels, batch: b, height, width, channels } = *batch;
+    if pixels.len() != b * height * width * channels {
+        return Err(candle_core::Error::Msg(format!(
+            "images: {} bytes do not hold {b} images of {height}x{width}x{channels}",
+            pixels.len()
+        )));
+    }
+    if channels != 3 {
+        return Err(candle_core::Error::Msg(format!("images: expected 3 channels (RGB), got {channels}")));
+    }
+    let t = match dtype {
+        DType::F64 => {
+            let v: Vec<f64> = pixels
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (p as f64 / 255.0 - IMAGENET_MEAN[i % 3]) / IMAGENET_STD[i % 3])
+                .collect();
+            Tensor::from_vec(v, (b, height, width, channels), device)?
+        }
+        _ => {
+            let (m, s) = (IMAGENET_MEAN.map(|x| x as f32), IMAGENET_STD.map(|x| x as f32));
+            let v: Vec<f32> = pixels.iter().enumerate().map(|(i, &p)| (p as f32 / 255.0 - m[i % 3]) / s[i % 3]).collect();
+            Tensor::from_vec(v, (b, height, width, channels), device)?.to_dtype(dtype)?
+        }
+    };
+    Ok(t)
+}
+
+/// Owns the model and its optimizer state; one instance per training run.
+pub struct Pretrainer {
+    pub model: ConvMae,
+    pub optimizer: AdamW,
+    /// Drives the mask noise: micro step `s` draws from Rng::derived([seed, s]), so a resumed run
+    /// masks exactly as an uninterrupted one.
+    pub seed: u64,
+    pub micro_step: u64,
+    pending: Option<Vec<Tensor>>,
+    pending_count: usize,
+}
+
+impl Pretrainer {
+    pub fn new(model: ConvMae, adamw: AdamWConfig, seed: u64) -> Result<Self> {
+        let optimizer = AdamW::new(adamw, &model.params)?;
+        Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0 })
+    }
+
+    pub fn masking_for(&self, batch: usize, noise: Option<&[f64]>) -> Result<Masking> {
+        let cfg = &self.model.cfg;
+        let (l, keep) = (cfg.num_tokens(), cfg.len_keep());
+        Ok(match noise {
+            Some(n) => {
+                if n.len() != batch * l {
+                    return Err(candle_core::Error::Msg(format!(
+                        "noise: expected {batch} x {l} = {} values, got {}",
+                        batch * l,
+                        n.len()
+                    )));
+                }
+                Masking::from_noise(n, batch, l, keep)
+            }
+            None => Masking::random(&mut Rng::derived(&[self.seed, self.micro_step]), batch, l, keep),
+        })
+    }
+
+    pub fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let s = self.model.cfg.img_size;
+        if batch.height != s || batch.width != s {
+            return Err(candle_core::Error::Msg(format!(
+                "images are {}x{}, the model's img_size is {s}",
+                batch.height, batch.width
+            )));
+        }
+        if batch.batch == 0 {
+            return Err(candle_core::Error::Msg("images: empty batch".into()));
+        }
+        Ok(())
+    }
+
+    /// One micro-step; updates the weights every `accum_steps` micro-steps.
+    pub fn step(&mut self, batch: &Batch, opts: &StepOptions) -> Result<StepStats> {
+        self.check_batch(batch)?;
+        if opts.accum_steps == 0 {
+            return Err(candle_core::Error::Msg("accum_steps must be at least 1".into()));
+        }
+        if !opts.lr.is_finite() || opts.lr < 0.0 {
+            return Err(candle_core::Error::Msg(format!("lr must be a finite non-negative number, got {}", opts.lr)));
+        }
+        let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
+        let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
+        let out = self.model.forward_pretrain(&imgs, &masking)?;
+        let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            return Err(candle_core::Error::Msg(format!(
+                "loss is {loss} at micro step {}; weights were not updated (lower the lr or resume from a checkpoint)",
+                self.micro_step
+            )));
+        }
+        // The official loop divides the loss by accum_iter before backward.
+        let scaled = (out.loss / opts.accum_steps as f64)?;
+        let grads = scaled.backward()?;
+        let grads: Vec<Tensor> = self
+            .model
+            .params
+            .trainable()
+            .map(|(p, v)| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no gradient reached '{}'", p.spec.name))
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.pending = Some(match self.pending.take() {
+            None => grads,
+            Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
+        });
+        self.pending_count += 1;
+        self.micro_step += 1;
+        let updated = self.pending_count >= opts.accum_steps;
+        if updated {
+            let grads = self.pending.take().unwrap();
+            self.pending_count = 0;
+            self.optimizer.update(&self.model.params, &grads, opts.lr)?;
+        }
+        Ok(StepStats { loss, lr: opts.lr, micro_step: self.micro_step, optimizer_step: self.optimizer.step, updated })
+    }
+
+    /// Whether gradients of an unfinished accumulation window are held (a checkpoint then would lose them).
+    pub fn has_pending_gradients(&self) -> bool {
+        self.pending_count > 0
+    }
+}

@@ -1,0 +1,23 @@
+//! Parity with the official code: the golden fixtures in ../shared/golden decide.
+
+use candle_core::DType;
+use convmae_core::fixture::check_fixture;
+
+fn golden(name: &str) -> String {
+    format!("{}/../../../shared/golden/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn pretrain_small_f64_matches_official() {
+    let r = check_fixture(&golden("pretrain_small.safetensors"), DType::F64).unwrap();
+    for e in &r.errors {
+        println!("{:40} abs {:.3e} rel {:.3e}", e.name, e.max_abs, e.max_rel);
+    }
+    assert!(r.pass, "worst {} at {:.3e} > {:.0e}", r.worst, r.worst_rel, r.tolerance);
+}
+
+#[test]
+fn pretrain_small_f32_matches_official() {
+    let r = check_fixture(&golden("pretrain_small.safetensors"), DType::F32).unwrap();
+    assert!(r.pass, "worst {} at {:.3e} > {:.0e}", r.worst, r.worst_rel, r.tolerance);
+}

@@ -1,0 +1,211 @@
+//! Compute primitives for ConvMAE as candle custom ops, each with a real backward.
+//!
+//! They exist because candle 0.11.1's fused `layer_norm` and `softmax_last_dim` are applied
+//! without a backward (their gradients silently vanish), and its grouped convolution runs one
+//! convolution per group, which is hopeless for depthwise convolutions with hundreds of channels.
+//!
+//! Only CPU kernels for f32 and f64 exist. The `cuda` feature only turns on candle's CUDA
+//! backend; on a CUDA tensor the ops currently fail with candle's "no cuda implementation" error.
+
+use std::borrow::Cow;
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout};
+
+/// Runs `$body` with `$a`, `$b`, ... bound to the argument storages' slices of one float type;
+/// the body is expanded once per type, so it may call generic kernels with inferred `T`.
+macro_rules! dispatch_float {
+    ($op:expr, ($($s:ident => $a:ident),+), $body:expr) => {
+        match ($($s,)+) {
+            ($(candle_core::CpuStorage::F32($a),)+) => $body,
+            ($(candle_core::CpuStorage::F64($a),)+) => $body,
+            #[allow(unreachable_patterns)]
+            _ => return Err($crate::dtype_error($op, &[$($s),+])),
+        }
+    };
+}
+
+mod depthwise_conv;
+mod gelu;
+mod layer_norm;
+pub mod reference;
+mod softmax;
+
+pub use depthwise_conv::depthwise_conv2d;
+pub use gelu::gelu_erf;
+pub use layer_norm::layer_norm;
+pub use softmax::softmax_last_dim;
+
+/// The float types the CPU kernels are instantiated for. Kept private and minimal rather than
+/// pulling in `num-traits`: the kernels only need arithmetic, `sqrt`, `exp` and storage wrapping.
+pub(crate) trait Element:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn from_usize(v: usize) -> Self;
+    fn sqrt(self) -> Self;
+    fn exp(self) -> Self;
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+}
+
+macro_rules! impl_element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn from_usize(v: usize) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+impl_element!(f32, F32);
+impl_element!(f64, F64);
+
+/// Borrows the elements of `layout` in row-major order when they already are, and gathers them
+/// otherwise. Gathering here (instead of asking callers for `.contiguous()`) keeps the autograd
+/// graph free of extra copy nodes, and lets `bwd` hand us candle's broadcast (stride 0) gradients.
+pub(crate) fn row_major<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, [T]> {
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return Cow::Borrowed(&data[start..end]);
+    }
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let count = layout.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    if count == 0 {
+        return Cow::Owned(out);
+    }
+    let rank = dims.len();
+    let mut index = vec![0usize; rank];
+    let mut offset = layout.start_offset();
+    for _ in 0..count {
+        out.push(data[offset]);
+        // Odometer increment, keeping `offset` in sync so no multiply is needed per element.
+        for axis in (0..rank).rev() {
+            index[axis] += 1;
+            offset += strides[axis];
+            if index[axis] < dims[axis] {
+                break;
+            }
+            offset -= strides[axis] * dims[axis];
+            index[axis] = 0;
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The error for argument dtypes the kernels cannot take, naming the op so that a failure deep
+/// inside a model's forward or backward pass can be traced back to its source.
+pub(crate) fn dtype_error(op: &str, storages: &[&CpuStorage]) -> candle_core::Error {
+    let dtypes: Vec<DType> = storages.iter().map(|s| s.dtype()).collect();
+    if dtypes.windows(2).all(|w| w[0] == w[1]) {
+        candle_core::Error::Msg(format!(
+            "{op}: unsupported dtype {:?} (only f32 and f64 are implemented)",
+            dtypes[0]
+        ))
+    } else {
+        candle_core::Error::Msg(format!(
+            "{op}: arguments have different dtypes {dtypes:?}; they must all be f32 or all f64"
+        ))
+    }
+    .bt()
+}
+
+/// Independent partial sums in the row reductions. A single running sum is bound by the
+/// latency of one add per element and cannot be vectorised (float addition is not
+/// associative); sixteen lanes fill the SIMD registers. The combination order is fixed, so
+/// results stay deterministic.
+const SUM_LANES: usize = 16;
+
+#[inline(always)]
+fn combine_lanes<T: Element>(acc: [T; SUM_LANES], tail: T) -> T {
+    let mut width = SUM_LANES;
+    let mut acc = acc;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] = acc[l] + acc[l + width];
+        }
+    }
+    acc[0] + tail
+}
+
+/// `sum_i f(a[i], b[i])` over two equally long slices, accumulated in `SUM_LANES` lanes.
+#[inline(always)]
+pub(crate) fn lane_sum<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [T::ZERO; SUM_LANES];
+    let (ca, cb) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let mut tail = T::ZERO;
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += f(x, y);
+    }
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..SUM_LANES {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    combine_lanes(acc, tail)
+}
+
+/// Like `lane_sum` but two sums of three slices in one pass, for the LayerNorm backward.
+#[inline(always)]
+pub(crate) fn lane_sum2<T: Element>(
+    a: &[T],
+    b: &[T],
+    c: &[T],
+    f: impl Fn(T, T, T) -> (T, T),
+) -> (T, T) {
+    let mut acc0 = [T::ZERO; SUM_LANES];
+    let mut acc1 = [T::ZERO; SUM_LANES];
+    let (ca, cb, cc) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES), c.chunks_exact(SUM_LANES));
+    let (mut tail0, mut tail1) = (T::ZERO, T::ZERO);
+    for ((&x, &y), &z) in ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()) {
+        let (u, v) = f(x, y, z);
+        tail0 += u;
+        tail1 += v;
+    }
+    for ((xa, xb), xc) in ca.zip(cb).zip(cc) {
+        for l in 0..SUM_LANES {
+            let (u, v) = f(xa[l], xb[l], xc[l]);
+            acc0[l] += u;
+            acc1[l] += v;
+        }
+    }
+    (combine_lanes(acc0, tail0), combine_lanes(acc1, tail1))
+}
+
+/// Minimum number of elements per rayon task for the row-wise kernels: below this the cost of
+/// splitting work outweighs the per-row arithmetic.
+pub(crate) const MIN_ELEMS_PER_TASK: usize = 8192;

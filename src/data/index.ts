@@ -1,0 +1,34 @@
+/** Data pipeline of ConvMAE pretraining: datasets, transforms, batch loader. */
+export { createRng, deriveSeed, permutation, randInt, uniform, type Rng } from './rng.js';
+export {
+  DEFAULT_HFLIP_PROB,
+  DEFAULT_RATIO,
+  DEFAULT_SCALE,
+  evalGeometry,
+  evalTransform,
+  openImage,
+  pretrainTransform,
+  roundHalfEven,
+  samplePretrainParams,
+  sampleRandomResizedCrop,
+  type CropBox,
+  type OpenedImage,
+  type PretrainParams,
+  type PretrainResult,
+  type PretrainTransformOptions,
+} from './transforms.js';
+export {
+  IMAGE_EXTENSIONS,
+  mnistDataDir,
+  openDataset,
+  openIdx,
+  openImageFolder,
+  openMnist,
+  type IdxDataset,
+  type ImageDataset,
+  type ImageFolderDataset,
+  type ImageSource,
+  type OpenIdxOptions,
+} from './datasets.js';
+export { decodeBmp, isBmp, type DecodedBmp } from './bmp.js';
+export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
