@@ -70,16 +70,21 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl Session {
-    /// Starts the worker; `make` builds the trainer on the worker thread itself.
-    pub fn start(trainer: Pretrainer) -> Self {
+    /// Starts the worker; `make` builds the trainer on the worker thread itself (building
+    /// ConvMAE-B's 115M weights takes a while, and the caller's thread may be Node's main thread).
+    /// If `make` fails, every command is answered with its error.
+    pub fn start(make: impl FnOnce() -> Result<Pretrainer, String> + Send + 'static) -> Self {
         let (sender, receiver) = mpsc::channel::<(Command, Callback)>();
         let worker = std::thread::Builder::new()
             .name("convmae-model".into())
             .spawn(move || {
-                let mut trainer = trainer;
+                let mut trainer = catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p)));
                 for (command, reply) in receiver {
-                    let result = catch_unwind(AssertUnwindSafe(|| run(&mut trainer, command)))
-                        .unwrap_or_else(|p| Err(panic_message(p)));
+                    let result = match &mut trainer {
+                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| run(trainer, command)))
+                            .unwrap_or_else(|p| Err(panic_message(p))),
+                        Err(e) => Err(format!("the model could not be created: {e}")),
+                    };
                     reply(result);
                 }
             })
@@ -99,8 +104,15 @@ impl Session {
         }
     }
 
-    /// Stops accepting commands, lets queued ones finish and frees the model.
+    /// Stops accepting commands; the worker finishes the queued ones, then frees the model and
+    /// exits. Does not wait for it (the caller may be Node's main thread).
     pub fn dispose(&mut self) {
+        self.sender.take();
+        self.worker.take();
+    }
+
+    /// Like `dispose`, then waits until the worker has exited (tests, CLI shutdown).
+    pub fn dispose_and_wait(&mut self) {
         self.sender.take();
         if let Some(w) = self.worker.take() {
             let _ = w.join();

@@ -171,7 +171,7 @@ impl CustomOp2 for WeightGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (input, grad) = (l1.dims(), l2.dims());
-        if input != grad || input.len() != 4 || self.k % 2 == 0 {
+        if input != grad || input.len() != 4 || self.k.is_multiple_of(2) {
             candle_core::bail!(
                 "{}: input shape {input:?} and output-gradient shape {grad:?} must be the same \
                  [B, H, W, C] (kernel size {})",

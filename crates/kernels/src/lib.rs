@@ -20,7 +20,6 @@ macro_rules! dispatch_float {
         match ($($s,)+) {
             ($(candle_core::CpuStorage::F32($a),)+) => $body,
             ($(candle_core::CpuStorage::F64($a),)+) => $body,
-            #[allow(unreachable_patterns)]
             _ => return Err($crate::dtype_error($op, &[$($s),+])),
         }
     };
@@ -155,7 +154,8 @@ fn combine_lanes<T: Element>(acc: [T; SUM_LANES], tail: T) -> T {
     while width > 1 {
         width /= 2;
         for l in 0..width {
-            acc[l] = acc[l] + acc[l + width];
+            let upper = acc[l + width];
+            acc[l] += upper;
         }
     }
     acc[0] + tail

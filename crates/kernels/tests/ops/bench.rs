@@ -53,11 +53,6 @@ fn bench_convmae_b_shapes() {
         let (x_const, wt_const) = (x.as_tensor().detach(), wt.as_tensor().detach());
         report("  grad input only", || depthwise_conv2d(x.as_tensor(), &wt_const).unwrap());
         report("  grad weight only", || depthwise_conv2d(&x_const, wt.as_tensor()).unwrap());
-        let ones = x.as_tensor().ones_like().unwrap();
-        let ms = time_ms(|| {
-            let _ = ones.ones_like().unwrap().zeros_like().unwrap().add(&ones).unwrap();
-        });
-        println!("  (candle's own per-backward allocations at this size: ~{ms:.1} ms)");
     }
     let x = random(&[8, 56 * 56, 256], 3);
     let (g, bias) = (random(&[256], 4), random(&[256], 5));
@@ -67,3 +62,4 @@ fn bench_convmae_b_shapes() {
     let x = random(&[8, 12, 196, 196], 6);
     report("softmax_last_dim f32 [8,12,196,196]", || softmax_last_dim(x.as_tensor()).unwrap());
 }
+

@@ -61,7 +61,7 @@ pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, what: &str) {
     let (mut worst, mut at) = (0.0f64, 0);
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         let err = (a - e).abs();
-        if !(err <= worst) {
+        if err > worst || err.is_nan() {
             worst = err;
             at = i;
         }

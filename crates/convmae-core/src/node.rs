@@ -1,0 +1,252 @@
+//! The N-API surface: marshalling only. Everything it calls lives in the napi-free core.
+//! Long work runs on the model's worker thread (or a short-lived thread) and resolves a Promise,
+//! so the Node event loop and the libuv pool stay free.
+
+use crate::checkpoint::LoadReport;
+use crate::config::ConvMaeConfig;
+use crate::fixture;
+use crate::flops::macs_per_image;
+use crate::model::ConvMae;
+use crate::optim::AdamWConfig;
+use crate::params::pretrain_param_specs;
+use crate::session::{Command, Images, Reply, Session};
+use crate::train::{Pretrainer, StepOptions};
+use candle_core::{DType, Device};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::sync::Mutex;
+use tokio::sync::oneshot;
+
+fn js_err(msg: impl std::fmt::Display) -> Error {
+    Error::from_reason(msg.to_string())
+}
+
+fn parse_dtype(dtype: &str) -> Result<DType> {
+    match dtype {
+        "f32" | "float32" => Ok(DType::F32),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(js_err(format!("dtype must be 'f32' or 'f64', got '{other}'"))),
+    }
+}
+
+fn parse_config(json: &str) -> Result<ConvMaeConfig> {
+    let cfg: ConvMaeConfig = serde_json::from_str(json).map_err(|e| js_err(format!("invalid config: {e}")))?;
+    cfg.validate().map_err(js_err)?;
+    Ok(cfg)
+}
+
+/// Runs `f` on a fresh thread and awaits its result without blocking Node.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static) -> Result<T> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .unwrap_or_else(|_| Err("internal error (Rust panic)".to_string()));
+        let _ = tx.send(r);
+    });
+    rx.await.map_err(|_| js_err("worker thread ended without an answer"))?.map_err(js_err)
+}
+
+/// The config of a named preset, as JSON.
+#[napi]
+pub fn preset_config(name: String) -> Result<String> {
+    let cfg = ConvMaeConfig::preset(&name).map_err(js_err)?;
+    Ok(serde_json::to_string(&cfg).unwrap())
+}
+
+/// Validates a config (JSON, every field optional over ConvMAE-B) and returns it complete.
+#[napi]
+pub fn resolve_config(json: String) -> Result<String> {
+    Ok(serde_json::to_string(&parse_config(&json)?).unwrap())
+}
+
+/// Tensor names, shapes, parameter counts and MACs per image of a config, as JSON.
+#[napi]
+pub fn model_info(config_json: String) -> Result<String> {
+    let cfg = parse_config(&config_json)?;
+    let specs = pretrain_param_specs(&cfg);
+    let tensors: Vec<_> = specs
+        .iter()
+        .map(|s| serde_json::json!({ "name": s.name, "shape": s.shape, "trainable": s.trainable }))
+        .collect();
+    let total: usize = specs.iter().map(|s| s.numel()).sum();
+    let trainable: usize = specs.iter().filter(|s| s.trainable).map(|s| s.numel()).sum();
+    let decoder: usize = specs
+        .iter()
+        .filter(|s| s.name.starts_with("decoder") || s.name == "mask_token")
+        .map(|s| s.numel())
+        .sum();
+    let fusion: usize = specs.iter().filter(|s| s.name.starts_with("stage")).map(|s| s.numel()).sum();
+    Ok(serde_json::json!({
+        "config": cfg,
+        "tensors": tensors,
+        "count": specs.len(),
+        "elements": total,
+        "trainableElements": trainable,
+        "encoderElements": total - decoder - fusion,
+        "fusionElements": fusion,
+        "decoderElements": decoder,
+        "macs": macs_per_image(&cfg),
+    })
+    .to_string())
+}
+
+/// Runs a golden-format fixture through the model; resolves to the JSON report.
+#[napi]
+pub async fn check_fixture(path: String, dtype: String) -> Result<String> {
+    let dtype = parse_dtype(&dtype)?;
+    off_thread(move || {
+        fixture::check_fixture(&path, dtype)
+            .map(|r| serde_json::to_string(&r).unwrap())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+#[napi(object)]
+pub struct StepResult {
+    pub loss: f64,
+    pub lr: f64,
+    pub micro_step: i64,
+    pub optimizer_step: i64,
+    pub updated: bool,
+}
+
+#[napi(object)]
+pub struct LoadResult {
+    /// JSON of the LoadReport (format, loaded, missing, unexpected, optimizerRestored).
+    pub report: String,
+    /// The `extra` JSON saved with the checkpoint (loop state), "{}" if none.
+    pub extra: String,
+}
+
+#[napi(object)]
+pub struct ReconstructionResult {
+    pub pixels: Buffer,
+    pub width: u32,
+    pub height: u32,
+    pub loss: f64,
+}
+
+/// A pretraining model and its optimizer, owned by one worker thread.
+#[napi]
+pub struct NativePretrainer {
+    session: Mutex<Session>,
+}
+
+fn images(pixels: &[u8], batch: u32, height: u32, width: u32) -> Images {
+    Images { pixels: pixels.to_vec(), batch: batch as usize, height: height as usize, width: width as usize }
+}
+
+impl NativePretrainer {
+    async fn call(&self, command: Command) -> Result<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.session
+            .lock()
+            .map_err(|_| js_err("session lock poisoned"))?
+            .submit(command, Box::new(move |r| {
+                let _ = tx.send(r);
+            }));
+        rx.await.map_err(|_| js_err("the model worker ended without an answer"))?.map_err(js_err)
+    }
+}
+
+#[napi]
+impl NativePretrainer {
+    /// `configJson` is validated here, synchronously; the weights are built on the worker.
+    #[napi(constructor)]
+    pub fn new(config_json: String, dtype: String, seed: i64, adamw_json: Option<String>) -> Result<Self> {
+        let cfg = parse_config(&config_json)?;
+        let dtype = parse_dtype(&dtype)?;
+        let adamw: AdamWConfig = match adamw_json {
+            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid AdamW options: {e}")))?,
+            None => AdamWConfig::default(),
+        };
+        if seed < 0 {
+            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
+        }
+        let session = Session::start(move || {
+            let model = ConvMae::new(cfg, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+        });
+        Ok(Self { session: Mutex::new(session) })
+    }
+
+    /// One pretraining micro-step on uint8 [batch, height, width, 3] images.
+    #[napi]
+    pub async fn step(
+        &self,
+        pixels: Uint8Array,
+        batch: u32,
+        height: u32,
+        width: u32,
+        lr: f64,
+        accum_steps: u32,
+        noise: Option<Float64Array>,
+    ) -> Result<StepResult> {
+        let command = Command::Step {
+            images: images(&pixels, batch, height, width),
+            opts: StepOptions { lr, accum_steps: accum_steps as usize, noise: noise.map(|n| n.to_vec()) },
+        };
+        match self.call(command).await? {
+            Reply::Step(s) => Ok(StepResult {
+                loss: s.loss,
+                lr: s.lr,
+                micro_step: s.micro_step as i64,
+                optimizer_step: s.optimizer_step as i64,
+                updated: s.updated,
+            }),
+            _ => Err(js_err("unexpected reply to step")),
+        }
+    }
+
+    /// Writes weights, optimizer state and `extra` (JSON) atomically.
+    #[napi]
+    pub async fn save(&self, path: String, extra: String) -> Result<()> {
+        match self.call(Command::Save { path: path.into(), extra }).await? {
+            Reply::Saved => Ok(()),
+            _ => Err(js_err("unexpected reply to save")),
+        }
+    }
+
+    /// Loads a checkpoint (ours, or an official .pth); optimizer state too when present.
+    #[napi]
+    pub async fn load(&self, path: String, strict: bool) -> Result<LoadResult> {
+        match self.call(Command::Load { path: path.into(), strict }).await? {
+            Reply::Loaded { report, extra } => Ok(LoadResult { report: report_json(&report), extra }),
+            _ => Err(js_err("unexpected reply to load")),
+        }
+    }
+
+    /// original | masked | reconstruction | reconstruction + visible, one row per image.
+    #[napi]
+    pub async fn reconstruct(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, seed: i64) -> Result<ReconstructionResult> {
+        let command = Command::Reconstruct { images: images(&pixels, batch, height, width), seed: seed as u64 };
+        match self.call(command).await? {
+            Reply::Reconstruction(r) => Ok(ReconstructionResult {
+                pixels: r.pixels.into(),
+                width: r.width as u32,
+                height: r.height as u32,
+                loss: r.loss,
+            }),
+            _ => Err(js_err("unexpected reply to reconstruct")),
+        }
+    }
+
+    /// Frees the model after queued commands finish. Further calls reject.
+    #[napi]
+    pub fn dispose(&self) -> Result<()> {
+        self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
+        Ok(())
+    }
+}
+
+fn report_json(r: &LoadReport) -> String {
+    serde_json::json!({
+        "format": r.format,
+        "loaded": r.loaded,
+        "missing": r.missing,
+        "unexpected": r.unexpected,
+        "optimizerRestored": r.optimizer_restored,
+    })
+    .to_string()
+}

@@ -1,0 +1,23 @@
+/** Runs fixtures in the golden format (shared/golden/README.md) through our model. */
+import { native } from '../native.js';
+
+export interface TensorError {
+  name: string;
+  max_abs: number;
+  max_rel: number;
+}
+
+export interface FixtureReport {
+  fixture: string;
+  kind: 'pretrain' | 'finetune';
+  dtype: 'f32' | 'f64';
+  tolerance: number;
+  pass: boolean;
+  worst: string;
+  worst_rel: number;
+  errors: TensorError[];
+}
+
+export async function checkFixture(path: string, dtype: 'f32' | 'f64' = 'f64'): Promise<FixtureReport> {
+  return JSON.parse(await native.checkFixture(path, dtype)) as FixtureReport;
+}

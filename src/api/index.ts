@@ -1,0 +1,3 @@
+export * from './config.js';
+export * from './pretrainer.js';
+export * from './fixture.js';

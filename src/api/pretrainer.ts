@@ -1,0 +1,144 @@
+/**
+ * The typed pretraining model: a native model living on its own Rust worker thread.
+ * Every method returns a Promise; the Node event loop stays free while a step runs.
+ */
+import { native } from '../native.js';
+import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
+
+export type DType = 'f32' | 'f64';
+
+export interface AdamWOptions {
+  /** Default 0.9. */
+  beta1?: number;
+  /** Default 0.95 (the pretraining recipe). */
+  beta2?: number;
+  /** Default 1e-8. */
+  eps?: number;
+  /** Default 0.05; never applied to 1-D tensors and biases. */
+  weight_decay?: number;
+}
+
+export interface PretrainerOptions extends ModelSpec {
+  /** Default 'f32'; 'f64' is the parity path. */
+  dtype?: DType;
+  /** Seeds the weight init and the mask noise (default 0). */
+  seed?: number;
+  adamw?: AdamWOptions;
+}
+
+/** uint8 RGB images, channels-last [batchSize, height, width, 3], as the data pipeline packs them. */
+export interface ImageBatch {
+  images: Uint8Array;
+  batchSize: number;
+  height: number;
+  width: number;
+}
+
+export interface StepOptions {
+  /** Learning rate of this step (the schedule lives in the task driver). */
+  lr: number;
+  /** Micro-batches per optimizer update (the official accum_iter); default 1. */
+  accumSteps?: number;
+  /** Explicit mask noise [batchSize * tokens] (tests); otherwise drawn from (seed, step). */
+  noise?: Float64Array;
+}
+
+export interface StepResult {
+  loss: number;
+  lr: number;
+  microStep: number;
+  optimizerStep: number;
+  /** Whether this micro-step updated the weights (end of an accumulation window). */
+  updated: boolean;
+}
+
+export interface LoadOptions {
+  /** Require every model tensor in the file (default true). false for the encoder-only official checkpoint. */
+  strict?: boolean;
+}
+
+export interface LoadReport {
+  format: 'convmae' | 'safetensors' | 'pth';
+  loaded: string[];
+  missing: string[];
+  unexpected: string[];
+  optimizerRestored: boolean;
+  /** What the saver passed as `extra` (the training loop's state), {} if none. */
+  extra: Record<string, unknown>;
+}
+
+export interface Reconstruction {
+  /** uint8 RGB, one row per image: original | masked | reconstruction | reconstruction + visible. */
+  pixels: Buffer;
+  width: number;
+  height: number;
+  loss: number;
+}
+
+function checkBatch(batch: ImageBatch): void {
+  const { images, batchSize, height, width } = batch;
+  if (!(images instanceof Uint8Array)) throw new TypeError('images must be a Uint8Array of [batch, height, width, 3] pixels');
+  const want = batchSize * height * width * 3;
+  if (images.length !== want) {
+    throw new RangeError(`images holds ${images.length} bytes, expected ${want} for ${batchSize} images of ${height}x${width}x3`);
+  }
+}
+
+export class Pretrainer {
+  readonly config: ConvMaeConfig;
+  readonly dtype: DType;
+  readonly seed: number;
+  #native: InstanceType<typeof native.NativePretrainer> | undefined;
+
+  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined) {
+    this.config = config;
+    this.dtype = dtype;
+    this.seed = seed;
+    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined);
+  }
+
+  /** A fresh model with the official init. Invalid options throw here, before any compute. */
+  static create(options: PretrainerOptions = {}): Pretrainer {
+    const dtype = options.dtype ?? 'f32';
+    if (dtype !== 'f32' && dtype !== 'f64') throw new RangeError(`dtype must be 'f32' or 'f64', got '${String(dtype)}'`);
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw);
+  }
+
+  private get handle(): InstanceType<typeof native.NativePretrainer> {
+    if (!this.#native) throw new Error('this Pretrainer was disposed');
+    return this.#native;
+  }
+
+  /** One micro-step: normalize, mask, forward, backward, and AdamW at the end of a window. */
+  async pretrainStep(batch: ImageBatch, options: StepOptions): Promise<StepResult> {
+    checkBatch(batch);
+    const accum = options.accumSteps ?? 1;
+    if (!Number.isInteger(accum) || accum < 1) throw new RangeError(`accumSteps must be a positive integer, got ${accum}`);
+    return this.handle.step(batch.images, batch.batchSize, batch.height, batch.width, options.lr, accum, options.noise);
+  }
+
+  /** Writes weights (official names), optimizer state and `extra` atomically (safetensors). */
+  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
+    await this.handle.save(path, JSON.stringify(extra));
+  }
+
+  /** Loads our checkpoints (with optimizer state) or the official .pth files (weights only). */
+  async load(path: string, options: LoadOptions = {}): Promise<LoadReport> {
+    const r = await this.handle.load(path, options.strict ?? true);
+    return { ...(JSON.parse(r.report) as Omit<LoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
+  }
+
+  /** The MAE visualization for a batch, with a mask drawn from `seed`. */
+  async reconstruct(batch: ImageBatch, seed = 0): Promise<Reconstruction> {
+    checkBatch(batch);
+    return this.handle.reconstruct(batch.images, batch.batchSize, batch.height, batch.width, seed);
+  }
+
+  /** Frees the native model once queued work finishes; later calls throw. */
+  dispose(): void {
+    this.#native?.dispose();
+    this.#native = undefined;
+  }
+}

@@ -1,0 +1,4 @@
+export * from './api/index.js';
+export * from './data/index.js';
+export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
+export { lrAt, scaledLr, type LrSchedule } from './tasks/schedule.js';

