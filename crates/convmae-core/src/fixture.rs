@@ -4,7 +4,8 @@
 use crate::config::ConvMaeConfig;
 use crate::masking::Masking;
 use crate::model::ConvMae;
-use crate::params::{pretrain_param_specs, ParamStore};
+use crate::model::classifier::{cross_entropy, ConvViT};
+use crate::params::{classifier_param_specs, pretrain_param_specs, ParamStore};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -191,11 +192,47 @@ fn report(path: &str, kind: &str, dtype: DType, errors: Vec<TensorError>) -> Fix
     }
 }
 
+/// Runs a fine-tuning fixture (ConvViT, global pool, cross-entropy): forward, backward, compare.
+pub fn check_finetune(fx: &Fixture, path: &str, dtype: DType, device: &Device) -> candle_core::Result<FixtureReport> {
+    let cfg = fx.pretrain_config()?;
+    if fx.meta["global_pool"].as_bool() == Some(false) {
+        return Err(err(format!("fixture '{path}': only global_pool=true fine-tune fixtures are supported")));
+    }
+    let num_classes = fx.meta["num_classes"]
+        .as_u64()
+        .ok_or_else(|| err(format!("fixture '{path}' has no num_classes in its config")))? as usize;
+    let params = ParamStore::build(classifier_param_specs(&cfg, num_classes), dtype, device, |spec| {
+        let t = fx.tensor(&format!("param.{}", spec.name))?;
+        if t.dims() != spec.shape.as_slice() {
+            return Err(err(format!("fixture tensor 'param.{}' has shape {:?}, the model expects {:?}", spec.name, t.dims(), spec.shape)));
+        }
+        Ok(t.clone())
+    })?;
+    let model = ConvViT { cfg, num_classes, params };
+    let imgs = fx.tensor("input.imgs")?.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
+    let labels: Vec<usize> = fx.tensor("input.labels")?.to_dtype(DType::I64)?.to_vec1::<i64>()?.iter().map(|&l| l as usize).collect();
+    let out = model.forward(&imgs)?;
+    let loss = cross_entropy(&out.logits, &labels)?;
+    let grads = loss.backward()?;
+    let mut errors = vec![
+        compare("output.loss", &loss.reshape(1)?, fx.tensor("output.loss")?)?,
+        compare("output.features", &out.features, fx.tensor("output.features")?)?,
+        compare("output.logits", &out.logits, fx.tensor("output.logits")?)?,
+    ];
+    for (param, var) in model.params.trainable() {
+        let name = format!("grad.{}", param.spec.name);
+        let g = grads.get(var.as_tensor()).ok_or_else(|| err(format!("no gradient reached '{}'", param.spec.name)))?;
+        errors.push(compare(&name, g, fx.tensor(&name)?)?);
+    }
+    Ok(report(path, "finetune", dtype, errors))
+}
+
 /// Reads the fixture's kind from its metadata and runs the matching check.
 pub fn check_fixture(path: &str, dtype: DType) -> candle_core::Result<FixtureReport> {
     let fx = Fixture::read(path)?;
     match fx.kind.as_str() {
         "pretrain" => check_pretrain(&fx, path, dtype, &Device::Cpu),
+        "finetune" => check_finetune(&fx, path, dtype, &Device::Cpu),
         other => Err(err(format!("fixture '{path}' has kind '{other}', which this build cannot check"))),
     }
 }

@@ -86,33 +86,61 @@ impl SpecList {
     }
 }
 
+impl SpecList {
+    /// patch_embed1..4 (shared by the pretraining and classification models).
+    fn patch_embeds(&mut self, cfg: &ConvMaeConfig) {
+        let [d1, d2, d3] = cfg.embed_dim;
+        let [p1, p2, p3] = cfg.patch_size;
+        self.patch_embed("patch_embed1", cfg.in_chans, d1, p1);
+        self.patch_embed("patch_embed2", d1, d2, p2);
+        self.patch_embed("patch_embed3", d2, d3, p3);
+        // The only conv the official init treats like a Linear: xavier on its [out, in*k*k] view.
+        let pe3 = self.0.iter_mut().find(|p| p.name == "patch_embed3.proj.weight").unwrap();
+        pe3.init = Init::XavierUniform { fan_in: d2 * p3 * p3, fan_out: d3 };
+        self.linear("patch_embed4", d3, d3);
+    }
+
+    /// blocks1, blocks2 (conv blocks) and blocks3 (transformer blocks).
+    fn encoder_blocks(&mut self, cfg: &ConvMaeConfig) {
+        let [d1, d2, d3] = cfg.embed_dim;
+        for i in 0..cfg.depth[0] {
+            self.conv_block(&format!("blocks1.{i}"), d1, cfg.mlp_ratio[0]);
+        }
+        for i in 0..cfg.depth[1] {
+            self.conv_block(&format!("blocks2.{i}"), d2, cfg.mlp_ratio[1]);
+        }
+        for i in 0..cfg.depth[2] {
+            self.transformer_block(&format!("blocks3.{i}"), d3, cfg.mlp_ratio[2]);
+        }
+    }
+}
+
+/// Every tensor of the official fine-tuning `ConvViT` (global pool + fc_norm + head), in state_dict
+/// order. pos_embed is learnable here; head init is trunc_normal(2e-5) as in main_finetune.py.
+pub fn classifier_param_specs(cfg: &ConvMaeConfig, num_classes: usize) -> Vec<ParamSpec> {
+    let d3 = cfg.embed_dim[2];
+    let mut s = SpecList(Vec::new());
+    s.push("pos_embed".into(), &[1, cfg.num_tokens(), d3], Init::SinCos { dim: d3, grid: cfg.grid() });
+    s.patch_embeds(cfg);
+    s.encoder_blocks(cfg);
+    s.push("head.weight".into(), &[num_classes, d3], Init::Normal { std: 2e-5 });
+    s.push("head.bias".into(), &[num_classes], Init::Zeros);
+    s.layer_norm("fc_norm", d3);
+    s.0
+}
+
 /// Every tensor of `MaskedAutoencoderConvViT`, in the order of its state_dict.
 pub fn pretrain_param_specs(cfg: &ConvMaeConfig) -> Vec<ParamSpec> {
     let [d1, d2, d3] = cfg.embed_dim;
-    let [p1, p2, p3] = cfg.patch_size;
     let (grid, tokens, dd) = (cfg.grid(), cfg.num_tokens(), cfg.decoder_embed_dim);
     let mut s = SpecList(Vec::new());
     s.frozen("pos_embed", &[1, tokens, d3], Init::SinCos { dim: d3, grid });
     s.push("mask_token".into(), &[1, 1, dd], Init::Normal { std: 0.02 });
     s.frozen("decoder_pos_embed", &[1, tokens, dd], Init::SinCos { dim: dd, grid });
-    s.patch_embed("patch_embed1", cfg.in_chans, d1, p1);
-    s.patch_embed("patch_embed2", d1, d2, p2);
-    s.patch_embed("patch_embed3", d2, d3, p3);
-    // The only conv the official init treats like a Linear: xavier on its [out, in*k*k] view.
-    let pe3 = s.0.iter_mut().find(|p| p.name == "patch_embed3.proj.weight").unwrap();
-    pe3.init = Init::XavierUniform { fan_in: d2 * p3 * p3, fan_out: d3 };
-    s.linear("patch_embed4", d3, d3);
+    s.patch_embeds(cfg);
     s.conv("stage1_output_decode", d1, d3, cfg.stage_cell(0));
     s.conv("stage2_output_decode", d2, d3, cfg.stage_cell(1));
-    for i in 0..cfg.depth[0] {
-        s.conv_block(&format!("blocks1.{i}"), d1, cfg.mlp_ratio[0]);
-    }
-    for i in 0..cfg.depth[1] {
-        s.conv_block(&format!("blocks2.{i}"), d2, cfg.mlp_ratio[1]);
-    }
-    for i in 0..cfg.depth[2] {
-        s.transformer_block(&format!("blocks3.{i}"), d3, cfg.mlp_ratio[2]);
-    }
+    s.encoder_blocks(cfg);
     s.layer_norm("norm", d3);
     s.linear("decoder_embed", d3, dd);
     for i in 0..cfg.decoder_depth {

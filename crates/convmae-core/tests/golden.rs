@@ -21,3 +21,10 @@ fn pretrain_small_f32_matches_official() {
     let r = check_fixture(&golden("pretrain_small.safetensors"), DType::F32).unwrap();
     assert!(r.pass, "worst {} at {:.3e} > {:.0e}", r.worst, r.worst_rel, r.tolerance);
 }
+
+#[test]
+fn finetune_small_f64_matches_official() {
+    let r = check_fixture(&golden("finetune_small.safetensors"), DType::F64).unwrap();
+    assert_eq!(r.kind, "finetune");
+    assert!(r.pass, "worst {} at {:.3e} > {:.0e}", r.worst, r.worst_rel, r.tolerance);
+}

@@ -1,5 +1,6 @@
 //! The ConvMAE pretraining model (`MaskedAutoencoderConvViT`), computed as the official code does.
 
+pub mod classifier;
 pub mod layers;
 
 use crate::config::ConvMaeConfig;
@@ -51,21 +52,12 @@ impl ConvMae {
         let (cfg, p) = (&self.cfg, &self.params);
         let (dtype, dev) = (self.dtype(), self.device());
         let grid = cfg.grid();
-        let [p1, p2, p3] = cfg.patch_size;
+        let p3 = cfg.patch_size[2];
 
         // Stages 1-2: conv blocks; the keep mask zeroes each depthwise conv's input.
         let keep1 = masking.keep_map(grid, cfg.stage_cell(0), dtype, dev)?;
         let keep2 = masking.keep_map(grid, cfg.stage_cell(1), dtype, dev)?;
-        let mut x = patch_embed(p, "patch_embed1", imgs, p1)?;
-        for i in 0..cfg.depth[0] {
-            x = conv_block(p, &format!("blocks1.{i}"), &x, Some(&keep1))?;
-        }
-        let stage1 = x.clone();
-        let mut x = patch_embed(p, "patch_embed2", &x, p2)?;
-        for i in 0..cfg.depth[1] {
-            x = conv_block(p, &format!("blocks2.{i}"), &x, Some(&keep2))?;
-        }
-        let stage2 = x.clone();
+        let (stage1, stage2) = conv_stages(cfg, p, imgs, Some(&keep1), Some(&keep2))?;
 
         // Multi-scale fusion inputs: one token per 16-px patch from each conv stage.
         let b = imgs.dim(0)?;
@@ -114,4 +106,25 @@ impl ConvMae {
         let x = layer_norm_p(p, "decoder_norm", &x, VIT_LN_EPS)?;
         linear_p(p, "decoder_pred", &x)
     }
+}
+
+/// patch_embed1 -> blocks1 -> patch_embed2 -> blocks2 on channels-last images; returns both stage
+/// outputs. The keep masks (pretraining) gate each depthwise conv's input; None downstream.
+pub fn conv_stages(
+    cfg: &ConvMaeConfig,
+    p: &ParamStore,
+    imgs: &Tensor,
+    keep1: Option<&Tensor>,
+    keep2: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let mut x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
+    for i in 0..cfg.depth[0] {
+        x = conv_block(p, &format!("blocks1.{i}"), &x, keep1)?;
+    }
+    let stage1 = x;
+    let mut x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
+    for i in 0..cfg.depth[1] {
+        x = conv_block(p, &format!("blocks2.{i}"), &x, keep2)?;
+    }
+    Ok((stage1, x))
 }

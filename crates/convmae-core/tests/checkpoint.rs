@@ -1,0 +1,153 @@
+//! Checkpoints: official .pth import, shape errors that name the tensor, and exact resume.
+
+use candle_core::{DType, Device, Tensor};
+use convmae_core::checkpoint::{load_pretrainer, load_weights, read_checkpoint, save_pretrainer};
+use convmae_core::fixture::Fixture;
+use convmae_core::optim::AdamWConfig;
+use convmae_core::train::{Batch, Pretrainer, StepOptions};
+use convmae_core::{ConvMae, ConvMaeConfig};
+use std::path::PathBuf;
+
+fn golden(name: &str) -> String {
+    format!("{}/../../../shared/golden/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("convmae-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn golden_model() -> ConvMae {
+    ConvMae::new(ConvMaeConfig::golden_small(), DType::F32, &Device::Cpu, 1).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn official_pth_loads_every_tensor() {
+    let mut model = golden_model();
+    let file = read_checkpoint(std::path::Path::new(&golden("pretrain_small_official.pth"))).unwrap();
+    assert_eq!(file.format, "pth");
+    let report = load_weights(&mut model.params, &file, true, "official").unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
+    assert_eq!(report.loaded.len(), model.params.iter().count());
+    // The .pth holds the fixture's weights in float32.
+    let fx = Fixture::read(&golden("pretrain_small.safetensors")).unwrap();
+    for p in model.params.iter() {
+        let want = fx.tensor(&format!("param.{}", p.spec.name)).unwrap();
+        assert!(max_diff(&p.tensor, want) < 1e-6, "{}", p.spec.name);
+    }
+}
+
+#[test]
+fn encoder_only_pth_lists_the_decoder_as_missing() {
+    let mut model = golden_model();
+    let file = read_checkpoint(std::path::Path::new(&golden("pretrain_small_encoder_only.pth"))).unwrap();
+    let strict = load_weights(&mut model.params, &file, true, "enc").unwrap_err().to_string();
+    assert!(strict.contains("strict: false"), "{strict}");
+    let report = load_weights(&mut model.params, &file, false, "enc").unwrap();
+    assert!(report.unexpected.is_empty());
+    assert!(report.missing.iter().all(|n| n == "mask_token"
+        || n.starts_with("decoder")
+        || n.starts_with("stage1_output_decode")
+        || n.starts_with("stage2_output_decode")));
+    assert!(report.missing.contains(&"mask_token".to_string()));
+    assert!(report.missing.contains(&"decoder_pred.weight".to_string()));
+    assert!(report.loaded.contains(&"blocks3.1.attn.qkv.weight".to_string()));
+}
+
+#[test]
+fn mis_shaped_tensor_error_names_the_tensor_and_both_shapes() {
+    // The golden weights into a model whose stage-1 width differs.
+    let mut cfg = ConvMaeConfig::golden_small();
+    cfg.embed_dim[0] = 16;
+    let mut model = ConvMae::new(cfg, DType::F32, &Device::Cpu, 0).unwrap();
+    let file = read_checkpoint(std::path::Path::new(&golden("pretrain_small_official.pth"))).unwrap();
+    let e = load_weights(&mut model.params, &file, false, "official").unwrap_err().to_string();
+    assert!(e.contains("'patch_embed1.proj.weight'") && e.contains("[32, 3, 4, 4]") && e.contains("[16, 3, 4, 4]"), "{e}");
+}
+
+fn batch_pixels(step: u64, b: usize, s: usize) -> Vec<u8> {
+    (0..b * s * s * 3).map(|i| ((i as u64 * 2654435761 + step * 97) % 251) as u8).collect()
+}
+
+fn run(trainer: &mut Pretrainer, from: u64, to: u64) {
+    let s = trainer.model.cfg.img_size;
+    for step in from..to {
+        let px = batch_pixels(step, 2, s);
+        let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+        let lr = 1e-3 * (1.0 + step as f64) / 4.0;
+        trainer.step(&batch, &StepOptions { lr, accum_steps: 2, noise: None }).unwrap();
+    }
+}
+
+#[test]
+fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
+    let cfg = ConvMaeConfig::tiny();
+    let fresh = || Pretrainer::new(ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 7).unwrap(), AdamWConfig::default(), 7).unwrap();
+    let mut straight = fresh();
+    run(&mut straight, 0, 8);
+
+    let mut first = fresh();
+    run(&mut first, 0, 4);
+    let path = tmp("resume.safetensors");
+    save_pretrainer(&first, &path, "{\"step\":4}").unwrap();
+    drop(first);
+    // A differently seeded model: everything must come from the checkpoint.
+    let mut resumed = Pretrainer::new(ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 99).unwrap(), AdamWConfig::default(), 99).unwrap();
+    let (report, extra) = load_pretrainer(&mut resumed, &path, true).unwrap();
+    assert!(report.optimizer_restored);
+    assert_eq!(extra, "{\"step\":4}");
+    run(&mut resumed, 4, 8);
+
+    assert_eq!(resumed.optimizer.step, straight.optimizer.step);
+    for (a, b) in straight.model.params.iter().zip(resumed.model.params.iter()) {
+        let (x, y) = (a.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{} differs after resume", a.spec.name);
+    }
+}
+
+#[test]
+fn saving_inside_an_accumulation_window_is_refused() {
+    let mut t = Pretrainer::new(ConvMae::new(ConvMaeConfig::tiny(), DType::F32, &Device::Cpu, 0).unwrap(), AdamWConfig::default(), 0).unwrap();
+    run(&mut t, 0, 1);
+    let e = save_pretrainer(&t, &tmp("mid.safetensors"), "{}").unwrap_err().to_string();
+    assert!(e.contains("accumulation"), "{e}");
+}
+
+#[test]
+fn loading_a_checkpoint_of_another_config_is_refused() {
+    let t = Pretrainer::new(ConvMae::new(ConvMaeConfig::tiny(), DType::F32, &Device::Cpu, 0).unwrap(), AdamWConfig::default(), 0).unwrap();
+    let path = tmp("tiny.safetensors");
+    save_pretrainer(&t, &path, "{}").unwrap();
+    let mut other_cfg = ConvMaeConfig::tiny();
+    other_cfg.mask_ratio = 0.5;
+    let mut other = Pretrainer::new(ConvMae::new(other_cfg, DType::F32, &Device::Cpu, 0).unwrap(), AdamWConfig::default(), 0).unwrap();
+    let e = load_pretrainer(&mut other, &path, true).unwrap_err().to_string();
+    assert!(e.contains("different configuration"), "{e}");
+}
+
+#[test]
+fn checkpoint_write_is_atomic_and_readable() {
+    let t = Pretrainer::new(ConvMae::new(ConvMaeConfig::tiny(), DType::F32, &Device::Cpu, 0).unwrap(), AdamWConfig::default(), 0).unwrap();
+    let path = tmp("atomic").join("atomic.safetensors");
+    save_pretrainer(&t, &path, "{}").unwrap();
+    let dir = path.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty());
+    let file = read_checkpoint(&path).unwrap();
+    assert_eq!(file.format, "convmae");
+    assert_eq!(file.config().unwrap().unwrap(), ConvMaeConfig::tiny());
+}
