@@ -1,0 +1,133 @@
+import test from 'ava';
+import { execFile } from 'node:child_process';
+import { copyFile, mkdtemp, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { checkFixture, modelInfo, Pretrainer, resolveConfig } from '../src/index.js';
+import { CLI, golden, randomImages, readSafetensors, tensorBytes } from './helpers.js';
+
+const run = promisify(execFile);
+
+test('float64 parity with the official pretraining model (golden fixture)', async (t) => {
+  const r = await checkFixture(golden('pretrain_small.safetensors'), 'f64');
+  t.is(r.kind, 'pretrain');
+  t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
+  t.true(r.worst_rel < 1e-8);
+  // loss, pred, latent and every gradient are compared
+  const names = new Set(r.errors.map((e) => e.name));
+  for (const n of ['output.loss', 'output.pred', 'output.latent', 'grad.blocks1.0.attn.weight', 'grad.decoder_pred.bias']) t.true(names.has(n), n);
+  t.is(r.errors.filter((e) => e.name.startsWith('grad.')).length, 117);
+});
+
+test('float32 parity with the official pretraining model within 1e-4', async (t) => {
+  const r = await checkFixture(golden('pretrain_small.safetensors'), 'f32');
+  t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
+});
+
+test('float64 parity with the official fine-tune model (golden fixture)', async (t) => {
+  const r = await checkFixture(golden('finetune_small.safetensors'), 'f64');
+  t.is(r.kind, 'finetune');
+  t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
+});
+
+test('check-fixture prints one JSON line and exits 0 on the golden fixture', async (t) => {
+  const { stdout } = await run(process.execPath, [CLI, 'check-fixture', golden('pretrain_small.safetensors')]);
+  const lines = stdout.trim().split('\n');
+  t.is(lines.length, 1);
+  const r = JSON.parse(lines[0]!);
+  t.true(r.pass);
+  t.true(r.errors['output.loss'].rel < 1e-8);
+});
+
+test('check-fixture exits 1 when the reference disagrees with the model', async (t) => {
+  // A copy of the fixture whose recorded loss is off by 1%.
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-fx-'));
+  const file = path.join(dir, 'tampered.safetensors');
+  await copyFile(golden('pretrain_small.safetensors'), file);
+  const f = await readSafetensors(file);
+  const loss = tensorBytes(f, 'output.loss');
+  loss.writeDoubleLE(loss.readDoubleLE(0) * 1.01, 0);
+  await writeFile(file, f.bytes);
+  const err = await t.throwsAsync(run(process.execPath, [CLI, 'check-fixture', file]));
+  t.is((err as unknown as { code: number }).code, 1);
+  const r = JSON.parse((err as unknown as { stdout: string }).stdout.trim());
+  t.false(r.pass);
+  t.is(r.worst, 'output.loss');
+});
+
+test('convmae-base info equals the official counts', (t) => {
+  const info = modelInfo({ preset: 'convmae-base' });
+  t.is(info.count, 313);
+  t.is(info.elements, 115_041_408);
+  t.is(info.encoderElements, 84_605_824);
+  t.is(Math.round(info.macs.pretrain_dense / 1e7) / 100, 17.22);
+  t.is(Math.round(info.macs.pretrain_sparse / 1e7) / 100, 11.2);
+});
+
+test('invalid config is an error that names the field, before any compute', (t) => {
+  t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', config: { img_size: 100 } }), { message: /img_size/ });
+  t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', config: { num_heads: 3 } }), { message: /num_heads/ });
+  t.throws(() => Pretrainer.create({ preset: 'convmae-nope' }), { message: /unknown preset 'convmae-nope'/ });
+  t.throws(() => resolveConfig({ config: { embed_dim: 'wide' as unknown as [number, number, number] } }), { message: /invalid config/ });
+  t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', dtype: 'f16' as 'f32' }), { message: /dtype/ });
+});
+
+test('the event loop keeps running while a step computes', async (t) => {
+  const p = Pretrainer.create({ preset: 'convmae-tiny', seed: 3 });
+  try {
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    const started = Date.now();
+    const r = await p.pretrainStep({ images: randomImages(32, 64), batchSize: 32, height: 64, width: 64 }, { lr: 1e-4 });
+    const elapsed = Date.now() - started;
+    clearInterval(timer);
+    t.true(Number.isFinite(r.loss));
+    t.true(elapsed > 20, `the step took ${elapsed} ms, too short to tell`);
+    t.true(ticks >= 5, `only ${ticks} timer ticks during a ${elapsed} ms step`);
+  } finally {
+    p.dispose();
+  }
+});
+
+test('wrong image sizes and a disposed model are clear errors', async (t) => {
+  const p = Pretrainer.create({ preset: 'convmae-tiny' });
+  await t.throwsAsync(p.pretrainStep({ images: randomImages(2, 32), batchSize: 2, height: 32, width: 32 }, { lr: 1e-4 }), {
+    message: /32x32, the model's img_size is 64/,
+  });
+  await t.throwsAsync(p.pretrainStep({ images: new Uint8Array(10), batchSize: 2, height: 64, width: 64 }, { lr: 1e-4 }), {
+    message: /holds 10 bytes/,
+  });
+  p.dispose();
+  await t.throwsAsync(p.pretrainStep({ images: randomImages(2, 64), batchSize: 2, height: 64, width: 64 }, { lr: 1e-4 }), { message: /disposed/ });
+});
+
+test('official checkpoints load: full, and encoder-only with the decoder listed missing', async (t) => {
+  const p = Pretrainer.create({ preset: 'convmae-golden-small' });
+  try {
+    const full = await p.load(golden('pretrain_small_official.pth'));
+    t.is(full.format, 'pth');
+    t.is(full.missing.length, 0);
+    t.is(full.loaded.length, 119);
+    await t.throwsAsync(p.load(golden('pretrain_small_encoder_only.pth')), { message: /lacks .* tensor\(s\).*strict: false/ });
+    const enc = await p.load(golden('pretrain_small_encoder_only.pth'), { strict: false });
+    t.true(enc.missing.includes('mask_token'));
+    t.true(enc.missing.includes('stage1_output_decode.weight'));
+    t.true(enc.missing.every((n) => /^(mask_token|decoder|stage[12]_output_decode)/.test(n)));
+    t.deepEqual(enc.unexpected, []);
+  } finally {
+    p.dispose();
+  }
+});
+
+test('a checkpoint with mis-shaped tensors is an error naming the tensor and both shapes', async (t) => {
+  const p = Pretrainer.create({ preset: 'convmae-golden-small', config: { embed_dim: [16, 48, 64] } });
+  try {
+    await t.throwsAsync(p.load(golden('pretrain_small_official.pth'), { strict: false }), {
+      message: /'patch_embed1.proj.weight' has shape \[32, 3, 4, 4\], the model expects \[16, 3, 4, 4\]/,
+    });
+    await t.throwsAsync(p.load('/nonexistent/ckpt.safetensors'), { message: /cannot read checkpoint '\/nonexistent\/ckpt.safetensors'/ });
+  } finally {
+    p.dispose();
+  }
+});
