@@ -5,7 +5,8 @@ import { fileURLToPath } from 'node:url';
 
 /** The repository root (dist/test/helpers.js -> ../..). */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const GOLDEN = path.resolve(ROOT, '..', 'shared', 'golden');
+/** The golden fixtures: $CONVMAE_GOLDEN, or ../shared/golden beside the repository. */
+export const GOLDEN = process.env.CONVMAE_GOLDEN ?? path.resolve(ROOT, '..', 'shared', 'golden');
 export const golden = (name: string) => path.join(GOLDEN, name);
 export const CLI = path.join(ROOT, 'bin', 'convmae.js');
 

@@ -8,8 +8,10 @@ use convmae_core::train::{Batch, Pretrainer, StepOptions};
 use convmae_core::{ConvMae, ConvMaeConfig};
 use std::path::PathBuf;
 
+/// The golden fixtures: $CONVMAE_GOLDEN, or ../shared/golden beside the repository.
 fn golden(name: &str) -> String {
-    format!("{}/../../../shared/golden/{name}", env!("CARGO_MANIFEST_DIR"))
+    let dir = std::env::var("CONVMAE_GOLDEN").unwrap_or_else(|_| format!("{}/../../../shared/golden", env!("CARGO_MANIFEST_DIR")));
+    format!("{dir}/{name}")
 }
 
 fn tmp(name: &str) -> PathBuf {

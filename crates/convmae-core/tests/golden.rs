@@ -3,8 +3,10 @@
 use candle_core::DType;
 use convmae_core::fixture::check_fixture;
 
+/// The golden fixtures: $CONVMAE_GOLDEN, or ../shared/golden beside the repository.
 fn golden(name: &str) -> String {
-    format!("{}/../../../shared/golden/{name}", env!("CARGO_MANIFEST_DIR"))
+    let dir = std::env::var("CONVMAE_GOLDEN").unwrap_or_else(|_| format!("{}/../../../shared/golden", env!("CARGO_MANIFEST_DIR")));
+    format!("{dir}/{name}")
 }
 
 #[test]

@@ -4,7 +4,8 @@ use convmae_core::params::{classifier_param_specs, pretrain_param_specs, ParamSp
 use convmae_core::ConvMaeConfig;
 
 fn manifest() -> serde_json::Value {
-    let path = format!("{}/../../../shared/golden/convmae_base_manifest.json", env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("CONVMAE_GOLDEN").unwrap_or_else(|_| format!("{}/../../../shared/golden", env!("CARGO_MANIFEST_DIR")));
+    let path = format!("{dir}/convmae_base_manifest.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

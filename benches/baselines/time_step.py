@@ -1,0 +1,108 @@
+"""Times one ConvMAE pretraining step in PyTorch (the baseline of ``npm run bench -- pretrain``).
+
+    python benches/baselines/time_step.py --preset convmae-base --batch 8 --threads 2 --warmup 2 --steps 5
+
+A step is what the project's ``Pretrainer.pretrainStep`` does: take a random uint8 [B,H,W,3]
+batch, ImageNet-normalize it, draw the mask, forward, backward, AdamW (betas 0.9/0.95,
+weight decay 0.05, none on 1-D tensors and biases), all in float32 on the CPU.
+Prints one JSON line:
+  {"suite":"pretrain","impl":"pytorch","preset","batch","dtype":"f32","device":"cpu","threads",
+   "images_per_s","ms_per_step_median", ...,"peak_mem_mb"}
+peak_mem_mb is this process's peak RSS (resource.getrusage ru_maxrss).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convmae_torch import PRESETS, from_config, param_groups_for_adamw  # noqa: E402
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="convmae-base", choices=sorted(PRESETS))
+    ap.add_argument("--config", default=None, help="JSON overrides applied on top of the preset")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1.5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("batch, steps and threads must be >= 1, warmup >= 0")
+
+    import_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # after `import torch`
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    torch.manual_seed(args.seed)
+
+    cfg = dict(PRESETS[args.preset])
+    if args.config:
+        cfg.update(json.loads(args.config))
+    model = from_config(cfg).to(torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(param_groups_for_adamw(model, 0.05), lr=args.lr, betas=(0.9, 0.95))
+
+    b, s = args.batch, model.img_size
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def step() -> float:
+        u8 = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=gen)  # like the uint8 batches ours gets
+        t0 = time.perf_counter()
+        imgs = (u8.permute(0, 3, 1, 2).to(torch.float32) / 255.0 - mean) / std
+        loss, _, _ = model(imgs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        v = loss.item()
+        dt = time.perf_counter() - t0
+        if v != v:
+            raise RuntimeError("loss is NaN")
+        return dt
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    med = statistics.median(times)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out = {
+        "suite": "pretrain",
+        "impl": "pytorch",
+        "preset": args.preset,
+        "batch": b,
+        "dtype": "f32",
+        "device": "cpu",
+        "threads": args.threads,
+        "images_per_s": b / med,
+        "ms_per_step_median": med * 1000.0,
+        "ms_per_step": [t * 1000.0 for t in times],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "peak_mem_mb": peak_kb / 1024.0,
+        "import_rss_mb": import_rss_mb,
+        "torch": torch.__version__,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

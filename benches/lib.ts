@@ -1,0 +1,372 @@
+/**
+ * Shared pieces of the benchmark harness: the suite interface, option parsing, child processes
+ * that report one JSON line, statistics, machine/version facts and the results files.
+ * A suite (benches/pretrain.ts, later benches/kernels.ts) only measures; run.ts prints and saves.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The repository root: dist/benches/lib.js -> ../..; benches/lib.ts (ts-node style) -> ... */
+export const REPO_ROOT: string = (() => {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 4; i++) {
+    if (existsSync(path.join(dir, 'package.json')) && existsSync(path.join(dir, 'benches'))) return dir;
+    dir = path.dirname(dir);
+  }
+  return process.cwd();
+})();
+
+/** One measured configuration; the first keys are the stable JSON-line format. */
+export interface Measurement {
+  suite: string;
+  impl: string;
+  preset: string;
+  batch: number;
+  dtype: string;
+  device: string;
+  threads: number;
+  images_per_s: number;
+  peak_mem_mb: number;
+  ms_per_step_median: number;
+  /** Anything else the suite wants kept in the results file (not printed on the JSON line). */
+  details?: Record<string, unknown>;
+}
+
+/** The JSON line printed per measured configuration (stable key order). */
+export function jsonLine(m: Measurement): string {
+  const { suite, impl, preset, batch, dtype, device, threads, images_per_s, peak_mem_mb, ms_per_step_median } = m;
+  return JSON.stringify({ suite, impl, preset, batch, dtype, device, threads, images_per_s, peak_mem_mb, ms_per_step_median });
+}
+
+export interface SuiteResult {
+  measurements: Measurement[];
+  /** Lines for the report: skipped implementations, caveats. */
+  notes: string[];
+  /** Extra version facts the suite discovered (e.g. torch). */
+  versions?: Record<string, string>;
+}
+
+export interface Options {
+  /** Flags as given: `--preset a,b` -> preset: 'a,b'; bare `--flag` -> 'true'. */
+  flags: Record<string, string>;
+  positional: string[];
+}
+
+export interface Suite {
+  name: string;
+  /** One line for `run.js --help`. */
+  summary: string;
+  /** Flags the suite reads, with their help text, for `--help` and for rejecting typos. */
+  flags: Record<string, string>;
+  run(opts: Options, log: (line: string) => void): Promise<SuiteResult>;
+  /** Renders the markdown table of a run (run.ts supplies a generic one when absent). */
+  table?(ms: Measurement[]): string;
+}
+
+/** Flags that never take a value. */
+export const BOOLEAN_FLAGS = new Set(['no-save', 'quiet', 'help']);
+
+export function parseArgs(argv: string[], booleans: Set<string> = BOOLEAN_FLAGS): Options {
+  const flags: Record<string, string> = {};
+  const positional: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      if (eq > 0) {
+        flags[a.slice(2, eq)] = a.slice(eq + 1);
+      } else if (!booleans.has(a.slice(2)) && i + 1 < argv.length && !argv[i + 1].startsWith('--')) {
+        flags[a.slice(2)] = argv[++i];
+      } else {
+        flags[a.slice(2)] = 'true';
+      }
+    } else {
+      positional.push(a);
+    }
+  }
+  return { flags, positional };
+}
+
+export function intFlag(opts: Options, name: string, dflt: number, min = 1): number {
+  const v = opts.flags[name];
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new RangeError(`--${name} must be an integer >= ${min}, got '${v}'`);
+  return n;
+}
+
+export function listFlag(opts: Options, name: string, dflt: string[]): string[] {
+  const v = opts.flags[name];
+  if (v === undefined) return dflt;
+  const xs = v.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
+  if (xs.length === 0) throw new RangeError(`--${name} is empty`);
+  return xs;
+}
+
+export function median(xs: number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** Default thread count: the cores this process may use. */
+export function coreCount(): number {
+  return typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+}
+
+export interface ChildResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  /** The last stdout line that parses as a JSON object. */
+  json?: Record<string, unknown>;
+  timedOut: boolean;
+}
+
+/** Runs a command whose last JSON stdout line is its report; stderr is kept (and echoed when `echo`). */
+export function runChild(
+  cmd: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  timeoutMs: number,
+  echo?: (line: string) => void,
+): Promise<ChildResult> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { env, cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+      if (echo) for (const l of d.split('\n')) if (l.trim()) echo(`    ${l}`);
+    });
+    const finish = (code: number | null, signal: NodeJS.Signals | null) => {
+      clearTimeout(timer);
+      let json: Record<string, unknown> | undefined;
+      for (const line of stdout.trim().split('\n').reverse()) {
+        const t = line.trim();
+        if (!t.startsWith('{')) continue;
+        try {
+          json = JSON.parse(t) as Record<string, unknown>;
+          break;
+        } catch {
+          /* not the report line */
+        }
+      }
+      resolve({ code, signal, stdout, stderr, json, timedOut });
+    };
+    child.on('error', (e) => {
+      stderr += String(e);
+      finish(null, null);
+    });
+    child.on('close', finish);
+  });
+}
+
+/** Fraction of all CPU time spent busy over the next `ms` (from /proc/stat); undefined off Linux. */
+export async function cpuBusy(ms = 1000): Promise<number | undefined> {
+  const sample = (): number[] | undefined => {
+    try {
+      const line = readFileSync('/proc/stat', 'utf8').split('\n')[0];
+      const xs = line.trim().split(/\s+/).slice(1).map(Number);
+      const idle = xs[3] + (xs[4] ?? 0);
+      const total = xs.reduce((a, b) => a + b, 0);
+      return [idle, total];
+    } catch {
+      return undefined;
+    }
+  };
+  const a = sample();
+  await new Promise((r) => setTimeout(r, ms));
+  const b = sample();
+  if (!a || !b || b[1] === a[1]) return undefined;
+  return 1 - (b[0] - a[0]) / (b[1] - a[1]);
+}
+
+/** Output of a short command, or undefined when it fails. */
+export function tryExec(cmd: string, args: string[], timeoutMs = 60_000): string | undefined {
+  try {
+    return execFileSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+  } catch {
+    return undefined;
+  }
+}
+
+export interface Machine {
+  cpu: string;
+  cores: number;
+  logical_cpus: number;
+  ram_gb: number;
+  os: string;
+  arch: string;
+}
+
+export function machineInfo(): Machine {
+  let cpu = os.cpus()[0]?.model ?? 'unknown';
+  try {
+    const m = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
+    if (m) cpu = m[1].trim();
+  } catch {
+    /* not Linux */
+  }
+  return {
+    cpu,
+    cores: coreCount(),
+    logical_cpus: os.cpus().length,
+    ram_gb: Math.round((os.totalmem() / 2 ** 30) * 10) / 10,
+    os: `${os.type()} ${os.release()}`,
+    arch: os.arch(),
+  };
+}
+
+/** The checked-out commit, read from .git without running git (undefined when not a checkout). */
+export function gitCommit(): string | undefined {
+  try {
+    let gitDir = path.join(REPO_ROOT, '.git');
+    if (!existsSync(gitDir)) return undefined;
+    const head = readFileSync(path.join(gitDir, 'HEAD'), 'utf8').trim();
+    if (!head.startsWith('ref:')) return head;
+    const ref = head.slice(4).trim();
+    const loose = path.join(gitDir, ref);
+    if (existsSync(loose)) return readFileSync(loose, 'utf8').trim();
+    const packed = readFileSync(path.join(gitDir, 'packed-refs'), 'utf8');
+    for (const line of packed.split('\n')) {
+      const [sha, name] = line.trim().split(' ');
+      if (name === ref) return sha;
+    }
+  } catch {
+    /* unreadable */
+  }
+  return undefined;
+}
+
+export function baseVersions(): Record<string, string> {
+  const v: Record<string, string> = { node: process.version };
+  const rustc = tryExec('rustc', ['--version']);
+  if (rustc) v.rustc = rustc;
+  try {
+    const pkg = JSON.parse(readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version?: string };
+    if (pkg.version) v.convmae = pkg.version;
+  } catch {
+    /* no package.json */
+  }
+  const commit = gitCommit();
+  if (commit) v.commit = commit;
+  return v;
+}
+
+/** The command line as the user typed it (npm run bench -- ... when run through npm). */
+export function commandLine(argv: string[]): string {
+  const quote = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`);
+  const args = argv.map(quote).join(' ');
+  if (process.env.npm_lifecycle_event === 'bench') return `npm run bench -- ${args}`;
+  return `node ${path.relative(REPO_ROOT, process.argv[1] ?? 'dist/benches/run.js') || 'dist/benches/run.js'} ${args}`;
+}
+
+export function localDate(d = new Date()): string {
+  const p = (n: number) => String(n).padStart(2, '0');
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}`;
+}
+
+/** One invocation of run.js, as stored in the results file. */
+export interface RunRecord {
+  command: string;
+  argv: string[];
+  started: string;
+  finished: string;
+  machine: Machine;
+  versions: Record<string, string>;
+  env: Record<string, string>;
+  /** os.loadavg() (1, 5, 15 min) when the run started and ended: other work on the machine skews timings. */
+  load_avg: { start: number[]; end: number[] };
+  /** Share of the CPUs busy (other work) during 2 s sampled just before the first measurement. */
+  cpu_busy_before?: number;
+  notes: string[];
+  results: Measurement[];
+}
+
+export interface ResultsFile {
+  suite: string;
+  date: string;
+  runs: RunRecord[];
+}
+
+/**
+ * Adds `run` to benches/results/<suite>-<date>.json (replacing an earlier run with the same
+ * command, so a rerun updates its numbers) and rewrites the matching .md from all runs of the day.
+ */
+export function saveResults(
+  dir: string,
+  suite: string,
+  date: string,
+  run: RunRecord,
+  render: (ms: Measurement[]) => string,
+): { json: string; md: string } {
+  mkdirSync(dir, { recursive: true });
+  const json = path.join(dir, `${suite}-${date}.json`);
+  const md = path.join(dir, `${suite}-${date}.md`);
+  let file: ResultsFile = { suite, date, runs: [] };
+  if (existsSync(json)) {
+    try {
+      const old = JSON.parse(readFileSync(json, 'utf8')) as ResultsFile;
+      if (old && Array.isArray(old.runs)) file = { suite, date, runs: old.runs };
+    } catch {
+      /* a broken file is replaced */
+    }
+  }
+  file.runs = file.runs.filter((r) => r.command !== run.command);
+  file.runs.push(run);
+  writeFileSync(json, JSON.stringify(file, null, 2) + '\n');
+  writeFileSync(md, renderResultsMarkdown(file, render));
+  return { json, md };
+}
+
+export function renderResultsMarkdown(file: ResultsFile, render: (ms: Measurement[]) => string): string {
+  const out: string[] = [`# \`${file.suite}\` benchmark, ${file.date}`, ''];
+  for (const r of file.runs) {
+    out.push(`## \`${r.command}\``, '');
+    out.push(`- date: ${r.started} → ${r.finished}`);
+    out.push(`- machine: ${r.machine.cpu}, ${r.machine.cores} cores usable (${r.machine.logical_cpus} logical CPUs), ${r.machine.ram_gb} GiB RAM, ${r.machine.os} ${r.machine.arch}`);
+    out.push(`- versions: ${Object.entries(r.versions).map(([k, v]) => `${k} ${v}`).join('; ')}`);
+    const env = Object.entries(r.env);
+    if (env.length) out.push(`- environment: ${env.map(([k, v]) => `${k}=${v}`).join(' ')}`);
+    if (r.load_avg) {
+      const la = (xs: number[]) => xs.map((x) => x.toFixed(2)).join(' ');
+      const busy = r.cpu_busy_before !== undefined ? `; CPUs ${(r.cpu_busy_before * 100).toFixed(0)}% busy with other work just before` : '';
+      out.push(`- load average (1/5/15 min): ${la(r.load_avg.start)} at start, ${la(r.load_avg.end)} at end${busy}`);
+    }
+    out.push('');
+    out.push(render(r.results));
+    if (r.notes.length) {
+      out.push('');
+      for (const n of r.notes) out.push(`> ${n}`);
+    }
+    out.push('');
+  }
+  return out.join('\n');
+}
+
+/** A plain markdown table from rows of cells. */
+export function markdownTable(header: string[], rows: string[][]): string {
+  const line = (cells: string[]) => `| ${cells.join(' | ')} |`;
+  return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
+}
+
+export function fmt(x: number, digits = 3): string {
+  if (!Number.isFinite(x)) return '—';
+  if (x === 0) return '0';
+  const a = Math.abs(x);
+  if (a >= 100) return x.toFixed(0);
+  if (a >= 10) return x.toFixed(1);
+  return x.toPrecision(digits);
+}

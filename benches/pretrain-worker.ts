@@ -1,0 +1,86 @@
+/**
+ * One measurement of our pretraining step, in a process of its own (so its peak RSS is ours alone):
+ *
+ *   RAYON_NUM_THREADS=2 node dist/benches/pretrain-worker.js --preset convmae-base --batch 8 --warmup 2 --steps 5
+ *
+ * Creates a Pretrainer (f32), feeds fresh random uint8 [B,H,W,3] batches, and times
+ * `pretrainStep` (normalize, mask, forward, backward, AdamW) one step at a time. Prints one JSON line.
+ * The batch is filled before the clock starts, as time_step.py does for PyTorch.
+ */
+import { Pretrainer, resolveConfig } from '../src/index.js';
+import { intFlag, median, parseArgs } from './lib.js';
+
+/** xorshift32 bytes: cheap, deterministic random pixels. */
+function fillRandom(buf: Uint8Array, state: { s: number }): void {
+  let s = state.s >>> 0 || 1;
+  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.byteLength >> 2);
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    words[i] = s;
+  }
+  for (let i = words.length << 2; i < buf.length; i++) buf[i] = (i * 131 + s) & 255;
+  state.s = s;
+}
+
+async function main(): Promise<void> {
+  const opts = parseArgs(process.argv.slice(2));
+  const preset = opts.flags.preset ?? 'convmae-base';
+  const batch = intFlag(opts, 'batch', 8);
+  const warmup = intFlag(opts, 'warmup', 2, 0);
+  const steps = intFlag(opts, 'steps', 5);
+  const seed = intFlag(opts, 'seed', 0, 0);
+  const lr = opts.flags.lr !== undefined ? Number(opts.flags.lr) : 1.5e-4;
+  const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
+
+  const importRssMb = process.resourceUsage().maxRSS / 1024;
+  const config = resolveConfig({ preset });
+  const side = config.img_size;
+  const p = Pretrainer.create({ preset, dtype, seed });
+  const images = new Uint8Array(batch * side * side * 3);
+  const rng = { s: 0x9e3779b9 ^ seed };
+
+  const step = async (): Promise<number> => {
+    fillRandom(images, rng);
+    const t0 = performance.now();
+    const r = await p.pretrainStep({ images, batchSize: batch, height: side, width: side }, { lr });
+    const dt = performance.now() - t0;
+    if (!Number.isFinite(r.loss)) throw new Error(`loss is ${r.loss}`);
+    return dt;
+  };
+
+  try {
+    for (let i = 0; i < warmup; i++) await step();
+    const times: number[] = [];
+    for (let i = 0; i < steps; i++) times.push(await step());
+    const med = median(times);
+    const out = {
+      suite: 'pretrain',
+      impl: 'ours',
+      preset,
+      batch,
+      dtype,
+      device: 'cpu',
+      threads: Number(process.env.RAYON_NUM_THREADS ?? 0) || null,
+      images_per_s: batch / (med / 1000),
+      ms_per_step_median: med,
+      ms_per_step: times,
+      warmup,
+      steps,
+      // process.resourceUsage().maxRSS is in KiB
+      peak_mem_mb: process.resourceUsage().maxRSS / 1024,
+      import_rss_mb: importRssMb,
+    };
+    process.stdout.write(JSON.stringify(out) + '\n');
+  } finally {
+    p.dispose();
+  }
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`pretrain-worker: ${e instanceof Error ? e.stack ?? e.message : String(e)}\n`);
+  process.exit(1);
+});

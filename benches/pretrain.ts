@@ -1,0 +1,186 @@
+/**
+ * The `pretrain` suite: images/s and peak memory of one full pretraining step (uint8 batch ->
+ * normalize -> mask -> forward -> backward -> AdamW), ours against the PyTorch reference of the
+ * official model (benches/baselines/time_step.py).
+ *
+ * Every implementation runs in a child process of its own, so peak RSS is per implementation.
+ * The implementations run alternately in rounds (ours, pytorch, ours, pytorch, ...): each round
+ * is a fresh process with `--warmup` untimed and `--steps` timed steps; a round reports its median
+ * ms/step, and the suite reports the median over rounds (peak memory: the largest round), so
+ * machine noise hits both implementations alike.
+ */
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import {
+  REPO_ROOT,
+  coreCount,
+  fmt,
+  intFlag,
+  listFlag,
+  markdownTable,
+  median,
+  runChild,
+  tryExec,
+  type Measurement,
+  type Options,
+  type Suite,
+  type SuiteResult,
+} from './lib.js';
+
+export const IMPLS = ['ours', 'pytorch'] as const;
+export type Impl = (typeof IMPLS)[number];
+
+const DEFAULT_TORCH_PYTHON = '/work/venv-torch/bin/python';
+
+/** The interpreter for the PyTorch baseline and its torch version, or why it cannot be used. */
+export function findTorch(): { python: string; torch?: string; reason?: string } {
+  const python = process.env.CONVMAE_TORCH_PYTHON || DEFAULT_TORCH_PYTHON;
+  if (path.isAbsolute(python) && !existsSync(python)) {
+    return { python, reason: `${python} does not exist (set CONVMAE_TORCH_PYTHON, see benches/README.md)` };
+  }
+  const v = tryExec(python, ['-c', 'import torch; print(torch.__version__)'], 120_000);
+  if (!v) return { python, reason: `${python} cannot import torch (see benches/README.md for the install)` };
+  return { python, torch: v.split('\n').pop() };
+}
+
+interface RoundResult {
+  ms_median: number;
+  ms: number[];
+  peak_mem_mb: number;
+  import_rss_mb?: number;
+}
+
+function num(x: unknown): number {
+  return typeof x === 'number' ? x : NaN;
+}
+
+export const pretrainSuite: Suite = {
+  name: 'pretrain',
+  summary: 'images/s and peak RSS of a full f32 pretraining step (forward+backward+AdamW), ours vs PyTorch',
+  flags: {
+    preset: 'model preset(s), comma separated (default convmae-base)',
+    batch: 'batch size(s), comma separated (default 8)',
+    steps: 'timed steps per round (default 5)',
+    warmup: 'untimed steps per round (default 2)',
+    rounds: 'alternating rounds per implementation (default 3)',
+    impl: 'implementations, comma separated: ours,pytorch (default both)',
+    threads: 'threads for every implementation (default: core count)',
+    'timeout-s': 'limit per child process in seconds (default 3600)',
+  },
+
+  async run(opts: Options, log: (line: string) => void): Promise<SuiteResult> {
+    const presets = listFlag(opts, 'preset', ['convmae-base']);
+    const batches = listFlag(opts, 'batch', ['8']).map((b) => {
+      const n = Number(b);
+      if (!Number.isInteger(n) || n < 1) throw new RangeError(`--batch must be positive integers, got '${b}'`);
+      return n;
+    });
+    const steps = intFlag(opts, 'steps', 5);
+    const warmup = intFlag(opts, 'warmup', 2, 0);
+    const rounds = intFlag(opts, 'rounds', 3);
+    const threads = intFlag(opts, 'threads', coreCount());
+    const timeoutMs = intFlag(opts, 'timeout-s', 3600) * 1000;
+    const impls = listFlag(opts, 'impl', [...IMPLS]) as Impl[];
+    for (const i of impls) if (!IMPLS.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${IMPLS.join(', ')})`);
+
+    const notes: string[] = [];
+    const versions: Record<string, string> = {};
+    let active = [...impls];
+    let torchPython = '';
+    if (active.includes('pytorch')) {
+      const t = findTorch();
+      if (t.reason) {
+        notes.push(`pytorch skipped: ${t.reason}`);
+        log(`note: pytorch skipped: ${t.reason}`);
+        active = active.filter((i) => i !== 'pytorch');
+      } else {
+        torchPython = t.python;
+        versions.torch = t.torch ?? 'unknown';
+        versions.torch_python = t.python;
+      }
+    }
+    if (active.includes('ours') && !existsSync(path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'))) {
+      throw new Error('dist/benches/pretrain-worker.js is missing: run `npx tsc -p tsconfig.json` first');
+    }
+
+    const env = { ...process.env, RAYON_NUM_THREADS: String(threads), OMP_NUM_THREADS: String(threads) };
+    const measurements: Measurement[] = [];
+    for (const preset of presets) {
+      for (const batch of batches) {
+        const perImpl = new Map<Impl, RoundResult[]>(active.map((i) => [i, []]));
+        const failed = new Set<Impl>();
+        for (let round = 1; round <= rounds; round++) {
+          for (const impl of active) {
+            if (failed.has(impl)) continue;
+            const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps)];
+            const [cmd, args] =
+              impl === 'ours'
+                ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common]]
+                : [torchPython, [path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py'), ...common, '--threads', String(threads)]];
+            log(`[${preset} b${batch}] round ${round}/${rounds}: ${impl} ...`);
+            const r = await runChild(cmd, args, env, timeoutMs);
+            const j = r.json;
+            if (r.code !== 0 || !j || !Number.isFinite(num(j.ms_per_step_median))) {
+              const why = r.timedOut ? `timed out after ${timeoutMs / 1000} s` : `exit ${r.code ?? r.signal}`;
+              const tail = r.stderr.trim().split('\n').slice(-5).join(' | ');
+              notes.push(`${impl} failed on ${preset} batch ${batch} (round ${round}, ${why}): ${tail}`);
+              log(`  ${impl} failed (${why}): ${tail}`);
+              failed.add(impl);
+              continue;
+            }
+            const rr: RoundResult = {
+              ms_median: num(j.ms_per_step_median),
+              ms: Array.isArray(j.ms_per_step) ? (j.ms_per_step as number[]) : [],
+              peak_mem_mb: num(j.peak_mem_mb),
+              import_rss_mb: typeof j.import_rss_mb === 'number' ? j.import_rss_mb : undefined,
+            };
+            perImpl.get(impl)!.push(rr);
+            log(`  ${impl}: ${fmt(rr.ms_median)} ms/step, ${fmt(batch / (rr.ms_median / 1000))} images/s, peak ${fmt(rr.peak_mem_mb)} MB`);
+          }
+        }
+        for (const impl of active) {
+          const rs = perImpl.get(impl)!;
+          if (failed.has(impl) || rs.length === 0) continue;
+          const ms = median(rs.map((r) => r.ms_median));
+          measurements.push({
+            suite: 'pretrain',
+            impl,
+            preset,
+            batch,
+            dtype: 'f32',
+            device: 'cpu',
+            threads,
+            images_per_s: batch / (ms / 1000),
+            peak_mem_mb: Math.max(...rs.map((r) => r.peak_mem_mb)),
+            ms_per_step_median: ms,
+            details: {
+              rounds: rs.length,
+              warmup,
+              steps,
+              round_ms_median: rs.map((r) => r.ms_median),
+              ms_per_step: rs.map((r) => r.ms),
+              round_peak_mem_mb: rs.map((r) => r.peak_mem_mb),
+              import_rss_mb: rs[0].import_rss_mb,
+            },
+          });
+        }
+      }
+    }
+    return { measurements, notes, versions };
+  },
+
+  table(ms: Measurement[]): string {
+    const rows = ms.map((m) => {
+      const ref = ms.find((o) => o.impl === 'pytorch' && o.preset === m.preset && o.batch === m.batch && o.threads === m.threads);
+      const speed = ref ? `${(m.images_per_s / ref.images_per_s).toFixed(2)}×` : '—';
+      const d = m.details ?? {};
+      const rounds = Array.isArray(d.round_ms_median) ? (d.round_ms_median as number[]).map((x) => fmt(x)).join(' / ') : '';
+      const importMb = typeof d.import_rss_mb === 'number' ? fmt(d.import_rss_mb) : '—';
+      return [m.preset, String(m.batch), m.impl, String(m.threads), fmt(m.ms_per_step_median), rounds, fmt(m.images_per_s), speed, fmt(m.peak_mem_mb), importMb];
+    });
+    return markdownTable(
+      ['preset', 'batch', 'impl', 'threads', 'ms/step (median)', 'per-round medians', 'images/s', 'vs pytorch', 'peak RSS MB', 'RSS after import MB'],
+      rows,
+    );
+  },
+};
