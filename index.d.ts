@@ -12,7 +12,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
   /** `configJson` is validated here, synchronously; the weights are built on the worker. */
-  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null)
+  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null)
   /** One pretraining micro-step on uint8 [batch, height, width, 3] images. */
   step(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, accumSteps: number, noise?: Float64Array | undefined | null): Promise<StepResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
@@ -25,8 +25,14 @@ export declare class NativePretrainer {
   dispose(): void
 }
 
+/**
+ * Times the depthwise conv of conv stage `stage` (1 or 2) of a preset, dense-masked vs sparse,
+ * forward and forward + backward, f32 on the CPU; resolves to JSON (see bench.rs).
+ */
+export declare function benchDepthwiseConv(preset: string, stage: number, batch: number, iters: number): Promise<string>
+
 /** Runs a golden-format fixture through the model; resolves to the JSON report. */
-export declare function checkFixture(path: string, dtype: string): Promise<string>
+export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null): Promise<string>
 
 export interface LoadResult {
   /** JSON of the LoadReport (format, loaded, missing, unexpected, optimizerRestored). */

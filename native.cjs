@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
+module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.checkFixture = nativeBinding.checkFixture
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig

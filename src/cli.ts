@@ -20,6 +20,7 @@ pretrain options:
   --preset NAME           ${PRESETS.join(' | ')} (default: convmae-tiny without --data, convmae-base with it)
   --config JSON|FILE      overrides of the preset's config (official field names)
   --dtype f32|f64         default f32
+  --path sparse|dense     stages 1-2 on visible positions only (default) or densely as the official code
   --batch-size N          default 32 (demo) / 64
   --accum-steps N         micro-batches per optimizer update, default 1
   --epochs N | --steps N  run length (default: 300 steps for the demo, 1 epoch otherwise)
@@ -43,6 +44,8 @@ info options:
 
 check-fixture options:
   --dtype f64|f32         default f64 (tolerance 1e-8; f32: 1e-4); exit code 1 above it
+  --path sparse|dense     pretraining fixtures: how stages 1-2 run (default sparse; stage maps are
+                          then compared at the visible positions)
 `;
 
 function fail(message: string): never {
@@ -106,6 +109,7 @@ async function runPretrain(args: string[]): Promise<void> {
       preset: { type: 'string' },
       config: { type: 'string' },
       dtype: { type: 'string' },
+      path: { type: 'string' },
       'batch-size': { type: 'string' },
       'accum-steps': { type: 'string' },
       epochs: { type: 'string' },
@@ -135,6 +139,7 @@ async function runPretrain(args: string[]): Promise<void> {
     preset: values.preset ?? (demo ? 'convmae-tiny' : 'convmae-base'),
     config: parseConfig(values.config),
     dtype: (values.dtype as 'f32' | 'f64' | undefined) ?? 'f32',
+    path: values.path as 'sparse' | 'dense' | undefined,
     batchSize: num(values['batch-size'], 'batch-size') ?? (demo ? 32 : 64),
     accumSteps: num(values['accum-steps'], 'accum-steps'),
     epochs,
@@ -192,17 +197,20 @@ function runInfo(args: string[]): void {
 }
 
 async function runCheckFixture(args: string[]): Promise<void> {
-  const { values, positionals } = parseArgs({ args, options: { dtype: { type: 'string' } }, allowPositionals: true });
+  const { values, positionals } = parseArgs({ args, options: { dtype: { type: 'string' }, path: { type: 'string' } }, allowPositionals: true });
   if (positionals.length !== 1) fail('check-fixture takes exactly one fixture file');
   const dtype = values.dtype ?? 'f64';
   if (dtype !== 'f64' && dtype !== 'f32') fail(`--dtype must be f64 or f32, got '${dtype}'`);
-  const report = await checkFixture(positionals[0]!, dtype);
+  const convPath = values.path ?? 'sparse';
+  if (convPath !== 'sparse' && convPath !== 'dense') fail(`--path must be sparse or dense, got '${convPath}'`);
+  const report = await checkFixture(positionals[0]!, dtype, convPath);
   const errors = Object.fromEntries(report.errors.map((e) => [e.name, { abs: e.max_abs, rel: e.max_rel }]));
   process.stdout.write(
     JSON.stringify({
       fixture: report.fixture,
       kind: report.kind,
       dtype: report.dtype,
+      path: report.path,
       tolerance: report.tolerance,
       pass: report.pass,
       worst: report.worst,

@@ -12,12 +12,21 @@ const run = promisify(execFile);
 test('float64 parity with the official pretraining model (golden fixture)', async (t) => {
   const r = await checkFixture(golden('pretrain_small.safetensors'), 'f64');
   t.is(r.kind, 'pretrain');
+  t.is(r.path, 'sparse');
+  t.true(r.errors.every((e) => e.max_rel < 1e-9), 'sparse issue: 1e-9 relative');
   t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
   t.true(r.worst_rel < 1e-8);
   // loss, pred, latent and every gradient are compared
   const names = new Set(r.errors.map((e) => e.name));
   for (const n of ['output.loss', 'output.pred', 'output.latent', 'grad.blocks1.0.attn.weight', 'grad.decoder_pred.bias']) t.true(names.has(n), n);
   t.is(r.errors.filter((e) => e.name.startsWith('grad.')).length, 117);
+});
+
+test('the dense masked path (the official computation) matches the golden fixture too', async (t) => {
+  const r = await checkFixture(golden('pretrain_small.safetensors'), 'f64', 'dense');
+  t.is(r.path, 'dense');
+  t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
+  t.true(r.errors.every((e) => e.max_rel < 1e-9), 'sparse issue: 1e-9 relative');
 });
 
 test('float32 parity with the official pretraining model within 1e-4', async (t) => {
@@ -32,11 +41,12 @@ test('float64 parity with the official fine-tune model (golden fixture)', async 
 });
 
 test('check-fixture prints one JSON line and exits 0 on the golden fixture', async (t) => {
-  const { stdout } = await run(process.execPath, [CLI, 'check-fixture', golden('pretrain_small.safetensors')]);
+  const { stdout } = await run(process.execPath, [CLI, 'check-fixture', golden('pretrain_small.safetensors'), '--path', 'dense']);
   const lines = stdout.trim().split('\n');
   t.is(lines.length, 1);
   const r = JSON.parse(lines[0]!);
   t.true(r.pass);
+  t.is(r.path, 'dense');
   t.true(r.errors['output.loss'].rel < 1e-8);
 });
 

@@ -15,9 +15,15 @@ export interface FixtureReport {
   pass: boolean;
   worst: string;
   worst_rel: number;
+  /** Pretraining fixtures: how stages 1-2 were computed. */
+  path: 'sparse' | 'dense' | null;
   errors: TensorError[];
 }
 
-export async function checkFixture(path: string, dtype: 'f32' | 'f64' = 'f64'): Promise<FixtureReport> {
-  return JSON.parse(await native.checkFixture(path, dtype)) as FixtureReport;
+export async function checkFixture(
+  path: string,
+  dtype: 'f32' | 'f64' = 'f64',
+  convPath: 'sparse' | 'dense' = 'sparse',
+): Promise<FixtureReport> {
+  return JSON.parse(await native.checkFixture(path, dtype, convPath)) as FixtureReport;
 }

@@ -18,9 +18,18 @@ export interface AdamWOptions {
   weight_decay?: number;
 }
 
+/**
+ * How stages 1-2 run in pretraining: 'sparse' (default) computes only the visible positions,
+ * 'dense' computes every position with the mask on the depthwise conv input, as the official
+ * code does. Both give the same loss and gradients.
+ */
+export type ConvPath = 'sparse' | 'dense';
+
 export interface PretrainerOptions extends ModelSpec {
   /** Default 'f32'; 'f64' is the parity path. */
   dtype?: DType;
+  /** Default 'sparse'. */
+  path?: ConvPath;
   /** Seeds the weight init and the mask noise (default 0). */
   seed?: number;
   adamw?: AdamWOptions;
@@ -88,13 +97,15 @@ export class Pretrainer {
   readonly config: ConvMaeConfig;
   readonly dtype: DType;
   readonly seed: number;
+  readonly path: ConvPath;
   #native: InstanceType<typeof native.NativePretrainer> | undefined;
 
-  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined) {
+  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined, path: ConvPath) {
     this.config = config;
     this.dtype = dtype;
     this.seed = seed;
-    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined);
+    this.path = path;
+    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path);
   }
 
   /** A fresh model with the official init. Invalid options throw here, before any compute. */
@@ -103,7 +114,9 @@ export class Pretrainer {
     if (dtype !== 'f32' && dtype !== 'f64') throw new RangeError(`dtype must be 'f32' or 'f64', got '${String(dtype)}'`);
     const seed = options.seed ?? 0;
     if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
-    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw);
+    const path = options.path ?? 'sparse';
+    if (path !== 'sparse' && path !== 'dense') throw new RangeError(`path must be 'sparse' or 'dense', got '${String(path)}'`);
+    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path);
   }
 
   private get handle(): InstanceType<typeof native.NativePretrainer> {

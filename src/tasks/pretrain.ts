@@ -7,7 +7,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type DType } from '../api/pretrainer.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type DType } from '../api/pretrainer.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 export interface PretrainRunOptions {
@@ -16,6 +16,8 @@ export interface PretrainRunOptions {
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: DType;
+  /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
+  path?: ConvPath;
   batchSize?: number;
   accumSteps?: number;
   /** Length of the run: `steps` (micro-steps) wins over `epochs`. */
@@ -97,7 +99,14 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
   const accumSteps = positiveInt(options.accumSteps ?? 1, 'accumSteps');
   const seed = options.seed ?? 0;
   // The model is created (and its config validated) before any data is touched.
-  const model = Pretrainer.create({ preset: options.preset, config: options.config, dtype: options.dtype, seed, adamw: options.adamw });
+  const model = Pretrainer.create({
+    preset: options.preset,
+    config: options.config,
+    dtype: options.dtype,
+    path: options.path,
+    seed,
+    adamw: options.adamw,
+  });
   try {
     const dataset: ImageDataset = await openDataset(options.data);
     const imageSize = model.config.img_size;

@@ -3,7 +3,8 @@
 
 use crate::config::ConvMaeConfig;
 use crate::masking::Masking;
-use crate::model::ConvMae;
+use crate::model::layers::token_blocks;
+use crate::model::{ConvMae, ConvPath};
 use crate::model::classifier::{cross_entropy, ConvViT};
 use crate::params::{classifier_param_specs, pretrain_param_specs, ParamStore};
 use candle_core::{DType, Device, Tensor};
@@ -34,6 +35,8 @@ pub struct FixtureReport {
     pub pass: bool,
     pub worst: String,
     pub worst_rel: f64,
+    /// How stages 1-2 were computed (pretraining fixtures only).
+    pub path: Option<ConvPath>,
     pub errors: Vec<TensorError>,
 }
 
@@ -117,7 +120,7 @@ impl Fixture {
             }
             Ok(t.clone())
         })?;
-        Ok(ConvMae { cfg, params })
+        Ok(ConvMae { cfg, params, path: ConvPath::Sparse })
     }
 }
 
@@ -143,8 +146,10 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> candle_core::Re
 }
 
 /// Runs a pretraining fixture: forward with the fixture's noise, backward, compare everything.
-pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, device: &Device) -> candle_core::Result<FixtureReport> {
-    let model = fx.pretrain_model(dtype, device)?;
+/// On the sparse path the stage maps exist only at visible positions: those are compared.
+pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, conv_path: ConvPath, device: &Device) -> candle_core::Result<FixtureReport> {
+    let mut model = fx.pretrain_model(dtype, device)?;
+    model.path = conv_path;
     let cfg = &model.cfg;
     let imgs = fx.tensor("input.imgs")?; // [B, C, H, W]
     let (b, _, h, w) = imgs.dims4()?;
@@ -158,6 +163,20 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
     let grads = out.loss.backward()?;
 
     let nchw = |t: &Tensor| t.permute((0, 3, 1, 2));
+    let rows = masking.visible_token_rows(&Device::Cpu)?;
+    // Our stage map vs the reference's, both as NCHW (dense) or both as visible blocks (sparse).
+    let stage_pair = |ours: &Tensor, name: &str, stage: usize| -> candle_core::Result<(Tensor, Tensor)> {
+        let reference = fx.tensor(name)?;
+        Ok(match conv_path {
+            ConvPath::Dense => (nchw(ours)?, reference.clone()),
+            ConvPath::Sparse => {
+                let nhwc = reference.permute((0, 2, 3, 1))?.contiguous()?;
+                (ours.clone(), token_blocks(&nhwc, cfg.stage_cell(stage), &rows)?)
+            }
+        })
+    };
+    let (s1_ours, s1_ref) = stage_pair(&out.stage1, "act.stage1", 0)?;
+    let (s2_ours, s2_ref) = stage_pair(&out.stage2, "act.stage2", 1)?;
     let ids_restore = Tensor::from_slice(&masking.ids_restore, (b, cfg.num_tokens()), &Device::Cpu)?;
     let mut errors = vec![
         compare("output.loss", &out.loss.reshape(1)?, fx.tensor("output.loss")?)?,
@@ -165,8 +184,8 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
         compare("output.mask", &out.mask, fx.tensor("output.mask")?)?,
         compare("output.ids_restore", &ids_restore, fx.tensor("output.ids_restore")?)?,
         compare("output.latent", &out.latent, fx.tensor("output.latent")?)?,
-        compare("act.stage1", &nchw(&out.stage1)?, fx.tensor("act.stage1")?)?,
-        compare("act.stage2", &nchw(&out.stage2)?, fx.tensor("act.stage2")?)?,
+        compare("act.stage1", &s1_ours, &s1_ref)?,
+        compare("act.stage2", &s2_ours, &s2_ref)?,
         compare("act.stage3_tokens", &out.stage3_tokens, fx.tensor("act.stage3_tokens")?)?,
     ];
     for (param, var) in model.params.trainable() {
@@ -174,7 +193,9 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
         let g = grads.get(var.as_tensor()).ok_or_else(|| err(format!("no gradient reached '{}'", param.spec.name)))?;
         errors.push(compare(&name, g, fx.tensor(&name)?)?);
     }
-    Ok(report(path, "pretrain", dtype, errors))
+    let mut r = report(path, "pretrain", dtype, errors);
+    r.path = Some(conv_path);
+    Ok(r)
 }
 
 fn report(path: &str, kind: &str, dtype: DType, errors: Vec<TensorError>) -> FixtureReport {
@@ -188,6 +209,7 @@ fn report(path: &str, kind: &str, dtype: DType, errors: Vec<TensorError>) -> Fix
         pass: errors.iter().all(|e| e.max_rel <= tol),
         worst: worst.name.clone(),
         worst_rel: worst.max_rel,
+        path: None,
         errors,
     }
 }
@@ -228,10 +250,10 @@ pub fn check_finetune(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
 }
 
 /// Reads the fixture's kind from its metadata and runs the matching check.
-pub fn check_fixture(path: &str, dtype: DType) -> candle_core::Result<FixtureReport> {
+pub fn check_fixture(path: &str, dtype: DType, conv_path: ConvPath) -> candle_core::Result<FixtureReport> {
     let fx = Fixture::read(path)?;
     match fx.kind.as_str() {
-        "pretrain" => check_pretrain(&fx, path, dtype, &Device::Cpu),
+        "pretrain" => check_pretrain(&fx, path, dtype, conv_path, &Device::Cpu),
         "finetune" => check_finetune(&fx, path, dtype, &Device::Cpu),
         other => Err(err(format!("fixture '{path}' has kind '{other}', which this build cannot check"))),
     }

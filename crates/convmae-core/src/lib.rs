@@ -20,3 +20,4 @@ pub mod recon;
 pub mod session;
 #[cfg(feature = "node")]
 mod node;
+pub mod bench;

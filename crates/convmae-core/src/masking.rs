@@ -47,6 +47,17 @@ impl Masking {
         Tensor::from_slice(&self.ids_keep, (self.batch, self.len_keep), device)
     }
 
+    /// Row indices b * L + ids_keep[b, k] into a [B * L, ..] token-major tensor, in ids_keep order.
+    pub fn visible_token_rows(&self, device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = self
+            .ids_keep
+            .iter()
+            .enumerate()
+            .map(|(n, &t)| (n / self.len_keep * self.tokens) as u32 + t)
+            .collect();
+        Tensor::from_vec(rows, self.ids_keep.len(), device)
+    }
+
     pub fn ids_restore_tensor(&self, device: &Device) -> Result<Tensor> {
         Tensor::from_slice(&self.ids_restore, (self.batch, self.tokens), device)
     }

@@ -6,7 +6,7 @@ use crate::checkpoint::LoadReport;
 use crate::config::ConvMaeConfig;
 use crate::fixture;
 use crate::flops::macs_per_image;
-use crate::model::ConvMae;
+use crate::model::{ConvMae, ConvPath};
 use crate::optim::AdamWConfig;
 use crate::params::pretrain_param_specs;
 use crate::session::{Command, Images, Reply, Session};
@@ -92,11 +92,28 @@ pub fn model_info(config_json: String) -> Result<String> {
 
 /// Runs a golden-format fixture through the model; resolves to the JSON report.
 #[napi]
-pub async fn check_fixture(path: String, dtype: String) -> Result<String> {
+pub async fn check_fixture(path: String, dtype: String, conv_path: Option<String>) -> Result<String> {
     let dtype = parse_dtype(&dtype)?;
+    let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
     off_thread(move || {
-        fixture::check_fixture(&path, dtype)
+        fixture::check_fixture(&path, dtype, conv_path)
             .map(|r| serde_json::to_string(&r).unwrap())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Times the depthwise conv of conv stage `stage` (1 or 2) of a preset, dense-masked vs sparse,
+/// forward and forward + backward, f32 on the CPU; resolves to JSON (see bench.rs).
+#[napi]
+pub async fn bench_depthwise_conv(preset: String, stage: u32, batch: u32, iters: u32) -> Result<String> {
+    let cfg = ConvMaeConfig::preset(&preset).map_err(js_err)?;
+    if !(1..=2).contains(&stage) {
+        return Err(js_err(format!("stage must be 1 or 2, got {stage}")));
+    }
+    off_thread(move || {
+        crate::bench::depthwise_conv_timings(&cfg, stage as usize - 1, batch as usize, iters.max(1) as usize, 0)
+            .map(|t| serde_json::to_string(&t).unwrap())
             .map_err(|e| e.to_string())
     })
     .await
@@ -154,8 +171,9 @@ impl NativePretrainer {
 impl NativePretrainer {
     /// `configJson` is validated here, synchronously; the weights are built on the worker.
     #[napi(constructor)]
-    pub fn new(config_json: String, dtype: String, seed: i64, adamw_json: Option<String>) -> Result<Self> {
+    pub fn new(config_json: String, dtype: String, seed: i64, adamw_json: Option<String>, conv_path: Option<String>) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
+        let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
         let dtype = parse_dtype(&dtype)?;
         let adamw: AdamWConfig = match adamw_json {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid AdamW options: {e}")))?,
@@ -165,7 +183,8 @@ impl NativePretrainer {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
         let session = Session::start(move || {
-            let model = ConvMae::new(cfg, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = ConvMae::new(cfg, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            model.path = conv_path;
             Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         });
         Ok(Self { session: Mutex::new(session) })

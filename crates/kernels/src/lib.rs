@@ -30,11 +30,13 @@ mod gelu;
 mod layer_norm;
 pub mod reference;
 mod softmax;
+mod sparse_depthwise_conv;
 
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use softmax::softmax_last_dim;
+pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 
 /// The float types the CPU kernels are instantiated for. Kept private and minimal rather than
 /// pulling in `num-traits`: the kernels only need arithmetic, `sqrt`, `exp` and storage wrapping.

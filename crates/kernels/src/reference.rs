@@ -155,3 +155,56 @@ pub fn softmax_last_dim_backward(x: &[f64], grad_out: &[f64], d: usize) -> Vec<f
     }
     grad_x
 }
+
+/// Calls `f(output_index, input_index, weight_index)` for every live tap of the sparse masked
+/// depthwise convolution: rows of `input` / output are `[rows, c]`, the weight `[c, k, k]`,
+/// and `table` holds `k * k` neighbour rows (or -1) per row, tap-major.
+fn for_each_sparse_tap(table: &[i32], c: usize, k: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let kk = k * k;
+    for n in 0..table.len() / kk.max(1) {
+        for ch in 0..c {
+            for i in 0..k {
+                for j in 0..k {
+                    let m = table[n * kk + i * k + j];
+                    if m < 0 {
+                        continue;
+                    }
+                    f(n * c + ch, m as usize * c + ch, (ch * k + i) * k + j);
+                }
+            }
+        }
+    }
+}
+
+/// `out[n, c] = sum_{i,j} weight[c, i, j] * input[table[n, i*k+j], c]`, zero where the entry
+/// is -1; `input` and the result are `[rows, c]` with `rows = table.len() / (k * k)`.
+pub fn sparse_depthwise_conv2d_forward(
+    input: &[f64],
+    weight: &[f64],
+    table: &[i32],
+    c: usize,
+    k: usize,
+) -> Vec<f64> {
+    let mut out = vec![0.0; table.len() / (k * k).max(1) * c];
+    for_each_sparse_tap(table, c, k, |o, i, w| out[o] += weight[w] * input[i]);
+    out
+}
+
+/// Returns `(grad_input, grad_weight)` of the sparse convolution, scattering through the
+/// forward's index map (it does not assume the table is symmetric).
+pub fn sparse_depthwise_conv2d_backward(
+    input: &[f64],
+    weight: &[f64],
+    grad_out: &[f64],
+    table: &[i32],
+    c: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut grad_input = vec![0.0; input.len()];
+    let mut grad_weight = vec![0.0; weight.len()];
+    for_each_sparse_tap(table, c, k, |o, i, w| {
+        grad_input[i] += weight[w] * grad_out[o];
+        grad_weight[w] += input[i] * grad_out[o];
+    });
+    (grad_input, grad_weight)
+}

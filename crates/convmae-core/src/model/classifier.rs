@@ -30,7 +30,8 @@ impl ConvViT {
     /// Stage-3 tokens [B, L, D3] of channels-last images [B, H, W, C] (no mask, no final norm).
     pub fn forward_tokens(&self, imgs: &Tensor) -> Result<Tensor> {
         let (cfg, p) = (&self.cfg, &self.params);
-        let (_, stage2) = conv_stages(cfg, p, imgs, None, None)?;
+        let unmasked = SpatialMix::Dense { keep: None };
+        let (_, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked)?;
         let b = imgs.dim(0)?;
         let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, cfg.num_tokens(), cfg.embed_dim[2]))?;
         let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
@@ -64,5 +65,5 @@ pub fn cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
         one_hot[i * k + l] = 1.0;
     }
     let one_hot = Tensor::from_vec(one_hot, (b, k), logits.device())?.to_dtype(logits.dtype())?;
-    ((log_probs * one_hot)?.sum_all()? / -(b as f64))
+    (log_probs * one_hot)?.sum_all()? / -(b as f64)
 }

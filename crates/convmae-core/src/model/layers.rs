@@ -7,6 +7,8 @@
 use crate::params::ParamStore;
 use candle_core::{Result, Tensor, D};
 use convmae_kernels as k;
+use convmae_kernels::SparseNeighbors;
+use std::sync::Arc;
 
 /// LayerNorm eps of the conv blocks and patch embeds (plain `nn.LayerNorm`).
 pub const CONV_LN_EPS: f64 = 1e-5;
@@ -57,17 +59,37 @@ pub fn patch_embed(p: &ParamStore, prefix: &str, x: &Tensor, k: usize) -> Result
     layer_norm_p(p, &format!("{prefix}.norm"), &y, CONV_LN_EPS)?.apply(&k::gelu_erf)
 }
 
+/// How a conv block's depthwise conv sees the feature map.
+pub enum SpatialMix<'a> {
+    /// A dense [B, H, W, C] map; `keep` ([B, H, W, 1], 1 = visible) multiplies the conv's input,
+    /// as the official code does (None downstream, where nothing is masked).
+    Dense { keep: Option<&'a Tensor> },
+    /// Only visible positions, as rows of [.., C]; masked neighbours and the border read as zero.
+    Sparse(&'a Arc<SparseNeighbors>),
+}
+
 /// CBlock: x + conv2(DW5x5(keep * conv1(LN(x)))), then x + fc2(GELU(fc1(LN(x)))).
-/// `keep` ([B, H, W, 1], 1 = visible) multiplies only the depthwise conv's input, as in the official code.
-pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+/// The mask touches only the depthwise conv's input, as in the official code.
+pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix) -> Result<Tensor> {
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, CONV_LN_EPS)?;
-    let mut h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
-    if let Some(keep) = keep {
-        h = h.broadcast_mul(keep)?;
-    }
+    let h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
     let dw = p.get(&format!("{prefix}.attn.weight"));
     let (c, _, kh, kw) = dw.dims4()?;
-    let h = k::depthwise_conv2d(&h, &dw.reshape((c, kh, kw))?)?.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
+    let dw = dw.reshape((c, kh, kw))?;
+    let h = match mix {
+        SpatialMix::Dense { keep } => {
+            let h = match keep {
+                Some(keep) => h.broadcast_mul(keep)?,
+                None => h,
+            };
+            k::depthwise_conv2d(&h, &dw)?
+        }
+        SpatialMix::Sparse(nbrs) => {
+            let shape = h.dims().to_vec();
+            k::sparse_depthwise_conv2d(&h.reshape(((), c))?, &dw, nbrs)?.reshape(shape)?
+        }
+    };
+    let h = h.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
     let x = (x + linear_p(p, &format!("{prefix}.conv2"), &h)?)?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, CONV_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
@@ -110,4 +132,16 @@ pub fn gather_tokens(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// Mean over the last dim, keeping it.
 pub fn mean_last(x: &Tensor) -> Result<Tensor> {
     x.mean_keepdim(D::Minus1)
+}
+
+/// Cuts [B, H, W, C] into its `cell` x `cell` token blocks ([B * L, cell, cell, C], tokens
+/// row-major) and keeps the rows `rows` (u32, e.g. the visible tokens): [rows, cell, cell, C].
+pub fn token_blocks(x: &Tensor, cell: usize, rows: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (gh, gw) = (h / cell, w / cell);
+    x.reshape(&[b, gh, cell, gw, cell, c][..])?
+        .permute([0, 1, 3, 2, 4, 5])?
+        .contiguous()?
+        .reshape((b * gh * gw, cell, cell, c))?
+        .index_select(rows, 0)
 }

@@ -3,16 +3,55 @@
 pub mod classifier;
 pub mod layers;
 
+/// Side of the conv blocks' depthwise kernel (`attn`: Conv2d(d, d, 5, padding=2, groups=d)).
+pub const DW_KERNEL: usize = 5;
+
 use crate::config::ConvMaeConfig;
 use crate::loss;
 use crate::masking::Masking;
 use crate::params::{pretrain_param_specs, ParamStore};
 use candle_core::{DType, Device, Result, Tensor};
+use convmae_kernels::SparseNeighbors;
 use layers::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// How stages 1-2 are computed in pretraining. Both give the same loss and gradients (spec
+/// section 2: masked positions never reach the loss); `Dense` is the official code's way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvPath {
+    /// Every position of the [B, H, W, C] maps, the depthwise conv input multiplied by the mask.
+    Dense,
+    /// Only the visible positions (25% at mask ratio 0.75), as rows; no dense map exists.
+    Sparse,
+}
+
+impl ConvPath {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dense" => Ok(Self::Dense),
+            "sparse" => Ok(Self::Sparse),
+            other => Err(format!("path must be 'sparse' or 'dense', got '{other}'")),
+        }
+    }
+}
 
 pub struct ConvMae {
     pub cfg: ConvMaeConfig,
     pub params: ParamStore,
+    pub path: ConvPath,
+}
+
+/// The encoder's stage-1/2 results that stage 3 and the decoder need.
+struct ConvStagesOut {
+    /// [B, len_keep, D3]: patch_embed3 + patch_embed4 + pos_embed at the visible tokens.
+    tokens: Tensor,
+    /// Fusion inputs at the visible tokens, [B, len_keep, D3] each.
+    s1: Tensor,
+    s2: Tensor,
+    stage1: Tensor,
+    stage2: Tensor,
 }
 
 /// Everything one pretraining forward computes; the fixtures compare each of these.
@@ -25,7 +64,8 @@ pub struct PretrainOutput {
     pub mask: Tensor,
     /// [B, len_keep, D3] encoder output after fusion and `norm`.
     pub latent: Tensor,
-    /// Stage outputs after the last conv block, channels-last [B, H, W, C].
+    /// Stage outputs after the last conv block: channels-last [B, H, W, C] on the dense path;
+    /// on the sparse path the visible token blocks [B * len_keep, cell, cell, C] in ids_keep order.
     pub stage1: Tensor,
     pub stage2: Tensor,
     /// Output of the last stage-3 block on the visible tokens, before fusion.
@@ -37,7 +77,7 @@ impl ConvMae {
     pub fn new(cfg: ConvMaeConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let params = ParamStore::init(pretrain_param_specs(&cfg), dtype, device, seed)?;
-        Ok(Self { cfg, params })
+        Ok(Self { cfg, params, path: ConvPath::Sparse })
     }
 
     pub fn dtype(&self) -> DType {
@@ -51,31 +91,12 @@ impl ConvMae {
     pub fn forward_pretrain(&self, imgs: &Tensor, masking: &Masking) -> Result<PretrainOutput> {
         let (cfg, p) = (&self.cfg, &self.params);
         let (dtype, dev) = (self.dtype(), self.device());
-        let grid = cfg.grid();
-        let p3 = cfg.patch_size[2];
-
-        // Stages 1-2: conv blocks; the keep mask zeroes each depthwise conv's input.
-        let keep1 = masking.keep_map(grid, cfg.stage_cell(0), dtype, dev)?;
-        let keep2 = masking.keep_map(grid, cfg.stage_cell(1), dtype, dev)?;
-        let (stage1, stage2) = conv_stages(cfg, p, imgs, Some(&keep1), Some(&keep2))?;
-
-        // Multi-scale fusion inputs: one token per 16-px patch from each conv stage.
-        let b = imgs.dim(0)?;
-        let d3 = cfg.embed_dim[2];
-        let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
-            patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?
-                .reshape((b, cfg.num_tokens(), d3))
+        let ConvStagesOut { tokens: mut x, s1, s2, stage1, stage2 } = match self.path {
+            ConvPath::Dense => self.conv_stages_dense(imgs, masking)?,
+            ConvPath::Sparse => self.conv_stages_sparse(imgs, masking)?,
         };
-        let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
-        let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
 
         // Stage 3 on the visible tokens only.
-        let x = patch_embed(p, "patch_embed3", &stage2, p3)?.reshape((b, cfg.num_tokens(), d3))?;
-        let x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
-        let ids_keep = masking.ids_keep_tensor(dev)?;
-        let mut x = gather_tokens(&x, &ids_keep)?;
-        let s1 = gather_tokens(&s1, &ids_keep)?;
-        let s2 = gather_tokens(&s2, &ids_keep)?;
         for i in 0..cfg.depth[2] {
             x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads)?;
         }
@@ -88,6 +109,65 @@ impl ConvMae {
         let target = loss::target(imgs, cfg.norm_pix_loss)?;
         let loss = loss::masked_mse(&pred, &target, &mask)?;
         Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens })
+    }
+
+    /// The official computation: dense maps, the keep mask on each depthwise conv's input,
+    /// then everything gathered at the visible tokens.
+    fn conv_stages_dense(&self, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
+        let (cfg, p) = (&self.cfg, &self.params);
+        let (dtype, dev) = (self.dtype(), self.device());
+        let grid = cfg.grid();
+        let keep1 = masking.keep_map(grid, cfg.stage_cell(0), dtype, dev)?;
+        let keep2 = masking.keep_map(grid, cfg.stage_cell(1), dtype, dev)?;
+        let (stage1, stage2) = conv_stages(
+            cfg,
+            p,
+            imgs,
+            &SpatialMix::Dense { keep: Some(&keep1) },
+            &SpatialMix::Dense { keep: Some(&keep2) },
+        )?;
+        let (b, l, d3) = (imgs.dim(0)?, cfg.num_tokens(), cfg.embed_dim[2]);
+        let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
+            patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?.reshape((b, l, d3))
+        };
+        let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
+        let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
+        let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, l, d3))?;
+        let x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
+        let ids_keep = masking.ids_keep_tensor(dev)?;
+        Ok(ConvStagesOut {
+            tokens: gather_tokens(&x, &ids_keep)?,
+            s1: gather_tokens(&s1, &ids_keep)?,
+            s2: gather_tokens(&s2, &ids_keep)?,
+            stage1,
+            stage2,
+        })
+    }
+
+    /// Exact sparse computation: every op of stages 1-2 is per position or confined to one
+    /// 16-px token (the non-overlapping patch embeds and fusion convs), except the depthwise
+    /// conv, which reads only visible neighbours. So each visible token's pixel block is cut out
+    /// once and the stages run on [B * len_keep, cell, cell, C] blocks; dense maps never exist.
+    fn conv_stages_sparse(&self, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
+        let (cfg, p) = (&self.cfg, &self.params);
+        let dev = self.device();
+        let (b, keep, d3) = (masking.batch, masking.len_keep, cfg.embed_dim[2]);
+        let rows = masking.visible_token_rows(dev)?;
+        let pixels = token_blocks(imgs, crate::config::TOKEN_PATCH, &rows)?;
+        let nbrs1 = Arc::new(visible_neighbors(cfg, masking, 0)?);
+        let nbrs2 = Arc::new(visible_neighbors(cfg, masking, 1)?);
+        let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2))?;
+        // Each token block collapses to one token: [B * keep, 1, 1, D3] -> [B, keep, D3].
+        let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
+            patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?.reshape((b, keep, d3))
+        };
+        let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
+        let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
+        let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, keep, d3))?;
+        let pos = p.get("pos_embed").broadcast_as((b, cfg.num_tokens(), d3))?;
+        let pos = gather_tokens(&pos, &masking.ids_keep_tensor(dev)?)?;
+        let tokens = linear_p(p, "patch_embed4", &x)?.add(&pos)?;
+        Ok(ConvStagesOut { tokens, s1, s2, stage1, stage2 })
     }
 
     /// MAE decoder: embed, append mask tokens, unshuffle, add the fixed position table, blocks, predict.
@@ -108,23 +188,41 @@ impl ConvMae {
     }
 }
 
-/// patch_embed1 -> blocks1 -> patch_embed2 -> blocks2 on channels-last images; returns both stage
-/// outputs. The keep masks (pretraining) gate each depthwise conv's input; None downstream.
+/// patch_embed1 -> blocks1 -> patch_embed2 -> blocks2 on channels-last images (whole images,
+/// or token blocks on the sparse path); returns both stage outputs.
 pub fn conv_stages(
     cfg: &ConvMaeConfig,
     p: &ParamStore,
     imgs: &Tensor,
-    keep1: Option<&Tensor>,
-    keep2: Option<&Tensor>,
+    mix1: &SpatialMix,
+    mix2: &SpatialMix,
 ) -> Result<(Tensor, Tensor)> {
     let mut x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
     for i in 0..cfg.depth[0] {
-        x = conv_block(p, &format!("blocks1.{i}"), &x, keep1)?;
+        x = conv_block(p, &format!("blocks1.{i}"), &x, mix1)?;
     }
     let stage1 = x;
     let mut x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
     for i in 0..cfg.depth[1] {
-        x = conv_block(p, &format!("blocks2.{i}"), &x, keep2)?;
+        x = conv_block(p, &format!("blocks2.{i}"), &x, mix2)?;
     }
     Ok((stage1, x))
+}
+
+/// The 5x5 neighbourhoods of the visible positions of conv stage `stage` (0 or 1), rows in the
+/// order of the sparse layout: (image, visible token in ids_keep order, row in cell, col in cell).
+pub fn visible_neighbors(cfg: &ConvMaeConfig, masking: &Masking, stage: usize) -> Result<SparseNeighbors> {
+    let (grid, cell) = (cfg.grid(), cfg.stage_cell(stage));
+    let mut positions = Vec::with_capacity(masking.ids_keep.len() * cell * cell);
+    for (n, &t) in masking.ids_keep.iter().enumerate() {
+        let image = (n / masking.len_keep) as u32;
+        let (ty, tx) = (t as usize / grid, t as usize % grid);
+        for i in 0..cell {
+            for j in 0..cell {
+                positions.push((image, (ty * cell + i) as u32, (tx * cell + j) as u32));
+            }
+        }
+    }
+    let side = grid * cell;
+    SparseNeighbors::from_positions(&positions, masking.batch, side, side, DW_KERNEL)
 }

@@ -6,3 +6,4 @@ mod common;
 mod depthwise_conv;
 mod layer_norm;
 mod softmax;
+mod sparse_depthwise_conv;

@@ -1,0 +1,490 @@
+//! Depthwise 2-D convolution restricted to the visible positions of a masked feature map.
+//!
+//! In ConvMAE pretraining the masked positions of the convolutional stages never reach the
+//! loss, and the depthwise convolution's input is zero there. So only visible positions are
+//! stored, as rows of an `[N, C]` tensor, and the convolution becomes a gather: each output row
+//! is a weighted sum of the rows of its visible neighbours. [`SparseNeighbors`] holds, for
+//! every row and tap, the neighbour's row (or -1), and the kernels below are the dense
+//! depthwise kernels with the image walk replaced by that table.
+//!
+//! Like the dense kernels, a block of `LANES` channel accumulators is kept in registers while
+//! the taps (forward, input gradient) or the rows (weight gradient) are walked, with the weight
+//! pre-transposed to `[K*K, C]` so that every operand is a contiguous run of channels.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::{row_major, Element};
+
+const OP_NAME: &str = "sparse_depthwise_conv2d";
+
+/// Channel block held in registers (see `depthwise_conv.rs`).
+const LANES: usize = 16;
+
+/// Output elements per rayon task in the gathers: every element costs up to K*K
+/// multiply-adds, so tasks this size are long enough to amortise the scheduling.
+const ELEMS_PER_TASK: usize = 4096;
+
+/// Rows per partial sum of the weight gradient: at least `MIN_ROWS_PER_PARTIAL`, and enough
+/// that there are at most `MAX_PARTIALS` partials (each is a `[K*K, C]` buffer to allocate and
+/// add up). The partition depends only on the number of rows, never on the number of threads,
+/// and partials are added in index order, so the weight gradient is bitwise reproducible
+/// whatever rayon's scheduling does.
+const MIN_ROWS_PER_PARTIAL: usize = 32;
+const MAX_PARTIALS: usize = 64;
+
+/// Elements of the weight gradient per task when the partials are added up.
+const REDUCE_CHUNK: usize = 1024;
+
+/// Visible-position neighbourhoods for the sparse masked depthwise conv: for each of `rows`
+/// rows, `k*k` entries (tap-major, `t = i*k + j`) holding the row of the position at offset
+/// `(i - k/2, j - k/2)` from the row's position, or -1 where that position is masked or
+/// outside the image.
+///
+/// The relation must be symmetric (if `nbr[n, (i,j)] = m` then `nbr[m, (k-1-i, k-1-j)] = n`),
+/// which holds for any set of positions on a grid; the backward pass relies on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SparseNeighbors {
+    rows: usize,
+    k: usize,
+    table: Vec<i32>,
+}
+
+fn error(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg).bt()
+}
+
+fn check_kernel_size(k: usize) -> Result<()> {
+    if k % 2 == 1 {
+        Ok(())
+    } else {
+        Err(error(format!("SparseNeighbors: kernel size {k} must be odd")))
+    }
+}
+
+impl SparseNeighbors {
+    /// Takes a table of `rows * k * k` entries, each -1 or a row in `0..rows`, with `k` odd.
+    /// Validates sizes and ranges (the error names the problem) and, in debug builds, the
+    /// symmetry of the relation.
+    pub fn new(rows: usize, k: usize, table: Vec<i32>) -> Result<Self> {
+        check_kernel_size(k)?;
+        if rows > i32::MAX as usize {
+            return Err(error(format!(
+                "SparseNeighbors: {rows} rows cannot be indexed by i32 table entries"
+            )));
+        }
+        let kk = k * k;
+        if rows.checked_mul(kk) != Some(table.len()) {
+            return Err(error(format!(
+                "SparseNeighbors: table has {} entries, expected rows * k * k = {rows} * {k} * {k}",
+                table.len()
+            )));
+        }
+        if let Some(pos) = table.iter().position(|&m| m < -1 || m as i64 >= rows as i64) {
+            let (n, t) = (pos / kk, pos % kk);
+            return Err(error(format!(
+                "SparseNeighbors: entry {} for row {n}, tap ({}, {}) is out of range; entries \
+                 must be -1 or a row in 0..{rows}",
+                table[pos],
+                t / k,
+                t % k
+            )));
+        }
+        let nbrs = SparseNeighbors { rows, k, table };
+        if cfg!(debug_assertions) {
+            nbrs.check_symmetry()?;
+        }
+        Ok(nbrs)
+    }
+
+    /// Builds the table from explicit positions: `positions[n] = (image, y, x)` is the position
+    /// of row `n` on an `h x w` grid of image `image < images`; each position may appear at
+    /// most once. Uses a dense `(image, y, x) -> row` map internally.
+    pub fn from_positions(
+        positions: &[(u32, u32, u32)],
+        images: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+    ) -> Result<Self> {
+        check_kernel_size(k)?;
+        let rows = positions.len();
+        if rows > i32::MAX as usize {
+            return Err(error(format!(
+                "SparseNeighbors::from_positions: {rows} positions cannot be indexed by i32"
+            )));
+        }
+        let cells = images.checked_mul(h).and_then(|v| v.checked_mul(w)).ok_or_else(|| {
+            error(format!(
+                "SparseNeighbors::from_positions: grid {images} x {h} x {w} is too large"
+            ))
+        })?;
+        let mut map = vec![-1i32; cells];
+        for (n, &(b, y, x)) in positions.iter().enumerate() {
+            let (b, y, x) = (b as usize, y as usize, x as usize);
+            if b >= images || y >= h || x >= w {
+                return Err(error(format!(
+                    "SparseNeighbors::from_positions: position {n} (image {b}, y {y}, x {x}) is \
+                     outside the grid of {images} images of {h} x {w}"
+                )));
+            }
+            let cell = &mut map[(b * h + y) * w + x];
+            if *cell >= 0 {
+                return Err(error(format!(
+                    "SparseNeighbors::from_positions: position (image {b}, y {y}, x {x}) is \
+                     listed twice, as rows {} and {n}",
+                    *cell
+                )));
+            }
+            *cell = n as i32;
+        }
+        let kk = k * k;
+        let p = (k / 2) as isize;
+        let mut table = vec![-1i32; rows * kk];
+        if kk > 0 {
+            table.par_chunks_mut(kk).with_min_len(256).zip(positions).for_each(
+                |(nbr, &(b, y, x))| {
+                    let base = b as usize * h * w;
+                    for i in 0..k {
+                        let yy = y as isize + i as isize - p;
+                        if yy < 0 || yy >= h as isize {
+                            continue;
+                        }
+                        let map_row = &map[base + yy as usize * w..][..w];
+                        for j in 0..k {
+                            let xx = x as isize + j as isize - p;
+                            if xx >= 0 && xx < w as isize {
+                                nbr[i * k + j] = map_row[xx as usize];
+                            }
+                        }
+                    }
+                },
+            );
+        }
+        Self::new(rows, k, table)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn table(&self) -> &[i32] {
+        &self.table
+    }
+
+    /// Errors unless `nbr[n, t] = m` implies `nbr[m, k*k-1-t] = n` (the tap (i, j) flipped to
+    /// (k-1-i, k-1-j)). Entries must already be known to be in range.
+    fn check_symmetry(&self) -> Result<()> {
+        let (k, kk) = (self.k, self.k * self.k);
+        for (pos, &m) in self.table.iter().enumerate() {
+            if m < 0 {
+                continue;
+            }
+            let (n, t) = (pos / kk, pos % kk);
+            let back = self.table[m as usize * kk + (kk - 1 - t)];
+            if back != n as i32 {
+                let f = kk - 1 - t;
+                return Err(error(format!(
+                    "SparseNeighbors: table is not symmetric: row {n}, tap ({}, {}) -> row {m}, \
+                     but row {m}, tap ({}, {}) -> {back} instead of {n}",
+                    t / k,
+                    t % k,
+                    f / k,
+                    f % k
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `data [N, C]` and `weight [C, K, K]` against the table and returns C.
+fn channels(op: &str, data: &[usize], weight: &[usize], nbrs: &SparseNeighbors) -> Result<usize> {
+    let (rows, k) = (nbrs.rows, nbrs.k);
+    match (data, weight) {
+        (&[n, c], &[wc, k1, k2]) if n == rows && wc == c && k1 == k && k2 == k => Ok(c),
+        _ => Err(error(format!(
+            "{op}: input shape {data:?} and weight shape {weight:?} do not match the neighbour \
+             table ({rows} rows, kernel size {k}); expected input [{rows}, C] and weight \
+             [C, {k}, {k}] with the same C"
+        ))),
+    }
+}
+
+/// Differentiable depthwise 2-D convolution (stride 1, zero padding `K / 2`, no bias,
+/// cross-correlation like PyTorch) evaluated only at the visible positions of a masked map
+/// whose input is zero at the masked positions.
+///
+/// `input` is `[N, C]`, one row per visible position; `weight` is `[C, K, K]`; the result is
+/// `[N, C]` with `out[n, c] = sum_{i,j} weight[c, i, j] * input[nbr[n, (i,j)], c]`, taps with
+/// `nbr = -1` reading zero. Equals the dense `depthwise_conv2d` of the zero-filled map at the
+/// visible positions, and so do its gradients for the visible rows and the weight.
+pub fn sparse_depthwise_conv2d(
+    input: &Tensor,
+    weight: &Tensor,
+    nbrs: &Arc<SparseNeighbors>,
+) -> Result<Tensor> {
+    // Checked here as well as in `cpu_fwd` so that a bad call fails with our message on every
+    // device, not only where a kernel exists.
+    channels(OP_NAME, input.dims(), weight.dims(), nbrs)?;
+    input.apply_op2(weight, SparseDepthwiseConv2d { nbrs: nbrs.clone() })
+}
+
+struct SparseDepthwiseConv2d {
+    nbrs: Arc<SparseNeighbors>,
+}
+
+impl CustomOp2 for SparseDepthwiseConv2d {
+    fn name(&self) -> &'static str {
+        OP_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = channels(OP_NAME, l1.dims(), l2.dims(), &self.nbrs)?;
+        let out = dispatch_float!(OP_NAME, (s1 => x, s2 => wt), {
+            let taps = taps_tc(&row_major(wt, l2), c, self.nbrs.k, false);
+            Element::into_storage(gather_correlate(&row_major(x, l1), &taps, &self.nbrs, c))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Skip the gradient nobody will read (a first layer's input, a frozen weight).
+        let grad_input = if input.track_op() {
+            Some(grad.apply_op2_no_bwd(weight, &InputGrad { nbrs: self.nbrs.clone() })?)
+        } else {
+            None
+        };
+        let grad_weight = if weight.track_op() {
+            Some(input.apply_op2_no_bwd(grad, &WeightGrad { nbrs: self.nbrs.clone() })?)
+        } else {
+            None
+        };
+        Ok((grad_input, grad_weight))
+    }
+}
+
+/// `(grad_out [N, C], weight [C, K, K]) -> grad_input [N, C]`.
+///
+/// `grad_in[m, c] = sum_{n, t: nbr[n, t] = m} weight[c, t] * grad_out[n, c]`; by the symmetry
+/// of the table the `n` with `nbr[n, t] = m` is `nbr[m, flip(t)]`, so this is the forward
+/// gather with the kernel rotated by 180 degrees: no scatter, no races, deterministic.
+struct InputGrad {
+    nbrs: Arc<SparseNeighbors>,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "sparse_depthwise_conv2d_input_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = channels(self.name(), l1.dims(), l2.dims(), &self.nbrs)?;
+        let out = dispatch_float!(self.name(), (s1 => grad, s2 => wt), {
+            let taps = taps_tc(&row_major(wt, l2), c, self.nbrs.k, true);
+            Element::into_storage(gather_correlate(&row_major(grad, l1), &taps, &self.nbrs, c))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `(input [N, C], grad_out [N, C]) -> grad_weight [C, K, K]`.
+struct WeightGrad {
+    nbrs: Arc<SparseNeighbors>,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "sparse_depthwise_conv2d_weight_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (input, grad) = (l1.dims(), l2.dims());
+        let (rows, k) = (self.nbrs.rows, self.nbrs.k);
+        if input != grad || input.len() != 2 || input[0] != rows {
+            candle_core::bail!(
+                "{}: input shape {input:?} and output-gradient shape {grad:?} must be the same \
+                 [{rows}, C] (neighbour table of {rows} rows, kernel size {k})",
+                self.name()
+            );
+        }
+        let c = input[1];
+        let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
+            let tc = weight_grad(&row_major(x, l1), &row_major(gout, l2), &self.nbrs, c);
+            Element::into_storage(tc_to_ckk(&tc, c, k))
+        });
+        Ok((out, Shape::from_dims(&[c, k, k])))
+    }
+}
+
+/// Rearranges the `[C, K, K]` weight into `[K*K, C]` so that one tap's weights for all
+/// channels are contiguous, matching the rows; `rotate` turns the kernel by 180 degrees
+/// (tap `t` takes the weight of tap `K*K-1-t`) for the input gradient.
+fn taps_tc<T: Element>(weight: &[T], c: usize, k: usize, rotate: bool) -> Vec<T> {
+    let kk = k * k;
+    let mut taps = vec![T::ZERO; kk * c];
+    for ch in 0..c {
+        for t in 0..kk {
+            let src = if rotate { kk - 1 - t } else { t };
+            taps[t * c + ch] = weight[ch * kk + src];
+        }
+    }
+    taps
+}
+
+fn tc_to_ckk<T: Element>(tc: &[T], c: usize, k: usize) -> Vec<T> {
+    let kk = k * k;
+    let mut ckk = vec![T::ZERO; c * kk];
+    for t in 0..kk {
+        for ch in 0..c {
+            ckk[ch * kk + t] = tc[t * c + ch];
+        }
+    }
+    ckk
+}
+
+#[inline(always)]
+fn mac<T: Element>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
+    let a: &[T; LANES] = a.try_into().expect("block of LANES");
+    let b: &[T; LANES] = b.try_into().expect("block of LANES");
+    for l in 0..LANES {
+        acc[l] += a[l] * b[l];
+    }
+}
+
+/// `out[n, c] = sum_t taps[t, c] * src[nbr[n, t], c]` (taps in increasing order), parallel
+/// over chunks of rows. Every output element is summed by one thread in a fixed order.
+fn gather_correlate<T: Element>(src: &[T], taps: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
+    let kk = nbrs.k * nbrs.k;
+    let mut out = vec![T::ZERO; nbrs.rows * c];
+    if out.is_empty() {
+        return out;
+    }
+    let rows_per_task = (ELEMS_PER_TASK / c).max(1);
+    out.par_chunks_mut(rows_per_task * c).enumerate().for_each(|(task, out_rows)| {
+        // (offset of the tap in `taps`, offset of the neighbour row in `src`) of the live taps.
+        let mut live: Vec<(usize, usize)> = Vec::with_capacity(kk);
+        for (r, out_row) in out_rows.chunks_exact_mut(c).enumerate() {
+            let n = task * rows_per_task + r;
+            live.clear();
+            for (t, &m) in nbrs.table[n * kk..][..kk].iter().enumerate() {
+                if m >= 0 {
+                    live.push((t * c, m as usize * c));
+                }
+            }
+            let mut cb = 0;
+            while cb + LANES <= c {
+                let mut acc = [T::ZERO; LANES];
+                for &(to, mo) in &live {
+                    mac(&mut acc, &src[mo + cb..][..LANES], &taps[to + cb..][..LANES]);
+                }
+                out_row[cb..cb + LANES].copy_from_slice(&acc);
+                cb += LANES;
+            }
+            if cb < c {
+                // Channel tail (C not a multiple of LANES); `out_row` starts at zero.
+                for &(to, mo) in &live {
+                    let a = &src[mo..][..c];
+                    let w = &taps[to..][..c];
+                    for ch in cb..c {
+                        out_row[ch] += a[ch] * w[ch];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `gw[t, c] = sum_n gout[n, c] * inp[nbr[n, t], c]`, as `[K*K, C]`: one partial sum per
+/// `per_partial` rows, added up in partial order.
+fn weight_grad<T: Element>(inp: &[T], gout: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
+    let (rows, kk) = (nbrs.rows, nbrs.k * nbrs.k);
+    let kkc = kk * c;
+    if kkc == 0 || rows == 0 {
+        return vec![T::ZERO; kkc];
+    }
+    let table = &nbrs.table;
+    let per_partial = rows.div_ceil(MAX_PARTIALS).max(MIN_ROWS_PER_PARTIAL);
+    let partials: Vec<Vec<T>> = (0..rows.div_ceil(per_partial))
+        .into_par_iter()
+        .map(|part| {
+            let mut acc = vec![T::ZERO; kkc];
+            let span = part * per_partial..((part + 1) * per_partial).min(rows);
+            // Channel block outermost: the block of the partial's gradient rows and of their
+            // neighbours' rows (one cache line each) stays in L1 while all taps sweep it.
+            let mut cb = 0;
+            while cb + LANES <= c {
+                for t in 0..kk {
+                    let mut s = [T::ZERO; LANES];
+                    for n in span.clone() {
+                        let m = table[n * kk + t];
+                        if m >= 0 {
+                            let gv = &gout[n * c + cb..][..LANES];
+                            let a = &inp[m as usize * c + cb..][..LANES];
+                            mac(&mut s, gv, a);
+                        }
+                    }
+                    acc[t * c + cb..][..LANES].copy_from_slice(&s);
+                }
+                cb += LANES;
+            }
+            if cb < c {
+                for n in span {
+                    let gv = &gout[n * c..][..c];
+                    for t in 0..kk {
+                        let m = table[n * kk + t];
+                        if m >= 0 {
+                            let a = &inp[m as usize * c..][..c];
+                            let dst = &mut acc[t * c..][..c];
+                            for ch in cb..c {
+                                dst[ch] += gv[ch] * a[ch];
+                            }
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::ZERO; kkc];
+    total.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(ci, dst)| {
+        let range = ci * REDUCE_CHUNK..ci * REDUCE_CHUNK + dst.len();
+        for partial in &partials {
+            for (d, &v) in dst.iter_mut().zip(&partial[range.clone()]) {
+                *d += v;
+            }
+        }
+    });
+    total
+}
