@@ -23,11 +23,11 @@ pretrain options:
   --path sparse|dense     stages 1-2 on visible positions only (default) or densely as the official code
   --batch-size N          default 32 (demo) / 64
   --accum-steps N         micro-batches per optimizer update, default 1
-  --epochs N | --steps N  run length (default: 300 steps for the demo, 1 epoch otherwise)
-  --blr X                 base lr, lr = blr * batch * accum / 256 (default 1.5e-4; demo 2e-3)
+  --epochs N | --steps N  run length (default: 1500 steps for the demo, 1 epoch otherwise)
+  --blr X                 base lr, lr = blr * batch * accum / 256 (default 1.5e-4; demo 1e-2)
   --lr X                  absolute peak lr (overrides --blr)
   --min-lr X              cosine floor, default 0
-  --warmup-epochs X       linear warmup in epochs (default 0; demo: 30 steps)
+  --warmup-epochs X       linear warmup in epochs (default 0; demo: 100 steps)
   --warmup-steps N        linear warmup in micro-steps
   --weight-decay X        AdamW weight decay, default 0.05
   --seed N                default 0
@@ -143,12 +143,12 @@ async function runPretrain(args: string[]): Promise<void> {
     batchSize: num(values['batch-size'], 'batch-size') ?? (demo ? 32 : 64),
     accumSteps: num(values['accum-steps'], 'accum-steps'),
     epochs,
-    steps: steps ?? (demo && epochs === undefined ? 300 : undefined),
-    blr: num(values.blr, 'blr') ?? (demo ? 2e-3 : 1.5e-4),
+    steps: steps ?? (demo && epochs === undefined ? 1500 : undefined),
+    blr: num(values.blr, 'blr') ?? (demo ? 1e-2 : 1.5e-4),
     lr: num(values.lr, 'lr'),
     minLr: num(values['min-lr'], 'min-lr'),
     warmupEpochs: num(values['warmup-epochs'], 'warmup-epochs'),
-    warmupSteps: num(values['warmup-steps'], 'warmup-steps') ?? (demo && values['warmup-epochs'] === undefined ? 30 : undefined),
+    warmupSteps: num(values['warmup-steps'], 'warmup-steps') ?? (demo && values['warmup-epochs'] === undefined ? 100 : undefined),
     adamw: weightDecay === undefined ? undefined : { weight_decay: weightDecay },
     seed: num(values.seed, 'seed'),
     outDir: values.out,
