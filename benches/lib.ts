@@ -4,7 +4,7 @@
  * A suite (benches/pretrain.ts, later benches/kernels.ts) only measures; run.ts prints and saves.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -262,6 +262,13 @@ export function baseVersions(): Record<string, string> {
   }
   const commit = gitCommit();
   if (commit) v.commit = commit;
+  // The commit need not be what the addon was built from: record when the addon was built.
+  try {
+    const addon = readdirSync(REPO_ROOT).filter((f) => f.endsWith('.node')).sort()[0];
+    if (addon) v.native_addon = `${addon} built ${statSync(path.join(REPO_ROOT, addon)).mtime.toISOString()}`;
+  } catch {
+    /* no addon */
+  }
   return v;
 }
 
