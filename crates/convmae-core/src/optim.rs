@@ -2,6 +2,7 @@
 
 use crate::params::{Param, ParamStore};
 use candle_core::{Result, Tensor};
+use convmae_kernels::{adamw_update, AdamWUpdate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,24 +57,22 @@ impl AdamW {
     }
 
     /// One update of every trainable tensor; `grads` are in `params.trainable()` order.
-    /// Follows torch.optim.AdamW (decoupled decay applied first, bias-corrected moments).
+    /// Follows torch.optim.AdamW (decoupled decay applied first, bias-corrected moments), as one
+    /// fused in-place kernel per tensor.
     pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
-        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bias1;
         for (((param, var), g), m) in params.trainable().zip(grads).zip(self.moments.iter_mut()) {
             debug_assert_eq!(param.spec.name, m.name);
-            let mut theta = var.as_tensor().detach();
-            if decays(param) && c.weight_decay != 0.0 {
-                theta = (theta * (1.0 - lr * c.weight_decay))?;
-            }
-            m.exp_avg = ((&m.exp_avg * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            m.exp_avg_sq = ((&m.exp_avg_sq * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((m.exp_avg_sq.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let theta = (theta - ((&m.exp_avg / denom)? * step_size)?)?;
-            var.set(&theta)?;
+            let u = AdamWUpdate {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: if decays(param) { c.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
         }
         Ok(())
     }

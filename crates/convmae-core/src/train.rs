@@ -130,6 +130,8 @@ impl Pretrainer {
         if !opts.lr.is_finite() || opts.lr < 0.0 {
             return Err(candle_core::Error::Msg(format!("lr must be a finite non-negative number, got {}", opts.lr)));
         }
+        let profile = std::env::var_os("CONVMAE_PROFILE").is_some();
+        let t0 = std::time::Instant::now();
         let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
         let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
         let out = self.model.forward_pretrain(&imgs, &masking)?;
@@ -141,8 +143,10 @@ impl Pretrainer {
             )));
         }
         // The official loop divides the loss by accum_iter before backward.
+        let t_fwd = t0.elapsed();
         let scaled = (out.loss / opts.accum_steps as f64)?;
         let grads = scaled.backward()?;
+        let t_bwd = t0.elapsed();
         let grads: Vec<Tensor> = self
             .model
             .params
@@ -164,6 +168,10 @@ impl Pretrainer {
             let grads = self.pending.take().unwrap();
             self.pending_count = 0;
             self.optimizer.update(&self.model.params, &grads, opts.lr)?;
+        }
+        if profile {
+            let t_all = t0.elapsed();
+            eprintln!("[profile] forward {:?} backward {:?} optimizer {:?}", t_fwd, t_bwd - t_fwd, t_all - t_bwd);
         }
         Ok(StepStats { loss, lr: opts.lr, micro_step: self.micro_step, optimizer_step: self.optimizer.step, updated })
     }

@@ -25,16 +25,20 @@ macro_rules! dispatch_float {
     };
 }
 
+mod adamw;
 mod depthwise_conv;
 mod gelu;
 mod layer_norm;
+mod linear;
 pub mod reference;
 mod softmax;
 mod sparse_depthwise_conv;
 
+pub use adamw::{adamw_update, AdamWUpdate};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use softmax::softmax_last_dim;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 

@@ -16,16 +16,9 @@ pub const CONV_LN_EPS: f64 = 1e-5;
 pub const VIT_LN_EPS: f64 = 1e-6;
 
 /// `x @ weight^T + bias` over the last dim; `weight` may be a [out, in, 1, 1] conv kernel.
+/// One fused op (forward and backward straight on gemm), see convmae_kernels::linear.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let out = weight.dim(0)?;
-    let w = weight.reshape((out, ()))?;
-    let dims = x.dims().to_vec();
-    let inp = *dims.last().unwrap();
-    let rows = x.elem_count() / inp;
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?.broadcast_add(bias)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().unwrap() = out;
-    y.reshape(out_dims)
+    k::linear(x, weight, bias)
 }
 
 pub fn linear_p(p: &ParamStore, prefix: &str, x: &Tensor) -> Result<Tensor> {
