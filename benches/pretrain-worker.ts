@@ -35,11 +35,12 @@ async function main(): Promise<void> {
   const seed = intFlag(opts, 'seed', 0, 0);
   const lr = opts.flags.lr !== undefined ? Number(opts.flags.lr) : 1.5e-4;
   const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
+  const convPath = (opts.flags.path ?? 'sparse') as 'sparse' | 'dense';
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;
   const config = resolveConfig({ preset });
   const side = config.img_size;
-  const p = Pretrainer.create({ preset, dtype, seed });
+  const p = Pretrainer.create({ preset, dtype, seed, path: convPath });
   const images = new Uint8Array(batch * side * side * 3);
   const rng = { s: 0x9e3779b9 ^ seed };
 
@@ -59,7 +60,7 @@ async function main(): Promise<void> {
     const med = median(times);
     const out = {
       suite: 'pretrain',
-      impl: 'ours',
+      impl: convPath === 'sparse' ? 'ours' : 'ours-dense',
       preset,
       batch,
       dtype,

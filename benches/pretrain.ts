@@ -27,7 +27,8 @@ import {
   type SuiteResult,
 } from './lib.js';
 
-export const IMPLS = ['ours', 'pytorch'] as const;
+/** `ours` is the default (sparse) path; `ours-dense` computes stages 1-2 densely like the official code. */
+export const IMPLS = ['ours', 'ours-dense', 'pytorch'] as const;
 export type Impl = (typeof IMPLS)[number];
 
 const DEFAULT_TORCH_PYTHON = '/work/venv-torch/bin/python';
@@ -63,7 +64,7 @@ export const pretrainSuite: Suite = {
     steps: 'timed steps per round (default 5)',
     warmup: 'untimed steps per round (default 2)',
     rounds: 'alternating rounds per implementation (default 3)',
-    impl: 'implementations, comma separated: ours,pytorch (default both)',
+    impl: 'implementations, comma separated: ours,ours-dense,pytorch (default all)',
     threads: 'threads for every implementation (default: core count)',
     'timeout-s': 'limit per child process in seconds (default 3600)',
   },
@@ -99,7 +100,7 @@ export const pretrainSuite: Suite = {
         versions.torch_python = t.python;
       }
     }
-    if (active.includes('ours') && !existsSync(path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'))) {
+    if ((active.includes('ours') || active.includes('ours-dense')) && !existsSync(path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'))) {
       throw new Error('dist/benches/pretrain-worker.js is missing: run `npx tsc -p tsconfig.json` first');
     }
 
@@ -114,8 +115,8 @@ export const pretrainSuite: Suite = {
             if (failed.has(impl)) continue;
             const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps)];
             const [cmd, args] =
-              impl === 'ours'
-                ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common]]
+              impl !== 'pytorch'
+                ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common, '--path', impl === 'ours' ? 'sparse' : 'dense']]
                 : [torchPython, [path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py'), ...common, '--threads', String(threads)]];
             log(`[${preset} b${batch}] round ${round}/${rounds}: ${impl} ...`);
             const r = await runChild(cmd, args, env, timeoutMs);

@@ -29,10 +29,12 @@ import {
   type RunRecord,
   type Suite,
 } from './lib.js';
+import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
 
 export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
+  [kernelsSuite.name]: kernelsSuite,
 };
 
 /** Flags every suite accepts (handled here). */

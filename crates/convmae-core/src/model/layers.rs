@@ -99,8 +99,10 @@ pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> 
     let q = qkv.get(0)?.contiguous()?;
     let kt = qkv.get(1)?.t()?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
+    // The official code scales the [N, N] scores; scaling q ([N, hd]) instead is the same math
+    // and keeps one [B, heads, N, N] tensor (and its gradient) fewer alive per block.
     let scale = (hd as f64).powf(-0.5);
-    let attn = k::softmax_last_dim(&(q.matmul(&kt)? * scale)?)?;
+    let attn = k::softmax_last_dim(&(q * scale)?.matmul(&kt)?)?;
     let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
     linear_p(p, &format!("{prefix}.proj"), &y)
 }
