@@ -21,6 +21,7 @@ pub struct ConvMaeConfig {
     /// Heads of the stage-3 transformer blocks (the conv blocks have none).
     pub num_heads: usize,
     pub mlp_ratio: [f64; 3],
+    /// Bias of the stage-3 blocks' qkv projection (the decoder blocks always have one).
     pub qkv_bias: bool,
     pub decoder_embed_dim: usize,
     pub decoder_depth: usize,

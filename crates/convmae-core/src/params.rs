@@ -75,10 +75,14 @@ impl SpecList {
         self.conv(&format!("{prefix}.mlp.fc1"), dim, hidden, 1);
         self.conv(&format!("{prefix}.mlp.fc2"), hidden, dim, 1);
     }
-    fn transformer_block(&mut self, prefix: &str, dim: usize, mlp_ratio: f64) {
+    fn transformer_block(&mut self, prefix: &str, dim: usize, mlp_ratio: f64, qkv_bias: bool) {
         let hidden = ConvMaeConfig::mlp_hidden(dim, mlp_ratio);
         self.layer_norm(&format!("{prefix}.norm1"), dim);
-        self.linear(&format!("{prefix}.attn.qkv"), dim, 3 * dim);
+        if qkv_bias {
+            self.linear(&format!("{prefix}.attn.qkv"), dim, 3 * dim);
+        } else {
+            self.push(format!("{prefix}.attn.qkv.weight"), &[3 * dim, dim], Init::XavierUniform { fan_in: dim, fan_out: 3 * dim });
+        }
         self.linear(&format!("{prefix}.attn.proj"), dim, dim);
         self.layer_norm(&format!("{prefix}.norm2"), dim);
         self.linear(&format!("{prefix}.mlp.fc1"), dim, hidden);
@@ -110,7 +114,7 @@ impl SpecList {
             self.conv_block(&format!("blocks2.{i}"), d2, cfg.mlp_ratio[1]);
         }
         for i in 0..cfg.depth[2] {
-            self.transformer_block(&format!("blocks3.{i}"), d3, cfg.mlp_ratio[2]);
+            self.transformer_block(&format!("blocks3.{i}"), d3, cfg.mlp_ratio[2], cfg.qkv_bias);
         }
     }
 }
@@ -144,8 +148,8 @@ pub fn pretrain_param_specs(cfg: &ConvMaeConfig) -> Vec<ParamSpec> {
     s.layer_norm("norm", d3);
     s.linear("decoder_embed", d3, dd);
     for i in 0..cfg.decoder_depth {
-        // The official decoder blocks use mlp_ratio[0].
-        s.transformer_block(&format!("decoder_blocks.{i}"), dd, cfg.mlp_ratio[0]);
+        // The official decoder blocks use mlp_ratio[0] and always have a qkv bias.
+        s.transformer_block(&format!("decoder_blocks.{i}"), dd, cfg.mlp_ratio[0], true);
     }
     s.layer_norm("decoder_norm", dd);
     s.linear("decoder_pred", dd, cfg.patch_values());

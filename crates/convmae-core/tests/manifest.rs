@@ -34,3 +34,14 @@ fn pretrain_model_matches_the_official_manifest() {
 fn finetune_model_matches_the_official_manifest() {
     check(&classifier_param_specs(&ConvMaeConfig::base(), 1000), &manifest()["finetune"]);
 }
+
+#[test]
+fn qkv_bias_off_drops_only_the_stage3_qkv_biases() {
+    let mut cfg = ConvMaeConfig::base();
+    cfg.qkv_bias = false;
+    let names: Vec<String> = pretrain_param_specs(&cfg).into_iter().map(|s| s.name).collect();
+    assert!(!names.iter().any(|n| n.starts_with("blocks3.") && n.ends_with("attn.qkv.bias")));
+    assert!(names.contains(&"blocks3.0.attn.qkv.weight".to_string()));
+    assert!(names.contains(&"decoder_blocks.0.attn.qkv.bias".to_string()));
+    assert_eq!(names.len(), 313 - 11);
+}

@@ -32,6 +32,7 @@ fn random_config(rng: &mut Rng) -> ConvMaeConfig {
         decoder_depth: 1,
         decoder_num_heads: dec_heads,
         norm_pix_loss: rng.uniform() < 0.7,
+        qkv_bias: rng.uniform() < 0.7,
         mask_ratio: [0.5, 0.6, 0.75, 0.9][(rng.uniform() * 4.0) as usize],
         ..ConvMaeConfig::base()
     }

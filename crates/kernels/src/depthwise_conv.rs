@@ -22,9 +22,6 @@ const LANES: usize = 16;
 /// weight gradient is bitwise reproducible whatever rayon's scheduling does.
 const ROWS_PER_PARTIAL: usize = 4;
 
-/// Elements of the weight gradient per task when the partials are added up.
-const REDUCE_CHUNK: usize = 1024;
-
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     b: usize,
@@ -339,14 +336,5 @@ fn weight_grad<T: Element>(inp: &[T], gout: &[T], g: Geometry) -> Vec<T> {
             acc
         })
         .collect();
-    let mut total = vec![T::ZERO; kkc];
-    total.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(ci, dst)| {
-        let range = ci * REDUCE_CHUNK..ci * REDUCE_CHUNK + dst.len();
-        for partial in &partials {
-            for (d, &v) in dst.iter_mut().zip(&partial[range.clone()]) {
-                *d += v;
-            }
-        }
-    });
-    total
+    crate::sum_partials(&partials, kkc)
 }

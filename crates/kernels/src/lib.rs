@@ -215,3 +215,21 @@ pub(crate) fn lane_sum2<T: Element>(
 /// Minimum number of elements per rayon task for the row-wise kernels: below this the cost of
 /// splitting work outweighs the per-row arithmetic.
 pub(crate) const MIN_ELEMS_PER_TASK: usize = 8192;
+
+/// Adds per-thread partial sums element-wise in partial order, so a reduction split over a fixed
+/// partition gives the same bits whatever the thread count (training resumes compare bitwise).
+/// The output is split in chunks only to parallelize the adds; each element's order is fixed.
+pub(crate) fn sum_partials<T: Element>(partials: &[Vec<T>], len: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1024;
+    let mut total = vec![T::ZERO; len];
+    total.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, dst)| {
+        let (start, n) = (ci * CHUNK, dst.len());
+        for partial in partials {
+            for (d, &v) in dst.iter_mut().zip(&partial[start..start + n]) {
+                *d += v;
+            }
+        }
+    });
+    total
+}

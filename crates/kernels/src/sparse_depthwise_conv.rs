@@ -35,9 +35,6 @@ const ELEMS_PER_TASK: usize = 4096;
 const MIN_ROWS_PER_PARTIAL: usize = 32;
 const MAX_PARTIALS: usize = 64;
 
-/// Elements of the weight gradient per task when the partials are added up.
-const REDUCE_CHUNK: usize = 1024;
-
 /// Visible-position neighbourhoods for the sparse masked depthwise conv: for each of `rows`
 /// rows, `k*k` entries (tap-major, `t = i*k + j`) holding the row of the position at offset
 /// `(i - k/2, j - k/2)` from the row's position, or -1 where that position is masked or
@@ -477,14 +474,5 @@ fn weight_grad<T: Element>(inp: &[T], gout: &[T], nbrs: &SparseNeighbors, c: usi
             acc
         })
         .collect();
-    let mut total = vec![T::ZERO; kkc];
-    total.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(ci, dst)| {
-        let range = ci * REDUCE_CHUNK..ci * REDUCE_CHUNK + dst.len();
-        for partial in &partials {
-            for (d, &v) in dst.iter_mut().zip(&partial[range.clone()]) {
-                *d += v;
-            }
-        }
-    });
-    total
+    crate::sum_partials(&partials, kkc)
 }

@@ -93,7 +93,13 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix) ->
 pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let hd = d / num_heads;
-    let qkv = linear_p(p, &format!("{prefix}.qkv"), x)?
+    // qkv_bias=False (a knob of the official class for stage 3) leaves the projection without bias.
+    let qkv_weight = p.get(&format!("{prefix}.qkv.weight"));
+    let qkv_bias = match p.find(&format!("{prefix}.qkv.bias")) {
+        Some(b) => b.tensor.clone(),
+        None => Tensor::zeros(3 * d, x.dtype(), x.device())?,
+    };
+    let qkv = linear(x, qkv_weight, &qkv_bias)?
         .reshape((b, n, 3, num_heads, hd))?
         .permute((2, 0, 3, 1, 4))?;
     let q = qkv.get(0)?.contiguous()?;
