@@ -11,11 +11,9 @@ use rayon::prelude::*;
 
 use crate::{row_major, Element};
 
-const OP_NAME: &str = "depthwise_conv2d";
+use crate::taps::{channel_major, mac, taps_major, LANES};
 
-/// Channel block held in registers: 16 f32 is four SSE / two AVX registers, 16 f64 eight SSE
-/// registers, leaving room for the operands without spilling.
-const LANES: usize = 16;
+const OP_NAME: &str = "depthwise_conv2d";
 
 /// Image rows (b, y) per partial sum of the weight gradient. The partition depends only on
 /// the shape, never on the number of threads, and partials are added in index order, so the
@@ -94,7 +92,7 @@ impl CustomOp2 for DepthwiseConv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = geometry(l1.dims(), l2.dims())?;
         let out = dispatch_float!(OP_NAME, (s1 => x, s2 => wt), {
-            let taps = taps_kkc(&row_major(wt, l2), g, false);
+            let taps = taps_major(&row_major(wt, l2), g.c, g.k, false);
             Element::into_storage(correlate(&row_major(x, l1), &taps, g))
         });
         Ok((out, l1.shape().clone()))
@@ -143,7 +141,7 @@ impl CustomOp2 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let g = geometry(l1.dims(), l2.dims())?;
         let out = dispatch_float!(self.name(), (s1 => grad, s2 => wt), {
-            let taps = taps_kkc(&row_major(wt, l2), g, true);
+            let taps = taps_major(&row_major(wt, l2), g.c, g.k, true);
             Element::into_storage(correlate(&row_major(grad, l1), &taps, g))
         });
         Ok((out, l1.shape().clone()))
@@ -179,46 +177,9 @@ impl CustomOp2 for WeightGrad {
         let g = Geometry { b: input[0], h: input[1], w: input[2], c: input[3], k: self.k };
         let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
             let kkc = weight_grad(&row_major(x, l1), &row_major(gout, l2), g);
-            Element::into_storage(kkc_to_ckk(&kkc, g))
+            Element::into_storage(channel_major(&kkc, g.c, g.k))
         });
         Ok((out, Shape::from_dims(&[g.c, g.k, g.k])))
-    }
-}
-
-/// Rearranges the `[C, K, K]` weight into `[K, K, C]` so that one tap's weights for all
-/// channels are contiguous, matching the channels-last data; `rotate` turns the kernel by 180
-/// degrees for the input gradient.
-fn taps_kkc<T: Element>(weight: &[T], g: Geometry, rotate: bool) -> Vec<T> {
-    let (c, k) = (g.c, g.k);
-    let mut taps = vec![T::ZERO; k * k * c];
-    for ch in 0..c {
-        for i in 0..k {
-            for j in 0..k {
-                let (si, sj) = if rotate { (k - 1 - i, k - 1 - j) } else { (i, j) };
-                taps[(i * k + j) * c + ch] = weight[(ch * k + si) * k + sj];
-            }
-        }
-    }
-    taps
-}
-
-fn kkc_to_ckk<T: Element>(kkc: &[T], g: Geometry) -> Vec<T> {
-    let (c, kk) = (g.c, g.k * g.k);
-    let mut ckk = vec![T::ZERO; c * kk];
-    for t in 0..kk {
-        for ch in 0..c {
-            ckk[ch * kk + t] = kkc[t * c + ch];
-        }
-    }
-    ckk
-}
-
-#[inline(always)]
-fn mac<T: Element>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
-    let a: &[T; LANES] = a.try_into().expect("block of LANES");
-    let b: &[T; LANES] = b.try_into().expect("block of LANES");
-    for l in 0..LANES {
-        acc[l] += a[l] * b[l];
     }
 }
 

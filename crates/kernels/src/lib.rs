@@ -32,6 +32,7 @@ mod layer_norm;
 mod linear;
 pub mod reference;
 mod softmax;
+mod taps;
 mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, AdamWUpdate};

@@ -18,10 +18,9 @@ use rayon::prelude::*;
 
 use crate::{row_major, Element};
 
-const OP_NAME: &str = "sparse_depthwise_conv2d";
+use crate::taps::{channel_major, mac, taps_major, LANES};
 
-/// Channel block held in registers (see `depthwise_conv.rs`).
-const LANES: usize = 16;
+const OP_NAME: &str = "sparse_depthwise_conv2d";
 
 /// Output elements per rayon task in the gathers: every element costs up to K*K
 /// multiply-adds, so tasks this size are long enough to amortise the scheduling.
@@ -251,7 +250,7 @@ impl CustomOp2 for SparseDepthwiseConv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let c = channels(OP_NAME, l1.dims(), l2.dims(), &self.nbrs)?;
         let out = dispatch_float!(OP_NAME, (s1 => x, s2 => wt), {
-            let taps = taps_tc(&row_major(wt, l2), c, self.nbrs.k, false);
+            let taps = taps_major(&row_major(wt, l2), c, self.nbrs.k, false);
             Element::into_storage(gather_correlate(&row_major(x, l1), &taps, &self.nbrs, c))
         });
         Ok((out, l1.shape().clone()))
@@ -302,7 +301,7 @@ impl CustomOp2 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let c = channels(self.name(), l1.dims(), l2.dims(), &self.nbrs)?;
         let out = dispatch_float!(self.name(), (s1 => grad, s2 => wt), {
-            let taps = taps_tc(&row_major(wt, l2), c, self.nbrs.k, true);
+            let taps = taps_major(&row_major(wt, l2), c, self.nbrs.k, true);
             Element::into_storage(gather_correlate(&row_major(grad, l1), &taps, &self.nbrs, c))
         });
         Ok((out, l1.shape().clone()))
@@ -338,44 +337,9 @@ impl CustomOp2 for WeightGrad {
         let c = input[1];
         let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
             let tc = weight_grad(&row_major(x, l1), &row_major(gout, l2), &self.nbrs, c);
-            Element::into_storage(tc_to_ckk(&tc, c, k))
+            Element::into_storage(channel_major(&tc, c, k))
         });
         Ok((out, Shape::from_dims(&[c, k, k])))
-    }
-}
-
-/// Rearranges the `[C, K, K]` weight into `[K*K, C]` so that one tap's weights for all
-/// channels are contiguous, matching the rows; `rotate` turns the kernel by 180 degrees
-/// (tap `t` takes the weight of tap `K*K-1-t`) for the input gradient.
-fn taps_tc<T: Element>(weight: &[T], c: usize, k: usize, rotate: bool) -> Vec<T> {
-    let kk = k * k;
-    let mut taps = vec![T::ZERO; kk * c];
-    for ch in 0..c {
-        for t in 0..kk {
-            let src = if rotate { kk - 1 - t } else { t };
-            taps[t * c + ch] = weight[ch * kk + src];
-        }
-    }
-    taps
-}
-
-fn tc_to_ckk<T: Element>(tc: &[T], c: usize, k: usize) -> Vec<T> {
-    let kk = k * k;
-    let mut ckk = vec![T::ZERO; c * kk];
-    for t in 0..kk {
-        for ch in 0..c {
-            ckk[ch * kk + t] = tc[t * c + ch];
-        }
-    }
-    ckk
-}
-
-#[inline(always)]
-fn mac<T: Element>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
-    let a: &[T; LANES] = a.try_into().expect("block of LANES");
-    let b: &[T; LANES] = b.try_into().expect("block of LANES");
-    for l in 0..LANES {
-        acc[l] += a[l] * b[l];
     }
 }
 
