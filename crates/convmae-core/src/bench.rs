@@ -28,18 +28,6 @@ pub struct KernelTiming {
     pub forward_bytes: f64,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
-impl KernelTiming {
-    pub fn median_forward_ms(&self) -> f64 {
-        median(&self.forward_ms)
-    }
-}
-
 fn time<F: FnMut() -> candle_core::Result<()>>(iters: usize, mut f: F) -> candle_core::Result<Vec<f64>> {
     f()?; // warm-up
     (0..iters)

@@ -4,6 +4,7 @@
 //! tensor, each allocating a result: for ConvMAE-B's 115M parameters that is a large share of a
 //! CPU step. Here it is three in-place passes (first moment, second moment, parameter).
 
+use crate::{row_major, Element};
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -29,46 +30,18 @@ fn contiguous_mut<'a, T>(data: &'a mut [T], layout: &Layout, op: &str) -> Result
     }
 }
 
-trait Float: Copy + Send + Sync {
-    fn f(v: f64) -> Self;
-    fn sqrt(self) -> Self;
-    fn mul_add_(self, a: Self, b: Self) -> Self;
-}
-impl Float for f32 {
-    fn f(v: f64) -> Self {
-        v as f32
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn mul_add_(self, a: Self, b: Self) -> Self {
-        self * a + b
-    }
-}
-impl Float for f64 {
-    fn f(v: f64) -> Self {
-        v
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn mul_add_(self, a: Self, b: Self) -> Self {
-        self * a + b
-    }
-}
-
 /// m = beta * m + (1 - beta) * g   (square: v = beta * v + (1 - beta) * g^2)
 struct Moment {
     beta: f64,
     square: bool,
 }
 
-fn moment<T: Float + std::ops::Mul<Output = T>>(m: &mut [T], g: &[T], beta: f64, square: bool) {
-    let (b, one_minus) = (T::f(beta), T::f(1.0 - beta));
+fn moment<T: Element>(m: &mut [T], g: &[T], beta: f64, square: bool) {
+    let (b, one_minus) = (T::from_f64(beta), T::from_f64(1.0 - beta));
     m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
         for (m, &g) in m.iter_mut().zip(g) {
             let g = if square { g * g } else { g };
-            *m = (*m).mul_add_(b, g * one_minus);
+            *m = *m * b + g * one_minus;
         }
     });
 }
@@ -81,9 +54,10 @@ impl InplaceOp2 for Moment {
         if l1.shape() != l2.shape() {
             return Err(candle_core::Error::Msg(format!("adamw: moment {:?} and gradient {:?} differ in shape", l1.dims(), l2.dims())));
         }
+        // The updated storage is mutable, so the crate's dispatch_float! (shared borrows) does not fit.
         match (s1, s2) {
-            (CpuStorage::F32(m), CpuStorage::F32(g)) => moment(contiguous_mut(m, l1, "adamw")?, &crate::row_major(g, l2), self.beta, self.square),
-            (CpuStorage::F64(m), CpuStorage::F64(g)) => moment(contiguous_mut(m, l1, "adamw")?, &crate::row_major(g, l2), self.beta, self.square),
+            (CpuStorage::F32(m), CpuStorage::F32(g)) => moment(contiguous_mut(m, l1, "adamw")?, &row_major(g, l2), self.beta, self.square),
+            (CpuStorage::F64(m), CpuStorage::F64(g)) => moment(contiguous_mut(m, l1, "adamw")?, &row_major(g, l2), self.beta, self.square),
             (m, g) => return Err(crate::dtype_error("adamw", &[&*m, g])),
         }
         Ok(())
@@ -93,16 +67,11 @@ impl InplaceOp2 for Moment {
 /// p = p * (1 - lr * wd) - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 struct Apply(AdamWUpdate);
 
-fn apply<T: Float + std::ops::Mul<Output = T> + std::ops::Div<Output = T> + std::ops::Sub<Output = T> + std::ops::Add<Output = T>>(
-    p: &mut [T],
-    m: &[T],
-    v: &[T],
-    u: &AdamWUpdate,
-) {
-    let decay = T::f(1.0 - u.lr * u.weight_decay);
-    let step_size = T::f(u.lr / (1.0 - u.beta1.powi(u.step as i32)));
-    let bias2_sqrt = T::f((1.0 - u.beta2.powi(u.step as i32)).sqrt());
-    let eps = T::f(u.eps);
+fn apply<T: Element>(p: &mut [T], m: &[T], v: &[T], u: &AdamWUpdate) {
+    let decay = T::from_f64(1.0 - u.lr * u.weight_decay);
+    let step_size = T::from_f64(u.lr / (1.0 - u.beta1.powi(u.step as i32)));
+    let bias2_sqrt = T::from_f64((1.0 - u.beta2.powi(u.step as i32)).sqrt());
+    let eps = T::from_f64(u.eps);
     p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
         for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
             let denom = v.sqrt() / bias2_sqrt + eps;
@@ -121,10 +90,10 @@ impl InplaceOp3 for Apply {
         }
         match (s1, s2, s3) {
             (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                apply(contiguous_mut(p, l1, "adamw")?, &crate::row_major(m, l2), &crate::row_major(v, l3), &self.0)
+                apply(contiguous_mut(p, l1, "adamw")?, &row_major(m, l2), &row_major(v, l3), &self.0)
             }
             (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                apply(contiguous_mut(p, l1, "adamw")?, &crate::row_major(m, l2), &crate::row_major(v, l3), &self.0)
+                apply(contiguous_mut(p, l1, "adamw")?, &row_major(m, l2), &row_major(v, l3), &self.0)
             }
             (p, m, v) => return Err(crate::dtype_error("adamw", &[&*p, m, v])),
         }

@@ -4,59 +4,29 @@
 //! ~1e-6 relative error into every gradient upstream of a GELU: enough to fail float64 parity
 //! with the official code. This op computes the derivative from full-precision constants.
 
+use crate::{row_major, Element};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 const CHUNK: usize = 16384;
 
-trait GeluFloat: Copy + Send + Sync {
-    fn gelu(self) -> Self;
-    fn gelu_grad(self) -> Self;
-    fn mul(self, o: Self) -> Self;
+/// x * Phi(x), with Phi the standard normal CDF.
+#[inline]
+fn gelu<T: Element>(x: T) -> T {
+    T::from_f64(0.5) * x * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
-impl GeluFloat for f64 {
-    #[inline]
-    fn gelu(self) -> f64 {
-        0.5 * self * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2))
-    }
-    #[inline]
-    fn gelu_grad(self) -> f64 {
-        // d/dx x*Phi(x) = Phi(x) + x*phi(x)
-        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
-        let pdf = (-0.5 * self * self).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-        cdf + self * pdf
-    }
-    #[inline]
-    fn mul(self, o: f64) -> f64 {
-        self * o
-    }
+/// d/dx x * Phi(x) = Phi(x) + x * phi(x), from full-precision constants.
+#[inline]
+fn gelu_grad<T: Element>(x: T) -> T {
+    let cdf = T::from_f64(0.5) * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let inv_sqrt_2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    let pdf = (T::ZERO - T::from_f64(0.5) * x * x).exp() * inv_sqrt_2pi;
+    cdf + x * pdf
 }
 
-impl GeluFloat for f32 {
-    #[inline]
-    fn gelu(self) -> f32 {
-        0.5 * self * (1.0 + libm::erff(self * std::f32::consts::FRAC_1_SQRT_2))
-    }
-    #[inline]
-    fn gelu_grad(self) -> f32 {
-        let cdf = 0.5 * (1.0 + libm::erff(self * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = (-0.5 * self * self).exp() * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
-        cdf + self * pdf
-    }
-    #[inline]
-    fn mul(self, o: f32) -> f32 {
-        self * o
-    }
-}
-
-fn contiguous<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, [T]> {
-    crate::row_major(data, layout)
-}
-
-fn map1<T: GeluFloat>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![x[0]; x.len()];
+fn map1<T: Element>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| {
         for (o, &v) in o.iter_mut().zip(i) {
             *o = f(v);
@@ -73,14 +43,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l.shape().elem_count() == 0 {
-            return Ok((s.clone(), l.shape().clone()));
-        }
-        let out = match s {
-            CpuStorage::F64(d) => CpuStorage::F64(map1(&contiguous(d, l), |v| v.gelu())),
-            CpuStorage::F32(d) => CpuStorage::F32(map1(&contiguous(d, l), |v| v.gelu())),
-            _ => return Err(crate::dtype_error("gelu_erf", &[s])),
-        };
+        let out = dispatch_float!("gelu_erf", (s => d), { Element::into_storage(map1(&row_major(d, l), gelu)) });
         Ok((out, l.shape().clone()))
     }
 
@@ -92,13 +55,13 @@ impl CustomOp1 for Gelu {
 /// grad * gelu'(x); second-order gradients are not needed.
 struct GeluBackward;
 
-fn zip_map<T: GeluFloat>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut out = vec![x[0]; x.len()];
+fn zip_map<T: Element>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(o, (x, g))| {
             for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = x.gelu_grad().mul(g);
+                *o = gelu_grad(x) * g;
             }
         });
     out
@@ -117,14 +80,9 @@ impl CustomOp2 for GeluBackward {
                 l2.dims()
             )));
         }
-        if l1.shape().elem_count() == 0 {
-            return Ok((s1.clone(), l1.shape().clone()));
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(zip_map(&contiguous(x, l1), &contiguous(g, l2))),
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(zip_map(&contiguous(x, l1), &contiguous(g, l2))),
-            _ => return Err(crate::dtype_error("gelu_erf_backward", &[s1, s2])),
-        };
+        let out = dispatch_float!("gelu_erf_backward", (s1 => x, s2 => g), {
+            Element::into_storage(zip_map(&row_major(x, l1), &row_major(g, l2)))
+        });
         Ok((out, l1.shape().clone()))
     }
 }
@@ -151,7 +109,7 @@ mod tests {
         for (i, &v) in xs.iter().enumerate() {
             let exact = 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()));
             assert!((yv[i] - exact).abs() < 1e-15);
-            let fd = ((v + h).gelu() - (v - h).gelu()) / (2.0 * h);
+            let fd = (gelu(v + h) - gelu(v - h)) / (2.0 * h);
             assert!((grad[i] - fd).abs() < 1e-8, "x={v}: {} vs {fd}", grad[i]);
         }
     }

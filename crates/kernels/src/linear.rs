@@ -6,6 +6,7 @@
 //! linear layers (1x1 convs, MLPs, qkv/proj), so this op computes forward and all three gradients
 //! straight with gemm, on the layouts the model already has.
 
+use crate::{row_major, Element};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -17,22 +18,9 @@ fn threads() -> Parallelism {
     }
 }
 
-trait Float: Copy + Send + Sync + 'static + std::ops::Add<Output = Self> {
-    const ZERO: Self;
-    const ONE: Self;
-}
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-impl Float for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-
 /// dst[m x n] (row-major) = (read_dst ? dst : 0) + lhs * rhs, with explicit (column, row) strides.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Float>(m: usize, n: usize, k: usize, dst: &mut [T], read_dst: bool, lhs: &[T], lhs_cs: isize, lhs_rs: isize, rhs: &[T], rhs_cs: isize, rhs_rs: isize) {
+fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [T], read_dst: bool, lhs: &[T], lhs_cs: isize, lhs_rs: isize, rhs: &[T], rhs_cs: isize, rhs_rs: isize) {
     assert!(dst.len() >= m * n);
     // SAFETY: the strides describe in-bounds views of `lhs` and `rhs` (checked by the callers'
     // shape validation), and `dst` holds m x n row-major elements.
@@ -76,7 +64,7 @@ fn dims(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
     Ok((x.shape().elem_count() / inp, inp, out))
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
+fn forward<T: Element>(x: &[T], w: &[T], b: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
     let mut y = vec![T::ZERO; rows * out];
     y.par_chunks_mut(out.max(1) * 64).for_each(|chunk| {
         for row in chunk.chunks_mut(out) {
@@ -89,7 +77,7 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T], rows: usize, inp: usize, out: us
 }
 
 /// [dx (rows x in) | dW (out x in) | db (out)] in one buffer.
-fn backward<T: Float>(x: &[T], w: &[T], g: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
+fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
     let mut all = vec![T::ZERO; rows * inp + out * inp + out];
     let (dx, rest) = all.split_at_mut(rows * inp);
     let (dw, db) = rest.split_at_mut(out * inp);
@@ -104,7 +92,7 @@ fn backward<T: Float>(x: &[T], w: &[T], g: &[T], rows: usize, inp: usize, out: u
         for r in 0..rows {
             let row = &g[r * out + c0..r * out + c0 + cols.len()];
             for (acc, &v) in cols.iter_mut().zip(row) {
-                *acc = *acc + v;
+                *acc += v;
             }
         }
     });
@@ -122,25 +110,9 @@ impl CustomOp3 for Linear {
         let (rows, inp, out) = dims(lx, lw, lb)?;
         let mut shape = lx.dims().to_vec();
         *shape.last_mut().unwrap() = out;
-        let y = match (sx, sw, sb) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(forward(
-                &crate::row_major(x, lx),
-                &crate::row_major(w, lw),
-                &crate::row_major(b, lb),
-                rows,
-                inp,
-                out,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(forward(
-                &crate::row_major(x, lx),
-                &crate::row_major(w, lw),
-                &crate::row_major(b, lb),
-                rows,
-                inp,
-                out,
-            )),
-            _ => return Err(crate::dtype_error("linear", &[sx, sw, sb])),
-        };
+        let y = dispatch_float!("linear", (sx => x, sw => w, sb => b), {
+            Element::into_storage(forward(&row_major(x, lx), &row_major(w, lw), &row_major(b, lb), rows, inp, out))
+        });
         Ok((y, Shape::from(shape)))
     }
 
@@ -171,15 +143,9 @@ impl CustomOp3 for LinearBackward {
             return Err(candle_core::Error::Msg(format!("linear_backward: gradient {:?} does not match input {:?} and weight {:?}", lg.dims(), lx.dims(), lw.dims())));
         }
         let n = rows * inp + out * inp + out;
-        let r = match (sx, sw, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(&crate::row_major(x, lx), &crate::row_major(w, lw), &crate::row_major(g, lg), rows, inp, out))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(&crate::row_major(x, lx), &crate::row_major(w, lw), &crate::row_major(g, lg), rows, inp, out))
-            }
-            _ => return Err(crate::dtype_error("linear_backward", &[sx, sw, sg])),
-        };
+        let r = dispatch_float!("linear_backward", (sx => x, sw => w, sg => g), {
+            Element::into_storage(backward(&row_major(x, lx), &row_major(w, lw), &row_major(g, lg), rows, inp, out))
+        });
         Ok((r, Shape::from(n)))
     }
 }
