@@ -3,6 +3,8 @@
 
 use crate::config::ConvMaeConfig;
 use crate::params::ParamStore;
+use crate::classify::{ClassifierTrainer, Optimizer};
+use crate::model::classifier::{ClassifierHead, HeadKind};
 use crate::train::Pretrainer;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -13,6 +15,9 @@ use std::path::Path;
 pub const FORMAT: &str = "convmae-checkpoint/1";
 const EXP_AVG: &str = "optimizer.exp_avg.";
 const EXP_AVG_SQ: &str = "optimizer.exp_avg_sq.";
+const MOMENTUM: &str = "optimizer.momentum_buffer.";
+/// torch's BatchNorm step counter of the probe head (a buffer, kept out of the ParamStore).
+const BN_BATCHES: &str = "head.0.num_batches_tracked";
 
 fn err(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
@@ -60,9 +65,47 @@ pub fn save_pretrainer(trainer: &Pretrainer, path: &Path, extra: &str) -> candle
     meta.insert("seed".to_string(), trainer.seed.to_string());
     meta.insert("dtype".to_string(), format!("{:?}", model.dtype()).to_lowercase());
     meta.insert("extra".to_string(), extra.to_string());
+    write_checkpoint(path, &tensors, meta)
+}
+
+fn write_checkpoint(path: &Path, tensors: &[(String, Tensor)], meta: HashMap<String, String>) -> candle_core::Result<()> {
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(|e| err(format!("cannot serialize checkpoint '{}': {e}", path.display())))?;
     write_atomically(path, &bytes).map_err(|e| err(format!("cannot write checkpoint '{}': {e}", path.display())))
+}
+
+/// Saves a classifier: weights (the probe's BatchNorm buffers included, with torch's
+/// `head.0.num_batches_tracked`), optimizer state, config, head, optimizer settings and step.
+pub fn save_classifier(trainer: &ClassifierTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
+    let model = &trainer.model;
+    let mut tensors: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.spec.name.clone(), p.tensor.clone())).collect();
+    if model.head.kind == HeadKind::LinearProbe {
+        tensors.push((BN_BATCHES.to_string(), Tensor::new(trainer.bn_batches as i64, &Device::Cpu)?));
+    }
+    match &trainer.optimizer {
+        Optimizer::AdamW(o) => {
+            for m in &o.moments {
+                tensors.push((format!("{EXP_AVG}{}", m.name), m.exp_avg.clone()));
+                tensors.push((format!("{EXP_AVG_SQ}{}", m.name), m.exp_avg_sq.clone()));
+            }
+        }
+        Optimizer::Lars(o) => {
+            for (name, mu) in &o.momentum {
+                tensors.push((format!("{MOMENTUM}{name}"), mu.clone()));
+            }
+        }
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("kind".to_string(), "classifier".to_string());
+    meta.insert("config".to_string(), serde_json::to_string(&model.cfg).unwrap());
+    meta.insert("head".to_string(), serde_json::to_string(&model.head).unwrap());
+    meta.insert("optimizer".to_string(), serde_json::to_string(&trainer.optimizer_cfg).unwrap());
+    meta.insert("optimizer_step".to_string(), trainer.step_count().to_string());
+    meta.insert("seed".to_string(), trainer.seed.to_string());
+    meta.insert("dtype".to_string(), format!("{:?}", model.dtype()).to_lowercase());
+    meta.insert("extra".to_string(), extra.to_string());
+    write_checkpoint(path, &tensors, meta)
 }
 
 /// The tensors and metadata of a checkpoint file, whatever its format.
@@ -106,17 +149,32 @@ pub struct LoadReport {
     pub missing: Vec<String>,
     /// File tensors the model has no place for (ignored).
     pub unexpected: Vec<String>,
+    /// Model tensors the file has but that were drawn fresh on purpose (a new classifier head).
+    pub reinitialized: Vec<String>,
     pub optimizer_restored: bool,
 }
 
 /// Copies the file's weights into `params`. Shapes must match exactly; with `strict`, every model
 /// tensor must be present. Optimizer entries are not counted as unexpected.
 pub fn load_weights(params: &mut ParamStore, file: &CheckpointFile, strict: bool, shown: &str) -> candle_core::Result<LoadReport> {
+    load_weights_except(params, file, strict, shown, |_| false)
+}
+
+/// `load_weights`, leaving the model tensors for which `keep_fresh(name)` holds at their current
+/// values (listed as `reinitialized` when the file has them, as `missing` otherwise).
+pub fn load_weights_except(
+    params: &mut ParamStore,
+    file: &CheckpointFile,
+    strict: bool,
+    shown: &str,
+    keep_fresh: impl Fn(&str) -> bool,
+) -> candle_core::Result<LoadReport> {
     let mut report = LoadReport { format: file.format.to_string(), ..Default::default() };
     let names: Vec<(String, Vec<usize>)> = params.iter().map(|p| (p.spec.name.clone(), p.spec.shape.clone())).collect();
     for (name, shape) in &names {
         match file.tensors.get(name) {
             None => report.missing.push(name.clone()),
+            Some(_) if keep_fresh(name) => report.reinitialized.push(name.clone()),
             Some(t) if t.dims() != shape.as_slice() => {
                 return Err(err(format!(
                     "checkpoint '{shown}': tensor '{name}' has shape {:?}, the model expects {:?}",
@@ -140,7 +198,7 @@ pub fn load_weights(params: &mut ParamStore, file: &CheckpointFile, strict: bool
     report.unexpected = file
         .tensors
         .keys()
-        .filter(|k| params.find(k).is_none() && !k.starts_with("optimizer."))
+        .filter(|k| params.find(k).is_none() && !k.starts_with("optimizer.") && k.as_str() != BN_BATCHES)
         .cloned()
         .collect();
     Ok(report)
@@ -187,4 +245,88 @@ pub fn load_pretrainer(trainer: &mut Pretrainer, path: &Path, strict: bool) -> c
     }
     let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
     Ok((report, extra))
+}
+
+/// Restores a classifier exactly (resume, evaluation): weights, and when the file is one of ours,
+/// optimizer state and step. Official fine-tuned `.pth` files load too (strict: all 207 tensors).
+pub fn load_classifier(trainer: &mut ClassifierTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
+    let shown = path.display().to_string();
+    let file = read_checkpoint(path)?;
+    if let Some(cfg) = file.config() {
+        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        if cfg != trainer.model.cfg {
+            return Err(err(format!(
+                "checkpoint '{shown}' was saved from a different configuration: {} (this model: {})",
+                serde_json::to_string(&cfg).unwrap(),
+                serde_json::to_string(&trainer.model.cfg).unwrap()
+            )));
+        }
+    }
+    if let Some(head) = file.metadata.get("head") {
+        let head: ClassifierHead = serde_json::from_str(head).map_err(|e| err(format!("checkpoint '{shown}': bad head metadata: {e}")))?;
+        let (a, b) = (&head, &trainer.model.head);
+        if a.num_classes != b.num_classes || a.pool != b.pool || a.kind != b.kind {
+            return Err(err(format!(
+                "checkpoint '{shown}' holds a different classifier head: {} (this model: {})",
+                serde_json::to_string(a).unwrap(),
+                serde_json::to_string(b).unwrap()
+            )));
+        }
+    } else if file.format == "convmae" {
+        return Err(err(format!("checkpoint '{shown}' is a pretraining checkpoint; initialize a classifier from it instead of resuming")));
+    }
+    let mut report = load_weights(&mut trainer.model.params, &file, strict, &shown)?;
+    if let Some(n) = file.tensors.get(BN_BATCHES) {
+        trainer.bn_batches = n.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
+    }
+    let dtype = trainer.model.dtype();
+    let device = trainer.model.device().clone();
+    let get = |key: String| -> Option<candle_core::Result<Tensor>> { file.tensors.get(&key).map(|t| t.to_dtype(dtype)?.to_device(&device)) };
+    let step = file.metadata.get("optimizer_step").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let restored = match &mut trainer.optimizer {
+        Optimizer::AdamW(o) if o.moments.iter().all(|m| file.tensors.contains_key(&format!("{EXP_AVG}{}", m.name))) => {
+            for m in o.moments.iter_mut() {
+                m.exp_avg = get(format!("{EXP_AVG}{}", m.name)).unwrap()?;
+                m.exp_avg_sq = get(format!("{EXP_AVG_SQ}{}", m.name)).ok_or_else(|| err(format!("checkpoint '{shown}' lacks '{EXP_AVG_SQ}{}'", m.name)))??;
+            }
+            o.step = step;
+            true
+        }
+        Optimizer::Lars(o) if o.momentum.iter().all(|(n, _)| file.tensors.contains_key(&format!("{MOMENTUM}{n}"))) => {
+            for (name, mu) in o.momentum.iter_mut() {
+                *mu = get(format!("{MOMENTUM}{name}")).unwrap()?;
+            }
+            o.step = step;
+            true
+        }
+        _ => false,
+    };
+    if restored {
+        if let Some(seed) = file.metadata.get("seed").and_then(|v| v.parse::<u64>().ok()) {
+            trainer.seed = seed;
+        }
+    }
+    report.optimizer_restored = restored;
+    let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
+    Ok((report, extra))
+}
+
+/// Initializes a classifier from a pretraining (or any) checkpoint the way main_finetune.py and
+/// main_linprobe.py do: strict=False, the encoder loaded, the classification head left at its
+/// fresh init whatever the file holds; fc_norm / norm loaded when present. Optimizer state is not
+/// touched. Encoder tensors of the wrong shape are an error naming the tensor.
+pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> candle_core::Result<LoadReport> {
+    let shown = path.display().to_string();
+    let file = read_checkpoint(path)?;
+    if let Some(cfg) = file.config() {
+        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        let ours = &trainer.model.cfg;
+        if cfg.embed_dim != ours.embed_dim || cfg.depth != ours.depth || cfg.patch_size != ours.patch_size {
+            return Err(err(format!(
+                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
+                cfg.embed_dim, cfg.depth, ours.embed_dim, ours.depth
+            )));
+        }
+    }
+    load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
 }

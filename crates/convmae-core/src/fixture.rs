@@ -5,7 +5,7 @@ use crate::config::ConvMaeConfig;
 use crate::masking::Masking;
 use crate::model::layers::token_blocks;
 use crate::model::{ConvMae, ConvPath};
-use crate::model::classifier::{cross_entropy, ConvViT};
+use crate::model::classifier::{cross_entropy, ClassifierHead, ConvViT};
 use crate::params::{classifier_param_specs, pretrain_param_specs, ParamStore};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -223,14 +223,15 @@ pub fn check_finetune(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
     let num_classes = fx.meta["num_classes"]
         .as_u64()
         .ok_or_else(|| err(format!("fixture '{path}' has no num_classes in its config")))? as usize;
-    let params = ParamStore::build(classifier_param_specs(&cfg, num_classes), dtype, device, |spec| {
+    let head = ClassifierHead::finetune(num_classes);
+    let params = ParamStore::build(classifier_param_specs(&cfg, &head), dtype, device, |spec| {
         let t = fx.tensor(&format!("param.{}", spec.name))?;
         if t.dims() != spec.shape.as_slice() {
             return Err(err(format!("fixture tensor 'param.{}' has shape {:?}, the model expects {:?}", spec.name, t.dims(), spec.shape)));
         }
         Ok(t.clone())
     })?;
-    let model = ConvViT { cfg, num_classes, params };
+    let model = ConvViT { cfg, head, params };
     let imgs = fx.tensor("input.imgs")?.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
     let labels: Vec<usize> = fx.tensor("input.labels")?.to_dtype(DType::I64)?.to_vec1::<i64>()?.iter().map(|&l| l as usize).collect();
     let out = model.forward(&imgs)?;

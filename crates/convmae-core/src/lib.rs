@@ -1,6 +1,8 @@
 //! ConvMAE in Rust: configuration, model, masking, loss, training and checkpoints.
 //! The N-API surface lives in `node.rs` (feature `node`) and only marshals.
 
+pub mod augment;
+pub mod classify;
 pub mod config;
 pub mod fixture;
 pub mod loss;

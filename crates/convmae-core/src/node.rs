@@ -9,7 +9,10 @@ use crate::flops::macs_per_image;
 use crate::model::{ConvMae, ConvPath};
 use crate::optim::AdamWConfig;
 use crate::params::pretrain_param_specs;
-use crate::session::{Command, Images, Reply, Session};
+use crate::augment::AugmentSpec;
+use crate::classify::{ClassifierTrainer, OptimizerConfig, Targets, TrainStepOptions};
+use crate::model::classifier::{ClassifierHead, ConvViT};
+use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, Session, Worker};
 use crate::train::{Pretrainer, StepOptions};
 use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
@@ -147,23 +150,28 @@ pub struct ReconstructionResult {
 /// A pretraining model and its optimizer, owned by one worker thread.
 #[napi]
 pub struct NativePretrainer {
-    session: Mutex<Session>,
+    session: Mutex<Session<Pretrainer>>,
 }
 
 fn images(pixels: &[u8], batch: u32, height: u32, width: u32) -> Images {
     Images { pixels: pixels.to_vec(), batch: batch as usize, height: height as usize, width: width as usize }
 }
 
+/// Queues `command` on the session's worker and awaits its answer without blocking Node.
+async fn call<W: Worker>(session: &Mutex<Session<W>>, command: W::Command) -> Result<W::Reply> {
+    let (tx, rx) = oneshot::channel();
+    session.lock().map_err(|_| js_err("session lock poisoned"))?.submit(
+        command,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await.map_err(|_| js_err("the model worker ended without an answer"))?.map_err(js_err)
+}
+
 impl NativePretrainer {
     async fn call(&self, command: Command) -> Result<Reply> {
-        let (tx, rx) = oneshot::channel();
-        self.session
-            .lock()
-            .map_err(|_| js_err("session lock poisoned"))?
-            .submit(command, Box::new(move |r| {
-                let _ = tx.send(r);
-            }));
-        rx.await.map_err(|_| js_err("the model worker ended without an answer"))?.map_err(js_err)
+        call(&self.session, command).await
     }
 }
 
@@ -265,7 +273,164 @@ fn report_json(r: &LoadReport) -> String {
         "loaded": r.loaded,
         "missing": r.missing,
         "unexpected": r.unexpected,
+        "reinitialized": r.reinitialized,
         "optimizerRestored": r.optimizer_restored,
     })
     .to_string()
+}
+
+#[napi(object)]
+pub struct TrainStepResult {
+    pub loss: f64,
+    pub lr: f64,
+    /// Optimizer updates applied so far, this one included.
+    pub step: i64,
+}
+
+#[napi(object)]
+pub struct EvalResult {
+    /// Sum of the per-image cross-entropy (0 without labels).
+    pub loss_sum: f64,
+    pub top1: u32,
+    pub top5: u32,
+    pub count: u32,
+    /// [count, numClasses] logits, row-major.
+    pub logits: Float32Array,
+}
+
+fn labels_vec(labels: &[i32]) -> Result<Vec<usize>> {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| usize::try_from(l).map_err(|_| js_err(format!("labels: label {l} of image {i} is negative"))))
+        .collect()
+}
+
+/// A classifier (fine-tuning or linear probe) and its optimizer, owned by one worker thread.
+#[napi]
+pub struct NativeClassifier {
+    session: Mutex<Session<ClassifierTrainer>>,
+}
+
+impl NativeClassifier {
+    async fn call(&self, command: ClassifierCommand) -> Result<ClassifierReply> {
+        call(&self.session, command).await
+    }
+
+    async fn loaded(&self, command: ClassifierCommand) -> Result<LoadResult> {
+        match self.call(command).await? {
+            ClassifierReply::Loaded { report, extra } => Ok(LoadResult { report: report_json(&report), extra }),
+            _ => Err(js_err("unexpected reply to load")),
+        }
+    }
+}
+
+#[napi]
+impl NativeClassifier {
+    /// `headJson`: {num_classes, pool: 'global'|'token', kind: 'finetune'|'linear-probe',
+    /// drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
+    /// head's official optimizer). Validated here; the weights are built on the worker.
+    #[napi(constructor)]
+    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>) -> Result<Self> {
+        let cfg = parse_config(&config_json)?;
+        let head: ClassifierHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
+        head.validate().map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
+        let dtype = parse_dtype(&dtype)?;
+        let optimizer = match optimizer_json {
+            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
+            None => OptimizerConfig::default_for(head.kind),
+        };
+        if seed < 0 {
+            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
+        }
+        let session = Session::start(move || {
+            let model = ConvViT::new(cfg, head, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            ClassifierTrainer::new(model, optimizer, seed as u64).map_err(|e| e.to_string())
+        });
+        Ok(Self { session: Mutex::new(session) })
+    }
+
+    /// One optimizer update. Targets are either `labels` (class ids) or `targets` ([batch,
+    /// numClasses] probabilities); `augmentJson` holds the erasing boxes and the mix (see
+    /// augment.rs), applied to the normalized images.
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn train(
+        &self,
+        pixels: Uint8Array,
+        batch: u32,
+        height: u32,
+        width: u32,
+        lr: f64,
+        labels: Option<Int32Array>,
+        targets: Option<Float64Array>,
+        augment_json: Option<String>,
+    ) -> Result<TrainStepResult> {
+        let targets = match (labels, targets) {
+            (_, Some(t)) => Targets::Probabilities(t.to_vec()),
+            (Some(l), None) => Targets::Labels(labels_vec(&l)?),
+            (None, None) => return Err(js_err("train: pass labels or targets")),
+        };
+        let augment: AugmentSpec = match augment_json {
+            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid augment: {e}")))?,
+            None => AugmentSpec::default(),
+        };
+        let opts = TrainStepOptions { lr, targets, augment };
+        match self.call(ClassifierCommand::Train { images: images(&pixels, batch, height, width), opts }).await? {
+            ClassifierReply::Trained(s) => Ok(TrainStepResult { loss: s.loss, lr: s.lr, step: s.step as i64 }),
+            _ => Err(js_err("unexpected reply to train")),
+        }
+    }
+
+    /// Evaluation-mode logits, with loss and top-1 / top-5 hits when labels are given.
+    #[napi]
+    pub async fn evaluate(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, labels: Option<Int32Array>) -> Result<EvalResult> {
+        let labels = labels.map(|l| labels_vec(&l)).transpose()?;
+        match self.call(ClassifierCommand::Evaluate { images: images(&pixels, batch, height, width), labels }).await? {
+            ClassifierReply::Evaluated(s) => Ok(EvalResult {
+                loss_sum: s.loss_sum,
+                top1: s.top1 as u32,
+                top5: s.top5 as u32,
+                count: s.count as u32,
+                logits: s.logits.into(),
+            }),
+            _ => Err(js_err("unexpected reply to evaluate")),
+        }
+    }
+
+    /// Writes weights, optimizer state and `extra` (JSON) atomically.
+    #[napi]
+    pub async fn save(&self, path: String, extra: String) -> Result<()> {
+        match self.call(ClassifierCommand::Save { path: path.into(), extra }).await? {
+            ClassifierReply::Saved => Ok(()),
+            _ => Err(js_err("unexpected reply to save")),
+        }
+    }
+
+    /// Restores a classifier checkpoint exactly (ours, or an official fine-tuned .pth).
+    #[napi]
+    pub async fn load(&self, path: String, strict: bool) -> Result<LoadResult> {
+        self.loaded(ClassifierCommand::Load { path: path.into(), strict }).await
+    }
+
+    /// Loads a pretrained encoder the way the official fine-tune / linear-probe scripts do
+    /// (strict=False, fresh head); the report lists missing, unexpected and reinitialized tensors.
+    #[napi]
+    pub async fn init_from(&self, path: String) -> Result<LoadResult> {
+        self.loaded(ClassifierCommand::InitFrom { path: path.into() }).await
+    }
+
+    /// Raises a Rust panic on the model's worker thread; the Promise rejects with an Error and
+    /// the process lives on. For tests of that guarantee.
+    #[napi]
+    pub async fn debug_panic(&self) -> Result<()> {
+        self.call(ClassifierCommand::Panic).await.map(|_| ())
+    }
+
+    /// Frees the model after queued commands finish. Further calls reject.
+    #[napi]
+    pub fn dispose(&self) -> Result<()> {
+        self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
+        Ok(())
+    }
 }

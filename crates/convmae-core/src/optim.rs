@@ -1,4 +1,6 @@
-//! AdamW with the official parameter groups (timm 0.3.2 `add_weight_decay` + torch.optim.AdamW).
+//! Optimizers with the official parameter groups: AdamW for pretraining (timm 0.3.2
+//! `add_weight_decay`) and fine-tuning (layer-wise lr decay, `util/lr_decay.py`), LARS for the
+//! linear probe (`util/lars.py`).
 
 use crate::params::{Param, ParamStore};
 use candle_core::{Result, Tensor};
@@ -27,6 +29,45 @@ pub fn decays(param: &Param) -> bool {
     !(param.spec.shape.len() == 1 || param.spec.name.ends_with(".bias"))
 }
 
+/// The lr multiplier and weight decay of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamGroup {
+    pub lr_scale: f64,
+    pub weight_decay: f64,
+}
+
+/// Layer id of a ConvViT tensor for layer-wise lr decay (official `get_layer_id_for_vit` as the
+/// ConvMAE fine-tune uses it): the position embedding, every patch embed and the conv stages
+/// 1-2 belong to the embedding layer 0; `blocks3.i` is layer i + 1; everything else (fc_norm,
+/// norm, head) is the top layer `num_layers` = len(blocks3) + 1.
+pub fn layer_id(name: &str, num_layers: usize) -> usize {
+    let embedding = ["pos_embed", "cls_token"].contains(&name)
+        || name.starts_with("patch_embed")
+        || name.starts_with("blocks1.")
+        || name.starts_with("blocks2.");
+    if embedding {
+        return 0;
+    }
+    if let Some(rest) = name.strip_prefix("blocks3.") {
+        if let Some(Ok(i)) = rest.split('.').next().map(str::parse::<usize>) {
+            return i + 1;
+        }
+    }
+    num_layers
+}
+
+/// `param_groups_lrd`: lr scale `layer_decay^(num_layers - layer_id)` with num_layers =
+/// depth[2] + 1; no weight decay on 1-D tensors and pos_embed.
+pub fn finetune_group(param: &Param, stage3_depth: usize, weight_decay: f64, layer_decay: f64) -> ParamGroup {
+    let num_layers = stage3_depth + 1;
+    let id = layer_id(&param.spec.name, num_layers);
+    let exempt = param.spec.shape.len() == 1 || ["pos_embed", "cls_token"].contains(&param.spec.name.as_str());
+    ParamGroup {
+        lr_scale: layer_decay.powi((num_layers - id) as i32),
+        weight_decay: if exempt { 0.0 } else { weight_decay },
+    }
+}
+
 /// First and second moments of one trainable tensor.
 pub struct Moments {
     pub name: String,
@@ -39,10 +80,21 @@ pub struct AdamW {
     /// Number of updates applied so far (torch's `state['step']`, shared by all tensors here).
     pub step: u64,
     pub moments: Vec<Moments>,
+    /// Per trainable tensor, in `params.trainable()` order.
+    pub groups: Vec<ParamGroup>,
 }
 
 impl AdamW {
+    /// The pretraining groups: full lr, timm's weight-decay rule.
     pub fn new(cfg: AdamWConfig, params: &ParamStore) -> Result<Self> {
+        let wd = cfg.weight_decay;
+        Self::with_groups(cfg, params, |p| ParamGroup { lr_scale: 1.0, weight_decay: if decays(p) { wd } else { 0.0 } })
+    }
+
+    /// Custom groups (`group(param)` for every trainable tensor; `cfg.weight_decay` is then only
+    /// what the caller folded into the groups).
+    pub fn with_groups(cfg: AdamWConfig, params: &ParamStore, group: impl Fn(&Param) -> ParamGroup) -> Result<Self> {
+        let groups = params.trainable().map(|(p, _)| group(p)).collect();
         let moments = params
             .trainable()
             .map(|(p, v)| {
@@ -53,7 +105,7 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, step: 0, moments })
+        Ok(Self { cfg, step: 0, moments, groups })
     }
 
     /// One update of every trainable tensor; `grads` are in `params.trainable()` order.
@@ -62,17 +114,73 @@ impl AdamW {
     pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
-        for (((param, var), g), m) in params.trainable().zip(grads).zip(self.moments.iter_mut()) {
+        for ((((param, var), g), m), group) in params.trainable().zip(grads).zip(self.moments.iter_mut()).zip(&self.groups) {
             debug_assert_eq!(param.spec.name, m.name);
             let u = AdamWUpdate {
-                lr,
+                lr: lr * group.lr_scale,
                 beta1: c.beta1,
                 beta2: c.beta2,
                 eps: c.eps,
-                weight_decay: if decays(param) { c.weight_decay } else { 0.0 },
+                weight_decay: group.weight_decay,
                 step: self.step,
             };
             adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LarsConfig {
+    pub momentum: f64,
+    pub trust_coefficient: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for LarsConfig {
+    /// The linear-probe recipe: momentum 0.9, trust coefficient 0.001, no weight decay.
+    fn default() -> Self {
+        Self { momentum: 0.9, trust_coefficient: 0.001, weight_decay: 0.0 }
+    }
+}
+
+/// LARS as the MAE/ConvMAE linear probe uses it (`util/lars.py`): for tensors of 2+ dims the
+/// gradient gets the weight decay and is rescaled by `trust * |w| / |g|` (1 when either norm is
+/// 0); 1-D tensors use the plain gradient. Then heavy-ball momentum: `mu = momentum * mu + g`,
+/// `w -= lr * mu`.
+pub struct Lars {
+    pub cfg: LarsConfig,
+    pub step: u64,
+    /// Momentum buffer per trainable tensor, named like the tensor.
+    pub momentum: Vec<(String, Tensor)>,
+}
+
+impl Lars {
+    pub fn new(cfg: LarsConfig, params: &ParamStore) -> Result<Self> {
+        let momentum = params
+            .trainable()
+            .map(|(p, v)| Ok((p.spec.name.clone(), v.as_tensor().zeros_like()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { cfg, step: 0, momentum })
+    }
+
+    pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = &self.cfg;
+        let norm = |t: &Tensor| -> Result<f64> { t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.sqrt()?.to_scalar::<f64>() };
+        for (((param, var), g), (name, mu)) in params.trainable().zip(grads).zip(self.momentum.iter_mut()) {
+            debug_assert_eq!(&param.spec.name, name);
+            let w = var.as_tensor();
+            let mut dp = g.clone();
+            if param.spec.shape.len() > 1 {
+                dp = (dp + (w * c.weight_decay)?)?;
+                let (w_norm, dp_norm) = (norm(w)?, norm(&dp)?);
+                let q = if w_norm > 0.0 && dp_norm > 0.0 { c.trust_coefficient * w_norm / dp_norm } else { 1.0 };
+                dp = (dp * q)?;
+            }
+            *mu = ((&*mu * c.momentum)? + dp)?;
+            var.set(&(w - (&*mu * lr)?)?)?;
         }
         Ok(())
     }

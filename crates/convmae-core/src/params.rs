@@ -5,6 +5,7 @@
 //! `convmae info`, checkpoint loading and the optimizer all read it.
 
 use crate::config::ConvMaeConfig;
+use crate::model::classifier::{ClassifierHead, HeadKind, Pooling};
 use crate::pos_embed::sincos_2d;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
@@ -119,17 +120,45 @@ impl SpecList {
     }
 }
 
-/// Every tensor of the official fine-tuning `ConvViT` (global pool + fc_norm + head), in state_dict
-/// order. pos_embed is learnable here; head init is trunc_normal(2e-5) as in main_finetune.py.
-pub fn classifier_param_specs(cfg: &ConvMaeConfig, num_classes: usize) -> Vec<ParamSpec> {
+/// Every tensor of the official `ConvViT` classifier, in state_dict order, for a head and pooling.
+///
+/// - Fine-tuning (`main_finetune.py`): everything trains; pos_embed is learnable; `head` is
+///   trunc_normal(2e-5).
+/// - Linear probe (`main_linprobe.py`): everything but the head is frozen; the head is
+///   BatchNorm1d(affine=False) (`head.0`, running stats as frozen buffers) + Linear (`head.1`,
+///   trunc_normal(0.01)).
+/// - Global pooling adds `fc_norm` (the official class deletes `norm` then); token pooling keeps
+///   `norm`, applied to the tokens before token 0 is taken.
+pub fn classifier_param_specs(cfg: &ConvMaeConfig, head: &ClassifierHead) -> Vec<ParamSpec> {
     let d3 = cfg.embed_dim[2];
+    let k = head.num_classes;
     let mut s = SpecList(Vec::new());
     s.push("pos_embed".into(), &[1, cfg.num_tokens(), d3], Init::SinCos { dim: d3, grid: cfg.grid() });
     s.patch_embeds(cfg);
     s.encoder_blocks(cfg);
-    s.push("head.weight".into(), &[num_classes, d3], Init::Normal { std: 2e-5 });
-    s.push("head.bias".into(), &[num_classes], Init::Zeros);
-    s.layer_norm("fc_norm", d3);
+    if head.pool == Pooling::Token {
+        s.layer_norm("norm", d3);
+    }
+    match head.kind {
+        HeadKind::Finetune => {
+            s.push("head.weight".into(), &[k, d3], Init::Normal { std: 2e-5 });
+            s.push("head.bias".into(), &[k], Init::Zeros);
+        }
+        HeadKind::LinearProbe => {
+            s.frozen("head.0.running_mean", &[d3], Init::Zeros);
+            s.frozen("head.0.running_var", &[d3], Init::Ones);
+            s.push("head.1.weight".into(), &[k, d3], Init::Normal { std: 0.01 });
+            s.push("head.1.bias".into(), &[k], Init::Zeros);
+        }
+    }
+    if head.pool == Pooling::Global {
+        s.layer_norm("fc_norm", d3);
+    }
+    if head.kind == HeadKind::LinearProbe {
+        for p in s.0.iter_mut().filter(|p| !p.name.starts_with("head.1.")) {
+            p.trainable = false;
+        }
+    }
     s.0
 }
 

@@ -4,6 +4,7 @@
 //! error for that command instead of taking the process down.
 
 use crate::checkpoint::{self, LoadReport};
+use crate::classify::{ClassifierTrainer, EvalStats, TrainStepOptions, TrainStepStats};
 use crate::recon::{self, Reconstruction};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,25 +40,79 @@ pub enum Reply {
     Reconstruction(Reconstruction),
 }
 
-pub type Callback = Box<dyn FnOnce(Result<Reply, String>) + Send>;
+pub type Callback<R> = Box<dyn FnOnce(Result<R, String>) + Send>;
 
-pub struct Session {
-    sender: Option<mpsc::Sender<(Command, Callback)>>,
-    worker: Option<JoinHandle<()>>,
+/// What a session's worker thread owns and how it answers commands.
+pub trait Worker: 'static {
+    type Command: Send + 'static;
+    type Reply: Send + 'static;
+    fn run(&mut self, command: Self::Command) -> Result<Self::Reply, String>;
 }
 
-fn run(trainer: &mut Pretrainer, command: Command) -> Result<Reply, String> {
-    let e = |e: candle_core::Error| e.to_string();
-    match command {
-        Command::Step { images, opts } => trainer.step(&images.view(), &opts).map(Reply::Step).map_err(e),
-        Command::Save { path, extra } => checkpoint::save_pretrainer(trainer, &path, &extra).map(|_| Reply::Saved).map_err(e),
-        Command::Load { path, strict } => checkpoint::load_pretrainer(trainer, &path, strict)
-            .map(|(report, extra)| Reply::Loaded { report, extra })
-            .map_err(e),
-        Command::Reconstruct { images, seed } => {
-            recon::reconstruct(&trainer.model, &images.view(), seed).map(Reply::Reconstruction).map_err(e)
+fn message(e: candle_core::Error) -> String {
+    e.to_string()
+}
+
+impl Worker for Pretrainer {
+    type Command = Command;
+    type Reply = Reply;
+    fn run(&mut self, command: Command) -> Result<Reply, String> {
+        match command {
+            Command::Step { images, opts } => self.step(&images.view(), &opts).map(Reply::Step).map_err(message),
+            Command::Save { path, extra } => checkpoint::save_pretrainer(self, &path, &extra).map(|_| Reply::Saved).map_err(message),
+            Command::Load { path, strict } => checkpoint::load_pretrainer(self, &path, strict)
+                .map(|(report, extra)| Reply::Loaded { report, extra })
+                .map_err(message),
+            Command::Reconstruct { images, seed } => {
+                recon::reconstruct(&self.model, &images.view(), seed).map(Reply::Reconstruction).map_err(message)
+            }
         }
     }
+}
+
+pub enum ClassifierCommand {
+    Train { images: Images, opts: TrainStepOptions },
+    Evaluate { images: Images, labels: Option<Vec<usize>> },
+    Save { path: PathBuf, extra: String },
+    /// Exact restore (resume or evaluation).
+    Load { path: PathBuf, strict: bool },
+    /// Official initialization from a pretrained encoder (fresh head).
+    InitFrom { path: PathBuf },
+    /// Raises a Rust panic on the worker (tests of the panic-to-Error path).
+    Panic,
+}
+
+pub enum ClassifierReply {
+    Trained(TrainStepStats),
+    Evaluated(EvalStats),
+    Saved,
+    Loaded { report: LoadReport, extra: String },
+}
+
+impl Worker for ClassifierTrainer {
+    type Command = ClassifierCommand;
+    type Reply = ClassifierReply;
+    fn run(&mut self, command: ClassifierCommand) -> Result<ClassifierReply, String> {
+        use ClassifierCommand as C;
+        use ClassifierReply as R;
+        match command {
+            C::Train { images, opts } => self.train_step(&images.view(), &opts).map(R::Trained).map_err(message),
+            C::Evaluate { images, labels } => self.evaluate(&images.view(), labels.as_deref()).map(R::Evaluated).map_err(message),
+            C::Save { path, extra } => checkpoint::save_classifier(self, &path, &extra).map(|_| R::Saved).map_err(message),
+            C::Load { path, strict } => {
+                checkpoint::load_classifier(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message)
+            }
+            C::InitFrom { path } => {
+                checkpoint::init_classifier_from(self, &path).map(|report| R::Loaded { report, extra: "{}".into() }).map_err(message)
+            }
+            C::Panic => panic!("panic requested by the caller"),
+        }
+    }
+}
+
+pub struct Session<W: Worker> {
+    sender: Option<mpsc::Sender<(W::Command, Callback<W::Reply>)>>,
+    worker: Option<JoinHandle<()>>,
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -69,19 +124,19 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     format!("internal error (Rust panic) in the model worker: {text}")
 }
 
-impl Session {
+impl<W: Worker> Session<W> {
     /// Starts the worker; `make` builds the trainer on the worker thread itself (building
     /// ConvMAE-B's 115M weights takes a while, and the caller's thread may be Node's main thread).
     /// If `make` fails, every command is answered with its error.
-    pub fn start(make: impl FnOnce() -> Result<Pretrainer, String> + Send + 'static) -> Self {
-        let (sender, receiver) = mpsc::channel::<(Command, Callback)>();
+    pub fn start(make: impl FnOnce() -> Result<W, String> + Send + 'static) -> Self {
+        let (sender, receiver) = mpsc::channel::<(W::Command, Callback<W::Reply>)>();
         let worker = std::thread::Builder::new()
             .name("convmae-model".into())
             .spawn(move || {
                 let mut trainer = catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p)));
                 for (command, reply) in receiver {
                     let result = match &mut trainer {
-                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| run(trainer, command)))
+                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| trainer.run(command)))
                             .unwrap_or_else(|p| Err(panic_message(p))),
                         Err(e) => Err(format!("the model could not be created: {e}")),
                     };
@@ -93,7 +148,7 @@ impl Session {
     }
 
     /// Queues a command; the callback runs on the worker thread when it is done.
-    pub fn submit(&self, command: Command, reply: Callback) {
+    pub fn submit(&self, command: W::Command, reply: Callback<W::Reply>) {
         match &self.sender {
             Some(s) => {
                 if let Err(mpsc::SendError((_, reply))) = s.send((command, reply)) {
@@ -124,7 +179,7 @@ impl Session {
     }
 }
 
-impl Drop for Session {
+impl<W: Worker> Drop for Session<W> {
     fn drop(&mut self) {
         // Closing the channel ends the worker loop; don't block a finalizer on it.
         self.sender.take();

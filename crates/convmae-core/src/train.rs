@@ -4,7 +4,8 @@ use crate::masking::Masking;
 use crate::model::ConvMae;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
-use candle_core::{DType, Result, Tensor};
+use crate::augment::AugmentSpec;
+use candle_core::{DType, Result, Tensor, WithDType};
 use serde::Serialize;
 
 /// ImageNet statistics used by every official recipe.
@@ -41,34 +42,60 @@ pub struct StepStats {
     pub updated: bool,
 }
 
-/// `(pixel / 255 - mean) / std` per channel, computed in `dtype` like torchvision's ToTensor + Normalize.
+/// `(pixel / 255 - mean) / std` per channel, computed in `T` like torchvision's ToTensor + Normalize.
+fn normalized_values<T: WithDType>(pixels: &[u8]) -> Vec<T> {
+    let mean = IMAGENET_MEAN.map(T::from_f64);
+    let std = IMAGENET_STD.map(T::from_f64);
+    let scale = T::from_f64(255.0);
+    pixels.iter().enumerate().map(|(i, &p)| (T::from_f64(p as f64) / scale - mean[i % 3]) / std[i % 3]).collect()
+}
+
+impl Batch<'_> {
+    fn check_layout(&self) -> Result<()> {
+        let Batch { pixels, batch: b, height, width, channels } = *self;
+        if pixels.len() != b * height * width * channels {
+            return Err(candle_core::Error::Msg(format!(
+                "images: {} bytes do not hold {b} images of {height}x{width}x{channels}",
+                pixels.len()
+            )));
+        }
+        if channels != 3 {
+            return Err(candle_core::Error::Msg(format!("images: expected 3 channels (RGB), got {channels}")));
+        }
+        Ok(())
+    }
+
+    fn dims(&self) -> [usize; 4] {
+        [self.batch, self.height, self.width, self.channels]
+    }
+}
+
+/// The batch normalized with the ImageNet statistics, as a [B, H, W, C] tensor of `dtype`.
 pub fn normalize(batch: &Batch, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let Batch { pixels, batch: b, height, width, channels } = *batch;
-    if pixels.len() != b * height * width * channels {
-        return Err(candle_core::Error::Msg(format!(
-            "images: {} bytes do not hold {b} images of {height}x{width}x{channels}",
-            pixels.len()
-        )));
+    normalize_augmented(batch, dtype, device, &AugmentSpec::default(), 0, 0)
+}
+
+/// `normalize`, then the normalized-pixel augmentations of `augment` (erasing noise drawn from
+/// `seed` and `step`). Arithmetic is in f64 for f64 models and in f32 otherwise.
+pub fn normalize_augmented(
+    batch: &Batch,
+    dtype: DType,
+    device: &candle_core::Device,
+    augment: &AugmentSpec,
+    seed: u64,
+    step: u64,
+) -> Result<Tensor> {
+    batch.check_layout()?;
+    let dims = batch.dims();
+    if dtype == DType::F64 {
+        let mut v = normalized_values::<f64>(batch.pixels);
+        augment.apply(&mut v, dims, seed, step)?;
+        Tensor::from_vec(v, &dims[..], device)
+    } else {
+        let mut v = normalized_values::<f32>(batch.pixels);
+        augment.apply(&mut v, dims, seed, step)?;
+        Tensor::from_vec(v, &dims[..], device)?.to_dtype(dtype)
     }
-    if channels != 3 {
-        return Err(candle_core::Error::Msg(format!("images: expected 3 channels (RGB), got {channels}")));
-    }
-    let t = match dtype {
-        DType::F64 => {
-            let v: Vec<f64> = pixels
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| (p as f64 / 255.0 - IMAGENET_MEAN[i % 3]) / IMAGENET_STD[i % 3])
-                .collect();
-            Tensor::from_vec(v, (b, height, width, channels), device)?
-        }
-        _ => {
-            let (m, s) = (IMAGENET_MEAN.map(|x| x as f32), IMAGENET_STD.map(|x| x as f32));
-            let v: Vec<f32> = pixels.iter().enumerate().map(|(i, &p)| (p as f32 / 255.0 - m[i % 3]) / s[i % 3]).collect();
-            Tensor::from_vec(v, (b, height, width, channels), device)?.to_dtype(dtype)?
-        }
-    };
-    Ok(t)
 }
 
 /// Owns the model and its optimizer state; one instance per training run.

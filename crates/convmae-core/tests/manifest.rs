@@ -1,5 +1,6 @@
 //! ConvMAE-B tensor names, shapes and counts equal the official model's (golden manifest).
 
+use convmae_core::model::classifier::ClassifierHead;
 use convmae_core::params::{classifier_param_specs, pretrain_param_specs, ParamSpec};
 use convmae_core::ConvMaeConfig;
 
@@ -32,7 +33,7 @@ fn pretrain_model_matches_the_official_manifest() {
 
 #[test]
 fn finetune_model_matches_the_official_manifest() {
-    check(&classifier_param_specs(&ConvMaeConfig::base(), 1000), &manifest()["finetune"]);
+    check(&classifier_param_specs(&ConvMaeConfig::base(), &ClassifierHead::finetune(1000)), &manifest()["finetune"]);
 }
 
 #[test]

@@ -61,9 +61,26 @@ pub enum SpatialMix<'a> {
     Sparse(&'a Arc<SparseNeighbors>),
 }
 
+/// Stochastic depth (timm `DropPath`) of one block in training: a per-sample scale for each of
+/// the block's two residual branches, 0 (dropped) or 1 / keep_prob, shaped to broadcast over a
+/// sample ([B, 1, 1] for tokens, [B, 1, 1, 1] for feature maps). The official block calls its
+/// DropPath twice, so the two branches draw independently.
+pub struct DropPath {
+    pub first: Tensor,
+    pub second: Tensor,
+}
+
+/// `x + branch`, with the branch scaled per sample when stochastic depth is active.
+fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+    match scale {
+        Some(s) => x + branch.broadcast_mul(s)?,
+        None => x + branch,
+    }
+}
+
 /// CBlock: x + conv2(DW5x5(keep * conv1(LN(x)))), then x + fc2(GELU(fc1(LN(x)))).
 /// The mask touches only the depthwise conv's input, as in the official code.
-pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix) -> Result<Tensor> {
+pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, drop: Option<&DropPath>) -> Result<Tensor> {
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, CONV_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
     let dw = p.get(&format!("{prefix}.attn.weight"));
@@ -83,10 +100,10 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix) ->
         }
     };
     let h = h.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
-    let x = (x + linear_p(p, &format!("{prefix}.conv2"), &h)?)?;
+    let x = residual(x, linear_p(p, &format!("{prefix}.conv2"), &h)?, drop.map(|d| &d.first))?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, CONV_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
-    x + linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?
+    residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
 }
 
 /// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous.
@@ -114,12 +131,12 @@ pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> 
 }
 
 /// timm ViT Block: x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
-pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
+pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize, drop: Option<&DropPath>) -> Result<Tensor> {
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
-    let x = (x + attention(p, &format!("{prefix}.attn"), &h, num_heads)?)?;
+    let x = residual(x, attention(p, &format!("{prefix}.attn"), &h, num_heads)?, drop.map(|d| &d.first))?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, VIT_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
-    x + linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?
+    residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
 }
 
 /// Gathers rows of `x` ([B, L, D]) at `ids` ([B, K] u32) along dim 1.

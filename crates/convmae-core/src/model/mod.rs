@@ -98,7 +98,7 @@ impl ConvMae {
 
         // Stage 3 on the visible tokens only.
         for i in 0..cfg.depth[2] {
-            x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads)?;
+            x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, None)?;
         }
         let stage3_tokens = x.clone();
         // Fusion happens after stage 3 and before the final norm (spec 1.5, step 10).
@@ -125,6 +125,7 @@ impl ConvMae {
             imgs,
             &SpatialMix::Dense { keep: Some(&keep1) },
             &SpatialMix::Dense { keep: Some(&keep2) },
+            None,
         )?;
         let (b, l, d3) = (imgs.dim(0)?, cfg.num_tokens(), cfg.embed_dim[2]);
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
@@ -156,7 +157,7 @@ impl ConvMae {
         let pixels = token_blocks(imgs, crate::config::TOKEN_PATCH, &rows)?;
         let nbrs1 = Arc::new(visible_neighbors(cfg, masking, 0)?);
         let nbrs2 = Arc::new(visible_neighbors(cfg, masking, 1)?);
-        let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2))?;
+        let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2), None)?;
         // Each token block collapses to one token: [B * keep, 1, 1, D3] -> [B, keep, D3].
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
             patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?.reshape((b, keep, d3))
@@ -181,7 +182,7 @@ impl ConvMae {
         let x = gather_tokens(&x, &masking.ids_restore_tensor(self.device())?)?;
         let mut x = x.broadcast_add(p.get("decoder_pos_embed"))?;
         for i in 0..cfg.decoder_depth {
-            x = transformer_block(p, &format!("decoder_blocks.{i}"), &x, cfg.decoder_num_heads)?;
+            x = transformer_block(p, &format!("decoder_blocks.{i}"), &x, cfg.decoder_num_heads, None)?;
         }
         let x = layer_norm_p(p, "decoder_norm", &x, VIT_LN_EPS)?;
         linear_p(p, "decoder_pred", &x)
@@ -189,22 +190,25 @@ impl ConvMae {
 }
 
 /// patch_embed1 -> blocks1 -> patch_embed2 -> blocks2 on channels-last images (whole images,
-/// or token blocks on the sparse path); returns both stage outputs.
+/// or token blocks on the sparse path); returns both stage outputs. `drop` holds the stochastic
+/// depth of blocks1 then blocks2 (fine-tuning only).
 pub fn conv_stages(
     cfg: &ConvMaeConfig,
     p: &ParamStore,
     imgs: &Tensor,
     mix1: &SpatialMix,
     mix2: &SpatialMix,
+    drop: Option<&[DropPath]>,
 ) -> Result<(Tensor, Tensor)> {
+    let drop_of = |block: usize| drop.map(|d| &d[block]);
     let mut x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
     for i in 0..cfg.depth[0] {
-        x = conv_block(p, &format!("blocks1.{i}"), &x, mix1)?;
+        x = conv_block(p, &format!("blocks1.{i}"), &x, mix1, drop_of(i))?;
     }
     let stage1 = x;
     let mut x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
     for i in 0..cfg.depth[1] {
-        x = conv_block(p, &format!("blocks2.{i}"), &x, mix2)?;
+        x = conv_block(p, &format!("blocks2.{i}"), &x, mix2, drop_of(cfg.depth[0] + i))?;
     }
     Ok((stage1, x))
 }
