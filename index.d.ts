@@ -9,6 +9,40 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** A classifier (fine-tuning or linear probe) and its optimizer, owned by one worker thread. */
+export declare class NativeClassifier {
+  /**
+   * `headJson`: {num_classes, pool: 'global'|'token', kind: 'finetune'|'linear-probe',
+   * drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
+   * head's official optimizer). Validated here; the weights are built on the worker.
+   */
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null)
+  /**
+   * One optimizer update. Targets are either `labels` (class ids) or `targets` ([batch,
+   * numClasses] probabilities); `augmentJson` holds the erasing boxes and the mix (see
+   * augment.rs), applied to the normalized images.
+   */
+  train(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, labels?: Int32Array | undefined | null, targets?: Float64Array | undefined | null, augmentJson?: string | undefined | null): Promise<TrainStepResult>
+  /** Evaluation-mode logits, with loss and top-1 / top-5 hits when labels are given. */
+  evaluate(pixels: Uint8Array, batch: number, height: number, width: number, labels?: Int32Array | undefined | null): Promise<EvalResult>
+  /** Writes weights, optimizer state and `extra` (JSON) atomically. */
+  save(path: string, extra: string): Promise<void>
+  /** Restores a classifier checkpoint exactly (ours, or an official fine-tuned .pth). */
+  load(path: string, strict: boolean): Promise<LoadResult>
+  /**
+   * Loads a pretrained encoder the way the official fine-tune / linear-probe scripts do
+   * (strict=False, fresh head); the report lists missing, unexpected and reinitialized tensors.
+   */
+  initFrom(path: string): Promise<LoadResult>
+  /**
+   * Raises a Rust panic on the model's worker thread; the Promise rejects with an Error and
+   * the process lives on. For tests of that guarantee.
+   */
+  debugPanic(): Promise<void>
+  /** Frees the model after queued commands finish. Further calls reject. */
+  dispose(): void
+}
+
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
   /** `configJson` is validated here, synchronously; the weights are built on the worker. */
@@ -33,6 +67,22 @@ export declare function benchDepthwiseConv(preset: string, stage: number, batch:
 
 /** Runs a golden-format fixture through the model; resolves to the JSON report. */
 export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null): Promise<string>
+
+/**
+ * The metadata of a checkpoint as a JSON object of strings (ours: format, kind, config, head,
+ * optimizer, ...; an official .pth has none: {}).
+ */
+export declare function checkpointMetadata(path: string): Promise<string>
+
+export interface EvalResult {
+  /** Sum of the per-image cross-entropy (0 without labels). */
+  lossSum: number
+  top1: number
+  top5: number
+  count: number
+  /** [count, numClasses] logits, row-major. */
+  logits: Float32Array
+}
 
 export interface LoadResult {
   /** JSON of the LoadReport (format, loaded, missing, unexpected, optimizerRestored). */
@@ -63,4 +113,11 @@ export interface StepResult {
   microStep: number
   optimizerStep: number
   updated: boolean
+}
+
+export interface TrainStepResult {
+  loss: number
+  lr: number
+  /** Optimizer updates applied so far, this one included. */
+  step: number
 }

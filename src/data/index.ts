@@ -1,5 +1,5 @@
 /** Data pipeline of ConvMAE pretraining: datasets, transforms, batch loader. */
-export { createRng, deriveSeed, permutation, randInt, uniform, type Rng } from './rng.js';
+export { beta, createRng, deriveSeed, gamma, normal, permutation, randInt, uniform, type Rng } from './rng.js';
 export {
   DEFAULT_HFLIP_PROB,
   DEFAULT_RATIO,
@@ -32,3 +32,6 @@ export {
 } from './datasets.js';
 export { decodeBmp, isBmp, type DecodedBmp } from './bmp.js';
 export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
+export { mixedTargets, sampleMix, type MixDraw, type MixSpec, type MixupOptions } from './mixup.js';
+export { sampleErasing, type EraseBox, type ErasingOptions } from './erasing.js';
+export { RAND_AUGMENT_OPS, randAugment, type RandAugmentOptions } from './randaugment.js';

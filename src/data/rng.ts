@@ -118,3 +118,35 @@ export function permutation(n: number, rng: Rng): Uint32Array {
   }
   return out;
 }
+
+/** Standard normal sample (Box-Muller; the second value of the pair is dropped for simplicity). */
+export function normal(rng: Rng): number {
+  const u = 1 - rng(); // (0, 1]: log stays finite
+  return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * rng());
+}
+
+/** Gamma(shape, 1) sample by Marsaglia and Tsang; shapes below 1 use the U^(1/shape) boost. */
+export function gamma(rng: Rng, shape: number): number {
+  if (!(shape > 0)) throw new RangeError(`gamma: shape must be positive, got ${shape}`);
+  if (shape < 1) return gamma(rng, shape + 1) * Math.pow(1 - rng(), 1 / shape);
+  const d = shape - 1 / 3;
+  const c = 1 / Math.sqrt(9 * d);
+  for (;;) {
+    let x: number;
+    let v: number;
+    do {
+      x = normal(rng);
+      v = 1 + c * x;
+    } while (v <= 0);
+    v = v * v * v;
+    const u = 1 - rng();
+    if (Math.log(u) < 0.5 * x * x + d - d * v + d * Math.log(v)) return d * v;
+  }
+}
+
+/** Beta(a, b) sample as X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b). */
+export function beta(rng: Rng, a: number, b: number): number {
+  const x = gamma(rng, a);
+  const y = gamma(rng, b);
+  return x / (x + y);
+}

@@ -106,6 +106,17 @@ pub async fn check_fixture(path: String, dtype: String, conv_path: Option<String
     .await
 }
 
+/// The metadata of a checkpoint as a JSON object of strings (ours: format, kind, config, head,
+/// optimizer, ...; an official .pth has none: {}).
+#[napi]
+pub async fn checkpoint_metadata(path: String) -> Result<String> {
+    off_thread(move || {
+        let file = crate::checkpoint::read_checkpoint(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
+        Ok(serde_json::to_string(&file.metadata).unwrap())
+    })
+    .await
+}
+
 /// Times the depthwise conv of conv stage `stage` (1 or 2) of a preset, dense-masked vs sparse,
 /// forward and forward + backward, f32 on the CPU; resolves to JSON (see bench.rs).
 #[napi]

@@ -1,0 +1,173 @@
+/**
+ * The typed classifier: a ConvMAE encoder with a fine-tuning head (Linear) or a linear-probe
+ * head (BatchNorm without affine + Linear, frozen encoder), on its own Rust worker thread.
+ * Every method returns a Promise; the event loop stays free while a step runs.
+ */
+import { native } from '../native.js';
+import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
+import type { DType, ImageBatch, LoadOptions, LoadReport } from './pretrainer.js';
+
+/** 'global': mean of the tokens + fc_norm (official default); 'token': norm + token 0 (the probe's default quirk). */
+export type Pooling = 'global' | 'token';
+export type HeadKind = 'finetune' | 'linear-probe';
+
+/** AdamW of the fine-tune recipe: betas (0.9, 0.999), weight decay 0.05, layer decay 0.65. */
+export interface FinetuneAdamWOptions {
+  kind: 'adamw';
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weight_decay?: number;
+  /** lr scale of layer i is layer_decay^(L - i); stages 1-2 and the patch embeds are layer 0. */
+  layer_decay?: number;
+}
+
+/** LARS of the linear probe: momentum 0.9, trust coefficient 0.001, no weight decay. */
+export interface LarsOptions {
+  kind: 'lars';
+  momentum?: number;
+  trust_coefficient?: number;
+  weight_decay?: number;
+}
+
+export interface ClassifierOptions extends ModelSpec {
+  numClasses: number;
+  /** Default 'finetune'. */
+  kind?: HeadKind;
+  /** Default 'global'. */
+  pool?: Pooling;
+  /** Stochastic depth of the last block (rates rise linearly over all blocks); fine-tuning only. Default 0. */
+  dropPath?: number;
+  dtype?: DType;
+  /** Seeds the head init, stochastic depth and erasing noise. Default 0. */
+  seed?: number;
+  /** Default: AdamW for 'finetune', LARS for 'linear-probe'. */
+  optimizer?: FinetuneAdamWOptions | LarsOptions;
+}
+
+/** Augmentations the native step applies to normalized pixels (boxes drawn by src/data). */
+export interface NativeAugment {
+  erase?: { sample: number; top: number; left: number; height: number; width: number }[];
+  mix?: { lam: number; cut?: [number, number, number, number] };
+}
+
+export interface TrainOptions {
+  lr: number;
+  /** Class ids (plain cross-entropy) ... */
+  labels?: Int32Array;
+  /** ... or [batch, numClasses] probabilities (label smoothing, mixup, cutmix). */
+  targets?: Float64Array;
+  augment?: NativeAugment;
+}
+
+export interface TrainResult {
+  loss: number;
+  lr: number;
+  /** Optimizer updates so far. */
+  step: number;
+}
+
+export interface EvalResult {
+  /** Sum of per-image cross-entropy (0 without labels). */
+  lossSum: number;
+  top1: number;
+  top5: number;
+  count: number;
+  /** [count, numClasses] row-major. */
+  logits: Float32Array;
+}
+
+export interface ClassifierLoadReport extends LoadReport {
+  /** Tensors the file has that were drawn fresh on purpose (the classification head). */
+  reinitialized: string[];
+}
+
+function checkBatch(batch: ImageBatch): void {
+  const { images, batchSize, height, width } = batch;
+  if (!(images instanceof Uint8Array)) throw new TypeError('images must be a Uint8Array of [batch, height, width, 3] pixels');
+  const want = batchSize * height * width * 3;
+  if (images.length !== want) {
+    throw new RangeError(`images holds ${images.length} bytes, expected ${want} for ${batchSize} images of ${height}x${width}x3`);
+  }
+}
+
+function parseReport(r: { report: string; extra: string }): ClassifierLoadReport {
+  return { ...(JSON.parse(r.report) as Omit<ClassifierLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
+}
+
+export class Classifier {
+  readonly config: ConvMaeConfig;
+  readonly numClasses: number;
+  readonly kind: HeadKind;
+  readonly pool: Pooling;
+  readonly dtype: DType;
+  #native: InstanceType<typeof native.NativeClassifier> | undefined;
+
+  private constructor(config: ConvMaeConfig, options: ClassifierOptions) {
+    this.config = config;
+    this.numClasses = options.numClasses;
+    this.kind = options.kind ?? 'finetune';
+    this.pool = options.pool ?? 'global';
+    this.dtype = options.dtype ?? 'f32';
+    const head = { num_classes: this.numClasses, pool: this.pool, kind: this.kind, drop_path: options.dropPath ?? 0 };
+    const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
+    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer);
+  }
+
+  /** A fresh classifier (official init: sin-cos pos_embed, trunc-normal head). Invalid options throw here. */
+  static create(options: ClassifierOptions): Classifier {
+    if (!Number.isInteger(options.numClasses) || options.numClasses < 1) {
+      throw new RangeError(`numClasses must be a positive integer, got ${String(options.numClasses)}`);
+    }
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    return new Classifier(resolveConfig(options), options);
+  }
+
+  private get handle(): InstanceType<typeof native.NativeClassifier> {
+    if (!this.#native) throw new Error('this Classifier was disposed');
+    return this.#native;
+  }
+
+  /**
+   * Loads a pretrained encoder as main_finetune.py / main_linprobe.py do: strict=False, head left
+   * fresh. The report lists missing (expected: head.*, fc_norm.*), unexpected (decoder, norm, ...)
+   * and reinitialized tensors.
+   */
+  async initFrom(path: string): Promise<ClassifierLoadReport> {
+    return parseReport(await this.handle.initFrom(path));
+  }
+
+  /** Restores a classifier checkpoint exactly (ours with optimizer state, or an official fine-tuned .pth). */
+  async load(path: string, options: LoadOptions = {}): Promise<ClassifierLoadReport> {
+    return parseReport(await this.handle.load(path, options.strict ?? true));
+  }
+
+  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
+    await this.handle.save(path, JSON.stringify(extra));
+  }
+
+  /** One optimizer update on uint8 images (normalized, erased and mixed natively). */
+  async train(batch: ImageBatch, options: TrainOptions): Promise<TrainResult> {
+    checkBatch(batch);
+    if (!options.labels && !options.targets) throw new TypeError('train: pass labels or targets');
+    const augment = options.augment ? JSON.stringify(options.augment) : undefined;
+    return this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, options.lr, options.labels, options.targets, augment);
+  }
+
+  /** Evaluation-mode logits; loss and top-1 / top-5 hits when labels are given. */
+  async evaluate(batch: ImageBatch, labels?: Int32Array): Promise<EvalResult> {
+    checkBatch(batch);
+    return this.handle.evaluate(batch.images, batch.batchSize, batch.height, batch.width, labels);
+  }
+
+  /** Raises a Rust panic on the worker; the Promise rejects and Node lives on (for tests). */
+  async debugPanic(): Promise<void> {
+    await this.handle.debugPanic();
+  }
+
+  dispose(): void {
+    this.#native?.dispose();
+    this.#native = undefined;
+  }
+}
