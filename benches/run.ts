@@ -31,10 +31,12 @@ import {
 } from './lib.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
+import { transferSuite } from './transfer.js';
 
 export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
+  [transferSuite.name]: transferSuite,
 };
 
 /** Flags every suite accepts (handled here). */

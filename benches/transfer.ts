@@ -1,0 +1,139 @@
+/**
+ * The transfer suite: does pretraining help? Pretrains a small preset for a fixed budget, then
+ * linear-probes and fine-tunes it with the official recipes, next to the same schedules from a
+ * randomly initialized encoder, and reports top-1 / top-5 on the test split.
+ *
+ *   npm run bench -- transfer                                  # Fashion-MNIST when installed, else MNIST
+ *   npm run bench -- transfer --pretrained runs/x/checkpoint.safetensors --pretrain-steps 4000
+ *
+ * Fashion-MNIST comes from the Debian package dataset-fashion-mnist
+ * (/usr/share/datasets/fashion-mnist/*-idx*-ubyte.gz; `apt-get download` + `dpkg -x` works
+ * without root: pass --data to the extracted train-images file).
+ *
+ * Each row's `images_per_s` is the training throughput of that run; accuracies and budgets are in
+ * the details and the table. Long: about an hour on 2 cores with the defaults.
+ */
+import { existsSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { finetune, linprobe, pretrain, type ClassifyRunSummary } from '../src/index.js';
+import { REPO_ROOT, fmt, intFlag, markdownTable, type Measurement, type Options, type Suite } from './lib.js';
+
+const FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz';
+
+function numFlag(opts: Options, name: string, dflt: number): number {
+  const v = opts.flags[name];
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new RangeError(`--${name} must be a positive number, got '${v}'`);
+  return n;
+}
+
+interface Details {
+  recipe: string;
+  init: string;
+  acc1: number;
+  acc5: number;
+  eval_loss: number;
+  eval_images: number;
+  steps: number;
+  train_images: number;
+  seconds: number;
+  data: string;
+  pretrain?: Record<string, unknown>;
+}
+
+export const transferSuite: Suite = {
+  name: 'transfer',
+  summary: 'pretrain a small preset, then linear-probe and fine-tune it vs a random init (accuracy, not speed)',
+  flags: {
+    data: `training IDX file (default ${FASHION} when present, else the bundled MNIST)`,
+    preset: 'default convmae-tiny',
+    pretrained: 'use this pretraining checkpoint instead of pretraining here (say --pretrain-steps it had)',
+    'pretrain-steps': 'default 4000 (batch 64, blr 1e-2, warmup 200 steps)',
+    'linprobe-epochs': 'default 3 (batch 256, blr 0.1, warmup 0.3 epoch, LARS)',
+    'finetune-epochs': 'default 2 (batch 64, blr 5e-4, warmup 0.2 epoch, full recipe)',
+    seed: 'default 0',
+    work: 'where the runs go (default runs/bench-transfer)',
+  },
+  async run(opts, log) {
+    const data = opts.flags.data ?? (existsSync(FASHION) ? FASHION : 'mnist');
+    const preset = opts.flags.preset ?? 'convmae-tiny';
+    const seed = intFlag(opts, 'seed', 0, 0);
+    const work = path.resolve(opts.flags.work ?? path.join(REPO_ROOT, 'runs', 'bench-transfer'));
+    mkdirSync(work, { recursive: true });
+    const pretrainSteps = intFlag(opts, 'pretrain-steps', 4000);
+    const pretrainRecipe = { preset, batchSize: 64, steps: pretrainSteps, blr: 1e-2, warmupSteps: 200, seed };
+    let checkpoint = opts.flags.pretrained;
+    let pretrainInfo: Record<string, unknown> = { ...pretrainRecipe, checkpoint };
+    if (!checkpoint) {
+      log(`pretraining ${preset} on ${data} for ${pretrainSteps} steps`);
+      const started = performance.now();
+      const p = await pretrain({ ...pretrainRecipe, data, outDir: path.join(work, 'pretrain'), reconstructions: 8 });
+      checkpoint = p.checkpoint;
+      pretrainInfo = { ...pretrainRecipe, checkpoint, seconds: (performance.now() - started) / 1000, first_loss: p.firstLoss, last_loss: p.lastLoss };
+    }
+
+    const measurements: Measurement[] = [];
+    const runs = [
+      { recipe: 'linprobe', epochs: numFlag(opts, 'linprobe-epochs', 3), batchSize: 256, warmupEpochs: 0.3 },
+      { recipe: 'finetune', epochs: numFlag(opts, 'finetune-epochs', 2), batchSize: 64, warmupEpochs: 0.2 },
+    ];
+    for (const r of runs) {
+      for (const init of ['pretrained', 'random'] as const) {
+        const outDir = path.join(work, `${r.recipe}-${init}`);
+        log(`${r.recipe} from ${init === 'pretrained' ? checkpoint : 'a random init'}: ${r.epochs} epoch(s), batch ${r.batchSize}`);
+        const base = { data, preset, batchSize: r.batchSize, warmupEpochs: r.warmupEpochs, seed, outDir, init: init === 'pretrained' ? checkpoint : undefined };
+        // Whole epochs, or the fractional budget in steps.
+        const run = async (): Promise<ClassifyRunSummary> => {
+          const steps = Number.isInteger(r.epochs) ? undefined : Math.round(r.epochs * (60000 / r.batchSize));
+          const o = { ...base, epochs: steps ? undefined : r.epochs, steps, onEval: (e: { step: number; acc1: number }) => log(`  step ${e.step}: acc@1 ${e.acc1.toFixed(2)}%`) };
+          return r.recipe === 'linprobe' ? linprobe(o) : finetune(o);
+        };
+        const s = await run();
+        const last = s.evals.at(-1);
+        if (!last) throw new Error(`${r.recipe} (${init}) found no evaluation split for ${data}`);
+        const details: Details = {
+          recipe: r.recipe,
+          init,
+          acc1: last.acc1,
+          acc5: last.acc5,
+          eval_loss: last.loss,
+          eval_images: last.count,
+          steps: s.steps,
+          train_images: s.steps * r.batchSize,
+          seconds: s.seconds,
+          data: s.dataset,
+          pretrain: init === 'pretrained' ? pretrainInfo : undefined,
+        };
+        log(`  -> acc@1 ${last.acc1.toFixed(2)}%  acc@5 ${last.acc5.toFixed(2)}%  in ${s.seconds.toFixed(0)} s`);
+        measurements.push({
+          suite: 'transfer',
+          impl: `${r.recipe}-${init}`,
+          preset,
+          batch: r.batchSize,
+          dtype: 'f32',
+          device: 'cpu',
+          threads: 0,
+          images_per_s: (s.steps * r.batchSize) / s.seconds,
+          peak_mem_mb: process.memoryUsage().rss / 2 ** 20,
+          ms_per_step_median: (1000 * s.seconds) / Math.max(1, s.steps),
+          details: details as unknown as Record<string, unknown>,
+        });
+      }
+    }
+    const notes = [
+      `pretraining: ${preset}, ${pretrainSteps} steps x batch 64 (${pretrainSteps * 64} images) on ${data}, blr 1e-2, warmup 200, checkpoint ${checkpoint}`,
+      'threads = 0: the default (all cores); images_per_s includes evaluation passes at each epoch end',
+    ];
+    return { measurements, notes };
+  },
+  table(ms) {
+    return markdownTable(
+      ['recipe', 'encoder init', 'epochs (steps x batch)', 'top-1 %', 'top-5 %', 'eval loss', 'wall s'],
+      ms.map((m) => {
+        const d = m.details as unknown as Details;
+        return [d.recipe, d.init, `${fmt(d.train_images / 60000)} (${d.steps} x ${m.batch})`, d.acc1.toFixed(2), d.acc5.toFixed(2), fmt(d.eval_loss), fmt(d.seconds)];
+      }),
+    );
+  },
+};
