@@ -277,3 +277,27 @@ fn finetuning_lowers_the_loss_on_a_fixed_batch() {
     assert_eq!(eval.logits.len(), 4 * 5);
     assert!(eval.top1 >= 3 && eval.top5 == 4, "{eval:?}");
 }
+
+/// A fine-tuned checkpoint in the official layout (bare state_dict names, no metadata of ours),
+/// made from the golden fine-tune fixture's weights, loads strictly and reproduces its logits.
+#[test]
+fn an_official_layout_finetuned_checkpoint_loads_strictly_and_reproduces_the_fixture() {
+    let fx = convmae_core::fixture::Fixture::read(&golden("finetune_small.safetensors")).unwrap();
+    let tensors: Vec<(String, Tensor)> =
+        fx.tensors.iter().filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone()))).collect();
+    assert_eq!(tensors.len(), classifier_param_specs(&ConvMaeConfig::golden_small(), &ClassifierHead::finetune(10)).len());
+    let path = tmp("official-finetuned.safetensors");
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+
+    let model = ConvViT::new(ConvMaeConfig::golden_small(), ClassifierHead::finetune(10), DType::F64, &Device::Cpu, 0).unwrap();
+    let mut t = ClassifierTrainer::new(model, OptimizerConfig::default_for(HeadKind::Finetune), 0).unwrap();
+    let (report, _) = load_classifier(&mut t, &path, true).unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty() && !report.optimizer_restored, "{report:?}");
+    let imgs = fx.tensor("input.imgs").unwrap().permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let logits = t.model.forward(&imgs).unwrap().logits;
+    let want = to_vec(fx.tensor("output.logits").unwrap());
+    let got = to_vec(&logits);
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-9 * scale));
+}
