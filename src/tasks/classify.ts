@@ -21,7 +21,7 @@ import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import type { DType } from '../api/pretrainer.js';
 import { native } from '../native.js';
-import { lrAt, scaledLr } from './schedule.js';
+import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
 export interface ClassifyRunOptions {
   /** Training data: image folder (ImageNet layout), IDX file, or 'mnist'. Default: MNIST train. */
@@ -64,15 +64,7 @@ export interface ClassifyRunOptions {
   signal?: AbortSignal;
 }
 
-export interface ClassifyProgress {
-  step: number;
-  totalSteps: number;
-  epoch: number;
-  loss: number;
-  lr: number;
-  imagesPerSec: number;
-  etaSeconds: number;
-}
+export type ClassifyProgress = TrainingProgress;
 
 export interface EvalSummary {
   step: number;

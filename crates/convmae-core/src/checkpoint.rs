@@ -6,7 +6,8 @@ use crate::params::ParamStore;
 use crate::classify::{ClassifierTrainer, Optimizer};
 use crate::model::classifier::{ClassifierHead, HeadKind};
 use crate::train::Pretrainer;
-use candle_core::{Device, Tensor};
+use crate::optim::Moments;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -204,34 +205,47 @@ pub fn load_weights_except(
     Ok(report)
 }
 
+/// A checkpoint saved from another configuration cannot be restored into this model.
+fn check_same_config(file: &CheckpointFile, ours: &ConvMaeConfig, shown: &str) -> candle_core::Result<()> {
+    if let Some(cfg) = file.config() {
+        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        if &cfg != ours {
+            return Err(err(format!(
+                "checkpoint '{shown}' was saved from a different configuration: {} (this model: {})",
+                serde_json::to_string(&cfg).unwrap(),
+                serde_json::to_string(ours).unwrap()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Copies AdamW moments from the file when it has them for every tensor; false (nothing touched)
+/// when it has none.
+fn restore_moments(moments: &mut [Moments], file: &CheckpointFile, shown: &str, dtype: DType, device: &Device) -> candle_core::Result<bool> {
+    if !moments.iter().all(|m| file.tensors.contains_key(&format!("{EXP_AVG}{}", m.name))) {
+        return Ok(false);
+    }
+    for m in moments.iter_mut() {
+        let get = |prefix: &str| -> candle_core::Result<Tensor> {
+            let key = format!("{prefix}{}", m.name);
+            let t = file.tensors.get(&key).ok_or_else(|| err(format!("checkpoint '{shown}' lacks '{key}'")))?;
+            t.to_dtype(dtype)?.to_device(device)
+        };
+        m.exp_avg = get(EXP_AVG)?;
+        m.exp_avg_sq = get(EXP_AVG_SQ)?;
+    }
+    Ok(true)
+}
+
 /// Restores weights and, when the file has them, optimizer moments and step counters.
 pub fn load_pretrainer(trainer: &mut Pretrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
     let shown = path.display().to_string();
     let file = read_checkpoint(path)?;
-    if let Some(cfg) = file.config() {
-        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
-        if cfg != trainer.model.cfg {
-            return Err(err(format!(
-                "checkpoint '{shown}' was saved from a different configuration: {} (this model: {})",
-                serde_json::to_string(&cfg).unwrap(),
-                serde_json::to_string(&trainer.model.cfg).unwrap()
-            )));
-        }
-    }
+    check_same_config(&file, &trainer.model.cfg, &shown)?;
     let mut report = load_weights(&mut trainer.model.params, &file, strict, &shown)?;
-    let has_moments = trainer.optimizer.moments.iter().all(|m| file.tensors.contains_key(&format!("{EXP_AVG}{}", m.name)));
-    if file.format == "convmae" && has_moments {
-        let dtype = trainer.model.dtype();
-        let device = trainer.model.device().clone();
-        for m in trainer.optimizer.moments.iter_mut() {
-            let get = |prefix: &str| -> candle_core::Result<Tensor> {
-                let key = format!("{prefix}{}", m.name);
-                let t = file.tensors.get(&key).ok_or_else(|| err(format!("checkpoint '{shown}' lacks '{key}'")))?;
-                t.to_dtype(dtype)?.to_device(&device)
-            };
-            m.exp_avg = get(EXP_AVG)?;
-            m.exp_avg_sq = get(EXP_AVG_SQ)?;
-        }
+    let (dtype, device) = (trainer.model.dtype(), trainer.model.device().clone());
+    if file.format == "convmae" && restore_moments(&mut trainer.optimizer.moments, &file, &shown, dtype, &device)? {
         let num = |k: &str| file.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
         trainer.optimizer.step = num("optimizer_step").unwrap_or(0);
         trainer.micro_step = num("micro_step").unwrap_or(0);
@@ -252,16 +266,7 @@ pub fn load_pretrainer(trainer: &mut Pretrainer, path: &Path, strict: bool) -> c
 pub fn load_classifier(trainer: &mut ClassifierTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
     let shown = path.display().to_string();
     let file = read_checkpoint(path)?;
-    if let Some(cfg) = file.config() {
-        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
-        if cfg != trainer.model.cfg {
-            return Err(err(format!(
-                "checkpoint '{shown}' was saved from a different configuration: {} (this model: {})",
-                serde_json::to_string(&cfg).unwrap(),
-                serde_json::to_string(&trainer.model.cfg).unwrap()
-            )));
-        }
-    }
+    check_same_config(&file, &trainer.model.cfg, &shown)?;
     if let Some(head) = file.metadata.get("head") {
         let head: ClassifierHead = serde_json::from_str(head).map_err(|e| err(format!("checkpoint '{shown}': bad head metadata: {e}")))?;
         let (a, b) = (&head, &trainer.model.head);
@@ -279,27 +284,24 @@ pub fn load_classifier(trainer: &mut ClassifierTrainer, path: &Path, strict: boo
     if let Some(n) = file.tensors.get(BN_BATCHES) {
         trainer.bn_batches = n.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
     }
-    let dtype = trainer.model.dtype();
-    let device = trainer.model.device().clone();
-    let get = |key: String| -> Option<candle_core::Result<Tensor>> { file.tensors.get(&key).map(|t| t.to_dtype(dtype)?.to_device(&device)) };
+    let (dtype, device) = (trainer.model.dtype(), trainer.model.device().clone());
     let step = file.metadata.get("optimizer_step").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let restored = match &mut trainer.optimizer {
-        Optimizer::AdamW(o) if o.moments.iter().all(|m| file.tensors.contains_key(&format!("{EXP_AVG}{}", m.name))) => {
-            for m in o.moments.iter_mut() {
-                m.exp_avg = get(format!("{EXP_AVG}{}", m.name)).unwrap()?;
-                m.exp_avg_sq = get(format!("{EXP_AVG_SQ}{}", m.name)).ok_or_else(|| err(format!("checkpoint '{shown}' lacks '{EXP_AVG_SQ}{}'", m.name)))??;
+        Optimizer::AdamW(o) => {
+            let restored = restore_moments(&mut o.moments, &file, &shown, dtype, &device)?;
+            if restored {
+                o.step = step;
             }
-            o.step = step;
-            true
+            restored
         }
         Optimizer::Lars(o) if o.momentum.iter().all(|(n, _)| file.tensors.contains_key(&format!("{MOMENTUM}{n}"))) => {
             for (name, mu) in o.momentum.iter_mut() {
-                *mu = get(format!("{MOMENTUM}{name}")).unwrap()?;
+                *mu = file.tensors[&format!("{MOMENTUM}{name}")].to_dtype(dtype)?.to_device(&device)?;
             }
             o.step = step;
             true
         }
-        _ => false,
+        Optimizer::Lars(_) => false,
     };
     if restored {
         if let Some(seed) = file.metadata.get("seed").and_then(|v| v.parse::<u64>().ok()) {
