@@ -102,7 +102,8 @@ impl InplaceOp3 for Apply {
 }
 
 /// Updates `exp_avg`, `exp_avg_sq` and then `param` in place from `grad` (all the same shape,
-/// the updated three contiguous).
+/// the updated three contiguous). CPU f32 / f64 only (see `has_kernel`); elsewhere use
+/// `composite::adamw_step` and store its results.
 pub fn adamw_update(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, u: &AdamWUpdate) -> Result<()> {
     exp_avg.inplace_op2(grad, &Moment { beta: u.beta1, square: false })?;
     exp_avg_sq.inplace_op2(grad, &Moment { beta: u.beta2, square: true })?;

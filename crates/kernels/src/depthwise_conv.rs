@@ -73,6 +73,9 @@ pub fn depthwise_conv2d(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
     // Checked here as well as in `cpu_fwd` so that a bad call fails with our message on every
     // device, not only where a kernel exists.
     geometry(input.dims(), weight.dims())?;
+    if !crate::composite::has_kernel(input) {
+        return crate::composite::depthwise_conv2d(input, weight);
+    }
     input.apply_op2(weight, DepthwiseConv2d)
 }
 

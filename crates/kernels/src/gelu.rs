@@ -89,6 +89,9 @@ impl CustomOp2 for GeluBackward {
 
 /// GELU (erf form), differentiable with an exact derivative.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !crate::composite::has_kernel(x) {
+        return crate::composite::gelu_erf(x);
+    }
     x.apply_op1(Gelu)
 }
 

@@ -28,6 +28,9 @@ fn row_shape(op: &str, x: &[usize], weight: &[usize], bias: &[usize]) -> Result<
 /// `weight: [D]` and `bias: [D]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     row_shape(OP_NAME, x.dims(), weight.dims(), bias.dims())?;
+    if !crate::composite::has_kernel(x) {
+        return crate::composite::layer_norm(x, weight, bias, eps);
+    }
     x.apply_op3(weight, bias, LayerNorm { eps })
 }
 

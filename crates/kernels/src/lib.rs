@@ -4,8 +4,10 @@
 //! without a backward (their gradients silently vanish), and its grouped convolution runs one
 //! convolution per group, which is hopeless for depthwise convolutions with hundreds of channels.
 //!
-//! Only CPU kernels for f32 and f64 exist. The `cuda` feature only turns on candle's CUDA
-//! backend; on a CUDA tensor the ops currently fail with candle's "no cuda implementation" error.
+//! Our kernels run on the CPU in f32 and f64. On other devices and dtypes (CUDA, bf16) each op
+//! falls back to its composition of candle tensor ops (`composite`), which candle runs and
+//! differentiates everywhere: correct, but unfused. The `cuda` feature turns on candle's CUDA
+//! backend.
 
 use std::borrow::Cow;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
@@ -26,6 +28,7 @@ macro_rules! dispatch_float {
 }
 
 mod adamw;
+pub mod composite;
 mod depthwise_conv;
 mod gelu;
 mod layer_norm;
@@ -36,6 +39,7 @@ mod taps;
 mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, AdamWUpdate};
+pub use composite::has_kernel;
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;

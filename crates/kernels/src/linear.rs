@@ -153,6 +153,9 @@ impl CustomOp3 for LinearBackward {
 /// `x @ weight^T + bias` over the last dim of `x` (any leading dims). `weight` is [out, in] or a
 /// [out, in, 1, 1] 1x1-conv kernel; `bias` is [out]. Differentiable w.r.t. all three.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !crate::composite::has_kernel(x) {
+        return crate::composite::linear(x, weight, bias);
+    }
     x.apply_op3(weight, bias, Linear)
 }
 

@@ -20,6 +20,9 @@ fn last_dim(op: &str, dims: &[usize]) -> Result<usize> {
 /// Differentiable softmax over the last dimension, computed as `exp(x - max) / sum`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     last_dim(OP_NAME, x.dims())?;
+    if !crate::composite::has_kernel(x) {
+        return crate::composite::softmax_last_dim(x);
+    }
     x.apply_op1(Softmax)
 }
 

@@ -229,6 +229,9 @@ pub fn sparse_depthwise_conv2d(
     // Checked here as well as in `cpu_fwd` so that a bad call fails with our message on every
     // device, not only where a kernel exists.
     channels(OP_NAME, input.dims(), weight.dims(), nbrs)?;
+    if !crate::composite::has_kernel(input) {
+        return crate::composite::sparse_depthwise_conv2d(input, weight, nbrs);
+    }
     input.apply_op2(weight, SparseDepthwiseConv2d { nbrs: nbrs.clone() })
 }
 

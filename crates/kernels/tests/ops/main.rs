@@ -3,6 +3,7 @@
 
 mod bench;
 mod common;
+mod composite;
 mod depthwise_conv;
 mod layer_norm;
 mod softmax;

@@ -1,0 +1,105 @@
+//! Every op of this crate written with candle's own tensor ops, for devices where our kernels
+//! have no implementation yet (CUDA: candle ships CUDA kernels for everything used here, and
+//! its autograd differentiates the composition).
+//!
+//! The public ops dispatch here for non-CPU tensors. The compositions compute the same math as
+//! our kernels (tested against them on the CPU in f64), but as many small kernels with their
+//! intermediates materialized, so they are a correct baseline, not the fast path: the fused
+//! CUDA kernels that replace them are to be written where a GPU profile says they pay.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::{AdamWUpdate, SparseNeighbors};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim (biased variance).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dim, shifted by the row max (a constant for the gradient).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `0.5 x (1 + erf(x / sqrt 2))`; candle's erf has an exact derivative, unlike its fused
+/// gelu_erf backward.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let erf = (x / std::f64::consts::SQRT_2)?.erf()?;
+    (x * 0.5)? * (erf + 1.0)?
+}
+
+/// `x @ weight^T + bias` over the last dim; `weight` [out, in] or a [out, in, 1, 1] conv kernel.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let out = weight.dim(0)?;
+    let w = weight.reshape((out, ()))?;
+    let lead = &x.dims()[..x.rank() - 1];
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, ()))?.matmul(&w.t()?)?.broadcast_add(bias)?;
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    y.reshape(shape)
+}
+
+/// The tap vectors of a [C, K, K] depthwise kernel as [K*K, C] (tap-major).
+fn taps(weight: &Tensor) -> Result<Tensor> {
+    let c = weight.dim(0)?;
+    weight.reshape((c, ()))?.t()
+}
+
+/// Depthwise conv on [B, H, W, C] with a [C, K, K] kernel and zero padding K/2: the sum over
+/// taps of the shifted, padded input times that tap's channel weights.
+pub fn depthwise_conv2d(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (_, h, w, _) = input.dims4()?;
+    let k = weight.dim(1)?;
+    let r = k / 2;
+    let padded = input.pad_with_zeros(1, r, r)?.pad_with_zeros(2, r, r)?;
+    let taps = taps(weight)?;
+    let mut out: Option<Tensor> = None;
+    for i in 0..k {
+        for j in 0..k {
+            let term = padded.narrow(1, i, h)?.narrow(2, j, w)?.broadcast_mul(&taps.get(i * k + j)?)?;
+            out = Some(match out {
+                None => term,
+                Some(acc) => (acc + term)?,
+            });
+        }
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("depthwise_conv2d: empty kernel".into()))
+}
+
+/// The sparse masked depthwise conv on [N, C] rows: gather each row's K*K neighbours (a zero row
+/// stands in for the masked and out-of-image ones), weight them per tap and channel, and sum.
+pub fn sparse_depthwise_conv2d(input: &Tensor, weight: &Tensor, nbrs: &SparseNeighbors) -> Result<Tensor> {
+    let (n, c) = input.dims2()?;
+    let kk = nbrs.k() * nbrs.k();
+    let zero_row = n as u32;
+    let index: Vec<u32> = nbrs.table().iter().map(|&m| if m < 0 { zero_row } else { m as u32 }).collect();
+    let index = Tensor::from_vec(index, n * kk, input.device())?;
+    let extended = Tensor::cat(&[input, &Tensor::zeros((1, c), input.dtype(), input.device())?], 0)?;
+    let gathered = extended.index_select(&index, 0)?.reshape((n, kk, c))?;
+    gathered.broadcast_mul(&taps(weight)?)?.sum(1)
+}
+
+/// One AdamW update as torch.optim.AdamW computes it, returning the new (param, exp_avg,
+/// exp_avg_sq) instead of writing in place (the caller stores them).
+pub fn adamw_step(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, u: &AdamWUpdate) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = ((exp_avg * u.beta1)? + (grad * (1.0 - u.beta1))?)?;
+    let v = ((exp_avg_sq * u.beta2)? + (grad.sqr()? * (1.0 - u.beta2))?)?;
+    let step_size = u.lr / (1.0 - u.beta1.powi(u.step as i32));
+    let bias2_sqrt = (1.0 - u.beta2.powi(u.step as i32)).sqrt();
+    let denom = ((v.sqrt()? / bias2_sqrt)? + u.eps)?;
+    let p = ((param * (1.0 - u.lr * u.weight_decay))? - ((m.clone() / denom)? * step_size)?)?;
+    Ok((p, m, v))
+}
+
+/// Whether our own kernels serve `t` (on the CPU, in f32 or f64); the public ops use the
+/// compositions above otherwise.
+pub fn has_kernel(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}

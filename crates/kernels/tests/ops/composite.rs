@@ -1,0 +1,85 @@
+//! The compositions of candle ops that serve devices without our kernels (CUDA for now) compute
+//! what our kernels compute: forward and every input gradient, in f64 on the CPU.
+
+use crate::common::{assert_close, tensor, values_of, Rng};
+use candle_core::{DType, Tensor, Var};
+use convmae_kernels::{self as k, composite, AdamWUpdate, SparseNeighbors};
+use std::sync::Arc;
+
+/// Forward and gradients of `sum(f(inputs) * probe)` for both implementations.
+fn compare(what: &str, shapes: &[&[usize]], seed: u64, ours: impl Fn(&[Tensor]) -> Tensor, theirs: impl Fn(&[Tensor]) -> Tensor) {
+    let mut rng = Rng::new(seed);
+    let vars: Vec<Var> = shapes
+        .iter()
+        .map(|s| Var::from_tensor(&tensor(&rng.values(s.iter().product(), 1.0, DType::F64), s, DType::F64)).unwrap())
+        .collect();
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (a, b) = (ours(&inputs), theirs(&inputs));
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    assert_close(&values_of(&b), &values_of(&a), 1e-12, &format!("{what} forward"));
+    let probe = tensor(&rng.values(a.elem_count(), 1.0, DType::F64), a.dims(), DType::F64);
+    let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+        assert_close(&values_of(y), &values_of(x), 1e-11, &format!("{what} gradient of input {i}"));
+    }
+}
+
+#[test]
+fn layer_norm_softmax_gelu_and_linear_compositions_match_the_kernels() {
+    compare("layer_norm", &[&[3, 5, 16], &[16], &[16]], 1, |t| k::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap(), |t| {
+        composite::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
+    });
+    compare("softmax", &[&[4, 7, 9]], 2, |t| k::softmax_last_dim(&t[0]).unwrap(), |t| composite::softmax_last_dim(&t[0]).unwrap());
+    compare("gelu_erf", &[&[6, 11]], 3, |t| k::gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap(), |t| {
+        composite::gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap()
+    });
+    compare("linear", &[&[2, 3, 8], &[5, 8], &[5]], 4, |t| k::linear(&t[0], &t[1], &t[2]).unwrap(), |t| {
+        composite::linear(&t[0], &t[1], &t[2]).unwrap()
+    });
+    compare("linear (1x1 conv weight)", &[&[2, 4, 4, 8], &[5, 8, 1, 1], &[5]], 5, |t| k::linear(&t[0], &t[1], &t[2]).unwrap(), |t| {
+        composite::linear(&t[0], &t[1], &t[2]).unwrap()
+    });
+}
+
+#[test]
+fn depthwise_conv_compositions_match_the_kernels() {
+    compare("depthwise_conv2d", &[&[2, 7, 6, 5], &[5, 5, 5]], 6, |t| k::depthwise_conv2d(&t[0], &t[1]).unwrap(), |t| {
+        composite::depthwise_conv2d(&t[0], &t[1]).unwrap()
+    });
+    // Visible positions of a 2-image 6x6 map: a checkerboard of 2x2 cells.
+    let mut positions = Vec::new();
+    for image in 0..2u32 {
+        for y in 0..6u32 {
+            for x in 0..6u32 {
+                if ((y / 2) + (x / 2) + image) % 2 == 0 {
+                    positions.push((image, y, x));
+                }
+            }
+        }
+    }
+    let nbrs = Arc::new(SparseNeighbors::from_positions(&positions, 2, 6, 6, 5).unwrap());
+    let n = positions.len();
+    compare("sparse_depthwise_conv2d", &[&[n, 4], &[4, 5, 5]], 7, |t| k::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs).unwrap(), |t| {
+        composite::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs).unwrap()
+    });
+}
+
+#[test]
+fn adamw_step_matches_the_fused_update() {
+    let mut rng = Rng::new(8);
+    let shape = [3, 7];
+    let make = |rng: &mut Rng, scale: f64| tensor(&rng.values(21, scale, DType::F64), &shape, DType::F64);
+    let (p, g) = (make(&mut rng, 1.0), make(&mut rng, 0.1));
+    let m = make(&mut rng, 0.01);
+    let v = make(&mut rng, 0.01).abs().unwrap();
+    let u = AdamWUpdate { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05, step: 3 };
+    let (p2, m2, v2) = composite::adamw_step(&p, &m, &v, &g, &u).unwrap();
+    let (pf, mf, vf) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+    k::adamw_update(&pf, &mf, &vf, &g, &u).unwrap();
+    assert_close(&values_of(&p2), &values_of(&pf), 1e-14, "param");
+    assert_close(&values_of(&m2), &values_of(&mf), 1e-14, "exp_avg");
+    assert_close(&values_of(&v2), &values_of(&vf), 1e-14, "exp_avg_sq");
+    assert!(k::has_kernel(&p) && !k::has_kernel(&p.to_dtype(DType::BF16).unwrap()));
+}
