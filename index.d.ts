@@ -16,7 +16,7 @@ export declare class NativeClassifier {
    * drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
    * head's official optimizer). Validated here; the weights are built on the worker.
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null)
   /**
    * One optimizer update. Targets are either `labels` (class ids) or `targets` ([batch,
    * numClasses] probabilities); `augmentJson` holds the erasing boxes and the mix (see
@@ -46,7 +46,7 @@ export declare class NativeClassifier {
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
   /** `configJson` is validated here, synchronously; the weights are built on the worker. */
-  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null)
+  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null)
   /** One pretraining micro-step on uint8 [batch, height, width, 3] images. */
   step(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, accumSteps: number, noise?: Float64Array | undefined | null): Promise<StepResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
@@ -73,6 +73,9 @@ export declare function checkFixture(path: string, dtype: string, convPath?: str
  * optimizer, ...; an official .pth has none: {}).
  */
 export declare function checkpointMetadata(path: string): Promise<string>
+
+/** Whether this build has the CUDA backend (`npm run build:cuda`). */
+export declare function cudaBuild(): boolean
 
 export interface EvalResult {
   /** Sum of the per-image cross-entropy (0 without labels). */

@@ -840,6 +840,7 @@ module.exports.NativePretrainer = nativeBinding.NativePretrainer
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.checkFixture = nativeBinding.checkFixture
 module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
+module.exports.cudaBuild = nativeBinding.cudaBuild
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.resolveConfig = nativeBinding.resolveConfig

@@ -5,6 +5,7 @@
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
+import type { DeviceName } from './api/pretrainer.js';
 import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
 import type { TrainingProgress } from './tasks/schedule.js';
@@ -25,6 +26,7 @@ pretrain options:
   --preset NAME           ${PRESETS.join(' | ')} (default: convmae-tiny without --data, convmae-base with it)
   --config JSON|FILE      overrides of the preset's config (official field names)
   --dtype f32|f64         default f32
+  --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (npm run build:cuda + CONVMAE_NATIVE)
   --path sparse|dense     stages 1-2 on visible positions only (default) or densely as the official code
   --batch-size N          default 32 (demo) / 64
   --accum-steps N         micro-batches per optimizer update, default 1
@@ -48,6 +50,7 @@ finetune / linprobe options:
   --init CKPT             pretrained checkpoint (ours or the official .pth); random init without it
   --preset NAME           default convmae-tiny (the checkpoint's model must match)
   --config JSON|FILE      overrides
+  --device cpu|cuda[:N]   default cpu
   --pool global|token     global average + fc_norm (default) or norm + token 0 (the official probe default)
   --batch-size N          default 64 (finetune) / 256 (linprobe)
   --epochs N | --steps N  run length (default 1 epoch)
@@ -129,6 +132,7 @@ const TRAINING_OPTIONS = {
   preset: { type: 'string' },
   config: { type: 'string' },
   dtype: { type: 'string' },
+  device: { type: 'string' },
   'batch-size': { type: 'string' },
   epochs: { type: 'string' },
   steps: { type: 'string' },
@@ -189,6 +193,7 @@ async function runPretrain(args: string[]): Promise<void> {
     preset: values.preset ?? (demo ? 'convmae-tiny' : 'convmae-base'),
     config: parseConfig(values.config),
     dtype: (values.dtype as 'f32' | 'f64' | undefined) ?? 'f32',
+    device: values.device as DeviceName | undefined,
     path: values.path as 'sparse' | 'dense' | undefined,
     batchSize: num(values['batch-size'], 'batch-size') ?? (demo ? 32 : 64),
     accumSteps: num(values['accum-steps'], 'accum-steps'),
@@ -252,6 +257,7 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
     data: values.data,
     evalData: values['eval-data'],
     init: values.init,
+    device: values.device as DeviceName | undefined,
     preset: values.preset ?? 'convmae-tiny',
     config: parseConfig(values.config),
     dtype,

@@ -4,7 +4,8 @@ import { copyFile, mkdtemp, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { checkFixture, modelInfo, Pretrainer, resolveConfig } from '../src/index.js';
+import { checkFixture, modelInfo, Pretrainer, resolveConfig, Classifier } from '../src/index.js';
+import { native } from '../src/native.js';
 import { CLI, golden, randomImages, readSafetensors, tensorBytes } from './helpers.js';
 
 const run = promisify(execFile);
@@ -140,4 +141,14 @@ test('a checkpoint with mis-shaped tensors is an error naming the tensor and bot
   } finally {
     p.dispose();
   }
+});
+
+test('device: a CUDA request on the CPU build says how to get the CUDA addon; bad names are named', (t) => {
+  if (native.cudaBuild()) {
+    t.pass('this is the CUDA build');
+  } else {
+    t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', device: 'cuda' }), { message: /no CUDA backend.*npm run build:cuda/ });
+    t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 2, device: 'cuda:1' }), { message: /no CUDA backend/ });
+  }
+  t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', device: 'gpu' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/ });
 });

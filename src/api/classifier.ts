@@ -5,7 +5,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type DType, type ImageBatch, type LoadOptions, type LoadReport } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type DType, type ImageBatch, type LoadOptions, type LoadReport } from './pretrainer.js';
 
 /** 'global': mean of the tokens + fc_norm (official default); 'token': norm + token 0 (the probe's default quirk). */
 export type Pooling = 'global' | 'token';
@@ -39,6 +39,8 @@ export interface ClassifierOptions extends ModelSpec {
   /** Stochastic depth of the last block (rates rise linearly over all blocks); fine-tuning only. Default 0. */
   dropPath?: number;
   dtype?: DType;
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (needs the CUDA addon). */
+  device?: DeviceName;
   /** Seeds the head init, stochastic depth and erasing noise. Default 0. */
   seed?: number;
   /** Default: AdamW for 'finetune', LARS for 'linear-probe'. */
@@ -102,7 +104,7 @@ export class Classifier {
     this.dtype = options.dtype ?? 'f32';
     const head = { num_classes: this.numClasses, pool: this.pool, kind: this.kind, drop_path: options.dropPath ?? 0 };
     const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer);
+    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu');
   }
 
   /** A fresh classifier (official init: sin-cos pos_embed, trunc-normal head). Invalid options throw here. */

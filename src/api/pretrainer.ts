@@ -25,7 +25,14 @@ export interface AdamWOptions {
  */
 export type ConvPath = 'sparse' | 'dense';
 
+/**
+ * 'cpu' (default), 'cuda' or 'cuda:N'. CUDA needs the CUDA addon (`npm run build:cuda`, loaded
+ * with CONVMAE_NATIVE); without it the constructor throws and says so.
+ */
+export type DeviceName = 'cpu' | 'cuda' | `cuda:${number}`;
+
 export interface PretrainerOptions extends ModelSpec {
+  device?: DeviceName;
   /** Default 'f32'; 'f64' is the parity path. */
   dtype?: DType;
   /** Default 'sparse'. */
@@ -99,14 +106,16 @@ export class Pretrainer {
   readonly dtype: DType;
   readonly seed: number;
   readonly path: ConvPath;
+  readonly device: DeviceName;
   #native: InstanceType<typeof native.NativePretrainer> | undefined;
 
-  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined, path: ConvPath) {
+  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined, path: ConvPath, device: DeviceName) {
     this.config = config;
     this.dtype = dtype;
     this.seed = seed;
     this.path = path;
-    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path);
+    this.device = device;
+    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path, device);
   }
 
   /** A fresh model with the official init. Invalid options throw here, before any compute. */
@@ -117,7 +126,7 @@ export class Pretrainer {
     if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
     const path = options.path ?? 'sparse';
     if (path !== 'sparse' && path !== 'dense') throw new RangeError(`path must be 'sparse' or 'dense', got '${String(path)}'`);
-    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path);
+    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path, options.device ?? 'cpu');
   }
 
   private get handle(): InstanceType<typeof native.NativePretrainer> {

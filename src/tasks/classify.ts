@@ -19,7 +19,7 @@ import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
 import { createRng, deriveSeed } from '../data/rng.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
-import type { DType } from '../api/pretrainer.js';
+import type { DeviceName, DType } from '../api/pretrainer.js';
 import { native } from '../native.js';
 import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
@@ -31,6 +31,8 @@ export interface ClassifyRunOptions {
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: DType;
+  /** Default 'cpu'. */
+  device?: DeviceName;
   /** Pretrained checkpoint to start from (ours or the official .pth); random init when absent. */
   init?: string;
   pool?: Pooling;
@@ -192,6 +194,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     preset: options.preset,
     config: options.config,
     dtype: options.dtype,
+    device: options.device,
     numClasses,
     kind: recipe.kind,
     pool: options.pool ?? 'global',

@@ -7,7 +7,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath, type DType } from '../api/pretrainer.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DType } from '../api/pretrainer.js';
 import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
 export interface PretrainRunOptions {
@@ -16,6 +16,8 @@ export interface PretrainRunOptions {
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: DType;
+  /** Default 'cpu'. */
+  device?: DeviceName;
   /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
   path?: ConvPath;
   batchSize?: number;
@@ -95,6 +97,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     preset: options.preset,
     config: options.config,
     dtype: options.dtype,
+    device: options.device,
     path: options.path,
     seed,
     adamw: options.adamw,

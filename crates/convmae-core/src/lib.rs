@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod classify;
 pub mod config;
+pub mod device;
 pub mod fixture;
 pub mod loss;
 pub mod masking;

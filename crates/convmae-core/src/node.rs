@@ -4,6 +4,7 @@
 
 use crate::checkpoint::LoadReport;
 use crate::config::ConvMaeConfig;
+use crate::device::DeviceSpec;
 use crate::fixture;
 use crate::flops::macs_per_image;
 use crate::model::{ConvMae, ConvPath};
@@ -14,7 +15,7 @@ use crate::classify::{ClassifierTrainer, OptimizerConfig, Targets, TrainStepOpti
 use crate::model::classifier::{ClassifierHead, ConvViT};
 use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, Session, Worker};
 use crate::train::{Pretrainer, StepOptions};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::sync::Mutex;
@@ -117,6 +118,12 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
     .await
 }
 
+/// Whether this build has the CUDA backend (`npm run build:cuda`).
+#[napi]
+pub fn cuda_build() -> bool {
+    crate::device::CUDA_BUILD
+}
+
 /// Times the depthwise conv of conv stage `stage` (1 or 2) of a preset, dense-masked vs sparse,
 /// forward and forward + backward, f32 on the CPU; resolves to JSON (see bench.rs).
 #[napi]
@@ -190,7 +197,14 @@ impl NativePretrainer {
 impl NativePretrainer {
     /// `configJson` is validated here, synchronously; the weights are built on the worker.
     #[napi(constructor)]
-    pub fn new(config_json: String, dtype: String, seed: i64, adamw_json: Option<String>, conv_path: Option<String>) -> Result<Self> {
+    pub fn new(
+        config_json: String,
+        dtype: String,
+        seed: i64,
+        adamw_json: Option<String>,
+        conv_path: Option<String>,
+        device: Option<String>,
+    ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
         let dtype = parse_dtype(&dtype)?;
@@ -201,8 +215,10 @@ impl NativePretrainer {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
         let session = Session::start(move || {
-            let mut model = ConvMae::new(cfg, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            let device = device.open()?;
+            let mut model = ConvMae::new(cfg, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
             model.path = conv_path;
             Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         });
@@ -342,7 +358,14 @@ impl NativeClassifier {
     /// drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
     /// head's official optimizer). Validated here; the weights are built on the worker.
     #[napi(constructor)]
-    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>) -> Result<Self> {
+    pub fn new(
+        config_json: String,
+        head_json: String,
+        dtype: String,
+        seed: i64,
+        optimizer_json: Option<String>,
+        device: Option<String>,
+    ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let head: ClassifierHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
         head.validate().map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
@@ -354,8 +377,10 @@ impl NativeClassifier {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
         let session = Session::start(move || {
-            let model = ConvViT::new(cfg, head, dtype, &Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            let device = device.open()?;
+            let model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
             ClassifierTrainer::new(model, optimizer, seed as u64).map_err(|e| e.to_string())
         });
         Ok(Self { session: Mutex::new(session) })

@@ -4,7 +4,7 @@
 
 use crate::params::{Param, ParamStore};
 use candle_core::{Result, Tensor};
-use convmae_kernels::{adamw_update, AdamWUpdate};
+use convmae_kernels::{adamw_update, composite, has_kernel, AdamWUpdate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -124,7 +124,15 @@ impl AdamW {
                 weight_decay: group.weight_decay,
                 step: self.step,
             };
-            adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+            if has_kernel(var.as_tensor()) {
+                adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+            } else {
+                // No fused kernel on this device yet: the same update from candle ops.
+                let (p, exp_avg, exp_avg_sq) = composite::adamw_step(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+                var.set(&p)?;
+                m.exp_avg = exp_avg;
+                m.exp_avg_sq = exp_avg_sq;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,104 @@
+//! Where a model runs: parsing the user's device string, and the one-time CUDA setup the
+//! model's worker thread does when it opens a GPU.
+
+use candle_core::Device;
+
+/// A parsed device request: the CPU, or CUDA device `ordinal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Whether this build has the CUDA backend (`npm run build:cuda`).
+pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
+
+impl DeviceSpec {
+    /// "cpu", "cuda" (device 0) or "cuda:N". A CUDA request fails here, with what to do, when
+    /// this build has no CUDA backend.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let spec = match s {
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Self::Cuda(n),
+                _ => return Err(format!("device must be 'cpu', 'cuda' or 'cuda:N', got '{s}'")),
+            },
+        };
+        if matches!(spec, Self::Cuda(_)) && !CUDA_BUILD {
+            return Err(format!(
+                "device '{s}': this build of convmae has no CUDA backend; build the CUDA addon with `npm run build:cuda` \
+                 and load it with CONVMAE_NATIVE=./convmae.linux-x64-gnu.cuda.node"
+            ));
+        }
+        Ok(spec)
+    }
+
+    /// Opens the device. Call it on the thread that will own the model: a CUDA device gets its
+    /// own stream (so work from this thread is ordered on it), TF32 for f32 matmuls, and a
+    /// memory pool that keeps freed memory instead of returning it to the driver at every
+    /// synchronization.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(ordinal) => {
+                let device = Device::new_cuda_with_stream(ordinal)
+                    .map_err(|e| format!("cannot open CUDA device {ordinal}: {e} (is a GPU present, with driver 580 or newer?)"))?;
+                configure_cuda(&device)?;
+                Ok(device)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn configure_cuda(device: &Device) -> Result<(), String> {
+    use candle_core::cuda::cudarc::driver::sys;
+    // cuBLAS may use TF32 tensor cores for f32 matmuls (PyTorch's allow_tf32 for matmul).
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    let Device::Cuda(cuda) = device else { return Ok(()) };
+    let dev = cuda.cuda_stream().context().cu_device();
+    // The default release threshold (0) hands freed blocks back to the driver at every
+    // synchronization; keeping them makes the next step's allocations cheap.
+    unsafe {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuDeviceGetDefaultMemPool failed: {r:?}"));
+        }
+        let mut threshold: u64 = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("setting the CUDA memory pool's release threshold failed: {r:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn configure_cuda(_device: &Device) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_parse_or_say_what_is_accepted() {
+        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+        let e = DeviceSpec::parse("gpu").unwrap_err();
+        assert!(e.contains("'cpu', 'cuda' or 'cuda:N'"), "{e}");
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+        if CUDA_BUILD {
+            assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+        } else {
+            let e = DeviceSpec::parse("cuda").unwrap_err();
+            assert!(e.contains("npm run build:cuda"), "{e}");
+        }
+    }
+}
