@@ -46,7 +46,7 @@ export declare class NativeClassifier {
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
   /** `configJson` is validated here, synchronously; the weights are built on the worker. */
-  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null)
+  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null)
   /** One pretraining micro-step on uint8 [batch, height, width, 3] images. */
   step(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, accumSteps: number, noise?: Float64Array | undefined | null): Promise<StepResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */

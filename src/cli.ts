@@ -5,7 +5,7 @@
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
-import type { DeviceName } from './api/pretrainer.js';
+import type { DeviceName, Precision } from './api/pretrainer.js';
 import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
 import type { TrainingProgress } from './tasks/schedule.js';
@@ -27,6 +27,7 @@ pretrain options:
   --config JSON|FILE      overrides of the preset's config (official field names)
   --dtype f32|f64         default f32
   --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (npm run build:cuda + CONVMAE_NATIVE)
+  --precision fp32|bf16   bf16: activations and matmuls in bfloat16 over float32 weights (default fp32)
   --path sparse|dense     stages 1-2 on visible positions only (default) or densely as the official code
   --batch-size N          default 32 (demo) / 64
   --accum-steps N         micro-batches per optimizer update, default 1
@@ -178,6 +179,7 @@ async function runPretrain(args: string[]): Promise<void> {
     options: {
       ...TRAINING_OPTIONS,
       path: { type: 'string' },
+      precision: { type: 'string' },
       'accum-steps': { type: 'string' },
       'checkpoint-every': { type: 'string' },
       reconstructions: { type: 'string' },
@@ -194,6 +196,7 @@ async function runPretrain(args: string[]): Promise<void> {
     config: parseConfig(values.config),
     dtype: (values.dtype as 'f32' | 'f64' | undefined) ?? 'f32',
     device: values.device as DeviceName | undefined,
+    precision: values.precision as Precision | undefined,
     path: values.path as 'sparse' | 'dense' | undefined,
     batchSize: num(values['batch-size'], 'batch-size') ?? (demo ? 32 : 64),
     accumSteps: num(values['accum-steps'], 'accum-steps'),

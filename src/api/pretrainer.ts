@@ -31,8 +31,12 @@ export type ConvPath = 'sparse' | 'dense';
  */
 export type DeviceName = 'cpu' | 'cuda' | `cuda:${number}`;
 
+/** 'fp32' (default): compute in the weights' dtype; 'bf16': activations and matmuls in bfloat16 over float32 master weights. */
+export type Precision = 'fp32' | 'bf16';
+
 export interface PretrainerOptions extends ModelSpec {
   device?: DeviceName;
+  precision?: Precision;
   /** Default 'f32'; 'f64' is the parity path. */
   dtype?: DType;
   /** Default 'sparse'. */
@@ -107,15 +111,25 @@ export class Pretrainer {
   readonly seed: number;
   readonly path: ConvPath;
   readonly device: DeviceName;
+  readonly precision: Precision;
   #native: InstanceType<typeof native.NativePretrainer> | undefined;
 
-  private constructor(config: ConvMaeConfig, dtype: DType, seed: number, adamw: AdamWOptions | undefined, path: ConvPath, device: DeviceName) {
+  private constructor(
+    config: ConvMaeConfig,
+    dtype: DType,
+    seed: number,
+    adamw: AdamWOptions | undefined,
+    path: ConvPath,
+    device: DeviceName,
+    precision: Precision,
+  ) {
     this.config = config;
     this.dtype = dtype;
     this.seed = seed;
     this.path = path;
     this.device = device;
-    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path, device);
+    this.precision = precision;
+    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path, device, precision);
   }
 
   /** A fresh model with the official init. Invalid options throw here, before any compute. */
@@ -126,7 +140,7 @@ export class Pretrainer {
     if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
     const path = options.path ?? 'sparse';
     if (path !== 'sparse' && path !== 'dense') throw new RangeError(`path must be 'sparse' or 'dense', got '${String(path)}'`);
-    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path, options.device ?? 'cpu');
+    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path, options.device ?? 'cpu', options.precision ?? 'fp32');
   }
 
   private get handle(): InstanceType<typeof native.NativePretrainer> {

@@ -7,7 +7,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DType } from '../api/pretrainer.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DType, type Precision } from '../api/pretrainer.js';
 import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
 export interface PretrainRunOptions {
@@ -18,6 +18,8 @@ export interface PretrainRunOptions {
   dtype?: DType;
   /** Default 'cpu'. */
   device?: DeviceName;
+  /** Default 'fp32'. */
+  precision?: Precision;
   /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
   path?: ConvPath;
   batchSize?: number;
@@ -98,6 +100,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     config: options.config,
     dtype: options.dtype,
     device: options.device,
+    precision: options.precision,
     path: options.path,
     seed,
     adamw: options.adamw,

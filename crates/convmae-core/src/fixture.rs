@@ -120,7 +120,7 @@ impl Fixture {
             }
             Ok(t.clone())
         })?;
-        Ok(ConvMae { cfg, params, path: ConvPath::Sparse })
+        Ok(ConvMae { cfg, params, path: ConvPath::Sparse, precision: Default::default() })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod loss;
 pub mod masking;
 pub mod model;
 pub mod params;
+pub mod precision;
 pub mod pos_embed;
 pub mod rng;
 

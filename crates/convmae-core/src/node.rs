@@ -5,6 +5,7 @@
 use crate::checkpoint::LoadReport;
 use crate::config::ConvMaeConfig;
 use crate::device::DeviceSpec;
+use crate::precision::Precision;
 use crate::fixture;
 use crate::flops::macs_per_image;
 use crate::model::{ConvMae, ConvPath};
@@ -204,6 +205,7 @@ impl NativePretrainer {
         adamw_json: Option<String>,
         conv_path: Option<String>,
         device: Option<String>,
+        precision: Option<String>,
     ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
@@ -216,10 +218,13 @@ impl NativePretrainer {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
         let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+        let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
+        precision.check_master(dtype).map_err(js_err)?;
         let session = Session::start(move || {
             let device = device.open()?;
             let mut model = ConvMae::new(cfg, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
             model.path = conv_path;
+            model.precision = precision;
             Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         });
         Ok(Self { session: Mutex::new(session) })

@@ -206,12 +206,14 @@ pub fn init_values(spec: &ParamSpec, rng: &mut Rng) -> Vec<f64> {
 
 /// One named tensor of a live model. Trainable tensors are candle `Var`s (autograd leaves);
 /// frozen ones are plain tensors, so no gradient is computed for them.
+#[derive(Clone)]
 pub struct Param {
     pub spec: ParamSpec,
     pub var: Option<Var>,
     pub tensor: Tensor,
 }
 
+#[derive(Clone)]
 pub struct ParamStore {
     params: Vec<Param>,
     index: HashMap<String, usize>,
@@ -270,6 +272,17 @@ impl ParamStore {
 
     pub fn trainable(&self) -> impl Iterator<Item = (&Param, &Var)> {
         self.params.iter().filter_map(|p| p.var.as_ref().map(|v| (p, v)))
+    }
+
+    /// The same tensors cast to `dtype` for computing (mixed precision): the casts are recorded
+    /// by autograd, so gradients flow back to these (master) tensors in their own dtype.
+    pub fn cast_view(&self, dtype: DType) -> candle_core::Result<Self> {
+        let params = self
+            .params
+            .iter()
+            .map(|p| Ok(Param { spec: p.spec.clone(), var: None, tensor: p.tensor.to_dtype(dtype)? }))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone() })
     }
 
     /// Replaces a tensor's values (shape-checked by the caller); keeps Var identity for the optimizer.

@@ -11,8 +11,18 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::{AdamWUpdate, SparseNeighbors};
 
+/// Half-precision inputs are computed in f32 and the result cast back: their statistics (sums
+/// over a row) need more than bf16's 8 bits of mantissa, as in PyTorch's autocast.
+fn is_half(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::BF16 | DType::F16)
+}
+
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim (biased variance).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return layer_norm(&f(x)?, &f(weight)?, &f(bias)?, eps)?.to_dtype(x.dtype());
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -22,6 +32,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Softmax over the last dim, shifted by the row max (a constant for the gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if is_half(x) {
+        return softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use convmae_kernels::SparseNeighbors;
 use layers::*;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
+pub use crate::precision::Precision;
 
 /// How stages 1-2 are computed in pretraining. Both give the same loss and gradients (spec
 /// section 2: masked positions never reach the loss); `Dense` is the official code's way.
@@ -41,6 +43,8 @@ pub struct ConvMae {
     pub cfg: ConvMaeConfig,
     pub params: ParamStore,
     pub path: ConvPath,
+    /// Dtype of activations and matmuls; the parameters (master weights) keep theirs.
+    pub precision: Precision,
 }
 
 /// The encoder's stage-1/2 results that stage 3 and the decoder need.
@@ -77,7 +81,18 @@ impl ConvMae {
     pub fn new(cfg: ConvMaeConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let params = ParamStore::init(pretrain_param_specs(&cfg), dtype, device, seed)?;
-        Ok(Self { cfg, params, path: ConvPath::Sparse })
+        Ok(Self { cfg, params, path: ConvPath::Sparse, precision: Precision::Fp32 })
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute_dtype(self.dtype())
+    }
+
+    /// The parameters as the forward uses them: the master tensors, or their casts to bf16.
+    fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
+        let dtype = self.compute_dtype();
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.cast_view(dtype)?) })
     }
 
     pub fn dtype(&self) -> DType {
@@ -87,13 +102,18 @@ impl ConvMae {
         &self.params.device
     }
 
-    /// The pretraining forward on normalized channels-last images [B, H, W, C].
+    /// The pretraining forward on normalized channels-last images [B, H, W, C] (in the
+    /// parameters' dtype). With bf16 precision the network runs in bf16 and the loss, its
+    /// target and the LayerNorm / softmax statistics in f32.
     pub fn forward_pretrain(&self, imgs: &Tensor, masking: &Masking) -> Result<PretrainOutput> {
-        let (cfg, p) = (&self.cfg, &self.params);
-        let (dtype, dev) = (self.dtype(), self.device());
+        let cfg = &self.cfg;
+        let params = self.compute_params()?;
+        let p: &ParamStore = &params;
+        let dev = self.device();
+        let x_in = imgs.to_dtype(self.compute_dtype())?;
         let ConvStagesOut { tokens: mut x, s1, s2, stage1, stage2 } = match self.path {
-            ConvPath::Dense => self.conv_stages_dense(imgs, masking)?,
-            ConvPath::Sparse => self.conv_stages_sparse(imgs, masking)?,
+            ConvPath::Dense => self.conv_stages_dense(p, &x_in, masking)?,
+            ConvPath::Sparse => self.conv_stages_sparse(p, &x_in, masking)?,
         };
 
         // Stage 3 on the visible tokens only.
@@ -104,8 +124,8 @@ impl ConvMae {
         // Fusion happens after stage 3 and before the final norm (spec 1.5, step 10).
         let latent = layer_norm_p(p, "norm", &((x + s1)? + s2)?, VIT_LN_EPS)?;
 
-        let pred = self.forward_decoder(&latent, masking)?;
-        let mask = masking.mask_tensor(dtype, dev)?;
+        let pred = self.forward_decoder(p, &latent, masking)?.to_dtype(self.dtype())?;
+        let mask = masking.mask_tensor(self.dtype(), dev)?;
         let target = loss::target(imgs, cfg.norm_pix_loss)?;
         let loss = loss::masked_mse(&pred, &target, &mask)?;
         Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens })
@@ -113,9 +133,9 @@ impl ConvMae {
 
     /// The official computation: dense maps, the keep mask on each depthwise conv's input,
     /// then everything gathered at the visible tokens.
-    fn conv_stages_dense(&self, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
-        let (cfg, p) = (&self.cfg, &self.params);
-        let (dtype, dev) = (self.dtype(), self.device());
+    fn conv_stages_dense(&self, p: &ParamStore, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
+        let cfg = &self.cfg;
+        let (dtype, dev) = (imgs.dtype(), self.device());
         let grid = cfg.grid();
         let keep1 = masking.keep_map(grid, cfg.stage_cell(0), dtype, dev)?;
         let keep2 = masking.keep_map(grid, cfg.stage_cell(1), dtype, dev)?;
@@ -149,8 +169,8 @@ impl ConvMae {
     /// 16-px token (the non-overlapping patch embeds and fusion convs), except the depthwise
     /// conv, which reads only visible neighbours. So each visible token's pixel block is cut out
     /// once and the stages run on [B * len_keep, cell, cell, C] blocks; dense maps never exist.
-    fn conv_stages_sparse(&self, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
-        let (cfg, p) = (&self.cfg, &self.params);
+    fn conv_stages_sparse(&self, p: &ParamStore, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
+        let cfg = &self.cfg;
         let dev = self.device();
         let (b, keep, d3) = (masking.batch, masking.len_keep, cfg.embed_dim[2]);
         let rows = masking.visible_token_rows(dev)?;
@@ -172,8 +192,8 @@ impl ConvMae {
     }
 
     /// MAE decoder: embed, append mask tokens, unshuffle, add the fixed position table, blocks, predict.
-    fn forward_decoder(&self, latent: &Tensor, masking: &Masking) -> Result<Tensor> {
-        let (cfg, p) = (&self.cfg, &self.params);
+    fn forward_decoder(&self, p: &ParamStore, latent: &Tensor, masking: &Masking) -> Result<Tensor> {
+        let cfg = &self.cfg;
         let x = linear_p(p, "decoder_embed", latent)?;
         let (b, keep, dd) = x.dims3()?;
         let masked = cfg.num_tokens() - keep;
