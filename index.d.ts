@@ -66,7 +66,7 @@ export declare class NativePretrainer {
 export declare function benchDepthwiseConv(preset: string, stage: number, batch: number, iters: number): Promise<string>
 
 /** Runs a golden-format fixture through the model; resolves to the JSON report. */
-export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null): Promise<string>
+export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null, device?: string | undefined | null): Promise<string>
 
 /**
  * The metadata of a checkpoint as a JSON object of strings (ours: format, kind, config, head,
@@ -74,8 +74,17 @@ export declare function checkFixture(path: string, dtype: string, convPath?: str
  */
 export declare function checkpointMetadata(path: string): Promise<string>
 
+/**
+ * Agreement of every kernel on `device` with the CPU kernels (forward and gradients, f32, at
+ * ConvMAE-B-like shapes), as JSON: [{op, shapes, forward_rel, gradient_rel}].
+ */
+export declare function compareKernels(device: string): Promise<string>
+
 /** Whether this build has the CUDA backend (`npm run build:cuda`). */
 export declare function cudaBuild(): boolean
+
+/** Peak bytes of CUDA device `ordinal`'s memory pool in this process: {used_high, reserved_high}. */
+export declare function cudaPoolPeaks(ordinal: number): string
 
 export interface EvalResult {
   /** Sum of the per-image cross-entropy (0 without labels). */

@@ -1,5 +1,6 @@
 /** Runs fixtures in the golden format (shared/golden/README.md) through our model. */
 import { native } from '../native.js';
+import type { DeviceName } from './pretrainer.js';
 
 export interface TensorError {
   name: string;
@@ -20,10 +21,12 @@ export interface FixtureReport {
   errors: TensorError[];
 }
 
+/** Runs a golden fixture through the model on `device` (default the CPU) and reports every error. */
 export async function checkFixture(
   path: string,
   dtype: 'f32' | 'f64' = 'f64',
   convPath: 'sparse' | 'dense' = 'sparse',
+  device: DeviceName = 'cpu',
 ): Promise<FixtureReport> {
-  return JSON.parse(await native.checkFixture(path, dtype, convPath)) as FixtureReport;
+  return JSON.parse(await native.checkFixture(path, dtype, convPath, device)) as FixtureReport;
 }

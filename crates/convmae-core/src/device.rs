@@ -84,6 +84,49 @@ fn configure_cuda(_device: &Device) -> Result<(), String> {
     Ok(())
 }
 
+/// High-water marks of a CUDA device's default memory pool (where candle allocates), in bytes:
+/// the peak of memory handed to tensors and of memory the pool held.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PoolPeaks {
+    pub used_high: u64,
+    pub reserved_high: u64,
+}
+
+/// Reads the pool's high-water marks of device `ordinal` (opened before in this process).
+#[cfg(feature = "cuda")]
+pub fn cuda_pool_peaks(ordinal: usize) -> Result<PoolPeaks, String> {
+    use candle_core::cuda::cudarc::driver::sys;
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let r = sys::cuDeviceGet(&mut dev, ordinal as i32);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuDeviceGet({ordinal}) failed: {r:?}"));
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuDeviceGetDefaultMemPool failed: {r:?}"));
+        }
+        let read = |attr: sys::CUmemPool_attribute| -> Result<u64, String> {
+            let mut v: u64 = 0;
+            let r = sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(format!("cuMemPoolGetAttribute failed: {r:?}"));
+            }
+            Ok(v)
+        };
+        Ok(PoolPeaks {
+            used_high: read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved_high: read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        })
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_pool_peaks(_ordinal: usize) -> Result<PoolPeaks, String> {
+    Err("this build of convmae has no CUDA backend".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,12 +250,17 @@ pub fn check_finetune(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
     Ok(report(path, "finetune", dtype, errors))
 }
 
-/// Reads the fixture's kind from its metadata and runs the matching check.
+/// Reads the fixture's kind from its metadata and runs the matching check on the CPU.
 pub fn check_fixture(path: &str, dtype: DType, conv_path: ConvPath) -> candle_core::Result<FixtureReport> {
+    check_fixture_on(path, dtype, conv_path, &Device::Cpu)
+}
+
+/// `check_fixture` with the model on `device` (the CUDA parity check).
+pub fn check_fixture_on(path: &str, dtype: DType, conv_path: ConvPath, device: &Device) -> candle_core::Result<FixtureReport> {
     let fx = Fixture::read(path)?;
     match fx.kind.as_str() {
-        "pretrain" => check_pretrain(&fx, path, dtype, conv_path, &Device::Cpu),
-        "finetune" => check_finetune(&fx, path, dtype, &Device::Cpu),
+        "pretrain" => check_pretrain(&fx, path, dtype, conv_path, device),
+        "finetune" => check_finetune(&fx, path, dtype, device),
         other => Err(err(format!("fixture '{path}' has kind '{other}', which this build cannot check"))),
     }
 }

@@ -97,11 +97,13 @@ pub fn model_info(config_json: String) -> Result<String> {
 
 /// Runs a golden-format fixture through the model; resolves to the JSON report.
 #[napi]
-pub async fn check_fixture(path: String, dtype: String, conv_path: Option<String>) -> Result<String> {
+pub async fn check_fixture(path: String, dtype: String, conv_path: Option<String>, device: Option<String>) -> Result<String> {
     let dtype = parse_dtype(&dtype)?;
     let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
+    let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
     off_thread(move || {
-        fixture::check_fixture(&path, dtype, conv_path)
+        let device = device.open()?;
+        fixture::check_fixture_on(&path, dtype, conv_path, &device)
             .map(|r| serde_json::to_string(&r).unwrap())
             .map_err(|e| e.to_string())
     })
@@ -117,6 +119,24 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
         Ok(serde_json::to_string(&file.metadata).unwrap())
     })
     .await
+}
+
+/// Agreement of every kernel on `device` with the CPU kernels (forward and gradients, f32, at
+/// ConvMAE-B-like shapes), as JSON: [{op, shapes, forward_rel, gradient_rel}].
+#[napi]
+pub async fn compare_kernels(device: String) -> Result<String> {
+    let device = DeviceSpec::parse(&device).map_err(js_err)?;
+    off_thread(move || {
+        let device = device.open()?;
+        convmae_kernels::agreement::compare_on(&device).map(|r| serde_json::to_string(&r).unwrap()).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Peak bytes of CUDA device `ordinal`'s memory pool in this process: {used_high, reserved_high}.
+#[napi]
+pub fn cuda_pool_peaks(ordinal: u32) -> Result<String> {
+    crate::device::cuda_pool_peaks(ordinal as usize).map(|p| serde_json::to_string(&p).unwrap()).map_err(js_err)
 }
 
 /// Whether this build has the CUDA backend (`npm run build:cuda`).

@@ -28,6 +28,7 @@ macro_rules! dispatch_float {
 }
 
 mod adamw;
+pub mod agreement;
 pub mod composite;
 mod depthwise_conv;
 mod gelu;

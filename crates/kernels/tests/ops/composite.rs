@@ -83,3 +83,15 @@ fn adamw_step_matches_the_fused_update() {
     assert_close(&values_of(&v2), &values_of(&vf), 1e-14, "exp_avg_sq");
     assert!(k::has_kernel(&p) && !k::has_kernel(&p.to_dtype(DType::BF16).unwrap()));
 }
+
+/// The GPU check's agreement run works end to end; on the CPU it compares the kernels with
+/// themselves, so everything agrees exactly.
+#[test]
+fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
+    let report = convmae_kernels::agreement::compare_on(&candle_core::Device::Cpu).unwrap();
+    let ops: Vec<&str> = report.iter().map(|a| a.op.as_str()).collect();
+    assert_eq!(ops, ["layer_norm", "softmax_last_dim", "gelu_erf", "linear", "depthwise_conv2d", "sparse_depthwise_conv2d", "adamw_update"]);
+    for a in &report {
+        assert_eq!((a.forward_rel, a.gradient_rel), (0.0, 0.0), "{a:?}");
+    }
+}
