@@ -7,7 +7,10 @@
  * `pretrainStep` (normalize, mask, forward, backward, AdamW) one step at a time. Prints one JSON line.
  * The batch is filled before the clock starts, as time_step.py does for PyTorch.
  */
-import { Pretrainer, resolveConfig } from '../src/index.js';
+// The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
+// native addon and dist/ exist.
+import { Pretrainer, resolveConfig, type DeviceName, type Precision } from '../src/api/index.js';
+import { native } from '../src/native.js';
 import { intFlag, median, parseArgs } from './lib.js';
 
 /** xorshift32 bytes: cheap, deterministic random pixels. */
@@ -36,11 +39,13 @@ async function main(): Promise<void> {
   const lr = opts.flags.lr !== undefined ? Number(opts.flags.lr) : 1.5e-4;
   const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
   const convPath = (opts.flags.path ?? 'sparse') as 'sparse' | 'dense';
+  const device = (opts.flags.device ?? 'cpu') as DeviceName;
+  const precision = (opts.flags.precision ?? 'fp32') as Precision;
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;
   const config = resolveConfig({ preset });
   const side = config.img_size;
-  const p = Pretrainer.create({ preset, dtype, seed, path: convPath });
+  const p = Pretrainer.create({ preset, dtype, seed, path: convPath, device, precision });
   const images = new Uint8Array(batch * side * side * 3);
   const rng = { s: 0x9e3779b9 ^ seed };
 
@@ -58,13 +63,15 @@ async function main(): Promise<void> {
     const times: number[] = [];
     for (let i = 0; i < steps; i++) times.push(await step());
     const med = median(times);
+    // On CUDA, the peak of the device's memory pool (where every tensor lives); on the CPU, RSS.
+    const gpuPeakMb = device === 'cpu' ? undefined : (JSON.parse(native.cudaPoolPeaks(Number(device.split(':')[1] ?? 0))) as { used_high: number }).used_high / 2 ** 20;
     const out = {
       suite: 'pretrain',
       impl: convPath === 'sparse' ? 'ours' : 'ours-dense',
       preset,
       batch,
-      dtype,
-      device: 'cpu',
+      dtype: precision === 'bf16' ? 'bf16' : dtype,
+      device,
       threads: Number(process.env.RAYON_NUM_THREADS ?? 0) || null,
       images_per_s: batch / (med / 1000),
       ms_per_step_median: med,
@@ -72,7 +79,8 @@ async function main(): Promise<void> {
       warmup,
       steps,
       // process.resourceUsage().maxRSS is in KiB
-      peak_mem_mb: process.resourceUsage().maxRSS / 1024,
+      peak_mem_mb: gpuPeakMb ?? process.resourceUsage().maxRSS / 1024,
+      host_rss_mb: process.resourceUsage().maxRSS / 1024,
       import_rss_mb: importRssMb,
     };
     process.stdout.write(JSON.stringify(out) + '\n');

@@ -1,14 +1,19 @@
 """Times one ConvMAE pretraining step in PyTorch (the baseline of ``npm run bench -- pretrain``).
 
     python benches/baselines/time_step.py --preset convmae-base --batch 8 --threads 2 --warmup 2 --steps 5
+    python benches/baselines/time_step.py --device cuda --batch 64 --amp bf16 [--compile]
 
 A step is what the project's ``Pretrainer.pretrainStep`` does: take a random uint8 [B,H,W,3]
 batch, ImageNet-normalize it, draw the mask, forward, backward, AdamW (betas 0.9/0.95,
-weight decay 0.05, none on 1-D tensors and biases), all in float32 on the CPU.
+weight decay 0.05, none on 1-D tensors and biases), in float32 on the CPU by default. On CUDA,
+``--amp bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` (PyTorch's mixed
+precision: float32 weights and optimizer state) and ``--compile`` wraps the model in
+``torch.compile`` (compile time is spent in the warmup steps and not timed).
 Prints one JSON line:
   {"suite":"pretrain","impl":"pytorch","preset","batch","dtype":"f32","device":"cpu","threads",
    "images_per_s","ms_per_step_median", ...,"peak_mem_mb"}
-peak_mem_mb is this process's peak RSS (resource.getrusage ru_maxrss).
+peak_mem_mb is this process's peak RSS (resource.getrusage ru_maxrss) on the CPU, and
+torch.cuda.max_memory_allocated() on CUDA.
 """
 from __future__ import annotations
 
@@ -39,7 +44,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1.5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"])
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
+    if args.amp != "none" and args.device != "cuda":
+        ap.error("--amp bf16 is measured on CUDA only")
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("batch, steps and threads must be >= 1, warmup >= 0")
 
@@ -54,24 +64,34 @@ def main() -> int:
     cfg = dict(PRESETS[args.preset])
     if args.config:
         cfg.update(json.loads(args.config))
-    model = from_config(cfg).to(torch.float32)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = from_config(cfg).to(torch.float32).to(device)
     model.train()
     opt = torch.optim.AdamW(param_groups_for_adamw(model, 0.05), lr=args.lr, betas=(0.9, 0.95))
+    forward = torch.compile(model) if args.compile else model
 
     b, s = args.batch, model.img_size
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     def step() -> float:
         u8 = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=gen)  # like the uint8 batches ours gets
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        imgs = (u8.permute(0, 3, 1, 2).to(torch.float32) / 255.0 - mean) / std
-        loss, _, _ = model(imgs)
+        # The host-to-device copy of the uint8 batch is part of the step, as it is for ours.
+        imgs = (u8.to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0 - mean) / std
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            loss, _, _ = forward(imgs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        v = loss.item()
+        v = loss.item()  # synchronizes
         dt = time.perf_counter() - t0
         if v != v:
             raise RuntimeError("loss is NaN")
@@ -82,20 +102,22 @@ def main() -> int:
     times = [step() for _ in range(args.steps)]
     med = statistics.median(times)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    impl = "pytorch" + ("-compile" if args.compile else "")
     out = {
         "suite": "pretrain",
-        "impl": "pytorch",
+        "impl": impl,
         "preset": args.preset,
         "batch": b,
-        "dtype": "f32",
-        "device": "cpu",
+        "dtype": "bf16" if args.amp == "bf16" else "f32",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "threads": args.threads,
         "images_per_s": b / med,
         "ms_per_step_median": med * 1000.0,
         "ms_per_step": [t * 1000.0 for t in times],
         "warmup": args.warmup,
         "steps": args.steps,
-        "peak_mem_mb": peak_kb / 1024.0,
+        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_kb / 1024.0,
+        "host_rss_mb": peak_kb / 1024.0,
         "import_rss_mb": import_rss_mb,
         "torch": torch.__version__,
         "params": sum(p.numel() for p in model.parameters()),

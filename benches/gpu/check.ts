@@ -1,0 +1,169 @@
+/**
+ * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
+ *
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick]
+ *
+ * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
+ *     agreement of every kernel on CUDA with the CPU kernels;
+ * (b) pretraining throughput of convmae-base at batch 64 and 128: ours sparse / dense x fp32 /
+ *     bf16, each in a process of its own (so the memory peak is its own);
+ * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
+ *     with bf16 (benches/baselines/time_step.py);
+ * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
+ *     max_memory_allocated).
+ * Writes gpu-<date>.jsonl (one harness-format line per measurement), gpu-<date>.md and
+ * check.json under --out. Each child has a time limit so the whole run stays within its budget;
+ * what times out is recorded as such.
+ */
+import { spawn } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { checkFixture } from '../../src/api/fixture.js';
+import { native } from '../../src/native.js';
+import { fmt, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
+
+interface Row {
+  suite: string;
+  impl: string;
+  preset: string;
+  batch: number;
+  dtype: string;
+  device: string;
+  images_per_s: number;
+  peak_mem_mb: number;
+  ms_per_step_median: number;
+  path?: string;
+  error?: string;
+}
+
+/** Runs a command, returns its last JSON line (or the error), killing it after `seconds`. */
+function child(cmd: string, args: string[], seconds: number, env: NodeJS.ProcessEnv = process.env): Promise<{ json?: Record<string, unknown>; error?: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (err += d));
+    const timer = setTimeout(() => p.kill('SIGKILL'), seconds * 1000);
+    p.on('close', (code, signal) => {
+      clearTimeout(timer);
+      const last = out.trim().split('\n').filter((l) => l.startsWith('{')).at(-1);
+      if (code === 0 && last) resolve({ json: JSON.parse(last) as Record<string, unknown>, stderr: err });
+      else resolve({ error: signal === 'SIGKILL' ? `timed out after ${seconds} s` : `exit ${code}: ${err.trim().split('\n').slice(-3).join(' | ')}`, stderr: err });
+    });
+  });
+}
+
+async function main(): Promise<void> {
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick']));
+  const out = path.resolve(opts.flags.out ?? 'gpu-out');
+  const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
+  const python = opts.flags.python ?? 'python3';
+  const quick = opts.flags.quick === 'true';
+  mkdirSync(out, { recursive: true });
+  const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
+  const started = Date.now();
+  if (!native.cudaBuild()) throw new Error('this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node');
+
+  // (a) parity and kernel agreement.
+  const parity: Record<string, unknown>[] = [];
+  for (const [file, dtype, convPath] of [
+    ['pretrain_small.safetensors', 'f32', 'sparse'],
+    ['pretrain_small.safetensors', 'f32', 'dense'],
+    ['pretrain_small.safetensors', 'f64', 'sparse'],
+    ['finetune_small.safetensors', 'f32', 'sparse'],
+    ['finetune_small.safetensors', 'f64', 'sparse'],
+  ] as const) {
+    try {
+      const r = await checkFixture(path.join(golden, file), dtype, convPath, 'cuda');
+      parity.push({ fixture: file, dtype, path: r.kind === 'pretrain' ? convPath : null, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance });
+      log(`parity ${file} ${dtype} ${convPath}: ${r.pass ? 'pass' : 'FAIL'} (worst ${r.worst} ${r.worst_rel.toExponential(2)})`);
+    } catch (e) {
+      parity.push({ fixture: file, dtype, path: convPath, pass: false, error: (e as Error).message });
+      log(`parity ${file} ${dtype}: error ${(e as Error).message}`);
+    }
+  }
+  let agreement: { op: string; forward_rel: number; gradient_rel: number }[] = [];
+  try {
+    agreement = JSON.parse(await native.compareKernels('cuda')) as typeof agreement;
+    for (const a of agreement) log(`kernel ${a.op}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}`);
+  } catch (e) {
+    log(`kernel agreement: error ${(e as Error).message}`);
+  }
+
+  // (b)-(d) throughput and memory.
+  const rows: Row[] = [];
+  const batches = quick ? [64] : [64, 128];
+  const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
+  const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
+  const record = (r: { json?: Record<string, unknown>; error?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
+    const j = r.json ?? {};
+    const row: Row = {
+      ...fallback,
+      impl: (j.impl as string) ?? fallback.impl,
+      device: (j.device as string) ?? fallback.device,
+      images_per_s: (j.images_per_s as number) ?? NaN,
+      peak_mem_mb: (j.peak_mem_mb as number) ?? NaN,
+      ms_per_step_median: (j.ms_per_step_median as number) ?? NaN,
+      error: r.error,
+    };
+    rows.push(row);
+    log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
+  };
+  for (const batch of batches) {
+    for (const precision of ['bf16', 'fp32'] as const) {
+      for (const convPath of ['sparse', 'dense'] as const) {
+        const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150);
+        record(r, { suite: 'gpu', impl: convPath === 'sparse' ? 'ours' : 'ours-dense', preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath });
+      }
+    }
+    for (const [amp, compile] of [['bf16', false], ['bf16', true], ['none', false]] as const) {
+      const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
+      if (compile) args.push('--compile');
+      const r = await child(python, args, compile ? 240 : 120);
+      record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
+    }
+  }
+
+  // Results: JSON lines, markdown, and everything in check.json.
+  const date = localDate(new Date());
+  const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
+  writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
+  const eagerBf16 = (b: number) => rows.find((r) => r.impl === 'pytorch' && r.dtype === 'bf16' && r.batch === b);
+  const compiled = (b: number) => rows.find((r) => r.impl === 'pytorch-compile' && r.batch === b);
+  const table = markdownTable(
+    ['impl', 'path', 'precision', 'batch', 'images/s', 'ms/step', 'peak GPU MB', 'vs eager bf16', 'vs compile', 'mem vs eager bf16'],
+    rows.map((r) => {
+      const e = eagerBf16(r.batch);
+      const c = compiled(r.batch);
+      return [r.impl, r.path ?? '', r.dtype, String(r.batch), r.error ? r.error : fmt(r.images_per_s), fmt(r.ms_per_step_median), fmt(r.peak_mem_mb), e ? fmt(r.images_per_s / e.images_per_s) : '', c ? fmt(r.images_per_s / c.images_per_s) : '', e ? fmt(r.peak_mem_mb / e.peak_mem_mb) : ''];
+    }),
+  );
+  const device = rows.find((r) => r.impl.startsWith('pytorch') && !r.error)?.device ?? 'cuda';
+  const md = [
+    `# GPU check, ${date}`,
+    '',
+    `Device: ${device}. Command: \`bash benches/gpu/run.sh\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
+    '',
+    '## Parity (CUDA build, golden fixtures)',
+    '',
+    markdownTable(['fixture', 'dtype', 'path', 'pass', 'worst tensor', 'worst rel', 'tolerance'], parity.map((p) => [String(p.fixture), String(p.dtype), String(p.path ?? ''), String(p.pass), String(p.worst ?? p.error ?? ''), p.worst_rel === undefined ? '' : (p.worst_rel as number).toExponential(2), String(p.tolerance ?? '')])),
+    '',
+    '## Kernels on CUDA vs the CPU kernels (f32)',
+    '',
+    markdownTable(['op', 'forward rel', 'gradient rel'], agreement.map((a) => [a.op, a.forward_rel.toExponential(2), a.gradient_rel.toExponential(2)])),
+    '',
+    '## Pretraining throughput, convmae-base',
+    '',
+    table,
+    '',
+  ].join('\n');
+  writeFileSync(path.join(out, `gpu-${date}.md`), md);
+  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ parity, agreement, rows }, null, 2));
+  log(`wrote ${out}/gpu-${date}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`gpu check: ${e instanceof Error ? e.stack : String(e)}\n`);
+  process.exitCode = 1;
+});
