@@ -34,6 +34,23 @@ export declare function benchDepthwiseConv(preset: string, stage: number, batch:
 /** Runs a golden-format fixture through the model; resolves to the JSON report. */
 export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null): Promise<string>
 
+/**
+ * The native pretraining transform for a batch of JPEG files: decode,
+ * crop (left, top, width, height), bicubic resize to size x size, flip when
+ * the fifth crop number is nonzero. `crops` holds 5 integers per file;
+ * `paths` name the files in messages. Runs on `threads` decode threads, off
+ * the Node thread and the libuv pool.
+ */
+export declare function decodeCropBatch(files: Array<Uint8Array>, paths: Array<string>, crops: Int32Array, size: number, threads: number): Promise<DecodedBatch>
+
+/** Decoded and augmented images of `decodeCropBatch`. */
+export interface DecodedBatch {
+  /** uint8 [n, size, size, 3] RGB; the block of a failed image is unspecified. */
+  pixels: Buffer
+  /** Per image: null when decoded, else why not, naming the file. */
+  errors: Array<string | undefined | null>
+}
+
 export interface LoadResult {
   /** JSON of the LoadReport (format, loaded, missing, unexpected, optimizerRestored). */
   report: string

@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.checkFixture = nativeBinding.checkFixture
+module.exports.decodeCropBatch = nativeBinding.decodeCropBatch
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.resolveConfig = nativeBinding.resolveConfig

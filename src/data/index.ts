@@ -1,6 +1,8 @@
 /** Data pipeline of ConvMAE pretraining: datasets, transforms, batch loader. */
 export { createRng, deriveSeed, permutation, randInt, uniform, type Rng } from './rng.js';
 export {
+  applyPretrainParams,
+  readSourceBytes,
   DEFAULT_HFLIP_PROB,
   DEFAULT_RATIO,
   DEFAULT_SCALE,
@@ -21,9 +23,11 @@ export {
   IMAGE_EXTENSIONS,
   mnistDataDir,
   openDataset,
+  openFileList,
   openIdx,
   openImageFolder,
   openMnist,
+  type FileListDataset,
   type IdxDataset,
   type ImageDataset,
   type ImageFolderDataset,
@@ -32,3 +36,7 @@ export {
 } from './datasets.js';
 export { decodeBmp, isBmp, type DecodedBmp } from './bmp.js';
 export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
+export { DEFAULT_SHUFFLE_BUFFER, expandShardPattern, listShardFiles, openTarShards, type OpenTarShardsOptions, type ShardDataset } from './shards.js';
+export { listTar, readRange, type ListTarOptions, type TarMember } from './tar.js';
+export { isJpeg, readJpegHeader, type JpegHeader } from './jpeg.js';
+export { decodeCropBatch, nativeDecoder, type NativeCropJob, type NativeCropResult } from './native-decode.js';
