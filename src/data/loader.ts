@@ -407,19 +407,19 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
    */
   private async loadMany(entries: [number, number][], epoch: number, step: number, images: Uint8Array): Promise<boolean[]> {
     if (this.transform === 'eval') {
-      return Promise.all(entries.map(([i, index]) => this.viaSharp(index, epoch, step, () => evalTransform(this.dataset.source(index), this.imageSize, images, i * this.imageBytes))));
+      return Promise.all(entries.map(([i, index]) => this.attempt(index, epoch, step, () => evalTransform(this.dataset.source(index), this.imageSize, images, i * this.imageBytes))));
     }
     const decode = this.nativeJpeg ? await nativeDecoder() : undefined;
     // Read every file and draw its augmentation; JPEGs wait for the native batch.
     const jobs: { slot: number; index: number; job: NativeCropJob; params: PretrainParams }[] = [];
     const direct = await Promise.all(
       entries.map(([i, index]) =>
-        this.viaSharp(index, epoch, step, async () => {
+        this.attempt(index, epoch, step, async () => {
           const source = this.dataset.source(index);
           const rng = createRng(deriveSeed(this.seed, epoch, index));
           const bytes = source.kind === 'file' ? await readSourceBytes(source) : undefined;
           const header = decode && bytes ? readJpegHeader(bytes) : undefined;
-          if (header && bytes && source.kind === 'file') {
+          if (header && bytes) {
             const params = samplePretrainParams(header.width, header.height, rng, this.augment);
             jobs.push({ slot: i, index, params, job: { bytes, path: this.describe(index), ...params } });
             return;
@@ -432,16 +432,11 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     );
     if (jobs.length === 0 || !decode) return direct;
 
-    let result;
-    try {
-      result = await this.nativeLimiter.run(step, () => {
-        if (this.closed) throw new ClosedError();
-        return decodeCropBatch(decode, jobs.map((j) => j.job), this.imageSize, this.decodeThreads);
-      });
-    } catch (err) {
-      if (err instanceof ClosedError || this.closed) throw new ClosedError();
-      throw err; // a whole-call failure (not a per-file one) is a bug worth surfacing
-    }
+    // Per-file failures come back in `errors`; a failure of the whole call fails the batch.
+    const result = await this.nativeLimiter.run(step, () => {
+      if (this.closed) throw new ClosedError();
+      return decodeCropBatch(decode, jobs.map((j) => j.job), this.imageSize, this.decodeThreads);
+    });
     const ok = new Map<number, boolean>();
     await Promise.all(
       jobs.map(async ({ slot, index, job, params }, k) => {
@@ -453,7 +448,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
           return;
         }
         // Refused natively (an unsupported JPEG flavour, or a damaged file): sharp decides.
-        const good = await this.viaSharp(index, epoch, step, async () => {
+        const good = await this.attempt(index, epoch, step, async () => {
           try {
             await applyPretrainParams(await openImage(this.dataset.source(index), job.bytes), params, this.imageSize, images, offset);
           } catch (err) {
@@ -474,8 +469,11 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     }
   }
 
-  /** Runs one sample's work under the concurrency limit; false (and a recorded skip) if it throws. */
-  private async viaSharp(index: number, epoch: number, step: number, work: () => Promise<void>): Promise<boolean> {
+  /**
+   * Runs one sample's reading / sharp decoding under the concurrency limit;
+   * false (and a recorded skip) if it throws.
+   */
+  private async attempt(index: number, epoch: number, step: number, work: () => Promise<void>): Promise<boolean> {
     if (this.bad.has(index)) return false;
     try {
       await this.limiter.run(step, async () => {
