@@ -209,13 +209,13 @@ fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usi
     let horizontal_pass: Vec<u8>;
     let (rows, row_stride): (&[u8], usize) = if crop.width != out_width {
         let horizontal = taps(crop.width, out_width);
-        let rows = row_end - row_first;
-        let column = rows * C;
+        let row_count = row_end - row_first;
+        let column = row_count * C;
         // The horizontal pass runs as a vertical one on the transposed crop:
         // whole columns are then contiguous and the multiply-adds vectorize,
         // which outweighs the two transposes (same integer sums as Pillow's).
         let mut columns = vec![0u8; crop.width * column];
-        for r in 0..rows {
+        for r in 0..row_count {
             let y = crop.top + row_first + r;
             let src = &image.pixels[y * src_stride + crop.left * C..y * src_stride + (crop.left + crop.width) * C];
             for (x, px) in src.chunks_exact(C).enumerate() {
@@ -225,20 +225,16 @@ fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usi
         let mut acc = vec![0i32; column];
         let mut resized_columns = vec![0u8; out_width * column];
         for (x, out_column) in resized_columns.chunks_exact_mut(column).enumerate() {
-            acc.fill(HALF);
             let n = horizontal.len[x];
-            let w = &horizontal.weights[x * horizontal.stride..x * horizontal.stride + n];
             let first = horizontal.first[x];
-            for (src_column, &wk) in columns[first * column..(first + n) * column].chunks_exact(column).zip(w) {
-                for (a, &p) in acc.iter_mut().zip(src_column) {
-                    *a += i32::from(p) * wk;
-                }
-            }
-            for (o, &a) in out_column.iter_mut().zip(&acc) {
-                *o = clip8(a);
-            }
+            weighted_sum(
+                columns[first * column..(first + n) * column].chunks_exact(column),
+                &horizontal.weights[x * horizontal.stride..x * horizontal.stride + n],
+                &mut acc,
+                out_column,
+            );
         }
-        let mut tmp = vec![0u8; rows * line];
+        let mut tmp = vec![0u8; row_count * line];
         for (x, out_column) in resized_columns.chunks_exact(column).enumerate() {
             for (r, px) in out_column.chunks_exact(C).enumerate() {
                 tmp[r * line + x * C..r * line + x * C + C].copy_from_slice(px);
@@ -256,17 +252,14 @@ fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usi
     let mut result = vec![0u8; line];
     for y in 0..out_height {
         if resize_rows {
-            acc.fill(HALF);
-            let w = &vertical.weights[y * vertical.stride..y * vertical.stride + vertical.len[y]];
-            for (k, &wk) in w.iter().enumerate() {
-                let start = (vertical.first[y] - row_first + k) * row_stride;
-                for (a, &p) in acc.iter_mut().zip(&rows[start..start + line]) {
-                    *a += i32::from(p) * wk;
-                }
-            }
-            for (r, &a) in result.iter_mut().zip(&acc) {
-                *r = clip8(a);
-            }
+            let n = vertical.len[y];
+            let first = vertical.first[y] - row_first;
+            weighted_sum(
+                (first..first + n).map(|r| &rows[r * row_stride..r * row_stride + line]),
+                &vertical.weights[y * vertical.stride..y * vertical.stride + n],
+                &mut acc,
+                &mut result,
+            );
         } else {
             result.copy_from_slice(&rows[y * row_stride..y * row_stride + line]);
         }
@@ -277,6 +270,22 @@ fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usi
                 dst[x * 3 + c] = result[sx * C + if C == 1 { 0 } else { c }];
             }
         }
+    }
+}
+
+/// The multiply-add of both passes: `out = clip8(HALF + sum_k weights[k] *
+/// lines[k])`, element-wise over equally long lines (`acc` is scratch of
+/// their length). Whole lines at a time, so it vectorizes.
+#[inline(always)]
+fn weighted_sum<'a>(lines: impl Iterator<Item = &'a [u8]>, weights: &[i32], acc: &mut [i32], out: &mut [u8]) {
+    acc.fill(HALF);
+    for (line, &w) in lines.zip(weights) {
+        for (a, &p) in acc.iter_mut().zip(line) {
+            *a += i32::from(p) * w;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = clip8(a);
     }
 }
 
