@@ -207,9 +207,16 @@ async function writeShards(dir: string): Promise<string[]> {
     const members: { name: string; data: Uint8Array }[] = [];
     for (let i = 0; i < 4; i++, key++) {
       const k = String(key).padStart(6, '0');
-      members.push({ name: `${k}.jpg`, data: await jpegOf(photoLike(40, 30, key), 40, 30) });
-      members.push({ name: `${k}.cls`, data: Buffer.from(String(key % 5)) });
-      if (key === 5) members.push({ name: `${k}.json`, data: Buffer.from('{"note": "extra member"}') });
+      const sample = [
+        { name: `${k}.jpg`, data: await jpegOf(photoLike(40, 30, key), 40, 30) },
+        { name: `${k}.cls`, data: Buffer.from(String(key % 5)) },
+      ];
+      if (key === 5) {
+        // A secondary picture ahead of the .jpg and an extra member: the sample's image is still its .jpg.
+        sample.unshift({ name: `${k}.seg.png`, data: Buffer.from('not a picture: must never be decoded') });
+        sample.push({ name: `${k}.json`, data: Buffer.from('{"note": "extra member"}') });
+      }
+      members.push(...sample);
     }
     // A sample whose key is in a long (pax) path and has no label, and a metadata-only sample.
     members.push({ name: `${'deep/'.repeat(25)}x${s}.png`, data: await sharp(photoLike(20, 20, s), { raw: { width: 20, height: 20, channels: 3 } }).png().toBuffer() });

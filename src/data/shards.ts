@@ -2,8 +2,9 @@
  * WebDataset-style tar shards: each sample is a group of adjacent archive
  * members sharing a key (the member path up to the first dot of its file
  * name), e.g. `n01440764/000123.jpg` + `n01440764/000123.cls`. The image is
- * the sample's first member with an image extension; the label, when there
- * is one, is the integer text of its `.cls` member.
+ * the sample's first member with an image extension (`jpg`, `png`, ...;
+ * one such as `seg.png` only when there is no plain one); the label, when
+ * there is one, is the integer text of its `.cls` member.
  *
  * Opening a dataset lists the shards' headers (not their contents), so
  * samples can be addressed as byte ranges of the shard files. Reading
@@ -111,11 +112,15 @@ export async function openTarShards(shardPaths: readonly string[], options: Open
     let i = 0;
     while (i < members.length) {
       const { key } = splitKey(members[i].name);
+      // The image: the first member whose extension is an image type ("jpg"), else the first
+      // whose last extension part is ("seg.png": a secondary picture, as WebDataset names them).
       let image = -1;
+      let secondaryImage = -1;
       let label = -1;
       for (; i < members.length && splitKey(members[i].name).key === key; i++) {
         const { ext } = splitKey(members[i].name);
-        if (image < 0 && IMAGE_EXTENSIONS.includes(ext.slice(ext.lastIndexOf('.') + 1))) image = i;
+        if (image < 0 && IMAGE_EXTENSIONS.includes(ext)) image = i;
+        else if (secondaryImage < 0 && IMAGE_EXTENSIONS.includes(ext.slice(ext.lastIndexOf('.') + 1))) secondaryImage = i;
         const text = members[i].contents;
         if (ext === 'cls' && text) {
           const value = Number(Buffer.from(text).toString('utf8').trim());
@@ -126,6 +131,7 @@ export async function openTarShards(shardPaths: readonly string[], options: Open
           labeled = true;
         }
       }
+      if (image < 0) image = secondaryImage;
       if (image < 0) continue;
       sampleShard.push(s);
       sampleOffset.push(members[image].offset);
