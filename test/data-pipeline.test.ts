@@ -320,7 +320,7 @@ test('pretrain --data with a shard pattern trains on the shards through this pip
     outDir: path.join(dir, 'run'),
   });
   t.is(summary.steps, 2);
-  t.is(summary.dataset, 'train-000000');
+  t.is(summary.dataset, 'train-{000000..000002}');
   t.deepEqual(summary.skipped, []);
   t.true(Number.isFinite(summary.lastLoss));
 });

@@ -446,7 +446,7 @@ const IDX_IMAGES_RE = /images([-.])idx3-ubyte(\.gz)?$/i;
  */
 export async function openDataset(spec?: string): Promise<ImageDataset> {
   if (spec === undefined || spec === '') return openMnist('train');
-  if (/\{\d+\.\.\d+\}/.test(spec)) return openTarShards(expandShardPattern(spec));
+  if (/\{\d+\.\.\d+\}/.test(spec)) return openTarShards(expandShardPattern(spec), { name: path.basename(spec).replace(/\.tar$/i, '') });
   const abs = path.resolve(spec);
   let info;
   try {
