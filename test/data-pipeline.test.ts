@@ -68,11 +68,12 @@ test('readJpegHeader reads dimensions and components; non-JPEG and damaged heade
 
 // The two decoders differ in IDCT and chroma upsampling rounding, and the
 // resamplers differ (Pillow's bicubic natively, libvips' cubic in sharp), so
-// agreement is close but not bit-exact. Tolerance: mean |diff| <= 1.5 and
-// max |diff| <= 24 levels on detailed 4:2:0 pictures (edges are where the
-// kernels differ most).
-const MEAN_TOLERANCE = 1.5;
-const MAX_TOLERANCE = 24;
+// agreement is close but not bit-exact. Measured with sharp 0.34.5: mean
+// |diff| 0.09-0.44 levels when shrinking, 1.46 when enlarging (where the
+// kernels differ most), max 7. Tolerance: mean <= 2.5, max <= 16; a wrong
+// crop, flip or channel order gives means of tens of levels.
+const MEAN_TOLERANCE = 2.5;
+const MAX_TOLERANCE = 16;
 
 test('native decode + crop + resize + flip agrees with sharp on the same crop (RGB 4:2:0, 4:4:4, greyscale)', async (t) => {
   const decode = await nativeDecoder();
@@ -98,6 +99,7 @@ test('native decode + crop + resize + flip agrees with sharp on the same crop (R
     await applyPretrainParams(await openImage({ kind: 'file', path: c.name }, c.bytes), c.params, size, ref, 0);
     const mean = meanAbsDiff(ours, ref);
     const max = maxAbsDiff(ours, ref);
+    t.log(`${c.name}: mean |native - sharp| ${mean.toFixed(2)}, max ${max}`);
     t.true(mean <= MEAN_TOLERANCE && max <= MAX_TOLERANCE, `${c.name}: mean ${mean.toFixed(2)}, max ${max}`);
     if (c.name === 'greyscale') {
       for (let i = 0; i < ours.length; i += 3) if (ours[i] !== ours[i + 1] || ours[i] !== ours[i + 2]) return t.fail('grey not replicated');
