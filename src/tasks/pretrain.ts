@@ -177,8 +177,11 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     const started = performance.now();
     const startStep = state.step;
     const every = options.checkpointEvery ?? 0;
+    // How long each step waited for its batch: about 0 while the loader keeps ahead of the model.
+    let waitStarted = performance.now();
     try {
       for await (const batch of loader) {
+        const dataWaitMs = performance.now() - waitStarted;
         if (options.signal?.aborted) break;
         // MAE sets the lr at the start of each accumulation window, from the fractional epoch.
         const windowStart = state.step - (state.step % accumSteps);
@@ -199,10 +202,19 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
         const etaSeconds = ((state.totalSteps - state.step) * elapsed) / done;
         await appendFile(
           log,
-          JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n',
+          JSON.stringify({
+            step: state.step,
+            epoch: batch.epoch,
+            loss: r.loss,
+            lr,
+            images_per_s: imagesPerSec,
+            data_wait_ms: dataWaitMs,
+            time: new Date().toISOString(),
+          }) + '\n',
         );
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds });
         if (every > 0 && state.step % every === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) await save();
+        waitStarted = performance.now();
       }
     } finally {
       loader.close();
