@@ -75,7 +75,7 @@ test('readJpegHeader reads dimensions and components; non-JPEG and damaged heade
 const MEAN_TOLERANCE = 2.5;
 const MAX_TOLERANCE = 16;
 
-test('native decode + crop + resize + flip agrees with sharp on the same crop (RGB 4:2:0, 4:4:4, greyscale)', async (t) => {
+test('native decode + crop + resize + flip agrees with sharp on the same crop (RGB 4:2:0, 4:4:4, progressive, greyscale)', async (t) => {
   const decode = await nativeDecoder();
   if (!decode) return t.fail('native module not built');
   const size = 32;
@@ -83,6 +83,7 @@ test('native decode + crop + resize + flip agrees with sharp on the same crop (R
     { name: '4:2:0', bytes: await jpegOf(photoLike(120, 90, 1), 120, 90), params: { crop: { left: 10, top: 7, width: 80, height: 61 }, flip: false } },
     { name: '4:4:4 flipped', bytes: await jpegOf(photoLike(90, 120, 2), 90, 120, { chromaSubsampling: '4:4:4' }), params: { crop: { left: 0, top: 30, width: 90, height: 71 }, flip: true } },
     { name: 'upscale', bytes: await jpegOf(photoLike(40, 30, 3), 40, 30), params: { crop: { left: 5, top: 3, width: 20, height: 17 }, flip: false } },
+    { name: 'progressive', bytes: await jpegOf(photoLike(100, 80, 5), 100, 80, { progressive: true }), params: { crop: { left: 20, top: 10, width: 70, height: 60 }, flip: false } },
     {
       name: 'greyscale',
       bytes: await jpegOf(photoLike(64, 48, 4).filter((_, i) => i % 3 === 0), 64, 48, {}, 1),
