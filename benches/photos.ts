@@ -45,9 +45,16 @@ function extractPhotos(cache: string, log: (line: string) => void): string {
   const findWheel = () => readdirSync(wheelDir).find((f) => f.startsWith(`scikit_image-${SKIMAGE_VERSION}-`) && f.endsWith('.whl'));
   if (!findWheel()) {
     log(`data: downloading the scikit-image ${SKIMAGE_VERSION} wheel from PyPI for its sample photographs ...`);
-    execFileSync(python(), ['-m', 'pip', 'download', `scikit-image==${SKIMAGE_VERSION}`, '--no-deps', '--only-binary=:all:', '-d', wheelDir], {
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
+    try {
+      execFileSync(python(), ['-m', 'pip', 'download', `scikit-image==${SKIMAGE_VERSION}`, '--no-deps', '--only-binary=:all:', '-d', wheelDir], {
+        stdio: ['ignore', 'ignore', 'inherit'],
+      });
+    } catch (err) {
+      throw new Error(
+        `cannot download the scikit-image wheel with ${python()} -m pip (${(err as Error).message.split('\n')[0]}); ` +
+          'set CONVMAE_BENCH_PYTHON to a Python with pip and PyPI access, or pass --folder DIR of JPEGs',
+      );
+    }
   }
   const wheel = findWheel();
   if (!wheel) throw new Error(`pip download left no scikit-image ${SKIMAGE_VERSION} wheel in ${wheelDir}`);
