@@ -86,6 +86,23 @@ export declare function cudaBuild(): boolean
 /** Peak bytes of CUDA device `ordinal`'s memory pool in this process: {used_high, reserved_high}. */
 export declare function cudaPoolPeaks(ordinal: number): string
 
+/**
+ * The native pretraining transform for a batch of JPEG files: decode,
+ * crop (left, top, width, height), bicubic resize to size x size, flip when
+ * the fifth crop number is nonzero. `crops` holds 5 integers per file;
+ * `paths` name the files in messages. Runs on `threads` decode threads, off
+ * the Node thread and the libuv pool.
+ */
+export declare function decodeCropBatch(files: Array<Uint8Array>, paths: Array<string>, crops: Int32Array, size: number, threads: number): Promise<DecodedBatch>
+
+/** Decoded and augmented images of `decodeCropBatch`. */
+export interface DecodedBatch {
+  /** uint8 [n, size, size, 3] RGB; the block of a failed image is unspecified. */
+  pixels: Buffer
+  /** Per image: null when decoded, else why not, naming the file. */
+  errors: Array<string | undefined | null>
+}
+
 export interface EvalResult {
   /** Sum of the per-image cross-entropy (0 without labels). */
   lossSum: number

@@ -843,6 +843,7 @@ module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.compareKernels = nativeBinding.compareKernels
 module.exports.cudaBuild = nativeBinding.cudaBuild
 module.exports.cudaPoolPeaks = nativeBinding.cudaPoolPeaks
+module.exports.decodeCropBatch = nativeBinding.decodeCropBatch
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.resolveConfig = nativeBinding.resolveConfig

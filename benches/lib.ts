@@ -43,6 +43,11 @@ export function jsonLine(m: Measurement): string {
     // Kernel rows: what ran on which shape, and its time, instead of images/s.
     return JSON.stringify({ suite, impl, kernel: k.kernel, pass: k.pass, shape: k.shape, preset, batch, dtype, device, threads, ms: k.ms, peak_mem_mb });
   }
+  if (suite === 'data') {
+    // Data pipeline rows: workers (= cores used) instead of a model and threads.
+    const d = m.details as { images_per_s_per_core?: number; image_size?: number } | undefined;
+    return JSON.stringify({ suite, impl, workers: threads, images_per_s, images_per_s_per_core: d?.images_per_s_per_core, batch, image_size: d?.image_size });
+  }
   return JSON.stringify({ suite, impl, preset, batch, dtype, device, threads, images_per_s, peak_mem_mb, ms_per_step_median });
 }
 

@@ -3,6 +3,7 @@
  *
  *   npm run bench -- pretrain --preset convmae-base --batch 8 --steps 3
  *   npm run bench -- pretrain --preset convmae-tiny --batch 32 --impl ours --threads 1
+ *   npm run bench -- data --workers 1,2
  *
  * Prints a markdown table and one JSON line per measured configuration
  * ({"suite","impl","preset","batch","dtype","device","threads","images_per_s","peak_mem_mb","ms_per_step_median"}),
@@ -29,6 +30,7 @@ import {
   type RunRecord,
   type Suite,
 } from './lib.js';
+import { dataSuite } from './data.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
 import { transferSuite } from './transfer.js';
@@ -37,6 +39,7 @@ export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
   [transferSuite.name]: transferSuite,
+  [dataSuite.name]: dataSuite,
 };
 
 /** Flags every suite accepts (handled here). */

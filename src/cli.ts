@@ -22,7 +22,9 @@ Commands:
   check-fixture F   run a golden-format fixture through the model, print errors as one JSON line
 
 pretrain options:
-  --data PATH             image folder (ImageNet layout or flat) or *-images-idx3-ubyte[.gz] file
+  --data PATH             image folder (ImageNet layout or flat), WebDataset tar shards (a .tar, a folder
+                          of .tar files, or 'shards/train-{000000..000009}.tar'), a file list (.txt/.lst,
+                          'path[ label]' per line) or a *-images-idx3-ubyte[.gz] file
   --preset NAME           ${PRESETS.join(' | ')} (default: convmae-tiny without --data, convmae-base with it)
   --config JSON|FILE      overrides of the preset's config (official field names)
   --dtype f32|f64         default f32

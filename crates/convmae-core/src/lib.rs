@@ -20,6 +20,7 @@ pub mod optim;
 pub mod train;
 pub mod checkpoint;
 pub mod flops;
+pub mod imaging;
 pub mod recon;
 pub mod session;
 #[cfg(feature = "node")]

@@ -7,6 +7,7 @@ use crate::config::ConvMaeConfig;
 use crate::device::DeviceSpec;
 use crate::precision::Precision;
 use crate::fixture;
+use crate::imaging;
 use crate::flops::macs_per_image;
 use crate::model::{ConvMae, ConvPath};
 use crate::optim::AdamWConfig;
@@ -494,4 +495,47 @@ impl NativeClassifier {
         self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
         Ok(())
     }
+}
+
+/// Decoded and augmented images of `decodeCropBatch`.
+#[napi(object)]
+pub struct DecodedBatch {
+    /// uint8 [n, size, size, 3] RGB; the block of a failed image is unspecified.
+    pub pixels: Buffer,
+    /// Per image: null when decoded, else why not, naming the file.
+    pub errors: Vec<Option<String>>,
+}
+
+/// The native pretraining transform for a batch of JPEG files: decode,
+/// crop (left, top, width, height), bicubic resize to size x size, flip when
+/// the fifth crop number is nonzero. `crops` holds 5 integers per file;
+/// `paths` name the files in messages. Runs on `threads` decode threads, off
+/// the Node thread and the libuv pool.
+#[napi]
+pub async fn decode_crop_batch(files: Vec<Uint8Array>, paths: Vec<String>, crops: Int32Array, size: u32, threads: u32) -> Result<DecodedBatch> {
+    let n = files.len();
+    if paths.len() != n || crops.len() != n * 5 {
+        return Err(js_err(format!("decodeCropBatch: {n} files need {n} paths and {} crop numbers, got {} and {}", n * 5, paths.len(), crops.len())));
+    }
+    if size == 0 || threads == 0 {
+        return Err(js_err("decodeCropBatch: size and threads must be positive"));
+    }
+    let mut boxes = Vec::with_capacity(n);
+    for (i, c) in crops.chunks_exact(5).enumerate() {
+        if c[..4].iter().any(|&v| v < 0) {
+            return Err(js_err(format!("decodeCropBatch: negative crop number for {}", paths[i])));
+        }
+        boxes.push(imaging::CropFlip { left: c[0] as usize, top: c[1] as usize, width: c[2] as usize, height: c[3] as usize, flip: c[4] != 0 });
+    }
+    let data: Vec<Vec<u8>> = files.iter().map(|f| f.to_vec()).collect();
+    let size = size as usize;
+    let (pixels, errors) = off_thread(move || {
+        let jobs: Vec<imaging::CropJob> = data.iter().zip(&boxes).map(|(d, &crop)| imaging::CropJob { data: d, crop }).collect();
+        let mut out = vec![0u8; n * size * size * 3];
+        let errors = imaging::decode_crop_batch(&jobs, size, threads as usize, &mut out)?;
+        Ok((out, errors))
+    })
+    .await?;
+    let errors = errors.into_iter().zip(&paths).map(|(e, path)| e.map(|e| format!("{path}: {e}"))).collect();
+    Ok(DecodedBatch { pixels: pixels.into(), errors })
 }
