@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one-shot GPU check, on the GPU machine (no Node, no Rust, no network; PyTorch present):
+# unpacks the payload of benches/gpu/prepare.sh, points the loader at PyTorch's CUDA 13
+# libraries, and runs dist/benches/gpu/check.js. Results go to $OUT (the device tool's output
+# folder): gpu-<date>.{jsonl,md}, check.json, check.log, device.csv, ldd.txt.
+# Extra arguments go to check.js (e.g. --quick: batch 64 only).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PAYLOAD=benches/gpu/payload
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+
+# xz may be missing there; Python's lzma is not.
+python3 - "$PAYLOAD" "$WORK" <<'PY'
+import lzma, shutil, sys, os
+payload, work = sys.argv[1], sys.argv[2]
+for src, dst in [("node.xz", "node"), ("convmae.cuda.node.xz", "convmae.cuda.node")]:
+    with lzma.open(os.path.join(payload, src)) as f, open(os.path.join(work, dst), "wb") as g:
+        shutil.copyfileobj(f, g)
+os.chmod(os.path.join(work, "node"), 0o755)
+PY
+
+# cuBLAS, cuRAND, cudart and NVRTC 13: from the PyTorch wheels (site-packages/nvidia/...), else
+# from the machine's CUDA toolkit (it has nvcc 13.0).
+LIBDIRS=$(python3 - <<'PY'
+import glob, os, site, sys
+need = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]
+toolkits = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
+toolkits += sorted(glob.glob("/usr/local/cuda-*/lib64")) + sorted(glob.glob("/usr/local/cuda-*/targets/x86_64-linux/lib"))
+roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] + toolkits if os.path.isdir(p)]
+dirs = []
+for name in need:
+    hits = [h for r in roots for h in glob.glob(os.path.join(r, "**", name), recursive=r not in toolkits)]
+    if not hits:
+        print(f"run.sh: {name} not found under {roots}", file=sys.stderr)
+        continue
+    d = os.path.dirname(hits[0])
+    if d not in dirs:
+        dirs.append(d)
+print(":".join(dirs))
+PY
+)
+export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.csv" 2>&1 || true
+ldd "$WORK/convmae.cuda.node" > "$OUT/ldd.txt" 2>&1 || true
+"$WORK/node" --version >> "$OUT/env.txt"
+cp "$PAYLOAD/COMMIT" "$OUT/COMMIT" 2>/dev/null || true
+
+CONVMAE_NATIVE="$WORK/convmae.cuda.node" "$WORK/node" dist/benches/gpu/check.js --out "$OUT" --golden "$PAYLOAD/golden" "$@" 2>&1 | tee "$OUT/check.log"
