@@ -162,6 +162,24 @@ test('shrink-on-load: PNG input ignores the option (bit-identical)', async (t) =
   }
 });
 
+test('shrink-on-load: greyscale JPEGs stay one band replicated to RGB', async (t) => {
+  const { dir, cleanup } = await tempDir('convmae-shrink-grey-');
+  t.teardown(cleanup);
+  const width = 1600;
+  const height = 1200;
+  const grey = new Uint8Array(width * height);
+  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) grey[y * width + x] = (x * 255) / (width - 1) / 2 + (y * 255) / (height - 1) / 2;
+  const file = path.join(dir, 'grey.jpg');
+  await sharp(grey, { raw: { width, height, channels: 1 } }).toColourspace('b-w').jpeg({ quality: 95 }).toFile(file);
+  const crop = { left: 100, top: 150, width: 1400, height: 1000 };
+  t.truthy(shrinkOnLoadPlan(width, height, crop, SIZE));
+  const shrunk = await applyCrop(file, crop, true, SIZE, true);
+  for (let i = 0; i < shrunk.length; i += 3) {
+    if (shrunk[i] !== shrunk[i + 1] || shrunk[i] !== shrunk[i + 2]) return t.fail(`pixel ${i / 3} is not grey`);
+  }
+  t.true(meanAbsDiff(shrunk, await applyCrop(file, crop, true, SIZE, false)) < 3);
+});
+
 test('BatchLoader forwards shrinkOnLoad to the sharp path', async (t) => {
   const { dir } = await files;
   const dataset = await openImageFolder(dir); // big.jpg and big.png
