@@ -13,11 +13,14 @@ export {
   roundHalfEven,
   samplePretrainParams,
   sampleRandomResizedCrop,
+  sharpJpegShrinkOnLoad,
+  shrinkOnLoadPlan,
   type CropBox,
   type OpenedImage,
   type PretrainParams,
   type PretrainResult,
   type PretrainTransformOptions,
+  type ShrinkOnLoadPlan,
 } from './transforms.js';
 export {
   IMAGE_EXTENSIONS,

@@ -175,6 +175,9 @@ function positiveInt(value: number, name: string, min = 1): number {
  * decoder in one call (decoded on `decodeThreads` Rust threads, one batch
  * at a time, earlier steps first), everything else to sharp. A JPEG the
  * native decoder refuses is retried with sharp with the same crop and flip.
+ * `shrinkOnLoad` (off by default) concerns only the sharp path: the native
+ * decoder always decodes the whole frame, so it has an effect on JPEGs only
+ * with nativeJpeg: false or for the JPEGs the native decoder refuses.
  *
  * Prefetch: while the consumer works on batch s, batches s+1..s+prefetch are
  * being decoded (never more), with at most `concurrency` images decoding at
@@ -247,7 +250,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     this.dropLast = options.dropLast ?? true;
     this.shuffle = options.shuffle ?? true;
     this.onSkip = options.onSkip;
-    this.augment = { scale: options.scale, ratio: options.ratio, hflipProb: options.hflipProb };
+    this.augment = { scale: options.scale, ratio: options.ratio, hflipProb: options.hflipProb, shrinkOnLoad: options.shrinkOnLoad };
     this.nativeJpeg = options.nativeJpeg ?? true;
     this.decodeThreads = positiveInt(options.decodeThreads ?? os.availableParallelism(), 'decodeThreads');
     this.worldSize = positiveInt(options.worldSize ?? 1, 'worldSize');
@@ -426,7 +429,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
           }
           const opened = await openImage(source, bytes);
           const params = samplePretrainParams(opened.width, opened.height, rng, this.augment);
-          await applyPretrainParams(opened, params, this.imageSize, images, i * this.imageBytes);
+          await applyPretrainParams(opened, params, this.imageSize, images, i * this.imageBytes, this.augment);
         }),
       ),
     );
@@ -450,7 +453,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
         // Refused natively (an unsupported JPEG flavour, or a damaged file): sharp decides.
         const good = await this.attempt(index, epoch, step, async () => {
           try {
-            await applyPretrainParams(await openImage(this.dataset.source(index), job.bytes), params, this.imageSize, images, offset);
+            await applyPretrainParams(await openImage(this.dataset.source(index), job.bytes), params, this.imageSize, images, offset, this.augment);
           } catch (err) {
             throw new Error(`${err instanceof Error ? err.message : String(err)} (native decoder: ${nativeError})`);
           }
