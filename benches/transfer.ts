@@ -16,7 +16,7 @@
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { finetune, linprobe, pretrain, type ClassifyRunSummary } from '../src/index.js';
-import { REPO_ROOT, fmt, intFlag, markdownTable, type Measurement, type Options, type Suite } from './lib.js';
+import { REPO_ROOT, fmt, intFlag, listFlag, markdownTable, type Measurement, type Options, type Suite } from './lib.js';
 
 const FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz';
 
@@ -55,6 +55,7 @@ export const transferSuite: Suite = {
     'linprobe-blr': 'default 3: the official 0.1 is tuned for 90 epochs; a 3-epoch probe with it barely moves (LARS steps scale with lr * 0.001)',
     'finetune-epochs': 'default 2 (batch 64, warmup 0.2 epoch, the full official recipe)',
     'finetune-blr': 'default 5e-4 (official)',
+    recipes: 'which to run: linprobe,finetune (default both)',
     seed: 'default 0',
     work: 'where the runs go (default runs/bench-transfer)',
   },
@@ -81,7 +82,9 @@ export const transferSuite: Suite = {
       { recipe: 'linprobe', epochs: numFlag(opts, 'linprobe-epochs', 3), batchSize: 256, warmupEpochs: 0.3, blr: numFlag(opts, 'linprobe-blr', 3) },
       { recipe: 'finetune', epochs: numFlag(opts, 'finetune-epochs', 2), batchSize: 64, warmupEpochs: 0.2, blr: numFlag(opts, 'finetune-blr', 5e-4) },
     ];
-    for (const r of runs) {
+    const wanted = listFlag(opts, 'recipes', ['linprobe', 'finetune']);
+    for (const name of wanted) if (!runs.some((r) => r.recipe === name)) throw new RangeError(`--recipes: unknown recipe '${name}' (linprobe, finetune)`);
+    for (const r of runs.filter((x) => wanted.includes(x.recipe))) {
       for (const init of ['pretrained', 'random'] as const) {
         const outDir = path.join(work, `${r.recipe}-${init}`);
         log(`${r.recipe} from ${init === 'pretrained' ? checkpoint : 'a random init'}: ${r.epochs} epoch(s), batch ${r.batchSize}, blr ${r.blr}`);
