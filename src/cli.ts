@@ -8,7 +8,7 @@ import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
 import type { DeviceName, Precision } from './api/pretrainer.js';
 import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
-import type { TrainingProgress } from './tasks/schedule.js';
+import type { TrainingProgress } from './tasks/run.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 
 const USAGE = `convmae <command> [options]

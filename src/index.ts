@@ -14,3 +14,4 @@ export {
   type EvalSummary,
   type EvaluateOptions,
 } from './tasks/classify.js';
+export type { TrainingProgress } from './tasks/run.js';

@@ -10,7 +10,7 @@
  * - linprobe: RandomResizedCrop(0.08-1) + flip, frozen encoder, BatchNorm + Linear head, LARS,
  *   no weight decay, blr 0.1, warmup 10 of 90 epochs, cosine to 0, plain cross-entropy.
  */
-import { appendFile, mkdir, stat, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import { sampleErasing, type EraseBox, type ErasingOptions } from '../data/erasing.js';
@@ -21,7 +21,8 @@ import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import type { DeviceName, DType } from '../api/pretrainer.js';
 import { native } from '../native.js';
-import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
+import { exists, positiveInt, type TrainingProgress } from './run.js';
+import { lrAt, scaledLr } from './schedule.js';
 
 export interface ClassifyRunOptions {
   /** Training data: image folder (ImageNet layout), IDX file, or 'mnist'. Default: MNIST train. */
@@ -116,17 +117,7 @@ const RECIPES: Record<HeadKind, Recipe> = {
 /** Streams that must not share random numbers within a step. */
 const STREAM = { randAugment: 1, erasing: 2, mix: 3 } as const;
 
-function positiveInt(value: number, name: string): number {
-  if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
-  return value;
-}
 
-async function exists(p: string): Promise<boolean> {
-  return stat(p).then(
-    () => true,
-    () => false,
-  );
-}
 
 /** The evaluation split that goes with a training spec: MNIST/IDX 'train' files map to 't10k'. */
 export function defaultEvalData(data: string | undefined): string | undefined {

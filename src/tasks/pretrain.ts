@@ -2,13 +2,14 @@
  * The pretraining driver: data -> native steps -> schedule, logs, checkpoints, resume, and the
  * reconstruction picture at the end. Mirrors main_pretrain.py + engine_pretrain.py.
  */
-import { appendFile, mkdir, stat, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DType, type Precision } from '../api/pretrainer.js';
-import { lrAt, scaledLr, type TrainingProgress } from './schedule.js';
+import { exists, positiveInt, type TrainingProgress } from './run.js';
+import { lrAt, scaledLr } from './schedule.js';
 
 export interface PretrainRunOptions {
   /**
@@ -83,17 +84,7 @@ interface RunState {
   schedule: { lr: number; minLr: number; warmupSteps: number; totalSteps: number };
 }
 
-async function exists(p: string): Promise<boolean> {
-  return stat(p).then(
-    () => true,
-    () => false,
-  );
-}
 
-function positiveInt(value: number, name: string): number {
-  if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
-  return value;
-}
 
 export async function pretrain(options: PretrainRunOptions = {}): Promise<PretrainSummary> {
   const outDir = options.outDir ?? path.join('runs', 'pretrain');

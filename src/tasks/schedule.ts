@@ -23,14 +23,3 @@ export function lrAt(s: LrSchedule, at: number): number {
   const progress = Math.min(1, (at - s.warmup) / (s.total - s.warmup));
   return s.minLr + (s.lr - s.minLr) * 0.5 * (1 + Math.cos(Math.PI * progress));
 }
-
-/** What a training loop reports after each step (pretraining and classification alike). */
-export interface TrainingProgress {
-  step: number;
-  totalSteps: number;
-  epoch: number;
-  loss: number;
-  lr: number;
-  imagesPerSec: number;
-  etaSeconds: number;
-}
