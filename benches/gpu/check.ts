@@ -18,8 +18,6 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { checkFixture } from '../../src/api/fixture.js';
-import { native } from '../../src/native.js';
 import { fmt, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
 
 interface Row {
@@ -63,19 +61,31 @@ async function main(): Promise<void> {
   mkdirSync(out, { recursive: true });
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
-  if (!native.cudaBuild()) throw new Error('this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node');
+  // The addon is loaded here rather than imported, so that a load failure (a missing CUDA
+  // library) is recorded and the PyTorch half of the check still runs.
+  let loadError: string | undefined;
+  let native: typeof import('../../src/native.js').native | undefined;
+  let checkFixture: typeof import('../../src/api/fixture.js').checkFixture | undefined;
+  try {
+    native = (await import('../../src/native.js')).native;
+    checkFixture = (await import('../../src/api/fixture.js')).checkFixture;
+    if (!native.cudaBuild()) loadError = 'this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node';
+  } catch (e) {
+    loadError = (e as Error).message;
+  }
+  if (loadError) log(`our addon is unusable, only PyTorch will be measured: ${loadError}`);
 
   // (a) parity and kernel agreement.
   const parity: Record<string, unknown>[] = [];
-  for (const [file, dtype, convPath] of [
+  for (const [file, dtype, convPath] of loadError || !checkFixture ? [] : ([
     ['pretrain_small.safetensors', 'f32', 'sparse'],
     ['pretrain_small.safetensors', 'f32', 'dense'],
     ['pretrain_small.safetensors', 'f64', 'sparse'],
     ['finetune_small.safetensors', 'f32', 'sparse'],
     ['finetune_small.safetensors', 'f64', 'sparse'],
-  ] as const) {
+  ] as const)) {
     try {
-      const r = await checkFixture(path.join(golden, file), dtype, convPath, 'cuda');
+      const r = await checkFixture!(path.join(golden, file), dtype, convPath, 'cuda');
       parity.push({ fixture: file, dtype, path: r.kind === 'pretrain' ? convPath : null, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance });
       log(`parity ${file} ${dtype} ${convPath}: ${r.pass ? 'pass' : 'FAIL'} (worst ${r.worst} ${r.worst_rel.toExponential(2)})`);
     } catch (e) {
@@ -85,6 +95,7 @@ async function main(): Promise<void> {
   }
   let agreement: { op: string; forward_rel: number; gradient_rel: number }[] = [];
   try {
+    if (!native || loadError) throw new Error(loadError ?? 'no addon');
     agreement = JSON.parse(await native.compareKernels('cuda')) as typeof agreement;
     for (const a of agreement) log(`kernel ${a.op}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}`);
   } catch (e) {
@@ -111,7 +122,7 @@ async function main(): Promise<void> {
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
   for (const batch of batches) {
-    for (const precision of ['bf16', 'fp32'] as const) {
+    for (const precision of loadError ? [] : (['bf16', 'fp32'] as const)) {
       for (const convPath of ['sparse', 'dense'] as const) {
         const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150);
         record(r, { suite: 'gpu', impl: convPath === 'sparse' ? 'ours' : 'ours-dense', preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath });
@@ -144,6 +155,7 @@ async function main(): Promise<void> {
     `# GPU check, ${date}`,
     '',
     `Device: ${device}. Command: \`bash benches/gpu/run.sh\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
+    ...(loadError ? ['', `Our CUDA addon could not be used: ${loadError}`] : []),
     '',
     '## Parity (CUDA build, golden fixtures)',
     '',
@@ -159,7 +171,7 @@ async function main(): Promise<void> {
     '',
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
-  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ parity, agreement, rows }, null, 2));
+  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, parity, agreement, rows }, null, 2));
   log(`wrote ${out}/gpu-${date}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);
 }
 
