@@ -15,3 +15,4 @@ export {
   type EvaluateOptions,
 } from './tasks/classify.js';
 export type { TrainingProgress } from './tasks/run.js';
+export type { TrainingRunOptions } from './tasks/run.js';

