@@ -331,4 +331,5 @@ pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> can
         }
     }
     load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
+        .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
 }
