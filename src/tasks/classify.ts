@@ -17,6 +17,7 @@ import { sampleErasing, type EraseBox, type ErasingOptions } from '../data/erasi
 import { mixedTargets, sampleMix, type MixupOptions } from '../data/mixup.js';
 import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
 import { createRng, deriveSeed } from '../data/rng.js';
+import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
@@ -41,6 +42,11 @@ export interface ClassifyRunOptions extends TrainingRunOptions {
   mixup?: MixupOptions | false;
   randAugment?: RandAugmentOptions | false;
   erasing?: ErasingOptions | false;
+  /**
+   * Train on a class-balanced subset of this many images per class, drawn with `seed`
+   * (low-label evaluation; the eval split stays whole). Default: the whole training set.
+   */
+  labelsPerClass?: number;
   /** Evaluate (and checkpoint) every N steps; default: once per epoch and at the end. */
   evalEvery?: number;
   onEval?: (e: EvalSummary) => void;
@@ -67,7 +73,10 @@ export interface ClassifyRunSummary {
   log: string;
   init: ClassifierLoadReport | undefined;
   skipped: SkippedSample[];
+  /** Name of the training set (a subset's name says so). */
   dataset: string;
+  /** Images in the training set (the subset's size with labelsPerClass). */
+  trainImages: number;
   seconds: number;
 }
 
@@ -94,7 +103,7 @@ const RECIPES: Record<HeadKind, Recipe> = {
 };
 
 /** Streams that must not share random numbers within a step. */
-const STREAM = { randAugment: 1, erasing: 2, mix: 3 } as const;
+const STREAM = { randAugment: 1, erasing: 2, mix: 3, subset: 4 } as const;
 
 
 
@@ -152,10 +161,11 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
   const randAug = finetune && options.randAugment !== false ? (options.randAugment ?? {}) : undefined;
   const erasing = finetune && options.erasing !== false ? (options.erasing ?? {}) : undefined;
 
-  const dataset = await openDataset(options.data);
+  const fullDataset = await openDataset(options.data);
+  const dataset = options.labelsPerClass === undefined ? fullDataset : classBalancedSubset(fullDataset, options.labelsPerClass, deriveSeed(seed, STREAM.subset));
   const evalSpec = options.evalData ?? defaultEvalData(options.data);
   const evalDataset = evalSpec ? await openDataset(evalSpec) : undefined;
-  const numClasses = numClassesOf(dataset);
+  const numClasses = numClassesOf(fullDataset);
   const optimizer =
     recipe.kind === 'finetune'
       ? { kind: 'adamw' as const, weight_decay: options.weightDecay ?? 0.05, layer_decay: options.layerDecay ?? 0.65 }
@@ -298,6 +308,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
       init,
       skipped,
       dataset: dataset.name,
+      trainImages: dataset.length,
       seconds: (performance.now() - started) / 1000,
     };
   } finally {
