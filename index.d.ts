@@ -16,13 +16,13 @@ export declare class NativeClassifier {
    * drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
    * head's official optimizer). Validated here; the weights are built on the worker.
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null)
   /**
    * One optimizer update. Targets are either `labels` (class ids) or `targets` ([batch,
    * numClasses] probabilities); `augmentJson` holds the erasing boxes and the mix (see
    * augment.rs), applied to the normalized images.
    */
-  train(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, labels?: Int32Array | undefined | null, targets?: Float64Array | undefined | null, augmentJson?: string | undefined | null): Promise<TrainStepResult>
+  train(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, labels?: Int32Array | undefined | null, targets?: Float64Array | undefined | null, augmentJson?: string | undefined | null, accumSteps?: number | undefined | null): Promise<TrainStepResult>
   /** Evaluation-mode logits, with loss and top-1 / top-5 hits when labels are given. */
   evaluate(pixels: Uint8Array, batch: number, height: number, width: number, labels?: Int32Array | undefined | null): Promise<EvalResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
@@ -149,4 +149,6 @@ export interface TrainStepResult {
   lr: number
   /** Optimizer updates applied so far, this one included. */
   step: number
+  /** Whether this micro-batch ended an accumulation window and updated the weights. */
+  updated: boolean
 }

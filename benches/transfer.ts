@@ -51,6 +51,30 @@ interface Details {
   pretrain?: Record<string, unknown>;
 }
 
+/**
+ * One line per recipe with several seeds: the mean top-1 of each init and the paired differences
+ * (pretrained minus random, same seed and same training images), so a reader sees the spread.
+ */
+function pairedSummary(rows: Details[]): string[] {
+  const lines: string[] = [];
+  for (const recipe of [...new Set(rows.map((d) => d.recipe))]) {
+    const of = (init: string) => rows.filter((d) => d.recipe === recipe && d.init === init);
+    const pre = of('pretrained');
+    const diffs = pre.flatMap((p) => {
+      const r = of('random').find((x) => x.seed === p.seed);
+      return r ? [p.acc1 - r.acc1] : [];
+    });
+    if (diffs.length < 2) continue;
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    const signed = (x: number) => (x >= 0 ? '+' : '') + x.toFixed(2);
+    lines.push(
+      `${recipe}: mean top-1 over ${diffs.length} seeds ${mean(pre.map((d) => d.acc1)).toFixed(2)}% pretrained vs ${mean(of('random').map((d) => d.acc1)).toFixed(2)}% random; ` +
+        `pretrained minus random per seed: ${diffs.map(signed).join(', ')} (mean ${signed(mean(diffs))}, ahead in ${diffs.filter((d) => d > 0).length} of ${diffs.length})`,
+    );
+  }
+  return lines;
+}
+
 export const transferSuite: Suite = {
   name: 'transfer',
   summary: 'pretrain a small preset, then linear-probe and fine-tune it vs a random init (accuracy, not speed)',
@@ -154,6 +178,7 @@ export const transferSuite: Suite = {
       });
     }
     const notes = [
+      ...pairedSummary(measurements.map((m) => m.details as unknown as Details)),
       `pretraining: ${preset}, ${pretrainSteps} steps x batch 64 (${pretrainSteps * 64} images) on ${data}, blr 1e-2, warmup 200, checkpoint ${checkpoint}`,
       'threads = 0: the default (all cores); images_per_s includes evaluation passes at each epoch end',
     ];

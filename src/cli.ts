@@ -54,10 +54,12 @@ finetune / linprobe options:
   --preset NAME           default convmae-tiny (the checkpoint's model must match)
   --config JSON|FILE      overrides
   --device cpu|cuda[:N]   default cpu
+  --precision fp32|bf16   bf16: the encoder in bfloat16 over float32 weights (default fp32)
   --pool global|token     global average + fc_norm (default) or norm + token 0 (the official probe default)
   --batch-size N          default 64 (finetune) / 256 (linprobe)
-  --epochs N | --steps N  run length (default 1 epoch)
-  --blr X                 lr = blr * batch / 256 (default 5e-4 finetune, 0.1 linprobe)
+  --accum-steps N         micro-batches per optimizer update, default 1 (the official accum_iter)
+  --epochs N | --steps N  run length (default 1 epoch; steps count micro-batches)
+  --blr X                 lr = blr * batch * accum / 256 (default 5e-4 finetune, 0.1 linprobe)
   --lr X                  absolute peak lr
   --min-lr X              default 1e-6 (finetune) / 0 (linprobe)
   --warmup-epochs X       default 5 (finetune) / 10 (linprobe), capped at the run length
@@ -124,7 +126,7 @@ function duration(seconds: number): string {
 function stopOnInterrupt(): AbortSignal {
   const controller = new AbortController();
   process.once('SIGINT', () => {
-    process.stderr.write('\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to kill)\n');
+    process.stderr.write('\ninterrupted: finishing the current step (or accumulation window) and writing a checkpoint (Ctrl-C again to kill)\n');
     controller.abort();
   });
   return controller.signal;
@@ -137,7 +139,9 @@ const TRAINING_OPTIONS = {
   config: { type: 'string' },
   dtype: { type: 'string' },
   device: { type: 'string' },
+  precision: { type: 'string' },
   'batch-size': { type: 'string' },
+  'accum-steps': { type: 'string' },
   epochs: { type: 'string' },
   steps: { type: 'string' },
   blr: { type: 'string' },
@@ -182,8 +186,6 @@ async function runPretrain(args: string[]): Promise<void> {
     options: {
       ...TRAINING_OPTIONS,
       path: { type: 'string' },
-      precision: { type: 'string' },
-      'accum-steps': { type: 'string' },
       'checkpoint-every': { type: 'string' },
       reconstructions: { type: 'string' },
     },
@@ -265,11 +267,13 @@ async function runClassify(kind: 'finetune' | 'linprobe', args: string[]): Promi
     evalData: values['eval-data'],
     init: values.init,
     device: values.device as DeviceName | undefined,
+    precision: values.precision as Precision | undefined,
     preset: values.preset ?? 'convmae-tiny',
     config: parseConfig(values.config),
     dtype,
     pool,
     batchSize: num(values['batch-size'], 'batch-size'),
+    accumSteps: num(values['accum-steps'], 'accum-steps'),
     epochs: num(values.epochs, 'epochs'),
     steps: num(values.steps, 'steps'),
     blr: num(values.blr, 'blr'),

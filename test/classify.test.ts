@@ -106,6 +106,44 @@ test('finetune from a pretraining checkpoint: evaluates, checkpoints, resumes ex
   t.true(log.some((l) => l.event === 'eval' && l.step === 6));
 });
 
+test('finetune with accumulation and bf16: windows of micro-batches, exact resume, a low-label subset, clear errors', async (t) => {
+  const data = await smallMnist();
+  // 2 labels per class (20 of the 48 images); 2 micro-batches of 4 images per update.
+  const common = { ...tiny, data, batchSize: 4, accumSteps: 2, precision: 'bf16' as const, steps: 6, warmupSteps: 2, blr: 1e-3, labelsPerClass: 2, evalEvery: 2 };
+  const straightDir = await mkdtemp(path.join(os.tmpdir(), 'convmae-acc-'));
+  const straight = await finetune({ ...common, outDir: straightDir });
+  t.is(straight.steps, 6);
+  t.is(straight.trainImages, 20);
+  t.true(straight.dataset.endsWith('(2 per class)'), straight.dataset);
+  t.deepEqual(
+    straight.evals.map((e) => e.step),
+    [2, 4, 6],
+  );
+  const log = (await readFile(straight.log, 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+  const lrs = log.filter((l) => l.step !== undefined && l.event === undefined).map((l) => l.lr);
+  t.is(lrs.length, 6);
+  for (let i = 0; i < 6; i += 2) t.is(lrs[i], lrs[i + 1], 'the lr is set once per accumulation window');
+
+  // A stop request mid-window takes effect at the window's end, so the resumed run is exact.
+  const splitDir = await mkdtemp(path.join(os.tmpdir(), 'convmae-acc-'));
+  const stop = new AbortController();
+  const first = await finetune({ ...common, outDir: splitDir, signal: stop.signal, onProgress: (q) => q.step === 3 && stop.abort() });
+  t.is(first.steps, 4);
+  const second = await finetune({ ...common, outDir: splitDir, resume: true });
+  t.is(second.steps, 6);
+  const a = await readSafetensors(straight.checkpoint);
+  const b = await readSafetensors(second.checkpoint);
+  for (const name of ['head.weight', 'blocks3.0.attn.qkv.weight', 'optimizer.exp_avg.patch_embed1.proj.weight']) {
+    t.true(tensorBytes(a, name).equals(tensorBytes(b, name)), `${name} differs after resume`);
+  }
+  t.is(a.header['head.weight'].dtype, 'F32', 'bf16 precision keeps f32 master weights');
+
+  await t.throwsAsync(finetune({ ...common, outDir: splitDir, steps: 5 }), { message: /steps \(5\) must be a multiple of accumSteps \(2\)/ });
+  await t.throwsAsync(finetune({ ...common, outDir: splitDir, resume: true, accumSteps: 1, steps: 8 }), { message: /batch 4 x accum 2, this run asks for 4 x 1/ });
+  t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 3, precision: 'bf16', dtype: 'f64' }), { message: /bf16' needs dtype f32/ });
+  t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 3, precision: 'half' as 'bf16' }), { message: /precision must be 'fp32' or 'bf16'/ });
+});
+
 test('linprobe trains only the head, with LARS, in both pooling modes', async (t) => {
   const data = await smallMnist();
   for (const pool of ['global', 'token'] as const) {

@@ -5,7 +5,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type DeviceName, type DType, type ImageBatch, type LoadOptions, type LoadReport } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type DType, type ImageBatch, type LoadOptions, type LoadReport, type Precision } from './pretrainer.js';
 
 /** 'global': mean of the tokens + fc_norm (official default); 'token': norm + token 0 (the probe's default quirk). */
 export type Pooling = 'global' | 'token';
@@ -41,6 +41,11 @@ export interface ClassifierOptions extends ModelSpec {
   dtype?: DType;
   /** 'cpu' (default), 'cuda' or 'cuda:N' (needs the CUDA addon). */
   device?: DeviceName;
+  /**
+   * 'fp32' (default) or 'bf16': the encoder computes in bfloat16; master weights, optimizer
+   * state, pooling, the head and the loss stay f32 (needs dtype 'f32').
+   */
+  precision?: Precision;
   /** Seeds the head init, stochastic depth and erasing noise. Default 0. */
   seed?: number;
   /** Default: AdamW for 'finetune', LARS for 'linear-probe'. */
@@ -60,6 +65,8 @@ export interface TrainOptions {
   /** ... or [batch, numClasses] probabilities (label smoothing, mixup, cutmix). */
   targets?: Float64Array;
   augment?: NativeAugment;
+  /** Micro-batches per optimizer update (the official accum_iter); default 1. */
+  accumSteps?: number;
 }
 
 export interface TrainResult {
@@ -67,6 +74,8 @@ export interface TrainResult {
   lr: number;
   /** Optimizer updates so far. */
   step: number;
+  /** Whether this micro-batch ended an accumulation window and updated the weights. */
+  updated: boolean;
 }
 
 export interface EvalResult {
@@ -94,6 +103,7 @@ export class Classifier {
   readonly kind: HeadKind;
   readonly pool: Pooling;
   readonly dtype: DType;
+  readonly precision: Precision;
   #native: InstanceType<typeof native.NativeClassifier> | undefined;
 
   private constructor(config: ConvMaeConfig, options: ClassifierOptions) {
@@ -102,9 +112,10 @@ export class Classifier {
     this.kind = options.kind ?? 'finetune';
     this.pool = options.pool ?? 'global';
     this.dtype = options.dtype ?? 'f32';
+    this.precision = options.precision ?? 'fp32';
     const head = { num_classes: this.numClasses, pool: this.pool, kind: this.kind, drop_path: options.dropPath ?? 0 };
     const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu');
+    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', this.precision);
   }
 
   /** A fresh classifier (official init: sin-cos pos_embed, trunc-normal head). Invalid options throw here. */
@@ -140,12 +151,17 @@ export class Classifier {
     await this.handle.save(path, JSON.stringify(extra));
   }
 
-  /** One optimizer update on uint8 images (normalized, erased and mixed natively). */
+  /**
+   * One micro-batch of uint8 images (normalized, erased and mixed natively); the weights update
+   * at the end of each window of `accumSteps` micro-batches.
+   */
   async train(batch: ImageBatch, options: TrainOptions): Promise<TrainResult> {
     checkImageBatch(batch);
     if (!options.labels && !options.targets) throw new TypeError('train: pass labels or targets');
+    const accum = options.accumSteps ?? 1;
+    if (!Number.isInteger(accum) || accum < 1) throw new RangeError(`accumSteps must be a positive integer, got ${accum}`);
     const augment = options.augment ? JSON.stringify(options.augment) : undefined;
-    return this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, options.lr, options.labels, options.targets, augment);
+    return this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, options.lr, options.labels, options.targets, augment, accum);
   }
 
   /** Evaluation-mode logits; loss and top-1 / top-5 hits when labels are given. */

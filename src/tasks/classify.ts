@@ -21,7 +21,7 @@ import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
-import { exists, positiveInt, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { exists, positiveInt, runLength, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /**
@@ -82,9 +82,12 @@ export interface ClassifyRunSummary {
 
 /** Loop state saved with each checkpoint. */
 interface RunState {
+  /** Micro-batches done. */
   step: number;
   totalSteps: number;
   batchSize: number;
+  /** Absent in checkpoints written before accumulation existed: 1. */
+  accumSteps?: number;
   seed: number;
   schedule: { lr: number; minLr: number; warmupSteps: number; totalSteps: number };
 }
@@ -153,6 +156,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
   const started = performance.now();
   const outDir = options.outDir ?? path.join('runs', recipe.kind);
   const batchSize = positiveInt(options.batchSize ?? (recipe.kind === 'finetune' ? 64 : 256), 'batchSize');
+  const accumSteps = positiveInt(options.accumSteps ?? 1, 'accumSteps');
   const seed = options.seed ?? 0;
   const finetune = recipe.kind === 'finetune';
   const mixup = finetune && options.mixup !== false ? (options.mixup ?? {}) : undefined;
@@ -175,6 +179,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     config: options.config,
     dtype: options.dtype,
     device: options.device,
+    precision: options.precision,
     numClasses,
     kind: recipe.kind,
     pool: options.pool ?? 'global',
@@ -187,13 +192,14 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     const probe = new BatchLoader({ dataset, batchSize, imageSize, seed, prefetch: 0 });
     const stepsPerEpoch = probe.stepsPerEpoch;
     probe.close();
-    const totalSteps = options.steps !== undefined ? positiveInt(options.steps, 'steps') : positiveInt(options.epochs ?? 1, 'epochs') * stepsPerEpoch;
-    const peakLr = options.lr ?? scaledLr(options.blr ?? recipe.blr, batchSize);
+    const totalSteps = runLength(options, stepsPerEpoch, accumSteps);
+    const peakLr = options.lr ?? scaledLr(options.blr ?? recipe.blr, batchSize * accumSteps);
     const warmupSteps = options.warmupSteps ?? Math.round((options.warmupEpochs ?? recipe.warmupEpochs) * stepsPerEpoch);
     let state: RunState = {
       step: 0,
       totalSteps,
       batchSize,
+      accumSteps,
       seed,
       schedule: { lr: peakLr, minLr: options.minLr ?? recipe.minLr, warmupSteps: Math.min(warmupSteps, totalSteps), totalSteps },
     };
@@ -207,7 +213,10 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
       if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
       const saved = (await model.load(from)).extra as unknown as RunState;
       if (typeof saved.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
-      if (saved.batchSize !== batchSize) throw new Error(`--resume: '${from}' was trained with batch ${saved.batchSize}, this run asks for ${batchSize}`);
+      const savedAccum = saved.accumSteps ?? 1;
+      if (saved.batchSize !== batchSize || savedAccum !== accumSteps) {
+        throw new Error(`--resume: '${from}' was trained with batch ${saved.batchSize} x accum ${savedAccum}, this run asks for ${batchSize} x ${accumSteps}`);
+      }
       state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
     } else {
       await writeFile(log, '');
@@ -250,7 +259,8 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     const startStep = state.step;
     try {
       for await (const batch of loader) {
-        if (options.signal?.aborted) break;
+        // A stop request takes effect between accumulation windows, where a checkpoint is exact.
+        if (options.signal?.aborted && state.step % accumSteps === 0) break;
         const b = batch.batchSize;
         const pixels = batch.images.subarray(0, b * imageSize * imageSize * 3);
         const labels = batch.labels.subarray(0, b);
@@ -274,10 +284,12 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
           mix = draw.mix;
           targets = mixedTargets(labels, numClasses, draw.lam, smoothing);
         }
-        const lr = lrAt({ lr: state.schedule.lr, minLr: state.schedule.minLr, warmup: state.schedule.warmupSteps, total: state.schedule.totalSteps }, state.step);
+        // As in pretraining, the lr is set at the start of each accumulation window.
+        const windowStart = state.step - (state.step % accumSteps);
+        const lr = lrAt({ lr: state.schedule.lr, minLr: state.schedule.minLr, warmup: state.schedule.warmupSteps, total: state.schedule.totalSteps }, windowStart);
         const r = await model.train(
           { images: pixels, batchSize: b, height: imageSize, width: imageSize },
-          { lr, labels: targets ? undefined : Int32Array.from(labels), targets, augment: erase.length > 0 || mix ? { erase, mix } : undefined },
+          { lr, labels: targets ? undefined : Int32Array.from(labels), targets, augment: erase.length > 0 || mix ? { erase, mix } : undefined, accumSteps },
         );
         state.step += 1;
         firstLoss ??= r.loss;
@@ -287,13 +299,18 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
         const imagesPerSec = (done * batchSize) / elapsed;
         await appendFile(log, JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n');
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds: ((state.totalSteps - state.step) * elapsed) / done });
-        if (state.step % evalEvery === 0 && state.step < state.totalSteps) {
+        // Checkpoints (and so evaluations) only fall between accumulation windows.
+        if (state.step % evalEvery === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) {
           await save();
           await runEval();
         }
       }
     } finally {
       loader.close();
+    }
+    // A stop inside an accumulation window cannot be checkpointed exactly; say so rather than lose it silently.
+    if (state.step % accumSteps !== 0) {
+      throw new Error(`stopped at micro-step ${state.step}, inside an accumulation window of ${accumSteps}; the last checkpoint stands`);
     }
     await save();
     if (evals.at(-1)?.step !== state.step) await runEval();

@@ -7,18 +7,14 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath, type Precision } from '../api/pretrainer.js';
-import { exists, positiveInt, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { Pretrainer, type AdamWOptions, type ConvPath } from '../api/pretrainer.js';
+import { exists, positiveInt, runLength, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /** Pretraining defaults: convmae-base, batch 64, one epoch, blr 1.5e-4, warmup 0, outDir runs/pretrain. */
 export interface PretrainRunOptions extends TrainingRunOptions {
-  /** Default 'fp32'. */
-  precision?: Precision;
   /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
   path?: ConvPath;
-  /** Micro-batches per optimizer update (steps count micro-steps). */
-  accumSteps?: number;
   adamw?: AdamWOptions;
   /** Checkpoint every N micro-steps (and always at the end); 0 = only at the end. */
   checkpointEvery?: number;
@@ -76,8 +72,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     const stepsPerEpoch = probe.stepsPerEpoch;
     probe.close();
 
-    const totalSteps =
-      options.steps !== undefined ? positiveInt(options.steps, 'steps') : positiveInt(options.epochs ?? 1, 'epochs') * stepsPerEpoch;
+    const totalSteps = runLength(options, stepsPerEpoch, accumSteps);
     const peakLr = options.lr ?? scaledLr(options.blr ?? 1.5e-4, batchSize * accumSteps);
     const warmupSteps = options.warmupSteps ?? Math.round((options.warmupEpochs ?? 0) * stepsPerEpoch);
     let state: RunState = {
@@ -138,7 +133,8 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     try {
       for await (const batch of loader) {
         const dataWaitMs = performance.now() - waitStarted;
-        if (options.signal?.aborted) break;
+        // A stop request takes effect between accumulation windows, where a checkpoint is exact.
+        if (options.signal?.aborted && state.step % accumSteps === 0) break;
         // MAE sets the lr at the start of each accumulation window, from the fractional epoch.
         const windowStart = state.step - (state.step % accumSteps);
         const lr = lrAt(

@@ -1,7 +1,7 @@
 /** What every training run (pretrain, finetune, linprobe) shares: progress reports and option checks. */
 import { stat } from 'node:fs/promises';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import type { DeviceName, DType } from '../api/pretrainer.js';
+import type { DeviceName, DType, Precision } from '../api/pretrainer.js';
 import type { SkippedSample } from '../data/index.js';
 
 /** Whether a path exists (for --resume checks). */
@@ -16,6 +16,21 @@ export async function exists(p: string): Promise<boolean> {
 export function positiveInt(value: number, name: string): number {
   if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
   return value;
+}
+
+/**
+ * The run's length in micro-steps: `steps`, else `epochs` (default 1) whole epochs, in whole
+ * accumulation windows only (a partial last window's gradients would never be applied). Epoch
+ * totals round down to a window boundary; an explicit `steps` must already be one.
+ */
+export function runLength(options: { steps?: number; epochs?: number }, stepsPerEpoch: number, accumSteps: number): number {
+  if (options.steps !== undefined) {
+    const steps = positiveInt(options.steps, 'steps');
+    if (steps % accumSteps !== 0) throw new RangeError(`steps (${steps}) must be a multiple of accumSteps (${accumSteps}): steps count micro-batches`);
+    return steps;
+  }
+  const total = positiveInt(options.epochs ?? 1, 'epochs') * stepsPerEpoch;
+  return Math.max(accumSteps, total - (total % accumSteps));
 }
 
 /** What a training loop reports after each step (pretraining and classification alike). */
@@ -42,7 +57,15 @@ export interface TrainingRunOptions {
   dtype?: DType;
   /** Default 'cpu'. */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16' (bfloat16 compute over f32 master weights; dtype must be 'f32'). */
+  precision?: Precision;
+  /** Images per micro-batch. */
   batchSize?: number;
+  /**
+   * Micro-batches per optimizer update (the official accum_iter): the effective batch is
+   * batchSize x accumSteps, which the lr scales with; steps count micro-batches. Default 1.
+   */
+  accumSteps?: number;
   /** Length of the run: `steps` wins over `epochs`. */
   epochs?: number;
   steps?: number;

@@ -78,6 +78,12 @@ fn write_checkpoint(path: &Path, tensors: &[(String, Tensor)], meta: HashMap<Str
 /// Saves a classifier: weights (the probe's BatchNorm buffers included, with torch's
 /// `head.0.num_batches_tracked`), optimizer state, config, head, optimizer settings and step.
 pub fn save_classifier(trainer: &ClassifierTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
+    if trainer.has_pending_gradients() {
+        return Err(err(format!(
+            "cannot save '{}' in the middle of a gradient accumulation window",
+            path.display()
+        )));
+    }
     let model = &trainer.model;
     let mut tensors: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.spec.name.clone(), p.tensor.clone())).collect();
     if model.head.kind == HeadKind::LinearProbe {

@@ -88,6 +88,8 @@ pub struct TrainStepOptions {
     pub lr: f64,
     pub targets: Targets,
     pub augment: AugmentSpec,
+    /// Micro-batches per optimizer update (the official `accum_iter`); at least 1.
+    pub accum_steps: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -96,6 +98,8 @@ pub struct TrainStepStats {
     pub lr: f64,
     /// Optimizer updates applied so far, this one included.
     pub step: u64,
+    /// Whether this micro-batch ended an accumulation window and updated the weights.
+    pub updated: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -120,16 +124,24 @@ pub struct ClassifierTrainer {
     pub seed: u64,
     /// BatchNorm's `num_batches_tracked` of the probe head.
     pub bn_batches: u64,
+    /// Summed gradients of the open accumulation window, and how many micro-batches it holds.
+    pending: Option<Vec<Tensor>>,
+    pending_count: usize,
 }
 
 impl ClassifierTrainer {
     pub fn new(model: ConvViT, optimizer_cfg: OptimizerConfig, seed: u64) -> Result<Self> {
         let optimizer = Optimizer::new(&optimizer_cfg, &model)?;
-        Ok(Self { model, optimizer_cfg, optimizer, seed, bn_batches: 0 })
+        Ok(Self { model, optimizer_cfg, optimizer, seed, bn_batches: 0, pending: None, pending_count: 0 })
     }
 
     pub fn step_count(&self) -> u64 {
         self.optimizer.step_count()
+    }
+
+    /// Whether gradients of an unfinished accumulation window are held (a checkpoint then would lose them).
+    pub fn has_pending_gradients(&self) -> bool {
+        self.pending_count > 0
     }
 
     fn check_batch(&self, batch: &Batch, what: &str) -> Result<()> {
@@ -162,41 +174,59 @@ impl ClassifierTrainer {
         Tensor::from_vec(values, (batch, k), self.model.device())?.to_dtype(self.model.dtype())
     }
 
-    /// One optimizer update on a batch of uint8 images.
+    /// One micro-batch of uint8 images; the weights update every `accum_steps` micro-batches.
+    /// The probe's BatchNorm running statistics follow every micro-batch, as torch's do.
     pub fn train_step(&mut self, batch: &Batch, opts: &TrainStepOptions) -> Result<TrainStepStats> {
         self.check_batch(batch, "train step")?;
         if !opts.lr.is_finite() || opts.lr < 0.0 {
             return Err(err(format!("lr must be a finite non-negative number, got {}", opts.lr)));
         }
-        let step = self.step_count();
+        if opts.accum_steps == 0 {
+            return Err(err("accum_steps must be at least 1".into()));
+        }
+        // Per-micro-batch noise (stochastic depth, erasing) is keyed on the micro-batch index, so
+        // it does not depend on where a run was resumed; with accum_steps 1 it is the step.
+        let micro = self.step_count() * opts.accum_steps as u64 + self.pending_count as u64;
         let model = &self.model;
         let targets = self.targets_tensor(&opts.targets, batch.batch)?;
-        let imgs = normalize_augmented(batch, model.dtype(), model.device(), &opts.augment, self.seed, step)?;
-        let mut rng = Rng::derived(&[self.seed, step, DROP_PATH_STREAM]);
+        let imgs = normalize_augmented(batch, model.dtype(), model.device(), &opts.augment, self.seed, micro)?;
+        let mut rng = Rng::derived(&[self.seed, micro, DROP_PATH_STREAM]);
         let features = model.forward_features(&imgs, &mut Mode::Train(&mut rng))?;
         let (logits, bn_stats) = model.forward_head(&features, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(err(format!(
-                "loss is {loss_value} at step {step}; weights were not updated (lower the lr or resume from a checkpoint)"
+                "loss is {loss_value} at micro-batch {micro}; weights were not updated (lower the lr or resume from a checkpoint)"
             )));
         }
-        let grads = loss.backward()?;
+        // The official loop divides the loss by accum_iter before backward.
+        let scaled = if opts.accum_steps > 1 { (loss / opts.accum_steps as f64)? } else { loss };
+        let grads = scaled.backward()?;
         let grads: Vec<Tensor> = model
             .params
             .trainable()
             .map(|(p, v)| grads.get(v.as_tensor()).cloned().ok_or_else(|| err(format!("no gradient reached '{}'", p.spec.name))))
             .collect::<Result<_>>()?;
-        match &mut self.optimizer {
-            Optimizer::AdamW(o) => o.update(&self.model.params, &grads, opts.lr)?,
-            Optimizer::Lars(o) => o.update(&self.model.params, &grads, opts.lr)?,
+        self.pending = Some(match self.pending.take() {
+            None => grads,
+            Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
+        });
+        self.pending_count += 1;
+        let updated = self.pending_count >= opts.accum_steps;
+        if updated {
+            let grads = self.pending.take().expect("an open window holds gradients");
+            self.pending_count = 0;
+            match &mut self.optimizer {
+                Optimizer::AdamW(o) => o.update(&self.model.params, &grads, opts.lr)?,
+                Optimizer::Lars(o) => o.update(&self.model.params, &grads, opts.lr)?,
+            }
         }
         if let Some(stats) = bn_stats {
             self.model.update_running_stats(&stats)?;
             self.bn_batches += 1;
         }
-        Ok(TrainStepStats { loss: loss_value, lr: opts.lr, step: self.step_count() })
+        Ok(TrainStepStats { loss: loss_value, lr: opts.lr, step: self.step_count(), updated })
     }
 
     /// Evaluation-mode logits of a batch (the eval transform's images), with loss and top-1 /

@@ -7,6 +7,7 @@ use crate::model::layers::token_blocks;
 use crate::model::{ConvMae, ConvPath};
 use crate::model::classifier::{cross_entropy, ClassifierHead, ConvViT};
 use crate::params::{classifier_param_specs, pretrain_param_specs, ParamStore};
+use crate::precision::Precision;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -231,7 +232,7 @@ pub fn check_finetune(fx: &Fixture, path: &str, dtype: DType, device: &Device) -
         }
         Ok(t.clone())
     })?;
-    let model = ConvViT { cfg, head, params };
+    let model = ConvViT { cfg, head, params, precision: Precision::Fp32 };
     let imgs = fx.tensor("input.imgs")?.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
     let labels: Vec<usize> = fx.tensor("input.labels")?.to_dtype(DType::I64)?.to_vec1::<i64>()?.iter().map(|&l| l as usize).collect();
     let out = model.forward(&imgs)?;

@@ -338,6 +338,8 @@ pub struct TrainStepResult {
     pub lr: f64,
     /// Optimizer updates applied so far, this one included.
     pub step: i64,
+    /// Whether this micro-batch ended an accumulation window and updated the weights.
+    pub updated: bool,
 }
 
 #[napi(object)]
@@ -391,6 +393,7 @@ impl NativeClassifier {
         seed: i64,
         optimizer_json: Option<String>,
         device: Option<String>,
+        precision: Option<String>,
     ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let head: ClassifierHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
@@ -403,10 +406,13 @@ impl NativeClassifier {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
+        precision.check_master(dtype).map_err(js_err)?;
         let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            model.precision = precision;
             ClassifierTrainer::new(model, optimizer, seed as u64).map_err(|e| e.to_string())
         });
         Ok(Self { session: Mutex::new(session) })
@@ -427,6 +433,7 @@ impl NativeClassifier {
         labels: Option<Int32Array>,
         targets: Option<Float64Array>,
         augment_json: Option<String>,
+        accum_steps: Option<u32>,
     ) -> Result<TrainStepResult> {
         let targets = match (labels, targets) {
             (_, Some(t)) => Targets::Probabilities(t.to_vec()),
@@ -437,9 +444,9 @@ impl NativeClassifier {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid augment: {e}")))?,
             None => AugmentSpec::default(),
         };
-        let opts = TrainStepOptions { lr, targets, augment };
+        let opts = TrainStepOptions { lr, targets, augment, accum_steps: accum_steps.unwrap_or(1) as usize };
         match self.call(ClassifierCommand::Train { images: images(&pixels, batch, height, width), opts }).await? {
-            ClassifierReply::Trained(s) => Ok(TrainStepResult { loss: s.loss, lr: s.lr, step: s.step as i64 }),
+            ClassifierReply::Trained(s) => Ok(TrainStepResult { loss: s.loss, lr: s.lr, step: s.step as i64, updated: s.updated }),
             _ => Err(js_err("unexpected reply to train")),
         }
     }

@@ -49,7 +49,7 @@ fn train(t: &mut ClassifierTrainer, from: u64, to: u64, augment: impl Fn(u64) ->
         let px = pixels(step, 4, s);
         let batch = Batch { pixels: &px, batch: 4, height: s, width: s, channels: 3 };
         let labels = (0..4).map(|i| ((step as usize + i) * 3) % 5).collect();
-        let opts = TrainStepOptions { lr: 1e-3 * (1 + step) as f64, targets: Targets::Labels(labels), augment: augment(step) };
+        let opts = TrainStepOptions { lr: 1e-3 * (1 + step) as f64, targets: Targets::Labels(labels), augment: augment(step), accum_steps: 1 };
         t.train_step(&batch, &opts).unwrap();
     }
 }
@@ -265,7 +265,7 @@ fn finetuning_lowers_the_loss_on_a_fixed_batch() {
     let s = t.model.cfg.img_size;
     let px = pixels(0, 4, s);
     let batch = Batch { pixels: &px, batch: 4, height: s, width: s, channels: 3 };
-    let opts = TrainStepOptions { lr: 1e-3, targets: Targets::Labels(vec![0, 1, 2, 3]), augment: AugmentSpec::default() };
+    let opts = TrainStepOptions { lr: 1e-3, targets: Targets::Labels(vec![0, 1, 2, 3]), augment: AugmentSpec::default(), accum_steps: 1 };
     let first = t.train_step(&batch, &opts).unwrap().loss;
     let mut last = first;
     for _ in 0..15 {
@@ -300,4 +300,77 @@ fn an_official_layout_finetuned_checkpoint_loads_strictly_and_reproduces_the_fix
     let got = to_vec(&logits);
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-9 * scale));
+}
+
+/// Two micro-batches of 2 with accum_steps 2 make the same update as one batch of 4 (the loss is
+/// divided by accum_steps, so the summed gradient is the full batch's mean), and a checkpoint
+/// inside the window is refused.
+#[test]
+fn gradient_accumulation_equals_the_full_batch_update() {
+    let make = || {
+        let model = ConvViT::new(ConvMaeConfig::tiny(), head(HeadKind::Finetune, Pooling::Global, 0.0), DType::F64, &Device::Cpu, 4).unwrap();
+        ClassifierTrainer::new(model, OptimizerConfig::default_for(HeadKind::Finetune), 4).unwrap()
+    };
+    let s = ConvMaeConfig::tiny().img_size;
+    let px = pixels(3, 4, s);
+    let labels = vec![0, 3, 1, 4];
+    let opts = |targets: Vec<usize>, accum_steps| TrainStepOptions { lr: 1e-3, targets: Targets::Labels(targets), augment: AugmentSpec::default(), accum_steps };
+
+    let mut full = make();
+    let r = full.train_step(&Batch { pixels: &px, batch: 4, height: s, width: s, channels: 3 }, &opts(labels.clone(), 1)).unwrap();
+    assert!(r.updated && r.step == 1);
+
+    let mut accum = make();
+    let half = px.len() / 2;
+    let first = accum.train_step(&Batch { pixels: &px[..half], batch: 2, height: s, width: s, channels: 3 }, &opts(labels[..2].to_vec(), 2)).unwrap();
+    assert!(!first.updated && first.step == 0, "{first:?}");
+    assert!(accum.has_pending_gradients());
+    let e = save_classifier(&accum, &tmp("mid-window.safetensors"), "{}").unwrap_err().to_string();
+    assert!(e.contains("middle of a gradient accumulation window"), "{e}");
+    let second = accum.train_step(&Batch { pixels: &px[half..], batch: 2, height: s, width: s, channels: 3 }, &opts(labels[2..].to_vec(), 2)).unwrap();
+    assert!(second.updated && second.step == 1, "{second:?}");
+    assert!(((first.loss + second.loss) / 2.0 - r.loss).abs() < 1e-12 * r.loss.abs());
+
+    let mut worst: f64 = 0.0;
+    for (a, b) in full.model.params.iter().zip(accum.model.params.iter()) {
+        for (x, y) in to_vec(&a.tensor).iter().zip(to_vec(&b.tensor)) {
+            worst = worst.max((x - y).abs() / x.abs().max(1e-3));
+        }
+    }
+    assert!(worst < 1e-9, "accumulated update differs from the full batch by {worst:e} (relative)");
+    let e = accum.train_step(&Batch { pixels: &px, batch: 4, height: s, width: s, channels: 3 }, &opts(labels, 0)).unwrap_err().to_string();
+    assert!(e.contains("accum_steps"), "{e}");
+}
+
+/// bf16 precision: the encoder runs in bf16, gradients and the AdamW update land on f32 master
+/// weights, and the loss and logits stay close to the f32 model's.
+#[test]
+fn bf16_classifier_trains_f32_master_weights_with_close_logits() {
+    use convmae_core::model::Precision;
+    let mut fp32 = trainer(HeadKind::Finetune, Pooling::Global, 0.1, 5);
+    let mut bf16 = trainer(HeadKind::Finetune, Pooling::Global, 0.1, 5);
+    bf16.model.precision = Precision::Bf16;
+    let s = fp32.model.cfg.img_size;
+    let px = pixels(1, 4, s);
+    let batch = Batch { pixels: &px, batch: 4, height: s, width: s, channels: 3 };
+    let eval_32 = fp32.evaluate(&batch, Some(&[0, 1, 2, 3])).unwrap();
+    let eval_16 = bf16.evaluate(&batch, Some(&[0, 1, 2, 3])).unwrap();
+    assert_ne!(eval_32.logits, eval_16.logits, "bf16 logits equal the f32 ones: the precision was not applied");
+    let scale = eval_32.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in eval_32.logits.iter().zip(&eval_16.logits) {
+        assert!((a - b).abs() < 0.05 * scale.max(1.0), "logit {a} (f32) vs {b} (bf16)");
+    }
+    let opts = TrainStepOptions { lr: 1e-3, targets: Targets::Labels(vec![0, 1, 2, 3]), augment: AugmentSpec::default(), accum_steps: 1 };
+    let l32 = fp32.train_step(&batch, &opts).unwrap().loss;
+    let l16 = bf16.train_step(&batch, &opts).unwrap().loss;
+    assert!((l32 - l16).abs() < 0.05 * l32, "loss {l32} (f32) vs {l16} (bf16)");
+    for p in bf16.model.params.iter() {
+        assert_eq!(p.tensor.dtype(), DType::F32, "{} is not an f32 master weight", p.spec.name);
+    }
+    // The update reached the encoder and the head.
+    let before = trainer(HeadKind::Finetune, Pooling::Global, 0.1, 5);
+    for name in ["blocks3.0.attn.qkv.weight", "patch_embed1.proj.weight", "head.weight"] {
+        let (a, b) = (to_vec(before.model.params.get(name)), to_vec(bf16.model.params.get(name)));
+        assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{name} did not change");
+    }
 }

@@ -7,8 +7,10 @@ use super::conv_stages;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
 use crate::params::{classifier_param_specs, ParamStore};
+use crate::precision::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, D};
+use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 /// How stage-3 tokens become one feature vector.
@@ -95,6 +97,9 @@ pub struct ConvViT {
     pub cfg: ConvMaeConfig,
     pub head: ClassifierHead,
     pub params: ParamStore,
+    /// The encoder's compute dtype; the head, the probe's BatchNorm and the loss stay in the
+    /// parameters' dtype (they are tiny, and autocast keeps BatchNorm and the loss in f32 too).
+    pub precision: Precision,
 }
 
 pub struct ClassifierOutput {
@@ -123,11 +128,23 @@ impl ConvViT {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         head.validate().map_err(candle_core::Error::Msg)?;
         let params = ParamStore::init(classifier_param_specs(&cfg, &head), dtype, device, seed)?;
-        Ok(Self { cfg, head, params })
+        Ok(Self { cfg, head, params, precision: Precision::Fp32 })
     }
 
     pub fn dtype(&self) -> DType {
         self.params.dtype
+    }
+
+    /// The dtype the encoder computes in.
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute_dtype(self.dtype())
+    }
+
+    /// The parameters as the encoder uses them: the master tensors, or their casts to bf16
+    /// (which carry the gradients back to the masters).
+    fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
+        let dtype = self.compute_dtype();
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.cast_view(dtype)?) })
     }
 
     pub fn device(&self) -> &Device {
@@ -146,7 +163,7 @@ impl ConvViT {
             // scaled by 1 / keep_prob.
             let keep = 1.0 - rate;
             let v: Vec<f64> = (0..batch).map(|_| (keep + rng.uniform()).floor() / keep).collect();
-            Tensor::from_vec(v, shape, self.device())?.to_dtype(self.dtype())
+            Tensor::from_vec(v, shape, self.device())?.to_dtype(self.compute_dtype())
         };
         let mut out = Vec::with_capacity(rates.len());
         for (i, &rate) in rates.iter().enumerate() {
@@ -156,12 +173,15 @@ impl ConvViT {
         Ok(Some(out))
     }
 
-    /// Stage-3 tokens [B, L, D3] of channels-last images [B, H, W, C] (no mask, no final norm).
+    /// Stage-3 tokens [B, L, D3] of channels-last images [B, H, W, C] (no mask, no final norm),
+    /// in the compute dtype.
     pub fn forward_tokens(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<Tensor> {
-        let (cfg, p) = (&self.cfg, &self.params);
+        let params = self.compute_params()?;
+        let (cfg, p): (_, &ParamStore) = (&self.cfg, &params);
+        let imgs = imgs.to_dtype(p.dtype)?;
         let unmasked = SpatialMix::Dense { keep: None };
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (_, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+        let (_, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
         let b = imgs.dim(0)?;
         let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, cfg.num_tokens(), cfg.embed_dim[2]))?;
         let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
@@ -171,17 +191,20 @@ impl ConvViT {
         Ok(x)
     }
 
-    /// Pooled, normalized features [B, D3]: the head's input.
+    /// Pooled, normalized features [B, D3] in the parameters' dtype: the head's input.
     pub fn forward_features(&self, imgs: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let drop = match mode {
             Mode::Train(rng) if self.head.kind == HeadKind::Finetune => self.draw_drop_path(imgs.dim(0)?, rng)?,
             _ => None,
         };
-        let tokens = self.forward_tokens(imgs, drop.as_deref())?;
+        // Pooling and its norm run in the parameters' dtype: a bf16 mean over hundreds of tokens
+        // would round away the small differences the head separates classes by.
+        let tokens = self.forward_tokens(imgs, drop.as_deref())?.to_dtype(self.dtype())?;
+        let p = &self.params;
         match self.head.pool {
-            Pooling::Global => layer_norm_p(&self.params, "fc_norm", &tokens.mean(1)?, VIT_LN_EPS),
+            Pooling::Global => layer_norm_p(p, "fc_norm", &tokens.mean(1)?, VIT_LN_EPS),
             // LayerNorm is per token, so norming token 0 alone equals norm(x)[:, 0].
-            Pooling::Token => layer_norm_p(&self.params, "norm", &tokens.narrow(1, 0, 1)?.squeeze(1)?, VIT_LN_EPS),
+            Pooling::Token => layer_norm_p(p, "norm", &tokens.narrow(1, 0, 1)?.squeeze(1)?, VIT_LN_EPS),
         }
     }
 
