@@ -2,6 +2,9 @@
 # Compiles our CUDA kernels (crates/kernels/cuda/*.cu) to PTX and runs ptxas over the result,
 # without cargo, without a GPU and without the rest of the CUDA build: it catches kernel compile
 # errors and resource problems (too many registers, spills) where there is no GPU, e.g. in CI.
+# First it runs crates/kernels/cuda/host_check.cpp: the f32 kernels compiled as plain C++ with
+# the CUDA built-ins emulated, against double-precision references (index math, coverage,
+# reductions; g++ only, a few seconds).
 #
 #   bash scripts/check-cuda-ptx.sh
 #
@@ -27,6 +30,17 @@ WHEELS=(
 PYTHON=${PYTHON:-python3}
 ARCH="sm_${CUDA_COMPUTE_CAP:-90}"
 
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/convmae-ptx.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+g++ -std=c++20 -O1 -pthread -Wall -Wno-unknown-pragmas -o "$OUT/host_check" crates/kernels/cuda/host_check.cpp
+if "$OUT/host_check" > "$OUT/host_check.txt"; then
+  echo "check-cuda-ptx: host emulation of the kernels: $(grep -c ' ok$' "$OUT/host_check.txt") checks passed"
+else
+  grep -v ' ok$' "$OUT/host_check.txt" >&2
+  echo "check-cuda-ptx: host emulation of the kernels FAILED" >&2
+  exit 1
+fi
+
 if [[ -x "$ROOT/.cuda/pkgs/nvidia/cu13/bin/nvcc" ]]; then
   CU="$ROOT/.cuda/pkgs/nvidia/cu13"
   echo "check-cuda-ptx: using the toolkit of build-cuda.sh ($CU)"
@@ -48,8 +62,6 @@ fi
 export PATH="$CU/bin:$PATH"
 nvcc --version | grep -q 'release 13.0,' || { echo "check-cuda-ptx: expected nvcc 13.0" >&2; exit 1; }
 
-OUT=$(mktemp -d "${TMPDIR:-/tmp}/convmae-ptx.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
 status=0
 for cu in crates/kernels/cuda/*.cu; do
   name=$(basename "$cu" .cu)

@@ -9,20 +9,28 @@
 // is ~100M elements, and products of two such quantities overflow 32 bits.
 #pragma once
 
+// host_check.cpp compiles the kernels as plain C++ (f32 only) with the CUDA built-ins emulated,
+// to test their index math on a machine without a GPU; it provides the definitions instead.
+#ifndef CONVMAE_HOST_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 namespace convmae {
 
 __device__ __forceinline__ float load(float v) { return v; }
+#ifndef CONVMAE_HOST_EMULATION
 __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+#endif
 
 template <typename T> __device__ __forceinline__ T store(float v);
 template <> __device__ __forceinline__ float store<float>(float v) { return v; }
+#ifndef CONVMAE_HOST_EMULATION
 template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+#endif
 
 // Global index of this thread in a 1-D launch, widened before the multiply so grids of more
 // than 2^31 threads (in total) index correctly.
@@ -65,7 +73,11 @@ __device__ __forceinline__ void reduce_partials(const float* __restrict__ partia
 
 // Instantiates `body` once per storage type as an extern "C" kernel named <name>_<suffix>, the
 // names the Rust side loads (src/cuda.rs picks the suffix from the tensor's dtype).
+#ifndef CONVMAE_HOST_EMULATION
 #define CONVMAE_FOR_EACH_TYPE(M) \
     M(float, f32)                \
     M(__nv_bfloat16, bf16)       \
     M(__half, f16)
+#else
+#define CONVMAE_FOR_EACH_TYPE(M) M(float, f32)
+#endif
