@@ -113,3 +113,24 @@ fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
         assert!(a.pass, "{a:?}");
     }
 }
+
+/// `with_path` overrides the kernel choice on this thread, nests, and restores on the way out;
+/// the GPU check relies on it to run both paths in one process.
+#[test]
+fn with_path_chooses_the_composite_and_restores() {
+    use convmae_kernels::{with_path, Path};
+    let x = Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert!(k::has_kernel(&x));
+    with_path(Path::Composite, || {
+        assert!(!k::has_kernel(&x));
+        with_path(Path::Kernels, || assert!(k::has_kernel(&x)));
+        assert!(!k::has_kernel(&x));
+        // The public op follows the choice: same values either way.
+        let a = k::softmax_last_dim(&x).unwrap();
+        assert!(values_of(&a).iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-7));
+    });
+    assert!(k::has_kernel(&x));
+    let panicked = std::panic::catch_unwind(|| with_path(Path::Composite, || panic!("inside")));
+    assert!(panicked.is_err());
+    assert!(k::has_kernel(&x), "restored after a panic");
+}
