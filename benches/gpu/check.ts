@@ -1,7 +1,7 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick | --kernels-only]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
@@ -56,11 +56,14 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
   const quick = opts.flags.quick === 'true';
+  // Parity and kernel agreement only (a minute or two): whether the CUDA kernels are right,
+  // before spending the rest of the device time on throughput.
+  const kernelsOnly = opts.flags['kernels-only'] === 'true';
   mkdirSync(out, { recursive: true });
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
@@ -113,7 +116,7 @@ async function main(): Promise<void> {
 
   // (b)-(d) throughput and memory.
   const rows: Row[] = [];
-  const batches = quick ? [64] : [64, 128];
+  const batches = kernelsOnly ? [] : quick ? [64] : [64, 128];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
   const record = (r: { json?: Record<string, unknown>; error?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
