@@ -153,6 +153,7 @@ fn alloc<T: Float>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
 
 /// Sums the `[parts, a, b]` f32 partials in part order into `out` (`[a, b]`, or `[b, a]` when
 /// `transpose`), stored as `T`.
+#[allow(clippy::too_many_arguments)]
 fn reduce_partials<T: Float>(
     dev: &CudaDevice,
     module: Module,
