@@ -1,12 +1,15 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick | --kernels-only]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
- *     agreement of every kernel on CUDA with the CPU kernels;
+ *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
+ *     ops, in f32 and bf16;
  * (b) pretraining throughput of convmae-base at batch 64 and 128: ours sparse / dense x fp32 /
- *     bf16, each in a process of its own (so the memory peak is its own);
+ *     bf16, each in a process of its own (so the memory peak is its own), plus one sparse bf16
+ *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
+ *     kernels: the A/B);
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -53,11 +56,14 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
   const quick = opts.flags.quick === 'true';
+  // Parity and kernel agreement only (a minute or two): whether the CUDA kernels are right,
+  // before spending the rest of the device time on throughput.
+  const kernelsOnly = opts.flags['kernels-only'] === 'true';
   mkdirSync(out, { recursive: true });
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
@@ -93,18 +99,24 @@ async function main(): Promise<void> {
       log(`parity ${file} ${dtype}: error ${(e as Error).message}`);
     }
   }
-  let agreement: { op: string; forward_rel: number; gradient_rel: number }[] = [];
+  // One row per op x dtype (f32, bf16) x path ("kernels": our CUDA kernels; "composite": candle's
+  // ops, what CONVMAE_KERNELS=composite selects). An addon built before the CUDA kernels
+  // reports only op / forward_rel / gradient_rel (f32, composite), hence the optional fields.
+  let agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[] = [];
   try {
     if (!native || loadError) throw new Error(loadError ?? 'no addon');
     agreement = JSON.parse(await native.compareKernels('cuda')) as typeof agreement;
-    for (const a of agreement) log(`kernel ${a.op}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}`);
+    for (const a of agreement) {
+      const verdict = a.pass === undefined ? '' : a.pass ? ' pass' : ` FAIL (tolerance ${a.tolerance})`;
+      log(`kernel ${a.op} ${a.path ?? ''} ${a.dtype ?? 'f32'}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}${verdict}`);
+    }
   } catch (e) {
     log(`kernel agreement: error ${(e as Error).message}`);
   }
 
   // (b)-(d) throughput and memory.
   const rows: Row[] = [];
-  const batches = quick ? [64] : [64, 128];
+  const batches = kernelsOnly ? [] : quick ? [64] : [64, 128];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
   const record = (r: { json?: Record<string, unknown>; error?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
@@ -127,6 +139,12 @@ async function main(): Promise<void> {
         const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150);
         record(r, { suite: 'gpu', impl: convPath === 'sparse' ? 'ours' : 'ours-dense', preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath });
       }
+    }
+    // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
+    // (CONVMAE_KERNELS=composite), once, at the first batch size.
+    if (!loadError && batch === batches[0]) {
+      const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'], 150, { ...process.env, CONVMAE_KERNELS: 'composite' });
+      record(r, { suite: 'gpu', impl: 'ours-composite', preset: 'convmae-base', batch, dtype: 'bf16', device: 'cuda', path: 'sparse' });
     }
     for (const [amp, compile] of [['bf16', false], ['bf16', true], ['none', false]] as const) {
       const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
@@ -161,9 +179,14 @@ async function main(): Promise<void> {
     '',
     markdownTable(['fixture', 'dtype', 'path', 'pass', 'worst tensor', 'worst rel', 'tolerance'], parity.map((p) => [String(p.fixture), String(p.dtype), String(p.path ?? ''), String(p.pass), String(p.worst ?? p.error ?? ''), p.worst_rel === undefined ? '' : (p.worst_rel as number).toExponential(2), String(p.tolerance ?? '')])),
     '',
-    '## Kernels on CUDA vs the CPU kernels (f32)',
+    '## Ops on CUDA vs the CPU kernels (f32 reference)',
     '',
-    markdownTable(['op', 'forward rel', 'gradient rel'], agreement.map((a) => [a.op, a.forward_rel.toExponential(2), a.gradient_rel.toExponential(2)])),
+    'path "kernels": our CUDA kernels where one exists (column "ours"); "composite": candle\'s ops (CONVMAE_KERNELS=composite). Errors are max |a - b| / max |b|; gradients per input in argument order.',
+    '',
+    markdownTable(
+      ['op', 'path', 'dtype', 'ours', 'forward rel', 'gradient rel (each input)', 'tolerance', 'pass'],
+      agreement.map((a) => [a.op, a.path ?? 'composite', a.dtype ?? 'f32', String(a.kernel ?? false), a.forward_rel.toExponential(2), (a.gradient_rels ?? [a.gradient_rel]).map((g) => g.toExponential(2)).join(', '), a.tolerance === undefined ? '' : String(a.tolerance), a.pass === undefined ? '' : String(a.pass)]),
+    ),
     '',
     '## Pretraining throughput, convmae-base',
     '',

@@ -3,7 +3,8 @@
 # unpacks the payload of benches/gpu/prepare.sh, points the loader at PyTorch's CUDA 13
 # libraries, and runs dist/benches/gpu/check.js. Results go to $OUT (the device tool's output
 # folder): gpu-<date>.{jsonl,md}, check.json, check.log, device.csv, ldd.txt.
-# Extra arguments go to check.js (e.g. --quick: batch 64 only).
+# Extra arguments go to check.js (--quick: batch 64 only; --kernels-only: parity and kernel
+# agreement, no throughput, a minute or two).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PAYLOAD=benches/gpu/payload

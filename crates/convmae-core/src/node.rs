@@ -122,14 +122,23 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
     .await
 }
 
-/// Agreement of every kernel on `device` with the CPU kernels (forward and gradients, f32, at
-/// ConvMAE-B-like shapes), as JSON: [{op, shapes, forward_rel, gradient_rel}].
+/// Agreement of every kernel on `device` with the CPU kernels (forward and every gradient, at
+/// ConvMAE-B-like shapes), as JSON: [{op, path, dtype, shapes, forward_rel, gradient_rel,
+/// gradient_rels, kernel, tolerance, pass}]. On CUDA both paths (our CUDA kernels, "kernels";
+/// candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32.
 #[napi]
 pub async fn compare_kernels(device: String) -> Result<String> {
+    use candle_core::DType;
+    use convmae_kernels::Path;
     let device = DeviceSpec::parse(&device).map_err(js_err)?;
     off_thread(move || {
         let device = device.open()?;
-        convmae_kernels::agreement::compare_on(&device).map(|r| serde_json::to_string(&r).unwrap()).map_err(|e| e.to_string())
+        let report = if device.is_cpu() {
+            convmae_kernels::agreement::compare_on(&device)
+        } else {
+            convmae_kernels::agreement::compare_paths(&device, &[Path::Kernels, Path::Composite], &[DType::F32, DType::BF16])
+        };
+        report.map(|r| serde_json::to_string(&r).unwrap()).map_err(|e| e.to_string())
     })
     .await
 }

@@ -127,7 +127,8 @@ impl AdamW {
             if has_kernel(var.as_tensor()) {
                 adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
             } else {
-                // No fused kernel on this device yet: the same update from candle ops.
+                // No kernel of ours for this device and dtype (or CONVMAE_KERNELS=composite):
+                // the same update from candle ops.
                 let (p, exp_avg, exp_avg_sq) = composite::adamw_step(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
                 var.set(&p)?;
                 m.exp_avg = exp_avg;

@@ -1,11 +1,14 @@
-//! Every op of this crate written with candle's own tensor ops, for devices where our kernels
-//! have no implementation yet (CUDA: candle ships CUDA kernels for everything used here, and
-//! its autograd differentiates the composition).
+//! Every op of this crate written with candle's own tensor ops, for tensors our kernels do not
+//! serve (see `has_kernel`): candle runs these compositions on every device and dtype, and its
+//! autograd differentiates them.
 //!
-//! The public ops dispatch here for non-CPU tensors. The compositions compute the same math as
-//! our kernels (tested against them on the CPU in f64), but as many small kernels with their
-//! intermediates materialized, so they are a correct baseline, not the fast path: the fused
-//! CUDA kernels that replace them are to be written where a GPU profile says they pay.
+//! The compositions compute the same math as our kernels (tested against them on the CPU in
+//! f64), but as many small kernels with their intermediates materialized, so they are a correct
+//! baseline, not the fast path. On CUDA they are also the other side of the A/B the GPU check
+//! runs against our CUDA kernels (`CONVMAE_KERNELS=composite`, `with_path`).
+
+use std::cell::Cell;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -111,8 +114,72 @@ pub fn adamw_step(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &
     Ok((p, m, v))
 }
 
-/// Whether our own kernels serve `t` (on the CPU, in f32 or f64); the public ops use the
+/// Which implementation the public ops use where both exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Our kernels (CPU f32 / f64; CUDA f32 / bf16 / f16 with the `cuda` feature): the default.
+    Kernels,
+    /// The compositions of candle ops in this module.
+    Composite,
+}
+
+thread_local! {
+    static FORCED: Cell<Option<Path>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the public ops on this thread using `path` (where it exists), whatever
+/// `CONVMAE_KERNELS` says; the agreement check uses it to run both paths in one process.
+/// Nested calls restore the outer choice, also when `f` panics.
+pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Path>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(Some(path))));
+    f()
+}
+
+/// `CONVMAE_KERNELS=composite` makes every public op (and the optimizer's AdamW) use the
+/// compositions, on every device; unset or `kernels` keeps our kernels. Read once per process.
+fn env_path() -> Path {
+    static PATH: OnceLock<Path> = OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("CONVMAE_KERNELS").as_deref() {
+        Ok("composite") => Path::Composite,
+        Ok("" | "kernels") | Err(_) => Path::Kernels,
+        Ok(other) => {
+            eprintln!("convmae: CONVMAE_KERNELS='{other}' is not 'kernels' or 'composite'; using our kernels");
+            Path::Kernels
+        }
+    })
+}
+
+/// Whether one of our kernels serves `t` (its device and dtype), ignoring the path choice.
+fn kernel_exists(t: &Tensor) -> bool {
+    match t.device() {
+        candle_core::Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        // Empty tensors go to the composite: a zero-length launch or allocation is an error
+        // on CUDA, and there is nothing to compute.
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && t.elem_count() > 0
+        }
+        _ => false,
+    }
+}
+
+/// Whether the public ops use our kernels for `t`: one exists for its device and dtype, and
+/// the path in force (`with_path`, else `CONVMAE_KERNELS`) is `Path::Kernels`. The ops use the
 /// compositions above otherwise.
 pub fn has_kernel(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    let path = FORCED.with(|c| c.get()).unwrap_or_else(env_path);
+    path == Path::Kernels && kernel_exists(t)
+}
+
+/// `has_kernel` for an op with several tensor arguments: on CUDA they must also share one
+/// dtype (a bf16 activation with f32 LayerNorm parameters goes to the composite, which casts).
+/// On the CPU a mismatch reaches the kernel, which names it in its error.
+pub(crate) fn use_kernel(args: &[&Tensor]) -> bool {
+    let first = args[0];
+    has_kernel(first) && (first.device().is_cpu() || args.iter().all(|t| t.dtype() == first.dtype()))
 }

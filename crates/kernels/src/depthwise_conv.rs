@@ -30,6 +30,12 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// (B, H, W, C, K), as the CUDA launches take them.
+    #[cfg(feature = "cuda")]
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (self.b, self.h, self.w, self.c, self.k)
+    }
+
     fn pad(&self) -> usize {
         self.k / 2
     }
@@ -73,7 +79,7 @@ pub fn depthwise_conv2d(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
     // Checked here as well as in `cpu_fwd` so that a bad call fails with our message on every
     // device, not only where a kernel exists.
     geometry(input.dims(), weight.dims())?;
-    if !crate::composite::has_kernel(input) {
+    if !crate::composite::use_kernel(&[input, weight]) {
         return crate::composite::depthwise_conv2d(input, weight);
     }
     input.apply_op2(weight, DepthwiseConv2d)
@@ -98,6 +104,21 @@ impl CustomOp2 for DepthwiseConv2d {
             let taps = taps_major(&row_major(wt, l2), g.c, g.k, false);
             Element::into_storage(correlate(&row_major(x, l1), &taps, g))
         });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, dw_correlate};
+        use candle_core::backend::BackendStorage;
+        let g = geometry(l1.dims(), l2.dims())?;
+        let out = cuda_dispatch!(OP_NAME, s1.dtype(), dw_correlate(s1, l1, s2, l2, g.dims(), false))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -149,6 +170,21 @@ impl CustomOp2 for InputGrad {
         });
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, dw_correlate};
+        use candle_core::backend::BackendStorage;
+        let g = geometry(l1.dims(), l2.dims())?;
+        let out = cuda_dispatch!(self.name(), s1.dtype(), dw_correlate(s1, l1, s2, l2, g.dims(), true))?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// `(input [B,H,W,C], grad_out [B,H,W,C]) -> grad_weight [C,K,K]`.
@@ -168,7 +204,32 @@ impl CustomOp2 for WeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (input, grad) = (l1.dims(), l2.dims());
+        let g = self.geometry(l1.dims(), l2.dims())?;
+        let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
+            let kkc = weight_grad(&row_major(x, l1), &row_major(gout, l2), g);
+            Element::into_storage(channel_major(&kkc, g.c, g.k))
+        });
+        Ok((out, Shape::from_dims(&[g.c, g.k, g.k])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, dw_weight_grad};
+        use candle_core::backend::BackendStorage;
+        let g = self.geometry(l1.dims(), l2.dims())?;
+        let out = cuda_dispatch!(self.name(), s1.dtype(), dw_weight_grad(s1, l1, s2, l2, g.dims()))?;
+        Ok((out, Shape::from_dims(&[g.c, g.k, g.k])))
+    }
+}
+
+impl WeightGrad {
+    fn geometry(&self, input: &[usize], grad: &[usize]) -> Result<Geometry> {
         if input != grad || input.len() != 4 || self.k.is_multiple_of(2) {
             candle_core::bail!(
                 "{}: input shape {input:?} and output-gradient shape {grad:?} must be the same \
@@ -177,12 +238,7 @@ impl CustomOp2 for WeightGrad {
                 self.k
             );
         }
-        let g = Geometry { b: input[0], h: input[1], w: input[2], c: input[3], k: self.k };
-        let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
-            let kkc = weight_grad(&row_major(x, l1), &row_major(gout, l2), g);
-            Element::into_storage(channel_major(&kkc, g.c, g.k))
-        });
-        Ok((out, Shape::from_dims(&[g.c, g.k, g.k])))
+        Ok(Geometry { b: input[0], h: input[1], w: input[2], c: input[3], k: self.k })
     }
 }
 

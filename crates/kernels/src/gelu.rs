@@ -47,6 +47,14 @@ impl CustomOp1 for Gelu {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, gelu_fwd};
+        use candle_core::backend::BackendStorage;
+        let out = cuda_dispatch!("gelu_erf", s.dtype(), gelu_fwd(s, l))?;
+        Ok((out, l.shape().clone()))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(grad, &GeluBackward)?))
     }
@@ -85,11 +93,28 @@ impl CustomOp2 for GeluBackward {
         });
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, gelu_bwd};
+        use candle_core::backend::BackendStorage;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("gelu_erf_backward: input shape {:?} differs from gradient shape {:?}", l1.dims(), l2.dims());
+        }
+        let out = cuda_dispatch!("gelu_erf_backward", s1.dtype(), gelu_bwd(s1, l1, s2, l2))?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// GELU (erf form), differentiable with an exact derivative.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !crate::composite::has_kernel(x) {
+    if !crate::composite::use_kernel(&[x]) {
         return crate::composite::gelu_erf(x);
     }
     x.apply_op1(Gelu)

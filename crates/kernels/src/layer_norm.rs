@@ -28,14 +28,29 @@ fn row_shape(op: &str, x: &[usize], weight: &[usize], bias: &[usize]) -> Result<
 /// `weight: [D]` and `bias: [D]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     row_shape(OP_NAME, x.dims(), weight.dims(), bias.dims())?;
-    if !crate::composite::has_kernel(x) {
+    if !crate::composite::use_kernel(&[x, weight, bias]) {
         return crate::composite::layer_norm(x, weight, bias, eps);
     }
-    x.apply_op3(weight, bias, LayerNorm { eps })
+    x.apply_op3(weight, bias, LayerNorm::new(eps))
 }
 
 struct LayerNorm {
     eps: f64,
+    /// The CUDA forward's per-row (mean, rstd) in f32, kept for the backward (the op lives in
+    /// the autograd graph until it is dropped). The CPU backward recomputes them instead: a
+    /// row pass there is cheap next to holding another buffer.
+    #[cfg(feature = "cuda")]
+    stats: std::sync::Mutex<Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
+}
+
+impl LayerNorm {
+    fn new(eps: f64) -> Self {
+        LayerNorm {
+            eps,
+            #[cfg(feature = "cuda")]
+            stats: Default::default(),
+        }
+    }
 }
 
 /// Mean and reciprocal standard deviation of one row. Two passes (mean, then the mean of
@@ -71,6 +86,24 @@ impl CustomOp3 for LayerNorm {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, layer_norm_fwd};
+        use candle_core::backend::BackendStorage;
+        let dims = row_shape(OP_NAME, l1.dims(), l2.dims(), l3.dims())?;
+        let (out, stats) = cuda_dispatch!(OP_NAME, s1.dtype(), layer_norm_fwd(s1, l1, s2, l2, s3, l3, dims, self.eps))?;
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(stats));
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -82,7 +115,15 @@ impl CustomOp3 for LayerNorm {
         let (rows, d) = row_shape(OP_NAME, x.dims(), weight.dims(), bias.dims())?;
         // One pass produces all three gradients, packed as rows of a [rows + 2, D] tensor, to
         // avoid recomputing the row statistics; the narrows below are views, not copies.
-        let packed = x.apply_op3_no_bwd(weight, grad, &LayerNormGrad { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(
+            weight,
+            grad,
+            &LayerNormGrad {
+                eps: self.eps,
+                #[cfg(feature = "cuda")]
+                stats: self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            },
+        )?;
         let grad_x = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let grad_w = packed.narrow(0, rows, 1)?.reshape(d)?;
         let grad_b = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
@@ -111,6 +152,9 @@ fn forward<T: Element>(x: &[T], w: &[T], b: &[T], d: usize, eps: T) -> Vec<T> {
 /// rows), grad_weight and grad_bias.
 struct LayerNormGrad {
     eps: f64,
+    /// The forward's row statistics when it ran on CUDA (see `LayerNorm::stats`).
+    #[cfg(feature = "cuda")]
+    stats: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
 }
 
 impl CustomOp3 for LayerNormGrad {
@@ -140,6 +184,33 @@ impl CustomOp3 for LayerNormGrad {
             let eps = Element::from_f64(self.eps);
             Element::into_storage(backward(&row_major(x, l1), &row_major(w, l2), &row_major(g, l3), rows, d, eps))
         });
+        Ok((out, Shape::from_dims(&[rows + 2, d])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, layer_norm_bwd};
+        use candle_core::backend::BackendStorage;
+        if l1.dims() != l3.dims() {
+            candle_core::bail!(
+                "{}: input shape {:?} and output-gradient shape {:?} differ",
+                self.name(),
+                l1.dims(),
+                l3.dims()
+            );
+        }
+        let (rows, d) = row_shape(self.name(), l1.dims(), l2.dims(), l2.dims())?;
+        // Saved statistics are used only if they are for these rows (always, in practice).
+        let stats = self.stats.as_deref().filter(|s| s.len() == rows * 2);
+        let out = cuda_dispatch!(self.name(), s1.dtype(), layer_norm_bwd(s1, l1, s2, l2, s3, l3, stats, (rows, d), self.eps))?;
         Ok((out, Shape::from_dims(&[rows + 2, d])))
     }
 }

@@ -4,10 +4,12 @@
 //! without a backward (their gradients silently vanish), and its grouped convolution runs one
 //! convolution per group, which is hopeless for depthwise convolutions with hundreds of channels.
 //!
-//! Our kernels run on the CPU in f32 and f64. On other devices and dtypes (CUDA, bf16) each op
-//! falls back to its composition of candle tensor ops (`composite`), which candle runs and
-//! differentiates everywhere: correct, but unfused. The `cuda` feature turns on candle's CUDA
-//! backend.
+//! Our kernels run on the CPU in f32 and f64, and with the `cuda` feature on CUDA in f32, bf16
+//! and f16 (`cuda/*.cu`, compiled to PTX by build.rs, launched from `cuda.rs`; statistics and
+//! sums in f32). Elsewhere (f64 or integer dtypes on CUDA, mixed dtypes on CUDA, other
+//! devices) and when `CONVMAE_KERNELS=composite` is set, each op falls back to its composition
+//! of candle tensor ops (`composite`), which candle runs and differentiates everywhere:
+//! correct, but unfused. `linear` has no CUDA kernel of ours: cuBLAS does the matmul.
 
 use std::borrow::Cow;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
@@ -30,6 +32,8 @@ macro_rules! dispatch_float {
 mod adamw;
 pub mod agreement;
 pub mod composite;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod depthwise_conv;
 mod gelu;
 mod layer_norm;
@@ -40,7 +44,7 @@ mod taps;
 mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, AdamWUpdate};
-pub use composite::has_kernel;
+pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;

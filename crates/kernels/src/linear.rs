@@ -153,7 +153,8 @@ impl CustomOp3 for LinearBackward {
 /// `x @ weight^T + bias` over the last dim of `x` (any leading dims). `weight` is [out, in] or a
 /// [out, in, 1, 1] 1x1-conv kernel; `bias` is [out]. Differentiable w.r.t. all three.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !crate::composite::has_kernel(x) {
+    // No CUDA kernel of ours: on the GPU the composite's matmul is cuBLAS.
+    if !(x.device().is_cpu() && crate::composite::has_kernel(x)) {
         return crate::composite::linear(x, weight, bias);
     }
     x.apply_op3(weight, bias, Linear)

@@ -20,7 +20,7 @@ fn last_dim(op: &str, dims: &[usize]) -> Result<usize> {
 /// Differentiable softmax over the last dimension, computed as `exp(x - max) / sum`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     last_dim(OP_NAME, x.dims())?;
-    if !crate::composite::has_kernel(x) {
+    if !crate::composite::use_kernel(&[x]) {
         return crate::composite::softmax_last_dim(x);
     }
     x.apply_op1(Softmax)
@@ -38,6 +38,16 @@ impl CustomOp1 for Softmax {
         let out = dispatch_float!(OP_NAME, (s => x), {
             Element::into_storage(forward(&row_major(x, l), d))
         });
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, softmax_fwd};
+        use candle_core::backend::BackendStorage;
+        let d = last_dim(OP_NAME, l.dims())?;
+        let rows = l.shape().elem_count() / d.max(1);
+        let out = cuda_dispatch!(OP_NAME, s.dtype(), softmax_fwd(s, l, (rows, d)))?;
         Ok((out, l.shape().clone()))
     }
 
@@ -100,6 +110,30 @@ impl CustomOp2 for SoftmaxGrad {
         let out = dispatch_float!(self.name(), (s1 => y, s2 => g), {
             Element::into_storage(backward(&row_major(y, l1), &row_major(g, l2), d))
         });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, softmax_bwd};
+        use candle_core::backend::BackendStorage;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: output shape {:?} and output-gradient shape {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let d = last_dim(self.name(), l1.dims())?;
+        let rows = l1.shape().elem_count() / d.max(1);
+        let out = cuda_dispatch!(self.name(), s1.dtype(), softmax_bwd(s1, l1, s2, l2, (rows, d)))?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -46,6 +46,10 @@ pub struct SparseNeighbors {
     rows: usize,
     k: usize,
     table: Vec<i32>,
+    /// The table uploaded to the GPU on first use there, shared by every forward and backward
+    /// that uses these neighbours (a cache: ignored by comparisons, empty in clones).
+    #[cfg(feature = "cuda")]
+    device_table: crate::cuda::DeviceTable,
 }
 
 fn error(msg: String) -> candle_core::Error {
@@ -88,7 +92,13 @@ impl SparseNeighbors {
                 t % k
             )));
         }
-        let nbrs = SparseNeighbors { rows, k, table };
+        let nbrs = SparseNeighbors {
+            rows,
+            k,
+            table,
+            #[cfg(feature = "cuda")]
+            device_table: Default::default(),
+        };
         if cfg!(debug_assertions) {
             nbrs.check_symmetry()?;
         }
@@ -229,7 +239,7 @@ pub fn sparse_depthwise_conv2d(
     // Checked here as well as in `cpu_fwd` so that a bad call fails with our message on every
     // device, not only where a kernel exists.
     channels(OP_NAME, input.dims(), weight.dims(), nbrs)?;
-    if !crate::composite::has_kernel(input) {
+    if !crate::composite::use_kernel(&[input, weight]) {
         return crate::composite::sparse_depthwise_conv2d(input, weight, nbrs);
     }
     input.apply_op2(weight, SparseDepthwiseConv2d { nbrs: nbrs.clone() })
@@ -256,6 +266,23 @@ impl CustomOp2 for SparseDepthwiseConv2d {
             let taps = taps_major(&row_major(wt, l2), c, self.nbrs.k, false);
             Element::into_storage(gather_correlate(&row_major(x, l1), &taps, &self.nbrs, c))
         });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, sparse_gather};
+        use candle_core::backend::BackendStorage;
+        let c = channels(OP_NAME, l1.dims(), l2.dims(), &self.nbrs)?;
+        let table = self.nbrs.device_table.get(s1.device(), &self.nbrs.table)?;
+        let dims = (self.nbrs.rows, c, self.nbrs.k);
+        let out = cuda_dispatch!(OP_NAME, s1.dtype(), sparse_gather(s1, l1, s2, l2, &table, dims, false))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -309,6 +336,23 @@ impl CustomOp2 for InputGrad {
         });
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, sparse_gather};
+        use candle_core::backend::BackendStorage;
+        let c = channels(self.name(), l1.dims(), l2.dims(), &self.nbrs)?;
+        let table = self.nbrs.device_table.get(s1.device(), &self.nbrs.table)?;
+        let dims = (self.nbrs.rows, c, self.nbrs.k);
+        let out = cuda_dispatch!(self.name(), s1.dtype(), sparse_gather(s1, l1, s2, l2, &table, dims, true))?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// `(input [N, C], grad_out [N, C]) -> grad_weight [C, K, K]`.
@@ -328,7 +372,37 @@ impl CustomOp2 for WeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (input, grad) = (l1.dims(), l2.dims());
+        let c = self.channels(l1.dims(), l2.dims())?;
+        let k = self.nbrs.k;
+        let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
+            let tc = weight_grad(&row_major(x, l1), &row_major(gout, l2), &self.nbrs, c);
+            Element::into_storage(channel_major(&tc, c, k))
+        });
+        Ok((out, Shape::from_dims(&[c, k, k])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, sparse_weight_grad};
+        use candle_core::backend::BackendStorage;
+        let c = self.channels(l1.dims(), l2.dims())?;
+        let k = self.nbrs.k;
+        let table = self.nbrs.device_table.get(s1.device(), &self.nbrs.table)?;
+        let dims = (self.nbrs.rows, c, k);
+        let out = cuda_dispatch!(self.name(), s1.dtype(), sparse_weight_grad(s1, l1, s2, l2, &table, dims))?;
+        Ok((out, Shape::from_dims(&[c, k, k])))
+    }
+}
+
+impl WeightGrad {
+    /// Checks `input` and `grad_out` are the same `[N, C]` for the table and returns C.
+    fn channels(&self, input: &[usize], grad: &[usize]) -> Result<usize> {
         let (rows, k) = (self.nbrs.rows, self.nbrs.k);
         if input != grad || input.len() != 2 || input[0] != rows {
             candle_core::bail!(
@@ -337,12 +411,7 @@ impl CustomOp2 for WeightGrad {
                 self.name()
             );
         }
-        let c = input[1];
-        let out = dispatch_float!(self.name(), (s1 => x, s2 => gout), {
-            let tc = weight_grad(&row_major(x, l1), &row_major(gout, l2), &self.nbrs, c);
-            Element::into_storage(channel_major(&tc, c, k))
-        });
-        Ok((out, Shape::from_dims(&[c, k, k])))
+        Ok(input[1])
     }
 }
 

@@ -95,3 +95,42 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
         assert_eq!((a.forward_rel, a.gradient_rel), (0.0, 0.0), "{a:?}");
     }
 }
+
+/// The bf16 half of the GPU check's agreement, run on the CPU (where bf16 goes through the
+/// composite): every row is produced, and candle's bf16 ops stay within the bf16 tolerance
+/// the GPU check applies, so a failure there points at the device, not at the tolerance.
+#[test]
+fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
+    use convmae_kernels::{agreement::compare_paths, Path};
+    let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
+    assert_eq!(report.len(), 14);
+    for a in &report {
+        eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
+    }
+    for a in &report {
+        assert_eq!(a.dtype, "bf16");
+        assert!(!a.kernel, "no CPU kernel takes bf16: {a:?}");
+        assert!(a.pass, "{a:?}");
+    }
+}
+
+/// `with_path` overrides the kernel choice on this thread, nests, and restores on the way out;
+/// the GPU check relies on it to run both paths in one process.
+#[test]
+fn with_path_chooses_the_composite_and_restores() {
+    use convmae_kernels::{with_path, Path};
+    let x = Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert!(k::has_kernel(&x));
+    with_path(Path::Composite, || {
+        assert!(!k::has_kernel(&x));
+        with_path(Path::Kernels, || assert!(k::has_kernel(&x)));
+        assert!(!k::has_kernel(&x));
+        // The public op follows the choice: same values either way.
+        let a = k::softmax_last_dim(&x).unwrap();
+        assert!(values_of(&a).iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-7));
+    });
+    assert!(k::has_kernel(&x));
+    let panicked = std::panic::catch_unwind(|| with_path(Path::Composite, || panic!("inside")));
+    assert!(panicked.is_err());
+    assert!(k::has_kernel(&x), "restored after a panic");
+}

@@ -1,0 +1,83 @@
+// Pieces shared by the kernels of this crate: element loads and stores, warp reductions, and
+// the fixed-order reduction of per-block partial sums.
+//
+// Every kernel reads its operands in their storage type (f32, bf16 or f16) and computes in
+// f32: sums over a row or over many pixels need more mantissa than bf16's 8 bits (PyTorch's
+// autocast does the same). Results are rounded once, to nearest even, when stored.
+//
+// Sizes and element indices are int64_t: B*H*W*C of a ConvMAE stage-1 activation at batch 128
+// is ~100M elements, and products of two such quantities overflow 32 bits.
+#pragma once
+
+// host_check.cpp compiles the kernels as plain C++ (f32 only) with the CUDA built-ins emulated,
+// to test their index math on a machine without a GPU; it provides the definitions instead.
+#ifndef CONVMAE_HOST_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+#include <stdint.h>
+
+namespace convmae {
+
+__device__ __forceinline__ float load(float v) { return v; }
+#ifndef CONVMAE_HOST_EMULATION
+__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float load(__half v) { return __half2float(v); }
+#endif
+
+template <typename T> __device__ __forceinline__ T store(float v);
+template <> __device__ __forceinline__ float store<float>(float v) { return v; }
+#ifndef CONVMAE_HOST_EMULATION
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+#endif
+
+// Global index of this thread in a 1-D launch, widened before the multiply so grids of more
+// than 2^31 threads (in total) index correctly.
+__device__ __forceinline__ int64_t global_thread() {
+    return (int64_t)blockIdx.x * (int64_t)blockDim.x + (int64_t)threadIdx.x;
+}
+
+// Butterfly reductions: every lane ends with the same value, combined in the same order on
+// every run, so the results are deterministic.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// out[i, j] (or out[j, i] when `transpose`) = sum over p in increasing order of
+// partials[p, i, j], for partials laid out [parts, a, b] in f32. One thread per output element,
+// j fastest so a warp reads consecutive partial entries. Weight gradients are summed this way
+// instead of with float atomics so that they are bitwise reproducible run to run.
+template <typename T>
+__device__ __forceinline__ void reduce_partials(const float* __restrict__ partials, T* __restrict__ out,
+                                                int64_t parts, int64_t a, int64_t b, int transpose) {
+    const int64_t idx = global_thread();
+    if (idx >= a * b) return;
+    const int64_t i = idx / b;
+    const int64_t j = idx % b;
+    const int64_t stride = a * b;
+    float s = 0.f;
+    for (int64_t p = 0; p < parts; ++p) s += partials[p * stride + idx];
+    out[transpose ? j * a + i : idx] = store<T>(s);
+}
+
+}  // namespace convmae
+
+// Instantiates `body` once per storage type as an extern "C" kernel named <name>_<suffix>, the
+// names the Rust side loads (src/cuda.rs picks the suffix from the tensor's dtype).
+#ifndef CONVMAE_HOST_EMULATION
+#define CONVMAE_FOR_EACH_TYPE(M) \
+    M(float, f32)                \
+    M(__nv_bfloat16, bf16)       \
+    M(__half, f16)
+#else
+#define CONVMAE_FOR_EACH_TYPE(M) M(float, f32)
+#endif

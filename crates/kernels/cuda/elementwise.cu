@@ -1,0 +1,75 @@
+// Element-wise ops: GELU (erf form) with its exact derivative, and the fused AdamW update.
+// The CPU kernels (src/gelu.rs, src/adamw.rs) define the semantics. Grid-stride loops over
+// int64_t indices, so any element count fits whatever the grid size the host picks.
+
+#include "common.cuh"
+
+namespace convmae {
+
+// 1/sqrt(2) and 1/sqrt(2*pi) to float precision. candle's own gelu_erf backward uses 0.398942
+// for the latter (six digits), which is why this op exists.
+constexpr float GELU_FRAC_1_SQRT_2 = 0.70710678118654752440f;
+constexpr float GELU_FRAC_1_SQRT_2PI = 0.39894228040143267794f;
+
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * GELU_FRAC_1_SQRT_2)); }
+
+// d/dx x * Phi(x) = Phi(x) + x * phi(x).
+__device__ __forceinline__ float gelu_grad(float x) {
+    const float cdf = 0.5f * (1.f + erff(x * GELU_FRAC_1_SQRT_2));
+    const float pdf = expf(-0.5f * x * x) * GELU_FRAC_1_SQRT_2PI;
+    return cdf + x * pdf;
+}
+
+template <typename T>
+__device__ __forceinline__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) y[i] = store<T>(gelu(load(x[i])));
+}
+
+template <typename T>
+__device__ __forceinline__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ gx, int64_t n) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) gx[i] = store<T>(gelu_grad(load(x[i])) * load(g[i]));
+}
+
+// One fused AdamW step (torch.optim.AdamW): the moments, then the parameter from the updated
+// moments, in one pass instead of three. The host computes the step's constants in f64 and
+// rounds them to f32, as the CPU kernel does for f32.
+//   m = beta1 * m + (1 - beta1) * g
+//   v = beta2 * v + (1 - beta2) * g^2
+//   p = p * decay - step_size * m / (sqrt(v) / bias2_sqrt + eps)
+// with decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
+// bias2_sqrt = sqrt(1 - beta2^t).
+template <typename T>
+__device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g,
+                                      int64_t n, float beta1, float one_minus_beta1, float beta2,
+                                      float one_minus_beta2, float decay, float step_size, float bias2_sqrt, float eps) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) {
+        const float gv = load(g[i]);
+        const float mv = load(m[i]) * beta1 + gv * one_minus_beta1;
+        const float vv = load(v[i]) * beta2 + (gv * gv) * one_minus_beta2;
+        const float denom = sqrtf(vv) / bias2_sqrt + eps;
+        p[i] = store<T>(load(p[i]) * decay - step_size * (mv / denom));
+        m[i] = store<T>(mv);
+        v[i] = store<T>(vv);
+    }
+}
+
+}  // namespace convmae
+
+using namespace convmae;
+
+#define ELEMENTWISE_KERNELS(T, TNAME)                                                                          \
+    extern "C" __global__ void gelu_erf_fwd_##TNAME(const T* x, T* y, int64_t n) { gelu_fwd<T>(x, y, n); }    \
+    extern "C" __global__ void gelu_erf_bwd_##TNAME(const T* x, const T* g, T* gx, int64_t n) {               \
+        gelu_bwd<T>(x, g, gx, n);                                                                            \
+    }                                                                                                         \
+    extern "C" __global__ void adamw_##TNAME(T* p, T* m, T* v, const T* g, int64_t n, float beta1,            \
+                                             float one_minus_beta1, float beta2, float one_minus_beta2,       \
+                                             float decay, float step_size, float bias2_sqrt, float eps) {     \
+        adamw<T>(p, m, v, g, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bias2_sqrt, \
+                 eps);                                                                                        \
+    }
+
+CONVMAE_FOR_EACH_TYPE(ELEMENTWISE_KERNELS)

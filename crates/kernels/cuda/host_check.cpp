@@ -1,0 +1,347 @@
+// Runs the f32 depthwise-conv and element-wise kernels on the CPU, as plain C++ with the CUDA
+// built-ins emulated (every block and thread of the launch in turn), against references
+// written straight from the definitions in double. This checks the kernels' index math, grid
+// coverage (outputs start as NaN, so an element no thread writes fails) and the partial-sum
+// reductions where there is no GPU; the GPU check's agreement run is still what says they are
+// right on a GPU (real warps, bf16, the Rust launch code). The row kernels' warps are emulated
+// with 32 OS threads meeting at a barrier for each shuffle.
+//
+//   g++ -std=c++20 -O1 -pthread -o /tmp/host_check crates/kernels/cuda/host_check.cpp && /tmp/host_check
+//   (scripts/check-cuda-ptx.sh runs it)
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <barrier>
+#include <thread>
+#include <vector>
+
+// ---- the CUDA built-ins the kernels use ----
+#define CONVMAE_HOST_EMULATION
+#define __device__
+#define __global__
+#define __forceinline__ inline
+struct Dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+// Per emulated thread (the warp launches run each lane on an OS thread of its own).
+static thread_local Dim3 blockIdx, threadIdx;
+static Dim3 blockDim, gridDim;
+using std::min;
+
+// One warp's shuffle: every lane publishes its value, all meet, each reads its partner's.
+static float shfl_values[32];
+static std::barrier<>* shfl_barrier = nullptr;
+static float __shfl_xor_sync(unsigned, float v, int offset) {
+    const unsigned lane = threadIdx.x % 32;
+    shfl_values[lane] = v;
+    shfl_barrier->arrive_and_wait();
+    const float other = shfl_values[lane ^ (unsigned)offset];
+    shfl_barrier->arrive_and_wait();
+    return other;
+}
+
+#include "depthwise.cu"
+#include "elementwise.cu"
+#include "rows.cu"
+
+// Runs `kernel` for every (block, thread) of a 1-D launch, like the Rust side sizes it.
+template <typename F>
+static void launch(int64_t threads, unsigned block, F kernel) {
+    const int64_t blocks = std::max<int64_t>(1, (threads + block - 1) / block);
+    blockDim.x = block;
+    gridDim.x = (unsigned)blocks;
+    for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = (unsigned)b;
+        for (unsigned t = 0; t < block; ++t) {
+            threadIdx.x = t;
+            kernel();
+        }
+    }
+}
+
+// A launch of warp-per-row kernels: blocks of `block` threads, each warp's 32 lanes run together.
+template <typename F>
+static void launch_warps(int64_t threads, unsigned block, F kernel) {
+    const int64_t blocks = std::max<int64_t>(1, (threads + block - 1) / block);
+    blockDim.x = block;
+    gridDim.x = (unsigned)blocks;
+    std::barrier<> barrier(32);
+    shfl_barrier = &barrier;
+    for (int64_t b = 0; b < blocks; ++b)
+        for (unsigned warp = 0; warp < block / 32; ++warp) {
+            std::vector<std::thread> lanes;
+            for (unsigned lane = 0; lane < 32; ++lane)
+                lanes.emplace_back([&, b, warp, lane] {
+                    blockIdx.x = (unsigned)b;
+                    threadIdx.x = warp * 32 + lane;
+                    kernel();
+                });
+            for (auto& t : lanes) t.join();
+        }
+    shfl_barrier = nullptr;
+}
+
+static int failures = 0;
+
+static void check(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+    double diff = 0, scale = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double d = std::fabs(got[i] - want[i]);
+        if (!(d <= diff)) diff = d;  // NaN wins
+        scale = std::max(scale, std::fabs(want[i]));
+    }
+    const double rel = scale > 0 ? diff / scale : diff;
+    const bool ok = rel <= tol && got.size() == want.size();
+    if (!ok) ++failures;
+    std::printf("%-58s rel %.2e %s\n", what, rel, ok ? "ok" : "FAIL");
+}
+
+static std::vector<float> random_values(size_t n, unsigned seed) {
+    std::vector<float> v(n);
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (auto& x : v) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        x = (float)((double)(s >> 11) / (double)(1ull << 53) * 2.0 - 1.0);
+    }
+    return v;
+}
+
+static const char* k_suffix(int k) { return k == 3 ? "k3" : k == 5 ? "k5" : k == 7 ? "k7" : "kany"; }
+
+// The kernels by kernel size, as src/cuda.rs picks them by name.
+#define PICK(prefix, k)                                                      \
+    ((k) == 3 ? prefix##_k3_f32 : (k) == 5 ? prefix##_k5_f32 : (k) == 7 ? prefix##_k7_f32 \
+                                                                        : prefix##_kany_f32)
+
+static void check_dense(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int64_t target_parts) {
+    const int p = k / 2, kk = k * k;
+    const auto x = random_values(nb * h * w * c, 1 + k), wt = random_values(c * kk, 2 + k), g = random_values(nb * h * w * c, 3 + k);
+    auto at = [&](const std::vector<float>& t, int64_t b, int64_t y, int64_t xx, int64_t ch) -> double {
+        if (y < 0 || y >= h || xx < 0 || xx >= w) return 0;
+        return t[((b * h + y) * w + xx) * c + ch];
+    };
+    // Reference: forward, input gradient by scattering through the forward's taps, weight grad.
+    std::vector<double> fwd(x.size(), 0), gin(x.size(), 0), gw(c * kk, 0);
+    for (int64_t b = 0; b < nb; ++b)
+        for (int64_t y = 0; y < h; ++y)
+            for (int64_t xx = 0; xx < w; ++xx)
+                for (int64_t ch = 0; ch < c; ++ch)
+                    for (int i = 0; i < k; ++i)
+                        for (int j = 0; j < k; ++j) {
+                            const int64_t yy = y + i - p, xs = xx + j - p;
+                            const int64_t o = ((b * h + y) * w + xx) * c + ch;
+                            fwd[o] += (double)wt[ch * kk + i * k + j] * at(x, b, yy, xs, ch);
+                            if (yy >= 0 && yy < h && xs >= 0 && xs < w) {
+                                gin[((b * h + yy) * w + xs) * c + ch] += (double)wt[ch * kk + i * k + j] * g[o];
+                                gw[ch * kk + i * k + j] += (double)g[o] * x[((b * h + yy) * w + xs) * c + ch];
+                            }
+                        }
+    char name[128];
+    std::vector<float> out(x.size(), NAN);
+    auto correlate = PICK(dwconv_correlate, k);
+    launch(nb * h * ((w + 3) / 4) * c, 256, [&] { correlate(x.data(), wt.data(), out.data(), nb, h, w, c, k, 0); });
+    std::snprintf(name, sizeof name, "dense forward %s B%lld H%lld W%lld C%lld", k_suffix(k), (long long)nb, (long long)h, (long long)w, (long long)c);
+    check(name, out, fwd, 1e-5);
+    std::fill(out.begin(), out.end(), NAN);
+    launch(nb * h * ((w + 3) / 4) * c, 256, [&] { correlate(g.data(), wt.data(), out.data(), nb, h, w, c, k, 1); });
+    std::snprintf(name, sizeof name, "dense input grad %s", k_suffix(k));
+    check(name, out, gin, 1e-5);
+    // Weight gradient: the split of src/cuda.rs (`split`) with a small target so there are
+    // several parts, then the fixed-order reduction into [C, K, K].
+    const int64_t rows = nb * h;
+    const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
+    const int64_t parts = (rows + per_part - 1) / per_part;
+    std::vector<float> partials(parts * kk * c, NAN), wgrad(c * kk, NAN);
+    auto partial = PICK(dwconv_weight_partials, k);
+    launch(parts * c, 256, [&] { partial(x.data(), g.data(), partials.data(), nb, h, w, c, k, per_part, parts); });
+    launch(kk * c, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+    std::snprintf(name, sizeof name, "dense weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
+    check(name, wgrad, gw, 1e-5);
+}
+
+static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int64_t target_parts) {
+    const int p = k / 2, kk = k * k;
+    // Visible positions: a pseudo-random half of the grid; row n of position (b, y, x).
+    std::vector<int> row_of(nb * h * w, -1);
+    std::vector<int64_t> pos;
+    const auto coin = random_values(nb * h * w, 7 + k);
+    for (int64_t cell = 0; cell < nb * h * w; ++cell)
+        if (coin[cell] > 0) {
+            row_of[cell] = (int)pos.size();
+            pos.push_back(cell);
+        }
+    const int64_t rows = (int64_t)pos.size();
+    std::vector<int32_t> nbr(rows * kk, -1);
+    for (int64_t n = 0; n < rows; ++n) {
+        const int64_t b = pos[n] / (h * w), y = pos[n] / w % h, xx = pos[n] % w;
+        for (int i = 0; i < k; ++i)
+            for (int j = 0; j < k; ++j) {
+                const int64_t yy = y + i - p, xs = xx + j - p;
+                if (yy >= 0 && yy < h && xs >= 0 && xs < w) nbr[n * kk + i * k + j] = row_of[(b * h + yy) * w + xs];
+            }
+    }
+    const auto x = random_values(rows * c, 4 + k), wt = random_values(c * kk, 5 + k), g = random_values(rows * c, 6 + k);
+    std::vector<double> fwd(rows * c, 0), gin(rows * c, 0), gw(c * kk, 0);
+    for (int64_t n = 0; n < rows; ++n)
+        for (int t = 0; t < kk; ++t) {
+            const int m = nbr[n * kk + t];
+            if (m < 0) continue;
+            for (int64_t ch = 0; ch < c; ++ch) {
+                fwd[n * c + ch] += (double)wt[ch * kk + t] * x[m * c + ch];
+                gin[m * c + ch] += (double)wt[ch * kk + t] * g[n * c + ch];  // scatter, no symmetry used
+                gw[ch * kk + t] += (double)g[n * c + ch] * x[m * c + ch];
+            }
+        }
+    char name[128];
+    std::vector<float> out(rows * c, NAN);
+    auto gather = PICK(sdwconv_gather, k);
+    launch((rows + 7) / 8 * c, 256, [&] { gather(x.data(), wt.data(), nbr.data(), out.data(), rows, c, k, 0); });
+    std::snprintf(name, sizeof name, "sparse forward %s rows %lld C%lld", k_suffix(k), (long long)rows, (long long)c);
+    check(name, out, fwd, 1e-5);
+    std::fill(out.begin(), out.end(), NAN);
+    launch((rows + 7) / 8 * c, 256, [&] { gather(g.data(), wt.data(), nbr.data(), out.data(), rows, c, k, 1); });
+    std::snprintf(name, sizeof name, "sparse input grad %s", k_suffix(k));
+    check(name, out, gin, 1e-5);
+    const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
+    const int64_t parts = (rows + per_part - 1) / per_part;
+    std::vector<float> partials(parts * kk * c, NAN), wgrad(c * kk, NAN);
+    auto partial = PICK(sdwconv_weight_partials, k);
+    launch(parts * c, 256, [&] { partial(x.data(), g.data(), nbr.data(), partials.data(), rows, c, k, per_part, parts); });
+    launch(kk * c, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+    std::snprintf(name, sizeof name, "sparse weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
+    check(name, wgrad, gw, 1e-5);
+}
+
+static void check_elementwise() {
+    const int64_t n = 70001;  // not a multiple of the block; more than one grid-stride round below
+    auto x = random_values(n, 11), g = random_values(n, 12);
+    for (auto& v : x) v *= 4;
+    std::vector<double> y(n), gx(n);
+    for (int64_t i = 0; i < n; ++i) {
+        const double xv = x[i];
+        y[i] = 0.5 * xv * (1 + std::erf(xv / std::sqrt(2.0)));
+        gx[i] = (0.5 * (1 + std::erf(xv / std::sqrt(2.0))) + xv * std::exp(-0.5 * xv * xv) / std::sqrt(2 * M_PI)) * g[i];
+    }
+    std::vector<float> out(n, NAN);
+    // A grid smaller than n / 256 exercises the grid-stride loop.
+    launch(64 * 256, 256, [&] { gelu_erf_fwd_f32(x.data(), out.data(), n); });
+    check("gelu forward (grid-stride)", out, y, 1e-6);
+    std::fill(out.begin(), out.end(), NAN);
+    launch(64 * 256, 256, [&] { gelu_erf_bwd_f32(x.data(), g.data(), out.data(), n); });
+    check("gelu backward (exact derivative)", out, gx, 1e-6);
+
+    auto p = random_values(n, 13), m = random_values(n, 14), v = random_values(n, 15);
+    for (auto& e : m) e *= 0.01f;
+    for (auto& e : v) e = std::fabs(e) * 0.01f;
+    const double lr = 1e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.05;
+    const int t = 7;
+    std::vector<double> wp(n), wm(n), wv(n);
+    for (int64_t i = 0; i < n; ++i) {
+        wm[i] = b1 * m[i] + (1 - b1) * g[i];
+        wv[i] = b2 * v[i] + (1 - b2) * (double)g[i] * g[i];
+        const double denom = std::sqrt(wv[i]) / std::sqrt(1 - std::pow(b2, t)) + eps;
+        wp[i] = p[i] * (1 - lr * wd) - lr / (1 - std::pow(b1, t)) * wm[i] / denom;
+    }
+    launch(64 * 256, 256, [&] {
+        adamw_f32(p.data(), m.data(), v.data(), g.data(), n, (float)b1, (float)(1 - b1), (float)b2, (float)(1 - b2),
+                  (float)(1 - lr * wd), (float)(lr / (1 - std::pow(b1, t))), (float)std::sqrt(1 - std::pow(b2, t)), (float)eps);
+    });
+    check("adamw parameter", p, wp, 1e-6);
+    check("adamw first moment", m, wm, 1e-6);
+    check("adamw second moment", v, wv, 1e-6);
+}
+
+// LayerNorm and softmax over `rows` rows of `d`, launched as src/cuda.rs does (4 warps a block).
+static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
+    const float eps = 1e-6f;
+    auto x = random_values(rows * d, 21), w = random_values(d, 22), bias = random_values(d, 23), g = random_values(rows * d, 24);
+    for (int64_t i = 0; i < rows * d; ++i) x[i] = 3 * x[i] + 0.5f;  // a mean away from zero
+    std::vector<double> y(rows * d), gx(rows * d), gwb(2 * d, 0), stats(2 * rows);
+    for (int64_t r = 0; r < rows; ++r) {
+        double mean = 0, var = 0;
+        for (int64_t j = 0; j < d; ++j) mean += x[r * d + j];
+        mean /= d;
+        for (int64_t j = 0; j < d; ++j) var += (x[r * d + j] - mean) * (x[r * d + j] - mean);
+        var /= d;
+        const double rstd = 1 / std::sqrt(var + eps);
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+        double sgw = 0, sgwx = 0;
+        for (int64_t j = 0; j < d; ++j) {
+            const double xhat = (x[r * d + j] - mean) * rstd;
+            y[r * d + j] = xhat * w[j] + bias[j];
+            sgw += (double)g[r * d + j] * w[j];
+            sgwx += (double)g[r * d + j] * w[j] * xhat;
+            gwb[j] += g[r * d + j] * xhat;
+            gwb[d + j] += g[r * d + j];
+        }
+        for (int64_t j = 0; j < d; ++j) {
+            const double xhat = (x[r * d + j] - mean) * rstd;
+            gx[r * d + j] = rstd * (g[r * d + j] * w[j] - sgw / d - xhat * sgwx / d);
+        }
+    }
+    char name[128];
+    std::vector<float> out(rows * d, NAN), st(2 * rows, NAN);
+    launch_warps(rows * 32, 128, [&] { layer_norm_fwd_f32(x.data(), w.data(), bias.data(), out.data(), st.data(), rows, d, eps); });
+    std::snprintf(name, sizeof name, "layer_norm forward rows %lld D%lld", (long long)rows, (long long)d);
+    check(name, out, y, 1e-5);
+    check("layer_norm saved (mean, rstd)", st, stats, 1e-5);
+    std::vector<float> st2(2 * rows, NAN);
+    launch_warps(rows * 32, 128, [&] { layer_norm_stats_f32(x.data(), st2.data(), rows, d, eps); });
+    check("layer_norm recomputed (mean, rstd)", st2, stats, 1e-5);
+    // The packed [rows + 2, d] gradient, as src/cuda.rs lays it out.
+    std::vector<float> packed((rows + 2) * d, NAN);
+    launch_warps(rows * 32, 128, [&] { layer_norm_bwd_input_f32(x.data(), w.data(), g.data(), st.data(), packed.data(), rows, d); });
+    const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
+    const int64_t parts = (rows + per_part - 1) / per_part;
+    std::vector<float> partials(parts * 2 * d, NAN);
+    launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts); });
+    launch(2 * d, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
+    check("layer_norm input grad", std::vector<float>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
+    std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
+    check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
+
+    std::vector<double> sm(rows * d), sgx(rows * d);
+    for (int64_t r = 0; r < rows; ++r) {
+        double m = -INFINITY, s = 0, dot = 0;
+        for (int64_t j = 0; j < d; ++j) m = std::max(m, (double)x[r * d + j]);
+        for (int64_t j = 0; j < d; ++j) s += std::exp(x[r * d + j] - m);
+        for (int64_t j = 0; j < d; ++j) sm[r * d + j] = std::exp(x[r * d + j] - m) / s;
+        for (int64_t j = 0; j < d; ++j) dot += sm[r * d + j] * g[r * d + j];
+        for (int64_t j = 0; j < d; ++j) sgx[r * d + j] = sm[r * d + j] * (g[r * d + j] - dot);
+    }
+    std::fill(out.begin(), out.end(), NAN);
+    launch_warps(rows * 32, 128, [&] { softmax_fwd_f32(x.data(), out.data(), rows, d); });
+    std::snprintf(name, sizeof name, "softmax forward rows %lld D%lld", (long long)rows, (long long)d);
+    check(name, out, sm, 1e-5);
+    std::vector<float> grad(rows * d, NAN);
+    launch_warps(rows * 32, 128, [&] { softmax_bwd_f32(out.data(), g.data(), grad.data(), rows, d); });
+    check("softmax input grad", grad, sgx, 1e-5);
+}
+
+int main() {
+    // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,
+    // few parts (the reduction order) and one part per row.
+    for (int k : {3, 5, 7, 9, 1}) {
+        check_dense(2, 7, 9, 37, k, 5);
+        check_dense(1, 5, 4, 3, k, 512);
+        check_sparse(2, 7, 9, 37, k, 5);
+        check_sparse(1, 6, 5, 3, k, 512);
+    }
+    check_elementwise();
+    // Rows not a multiple of the 4 rows a block holds; D below, at and above the 32 lanes.
+    check_rows(9, 49, 4);
+    check_rows(6, 32, 512);
+    check_rows(3, 5, 2);
+    check_rows(5, 100, 3);
+    if (failures) {
+        std::printf("host_check: %d FAILED\n", failures);
+        return 1;
+    }
+    std::printf("host_check: all passed\n");
+    return 0;
+}

@@ -1,0 +1,187 @@
+// Row-wise ops over the last dimension: LayerNorm (forward, input / weight / bias gradients)
+// and softmax (forward, input gradient). The CPU kernels (src/layer_norm.rs, src/softmax.rs)
+// define the semantics.
+//
+// One warp per row, ROW_WARPS rows per block: ConvMAE's rows are 49 to 768 long, too short to
+// split across a block, and a warp reduces with shuffles, without shared memory or barriers.
+// The row index comes from blockIdx.x (up to 2^31 - 1 blocks), so B*L rows in the millions fit.
+// Statistics are f32 whatever the storage type.
+
+#include "common.cuh"
+
+namespace convmae {
+
+constexpr int ROW_WARPS = 4;
+
+// The row this warp owns, or -1 past the end (the whole warp then returns together, so the
+// shuffles below always run with all 32 lanes).
+__device__ __forceinline__ int64_t warp_row(int64_t rows) {
+    const int64_t row = (int64_t)blockIdx.x * ROW_WARPS + threadIdx.x / 32;
+    return row < rows ? row : -1;
+}
+
+// Mean and 1/sqrt(biased variance + eps) of one row, in two passes (mean, then the mean of the
+// squared deviations) like the CPU kernel: the one-pass E[x^2] - E[x]^2 loses digits to
+// cancellation when the mean is large against the spread.
+template <typename T>
+__device__ __forceinline__ void row_stats(const T* __restrict__ xr, int64_t d, float eps, float& mean, float& rstd) {
+    const int lane = threadIdx.x % 32;
+    float s = 0.f;
+    for (int64_t j = lane; j < d; j += 32) s += load(xr[j]);
+    mean = warp_sum(s) / (float)d;
+    float v = 0.f;
+    for (int64_t j = lane; j < d; j += 32) {
+        const float t = load(xr[j]) - mean;
+        v += t * t;
+    }
+    // 1/sqrtf rather than rsqrtf: rsqrtf is only accurate to a couple of ulps.
+    rstd = 1.f / sqrtf(warp_sum(v) / (float)d + eps);
+}
+
+// y = (x - mean) * rstd * w + b; (mean, rstd) of each row saved to stats[row, 0..2] for the
+// backward.
+template <typename T>
+__device__ __forceinline__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
+                                       T* __restrict__ y, float* __restrict__ stats, int64_t rows, int64_t d, float eps) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const T* xr = x + row * d;
+    float mean, rstd;
+    row_stats(xr, d, eps, mean, rstd);
+    T* yr = y + row * d;
+    for (int64_t j = lane; j < d; j += 32) yr[j] = store<T>((load(xr[j]) - mean) * rstd * load(weight[j]) + load(bias[j]));
+    if (lane == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+// Only the statistics, for a backward whose forward left none (see src/layer_norm.rs).
+template <typename T>
+__device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restrict__ stats, int64_t rows, int64_t d, float eps) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    float mean, rstd;
+    row_stats(x + row * d, d, eps, mean, rstd);
+    if (threadIdx.x % 32 == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+// gx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), xhat = (x - mean) * rstd.
+template <typename T>
+__device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
+                                             const float* __restrict__ stats, T* __restrict__ gx, int64_t rows, int64_t d) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const float mean = stats[2 * row];
+    const float rstd = stats[2 * row + 1];
+    const T* xr = x + row * d;
+    const T* gr = g + row * d;
+    float sum_gw = 0.f, sum_gw_xhat = 0.f;
+    for (int64_t j = lane; j < d; j += 32) {
+        const float gw = load(gr[j]) * load(weight[j]);
+        sum_gw += gw;
+        sum_gw_xhat += gw * ((load(xr[j]) - mean) * rstd);
+    }
+    const float mean_gw = warp_sum(sum_gw) / (float)d;
+    const float mean_gw_xhat = warp_sum(sum_gw_xhat) / (float)d;
+    T* out = gx + row * d;
+    for (int64_t j = lane; j < d; j += 32) {
+        const float xhat = (load(xr[j]) - mean) * rstd;
+        out[j] = store<T>(rstd * (load(gr[j]) * load(weight[j]) - mean_gw - xhat * mean_gw_xhat));
+    }
+}
+
+// partials[part, 0, j] = sum of g * xhat and partials[part, 1, j] = sum of g over the rows of
+// the part, for column j: one thread per (part, j), so a warp reads 32 consecutive columns.
+template <typename T>
+__device__ __forceinline__ void ln_param_partials(const T* __restrict__ x, const T* __restrict__ g,
+                                                  const float* __restrict__ stats, float* __restrict__ partials,
+                                                  int64_t rows, int64_t d, int64_t rows_per_part, int64_t parts) {
+    const int64_t idx = global_thread();
+    if (idx >= parts * d) return;
+    const int64_t j = idx % d;
+    const int64_t part = idx / d;
+    const int64_t r0 = part * rows_per_part;
+    const int64_t r1 = min(r0 + rows_per_part, rows);
+    float aw = 0.f, ab = 0.f;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float gv = load(g[r * d + j]);
+        aw += gv * ((load(x[r * d + j]) - stats[2 * r]) * stats[2 * r + 1]);
+        ab += gv;
+    }
+    partials[(part * 2) * d + j] = aw;
+    partials[(part * 2 + 1) * d + j] = ab;
+}
+
+// y = exp(x - max) / sum(exp(x - max)).
+template <typename T>
+__device__ __forceinline__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t d) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const T* xr = x + row * d;
+    float m = -INFINITY;
+    for (int64_t j = lane; j < d; j += 32) m = fmaxf(m, load(xr[j]));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int64_t j = lane; j < d; j += 32) s += expf(load(xr[j]) - m);
+    s = warp_sum(s);
+    T* yr = y + row * d;
+    for (int64_t j = lane; j < d; j += 32) yr[j] = store<T>(expf(load(xr[j]) - m) / s);
+}
+
+// gx = y * (g - sum(g * y)).
+template <typename T>
+__device__ __forceinline__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ gx,
+                                            int64_t rows, int64_t d) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const T* yr = y + row * d;
+    const T* gr = g + row * d;
+    float dot = 0.f;
+    for (int64_t j = lane; j < d; j += 32) dot += load(yr[j]) * load(gr[j]);
+    dot = warp_sum(dot);
+    T* out = gx + row * d;
+    for (int64_t j = lane; j < d; j += 32) out[j] = store<T>(load(yr[j]) * (load(gr[j]) - dot));
+}
+
+}  // namespace convmae
+
+using namespace convmae;
+
+#define ROW_KERNELS(T, TNAME)                                                                                      \
+    extern "C" __global__ void layer_norm_fwd_##TNAME(const T* x, const T* weight, const T* bias, T* y,          \
+                                                      float* stats, int64_t rows, int64_t d, float eps) {        \
+        ln_fwd<T>(x, weight, bias, y, stats, rows, d, eps);                                                      \
+    }                                                                                                             \
+    extern "C" __global__ void layer_norm_stats_##TNAME(const T* x, float* stats, int64_t rows, int64_t d,        \
+                                                        float eps) {                                             \
+        ln_stats<T>(x, stats, rows, d, eps);                                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void layer_norm_bwd_input_##TNAME(const T* x, const T* weight, const T* g,             \
+                                                            const float* stats, T* gx, int64_t rows, int64_t d) { \
+        ln_bwd_input<T>(x, weight, g, stats, gx, rows, d);                                                       \
+    }                                                                                                             \
+    extern "C" __global__ void layer_norm_param_partials_##TNAME(const T* x, const T* g, const float* stats,     \
+                                                                 float* partials, int64_t rows, int64_t d,       \
+                                                                 int64_t rows_per_part, int64_t parts) {         \
+        ln_param_partials<T>(x, g, stats, partials, rows, d, rows_per_part, parts);                              \
+    }                                                                                                             \
+    extern "C" __global__ void rows_reduce_partials_##TNAME(const float* partials, T* out, int64_t parts,         \
+                                                            int64_t a, int64_t b, int transpose) {               \
+        reduce_partials<T>(partials, out, parts, a, b, transpose);                                               \
+    }                                                                                                             \
+    extern "C" __global__ void softmax_fwd_##TNAME(const T* x, T* y, int64_t rows, int64_t d) {                  \
+        softmax_fwd<T>(x, y, rows, d);                                                                           \
+    }                                                                                                             \
+    extern "C" __global__ void softmax_bwd_##TNAME(const T* y, const T* g, T* gx, int64_t rows, int64_t d) {     \
+        softmax_bwd<T>(y, g, gx, rows, d);                                                                       \
+    }
+
+CONVMAE_FOR_EACH_TYPE(ROW_KERNELS)

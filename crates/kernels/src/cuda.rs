@@ -1,0 +1,537 @@
+//! Launches of our CUDA kernels (`crates/kernels/cuda/*.cu`, compiled to PTX by build.rs) for
+//! the custom ops' `cuda_fwd`. One function per kernel family: it checks what the kernel
+//! assumes, sizes the grid, allocates the result and launches on the device's stream.
+//!
+//! All kernels take row-major operands. A strided input (a transposed view, a broadcast
+//! gradient) is first copied to a row-major buffer (`Operand`), as the CPU kernels gather with
+//! `row_major`; contiguous inputs are passed as views, without a copy.
+//!
+//! Kernel argument types must match the .cu signatures exactly (the launch passes each value's
+//! bytes): sizes are `i64` (`int64_t`), flags and kernel sizes `i32` (`int`), scalars `f32`.
+
+use std::marker::PhantomData;
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+use crate::AdamWUpdate;
+
+const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
+const ROWS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
+const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+
+#[derive(Clone, Copy)]
+enum Module {
+    Depthwise,
+    Rows,
+    Elementwise,
+}
+
+/// The kernel `name` of `module`, loading the module on first use. candle caches custom
+/// modules per device under their name, in one namespace for every crate, hence the prefix.
+/// Launch it with `dev.cuda_stream().launch_builder(&f)`: the device's one stream.
+fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
+    let (module_name, ptx) = match module {
+        Module::Depthwise => ("convmae_depthwise", DEPTHWISE_PTX),
+        Module::Rows => ("convmae_rows", ROWS_PTX),
+        Module::Elementwise => ("convmae_elementwise", ELEMENTWISE_PTX),
+    };
+    Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
+}
+
+/// Storage types the kernels are instantiated for, with the suffix of their kernel names.
+pub(crate) trait Float: CudaDType + DeviceRepr + Copy + 'static {
+    const SUFFIX: &'static str;
+}
+impl Float for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Float for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+impl Float for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// Calls the generic `$f::<T>(args)` with `T` the Rust type of `$dtype`.
+macro_rules! cuda_dispatch {
+    ($op:expr, $dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            other => Err($crate::cuda::dtype_error($op, other)),
+        }
+    };
+}
+pub(crate) use cuda_dispatch;
+
+pub(crate) fn dtype_error(op: &str, dtype: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: no CUDA kernel for dtype {dtype:?} (f32, bf16 and f16 have one)")).bt()
+}
+
+/// A row-major device operand: a view of the storage when the layout already is row-major
+/// (possibly at an offset), else a row-major copy.
+pub(crate) enum Operand<'a, T: Float> {
+    View(CudaView<'a, T>),
+    Copy(CudaStorage, PhantomData<T>),
+}
+
+impl<'a, T: Float> Operand<'a, T> {
+    pub(crate) fn new(storage: &'a CudaStorage, layout: &Layout) -> Result<Self> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(Self::View(storage.as_cuda_slice::<T>()?.slice(start..end))),
+            None => {
+                let dev = storage.device();
+                // SAFETY: copy_strided_src writes every element before anything reads it.
+                let buf = unsafe { dev.alloc::<T>(layout.shape().elem_count()) }?;
+                let mut dst = CudaStorage::wrap_cuda_slice(buf, dev.clone());
+                storage.copy_strided_src(&mut dst, 0, layout)?;
+                Ok(Self::Copy(dst, PhantomData))
+            }
+        }
+    }
+
+    pub(crate) fn view(&self) -> Result<CudaView<'_, T>> {
+        match self {
+            Self::View(v) => Ok(v.slice(..)),
+            Self::Copy(s, _) => Ok(s.as_cuda_slice::<T>()?.slice(..)),
+        }
+    }
+}
+
+const BLOCK: u32 = 256;
+
+/// A 1-D launch of at least `threads` threads in blocks of `block`.
+fn launch_1d(threads: usize, block: u32, what: &str) -> Result<LaunchConfig> {
+    let blocks = threads.div_ceil(block as usize).max(1);
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("{what}: {threads} threads do not fit one CUDA grid");
+    }
+    Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// Grid-stride loops (element-wise kernels) need no more blocks than keep the GPU busy.
+fn launch_grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 16);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The row kernels put one warp on a row and `ROW_WARPS` (rows.cu) warps in a block.
+const ROW_WARPS: usize = 4;
+fn launch_rows(rows: usize, what: &str) -> Result<LaunchConfig> {
+    launch_1d(rows * 32, (ROW_WARPS * 32) as u32, what)
+}
+
+/// Name suffix of the depthwise kernels compiled for kernel size `k`.
+fn k_name(k: usize) -> &'static str {
+    match k {
+        3 => "k3",
+        5 => "k5",
+        7 => "k7",
+        _ => "kany",
+    }
+}
+
+/// Partial sums per weight-gradient reduction: enough threads (parts * C) to fill an H100,
+/// few enough that the [parts, K*K, C] f32 scratch and its reduction stay small. The split
+/// depends only on the shape, so the gradient is the same bits on every run.
+const TARGET_PARTS: usize = 512;
+
+fn split(rows: usize) -> (usize, usize) {
+    let per_part = rows.div_ceil(TARGET_PARTS).max(1);
+    (per_part, rows.div_ceil(per_part))
+}
+
+fn alloc<T: Float>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller launches a kernel that writes all `n` elements before any read.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+/// Sums the `[parts, a, b]` f32 partials in part order into `out` (`[a, b]`, or `[b, a]` when
+/// `transpose`), stored as `T`.
+#[allow(clippy::too_many_arguments)]
+fn reduce_partials<T: Float>(
+    dev: &CudaDevice,
+    module: Module,
+    prefix: &str,
+    partials: &CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
+    out_offset: usize,
+    (parts, a, b): (usize, usize, usize),
+    transpose: bool,
+) -> Result<()> {
+    let f = func(dev, module, &format!("{prefix}_reduce_partials_{}", T::SUFFIX))?;
+    let cfg = launch_1d(a * b, BLOCK, prefix)?;
+    let mut out_view = out.slice_mut(out_offset..out_offset + a * b);
+    let (parts, a, b, transpose) = (parts as i64, a as i64, b as i64, transpose as i32);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(partials).arg(&mut out_view).arg(&parts).arg(&a).arg(&b).arg(&transpose);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}
+
+// ---- depthwise conv (dense) ---------------------------------------------------------------
+
+/// Dense depthwise correlation `[B, H, W, C]` x `[C, K, K]` -> `[B, H, W, C]`; with `flip`
+/// the kernel is rotated by 180 degrees (the input gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dw_correlate<T: Float>(
+    src: &CudaStorage,
+    src_l: &Layout,
+    weight: &CudaStorage,
+    weight_l: &Layout,
+    (b, h, w, c, k): (usize, usize, usize, usize, usize),
+    flip: bool,
+) -> Result<CudaStorage> {
+    let dev = src.device();
+    let (x, wt) = (Operand::<T>::new(src, src_l)?, Operand::<T>::new(weight, weight_l)?);
+    let (x, wt) = (x.view()?, wt.view()?);
+    let mut out = alloc::<T>(dev, b * h * w * c)?;
+    let f = func(dev, Module::Depthwise, &format!("dwconv_correlate_{}_{}", k_name(k), T::SUFFIX))?;
+    // DW_XT = 4 output columns per thread (depthwise.cu).
+    let cfg = launch_1d(b * h * w.div_ceil(4) * c, BLOCK, "depthwise_conv2d")?;
+    let (nb, hh, ww, cc, kk, fl) = (b as i64, h as i64, w as i64, c as i64, k as i32, flip as i32);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&x).arg(&wt).arg(&mut out).arg(&nb).arg(&hh).arg(&ww).arg(&cc).arg(&kk).arg(&fl);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `(input [B, H, W, C], grad_out [B, H, W, C]) -> grad_weight [C, K, K]`.
+pub(crate) fn dw_weight_grad<T: Float>(
+    inp: &CudaStorage,
+    inp_l: &Layout,
+    gout: &CudaStorage,
+    gout_l: &Layout,
+    (b, h, w, c, k): (usize, usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = inp.device();
+    let (x, g) = (Operand::<T>::new(inp, inp_l)?, Operand::<T>::new(gout, gout_l)?);
+    let (x, g) = (x.view()?, g.view()?);
+    let kk = k * k;
+    let (per_part, parts) = split(b * h);
+    let mut partials = alloc::<f32>(dev, parts * kk * c)?;
+    let f = func(dev, Module::Depthwise, &format!("dwconv_weight_partials_{}_{}", k_name(k), T::SUFFIX))?;
+    let cfg = launch_1d(parts * c, BLOCK, "depthwise_conv2d_weight_grad")?;
+    let (nb, hh, ww, cc, ki, pp, np) = (b as i64, h as i64, w as i64, c as i64, k as i32, per_part as i64, parts as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&x).arg(&g).arg(&mut partials).arg(&nb).arg(&hh).arg(&ww).arg(&cc).arg(&ki).arg(&pp).arg(&np);
+    unsafe { builder.launch(cfg) }.w()?;
+    let mut out = alloc::<T>(dev, c * kk)?;
+    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out, 0, (parts, kk, c), true)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+// ---- depthwise conv (sparse) --------------------------------------------------------------
+
+/// The neighbour table of a `SparseNeighbors` on one device, uploaded once and reused by every
+/// forward and backward that uses the table (a layer's calls share it).
+#[derive(Default)]
+pub(crate) struct DeviceTable(Mutex<Option<(DeviceId, std::sync::Arc<CudaSlice<i32>>)>>);
+
+impl DeviceTable {
+    pub(crate) fn get(&self, dev: &CudaDevice, table: &[i32]) -> Result<std::sync::Arc<CudaSlice<i32>>> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, slice)) = cached.as_ref() {
+            if *id == dev.id() {
+                return Ok(slice.clone());
+            }
+        }
+        let slice = std::sync::Arc::new(dev.clone_htod(table)?);
+        *cached = Some((dev.id(), slice.clone()));
+        Ok(slice)
+    }
+}
+
+// A cache, not part of the value: clones start empty and comparisons ignore it.
+impl Clone for DeviceTable {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+impl PartialEq for DeviceTable {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for DeviceTable {}
+impl std::fmt::Debug for DeviceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceTable")
+    }
+}
+
+/// `out[n, c] = sum_t w[c, t] * src[nbr[n, t], c]` on `[N, C]` rows; `flip` rotates the
+/// kernel (the input gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sparse_gather<T: Float>(
+    src: &CudaStorage,
+    src_l: &Layout,
+    weight: &CudaStorage,
+    weight_l: &Layout,
+    table: &CudaSlice<i32>,
+    (rows, c, k): (usize, usize, usize),
+    flip: bool,
+) -> Result<CudaStorage> {
+    let dev = src.device();
+    let (x, wt) = (Operand::<T>::new(src, src_l)?, Operand::<T>::new(weight, weight_l)?);
+    let (x, wt) = (x.view()?, wt.view()?);
+    let mut out = alloc::<T>(dev, rows * c)?;
+    let f = func(dev, Module::Depthwise, &format!("sdwconv_gather_{}_{}", k_name(k), T::SUFFIX))?;
+    // SPARSE_ROWS = 8 rows per thread (depthwise.cu).
+    let cfg = launch_1d(rows.div_ceil(8) * c, BLOCK, "sparse_depthwise_conv2d")?;
+    let (n, cc, ki, fl) = (rows as i64, c as i64, k as i32, flip as i32);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&x).arg(&wt).arg(table).arg(&mut out).arg(&n).arg(&cc).arg(&ki).arg(&fl);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `(input [N, C], grad_out [N, C]) -> grad_weight [C, K, K]`.
+pub(crate) fn sparse_weight_grad<T: Float>(
+    inp: &CudaStorage,
+    inp_l: &Layout,
+    gout: &CudaStorage,
+    gout_l: &Layout,
+    table: &CudaSlice<i32>,
+    (rows, c, k): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = inp.device();
+    let (x, g) = (Operand::<T>::new(inp, inp_l)?, Operand::<T>::new(gout, gout_l)?);
+    let (x, g) = (x.view()?, g.view()?);
+    let kk = k * k;
+    let (per_part, parts) = split(rows);
+    let mut partials = alloc::<f32>(dev, parts * kk * c)?;
+    let f = func(dev, Module::Depthwise, &format!("sdwconv_weight_partials_{}_{}", k_name(k), T::SUFFIX))?;
+    let cfg = launch_1d(parts * c, BLOCK, "sparse_depthwise_conv2d_weight_grad")?;
+    let (n, cc, ki, pp, np) = (rows as i64, c as i64, k as i32, per_part as i64, parts as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&x).arg(&g).arg(table).arg(&mut partials).arg(&n).arg(&cc).arg(&ki).arg(&pp).arg(&np);
+    unsafe { builder.launch(cfg) }.w()?;
+    let mut out = alloc::<T>(dev, c * kk)?;
+    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out, 0, (parts, kk, c), true)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+// ---- LayerNorm ----------------------------------------------------------------------------
+
+/// LayerNorm over rows of `d`: the output and each row's (mean, rstd) as f32 `[rows, 2]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_fwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    weight: &CudaStorage,
+    weight_l: &Layout,
+    bias: &CudaStorage,
+    bias_l: &Layout,
+    (rows, d): (usize, usize),
+    eps: f64,
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    let dev = x.device();
+    let (xo, wo, bo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(weight, weight_l)?, Operand::<T>::new(bias, bias_l)?);
+    let (xv, wv, bv) = (xo.view()?, wo.view()?, bo.view()?);
+    let mut y = alloc::<T>(dev, rows * d)?;
+    let mut stats = alloc::<f32>(dev, rows * 2)?;
+    let f = func(dev, Module::Rows, &format!("layer_norm_fwd_{}", T::SUFFIX))?;
+    let cfg = launch_rows(rows, "layer_norm")?;
+    let (r, dd, e) = (rows as i64, d as i64, eps as f32);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&wv).arg(&bv).arg(&mut y).arg(&mut stats).arg(&r).arg(&dd).arg(&e);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), stats))
+}
+
+/// `(x, weight, grad_out)` -> `[rows + 2, d]`: grad_x, then grad_weight and grad_bias, like the
+/// CPU `LayerNormGrad`. Uses the forward's row statistics when given, else recomputes them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_bwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    weight: &CudaStorage,
+    weight_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    saved_stats: Option<&CudaSlice<f32>>,
+    (rows, d): (usize, usize),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (xo, wo, go) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(weight, weight_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (xv, wv, gv) = (xo.view()?, wo.view()?, go.view()?);
+    let (r, dd) = (rows as i64, d as i64);
+    let computed;
+    let stats = match saved_stats {
+        Some(s) => s,
+        None => {
+            let mut s = alloc::<f32>(dev, rows * 2)?;
+            let f = func(dev, Module::Rows, &format!("layer_norm_stats_{}", T::SUFFIX))?;
+            let e = eps as f32;
+            let stream = dev.cuda_stream();
+            let mut builder = stream.launch_builder(&f);
+            builder.arg(&xv).arg(&mut s).arg(&r).arg(&dd).arg(&e);
+            unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
+            computed = s;
+            &computed
+        }
+    };
+    let mut out = alloc::<T>(dev, (rows + 2) * d)?;
+    {
+        let f = func(dev, Module::Rows, &format!("layer_norm_bwd_input_{}", T::SUFFIX))?;
+        let mut gx = out.slice_mut(0..rows * d);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&xv).arg(&wv).arg(&gv).arg(stats).arg(&mut gx).arg(&r).arg(&dd);
+        unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
+    }
+    let (per_part, parts) = split(rows);
+    let mut partials = alloc::<f32>(dev, parts * 2 * d)?;
+    {
+        let f = func(dev, Module::Rows, &format!("layer_norm_param_partials_{}", T::SUFFIX))?;
+        let (pp, np) = (per_part as i64, parts as i64);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&xv).arg(&gv).arg(stats).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np);
+        unsafe { builder.launch(launch_1d(parts * d, BLOCK, "layer_norm_grad")?) }.w()?;
+    }
+    reduce_partials(dev, Module::Rows, "rows", &partials, &mut out, rows * d, (parts, 2, d), false)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+// ---- softmax ------------------------------------------------------------------------------
+
+pub(crate) fn softmax_fwd<T: Float>(x: &CudaStorage, x_l: &Layout, (rows, d): (usize, usize)) -> Result<CudaStorage> {
+    let dev = x.device();
+    let xo = Operand::<T>::new(x, x_l)?;
+    let xv = xo.view()?;
+    let mut y = alloc::<T>(dev, rows * d)?;
+    let f = func(dev, Module::Rows, &format!("softmax_fwd_{}", T::SUFFIX))?;
+    let (r, dd) = (rows as i64, d as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&mut y).arg(&r).arg(&dd);
+    unsafe { builder.launch(launch_rows(rows, "softmax_last_dim")?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+pub(crate) fn softmax_bwd<T: Float>(
+    y: &CudaStorage,
+    y_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    (rows, d): (usize, usize),
+) -> Result<CudaStorage> {
+    let dev = y.device();
+    let (yo, go) = (Operand::<T>::new(y, y_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (yv, gv) = (yo.view()?, go.view()?);
+    let mut gx = alloc::<T>(dev, rows * d)?;
+    let f = func(dev, Module::Rows, &format!("softmax_bwd_{}", T::SUFFIX))?;
+    let (r, dd) = (rows as i64, d as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&yv).arg(&gv).arg(&mut gx).arg(&r).arg(&dd);
+    unsafe { builder.launch(launch_rows(rows, "softmax_last_dim_grad")?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
+}
+
+// ---- GELU ---------------------------------------------------------------------------------
+
+pub(crate) fn gelu_fwd<T: Float>(x: &CudaStorage, x_l: &Layout) -> Result<CudaStorage> {
+    let dev = x.device();
+    let n = x_l.shape().elem_count();
+    let xo = Operand::<T>::new(x, x_l)?;
+    let xv = xo.view()?;
+    let mut y = alloc::<T>(dev, n)?;
+    let f = func(dev, Module::Elementwise, &format!("gelu_erf_fwd_{}", T::SUFFIX))?;
+    let nn = n as i64;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&mut y).arg(&nn);
+    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+pub(crate) fn gelu_bwd<T: Float>(x: &CudaStorage, x_l: &Layout, grad: &CudaStorage, grad_l: &Layout) -> Result<CudaStorage> {
+    let dev = x.device();
+    let n = x_l.shape().elem_count();
+    let (xo, go) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (xv, gv) = (xo.view()?, go.view()?);
+    let mut gx = alloc::<T>(dev, n)?;
+    let f = func(dev, Module::Elementwise, &format!("gelu_erf_bwd_{}", T::SUFFIX))?;
+    let nn = n as i64;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&gv).arg(&mut gx).arg(&nn);
+    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
+}
+
+// ---- AdamW --------------------------------------------------------------------------------
+
+/// One fused AdamW step: `param` (written through `&mut`), `exp_avg` and `exp_avg_sq`
+/// (written by the kernel through their device pointers; see `adamw.rs` for why they come as
+/// shared references) all contiguous, `grad` any layout.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw<T: Float>(
+    param: &mut CudaStorage,
+    param_l: &Layout,
+    exp_avg: &CudaStorage,
+    exp_avg_l: &Layout,
+    exp_avg_sq: &CudaStorage,
+    exp_avg_sq_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    u: &AdamWUpdate,
+) -> Result<()> {
+    let n = param_l.shape().elem_count();
+    let range = |l: &Layout, what: &str| match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => Err(candle_core::Error::Msg(format!("adamw: the {what} must be contiguous")).bt()),
+    };
+    let (pr, mr, vr) = (range(param_l, "parameter")?, range(exp_avg_l, "first moment")?, range(exp_avg_sq_l, "second moment")?);
+    let dev = param.device().clone();
+    let go = Operand::<T>::new(grad, grad_l)?;
+    let gv = go.view()?;
+    let m = exp_avg.as_cuda_slice::<T>()?.slice(mr);
+    let v = exp_avg_sq.as_cuda_slice::<T>()?.slice(vr);
+    let mut p = param.as_cuda_slice_mut::<T>()?.slice_mut(pr);
+    let f = func(&dev, Module::Elementwise, &format!("adamw_{}", T::SUFFIX))?;
+    // The step's constants in f64, rounded once to f32 (the CPU kernel's T::from_f64).
+    let t = u.step as i32;
+    let beta1 = u.beta1 as f32;
+    let one_minus_beta1 = (1.0 - u.beta1) as f32;
+    let beta2 = u.beta2 as f32;
+    let one_minus_beta2 = (1.0 - u.beta2) as f32;
+    let decay = (1.0 - u.lr * u.weight_decay) as f32;
+    let step_size = (u.lr / (1.0 - u.beta1.powi(t))) as f32;
+    let bias2_sqrt = (1.0 - u.beta2.powi(t)).sqrt() as f32;
+    let eps = u.eps as f32;
+    let nn = n as i64;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder
+        .arg(&mut p)
+        .arg(&m)
+        .arg(&v)
+        .arg(&gv)
+        .arg(&nn)
+        .arg(&beta1)
+        .arg(&one_minus_beta1)
+        .arg(&beta2)
+        .arg(&one_minus_beta2)
+        .arg(&decay)
+        .arg(&step_size)
+        .arg(&bias2_sqrt)
+        .arg(&eps);
+    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    Ok(())
+}
