@@ -75,8 +75,10 @@ export declare function checkFixture(path: string, dtype: string, convPath?: str
 export declare function checkpointMetadata(path: string): Promise<string>
 
 /**
- * Agreement of every kernel on `device` with the CPU kernels (forward and gradients, f32, at
- * ConvMAE-B-like shapes), as JSON: [{op, shapes, forward_rel, gradient_rel}].
+ * Agreement of every kernel on `device` with the CPU kernels (forward and every gradient, at
+ * ConvMAE-B-like shapes), as JSON: [{op, path, dtype, shapes, forward_rel, gradient_rel,
+ * gradient_rels, kernel, tolerance, pass}]. On CUDA both paths (our CUDA kernels, "kernels";
+ * candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32.
  */
 export declare function compareKernels(device: string): Promise<string>
 
