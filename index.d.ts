@@ -65,6 +65,12 @@ export declare class NativePretrainer {
  */
 export declare function benchDepthwiseConv(preset: string, stage: number, batch: number, iters: number): Promise<string>
 
+/**
+ * Times GELU (erf form), ours vs candle's, forward and forward + backward, on `elements` f32
+ * inputs from N(0, inputStd^2), on the CPU; resolves to JSON (see bench.rs).
+ */
+export declare function benchGelu(elements: number, inputStd: number, iters: number): Promise<string>
+
 /** Runs a golden-format fixture through the model; resolves to the JSON report. */
 export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null, device?: string | undefined | null): Promise<string>
 

@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.NativeClassifier = nativeBinding.NativeClassifier
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
+module.exports.benchGelu = nativeBinding.benchGelu
 module.exports.checkFixture = nativeBinding.checkFixture
 module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.compareKernels = nativeBinding.compareKernels

@@ -31,6 +31,7 @@ import {
   type Suite,
 } from './lib.js';
 import { dataSuite } from './data.js';
+import { geluSuite } from './gelu.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
 import { transferSuite } from './transfer.js';
@@ -38,6 +39,7 @@ import { transferSuite } from './transfer.js';
 export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
+  [geluSuite.name]: geluSuite,
   [transferSuite.name]: transferSuite,
   [dataSuite.name]: dataSuite,
 };

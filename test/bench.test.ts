@@ -38,6 +38,22 @@ test('npm run bench -- kernels times dense-masked and sparse depthwise conv and 
   t.regex(stdout, /\| 1 \| \[2,16,16,32\] \| sparse \|/);
 });
 
+test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lines', async (t) => {
+  const { stdout } = await run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'gelu', '--batch', '1', '--std', '2', '--iters', '1', '--no-save', '--quiet']);
+  const lines = stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  // 2 implementations x 2 passes
+  t.is(lines.length, 4);
+  for (const l of lines) {
+    t.like(l, { suite: 'gelu', elements: 196 * 3072, input_std: 2, dtype: 'f32', device: 'cpu' });
+    t.true(typeof l.ms === 'number' && (l.ms as number) > 0);
+  }
+  t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
+  t.regex(stdout, /\| 2 \| ours \| forward \| 602112 \|/);
+});
+
 test('npm run bench -- data measures our loader on a folder of JPEGs and prints data JSON lines', async (t) => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-bench-data-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));

@@ -86,3 +86,33 @@ pub fn depthwise_conv_timings(cfg: &ConvMaeConfig, stage: usize, batch: usize, i
     };
     Ok(vec![dense, sparse])
 }
+
+#[derive(Debug, Serialize)]
+pub struct GeluTiming {
+    /// "ours" (convmae_kernels::gelu_erf) or "candle" (candle's built-in `gelu_erf`).
+    pub implementation: String,
+    pub elements: usize,
+    /// Standard deviation of the normal inputs: activations of a pretrained encoder spread wider
+    /// than a fresh one's, and erf's cost depends on |x|.
+    pub input_std: f64,
+    pub forward_ms: Vec<f64>,
+    pub forward_backward_ms: Vec<f64>,
+}
+
+/// Times GELU (erf form) forward and forward + backward on `elements` f32 inputs drawn from
+/// N(0, input_std^2): our op next to candle's own, interleaved per iteration set.
+pub fn gelu_timings(elements: usize, input_std: f64, iters: usize, seed: u64) -> candle_core::Result<Vec<GeluTiming>> {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(seed);
+    let values: Vec<f32> = (0..elements).map(|_| (rng.normal() * input_std) as f32).collect();
+    let x = Var::from_vec(values, elements, &dev)?;
+    let ours = || convmae_kernels::gelu_erf(x.as_tensor());
+    let candle = || x.as_tensor().gelu_erf();
+    let mut out = Vec::new();
+    for (name, f) in [("ours", &ours as &dyn Fn() -> candle_core::Result<Tensor>), ("candle", &candle)] {
+        let forward_ms = time(iters, || f().map(|_| ()))?;
+        let forward_backward_ms = time(iters, || f()?.sum_all()?.backward().map(|_| ()))?;
+        out.push(GeluTiming { implementation: name.into(), elements, input_std, forward_ms, forward_backward_ms });
+    }
+    Ok(out)
+}

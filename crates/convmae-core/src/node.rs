@@ -171,6 +171,21 @@ pub async fn bench_depthwise_conv(preset: String, stage: u32, batch: u32, iters:
     .await
 }
 
+/// Times GELU (erf form), ours vs candle's, forward and forward + backward, on `elements` f32
+/// inputs from N(0, inputStd^2), on the CPU; resolves to JSON (see bench.rs).
+#[napi]
+pub async fn bench_gelu(elements: u32, input_std: f64, iters: u32) -> Result<String> {
+    if elements == 0 || !(input_std.is_finite() && input_std > 0.0) {
+        return Err(js_err(format!("benchGelu: elements must be positive and inputStd a positive number, got {elements} and {input_std}")));
+    }
+    off_thread(move || {
+        crate::bench::gelu_timings(elements as usize, input_std, iters.max(1) as usize, 0)
+            .map(|t| serde_json::to_string(&t).unwrap())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
 #[napi(object)]
 pub struct StepResult {
     pub loss: f64,

@@ -35,10 +35,12 @@ pub mod composite;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod depthwise_conv;
+mod erf_f32;
 mod gelu;
 mod layer_norm;
 mod linear;
 pub mod reference;
+mod simd;
 mod softmax;
 mod taps;
 mod sparse_depthwise_conv;
@@ -73,12 +75,11 @@ pub(crate) trait Element:
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
     fn exp(self) -> Self;
-    fn erf(self) -> Self;
     fn into_storage(v: Vec<Self>) -> CpuStorage;
 }
 
 macro_rules! impl_element {
-    ($t:ty, $variant:ident, $erf:path) => {
+    ($t:ty, $variant:ident) => {
         impl Element for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -99,18 +100,14 @@ macro_rules! impl_element {
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
-            #[inline(always)]
-            fn erf(self) -> Self {
-                $erf(self)
-            }
             fn into_storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
             }
         }
     };
 }
-impl_element!(f32, F32, libm::erff);
-impl_element!(f64, F64, libm::erf);
+impl_element!(f32, F32);
+impl_element!(f64, F64);
 
 /// Borrows the elements of `layout` in row-major order when they already are, and gathers them
 /// otherwise. Gathering here (instead of asking callers for `.contiguous()`) keeps the autograd
