@@ -55,7 +55,7 @@ export const geluSuite: Suite = {
             images_per_s: batch / (ms / 1000),
             peak_mem_mb: process.resourceUsage().maxRSS / 1024,
             ms_per_step_median: ms,
-            details: { pass, elements: t.elements, input_std: t.input_std, ms, melem_per_s: t.elements / (ms / 1000) / 1e6, times },
+            details: { kernel: 'gelu_erf', shape: [t.elements], pass, elements: t.elements, input_std: t.input_std, ms, melem_per_s: t.elements / (ms / 1000) / 1e6, times },
           });
         }
       }

@@ -38,10 +38,10 @@ export interface Measurement {
 /** The JSON line printed per measured configuration (stable key order). */
 export function jsonLine(m: Measurement): string {
   const { suite, impl, preset, batch, dtype, device, threads, images_per_s, peak_mem_mb, ms_per_step_median } = m;
-  const k = m.details as { kernel?: string; shape?: number[]; pass?: string; ms?: number } | undefined;
+  const k = m.details as { kernel?: string; shape?: number[]; pass?: string; ms?: number; input_std?: number } | undefined;
   if (k?.kernel !== undefined) {
-    // Kernel rows: what ran on which shape, and its time, instead of images/s.
-    return JSON.stringify({ suite, impl, kernel: k.kernel, pass: k.pass, shape: k.shape, preset, batch, dtype, device, threads, ms: k.ms, peak_mem_mb });
+    // Kernel rows: what ran on which shape (and input spread, where it matters), and its time, instead of images/s.
+    return JSON.stringify({ suite, impl, kernel: k.kernel, pass: k.pass, shape: k.shape, input_std: k.input_std, preset, batch, dtype, device, threads, ms: k.ms, peak_mem_mb });
   }
   if (suite === 'data') {
     // Data pipeline rows: workers (= cores used) instead of a model and threads.

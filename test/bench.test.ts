@@ -47,7 +47,8 @@ test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lin
   // 2 implementations x 2 passes
   t.is(lines.length, 4);
   for (const l of lines) {
-    t.like(l, { suite: 'gelu', elements: 196 * 3072, input_std: 2, dtype: 'f32', device: 'cpu' });
+    t.like(l, { suite: 'gelu', kernel: 'gelu_erf', input_std: 2, dtype: 'f32', device: 'cpu' });
+    t.deepEqual(l.shape, [196 * 3072]);
     t.true(typeof l.ms === 'number' && (l.ms as number) > 0);
   }
   t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
