@@ -274,8 +274,9 @@ export function baseVersions(): Record<string, string> {
   if (commit) v.commit = commit;
   // The commit need not be what the addon was built from: record when the addon was built.
   try {
-    const addon = readdirSync(REPO_ROOT).filter((f) => f.endsWith('.node')).sort()[0];
-    if (addon) v.native_addon = `${addon} built ${statSync(path.join(REPO_ROOT, addon)).mtime.toISOString()}`;
+    const chosen = process.env.CONVMAE_NATIVE;
+    const addon = chosen ?? readdirSync(REPO_ROOT).filter((f) => f.endsWith('.node') && !f.includes('.cuda.')).sort()[0];
+    if (addon) v.native_addon = `${addon} built ${statSync(path.resolve(REPO_ROOT, addon)).mtime.toISOString()}${chosen ? ' (CONVMAE_NATIVE)' : ''}`;
   } catch {
     /* no addon */
   }

@@ -31,6 +31,7 @@ import {
   type Suite,
 } from './lib.js';
 import { dataSuite } from './data.js';
+import { finetuneStepSuite } from './finetune-step.js';
 import { geluSuite } from './gelu.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
@@ -40,6 +41,7 @@ export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
   [geluSuite.name]: geluSuite,
+  [finetuneStepSuite.name]: finetuneStepSuite,
   [transferSuite.name]: transferSuite,
   [dataSuite.name]: dataSuite,
 };
@@ -49,6 +51,7 @@ const COMMON_FLAGS: Record<string, string> = {
   out: 'directory for the results files (default benches/results)',
   'no-save': 'print only; write no results files',
   quiet: 'no progress lines on stderr',
+  tag: 'a label kept in the command line of the record: a rerun of the same command replaces its record, a run with another --tag is kept beside it (e.g. builds compared with CONVMAE_NATIVE)',
   help: 'this help',
 };
 
