@@ -68,54 +68,64 @@ async function main(): Promise<void> {
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
   // The addon is loaded here rather than imported, so that a load failure (a missing CUDA
-  // library) is recorded and the PyTorch half of the check still runs.
+  // library) is recorded and the PyTorch half of the check still runs. Loading runs no kernel;
+  // everything that does runs in child processes (probe-worker.js, pretrain-worker.js), so a
+  // faulting kernel costs one probe, not the check.
   let loadError: string | undefined;
-  let native: typeof import('../../src/native.js').native | undefined;
-  let checkFixture: typeof import('../../src/api/fixture.js').checkFixture | undefined;
   try {
-    native = (await import('../../src/native.js')).native;
-    checkFixture = (await import('../../src/api/fixture.js')).checkFixture;
+    const { native } = await import('../../src/native.js');
     if (!native.cudaBuild()) loadError = 'this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node';
   } catch (e) {
     loadError = (e as Error).message;
   }
   if (loadError) log(`our addon is unusable, only PyTorch will be measured: ${loadError}`);
+  const probe = path.join(REPO_ROOT, 'dist', 'benches', 'gpu', 'probe-worker.js');
 
-  // (a) parity and kernel agreement.
   const parity: Record<string, unknown>[] = [];
-  for (const [file, dtype, convPath] of loadError || !checkFixture ? [] : ([
+  // One row per op x dtype (f32, bf16) x path ("kernels": our CUDA kernels; "composite": candle's
+  // ops, what CONVMAE_KERNELS=composite selects). An addon built before the CUDA kernels
+  // reports only op / forward_rel / gradient_rel (f32, composite), hence the optional fields.
+  let agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[] = [];
+  let agreementError: string | undefined;
+  const rows: Row[] = [];
+  // Rewritten after every probe and measurement, so a run cut short still leaves its results.
+  const save = () => writeResults({ out, started, loadError, parity, agreement, agreementError, rows });
+
+  // (a) kernel agreement first (it says which kernel is wrong), then parity.
+  if (!loadError) {
+    const r = await child(process.execPath, [probe, 'agreement'], 180);
+    if (r.json) {
+      agreement = r.json.rows as typeof agreement;
+      for (const a of agreement) {
+        const verdict = a.pass === undefined ? '' : a.pass ? ' pass' : ` FAIL (tolerance ${a.tolerance})`;
+        log(`kernel ${a.op} ${a.path ?? ''} ${a.dtype ?? 'f32'}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}${verdict}`);
+      }
+    } else {
+      agreementError = r.error;
+      log(`kernel agreement: error ${r.error}`);
+    }
+    save();
+  }
+  for (const [file, dtype, convPath] of loadError ? [] : ([
     ['pretrain_small.safetensors', 'f32', 'sparse'],
     ['pretrain_small.safetensors', 'f32', 'dense'],
     ['pretrain_small.safetensors', 'f64', 'sparse'],
     ['finetune_small.safetensors', 'f32', 'sparse'],
     ['finetune_small.safetensors', 'f64', 'sparse'],
   ] as const)) {
-    try {
-      const r = await checkFixture!(path.join(golden, file), dtype, convPath, 'cuda');
-      parity.push({ fixture: file, dtype, path: r.kind === 'pretrain' ? convPath : null, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance });
-      log(`parity ${file} ${dtype} ${convPath}: ${r.pass ? 'pass' : 'FAIL'} (worst ${r.worst} ${r.worst_rel.toExponential(2)})`);
-    } catch (e) {
-      parity.push({ fixture: file, dtype, path: convPath, pass: false, error: (e as Error).message });
-      log(`parity ${file} ${dtype}: error ${(e as Error).message}`);
+    const r = await child(process.execPath, [probe, 'parity', path.join(golden, file), dtype, convPath], 120);
+    if (r.json) {
+      const j = r.json as { kind: string; pass: boolean; worst: string; worst_rel: number; tolerance: number };
+      parity.push({ fixture: file, dtype, path: j.kind === 'pretrain' ? convPath : null, pass: j.pass, worst: j.worst, worst_rel: j.worst_rel, tolerance: j.tolerance });
+      log(`parity ${file} ${dtype} ${convPath}: ${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)})`);
+    } else {
+      parity.push({ fixture: file, dtype, path: convPath, pass: false, error: r.error });
+      log(`parity ${file} ${dtype} ${convPath}: error ${r.error}`);
     }
-  }
-  // One row per op x dtype (f32, bf16) x path ("kernels": our CUDA kernels; "composite": candle's
-  // ops, what CONVMAE_KERNELS=composite selects). An addon built before the CUDA kernels
-  // reports only op / forward_rel / gradient_rel (f32, composite), hence the optional fields.
-  let agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[] = [];
-  try {
-    if (!native || loadError) throw new Error(loadError ?? 'no addon');
-    agreement = JSON.parse(await native.compareKernels('cuda')) as typeof agreement;
-    for (const a of agreement) {
-      const verdict = a.pass === undefined ? '' : a.pass ? ' pass' : ` FAIL (tolerance ${a.tolerance})`;
-      log(`kernel ${a.op} ${a.path ?? ''} ${a.dtype ?? 'f32'}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}${verdict}`);
-    }
-  } catch (e) {
-    log(`kernel agreement: error ${(e as Error).message}`);
+    save();
   }
 
   // (b)-(d) throughput and memory.
-  const rows: Row[] = [];
   const batches = kernelsOnly ? [] : quick ? [64] : [64, 128];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
@@ -131,6 +141,7 @@ async function main(): Promise<void> {
       error: r.error,
     };
     rows.push(row);
+    save();
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
   for (const batch of batches) {
@@ -154,7 +165,22 @@ async function main(): Promise<void> {
     }
   }
 
-  // Results: JSON lines, markdown, and everything in check.json.
+  save();
+  log(`wrote ${out}/gpu-${localDate(new Date())}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);
+}
+
+interface Results {
+  out: string;
+  started: number;
+  loadError?: string;
+  parity: Record<string, unknown>[];
+  agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[];
+  agreementError?: string;
+  rows: Row[];
+}
+
+/** Writes gpu-<date>.jsonl (harness format), gpu-<date>.md and check.json (everything). */
+function writeResults({ out, started, loadError, parity, agreement, agreementError, rows }: Results): void {
   const date = localDate(new Date());
   const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
   writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
@@ -174,6 +200,7 @@ async function main(): Promise<void> {
     '',
     `Device: ${device}. Command: \`bash benches/gpu/run.sh\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
     ...(loadError ? ['', `Our CUDA addon could not be used: ${loadError}`] : []),
+    ...(agreementError ? ['', `Kernel agreement did not finish: ${agreementError}`] : []),
     '',
     '## Parity (CUDA build, golden fixtures)',
     '',
@@ -194,8 +221,7 @@ async function main(): Promise<void> {
     '',
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
-  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, parity, agreement, rows }, null, 2));
-  log(`wrote ${out}/gpu-${date}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);
+  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, rows }, null, 2));
 }
 
 main().catch((e: unknown) => {

@@ -1,0 +1,27 @@
+/**
+ * One correctness probe of the GPU check in a process of its own, so that a fault in an untested
+ * CUDA kernel (an illegal address poisons the CUDA context; a crash takes the process) costs that
+ * probe only, not the rest of the check. Prints one JSON line.
+ *
+ *   node dist/benches/gpu/probe-worker.js parity <fixture.safetensors> <f32|f64> <sparse|dense>
+ *   node dist/benches/gpu/probe-worker.js agreement
+ */
+import { checkFixture } from '../../src/api/fixture.js';
+import { native } from '../../src/native.js';
+
+async function main(): Promise<void> {
+  const [what, fixture, dtype, convPath] = process.argv.slice(2);
+  if (what === 'parity' && fixture && (dtype === 'f32' || dtype === 'f64') && (convPath === 'sparse' || convPath === 'dense')) {
+    const r = await checkFixture(fixture, dtype, convPath, 'cuda');
+    process.stdout.write(JSON.stringify({ kind: r.kind, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance }) + '\n');
+  } else if (what === 'agreement') {
+    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda')) as unknown[] }) + '\n');
+  } else {
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement (got ${process.argv.slice(2).join(' ')})`);
+  }
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`probe-worker: ${e instanceof Error ? e.message : String(e)}\n`);
+  process.exitCode = 1;
+});
