@@ -112,6 +112,10 @@ pub fn adamw_update(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad:
         if grad.shape() != param.shape() {
             candle_core::bail!("adamw: parameter {:?} and gradient {:?} differ in shape", param.dims(), grad.dims());
         }
+        // An empty tensor has nothing to update, and a zero-byte device allocation would fail.
+        if param.elem_count() == 0 {
+            return Ok(());
+        }
         return param.inplace_op3(exp_avg, exp_avg_sq, &Fused { grad: grad.clone(), u: *u });
     }
     exp_avg.inplace_op2(grad, &Moment { beta: u.beta1, square: false })?;

@@ -206,8 +206,37 @@ fn cases() -> Result<Vec<Case>> {
         name: "sparse_depthwise_conv2d",
         shapes: vec![vec![positions.len(), 256], vec![256, 5, 5]],
         seed: 6,
-        op: Box::new(move |t| crate::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs)),
+        op: Box::new({
+            let nbrs = nbrs.clone();
+            move |t| crate::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs)
+        }),
     });
+    // The same ops on inputs that are not contiguous from offset 0, as the model hands some of
+    // them over (a transpose, a permute, a slice): on CUDA these take the strided-copy and the
+    // offset-view paths of the launch code, which the cases above never reach.
+    let rows = positions.len();
+    cases.extend([
+        Case {
+            name: "layer_norm:transposed",
+            shapes: vec![vec![4, 768, 196], vec![768], vec![768]],
+            seed: 11,
+            op: Box::new(|t| crate::layer_norm(&t[0].transpose(1, 2)?, &t[1], &t[2], 1e-6)),
+        },
+        Case { name: "softmax_last_dim:offset", shapes: vec![vec![5, 12, 49, 49]], seed: 12, op: Box::new(|t| crate::softmax_last_dim(&t[0].narrow(0, 1, 4)?)) },
+        Case { name: "gelu_erf:transposed", shapes: vec![vec![4, 3072, 49]], seed: 13, op: Box::new(|t| crate::gelu_erf(&t[0].transpose(1, 2)?)) },
+        Case {
+            name: "depthwise_conv2d:permuted",
+            shapes: vec![vec![2, 256, 56, 56], vec![256, 5, 5]],
+            seed: 15,
+            op: Box::new(|t| crate::depthwise_conv2d(&t[0].permute((0, 2, 3, 1))?, &t[1])),
+        },
+        Case {
+            name: "sparse_depthwise_conv2d:offset",
+            shapes: vec![vec![rows + 7, 256], vec![256, 5, 5]],
+            seed: 16,
+            op: Box::new(move |t| crate::sparse_depthwise_conv2d(&t[0].narrow(0, 7, rows)?, &t[1], &nbrs)),
+        },
+    ]);
     Ok(cases)
 }
 
