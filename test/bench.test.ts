@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import sharp from 'sharp';
+import { pretrain } from '../src/index.js';
 import { ROOT } from './helpers.js';
 
 const run = promisify(execFile);
@@ -53,6 +54,25 @@ test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lin
   }
   t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
   t.regex(stdout, /\| 2 \| ours \| forward \| 602112 \|/);
+});
+
+test('npm run bench -- finetune-step times a pretrained-init and a random-init classifier; --init is required', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-bench-ft-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const pre = await pretrain({ preset: 'convmae-tiny', batchSize: 4, steps: 1, outDir: dir, reconstructions: 0 });
+  const bench = path.join(ROOT, 'dist', 'benches', 'run.js');
+  const { stdout } = await run(process.execPath, [bench, 'finetune-step', '--init', pre.checkpoint, '--batch', '4', '--rounds', '1', '--steps', '1', '--no-save', '--quiet']);
+  const lines = stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  t.deepEqual(
+    lines.map((l) => l.impl),
+    ['finetune-pretrained', 'finetune-random'],
+  );
+  for (const l of lines) t.true((l.ms_per_step_median as number) > 0);
+  const e = await t.throwsAsync(run(process.execPath, [bench, 'finetune-step', '--no-save', '--quiet']));
+  t.regex(String((e as { stderr?: string }).stderr), /finetune-step needs --init/);
 });
 
 test('npm run bench -- data measures our loader on a folder of JPEGs and prints data JSON lines', async (t) => {

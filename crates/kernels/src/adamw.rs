@@ -52,9 +52,7 @@ impl InplaceOp2 for Moment {
         "adamw_moment"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::Msg(format!("adamw: moment {:?} and gradient {:?} differ in shape", l1.dims(), l2.dims())));
-        }
+        crate::same_shape("adamw", "moment", l1.dims(), "gradient", l2.dims())?;
         // The updated storage is mutable, so the crate's dispatch_float! (shared borrows) does not fit.
         match (s1, s2) {
             (CpuStorage::F32(m), CpuStorage::F32(g)) => moment(contiguous_mut(m, l1, "adamw")?, &row_major(g, l2), self.beta, self.square),
@@ -86,9 +84,8 @@ impl InplaceOp3 for Apply {
         "adamw_apply"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
-        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
-            return Err(candle_core::Error::Msg(format!("adamw: parameter {:?} and moments {:?}, {:?} differ in shape", l1.dims(), l2.dims(), l3.dims())));
-        }
+        crate::same_shape("adamw", "parameter", l1.dims(), "exp_avg", l2.dims())?;
+        crate::same_shape("adamw", "parameter", l1.dims(), "exp_avg_sq", l3.dims())?;
         match (s1, s2, s3) {
             (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
                 apply(contiguous_mut(p, l1, "adamw")?, &row_major(m, l2), &row_major(v, l3), &self.0)
@@ -109,9 +106,7 @@ impl InplaceOp3 for Apply {
 /// other three (the CUDA path locks it for reading while `param` is locked for writing).
 pub fn adamw_update(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, u: &AdamWUpdate) -> Result<()> {
     if param.device().is_cuda() {
-        if grad.shape() != param.shape() {
-            candle_core::bail!("adamw: parameter {:?} and gradient {:?} differ in shape", param.dims(), grad.dims());
-        }
+        crate::same_shape("adamw", "parameter", param.dims(), "gradient", grad.dims())?;
         // An empty tensor has nothing to update, and a zero-byte device allocation would fail.
         if param.elem_count() == 0 {
             return Ok(());
@@ -158,9 +153,8 @@ impl InplaceOp3 for Fused {
     ) -> Result<()> {
         use crate::cuda::{adamw, cuda_dispatch};
         use candle_core::backend::BackendStorage;
-        if pl.shape() != ml.shape() || pl.shape() != vl.shape() {
-            candle_core::bail!("adamw: parameter {:?} and moments {:?}, {:?} differ in shape", pl.dims(), ml.dims(), vl.dims());
-        }
+        crate::same_shape("adamw", "parameter", pl.dims(), "exp_avg", ml.dims())?;
+        crate::same_shape("adamw", "parameter", pl.dims(), "exp_avg_sq", vl.dims())?;
         let (g, gl) = self.grad.storage_and_layout();
         let candle_core::Storage::Cuda(g) = &*g else {
             candle_core::bail!("adamw: the gradient is on {:?}, the parameter on CUDA", self.grad.device().location());

@@ -1,11 +1,11 @@
 //! A branch-free f32 erf (and the exp it needs) that vectorizes, for GELU.
 //!
-//! Why: GELU called libm's scalar `erff`, whose path for 1.25 <= |x| < 6 calls `expf` and is
-//! several times slower than its small-|x| path. A pretrained encoder puts many MLP activations
-//! there, so fine-tuning ConvMAE from a pretrained checkpoint spent 29% of each CPU step in erf
-//! (10% from a random init) and ran 1.3-1.8x slower per step than the same model from a random
-//! init. This version evaluates both ranges with plain multiplies and adds and selects, so the
-//! compiler vectorizes whole slices (gelu.rs adds AVX2 / AVX-512 variants at run time).
+//! Why: GELU called libm's scalar `erff`, whose path for larger |x| also calls `expf`. A
+//! pretrained encoder puts many MLP activations there, so fine-tuning ConvMAE from a pretrained
+//! checkpoint ran 1.35-1.43x slower per step than the same model from a random init (`npm run
+//! bench -- finetune-step`, the old build in benches/results/finetune-step-2026-11-26.md). This
+//! version evaluates both ranges with plain multiplies, adds and selects, so the compiler
+//! vectorizes whole slices (simd.rs compiles gelu.rs's loops for AVX2 / AVX-512 too).
 //!
 //! Accuracy: at most 1.14 ulp from the exact erf (mean 0.13 ulp; CUDA's `erff` allows 2);
 //! `tools/fit_erf_f32.py` fits the coefficients and measures the f32 evaluation, and the tests

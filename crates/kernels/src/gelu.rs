@@ -125,13 +125,7 @@ impl CustomOp2 for GeluBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::Msg(format!(
-                "gelu_erf_backward: input shape {:?} differs from gradient shape {:?}",
-                l1.dims(),
-                l2.dims()
-            )));
-        }
+        crate::same_shape(self.name(), "input", l1.dims(), "gradient", l2.dims())?;
         let out = dispatch_float!("gelu_erf_backward", (s1 => x, s2 => g), {
             Element::into_storage(zip_map(&row_major(x, l1), &row_major(g, l2)))
         });
@@ -148,9 +142,7 @@ impl CustomOp2 for GeluBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::{cuda_dispatch, gelu_bwd};
         use candle_core::backend::BackendStorage;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("gelu_erf_backward: input shape {:?} differs from gradient shape {:?}", l1.dims(), l2.dims());
-        }
+        crate::same_shape(self.name(), "input", l1.dims(), "gradient", l2.dims())?;
         let out = cuda_dispatch!("gelu_erf_backward", s1.dtype(), gelu_bwd(s1, l1, s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
@@ -201,6 +193,14 @@ mod tests {
             assert!((y64[i] - y32[i] as f64).abs() < tol, "gelu({x}): {} (f32) vs {}", y32[i], y64[i]);
             assert!((g64[i] - g32[i] as f64).abs() < 4e-7 * x.abs().max(1.0).powi(2), "gelu'({x}): {} (f32) vs {}", g32[i], g64[i]);
         }
+    }
+
+    #[test]
+    fn a_mis_shaped_gradient_is_an_error_naming_both_shapes() {
+        let x = Tensor::zeros(6, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let g = Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = x.apply_op2_no_bwd(&g, &GeluBackward).unwrap_err().to_string();
+        assert!(e.contains("gelu_erf_backward: input shape [6] and gradient shape [5] differ"), "{e}");
     }
 
     /// The AVX2 / AVX-512 loops (whichever this CPU runs) give the same bits as the formula

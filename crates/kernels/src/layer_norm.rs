@@ -171,14 +171,7 @@ impl CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l3.dims() {
-            candle_core::bail!(
-                "{}: input shape {:?} and output-gradient shape {:?} differ",
-                self.name(),
-                l1.dims(),
-                l3.dims()
-            );
-        }
+        crate::same_shape(self.name(), "input", l1.dims(), "output-gradient", l3.dims())?;
         let (rows, d) = row_shape(self.name(), l1.dims(), l2.dims(), l2.dims())?;
         let out = dispatch_float!(self.name(), (s1 => x, s2 => w, s3 => g), {
             let eps = Element::from_f64(self.eps);
@@ -199,14 +192,7 @@ impl CustomOp3 for LayerNormGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::{cuda_dispatch, layer_norm_bwd};
         use candle_core::backend::BackendStorage;
-        if l1.dims() != l3.dims() {
-            candle_core::bail!(
-                "{}: input shape {:?} and output-gradient shape {:?} differ",
-                self.name(),
-                l1.dims(),
-                l3.dims()
-            );
-        }
+        crate::same_shape(self.name(), "input", l1.dims(), "output-gradient", l3.dims())?;
         let (rows, d) = row_shape(self.name(), l1.dims(), l2.dims(), l2.dims())?;
         // Saved statistics are used only if they are for these rows (always, in practice).
         let stats = self.stats.as_deref().filter(|s| s.len() == rows * 2);

@@ -142,6 +142,15 @@ pub(crate) fn row_major<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, 
     Cow::Owned(out)
 }
 
+/// Checks that two operands an element-wise op pairs up have the same shape; the error names the
+/// op and both operands. The CPU and CUDA paths of each op call it alike.
+pub(crate) fn same_shape(op: &str, a: &str, a_dims: &[usize], b: &str, b_dims: &[usize]) -> candle_core::Result<()> {
+    if a_dims != b_dims {
+        candle_core::bail!("{op}: {a} shape {a_dims:?} and {b} shape {b_dims:?} differ");
+    }
+    Ok(())
+}
+
 /// The error for argument dtypes the kernels cannot take, naming the op so that a failure deep
 /// inside a model's forward or backward pass can be traced back to its source.
 pub(crate) fn dtype_error(op: &str, storages: &[&CpuStorage]) -> candle_core::Error {

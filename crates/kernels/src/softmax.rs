@@ -98,14 +98,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: output shape {:?} and output-gradient shape {:?} differ",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
+        crate::same_shape(self.name(), "output", l1.dims(), "output-gradient", l2.dims())?;
         let d = last_dim(self.name(), l1.dims())?;
         let out = dispatch_float!(self.name(), (s1 => y, s2 => g), {
             Element::into_storage(backward(&row_major(y, l1), &row_major(g, l2), d))
@@ -123,14 +116,7 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::{cuda_dispatch, softmax_bwd};
         use candle_core::backend::BackendStorage;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: output shape {:?} and output-gradient shape {:?} differ",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
+        crate::same_shape(self.name(), "output", l1.dims(), "output-gradient", l2.dims())?;
         let d = last_dim(self.name(), l1.dims())?;
         let rows = l1.shape().elem_count() / d.max(1);
         let out = cuda_dispatch!(self.name(), s1.dtype(), softmax_bwd(s1, l1, s2, l2, (rows, d)))?;
