@@ -42,7 +42,7 @@ pretrain options:
   --weight-decay X        AdamW weight decay, default 0.05
   --seed N                default 0
   --out DIR               default runs/pretrain
-  --checkpoint-every N    also checkpoint every N steps (always at the end)
+  --checkpoint-every N    also checkpoint every N steps, a multiple of --accum-steps (always at the end)
   --resume [PATH]         continue from DIR/checkpoint.safetensors (or PATH) exactly
   --reconstructions N     images in reconstruction.png, default 8 (0 = none)
   --no-progress           plain log lines instead of the progress bar
@@ -71,7 +71,8 @@ finetune / linprobe options:
   --mixup X --cutmix X    finetune: Beta alphas, default 0.8 / 1.0 (--no-mixup turns both off)
   --reprob X              finetune: random erasing probability, default 0.25
   --no-randaug            finetune: no RandAugment (default rand-m9-mstd0.5-inc1)
-  --eval-every N          evaluate + checkpoint every N steps (default once per epoch and at the end)
+  --eval-every N          evaluate + checkpoint every N steps, a multiple of --accum-steps
+                          (default once per epoch and at the end)
   --labels-per-class N    train on N images of each class (drawn with --seed; low-label evaluation)
   --seed N, --out DIR (default runs/finetune | runs/linprobe), --resume [--resume-from PATH], --no-progress
 

@@ -139,6 +139,9 @@ test('finetune with accumulation and bf16: windows of micro-batches, exact resum
   t.is(a.header['head.weight'].dtype, 'F32', 'bf16 precision keeps f32 master weights');
 
   await t.throwsAsync(finetune({ ...common, outDir: splitDir, steps: 5 }), { message: /steps \(5\) must be a multiple of accumSteps \(2\)/ });
+  const logBefore = await readFile(second.log, 'utf8');
+  await t.throwsAsync(finetune({ ...common, outDir: splitDir, evalEvery: 3 }), { message: /evalEvery \(3\) must be a multiple of accumSteps \(2\)/ });
+  t.is(await readFile(second.log, 'utf8'), logBefore, 'a rejected option leaves the run directory alone');
   await t.throwsAsync(finetune({ ...common, outDir: splitDir, resume: true, accumSteps: 1, steps: 8 }), { message: /batch 4 x accum 2, this run asks for 4 x 1/ });
   t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 3, precision: 'bf16', dtype: 'f64' }), { message: /bf16' needs dtype f32/ });
   t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 3, precision: 'half' as 'bf16' }), { message: /precision must be 'fp32' or 'bf16'/ });

@@ -21,7 +21,7 @@ import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
-import { exists, positiveInt, runLength, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { exists, positiveInt, runLength, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /**
@@ -47,7 +47,10 @@ export interface ClassifyRunOptions extends TrainingRunOptions {
    * (low-label evaluation; the eval split stays whole). Default: the whole training set.
    */
   labelsPerClass?: number;
-  /** Evaluate (and checkpoint) every N steps; default: once per epoch and at the end. */
+  /**
+   * Evaluate (and checkpoint) every N micro-steps, a multiple of accumSteps; default: once per
+   * epoch (rounded down to a window boundary) and at the end.
+   */
   evalEvery?: number;
   onEval?: (e: EvalSummary) => void;
 }
@@ -193,6 +196,8 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     const stepsPerEpoch = probe.stepsPerEpoch;
     probe.close();
     const totalSteps = runLength(options, stepsPerEpoch, accumSteps);
+    const evalEvery =
+      options.evalEvery !== undefined ? windowPeriod(options.evalEvery, 'evalEvery', accumSteps) : Math.max(accumSteps, stepsPerEpoch - (stepsPerEpoch % accumSteps));
     const peakLr = options.lr ?? scaledLr(options.blr ?? recipe.blr, batchSize * accumSteps);
     const warmupSteps = options.warmupSteps ?? Math.round((options.warmupEpochs ?? recipe.warmupEpochs) * stepsPerEpoch);
     let state: RunState = {
@@ -252,7 +257,6 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
       await appendFile(log, JSON.stringify({ event: 'eval', ...r, time: new Date().toISOString() }) + '\n');
     };
     const save = async () => model.save(checkpoint, state as unknown as Record<string, unknown>);
-    const evalEvery = options.evalEvery ?? stepsPerEpoch;
     let firstLoss: number | undefined;
     let lastLoss: number | undefined;
     const loopStart = performance.now();
@@ -300,7 +304,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
         await appendFile(log, JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n');
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds: ((state.totalSteps - state.step) * elapsed) / done });
         // Checkpoints (and so evaluations) only fall between accumulation windows.
-        if (state.step % evalEvery === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) {
+        if (state.step % evalEvery === 0 && state.step < state.totalSteps) {
           await save();
           await runEval();
         }

@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig } from '../api/config.js';
 import { Pretrainer, type AdamWOptions, type ConvPath } from '../api/pretrainer.js';
-import { exists, positiveInt, runLength, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { exists, positiveInt, runLength, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /** Pretraining defaults: convmae-base, batch 64, one epoch, blr 1.5e-4, warmup 0, outDir runs/pretrain. */
@@ -16,7 +16,7 @@ export interface PretrainRunOptions extends TrainingRunOptions {
   /** 'sparse' (default): compute only visible positions of stages 1-2; 'dense': the official way. */
   path?: ConvPath;
   adamw?: AdamWOptions;
-  /** Checkpoint every N micro-steps (and always at the end); 0 = only at the end. */
+  /** Checkpoint every N micro-steps, a multiple of accumSteps (and always at the end); 0 = only at the end. */
   checkpointEvery?: number;
   /** Images in the reconstruction picture (0 = none). Default 8. */
   reconstructions?: number;
@@ -73,6 +73,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     probe.close();
 
     const totalSteps = runLength(options, stepsPerEpoch, accumSteps);
+    const every = options.checkpointEvery ? windowPeriod(options.checkpointEvery, 'checkpointEvery', accumSteps) : 0;
     const peakLr = options.lr ?? scaledLr(options.blr ?? 1.5e-4, batchSize * accumSteps);
     const warmupSteps = options.warmupSteps ?? Math.round((options.warmupEpochs ?? 0) * stepsPerEpoch);
     let state: RunState = {
@@ -127,7 +128,6 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     let lastLoss: number | undefined;
     const started = performance.now();
     const startStep = state.step;
-    const every = options.checkpointEvery ?? 0;
     // How long each step waited for its batch: about 0 while the loader keeps ahead of the model.
     let waitStarted = performance.now();
     try {
@@ -165,7 +165,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
           }) + '\n',
         );
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds });
-        if (every > 0 && state.step % every === 0 && state.step % accumSteps === 0 && state.step < state.totalSteps) await save();
+        if (every > 0 && state.step % every === 0 && state.step < state.totalSteps) await save();
         waitStarted = performance.now();
       }
     } finally {

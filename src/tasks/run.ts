@@ -33,6 +33,16 @@ export function runLength(options: { steps?: number; epochs?: number }, stepsPer
   return Math.max(accumSteps, total - (total % accumSteps));
 }
 
+/**
+ * A period in micro-steps (checkpoint or evaluation cadence) that ends on accumulation-window
+ * boundaries, where a checkpoint is exact: a positive multiple of `accumSteps`.
+ */
+export function windowPeriod(value: number, name: string, accumSteps: number): number {
+  positiveInt(value, name);
+  if (value % accumSteps !== 0) throw new RangeError(`${name} (${value}) must be a multiple of accumSteps (${accumSteps}): checkpoints fall between accumulation windows`);
+  return value;
+}
+
 /** What a training loop reports after each step (pretraining and classification alike). */
 export interface TrainingProgress {
   step: number;
