@@ -4,7 +4,9 @@
 // coverage (outputs start as NaN, so an element no thread writes fails) and the partial-sum
 // reductions where there is no GPU; the GPU check's agreement run is still what says they are
 // right on a GPU (real warps, bf16, the Rust launch code). The row kernels' warps are emulated
-// with 32 OS threads meeting at a barrier for each shuffle.
+// with 32 OS threads meeting at a barrier for each shuffle; the attention kernels' blocks with
+// an OS thread per CUDA thread meeting at a barrier for each __syncthreads, their __shared__
+// arrays as statics (one block runs at a time).
 //
 //   g++ -std=c++20 -O1 -pthread -o /tmp/host_check crates/kernels/cuda/host_check.cpp && /tmp/host_check
 //   (scripts/check-cuda-ptx.sh runs it)
@@ -22,6 +24,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __shared__ static
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
@@ -42,6 +45,11 @@ static float __shfl_xor_sync(unsigned, float v, int offset) {
     return other;
 }
 
+// One block's barrier: all its threads meet (launch_blocks runs a block at a time).
+static std::barrier<>* block_barrier = nullptr;
+static void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+#include "attention.cu"
 #include "depthwise.cu"
 #include "elementwise.cu"
 #include "rows.cu"
@@ -81,6 +89,28 @@ static void launch_warps(int64_t threads, unsigned block, F kernel) {
             for (auto& t : lanes) t.join();
         }
     shfl_barrier = nullptr;
+}
+
+// A 2-D grid of blocks of `block` threads, every thread of a block on an OS thread of its own
+// (they meet at __syncthreads), one block at a time.
+template <typename F>
+static void launch_blocks(unsigned grid_x, unsigned grid_y, unsigned block, F kernel) {
+    blockDim = Dim3{block, 1, 1};
+    gridDim = Dim3{grid_x, grid_y, 1};
+    std::barrier<> barrier(block);
+    block_barrier = &barrier;
+    for (unsigned by = 0; by < grid_y; ++by)
+        for (unsigned bx = 0; bx < grid_x; ++bx) {
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < block; ++t)
+                threads.emplace_back([&, bx, by, t] {
+                    blockIdx = Dim3{bx, by, 0};
+                    threadIdx = Dim3{t, 0, 0};
+                    kernel();
+                });
+            for (auto& th : threads) th.join();
+        }
+    block_barrier = nullptr;
 }
 
 static int failures = 0;
@@ -323,6 +353,79 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     check("softmax input grad", grad, sgx, 1e-5);
 }
 
+// Attention on packed qkv [B, N, 3, H, HD], launched as src/cuda.rs does (a block per image,
+// head and 64 rows), against softmax(q k^T * scale) v and its gradients written out in double.
+template <int HD, typename Fwd, typename BwdQ, typename BwdK, typename BwdV>
+static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdK bwd_k, BwdV bwd_v) {
+    const int64_t d = heads * HD, row = 3 * d;
+    const float scale = 1.f / std::sqrt((float)HD);
+    const std::vector<float> qkv = random_values(nb * n * row, 31 + (unsigned)n);
+    std::vector<float> g = random_values(nb * n * d, 37 + (unsigned)n);
+    std::vector<double> ref_out(nb * n * d), ref_grad(nb * n * row);
+    auto at = [&](int64_t b, int64_t i, int s, int64_t h) { return (b * n + i) * row + s * d + h * HD; };
+    for (int64_t b = 0; b < nb; ++b)
+        for (int64_t h = 0; h < heads; ++h) {
+            std::vector<double> p(n * n), dp(n * n);
+            for (int64_t i = 0; i < n; ++i) {
+                double mx = -INFINITY;
+                for (int64_t j = 0; j < n; ++j) {
+                    double s = 0;
+                    for (int e = 0; e < HD; ++e) s += (double)qkv[at(b, i, 0, h) + e] * qkv[at(b, j, 1, h) + e];
+                    p[i * n + j] = s * scale;
+                    mx = std::max(mx, p[i * n + j]);
+                }
+                double sum = 0;
+                for (int64_t j = 0; j < n; ++j) sum += p[i * n + j] = std::exp(p[i * n + j] - mx);
+                for (int64_t j = 0; j < n; ++j) p[i * n + j] /= sum;
+            }
+            for (int64_t i = 0; i < n; ++i)
+                for (int e = 0; e < HD; ++e) {
+                    double o = 0;
+                    for (int64_t j = 0; j < n; ++j) o += p[i * n + j] * qkv[at(b, j, 2, h) + e];
+                    ref_out[(b * n + i) * d + h * HD + e] = o;
+                }
+            // dp = g v^T; ds = p (dp - rowsum(p dp)); dq = scale ds k; dk = scale ds^T q; dv = p^T g.
+            for (int64_t i = 0; i < n; ++i) {
+                double rowsum = 0;
+                for (int64_t j = 0; j < n; ++j) {
+                    double s = 0;
+                    for (int e = 0; e < HD; ++e) s += (double)g[(b * n + i) * d + h * HD + e] * qkv[at(b, j, 2, h) + e];
+                    dp[i * n + j] = s;
+                    rowsum += p[i * n + j] * s;
+                }
+                for (int64_t j = 0; j < n; ++j) dp[i * n + j] = p[i * n + j] * (dp[i * n + j] - rowsum);
+            }
+            for (int64_t i = 0; i < n; ++i)
+                for (int e = 0; e < HD; ++e) {
+                    double dq = 0, dk = 0, dv = 0;
+                    for (int64_t j = 0; j < n; ++j) {
+                        dq += dp[i * n + j] * qkv[at(b, j, 1, h) + e];
+                        dk += dp[j * n + i] * qkv[at(b, j, 0, h) + e];
+                        dv += p[j * n + i] * g[(b * n + j) * d + h * HD + e];
+                    }
+                    ref_grad[at(b, i, 0, h) + e] = dq * scale;
+                    ref_grad[at(b, i, 1, h) + e] = dk * scale;
+                    ref_grad[at(b, i, 2, h) + e] = dv;
+                }
+        }
+    const unsigned gx = (unsigned)(nb * heads), gy = (unsigned)((n + 63) / 64);
+    std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN);
+    launch_blocks(gx, gy, 64, [&] { fwd(qkv.data(), out.data(), n, heads, scale); });
+    char name[96];
+    std::snprintf(name, sizeof name, "attention forward B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
+    check(name, out, ref_out, 2e-6);
+    // The backward reads the forward's (rounded) output, as it does on the GPU.
+    launch_blocks(gx, gy, 64, [&] { bwd_q(qkv.data(), out.data(), g.data(), grad.data(), stats.data(), n, heads, scale); });
+    launch_blocks(gx, gy, 64, [&] { bwd_k(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+    launch_blocks(gx, gy, 64, [&] { bwd_v(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+    std::snprintf(name, sizeof name, "attention qkv grad B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
+    check(name, grad, ref_grad, 1e-5);
+}
+
+#define CHECK_ATTENTION(HD, nb, n, heads)                                                                       \
+    check_attention<HD>(nb, n, heads, attention_fwd_hd##HD##_f32, attention_bwd_q_hd##HD##_f32, attention_bwd_k_hd##HD##_f32, \
+                        attention_bwd_v_hd##HD##_f32)
+
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,
     // few parts (the reduction order) and one part per row.
@@ -338,6 +441,12 @@ int main() {
     check_rows(6, 32, 512);
     check_rows(3, 5, 2);
     check_rows(5, 100, 3);
+    // Tokens below one key tile, across several tiles and row blocks with ragged ends; one token.
+    CHECK_ATTENTION(8, 2, 70, 2);
+    CHECK_ATTENTION(16, 1, 33, 3);
+    CHECK_ATTENTION(32, 2, 49, 2);
+    CHECK_ATTENTION(64, 1, 130, 2);
+    CHECK_ATTENTION(64, 2, 1, 1);
     if (failures) {
         std::printf("host_check: %d FAILED\n", failures);
         return 1;

@@ -43,6 +43,23 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// timm's attention on packed `[B, N, 3 * heads * hd]` qkv rows: split into q, k, v
+/// `[B, heads, N, hd]`, `softmax(q k^T * scale) v`, heads concatenated back to `[B, N, D]`.
+/// q is scaled rather than the `[N, N]` scores: the same math, one `[B, heads, N, N]` tensor
+/// (and its gradient) fewer.
+pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let dims = crate::attention::Dims::of("self_attention", qkv.dims(), num_heads)?;
+    let (b, n, hd) = (dims.b, dims.n, dims.hd);
+    let qkv = qkv.reshape((b, n, 3, num_heads, hd))?.permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let kt = qkv.get(1)?.t()?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    // The public softmax: our kernel where one serves (an unkernelled head dim on CUDA), else
+    // the composition above.
+    let attn = crate::softmax_last_dim(&(q * scale)?.matmul(&kt)?)?;
+    attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, dims.d()))
+}
+
 /// `0.5 x (1 + erf(x / sqrt 2))`; candle's erf has an exact derivative, unlike its fused
 /// gelu_erf backward.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {

@@ -17,17 +17,20 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaVie
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
 
+use crate::attention::Dims as AttentionDims;
 use crate::AdamWUpdate;
 
 const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
 const ROWS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
 const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 #[derive(Clone, Copy)]
 enum Module {
     Depthwise,
     Rows,
     Elementwise,
+    Attention,
 }
 
 /// The kernel `name` of `module`, loading the module on first use. candle caches custom
@@ -38,6 +41,7 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
         Module::Depthwise => ("convmae_depthwise", DEPTHWISE_PTX),
         Module::Rows => ("convmae_rows", ROWS_PTX),
         Module::Elementwise => ("convmae_elementwise", ELEMENTWISE_PTX),
+        Module::Attention => ("convmae_attention", ATTENTION_PTX),
     };
     Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
 }
@@ -320,6 +324,74 @@ pub(crate) fn sparse_weight_grad<T: Float>(
     let mut out = alloc::<T>(dev, c * kk)?;
     reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out, 0, (parts, kk, c), true)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+// ---- attention ----------------------------------------------------------------------------
+
+/// ATT_ROWS in attention.cu: query (or key) rows per block, one per thread.
+const ATT_ROWS: usize = 64;
+
+/// The attention kernels' grid: a block per (image, head) in x, per 64 rows in y.
+fn attention_grid(dims: AttentionDims, what: &str) -> Result<LaunchConfig> {
+    let bh = dims.b * dims.heads;
+    let row_blocks = dims.n.div_ceil(ATT_ROWS);
+    if bh > i32::MAX as usize || row_blocks > 65535 {
+        candle_core::bail!("{what}: {} images x {} heads x {} tokens do not fit one CUDA grid", dims.b, dims.heads, dims.n);
+    }
+    Ok(LaunchConfig { grid_dim: (bh as u32, row_blocks as u32, 1), block_dim: (ATT_ROWS as u32, 1, 1), shared_mem_bytes: 0 })
+}
+
+fn attention_func(dev: &CudaDevice, kernel: &str, hd: usize, suffix: &str) -> Result<CudaFunction> {
+    func(dev, Module::Attention, &format!("{kernel}_hd{hd}_{suffix}"))
+}
+
+/// `softmax(q k^T * scale) v` per head from packed qkv `[B, N, 3, H, hd]` into `[B, N, H, hd]`.
+pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+    let dev = qkv.device();
+    let xo = Operand::<T>::new(qkv, qkv_l)?;
+    let xv = xo.view()?;
+    let mut out = alloc::<T>(dev, dims.b * dims.n * dims.d())?;
+    let f = attention_func(dev, "attention_fwd", dims.hd, T::SUFFIX)?;
+    let (n, heads) = (dims.n as i64, dims.heads as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&mut out).arg(&n).arg(&heads).arg(&scale);
+    unsafe { builder.launch(attention_grid(dims, "self_attention")?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `(qkv, out, grad_out) -> grad_qkv`: the dq kernel (which leaves each query row's
+/// log-sum-exp and rowsum(dO * O) in an f32 scratch), then the dk and dv kernels, which read it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_bwd<T: Float>(
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    out: &CudaStorage,
+    out_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    dims: AttentionDims,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = qkv.device();
+    let (xo, oo, go) = (Operand::<T>::new(qkv, qkv_l)?, Operand::<T>::new(out, out_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (xv, ov, gv) = (xo.view()?, oo.view()?, go.view()?);
+    let mut gx = alloc::<T>(dev, dims.b * dims.n * 3 * dims.d())?;
+    let mut stats = alloc::<f32>(dev, 2 * dims.b * dims.heads * dims.n)?;
+    let cfg = attention_grid(dims, "self_attention_grad")?;
+    let (n, heads) = (dims.n as i64, dims.heads as i64);
+    let stream = dev.cuda_stream();
+    let f = attention_func(dev, "attention_bwd_q", dims.hd, T::SUFFIX)?;
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&ov).arg(&gv).arg(&mut gx).arg(&mut stats).arg(&n).arg(&heads).arg(&scale);
+    unsafe { builder.launch(cfg) }.w()?;
+    for kernel in ["attention_bwd_k", "attention_bwd_v"] {
+        let f = attention_func(dev, kernel, dims.hd, T::SUFFIX)?;
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&xv).arg(&gv).arg(&stats).arg(&mut gx).arg(&n).arg(&heads).arg(&scale);
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------

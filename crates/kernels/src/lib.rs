@@ -31,6 +31,7 @@ macro_rules! dispatch_float {
 
 mod adamw;
 pub mod agreement;
+mod attention;
 pub mod composite;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -46,6 +47,7 @@ mod taps;
 mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, AdamWUpdate};
+pub use attention::self_attention;
 pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;

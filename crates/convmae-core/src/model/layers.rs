@@ -106,27 +106,19 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
     residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
 }
 
-/// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous.
+/// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous;
+/// softmax(q k^T / sqrt(hd)) v as one op (`self_attention`), then the output projection.
 pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
-    let (b, n, d) = x.dims3()?;
-    let hd = d / num_heads;
+    let d = x.dim(2)?;
     // qkv_bias=False (a knob of the official class for stage 3) leaves the projection without bias.
     let qkv_weight = p.get(&format!("{prefix}.qkv.weight"));
     let qkv_bias = match p.find(&format!("{prefix}.qkv.bias")) {
         Some(b) => b.tensor.clone(),
         None => Tensor::zeros(3 * d, x.dtype(), x.device())?,
     };
-    let qkv = linear(x, qkv_weight, &qkv_bias)?
-        .reshape((b, n, 3, num_heads, hd))?
-        .permute((2, 0, 3, 1, 4))?;
-    let q = qkv.get(0)?.contiguous()?;
-    let kt = qkv.get(1)?.t()?.contiguous()?;
-    let v = qkv.get(2)?.contiguous()?;
-    // The official code scales the [N, N] scores; scaling q ([N, hd]) instead is the same math
-    // and keeps one [B, heads, N, N] tensor (and its gradient) fewer alive per block.
-    let scale = (hd as f64).powf(-0.5);
-    let attn = k::softmax_last_dim(&(q * scale)?.matmul(&kt)?)?;
-    let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+    let qkv = linear(x, qkv_weight, &qkv_bias)?;
+    let scale = ((d / num_heads) as f64).powf(-0.5);
+    let y = k::self_attention(&qkv, num_heads, scale)?;
     linear_p(p, &format!("{prefix}.proj"), &y)
 }
 

@@ -27,13 +27,16 @@ fn compare(what: &str, shapes: &[&[usize]], seed: u64, ours: impl Fn(&[Tensor]) 
 }
 
 #[test]
-fn layer_norm_softmax_gelu_and_linear_compositions_match_the_kernels() {
+fn layer_norm_softmax_gelu_attention_and_linear_compositions_match_the_kernels() {
     compare("layer_norm", &[&[3, 5, 16], &[16], &[16]], 1, |t| k::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap(), |t| {
         composite::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
     });
     compare("softmax", &[&[4, 7, 9]], 2, |t| k::softmax_last_dim(&t[0]).unwrap(), |t| composite::softmax_last_dim(&t[0]).unwrap());
     compare("gelu_erf", &[&[6, 11]], 3, |t| k::gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap(), |t| {
         composite::gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap()
+    });
+    compare("self_attention", &[&[2, 9, 3 * 4 * 6]], 9, |t| k::self_attention(&(&t[0] * 3.0).unwrap(), 4, 0.4).unwrap(), |t| {
+        composite::self_attention(&(&t[0] * 3.0).unwrap(), 4, 0.4).unwrap()
     });
     compare("linear", &[&[2, 3, 8], &[5, 8], &[5]], 4, |t| k::linear(&t[0], &t[1], &t[2]).unwrap(), |t| {
         composite::linear(&t[0], &t[1], &t[2]).unwrap()
@@ -96,12 +99,15 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "layer_norm",
             "softmax_last_dim",
             "gelu_erf",
+            "self_attention",
+            "self_attention:decoder",
             "linear",
             "depthwise_conv2d",
             "sparse_depthwise_conv2d",
             "layer_norm:transposed",
             "softmax_last_dim:offset",
             "gelu_erf:transposed",
+            "self_attention:transposed",
             "depthwise_conv2d:permuted",
             "sparse_depthwise_conv2d:offset",
             "adamw_update"
@@ -119,8 +125,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 11 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 24);
+    // 14 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 30);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }

@@ -1,0 +1,395 @@
+//! Multi-head self-attention on packed `[q | k | v]` rows, as one op with one backward.
+//!
+//! timm's attention (which the official ConvMAE code uses in stage 3 and in the decoder) is a
+//! qkv projection, a reshape / permute into three `[B, heads, N, hd]` tensors, `q k^T * scale`,
+//! a softmax, a product with `v`, and a transpose back. Composed from candle ops that is about
+//! ten forward nodes, three contiguous copies, and two `[B, heads, N, N]` tensors (scores and
+//! probabilities) kept alive per block until the backward. This op reads q, k and v where the
+//! projection left them, writes the `[B, N, heads * hd]` rows the output projection reads, and
+//! keeps nothing: its backward recomputes the probabilities (as FlashAttention does).
+//!
+//! CPU: per (image, head), gemm on strided views of the packed rows (no gather), the `[N, N]`
+//! scores only as a temporary. CUDA (`cuda/attention.cu`): one thread per query row, key and
+//! value rows staged through shared memory, an online softmax, f32 statistics whatever the
+//! storage type; head dims 8, 16, 32 and 64 (ConvMAE's), others take the composite.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::{row_major, Element};
+
+const OP_NAME: &str = "self_attention";
+const GRAD_NAME: &str = "self_attention_grad";
+
+/// The head dims the CUDA kernels are compiled for (cuda/attention.cu instantiates these).
+pub(crate) const CUDA_HEAD_DIMS: [usize; 4] = [8, 16, 32, 64];
+
+/// `softmax(q k^T * scale) v` per head, for `qkv` `[B, N, 3 * heads * hd]` laid out as timm's
+/// qkv projection writes it (`[B, N, 3, heads, hd]`: all q heads, then k, then v); returns
+/// `[B, N, heads * hd]` (heads concatenated, as the output projection reads them).
+pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let dims = Dims::of(OP_NAME, qkv.dims(), num_heads)?;
+    let kernel = crate::composite::use_kernel(&[qkv]) && (qkv.device().is_cpu() || CUDA_HEAD_DIMS.contains(&dims.hd));
+    if !kernel {
+        return crate::composite::self_attention(qkv, num_heads, scale);
+    }
+    qkv.apply_op1(Attention { num_heads, scale })
+}
+
+/// The sizes of a packed qkv tensor: batch, tokens, heads, head dim.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub n: usize,
+    pub heads: usize,
+    pub hd: usize,
+}
+
+impl Dims {
+    pub(crate) fn of(op: &str, dims: &[usize], heads: usize) -> Result<Self> {
+        let &[b, n, width] = dims else {
+            candle_core::bail!("{op}: qkv must be [batch, tokens, 3 * heads * head_dim], got shape {dims:?}")
+        };
+        if heads == 0 || width == 0 || width % (3 * heads) != 0 {
+            candle_core::bail!("{op}: the last dim of qkv ({width}) is not 3 x heads ({heads}) x a positive head dim (shape {dims:?})");
+        }
+        Ok(Self { b, n, heads, hd: width / (3 * heads) })
+    }
+
+    /// The width of one token's output row (`heads * hd`).
+    pub(crate) fn d(&self) -> usize {
+        self.heads * self.hd
+    }
+}
+
+struct Attention {
+    num_heads: usize,
+    scale: f64,
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        OP_NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(OP_NAME, l.dims(), self.num_heads)?;
+        let out = dispatch_float!(OP_NAME, (s => x), {
+            Element::into_storage(forward(&row_major(x, l), dims, self.scale))
+        });
+        Ok((out, Shape::from((dims.b, dims.n, dims.d()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{attention_fwd, cuda_dispatch};
+        use candle_core::backend::BackendStorage;
+        let dims = Dims::of(OP_NAME, l.dims(), self.num_heads)?;
+        let out = cuda_dispatch!(OP_NAME, s.dtype(), attention_fwd(s, l, dims, self.scale as f32))?;
+        Ok((out, Shape::from((dims.b, dims.n, dims.d()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = qkv.apply_op3_no_bwd(out, grad, &AttentionGrad { num_heads: self.num_heads, scale: self.scale })?;
+        Ok(Some(g))
+    }
+}
+
+/// `(qkv, out, grad_out) -> grad_qkv`, all in the packed layouts of the forward.
+struct AttentionGrad {
+    num_heads: usize,
+    scale: f64,
+}
+
+impl AttentionGrad {
+    fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<Dims> {
+        let dims = Dims::of(GRAD_NAME, l1.dims(), self.num_heads)?;
+        let want = [dims.b, dims.n, dims.d()];
+        crate::same_shape(GRAD_NAME, "output", l2.dims(), "expected output", &want)?;
+        crate::same_shape(GRAD_NAME, "output-gradient", l3.dims(), "output", l2.dims())?;
+        Ok(dims)
+    }
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        GRAD_NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = self.check(l1, l2, l3)?;
+        let out = dispatch_float!(GRAD_NAME, (s1 => qkv, s2 => o, s3 => g), {
+            Element::into_storage(backward(&row_major(qkv, l1), &row_major(o, l2), &row_major(g, l3), dims, self.scale))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{attention_bwd, cuda_dispatch};
+        use candle_core::backend::BackendStorage;
+        let dims = self.check(l1, l2, l3)?;
+        let out = cuda_dispatch!(GRAD_NAME, s1.dtype(), attention_bwd(s1, l1, s2, l2, s3, l3, dims, self.scale as f32))?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// A row-major `rows x cols` matrix inside a slice: element (r, c) at `offset + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    fn t(self) -> Self {
+        Self { offset: self.offset, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// `dst (m x n, row-major, contiguous) = beta * lhs (m x k) * rhs (k x n)`, single-threaded
+/// (the callers run one per rayon task).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Element>(dst: &mut [T], (m, n, k): (usize, usize, usize), lhs: &[T], lv: View, rhs: &[T], rv: View, beta: T) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |v: View, rows: usize, cols: usize| v.offset + (rows.max(1) - 1) * v.rs + (cols.max(1) - 1) * v.cs;
+    assert!(k == 0 || (last(lv, m, k) < lhs.len() && last(rv, k, n) < rhs.len()));
+    // SAFETY: the asserts above keep every element the strides reach inside the slices, and
+    // `dst` holds m x n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr().add(lv.offset),
+            lv.cs as isize,
+            lv.rs as isize,
+            rhs.as_ptr().add(rv.offset),
+            rv.cs as isize,
+            rv.rs as isize,
+            T::ZERO,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Where head `h` of image `b` sits in the packed qkv rows: q, k, v as `[N, hd]` views.
+fn qkv_views(dims: Dims, b: usize, h: usize) -> [View; 3] {
+    let (d, row) = (dims.d(), 3 * dims.d());
+    let base = b * dims.n * row + h * dims.hd;
+    [0, 1, 2].map(|s| View { offset: base + s * d, rs: row, cs: 1 })
+}
+
+/// The same head's rows in a `[B, N, heads * hd]` tensor (the output and its gradient).
+fn out_view(dims: Dims, b: usize, h: usize) -> View {
+    View { offset: b * dims.n * dims.d() + h * dims.hd, rs: dims.d(), cs: 1 }
+}
+
+/// `p = softmax(q k^T * scale)` for one head, `[N, N]` row-major.
+fn probabilities<T: Element>(qkv: &[T], dims: Dims, b: usize, h: usize, scale: T) -> Vec<T> {
+    let n = dims.n;
+    let [q, k, _] = qkv_views(dims, b, h);
+    let mut p = vec![T::ZERO; n * n];
+    gemm_into(&mut p, (n, n, dims.hd), qkv, q, qkv, k.t(), scale);
+    for row in p.chunks_mut(n.max(1)) {
+        let max = row.iter().fold(T::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let mut sum = T::ZERO;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in row.iter_mut() {
+            *v = *v / sum;
+        }
+    }
+    p
+}
+
+/// Every (image, head) pair, in the order their results are scattered back.
+fn heads_of(dims: Dims) -> Vec<(usize, usize)> {
+    (0..dims.b).flat_map(|b| (0..dims.heads).map(move |h| (b, h))).collect()
+}
+
+fn forward<T: Element>(qkv: &[T], dims: Dims, scale: f64) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let (n, hd, d) = (dims.n, dims.hd, dims.d());
+    let per_head: Vec<Vec<T>> = heads_of(dims)
+        .into_par_iter()
+        .map(|(b, h)| {
+            let p = probabilities(qkv, dims, b, h, scale);
+            let [_, _, v] = qkv_views(dims, b, h);
+            let mut o = vec![T::ZERO; n * hd];
+            gemm_into(&mut o, (n, hd, n), &p, View { offset: 0, rs: n, cs: 1 }, qkv, v, T::ONE);
+            o
+        })
+        .collect();
+    let mut out = vec![T::ZERO; dims.b * n * d];
+    for ((b, h), o) in heads_of(dims).into_iter().zip(&per_head) {
+        let at = out_view(dims, b, h);
+        for (i, row) in o.chunks(hd).enumerate() {
+            out[at.offset + i * at.rs..][..hd].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// The gradient of `sum(out * g)`: with `p` recomputed, `dv = p^T g`, `dp = g v^T`,
+/// `ds = p (dp - rowsum(g o))` (rowsum(g o) = rowsum(p dp), FlashAttention's form), and
+/// `dq = scale ds k`, `dk = scale ds^T q`.
+fn backward<T: Element>(qkv: &[T], out: &[T], g: &[T], dims: Dims, scale: f64) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let (n, hd) = (dims.n, dims.hd);
+    let per_head: Vec<[Vec<T>; 3]> = heads_of(dims)
+        .into_par_iter()
+        .map(|(b, h)| {
+            let p = probabilities(qkv, dims, b, h, scale);
+            let [q, k, v] = qkv_views(dims, b, h);
+            let ov = out_view(dims, b, h);
+            let square = View { offset: 0, rs: n, cs: 1 };
+            let mut dv = vec![T::ZERO; n * hd];
+            gemm_into(&mut dv, (n, hd, n), &p, square.t(), g, ov, T::ONE);
+            let mut ds = vec![T::ZERO; n * n];
+            gemm_into(&mut ds, (n, n, hd), g, ov, qkv, v.t(), T::ONE);
+            for i in 0..n {
+                let row = ov.offset + i * ov.rs;
+                let delta = crate::lane_sum(&g[row..row + hd], &out[row..row + hd], |a, b| a * b);
+                for (s, &pv) in ds[i * n..(i + 1) * n].iter_mut().zip(&p[i * n..(i + 1) * n]) {
+                    *s = pv * (*s - delta);
+                }
+            }
+            let mut dq = vec![T::ZERO; n * hd];
+            gemm_into(&mut dq, (n, hd, n), &ds, square, qkv, k, scale);
+            let mut dk = vec![T::ZERO; n * hd];
+            gemm_into(&mut dk, (n, hd, n), &ds, square.t(), qkv, q, scale);
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut grad = vec![T::ZERO; qkv.len()];
+    for ((b, h), parts) in heads_of(dims).into_iter().zip(&per_head) {
+        for (view, part) in qkv_views(dims, b, h).iter().zip(parts) {
+            for (i, row) in part.chunks(hd).enumerate() {
+                grad[view.offset + i * view.rs..][..hd].copy_from_slice(row);
+            }
+        }
+    }
+    grad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale.max(f64::MIN_POSITIVE)
+    }
+
+    /// The op and candle's composition agree in f64, forward and gradient, on odd sizes
+    /// (tokens not a multiple of anything, one head and several, head dims the CUDA kernels
+    /// do not cover).
+    #[test]
+    fn matches_the_composition_forward_and_backward() {
+        for (i, &(b, n, heads, hd)) in [(2, 7, 3, 4), (1, 49, 12, 8), (3, 1, 2, 5), (2, 33, 1, 16)].iter().enumerate() {
+            let x = random(&[b, n, 3 * heads * hd], 10 + i as u64);
+            let probe = random(&[b, n, heads * hd], 20 + i as u64);
+            let scale = (hd as f64).powf(-0.5);
+            let run = |path: crate::Path| {
+                crate::with_path(path, || {
+                    let v = Var::from_tensor(&x).unwrap();
+                    let y = self_attention(v.as_tensor(), heads, scale).unwrap();
+                    let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, grads.get(v.as_tensor()).unwrap().clone())
+                })
+            };
+            let (y, gx) = run(crate::Path::Kernels);
+            let (y_ref, gx_ref) = run(crate::Path::Composite);
+            assert!(max_rel(&y, &y_ref) < 1e-12, "forward {b}x{n} heads {heads} hd {hd}: {}", max_rel(&y, &y_ref));
+            assert!(max_rel(&gx, &gx_ref) < 1e-11, "gradient {b}x{n} heads {heads} hd {hd}: {}", max_rel(&gx, &gx_ref));
+        }
+    }
+
+    /// Central differences of `sum(out * probe)` against the op's gradient, in f64.
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (b, n, heads, hd) = (2, 5, 2, 3);
+        let x = random(&[b, n, 3 * heads * hd], 3);
+        let probe = random(&[b, n, heads * hd], 4);
+        let scale = 0.7;
+        let loss = |t: &Tensor| -> f64 { (self_attention(t, heads, scale).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
+        let v = Var::from_tensor(&x).unwrap();
+        let y = self_attention(v.as_tensor(), heads, scale).unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let analytic = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-6;
+        for (i, &a) in analytic.iter().enumerate() {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                loss(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap())
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!((a - numeric).abs() < 1e-8 * (1.0 + numeric.abs()), "element {i}: analytic {a} numeric {numeric}");
+        }
+    }
+
+    /// A strided input (the transpose of a [B, 3D, N] tensor) gives what its contiguous copy gives.
+    #[test]
+    fn strided_input_is_read_in_logical_order() {
+        let (b, n, heads, hd) = (2, 6, 2, 4);
+        let t = random(&[b, 3 * heads * hd, n], 5).to_dtype(DType::F32).unwrap();
+        let strided = t.transpose(1, 2).unwrap();
+        let a = self_attention(&strided, heads, 0.5).unwrap();
+        let c = self_attention(&strided.contiguous().unwrap(), heads, 0.5).unwrap();
+        assert_eq!(a.to_vec3::<f32>().unwrap(), c.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let x = Tensor::zeros((2, 3, 10), DType::F32, &Device::Cpu).unwrap();
+        let e = self_attention(&x, 2, 1.0).unwrap_err().to_string();
+        assert!(e.contains("self_attention") && e.contains("3 x heads (2)"), "{e}");
+        let e = self_attention(&x.flatten_all().unwrap(), 1, 1.0).unwrap_err().to_string();
+        assert!(e.contains("[batch, tokens, 3 * heads * head_dim]"), "{e}");
+        let e = self_attention(&x, 0, 1.0).unwrap_err().to_string();
+        assert!(e.contains("heads (0)"), "{e}");
+    }
+}
