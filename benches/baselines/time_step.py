@@ -1,7 +1,7 @@
 """Times one ConvMAE pretraining step in PyTorch (the baseline of ``npm run bench -- pretrain``).
 
     python benches/baselines/time_step.py --preset convmae-base --batch 8 --threads 2 --warmup 2 --steps 5
-    python benches/baselines/time_step.py --device cuda --batch 64 --amp bf16 [--compile]
+    python benches/baselines/time_step.py --device cuda --batch 64 --amp bf16 [--compile] [--profile]
 
 A step is what the project's ``Pretrainer.pretrainStep`` does: take a random uint8 [B,H,W,3]
 batch, ImageNet-normalize it, draw the mask, forward, backward, AdamW (betas 0.9/0.95,
@@ -9,6 +9,11 @@ weight decay 0.05, none on 1-D tensors and biases), in float32 on the CPU by def
 ``--amp bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` (PyTorch's mixed
 precision: float32 weights and optimizer state) and ``--compile`` wraps the model in
 ``torch.compile`` (compile time is spent in the warmup steps and not timed).
+``--profile`` runs one more step after the timed ones under ``torch.profiler`` (so the timings
+are the profiler's overhead free) and adds ``"profile"`` to the JSON line: each CUDA kernel's
+name, calls and total device time (``{"kernels": [{"name", "calls", "total_us"}], ...}``;
+memory copies and sets are listed there too, under their ``Memcpy`` / ``Memset`` names). On the
+CPU the list is empty: there are no device events.
 Prints one JSON line:
   {"suite":"pretrain","impl":"pytorch","preset","batch","dtype":"f32","device":"cpu","threads",
    "images_per_s","ms_per_step_median", ...,"peak_mem_mb"}
@@ -34,6 +39,39 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def device_time_us(avg) -> tuple[float, str]:
+    """A key_averages() entry's device time in us, and which attribute held it: torch 2.4 renamed
+    cuda_time_total to device_time_total (the old name warns, later ones may drop it). For a kernel
+    entry the self and total times are the same (a kernel has no children)."""
+    for attr in ("self_device_time_total", "device_time_total", "self_cuda_time_total", "cuda_time_total"):
+        value = getattr(avg, attr, None)
+        if value is not None:
+            return float(value), attr
+    return float("nan"), "none"
+
+
+def profile_step(step, cuda: bool) -> dict:
+    """Runs `step` once under torch.profiler; returns its CUDA kernels' totals by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step_s = step()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels = []
+    attr = None
+    for avg in prof.key_averages():
+        # Device-side entries (kernels, copies, sets) have device_type CUDA; the CPU ops that
+        # launched them would count the same time again.
+        if not str(getattr(avg, "device_type", "")).endswith("CUDA"):
+            continue
+        total_us, attr = device_time_us(avg)
+        kernels.append({"name": avg.key, "calls": int(avg.count), "total_us": total_us})
+    kernels.sort(key=lambda k: -k["total_us"])
+    return {"kernels": kernels, "time_attr": attr, "step_ms": step_s * 1000.0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="convmae-base", choices=sorted(PRESETS))
@@ -47,6 +85,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default="none", choices=["none", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="one more step under torch.profiler: CUDA kernel times in the JSON line")
     args = ap.parse_args()
     if args.amp != "none" and args.device != "cuda":
         ap.error("--amp bf16 is measured on CUDA only")
@@ -101,6 +140,7 @@ def main() -> int:
         step()
     times = [step() for _ in range(args.steps)]
     med = statistics.median(times)
+    profile = profile_step(step, cuda) if args.profile else None
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     impl = "pytorch" + ("-compile" if args.compile else "")
     out = {
@@ -122,6 +162,8 @@ def main() -> int:
         "torch": torch.__version__,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if profile is not None:
+        out["profile"] = profile
     print(json.dumps(out))
     return 0
 

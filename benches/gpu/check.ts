@@ -1,7 +1,7 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick | --kernels-only]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick | --kernels-only] [--profile]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
@@ -14,14 +14,23 @@
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
  *     max_memory_allocated).
+ * (e) with --profile, last (after (a) alone with --kernels-only): the per-kernel profile of one
+ *     sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
+ *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
+ *     (ncu's table, one row per launch) and a "Per-kernel profile" section of the markdown.
+ *     --ncu PATH picks the ncu binary (else CONVMAE_NCU, PATH, the CUDA toolkit, Nsight Compute's
+ *     installs); --profile-timeout S caps the ncu run (default 150).
  * Writes gpu-<date>.jsonl (one harness-format line per measurement), gpu-<date>.md and
  * check.json under --out. Each child has a time limit so the whole run stays within its budget;
  * what times out is recorded as such.
  */
 import { spawn } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { fmt, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
+import { gzipSync } from 'node:zlib';
+import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
+import { findNcu, ncuArgs, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
   suite: string;
@@ -46,7 +55,17 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
     p.stdout.on('data', (d) => (out += d));
     p.stderr.on('data', (d) => (err += d));
     const timer = setTimeout(() => p.kill('SIGKILL'), seconds * 1000);
+    // A command that cannot start (no python3 there) is one failed row, not the end of the check.
+    let done = false;
+    p.on('error', (e) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      resolve({ error: `could not start ${cmd}: ${e.message}`, stderr: err });
+    });
     p.on('close', (code, signal) => {
+      if (done) return;
+      done = true;
       clearTimeout(timer);
       const last = out.trim().split('\n').filter((l) => l.startsWith('{')).at(-1);
       if (code === 0 && last) resolve({ json: JSON.parse(last) as Record<string, unknown>, stderr: err });
@@ -56,7 +75,7 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'profile']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
@@ -64,6 +83,9 @@ async function main(): Promise<void> {
   // Parity and kernel agreement only (a minute or two): whether the CUDA kernels are right,
   // before spending the rest of the device time on throughput.
   const kernelsOnly = opts.flags['kernels-only'] === 'true';
+  // Where the GPU time of a step goes, by kernel (a few minutes: ncu times every launch alone).
+  const profile = opts.flags.profile === 'true';
+  const profileTimeout = intFlag(opts, 'profile-timeout', 150);
   mkdirSync(out, { recursive: true });
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
@@ -88,8 +110,11 @@ async function main(): Promise<void> {
   let agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[] = [];
   let agreementError: string | undefined;
   const rows: Row[] = [];
+  let profileReport: ProfileReport | undefined;
   // Rewritten after every probe and measurement, so a run cut short still leaves its results.
-  const save = () => writeResults({ out, started, loadError, parity, agreement, agreementError, rows });
+  // run.sh's arguments as given (it adds --out and --golden itself), for the report.
+  const runArgs = process.argv.slice(2).filter((a, i, all) => !['--out', '--golden'].includes(a) && !['--out', '--golden'].includes(all[i - 1] ?? ''));
+  const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, rows, profile: profileReport });
 
   // (a) kernel agreement first (it says which kernel is wrong), then parity.
   if (!loadError) {
@@ -165,6 +190,50 @@ async function main(): Promise<void> {
     }
   }
 
+  // (e) the per-kernel profile, last, so that a run cut short by its time limit still has (a)-(d).
+  if (profile) {
+    const batch = 64;
+    const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default; PyTorch: eager with autocast bf16).`;
+    const workerArgs = ['--preset', 'convmae-base', '--batch', String(batch), '--warmup', '0', '--steps', '1', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'];
+    const ncu = findNcu({ explicit: opts.flags.ncu ?? process.env.CONVMAE_NCU });
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'convmae-ncu-'));
+    const logFile = path.join(tmp, 'ncu-raw.csv');
+    let ours: NcuRunResult;
+    if (loadError) {
+      ours = { status: 'skipped', reason: `our addon is unusable: ${loadError}`, command: shellQuote(['ncu', ...ncuArgs(logFile, process.execPath, [worker, ...workerArgs])]) };
+    } else {
+      log(ncu.path ? `profile: ours under ${ncu.path} (at most ${profileTimeout} s)` : `profile: ${ncu.reason}`);
+      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: profileTimeout });
+    }
+    // ncu's own table, compressed (one row per launch: what the summary was made from).
+    if (existsSync(logFile)) {
+      const gz = gzipSync(readFileSync(logFile));
+      if (gz.length < 15 * 2 ** 20) writeFileSync(path.join(out, 'ncu-raw.csv.gz'), gz);
+      else log(`profile: ncu's table is ${gz.length} bytes compressed, over what the device tool brings back; not kept`);
+    }
+    rmSync(tmp, { recursive: true, force: true });
+    profileReport = { workload, ours };
+    log(`profile ours: ${ours.status}${ours.reason ? ` (${ours.reason})` : ''}${ours.summary ? `, ${fmt(ours.summary.total_us / 1000)} ms of kernels in ${ours.summary.launches} launches` : ''}`);
+    save();
+
+    const torchArgs = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', 'bf16', '--warmup', '1', '--steps', '1', '--profile'];
+    const r = await child(python, torchArgs, 120);
+    const pytorch: TorchProfileResult = { status: 'ok', command: shellQuote([python, ...torchArgs]) };
+    const p = r.json?.profile as { kernels?: KernelEntry[]; time_attr?: string; step_ms?: number } | undefined;
+    if (p?.kernels) {
+      pytorch.summary = summarizeKernels(p.kernels);
+      pytorch.torch = r.json?.torch as string | undefined;
+      pytorch.time_attr = p.time_attr;
+      pytorch.step_ms = p.step_ms;
+      if (!p.kernels.length) Object.assign(pytorch, { status: 'failed', reason: 'torch.profiler reported no CUDA kernels' });
+    } else {
+      pytorch.status = r.error?.startsWith('timed out') ? 'timed_out' : 'failed';
+      pytorch.reason = r.error ?? 'no "profile" in its JSON line';
+    }
+    profileReport = { workload, ours, pytorch };
+    log(`profile PyTorch: ${pytorch.status}${pytorch.reason ? ` (${pytorch.reason})` : ''}${pytorch.summary ? `, ${fmt(pytorch.summary.total_us / 1000)} ms of kernels in ${pytorch.summary.launches} launches` : ''}`);
+  }
+
   save();
   log(`wrote ${out}/gpu-${localDate(new Date())}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);
 }
@@ -172,15 +241,18 @@ async function main(): Promise<void> {
 interface Results {
   out: string;
   started: number;
+  runArgs: string[];
   loadError?: string;
   parity: Record<string, unknown>[];
   agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[];
   agreementError?: string;
   rows: Row[];
+  profile?: ProfileReport;
 }
 
-/** Writes gpu-<date>.jsonl (harness format), gpu-<date>.md and check.json (everything). */
-function writeResults({ out, started, loadError, parity, agreement, agreementError, rows }: Results): void {
+/** Writes gpu-<date>.jsonl (harness format), gpu-<date>.md, check.json (everything but the profile's
+ *  kernel lists) and, with a profile, profile.json. */
+function writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, rows, profile }: Results): void {
   const date = localDate(new Date());
   const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
   writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
@@ -198,7 +270,7 @@ function writeResults({ out, started, loadError, parity, agreement, agreementErr
   const md = [
     `# GPU check, ${date}`,
     '',
-    `Device: ${device}. Command: \`bash benches/gpu/run.sh\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
+    `Device: ${device}. Command: \`${['bash benches/gpu/run.sh', ...runArgs].join(' ')}\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
     ...(loadError ? ['', `Our CUDA addon could not be used: ${loadError}`] : []),
     ...(agreementError ? ['', `Kernel agreement did not finish: ${agreementError}`] : []),
     '',
@@ -219,9 +291,15 @@ function writeResults({ out, started, loadError, parity, agreement, agreementErr
     '',
     table,
     '',
+    ...(profile ? [profileMarkdown(profile), ''] : []),
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
-  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, rows }, null, 2));
+  const profileStatus = profile && {
+    ours: { status: profile.ours.status, reason: profile.ours.reason ?? null, kernel_ms: profile.ours.summary ? profile.ours.summary.total_us / 1000 : null },
+    pytorch: profile.pytorch && { status: profile.pytorch.status, reason: profile.pytorch.reason ?? null, kernel_ms: profile.pytorch.summary ? profile.pytorch.summary.total_us / 1000 : null },
+  };
+  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, rows, profile: profileStatus ?? null }, null, 2));
+  if (profile) writeFileSync(path.join(out, 'profile.json'), JSON.stringify(profile, null, 2));
 }
 
 main().catch((e: unknown) => {

@@ -39,4 +39,5 @@ if (( total > LIMIT )); then
   echo "prepare: too large for the device tool's carry limit" >&2
   exit 1
 fi
-echo 'prepare: now run(command="bash benches/gpu/run.sh", carry=["benches/gpu/payload", "dist"], timeout_s=540)'
+echo 'prepare: now run(command="bash benches/gpu/run.sh --kernels-only --profile", carry=["benches/gpu/payload", "dist"], timeout_s=300)'
+echo '         then run(command="bash benches/gpu/run.sh", carry=["benches/gpu/payload", "dist"], timeout_s=540)'

@@ -2,9 +2,17 @@
 # The one-shot GPU check, on the GPU machine (no Node, no Rust, no network; PyTorch present):
 # unpacks the payload of benches/gpu/prepare.sh, points the loader at PyTorch's CUDA 13
 # libraries, and runs dist/benches/gpu/check.js. Results go to $OUT (the device tool's output
-# folder): gpu-<date>.{jsonl,md}, check.json, check.log, device.csv, ldd.txt.
+# folder): gpu-<date>.{jsonl,md}, check.json, check.log, env.txt (LD_LIBRARY_PATH, Node, the
+# commit, nvidia-smi, ldd of the addon, ncu's version), and with --profile profile.json and
+# ncu-raw.csv.gz. The device tool brings back at most 8 files, hence one env.txt.
 # Extra arguments go to check.js (--quick: batch 64 only; --kernels-only: parity and kernel
-# agreement, no throughput, a minute or two).
+# agreement, no throughput, a minute or two; combinable with both).
+# --profile: after the rest, the per-kernel profile of one sparse bf16 step of convmae-base at
+# batch 64: ours under Nsight Compute (`ncu --metrics gpu__time_duration.sum`, every launch
+# timed on its own: model creation + 1 step, capped at 150 s, --profile-timeout S to change) and
+# PyTorch eager bf16 under torch.profiler (1 step after 1 warmup, capped at 120 s). Costs up to
+# about 4.5 minutes of device time on top; ncu is looked up on PATH, /usr/local/cuda*/bin and
+# /opt/nvidia/nsight-compute/*/ (or --ncu PATH); without it that half is recorded as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PAYLOAD=benches/gpu/payload
@@ -42,11 +50,22 @@ for name in need:
 print(":".join(dirs))
 PY
 )
+# ncu (run under --profile) inherits this too: the addon it profiles needs these libraries.
 export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.csv" 2>&1 || true
-ldd "$WORK/convmae.cuda.node" > "$OUT/ldd.txt" 2>&1 || true
-"$WORK/node" --version >> "$OUT/env.txt"
-cp "$PAYLOAD/COMMIT" "$OUT/COMMIT" 2>/dev/null || true
+{
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  echo "node $("$WORK/node" --version)"
+  echo "commit $(cat "$PAYLOAD/COMMIT" 2>/dev/null || echo unknown)"
+  echo "## nvidia-smi"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+  if [[ " $* " == *" --profile "* ]]; then
+    echo "## ncu"
+    for n in $(command -v ncu) /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
+      [[ -x "$n" ]] && { echo "$n: $("$n" --version 2>&1 | tail -1)"; break; }
+    done
+  fi
+  echo "## ldd convmae.cuda.node"
+  ldd "$WORK/convmae.cuda.node" 2>&1 || true
+} > "$OUT/env.txt"
 
 CONVMAE_NATIVE="$WORK/convmae.cuda.node" "$WORK/node" dist/benches/gpu/check.js --out "$OUT" --golden "$PAYLOAD/golden" "$@" 2>&1 | tee "$OUT/check.log"
