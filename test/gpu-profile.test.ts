@@ -187,7 +187,7 @@ test('runUnderNcu without ncu records the reason and the command instead of fail
   const r = await runUnderNcu({ ncu: findNcu({ pathEnv: '', locations: [] }), app: process.execPath, appArgs: ['worker.js', '--batch', '64'], logFile: '/tmp/never-written.csv', timeoutS: 5 });
   t.is(r.status, 'skipped');
   t.regex(r.reason ?? '', /^ncu not found/);
-  t.regex(r.command, /^ncu --target-processes all --clock-control none .* --log-file \/tmp\/never-written\.csv .*worker\.js --batch 64$/);
+  t.regex(r.command, /^ncu --target-processes all --profile-from-start off --clock-control none .* --log-file \/tmp\/never-written\.csv .*worker\.js --batch 64$/);
   t.is(r.summary, undefined);
 });
 

@@ -30,7 +30,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { findNcu, ncuArgs, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
+import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
   suite: string;
@@ -194,7 +194,8 @@ async function main(): Promise<void> {
   if (profile) {
     const batch = 64;
     const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default; PyTorch: eager with autocast bf16).`;
-    const workerArgs = ['--preset', 'convmae-base', '--batch', String(batch), '--warmup', '0', '--steps', '1', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'];
+    // One warmup step (module loads, first allocations), then the profiled step.
+    const workerArgs = ['--preset', 'convmae-base', '--batch', String(batch), '--warmup', '1', '--steps', '1', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'];
     const ncu = findNcu({ explicit: opts.flags.ncu ?? process.env.CONVMAE_NCU });
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'convmae-ncu-'));
     const logFile = path.join(tmp, 'ncu-raw.csv');
@@ -203,7 +204,7 @@ async function main(): Promise<void> {
       ours = { status: 'skipped', reason: `our addon is unusable: ${loadError}`, command: shellQuote(['ncu', ...ncuArgs(logFile, process.execPath, [worker, ...workerArgs])]) };
     } else {
       log(ncu.path ? `profile: ours under ${ncu.path} (at most ${profileTimeout} s)` : `profile: ${ncu.reason}`);
-      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: profileTimeout });
+      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: profileTimeout, env: { ...process.env, ...PROFILED_STEP_ENV } });
     }
     // ncu's own table, compressed (one row per launch: what the summary was made from).
     if (existsSync(logFile)) {

@@ -2,7 +2,8 @@
  * The per-kernel profile of the GPU check (`check.js --profile`): where the GPU time of one
  * pretraining step goes, for ours and for PyTorch, by kernel and by kind of kernel.
  *
- * Ours: the pretraining worker (model creation + one sparse bf16 step of convmae-base) under
+ * Ours: the pretraining worker (one warmup step, then one profiled sparse bf16 step of
+ * convmae-base, bracketed by cuProfilerStart / cuProfilerStop: CONVMAE_CUDA_PROFILE_STEP) under
  * Nsight Compute, one metric (gpu__time_duration.sum) per kernel launch, printed as CSV (the
  * "raw" page: one row per launch). Nsight Systems would be the lighter tool, but the GPU machine
  * has only ncu. ncu serializes launches and times each on its own, so the sum is the GPU-busy
@@ -347,9 +348,18 @@ export function findNcu(opts: { explicit?: string; pathEnv?: string; locations?:
   return { reason: `ncu not found on PATH nor at ${locations.length ? locations.join(', ') : '(no other locations)'}` };
 }
 
+/**
+ * The environment that makes the pretraining worker bracket its second step (after one warmup
+ * step) with cuProfilerStart / cuProfilerStop (crates/convmae-core/src/device.rs).
+ */
+export const PROFILED_STEP_ENV = { CONVMAE_CUDA_PROFILE_STEP: '2' };
+
 /** The ncu options of the profile (see check.ts and README for why each). */
 export const NCU_OPTIONS = [
   '--target-processes', 'all',
+  // Only what runs between the addon's cuProfilerStart and cuProfilerStop: the one step that
+  // CONVMAE_CUDA_PROFILE_STEP names (PROFILED_STEP_ENV below), not model creation or warmup.
+  '--profile-from-start', 'off',
   // Clocks as a normal run has them (ncu locks them to base by default).
   '--clock-control', 'none',
   // Caches as a normal run leaves them (ncu flushes them before every launch by default).
@@ -570,7 +580,7 @@ export function profileMarkdown(report: ProfileReport): string {
     '',
     'ncu runs each launch on its own (serialized, clocks and caches left as they are) and the times are summed; torch.profiler times the kernels as they ran. ' +
       'Neither counts the gaps between launches, so a total well below the measured ms/step means the step waits on the host (launch overhead, synchronization). ' +
-      "Ours covers model creation + the first step (initialization kernels are a small part); PyTorch's one step after warmup. Full lists: profile.json.",
+      "Ours: the second step (after one warmup step), bracketed by cuProfilerStart/Stop; PyTorch: one step after warmup. Full lists: profile.json.",
     '',
   );
   if (ours || torch) {

@@ -9,7 +9,7 @@
 # agreement, no throughput, a minute or two; combinable with both).
 # --profile: after the rest, the per-kernel profile of one sparse bf16 step of convmae-base at
 # batch 64: ours under Nsight Compute (`ncu --metrics gpu__time_duration.sum`, every launch
-# timed on its own: model creation + 1 step, capped at 150 s, --profile-timeout S to change) and
+# timed on its own: the second step only, via cuProfilerStart/Stop in the addon, capped at 150 s, --profile-timeout S to change) and
 # PyTorch eager bf16 under torch.profiler (1 step after 1 warmup, capped at 120 s). Costs up to
 # about 4.5 minutes of device time on top; ncu is looked up on PATH, /usr/local/cuda*/bin and
 # /opt/nvidia/nsight-compute/*/ (or --ncu PATH); without it that half is recorded as skipped.

@@ -84,6 +84,44 @@ fn configure_cuda(_device: &Device) -> Result<(), String> {
     Ok(())
 }
 
+/// The step a profiler should see: `CONVMAE_CUDA_PROFILE_STEP=N` (the trainer's micro-step
+/// number, 1 for the first step of a fresh run) brackets that one step with cuProfilerStart / cuProfilerStop, so that a profiler
+/// started with profiling off (`ncu --profile-from-start off`, as the GPU check's `--profile`
+/// runs it) records exactly one warmed-up step: no model creation, no first-step JIT.
+/// Unset, unparsable or 0: never.
+pub fn cuda_profile_step() -> Option<u64> {
+    parse_profile_step(std::env::var("CONVMAE_CUDA_PROFILE_STEP").ok().as_deref())
+}
+
+fn parse_profile_step(value: Option<&str>) -> Option<u64> {
+    value?.trim().parse().ok().filter(|&n| n > 0)
+}
+
+/// Starts (`on`) or stops the CUDA profiler's collection, after finishing the work queued on
+/// `device` so the range holds whole steps. A no-op on the CPU.
+pub fn cuda_profiler_range(device: &Device, on: bool) -> Result<(), String> {
+    if !device.is_cuda() {
+        return Ok(());
+    }
+    device.synchronize().map_err(|e| e.to_string())?;
+    profiler_call(on)
+}
+
+#[cfg(feature = "cuda")]
+fn profiler_call(on: bool) -> Result<(), String> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let r = unsafe { if on { sys::cuProfilerStart() } else { sys::cuProfilerStop() } };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(format!("cuProfiler{} failed: {r:?}", if on { "Start" } else { "Stop" }));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler_call(_on: bool) -> Result<(), String> {
+    Ok(())
+}
+
 /// High-water marks of a CUDA device's default memory pool (where candle allocates), in bytes:
 /// the peak of memory handed to tensors and of memory the pool held.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -130,6 +168,15 @@ pub fn cuda_pool_peaks(_ordinal: usize) -> Result<PoolPeaks, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_profiled_step_is_a_positive_step_number_or_none() {
+        assert_eq!(parse_profile_step(Some("2")), Some(2));
+        assert_eq!(parse_profile_step(Some(" 7 ")), Some(7));
+        for v in [None, Some(""), Some("0"), Some("-1"), Some("two")] {
+            assert_eq!(parse_profile_step(v), None, "{v:?}");
+        }
+    }
 
     #[test]
     fn device_strings_parse_or_say_what_is_accepted() {

@@ -158,6 +158,11 @@ impl Pretrainer {
             return Err(candle_core::Error::Msg(format!("lr must be a finite non-negative number, got {}", opts.lr)));
         }
         let profile = std::env::var_os("CONVMAE_PROFILE").is_some();
+        // micro_step counts the steps done; this one is micro_step + 1.
+        let profiled = crate::device::cuda_profile_step() == Some(self.micro_step + 1);
+        if profiled {
+            crate::device::cuda_profiler_range(self.model.device(), true).map_err(candle_core::Error::Msg)?;
+        }
         let t0 = std::time::Instant::now();
         let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
         let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
@@ -195,6 +200,9 @@ impl Pretrainer {
             let grads = self.pending.take().unwrap();
             self.pending_count = 0;
             self.optimizer.update(&self.model.params, &grads, opts.lr)?;
+        }
+        if profiled {
+            crate::device::cuda_profiler_range(self.model.device(), false).map_err(candle_core::Error::Msg)?;
         }
         if profile {
             let t_all = t0.elapsed();
