@@ -1,7 +1,7 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick | --kernels-only] [--profile]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick] [--kernels-only | --throughput-only] [--profile]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
@@ -14,6 +14,8 @@
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
  *     max_memory_allocated).
+ * --throughput-only skips (a): for a second call after a --kernels-only one, when device time is
+ * short (the device tool lends 15 minutes a session, start-up included).
  * (e) with --profile, last (after (a) alone with --kernels-only): the per-kernel profile of one
  *     sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
@@ -75,7 +77,7 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'profile']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
@@ -83,6 +85,9 @@ async function main(): Promise<void> {
   // Parity and kernel agreement only (a minute or two): whether the CUDA kernels are right,
   // before spending the rest of the device time on throughput.
   const kernelsOnly = opts.flags['kernels-only'] === 'true';
+  // (b)-(d) without (a), for a second call after a --kernels-only one.
+  const throughputOnly = opts.flags['throughput-only'] === 'true';
+  if (kernelsOnly && throughputOnly) throw new Error('--kernels-only and --throughput-only exclude each other (together they would measure nothing)');
   // Where the GPU time of a step goes, by kernel (a few minutes: ncu times every launch alone).
   const profile = opts.flags.profile === 'true';
   const profileTimeout = intFlag(opts, 'profile-timeout', 150);
@@ -117,7 +122,7 @@ async function main(): Promise<void> {
   const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, rows, profile: profileReport });
 
   // (a) kernel agreement first (it says which kernel is wrong), then parity.
-  if (!loadError) {
+  if (!loadError && !throughputOnly) {
     const r = await child(process.execPath, [probe, 'agreement'], 180);
     if (r.json) {
       agreement = r.json.rows as typeof agreement;
@@ -131,7 +136,7 @@ async function main(): Promise<void> {
     }
     save();
   }
-  for (const [file, dtype, convPath] of loadError ? [] : ([
+  for (const [file, dtype, convPath] of loadError || throughputOnly ? [] : ([
     ['pretrain_small.safetensors', 'f32', 'sparse'],
     ['pretrain_small.safetensors', 'f32', 'dense'],
     ['pretrain_small.safetensors', 'f64', 'sparse'],

@@ -40,4 +40,5 @@ if (( total > LIMIT )); then
   exit 1
 fi
 echo 'prepare: now run(command="bash benches/gpu/run.sh --kernels-only --profile", carry=["benches/gpu/payload", "dist"], timeout_s=300)'
-echo '         then run(command="bash benches/gpu/run.sh", carry=["benches/gpu/payload", "dist"], timeout_s=540)'
+echo '         then run(command="bash benches/gpu/run.sh --throughput-only --quick", carry=["benches/gpu/payload", "dist"], timeout_s=420)'
+echo '         (drop --quick for batch 128 too only if status says 10 minutes of device time remain)'

@@ -174,6 +174,7 @@ export const KERNEL_CATEGORIES: { category: string; pattern: RegExp }[] = [
   { category: 'ours: layernorm / softmax', pattern: /^(layer_norm_fwd|layer_norm_stats|layer_norm_bwd_input|layer_norm_param_partials|rows_reduce_partials|softmax_fwd|softmax_bwd)_/ },
   { category: 'ours: gelu', pattern: /^gelu_erf_(fwd|bwd)_/ },
   { category: 'ours: adamw', pattern: /^adamw_/ },
+  { category: 'ours: attention', pattern: /^attention_(fwd|bwd_q|bwd_k|bwd_v)_hd\d+_/ },
   { category: 'candle copy (strided / 2d)', pattern: /^(ucopy|copy2d)_/ },
   { category: 'candle cast', pattern: /^cast_/ },
   {
@@ -184,6 +185,9 @@ export const KERNEL_CATEGORIES: { category: string; pattern: RegExp }[] = [
   { category: 'candle reduce / norm', pattern: /^(sum|fast_sum|fast_sum_small|fast_max|fast_min|fast_argmax|fast_argmin|softmax|layernorm|rmsnorm|rope|rope_i|rope_thd|asort_asc|asort_desc)_/ },
   { category: 'candle indexing', pattern: /^(is|ia|s|sa|gather)_(u8|u32|i16|i32|i64)_/ },
   { category: 'candle conv / pool', pattern: /^(conv1d|conv2d|conv_transpose1d|conv_transpose2d|im2col|im2col1d|col2im1d|avg_pool2d|max_pool2d|upsample_nearest2d|upsample_bilinear2d)_/ },
+  // PyTorch's fused attention (what torch.compile's pattern matcher may put in): flash / memory-efficient SDPA,
+  // before GEMMs (the memory-efficient kernels are CUTLASS-based).
+  { category: 'torch fused attention', pattern: /flash|fmha|efficient_attention|attention_kernel/i },
   // cuDNN's and PyTorch's convolutions (implicit GEMMs included) before GEMMs, so "fprop_implicit_gemm" is a conv.
   { category: 'conv (cuDNN / torch)', pattern: /conv(?!ert)|fprop|dgrad|wgrad|depthwise/i },
   // cuBLAS / cuBLASLt / CUTLASS: sm90_xmma_gemm_*, nvjet_* (Hopper cuBLASLt), cutlass::Kernel2<...gemm...>, gemv, split-K reduction.

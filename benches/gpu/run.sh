@@ -6,7 +6,8 @@
 # commit, nvidia-smi, ldd of the addon, ncu's version), and with --profile profile.json and
 # ncu-raw.csv.gz. The device tool brings back at most 8 files, hence one env.txt.
 # Extra arguments go to check.js (--quick: batch 64 only; --kernels-only: parity and kernel
-# agreement, no throughput, a minute or two; combinable with both).
+# agreement, no throughput, a minute or two; --throughput-only: throughput and memory without
+# parity and agreement, for a second call after a --kernels-only one).
 # --profile: after the rest, the per-kernel profile of one sparse bf16 step of convmae-base at
 # batch 64: ours under Nsight Compute (`ncu --metrics gpu__time_duration.sum`, every launch
 # timed on its own: the second step only, via cuProfilerStart/Stop in the addon, capped at 150 s, --profile-timeout S to change) and

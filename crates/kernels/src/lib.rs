@@ -3,6 +3,7 @@
 //! They exist because candle 0.11.1's fused `layer_norm` and `softmax_last_dim` are applied
 //! without a backward (their gradients silently vanish), and its grouped convolution runs one
 //! convolution per group, which is hopeless for depthwise convolutions with hundreds of channels.
+//! `self_attention` fuses timm's attention so that no `[B, heads, N, N]` tensor outlives the op.
 //!
 //! Our kernels run on the CPU in f32 and f64, and with the `cuda` feature on CUDA in f32, bf16
 //! and f16 (`cuda/*.cu`, compiled to PTX by build.rs, launched from `cuda.rs`; statistics and

@@ -1,0 +1,40 @@
+// The GPU check's driver (benches/gpu/check.ts) on a machine without a GPU: with the CPU addon it
+// must say that this is not the CUDA build and still write its report files (the PyTorch half
+// would go on), and contradictory flags are refused before anything runs.
+import test from 'ava';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { ROOT } from './helpers.js';
+
+const run = promisify(execFile);
+const CHECK = path.join(ROOT, 'dist', 'benches', 'gpu', 'check.js');
+
+test('with the CPU addon the check records that the CUDA build is missing and writes its report', async (t) => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
+  try {
+    await run(process.execPath, [CHECK, '--kernels-only', '--out', out], { timeout: 60_000 });
+    const files = readdirSync(out).sort();
+    t.true(files.includes('check.json'), files.join(', '));
+    const md = files.find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
+    t.truthy(md, files.join(', '));
+    const report = JSON.parse(readFileSync(path.join(out, 'check.json'), 'utf8')) as { load_error: string | null; parity: unknown[]; agreement: unknown[]; rows: unknown[] };
+    t.regex(report.load_error ?? '', /not the CUDA build/);
+    t.deepEqual([report.parity.length, report.agreement.length, report.rows.length], [0, 0, 0]);
+    t.regex(readFileSync(path.join(out, md!), 'utf8'), /Our CUDA addon could not be used: this is not the CUDA build/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
+
+test('--kernels-only with --throughput-only is refused, naming both flags', async (t) => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
+  try {
+    const err = await t.throwsAsync(run(process.execPath, [CHECK, '--kernels-only', '--throughput-only', '--out', out], { timeout: 60_000 }));
+    t.regex((err as Error & { stderr: string }).stderr, /--kernels-only and --throughput-only exclude each other/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
