@@ -152,6 +152,13 @@ export interface StepResult {
   updated: boolean
 }
 
+/**
+ * Forward and forward + backward times of each op at the shapes of a ConvMAE-B step of `batch`
+ * images, by our kernels and by candle's compositions, as JSON: [{op, path, dtype, shapes,
+ * kernel, forward_ms, forward_backward_ms, reps}]. `dtypes`: "f32" and / or "bf16".
+ */
+export declare function timeKernels(device: string, batch: number, reps: number, dtypes: Array<string>): Promise<string>
+
 export interface TrainStepResult {
   loss: number
   lr: number

@@ -848,3 +848,4 @@ module.exports.decodeCropBatch = nativeBinding.decodeCropBatch
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.resolveConfig = nativeBinding.resolveConfig
+module.exports.timeKernels = nativeBinding.timeKernels

@@ -38,3 +38,24 @@ test('--kernels-only with --throughput-only is refused, naming both flags', asyn
     rmSync(out, { recursive: true, force: true });
   }
 });
+
+test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each op', async (t) => {
+  const { native } = await import('../src/native.js');
+  const { opTimingTable } = await import('../benches/gpu/op-timings.js');
+  const rows = JSON.parse(await native.timeKernels('cpu', 1, 1, ['f32'])) as import('../benches/gpu/op-timings.js').OpTiming[];
+  t.is(rows.length, 16);
+  const attention = rows.filter((r) => r.op === 'self_attention:decoder');
+  t.deepEqual(attention.map((r) => [r.path, r.kernel, r.dtype]), [['kernels', true, 'f32'], ['composite', false, 'f32']]);
+  const table = opTimingTable(rows);
+  const line = table.split('\n').find((l) => l.startsWith('| self_attention:decoder |'));
+  t.truthy(line, table);
+  const cells = line!.split('|').map((c) => c.trim());
+  // op, dtype, shapes, 4 times, ratio
+  t.is(cells[2], 'f32');
+  t.is(cells[3], '[1, 196, 1536]');
+  t.true(Number(cells[8]) > 0, line);
+  // A "kernels" row that ran no kernel of ours gets no ratio.
+  const bf16 = rows.map((r) => ({ ...r, dtype: 'bf16', kernel: false }));
+  t.regex(opTimingTable(bf16), /no kernel of ours/);
+  await t.throwsAsync(native.timeKernels('cpu', 1, 1, ['f16']), { message: /dtype must be 'f32' or 'bf16', got 'f16'/ });
+});

@@ -5,7 +5,8 @@
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
- *     ops, in f32 and bf16;
+ *     ops, in f32 and bf16; then each op's forward and forward + backward time by both, at the
+ *     shapes of a convmae-base step of 64 images (op-timings.ts);
  * (b) pretraining throughput of convmae-base at batch 64 and 128: ours sparse / dense x fp32 /
  *     bf16, each in a process of its own (so the memory peak is its own), plus one sparse bf16
  *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
@@ -32,6 +33,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
+import { opTimingTable, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -114,12 +116,14 @@ async function main(): Promise<void> {
   // reports only op / forward_rel / gradient_rel (f32, composite), hence the optional fields.
   let agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[] = [];
   let agreementError: string | undefined;
+  let opTimings: OpTiming[] = [];
+  let opTimingError: string | undefined;
   const rows: Row[] = [];
   let profileReport: ProfileReport | undefined;
   // Rewritten after every probe and measurement, so a run cut short still leaves its results.
   // run.sh's arguments as given (it adds --out and --golden itself), for the report.
   const runArgs = process.argv.slice(2).filter((a, i, all) => !['--out', '--golden'].includes(a) && !['--out', '--golden'].includes(all[i - 1] ?? ''));
-  const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, rows, profile: profileReport });
+  const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
 
   // (a) kernel agreement first (it says which kernel is wrong), then parity.
   if (!loadError && !throughputOnly) {
@@ -151,6 +155,20 @@ async function main(): Promise<void> {
     } else {
       parity.push({ fixture: file, dtype, path: convPath, pass: false, error: r.error });
       log(`parity ${file} ${dtype} ${convPath}: error ${r.error}`);
+    }
+    save();
+  }
+
+  // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
+  // whether each kernel pays, which the throughput rows cannot say op by op.
+  if (!loadError && !throughputOnly) {
+    const r = await child(process.execPath, [probe, 'timing', '64', '5'], 150);
+    if (r.json) {
+      opTimings = r.json.rows as OpTiming[];
+      for (const t of opTimings) log(`time ${t.op} ${t.path} ${t.dtype}: forward ${fmt(t.forward_ms)} ms, forward+backward ${fmt(t.forward_backward_ms)} ms`);
+    } else {
+      opTimingError = r.error;
+      log(`op timings: error ${r.error}`);
     }
     save();
   }
@@ -252,13 +270,15 @@ interface Results {
   parity: Record<string, unknown>[];
   agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[];
   agreementError?: string;
+  opTimings: OpTiming[];
+  opTimingError?: string;
   rows: Row[];
   profile?: ProfileReport;
 }
 
 /** Writes gpu-<date>.jsonl (harness format), gpu-<date>.md, check.json (everything but the profile's
  *  kernel lists) and, with a profile, profile.json. */
-function writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, rows, profile }: Results): void {
+function writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile }: Results): void {
   const date = localDate(new Date());
   const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
   writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
@@ -293,6 +313,13 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
       agreement.map((a) => [a.op, a.path ?? 'composite', a.dtype ?? 'f32', String(a.kernel ?? false), a.forward_rel.toExponential(2), (a.gradient_rels ?? [a.gradient_rel]).map((g) => g.toExponential(2)).join(', '), a.tolerance === undefined ? '' : String(a.tolerance), a.pass === undefined ? '' : String(a.pass)]),
     ),
     '',
+    '## Op timings: our CUDA kernels vs candle\'s ops',
+    '',
+    'Each op at the shapes of a convmae-base step of 64 images (75% masked), medians of 5 runs with the device synchronized around each (launch overhead included). fwd+bwd: the forward and the gradients of sum(out * probe), less what that probe costs alone (check.json has both).',
+    ...(opTimingError ? ['', `Op timings did not finish: ${opTimingError}`] : []),
+    '',
+    opTimingTable(opTimings),
+    '',
     '## Pretraining throughput, convmae-base',
     '',
     table,
@@ -304,7 +331,7 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
     ours: { status: profile.ours.status, reason: profile.ours.reason ?? null, kernel_ms: profile.ours.summary ? profile.ours.summary.total_us / 1000 : null },
     pytorch: profile.pytorch && { status: profile.pytorch.status, reason: profile.pytorch.reason ?? null, kernel_ms: profile.pytorch.summary ? profile.pytorch.summary.total_us / 1000 : null },
   };
-  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, rows, profile: profileStatus ?? null }, null, 2));
+  writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, op_timing_error: opTimingError ?? null, op_timings: opTimings, rows, profile: profileStatus ?? null }, null, 2));
   if (profile) writeFileSync(path.join(out, 'profile.json'), JSON.stringify(profile, null, 2));
 }
 

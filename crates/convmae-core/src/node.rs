@@ -143,6 +143,36 @@ pub async fn compare_kernels(device: String) -> Result<String> {
     .await
 }
 
+/// Forward and forward + backward times of each op at the shapes of a ConvMAE-B step of `batch`
+/// images, by our kernels and by candle's compositions, as JSON: [{op, path, dtype, shapes,
+/// kernel, forward_ms, forward_backward_ms, reps}]. `dtypes`: "f32" and / or "bf16".
+#[napi]
+pub async fn time_kernels(device: String, batch: u32, reps: u32, dtypes: Vec<String>) -> Result<String> {
+    use candle_core::DType;
+    use convmae_kernels::Path;
+    let device = DeviceSpec::parse(&device).map_err(js_err)?;
+    let dtypes = dtypes
+        .iter()
+        .map(|d| match d.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => Err(js_err(format!("timeKernels: dtype must be 'f32' or 'bf16', got '{other}'"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    off_thread(move || {
+        let device = device.open()?;
+        let mut rows = Vec::new();
+        for dtype in dtypes {
+            rows.extend(
+                convmae_kernels::op_timing::time_ops(&device, &[Path::Kernels, Path::Composite], dtype, batch as usize, reps as usize)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(serde_json::to_string(&rows).unwrap())
+    })
+    .await
+}
+
 /// Peak bytes of CUDA device `ordinal`'s memory pool in this process: {used_high, reserved_high}.
 #[napi]
 pub fn cuda_pool_peaks(ordinal: u32) -> Result<String> {

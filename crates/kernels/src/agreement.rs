@@ -63,7 +63,7 @@ fn worst(a: f64, b: f64) -> f64 {
 }
 
 /// SplitMix64 values in [-1, 1), deterministic per seed.
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
@@ -81,7 +81,7 @@ fn rounded(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
     Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)
 }
 
-fn dtype_name(dtype: DType) -> String {
+pub(crate) fn dtype_name(dtype: DType) -> String {
     format!("{dtype:?}").to_lowercase()
 }
 
@@ -160,11 +160,29 @@ fn compare(case: &Case, device: &Device, dtype: DType, paths: &[Path]) -> Result
     Ok(rows)
 }
 
-fn path_name(path: Path) -> &'static str {
+pub(crate) fn path_name(path: Path) -> &'static str {
     match path {
         Path::Kernels => "kernels",
         Path::Composite => "composite",
     }
+}
+
+/// The visible positions of `images` square `side` x `side` maps whose mask cells are `cell` x
+/// `cell` positions, one cell in four kept (ConvMAE's 75% mask ratio) in a pattern shifted per
+/// image: (image, y, x) in image-major, row-major order.
+pub(crate) fn visible_positions(images: u32, side: u32, cell: u32) -> Vec<(u32, u32, u32)> {
+    let cells_per_row = side / cell;
+    let mut positions = Vec::new();
+    for image in 0..images {
+        for y in 0..side {
+            for x in 0..side {
+                if ((y / cell) * cells_per_row + x / cell + image) % 4 == 0 {
+                    positions.push((image, y, x));
+                }
+            }
+        }
+    }
+    positions
 }
 
 /// Every op at ConvMAE-B-like shapes (batch 4, or 2 images for the convolutions).
@@ -206,18 +224,8 @@ fn cases() -> Result<Vec<Case>> {
             op: Box::new(|t| crate::depthwise_conv2d(&t[0], &t[1])),
         },
     ];
-    // Stage 1 of ConvMAE-B for 2 images: 56x56 positions in 4x4 cells, every other cell kept.
-    let mut positions = Vec::new();
-    for image in 0..2u32 {
-        for y in 0..56u32 {
-            for x in 0..56u32 {
-                if ((y / 4) * 14 + x / 4 + image) % 4 != 0 {
-                    continue;
-                }
-                positions.push((image, y, x));
-            }
-        }
-    }
+    // Stage 1 of ConvMAE-B for 2 images: 56x56 positions in 4x4 cells, one cell in four kept.
+    let positions = visible_positions(2, 56, 4);
     let nbrs = Arc::new(SparseNeighbors::from_positions(&positions, 2, 56, 56, 5)?);
     cases.push(Case {
         name: "sparse_depthwise_conv2d",

@@ -32,6 +32,7 @@ macro_rules! dispatch_float {
 
 mod adamw;
 pub mod agreement;
+pub mod op_timing;
 mod attention;
 pub mod composite;
 #[cfg(feature = "cuda")]

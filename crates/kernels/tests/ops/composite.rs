@@ -157,3 +157,36 @@ fn with_path_chooses_the_composite_and_restores() {
     assert!(panicked.is_err());
     assert!(k::has_kernel(&x), "restored after a panic");
 }
+
+/// The op timings the GPU check records run on the CPU too: every case by both paths, our
+/// kernels where they serve f32 on the CPU, finite positive times.
+#[test]
+fn op_timings_cover_every_case_by_both_paths() {
+    use convmae_kernels::{op_timing::time_ops, Path};
+    let rows = time_ops(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], DType::F32, 1, 1).unwrap();
+    let names: Vec<&str> = rows.iter().step_by(2).map(|r| r.op.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "sparse_depthwise_conv2d:stage1",
+            "sparse_depthwise_conv2d:stage2",
+            "layer_norm:stage1",
+            "gelu_erf:stage1_mlp",
+            "layer_norm:decoder",
+            "self_attention:encoder",
+            "self_attention:decoder",
+            "softmax_last_dim:decoder"
+        ]
+    );
+    for pair in rows.chunks(2) {
+        assert_eq!((pair[0].path.as_str(), pair[1].path.as_str()), ("kernels", "composite"));
+        assert!(pair[0].kernel && !pair[1].kernel, "{pair:?}");
+        for r in pair {
+            assert!(r.forward_ms.is_finite() && r.forward_ms > 0.0 && r.forward_backward_ms > 0.0, "{r:?}");
+        }
+    }
+    // Stage 1 keeps 784 of 3136 positions an image (one 4x4 cell in four).
+    assert_eq!(rows[0].shapes[0], vec![784, 256]);
+    let e = time_ops(&candle_core::Device::Cpu, &[Path::Kernels], DType::F32, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("batch and reps"), "{e}");
+}

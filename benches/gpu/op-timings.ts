@@ -1,0 +1,45 @@
+/**
+ * The op timings of the GPU check (`probe-worker.js timing`, crates/kernels/src/op_timing.rs):
+ * each op's forward and forward + backward at the shapes of a ConvMAE-B step, by our kernels and
+ * by candle's compositions, and the table that pairs the two.
+ */
+import { fmt, markdownTable } from '../lib.js';
+
+export interface OpTiming {
+  op: string;
+  path: string;
+  dtype: string;
+  shapes: number[][];
+  kernel: boolean;
+  forward_ms: number;
+  forward_backward_ms: number;
+  /** sum(out * probe) and its backward alone: in forward_backward_ms, not the op's. */
+  probe_ms: number;
+  reps: number;
+}
+
+/** Forward + backward less the probe's own cost (never below the forward alone). */
+export function netForwardBackward(r: OpTiming): number {
+  return Math.max(r.forward_ms, r.forward_backward_ms - r.probe_ms);
+}
+
+/**
+ * One line per op and dtype: both paths' times (forward + backward net of the probe) and the
+ * composition's time over ours (above 1: our kernel is faster). A row whose "kernels" path ran
+ * no kernel of ours says so instead of a ratio.
+ */
+export function opTimingTable(rows: OpTiming[]): string {
+  const keys = [...new Set(rows.map((r) => `${r.op}\u0000${r.dtype}`))];
+  const lines = keys.map((key) => {
+    const [op, dtype] = key.split('\u0000');
+    const ours = rows.find((r) => r.op === op && r.dtype === dtype && r.path === 'kernels');
+    const theirs = rows.find((r) => r.op === op && r.dtype === dtype && r.path === 'composite');
+    const shapes = (ours ?? theirs)!.shapes.map((s) => `[${s.join(', ')}]`).join(' ');
+    const ratio = (a?: number, b?: number) => (a !== undefined && b !== undefined && b > 0 ? fmt(a / b) : '');
+    const net = (r?: OpTiming) => (r ? netForwardBackward(r) : undefined);
+    const speedup = ours && !ours.kernel ? 'no kernel of ours' : ratio(net(theirs), net(ours));
+    const cell = (v?: number) => (v === undefined ? '' : fmt(v));
+    return [op, dtype, shapes, cell(ours?.forward_ms), cell(theirs?.forward_ms), cell(net(ours)), cell(net(theirs)), speedup];
+  });
+  return markdownTable(['op', 'dtype', 'shapes', 'ours fwd ms', 'candle fwd ms', 'ours fwd+bwd ms', 'candle fwd+bwd ms', 'candle / ours (fwd+bwd)'], lines);
+}
