@@ -33,6 +33,7 @@ import {
 import { dataSuite } from './data.js';
 import { finetuneStepSuite } from './finetune-step.js';
 import { geluSuite } from './gelu.js';
+import { opsSuite } from './ops.js';
 import { kernelsSuite } from './kernels.js';
 import { pretrainSuite } from './pretrain.js';
 import { transferSuite } from './transfer.js';
@@ -41,6 +42,7 @@ export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
   [kernelsSuite.name]: kernelsSuite,
   [geluSuite.name]: geluSuite,
+  [opsSuite.name]: opsSuite,
   [finetuneStepSuite.name]: finetuneStepSuite,
   [transferSuite.name]: transferSuite,
   [dataSuite.name]: dataSuite,

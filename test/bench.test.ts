@@ -56,6 +56,22 @@ test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lin
   t.regex(stdout, /\| 2 \| ours \| forward \| 602112 \|/);
 });
 
+test('npm run bench -- ops times each kernel next to candle\'s composition at ConvMAE-B step shapes', async (t) => {
+  const { stdout } = await run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'ops', '--batch', '1', '--reps', '1', '--no-save', '--quiet']);
+  const lines = stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  // 8 op cases x (ours, candle)
+  t.is(lines.length, 16);
+  t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
+  t.like(lines.find((l) => l.kernel === 'self_attention:decoder' && l.impl === 'ours'), { suite: 'ops', dtype: 'f32', device: 'cpu', shape: [1, 196, 1536] });
+  for (const l of lines) t.true(typeof l.ms === 'number' && (l.ms as number) > 0, JSON.stringify(l));
+  t.regex(stdout, /\| self_attention:decoder \| f32 \| \[1, 196, 1536\] \|/);
+  const bad = await t.throwsAsync(run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'ops', '--batch', '1', '--dtype', 'f16', '--no-save', '--quiet']));
+  t.regex((bad as Error & { stderr: string }).stderr, /dtype must be 'f32' or 'bf16', got 'f16'/);
+});
+
 test('npm run bench -- finetune-step times a pretrained-init and a random-init classifier; --init is required', async (t) => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-bench-ft-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
