@@ -2,6 +2,7 @@
 //! The N-API surface lives in `node.rs` (feature `node`) and only marshals.
 
 pub mod augment;
+pub mod block_cache;
 pub mod classify;
 pub mod config;
 pub mod device;
@@ -25,4 +26,9 @@ pub mod recon;
 pub mod session;
 #[cfg(feature = "node")]
 mod node;
+
+/// The addon's allocator: the system's, with freed large blocks kept for reuse (block_cache.rs).
+#[cfg(feature = "node")]
+#[global_allocator]
+static ALLOCATOR: block_cache::BlockCache<std::alloc::System> = block_cache::BlockCache::new(std::alloc::System, None);
 pub mod bench;
