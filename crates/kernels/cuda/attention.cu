@@ -204,6 +204,23 @@ __device__ __forceinline__ void stage_queries(const T* __restrict__ qkv, const T
     }
 }
 
+// The query loop of the dk and dv kernels: every query row of this (image, head), a tile at a
+// time through `tile` (the whole block stages it), `per_query(r)` for row r of the tile on the
+// threads that own a key row.
+template <typename T, int HD, typename PerQuery>
+__device__ __forceinline__ void for_each_query(const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ stats,
+                                               const AttentionRow& at, int64_t n, int64_t heads, bool active, QueryTile<HD>& tile,
+                                               PerQuery per_query) {
+    for (int64_t i0 = 0; i0 < n; i0 += ATT_TILE) {
+        const int count = (int)min((int64_t)ATT_TILE, n - i0);
+        __syncthreads();  // the previous tile is no longer read
+        stage_queries<T, HD>(qkv, gout, stats, at, i0, count, n, heads, tile);
+        __syncthreads();
+        if (!active) continue;
+        for (int r = 0; r < count; ++r) per_query(r);
+    }
+}
+
 // dk = scale * sum_i p_ij (dp_ij - delta_i) q_i, one key row per thread.
 template <typename T, int HD>
 __device__ __forceinline__ void attention_bwd_k(const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ stats,
@@ -218,19 +235,12 @@ __device__ __forceinline__ void attention_bwd_k(const T* __restrict__ qkv, const
     }
 #pragma unroll
     for (int d = 0; d < HD; ++d) dk[d] = 0.f;
-    for (int64_t i0 = 0; i0 < n; i0 += ATT_TILE) {
-        const int count = (int)min((int64_t)ATT_TILE, n - i0);
-        __syncthreads();
-        stage_queries<T, HD>(qkv, gout, stats, at, i0, count, n, heads, tile);
-        __syncthreads();
-        if (!active) continue;
-        for (int r = 0; r < count; ++r) {
-            const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
-            const float ds = p * (dot<HD>(tile.go[r], v) - tile.delta[r]);
+    for_each_query<T, HD>(qkv, gout, stats, at, n, heads, active, tile, [&](int r) {
+        const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
+        const float ds = p * (dot<HD>(tile.go[r], v) - tile.delta[r]);
 #pragma unroll
-            for (int d = 0; d < HD; ++d) dk[d] += ds * tile.q[r][d];
-        }
-    }
+        for (int d = 0; d < HD; ++d) dk[d] += ds * tile.q[r][d];
+    });
     if (!active) return;
     T* g = gqkv + packed_at(at.b, at.row, 1, at.h, n, heads, HD);
 #pragma unroll
@@ -249,18 +259,11 @@ __device__ __forceinline__ void attention_bwd_v(const T* __restrict__ qkv, const
     if (active) load_row<T, HD>(qkv + packed_at(at.b, at.row, 1, at.h, n, heads, HD), k);
 #pragma unroll
     for (int d = 0; d < HD; ++d) dv[d] = 0.f;
-    for (int64_t i0 = 0; i0 < n; i0 += ATT_TILE) {
-        const int count = (int)min((int64_t)ATT_TILE, n - i0);
-        __syncthreads();
-        stage_queries<T, HD>(qkv, gout, stats, at, i0, count, n, heads, tile);
-        __syncthreads();
-        if (!active) continue;
-        for (int r = 0; r < count; ++r) {
-            const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
+    for_each_query<T, HD>(qkv, gout, stats, at, n, heads, active, tile, [&](int r) {
+        const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
 #pragma unroll
-            for (int d = 0; d < HD; ++d) dv[d] += p * tile.go[r][d];
-        }
-    }
+        for (int d = 0; d < HD; ++d) dv[d] += p * tile.go[r][d];
+    });
     if (!active) return;
     T* g = gqkv + packed_at(at.b, at.row, 2, at.h, n, heads, HD);
 #pragma unroll
