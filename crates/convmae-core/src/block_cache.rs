@@ -19,7 +19,7 @@
 //! allocator cannot recurse into itself. `CONVMAE_BLOCK_CACHE_MB` sets the capacity (0 turns the
 //! cache off); the default is 1024 MiB.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -198,6 +198,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for BlockCache<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::alloc::System;
     use std::sync::atomic::AtomicUsize;
 
     /// The system allocator, counting the calls that reach it.
