@@ -10,7 +10,8 @@
  * (b) pretraining throughput of convmae-base at batch 64 and 128: ours sparse / dense x fp32 /
  *     bf16, each in a process of its own (so the memory peak is its own), plus one sparse bf16
  *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
- *     kernels: the A/B);
+ *     kernels: the A/B) and one with CONVMAE_ATTENTION=composite (our kernels but attention: the
+ *     attention kernels' A/B);
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -204,6 +205,9 @@ async function main(): Promise<void> {
     if (!loadError && batch === batches[0]) {
       const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'], 150, { ...process.env, CONVMAE_KERNELS: 'composite' });
       record(r, { suite: 'gpu', impl: 'ours-composite', preset: 'convmae-base', batch, dtype: 'bf16', device: 'cuda', path: 'sparse' });
+      // And the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
+      const a = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'], 150, { ...process.env, CONVMAE_ATTENTION: 'composite' });
+      record(a, { suite: 'gpu', impl: 'ours-attention-composite', preset: 'convmae-base', batch, dtype: 'bf16', device: 'cuda', path: 'sparse' });
     }
     for (const [amp, compile] of [['bf16', false], ['bf16', true], ['none', false]] as const) {
       const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
