@@ -35,9 +35,9 @@ impl DeviceSpec {
     }
 
     /// Opens the device. Call it on the thread that will own the model: a CUDA device gets its
-    /// own stream (so work from this thread is ordered on it), TF32 for f32 matmuls, and a
-    /// memory pool that keeps freed memory instead of returning it to the driver at every
-    /// synchronization.
+    /// own stream (so work from this thread is ordered on it), TF32 for f32 matmuls, a memory
+    /// pool that keeps freed memory instead of returning it to the driver at every
+    /// synchronization, and no per-buffer event tracking (one stream needs none).
     pub fn open(self) -> Result<Device, String> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
@@ -57,7 +57,18 @@ fn configure_cuda(device: &Device) -> Result<(), String> {
     // cuBLAS may use TF32 tensor cores for f32 matmuls (PyTorch's allow_tf32 for matmul).
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     let Device::Cuda(cuda) = device else { return Ok(()) };
-    let dev = cuda.cuda_stream().context().cu_device();
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    // cudarc tracks every buffer's uses with CUDA events by default (two events created with
+    // each allocation, a stream wait and an event record for every kernel argument), so that a
+    // buffer shared between streams is ordered right. Here nothing is shared: all of a model's
+    // work is queued on its one stream, and candle refuses an op on tensors of two devices (each
+    // model's device is its own), so the events only cost driver calls on every op. The flag is
+    // per CUDA context, i.e. per process and GPU, and every model here follows that rule; buffers
+    // allocated before this call keep their events, which is harmless.
+    // SAFETY: see above; no buffer is used on a stream other than the one that allocated it.
+    unsafe { context.disable_event_tracking() };
+    let dev = context.cu_device();
     // The default release threshold (0) hands freed blocks back to the driver at every
     // synchronization; keeping them makes the next step's allocations cheap.
     unsafe {
