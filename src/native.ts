@@ -3,14 +3,21 @@
  * what to do when it is missing. `CONVMAE_NATIVE` (or napi's NAPI_RS_NATIVE_LIBRARY_PATH) may
  * point at another build, e.g. the CUDA one.
  */
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import path from 'node:path';
 import type * as Native from '../index.js';
 
 const require = createRequire(import.meta.url);
 
 function load(): typeof Native {
+  if (process.env.CONVMAE_NATIVE && !existsSync(process.env.CONVMAE_NATIVE)) {
+    throw new Error(`convmae: CONVMAE_NATIVE=${process.env.CONVMAE_NATIVE} does not exist (it names the native module to load, e.g. ./convmae.linux-x64-gnu.cuda.node from \`npm run build:cuda\`)`);
+  }
   if (process.env.CONVMAE_NATIVE && !process.env.NAPI_RS_NATIVE_LIBRARY_PATH) {
-    process.env.NAPI_RS_NATIVE_LIBRARY_PATH = process.env.CONVMAE_NATIVE;
+    // Absolute: napi's loader would resolve a relative path against its own folder, not the
+    // working directory the user wrote it from.
+    process.env.NAPI_RS_NATIVE_LIBRARY_PATH = path.resolve(process.env.CONVMAE_NATIVE);
   }
   try {
     // dist/src/native.js -> the package root, where napi writes native.cjs and the .node file.
@@ -24,7 +31,12 @@ function load(): typeof Native {
     const specific = reasons.filter((r) => !/^Cannot find (native binding|module)/.test(r));
     if (specific.length > 0) reasons.splice(0, reasons.length, ...specific);
     if (reasons.length === 0) reasons.push(String(e));
-    throw new Error(`convmae: cannot load the native module (${reasons.join('; ')}). Build it with \`npm run build:native\` (needs cargo).`);
+    // With CONVMAE_NATIVE the file exists but its libraries may not (a CUDA addon without a
+    // driver or CUDA's libraries); building the CPU module again would not help there.
+    const advice = process.env.CONVMAE_NATIVE
+      ? `CONVMAE_NATIVE=${process.env.CONVMAE_NATIVE}: check that the libraries named above can be found (a CUDA addon needs the NVIDIA driver and CUDA 13's cuBLAS, cuRAND, cudart and NVRTC on the loader path)`
+      : 'Build it with `npm run build:native` (needs cargo)';
+    throw new Error(`convmae: cannot load the native module (${reasons.join('; ')}). ${advice}.`);
   }
 }
 

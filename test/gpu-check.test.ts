@@ -59,3 +59,18 @@ test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each 
   t.regex(opTimingTable(bf16), /no kernel of ours/);
   await t.throwsAsync(native.timeKernels('cpu', 1, 1, ['f16']), { message: /dtype must be 'f32' or 'bf16', got 'f16'/ });
 });
+
+test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative path is taken from the working directory', async (t) => {
+  const load = (env: NodeJS.ProcessEnv, cwd: string) => {
+    const childEnv = { ...process.env, ...env };
+    delete childEnv.NAPI_RS_NATIVE_LIBRARY_PATH; // napi's own override would win over CONVMAE_NATIVE
+    return run(process.execPath, ['--input-type=module', '-e', `import(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'native.js'))}).then((m) => console.log(m.native.cudaBuild()))`], { env: childEnv, cwd });
+  };
+  const err = await t.throwsAsync(load({ CONVMAE_NATIVE: '/nonexistent/convmae.node' }, ROOT));
+  t.regex((err as Error & { stderr: string }).stderr, /CONVMAE_NATIVE=\/nonexistent\/convmae\.node does not exist/);
+  // The CPU module by a path relative to the working directory (the package root's parent here).
+  const cpuModule = readdirSync(ROOT).find((f) => /^convmae\..*\.node$/.test(f) && !f.includes('cuda'));
+  t.truthy(cpuModule);
+  const { stdout } = await load({ CONVMAE_NATIVE: path.join(path.basename(ROOT), cpuModule!) }, path.dirname(ROOT));
+  t.is(stdout.trim(), 'false');
+});
