@@ -43,10 +43,12 @@ pub enum Reply {
 pub type Callback<R> = Box<dyn FnOnce(Result<R, String>) + Send>;
 
 /// What a session's worker thread owns and how it answers commands.
-pub trait Worker: 'static {
+pub trait Worker: Send + 'static {
     type Command: Send + 'static;
     type Reply: Send + 'static;
     fn run(&mut self, command: Self::Command) -> Result<Self::Reply, String>;
+    /// Whether the model computes on the CPU (its commands then run inside rayon's pool).
+    fn on_cpu(&self) -> bool;
 }
 
 fn message(e: candle_core::Error) -> String {
@@ -67,6 +69,10 @@ impl Worker for Pretrainer {
                 recon::reconstruct(&self.model, &images.view(), seed).map(Reply::Reconstruction).map_err(message)
             }
         }
+    }
+
+    fn on_cpu(&self) -> bool {
+        self.model.device().is_cpu()
     }
 }
 
@@ -108,6 +114,10 @@ impl Worker for ClassifierTrainer {
             C::Panic => panic!("panic requested by the caller"),
         }
     }
+
+    fn on_cpu(&self) -> bool {
+        self.model.device().is_cpu()
+    }
 }
 
 pub struct Session<W: Worker> {
@@ -124,6 +134,20 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     format!("internal error (Rust panic) in the model worker: {text}")
 }
 
+/// Runs one command. A CPU model's command runs on one of rayon's worker threads while this
+/// thread waits: every op of a step parallelizes with rayon, and an op started from outside the
+/// pool is injected into it and waited for (a handoff and a wake-up per op), while a third
+/// thread competes with the pool's for the cores. From inside the pool the op's loops start on
+/// the current worker. Measured on 2 cores: convmae-tiny steps 14% faster, ConvMAE-B 9%. A CUDA
+/// model's commands stay on this thread, which owns its stream. Panics propagate to the caller.
+fn run_command<W: Worker>(trainer: &mut W, command: W::Command) -> Result<W::Reply, String> {
+    if trainer.on_cpu() {
+        rayon::scope(|_| trainer.run(command))
+    } else {
+        trainer.run(command)
+    }
+}
+
 impl<W: Worker> Session<W> {
     /// Starts the worker; `make` builds the trainer on the worker thread itself (building
     /// ConvMAE-B's 115M weights takes a while, and the caller's thread may be Node's main thread).
@@ -136,7 +160,7 @@ impl<W: Worker> Session<W> {
                 let mut trainer = catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p)));
                 for (command, reply) in receiver {
                     let result = match &mut trainer {
-                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| trainer.run(command)))
+                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| run_command(trainer, command)))
                             .unwrap_or_else(|p| Err(panic_message(p))),
                         Err(e) => Err(format!("the model could not be created: {e}")),
                     };
