@@ -96,9 +96,10 @@ fn configure_cuda(_device: &Device) -> Result<(), String> {
 }
 
 /// The step a profiler should see: `CONVMAE_CUDA_PROFILE_STEP=N` (the trainer's micro-step
-/// number, 1 for the first step of a fresh run) brackets that one step with cuProfilerStart / cuProfilerStop, so that a profiler
-/// started with profiling off (`ncu --profile-from-start off`, as the GPU check's `--profile`
-/// runs it) records exactly one warmed-up step: no model creation, no first-step JIT.
+/// number, 1 for the first step of a fresh run) brackets that one step with cuProfilerStart /
+/// cuProfilerStop, so that a profiler started with profiling off (`ncu --profile-from-start
+/// off`, as the GPU check's `--profile` runs it) records exactly one warmed-up step: no model
+/// creation, no first-step JIT.
 /// Unset, unparsable or 0: never.
 pub fn cuda_profile_step() -> Option<u64> {
     parse_profile_step(std::env::var("CONVMAE_CUDA_PROFILE_STEP").ok().as_deref())
