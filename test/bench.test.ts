@@ -8,6 +8,14 @@ import sharp from 'sharp';
 import { pretrain } from '../src/index.js';
 import { ROOT } from './helpers.js';
 
+/** The JSON lines a bench run prints (one per measured configuration). */
+function jsonLines(stdout: string): Record<string, unknown>[] {
+  return stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
 const run = promisify(execFile);
 
 test('npm run bench -- kernels times dense-masked and sparse depthwise conv and prints kernel JSON lines', async (t) => {
@@ -23,10 +31,7 @@ test('npm run bench -- kernels times dense-masked and sparse depthwise conv and 
     '--no-save',
     '--quiet',
   ]);
-  const lines = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const lines = jsonLines(stdout);
   // 2 stages x 2 implementations x 2 passes
   t.is(lines.length, 8);
   for (const l of lines) {
@@ -41,10 +46,7 @@ test('npm run bench -- kernels times dense-masked and sparse depthwise conv and 
 
 test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lines', async (t) => {
   const { stdout } = await run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'gelu', '--batch', '1', '--std', '2', '--iters', '1', '--no-save', '--quiet']);
-  const lines = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const lines = jsonLines(stdout);
   // 2 implementations x 2 passes
   t.is(lines.length, 4);
   for (const l of lines) {
@@ -58,10 +60,7 @@ test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lin
 
 test('npm run bench -- ops times each kernel next to candle\'s composition at ConvMAE-B step shapes', async (t) => {
   const { stdout } = await run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'ops', '--batch', '1', '--reps', '1', '--no-save', '--quiet']);
-  const lines = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const lines = jsonLines(stdout);
   // 8 op cases x (ours, candle)
   t.is(lines.length, 16);
   t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
@@ -78,10 +77,7 @@ test('npm run bench -- finetune-step times a pretrained-init and a random-init c
   const pre = await pretrain({ preset: 'convmae-tiny', batchSize: 4, steps: 1, outDir: dir, reconstructions: 0 });
   const bench = path.join(ROOT, 'dist', 'benches', 'run.js');
   const { stdout } = await run(process.execPath, [bench, 'finetune-step', '--init', pre.checkpoint, '--batch', '4', '--rounds', '1', '--steps', '1', '--no-save', '--quiet']);
-  const lines = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const lines = jsonLines(stdout);
   t.deepEqual(
     lines.map((l) => l.impl),
     ['finetune-pretrained', 'finetune-random'],
@@ -116,10 +112,7 @@ test('npm run bench -- data measures our loader on a folder of JPEGs and prints 
     '--no-save',
     '--quiet',
   ]);
-  const lines = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const lines = jsonLines(stdout);
   t.deepEqual(
     lines.map((l) => l.impl),
     ['ours', 'ours-sharp'],

@@ -90,7 +90,7 @@ async function main(): Promise<void> {
   const kernelsOnly = opts.flags['kernels-only'] === 'true';
   // (b)-(d) without (a), for a second call after a --kernels-only one.
   const throughputOnly = opts.flags['throughput-only'] === 'true';
-  if (kernelsOnly && throughputOnly) throw new Error('--kernels-only and --throughput-only exclude each other (together they would measure nothing)');
+  if (kernelsOnly && throughputOnly) throw new RangeError('--kernels-only and --throughput-only exclude each other (together they would measure nothing)');
   // Where the GPU time of a step goes, by kernel (a few minutes: ncu times every launch alone).
   const profile = opts.flags.profile === 'true';
   const profileTimeout = intFlag(opts, 'profile-timeout', 150);
@@ -340,6 +340,8 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
 }
 
 main().catch((e: unknown) => {
-  process.stderr.write(`gpu check: ${e instanceof Error ? e.stack : String(e)}\n`);
+  // A bad flag (RangeError) is the user's to fix: its message says what. Anything else is a
+  // fault of the check, whose stack the one-shot GPU run must bring back.
+  process.stderr.write(`gpu check: ${e instanceof RangeError ? e.message : e instanceof Error ? e.stack : String(e)}\n`);
   process.exitCode = 1;
 });

@@ -17,6 +17,7 @@
 import { spawn } from 'node:child_process';
 import { accessSync, constants, existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
+import { markdownTable } from '../lib.js';
 
 // ---------------------------------------------------------------------------------------------
 // CSV
@@ -561,11 +562,6 @@ function cell(name: string, max = 110): string {
   return '`' + short.replace(/\|/g, '\\|').replace(/`/g, "'") + '`';
 }
 
-function table(header: string[], rows: string[][]): string[] {
-  const line = (c: string[]) => `| ${c.join(' | ')} |`;
-  return [line(header), line(header.map(() => '---')), ...rows.map(line)];
-}
-
 function statusLine(label: string, r: { status: string; reason?: string; command: string }): string {
   return `${label}: ${r.status}${r.reason ? ` (${r.reason})` : ''}. Command: \`${r.command}\``;
 }
@@ -611,17 +607,17 @@ export function profileMarkdown(report: ProfileReport): string {
       '',
       torch ? String(torch.launches) : '',
     ]);
-    lines.push(...table(['category', 'ours ms', 'ours share', 'ours launches', 'PyTorch ms', 'PyTorch share', 'PyTorch launches'], rows), '');
+    lines.push(markdownTable(['category', 'ours ms', 'ours share', 'ours launches', 'PyTorch ms', 'PyTorch share', 'PyTorch launches'], rows), '');
     if (torch && torch.memory_activity_us > 0) lines.push(`PyTorch memory copies / sets besides (not kernels, not in the totals): ${ms(torch.memory_activity_us)} ms.`, '');
   }
   const topTable = (title: string, s: KernelSummary) => {
     lines.push(`### Top ${s.top.length} kernels, ${title} (of ${s.distinct_kernels} distinct, ${s.launches} launches)`, '');
-    lines.push(...table(['kernel', 'category', 'launches', 'total ms', 'share', 'mean us'], s.top.map((k) => [cell(k.name), k.category, String(k.calls), ms(k.total_us), pct(k.share), k.mean_us.toFixed(1)])), '');
+    lines.push(markdownTable(['kernel', 'category', 'launches', 'total ms', 'share', 'mean us'], s.top.map((k) => [cell(k.name), k.category, String(k.calls), ms(k.total_us), pct(k.share), k.mean_us.toFixed(1)])), '');
   };
   if (ours) topTable('ours', ours);
   else if (report.ours.profiled_counts?.length) {
     lines.push('### Kernels ncu profiled before the run was cut (launch counts only, no times)', '');
-    lines.push(...table(['kernel', 'category', 'launches'], report.ours.profiled_counts.slice(0, 25).map((k) => [cell(k.name), kernelCategory(k.name), String(k.calls)])), '');
+    lines.push(markdownTable(['kernel', 'category', 'launches'], report.ours.profiled_counts.slice(0, 25).map((k) => [cell(k.name), kernelCategory(k.name), String(k.calls)])), '');
   }
   if (torch) topTable('PyTorch', torch);
   return lines.join('\n');

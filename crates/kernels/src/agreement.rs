@@ -85,6 +85,16 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
     format!("{dtype:?}").to_lowercase()
 }
 
+/// Whether op `name` (a case name, "op" or "op:variant") runs a kernel of ours for first input
+/// `t` on the path in force: `has_kernel`, except that `linear` has no CUDA kernel of ours
+/// (cuBLAS serves it) and that `CONVMAE_ATTENTION=composite` sends attention on CUDA to the
+/// composition. The agreement and timing tables label their rows with it.
+pub(crate) fn kernel_runs(name: &str, t: &Tensor) -> bool {
+    let op = name.split(':').next().unwrap_or(name);
+    let cuda = !t.device().is_cpu();
+    crate::has_kernel(t) && !(cuda && op == "linear") && !(cuda && op == "self_attention" && crate::attention::composite_attention_on_cuda())
+}
+
 /// Max relative error allowed, by dtype and by whether our kernel or candle's ops computed.
 /// f32: both differ from the CPU kernels only in summation order and last-ulp differences of
 /// exp / erf / sqrt (~1e-6 at these sizes), except `linear` and candle's composition of
@@ -136,9 +146,7 @@ fn compare(case: &Case, device: &Device, dtype: DType, paths: &[Path]) -> Result
     let (ref_out, ref_grads) = with_path(Path::Kernels, || run(case, &host, &Device::Cpu, DType::F32, dtype))?;
     let mut rows = Vec::new();
     for &path in paths {
-        // `linear` has no CUDA kernel of ours (cuBLAS serves it), whatever the path says.
-        let kernel = (case.name != "linear" || device.is_cpu())
-            && with_path(path, || -> Result<bool> { Ok(crate::has_kernel(&host[0].to_dtype(dtype)?.to_device(device)?)) })?;
+        let kernel = with_path(path, || -> Result<bool> { Ok(kernel_runs(case.name, &host[0].to_dtype(dtype)?.to_device(device)?)) })?;
         let (out, grads) = with_path(path, || run(case, &host, device, dtype, dtype))?;
         let gradient_rels = grads.iter().zip(&ref_grads).map(|(g, r)| rel(g, r)).collect::<Result<Vec<_>>>()?;
         let gradient_rel = gradient_rels.iter().fold(0f64, |a, &b| worst(a, b));

@@ -41,7 +41,7 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tens
 /// `CONVMAE_ATTENTION=composite` keeps every other kernel of ours on CUDA but runs attention as
 /// candle's composition (cuBLAS matmuls around our softmax): the A/B of the attention kernels
 /// alone, in a whole training step. Unset or `fused`: our kernels. Read once per process.
-fn composite_attention_on_cuda() -> bool {
+pub(crate) fn composite_attention_on_cuda() -> bool {
     static COMPOSITE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *COMPOSITE.get_or_init(|| match std::env::var("CONVMAE_ATTENTION").as_deref() {
         Ok("composite") => true,
