@@ -139,6 +139,8 @@ test('kernelCategory: our kernels, candle 0.11, cuBLAS / cuDNN and PyTorch names
     ['dw_reduce_partials_bf16', 'ours: depthwise conv'],
     ['layer_norm_param_partials_bf16', 'ours: layernorm / softmax'],
     ['rows_reduce_partials_f32', 'ours: layernorm / softmax'],
+    ['rows_broadcast_bf16', 'ours: linear bias'],
+    ['column_sum_partials_f32', 'ours: linear bias'],
     ['softmax_fwd_bf16', 'ours: layernorm / softmax'],
     ['gelu_erf_bwd_bf16', 'ours: gelu'],
     ['adamw_f32', 'ours: adamw'],

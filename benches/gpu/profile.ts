@@ -173,6 +173,8 @@ export function parseNcuRawCsv(text: string): NcuParse {
 export const KERNEL_CATEGORIES: { category: string; pattern: RegExp }[] = [
   { category: 'ours: depthwise conv', pattern: /^(sdwconv_gather|sdwconv_weight_partials|dwconv_correlate|dwconv_weight_partials|dw_reduce_partials)_/ },
   { category: 'ours: layernorm / softmax', pattern: /^(layer_norm_fwd|layer_norm_stats|layer_norm_bwd_input|layer_norm_param_partials|rows_reduce_partials|softmax_fwd|softmax_bwd)_/ },
+  // The fused linear op's own kernels; its gemms are cuBLAS and land under gemm below.
+  { category: 'ours: linear bias', pattern: /^(rows_broadcast|column_sum_partials)_/ },
   { category: 'ours: gelu', pattern: /^gelu_erf_(fwd|bwd)_/ },
   { category: 'ours: adamw', pattern: /^adamw_/ },
   { category: 'ours: attention', pattern: /^attention_(fwd|bwd_q|bwd_k|bwd_v)_hd\d+_/ },

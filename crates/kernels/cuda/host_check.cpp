@@ -355,6 +355,31 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
 
 // Attention on packed qkv [B, N, 3, H, HD], launched as src/cuda.rs does (a block per image,
 // head and 64 rows), against softmax(q k^T * scale) v and its gradients written out in double.
+// The fused linear layer's own kernels (its gemms are cuBLAS): the bias broadcast into every
+// output row, on a grid smaller than the tensor (the grid-stride loop must cover the rest), and
+// the bias gradient's column sums as partials and their reduction.
+static void check_linear_pieces(int64_t rows, int64_t d, int64_t target_parts) {
+    auto bias = random_values(d, 31), g = random_values(rows * d, 32);
+    std::vector<double> want(rows * d), sums(d, 0);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < d; ++j) {
+            want[r * d + j] = bias[j];
+            sums[j] += g[r * d + j];
+        }
+    char name[128];
+    std::vector<float> out(rows * d, NAN);
+    launch(std::min<int64_t>(rows * d, 64), 32, [&] { rows_broadcast_f32(bias.data(), out.data(), rows, d); });
+    std::snprintf(name, sizeof name, "linear bias broadcast rows %lld D%lld", (long long)rows, (long long)d);
+    check(name, out, want, 0);
+    const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
+    const int64_t parts = (rows + per_part - 1) / per_part;
+    std::vector<float> partials(parts * d, NAN), db(d, NAN);
+    launch(parts * d, 256, [&] { column_sum_partials_f32(g.data(), partials.data(), rows, d, per_part, parts); });
+    launch(d, 256, [&] { rows_reduce_partials_f32(partials.data(), db.data(), parts, 1, d, 0); });
+    std::snprintf(name, sizeof name, "linear bias grad (column sums, %lld parts)", (long long)parts);
+    check(name, db, sums, 1e-5);
+}
+
 template <int HD, typename Fwd, typename BwdQ, typename BwdK, typename BwdV>
 static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdK bwd_k, BwdV bwd_v) {
     const int64_t d = heads * HD, row = 3 * d;
@@ -441,6 +466,9 @@ int main() {
     check_rows(6, 32, 512);
     check_rows(3, 5, 2);
     check_rows(5, 100, 3);
+    check_linear_pieces(9, 49, 4);
+    check_linear_pieces(37, 3, 512);
+    check_linear_pieces(1, 70, 1);
     // Tokens below one key tile, across several tiles and row blocks with ragged ends; one token.
     CHECK_ATTENTION(8, 2, 70, 2);
     CHECK_ATTENTION(16, 1, 33, 3);

@@ -1,6 +1,8 @@
-// Row-wise ops over the last dimension: LayerNorm (forward, input / weight / bias gradients)
-// and softmax (forward, input gradient). The CPU kernels (src/layer_norm.rs, src/softmax.rs)
-// define the semantics.
+// Row-wise ops over the last dimension: LayerNorm (forward, input / weight / bias gradients),
+// softmax (forward, input gradient), and the two row-parallel pieces of the fused linear layer
+// around its cuBLAS gemms (the bias broadcast into every output row, and the bias gradient's
+// column sums). The CPU kernels (src/layer_norm.rs, src/softmax.rs, src/linear.rs) define the
+// semantics.
 //
 // One warp per row, ROW_WARPS rows per block: ConvMAE's rows are 49 to 768 long, too short to
 // split across a block, and a warp reduces with shuffles, without shared memory or barriers.
@@ -118,6 +120,33 @@ __device__ __forceinline__ void ln_param_partials(const T* __restrict__ x, const
     partials[(part * 2 + 1) * d + j] = ab;
 }
 
+// Every row of out ([rows, d]) = row ([d]): the linear layer's output starts as the bias, and
+// the gemm then accumulates x W^T onto it (beta = 1), so the bias costs no pass of its own.
+template <typename T>
+__device__ __forceinline__ void broadcast_row(const T* __restrict__ row, T* __restrict__ out, int64_t rows, int64_t d) {
+    const int64_t n = rows * d;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) out[i] = row[i % d];
+}
+
+// Column sums of g ([rows, d]) over blocks of rows_per_part rows, in f32 whatever T, as
+// [parts, d] partials for rows_reduce_partials: the linear layer's bias gradient. Thread
+// (part, j) walks column j down its rows; adjacent threads read adjacent columns (coalesced),
+// and the fixed split keeps the sum's order, so the result is the same bits on every run.
+template <typename T>
+__device__ __forceinline__ void column_sum_partials(const T* __restrict__ g, float* __restrict__ partials, int64_t rows,
+                                                    int64_t d, int64_t rows_per_part, int64_t parts) {
+    const int64_t idx = global_thread();
+    if (idx >= parts * d) return;
+    const int64_t j = idx % d;
+    const int64_t part = idx / d;
+    const int64_t r0 = part * rows_per_part;
+    const int64_t r1 = min(r0 + rows_per_part, rows);
+    float s = 0.f;
+    for (int64_t r = r0; r < r1; ++r) s += load(g[r * d + j]);
+    partials[part * d + j] = s;
+}
+
 // y = exp(x - max) / sum(exp(x - max)).
 template <typename T>
 __device__ __forceinline__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t d) {
@@ -176,6 +205,13 @@ using namespace convmae;
     extern "C" __global__ void rows_reduce_partials_##TNAME(const float* partials, T* out, int64_t parts,         \
                                                             int64_t a, int64_t b, int transpose) {               \
         reduce_partials<T>(partials, out, parts, a, b, transpose);                                               \
+    }                                                                                                             \
+    extern "C" __global__ void rows_broadcast_##TNAME(const T* row, T* out, int64_t rows, int64_t d) {            \
+        broadcast_row<T>(row, out, rows, d);                                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void column_sum_partials_##TNAME(const T* g, float* partials, int64_t rows, int64_t d,   \
+                                                           int64_t rows_per_part, int64_t parts) {               \
+        column_sum_partials<T>(g, partials, rows, d, rows_per_part, parts);                                      \
     }                                                                                                             \
     extern "C" __global__ void softmax_fwd_##TNAME(const T* x, T* y, int64_t rows, int64_t d) {                  \
         softmax_fwd<T>(x, y, rows, d);                                                                           \

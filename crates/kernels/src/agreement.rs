@@ -31,7 +31,7 @@ pub struct Agreement {
     /// Each input's gradient, in argument order (empty for AdamW).
     pub gradient_rels: Vec<f64>,
     /// Whether an op of ours ran (false: the composite, by choice or because no kernel of
-    /// ours serves this device and dtype, e.g. `linear` on CUDA).
+    /// ours serves this device and dtype).
     pub kernel: bool,
     pub tolerance: f64,
     /// forward_rel and gradient_rel both within tolerance.
@@ -86,13 +86,17 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
 }
 
 /// Whether op `name` (a case name, "op" or "op:variant") runs a kernel of ours for first input
-/// `t` on the path in force: `has_kernel`, except that `linear` has no CUDA kernel of ours
-/// (cuBLAS serves it) and that `CONVMAE_ATTENTION=composite` sends attention on CUDA to the
-/// composition. The agreement and timing tables label their rows with it.
+/// `t` on the path in force: `has_kernel`, except where a `CudaSwitch` (`CONVMAE_ATTENTION`,
+/// `CONVMAE_LINEAR`) sends the op on CUDA to the composition. The agreement and timing tables
+/// label their rows with it.
 pub(crate) fn kernel_runs(name: &str, t: &Tensor) -> bool {
-    let op = name.split(':').next().unwrap_or(name);
-    let cuda = !t.device().is_cpu();
-    crate::has_kernel(t) && !(cuda && op == "linear") && !(cuda && op == "self_attention" && crate::attention::composite_attention_on_cuda())
+    use crate::composite::CudaSwitch;
+    let switch = match name.split(':').next().unwrap_or(name) {
+        "linear" => Some(CudaSwitch::Linear),
+        "self_attention" => Some(CudaSwitch::Attention),
+        _ => None,
+    };
+    crate::has_kernel(t) && !(!t.device().is_cpu() && switch.is_some_and(|s| s.composite()))
 }
 
 /// Max relative error allowed, by dtype and by whether our kernel or candle's ops computed.
@@ -262,6 +266,12 @@ fn cases() -> Result<Vec<Case>> {
             shapes: vec![vec![2, 3 * 256, 70]],
             seed: 14,
             op: Box::new(|t| crate::self_attention(&(&t[0] * 3.0)?.transpose(1, 2)?, 8, 0.25)),
+        },
+        Case {
+            name: "linear:conv1x1_transposed",
+            shapes: vec![vec![2, 256, 196], vec![384, 256, 1, 1], vec![384]],
+            seed: 17,
+            op: Box::new(|t| crate::linear(&t[0].transpose(1, 2)?, &t[1], &t[2])),
         },
         Case {
             name: "depthwise_conv2d:permuted",

@@ -31,26 +31,11 @@ pub(crate) const CUDA_HEAD_DIMS: [usize; 4] = [8, 16, 32, 64];
 pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(OP_NAME, qkv.dims(), num_heads)?;
     let kernel = crate::composite::use_kernel(&[qkv])
-        && (qkv.device().is_cpu() || (CUDA_HEAD_DIMS.contains(&dims.hd) && !composite_attention_on_cuda()));
+        && (qkv.device().is_cpu() || (CUDA_HEAD_DIMS.contains(&dims.hd) && !crate::composite::CudaSwitch::Attention.composite()));
     if !kernel {
         return crate::composite::self_attention(qkv, num_heads, scale);
     }
     qkv.apply_op1(Attention { num_heads, scale })
-}
-
-/// `CONVMAE_ATTENTION=composite` keeps every other kernel of ours on CUDA but runs attention as
-/// candle's composition (cuBLAS matmuls around our softmax): the A/B of the attention kernels
-/// alone, in a whole training step. Unset or `fused`: our kernels. Read once per process.
-pub(crate) fn composite_attention_on_cuda() -> bool {
-    static COMPOSITE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *COMPOSITE.get_or_init(|| match std::env::var("CONVMAE_ATTENTION").as_deref() {
-        Ok("composite") => true,
-        Ok("" | "fused") | Err(_) => false,
-        Ok(other) => {
-            eprintln!("convmae: CONVMAE_ATTENTION='{other}' is not 'fused' or 'composite'; using the fused kernels");
-            false
-        }
-    })
 }
 
 /// The sizes of a packed qkv tensor: batch, tokens, heads, head dim.

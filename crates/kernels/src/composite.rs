@@ -172,6 +172,42 @@ fn env_path() -> Path {
     })
 }
 
+/// CUDA ops of ours that can be switched back to candle's composition one at a time, each by
+/// its own environment variable, while every other kernel of ours stays on: the A/B of one op
+/// within a whole training step, and a safety valve should one of them misbehave on a GPU.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CudaSwitch {
+    /// `CONVMAE_ATTENTION=composite`: cuBLAS matmuls around our softmax instead of the fused
+    /// attention kernels.
+    Attention,
+    /// `CONVMAE_LINEAR=composite`: candle's reshape / matmul / broadcast-add (and its backward
+    /// node by node) instead of our one linear op on cuBLAS.
+    Linear,
+}
+
+impl CudaSwitch {
+    fn variable(self) -> &'static str {
+        match self {
+            Self::Attention => "CONVMAE_ATTENTION",
+            Self::Linear => "CONVMAE_LINEAR",
+        }
+    }
+
+    /// Whether the variable asks for the composition: `composite`; unset, empty or `fused`
+    /// keep ours. Read once per process.
+    pub(crate) fn composite(self) -> bool {
+        static READ: [OnceLock<bool>; 2] = [OnceLock::new(), OnceLock::new()];
+        *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
+            Ok("composite") => true,
+            Ok("" | "fused") | Err(_) => false,
+            Ok(other) => {
+                eprintln!("convmae: {}='{other}' is not 'fused' or 'composite'; using our kernel", self.variable());
+                false
+            }
+        })
+    }
+}
+
 /// Whether one of our kernels serves `t` (its device and dtype), ignoring the path choice.
 fn kernel_exists(t: &Tensor) -> bool {
     match t.device() {

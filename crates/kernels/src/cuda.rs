@@ -13,7 +13,8 @@ use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas_result, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -46,18 +47,45 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
     Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
 }
 
-/// Storage types the kernels are instantiated for, with the suffix of their kernel names.
+/// Storage types the kernels are instantiated for, with the suffix of their kernel names and
+/// how cuBLAS names them and computes with them.
 pub(crate) trait Float: CudaDType + DeviceRepr + Copy + 'static {
     const SUFFIX: &'static str;
+    const CUBLAS_TYPE: cublas_sys::cudaDataType_t;
+    /// The gemm compute type: f32 accumulation, with the reduced-precision modes candle's own
+    /// matmuls honour (device setup turns TF32 on for f32, as PyTorch's allow_tf32 does), so
+    /// our gemms and candle's round alike.
+    fn compute_type() -> cublas_sys::cublasComputeType_t;
 }
 impl Float for f32 {
     const SUFFIX: &'static str = "f32";
+    const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_32F;
+    fn compute_type() -> cublas_sys::cublasComputeType_t {
+        if candle_core::cuda_backend::gemm_reduced_precision_f32() {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        }
+    }
 }
 impl Float for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+    const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_16BF;
+    fn compute_type() -> cublas_sys::cublasComputeType_t {
+        if candle_core::cuda_backend::gemm_reduced_precision_bf16() {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        }
+    }
 }
 impl Float for half::f16 {
     const SUFFIX: &'static str = "f16";
+    const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_16F;
+    fn compute_type() -> cublas_sys::cublasComputeType_t {
+        // candle's reduced-precision f16 mode accumulates in f16, which our gemms never do.
+        cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    }
 }
 
 /// Calls the generic `$f::<T>(args)` with `T` the Rust type of `$dtype`.
@@ -392,6 +420,139 @@ pub(crate) fn attention_bwd<T: Float>(
         unsafe { builder.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
+}
+
+// ---- linear (cuBLAS gemms around two row kernels) ------------------------------------------
+
+/// Whether a matrix operand of `gemm` is read as stored or transposed.
+#[derive(Clone, Copy)]
+enum Trans {
+    No,
+    Yes,
+}
+
+/// c = a' b' (+ c when `accumulate`), all row-major: a' is `a` ([m, k], or [k, m] read
+/// transposed), b' is `b` ([k, n], or [n, k] transposed), c is [m, n]; every operand is
+/// densely packed. cuBLAS is column-major, and a row-major matrix is its transpose in column
+/// order, so this asks cuBLAS for c^T = b'^T a'^T: the operands swap, the flags stay, and each
+/// leading dimension is the stored row length. Runs on the device's cuBLAS handle, which is
+/// bound to its one stream.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Float>(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    a: &CudaView<T>,
+    trans_a: Trans,
+    b: &CudaView<T>,
+    trans_b: Trans,
+    c: &mut CudaViewMut<T>,
+    accumulate: bool,
+    what: &str,
+) -> Result<()> {
+    let fits = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: dimension {v} is too large for a cuBLAS gemm")));
+    let (mi, ni, ki) = (fits(m)?, fits(n)?, fits(k)?);
+    // The stored shape of a' is [m, k] (No) or [k, m] (Yes); its row length is the leading
+    // dimension cuBLAS needs. Likewise b' is stored [k, n] or [n, k].
+    let (op_a, lda) = match trans_a {
+        Trans::No => (cublas_sys::cublasOperation_t::CUBLAS_OP_N, ki),
+        Trans::Yes => (cublas_sys::cublasOperation_t::CUBLAS_OP_T, mi),
+    };
+    let (op_b, ldb) = match trans_b {
+        Trans::No => (cublas_sys::cublasOperation_t::CUBLAS_OP_N, ni),
+        Trans::Yes => (cublas_sys::cublasOperation_t::CUBLAS_OP_T, ki),
+    };
+    let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+    let blas = dev.cublas_handle();
+    let stream = dev.cuda_stream();
+    let (a_ptr, _a_guard) = a.device_ptr(&stream);
+    let (b_ptr, _b_guard) = b.device_ptr(&stream);
+    let (c_ptr, _c_guard) = c.device_ptr_mut(&stream);
+    // SAFETY: the callers size a, b and c for (m, n, k) as documented above; alpha and beta
+    // are f32 as every compute type used here (32F and its fast modes) requires.
+    unsafe {
+        cublas_result::gemm_ex(
+            *blas.handle(),
+            op_b,
+            op_a,
+            ni,
+            mi,
+            ki,
+            &alpha as *const f32 as *const _,
+            b_ptr as *const _,
+            T::CUBLAS_TYPE,
+            ldb,
+            a_ptr as *const _,
+            T::CUBLAS_TYPE,
+            lda,
+            &beta as *const f32 as *const _,
+            c_ptr as *mut _,
+            T::CUBLAS_TYPE,
+            ni,
+            T::compute_type(),
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("{what}: cuBLAS gemm ({m} x {k} by {k} x {n}): {e:?}")))
+}
+
+/// y = x W^T + b: the bias broadcast into y's rows, then one gemm accumulating onto it.
+/// x: [rows, in], w: [out, in], b: [out] (row-major after `Operand`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_fwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    b: &CudaStorage,
+    b_l: &Layout,
+    (rows, inp, out): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (xo, wo, bo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(w, w_l)?, Operand::<T>::new(b, b_l)?);
+    let (xv, wv, bv) = (xo.view()?, wo.view()?, bo.view()?);
+    let mut y = alloc::<T>(dev, rows * out)?;
+    {
+        let f = func(dev, Module::Rows, &format!("rows_broadcast_{}", T::SUFFIX))?;
+        let (r, d) = (rows as i64, out as i64);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&bv).arg(&mut y).arg(&r).arg(&d);
+        unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+    }
+    gemm(dev, (rows, out, inp), &xv, Trans::No, &wv, Trans::Yes, &mut y.slice_mut(..), true, "linear")?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// The three gradients of `linear_fwd` packed as [dx (rows x in) | dW (out x in) | db (out)],
+/// the layout of the CPU op: dx = g W and dW = g^T x by cuBLAS, db = g's column sums in f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_bwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    (rows, inp, out): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (xo, wo, go) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(w, w_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (xv, wv, gv) = (xo.view()?, wo.view()?, go.view()?);
+    let mut all = alloc::<T>(dev, rows * inp + out * inp + out)?;
+    gemm(dev, (rows, inp, out), &gv, Trans::No, &wv, Trans::No, &mut all.slice_mut(..rows * inp), false, "linear_backward")?;
+    gemm(dev, (out, inp, rows), &gv, Trans::Yes, &xv, Trans::No, &mut all.slice_mut(rows * inp..rows * inp + out * inp), false, "linear_backward")?;
+    let (per_part, parts) = split(rows);
+    let mut partials = alloc::<f32>(dev, parts * out)?;
+    {
+        let f = func(dev, Module::Rows, &format!("column_sum_partials_{}", T::SUFFIX))?;
+        let (r, d, pp, np) = (rows as i64, out as i64, per_part as i64, parts as i64);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&gv).arg(&mut partials).arg(&r).arg(&d).arg(&pp).arg(&np);
+        unsafe { builder.launch(launch_1d(parts * out, BLOCK, "linear_backward")?) }.w()?;
+    }
+    reduce_partials(dev, Module::Rows, "rows", &partials, &mut all, rows * inp + out * inp, (parts, 1, out), false)?;
+    Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@
 //! sums in f32). Elsewhere (f64 or integer dtypes on CUDA, mixed dtypes on CUDA, other
 //! devices) and when `CONVMAE_KERNELS=composite` is set, each op falls back to its composition
 //! of candle tensor ops (`composite`), which candle runs and differentiates everywhere:
-//! correct, but unfused. `linear` has no CUDA kernel of ours: cuBLAS does the matmul.
+//! correct, but unfused. On CUDA `linear` is one op around two cuBLAS gemms (see linear.rs).
 
 use std::borrow::Cow;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};

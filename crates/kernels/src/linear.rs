@@ -4,7 +4,8 @@
 //! reshape, and candle's backward allocates, zero-fills and accumulates a gradient for every one
 //! of those nodes (the transposed weight's gradient is even materialized twice). ConvMAE is mostly
 //! linear layers (1x1 convs, MLPs, qkv/proj), so this op computes forward and all three gradients
-//! straight with gemm, on the layouts the model already has.
+//! straight with gemm, on the layouts the model already has: the `gemm` crate on the CPU, cuBLAS
+//! on CUDA (src/cuda.rs `linear_fwd` / `linear_bwd`).
 
 use crate::{row_major, Element};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -116,6 +117,25 @@ impl CustomOp3 for Linear {
         Ok((y, Shape::from(shape)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, linear_fwd};
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = dims(lx, lw, lb)?;
+        let mut shape = lx.dims().to_vec();
+        *shape.last_mut().unwrap() = out;
+        let y = cuda_dispatch!("linear", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, (rows, inp, out)))?;
+        Ok((y, Shape::from(shape)))
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (inp, out) = (x.dim(candle_core::D::Minus1)?, w.dim(0)?);
         let rows = x.elem_count() / inp;
@@ -136,25 +156,60 @@ impl CustomOp3 for LinearBackward {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
-        let inp = *lx.dims().last().unwrap();
-        let out = lw.dims()[0];
-        let rows = lx.shape().elem_count() / inp;
-        if lg.shape().elem_count() != rows * out {
-            return Err(candle_core::Error::Msg(format!("linear_backward: gradient {:?} does not match input {:?} and weight {:?}", lg.dims(), lx.dims(), lw.dims())));
-        }
+        let (rows, inp, out) = backward_dims(lx, lw, lg)?;
         let n = rows * inp + out * inp + out;
         let r = dispatch_float!("linear_backward", (sx => x, sw => w, sg => g), {
             Element::into_storage(backward(&row_major(x, lx), &row_major(w, lw), &row_major(g, lg), rows, inp, out))
         });
         Ok((r, Shape::from(n)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, linear_bwd};
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = backward_dims(lx, lw, lg)?;
+        let r = cuda_dispatch!("linear_backward", sx.dtype(), linear_bwd(sx, lx, sw, lw, sg, lg, (rows, inp, out)))?;
+        Ok((r, Shape::from(rows * inp + out * inp + out)))
+    }
+}
+
+/// Rows, input and output width of a backward call, with the gradient checked against them.
+fn backward_dims(lx: &Layout, lw: &Layout, lg: &Layout) -> Result<(usize, usize, usize)> {
+    let inp = *lx.dims().last().unwrap_or(&0);
+    let out = *lw.dims().first().unwrap_or(&0);
+    let rows = if inp == 0 { 0 } else { lx.shape().elem_count() / inp };
+    if lg.shape().elem_count() != rows * out || lw.shape().elem_count() != out * inp {
+        return Err(candle_core::Error::Msg(format!(
+            "linear_backward: gradient {:?} does not match input {:?} and weight {:?}",
+            lg.dims(),
+            lx.dims(),
+            lw.dims()
+        )));
+    }
+    Ok((rows, inp, out))
 }
 
 /// `x @ weight^T + bias` over the last dim of `x` (any leading dims). `weight` is [out, in] or a
 /// [out, in, 1, 1] 1x1-conv kernel; `bias` is [out]. Differentiable w.r.t. all three.
+///
+/// On CUDA the op's gemms are cuBLAS, as the composition's are; what the op saves there is the
+/// rest of the composition: its bias add, and in the backward the gradient candle allocates,
+/// zero-fills and accumulates for each of its five nodes (reshapes, transpose, matmul,
+/// broadcast add), several passes over activation-sized tensors per layer. The bias gradient is
+/// summed in f32 whatever the storage type.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    // No CUDA kernel of ours: on the GPU the composite's matmul is cuBLAS.
-    if !(x.device().is_cpu() && crate::composite::has_kernel(x)) {
+    let kernel = crate::composite::use_kernel(&[x, weight, bias])
+        && (x.device().is_cpu() || !crate::composite::CudaSwitch::Linear.composite());
+    if !kernel {
         return crate::composite::linear(x, weight, bias);
     }
     x.apply_op3(weight, bias, Linear)

@@ -108,6 +108,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "softmax_last_dim:offset",
             "gelu_erf:transposed",
             "self_attention:transposed",
+            "linear:conv1x1_transposed",
             "depthwise_conv2d:permuted",
             "sparse_depthwise_conv2d:offset",
             "adamw_update"
@@ -125,8 +126,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 14 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 30);
+    // 15 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 32);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -175,7 +176,9 @@ fn op_timings_cover_every_case_by_both_paths() {
             "layer_norm:decoder",
             "self_attention:encoder",
             "self_attention:decoder",
-            "softmax_last_dim:decoder"
+            "softmax_last_dim:decoder",
+            "linear:decoder_fc1",
+            "linear:stage1_conv1"
         ]
     );
     for pair in rows.chunks(2) {
