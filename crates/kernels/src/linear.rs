@@ -186,7 +186,7 @@ impl CustomOp3 for LinearBackward {
 fn backward_dims(lx: &Layout, lw: &Layout, lg: &Layout) -> Result<(usize, usize, usize)> {
     let inp = *lx.dims().last().unwrap_or(&0);
     let out = *lw.dims().first().unwrap_or(&0);
-    let rows = if inp == 0 { 0 } else { lx.shape().elem_count() / inp };
+    let rows = lx.shape().elem_count().checked_div(inp).unwrap_or(0);
     if lg.shape().elem_count() != rows * out || lw.shape().elem_count() != out * inp {
         return Err(candle_core::Error::Msg(format!(
             "linear_backward: gradient {:?} does not match input {:?} and weight {:?}",
