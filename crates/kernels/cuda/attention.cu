@@ -24,19 +24,46 @@ namespace convmae {
 constexpr int ATT_ROWS = 64;
 constexpr int ATT_TILE = 32;
 
-// sum_d a[d] * b[d] in four interleaved partial sums: four independent FMA chains instead of one
-// (latency, not throughput, bounds a single chain).
+// Four consecutive floats of a shared-memory tile row. The tiles are 16-byte aligned and HD is
+// a multiple of 4, so on the GPU this is one 128-bit shared load (LDS.128) instead of four:
+// with one FMA per element read, scalar loads would bound the inner loops, not the FMAs.
+// (Only ever applied to shared memory: taking the address of a register array as a float4
+// would push the array to local memory.)
+__device__ __forceinline__ float4 shared4(const float* p) {
+#ifdef CONVMAE_HOST_EMULATION
+    return float4{p[0], p[1], p[2], p[3]};
+#else
+    return *reinterpret_cast<const float4*>(p);
+#endif
+}
+
+// sum_d a[d] * b[d], a in registers, b a shared tile row, in four interleaved partial sums: four
+// independent FMA chains instead of one (latency, not throughput, bounds a single chain).
 template <int HD>
-__device__ __forceinline__ float dot(const float* a, const float* b) {
+__device__ __forceinline__ float dot(const float* a, const float* b_shared) {
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
     for (int d = 0; d < HD; d += 4) {
-        s0 += a[d] * b[d];
-        s1 += a[d + 1] * b[d + 1];
-        s2 += a[d + 2] * b[d + 2];
-        s3 += a[d + 3] * b[d + 3];
+        const float4 b = shared4(b_shared + d);
+        s0 += a[d] * b.x;
+        s1 += a[d + 1] * b.y;
+        s2 += a[d + 2] * b.z;
+        s3 += a[d + 3] * b.w;
     }
     return (s0 + s1) + (s2 + s3);
+}
+
+// acc[d] += c * row[d], acc in registers, row a shared tile row.
+template <int HD>
+__device__ __forceinline__ void add_scaled(float* acc, float c, const float* row_shared) {
+#pragma unroll
+    for (int d = 0; d < HD; d += 4) {
+        const float4 r = shared4(row_shared + d);
+        acc[d] += c * r.x;
+        acc[d + 1] += c * r.y;
+        acc[d + 2] += c * r.z;
+        acc[d + 3] += c * r.w;
+    }
 }
 
 // Where this block's rows are: image b, head h, and this thread's row (maybe past n).
@@ -80,8 +107,8 @@ __device__ __forceinline__ void stage_tile(const T* __restrict__ src, At at, int
 // max m, the running sum l of exp(s - m), and acc = sum exp(s - m) v, rescaled when m grows.
 template <typename T, int HD>
 __device__ __forceinline__ void attention_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_t n, int64_t heads, float scale) {
-    __shared__ float ks[ATT_TILE][HD];
-    __shared__ float vs[ATT_TILE][HD];
+    __shared__ __align__(16) float ks[ATT_TILE][HD];
+    __shared__ __align__(16) float vs[ATT_TILE][HD];
     const AttentionRow at(heads);
     const bool active = at.row < n;
     float q[HD], acc[HD];
@@ -108,8 +135,7 @@ __device__ __forceinline__ void attention_fwd(const T* __restrict__ qkv, T* __re
             }
             const float p = expf(s - m);
             l += p;
-#pragma unroll
-            for (int d = 0; d < HD; ++d) acc[d] += p * vs[r][d];
+            add_scaled<HD>(acc, p, vs[r]);
         }
     }
     if (!active) return;
@@ -125,8 +151,8 @@ __device__ __forceinline__ void attention_fwd(const T* __restrict__ qkv, T* __re
 template <typename T, int HD>
 __device__ __forceinline__ void attention_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out, const T* __restrict__ gout,
                                                 T* __restrict__ gqkv, float* __restrict__ stats, int64_t n, int64_t heads, float scale) {
-    __shared__ float ks[ATT_TILE][HD];
-    __shared__ float vs[ATT_TILE][HD];
+    __shared__ __align__(16) float ks[ATT_TILE][HD];
+    __shared__ __align__(16) float vs[ATT_TILE][HD];
     const AttentionRow at(heads);
     const bool active = at.row < n;
     float q[HD], go[HD], dq[HD];
@@ -136,7 +162,8 @@ __device__ __forceinline__ void attention_bwd_q(const T* __restrict__ qkv, const
         load_row<T, HD>(gout + unpacked_at(at.b, at.row, at.h, n, heads, HD), go);
         // O is read once here (its row is used for nothing else), into dq as scratch.
         load_row<T, HD>(out + unpacked_at(at.b, at.row, at.h, n, heads, HD), dq);
-        delta = dot<HD>(go, dq);
+#pragma unroll
+        for (int d = 0; d < HD; ++d) delta += go[d] * dq[d];
     }
 #pragma unroll
     for (int d = 0; d < HD; ++d) dq[d] = 0.f;
@@ -169,8 +196,7 @@ __device__ __forceinline__ void attention_bwd_q(const T* __restrict__ qkv, const
         for (int r = 0; r < count; ++r) {
             const float p = expf(dot<HD>(q, ks[r]) * scale - lse);
             const float ds = p * (dot<HD>(go, vs[r]) - delta);
-#pragma unroll
-            for (int d = 0; d < HD; ++d) dq[d] += ds * ks[r][d];
+            add_scaled<HD>(dq, ds, ks[r]);
         }
     }
     if (!active) return;
@@ -185,7 +211,7 @@ __device__ __forceinline__ void attention_bwd_q(const T* __restrict__ qkv, const
 // The query side of the dk / dv kernels: query rows, their output-gradient rows and their
 // (lse, delta) staged together.
 template <int HD>
-struct QueryTile {
+struct __align__(16) QueryTile {
     float q[ATT_TILE][HD];
     float go[ATT_TILE][HD];
     float lse[ATT_TILE];
@@ -236,10 +262,9 @@ __device__ __forceinline__ void attention_bwd_k(const T* __restrict__ qkv, const
 #pragma unroll
     for (int d = 0; d < HD; ++d) dk[d] = 0.f;
     for_each_query<T, HD>(qkv, gout, stats, at, n, heads, active, tile, [&](int r) {
-        const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
-        const float ds = p * (dot<HD>(tile.go[r], v) - tile.delta[r]);
-#pragma unroll
-        for (int d = 0; d < HD; ++d) dk[d] += ds * tile.q[r][d];
+        const float p = expf(dot<HD>(k, tile.q[r]) * scale - tile.lse[r]);
+        const float ds = p * (dot<HD>(v, tile.go[r]) - tile.delta[r]);
+        add_scaled<HD>(dk, ds, tile.q[r]);
     });
     if (!active) return;
     T* g = gqkv + packed_at(at.b, at.row, 1, at.h, n, heads, HD);
@@ -260,9 +285,8 @@ __device__ __forceinline__ void attention_bwd_v(const T* __restrict__ qkv, const
 #pragma unroll
     for (int d = 0; d < HD; ++d) dv[d] = 0.f;
     for_each_query<T, HD>(qkv, gout, stats, at, n, heads, active, tile, [&](int r) {
-        const float p = expf(dot<HD>(tile.q[r], k) * scale - tile.lse[r]);
-#pragma unroll
-        for (int d = 0; d < HD; ++d) dv[d] += p * tile.go[r][d];
+        const float p = expf(dot<HD>(k, tile.q[r]) * scale - tile.lse[r]);
+        add_scaled<HD>(dv, p, tile.go[r]);
     });
     if (!active) return;
     T* g = gqkv + packed_at(at.b, at.row, 2, at.h, n, heads, HD);

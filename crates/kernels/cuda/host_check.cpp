@@ -25,6 +25,10 @@
 #define __global__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
