@@ -92,7 +92,7 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
 pub(crate) fn kernel_runs(name: &str, t: &Tensor) -> bool {
     use crate::composite::CudaSwitch;
     let switch = match name.split(':').next().unwrap_or(name) {
-        "linear" => Some(CudaSwitch::Linear),
+        "linear" | "linear_gelu" => Some(CudaSwitch::Linear),
         "self_attention" => Some(CudaSwitch::Attention),
         _ => None,
     };
@@ -101,7 +101,7 @@ pub(crate) fn kernel_runs(name: &str, t: &Tensor) -> bool {
 
 /// Max relative error allowed, by dtype and by whether our kernel or candle's ops computed.
 /// f32: both differ from the CPU kernels only in summation order and last-ulp differences of
-/// exp / erf / sqrt (~1e-6 at these sizes), except `linear` and candle's composition of
+/// exp / erf / sqrt (~1e-6 at these sizes), except `linear` (and `linear_gelu`) and candle's composition of
 /// `self_attention`, whose CUDA matmuls use TF32 (10-bit mantissa). bf16, our kernels: f32 accumulation, so one rounding of the result
 /// (2^-9 relative) plus that of the bf16 inputs to the op's neighbours (measured on the CPU:
 /// up to 1.4e-2). bf16, candle's ops: they also round intermediates and, on the CPU at least,
@@ -113,7 +113,7 @@ fn tolerance(op: &str, dtype: DType, kernel: bool) -> f64 {
     match (op, dtype, kernel) {
         (_, DType::BF16 | DType::F16, true) => 3e-2,
         (_, DType::BF16 | DType::F16, false) => 2.5e-1,
-        ("linear", _, _) | ("self_attention", _, false) => 5e-3,
+        ("linear" | "linear_gelu", _, _) | ("self_attention", _, false) => 5e-3,
         _ => 1e-5,
     }
 }
@@ -228,6 +228,12 @@ fn cases() -> Result<Vec<Case>> {
             shapes: vec![vec![4, 49, 768], vec![3072, 768], vec![3072]],
             seed: 4,
             op: Box::new(|t| crate::linear(&t[0], &t[1], &t[2])),
+        },
+        Case {
+            name: "linear_gelu",
+            shapes: vec![vec![4, 49, 768], vec![3072, 768], vec![3072]],
+            seed: 9,
+            op: Box::new(|t| crate::linear_gelu(&(&t[0] * 2.0)?, &t[1], &t[2])),
         },
         Case {
             name: "depthwise_conv2d",

@@ -29,7 +29,7 @@ fn gelu_grad(x: f64) -> f64 {
 
 /// The slice loops, per float type: f64 keeps libm's erf (the parity path); f32 uses the
 /// branch-free erf of erf_f32.rs, vectorized (see its module comment for why).
-trait GeluFloat: Element {
+pub(crate) trait GeluFloat: Element {
     fn gelu_into(x: &[Self], out: &mut [Self]);
     /// out = gelu'(x) * g.
     fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]);
@@ -77,7 +77,7 @@ impl GeluFloat for f32 {
     }
 }
 
-fn map1<T: GeluFloat>(x: &[T]) -> Vec<T> {
+pub(crate) fn map1<T: GeluFloat>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| T::gelu_into(i, o));
     out
@@ -111,7 +111,8 @@ impl CustomOp1 for Gelu {
 /// grad * gelu'(x); second-order gradients are not needed.
 struct GeluBackward;
 
-fn zip_map<T: GeluFloat>(x: &[T], g: &[T]) -> Vec<T> {
+/// gelu'(x) * g, element-wise.
+pub(crate) fn zip_map<T: GeluFloat>(x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

@@ -54,7 +54,7 @@ pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
-pub use linear::linear;
+pub use linear::{linear, linear_gelu};
 pub use softmax::softmax_last_dim;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 

@@ -11,6 +11,7 @@ use crate::{row_major, Element};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 fn threads() -> Parallelism {
     match rayon::current_num_threads() {
@@ -137,14 +138,20 @@ impl CustomOp3 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (inp, out) = (x.dim(candle_core::D::Minus1)?, w.dim(0)?);
-        let rows = x.elem_count() / inp;
-        let all = x.apply_op3_no_bwd(w, grad, &LinearBackward)?;
-        let dx = all.narrow(0, 0, rows * inp)?.reshape(x.shape())?;
-        let dw = all.narrow(0, rows * inp, out * inp)?.reshape(w.shape())?;
-        let db = all.narrow(0, rows * inp + out * inp, out)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_grads(&x.apply_op3_no_bwd(w, grad, &LinearBackward)?, x, w, b)
     }
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The packed [dx | dW | db] of a backward op, as views shaped like x, w and b.
+fn unpack_grads(all: &Tensor, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Grads3> {
+    let (inp, out) = (x.dim(candle_core::D::Minus1)?, w.dim(0)?);
+    let rows = x.elem_count() / inp;
+    let dx = all.narrow(0, 0, rows * inp)?.reshape(x.shape())?;
+    let dw = all.narrow(0, rows * inp, out * inp)?.reshape(w.shape())?;
+    let db = all.narrow(0, rows * inp + out * inp, out)?.reshape(b.shape())?;
+    Ok((Some(dx), Some(dw), Some(db)))
 }
 
 /// (x, w, grad) -> the three gradients concatenated (see `backward`).
@@ -198,6 +205,119 @@ fn backward_dims(lx: &Layout, lw: &Layout, lg: &Layout) -> Result<(usize, usize,
     Ok((rows, inp, out))
 }
 
+/// What the fused linear + GELU forward keeps for its backward: the pre-activation
+/// h = x W^T + b, on the device that computed it. (The composition keeps the same tensor, as
+/// the GELU's input; here it never becomes a graph node.)
+enum PreActivation {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+type PreActivationSlot = Arc<Mutex<Option<PreActivation>>>;
+
+fn missing_pre_activation() -> candle_core::Error {
+    candle_core::Error::Msg("linear_gelu_backward: the forward's pre-activation is missing (backward of an op that never ran forward on this device)".into())
+}
+
+/// gelu(x W^T + b): the MLP's fc1 and its activation as one op. Besides the GELU's own forward
+/// pass, it saves candle's per-node gradient bookkeeping for the [rows, 4 * D] tensor between
+/// them (a zero-filled buffer and an add, the widest tensors of every block).
+struct LinearGelu {
+    pre: PreActivationSlot,
+}
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "linear_gelu"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = dims(lx, lw, lb)?;
+        let mut shape = lx.dims().to_vec();
+        *shape.last_mut().unwrap() = out;
+        let (h, y) = dispatch_float!("linear_gelu", (sx => x, sw => w, sb => b), {
+            let h = forward(&row_major(x, lx), &row_major(w, lw), &row_major(b, lb), rows, inp, out);
+            let y = crate::gelu::map1(&h);
+            (Element::into_storage(h), Element::into_storage(y))
+        });
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(PreActivation::Cpu(h));
+        Ok((y, Shape::from(shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, gelu_fwd, linear_fwd};
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = dims(lx, lw, lb)?;
+        let mut shape = lx.dims().to_vec();
+        *shape.last_mut().unwrap() = out;
+        let h = cuda_dispatch!("linear_gelu", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, (rows, inp, out)))?;
+        let y = cuda_dispatch!("linear_gelu", h.dtype(), gelu_fwd(&h, &Layout::contiguous(rows * out)))?;
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(PreActivation::Cuda(h));
+        Ok((y, Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        unpack_grads(&x.apply_op3_no_bwd(w, grad, &LinearGeluBackward { pre: self.pre.clone() })?, x, w, b)
+    }
+}
+
+/// (x, w, grad) -> [dx | dW | db] of gelu(x W^T + b), from the saved pre-activation h: the
+/// linear backward of grad * gelu'(h).
+struct LinearGeluBackward {
+    pre: PreActivationSlot,
+}
+
+impl CustomOp3 for LinearGeluBackward {
+    fn name(&self) -> &'static str {
+        "linear_gelu_backward"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = backward_dims(lx, lw, lg)?;
+        let pre = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(PreActivation::Cpu(sh)) = pre.as_ref() else { return Err(missing_pre_activation()) };
+        let r = dispatch_float!("linear_gelu_backward", (sx => x, sw => w, sg => g, sh => h), {
+            if h.len() != rows * out {
+                return Err(missing_pre_activation());
+            }
+            let gh = crate::gelu::zip_map(h, &row_major(g, lg));
+            Element::into_storage(backward(&row_major(x, lx), &row_major(w, lw), &gh, rows, inp, out))
+        });
+        Ok((r, Shape::from(rows * inp + out * inp + out)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, gelu_bwd, linear_bwd};
+        use candle_core::backend::BackendStorage;
+        let (rows, inp, out) = backward_dims(lx, lw, lg)?;
+        let pre = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(PreActivation::Cuda(h)) = pre.as_ref() else { return Err(missing_pre_activation()) };
+        let h_l = Layout::contiguous(rows * out);
+        let gh = cuda_dispatch!("linear_gelu_backward", h.dtype(), gelu_bwd(h, &h_l, sg, lg))?;
+        let r = cuda_dispatch!("linear_gelu_backward", sx.dtype(), linear_bwd(sx, lx, sw, lw, &gh, &h_l, (rows, inp, out)))?;
+        Ok((r, Shape::from(rows * inp + out * inp + out)))
+    }
+}
+
 /// `x @ weight^T + bias` over the last dim of `x` (any leading dims). `weight` is [out, in] or a
 /// [out, in, 1, 1] 1x1-conv kernel; `bias` is [out]. Differentiable w.r.t. all three.
 ///
@@ -213,6 +333,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         return crate::composite::linear(x, weight, bias);
     }
     x.apply_op3(weight, bias, Linear)
+}
+
+/// `gelu_erf(linear(x, weight, bias))` as one op (an MLP's first layer and its activation),
+/// where `linear` would use our op; the two ops otherwise.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let kernel = crate::composite::use_kernel(&[x, weight, bias])
+        && (x.device().is_cpu() || !crate::composite::CudaSwitch::Linear.composite());
+    if !kernel {
+        return crate::gelu_erf(&linear(x, weight, bias)?);
+    }
+    x.apply_op3(weight, bias, LinearGelu { pre: Arc::new(Mutex::new(None)) })
 }
 
 #[cfg(test)]
@@ -266,6 +397,28 @@ mod tests {
             for v in [&x, &w, &b] {
                 let (a, r) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(max_rel(a, r) < 1e-13, "{shape:?}");
+            }
+        }
+    }
+
+    /// The fused fc1 + GELU against the two ops it replaces, f64 and f32: forward and all three
+    /// gradients (the backward reads the pre-activation the forward saved).
+    #[test]
+    fn linear_gelu_matches_linear_then_gelu() {
+        for dtype in [DType::F64, DType::F32] {
+            let to = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+            let (x, w, b) = (to((rand(&[2, 5, 9], 11) * 2.0).unwrap()), to(rand(&[13, 9], 12)), to(rand(&[13], 13)));
+            let cot = rand(&[2, 5, 13], 14).to_dtype(dtype).unwrap();
+            let fused = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+            let reference = crate::gelu_erf(&linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()).unwrap();
+            let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let tol = if dtype == DType::F64 { 1e-14 } else { 1e-6 };
+            assert!(max_rel(&as64(&fused), &as64(&reference)) < tol);
+            let g1 = (fused * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                let (a, r) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(max_rel(&as64(a), &as64(r)) < tol, "{dtype:?}");
             }
         }
     }

@@ -25,6 +25,11 @@ pub fn linear_p(p: &ParamStore, prefix: &str, x: &Tensor) -> Result<Tensor> {
     linear(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")))
 }
 
+/// gelu(linear(x)) as one op: an MLP's fc1 and its activation (see convmae_kernels::linear_gelu).
+pub fn linear_gelu_p(p: &ParamStore, prefix: &str, x: &Tensor) -> Result<Tensor> {
+    k::linear_gelu(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")))
+}
+
 pub fn layer_norm_p(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64) -> Result<Tensor> {
     k::layer_norm(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), eps)
 }
@@ -102,7 +107,7 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
     let h = h.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
     let x = residual(x, linear_p(p, &format!("{prefix}.conv2"), &h)?, drop.map(|d| &d.first))?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, CONV_LN_EPS)?;
-    let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
+    let h = linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?;
     residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
 }
 
@@ -127,7 +132,7 @@ pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: us
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
     let x = residual(x, attention(p, &format!("{prefix}.attn"), &h, num_heads)?, drop.map(|d| &d.first))?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, VIT_LN_EPS)?;
-    let h = linear_p(p, &format!("{prefix}.mlp.fc1"), &h)?.apply(&k::gelu_erf)?;
+    let h = linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?;
     residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
 }
 
