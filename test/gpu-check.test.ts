@@ -43,7 +43,7 @@ test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each 
   const { native } = await import('../src/native.js');
   const { opTimingTable } = await import('../benches/gpu/op-timings.js');
   const rows = JSON.parse(await native.timeKernels('cpu', 1, 1, ['f32'])) as import('../benches/gpu/op-timings.js').OpTiming[];
-  t.is(rows.length, 16);
+  t.is(rows.length, 20);
   const attention = rows.filter((r) => r.op === 'self_attention:decoder');
   t.deepEqual(attention.map((r) => [r.path, r.kernel, r.dtype]), [['kernels', true, 'f32'], ['composite', false, 'f32']]);
   const table = opTimingTable(rows);
@@ -58,6 +58,22 @@ test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each 
   const bf16 = rows.map((r) => ({ ...r, dtype: 'bf16', kernel: false }));
   t.regex(opTimingTable(bf16), /no kernel of ours/);
   await t.throwsAsync(native.timeKernels('cpu', 1, 1, ['f16']), { message: /dtype must be 'f32' or 'bf16', got 'f16'/ });
+});
+
+test('autoChoices keeps the addon lines that report a measured choice, in order', async (t) => {
+  const { autoChoices } = await import('../benches/gpu/op-timings.js');
+  const stderr = [
+    'some warning',
+    'convmae: attention [64 x 196 tokens x 16 heads of 32] BF16 on Cuda { gpu_id: 0 }: fused kernels 2.100 ms, composition 1.400 ms (forward + backward); using the composition (CONVMAE_ATTENTION=auto)',
+    "convmae: CONVMAE_KERNELS='x' is not 'kernels' or 'composite'; using our kernels",
+    'convmae: attention [64 x 49 tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 0.300 ms, composition 0.500 ms (forward + backward); using the fused kernels (CONVMAE_ATTENTION=auto)',
+    '',
+  ].join('\n');
+  const choices = autoChoices(stderr);
+  t.is(choices.length, 2);
+  t.regex(choices[0], /196 tokens.*using the composition/);
+  t.regex(choices[1], /49 tokens.*using the fused kernels/);
+  t.deepEqual(autoChoices('nothing here\n'), []);
 });
 
 test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative path is taken from the working directory', async (t) => {

@@ -11,7 +11,8 @@
  *     bf16, each in a process of its own (so the memory peak is its own), plus one sparse bf16
  *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
  *     kernels: the A/B) and one with CONVMAE_ATTENTION=composite (our kernels but attention: the
- *     attention kernels' A/B);
+ *     attention kernels' A/B). The default runs leave attention to CONVMAE_ATTENTION=auto, whose
+ *     per-shape timings and picks (stderr) are kept with each row;
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -34,7 +35,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { opTimingTable, type OpTiming } from './op-timings.js';
+import { autoChoices, opTimingTable, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -49,6 +50,8 @@ interface Row {
   ms_per_step_median: number;
   path?: string;
   error?: string;
+  /** What the run chose by itself: the addon's `CONVMAE_ATTENTION=auto` lines (both timings and the pick). */
+  choices?: string[];
 }
 
 /** Runs a command, returns its last JSON line (or the error), killing it after `seconds`. */
@@ -178,8 +181,9 @@ async function main(): Promise<void> {
   const batches = kernelsOnly ? [] : quick ? [64] : [64, 128];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
-  const record = (r: { json?: Record<string, unknown>; error?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
+  const record = (r: { json?: Record<string, unknown>; error?: string; stderr?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
     const j = r.json ?? {};
+    const choices = autoChoices(r.stderr ?? '');
     const row: Row = {
       ...fallback,
       impl: (j.impl as string) ?? fallback.impl,
@@ -188,8 +192,10 @@ async function main(): Promise<void> {
       peak_mem_mb: (j.peak_mem_mb as number) ?? NaN,
       ms_per_step_median: (j.ms_per_step_median as number) ?? NaN,
       error: r.error,
+      ...(choices.length ? { choices } : {}),
     };
     rows.push(row);
+    for (const c of choices) log(`  ${c}`);
     save();
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
@@ -328,6 +334,7 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
     '',
     table,
     '',
+    ...autoChoiceLines(rows),
     ...(profile ? [profileMarkdown(profile), ''] : []),
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
@@ -337,6 +344,13 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
   };
   writeFileSync(path.join(out, 'check.json'), JSON.stringify({ load_error: loadError ?? null, agreement_error: agreementError ?? null, parity, agreement, op_timing_error: opTimingError ?? null, op_timings: opTimings, rows, profile: profileStatus ?? null }, null, 2));
   if (profile) writeFileSync(path.join(out, 'profile.json'), JSON.stringify(profile, null, 2));
+}
+
+/** The markdown list of what each throughput run chose by measuring (empty when none did). */
+function autoChoiceLines(rows: Row[]): string[] {
+  const withChoices = rows.filter((r) => r.choices?.length);
+  if (!withChoices.length) return [];
+  return ['Choices the addon made by measuring (`CONVMAE_ATTENTION=auto`, the default):', '', ...withChoices.flatMap((r) => r.choices!.map((c) => `- ${r.impl} ${r.dtype} b${r.batch}: ${c.replace(/^convmae: /, '')}`)), ''];
 }
 
 main().catch((e: unknown) => {

@@ -43,3 +43,11 @@ export function opTimingTable(rows: OpTiming[]): string {
   });
   return markdownTable(['op', 'dtype', 'shapes', 'ours fwd ms', 'candle fwd ms', 'ours fwd+bwd ms', 'candle fwd+bwd ms', 'candle / ours (fwd+bwd)'], lines);
 }
+
+/**
+ * The addon's stderr lines reporting a choice it made by measuring (`CONVMAE_ATTENTION=auto`:
+ * the fused attention kernels or candle's composition, with both timings), in order.
+ */
+export function autoChoices(stderr: string): string[] {
+  return stderr.split('\n').filter((l) => l.startsWith('convmae: ') && l.includes('=auto)'));
+}

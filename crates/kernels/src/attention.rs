@@ -11,7 +11,9 @@
 //! CPU: per (image, head), gemm on strided views of the packed rows (no gather), the `[N, N]`
 //! scores only as a temporary. CUDA (`cuda/attention.cu`): one thread per query row, key and
 //! value rows staged through shared memory, an online softmax, f32 statistics whatever the
-//! storage type; head dims 8, 16, 32 and 64 (ConvMAE's), others take the composite.
+//! storage type; head dims 8, 16, 32 and 64 (ConvMAE's), others take the composite. Which of
+//! the two runs on CUDA is `CONVMAE_ATTENTION`'s to say, by default measured per shape
+//! (`fused_is_faster`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -30,12 +32,80 @@ pub(crate) const CUDA_HEAD_DIMS: [usize; 4] = [8, 16, 32, 64];
 /// `[B, N, heads * hd]` (heads concatenated, as the output projection reads them).
 pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(OP_NAME, qkv.dims(), num_heads)?;
-    let kernel = crate::composite::use_kernel(&[qkv])
-        && (qkv.device().is_cpu() || (CUDA_HEAD_DIMS.contains(&dims.hd) && !crate::composite::CudaSwitch::Attention.composite()));
+    let kernel = crate::composite::use_kernel(&[qkv]) && (qkv.device().is_cpu() || fused_on_cuda(qkv, dims, scale)?);
     if !kernel {
         return crate::composite::self_attention(qkv, num_heads, scale);
     }
     qkv.apply_op1(Attention { num_heads, scale })
+}
+
+/// Whether attention on CUDA takes our fused kernels, by `CONVMAE_ATTENTION` (`fused`,
+/// `composite`, or `auto`, the default): a head dim without a kernel always takes the
+/// composition.
+fn fused_on_cuda(qkv: &Tensor, dims: Dims, scale: f64) -> Result<bool> {
+    use crate::composite::{Choice, CudaSwitch};
+    if !CUDA_HEAD_DIMS.contains(&dims.hd) {
+        return Ok(false);
+    }
+    match CudaSwitch::Attention.choice() {
+        Choice::Ours => Ok(true),
+        Choice::Composite => Ok(false),
+        Choice::Auto => fused_is_faster(qkv, dims, scale),
+    }
+}
+
+/// `auto`: on the first call for a shape and dtype, forward + backward by both paths on this
+/// call's own input, timed on the device (one untimed run each, then the median of three), and
+/// the faster kept for the rest of the process. The fused kernels are plain FMA code while
+/// the composition's matmuls are cuBLAS tensor-core gemms, so which wins depends on the token
+/// count and the GPU; either way the kernels' memory saving (no `[B, heads, N, N]` tensors kept
+/// for the backward) is only had with them, so they win ties. The choice is printed once per
+/// shape, with both times.
+fn fused_is_faster(qkv: &Tensor, dims: Dims, scale: f64) -> Result<bool> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (usize, usize, usize, usize, candle_core::DType);
+    static CHOSEN: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
+    let key = (dims.b, dims.n, dims.heads, dims.hd, qkv.dtype());
+    let chosen = CHOSEN.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&fused) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(fused);
+    }
+    let device = qkv.device();
+    let input = candle_core::Var::from_tensor(&qkv.detach())?;
+    let time = |fused: bool| -> Result<f64> {
+        let run = || -> Result<()> {
+            let x = input.as_tensor();
+            let out = if fused { x.apply_op1(Attention { num_heads: dims.heads, scale })? } else { crate::composite::self_attention(x, dims.heads, scale)? };
+            out.sum_all()?.backward()?;
+            Ok(())
+        };
+        run()?;
+        let mut ms = Vec::with_capacity(3);
+        for _ in 0..3 {
+            device.synchronize()?;
+            let t0 = std::time::Instant::now();
+            run()?;
+            device.synchronize()?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[1])
+    };
+    let (fused_ms, composite_ms) = (time(true)?, time(false)?);
+    let fused = fused_ms <= composite_ms;
+    eprintln!(
+        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: fused kernels {fused_ms:.3} ms, composition {composite_ms:.3} ms (forward + backward); using the {} (CONVMAE_ATTENTION=auto)",
+        dims.b,
+        dims.n,
+        dims.heads,
+        dims.hd,
+        qkv.dtype(),
+        device.location(),
+        if fused { "fused kernels" } else { "composition" }
+    );
+    chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, fused);
+    Ok(fused)
 }
 
 /// The sizes of a packed qkv tensor: batch, tokens, heads, head dim.
@@ -321,6 +391,22 @@ mod tests {
         let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
         let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
         a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale.max(f64::MIN_POSITIVE)
+    }
+
+    /// `auto`'s measurement runs both paths forward and backward on the call's own input (here on
+    /// the CPU, where the public op never asks) and keeps its pick per shape and dtype: a second
+    /// call with other values of the same shape gets the same answer, and the input is untouched.
+    #[test]
+    fn auto_choice_measures_both_paths_and_keeps_the_pick() {
+        let qkv = random(&[2, 11, 3 * 16], 41).to_dtype(DType::F32).unwrap();
+        let before = qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dims = Dims::of(OP_NAME, qkv.dims(), 2).unwrap();
+        let first = fused_is_faster(&qkv, dims, 0.35).unwrap();
+        assert_eq!(qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), before);
+        let other = random(&[2, 11, 3 * 16], 42).to_dtype(DType::F32).unwrap();
+        for _ in 0..3 {
+            assert_eq!(fused_is_faster(&other, dims, 0.35).unwrap(), first);
+        }
     }
 
     /// The op and candle's composition agree in f64, forward and gradient, on odd sizes

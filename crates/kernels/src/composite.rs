@@ -177,12 +177,23 @@ fn env_path() -> Path {
 /// within a whole training step, and a safety valve should one of them misbehave on a GPU.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum CudaSwitch {
-    /// `CONVMAE_ATTENTION=composite`: cuBLAS matmuls around our softmax instead of the fused
-    /// attention kernels.
+    /// `CONVMAE_ATTENTION`: the fused attention kernels, or cuBLAS matmuls around our softmax.
+    /// Default `auto` (see `attention.rs`): both are timed on the first call for a shape.
     Attention,
-    /// `CONVMAE_LINEAR=composite`: candle's reshape / matmul / broadcast-add (and its backward
-    /// node by node) instead of our one linear op on cuBLAS.
+    /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
+    /// broadcast-add (and its backward node by node). Default: ours.
     Linear,
+}
+
+/// What a `CudaSwitch` variable asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// `fused`: our kernel.
+    Ours,
+    /// `composite`: candle's composition.
+    Composite,
+    /// `auto`: whichever the op measures as faster for the shape at hand.
+    Auto,
 }
 
 impl CudaSwitch {
@@ -193,18 +204,38 @@ impl CudaSwitch {
         }
     }
 
-    /// Whether the variable asks for the composition: `composite`; unset, empty or `fused`
-    /// keep ours. Read once per process.
-    pub(crate) fn composite(self) -> bool {
-        static READ: [OnceLock<bool>; 2] = [OnceLock::new(), OnceLock::new()];
-        *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
-            Ok("composite") => true,
-            Ok("" | "fused") | Err(_) => false,
+    fn default_choice(self) -> Choice {
+        match self {
+            Self::Attention => Choice::Auto,
+            Self::Linear => Choice::Ours,
+        }
+    }
+
+    /// The variable's choice (unset or empty: the switch's default). Read once per process.
+    /// Under `with_path` the forced path decides instead: `Path::Kernels` means our kernel, so
+    /// the agreement and timing tables always measure the kernel they name.
+    pub(crate) fn choice(self) -> Choice {
+        static READ: [OnceLock<Choice>; 2] = [OnceLock::new(), OnceLock::new()];
+        let env = *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
+            Ok("composite") => Choice::Composite,
+            Ok("fused") => Choice::Ours,
+            Ok("auto") => Choice::Auto,
+            Ok("") | Err(_) => self.default_choice(),
             Ok(other) => {
-                eprintln!("convmae: {}='{other}' is not 'fused' or 'composite'; using our kernel", self.variable());
-                false
+                eprintln!("convmae: {}='{other}' is not 'fused', 'composite' or 'auto'; using the default", self.variable());
+                self.default_choice()
             }
-        })
+        });
+        match FORCED.with(|c| c.get()) {
+            Some(Path::Kernels) => Choice::Ours,
+            Some(Path::Composite) => Choice::Composite,
+            None => env,
+        }
+    }
+
+    /// Whether this op goes to the composition on CUDA without asking the op (`composite`).
+    pub(crate) fn composite(self) -> bool {
+        self.choice() == Choice::Composite
     }
 }
 
