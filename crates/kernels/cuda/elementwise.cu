@@ -1,4 +1,4 @@
-// Element-wise ops: GELU (erf form) with its exact derivative, and the fused AdamW update.
+// Element-wise ops: GELU (erf form) with its exact derivative, an add, and the fused AdamW update.
 // The CPU kernels (src/gelu.rs, src/adamw.rs) define the semantics. Grid-stride loops over
 // int64_t indices, so any element count fits whatever the grid size the host picks.
 
@@ -56,6 +56,13 @@ __device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* _
     }
 }
 
+// out = a + b (the MLP op's input gradient: the residual's plus the LayerNorm path's).
+template <typename T>
+__device__ __forceinline__ void add(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) out[i] = store<T>(load(a[i]) + load(b[i]));
+}
+
 }  // namespace convmae
 
 using namespace convmae;
@@ -65,6 +72,7 @@ using namespace convmae;
     extern "C" __global__ void gelu_erf_bwd_##TNAME(const T* x, const T* g, T* gx, int64_t n) {               \
         gelu_bwd<T>(x, g, gx, n);                                                                            \
     }                                                                                                         \
+    extern "C" __global__ void add_##TNAME(const T* a, const T* b, T* out, int64_t n) { add<T>(a, b, out, n); } \
     extern "C" __global__ void adamw_##TNAME(T* p, T* m, T* v, const T* g, int64_t n, float beta1,            \
                                              float one_minus_beta1, float beta2, float one_minus_beta2,       \
                                              float decay, float step_size, float bias2_sqrt, float eps) {     \

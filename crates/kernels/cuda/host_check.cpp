@@ -267,6 +267,11 @@ static void check_elementwise() {
     std::fill(out.begin(), out.end(), NAN);
     launch(64 * 256, 256, [&] { gelu_erf_bwd_f32(x.data(), g.data(), out.data(), n); });
     check("gelu backward (exact derivative)", out, gx, 1e-6);
+    std::vector<double> sum(n);
+    for (int64_t i = 0; i < n; ++i) sum[i] = (double)x[i] + g[i];
+    std::fill(out.begin(), out.end(), NAN);
+    launch(64 * 256, 256, [&] { add_f32(x.data(), g.data(), out.data(), n); });
+    check("add (grid-stride)", out, sum, 1e-7);
 
     auto p = random_values(n, 13), m = random_values(n, 14), v = random_values(n, 15);
     for (auto& e : m) e *= 0.01f;
@@ -375,6 +380,12 @@ static void check_linear_pieces(int64_t rows, int64_t d, int64_t target_parts) {
     launch(std::min<int64_t>(rows * d, 64), 32, [&] { rows_broadcast_f32(bias.data(), out.data(), rows, d); });
     std::snprintf(name, sizeof name, "linear bias broadcast rows %lld D%lld", (long long)rows, (long long)d);
     check(name, out, want, 0);
+    auto res = random_values(rows * d, 33);
+    for (int64_t i = 0; i < rows * d; ++i) want[i] = (double)res[i] + bias[i % d];
+    std::fill(out.begin(), out.end(), NAN);
+    launch(std::min<int64_t>(rows * d, 64), 32, [&] { rows_add_broadcast_f32(res.data(), bias.data(), out.data(), rows, d); });
+    std::snprintf(name, sizeof name, "mlp residual + bias rows %lld D%lld", (long long)rows, (long long)d);
+    check(name, out, want, 1e-7);
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * d, NAN), db(d, NAN);

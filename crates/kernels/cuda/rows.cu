@@ -129,6 +129,16 @@ __device__ __forceinline__ void broadcast_row(const T* __restrict__ row, T* __re
     for (int64_t i = global_thread(); i < n; i += stride) out[i] = row[i % d];
 }
 
+// out = res + row broadcast over the rows: the MLP op's fc2 output starts as the residual plus
+// the bias, and the gemm accumulates onto it, so the residual add costs no pass of its own.
+template <typename T>
+__device__ __forceinline__ void add_broadcast_row(const T* __restrict__ res, const T* __restrict__ row, T* __restrict__ out,
+                                                  int64_t rows, int64_t d) {
+    const int64_t n = rows * d;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = global_thread(); i < n; i += stride) out[i] = store<T>(load(res[i]) + load(row[i % d]));
+}
+
 // Column sums of g ([rows, d]) over blocks of rows_per_part rows, in f32 whatever T, as
 // [parts, d] partials for rows_reduce_partials: the linear layer's bias gradient. Thread
 // (part, j) walks column j down its rows; adjacent threads read adjacent columns (coalesced),
@@ -208,6 +218,10 @@ using namespace convmae;
     }                                                                                                             \
     extern "C" __global__ void rows_broadcast_##TNAME(const T* row, T* out, int64_t rows, int64_t d) {            \
         broadcast_row<T>(row, out, rows, d);                                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void rows_add_broadcast_##TNAME(const T* res, const T* row, T* out, int64_t rows,        \
+                                                         int64_t d) {                                             \
+        add_broadcast_row<T>(res, row, out, rows, d);                                                            \
     }                                                                                                             \
     extern "C" __global__ void column_sum_partials_##TNAME(const T* g, float* partials, int64_t rows, int64_t d,   \
                                                            int64_t rows_per_part, int64_t parts) {               \

@@ -183,6 +183,11 @@ pub(crate) enum CudaSwitch {
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
     /// broadcast-add (and its backward node by node). Default: ours.
     Linear,
+    /// `CONVMAE_MLP`: the MLP sublayer as one op (`mlp_residual`, `fused`), or as its separate
+    /// ops (`composite`: LayerNorm, linear + GELU, linear, add; each still ours). Unlike the
+    /// others this one applies on the CPU too; its default, `auto`, is one op on CUDA and the
+    /// separate ops on the CPU (see `mlp.rs`).
+    Mlp,
 }
 
 /// What a `CudaSwitch` variable asks for.
@@ -201,6 +206,7 @@ impl CudaSwitch {
         match self {
             Self::Attention => "CONVMAE_ATTENTION",
             Self::Linear => "CONVMAE_LINEAR",
+            Self::Mlp => "CONVMAE_MLP",
         }
     }
 
@@ -208,6 +214,7 @@ impl CudaSwitch {
         match self {
             Self::Attention => Choice::Auto,
             Self::Linear => Choice::Ours,
+            Self::Mlp => Choice::Auto,
         }
     }
 
@@ -215,7 +222,7 @@ impl CudaSwitch {
     /// Under `with_path` the forced path decides instead: `Path::Kernels` means our kernel, so
     /// the agreement and timing tables always measure the kernel they name.
     pub(crate) fn choice(self) -> Choice {
-        static READ: [OnceLock<Choice>; 2] = [OnceLock::new(), OnceLock::new()];
+        static READ: [OnceLock<Choice>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let env = *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
             Ok("composite") => Choice::Composite,
             Ok("fused") => Choice::Ours,

@@ -495,8 +495,9 @@ fn gemm<T: Float>(
     .map_err(|e| candle_core::Error::Msg(format!("{what}: cuBLAS gemm ({m} x {k} by {k} x {n}): {e:?}")))
 }
 
-/// y = x W^T + b: the bias broadcast into y's rows, then one gemm accumulating onto it.
-/// x: [rows, in], w: [out, in], b: [out] (row-major after `Operand`).
+/// y = x W^T + b (+ residual): the bias (plus the residual, when given: [rows, out]) broadcast
+/// into y's rows, then one gemm accumulating onto it. x: [rows, in], w: [out, in], b: [out]
+/// (row-major after `Operand`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_fwd<T: Float>(
     x: &CudaStorage,
@@ -505,6 +506,7 @@ pub(crate) fn linear_fwd<T: Float>(
     w_l: &Layout,
     b: &CudaStorage,
     b_l: &Layout,
+    residual: Option<(&CudaStorage, &Layout)>,
     (rows, inp, out): (usize, usize, usize),
 ) -> Result<CudaStorage> {
     let dev = x.device();
@@ -512,12 +514,24 @@ pub(crate) fn linear_fwd<T: Float>(
     let (xv, wv, bv) = (xo.view()?, wo.view()?, bo.view()?);
     let mut y = alloc::<T>(dev, rows * out)?;
     {
-        let f = func(dev, Module::Rows, &format!("rows_broadcast_{}", T::SUFFIX))?;
         let (r, d) = (rows as i64, out as i64);
         let stream = dev.cuda_stream();
-        let mut builder = stream.launch_builder(&f);
-        builder.arg(&bv).arg(&mut y).arg(&r).arg(&d);
-        unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+        match residual {
+            None => {
+                let f = func(dev, Module::Rows, &format!("rows_broadcast_{}", T::SUFFIX))?;
+                let mut builder = stream.launch_builder(&f);
+                builder.arg(&bv).arg(&mut y).arg(&r).arg(&d);
+                unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+            }
+            Some((res, res_l)) => {
+                let ro = Operand::<T>::new(res, res_l)?;
+                let rv = ro.view()?;
+                let f = func(dev, Module::Rows, &format!("rows_add_broadcast_{}", T::SUFFIX))?;
+                let mut builder = stream.launch_builder(&f);
+                builder.arg(&rv).arg(&bv).arg(&mut y).arg(&r).arg(&d);
+                unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+            }
+        }
     }
     gemm(dev, (rows, out, inp), &xv, Trans::No, &wv, Trans::Yes, &mut y.slice_mut(..), true, "linear")?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
@@ -553,6 +567,152 @@ pub(crate) fn linear_bwd<T: Float>(
     }
     reduce_partials(dev, Module::Rows, "rows", &partials, &mut all, rows * inp + out * inp, (parts, 1, out), false)?;
     Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
+}
+
+// ---- MLP sublayer (mlp.rs): LayerNorm, linear, GELU, linear + residual ----------------------
+
+/// What the MLP forward keeps for its backward (see mlp.rs `Saved`).
+pub(crate) struct MlpSaved {
+    pub h: CudaStorage,
+    pub vectors: CudaStorage,
+    pub stats: CudaSlice<f32>,
+}
+
+/// `storage` under `layout` as a storage of its own, densely packed from offset 0.
+fn owned_copy<T: Float>(storage: &CudaStorage, layout: &Layout) -> Result<CudaStorage> {
+    let dev = storage.device();
+    let n = layout.shape().elem_count();
+    let mut dst = CudaStorage::wrap_cuda_slice(alloc::<T>(dev, n)?, dev.clone());
+    storage.copy_strided_src(&mut dst, 0, layout)?;
+    Ok(dst)
+}
+
+/// Where the pieces of the packed weights ([W1 (hidden x D) | W2 (D x hidden)]) and of the
+/// packed vectors ([ln_w | ln_b | b1 | b2], owned, from offset 0) are, as layouts.
+struct MlpLayouts {
+    w1: Layout,
+    w2: Layout,
+    ln_w: Layout,
+    ln_b: Layout,
+    b1: Layout,
+    b2: Layout,
+}
+
+impl MlpLayouts {
+    fn new(weights_start: usize, (d, hidden): (usize, usize)) -> Self {
+        Self {
+            w1: Layout::contiguous_with_offset((hidden, d), weights_start),
+            w2: Layout::contiguous_with_offset((d, hidden), weights_start + hidden * d),
+            ln_w: Layout::contiguous_with_offset(d, 0),
+            ln_b: Layout::contiguous_with_offset(d, d),
+            b1: Layout::contiguous_with_offset(hidden, 2 * d),
+            b2: Layout::contiguous_with_offset(d, 2 * d + hidden),
+        }
+    }
+}
+
+/// The packed weights as (a storage that is contiguous from `start`, start): the argument
+/// itself when it already is, else a copy.
+fn weights_operand<'a, T: Float>(w: &'a CudaStorage, w_l: &Layout, copy: &'a mut Option<CudaStorage>) -> Result<(&'a CudaStorage, usize)> {
+    match w_l.contiguous_offsets() {
+        Some((start, _)) => Ok((w, start)),
+        None => Ok((copy.insert(owned_copy::<T>(w, w_l)?), 0)),
+    }
+}
+
+/// y = x + W2 gelu(W1 LN(x) + b1) + b2 over rows of x; keeps h = W1 LN(x) + b1, the packed
+/// vectors and the LayerNorm statistics for the backward. The LayerNorm output and gelu(h) are
+/// dropped here (the backward recomputes them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mlp_residual_fwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    weights: &CudaStorage,
+    weights_l: &Layout,
+    vectors: &CudaStorage,
+    vectors_l: &Layout,
+    (rows, d, hidden): (usize, usize, usize),
+    eps: f64,
+) -> Result<(CudaStorage, MlpSaved)> {
+    let vectors = owned_copy::<T>(vectors, vectors_l)?;
+    let mut w_copy = None;
+    let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
+    let at = MlpLayouts::new(w_start, (d, hidden));
+    let (xln, stats) = layer_norm_fwd::<T>(x, x_l, &vectors, &at.ln_w, &vectors, &at.ln_b, (rows, d), eps)?;
+    let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, hidden))?;
+    drop(xln);
+    let a = gelu_fwd::<T>(&h, &Layout::contiguous(rows * hidden))?;
+    let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, hidden)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, hidden, d))?;
+    Ok((y, MlpSaved { h, vectors, stats }))
+}
+
+/// `len` elements of `src` from `from` to `dst` at `to`, on the device's stream.
+fn copy_range<T: Float>(dev: &CudaDevice, src: &CudaStorage, from: usize, dst: &mut CudaSlice<T>, to: usize, len: usize) -> Result<()> {
+    let src = src.as_cuda_slice::<T>()?.slice(from..from + len);
+    let mut dst = dst.slice_mut(to..to + len);
+    dev.cuda_stream().memcpy_dtod(&src, &mut dst).w()
+}
+
+/// The packed gradients of `mlp_residual_fwd`: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b |
+/// d b1 | d b2], the layout of the CPU op.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mlp_residual_bwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    weights: &CudaStorage,
+    weights_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    saved: &MlpSaved,
+    (rows, d, hidden): (usize, usize, usize),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let MlpSaved { h, vectors, stats } = saved;
+    let dev = x.device();
+    let mut w_copy = None;
+    let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
+    let at = MlpLayouts::new(w_start, (d, hidden));
+    let h_l = Layout::contiguous(rows * hidden);
+    // fc2, with a = gelu(h) recomputed: [da | dW2 | db2].
+    let a = gelu_fwd::<T>(h, &h_l)?;
+    let fc2 = linear_bwd::<T>(&a, &Layout::contiguous((rows, hidden)), w, &at.w2, grad, grad_l, (rows, hidden, d))?;
+    drop(a);
+    let gh = gelu_bwd::<T>(h, &h_l, &fc2, &h_l)?;
+    // fc1, with the LayerNorm output recomputed: [dxln | dW1 | db1].
+    let (xln, _) = layer_norm_fwd::<T>(x, x_l, vectors, &at.ln_w, vectors, &at.ln_b, (rows, d), eps)?;
+    let fc1 = linear_bwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &gh, &Layout::contiguous((rows, hidden)), (rows, d, hidden))?;
+    drop((xln, gh));
+    // The LayerNorm: [dx_ln (rows x D) | d ln_w | d ln_b].
+    let ln = layer_norm_bwd::<T>(x, x_l, vectors, &at.ln_w, &fc1, &Layout::contiguous((rows, d)), Some(stats), (rows, d), eps)?;
+    let n = rows * d + 2 * hidden * d + 3 * d + hidden;
+    let mut out = alloc::<T>(dev, n)?;
+    {
+        // dx = grad (the residual's) + dx_ln.
+        let go = Operand::<T>::new(grad, grad_l)?;
+        let gv = go.view()?;
+        let lv = ln.as_cuda_slice::<T>()?.slice(0..rows * d);
+        let mut dx = out.slice_mut(0..rows * d);
+        let f = func(dev, Module::Elementwise, &format!("add_{}", T::SUFFIX))?;
+        let nn = (rows * d) as i64;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&gv).arg(&lv).arg(&mut dx).arg(&nn);
+        unsafe { builder.launch(launch_grid_stride(rows * d)) }.w()?;
+    }
+    let mut at_out = rows * d;
+    for (src, from, len) in [
+        (&fc1, rows * d, hidden * d),
+        (&fc2, rows * hidden, d * hidden),
+        (&ln, rows * d, d),
+        (&ln, rows * d + d, d),
+        (&fc1, rows * d + hidden * d, hidden),
+        (&fc2, rows * hidden + d * hidden, d),
+    ] {
+        copy_range::<T>(dev, src, from, &mut out, at_out, len)?;
+        at_out += len;
+    }
+    debug_assert_eq!(at_out, n);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------

@@ -131,7 +131,7 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
-fn forward<T: Element>(x: &[T], w: &[T], b: &[T], d: usize, eps: T) -> Vec<T> {
+pub(crate) fn forward<T: Element>(x: &[T], w: &[T], b: &[T], d: usize, eps: T) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
     if out.is_empty() {
         return out;
@@ -201,7 +201,8 @@ impl CustomOp3 for LayerNormGrad {
     }
 }
 
-fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, d: usize, eps: T) -> Vec<T> {
+/// `[grad_x (rows x d) | grad_weight | grad_bias]` from the input, weight and output gradient.
+pub(crate) fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, d: usize, eps: T) -> Vec<T> {
     let mut out = vec![T::ZERO; (rows + 2) * d];
     if d == 0 {
         return out;

@@ -66,20 +66,26 @@ fn dims(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
     Ok((x.shape().elem_count() / inp, inp, out))
 }
 
-fn forward<T: Element>(x: &[T], w: &[T], b: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
+/// x W^T + b for x [rows, inp], W [out, inp], b [out].
+pub(crate) fn forward<T: Element>(x: &[T], w: &[T], b: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
     let mut y = vec![T::ZERO; rows * out];
     y.par_chunks_mut(out.max(1) * 64).for_each(|chunk| {
         for row in chunk.chunks_mut(out) {
             row.copy_from_slice(b);
         }
     });
-    // y += x * W^T: W^T[i, o] = w[o * inp + i], so column stride inp, row stride 1.
-    matmul(rows, out, inp, &mut y, true, x, 1, inp as isize, w, inp as isize, 1);
+    accumulate(&mut y, x, w, rows, inp, out);
     y
 }
 
+/// y += x W^T, y [rows, out] already holding the additive terms (the bias, or a residual).
+pub(crate) fn accumulate<T: Element>(y: &mut [T], x: &[T], w: &[T], rows: usize, inp: usize, out: usize) {
+    // W^T[i, o] = w[o * inp + i], so column stride inp, row stride 1.
+    matmul(rows, out, inp, y, true, x, 1, inp as isize, w, inp as isize, 1);
+}
+
 /// [dx (rows x in) | dW (out x in) | db (out)] in one buffer.
-fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
+pub(crate) fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, inp: usize, out: usize) -> Vec<T> {
     let mut all = vec![T::ZERO; rows * inp + out * inp + out];
     let (dx, rest) = all.split_at_mut(rows * inp);
     let (dw, db) = rest.split_at_mut(out * inp);
@@ -133,7 +139,7 @@ impl CustomOp3 for Linear {
         let (rows, inp, out) = dims(lx, lw, lb)?;
         let mut shape = lx.dims().to_vec();
         *shape.last_mut().unwrap() = out;
-        let y = cuda_dispatch!("linear", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, (rows, inp, out)))?;
+        let y = cuda_dispatch!("linear", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, None, (rows, inp, out)))?;
         Ok((y, Shape::from(shape)))
     }
 
@@ -260,7 +266,7 @@ impl CustomOp3 for LinearGelu {
         let (rows, inp, out) = dims(lx, lw, lb)?;
         let mut shape = lx.dims().to_vec();
         *shape.last_mut().unwrap() = out;
-        let h = cuda_dispatch!("linear_gelu", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, (rows, inp, out)))?;
+        let h = cuda_dispatch!("linear_gelu", sx.dtype(), linear_fwd(sx, lx, sw, lw, sb, lb, None, (rows, inp, out)))?;
         let y = cuda_dispatch!("linear_gelu", h.dtype(), gelu_fwd(&h, &Layout::contiguous(rows * out)))?;
         *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(PreActivation::Cuda(h));
         Ok((y, Shape::from(shape)))

@@ -93,6 +93,21 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             op: Box::new(|t| crate::linear_gelu(&t[0], &t[1], &t[2])),
         },
         TimedCase {
+            name: "mlp_residual:decoder",
+            shapes: vec![vec![b, 196, 512], vec![512], vec![512], vec![2048, 512], vec![2048], vec![512, 2048], vec![512]],
+            op: Box::new(|t| crate::mlp_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]))),
+        },
+        // The same sublayer as the separate ops of ours the one op replaces.
+        TimedCase {
+            name: "mlp_separate:decoder",
+            shapes: vec![vec![b, 196, 512], vec![512], vec![512], vec![2048, 512], vec![2048], vec![512, 2048], vec![512]],
+            op: Box::new(|t| {
+                let h = crate::layer_norm(&t[0], &t[1], &t[2], 1e-6)?;
+                let h = crate::linear_gelu(&h, &t[3], &t[4])?;
+                &t[0] + crate::linear(&h, &t[5], &t[6])?
+            }),
+        },
+        TimedCase {
             name: "linear:stage1_conv1",
             shapes: vec![vec![rows1, 256], vec![256, 256, 1, 1], vec![256]],
             op: Box::new(|t| crate::linear(&t[0], &t[1], &t[2])),

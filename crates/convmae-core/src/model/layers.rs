@@ -106,9 +106,19 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
     };
     let h = h.broadcast_add(p.get(&format!("{prefix}.attn.bias")))?;
     let x = residual(x, linear_p(p, &format!("{prefix}.conv2"), &h)?, drop.map(|d| &d.first))?;
-    let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, CONV_LN_EPS)?;
+    mlp_sublayer(p, prefix, &x, CONV_LN_EPS, drop.map(|d| &d.second))
+}
+
+/// x + fc2(GELU(fc1(LN(x)))) with the block's `norm2` and `mlp`: one op (`mlp_residual`)
+/// unless stochastic depth scales the branch, which takes the separate ops.
+fn mlp_sublayer(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64, drop: Option<&Tensor>) -> Result<Tensor> {
+    let get = |name: &str| p.get(&format!("{prefix}.{name}"));
+    if drop.is_none() {
+        return k::mlp_residual(x, (get("norm2.weight"), get("norm2.bias")), eps, (get("mlp.fc1.weight"), get("mlp.fc1.bias")), (get("mlp.fc2.weight"), get("mlp.fc2.bias")));
+    }
+    let h = layer_norm_p(p, &format!("{prefix}.norm2"), x, eps)?;
     let h = linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?;
-    residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
+    residual(x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop)
 }
 
 /// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous;
@@ -131,9 +141,7 @@ pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> 
 pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize, drop: Option<&DropPath>) -> Result<Tensor> {
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
     let x = residual(x, attention(p, &format!("{prefix}.attn"), &h, num_heads)?, drop.map(|d| &d.first))?;
-    let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, VIT_LN_EPS)?;
-    let h = linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?;
-    residual(&x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop.map(|d| &d.second))
+    mlp_sublayer(p, prefix, &x, VIT_LN_EPS, drop.map(|d| &d.second))
 }
 
 /// Gathers rows of `x` ([B, L, D]) at `ids` ([B, K] u32) along dim 1.

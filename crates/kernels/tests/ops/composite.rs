@@ -103,6 +103,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "self_attention:decoder",
             "linear",
             "linear_gelu",
+            "mlp_residual",
             "depthwise_conv2d",
             "sparse_depthwise_conv2d",
             "layer_norm:transposed",
@@ -127,8 +128,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 16 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 34);
+    // 17 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 36);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -179,6 +180,8 @@ fn op_timings_cover_every_case_by_both_paths() {
             "self_attention:decoder",
             "softmax_last_dim:decoder",
             "linear_gelu:decoder_fc1",
+            "mlp_residual:decoder",
+            "mlp_separate:decoder",
             "linear:stage1_conv1"
         ]
     );
