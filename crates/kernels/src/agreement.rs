@@ -87,7 +87,7 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
 
 /// Whether case `name` runs kernels of ours for first input `t` under the path in force. The
 /// agreement and timing tables call this inside `with_path`, where the forced path decides for
-/// every op (the `CudaSwitch` variables included), so this is `has_kernel`; it names the case
+/// every op (the `OpSwitch` variables included), so this is `has_kernel`; it names the case
 /// so that the rows say what ran.
 pub(crate) fn kernel_runs(_name: &str, t: &Tensor) -> bool {
     crate::has_kernel(t)

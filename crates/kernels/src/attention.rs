@@ -43,11 +43,11 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tens
 /// `composite`, or `auto`, the default): a head dim without a kernel always takes the
 /// composition.
 fn fused_on_cuda(qkv: &Tensor, dims: Dims, scale: f64) -> Result<bool> {
-    use crate::composite::{Choice, CudaSwitch};
+    use crate::composite::{Choice, OpSwitch};
     if !CUDA_HEAD_DIMS.contains(&dims.hd) {
         return Ok(false);
     }
-    match CudaSwitch::Attention.choice() {
+    match OpSwitch::Attention.choice() {
         Choice::Ours => Ok(true),
         Choice::Composite => Ok(false),
         Choice::Auto => fused_is_faster(qkv, dims, scale),

@@ -172,25 +172,25 @@ fn env_path() -> Path {
     })
 }
 
-/// CUDA ops of ours that can be switched back to candle's composition one at a time, each by
-/// its own environment variable, while every other kernel of ours stays on: the A/B of one op
-/// within a whole training step, and a safety valve should one of them misbehave on a GPU.
+/// Ops whose form can be chosen one at a time, each by its own environment variable, while
+/// every other kernel of ours stays on: the A/B of one op within a whole training step, and a
+/// safety valve should one of them misbehave on a GPU. Attention and linear choose on CUDA
+/// only (on the CPU ours always serve); the MLP sublayer on every device.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum CudaSwitch {
+pub(crate) enum OpSwitch {
     /// `CONVMAE_ATTENTION`: the fused attention kernels, or cuBLAS matmuls around our softmax.
     /// Default `auto` (see `attention.rs`): both are timed on the first call for a shape.
     Attention,
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
     /// broadcast-add (and its backward node by node). Default: ours.
     Linear,
-    /// `CONVMAE_MLP`: the MLP sublayer as one op (`mlp_residual`, `fused`), or as its separate
-    /// ops (`composite`: LayerNorm, linear + GELU, linear, add; each still ours). Unlike the
-    /// others this one applies on the CPU too; its default, `auto`, is one op on CUDA and the
-    /// separate ops on the CPU (see `mlp.rs`).
+    /// `CONVMAE_MLP`: the MLP sublayer as one op (`mlp_residual`, the default), or as its
+    /// separate ops (`composite`: LayerNorm, linear + GELU, linear, add; each still ours).
+    /// Unlike the others this one applies on the CPU too.
     Mlp,
 }
 
-/// What a `CudaSwitch` variable asks for.
+/// What a `OpSwitch` variable asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Choice {
     /// `fused`: our kernel.
@@ -201,7 +201,7 @@ pub(crate) enum Choice {
     Auto,
 }
 
-impl CudaSwitch {
+impl OpSwitch {
     fn variable(self) -> &'static str {
         match self {
             Self::Attention => "CONVMAE_ATTENTION",
@@ -213,8 +213,7 @@ impl CudaSwitch {
     fn default_choice(self) -> Choice {
         match self {
             Self::Attention => Choice::Auto,
-            Self::Linear => Choice::Ours,
-            Self::Mlp => Choice::Auto,
+            Self::Linear | Self::Mlp => Choice::Ours,
         }
     }
 

@@ -334,7 +334,7 @@ impl CustomOp3 for LinearGeluBackward {
 /// summed in f32 whatever the storage type.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let kernel = crate::composite::use_kernel(&[x, weight, bias])
-        && (x.device().is_cpu() || !crate::composite::CudaSwitch::Linear.composite());
+        && (x.device().is_cpu() || !crate::composite::OpSwitch::Linear.composite());
     if !kernel {
         return crate::composite::linear(x, weight, bias);
     }
@@ -345,7 +345,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// where `linear` would use our op; the two ops otherwise.
 pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let kernel = crate::composite::use_kernel(&[x, weight, bias])
-        && (x.device().is_cpu() || !crate::composite::CudaSwitch::Linear.composite());
+        && (x.device().is_cpu() || !crate::composite::OpSwitch::Linear.composite());
     if !kernel {
         return crate::gelu_erf(&linear(x, weight, bias)?);
     }

@@ -256,13 +256,13 @@ impl CustomOp3 for MlpResidualBackward {
 /// accepted. Differentiable w.r.t. everything. Where our kernels do not serve the arguments, or
 /// where `CONVMAE_MLP` says so, the same thing from the separate ops.
 ///
-/// `CONVMAE_MLP=auto` (the default) takes the one op on CUDA and the separate ops on the CPU.
-/// What the op saves grows with the batch (activation-sized buffers and traffic); what it costs
-/// does not (packing the two weight matrices, and their packed gradient, every step) and it
-/// recomputes the LayerNorm and the GELU in the backward. On 2 CPU cores at ConvMAE-B batch 8
-/// that was a net loss: peak RSS 16% lower but a step 5% slower (benches/results, tags
-/// `mlp-ab*`). On a GPU at batch 64 the activation side dominates; the GPU check's op timings
-/// compare the two (`mlp_residual:decoder` and `mlp_separate:decoder`).
+/// Measured on 2 CPU cores, ConvMAE-B at batch 8 (benches/results, tags `mlp-ab3-*`,
+/// `mlp-ab4-*`): step time unchanged within noise (2129 / 2211 ms vs 2185 / 2162 ms for the
+/// separate ops), peak RSS a steady 3.34 GB where the separate ops peaked at 3.38 to 3.95 GB.
+/// What it saves grows with the batch (activation-sized buffers and traffic); what it costs
+/// does not (packing the two weight matrices and their gradient every step, and recomputing
+/// the LayerNorm and GELU in the backward). The GPU check's op timings compare the two forms
+/// at batch 64 (`mlp_residual:decoder`, `mlp_separate:decoder`).
 pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tensor, &Tensor), fc2: (&Tensor, &Tensor)) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     let hidden = fc1.0.dim(0)?;
@@ -287,12 +287,7 @@ pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tenso
         );
     }
     let args = [x, norm.0, norm.1, fc1.0, fc1.1, fc2.0, fc2.1];
-    let kernel = crate::composite::use_kernel(&args)
-        && match crate::composite::CudaSwitch::Mlp.choice() {
-            Choice::Ours => true,
-            Choice::Composite => false,
-            Choice::Auto => !x.device().is_cpu(),
-        };
+    let kernel = crate::composite::use_kernel(&args) && crate::composite::OpSwitch::Mlp.choice() != Choice::Composite;
     if !kernel {
         let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
         let h = crate::linear_gelu(&h, fc1.0, fc1.1)?;
