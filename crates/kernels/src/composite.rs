@@ -175,7 +175,7 @@ fn env_path() -> Path {
 /// Ops whose form can be chosen one at a time, each by its own environment variable, while
 /// every other kernel of ours stays on: the A/B of one op within a whole training step, and a
 /// safety valve should one of them misbehave on a GPU. Attention and linear choose on CUDA
-/// only (on the CPU ours always serve); the MLP sublayer on every device.
+/// only (on the CPU ours always serve); the sublayers on every device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OpSwitch {
     /// `CONVMAE_ATTENTION`: the fused attention kernels, or cuBLAS matmuls around our softmax.
@@ -184,10 +184,11 @@ pub(crate) enum OpSwitch {
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
     /// broadcast-add (and its backward node by node). Default: ours.
     Linear,
-    /// `CONVMAE_MLP`: the MLP sublayer as one op (`mlp_residual`, the default), or as its
-    /// separate ops (`composite`: LayerNorm, linear + GELU, linear, add; each still ours).
-    /// Unlike the others this one applies on the CPU too.
-    Mlp,
+    /// `CONVMAE_SUBLAYER`: a block's sublayers as one op each (`mlp_residual`,
+    /// `attention_residual`; the default), or as their separate ops (`composite`: LayerNorm,
+    /// linear, GELU or attention, linear, add; each still ours). Unlike the others this one
+    /// applies on the CPU too.
+    Sublayer,
 }
 
 /// What a `OpSwitch` variable asks for.
@@ -206,14 +207,14 @@ impl OpSwitch {
         match self {
             Self::Attention => "CONVMAE_ATTENTION",
             Self::Linear => "CONVMAE_LINEAR",
-            Self::Mlp => "CONVMAE_MLP",
+            Self::Sublayer => "CONVMAE_SUBLAYER",
         }
     }
 
     fn default_choice(self) -> Choice {
         match self {
             Self::Attention => Choice::Auto,
-            Self::Linear | Self::Mlp => Choice::Ours,
+            Self::Linear | Self::Sublayer => Choice::Ours,
         }
     }
 

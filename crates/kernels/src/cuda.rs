@@ -569,11 +569,13 @@ pub(crate) fn linear_bwd<T: Float>(
     Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
 }
 
-// ---- MLP sublayer (mlp.rs): LayerNorm, linear, GELU, linear + residual ----------------------
+// ---- sublayers (sublayer.rs): LayerNorm, linear, GELU or attention, linear + residual --------
 
-/// What the MLP forward keeps for its backward (see mlp.rs `Saved`).
-pub(crate) struct MlpSaved {
+/// What a sublayer's forward keeps for its backward (see sublayer.rs `Saved`).
+pub(crate) struct SublayerSaved {
     pub h: CudaStorage,
+    /// The attention output (None for the MLP, whose GELU the backward recomputes).
+    pub a: Option<CudaStorage>,
     pub vectors: CudaStorage,
     pub stats: CudaSlice<f32>,
 }
@@ -587,9 +589,9 @@ fn owned_copy<T: Float>(storage: &CudaStorage, layout: &Layout) -> Result<CudaSt
     Ok(dst)
 }
 
-/// Where the pieces of the packed weights ([W1 (hidden x D) | W2 (D x hidden)]) and of the
-/// packed vectors ([ln_w | ln_b | b1 | b2], owned, from offset 0) are, as layouts.
-struct MlpLayouts {
+/// Where the pieces of the packed weights ([W1 (first_out x D) | W2 (D x second_in)]) and of
+/// the packed vectors ([ln_w | ln_b | b1 | b2], owned, from offset 0) are, as layouts.
+struct SublayerLayouts {
     w1: Layout,
     w2: Layout,
     ln_w: Layout,
@@ -598,15 +600,15 @@ struct MlpLayouts {
     b2: Layout,
 }
 
-impl MlpLayouts {
-    fn new(weights_start: usize, (d, hidden): (usize, usize)) -> Self {
+impl SublayerLayouts {
+    fn new(weights_start: usize, (d, first_out, second_in): (usize, usize, usize)) -> Self {
         Self {
-            w1: Layout::contiguous_with_offset((hidden, d), weights_start),
-            w2: Layout::contiguous_with_offset((d, hidden), weights_start + hidden * d),
+            w1: Layout::contiguous_with_offset((first_out, d), weights_start),
+            w2: Layout::contiguous_with_offset((d, second_in), weights_start + first_out * d),
             ln_w: Layout::contiguous_with_offset(d, 0),
             ln_b: Layout::contiguous_with_offset(d, d),
-            b1: Layout::contiguous_with_offset(hidden, 2 * d),
-            b2: Layout::contiguous_with_offset(d, 2 * d + hidden),
+            b1: Layout::contiguous_with_offset(first_out, 2 * d),
+            b2: Layout::contiguous_with_offset(d, 2 * d + first_out),
         }
     }
 }
@@ -620,30 +622,40 @@ fn weights_operand<'a, T: Float>(w: &'a CudaStorage, w_l: &Layout, copy: &'a mut
     }
 }
 
-/// y = x + W2 gelu(W1 LN(x) + b1) + b2 over rows of x; keeps h = W1 LN(x) + b1, the packed
-/// vectors and the LayerNorm statistics for the backward. The LayerNorm output and gelu(h) are
-/// dropped here (the backward recomputes them).
+/// The middle's forward: GELU, or attention when `attention` gives its sizes and scale.
+fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<(AttentionDims, f32)>) -> Result<CudaStorage> {
+    match attention {
+        Some((dims, scale)) => attention_fwd::<T>(h, &Layout::contiguous((dims.b, dims.n, first_out)), dims, scale),
+        None => gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out)),
+    }
+}
+
+/// y = x + W2 middle(W1 LN(x) + b1) + b2 over rows of x; keeps h = W1 LN(x) + b1 (and the
+/// attention output), the packed vectors and the LayerNorm statistics for the backward. The
+/// LayerNorm output (and the GELU output) are dropped here; the backward recomputes them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn mlp_residual_fwd<T: Float>(
+pub(crate) fn sublayer_fwd<T: Float>(
     x: &CudaStorage,
     x_l: &Layout,
     weights: &CudaStorage,
     weights_l: &Layout,
     vectors: &CudaStorage,
     vectors_l: &Layout,
-    (rows, d, hidden): (usize, usize, usize),
+    (rows, d, first_out, second_in): (usize, usize, usize, usize),
+    attention: Option<(AttentionDims, f32)>,
     eps: f64,
-) -> Result<(CudaStorage, MlpSaved)> {
+) -> Result<(CudaStorage, SublayerSaved)> {
     let vectors = owned_copy::<T>(vectors, vectors_l)?;
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
-    let at = MlpLayouts::new(w_start, (d, hidden));
+    let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
     let (xln, stats) = layer_norm_fwd::<T>(x, x_l, &vectors, &at.ln_w, &vectors, &at.ln_b, (rows, d), eps)?;
-    let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, hidden))?;
+    let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, first_out))?;
     drop(xln);
-    let a = gelu_fwd::<T>(&h, &Layout::contiguous(rows * hidden))?;
-    let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, hidden)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, hidden, d))?;
-    Ok((y, MlpSaved { h, vectors, stats }))
+    let a = middle_fwd::<T>(&h, rows, first_out, attention)?;
+    let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, second_in)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, second_in, d))?;
+    let a = attention.is_some().then_some(a);
+    Ok((y, SublayerSaved { h, a, vectors, stats }))
 }
 
 /// `len` elements of `src` from `from` to `dst` at `to`, on the device's stream.
@@ -653,38 +665,54 @@ fn copy_range<T: Float>(dev: &CudaDevice, src: &CudaStorage, from: usize, dst: &
     dev.cuda_stream().memcpy_dtod(&src, &mut dst).w()
 }
 
-/// The packed gradients of `mlp_residual_fwd`: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b |
-/// d b1 | d b2], the layout of the CPU op.
+/// The packed gradients of `sublayer_fwd`: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b | d b1 |
+/// d b2], the layout of the CPU op.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn mlp_residual_bwd<T: Float>(
+pub(crate) fn sublayer_bwd<T: Float>(
     x: &CudaStorage,
     x_l: &Layout,
     weights: &CudaStorage,
     weights_l: &Layout,
     grad: &CudaStorage,
     grad_l: &Layout,
-    saved: &MlpSaved,
-    (rows, d, hidden): (usize, usize, usize),
+    saved: &SublayerSaved,
+    (rows, d, first_out, second_in): (usize, usize, usize, usize),
+    attention: Option<(AttentionDims, f32)>,
     eps: f64,
 ) -> Result<CudaStorage> {
-    let MlpSaved { h, vectors, stats } = saved;
+    let SublayerSaved { h, a: kept, vectors, stats } = saved;
     let dev = x.device();
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
-    let at = MlpLayouts::new(w_start, (d, hidden));
-    let h_l = Layout::contiguous(rows * hidden);
-    // fc2, with a = gelu(h) recomputed: [da | dW2 | db2].
-    let a = gelu_fwd::<T>(h, &h_l)?;
-    let fc2 = linear_bwd::<T>(&a, &Layout::contiguous((rows, hidden)), w, &at.w2, grad, grad_l, (rows, hidden, d))?;
-    drop(a);
-    let gh = gelu_bwd::<T>(h, &h_l, &fc2, &h_l)?;
-    // fc1, with the LayerNorm output recomputed: [dxln | dW1 | db1].
+    let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
+    let h_l = Layout::contiguous(rows * first_out);
+    let a_l = Layout::contiguous((rows, second_in));
+    // The second linear layer: [da | dW2 | db2], with the GELU output recomputed.
+    let recomputed;
+    let a = match kept {
+        Some(a) => a,
+        None => {
+            recomputed = middle_fwd::<T>(h, rows, first_out, None)?;
+            &recomputed
+        }
+    };
+    let second = linear_bwd::<T>(a, &a_l, w, &at.w2, grad, grad_l, (rows, second_in, d))?;
+    let da_l = Layout::contiguous(rows * second_in);
+    let dh = match attention {
+        Some((dims, scale)) => {
+            let qkv_l = Layout::contiguous((dims.b, dims.n, first_out));
+            let out_l = Layout::contiguous((dims.b, dims.n, second_in));
+            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, dims, scale)?
+        }
+        None => gelu_bwd::<T>(h, &h_l, &second, &da_l)?,
+    };
+    // The first linear layer, with the LayerNorm output recomputed: [dxln | dW1 | db1].
     let (xln, _) = layer_norm_fwd::<T>(x, x_l, vectors, &at.ln_w, vectors, &at.ln_b, (rows, d), eps)?;
-    let fc1 = linear_bwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &gh, &Layout::contiguous((rows, hidden)), (rows, d, hidden))?;
-    drop((xln, gh));
+    let first = linear_bwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &dh, &Layout::contiguous((rows, first_out)), (rows, d, first_out))?;
+    drop((xln, dh));
     // The LayerNorm: [dx_ln (rows x D) | d ln_w | d ln_b].
-    let ln = layer_norm_bwd::<T>(x, x_l, vectors, &at.ln_w, &fc1, &Layout::contiguous((rows, d)), Some(stats), (rows, d), eps)?;
-    let n = rows * d + 2 * hidden * d + 3 * d + hidden;
+    let ln = layer_norm_bwd::<T>(x, x_l, vectors, &at.ln_w, &first, &Layout::contiguous((rows, d)), Some(stats), (rows, d), eps)?;
+    let n = rows * d + first_out * d + d * second_in + 3 * d + first_out;
     let mut out = alloc::<T>(dev, n)?;
     {
         // dx = grad (the residual's) + dx_ln.
@@ -701,12 +729,12 @@ pub(crate) fn mlp_residual_bwd<T: Float>(
     }
     let mut at_out = rows * d;
     for (src, from, len) in [
-        (&fc1, rows * d, hidden * d),
-        (&fc2, rows * hidden, d * hidden),
+        (&first, rows * d, first_out * d),
+        (&second, rows * second_in, d * second_in),
         (&ln, rows * d, d),
         (&ln, rows * d + d, d),
-        (&fc1, rows * d + hidden * d, hidden),
-        (&fc2, rows * hidden + d * hidden, d),
+        (&first, rows * d + first_out * d, first_out),
+        (&second, rows * second_in + d * second_in, d),
     ] {
         copy_range::<T>(dev, src, from, &mut out, at_out, len)?;
         at_out += len;

@@ -42,7 +42,7 @@ mod erf_f32;
 mod gelu;
 mod layer_norm;
 mod linear;
-mod mlp;
+mod sublayer;
 pub mod reference;
 mod simd;
 mod softmax;
@@ -56,7 +56,7 @@ pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
-pub use mlp::mlp_residual;
+pub use sublayer::{attention_residual, mlp_residual};
 pub use softmax::softmax_last_dim;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 

@@ -108,6 +108,11 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             }),
         },
         TimedCase {
+            name: "attention_residual:encoder",
+            shapes: vec![vec![b, 49, 768], vec![768], vec![768], vec![2304, 768], vec![2304], vec![768, 768], vec![768]],
+            op: Box::new(|t| crate::attention_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), 12)),
+        },
+        TimedCase {
             name: "linear:stage1_conv1",
             shapes: vec![vec![rows1, 256], vec![256, 256, 1, 1], vec![256]],
             op: Box::new(|t| crate::linear(&t[0], &t[1], &t[2])),

@@ -121,26 +121,40 @@ fn mlp_sublayer(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64, drop: Option
     residual(x, linear_p(p, &format!("{prefix}.mlp.fc2"), &h)?, drop)
 }
 
-/// timm multi-head self-attention on [B, N, D]: qkv rows are [q | k | v], heads contiguous;
-/// softmax(q k^T / sqrt(hd)) v as one op (`self_attention`), then the output projection.
-pub fn attention(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
+/// timm multi-head self-attention of block `block` on [B, N, D]: qkv rows are [q | k | v],
+/// heads contiguous; softmax(q k^T / sqrt(hd)) v as one op (`self_attention`), then the
+/// output projection.
+pub fn attention(p: &ParamStore, block: &str, x: &Tensor, num_heads: usize) -> Result<Tensor> {
     let d = x.dim(2)?;
-    // qkv_bias=False (a knob of the official class for stage 3) leaves the projection without bias.
-    let qkv_weight = p.get(&format!("{prefix}.qkv.weight"));
-    let qkv_bias = match p.find(&format!("{prefix}.qkv.bias")) {
-        Some(b) => b.tensor.clone(),
-        None => Tensor::zeros(3 * d, x.dtype(), x.device())?,
-    };
-    let qkv = linear(x, qkv_weight, &qkv_bias)?;
+    let qkv = linear(x, p.get(&format!("{block}.attn.qkv.weight")), &qkv_bias(p, block, x)?)?;
     let scale = ((d / num_heads) as f64).powf(-0.5);
     let y = k::self_attention(&qkv, num_heads, scale)?;
-    linear_p(p, &format!("{prefix}.proj"), &y)
+    linear_p(p, &format!("{block}.attn.proj"), &y)
 }
 
-/// timm ViT Block: x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
+/// The qkv projection's bias of block `block`: qkv_bias=False (a knob of the official class for
+/// stage 3) leaves it without one, which is a zero bias here.
+fn qkv_bias(p: &ParamStore, block: &str, x: &Tensor) -> Result<Tensor> {
+    match p.find(&format!("{block}.attn.qkv.bias")) {
+        Some(b) => Ok(b.tensor.clone()),
+        None => Tensor::zeros(3 * x.dim(candle_core::D::Minus1)?, x.dtype(), x.device()),
+    }
+}
+
+/// timm ViT Block: x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6. Each half is one op
+/// (`attention_residual`, `mlp_residual`) unless stochastic depth scales its branch.
 pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize, drop: Option<&DropPath>) -> Result<Tensor> {
-    let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
-    let x = residual(x, attention(p, &format!("{prefix}.attn"), &h, num_heads)?, drop.map(|d| &d.first))?;
+    let x = match drop {
+        None => {
+            let get = |name: &str| p.get(&format!("{prefix}.{name}"));
+            let qkv_bias = qkv_bias(p, prefix, x)?;
+            k::attention_residual(x, (get("norm1.weight"), get("norm1.bias")), VIT_LN_EPS, (get("attn.qkv.weight"), &qkv_bias), (get("attn.proj.weight"), get("attn.proj.bias")), num_heads)?
+        }
+        Some(d) => {
+            let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
+            residual(x, attention(p, prefix, &h, num_heads)?, Some(&d.first))?
+        }
+    };
     mlp_sublayer(p, prefix, &x, VIT_LN_EPS, drop.map(|d| &d.second))
 }
 

@@ -104,6 +104,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "linear",
             "linear_gelu",
             "mlp_residual",
+            "attention_residual",
             "depthwise_conv2d",
             "sparse_depthwise_conv2d",
             "layer_norm:transposed",
@@ -128,8 +129,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 17 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 36);
+    // 18 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 38);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -182,6 +183,7 @@ fn op_timings_cover_every_case_by_both_paths() {
             "linear_gelu:decoder_fc1",
             "mlp_residual:decoder",
             "mlp_separate:decoder",
+            "attention_residual:encoder",
             "linear:stage1_conv1"
         ]
     );
