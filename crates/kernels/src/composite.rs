@@ -185,9 +185,9 @@ pub(crate) enum OpSwitch {
     /// broadcast-add (and its backward node by node). Default: ours.
     Linear,
     /// `CONVMAE_SUBLAYER`: a block's sublayers as one op each (`mlp_residual`,
-    /// `attention_residual`; the default), or as their separate ops (`composite`: LayerNorm,
-    /// linear, GELU or attention, linear, add; each still ours). Unlike the others this one
-    /// applies on the CPU too.
+    /// `attention_residual`: `fused`), as their separate ops (`composite`: LayerNorm, linear,
+    /// GELU or attention, linear, add; each still ours), or by size (`auto`, the default; see
+    /// sublayer.rs). Unlike the others this one applies on the CPU too.
     Sublayer,
 }
 
@@ -214,7 +214,8 @@ impl OpSwitch {
     fn default_choice(self) -> Choice {
         match self {
             Self::Attention => Choice::Auto,
-            Self::Linear | Self::Sublayer => Choice::Ours,
+            Self::Linear => Choice::Ours,
+            Self::Sublayer => Choice::Auto,
         }
     }
 

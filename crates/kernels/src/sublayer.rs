@@ -359,10 +359,25 @@ impl CustomOp3 for SublayerBackward {
     }
 }
 
-/// Whether a sublayer runs as one op: our kernels serve all its arguments and
-/// `CONVMAE_SUBLAYER` is not `composite`.
-fn one_op(args: &[&Tensor]) -> bool {
-    crate::composite::use_kernel(args) && OpSwitch::Sublayer.choice() != Choice::Composite
+/// Below this many rows per unit of width the one op costs more than it saves (`one_op`).
+const MIN_ROWS_PER_WIDTH: usize = 2;
+
+/// Whether a sublayer of width `d` over `rows` rows runs as one op: our kernels serve all its
+/// arguments, and `CONVMAE_SUBLAYER` says `fused`, or `auto` (the default) and the sublayer is
+/// big enough. What the op saves is activation traffic and memory, some 20-30 passes over a
+/// [rows, D] tensor; what it costs is packing the weights (4 D^2 or 8 D^2 parameters) and their
+/// gradient, a few passes over those. So it pays from about rows = D; `auto` asks for 2 D.
+/// Measured on 2 CPU cores at ConvMAE-B batch 8 (benches/results, tags `sublayer-ab*`): with
+/// every sublayer as one op a step was ~4% slower than with the separate ops; stage 3 there
+/// has 392 rows of width 768, the decoder 1568 of 512. On a GPU at batch 64 every ConvMAE-B
+/// sublayer is past the threshold (stage 3: 3136 rows).
+fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
+    crate::composite::use_kernel(args)
+        && match OpSwitch::Sublayer.choice() {
+            Choice::Ours => true,
+            Choice::Composite => false,
+            Choice::Auto => rows >= MIN_ROWS_PER_WIDTH * d,
+        }
 }
 
 /// Runs the op on the packed parameters.
@@ -400,20 +415,18 @@ fn check_params(name: &str, x: &Tensor, norm: (&Tensor, &Tensor), first: (&Tenso
 /// `x + fc2(gelu(fc1(layer_norm(x, ln_w, ln_b, eps))))` over the last dim of `x`: the MLP
 /// sublayer of a pre-norm block with its residual. `fc1` is (weight [hidden, D], bias
 /// [hidden]), `fc2` is (weight [D, hidden], bias [D]); 1x1-conv weights ([out, in, 1, 1]) are
-/// accepted. Differentiable w.r.t. everything. Where our kernels do not serve the arguments, or
-/// with `CONVMAE_SUBLAYER=composite`, the same thing from the separate ops.
+/// accepted. Differentiable w.r.t. everything. As one op or as the separate ops (`one_op`
+/// decides): the same values either way.
 ///
-/// Measured on 2 CPU cores, ConvMAE-B at batch 8 (benches/results, tags `mlp-ab3-*`,
-/// `mlp-ab4-*`): step time unchanged within noise (2129 / 2211 ms vs 2185 / 2162 ms for the
-/// separate ops), peak RSS a steady 3.34 GB where the separate ops peaked at 3.38 to 3.95 GB.
-/// What it saves grows with the batch (activation-sized buffers and traffic); what it costs
-/// does not (packing the two weight matrices and their gradient every step, and recomputing
-/// the LayerNorm and GELU in the backward). The GPU check's op timings compare the two forms
-/// at batch 64 (`mlp_residual:decoder`, `mlp_separate:decoder`).
+/// With every MLP sublayer as one op, a ConvMAE-B step at batch 8 on 2 CPU cores took the
+/// same time within noise and peaked at a steady 3.34 GB RSS where the separate ops peaked at
+/// 3.38 to 3.95 GB (benches/results, tags `mlp-ab3-*`, `mlp-ab4-*`, when the variable was
+/// `CONVMAE_MLP`); `one_op` says when it is used by default. The GPU check's op timings
+/// compare the two forms at batch 64 (`mlp_residual:decoder`, `mlp_separate:decoder`).
 pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tensor, &Tensor), fc2: (&Tensor, &Tensor)) -> Result<Tensor> {
     let widths = Widths::of(Middle::Gelu, x.dim(candle_core::D::Minus1)?, fc1.0.dim(0)?);
     check_params("mlp_residual", x, norm, fc1, fc2, widths)?;
-    if !one_op(&[x, norm.0, norm.1, fc1.0, fc1.1, fc2.0, fc2.1]) {
+    if !one_op(&[x, norm.0, norm.1, fc1.0, fc1.1, fc2.0, fc2.1], x.elem_count() / widths.d, widths.d) {
         let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
         let h = crate::linear_gelu(&h, fc1.0, fc1.1)?;
         return x + crate::linear(&h, fc2.0, fc2.1)?;
@@ -424,9 +437,9 @@ pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tenso
 /// `x + proj(self_attention(qkv(layer_norm(x, ln_w, ln_b, eps)), heads))` for `x` [B, N, D]:
 /// the attention sublayer of a pre-norm transformer block with its residual (timm's `Block`
 /// first half; scale head_dim^-0.5). `qkv` is (weight [3D, D], bias [3D]), `proj` (weight
-/// [D, D], bias [D]). As one op on the CPU, and on CUDA where attention runs our fused kernels
-/// (`CONVMAE_ATTENTION`: forced, or `auto`'s pick for this shape); otherwise, or with
-/// `CONVMAE_SUBLAYER=composite`, the separate ops.
+/// [D, D], bias [D]). As one op where `one_op` says so and, on CUDA, attention runs our fused
+/// kernels (`CONVMAE_ATTENTION`: forced, or `auto`'s pick for this shape); otherwise as the
+/// separate ops.
 pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (&Tensor, &Tensor), proj: (&Tensor, &Tensor), heads: usize) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     if heads == 0 || d % heads != 0 {
@@ -436,7 +449,7 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
     check_params("attention_residual", x, norm, qkv, proj, widths)?;
     let scale = ((d / heads) as f64).powf(-0.5);
     let dims = AttentionDims { b, n, heads, hd: d / heads };
-    let op = one_op(&[x, norm.0, norm.1, qkv.0, qkv.1, proj.0, proj.1]) && (x.device().is_cpu() || crate::attention::fused_on_cuda(dims, x.dtype(), x.device(), scale)?);
+    let op = one_op(&[x, norm.0, norm.1, qkv.0, qkv.1, proj.0, proj.1], b * n, d) && (x.device().is_cpu() || crate::attention::fused_on_cuda(dims, x.dtype(), x.device(), scale)?);
     if !op {
         let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
         let h = crate::self_attention(&crate::linear(&h, qkv.0, qkv.1)?, heads, scale)?;
@@ -479,7 +492,8 @@ mod tests {
             let b2 = to(rand(&[d], 7));
             let cot = rand(&[2, 7, d], 8).to_dtype(dtype).unwrap();
             let x = x_t.as_tensor().transpose(1, 2).unwrap();
-            let fused = mlp_residual(&x, (&ln_w, &ln_b), 1e-5, (&w1, &b1), (&w2, &b2)).unwrap();
+            // Path::Kernels forces the one op whatever `auto` would pick for this size.
+            let fused = crate::with_path(crate::Path::Kernels, || mlp_residual(&x, (&ln_w, &ln_b), 1e-5, (&w1, &b1), (&w2, &b2))).unwrap();
             let reference = {
                 let h = crate::layer_norm(&x, &ln_w, &ln_b, 1e-5).unwrap();
                 let h = crate::gelu_erf(&crate::linear(&h, &w1, &b1).unwrap()).unwrap();
@@ -512,7 +526,7 @@ mod tests {
             let wp = to(rand(&[d, d], 16));
             let bp = to(rand(&[d], 17));
             let cot = rand(&[b, n, d], 18).to_dtype(dtype).unwrap();
-            let fused = attention_residual(&x, (&ln_w, &ln_b), 1e-6, (&wq, &bq), (&wp, &bp), heads).unwrap();
+            let fused = crate::with_path(crate::Path::Kernels, || attention_residual(&x, (&ln_w, &ln_b), 1e-6, (&wq, &bq), (&wp, &bp), heads)).unwrap();
             let reference = {
                 let h = crate::layer_norm(&x, &ln_w, &ln_b, 1e-6).unwrap();
                 let h = crate::self_attention(&crate::linear(&h, &wq, &bq).unwrap(), heads, 0.5).unwrap();
