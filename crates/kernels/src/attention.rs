@@ -369,6 +369,7 @@ pub(crate) fn backward<T: Element>(qkv: &[T], out: &[T], g: &[T], dims: Dims, sc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_rel;
     use candle_core::{DType, Device, Var};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -385,12 +386,6 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-        a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale.max(f64::MIN_POSITIVE)
-    }
 
     /// `auto`'s measurement runs both paths forward and backward (here on the CPU, where the
     /// public op never asks) and keeps its pick per shape and dtype: later calls get the same

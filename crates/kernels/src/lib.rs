@@ -43,6 +43,8 @@ mod gelu;
 mod layer_norm;
 mod linear;
 mod sublayer;
+#[cfg(test)]
+mod test_util;
 pub mod reference;
 mod simd;
 mod softmax;

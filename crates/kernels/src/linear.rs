@@ -417,15 +417,8 @@ mod tests {
             let cot = rand(&[2, 5, 13], 14).to_dtype(dtype).unwrap();
             let fused = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
             let reference = crate::gelu_erf(&linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()).unwrap();
-            let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let tol = if dtype == DType::F64 { 1e-14 } else { 1e-6 };
-            assert!(max_rel(&as64(&fused), &as64(&reference)) < tol);
-            let g1 = (fused * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &w, &b] {
-                let (a, r) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(max_rel(&as64(a), &as64(r)) < tol, "{dtype:?}");
-            }
+            crate::test_util::assert_same_function(fused, reference, &cot, &[("x", &x), ("w", &w), ("b", &b)], tol);
         }
     }
 

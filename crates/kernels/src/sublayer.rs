@@ -58,6 +58,14 @@ impl Middle {
             Self::Attention { tokens, heads, .. } => Some(AttentionDims { b: rows / tokens, n: tokens, heads, hd: d / heads }),
         }
     }
+    /// The attention's sizes and scale for the CUDA launch code (None for the MLP).
+    #[cfg(feature = "cuda")]
+    fn cuda_attention(self, rows: usize, d: usize) -> Option<(AttentionDims, f32)> {
+        match self {
+            Self::Attention { scale, .. } => self.attention_dims(rows, d).map(|dims| (dims, scale as f32)),
+            Self::Gelu => None,
+        }
+    }
     /// Whether the backward needs the middle's output kept (attention: recomputing it is a
     /// whole attention forward) rather than recomputed (GELU: one element-wise pass).
     fn keeps_output(self) -> bool {
@@ -249,7 +257,7 @@ impl CustomOp3 for Sublayer {
         use candle_core::backend::BackendStorage;
         let rows = self.check(lx, lw, lv)?;
         let w = self.widths;
-        let attention = self.middle_for_cuda(rows);
+        let attention = self.middle.cuda_attention(rows, w.d);
         let (y, saved) = cuda_dispatch!(self.middle.name(), sx.dtype(), sublayer_fwd(sx, lx, sw, lw, sv, lv, (rows, w.d, w.first_out, w.second_in), attention, self.eps))?;
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved::Cuda(Box::new(saved)));
         Ok((y, lx.shape().clone()))
@@ -265,17 +273,6 @@ impl CustomOp3 for Sublayer {
         let dw = all.narrow(0, nx, nw)?.reshape(weights.shape())?;
         let dv = all.narrow(0, nx + nw, w.vectors())?.reshape(vectors.shape())?;
         Ok((Some(dx), Some(dw), Some(dv)))
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl Sublayer {
-    /// The attention's sizes and scale for the CUDA launch code (None for the MLP).
-    fn middle_for_cuda(&self, rows: usize) -> Option<(AttentionDims, f32)> {
-        match self.middle {
-            Middle::Attention { scale, .. } => self.middle.attention_dims(rows, self.widths.d).map(|d| (d, scale as f32)),
-            Middle::Gelu => None,
-        }
     }
 }
 
@@ -350,10 +347,7 @@ impl CustomOp3 for SublayerBackward {
         let w = self.widths;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(Saved::Cuda(saved)) = saved.as_ref() else { return Err(missing_saved(self.middle)) };
-        let attention = match self.middle {
-            Middle::Attention { scale, .. } => self.middle.attention_dims(rows, w.d).map(|d| (d, scale as f32)),
-            Middle::Gelu => None,
-        };
+        let attention = self.middle.cuda_attention(rows, w.d);
         let out = cuda_dispatch!(self.middle.grad_name(), sx.dtype(), sublayer_bwd(sx, lx, sw, lw, sg, lg, saved, (rows, w.d, w.first_out, w.second_in), attention, self.eps))?;
         Ok((out, Shape::from(w.grads(rows))))
     }
@@ -461,18 +455,12 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::assert_same_function;
     use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let v = crate::agreement::values(shape.iter().product(), seed);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-        a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale.max(f64::MIN_POSITIVE)
     }
 
     /// The op against the five ops it replaces (our LayerNorm, linear + GELU, linear, add),
@@ -500,14 +488,7 @@ mod tests {
                 (&x + crate::linear(&h, &w2, &b2).unwrap()).unwrap()
             };
             let tol = if dtype == DType::F64 { 1e-13 } else { 1e-5 };
-            assert!(max_rel(&fused, &reference) < tol, "{dtype:?} forward {}", max_rel(&fused, &reference));
-            let g1 = (fused * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("x", &x_t), ("ln_w", &ln_w), ("ln_b", &ln_b), ("w1", &w1), ("b1", &b1), ("w2", &w2), ("b2", &b2)] {
-                let (a, r) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert_eq!(a.dims(), v.dims(), "{name}");
-                assert!(max_rel(a, r) < tol, "{dtype:?} {name}: {}", max_rel(a, r));
-            }
+            assert_same_function(fused, reference, &cot, &[("x", &x_t), ("ln_w", &ln_w), ("ln_b", &ln_b), ("w1", &w1), ("b1", &b1), ("w2", &w2), ("b2", &b2)], tol);
         }
     }
 
@@ -533,14 +514,7 @@ mod tests {
                 (x.as_tensor() + crate::linear(&h, &wp, &bp).unwrap()).unwrap()
             };
             let tol = if dtype == DType::F64 { 1e-13 } else { 1e-5 };
-            assert!(max_rel(&fused, &reference) < tol, "{dtype:?} forward {}", max_rel(&fused, &reference));
-            let g1 = (fused * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("x", &x), ("ln_w", &ln_w), ("ln_b", &ln_b), ("wq", &wq), ("bq", &bq), ("wp", &wp), ("bp", &bp)] {
-                let (a, r) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert_eq!(a.dims(), v.dims(), "{name}");
-                assert!(max_rel(a, r) < tol, "{dtype:?} {name}: {}", max_rel(a, r));
-            }
+            assert_same_function(fused, reference, &cot, &[("x", &x), ("ln_w", &ln_w), ("ln_b", &ln_b), ("wq", &wq), ("bq", &bq), ("wp", &wp), ("bp", &bp)], tol);
         }
     }
 
