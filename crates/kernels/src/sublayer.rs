@@ -358,13 +358,14 @@ const MIN_ROWS_PER_WIDTH: usize = 2;
 
 /// Whether a sublayer of width `d` over `rows` rows runs as one op: our kernels serve all its
 /// arguments, and `CONVMAE_SUBLAYER` says `fused`, or `auto` (the default) and the sublayer is
-/// big enough. What the op saves is activation traffic and memory, some 20-30 passes over a
-/// [rows, D] tensor; what it costs is packing the weights (4 D^2 or 8 D^2 parameters) and their
-/// gradient, a few passes over those. So it pays from about rows = D; `auto` asks for 2 D.
-/// Measured on 2 CPU cores at ConvMAE-B batch 8 (benches/results, tags `sublayer-ab*`): with
-/// every sublayer as one op a step was ~4% slower than with the separate ops; stage 3 there
-/// has 392 rows of width 768, the decoder 1568 of 512. On a GPU at batch 64 every ConvMAE-B
-/// sublayer is past the threshold (stage 3: 3136 rows).
+/// big enough. What the op saves is activation traffic and memory: counting the buffers it
+/// skips, some 20-30 passes over a [rows, D] tensor (an estimate, not a measurement). What it
+/// costs is packing the weights (4 D^2 or 8 D^2 parameters) and their gradient, a few passes
+/// over those. By that count it pays from about rows = D; `auto` asks for 2 D. Measured on 2
+/// CPU cores at ConvMAE-B batch 8 (benches/results, tags `sublayer-ab*`): with every sublayer
+/// as one op a step was ~4% slower than with the separate ops, and with `auto` the same within
+/// noise (`sublayer-auto-ab*`); stage 3 there has 392 rows of width 768, the decoder 1568 of
+/// 512. On a GPU at batch 64 every ConvMAE-B sublayer is past the threshold (stage 3: 3136 rows).
 fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
     crate::composite::use_kernel(args)
         && match OpSwitch::Sublayer.choice() {
