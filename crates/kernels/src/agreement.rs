@@ -85,14 +85,6 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
     format!("{dtype:?}").to_lowercase()
 }
 
-/// Whether case `name` runs kernels of ours for first input `t` under the path in force. The
-/// agreement and timing tables call this inside `with_path`, where the forced path decides for
-/// every op (the `OpSwitch` variables included), so this is `has_kernel`; it names the case
-/// so that the rows say what ran.
-pub(crate) fn kernel_runs(_name: &str, t: &Tensor) -> bool {
-    crate::has_kernel(t)
-}
-
 /// Max relative error allowed, by dtype and by whether our kernel or candle's ops computed.
 /// f32: both differ from the CPU kernels only in summation order and last-ulp differences of
 /// exp / erf / sqrt (~1e-6 at these sizes), except `linear` (and the ops built on it) and candle's composition of
@@ -144,7 +136,9 @@ fn compare(case: &Case, device: &Device, dtype: DType, paths: &[Path]) -> Result
     let (ref_out, ref_grads) = with_path(Path::Kernels, || run(case, &host, &Device::Cpu, DType::F32, dtype))?;
     let mut rows = Vec::new();
     for &path in paths {
-        let kernel = with_path(path, || -> Result<bool> { Ok(kernel_runs(case.name, &host[0].to_dtype(dtype)?.to_device(device)?)) })?;
+        // Inside with_path the forced path decides for every op (the OpSwitch variables
+        // included), so whether a kernel of ours ran is has_kernel's answer.
+        let kernel = with_path(path, || -> Result<bool> { Ok(crate::has_kernel(&host[0].to_dtype(dtype)?.to_device(device)?)) })?;
         let (out, grads) = with_path(path, || run(case, &host, device, dtype, dtype))?;
         let gradient_rels = grads.iter().zip(&ref_grads).map(|(g, r)| rel(g, r)).collect::<Result<Vec<_>>>()?;
         let gradient_rel = gradient_rels.iter().fold(0f64, |a, &b| worst(a, b));

@@ -182,7 +182,8 @@ pub(crate) enum OpSwitch {
     /// Default `auto` (see `attention.rs`): both are timed on the first call for a shape.
     Attention,
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
-    /// broadcast-add (and its backward node by node). Default: ours.
+    /// broadcast-add (and its backward node by node). Default: ours. `composite` also sends
+    /// the sublayers, whose linear layers are the same code, to their separate ops.
     Linear,
     /// `CONVMAE_SUBLAYER`: a block's sublayers as one op each (`mlp_residual`,
     /// `attention_residual`: `fused`), as their separate ops (`composite`: LayerNorm, linear,

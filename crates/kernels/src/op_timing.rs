@@ -182,7 +182,8 @@ pub fn time_ops(device: &Device, paths: &[Path], dtype: DType, batch: usize, rep
                     path: path_name(path).into(),
                     dtype: dtype_name(dtype),
                     shapes: case.shapes.clone(),
-                    kernel: crate::agreement::kernel_runs(case.name, &inputs[0]),
+                    // Under with_path, as in the agreement check: has_kernel says what ran.
+                    kernel: crate::has_kernel(&inputs[0]),
                     forward_ms: median(forward),
                     forward_backward_ms: median(both),
                     probe_ms: median(probe_times),

@@ -83,11 +83,13 @@ struct Widths {
 }
 
 impl Widths {
-    fn of(middle: Middle, d: usize, hidden: usize) -> Self {
-        match middle {
-            Middle::Gelu => Self { d, first_out: hidden, second_in: hidden },
-            Middle::Attention { .. } => Self { d, first_out: 3 * d, second_in: d },
-        }
+    /// The MLP: D -> hidden -> D.
+    fn mlp(d: usize, hidden: usize) -> Self {
+        Self { d, first_out: hidden, second_in: hidden }
+    }
+    /// Attention: D -> the 3D qkv rows -> D.
+    fn attention(d: usize) -> Self {
+        Self { d, first_out: 3 * d, second_in: d }
     }
     /// [W1 (first_out x D) | W2 (D x second_in)].
     fn weights(self) -> usize {
@@ -366,8 +368,13 @@ const MIN_ROWS_PER_WIDTH: usize = 2;
 /// as one op a step was ~4% slower than with the separate ops, and with `auto` the same within
 /// noise (`sublayer-auto-ab*`); stage 3 there has 392 rows of width 768, the decoder 1568 of
 /// 512. On a GPU at batch 64 every ConvMAE-B sublayer is past the threshold (stage 3: 3136 rows).
+///
+/// The op's linear layers are our linear op's code, so `CONVMAE_LINEAR=composite` (the valve
+/// for that op on CUDA) sends the sublayers to their separate ops too.
 fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
+    let linear_ours = args[0].device().is_cpu() || !OpSwitch::Linear.composite();
     crate::composite::use_kernel(args)
+        && linear_ours
         && match OpSwitch::Sublayer.choice() {
             Choice::Ours => true,
             Choice::Composite => false,
@@ -419,7 +426,7 @@ fn check_params(name: &str, x: &Tensor, norm: (&Tensor, &Tensor), first: (&Tenso
 /// `CONVMAE_MLP`); `one_op` says when it is used by default. The GPU check's op timings
 /// compare the two forms at batch 64 (`mlp_residual:decoder`, `mlp_separate:decoder`).
 pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tensor, &Tensor), fc2: (&Tensor, &Tensor)) -> Result<Tensor> {
-    let widths = Widths::of(Middle::Gelu, x.dim(candle_core::D::Minus1)?, fc1.0.dim(0)?);
+    let widths = Widths::mlp(x.dim(candle_core::D::Minus1)?, fc1.0.dim(0)?);
     check_params("mlp_residual", x, norm, fc1, fc2, widths)?;
     if !one_op(&[x, norm.0, norm.1, fc1.0, fc1.1, fc2.0, fc2.1], x.elem_count() / widths.d, widths.d) {
         let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
@@ -440,9 +447,10 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
     if heads == 0 || d % heads != 0 {
         candle_core::bail!("attention_residual: width {d} of input {:?} is not a multiple of {heads} heads", x.dims());
     }
-    let widths = Widths::of(Middle::Attention { tokens: n, heads, scale: 0.0 }, d, 0);
-    check_params("attention_residual", x, norm, qkv, proj, widths)?;
     let scale = ((d / heads) as f64).powf(-0.5);
+    let middle = Middle::Attention { tokens: n, heads, scale };
+    let widths = Widths::attention(d);
+    check_params("attention_residual", x, norm, qkv, proj, widths)?;
     let dims = AttentionDims { b, n, heads, hd: d / heads };
     let op = one_op(&[x, norm.0, norm.1, qkv.0, qkv.1, proj.0, proj.1], b * n, d) && (x.device().is_cpu() || crate::attention::fused_on_cuda(dims, x.dtype(), x.device(), scale)?);
     if !op {
@@ -450,7 +458,7 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
         let h = crate::self_attention(&crate::linear(&h, qkv.0, qkv.1)?, heads, scale)?;
         return x + crate::linear(&h, proj.0, proj.1)?;
     }
-    apply(x, norm, eps, qkv, proj, widths, Middle::Attention { tokens: n, heads, scale })
+    apply(x, norm, eps, qkv, proj, widths, middle)
 }
 
 #[cfg(test)]
