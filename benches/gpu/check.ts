@@ -18,7 +18,9 @@
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
  *     max_memory_allocated).
  * --throughput-only skips (a): for a second call after a --kernels-only one, when device time is
- * short (the device tool lends 15 minutes a session, start-up included).
+ * short (the device tool lends 15 minutes a session, start-up included). --profile-only runs (e)
+ * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
+ * skipped), so that it ends inside a device call's time limit with its files written.
  * (e) with --profile, last (after (a) alone with --kernels-only): the per-kernel profile of one
  *     sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
@@ -83,7 +85,7 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile', 'profile-only']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
@@ -94,12 +96,23 @@ async function main(): Promise<void> {
   // (b)-(d) without (a), for a second call after a --kernels-only one.
   const throughputOnly = opts.flags['throughput-only'] === 'true';
   if (kernelsOnly && throughputOnly) throw new RangeError('--kernels-only and --throughput-only exclude each other (together they would measure nothing)');
+  // The profile alone, for a call of its own after the measurements.
+  const profileOnly = opts.flags['profile-only'] === 'true';
+  if (profileOnly && (kernelsOnly || throughputOnly)) throw new RangeError('--profile-only excludes --kernels-only and --throughput-only');
   // Where the GPU time of a step goes, by kernel (a few minutes: ncu times every launch alone).
-  const profile = opts.flags.profile === 'true';
+  const profile = profileOnly || opts.flags.profile === 'true';
   const profileTimeout = intFlag(opts, 'profile-timeout', 150);
+  // The whole check's budget in seconds: each child gets at most what is left (less a margin for
+  // writing the results), and what no longer fits is recorded as skipped, so a check run inside a
+  // device call's time limit ends by itself with its files written instead of being killed.
+  const deadlineS = opts.flags.deadline === undefined ? Infinity : intFlag(opts, 'deadline', 0);
   mkdirSync(out, { recursive: true });
   const log = (s: string) => process.stderr.write(`[gpu-check ${new Date().toISOString().slice(11, 19)}] ${s}\n`);
   const started = Date.now();
+  const secondsLeft = () => deadlineS - (Date.now() - started) / 1000 - 5;
+  // `child` within the --deadline: a child that would get under 15 s is not started.
+  const run = (cmd: string, args: string[], seconds: number, env?: NodeJS.ProcessEnv) =>
+    secondsLeft() < 15 ? Promise.resolve({ error: `skipped: --deadline ${deadlineS} s reached`, stderr: '' } as Awaited<ReturnType<typeof child>>) : child(cmd, args, Math.min(seconds, Math.floor(secondsLeft())), env);
   // The addon is loaded here rather than imported, so that a load failure (a missing CUDA
   // library) is recorded and the PyTorch half of the check still runs. Loading runs no kernel;
   // everything that does runs in child processes (probe-worker.js, pretrain-worker.js), so a
@@ -130,8 +143,8 @@ async function main(): Promise<void> {
   const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
 
   // (a) kernel agreement first (it says which kernel is wrong), then parity.
-  if (!loadError && !throughputOnly) {
-    const r = await child(process.execPath, [probe, 'agreement'], 180);
+  if (!loadError && !throughputOnly && !profileOnly) {
+    const r = await run(process.execPath, [probe, 'agreement'], 180);
     if (r.json) {
       agreement = r.json.rows as typeof agreement;
       for (const a of agreement) {
@@ -144,14 +157,14 @@ async function main(): Promise<void> {
     }
     save();
   }
-  for (const [file, dtype, convPath] of loadError || throughputOnly ? [] : ([
+  for (const [file, dtype, convPath] of loadError || throughputOnly || profileOnly ? [] : ([
     ['pretrain_small.safetensors', 'f32', 'sparse'],
     ['pretrain_small.safetensors', 'f32', 'dense'],
     ['pretrain_small.safetensors', 'f64', 'sparse'],
     ['finetune_small.safetensors', 'f32', 'sparse'],
     ['finetune_small.safetensors', 'f64', 'sparse'],
   ] as const)) {
-    const r = await child(process.execPath, [probe, 'parity', path.join(golden, file), dtype, convPath], 120);
+    const r = await run(process.execPath, [probe, 'parity', path.join(golden, file), dtype, convPath], 120);
     if (r.json) {
       const j = r.json as { kind: string; pass: boolean; worst: string; worst_rel: number; tolerance: number };
       parity.push({ fixture: file, dtype, path: j.kind === 'pretrain' ? convPath : null, pass: j.pass, worst: j.worst, worst_rel: j.worst_rel, tolerance: j.tolerance });
@@ -165,8 +178,8 @@ async function main(): Promise<void> {
 
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
   // whether each kernel pays, which the throughput rows cannot say op by op.
-  if (!loadError && !throughputOnly) {
-    const r = await child(process.execPath, [probe, 'timing', '64', '5'], 150);
+  if (!loadError && !throughputOnly && !profileOnly) {
+    const r = await run(process.execPath, [probe, 'timing', '64', '5'], 150);
     if (r.json) {
       opTimings = r.json.rows as OpTiming[];
       for (const t of opTimings) log(`time ${t.op} ${t.path} ${t.dtype}: forward ${fmt(t.forward_ms)} ms, forward+backward ${fmt(t.forward_backward_ms)} ms`);
@@ -178,7 +191,7 @@ async function main(): Promise<void> {
   }
 
   // (b)-(d) throughput and memory.
-  const batches = kernelsOnly ? [] : quick ? [64] : [64, 128];
+  const batches = kernelsOnly || profileOnly ? [] : quick ? [64] : [64, 128];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
   const record = (r: { json?: Record<string, unknown>; error?: string; stderr?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
@@ -199,27 +212,34 @@ async function main(): Promise<void> {
     save();
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
+  const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env?: NodeJS.ProcessEnv) =>
+    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150, env).then((r) =>
+      record(r, { suite: 'gpu', impl, preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath }),
+    );
+  const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
+    const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
+    if (compile) args.push('--compile');
+    const r = await run(python, args, compile ? 240 : 120);
+    record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
+  };
+  // The issue's comparison first (ours sparse bf16 against PyTorch eager bf16 and torch.compile),
+  // so that a run that meets its --deadline has it; then the other configurations and the A/Bs.
   for (const batch of batches) {
-    for (const precision of loadError ? [] : (['bf16', 'fp32'] as const)) {
-      for (const convPath of ['sparse', 'dense'] as const) {
-        const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150);
-        record(r, { suite: 'gpu', impl: convPath === 'sparse' ? 'ours' : 'ours-dense', preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath });
-      }
+    if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours');
+    await pytorch(batch, 'bf16', false);
+    await pytorch(batch, 'bf16', true);
+    if (!loadError) {
+      await ours(batch, 'bf16', 'dense', 'ours-dense');
+      await ours(batch, 'fp32', 'sparse', 'ours');
+      await ours(batch, 'fp32', 'dense', 'ours-dense');
     }
-    // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
-    // (CONVMAE_KERNELS=composite), once, at the first batch size.
+    await pytorch(batch, 'none', false);
     if (!loadError && batch === batches[0]) {
-      const r = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'], 150, { ...process.env, CONVMAE_KERNELS: 'composite' });
-      record(r, { suite: 'gpu', impl: 'ours-composite', preset: 'convmae-base', batch, dtype: 'bf16', device: 'cuda', path: 'sparse' });
-      // And the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
-      const a = await child(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'], 150, { ...process.env, CONVMAE_ATTENTION: 'composite' });
-      record(a, { suite: 'gpu', impl: 'ours-attention-composite', preset: 'convmae-base', batch, dtype: 'bf16', device: 'cuda', path: 'sparse' });
-    }
-    for (const [amp, compile] of [['bf16', false], ['bf16', true], ['none', false]] as const) {
-      const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
-      if (compile) args.push('--compile');
-      const r = await child(python, args, compile ? 240 : 120);
-      record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
+      // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
+      // (CONVMAE_KERNELS=composite), once, at the first batch size;
+      await ours(batch, 'bf16', 'sparse', 'ours-composite', { ...process.env, CONVMAE_KERNELS: 'composite' });
+      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
+      await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { ...process.env, CONVMAE_ATTENTION: 'composite' });
     }
   }
 
@@ -237,7 +257,7 @@ async function main(): Promise<void> {
       ours = { status: 'skipped', reason: `our addon is unusable: ${loadError}`, command: shellQuote(['ncu', ...ncuArgs(logFile, process.execPath, [worker, ...workerArgs])]) };
     } else {
       log(ncu.path ? `profile: ours under ${ncu.path} (at most ${profileTimeout} s)` : `profile: ${ncu.reason}`);
-      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: profileTimeout, env: { ...process.env, ...PROFILED_STEP_ENV } });
+      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: Math.max(1, Math.min(profileTimeout, Math.floor(secondsLeft() - 60))), env: { ...process.env, ...PROFILED_STEP_ENV } });
     }
     // ncu's own table, compressed (one row per launch: what the summary was made from).
     if (existsSync(logFile)) {
@@ -251,7 +271,7 @@ async function main(): Promise<void> {
     save();
 
     const torchArgs = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', 'bf16', '--warmup', '1', '--steps', '1', '--profile'];
-    const r = await child(python, torchArgs, 120);
+    const r = await run(python, torchArgs, 120);
     const pytorch: TorchProfileResult = { status: 'ok', command: shellQuote([python, ...torchArgs]) };
     const p = r.json?.profile as { kernels?: KernelEntry[]; time_attr?: string; step_ms?: number } | undefined;
     if (p?.kernels) {
