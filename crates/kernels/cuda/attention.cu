@@ -1,5 +1,6 @@
 // Multi-head self-attention on packed qkv rows, forward and backward (src/attention.rs defines
-// the semantics and holds the CPU kernels).
+// the semantics and holds the CPU kernels): the fused FMA kernels, and the two layout kernels
+// of the gemm form (cuBLAS tensor-core gemms around rows.cu's scores softmax), at the end.
 //
 // Layouts (row-major): qkv [B, N, 3, H, HD] (timm's qkv projection output: q heads, k heads, v
 // heads), out and its gradient [B, N, H, HD], the qkv gradient like qkv.
@@ -294,7 +295,45 @@ __device__ __forceinline__ void attention_bwd_v(const T* __restrict__ qkv, const
     for (int d = 0; d < HD; ++d) g[d] = store<T>(dv[d]);
 }
 
+// ---- The gemm form (src/cuda.rs attention_gemm_fwd / _bwd) ---------------------------------
+// Its batched gemms need each (image, head) as a dense [N, HD] matrix at a fixed stride, which
+// the packed rows are not (a head's rows are 3 * H * HD apart, and the images further still):
+// these two kernels move packed rows [B, N, P, H, HD] (P = 3: qkv or its gradient; P = 1: the
+// output or its gradient) to heads-major [P, B, H, N, HD] and back. A block per (token, part),
+// its threads along the token's H * HD contiguous packed elements, so the packed side is read or
+// written in full rows and each head's HD elements land contiguously on the other side.
+template <typename T, bool ToHeads>
+__device__ __forceinline__ void permute_heads(const T* __restrict__ src, T* __restrict__ dst, int64_t b, int64_t n, int64_t heads, int hd) {
+    const int64_t token = blockIdx.x;  // image * n + token within the image
+    const int64_t part = blockIdx.y, parts = gridDim.y;
+    const int64_t image = token / n, i = token % n;
+    const int width = (int)heads * hd;
+    const int64_t packed = (token * parts + part) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const int h = c / hd, d = c % hd;
+        const int64_t split = (((part * b + image) * heads + h) * n + i) * hd + d;
+        if (ToHeads) {
+            dst[split] = src[packed + c];
+        } else {
+            dst[packed + c] = src[split];
+        }
+    }
+}
+
 }  // namespace convmae
+
+// Launch: grid (B * N, P), block 256 (src/cuda.rs permute_heads).
+#define CONVMAE_PERMUTE_HEADS_KERNELS(T, SUFFIX)                                                                          \
+    extern "C" __global__ void attention_to_heads_##SUFFIX(const T* src, T* dst, int64_t b, int64_t n, int64_t heads,     \
+                                                           int hd) {                                                     \
+        convmae::permute_heads<T, true>(src, dst, b, n, heads, hd);                                                       \
+    }                                                                                                                     \
+    extern "C" __global__ void attention_from_heads_##SUFFIX(const T* src, T* dst, int64_t b, int64_t n, int64_t heads,   \
+                                                             int hd) {                                                   \
+        convmae::permute_heads<T, false>(src, dst, b, n, heads, hd);                                                      \
+    }
+
+CONVMAE_FOR_EACH_TYPE(CONVMAE_PERMUTE_HEADS_KERNELS)
 
 // Launch: grid (B * H, ceil(N / ATT_ROWS)), block ATT_ROWS threads (src/cuda.rs).
 #define CONVMAE_ATTENTION_KERNELS(T, SUFFIX, HD)                                                                                      \

@@ -52,21 +52,26 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// out[i, j] (or out[j, i] when `transpose`) = sum over p in increasing order of
-// partials[p, i, j], for partials laid out [parts, a, b] in f32. One thread per output element,
-// j fastest so a warp reads consecutive partial entries. Weight gradients are summed this way
-// instead of with float atomics so that they are bitwise reproducible run to run.
+// out[i, j] (or out[j, i] when `transpose`) = the sum over p of partials[p, i, j], for partials
+// laid out [parts, a, b] in f32. A warp per output element: lane l sums parts l, l + 32, ... in
+// increasing order, then the lanes combine by butterfly, so the order is fixed and the sum the
+// same bits on every run (weight gradients are summed this way instead of with float atomics
+// for that reason). A thread per element, summing ~512 parts one after another, left the GPU
+// mostly idle: 30 us per reduction on an H100, 4.5 ms of a ConvMAE-B step.
 template <typename T>
 __device__ __forceinline__ void reduce_partials(const float* __restrict__ partials, T* __restrict__ out,
                                                 int64_t parts, int64_t a, int64_t b, int transpose) {
-    const int64_t idx = global_thread();
-    if (idx >= a * b) return;
-    const int64_t i = idx / b;
-    const int64_t j = idx % b;
+    const int64_t idx = global_thread() / 32;
+    if (idx >= a * b) return;  // the whole warp: its 32 threads share idx
+    const int lane = threadIdx.x % 32;
     const int64_t stride = a * b;
     float s = 0.f;
-    for (int64_t p = 0; p < parts; ++p) s += partials[p * stride + idx];
-    out[transpose ? j * a + i : idx] = store<T>(s);
+    for (int64_t p = lane; p < parts; p += 32) s += partials[p * stride + idx];
+    s = warp_sum(s);
+    if (lane == 0) {
+        const int64_t i = idx / b, j = idx % b;
+        out[transpose ? j * a + i : idx] = store<T>(s);
+    }
 }
 
 }  // namespace convmae

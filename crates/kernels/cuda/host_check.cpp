@@ -192,7 +192,7 @@ static void check_dense(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int6
     std::vector<float> partials(parts * kk * c, NAN), wgrad(c * kk, NAN);
     auto partial = PICK(dwconv_weight_partials, k);
     launch(parts * c, 256, [&] { partial(x.data(), g.data(), partials.data(), nb, h, w, c, k, per_part, parts); });
-    launch(kk * c, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+    launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
     std::snprintf(name, sizeof name, "dense weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
     check(name, wgrad, gw, 1e-5);
 }
@@ -245,7 +245,7 @@ static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int
     std::vector<float> partials(parts * kk * c, NAN), wgrad(c * kk, NAN);
     auto partial = PICK(sdwconv_weight_partials, k);
     launch(parts * c, 256, [&] { partial(x.data(), g.data(), nbr.data(), partials.data(), rows, c, k, per_part, parts); });
-    launch(kk * c, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+    launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
     std::snprintf(name, sizeof name, "sparse weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
     check(name, wgrad, gw, 1e-5);
 }
@@ -339,7 +339,7 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * 2 * d, NAN);
     launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts); });
-    launch(2 * d, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
+    launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
     check("layer_norm input grad", std::vector<float>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
     std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
     check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
@@ -360,6 +360,46 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     std::vector<float> grad(rows * d, NAN);
     launch_warps(rows * 32, 128, [&] { softmax_bwd_f32(out.data(), g.data(), grad.data(), rows, d); });
     check("softmax input grad", grad, sgx, 1e-5);
+    // The attention gemm form's instantiations (f32 scores in; here T is f32 too).
+    std::fill(out.begin(), out.end(), NAN);
+    launch_warps(rows * 32, 128, [&] { scores_softmax_fwd_f32(x.data(), out.data(), rows, d); });
+    check("scores softmax forward", out, sm, 1e-5);
+    std::fill(grad.begin(), grad.end(), NAN);
+    launch_warps(rows * 32, 128, [&] { scores_softmax_bwd_f32(out.data(), g.data(), grad.data(), rows, d); });
+    check("scores softmax input grad", grad, sgx, 1e-5);
+}
+
+// The gemm form's layout kernels, launched as src/cuda.rs's permute_heads does (a block per
+// token and part, fewer threads than a row so the loop over it runs): packed [B, N, P, H, HD]
+// to heads-major [P, B, H, N, HD] against the index map written out, and back.
+static void check_permute_heads(int64_t nb, int64_t n, int64_t heads, int hd, unsigned parts) {
+    const int64_t total = nb * n * parts * heads * hd;
+    const std::vector<float> packed = random_values(total, 31);
+    std::vector<double> want(total);
+    for (int64_t b = 0; b < nb; ++b)
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t p = 0; p < parts; ++p)
+                for (int64_t h = 0; h < heads; ++h)
+                    for (int64_t d = 0; d < hd; ++d)
+                        want[(((p * nb + b) * heads + h) * n + i) * hd + d] = packed[(((b * n + i) * parts + p) * heads + h) * hd + d];
+    auto run = [&](auto kernel) {
+        blockDim = Dim3{64, 1, 1};
+        gridDim = Dim3{(unsigned)(nb * n), parts, 1};
+        for (unsigned by = 0; by < parts; ++by)
+            for (unsigned bx = 0; bx < nb * n; ++bx)
+                for (unsigned t = 0; t < 64; ++t) {
+                    blockIdx = Dim3{bx, by, 0};
+                    threadIdx = Dim3{t, 0, 0};
+                    kernel();
+                }
+    };
+    std::vector<float> split(total, NAN), back(total, NAN);
+    run([&] { attention_to_heads_f32(packed.data(), split.data(), nb, n, heads, hd); });
+    char name[96];
+    std::snprintf(name, sizeof name, "attention to heads B%lld N%lld P%u H%lld HD%d", (long long)nb, (long long)n, parts, (long long)heads, hd);
+    check(name, split, want, 0);
+    run([&] { attention_from_heads_f32(split.data(), back.data(), nb, n, heads, hd); });
+    check("attention from heads (round trip)", back, std::vector<double>(packed.begin(), packed.end()), 0);
 }
 
 // Attention on packed qkv [B, N, 3, H, HD], launched as src/cuda.rs does (a block per image,
@@ -390,7 +430,7 @@ static void check_linear_pieces(int64_t rows, int64_t d, int64_t target_parts) {
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * d, NAN), db(d, NAN);
     launch(parts * d, 256, [&] { column_sum_partials_f32(g.data(), partials.data(), rows, d, per_part, parts); });
-    launch(d, 256, [&] { rows_reduce_partials_f32(partials.data(), db.data(), parts, 1, d, 0); });
+    launch_warps(d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), db.data(), parts, 1, d, 0); });
     std::snprintf(name, sizeof name, "linear bias grad (column sums, %lld parts)", (long long)parts);
     check(name, db, sums, 1e-5);
 }
@@ -490,6 +530,10 @@ int main() {
     CHECK_ATTENTION(32, 2, 49, 2);
     CHECK_ATTENTION(64, 1, 130, 2);
     CHECK_ATTENTION(64, 2, 1, 1);
+    // Rows (H * HD) shorter and longer than the 64-thread block; one part and three.
+    check_permute_heads(2, 5, 3, 8, 3);
+    check_permute_heads(3, 7, 4, 24, 1);
+    check_permute_heads(1, 1, 2, 64, 3);
     if (failures) {
         std::printf("host_check: %d FAILED\n", failures);
         return 1;

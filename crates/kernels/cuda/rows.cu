@@ -158,31 +158,34 @@ __device__ __forceinline__ void column_sum_partials(const T* __restrict__ g, flo
 }
 
 // y = exp(x - max) / sum(exp(x - max)).
-template <typename T>
-__device__ __forceinline__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t d) {
+// In and Out differ for attention's gemm form: f32 scores in, probabilities in the storage type
+// out (the dtype of the gemm that multiplies them with v).
+template <typename In, typename Out = In>
+__device__ __forceinline__ void softmax_fwd(const In* __restrict__ x, Out* __restrict__ y, int64_t rows, int64_t d) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
     const int lane = threadIdx.x % 32;
-    const T* xr = x + row * d;
+    const In* xr = x + row * d;
     float m = -INFINITY;
     for (int64_t j = lane; j < d; j += 32) m = fmaxf(m, load(xr[j]));
     m = warp_max(m);
     float s = 0.f;
     for (int64_t j = lane; j < d; j += 32) s += expf(load(xr[j]) - m);
     s = warp_sum(s);
-    T* yr = y + row * d;
-    for (int64_t j = lane; j < d; j += 32) yr[j] = store<T>(expf(load(xr[j]) - m) / s);
+    Out* yr = y + row * d;
+    for (int64_t j = lane; j < d; j += 32) yr[j] = store<Out>(expf(load(xr[j]) - m) / s);
 }
 
-// gx = y * (g - sum(g * y)).
-template <typename T>
-__device__ __forceinline__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ gx,
+// gx = y * (g - sum(g * y)). G differs from T for attention's gemm form (f32 gradients of the
+// probabilities, straight from a gemm).
+template <typename T, typename G = T>
+__device__ __forceinline__ void softmax_bwd(const T* __restrict__ y, const G* __restrict__ g, T* __restrict__ gx,
                                             int64_t rows, int64_t d) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
     const int lane = threadIdx.x % 32;
     const T* yr = y + row * d;
-    const T* gr = g + row * d;
+    const G* gr = g + row * d;
     float dot = 0.f;
     for (int64_t j = lane; j < d; j += 32) dot += load(yr[j]) * load(gr[j]);
     dot = warp_sum(dot);
@@ -232,6 +235,13 @@ using namespace convmae;
     }                                                                                                             \
     extern "C" __global__ void softmax_bwd_##TNAME(const T* y, const T* g, T* gx, int64_t rows, int64_t d) {     \
         softmax_bwd<T>(y, g, gx, rows, d);                                                                       \
+    }                                                                                                             \
+    extern "C" __global__ void scores_softmax_fwd_##TNAME(const float* s, T* p, int64_t rows, int64_t d) {        \
+        softmax_fwd<float, T>(s, p, rows, d);                                                                    \
+    }                                                                                                             \
+    extern "C" __global__ void scores_softmax_bwd_##TNAME(const T* p, const float* dp, T* ds, int64_t rows,      \
+                                                          int64_t d) {                                           \
+        softmax_bwd<T, float>(p, dp, ds, rows, d);                                                               \
     }
 
 CONVMAE_FOR_EACH_TYPE(ROW_KERNELS)

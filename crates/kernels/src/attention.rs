@@ -9,11 +9,14 @@
 //! keeps nothing: its backward recomputes the probabilities (as FlashAttention does).
 //!
 //! CPU: per (image, head), gemm on strided views of the packed rows (no gather), the `[N, N]`
-//! scores only as a temporary. CUDA (`cuda/attention.cu`): one thread per query row, key and
-//! value rows staged through shared memory, an online softmax, f32 statistics whatever the
-//! storage type; head dims 8, 16, 32 and 64 (ConvMAE's), others take the composite. Which of
-//! the two runs on CUDA is `CONVMAE_ATTENTION`'s to say, by default measured per shape
-//! (`fused_is_faster`).
+//! scores only as a temporary. CUDA has two forms (`CudaForm`): fused FMA kernels
+//! (`cuda/attention.cu`: one thread per query row, key and value rows staged through shared
+//! memory, an online softmax; head dims 8, 16, 32 and 64), and batched tensor-core gemms around
+//! our softmax kernels, with the scores as f32 temporaries (any head dim). Both keep f32
+//! statistics whatever the storage type. On the first GPU run (H100, ConvMAE-B at batch 64,
+//! bf16) the fused kernels took 28 ms of a 75 ms step where cuDNN's flash attention takes
+//! PyTorch 2 ms: they lose to tensor cores even at 49 tokens. Which form runs, or candle's
+//! composition, is `CONVMAE_ATTENTION`'s to say, by default measured per shape (`auto_form`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -32,79 +35,134 @@ pub(crate) const CUDA_HEAD_DIMS: [usize; 4] = [8, 16, 32, 64];
 /// `[B, N, heads * hd]` (heads concatenated, as the output projection reads them).
 pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(OP_NAME, qkv.dims(), num_heads)?;
-    let kernel = crate::composite::use_kernel(&[qkv]) && (qkv.device().is_cpu() || fused_on_cuda(dims, qkv.dtype(), qkv.device(), scale)?);
-    if !kernel {
+    if !crate::composite::use_kernel(&[qkv]) {
         return crate::composite::self_attention(qkv, num_heads, scale);
     }
-    qkv.apply_op1(Attention { num_heads, scale })
+    // The form matters on CUDA only; the CPU op has one.
+    let form = if qkv.device().is_cpu() {
+        CudaForm::Fused
+    } else {
+        match cuda_form(dims, qkv.dtype(), qkv.device(), scale)? {
+            Some(form) => form,
+            None => return crate::composite::self_attention(qkv, num_heads, scale),
+        }
+    };
+    qkv.apply_op1(Attention { num_heads, scale, form })
 }
 
-/// Whether attention on CUDA takes our fused kernels, by `CONVMAE_ATTENTION` (`fused`,
-/// `composite`, or `auto`, the default): a head dim without a kernel always takes the
-/// composition.
-pub(crate) fn fused_on_cuda(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<bool> {
+/// The two forms of our attention op on CUDA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CudaForm {
+    /// cuda/attention.cu's kernels: one thread per query (or key) row, FMA arithmetic, the
+    /// scores never written to memory. Head dims 8, 16, 32 and 64.
+    Fused,
+    /// Batched cuBLAS gemms on the tensor cores for `q k^T` and `p v` (and the backward's four
+    /// products), f32 scores, our softmax kernels between, the heads permuted in and out of
+    /// the packed rows. The `[B, heads, N, N]` scores are temporaries, as in the fused form:
+    /// nothing is kept for the backward. Any head dim.
+    Gemm,
+}
+
+thread_local! {
+    static FORCED_FORM: std::cell::Cell<Option<CudaForm>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with attention on CUDA in `form` wherever our op serves it (under `with_path`
+/// `Kernels` too, which otherwise means the fused form): the agreement check and op timings
+/// measure the gemm form with it. Nested calls restore the outer form, also on a panic.
+pub fn with_cuda_form<R>(form: CudaForm, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<CudaForm>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_FORM.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED_FORM.with(|c| c.replace(Some(form))));
+    f()
+}
+
+/// Which form computes attention on CUDA, or None for candle's composition, by
+/// `CONVMAE_ATTENTION`: `fused`, `gemm`, `composite`, or `auto` (the default; `auto_form`).
+/// A head dim without fused kernels takes the gemm form where `fused` or `auto` is asked for.
+pub(crate) fn cuda_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<Option<CudaForm>> {
     use crate::composite::{Choice, OpSwitch};
-    if !CUDA_HEAD_DIMS.contains(&dims.hd) {
-        return Ok(false);
+    let fused_serves = CUDA_HEAD_DIMS.contains(&dims.hd);
+    let choice = OpSwitch::Attention.choice();
+    if choice == Choice::Composite {
+        return Ok(None);
     }
-    match OpSwitch::Attention.choice() {
-        Choice::Ours => Ok(true),
-        Choice::Composite => Ok(false),
-        Choice::Auto => fused_is_faster(dims, dtype, device, scale),
+    if let Some(form) = FORCED_FORM.with(|c| c.get()) {
+        return Ok(Some(if fused_serves { form } else { CudaForm::Gemm }));
     }
+    Ok(Some(match choice {
+        Choice::Ours if fused_serves => CudaForm::Fused,
+        Choice::Auto if fused_serves => auto_form(dims, dtype, device, scale)?,
+        _ => CudaForm::Gemm,
+    }))
 }
 
-/// `auto`: on the first call for a shape and dtype, forward + backward by both paths on random
-/// input of that shape, timed on the device (one untimed run each, then the median of three), and
-/// the faster kept for the rest of the process. The fused kernels are plain FMA code while
-/// the composition's matmuls are cuBLAS tensor-core gemms, so which wins depends on the token
-/// count and the GPU; either way the kernels' memory saving (no `[B, heads, N, N]` tensors kept
-/// for the backward) is only had with them, so they win ties. The choice is printed once per
-/// shape, with both times.
-fn fused_is_faster(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<bool> {
+/// `auto`: on the first call for a shape and dtype, forward + backward by both forms on random
+/// input of that shape, timed on the device (one untimed run each, then the median of three),
+/// and the faster kept for the rest of the process; the fused form wins ties. The untimed runs
+/// also check that the two agree (output and input gradient, to bf16's tolerance): should
+/// they not, the gemm form is not used and the line printed says so. The choice is printed
+/// once per shape, with both times.
+fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<CudaForm> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     type Key = (usize, usize, usize, usize, candle_core::DType);
-    static CHOSEN: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
+    static CHOSEN: OnceLock<Mutex<HashMap<Key, CudaForm>>> = OnceLock::new();
     let key = (dims.b, dims.n, dims.heads, dims.hd, dtype);
     let chosen = CHOSEN.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&fused) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(fused);
+    if let Some(&form) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(form);
     }
     let input = candle_core::Var::from_tensor(&Tensor::rand(-2f32, 2f32, (dims.b, dims.n, 3 * dims.d()), device)?.to_dtype(dtype)?)?;
-    let time = |fused: bool| -> Result<f64> {
-        let run = || -> Result<()> {
-            let x = input.as_tensor();
-            let out = if fused { x.apply_op1(Attention { num_heads: dims.heads, scale })? } else { crate::composite::self_attention(x, dims.heads, scale)? };
-            out.sum_all()?.backward()?;
-            Ok(())
-        };
-        run()?;
+    let run = |form: CudaForm| -> Result<(Tensor, Tensor)> {
+        let x = input.as_tensor();
+        let out = x.apply_op1(Attention { num_heads: dims.heads, scale, form })?;
+        let grads = out.sum_all()?.backward()?;
+        let g = grads.get(x).cloned().ok_or_else(|| candle_core::Error::Msg("self_attention: no input gradient".into()))?;
+        Ok((out, g))
+    };
+    let time = |form: CudaForm| -> Result<f64> {
         let mut ms = Vec::with_capacity(3);
         for _ in 0..3 {
             device.synchronize()?;
             let t0 = std::time::Instant::now();
-            run()?;
+            run(form)?;
             device.synchronize()?;
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         ms.sort_by(f64::total_cmp);
         Ok(ms[1])
     };
-    let (fused_ms, composite_ms) = (time(true)?, time(false)?);
-    let fused = fused_ms <= composite_ms;
+    let (fused, gemm) = (run(CudaForm::Fused)?, run(CudaForm::Gemm)?);
+    let disagreement = max_rel(&gemm.0, &fused.0)?.max(max_rel(&gemm.1, &fused.1)?);
+    let (fused_ms, gemm_ms) = (time(CudaForm::Fused)?, time(CudaForm::Gemm)?);
+    const AGREE: f64 = 3e-2;
+    let form = if disagreement > AGREE || fused_ms <= gemm_ms { CudaForm::Fused } else { CudaForm::Gemm };
+    let agreement = if disagreement > AGREE { format!("; the forms DISAGREE (max rel {disagreement:.2e} > {AGREE:.0e}), so not the gemms") } else { String::new() };
     eprintln!(
-        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: fused kernels {fused_ms:.3} ms, composition {composite_ms:.3} ms (forward + backward); using the {} (CONVMAE_ATTENTION=auto)",
+        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: fused kernels {fused_ms:.3} ms, gemms {gemm_ms:.3} ms (forward + backward){agreement}; using the {} (CONVMAE_ATTENTION=auto)",
         dims.b,
         dims.n,
         dims.heads,
         dims.hd,
         dtype,
         device.location(),
-        if fused { "fused kernels" } else { "composition" }
+        if form == CudaForm::Fused { "fused kernels" } else { "gemms" }
     );
-    chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, fused);
-    Ok(fused)
+    chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, form);
+    Ok(form)
+}
+
+/// max |a - b| / max |b|, in f32.
+fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(candle_core::DType::F32)?, b.to_dtype(candle_core::DType::F32)?);
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let scale = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(if scale > 0.0 { diff / scale } else { diff })
 }
 
 /// The sizes of a packed qkv tensor: batch, tokens, heads, head dim.
@@ -136,6 +194,7 @@ impl Dims {
 struct Attention {
     num_heads: usize,
     scale: f64,
+    form: CudaForm,
 }
 
 impl CustomOp1 for Attention {
@@ -153,15 +212,16 @@ impl CustomOp1 for Attention {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{attention_fwd, cuda_dispatch};
+        use crate::cuda::{attention_fwd, cuda_dispatch, CudaAttention};
         use candle_core::backend::BackendStorage;
         let dims = Dims::of(OP_NAME, l.dims(), self.num_heads)?;
-        let out = cuda_dispatch!(OP_NAME, s.dtype(), attention_fwd(s, l, dims, self.scale as f32))?;
+        let att = CudaAttention { dims, scale: self.scale as f32, form: self.form };
+        let out = cuda_dispatch!(OP_NAME, s.dtype(), attention_fwd(s, l, att))?;
         Ok((out, Shape::from((dims.b, dims.n, dims.d()))))
     }
 
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = qkv.apply_op3_no_bwd(out, grad, &AttentionGrad { num_heads: self.num_heads, scale: self.scale })?;
+        let g = qkv.apply_op3_no_bwd(out, grad, &AttentionGrad { num_heads: self.num_heads, scale: self.scale, form: self.form })?;
         Ok(Some(g))
     }
 }
@@ -170,6 +230,8 @@ impl CustomOp1 for Attention {
 struct AttentionGrad {
     num_heads: usize,
     scale: f64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    form: CudaForm,
 }
 
 impl AttentionGrad {
@@ -205,10 +267,11 @@ impl CustomOp3 for AttentionGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{attention_bwd, cuda_dispatch};
+        use crate::cuda::{attention_bwd, cuda_dispatch, CudaAttention};
         use candle_core::backend::BackendStorage;
         let dims = self.check(l1, l2, l3)?;
-        let out = cuda_dispatch!(GRAD_NAME, s1.dtype(), attention_bwd(s1, l1, s2, l2, s3, l3, dims, self.scale as f32))?;
+        let att = CudaAttention { dims, scale: self.scale as f32, form: self.form };
+        let out = cuda_dispatch!(GRAD_NAME, s1.dtype(), attention_bwd(s1, l1, s2, l2, s3, l3, att))?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -387,15 +450,15 @@ mod tests {
     }
 
 
-    /// `auto`'s measurement runs both paths forward and backward (here on the CPU, where the
-    /// public op never asks) and keeps its pick per shape and dtype: later calls get the same
-    /// answer.
+    /// `auto`'s measurement runs both forms forward and backward (here on the CPU, where the
+    /// public op never asks and both forms are the CPU op, so they agree) and keeps its pick
+    /// per shape and dtype: later calls get the same answer.
     #[test]
-    fn auto_choice_measures_both_paths_and_keeps_the_pick() {
+    fn auto_choice_measures_both_forms_and_keeps_the_pick() {
         let dims = Dims::of(OP_NAME, &[2, 11, 3 * 16], 2).unwrap();
-        let first = fused_is_faster(dims, DType::F32, &Device::Cpu, 0.35).unwrap();
+        let first = auto_form(dims, DType::F32, &Device::Cpu, 0.35).unwrap();
         for _ in 0..3 {
-            assert_eq!(fused_is_faster(dims, DType::F32, &Device::Cpu, 0.35).unwrap(), first);
+            assert_eq!(auto_form(dims, DType::F32, &Device::Cpu, 0.35).unwrap(), first);
         }
     }
 

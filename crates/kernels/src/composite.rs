@@ -178,8 +178,9 @@ fn env_path() -> Path {
 /// only (on the CPU ours always serve); the sublayers on every device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OpSwitch {
-    /// `CONVMAE_ATTENTION`: the fused attention kernels, or cuBLAS matmuls around our softmax.
-    /// Default `auto` (see `attention.rs`): both are timed on the first call for a shape.
+    /// `CONVMAE_ATTENTION`: our op in its fused form (`fused`) or its gemm form (`gemm`), or
+    /// candle's composition (`composite`). Default `auto` (see `attention.rs`): the two forms
+    /// are timed on the first call for a shape.
     Attention,
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
     /// broadcast-add (and its backward node by node). Default: ours. `composite` also sends
@@ -201,6 +202,8 @@ pub(crate) enum Choice {
     Composite,
     /// `auto`: whichever the op measures as faster for the shape at hand.
     Auto,
+    /// `gemm` (`CONVMAE_ATTENTION` only): our attention op in its tensor-core gemm form.
+    Gemm,
 }
 
 impl OpSwitch {
@@ -229,9 +232,11 @@ impl OpSwitch {
             Ok("composite") => Choice::Composite,
             Ok("fused") => Choice::Ours,
             Ok("auto") => Choice::Auto,
+            Ok("gemm") if matches!(self, Self::Attention) => Choice::Gemm,
             Ok("") | Err(_) => self.default_choice(),
             Ok(other) => {
-                eprintln!("convmae: {}='{other}' is not 'fused', 'composite' or 'auto'; using the default", self.variable());
+                let gemm = if matches!(self, Self::Attention) { ", 'gemm'" } else { "" };
+                eprintln!("convmae: {}='{other}' is not 'fused'{gemm}, 'composite' or 'auto'; using the default", self.variable());
                 self.default_choice()
             }
         });

@@ -18,7 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaVie
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
 
-use crate::attention::Dims as AttentionDims;
+use crate::attention::{CudaForm, Dims as AttentionDims};
 use crate::AdamWUpdate;
 
 const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
@@ -183,8 +183,8 @@ fn alloc<T: Float>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     unsafe { dev.alloc::<T>(n) }
 }
 
-/// Sums the `[parts, a, b]` f32 partials in part order into `out` (`[a, b]`, or `[b, a]` when
-/// `transpose`), stored as `T`.
+/// Sums the `[parts, a, b]` f32 partials in a fixed order (common.cuh) into `out` (`[a, b]`,
+/// or `[b, a]` when `transpose`), stored as `T`.
 #[allow(clippy::too_many_arguments)]
 fn reduce_partials<T: Float>(
     dev: &CudaDevice,
@@ -197,7 +197,8 @@ fn reduce_partials<T: Float>(
     transpose: bool,
 ) -> Result<()> {
     let f = func(dev, module, &format!("{prefix}_reduce_partials_{}", T::SUFFIX))?;
-    let cfg = launch_1d(a * b, BLOCK, prefix)?;
+    // A warp per output element (common.cuh).
+    let cfg = launch_1d(a * b * 32, BLOCK, prefix)?;
     let mut out_view = out.slice_mut(out_offset..out_offset + a * b);
     let (parts, a, b, transpose) = (parts as i64, a as i64, b as i64, transpose as i32);
     let stream = dev.cuda_stream();
@@ -373,8 +374,41 @@ fn attention_func(dev: &CudaDevice, kernel: &str, hd: usize, suffix: &str) -> Re
     func(dev, Module::Attention, &format!("{kernel}_hd{hd}_{suffix}"))
 }
 
+/// An attention on CUDA: its sizes, scale, and which of our two forms computes it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CudaAttention {
+    pub dims: AttentionDims,
+    pub scale: f32,
+    pub form: CudaForm,
+}
+
 /// `softmax(q k^T * scale) v` per head from packed qkv `[B, N, 3, H, hd]` into `[B, N, H, hd]`.
-pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: CudaAttention) -> Result<CudaStorage> {
+    match att.form {
+        CudaForm::Fused => fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
+        CudaForm::Gemm => gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
+    }
+}
+
+/// `(qkv, out, grad_out) -> grad_qkv` of `attention_fwd`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_bwd<T: Float>(
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    out: &CudaStorage,
+    out_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    att: CudaAttention,
+) -> Result<CudaStorage> {
+    match att.form {
+        CudaForm::Fused => fused_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
+        CudaForm::Gemm => gemm_attention_bwd::<T>(qkv, qkv_l, grad, grad_l, att.dims, att.scale),
+    }
+}
+
+/// The fused kernels' forward.
+fn fused_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
     let dev = qkv.device();
     let xo = Operand::<T>::new(qkv, qkv_l)?;
     let xv = xo.view()?;
@@ -388,10 +422,10 @@ pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: A
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// `(qkv, out, grad_out) -> grad_qkv`: the dq kernel (which leaves each query row's
-/// log-sum-exp and rowsum(dO * O) in an f32 scratch), then the dk and dv kernels, which read it.
+/// The fused kernels' backward: the dq kernel (which leaves each query row's log-sum-exp and
+/// rowsum(dO * O) in an f32 scratch), then the dk and dv kernels, which read it.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_bwd<T: Float>(
+fn fused_attention_bwd<T: Float>(
     qkv: &CudaStorage,
     qkv_l: &Layout,
     out: &CudaStorage,
@@ -422,6 +456,116 @@ pub(crate) fn attention_bwd<T: Float>(
     Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
 }
 
+/// Packed rows [B, N, parts, H, hd] to heads-major [parts, B * H, N, hd] (`to_heads`), or back.
+fn permute_heads<T: Float>(dev: &CudaDevice, src: &CudaView<T>, dims: AttentionDims, parts: usize, to_heads: bool) -> Result<CudaSlice<T>> {
+    let tokens = dims.b * dims.n;
+    if tokens > i32::MAX as usize || parts > 65535 {
+        candle_core::bail!("self_attention: {} images x {} tokens do not fit one CUDA grid", dims.b, dims.n);
+    }
+    let mut dst = alloc::<T>(dev, tokens * parts * dims.d())?;
+    let kernel = if to_heads { "attention_to_heads" } else { "attention_from_heads" };
+    let f = func(dev, Module::Attention, &format!("{kernel}_{}", T::SUFFIX))?;
+    let (b, n, heads, hd) = (dims.b as i64, dims.n as i64, dims.heads as i64, dims.hd as i32);
+    let cfg = LaunchConfig { grid_dim: (tokens as u32, parts as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(src).arg(&mut dst).arg(&b).arg(&n).arg(&heads).arg(&hd);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(dst)
+}
+
+/// The gemm form's softmax: f32 scores `[rows, d]` to probabilities in `T`.
+fn scores_softmax<T: Float>(dev: &CudaDevice, scores: &CudaSlice<f32>, (rows, d): (usize, usize)) -> Result<CudaSlice<T>> {
+    let mut p = alloc::<T>(dev, rows * d)?;
+    let f = func(dev, Module::Rows, &format!("scores_softmax_fwd_{}", T::SUFFIX))?;
+    let (r, dd) = (rows as i64, d as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(scores).arg(&mut p).arg(&r).arg(&dd);
+    unsafe { builder.launch(launch_rows(rows, "self_attention")?) }.w()?;
+    Ok(p)
+}
+
+/// Its backward: the scores' gradient `p * (dp - rowsum(p * dp))` in `T`, from the
+/// probabilities and their f32 gradient.
+fn scores_softmax_bwd<T: Float>(dev: &CudaDevice, p: &CudaSlice<T>, dp: &CudaSlice<f32>, (rows, d): (usize, usize)) -> Result<CudaSlice<T>> {
+    let mut ds = alloc::<T>(dev, rows * d)?;
+    let f = func(dev, Module::Rows, &format!("scores_softmax_bwd_{}", T::SUFFIX))?;
+    let (r, dd) = (rows as i64, d as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(p).arg(dp).arg(&mut ds).arg(&r).arg(&dd);
+    unsafe { builder.launch(launch_rows(rows, "self_attention_grad")?) }.w()?;
+    Ok(ds)
+}
+
+/// The batch of one product over all (image, head) pairs: `per_a`, `per_b`, `per_c` elements
+/// per pair in each operand.
+fn per_head(dims: AttentionDims, (per_a, per_b, per_c): (usize, usize, usize)) -> Batch {
+    Batch { count: dims.b * dims.heads, stride_a: per_a, stride_b: per_b, stride_c: per_c }
+}
+
+/// q, k and v heads-major ([B * H, N, hd] each, in that order) and the f32-softmaxed
+/// probabilities `softmax(q k^T * scale)` [B * H, N, N] in `T`: the forward's first half, which
+/// the backward recomputes.
+fn gemm_attention_probabilities<T: Float>(dev: &CudaDevice, qkv: &CudaView<T>, dims: AttentionDims, scale: f32, what: &str) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    let (n, hd) = (dims.n, dims.hd);
+    let heads = permute_heads::<T>(dev, qkv, dims, 3, true)?;
+    let per = dims.b * dims.heads * n * hd;
+    let (q, k) = (heads.slice(0..per), heads.slice(per..2 * per));
+    // The scores in f32, as a fused kernel keeps them: rounding logits of up to ~10 to bf16
+    // would move the probabilities by up to ~4%.
+    let mut scores = alloc::<f32>(dev, dims.b * dims.heads * n * n)?;
+    gemm_batched::<T, f32>(dev, (n, n, hd), per_head(dims, (n * hd, n * hd, n * n)), &q, Trans::No, &k, Trans::Yes, &mut scores.slice_mut(..), (scale, 0.0), what)?;
+    let p = scores_softmax::<T>(dev, &scores, (dims.b * dims.heads * n, n))?;
+    Ok((heads, p))
+}
+
+/// The gemm form's forward: heads-major q, k, v; f32 scores by one batched tensor-core gemm;
+/// our softmax; `p v` by another; the heads back into rows. The `[B * H, N, N]` scores and
+/// probabilities are temporaries, freed before the op returns (the backward recomputes them).
+fn gemm_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+    const WHAT: &str = "self_attention";
+    let dev = qkv.device();
+    let xo = Operand::<T>::new(qkv, qkv_l)?;
+    let (n, hd) = (dims.n, dims.hd);
+    let (heads, p) = gemm_attention_probabilities::<T>(dev, &xo.view()?, dims, scale, WHAT)?;
+    let per = dims.b * dims.heads * n * hd;
+    let v = heads.slice(2 * per..3 * per);
+    let mut o = alloc::<T>(dev, per)?;
+    gemm_batched::<T, T>(dev, (n, hd, n), per_head(dims, (n * n, n * hd, n * hd)), &p.slice(..), Trans::No, &v, Trans::No, &mut o.slice_mut(..), (1.0, 0.0), WHAT)?;
+    drop((heads, p));
+    let out = permute_heads::<T>(dev, &o.slice(..), dims, 1, false)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The gemm form's backward, from the probabilities recomputed: dp = dO v^T (f32), ds =
+/// softmax's backward, dq = scale ds k, dk = scale ds^T q, dv = p^T dO, each a batched gemm
+/// into one heads-major [3, B * H, N, hd] gradient that goes back into packed rows.
+fn gemm_attention_bwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, grad: &CudaStorage, grad_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+    const WHAT: &str = "self_attention_grad";
+    let dev = qkv.device();
+    let (xo, go) = (Operand::<T>::new(qkv, qkv_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (n, hd) = (dims.n, dims.hd);
+    let (heads, p) = gemm_attention_probabilities::<T>(dev, &xo.view()?, dims, scale, WHAT)?;
+    let dout = permute_heads::<T>(dev, &go.view()?, dims, 1, true)?;
+    let per = dims.b * dims.heads * n * hd;
+    let (q, k, v) = (heads.slice(0..per), heads.slice(per..2 * per), heads.slice(2 * per..3 * per));
+    let (nn, nd) = (n * n, n * hd);
+    let mut dp = alloc::<f32>(dev, dims.b * dims.heads * nn)?;
+    gemm_batched::<T, f32>(dev, (n, n, hd), per_head(dims, (nd, nd, nn)), &dout.slice(..), Trans::No, &v, Trans::Yes, &mut dp.slice_mut(..), (1.0, 0.0), WHAT)?;
+    let ds = scores_softmax_bwd::<T>(dev, &p, &dp, (dims.b * dims.heads * n, n))?;
+    drop(dp);
+    let mut g = alloc::<T>(dev, 3 * per)?;
+    let batch = per_head(dims, (nn, nd, nd));
+    gemm_batched::<T, T>(dev, (n, hd, n), batch, &ds.slice(..), Trans::No, &k, Trans::No, &mut g.slice_mut(0..per), (scale, 0.0), WHAT)?;
+    gemm_batched::<T, T>(dev, (n, hd, n), batch, &ds.slice(..), Trans::Yes, &q, Trans::No, &mut g.slice_mut(per..2 * per), (scale, 0.0), WHAT)?;
+    gemm_batched::<T, T>(dev, (n, hd, n), batch, &p.slice(..), Trans::Yes, &dout.slice(..), Trans::No, &mut g.slice_mut(2 * per..3 * per), (1.0, 0.0), WHAT)?;
+    drop((heads, p, ds, dout));
+    let gqkv = permute_heads::<T>(dev, &g.slice(..), dims, 3, false)?;
+    Ok(CudaStorage::wrap_cuda_slice(gqkv, dev.clone()))
+}
+
 // ---- linear (cuBLAS gemms around two row kernels) ------------------------------------------
 
 /// Whether a matrix operand of `gemm` is read as stored or transposed.
@@ -433,14 +577,11 @@ enum Trans {
 
 /// c = a' b' (+ c when `accumulate`), all row-major: a' is `a` ([m, k], or [k, m] read
 /// transposed), b' is `b` ([k, n], or [n, k] transposed), c is [m, n]; every operand is
-/// densely packed. cuBLAS is column-major, and a row-major matrix is its transpose in column
-/// order, so this asks cuBLAS for c^T = b'^T a'^T: the operands swap, the flags stay, and each
-/// leading dimension is the stored row length. Runs on the device's cuBLAS handle, which is
-/// bound to its one stream.
+/// densely packed. One matrix of `gemm_batched`.
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: Float>(
     dev: &CudaDevice,
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &CudaView<T>,
     trans_a: Trans,
     b: &CudaView<T>,
@@ -449,8 +590,50 @@ fn gemm<T: Float>(
     accumulate: bool,
     what: &str,
 ) -> Result<()> {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    gemm_batched::<T, T>(dev, mnk, Batch::ONE, a, trans_a, b, trans_b, c, (1.0, beta), what)
+}
+
+/// How many matrices a batched gemm multiplies, and how far apart (in elements) consecutive
+/// ones lie in each operand.
+#[derive(Clone, Copy)]
+struct Batch {
+    count: usize,
+    stride_a: usize,
+    stride_b: usize,
+    stride_c: usize,
+}
+
+impl Batch {
+    const ONE: Self = Self { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
+}
+
+/// For each matrix i of `batch`: c_i = alpha a_i' b_i' + beta c_i, with a', b' and c as in
+/// `gemm` (row-major, densely packed, each read as stored or transposed). The inputs are `A`,
+/// the output `C`: f32 scores from bf16 q and k, say; the compute type is `A`'s (f32
+/// accumulation). cuBLAS is column-major, and a row-major matrix is its transpose in column
+/// order, so this asks cuBLAS for c^T = b'^T a'^T: the operands swap, the flags stay, and each
+/// leading dimension is the stored row length. Runs on the device's cuBLAS handle, which is
+/// bound to its one stream.
+#[allow(clippy::too_many_arguments)]
+fn gemm_batched<A: Float, C: Float>(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    batch: Batch,
+    a: &CudaView<A>,
+    trans_a: Trans,
+    b: &CudaView<A>,
+    trans_b: Trans,
+    c: &mut CudaViewMut<C>,
+    (alpha, beta): (f32, f32),
+    what: &str,
+) -> Result<()> {
     let fits = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: dimension {v} is too large for a cuBLAS gemm")));
-    let (mi, ni, ki) = (fits(m)?, fits(n)?, fits(k)?);
+    let (mi, ni, ki, count) = (fits(m)?, fits(n)?, fits(k)?, fits(batch.count)?);
+    let last = |stride: usize, len: usize| (batch.count - 1) * stride + len;
+    if a.len() < last(batch.stride_a, m * k) || b.len() < last(batch.stride_b, k * n) || c.len() < last(batch.stride_c, m * n) {
+        candle_core::bail!("{what}: a cuBLAS gemm of {} x ({m} x {k} by {k} x {n}) does not fit its operands", batch.count);
+    }
     // The stored shape of a' is [m, k] (No) or [k, m] (Yes); its row length is the leading
     // dimension cuBLAS needs. Likewise b' is stored [k, n] or [n, k].
     let (op_a, lda) = match trans_a {
@@ -461,16 +644,15 @@ fn gemm<T: Float>(
         Trans::No => (cublas_sys::cublasOperation_t::CUBLAS_OP_N, ni),
         Trans::Yes => (cublas_sys::cublasOperation_t::CUBLAS_OP_T, ki),
     };
-    let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
     let (a_ptr, _a_guard) = a.device_ptr(&stream);
     let (b_ptr, _b_guard) = b.device_ptr(&stream);
     let (c_ptr, _c_guard) = c.device_ptr_mut(&stream);
-    // SAFETY: the callers size a, b and c for (m, n, k) as documented above; alpha and beta
+    // SAFETY: the lengths were checked against (m, n, k) and the batch above; alpha and beta
     // are f32 as every compute type used here (32F and its fast modes) requires.
     unsafe {
-        cublas_result::gemm_ex(
+        cublas_result::gemm_strided_batched_ex(
             *blas.handle(),
             op_b,
             op_a,
@@ -479,20 +661,24 @@ fn gemm<T: Float>(
             ki,
             &alpha as *const f32 as *const _,
             b_ptr as *const _,
-            T::CUBLAS_TYPE,
+            A::CUBLAS_TYPE,
             ldb,
+            batch.stride_b as i64,
             a_ptr as *const _,
-            T::CUBLAS_TYPE,
+            A::CUBLAS_TYPE,
             lda,
+            batch.stride_a as i64,
             &beta as *const f32 as *const _,
             c_ptr as *mut _,
-            T::CUBLAS_TYPE,
+            C::CUBLAS_TYPE,
             ni,
-            T::compute_type(),
+            batch.stride_c as i64,
+            count,
+            A::compute_type(),
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| candle_core::Error::Msg(format!("{what}: cuBLAS gemm ({m} x {k} by {k} x {n}): {e:?}")))
+    .map_err(|e| candle_core::Error::Msg(format!("{what}: cuBLAS gemm ({} x {m} x {k} by {k} x {n}): {e:?}", batch.count)))
 }
 
 /// y = x W^T + b (+ residual): the bias (plus the residual, when given: [rows, out]) broadcast
@@ -623,9 +809,9 @@ fn weights_operand<'a, T: Float>(w: &'a CudaStorage, w_l: &Layout, copy: &'a mut
 }
 
 /// The middle's forward: GELU, or attention when `attention` gives its sizes and scale.
-fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<(AttentionDims, f32)>) -> Result<CudaStorage> {
+fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<CudaAttention>) -> Result<CudaStorage> {
     match attention {
-        Some((dims, scale)) => attention_fwd::<T>(h, &Layout::contiguous((dims.b, dims.n, first_out)), dims, scale),
+        Some(att) => attention_fwd::<T>(h, &Layout::contiguous((att.dims.b, att.dims.n, first_out)), att),
         None => gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out)),
     }
 }
@@ -642,7 +828,7 @@ pub(crate) fn sublayer_fwd<T: Float>(
     vectors: &CudaStorage,
     vectors_l: &Layout,
     (rows, d, first_out, second_in): (usize, usize, usize, usize),
-    attention: Option<(AttentionDims, f32)>,
+    attention: Option<CudaAttention>,
     eps: f64,
 ) -> Result<(CudaStorage, SublayerSaved)> {
     let vectors = owned_copy::<T>(vectors, vectors_l)?;
@@ -677,7 +863,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     grad_l: &Layout,
     saved: &SublayerSaved,
     (rows, d, first_out, second_in): (usize, usize, usize, usize),
-    attention: Option<(AttentionDims, f32)>,
+    attention: Option<CudaAttention>,
     eps: f64,
 ) -> Result<CudaStorage> {
     let SublayerSaved { h, a: kept, vectors, stats } = saved;
@@ -699,10 +885,10 @@ pub(crate) fn sublayer_bwd<T: Float>(
     let second = linear_bwd::<T>(a, &a_l, w, &at.w2, grad, grad_l, (rows, second_in, d))?;
     let da_l = Layout::contiguous(rows * second_in);
     let dh = match attention {
-        Some((dims, scale)) => {
-            let qkv_l = Layout::contiguous((dims.b, dims.n, first_out));
-            let out_l = Layout::contiguous((dims.b, dims.n, second_in));
-            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, dims, scale)?
+        Some(att) => {
+            let qkv_l = Layout::contiguous((att.dims.b, att.dims.n, first_out));
+            let out_l = Layout::contiguous((att.dims.b, att.dims.n, second_in));
+            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, att)?
         }
         None => gelu_bwd::<T>(h, &h_l, &second, &da_l)?,
     };

@@ -52,7 +52,7 @@ mod taps;
 mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, AdamWUpdate};
-pub use attention::self_attention;
+pub use attention::{self_attention, with_cuda_form, CudaForm};
 pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;

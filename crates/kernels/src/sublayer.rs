@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::attention::Dims as AttentionDims;
+use crate::attention::{CudaForm, Dims as AttentionDims};
 use crate::composite::{Choice, OpSwitch};
 use crate::gelu::GeluFloat;
 use crate::{row_major, Element};
@@ -35,7 +35,9 @@ pub(crate) enum Middle {
     /// GELU (erf) of fc1's output: the MLP.
     Gelu,
     /// Multi-head self-attention on the qkv rows ([B, N, 3D], timm's layout): rows are B x N.
-    Attention { tokens: usize, heads: usize, scale: f64 },
+    /// `form` is the attention's on CUDA (ignored on the CPU).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Attention { tokens: usize, heads: usize, scale: f64, form: CudaForm },
 }
 
 impl Middle {
@@ -58,11 +60,11 @@ impl Middle {
             Self::Attention { tokens, heads, .. } => Some(AttentionDims { b: rows / tokens, n: tokens, heads, hd: d / heads }),
         }
     }
-    /// The attention's sizes and scale for the CUDA launch code (None for the MLP).
+    /// The attention's sizes, scale and form for the CUDA launch code (None for the MLP).
     #[cfg(feature = "cuda")]
-    fn cuda_attention(self, rows: usize, d: usize) -> Option<(AttentionDims, f32)> {
+    fn cuda_attention(self, rows: usize, d: usize) -> Option<crate::cuda::CudaAttention> {
         match self {
-            Self::Attention { scale, .. } => self.attention_dims(rows, d).map(|dims| (dims, scale as f32)),
+            Self::Attention { scale, form, .. } => self.attention_dims(rows, d).map(|dims| crate::cuda::CudaAttention { dims, scale: scale as f32, form }),
             Self::Gelu => None,
         }
     }
@@ -376,7 +378,8 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
     crate::composite::use_kernel(args)
         && linear_ours
         && match OpSwitch::Sublayer.choice() {
-            Choice::Ours => true,
+            // (`gemm` is CONVMAE_ATTENTION's alone, never this variable's.)
+            Choice::Ours | Choice::Gemm => true,
             Choice::Composite => false,
             Choice::Auto => rows >= MIN_ROWS_PER_WIDTH * d,
         }
@@ -439,8 +442,8 @@ pub fn mlp_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, fc1: (&Tenso
 /// `x + proj(self_attention(qkv(layer_norm(x, ln_w, ln_b, eps)), heads))` for `x` [B, N, D]:
 /// the attention sublayer of a pre-norm transformer block with its residual (timm's `Block`
 /// first half; scale head_dim^-0.5). `qkv` is (weight [3D, D], bias [3D]), `proj` (weight
-/// [D, D], bias [D]). As one op where `one_op` says so and, on CUDA, attention runs our fused
-/// kernels (`CONVMAE_ATTENTION`: forced, or `auto`'s pick for this shape); otherwise as the
+/// [D, D], bias [D]). As one op where `one_op` says so and, on CUDA, attention runs our op (in
+/// the form `CONVMAE_ATTENTION` forces, or `auto`'s pick for this shape); otherwise as the
 /// separate ops.
 pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (&Tensor, &Tensor), proj: (&Tensor, &Tensor), heads: usize) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
@@ -448,17 +451,21 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
         candle_core::bail!("attention_residual: width {d} of input {:?} is not a multiple of {heads} heads", x.dims());
     }
     let scale = ((d / heads) as f64).powf(-0.5);
-    let middle = Middle::Attention { tokens: n, heads, scale };
     let widths = Widths::attention(d);
     check_params("attention_residual", x, norm, qkv, proj, widths)?;
     let dims = AttentionDims { b, n, heads, hd: d / heads };
-    let op = one_op(&[x, norm.0, norm.1, qkv.0, qkv.1, proj.0, proj.1], b * n, d) && (x.device().is_cpu() || crate::attention::fused_on_cuda(dims, x.dtype(), x.device(), scale)?);
-    if !op {
+    // On CUDA the attention's form (or None: candle's composition, which the one op cannot run).
+    let form = match (one_op(&[x, norm.0, norm.1, qkv.0, qkv.1, proj.0, proj.1], b * n, d), x.device().is_cpu()) {
+        (false, _) => None,
+        (true, true) => Some(CudaForm::Fused),
+        (true, false) => crate::attention::cuda_form(dims, x.dtype(), x.device(), scale)?,
+    };
+    let Some(form) = form else {
         let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
         let h = crate::self_attention(&crate::linear(&h, qkv.0, qkv.1)?, heads, scale)?;
         return x + crate::linear(&h, proj.0, proj.1)?;
-    }
-    apply(x, norm, eps, qkv, proj, widths, middle)
+    };
+    apply(x, norm, eps, qkv, proj, widths, Middle::Attention { tokens: n, heads, scale, form })
 }
 
 #[cfg(test)]

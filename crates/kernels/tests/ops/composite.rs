@@ -101,10 +101,14 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "gelu_erf",
             "self_attention",
             "self_attention:decoder",
+            "self_attention:gemm",
+            "self_attention:decoder_gemm",
+            "self_attention:gemm_hd24",
             "linear",
             "linear_gelu",
             "mlp_residual",
             "attention_residual",
+            "attention_residual:gemm",
             "depthwise_conv2d",
             "sparse_depthwise_conv2d",
             "layer_norm:transposed",
@@ -129,8 +133,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 18 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 38);
+    // 22 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 46);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -179,6 +183,8 @@ fn op_timings_cover_every_case_by_both_paths() {
             "layer_norm:decoder",
             "self_attention:encoder",
             "self_attention:decoder",
+            "self_attention:encoder_gemm",
+            "self_attention:decoder_gemm",
             "softmax_last_dim:decoder",
             "linear_gelu:decoder_fc1",
             "mlp_residual:decoder",
