@@ -199,7 +199,9 @@ async function main(): Promise<void> {
     const choices = autoChoices(r.stderr ?? '');
     const row: Row = {
       ...fallback,
-      impl: (j.impl as string) ?? fallback.impl,
+      // The row's own label: the workers report plain "ours" / "pytorch", which would hide
+      // which A/B run a row is.
+      impl: fallback.impl,
       device: (j.device as string) ?? fallback.device,
       images_per_s: (j.images_per_s as number) ?? NaN,
       peak_mem_mb: (j.peak_mem_mb as number) ?? NaN,
