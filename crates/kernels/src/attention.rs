@@ -105,7 +105,7 @@ pub(crate) fn cuda_form(dims: Dims, dtype: candle_core::DType, device: &candle_c
 /// input of that shape, timed on the device (one untimed run each, then the median of three),
 /// and the faster kept for the rest of the process; the fused form wins ties. The untimed runs
 /// also check that the two agree (output and input gradient, to bf16's tolerance): should
-/// they not, the gemm form is not used and the line printed says so. The choice is printed
+/// they not, or should the gemm form fail, it is not used and the line printed says so. The choice is printed
 /// once per shape, with both times.
 fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<CudaForm> {
     use std::collections::HashMap;
@@ -137,12 +137,20 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
         ms.sort_by(f64::total_cmp);
         Ok(ms[1])
     };
-    let (fused, gemm) = (run(CudaForm::Fused)?, run(CudaForm::Gemm)?);
-    let disagreement = max_rel(&gemm.0, &fused.0)?.max(max_rel(&gemm.1, &fused.1)?);
-    let (fused_ms, gemm_ms) = (time(CudaForm::Fused)?, time(CudaForm::Gemm)?);
+    let fused = run(CudaForm::Fused)?;
+    // A gemm form that fails (a cuBLAS error) or disagrees is reported and not used.
     const AGREE: f64 = 3e-2;
-    let form = if disagreement > AGREE || fused_ms <= gemm_ms { CudaForm::Fused } else { CudaForm::Gemm };
-    let agreement = if disagreement > AGREE { format!("; the forms DISAGREE (max rel {disagreement:.2e} > {AGREE:.0e}), so not the gemms") } else { String::new() };
+    let problem = match run(CudaForm::Gemm) {
+        Err(e) => Some(format!("the gemm form FAILED ({e})")),
+        Ok(gemm) => {
+            let disagreement = max_rel(&gemm.0, &fused.0)?.max(max_rel(&gemm.1, &fused.1)?);
+            (disagreement > AGREE).then(|| format!("the forms DISAGREE (max rel {disagreement:.2e} > {AGREE:.0e})"))
+        }
+    };
+    let fused_ms = time(CudaForm::Fused)?;
+    let gemm_ms = if problem.is_none() { time(CudaForm::Gemm)? } else { f64::NAN };
+    let form = if problem.is_some() || fused_ms <= gemm_ms { CudaForm::Fused } else { CudaForm::Gemm };
+    let agreement = problem.map(|p| format!("; {p}, so not the gemms")).unwrap_or_default();
     eprintln!(
         "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: fused kernels {fused_ms:.3} ms, gemms {gemm_ms:.3} ms (forward + backward){agreement}; using the {} (CONVMAE_ATTENTION=auto)",
         dims.b,

@@ -644,6 +644,9 @@ fn gemm_batched<A: Float, C: Float>(
         Trans::No => (cublas_sys::cublasOperation_t::CUBLAS_OP_N, ni),
         Trans::Yes => (cublas_sys::cublasOperation_t::CUBLAS_OP_T, ki),
     };
+    // cuBLAS's fast 16-bit compute modes take f32 operands only; half inputs with an f32 output
+    // are computed in plain 32F, which on half inputs is the same tensor-core product.
+    let compute = if A::CUBLAS_TYPE == C::CUBLAS_TYPE { A::compute_type() } else { cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F };
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
     let (a_ptr, _a_guard) = a.device_ptr(&stream);
@@ -674,7 +677,7 @@ fn gemm_batched<A: Float, C: Float>(
             ni,
             batch.stride_c as i64,
             count,
-            A::compute_type(),
+            compute,
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
