@@ -64,16 +64,25 @@ test('autoChoices keeps the addon lines that report a measured choice, in order'
   const { autoChoices } = await import('../benches/gpu/op-timings.js');
   const stderr = [
     'some warning',
-    'convmae: attention [64 x 196 tokens x 16 heads of 32] BF16 on Cuda { gpu_id: 0 }: fused kernels 2.100 ms, composition 1.400 ms (forward + backward); using the composition (CONVMAE_ATTENTION=auto)',
+    'convmae: attention [64 x 196 tokens x 16 heads of 32] BF16 on Cuda { gpu_id: 0 }: fused kernels 2.100 ms, gemms 1.400 ms (forward + backward); using the gemms (CONVMAE_ATTENTION=auto)',
     "convmae: CONVMAE_KERNELS='x' is not 'kernels' or 'composite'; using our kernels",
     'convmae: attention [64 x 49 tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 0.300 ms, composition 0.500 ms (forward + backward); using the fused kernels (CONVMAE_ATTENTION=auto)',
     '',
   ].join('\n');
   const choices = autoChoices(stderr);
   t.is(choices.length, 2);
-  t.regex(choices[0], /196 tokens.*using the composition/);
+  t.regex(choices[0], /196 tokens.*using the gemms/);
   t.regex(choices[1], /49 tokens.*using the fused kernels/);
   t.deepEqual(autoChoices('nothing here\n'), []);
+});
+
+test('autoAttentionForm names the form only when every attention line picked it', async (t) => {
+  const { autoAttentionForm } = await import('../benches/gpu/op-timings.js');
+  const line = (tokens: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 1.000 ms, gemms 0.500 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;
+  t.is(autoAttentionForm([line(49, 'gemms'), line(196, 'gemms')]), 'gemm');
+  t.is(autoAttentionForm([line(49, 'fused kernels')]), 'fused');
+  t.is(autoAttentionForm([line(49, 'gemms'), line(196, 'fused kernels')]), undefined);
+  t.is(autoAttentionForm([]), undefined);
 });
 
 test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative path is taken from the working directory', async (t) => {

@@ -37,7 +37,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { autoChoices, opTimingTable, type OpTiming } from './op-timings.js';
+import { autoAttentionForm, autoChoices, opTimingTable, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -248,7 +248,14 @@ async function main(): Promise<void> {
   // (e) the per-kernel profile, last, so that a run cut short by its time limit still has (a)-(d).
   if (profile) {
     const batch = 64;
-    const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default; PyTorch: eager with autocast bf16).`;
+    // Under ncu every launch is serialized and timed, which would skew CONVMAE_ATTENTION=auto's
+    // own timing (the first GPU run's profile got the fused form where the throughput run had
+    // picked the gemms): the profiled run is told the form the throughput run picked.
+    const headline = rows.find((r) => r.impl === 'ours' && r.path === 'sparse' && r.dtype === 'bf16' && r.batch === batch);
+    const attentionForm = autoAttentionForm(headline?.choices ?? []);
+    const profileEnv = attentionForm ? { CONVMAE_ATTENTION: attentionForm } : {};
+    const attentionNote = attentionForm ? `attention in the ${attentionForm} form, as the throughput run picked` : 'attention as CONVMAE_ATTENTION=auto picks under the profiler';
+    const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default, ${attentionNote}; PyTorch: eager with autocast bf16).`;
     // One warmup step (module loads, first allocations), then the profiled step.
     const workerArgs = ['--preset', 'convmae-base', '--batch', String(batch), '--warmup', '1', '--steps', '1', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'];
     const ncu = findNcu({ explicit: opts.flags.ncu ?? process.env.CONVMAE_NCU });
@@ -259,7 +266,7 @@ async function main(): Promise<void> {
       ours = { status: 'skipped', reason: `our addon is unusable: ${loadError}`, command: shellQuote(['ncu', ...ncuArgs(logFile, process.execPath, [worker, ...workerArgs])]) };
     } else {
       log(ncu.path ? `profile: ours under ${ncu.path} (at most ${profileTimeout} s)` : `profile: ${ncu.reason}`);
-      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: Math.max(1, Math.min(profileTimeout, Math.floor(secondsLeft() - 60))), env: { ...process.env, ...PROFILED_STEP_ENV } });
+      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: Math.max(1, Math.min(profileTimeout, Math.floor(secondsLeft() - 60))), env: { ...process.env, ...PROFILED_STEP_ENV, ...profileEnv } });
     }
     // ncu's own table, compressed (one row per launch: what the summary was made from).
     if (existsSync(logFile)) {

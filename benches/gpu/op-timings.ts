@@ -51,3 +51,10 @@ export function opTimingTable(rows: OpTiming[]): string {
 export function autoChoices(stderr: string): string[] {
   return stderr.split('\n').filter((l) => l.startsWith('convmae: ') && l.includes('=auto)'));
 }
+
+/** The attention form that every `CONVMAE_ATTENTION=auto` line of a run picked ('gemm' or
+ *  'fused'), or undefined when the lines are missing or differ by shape. */
+export function autoAttentionForm(choices: string[]): 'gemm' | 'fused' | undefined {
+  const forms = new Set(choices.filter((c) => c.startsWith('convmae: attention')).map((c) => (c.includes('using the gemms') ? 'gemm' : 'fused')));
+  return forms.size === 1 ? [...forms][0] as 'gemm' | 'fused' : undefined;
+}
