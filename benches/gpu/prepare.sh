@@ -5,7 +5,7 @@
 #   benches/gpu/payload/golden/               the golden fixtures the parity check runs
 #   dist/                                     the compiled TypeScript (npm run build:ts)
 # then checks that payload + dist fit the device tool's 64 MiB carry limit and prints the call:
-#   run(command="bash benches/gpu/run.sh", carry=["benches/gpu/payload", "dist"], timeout_s=540)
+#   run(command="bash benches/gpu/run.sh --quick --profile --deadline 420", carry=["benches/gpu/payload", "dist"], timeout_s=450)
 # The GPU machine has PyTorch (cuBLAS, cuRAND, cudart 13 come from its wheels) but no Node.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,6 +39,5 @@ if (( total > LIMIT )); then
   echo "prepare: too large for the device tool's carry limit" >&2
   exit 1
 fi
-echo 'prepare: now run(command="bash benches/gpu/run.sh --kernels-only --profile", carry=["benches/gpu/payload", "dist"], timeout_s=300)'
-echo '         then run(command="bash benches/gpu/run.sh --throughput-only --quick", carry=["benches/gpu/payload", "dist"], timeout_s=420)'
-echo '         (drop --quick for batch 128 too only if status says 10 minutes of device time remain)'
+echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --profile --deadline 420", carry=["benches/gpu/payload", "dist"], timeout_s=450)'
+echo '         (the whole check at batch 64 took 204 s of an H100 on 2026-11-26; drop --quick for batch 128 too when more device time is left)'
