@@ -194,15 +194,17 @@ impl ClassifierTrainer {
         let features = model.forward_features(&imgs, &mut Mode::Train(&mut rng))?;
         let (logits, bn_stats) = model.forward_head(&features, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
+        // The official loop divides the loss by accum_iter before backward.
+        let scaled = if opts.accum_steps > 1 { (&loss / opts.accum_steps as f64)? } else { loss.clone() };
+        let grads = scaled.backward()?;
+        // Read with the backward queued, as in the pretraining step (train.rs says why); a
+        // non-finite loss is still caught before any gradient is kept or applied.
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(err(format!(
                 "loss is {loss_value} at micro-batch {micro}; weights were not updated (lower the lr or resume from a checkpoint)"
             )));
         }
-        // The official loop divides the loss by accum_iter before backward.
-        let scaled = if opts.accum_steps > 1 { (loss / opts.accum_steps as f64)? } else { loss };
-        let grads = scaled.backward()?;
         let grads: Vec<Tensor> = model
             .params
             .trainable()

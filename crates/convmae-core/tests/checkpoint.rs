@@ -153,3 +153,25 @@ fn checkpoint_write_is_atomic_and_readable() {
     assert_eq!(file.format, "convmae");
     assert_eq!(file.config().unwrap().unwrap(), ConvMaeConfig::tiny());
 }
+
+/// A non-finite loss is an error naming it, and nothing changes: no weight, no optimizer step,
+/// no gradient kept for the accumulation window (the backward now runs before the loss is
+/// read, so this is what keeps its gradients out).
+#[test]
+fn a_non_finite_loss_changes_nothing() {
+    let mut t = Pretrainer::new(ConvMae::new(ConvMaeConfig::tiny(), DType::F32, &Device::Cpu, 0).unwrap(), AdamWConfig::default(), 0).unwrap();
+    let nan = t.model.params.get("decoder_pred.bias").ones_like().unwrap().affine(f64::NAN, 0.0).unwrap();
+    t.model.params.set("decoder_pred.bias", &nan).unwrap();
+    let before: Vec<Vec<f32>> = t.model.params.iter().map(|p| p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    let s = t.model.cfg.img_size;
+    let px = batch_pixels(0, 2, s);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let e = t.step(&batch, &StepOptions { lr: 1e-3, accum_steps: 2, noise: None }).unwrap_err().to_string();
+    assert!(e.contains("loss is NaN") && e.contains("weights were not updated"), "{e}");
+    assert!(!t.has_pending_gradients());
+    assert_eq!(t.optimizer.step, 0);
+    for (p, b) in t.model.params.iter().zip(&before) {
+        let now = p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(now.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{} changed", p.spec.name);
+    }
+}
