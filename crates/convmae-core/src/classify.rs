@@ -205,11 +205,7 @@ impl ClassifierTrainer {
                 "loss is {loss_value} at micro-batch {micro}; weights were not updated (lower the lr or resume from a checkpoint)"
             )));
         }
-        let grads: Vec<Tensor> = model
-            .params
-            .trainable()
-            .map(|(p, v)| grads.get(v.as_tensor()).cloned().ok_or_else(|| err(format!("no gradient reached '{}'", p.spec.name))))
-            .collect::<Result<_>>()?;
+        let grads = crate::train::accumulable(model.params.gradients(&grads)?, model.dtype(), opts.accum_steps)?;
         self.pending = Some(match self.pending.take() {
             None => grads,
             Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,

@@ -4,7 +4,7 @@
 
 use crate::params::{Param, ParamStore};
 use candle_core::{Result, Tensor};
-use convmae_kernels::{adamw_update, composite, has_kernel, AdamWUpdate};
+use convmae_kernels::{adamw_update, adamw_update_with_shadow, composite, has_kernel, AdamWUpdate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,13 +108,15 @@ impl AdamW {
         Ok(Self { cfg, step: 0, moments, groups })
     }
 
-    /// One update of every trainable tensor; `grads` are in `params.trainable()` order.
+    /// One update of every trainable tensor; `grads` are in `params.trainable()` order, each in
+    /// the master dtype or, with mixed precision, the compute dtype (`ParamStore::gradients`).
     /// Follows torch.optim.AdamW (decoupled decay applied first, bias-corrected moments), as one
-    /// fused in-place kernel per tensor.
+    /// fused in-place kernel per tensor, which on CUDA also writes the tensor's compute copy.
     pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
-        for ((((param, var), g), m), group) in params.trainable().zip(grads).zip(self.moments.iter_mut()).zip(&self.groups) {
+        let shadows = params.trainable_shadows();
+        for (((((param, var), g), m), group), shadow) in params.trainable().zip(grads).zip(self.moments.iter_mut()).zip(&self.groups).zip(&shadows) {
             debug_assert_eq!(param.spec.name, m.name);
             let u = AdamWUpdate {
                 lr: lr * group.lr_scale,
@@ -124,16 +126,23 @@ impl AdamW {
                 weight_decay: group.weight_decay,
                 step: self.step,
             };
-            if has_kernel(var.as_tensor()) {
-                adamw_update(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+            let w = var.as_tensor();
+            if let (Some(copy), true) = (shadow, has_kernel(w) && w.device().is_cuda()) {
+                adamw_update_with_shadow(w, &m.exp_avg, &m.exp_avg_sq, g, copy.as_tensor(), &u)?;
+                continue;
+            }
+            let g = &g.to_dtype(w.dtype())?;
+            if has_kernel(w) {
+                adamw_update(w, &m.exp_avg, &m.exp_avg_sq, g, &u)?;
             } else {
                 // No kernel of ours for this device and dtype (or CONVMAE_KERNELS=composite):
                 // the same update from candle ops.
-                let (p, exp_avg, exp_avg_sq) = composite::adamw_step(var.as_tensor(), &m.exp_avg, &m.exp_avg_sq, g, &u)?;
+                let (p, exp_avg, exp_avg_sq) = composite::adamw_step(w, &m.exp_avg, &m.exp_avg_sq, g, &u)?;
                 var.set(&p)?;
                 m.exp_avg = exp_avg;
                 m.exp_avg_sq = exp_avg_sq;
             }
+            sync_copy(var, shadow.as_ref())?;
         }
         Ok(())
     }
@@ -174,14 +183,16 @@ impl Lars {
         Ok(Self { cfg, step: 0, momentum })
     }
 
+    /// One update of every trainable tensor; `grads` as `AdamW::update` takes them.
     pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let norm = |t: &Tensor| -> Result<f64> { t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.sqrt()?.to_scalar::<f64>() };
-        for (((param, var), g), (name, mu)) in params.trainable().zip(grads).zip(self.momentum.iter_mut()) {
+        let shadows = params.trainable_shadows();
+        for ((((param, var), g), (name, mu)), shadow) in params.trainable().zip(grads).zip(self.momentum.iter_mut()).zip(&shadows) {
             debug_assert_eq!(&param.spec.name, name);
             let w = var.as_tensor();
-            let mut dp = g.clone();
+            let mut dp = g.to_dtype(w.dtype())?;
             if param.spec.shape.len() > 1 {
                 dp = (dp + (w * c.weight_decay)?)?;
                 let (w_norm, dp_norm) = (norm(w)?, norm(&dp)?);
@@ -190,7 +201,17 @@ impl Lars {
             }
             *mu = ((&*mu * c.momentum)? + dp)?;
             var.set(&(w - (&*mu * lr)?)?)?;
+            sync_copy(var, shadow.as_ref())?;
         }
         Ok(())
+    }
+}
+
+/// A tensor's compute copy (if it has one) set to its new master value, rounded once: what the
+/// fused CUDA AdamW does in its own pass, for the other update paths.
+fn sync_copy(master: &candle_core::Var, copy: Option<&candle_core::Var>) -> Result<()> {
+    match copy {
+        Some(c) => c.set(&master.as_tensor().to_dtype(c.dtype())?),
+        None => Ok(()),
     }
 }

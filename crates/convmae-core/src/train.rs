@@ -184,16 +184,7 @@ impl Pretrainer {
                 self.micro_step
             )));
         }
-        let grads: Vec<Tensor> = self
-            .model
-            .params
-            .trainable()
-            .map(|(p, v)| {
-                grads.get(v.as_tensor()).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg(format!("no gradient reached '{}'", p.spec.name))
-                })
-            })
-            .collect::<Result<_>>()?;
+        let grads = accumulable(self.model.params.gradients(&grads)?, self.model.dtype(), opts.accum_steps)?;
         self.pending = Some(match self.pending.take() {
             None => grads,
             Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
@@ -220,4 +211,14 @@ impl Pretrainer {
     pub fn has_pending_gradients(&self) -> bool {
         self.pending_count > 0
     }
+}
+
+/// One micro-batch's gradients as an accumulation window keeps them: with several micro-batches
+/// a window, in the master dtype, so that mixed precision's bf16 gradients sum in f32 (as their
+/// f32 casts did before the compute copies); with one, as they came (the optimizer reads bf16).
+pub(crate) fn accumulable(grads: Vec<Tensor>, master: DType, accum_steps: usize) -> Result<Vec<Tensor>> {
+    if accum_steps == 1 {
+        return Ok(grads);
+    }
+    grads.into_iter().map(|g| g.to_dtype(master)).collect()
 }

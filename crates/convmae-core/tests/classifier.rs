@@ -373,4 +373,11 @@ fn bf16_classifier_trains_f32_master_weights_with_close_logits() {
         let (a, b) = (to_vec(before.model.params.get(name)), to_vec(bf16.model.params.get(name)));
         assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{name} did not change");
     }
+    // The encoder's compute copies (where its gradients arrive) follow the masters; the head's
+    // gradients reach the masters (it computes in f32).
+    let copies = bf16.model.params.compute_view(DType::BF16).unwrap();
+    for (p, c) in bf16.model.params.iter().zip(copies.iter()) {
+        let want = to_vec(&p.tensor.to_dtype(DType::BF16).unwrap());
+        assert_eq!(want, to_vec(&c.tensor), "{}'s compute copy", p.spec.name);
+    }
 }

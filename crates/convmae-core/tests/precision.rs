@@ -22,9 +22,54 @@ fn bf16_precision_trains_f32_master_weights_with_a_close_loss() {
     assert_eq!(out.loss.dtype(), DType::F32);
     let half = out.loss.to_scalar::<f32>().unwrap();
     assert!(((half - full) / full).abs() < 0.05, "bf16 loss {half} vs f32 {full}");
+    // The gradients arrive at the bf16 compute copies, none at the f32 masters: the forward has
+    // no cast node per tensor.
     let grads = out.loss.backward().unwrap();
-    for (p, v) in model.params.trainable() {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.spec.name));
-        assert_eq!(g.dtype(), DType::F32, "{}", p.spec.name);
+    let by_tensor = model.params.gradients(&grads).unwrap();
+    for ((p, master), g) in model.params.trainable().zip(&by_tensor) {
+        assert_eq!(g.dtype(), DType::BF16, "{}", p.spec.name);
+        assert!(grads.get(master.as_tensor()).is_none(), "{} got an f32 gradient", p.spec.name);
+    }
+}
+
+fn pixels(b: usize, s: usize, step: usize) -> Vec<u8> {
+    (0..b * s * s * 3).map(|i| ((i * 7919 + step * 131) % 251) as u8).collect()
+}
+
+/// Every compute copy equals its master rounded once to bf16, after optimizer steps (by the
+/// update path of this device) and after `ParamStore::set`, with and without gradient
+/// accumulation; and training in bf16 moves the f32 masters.
+#[test]
+fn compute_copies_follow_the_masters() {
+    use convmae_core::model::Precision;
+    use convmae_core::optim::AdamWConfig;
+    use convmae_core::train::{Batch, Pretrainer, StepOptions};
+    let check = |t: &Pretrainer, when: &str| {
+        let copies = t.model.params.compute_view(DType::BF16).unwrap();
+        for (p, c) in t.model.params.iter().zip(copies.iter()) {
+            let want = p.tensor.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = c.tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{} {when}", p.spec.name);
+        }
+    };
+    for accum_steps in [1, 2] {
+        let cfg = convmae_core::ConvMaeConfig::tiny();
+        let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 5).unwrap();
+        model.precision = Precision::Bf16;
+        let mut t = Pretrainer::new(model, AdamWConfig::default(), 5).unwrap();
+        let before = t.model.params.get("decoder_embed.weight").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let s = cfg.img_size;
+        for step in 0..2 * accum_steps {
+            let px = pixels(2, s, step);
+            let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+            t.step(&batch, &StepOptions { lr: 1e-2, accum_steps, noise: None }).unwrap();
+            check(&t, &format!("after micro step {step} (accum_steps {accum_steps})"));
+        }
+        assert_eq!(t.optimizer.step, 2);
+        let after = t.model.params.get("decoder_embed.weight").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(before.iter().zip(&after).any(|(a, b)| a != b), "bf16 training left the masters as they were");
+        let w = t.model.params.get("blocks3.0.attn.qkv.weight").affine(0.5, 0.25).unwrap();
+        t.model.params.set("blocks3.0.attn.qkv.weight", &w).unwrap();
+        check(&t, "after set");
     }
 }

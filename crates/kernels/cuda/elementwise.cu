@@ -39,10 +39,12 @@ __device__ __forceinline__ void gelu_bwd(const T* __restrict__ x, const T* __res
 //   v = beta2 * v + (1 - beta2) * g^2
 //   p = p * decay - step_size * m / (sqrt(v) / bias2_sqrt + eps)
 // with decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
-// bias2_sqrt = sqrt(1 - beta2^t).
-template <typename T>
-__device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g,
-                                      int64_t n, float beta1, float one_minus_beta1, float beta2,
+// bias2_sqrt = sqrt(1 - beta2^t). With mixed precision the gradient G comes in the compute dtype
+// (it is the gradient of the compute copy) and `shadow`, that compute copy (S: bf16), gets the new
+// parameter rounded once, as a cast of it would be; without, G = T and shadow is null.
+template <typename T, typename G = T, typename S = T>
+__device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const G* __restrict__ g,
+                                      S* __restrict__ shadow, int64_t n, float beta1, float one_minus_beta1, float beta2,
                                       float one_minus_beta2, float decay, float step_size, float bias2_sqrt, float eps) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = global_thread(); i < n; i += stride) {
@@ -50,9 +52,11 @@ __device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* _
         const float mv = load(m[i]) * beta1 + gv * one_minus_beta1;
         const float vv = load(v[i]) * beta2 + (gv * gv) * one_minus_beta2;
         const float denom = sqrtf(vv) / bias2_sqrt + eps;
-        p[i] = store<T>(load(p[i]) * decay - step_size * (mv / denom));
+        const T pv = store<T>(load(p[i]) * decay - step_size * (mv / denom));
+        p[i] = pv;
         m[i] = store<T>(mv);
         v[i] = store<T>(vv);
+        if (shadow) shadow[i] = store<S>(load(pv));
     }
 }
 
@@ -76,8 +80,25 @@ using namespace convmae;
     extern "C" __global__ void adamw_##TNAME(T* p, T* m, T* v, const T* g, int64_t n, float beta1,            \
                                              float one_minus_beta1, float beta2, float one_minus_beta2,       \
                                              float decay, float step_size, float bias2_sqrt, float eps) {     \
-        adamw<T>(p, m, v, g, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bias2_sqrt, \
-                 eps);                                                                                        \
+        adamw<T>(p, m, v, g, (T*)nullptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,  \
+                 bias2_sqrt, eps);                                                                            \
     }
 
 CONVMAE_FOR_EACH_TYPE(ELEMENTWISE_KERNELS)
+
+// Mixed precision's update (src/cuda.rs adamw_shadowed): f32 master weights and moments, the
+// gradient in bf16 (one step's, straight from the compute copy) or f32 (accumulated over
+// micro-batches), the bf16 compute copy written with the new weights.
+#define ADAMW_SHADOW_KERNEL(G, GNAME)                                                                               \
+    extern "C" __global__ void adamw_shadow_f32_g##GNAME(float* p, float* m, float* v, const G* g, S_BF16* shadow,  \
+                                                         int64_t n, float beta1, float one_minus_beta1, float beta2, \
+                                                         float one_minus_beta2, float decay, float step_size,       \
+                                                         float bias2_sqrt, float eps) {                             \
+        adamw<float, G, S_BF16>(p, m, v, g, shadow, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,       \
+                                step_size, bias2_sqrt, eps);                                                        \
+    }
+#ifndef CONVMAE_HOST_EMULATION
+#define S_BF16 __nv_bfloat16
+ADAMW_SHADOW_KERNEL(__nv_bfloat16, bf16)
+ADAMW_SHADOW_KERNEL(float, f32)
+#endif

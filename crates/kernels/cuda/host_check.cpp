@@ -292,6 +292,22 @@ static void check_elementwise() {
     check("adamw parameter", p, wp, 1e-6);
     check("adamw first moment", m, wm, 1e-6);
     check("adamw second moment", v, wv, 1e-6);
+    // The mixed-precision form through the same template (here with an f32 shadow: the host has
+    // no bf16): the same update again from the results above, and the shadow gets the new
+    // parameter.
+    std::vector<double> wp2(n);
+    for (int64_t i = 0; i < n; ++i) {
+        const double mm = b1 * m[i] + (1 - b1) * g[i], vv = b2 * v[i] + (1 - b2) * (double)g[i] * g[i];
+        wp2[i] = p[i] * (1 - lr * wd) - lr / (1 - std::pow(b1, t)) * mm / (std::sqrt(vv) / std::sqrt(1 - std::pow(b2, t)) + eps);
+    }
+    std::vector<float> shadow(n, NAN);
+    launch(64 * 256, 256, [&] {
+        adamw<float, float, float>(p.data(), m.data(), v.data(), g.data(), shadow.data(), n, (float)b1, (float)(1 - b1), (float)b2,
+                                   (float)(1 - b2), (float)(1 - lr * wd), (float)(lr / (1 - std::pow(b1, t))),
+                                   (float)std::sqrt(1 - std::pow(b2, t)), (float)eps);
+    });
+    check("adamw with a shadow: parameter", p, wp2, 1e-6);
+    check("adamw with a shadow: the shadow", shadow, wp2, 1e-6);
 }
 
 // LayerNorm and softmax over `rows` rows of `d`, launched as src/cuda.rs does (4 warps a block).

@@ -111,11 +111,28 @@ pub fn adamw_update(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad:
         if param.elem_count() == 0 {
             return Ok(());
         }
-        return param.inplace_op3(exp_avg, exp_avg_sq, &Fused { grad: grad.clone(), u: *u });
+        return param.inplace_op3(exp_avg, exp_avg_sq, &Fused { grad: grad.clone(), shadow: None, u: *u });
     }
     exp_avg.inplace_op2(grad, &Moment { beta: u.beta1, square: false })?;
     exp_avg_sq.inplace_op2(grad, &Moment { beta: u.beta2, square: true })?;
     param.inplace_op3(exp_avg, exp_avg_sq, &Apply(*u))
+}
+
+/// Mixed precision's update, on CUDA: `adamw_update` of the f32 `param` and moments from `grad`
+/// (bf16, the gradient of the compute copy, or f32), which also writes the new weights, rounded
+/// once, into `shadow`, the bf16 compute copy the forward reads (contiguous, not sharing storage
+/// with the others). One launch, where a separate cast would be another per tensor per step.
+/// Elsewhere (no CUDA kernel) the caller updates in f32 and casts the copy itself.
+pub fn adamw_update_with_shadow(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, shadow: &Tensor, u: &AdamWUpdate) -> Result<()> {
+    if !param.device().is_cuda() {
+        candle_core::bail!("adamw_update_with_shadow: CUDA only (on {:?}, update in f32 and cast the compute copy)", param.device().location());
+    }
+    crate::same_shape("adamw", "parameter", param.dims(), "gradient", grad.dims())?;
+    crate::same_shape("adamw", "parameter", param.dims(), "compute copy", shadow.dims())?;
+    if param.elem_count() == 0 {
+        return Ok(());
+    }
+    param.inplace_op3(exp_avg, exp_avg_sq, &Fused { grad: grad.clone(), shadow: Some(shadow.clone()), u: *u })
 }
 
 /// The whole update in one CUDA kernel (cuda/elementwise.cu): moments and parameter read and
@@ -124,10 +141,12 @@ pub fn adamw_update(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad:
 /// through their device pointers. That is sound because nothing else can observe them
 /// mid-update: the op runs on the device's one stream, which orders it against every other
 /// use, and the moments are the optimizer's own tensors. The gradient, a fourth operand the
-/// trait has no slot for, is carried in the op.
+/// trait has no slot for, is carried in the op, as is the compute copy (mixed precision), which
+/// the kernel writes through its device pointer like the moments, for the same reasons.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Fused {
     grad: Tensor,
+    shadow: Option<Tensor>,
     u: AdamWUpdate,
 }
 
@@ -160,7 +179,15 @@ impl InplaceOp3 for Fused {
             candle_core::bail!("adamw: the gradient is on {:?}, the parameter on CUDA", self.grad.device().location());
         };
         let dtype = p.dtype();
-        cuda_dispatch!("adamw", dtype, adamw(p, pl, m, ml, v, vl, g, gl, &self.u))
+        let shadow = self.shadow.as_ref().map(|s| s.storage_and_layout());
+        let shadow = match &shadow {
+            None => None,
+            Some((s, sl)) => match &**s {
+                candle_core::Storage::Cuda(s) => Some((s, *sl)),
+                _ => candle_core::bail!("adamw: the compute copy is not on CUDA"),
+            },
+        };
+        cuda_dispatch!("adamw", dtype, adamw(p, pl, m, ml, v, vl, g, gl, shadow, &self.u))
     }
 }
 

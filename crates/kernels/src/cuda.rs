@@ -1089,7 +1089,9 @@ pub(crate) fn gelu_bwd<T: Float>(x: &CudaStorage, x_l: &Layout, grad: &CudaStora
 
 /// One fused AdamW step: `param` (written through `&mut`), `exp_avg` and `exp_avg_sq`
 /// (written by the kernel through their device pointers; see `adamw.rs` for why they come as
-/// shared references) all contiguous, `grad` any layout.
+/// shared references) all contiguous, `grad` any layout. With `shadow` (mixed precision: f32
+/// `param`, the bf16 compute copy, contiguous, written through its device pointer too) the
+/// gradient may be bf16 or f32 and the copy gets the new weights.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adamw<T: Float>(
     param: &mut CudaStorage,
@@ -1100,6 +1102,7 @@ pub(crate) fn adamw<T: Float>(
     exp_avg_sq_l: &Layout,
     grad: &CudaStorage,
     grad_l: &Layout,
+    shadow: Option<(&CudaStorage, &Layout)>,
     u: &AdamWUpdate,
 ) -> Result<()> {
     let n = param_l.shape().elem_count();
@@ -1109,39 +1112,63 @@ pub(crate) fn adamw<T: Float>(
     };
     let (pr, mr, vr) = (range(param_l, "parameter")?, range(exp_avg_l, "first moment")?, range(exp_avg_sq_l, "second moment")?);
     let dev = param.device().clone();
-    let go = Operand::<T>::new(grad, grad_l)?;
-    let gv = go.view()?;
     let m = exp_avg.as_cuda_slice::<T>()?.slice(mr);
     let v = exp_avg_sq.as_cuda_slice::<T>()?.slice(vr);
     let mut p = param.as_cuda_slice_mut::<T>()?.slice_mut(pr);
-    let f = func(&dev, Module::Elementwise, &format!("adamw_{}", T::SUFFIX))?;
     // The step's constants in f64, rounded once to f32 (the CPU kernel's T::from_f64).
     let t = u.step as i32;
-    let beta1 = u.beta1 as f32;
-    let one_minus_beta1 = (1.0 - u.beta1) as f32;
-    let beta2 = u.beta2 as f32;
-    let one_minus_beta2 = (1.0 - u.beta2) as f32;
-    let decay = (1.0 - u.lr * u.weight_decay) as f32;
-    let step_size = (u.lr / (1.0 - u.beta1.powi(t))) as f32;
-    let bias2_sqrt = (1.0 - u.beta2.powi(t)).sqrt() as f32;
-    let eps = u.eps as f32;
+    let consts = [
+        u.beta1 as f32,
+        (1.0 - u.beta1) as f32,
+        u.beta2 as f32,
+        (1.0 - u.beta2) as f32,
+        (1.0 - u.lr * u.weight_decay) as f32,
+        (u.lr / (1.0 - u.beta1.powi(t))) as f32,
+        (1.0 - u.beta2.powi(t)).sqrt() as f32,
+        u.eps as f32,
+    ];
     let nn = n as i64;
     let stream = dev.cuda_stream();
-    let mut builder = stream.launch_builder(&f);
-    builder
-        .arg(&mut p)
-        .arg(&m)
-        .arg(&v)
-        .arg(&gv)
-        .arg(&nn)
-        .arg(&beta1)
-        .arg(&one_minus_beta1)
-        .arg(&beta2)
-        .arg(&one_minus_beta2)
-        .arg(&decay)
-        .arg(&step_size)
-        .arg(&bias2_sqrt)
-        .arg(&eps);
-    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    match shadow {
+        None => {
+            let go = Operand::<T>::new(grad, grad_l)?;
+            let gv = go.view()?;
+            let f = func(&dev, Module::Elementwise, &format!("adamw_{}", T::SUFFIX))?;
+            let mut builder = stream.launch_builder(&f);
+            builder.arg(&mut p).arg(&m).arg(&v).arg(&gv).arg(&nn);
+            for c in &consts {
+                builder.arg(c);
+            }
+            unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+        }
+        Some((shadow, shadow_l)) => {
+            if T::SUFFIX != "f32" || shadow.dtype() != DType::BF16 {
+                candle_core::bail!("adamw: a compute copy needs f32 weights and a bf16 copy, got {} and {:?}", T::SUFFIX, shadow.dtype());
+            }
+            let sv = shadow.as_cuda_slice::<half::bf16>()?.slice(range(shadow_l, "compute copy")?);
+            if sv.len() != n {
+                candle_core::bail!("adamw: the compute copy has {} elements, the parameter {n}", sv.len());
+            }
+            // One kernel per gradient dtype; both operands' views live to the launch.
+            macro_rules! run {
+                ($g:ty, $gname:literal) => {{
+                    let go = Operand::<$g>::new(grad, grad_l)?;
+                    let gv = go.view()?;
+                    let f = func(&dev, Module::Elementwise, concat!("adamw_shadow_f32_g", $gname))?;
+                    let mut builder = stream.launch_builder(&f);
+                    builder.arg(&mut p).arg(&m).arg(&v).arg(&gv).arg(&sv).arg(&nn);
+                    for c in &consts {
+                        builder.arg(c);
+                    }
+                    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+                }};
+            }
+            match grad.dtype() {
+                DType::BF16 => run!(half::bf16, "bf16"),
+                DType::F32 => run!(f32, "f32"),
+                other => candle_core::bail!("adamw: a gradient of dtype {other:?} for f32 weights with a bf16 compute copy (bf16 or f32 expected)"),
+            }
+        }
+    }
     Ok(())
 }

@@ -140,11 +140,11 @@ impl ConvViT {
         self.precision.compute_dtype(self.dtype())
     }
 
-    /// The parameters as the encoder uses them: the master tensors, or their casts to bf16
-    /// (which carry the gradients back to the masters).
+    /// The parameters as the encoder uses them: the master tensors, or their bf16 compute copies
+    /// (`ParamStore::compute_view`; the gradients arrive at the copies).
     fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
         let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.cast_view(dtype)?) })
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype)?) })
     }
 
     pub fn device(&self) -> &Device {

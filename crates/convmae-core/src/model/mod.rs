@@ -89,10 +89,11 @@ impl ConvMae {
         self.precision.compute_dtype(self.dtype())
     }
 
-    /// The parameters as the forward uses them: the master tensors, or their casts to bf16.
+    /// The parameters as the forward uses them: the master tensors, or their bf16 compute copies
+    /// (`ParamStore::compute_view`).
     fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
         let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.cast_view(dtype)?) })
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype)?) })
     }
 
     pub fn dtype(&self) -> DType {
