@@ -21,8 +21,8 @@
  * short (the device tool lends 15 minutes a session, start-up included). --profile-only runs (e)
  * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
  * skipped), so that it ends inside a device call's time limit with its files written.
- * (e) with --profile, last (after (a) alone with --kernels-only): the per-kernel profile of one
- *     sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
+ * (e) with --profile, after the batch-64 measurements (before batch 128; after (a) alone with
+ *     --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
  *     (ncu's table, one row per launch) and a "Per-kernel profile" section of the markdown.
  *     --ncu PATH picks the ncu binary (else CONVMAE_NCU, PATH, the CUDA toolkit, Nsight Compute's
@@ -224,29 +224,10 @@ async function main(): Promise<void> {
     const r = await run(python, args, compile ? 240 : 120);
     record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
   };
-  // The issue's comparison first (ours sparse bf16 against PyTorch eager bf16 and torch.compile),
-  // so that a run that meets its --deadline has it; then the other configurations and the A/Bs.
-  for (const batch of batches) {
-    if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours');
-    await pytorch(batch, 'bf16', false);
-    await pytorch(batch, 'bf16', true);
-    if (!loadError) {
-      await ours(batch, 'bf16', 'dense', 'ours-dense');
-      await ours(batch, 'fp32', 'sparse', 'ours');
-      await ours(batch, 'fp32', 'dense', 'ours-dense');
-    }
-    await pytorch(batch, 'none', false);
-    if (!loadError && batch === batches[0]) {
-      // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
-      // (CONVMAE_KERNELS=composite), once, at the first batch size;
-      await ours(batch, 'bf16', 'sparse', 'ours-composite', { ...process.env, CONVMAE_KERNELS: 'composite' });
-      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
-      await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { ...process.env, CONVMAE_ATTENTION: 'composite' });
-    }
-  }
-
-  // (e) the per-kernel profile, last, so that a run cut short by its time limit still has (a)-(d).
-  if (profile) {
+  // (e) the per-kernel profile of a batch-64 step: after the batch-64 measurements (it needs their
+  // attention pick) and before batch 128, so that a run cut short by its --deadline loses batch
+  // 128 rather than the profile.
+  const runProfile = async () => {
     const batch = 64;
     // Under ncu every launch is serialized and timed, which would skew CONVMAE_ATTENTION=auto's
     // own timing (the first GPU run's profile got the fused form where the throughput run had
@@ -295,7 +276,32 @@ async function main(): Promise<void> {
     }
     profileReport = { workload, ours, pytorch };
     log(`profile PyTorch: ${pytorch.status}${pytorch.reason ? ` (${pytorch.reason})` : ''}${pytorch.summary ? `, ${fmt(pytorch.summary.total_us / 1000)} ms of kernels in ${pytorch.summary.launches} launches` : ''}`);
+  };
+
+  // The issue's comparison first (ours sparse bf16 against PyTorch eager bf16 and torch.compile),
+  // so that a run that meets its --deadline has it; then the other configurations and the A/Bs.
+  for (const batch of batches) {
+    if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours');
+    await pytorch(batch, 'bf16', false);
+    await pytorch(batch, 'bf16', true);
+    if (!loadError) {
+      await ours(batch, 'bf16', 'dense', 'ours-dense');
+      await ours(batch, 'fp32', 'sparse', 'ours');
+      await ours(batch, 'fp32', 'dense', 'ours-dense');
+    }
+    await pytorch(batch, 'none', false);
+    if (!loadError && batch === batches[0]) {
+      // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
+      // (CONVMAE_KERNELS=composite), once, at the first batch size;
+      await ours(batch, 'bf16', 'sparse', 'ours-composite', { ...process.env, CONVMAE_KERNELS: 'composite' });
+      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
+      await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { ...process.env, CONVMAE_ATTENTION: 'composite' });
+    }
+    if (profile && batch === 64) await runProfile();
   }
+  // --profile-only, --kernels-only --profile: no throughput rows before it.
+  if (profile && !batches.includes(64)) await runProfile();
+
 
   save();
   log(`wrote ${out}/gpu-${localDate(new Date())}.{jsonl,md} in ${Math.round((Date.now() - started) / 1000)} s`);

@@ -433,13 +433,13 @@ static void check_linear_pieces(int64_t rows, int64_t d, int64_t target_parts) {
         }
     char name[128];
     std::vector<float> out(rows * d, NAN);
-    launch(std::min<int64_t>(rows * d, 64), 32, [&] { rows_broadcast_f32(bias.data(), out.data(), rows, d); });
+    launch(std::min<int64_t>(rows, 4) * 32, 32, [&] { rows_broadcast_f32(bias.data(), out.data(), rows, d); });
     std::snprintf(name, sizeof name, "linear bias broadcast rows %lld D%lld", (long long)rows, (long long)d);
     check(name, out, want, 0);
     auto res = random_values(rows * d, 33);
     for (int64_t i = 0; i < rows * d; ++i) want[i] = (double)res[i] + bias[i % d];
     std::fill(out.begin(), out.end(), NAN);
-    launch(std::min<int64_t>(rows * d, 64), 32, [&] { rows_add_broadcast_f32(res.data(), bias.data(), out.data(), rows, d); });
+    launch(std::min<int64_t>(rows, 4) * 32, 32, [&] { rows_add_broadcast_f32(res.data(), bias.data(), out.data(), rows, d); });
     std::snprintf(name, sizeof name, "mlp residual + bias rows %lld D%lld", (long long)rows, (long long)d);
     check(name, out, want, 1e-7);
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);

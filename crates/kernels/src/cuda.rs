@@ -152,6 +152,11 @@ fn launch_grid_stride(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// A block per row (up to 2^16 blocks, striding over the rest): the bias broadcasts.
+fn launch_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The row kernels put one warp on a row and `ROW_WARPS` (rows.cu) warps in a block.
 const ROW_WARPS: usize = 4;
 fn launch_rows(rows: usize, what: &str) -> Result<LaunchConfig> {
@@ -710,7 +715,7 @@ pub(crate) fn linear_fwd<T: Float>(
                 let f = func(dev, Module::Rows, &format!("rows_broadcast_{}", T::SUFFIX))?;
                 let mut builder = stream.launch_builder(&f);
                 builder.arg(&bv).arg(&mut y).arg(&r).arg(&d);
-                unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+                unsafe { builder.launch(launch_per_row(rows)) }.w()?;
             }
             Some((res, res_l)) => {
                 let ro = Operand::<T>::new(res, res_l)?;
@@ -718,7 +723,7 @@ pub(crate) fn linear_fwd<T: Float>(
                 let f = func(dev, Module::Rows, &format!("rows_add_broadcast_{}", T::SUFFIX))?;
                 let mut builder = stream.launch_builder(&f);
                 builder.arg(&rv).arg(&bv).arg(&mut y).arg(&r).arg(&d);
-                unsafe { builder.launch(launch_grid_stride(rows * out)) }.w()?;
+                unsafe { builder.launch(launch_per_row(rows)) }.w()?;
             }
         }
     }
