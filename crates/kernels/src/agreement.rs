@@ -353,7 +353,44 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
             out.push(adamw_agreement(device, dtype, path)?);
         }
     }
+    // Mixed precision's update (CUDA only: elsewhere the caller updates in f32 and casts).
+    if device.is_cuda() && paths.contains(&Path::Kernels) && dtypes.contains(&DType::BF16) {
+        out.push(adamw_compute_copy_agreement(device)?);
+    }
     Ok(out)
+}
+
+/// `adamw_update_with_shadow` on `device`: f32 weights and moments, a bf16 gradient, against the
+/// CPU update in f32 from the same gradient values (forward_rel, the f32 kernel tolerance); the
+/// bf16 compute copy against the device's new weights rounded to bf16 (gradient_rels[0], which
+/// should be 0: one rounding of the same values).
+fn adamw_compute_copy_agreement(device: &Device) -> Result<Agreement> {
+    let shape: &[usize] = &[768, 3072];
+    let make = |seed: u64, scale: f64| -> Result<Tensor> { rounded(shape, seed, DType::F32)? * scale };
+    let (p, m) = (make(11, 1.0)?, make(12, 0.01)?);
+    let v = make(14, 0.01)?.abs()?;
+    let g = make(13, 0.1)?.to_dtype(DType::BF16)?;
+    let u = AdamWUpdate { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05, step: 7 };
+    let (pc, mc, vc) = (p.copy()?, m.copy()?, v.copy()?);
+    with_path(Path::Kernels, || crate::adamw_update(&pc, &mc, &vc, &g.to_dtype(DType::F32)?, &u))?;
+    let (pd, md, vd, gd) = (p.to_device(device)?, m.to_device(device)?, v.to_device(device)?, g.to_device(device)?);
+    let copy = Tensor::zeros(shape, DType::BF16, device)?;
+    with_path(Path::Kernels, || crate::adamw_update_with_shadow(&pd, &md, &vd, &gd, &copy, &u))?;
+    let forward_rel = worst(worst(rel(&pd, &pc)?, rel(&md, &mc)?), rel(&vd, &vc)?);
+    let copy_rel = rel(&copy, &pd.to_dtype(DType::BF16)?)?;
+    let tolerance = tolerance("adamw_update", DType::F32, true);
+    Ok(Agreement {
+        op: "adamw_update:compute_copy".into(),
+        path: path_name(Path::Kernels).into(),
+        dtype: "f32 (bf16 gradient and copy)".into(),
+        shapes: vec![shape.to_vec()],
+        forward_rel,
+        gradient_rel: copy_rel,
+        gradient_rels: vec![copy_rel],
+        kernel: true,
+        tolerance,
+        pass: forward_rel <= tolerance && copy_rel == 0.0,
+    })
 }
 
 /// The AdamW update on `device` (fused where a kernel exists, composite otherwise) vs the CPU.
