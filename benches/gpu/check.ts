@@ -21,8 +21,8 @@
  * short (the device tool lends 15 minutes a session, start-up included). --profile-only runs (e)
  * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
  * skipped), so that it ends inside a device call's time limit with its files written.
- * (e) with --profile, after the batch-64 measurements (before batch 128; after (a) alone with
- *     --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
+ * (e) with --profile, right after the batch-64 comparison of ours sparse bf16, eager and compile
+ *     (after (a) alone with --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
  *     (ncu's table, one row per launch) and a "Per-kernel profile" section of the markdown.
  *     --ncu PATH picks the ncu binary (else CONVMAE_NCU, PATH, the CUDA toolkit, Nsight Compute's
@@ -224,9 +224,9 @@ async function main(): Promise<void> {
     const r = await run(python, args, compile ? 240 : 120);
     record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
   };
-  // (e) the per-kernel profile of a batch-64 step: after the batch-64 measurements (it needs their
-  // attention pick) and before batch 128, so that a run cut short by its --deadline loses batch
-  // 128 rather than the profile.
+  // (e) the per-kernel profile of a batch-64 step: right after the issue's comparison at batch 64
+  // (it needs our row's attention pick), before the other configurations, so that a run cut short
+  // by its --deadline loses those rather than the profile (run 3 of 2026-11-26 left ncu 21 s).
   const runProfile = async () => {
     const batch = 64;
     // Under ncu every launch is serialized and timed, which would skew CONVMAE_ATTENTION=auto's
@@ -247,7 +247,7 @@ async function main(): Promise<void> {
       ours = { status: 'skipped', reason: `our addon is unusable: ${loadError}`, command: shellQuote(['ncu', ...ncuArgs(logFile, process.execPath, [worker, ...workerArgs])]) };
     } else {
       log(ncu.path ? `profile: ours under ${ncu.path} (at most ${profileTimeout} s)` : `profile: ${ncu.reason}`);
-      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: Math.max(1, Math.min(profileTimeout, Math.floor(secondsLeft() - 60))), env: { ...process.env, ...PROFILED_STEP_ENV, ...profileEnv } });
+      ours = await runUnderNcu({ ncu, app: process.execPath, appArgs: [worker, ...workerArgs], logFile, timeoutS: Math.max(1, Math.min(profileTimeout, Math.floor(secondsLeft() - 30))), env: { ...process.env, ...PROFILED_STEP_ENV, ...profileEnv } });
     }
     // ncu's own table, compressed (one row per launch: what the summary was made from).
     if (existsSync(logFile)) {
@@ -284,6 +284,7 @@ async function main(): Promise<void> {
     if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours');
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    if (profile && batch === 64) await runProfile();
     if (!loadError) {
       await ours(batch, 'bf16', 'dense', 'ours-dense');
       await ours(batch, 'fp32', 'sparse', 'ours');
@@ -297,7 +298,6 @@ async function main(): Promise<void> {
       // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
       await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { ...process.env, CONVMAE_ATTENTION: 'composite' });
     }
-    if (profile && batch === 64) await runProfile();
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.
   if (profile && !batches.includes(64)) await runProfile();

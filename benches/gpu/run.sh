@@ -9,7 +9,7 @@
 # --profile-only: the profile alone; --quick: batch 64 only; --kernels-only: parity and kernel
 # agreement, no throughput, a minute or two; --throughput-only: throughput and memory without
 # parity and agreement, for a second call after a --kernels-only one).
-# --profile: after the batch-64 measurements, the per-kernel profile of one sparse bf16 step of convmae-base at
+# --profile: after the batch-64 comparison (ours sparse bf16, eager, compile), the per-kernel profile of one sparse bf16 step of convmae-base at
 # batch 64: ours under Nsight Compute (`ncu --metrics gpu__time_duration.sum`, every launch
 # timed on its own: the second step only, via cuProfilerStart/Stop in the addon, capped at 150 s, --profile-timeout S to change) and
 # PyTorch eager bf16 under torch.profiler (1 step after 1 warmup, capped at 120 s). Costs up to
