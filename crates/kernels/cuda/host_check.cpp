@@ -310,6 +310,19 @@ static void check_elementwise() {
     check("adamw with a shadow: the shadow", shadow, wp2, 1e-6);
 }
 
+// The image normalization against the host path's f32 formula: the same bits.
+static void check_normalize() {
+    const int64_t n = 3 * 1000 + 3;
+    std::vector<uint8_t> px(n);
+    for (int64_t i = 0; i < n; ++i) px[i] = (uint8_t)((i * 37 + 11) % 256);
+    const float mean[3] = {0.485f, 0.456f, 0.406f}, sd[3] = {0.229f, 0.224f, 0.225f};
+    std::vector<double> want(n);
+    for (int64_t i = 0; i < n; ++i) want[i] = ((float)px[i] / 255.0f - mean[i % 3]) / sd[i % 3];
+    std::vector<float> out(n, NAN);
+    launch(3 * 256, 256, [&] { normalize_rgb_u8(px.data(), out.data(), n, mean[0], mean[1], mean[2], sd[0], sd[1], sd[2]); });
+    check("normalize uint8 RGB (grid-stride, bitwise)", out, want, 0);
+}
+
 // LayerNorm and softmax over `rows` rows of `d`, launched as src/cuda.rs does (4 warps a block).
 static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     const float eps = 1e-6f;
@@ -532,6 +545,7 @@ int main() {
         check_sparse(1, 6, 5, 3, k, 512);
     }
     check_elementwise();
+    check_normalize();
     // Rows not a multiple of the 4 rows a block holds; D below, at and above the 32 lanes.
     check_rows(9, 49, 4);
     check_rows(6, 32, 512);

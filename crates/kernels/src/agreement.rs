@@ -357,7 +357,34 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
     if device.is_cuda() && paths.contains(&Path::Kernels) && dtypes.contains(&DType::BF16) {
         out.push(adamw_compute_copy_agreement(device)?);
     }
+    // The image normalization: the device's bits must be the host's.
+    if device.is_cuda() && paths.contains(&Path::Kernels) {
+        out.push(normalize_agreement(device)?);
+    }
     Ok(out)
+}
+
+/// `normalize_rgb` on `device` against the CPU op (which is the host path's formula): tolerance 0.
+fn normalize_agreement(device: &Device) -> Result<Agreement> {
+    let shape: &[usize] = &[4, 56, 56, 3];
+    let n: usize = shape.iter().product();
+    let pixels: Vec<u8> = (0..n).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let on_cpu = crate::normalize_rgb(&Tensor::from_slice(&pixels, shape, &Device::Cpu)?, mean, std)?;
+    let on_device = crate::normalize_rgb(&Tensor::from_slice(&pixels, shape, device)?, mean, std)?;
+    let forward_rel = rel(&on_device, &on_cpu)?;
+    Ok(Agreement {
+        op: "normalize_rgb".into(),
+        path: path_name(Path::Kernels).into(),
+        dtype: "u8 -> f32".into(),
+        shapes: vec![shape.to_vec()],
+        forward_rel,
+        gradient_rel: 0.0,
+        gradient_rels: Vec::new(),
+        kernel: true,
+        tolerance: 0.0,
+        pass: forward_rel == 0.0,
+    })
 }
 
 /// `adamw_update_with_shadow` on `device`: f32 weights and moments, a bf16 gradient, against the

@@ -1060,6 +1060,27 @@ pub(crate) fn softmax_bwd<T: Float>(
 
 // ---- GELU ---------------------------------------------------------------------------------
 
+/// uint8 RGB pixels (`range` of `pixels`, channels last) to normalized f32 (normalize.rs).
+pub(crate) fn normalize_rgb(pixels: &CudaStorage, range: std::ops::Range<usize>, mean: [f32; 3], std: [f32; 3]) -> Result<CudaStorage> {
+    let dev = pixels.device();
+    let n = range.len();
+    if n == 0 {
+        candle_core::bail!("normalize_rgb: no pixels");
+    }
+    let px = pixels.as_cuda_slice::<u8>()?.slice(range);
+    let mut out = alloc::<f32>(dev, n)?;
+    let f = func(dev, Module::Elementwise, "normalize_rgb_u8")?;
+    let nn = n as i64;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&px).arg(&mut out).arg(&nn);
+    for c in mean.iter().chain(&std) {
+        builder.arg(c);
+    }
+    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 pub(crate) fn gelu_fwd<T: Float>(x: &CudaStorage, x_l: &Layout) -> Result<CudaStorage> {
     let dev = x.device();
     let n = x_l.shape().elem_count();

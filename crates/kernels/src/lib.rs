@@ -42,6 +42,7 @@ mod erf_f32;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod normalize;
 mod sublayer;
 #[cfg(test)]
 mod test_util;
@@ -58,6 +59,7 @@ pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
+pub use normalize::normalize_rgb;
 pub use sublayer::{attention_residual, mlp_residual};
 pub use softmax::softmax_last_dim;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
