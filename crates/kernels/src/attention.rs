@@ -71,14 +71,7 @@ thread_local! {
 /// `Kernels` too, which otherwise means the fused form): the agreement check and op timings
 /// measure the gemm form with it. Nested calls restore the outer form, also on a panic.
 pub fn with_cuda_form<R>(form: CudaForm, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<CudaForm>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_FORM.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCED_FORM.with(|c| c.replace(Some(form))));
-    f()
+    crate::composite::with_override(&FORCED_FORM, form, f)
 }
 
 /// Which form computes attention on CUDA, or None for candle's composition, by
@@ -457,6 +450,22 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+
+    /// `with_cuda_form` sets the form for its closure on this thread, nests, and restores the outer
+    /// one after, also after a panic.
+    #[test]
+    fn with_cuda_form_nests_and_restores() {
+        let now = || FORCED_FORM.with(|c| c.get());
+        assert_eq!(now(), None);
+        with_cuda_form(CudaForm::Gemm, || {
+            assert_eq!(now(), Some(CudaForm::Gemm));
+            with_cuda_form(CudaForm::Fused, || assert_eq!(now(), Some(CudaForm::Fused)));
+            assert_eq!(now(), Some(CudaForm::Gemm));
+        });
+        assert_eq!(now(), None);
+        assert!(std::panic::catch_unwind(|| with_cuda_form(CudaForm::Gemm, || panic!("inside"))).is_err());
+        assert_eq!(now(), None);
+    }
 
     /// `auto`'s measurement runs both forms forward and backward (here on the CPU, where the
     /// public op never asks and both forms are the CPU op, so they agree) and keeps its pick

@@ -148,13 +148,20 @@ thread_local! {
 /// `CONVMAE_KERNELS` says; the agreement check uses it to run both paths in one process.
 /// Nested calls restore the outer choice, also when `f` panics.
 pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Path>);
-    impl Drop for Restore {
+    with_override(&FORCED, path, f)
+}
+
+/// Runs `f` with the thread-local `slot` holding `Some(value)`, then puts back what it held,
+/// also when `f` panics: the per-thread overrides of this crate (`with_path`,
+/// `attention::with_cuda_form`).
+pub(crate) fn with_override<T: Copy + 'static, R>(slot: &'static std::thread::LocalKey<Cell<Option<T>>>, value: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<Option<T>>>, Option<T>);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            FORCED.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(FORCED.with(|c| c.replace(Some(path))));
+    let _restore = Restore(slot, slot.with(|c| c.replace(Some(value))));
     f()
 }
 
