@@ -39,6 +39,34 @@ test('--kernels-only with --throughput-only is refused, naming both flags', asyn
   }
 });
 
+test('--profile-only with --kernels-only and a --deadline of 0 are refused, naming the flags', async (t) => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
+  try {
+    for (const [args, message] of [
+      [['--profile-only', '--kernels-only'], /--profile-only excludes --kernels-only and --throughput-only/],
+      [['--deadline', '0'], /--deadline must be an integer >= 1, got '0'/],
+    ] as const) {
+      const err = await t.throwsAsync(run(process.execPath, [CHECK, ...args, '--out', out], { timeout: 60_000 }));
+      t.regex((err as Error & { stderr: string }).stderr, message);
+    }
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
+
+test('a --deadline the run cannot meet records what it skipped and still writes the report', async (t) => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
+  try {
+    // One second: every child gets under the 15 s minimum, so each PyTorch row is recorded as skipped.
+    await run(process.execPath, [CHECK, '--quick', '--deadline', '1', '--out', out], { timeout: 60_000 });
+    const report = JSON.parse(readFileSync(path.join(out, 'check.json'), 'utf8')) as { rows: { impl: string; error?: string }[] };
+    t.true(report.rows.length > 0);
+    for (const r of report.rows) t.regex(r.error ?? '', /skipped: --deadline 1 s reached/, r.impl);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
+
 test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each op', async (t) => {
   const { native } = await import('../src/native.js');
   const { opTimingTable } = await import('../benches/gpu/op-timings.js');
