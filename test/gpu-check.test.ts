@@ -104,6 +104,16 @@ test('autoChoices keeps the addon lines that report a measured choice, in order'
   t.deepEqual(autoChoices('nothing here\n'), []);
 });
 
+test('hostProfile takes the medians of the last timed steps, and nothing from too few lines', async (t) => {
+  const { hostProfile } = await import('../benches/gpu/op-timings.js');
+  const line = (k: number) => `[profile] prepare ${k}.000 forward ${10 * k}.500 backward ${20 * k}.000 wait ${k / 10} optimizer 3.000 ms`;
+  // Two warmup lines (100, 200: ignored), then three timed steps.
+  const stderr = ['noise', line(100), line(200), line(1), 'convmae: attention ...', line(3), line(2), ''].join('\n');
+  t.deepEqual(hostProfile(stderr, 3), { prepare: 2, forward: 20.5, backward: 40, wait: 0.2, optimizer: 3 });
+  t.is(hostProfile([line(1), line(2)].join('\n'), 3), undefined);
+  t.is(hostProfile('[profile] forward 1 backward 2 optimizer 3\n', 1), undefined, 'the old three-part line is not read as this one');
+});
+
 test('autoAttentionForm names the form only when every attention line picked it', async (t) => {
   const { autoAttentionForm } = await import('../benches/gpu/op-timings.js');
   const line = (tokens: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 1.000 ms, gemms 0.500 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;

@@ -37,7 +37,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { autoAttentionForm, autoChoices, opTimingTable, type OpTiming } from './op-timings.js';
+import { autoAttentionForm, autoChoices, hostProfile, opTimingTable, type HostProfile, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -54,6 +54,8 @@ interface Row {
   error?: string;
   /** What the run chose by itself: the addon's `CONVMAE_ATTENTION=auto` lines (both timings and the pick). */
   choices?: string[];
+  /** Ours, the issue's row: the host time of a step by part, medians (CONVMAE_PROFILE=1). */
+  host_ms?: HostProfile;
 }
 
 /** Runs a command, returns its last JSON line (or the error), killing it after `seconds`. */
@@ -197,6 +199,7 @@ async function main(): Promise<void> {
   const record = (r: { json?: Record<string, unknown>; error?: string; stderr?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
     const j = r.json ?? {};
     const choices = autoChoices(r.stderr ?? '');
+    const host = hostProfile(r.stderr ?? '', STEPS);
     const row: Row = {
       ...fallback,
       // The row's own label: the workers report plain "ours" / "pytorch", which would hide
@@ -208,6 +211,7 @@ async function main(): Promise<void> {
       ms_per_step_median: (j.ms_per_step_median as number) ?? NaN,
       error: r.error,
       ...(choices.length ? { choices } : {}),
+      ...(host ? { host_ms: host } : {}),
     };
     rows.push(row);
     for (const c of choices) log(`  ${c}`);
@@ -215,7 +219,7 @@ async function main(): Promise<void> {
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
   const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env?: NodeJS.ProcessEnv) =>
-    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', '5', '--device', 'cuda', '--precision', precision, '--path', convPath], 150, env).then((r) =>
+    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', 'cuda', '--precision', precision, '--path', convPath], 150, env).then((r) =>
       record(r, { suite: 'gpu', impl, preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath }),
     );
   const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
@@ -281,7 +285,8 @@ async function main(): Promise<void> {
   // The issue's comparison first (ours sparse bf16 against PyTorch eager bf16 and torch.compile),
   // so that a run that meets its --deadline has it; then the other configurations and the A/Bs.
   for (const batch of batches) {
-    if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours');
+    // With the addon's per-step host timing (one line a step): whether the GPU waits on the host.
+    if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours', { ...process.env, CONVMAE_PROFILE: '1' });
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
     if (profile && batch === 64) await runProfile();
@@ -370,6 +375,7 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
     table,
     '',
     ...autoChoiceLines(rows),
+    ...hostProfileLines(rows),
     ...(profile ? [profileMarkdown(profile), ''] : []),
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
@@ -382,6 +388,28 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
 }
 
 /** The markdown list of what each throughput run chose by measuring (empty when none did). */
+/** The timed steps of each throughput run. */
+const STEPS = 5;
+
+/** The host-time table of the rows that have one. */
+function hostProfileLines(rows: Row[]): string[] {
+  const timed = rows.filter((r) => r.host_ms);
+  if (!timed.length) return [];
+  const table = markdownTable(
+    ['impl', 'precision', 'batch', 'ms/step', 'prepare', 'forward', 'backward', 'wait for the loss', 'optimizer'],
+    timed.map((r) => {
+      const h = r.host_ms!;
+      return [r.impl, r.dtype, String(r.batch), fmt(r.ms_per_step_median), fmt(h.prepare), fmt(h.forward), fmt(h.backward), fmt(h.wait), fmt(h.optimizer)];
+    }),
+  );
+  return [
+    "Host time of a step by part (ms, medians of the timed steps; `CONVMAE_PROFILE=1`): preparing the batch, building and launching the forward and the backward, waiting for the loss (the device finishing both), and the optimizer. A wait near zero means the GPU ran out of work before the host queued more.",
+    '',
+    table,
+    '',
+  ];
+}
+
 function autoChoiceLines(rows: Row[]): string[] {
   const withChoices = rows.filter((r) => r.choices?.length);
   if (!withChoices.length) return [];

@@ -58,3 +58,27 @@ export function autoAttentionForm(choices: string[]): 'gemm' | 'fused' | undefin
   const forms = new Set(choices.filter((c) => c.startsWith('convmae: attention')).map((c) => (c.includes('using the gemms') ? 'gemm' : 'fused')));
   return forms.size === 1 ? [...forms][0] as 'gemm' | 'fused' : undefined;
 }
+
+/** The host time of a step by part (ms), as `CONVMAE_PROFILE=1` makes the addon print it. */
+export interface HostProfile {
+  prepare: number;
+  forward: number;
+  backward: number;
+  wait: number;
+  optimizer: number;
+}
+
+/** The medians over the last `steps` `[profile]` lines of a run's stderr (the timed steps; the
+ *  warmup steps print first), or undefined when there are fewer lines than that. */
+export function hostProfile(stderr: string, steps: number): HostProfile | undefined {
+  const parts = ['prepare', 'forward', 'backward', 'wait', 'optimizer'] as const;
+  const lines = stderr.split('\n').filter((l) => l.startsWith('[profile] ')).slice(-steps);
+  if (steps < 1 || lines.length < steps) return undefined;
+  const parsed = lines.map((l) => Object.fromEntries(parts.map((p) => [p, Number(new RegExp(`\\b${p} ([0-9.]+)`).exec(l)?.[1])])) as Record<(typeof parts)[number], number>);
+  const median = (v: number[]) => {
+    const s = [...v].sort((a, b) => a - b);
+    return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  };
+  const out = Object.fromEntries(parts.map((p) => [p, median(parsed.map((x) => x[p]))])) as unknown as HostProfile;
+  return parts.every((p) => Number.isFinite(out[p])) ? out : undefined;
+}

@@ -104,6 +104,36 @@ pub fn normalize_augmented(
     }
 }
 
+/// Where a step's host time goes, for `CONVMAE_PROFILE`: preparing the batch (normalize, mask),
+/// the forward and the backward (on a GPU: building and launching them), waiting for the loss
+/// (on a GPU: for the device to finish both), and the optimizer. On a GPU a wait near zero means
+/// the host is the bottleneck: the device ran out of work before the host could queue more.
+struct StepClock {
+    last: std::time::Instant,
+    ms: [f64; 5],
+}
+
+impl StepClock {
+    const PARTS: [&'static str; 5] = ["prepare", "forward", "backward", "wait", "optimizer"];
+
+    fn start() -> Self {
+        Self { last: std::time::Instant::now(), ms: [0.0; 5] }
+    }
+
+    /// Ends part `i` now.
+    fn lap(&mut self, i: usize) {
+        let now = std::time::Instant::now();
+        self.ms[i] = (now - self.last).as_secs_f64() * 1e3;
+        self.last = now;
+    }
+
+    /// `[profile] prepare 1.234 forward ... optimizer ... ms` (benches/gpu/check.ts reads it).
+    fn line(&self) -> String {
+        let parts: Vec<String> = Self::PARTS.iter().zip(&self.ms).map(|(name, ms)| format!("{name} {ms:.3}")).collect();
+        format!("[profile] {} ms", parts.join(" "))
+    }
+}
+
 /// Owns the model and its optimizer state; one instance per training run.
 pub struct Pretrainer {
     pub model: ConvMae,
@@ -169,21 +199,22 @@ impl Pretrainer {
         if profiled {
             crate::device::cuda_profiler_range(self.model.device(), true).map_err(candle_core::Error::Msg)?;
         }
-        let t0 = std::time::Instant::now();
+        let mut clock = StepClock::start();
         let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
         let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
+        clock.lap(0);
         let out = self.model.forward_pretrain(&imgs, &masking)?;
+        clock.lap(1);
         // The official loop divides the loss by accum_iter before backward.
-        let t_fwd = t0.elapsed();
         let scaled = (&out.loss / opts.accum_steps as f64)?;
         let grads = scaled.backward()?;
-        let t_bwd = t0.elapsed();
+        clock.lap(2);
         // The loss is read only now, with the backward queued: reading it waits for the device,
         // and waiting between forward and backward would leave a GPU idle while the host builds
         // and launches the whole backward. A non-finite loss still changes nothing: it is
-        // checked before the gradients are kept or applied. (On CUDA the forward / backward
-        // times of CONVMAE_PROFILE are therefore the host's, the wait lands in the optimizer's.)
+        // checked before the gradients are kept or applied.
         let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        clock.lap(3);
         if !loss.is_finite() {
             return Err(candle_core::Error::Msg(format!(
                 "loss is {loss} at micro step {}; weights were not updated (lower the lr or resume from a checkpoint)",
@@ -206,9 +237,9 @@ impl Pretrainer {
         if profiled {
             crate::device::cuda_profiler_range(self.model.device(), false).map_err(candle_core::Error::Msg)?;
         }
+        clock.lap(4);
         if profile {
-            let t_all = t0.elapsed();
-            eprintln!("[profile] forward {:?} backward {:?} optimizer {:?}", t_fwd, t_bwd - t_fwd, t_all - t_bwd);
+            eprintln!("{}", clock.line());
         }
         Ok(StepStats { loss, lr: opts.lr, micro_step: self.micro_step, optimizer_step: self.optimizer.step, updated })
     }
