@@ -300,8 +300,13 @@ async function main(): Promise<void> {
       // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
       // (CONVMAE_KERNELS=composite), once, at the first batch size;
       await ours(batch, 'bf16', 'sparse', 'ours-composite', { ...process.env, CONVMAE_KERNELS: 'composite' });
-      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax.
+      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax;
       await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { ...process.env, CONVMAE_ATTENTION: 'composite' });
+      // and of two host-side changes made after run 3 of 2026-11-26 without a GPU to measure
+      // them: the batch normalized on the host (as before), and a cast of every weight every
+      // forward instead of the bf16 compute copies (as before).
+      await ours(batch, 'bf16', 'sparse', 'ours-host-normalize', { ...process.env, CONVMAE_NORMALIZE: 'host', CONVMAE_PROFILE: '1' });
+      await ours(batch, 'bf16', 'sparse', 'ours-weight-casts', { ...process.env, CONVMAE_COMPUTE_COPIES: 'off' });
     }
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.

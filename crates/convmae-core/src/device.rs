@@ -109,6 +109,35 @@ fn parse_profile_step(value: Option<&str>) -> Option<u64> {
     value?.trim().parse().ok().filter(|&n| n > 0)
 }
 
+/// The A/B switches of the GPU check's rows for two host-side changes of 2026-11-26, each read
+/// once per process: `CONVMAE_NORMALIZE=host` normalizes the batch on the host and uploads f32
+/// (as before `normalize_rgb`), `CONVMAE_COMPUTE_COPIES=off` casts every weight every forward
+/// (as before the bf16 compute copies). Unset (or `device` / `on`): the current way. Another
+/// value is named in a warning and ignored.
+pub fn host_normalize() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("CONVMAE_NORMALIZE", "device", "host"))
+}
+
+/// See `host_normalize`.
+pub fn compute_copies_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| env_switch("CONVMAE_COMPUTE_COPIES", "on", "off"))
+}
+
+/// Whether `name` asks for `alternative` (rather than `default`, or nothing).
+fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok(v) if v == alternative => true,
+        Ok(v) if v.is_empty() || v == default => false,
+        Ok(other) => {
+            eprintln!("convmae: {name}='{other}' is not '{default}' or '{alternative}'; using '{default}'");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// Starts (`on`) or stops the CUDA profiler's collection, after finishing the work queued on
 /// `device` so the range holds whole steps. A no-op on the CPU.
 pub fn cuda_profiler_range(device: &Device, on: bool) -> Result<(), String> {

@@ -301,6 +301,12 @@ impl ParamStore {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        if crate::device::compute_copies_off() {
+            // The A/B's other side: casts recorded by autograd, so the gradients flow back to
+            // the masters through them, every forward.
+            let params = self.params.iter().map(|p| Ok(Param { spec: p.spec.clone(), var: None, tensor: p.tensor.to_dtype(dtype)? })).collect::<candle_core::Result<_>>()?;
+            return Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default() });
+        }
         let mut shadow = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
         if shadow.as_ref().is_none_or(|s| s.dtype != dtype) {
             let mut tensors = Vec::with_capacity(self.params.len());

@@ -91,7 +91,7 @@ pub fn normalize_augmented(
         let mut v = normalized_values::<f64>(batch.pixels);
         augment.apply(&mut v, dims, seed, step)?;
         Tensor::from_vec(v, &dims[..], device)
-    } else if device.is_cuda() && augment.is_empty() {
+    } else if device.is_cuda() && augment.is_empty() && !crate::device::host_normalize() {
         // On a GPU the bytes go up and are normalized there: the same bits as the host pass
         // below (convmae_kernels::normalize_rgb says why), a quarter of the upload, and no
         // single-threaded pass over the batch for the GPU to wait on (22 ms at 64 x 224).
