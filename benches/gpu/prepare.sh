@@ -40,4 +40,4 @@ if (( total > LIMIT )); then
   exit 1
 fi
 echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --profile --deadline 420", carry=["benches/gpu/payload", "dist"], timeout_s=450)'
-echo '         (the whole check at batch 64 took 204 s of an H100 on 2026-11-26; drop --quick for batch 128 too when more device time is left)'
+echo '         (the whole check at batch 64 took 204 s of an H100 on 2026-11-26, before two more A/B rows of about 15 s each; drop --quick for batch 128 too when more device time is left)'

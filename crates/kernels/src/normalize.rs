@@ -2,7 +2,7 @@
 //! first thing every training step does to its batch.
 //!
 //! The host path (convmae-core's `train::normalize`) does it in one single-threaded pass and
-//! uploads f32, four times the bytes: for 64 images of 224 that is about 22 ms of one core,
+//! uploads f32, four times the bytes: for 64 images of 224 that is about 20 ms of one core (benches/results/normalize-2026-11-26.md),
 //! during which a GPU has nothing to do. On CUDA this op uploads the bytes and normalizes there
 //! (cuda/elementwise.cu). Both compute in f32 with the same constants in the same order (IEEE
 //! division on the device), so the results are the same bits; the CPU form here is the
