@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <barrier>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // ---- the CUDA built-ins the kernels use ----
@@ -37,25 +38,78 @@ static thread_local Dim3 blockIdx, threadIdx;
 static Dim3 blockDim, gridDim;
 using std::min;
 
-// One warp's shuffle: every lane publishes its value, all meet, each reads its partner's.
-static float shfl_values[32];
-static std::barrier<>* shfl_barrier = nullptr;
-static float __shfl_xor_sync(unsigned, float v, int offset) {
-    const unsigned lane = threadIdx.x % 32;
-    shfl_values[lane] = v;
-    shfl_barrier->arrive_and_wait();
-    const float other = shfl_values[lane ^ (unsigned)offset];
-    shfl_barrier->arrive_and_wait();
-    return other;
-}
-
 // One block's barrier: all its threads meet (launch_blocks runs a block at a time).
 static std::barrier<>* block_barrier = nullptr;
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
+// In a block launch every thread of the block calls __syncwarp alike (the flash kernels'
+// control flow is uniform across warps), so the block barrier serves as a warp barrier.
+static void __syncwarp() { block_barrier->arrive_and_wait(); }
+
+// A shuffle: every lane publishes its value, all meet, each reads its partner's. In a warp
+// launch (launch_warps) the 32 lanes of one warp meet; in a block launch, the whole block.
+static float shfl_values[1024];
+static std::barrier<>* shfl_barrier = nullptr;
+static float __shfl_xor_sync(unsigned, float v, int offset) {
+    std::barrier<>* meet = shfl_barrier ? shfl_barrier : block_barrier;
+    const unsigned slot = shfl_barrier ? threadIdx.x % 32 : threadIdx.x;
+    shfl_values[slot] = v;
+    meet->arrive_and_wait();
+    const float other = shfl_values[slot ^ (unsigned)offset];
+    meet->arrive_and_wait();
+    return other;
+}
+
+// The flash kernels' dynamic shared memory (set per launch) and tensor-core products. A
+// fragment here is the whole 16x16 tile, row-major, held by every lane (on the GPU each lane
+// holds an unspecified share): the kernels only load, multiply, fill and store fragments, whose
+// results do not depend on that share. Stores are made by lane 0, which the kernels' __syncwarp
+// after each store makes visible to the other lanes, as on the GPU.
+static unsigned char* emulated_dynamic_shared = nullptr;
+static unsigned emulated_dynamic_shared_bytes = 0;
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static constexpr int num_elements = M * N;
+    T x[M * N];
+};
+template <typename Use, typename T, typename Layout>
+static void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c];
+}
+template <typename T, typename LayoutB>
+static void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+    float result[256];
+    for (int r = 0; r < 16; ++r)
+        for (int col = 0; col < 16; ++col) {
+            float s = c.x[r * 16 + col];
+            for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + col];
+            result[r * 16 + col] = s;
+        }
+    std::copy(result, result + 256, d.x);
+}
+static void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+    if (threadIdx.x % 32 != 0) return;
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+template <typename F, typename V>
+static void fill_fragment(F& f, V v) {
+    std::fill(f.x, f.x + F::num_elements, v);
+}
+}  // namespace wmma
 
 #include "attention.cu"
 #include "depthwise.cu"
 #include "elementwise.cu"
+#include "flash.cu"
 #include "rows.cu"
 
 // Runs `kernel` for every (block, thread) of a 1-D launch, like the Rust side sizes it.
@@ -431,8 +485,6 @@ static void check_permute_heads(int64_t nb, int64_t n, int64_t heads, int hd, un
     check("attention from heads (round trip)", back, std::vector<double>(packed.begin(), packed.end()), 0);
 }
 
-// Attention on packed qkv [B, N, 3, H, HD], launched as src/cuda.rs does (a block per image,
-// head and 64 rows), against softmax(q k^T * scale) v and its gradients written out in double.
 // The fused linear layer's own kernels (its gemms are cuBLAS): the bias broadcast into every
 // output row, on a grid smaller than the tensor (the grid-stride loop must cover the rest), and
 // the bias gradient's column sums as partials and their reduction.
@@ -464,8 +516,16 @@ static void check_linear_pieces(int64_t rows, int64_t d, int64_t target_parts) {
     check(name, db, sums, 1e-5);
 }
 
-template <int HD, typename Fwd, typename BwdQ, typename BwdK, typename BwdV>
-static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdK bwd_k, BwdV bwd_v) {
+// Random packed qkv [B, N, 3, H, HD] and output gradient, with softmax(q k^T * scale) v and its
+// qkv gradient written out in double: the reference both attention forms are checked against.
+struct AttentionCase {
+    float scale;
+    std::vector<float> qkv, g;
+    std::vector<double> ref_out, ref_grad;
+};
+
+template <int HD>
+static AttentionCase attention_case(int64_t nb, int64_t n, int64_t heads) {
     const int64_t d = heads * HD, row = 3 * d;
     const float scale = 1.f / std::sqrt((float)HD);
     const std::vector<float> qkv = random_values(nb * n * row, 31 + (unsigned)n);
@@ -517,6 +577,14 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
                     ref_grad[at(b, i, 2, h) + e] = dv;
                 }
         }
+    return AttentionCase{scale, qkv, g, ref_out, ref_grad};
+}
+
+// The fused kernels, launched as src/cuda.rs does (a block per image, head and 64 rows).
+template <int HD, typename Fwd, typename BwdQ, typename BwdK, typename BwdV>
+static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdK bwd_k, BwdV bwd_v) {
+    const int64_t d = heads * HD, row = 3 * d;
+    const auto [scale, qkv, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
     const unsigned gx = (unsigned)(nb * heads), gy = (unsigned)((n + 63) / 64);
     std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN);
     launch_blocks(gx, gy, 64, [&] { fwd(qkv.data(), out.data(), n, heads, scale); });
@@ -534,6 +602,43 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
 #define CHECK_ATTENTION(HD, nb, n, heads)                                                                       \
     check_attention<HD>(nb, n, heads, attention_fwd_hd##HD##_f32, attention_bwd_q_hd##HD##_f32, attention_bwd_k_hd##HD##_f32, \
                         attention_bwd_v_hd##HD##_f32)
+
+// The tensor-core flash kernels, launched as src/cuda.rs flash_attention_* does: a block of
+// FLASH_WARPS warps per image, head and 16 * FLASH_WARPS rows, with FlashShared's bytes of
+// dynamic shared memory. Then once with a byte too few, which must leave NaN everywhere.
+template <int HD, typename Fwd, typename BwdQ, typename BwdKV>
+static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv) {
+    using namespace convmae;
+    const int64_t d = heads * HD, row = 3 * d;
+    const auto [scale, qkv, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE;
+    const unsigned gx = (unsigned)(nb * heads), gy = (unsigned)((n_pad / FLASH_TILE + FLASH_WARPS - 1) / FLASH_WARPS);
+    const unsigned block = 32 * FLASH_WARPS;
+    std::vector<unsigned char> shared(FlashShared<float, HD>::bytes(n_pad));
+    emulated_dynamic_shared = shared.data();
+    auto run = [&](unsigned bytes) {
+        emulated_dynamic_shared_bytes = bytes;
+        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN);
+        launch_blocks(gx, gy, block, [&] { fwd(qkv.data(), out.data(), n, heads, scale); });
+        launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), grad.data(), stats.data(), n, heads, scale); });
+        launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+        return std::pair{out, grad};
+    };
+    const auto [out, grad] = run((unsigned)shared.size());
+    char name[96];
+    std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
+    check(name, out, ref_out, 2e-6);
+    std::snprintf(name, sizeof name, "flash attention qkv grad B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
+    check(name, grad, ref_grad, 1e-5);
+    const auto [short_out, short_grad] = run((unsigned)shared.size() - 1);
+    const bool all_nan = std::all_of(short_out.begin(), short_out.end(), [](float v) { return std::isnan(v); }) &&
+                         std::all_of(short_grad.begin(), short_grad.end(), [](float v) { return std::isnan(v); });
+    if (!all_nan) ++failures;
+    std::printf("%-58s %s\n", "flash attention with too little shared memory: all NaN", all_nan ? "ok" : "FAIL");
+    emulated_dynamic_shared = nullptr;
+}
+
+#define CHECK_FLASH(HD, nb, n, heads) check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32)
 
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,
@@ -560,6 +665,13 @@ int main() {
     CHECK_ATTENTION(32, 2, 49, 2);
     CHECK_ATTENTION(64, 1, 130, 2);
     CHECK_ATTENTION(64, 2, 1, 1);
+    // One token; fewer tokens than a tile; a ragged last tile and a block with idle warps
+    // (ConvMAE-B's 49 and 196); more row blocks than one.
+    CHECK_FLASH(16, 1, 1, 2);
+    CHECK_FLASH(32, 2, 13, 2);
+    CHECK_FLASH(64, 2, 49, 2);
+    CHECK_FLASH(32, 1, 196, 1);
+    CHECK_FLASH(16, 1, 70, 3);
     // Rows (H * HD) shorter and longer than the 64-thread block; one part and three.
     check_permute_heads(2, 5, 3, 8, 3);
     check_permute_heads(3, 7, 4, 24, 1);

@@ -1,0 +1,426 @@
+// Multi-head self-attention on the tensor cores (src/attention.rs `CudaForm::Flash`): forward
+// and backward in three kernels that never write the [N, N] scores to memory, for 16-bit
+// storage (bf16, f16) and head dims 16, 32 and 64. Same semantics and layouts as
+// attention.cu: qkv [B, N, 3, H, HD], out and its gradient [B, N, H, HD], the qkv gradient like
+// qkv.
+//
+// Why a third form: on an H100 the fused FMA kernels (attention.cu) took 28 ms of a ConvMAE-B
+// step and the gemm form (cuBLAS around f32 scores in memory) about half that, where PyTorch's
+// cuDNN flash attention takes 2 ms. ConvMAE's heads are small (49 visible tokens in the encoder,
+// 196 in the decoder, head dims 64 and 32), so one (image, head)'s whole K and V (or Q and dO)
+// fit in shared memory, and a warp computes 16 rows against them with 16x16x16 wmma products.
+//
+// A block is FLASH_WARPS warps and holds one (image, head)'s "other side" in shared memory:
+// K and V for the forward and the dq kernel, Q and dO for the dk/dv kernel. Each warp owns 16
+// rows of "its side" (queries, or keys) and walks the other side 16 rows at a time:
+//   forward:  pass 1 finds each query row's log-sum-exp from the scores q k^T * scale; pass 2
+//             recomputes the scores, p = exp(s - lse) exactly normalized, and accumulates p v.
+//             Two passes instead of an online softmax because a wmma accumulator's rows cannot
+//             be rescaled (its element-to-row mapping is unspecified): recomputing q k^T on the
+//             tensor cores costs less than round-tripping the accumulator through shared memory.
+//   dq:       delta = rowsum(dO * O) and the log-sum-exp (as the forward), left in `stats` for
+//             the dk/dv kernel; then dq = scale * sum_j ds_j k_j with ds = p * (dO v^T - delta).
+//   dk, dv:   per 16 key rows: dv = sum_i p_i^T dO_i, dk = scale * sum_i ds_i^T q_i, the scores
+//             transposed (k q^T) so that the keys are the rows again.
+// Every sum is accumulated in f32 fragments; the probabilities and ds are rounded to the
+// storage type before their products (as FlashAttention and the gemm form do); statistics are
+// f32. Every output element is written by one lane, with no atomics: the same bits every run.
+//
+// Rows past n are zero in shared memory and masked out of the softmax (keys) or not written
+// (queries, keys). Shared memory is dynamic (up to ~60 KB for ConvMAE-B's decoder, past the
+// 48 KB default: src/cuda.rs raises the kernel's limit) and laid out by FlashShared, whose
+// size src/cuda.rs `flash_shared_bytes` mirrors; a kernel given less than it needs writes NaN
+// instead of running past the end, so a mismatch fails the agreement check instead of
+// corrupting memory.
+
+#include "common.cuh"
+
+#ifndef CONVMAE_HOST_EMULATION
+#include <mma.h>
+namespace wmma = nvcuda::wmma;
+#define CONVMAE_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#else
+#define CONVMAE_DYNAMIC_SHARED(name) unsigned char* name = emulated_dynamic_shared
+#endif
+
+namespace convmae {
+
+constexpr int FLASH_WARPS = 4;
+constexpr int FLASH_TILE = 16;  // the wmma shape: m = n = k = 16
+// Padding (elements) at the end of each 16-bit row in shared memory: with rows of 32 or 64
+// elements, the eight 16-byte row segments a tensor-core load reads at once would fall in two
+// or four banks' worth of addresses; 8 more elements spread them over all 32 banks.
+constexpr int FLASH_PAD = 8;
+
+__device__ __forceinline__ unsigned dynamic_shared_bytes() {
+#ifdef CONVMAE_HOST_EMULATION
+    return emulated_dynamic_shared_bytes;
+#else
+    unsigned bytes;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+#endif
+}
+
+// The shared-memory layout of all three kernels, from the padded row count `n_pad` (n rounded
+// up to 16): the block's two full matrices (n_pad rows each) and two f32 vectors (the dk/dv
+// kernel's log-sum-exp and delta), then per warp two 16-row tiles, two f32 16x16 scratch
+// tiles and two 16x16 tiles in T. Every piece starts on a 32-byte boundary, as wmma loads and
+// stores require. src/cuda.rs flash_shared_bytes computes `bytes` the same way.
+template <typename T, int HD>
+struct FlashShared {
+    static constexpr int LD = HD + FLASH_PAD;          // row pitch of the HD-wide matrices
+    static constexpr int LDP = FLASH_TILE + FLASH_PAD;  // of the 16x16 tiles in T
+    static constexpr int64_t per_warp = 2 * FLASH_TILE * LD * sizeof(T) + 2 * FLASH_TILE * FLASH_TILE * sizeof(float) +
+                                        2 * FLASH_TILE * LDP * sizeof(T);
+    __device__ static int64_t bytes(int64_t n_pad) {
+        return 2 * n_pad * LD * (int64_t)sizeof(T) + 2 * n_pad * (int64_t)sizeof(float) + FLASH_WARPS * per_warp;
+    }
+
+    T *full_a, *full_b;
+    float *stat_a, *stat_b;
+    T *tile_a, *tile_b;  // this warp's
+    float *s, *dp;
+    T *pa, *pb;
+
+    __device__ FlashShared(unsigned char* base, int64_t n_pad, int warp) {
+        unsigned char* p = base;
+        full_a = reinterpret_cast<T*>(p), p += n_pad * LD * sizeof(T);
+        full_b = reinterpret_cast<T*>(p), p += n_pad * LD * sizeof(T);
+        stat_a = reinterpret_cast<float*>(p), p += n_pad * sizeof(float);
+        stat_b = reinterpret_cast<float*>(p), p += n_pad * sizeof(float);
+        p += warp * per_warp;
+        tile_a = reinterpret_cast<T*>(p), p += FLASH_TILE * LD * sizeof(T);
+        tile_b = reinterpret_cast<T*>(p), p += FLASH_TILE * LD * sizeof(T);
+        s = reinterpret_cast<float*>(p), p += FLASH_TILE * FLASH_TILE * sizeof(float);
+        dp = reinterpret_cast<float*>(p), p += FLASH_TILE * FLASH_TILE * sizeof(float);
+        pa = reinterpret_cast<T*>(p), p += FLASH_TILE * LDP * sizeof(T);
+        pb = reinterpret_cast<T*>(p);
+    }
+};
+
+// Where a block and warp work: image b, head h, and the first of the warp's 16 rows.
+struct FlashPlace {
+    int64_t b, h, row0;
+    int warp, lane;
+    __device__ FlashPlace(int64_t heads) {
+        b = (int64_t)blockIdx.x / heads;
+        h = (int64_t)blockIdx.x % heads;
+        warp = threadIdx.x / 32;
+        lane = threadIdx.x % 32;
+        row0 = ((int64_t)blockIdx.y * FLASH_WARPS + warp) * FLASH_TILE;
+    }
+};
+
+// Copies `rows` rows of HD elements from `src` (row r at src + r * stride) to `dst` (pitch LD),
+// rows at or past `valid` as zeros; thread `tid` of `threads` takes every threads-th element.
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t stride, int64_t rows, int64_t valid, int tid,
+                                           int threads) {
+    for (int64_t i = tid; i < rows * HD; i += threads) {
+        const int64_t r = i / HD, d = i % HD;
+        dst[r * LD + d] = r < valid ? src[r * stride + d] : store<T>(0.f);
+    }
+}
+
+// The lane's share of a 16x16 tile: row lane / 2, columns (lane % 2) * 8 ... + 8.
+__device__ __forceinline__ int tile_row(int lane) { return lane / 2; }
+__device__ __forceinline__ int tile_col0(int lane) { return (lane % 2) * 8; }
+
+template <typename T>
+using FragA = wmma::fragment<wmma::matrix_a, FLASH_TILE, FLASH_TILE, FLASH_TILE, T, wmma::row_major>;
+template <typename T>
+using FragBRow = wmma::fragment<wmma::matrix_b, FLASH_TILE, FLASH_TILE, FLASH_TILE, T, wmma::row_major>;
+template <typename T>
+using FragBCol = wmma::fragment<wmma::matrix_b, FLASH_TILE, FLASH_TILE, FLASH_TILE, T, wmma::col_major>;
+using FragAcc = wmma::fragment<wmma::accumulator, FLASH_TILE, FLASH_TILE, FLASH_TILE, float>;
+
+// out (16x16, f32, in shared memory) = rows · other_j^T, `rows` as HD / 16 A fragments, other_j
+// the 16 rows of a full matrix starting at `other` (pitch LD). Ends with the warp synced.
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void tile_scores(float* out, const FragA<T>* rows, const T* other) {
+    FragAcc acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int k = 0; k < HD / FLASH_TILE; ++k) {
+        FragBCol<T> bt;  // other^T: element (d, j) at other[j * LD + d]
+        wmma::load_matrix_sync(bt, other + k * FLASH_TILE, LD);
+        wmma::mma_sync(acc, rows[k], bt, acc);
+    }
+    wmma::store_matrix_sync(out, acc, FLASH_TILE, wmma::mem_row_major);
+    __syncwarp();
+}
+
+// acc[t] += p · other_j[:, 16t ... 16t + 16] for t < HD / 16, p a 16x16 tile in T (pitch LDP).
+template <typename T, int HD, int LD, int LDP>
+__device__ __forceinline__ void accumulate_product(FragAcc* acc, const T* p, const T* other) {
+    FragA<T> pf;
+    wmma::load_matrix_sync(pf, p, LDP);
+#pragma unroll
+    for (int t = 0; t < HD / FLASH_TILE; ++t) {
+        FragBRow<T> vf;
+        wmma::load_matrix_sync(vf, other + t * FLASH_TILE, LD);
+        wmma::mma_sync(acc[t], pf, vf, acc[t]);
+    }
+}
+
+// The log-sum-exp of each of the warp's 16 rows' scaled scores against the n keys of `keys`
+// (a full matrix), for the lane's row (both lanes of a row get it).
+template <typename T, int HD, int LD>
+__device__ float rows_lse(const FragA<T>* rows, const T* keys, float* s, int64_t n, int64_t n_pad, float scale, int lane) {
+    const int r = tile_row(lane), c0 = tile_col0(lane);
+    float m = -INFINITY, l = 0.f;
+    for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
+        tile_scores<T, HD, LD>(s, rows, keys + j * LD);
+        float v[8], vmax = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            v[c] = j + c0 + c < n ? s[r * FLASH_TILE + c0 + c] * scale : -INFINITY;
+            vmax = fmaxf(vmax, v[c]);
+        }
+        __syncwarp();  // s is rewritten by the next tile
+        if (vmax == -INFINITY) continue;  // all eight columns are padding
+        const float m_new = fmaxf(m, vmax);
+        l *= expf(m - m_new);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) l += expf(v[c] - m_new);
+        m = m_new;
+    }
+    // Combine with the other lane of the row (cols 8-15 against 0-7). n >= 1, so one of the
+    // two saw a key and M is finite.
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, 1), l2 = __shfl_xor_sync(0xffffffffu, l, 1);
+    const float M = fmaxf(m, m2);
+    const float total = (m == -INFINITY ? 0.f : l * expf(m - M)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - M));
+    return M + logf(total);
+}
+
+// Writes accumulators acc[t] (scaled by `scale`) as the warp's rows row0 ... row0 + 16 (those
+// below n) of a packed matrix: row i at dst + i * stride. Goes through the f32 scratch `s`.
+template <typename T, int HD>
+__device__ void store_rows(FragAcc* acc, float scale, float* s, T* dst, int64_t stride, int64_t row0, int64_t n, int lane) {
+    const int r = tile_row(lane), c0 = tile_col0(lane);
+#pragma unroll
+    for (int t = 0; t < HD / FLASH_TILE; ++t) {
+        wmma::store_matrix_sync(s, acc[t], FLASH_TILE, wmma::mem_row_major);
+        __syncwarp();
+        if (row0 + r < n) {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) dst[(row0 + r) * stride + t * FLASH_TILE + c0 + c] = store<T>(s[r * FLASH_TILE + c0 + c] * scale);
+        }
+        __syncwarp();
+    }
+}
+
+// NaN in the warp's rows of a packed matrix: what a kernel launched with too little shared
+// memory writes instead of its result.
+template <typename T, int HD>
+__device__ void poison_rows(T* dst, int64_t stride, int64_t row0, int64_t n, int lane) {
+    for (int i = lane; i < FLASH_TILE * HD; i += 32) {
+        const int64_t row = row0 + i / HD;
+        if (row < n) dst[row * stride + i % HD] = store<T>(NAN);
+    }
+}
+
+// Launch (all three): grid (B * H, ceil(ceil(n / 16) / FLASH_WARPS)), block 32 * FLASH_WARPS,
+// FlashShared<T, HD>::bytes(n_pad) of dynamic shared memory.
+template <typename T, int HD>
+__device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_t n, int64_t heads, float scale) {
+    using Sh = FlashShared<T, HD>;
+    constexpr int LD = Sh::LD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;  // between tokens in qkv
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    T* o = out + at.b * n * width + at.h * HD;
+    if (dynamic_shared_bytes() < Sh::bytes(n_pad)) {
+        poison_rows<T, HD>(o, width, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    Sh sh(base, n_pad, at.warp);
+    stage_rows<T, HD, LD>(sh.full_a, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);  // k
+    stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
+    stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
+    __syncthreads();
+    FragA<T> qf[HD / FLASH_TILE];
+#pragma unroll
+    for (int k = 0; k < HD / FLASH_TILE; ++k) wmma::load_matrix_sync(qf[k], sh.tile_a + k * FLASH_TILE, LD);
+
+    const float lse = rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
+    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    FragAcc acc[HD / FLASH_TILE];
+#pragma unroll
+    for (int t = 0; t < HD / FLASH_TILE; ++t) wmma::fill_fragment(acc[t], 0.f);
+    for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
+        tile_scores<T, HD, LD>(sh.s, qf, sh.full_a + j * LD);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const float p = j + c0 + c < n ? expf(sh.s[r * FLASH_TILE + c0 + c] * scale - lse) : 0.f;
+            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p);
+        }
+        __syncwarp();
+        accumulate_product<T, HD, LD, Sh::LDP>(acc, sh.pa, sh.full_b + j * LD);
+        __syncwarp();  // pa and s are rewritten by the next tile
+    }
+    store_rows<T, HD>(acc, 1.f, sh.s, o, width, at.row0, n, at.lane);
+}
+
+// dq, and the statistics the dk/dv kernel reads: stats [2, B * H, n] f32, the log-sum-exp of
+// each query row's scaled scores, then delta = rowsum(dO * O).
+template <typename T, int HD>
+__device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out, const T* __restrict__ gout,
+                            T* __restrict__ gqkv, float* __restrict__ stats, int64_t n, int64_t heads, float scale) {
+    using Sh = FlashShared<T, HD>;
+    constexpr int LD = Sh::LD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    const T* o = out + at.b * n * width + at.h * HD;
+    const T* go = gout + at.b * n * width + at.h * HD;
+    T* gq = gqkv + at.b * n * stride + at.h * HD;
+    if (dynamic_shared_bytes() < Sh::bytes(n_pad)) {
+        poison_rows<T, HD>(gq, stride, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    Sh sh(base, n_pad, at.warp);
+    stage_rows<T, HD, LD>(sh.full_a, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);  // k
+    stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
+    stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
+    stage_rows<T, HD, LD>(sh.tile_b, go + at.row0 * width, width, FLASH_TILE, n - at.row0, at.lane, 32);
+    __syncthreads();
+
+    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    const int64_t row = at.row0 + r;
+    // delta: each lane of the row takes half the head dim, in f32.
+    float delta = 0.f;
+    if (row < n) {
+        for (int d = (at.lane % 2) * (HD / 2); d < (at.lane % 2 + 1) * (HD / 2); ++d)
+            delta += load(sh.tile_b[r * LD + d]) * load(o[row * width + d]);
+    }
+    delta += __shfl_xor_sync(0xffffffffu, delta, 1);
+
+    FragA<T> qf[HD / FLASH_TILE], gf[HD / FLASH_TILE];
+#pragma unroll
+    for (int k = 0; k < HD / FLASH_TILE; ++k) {
+        wmma::load_matrix_sync(qf[k], sh.tile_a + k * FLASH_TILE, LD);
+        wmma::load_matrix_sync(gf[k], sh.tile_b + k * FLASH_TILE, LD);
+    }
+    const float lse = rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
+    if (row < n && at.lane % 2 == 0) {
+        const int64_t bh_row = (int64_t)blockIdx.x * n + row;
+        stats[bh_row] = lse;
+        stats[(int64_t)gridDim.x * n + bh_row] = delta;
+    }
+
+    FragAcc acc[HD / FLASH_TILE];
+#pragma unroll
+    for (int t = 0; t < HD / FLASH_TILE; ++t) wmma::fill_fragment(acc[t], 0.f);
+    for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
+        tile_scores<T, HD, LD>(sh.s, qf, sh.full_a + j * LD);   // q k_j^T
+        tile_scores<T, HD, LD>(sh.dp, gf, sh.full_b + j * LD);  // dO v_j^T
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const int i = r * FLASH_TILE + c0 + c;
+            const float p = j + c0 + c < n ? expf(sh.s[i] * scale - lse) : 0.f;
+            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p * (sh.dp[i] - delta));
+        }
+        __syncwarp();
+        accumulate_product<T, HD, LD, Sh::LDP>(acc, sh.pa, sh.full_a + j * LD);  // ds k_j
+        __syncwarp();
+    }
+    store_rows<T, HD>(acc, scale, sh.s, gq, stride, at.row0, n, at.lane);
+}
+
+// dk and dv, the warp's rows being keys; reads flash_bwd_q's stats.
+template <typename T, int HD>
+__device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ stats,
+                             T* __restrict__ gqkv, int64_t n, int64_t heads, float scale) {
+    using Sh = FlashShared<T, HD>;
+    constexpr int LD = Sh::LD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    const T* go = gout + at.b * n * width + at.h * HD;
+    T* gk = gqkv + at.b * n * stride + width + at.h * HD;
+    if (dynamic_shared_bytes() < Sh::bytes(n_pad)) {
+        poison_rows<T, HD>(gk, stride, at.row0, n, at.lane);
+        poison_rows<T, HD>(gk + width, stride, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    Sh sh(base, n_pad, at.warp);
+    stage_rows<T, HD, LD>(sh.full_a, q, stride, n_pad, n, threadIdx.x, blockDim.x);   // q
+    stage_rows<T, HD, LD>(sh.full_b, go, width, n_pad, n, threadIdx.x, blockDim.x);  // dO
+    for (int64_t i = threadIdx.x; i < n_pad; i += blockDim.x) {
+        const int64_t bh_row = (int64_t)blockIdx.x * n + i;
+        sh.stat_a[i] = i < n ? stats[bh_row] : 0.f;
+        sh.stat_b[i] = i < n ? stats[(int64_t)gridDim.x * n + bh_row] : 0.f;
+    }
+    stage_rows<T, HD, LD>(sh.tile_a, q + width + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);      // k
+    stage_rows<T, HD, LD>(sh.tile_b, q + 2 * width + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);  // v
+    __syncthreads();
+
+    FragA<T> kf[HD / FLASH_TILE], vf[HD / FLASH_TILE];
+#pragma unroll
+    for (int k = 0; k < HD / FLASH_TILE; ++k) {
+        wmma::load_matrix_sync(kf[k], sh.tile_a + k * FLASH_TILE, LD);
+        wmma::load_matrix_sync(vf[k], sh.tile_b + k * FLASH_TILE, LD);
+    }
+    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    FragAcc dk[HD / FLASH_TILE], dv[HD / FLASH_TILE];
+#pragma unroll
+    for (int t = 0; t < HD / FLASH_TILE; ++t) {
+        wmma::fill_fragment(dk[t], 0.f);
+        wmma::fill_fragment(dv[t], 0.f);
+    }
+    for (int64_t i0 = 0; i0 < n_pad; i0 += FLASH_TILE) {
+        tile_scores<T, HD, LD>(sh.s, kf, sh.full_a + i0 * LD);   // (q_i k^T)^T
+        tile_scores<T, HD, LD>(sh.dp, vf, sh.full_b + i0 * LD);  // (dO_i v^T)^T
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const int64_t query = i0 + c0 + c;
+            const int e = r * FLASH_TILE + c0 + c;
+            const float p = query < n ? expf(sh.s[e] * scale - sh.stat_a[query]) : 0.f;
+            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p);
+            sh.pb[r * Sh::LDP + c0 + c] = store<T>(p * (sh.dp[e] - sh.stat_b[query]));
+        }
+        __syncwarp();
+        accumulate_product<T, HD, LD, Sh::LDP>(dv, sh.pa, sh.full_b + i0 * LD);  // p^T dO_i
+        accumulate_product<T, HD, LD, Sh::LDP>(dk, sh.pb, sh.full_a + i0 * LD);  // ds^T q_i
+        __syncwarp();
+    }
+    store_rows<T, HD>(dk, scale, sh.s, gk, stride, at.row0, n, at.lane);
+    store_rows<T, HD>(dv, 1.f, sh.s, gk + width, stride, at.row0, n, at.lane);
+}
+
+}  // namespace convmae
+
+#define CONVMAE_FLASH_KERNELS(T, SUFFIX, HD)                                                                                   \
+    extern "C" __global__ void flash_fwd_hd##HD##_##SUFFIX(const T* qkv, T* out, int64_t n, int64_t heads, float scale) {     \
+        convmae::flash_fwd<T, HD>(qkv, out, n, heads, scale);                                                                  \
+    }                                                                                                                          \
+    extern "C" __global__ void flash_bwd_q_hd##HD##_##SUFFIX(const T* qkv, const T* out, const T* gout, T* gqkv, float* stats, \
+                                                             int64_t n, int64_t heads, float scale) {                          \
+        convmae::flash_bwd_q<T, HD>(qkv, out, gout, gqkv, stats, n, heads, scale);                                             \
+    }                                                                                                                          \
+    extern "C" __global__ void flash_bwd_kv_hd##HD##_##SUFFIX(const T* qkv, const T* gout, const float* stats, T* gqkv,        \
+                                                              int64_t n, int64_t heads, float scale) {                         \
+        convmae::flash_bwd_kv<T, HD>(qkv, gout, stats, gqkv, n, heads, scale);                                                 \
+    }
+
+// The head dims of src/attention.rs's FLASH_HEAD_DIMS; 16-bit types only (the tensor cores'
+// bf16 and f16 products), except under host emulation, which runs them in f32.
+#define CONVMAE_FLASH_ALL_HD(T, SUFFIX) \
+    CONVMAE_FLASH_KERNELS(T, SUFFIX, 16) \
+    CONVMAE_FLASH_KERNELS(T, SUFFIX, 32) \
+    CONVMAE_FLASH_KERNELS(T, SUFFIX, 64)
+
+#ifndef CONVMAE_HOST_EMULATION
+CONVMAE_FLASH_ALL_HD(__nv_bfloat16, bf16)
+CONVMAE_FLASH_ALL_HD(__half, f16)
+#else
+CONVMAE_FLASH_ALL_HD(float, f32)
+#endif
