@@ -71,8 +71,8 @@ test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each 
   const { native } = await import('../src/native.js');
   const { opTimingTable } = await import('../benches/gpu/op-timings.js');
   const rows = JSON.parse(await native.timeKernels('cpu', 1, 1, ['f32'])) as import('../benches/gpu/op-timings.js').OpTiming[];
-  // 15 op cases x (kernels, composite)
-  t.is(rows.length, 30);
+  // 17 op cases x (kernels, composite)
+  t.is(rows.length, 34);
   const attention = rows.filter((r) => r.op === 'self_attention:decoder');
   t.deepEqual(attention.map((r) => [r.path, r.kernel, r.dtype]), [['kernels', true, 'f32'], ['composite', false, 'f32']]);
   const table = opTimingTable(rows);
@@ -120,7 +120,9 @@ test('autoAttentionForm names the form only when every attention line picked it'
   const line = (tokens: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 1.000 ms, gemms 0.500 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;
   t.is(autoAttentionForm([line(49, 'gemms'), line(196, 'gemms')]), 'gemm');
   t.is(autoAttentionForm([line(49, 'fused kernels')]), 'fused');
+  t.is(autoAttentionForm([line(49, 'flash kernels'), line(196, 'flash kernels')]), 'flash');
   t.is(autoAttentionForm([line(49, 'gemms'), line(196, 'fused kernels')]), undefined);
+  t.is(autoAttentionForm([line(49, 'flash kernels'), 'convmae: attention [64 x 196 tokens] garbled']), undefined);
   t.is(autoAttentionForm([]), undefined);
 });
 

@@ -52,12 +52,21 @@ export function autoChoices(stderr: string): string[] {
   return stderr.split('\n').filter((l) => l.startsWith('convmae: ') && l.includes('=auto)'));
 }
 
-/** The attention form that every `CONVMAE_ATTENTION=auto` line of a run picked ('gemm' or
- *  'fused'), or undefined when the lines are missing or differ by shape. */
-export function autoAttentionForm(choices: string[]): 'gemm' | 'fused' | undefined {
-  const forms = new Set(choices.filter((c) => c.startsWith('convmae: attention')).map((c) => (c.includes('using the gemms') ? 'gemm' : 'fused')));
-  return forms.size === 1 ? [...forms][0] as 'gemm' | 'fused' : undefined;
+/** The attention form that every `CONVMAE_ATTENTION=auto` line of a run picked ('gemm',
+ *  'fused' or 'flash'), or undefined when the lines are missing or differ by shape. */
+export function autoAttentionForm(choices: string[]): AttentionForm | undefined {
+  const picked = (line: string): AttentionForm | undefined => {
+    const form = /using the (fused kernels|gemms|flash kernels) \(CONVMAE_ATTENTION=auto\)/.exec(line)?.[1];
+    return form === undefined ? undefined : FORM_OF_PICK[form];
+  };
+  const forms = new Set(choices.filter((c) => c.startsWith('convmae: attention')).map(picked));
+  const [only] = forms;
+  return forms.size === 1 ? only : undefined;
 }
+
+/** A `CONVMAE_ATTENTION` value naming one of our op's CUDA forms. */
+export type AttentionForm = 'fused' | 'gemm' | 'flash';
+const FORM_OF_PICK: Record<string, AttentionForm> = { 'fused kernels': 'fused', gemms: 'gemm', 'flash kernels': 'flash' };
 
 /** The host time of a step by part (ms), as `CONVMAE_PROFILE=1` makes the addon print it. */
 export interface HostProfile {

@@ -94,9 +94,10 @@ pub(crate) fn dtype_name(dtype: DType) -> String {
 /// accumulate sums in bf16 (measured: 0.15 on the dense conv weight gradient, a sum over
 /// 6272 pixels), so only gross errors are caught there; the numbers are reported either way.
 /// `op` may carry a variant after a colon ("layer_norm:transposed"); the op name decides, except
-/// that a "gemm" variant (attention's gemm form: TF32 matmuls in f32) is held to the linear ops'.
+/// that a "gemm" variant (attention's gemm form: TF32 matmuls in f32) is held to the linear ops',
+/// and so is a "flash" variant (the flash form is bf16 and f16 only: in f32 the gemm form runs).
 fn tolerance(op: &str, dtype: DType, kernel: bool) -> f64 {
-    let gemm_form = op.split(':').nth(1).is_some_and(|variant| variant.contains("gemm"));
+    let gemm_form = op.split(':').nth(1).is_some_and(|variant| variant.contains("gemm") || variant.contains("flash"));
     let op = op.split(':').next().unwrap_or(op);
     match (op, dtype, kernel) {
         (_, DType::BF16 | DType::F16, true) => 3e-2,
@@ -228,6 +229,19 @@ fn cases() -> Result<Vec<Case>> {
             seed: 8,
             op: Box::new(|t| crate::with_cuda_form(CudaForm::Gemm, || crate::self_attention(&(&t[0] * 3.0)?, 16, 32f64.powf(-0.5)))),
         },
+        // And by the flash form (bf16; in f32 it gives way to the gemm form).
+        Case {
+            name: "self_attention:flash",
+            shapes: vec![vec![4, 49, 3 * 768]],
+            seed: 7,
+            op: Box::new(|t| crate::with_cuda_form(CudaForm::Flash, || crate::self_attention(&(&t[0] * 3.0)?, 12, 0.125))),
+        },
+        Case {
+            name: "self_attention:decoder_flash",
+            shapes: vec![vec![2, 196, 3 * 512]],
+            seed: 8,
+            op: Box::new(|t| crate::with_cuda_form(CudaForm::Flash, || crate::self_attention(&(&t[0] * 3.0)?, 16, 32f64.powf(-0.5)))),
+        },
         Case {
             name: "self_attention:gemm_hd24",
             shapes: vec![vec![3, 50, 3 * 96]],
@@ -269,6 +283,16 @@ fn cases() -> Result<Vec<Case>> {
             seed: 18,
             op: Box::new(|t| {
                 crate::with_cuda_form(CudaForm::Gemm, || {
+                    crate::attention_residual(&(&t[0] * 2.0)?, (&(&t[1] + 1.5)?, &t[2]), 1e-6, (&(&t[3] * 0.08)?, &t[4]), (&(&t[5] * 0.05)?, &t[6]), 12)
+                })
+            }),
+        },
+        Case {
+            name: "attention_residual:flash",
+            shapes: vec![vec![4, 49, 768], vec![768], vec![768], vec![2304, 768], vec![2304], vec![768, 768], vec![768]],
+            seed: 18,
+            op: Box::new(|t| {
+                crate::with_cuda_form(CudaForm::Flash, || {
                     crate::attention_residual(&(&t[0] * 2.0)?, (&(&t[1] + 1.5)?, &t[2]), 1e-6, (&(&t[3] * 0.08)?, &t[4]), (&(&t[5] * 0.05)?, &t[6]), 12)
                 })
             }),

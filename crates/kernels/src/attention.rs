@@ -15,8 +15,11 @@
 //! our softmax kernels, with the scores as f32 temporaries (any head dim). Both keep f32
 //! statistics whatever the storage type. On the first GPU run (H100, ConvMAE-B at batch 64,
 //! bf16) the fused kernels took 28 of the 75 ms of kernel time in a step, where cuDNN's flash
-//! attention takes PyTorch 2 ms: they lose to tensor cores even at 49 tokens. Which form runs, or candle's
-//! composition, is `CONVMAE_ATTENTION`'s to say, by default measured per shape (`auto_form`).
+//! attention takes PyTorch 2 ms: they lose to tensor cores even at 49 tokens. The gemm form
+//! halved that, but writes f32 scores to memory and reads them back four times. The third
+//! form, flash kernels (`cuda/flash.cu`), keeps the scores in shared memory and multiplies on
+//! the tensor cores (bf16 and f16). Which form runs, or candle's composition, is
+//! `CONVMAE_ATTENTION`'s to say, by default measured per shape (`auto_form`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -50,7 +53,7 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tens
     qkv.apply_op1(Attention { num_heads, scale, form })
 }
 
-/// The two forms of our attention op on CUDA.
+/// The three forms of our attention op on CUDA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CudaForm {
     /// cuda/attention.cu's kernels: one thread per query (or key) row, FMA arithmetic, the
@@ -61,6 +64,48 @@ pub enum CudaForm {
     /// the packed rows. The `[B, heads, N, N]` scores are temporaries, as in the fused form:
     /// nothing is kept for the backward. Any head dim.
     Gemm,
+    /// cuda/flash.cu's kernels: a warp per 16 rows, 16x16x16 tensor-core products against one
+    /// (image, head)'s other side held in shared memory, the scores never written to memory.
+    /// bf16 and f16, head dims 16, 32 and 64, as many tokens as the device's shared memory
+    /// holds (`crate::cuda::flash_fits`).
+    Flash,
+}
+
+impl CudaForm {
+    /// Whether this form computes attention of these sizes in `dtype` on `device`.
+    fn serves(self, dims: Dims, dtype: candle_core::DType, device: &candle_core::Device) -> Result<bool> {
+        Ok(match self {
+            Self::Fused => CUDA_HEAD_DIMS.contains(&dims.hd),
+            Self::Gemm => true,
+            Self::Flash => {
+                FLASH_HEAD_DIMS.contains(&dims.hd) && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && flash_fits(device, dims)?
+            }
+        })
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Fused => "fused kernels",
+            Self::Gemm => "gemms",
+            Self::Flash => "flash kernels",
+        }
+    }
+}
+
+/// The head dims cuda/flash.cu instantiates (its bf16 and f16 kernels).
+const FLASH_HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+#[cfg(feature = "cuda")]
+fn flash_fits(device: &candle_core::Device, dims: Dims) -> Result<bool> {
+    match device {
+        candle_core::Device::Cuda(dev) => crate::cuda::flash_fits(dev, dims),
+        _ => Ok(false),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn flash_fits(_: &candle_core::Device, _: Dims) -> Result<bool> {
+    Ok(false)
 }
 
 thread_local! {
@@ -69,37 +114,40 @@ thread_local! {
 
 /// Runs `f` with attention on CUDA in `form` wherever our op serves it (under `with_path`
 /// `Kernels` too, which otherwise means the fused form): the agreement check and op timings
-/// measure the gemm form with it. Nested calls restore the outer form, also on a panic.
+/// measure the gemm and flash forms with it. Nested calls restore the outer form, also on a panic.
 pub fn with_cuda_form<R>(form: CudaForm, f: impl FnOnce() -> R) -> R {
     crate::composite::with_override(&FORCED_FORM, form, f)
 }
 
 /// Which form computes attention on CUDA, or None for candle's composition, by
-/// `CONVMAE_ATTENTION`: `fused`, `gemm`, `composite`, or `auto` (the default; `auto_form`).
-/// A head dim without fused kernels takes the gemm form where `fused` or `auto` is asked for.
+/// `CONVMAE_ATTENTION`: `fused`, `gemm`, `flash`, `composite`, or `auto` (the default;
+/// `auto_form`). A form asked for that does not serve these sizes or this dtype (`flash` in
+/// f32, `fused` at head dim 24) gives way to the gemm form, which serves all.
 pub(crate) fn cuda_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<Option<CudaForm>> {
     use crate::composite::{Choice, OpSwitch};
-    let fused_serves = CUDA_HEAD_DIMS.contains(&dims.hd);
     let choice = OpSwitch::Attention.choice();
     if choice == Choice::Composite {
         return Ok(None);
     }
+    let or_gemm = |form: CudaForm| -> Result<CudaForm> { Ok(if form.serves(dims, dtype, device)? { form } else { CudaForm::Gemm }) };
     if let Some(form) = FORCED_FORM.with(|c| c.get()) {
-        return Ok(Some(if fused_serves { form } else { CudaForm::Gemm }));
+        return or_gemm(form).map(Some);
     }
     Ok(Some(match choice {
-        Choice::Ours if fused_serves => CudaForm::Fused,
-        Choice::Auto if fused_serves => auto_form(dims, dtype, device, scale)?,
-        _ => CudaForm::Gemm,
+        Choice::Ours => or_gemm(CudaForm::Fused)?,
+        Choice::Gemm => CudaForm::Gemm,
+        Choice::Flash => or_gemm(CudaForm::Flash)?,
+        Choice::Auto => auto_form(dims, dtype, device, scale)?,
+        Choice::Composite => unreachable!("returned above"),
     }))
 }
 
-/// `auto`: on the first call for a shape and dtype, forward + backward by both forms on random
-/// input of that shape, timed on the device (one untimed run each, then the median of three),
-/// and the faster kept for the rest of the process; the fused form wins ties. The untimed runs
-/// also check that the two agree (output and input gradient, to bf16's tolerance): should
-/// they not, or should the gemm form fail, it is not used and the line printed says so. The choice is printed
-/// once per shape, with both times.
+/// `auto`: on the first call for a shape and dtype, forward + backward by every form that
+/// serves it, on random input of that shape, timed on the device (one untimed run each, then
+/// the median of three), and the fastest kept for the rest of the process; earlier forms win
+/// ties. The untimed runs also check each form against the first (the fused kernels where they
+/// serve; output and input gradient, to bf16's tolerance): a form that disagrees or fails is
+/// not used, and the line printed says so. The choice is printed once per shape, with the times.
 fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<CudaForm> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -110,6 +158,19 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
     if let Some(&form) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(form);
     }
+    let mut candidates = Vec::new();
+    for form in [CudaForm::Fused, CudaForm::Gemm, CudaForm::Flash] {
+        if form.serves(dims, dtype, device)? {
+            candidates.push(form);
+        }
+    }
+    let form = if candidates.len() == 1 { candidates[0] } else { time_forms(dims, dtype, device, scale, &candidates)? };
+    chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, form);
+    Ok(form)
+}
+
+/// `auto_form`'s measurement of `candidates` (the first is the reference), and its line.
+fn time_forms(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64, candidates: &[CudaForm]) -> Result<CudaForm> {
     let input = candle_core::Var::from_tensor(&Tensor::rand(-2f32, 2f32, (dims.b, dims.n, 3 * dims.d()), device)?.to_dtype(dtype)?)?;
     let run = |form: CudaForm| -> Result<(Tensor, Tensor)> {
         let x = input.as_tensor();
@@ -130,32 +191,43 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
         ms.sort_by(f64::total_cmp);
         Ok(ms[1])
     };
-    let fused = run(CudaForm::Fused)?;
-    // A gemm form that fails (a cuBLAS error) or disagrees is reported and not used.
     const AGREE: f64 = 3e-2;
-    let problem = match run(CudaForm::Gemm) {
-        Err(e) => Some(format!("the gemm form FAILED ({e})")),
-        Ok(gemm) => {
-            let disagreement = max_rel(&gemm.0, &fused.0)?.max(max_rel(&gemm.1, &fused.1)?);
-            (disagreement > AGREE).then(|| format!("the forms DISAGREE (max rel {disagreement:.2e} > {AGREE:.0e})"))
+    let reference_form = candidates[0];
+    let reference = run(reference_form)?;
+    let (mut best, mut best_ms) = (reference_form, time(reference_form)?);
+    let mut report = vec![format!("{} {best_ms:.3} ms", reference_form.describe())];
+    for &form in &candidates[1..] {
+        // A form that fails (a launch or cuBLAS error) or disagrees is reported and not used.
+        let problem = match run(form) {
+            Err(e) => Some(format!("FAILED ({e})")),
+            Ok(got) => {
+                let disagreement = max_rel(&got.0, &reference.0)?.max(max_rel(&got.1, &reference.1)?);
+                (disagreement > AGREE).then(|| format!("DISAGREE with the {} (max rel {disagreement:.2e} > {AGREE:.0e}), not used", reference_form.describe()))
+            }
+        };
+        match problem {
+            Some(problem) => report.push(format!("{} {problem}", form.describe())),
+            None => {
+                let ms = time(form)?;
+                report.push(format!("{} {ms:.3} ms", form.describe()));
+                if ms < best_ms {
+                    (best, best_ms) = (form, ms);
+                }
+            }
         }
-    };
-    let fused_ms = time(CudaForm::Fused)?;
-    let gemm_ms = if problem.is_none() { time(CudaForm::Gemm)? } else { f64::NAN };
-    let form = if problem.is_some() || fused_ms <= gemm_ms { CudaForm::Fused } else { CudaForm::Gemm };
-    let agreement = problem.map(|p| format!("; {p}, so not the gemms")).unwrap_or_default();
+    }
     eprintln!(
-        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: fused kernels {fused_ms:.3} ms, gemms {gemm_ms:.3} ms (forward + backward){agreement}; using the {} (CONVMAE_ATTENTION=auto)",
+        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: {} (forward + backward); using the {} (CONVMAE_ATTENTION=auto)",
         dims.b,
         dims.n,
         dims.heads,
         dims.hd,
         dtype,
         device.location(),
-        if form == CudaForm::Fused { "fused kernels" } else { "gemms" }
+        report.join(", "),
+        best.describe()
     );
-    chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, form);
-    Ok(form)
+    Ok(best)
 }
 
 /// max |a - b| / max |b|, in f32.

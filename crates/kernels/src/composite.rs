@@ -185,9 +185,9 @@ fn env_path() -> Path {
 /// only (on the CPU ours always serve); the sublayers on every device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OpSwitch {
-    /// `CONVMAE_ATTENTION`: our op in its fused form (`fused`) or its gemm form (`gemm`), or
-    /// candle's composition (`composite`). Default `auto` (see `attention.rs`): the two forms
-    /// are timed on the first call for a shape.
+    /// `CONVMAE_ATTENTION`: our op in its fused form (`fused`), its gemm form (`gemm`) or its
+    /// flash form (`flash`), or candle's composition (`composite`). Default `auto` (see
+    /// `attention.rs`): the forms that serve a shape are timed on its first call.
     Attention,
     /// `CONVMAE_LINEAR`: our one linear op on cuBLAS, or candle's reshape / matmul /
     /// broadcast-add (and its backward node by node). Default: ours. `composite` also sends
@@ -211,6 +211,8 @@ pub(crate) enum Choice {
     Auto,
     /// `gemm` (`CONVMAE_ATTENTION` only): our attention op in its tensor-core gemm form.
     Gemm,
+    /// `flash` (`CONVMAE_ATTENTION` only): our attention op's tensor-core flash kernels.
+    Flash,
 }
 
 impl OpSwitch {
@@ -240,9 +242,10 @@ impl OpSwitch {
             Ok("fused") => Choice::Ours,
             Ok("auto") => Choice::Auto,
             Ok("gemm") if matches!(self, Self::Attention) => Choice::Gemm,
+            Ok("flash") if matches!(self, Self::Attention) => Choice::Flash,
             Ok("") | Err(_) => self.default_choice(),
             Ok(other) => {
-                let gemm = if matches!(self, Self::Attention) { ", 'gemm'" } else { "" };
+                let gemm = if matches!(self, Self::Attention) { ", 'gemm', 'flash'" } else { "" };
                 eprintln!("convmae: {}='{other}' is not 'fused'{gemm}, 'composite' or 'auto'; using the default", self.variable());
                 self.default_choice()
             }

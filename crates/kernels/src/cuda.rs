@@ -25,6 +25,7 @@ const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.pt
 const ROWS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
 const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 
 #[derive(Clone, Copy)]
 enum Module {
@@ -32,6 +33,7 @@ enum Module {
     Rows,
     Elementwise,
     Attention,
+    Flash,
 }
 
 /// The kernel `name` of `module`, loading the module on first use. candle caches custom
@@ -43,6 +45,7 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
         Module::Rows => ("convmae_rows", ROWS_PTX),
         Module::Elementwise => ("convmae_elementwise", ELEMENTWISE_PTX),
         Module::Attention => ("convmae_attention", ATTENTION_PTX),
+        Module::Flash => ("convmae_flash", FLASH_PTX),
     };
     Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
 }
@@ -392,6 +395,7 @@ pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: Cu
     match att.form {
         CudaForm::Fused => fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
         CudaForm::Gemm => gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
+        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
     }
 }
 
@@ -409,6 +413,7 @@ pub(crate) fn attention_bwd<T: Float>(
     match att.form {
         CudaForm::Fused => fused_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
         CudaForm::Gemm => gemm_attention_bwd::<T>(qkv, qkv_l, grad, grad_l, att.dims, att.scale),
+        CudaForm::Flash => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
     }
 }
 
@@ -458,6 +463,100 @@ fn fused_attention_bwd<T: Float>(
         builder.arg(&xv).arg(&gv).arg(&stats).arg(&mut gx).arg(&n).arg(&heads).arg(&scale);
         unsafe { builder.launch(cfg) }.w()?;
     }
+    Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
+}
+
+/// cuda/flash.cu's FLASH_WARPS: warps per block, 16 rows each.
+const FLASH_WARPS: usize = 4;
+/// The shared memory a block may use without opting in (cuFuncSetAttribute) to more.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// The dynamic shared memory the flash kernels need for `n` tokens of head dim `hd` in
+/// `elem`-byte storage: cuda/flash.cu `FlashShared<T, HD>::bytes`, term by term (two full
+/// [n_pad, hd + 8] matrices, two f32 [n_pad] vectors, per warp two [16, hd + 8] tiles, two
+/// 16x16 f32 scratch tiles and two [16, 24] tiles). Should the two disagree, a kernel given
+/// too little writes NaN (the host check tests this), which the agreement check catches.
+pub(crate) fn flash_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
+    let (n_pad, ld, ldp) = (n.div_ceil(16) * 16, hd + 8, 16 + 8);
+    let per_warp = 2 * 16 * ld * elem + 2 * 16 * 16 * 4 + 2 * 16 * ldp * elem;
+    2 * n_pad * ld * elem + 2 * n_pad * 4 + FLASH_WARPS * per_warp
+}
+
+/// Whether this device gives a block the shared memory the flash kernels need for `dims` in
+/// 16-bit storage (227 KB on an H100: ConvMAE-B needs 52 KB in the encoder and 60 KB in the
+/// decoder; fine-tuning's 197 tokens at head dim 64, 83 KB).
+pub(crate) fn flash_fits(dev: &CudaDevice, dims: AttentionDims) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let limit = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()?;
+    Ok(flash_shared_bytes(dims.n, dims.hd, 2) <= limit.max(0) as usize)
+}
+
+/// The flash kernel `kernel` for `dims` in `T`, with its launch: a block of FLASH_WARPS warps
+/// per (image, head) and 16 * FLASH_WARPS rows, and the dynamic shared memory it needs (the
+/// kernel's limit raised past the 48 KB default where it needs more).
+fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, what: &str) -> Result<(CudaFunction, LaunchConfig)> {
+    if T::SUFFIX == "f32" {
+        candle_core::bail!("{what}: the flash form runs on the tensor cores in bf16 or f16, not f32");
+    }
+    let bytes = flash_shared_bytes(dims.n, dims.hd, std::mem::size_of::<T>());
+    let bh = dims.b * dims.heads;
+    let row_blocks = dims.n.div_ceil(16).div_ceil(FLASH_WARPS);
+    if bh > i32::MAX as usize || row_blocks > 65535 {
+        candle_core::bail!("{what}: {} images x {} heads x {} tokens do not fit one CUDA grid", dims.b, dims.heads, dims.n);
+    }
+    let f = func(dev, Module::Flash, &format!("{kernel}_hd{}_{}", dims.hd, T::SUFFIX))?;
+    if bytes > DEFAULT_SHARED_BYTES {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
+    }
+    let cfg = LaunchConfig { grid_dim: (bh as u32, row_blocks as u32, 1), block_dim: (32 * FLASH_WARPS as u32, 1, 1), shared_mem_bytes: bytes as u32 };
+    Ok((f, cfg))
+}
+
+/// The flash form's forward (cuda/flash.cu): one kernel, the scores in shared memory only.
+fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+    let dev = qkv.device();
+    let xo = Operand::<T>::new(qkv, qkv_l)?;
+    let xv = xo.view()?;
+    let mut out = alloc::<T>(dev, dims.b * dims.n * dims.d())?;
+    let (f, cfg) = flash_launch::<T>(dev, "flash_fwd", dims, "self_attention")?;
+    let (n, heads) = (dims.n as i64, dims.heads as i64);
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&mut out).arg(&n).arg(&heads).arg(&scale);
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The flash form's backward: the dq kernel (which leaves each query row's log-sum-exp and
+/// rowsum(dO * O) in an f32 scratch), then the dk/dv kernel, which reads it.
+#[allow(clippy::too_many_arguments)]
+fn flash_attention_bwd<T: Float>(
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    out: &CudaStorage,
+    out_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    dims: AttentionDims,
+    scale: f32,
+) -> Result<CudaStorage> {
+    const WHAT: &str = "self_attention_grad";
+    let dev = qkv.device();
+    let (xo, oo, go) = (Operand::<T>::new(qkv, qkv_l)?, Operand::<T>::new(out, out_l)?, Operand::<T>::new(grad, grad_l)?);
+    let (xv, ov, gv) = (xo.view()?, oo.view()?, go.view()?);
+    let mut gx = alloc::<T>(dev, dims.b * dims.n * 3 * dims.d())?;
+    let mut stats = alloc::<f32>(dev, 2 * dims.b * dims.heads * dims.n)?;
+    let (n, heads) = (dims.n as i64, dims.heads as i64);
+    let stream = dev.cuda_stream();
+    let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_q", dims, WHAT)?;
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&ov).arg(&gv).arg(&mut gx).arg(&mut stats).arg(&n).arg(&heads).arg(&scale);
+    unsafe { builder.launch(cfg) }.w()?;
+    let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_kv", dims, WHAT)?;
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&gv).arg(&stats).arg(&mut gx).arg(&n).arg(&heads).arg(&scale);
+    unsafe { builder.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
 }
 
