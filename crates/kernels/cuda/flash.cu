@@ -113,13 +113,39 @@ struct FlashPlace {
 };
 
 // Copies `rows` rows of HD elements from `src` (row r at src + r * stride) to `dst` (pitch LD),
-// rows at or past `valid` as zeros; thread `tid` of `threads` takes every threads-th element.
+// rows at or past `valid` as zeros; thread `tid` of `threads` takes every threads-th piece.
+// Where `src` and `stride` allow it, in 16-byte pieces, STAGE_BATCH loads in flight per thread
+// before their stores: staged one 2-byte element at a time, each thread waited out a global
+// load's latency ~100 times per block, which made the first version of these kernels slower
+// than the gemm form (the H100's op timings of 2026-11-26, run 4).
+constexpr int STAGE_BATCH = 4;
 template <typename T, int HD, int LD>
 __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t stride, int64_t rows, int64_t valid, int tid,
                                            int threads) {
-    for (int64_t i = tid; i < rows * HD; i += threads) {
-        const int64_t r = i / HD, d = i % HD;
-        dst[r * LD + d] = r < valid ? src[r * stride + d] : store<T>(0.f);
+    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte piece
+    static_assert(HD % VEC == 0 && LD % VEC == 0, "rows are whole 16-byte pieces");
+    const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && stride % VEC == 0;
+    if (!aligned) {
+        for (int64_t i = tid; i < rows * HD; i += threads) {
+            const int64_t r = i / HD, d = i % HD;
+            dst[r * LD + d] = r < valid ? src[r * stride + d] : store<T>(0.f);
+        }
+        return;
+    }
+    constexpr int PER_ROW = HD / VEC;
+    const int64_t pieces = rows * PER_ROW;
+    for (int64_t first = tid; first < pieces; first += (int64_t)threads * STAGE_BATCH) {
+        uint4 v[STAGE_BATCH];
+#pragma unroll
+        for (int k = 0; k < STAGE_BATCH; ++k) {
+            const int64_t i = first + (int64_t)k * threads, r = i / PER_ROW, c = i % PER_ROW;
+            v[k] = i < pieces && r < valid ? *reinterpret_cast<const uint4*>(src + r * stride + c * VEC) : uint4{0, 0, 0, 0};
+        }
+#pragma unroll
+        for (int k = 0; k < STAGE_BATCH; ++k) {
+            const int64_t i = first + (int64_t)k * threads, r = i / PER_ROW, c = i % PER_ROW;
+            if (i < pieces) *reinterpret_cast<uint4*>(dst + r * LD + c * VEC) = v[k];
+        }
     }
 }
 
@@ -242,6 +268,7 @@ __device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_
     stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
     stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
     __syncthreads();
+    if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
     FragA<T> qf[HD / FLASH_TILE];
 #pragma unroll
     for (int k = 0; k < HD / FLASH_TILE; ++k) wmma::load_matrix_sync(qf[k], sh.tile_a + k * FLASH_TILE, LD);
@@ -290,6 +317,7 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
     stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
     stage_rows<T, HD, LD>(sh.tile_b, go + at.row0 * width, width, FLASH_TILE, n - at.row0, at.lane, 32);
     __syncthreads();
+    if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
 
     const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
     const int64_t row = at.row0 + r;
@@ -362,6 +390,7 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
     stage_rows<T, HD, LD>(sh.tile_a, q + width + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);      // k
     stage_rows<T, HD, LD>(sh.tile_b, q + 2 * width + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);  // v
     __syncthreads();
+    if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
 
     FragA<T> kf[HD / FLASH_TILE], vf[HD / FLASH_TILE];
 #pragma unroll

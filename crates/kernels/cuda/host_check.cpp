@@ -14,9 +14,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <algorithm>
 #include <barrier>
 #include <thread>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -30,6 +32,9 @@
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
@@ -41,16 +46,18 @@ using std::min;
 // One block's barrier: all its threads meet (launch_blocks runs a block at a time).
 static std::barrier<>* block_barrier = nullptr;
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
-// In a block launch every thread of the block calls __syncwarp alike (the flash kernels'
-// control flow is uniform across warps), so the block barrier serves as a warp barrier.
-static void __syncwarp() { block_barrier->arrive_and_wait(); }
+// And one per warp of the block: a warp's lanes meet at __syncwarp and shuffles, whatever the
+// block's other warps do (the flash kernels' idle warps leave after their first __syncthreads).
+static std::barrier<>* warp_barriers[32] = {};
+static void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 // A shuffle: every lane publishes its value, all meet, each reads its partner's. In a warp
-// launch (launch_warps) the 32 lanes of one warp meet; in a block launch, the whole block.
+// launch (launch_warps, one warp at a time) the 32 lanes of that warp; in a block launch, the
+// lanes of each warp by its own barrier.
 static float shfl_values[1024];
 static std::barrier<>* shfl_barrier = nullptr;
 static float __shfl_xor_sync(unsigned, float v, int offset) {
-    std::barrier<>* meet = shfl_barrier ? shfl_barrier : block_barrier;
+    std::barrier<>* meet = shfl_barrier ? shfl_barrier : warp_barriers[threadIdx.x / 32];
     const unsigned slot = shfl_barrier ? threadIdx.x % 32 : threadIdx.x;
     shfl_values[slot] = v;
     meet->arrive_and_wait();
@@ -157,6 +164,11 @@ static void launch_blocks(unsigned grid_x, unsigned grid_y, unsigned block, F ke
     gridDim = Dim3{grid_x, grid_y, 1};
     std::barrier<> barrier(block);
     block_barrier = &barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (unsigned w = 0; w * 32 < block; ++w) {
+        warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+        warp_barriers[w] = warps.back().get();
+    }
     for (unsigned by = 0; by < grid_y; ++by)
         for (unsigned bx = 0; bx < grid_x; ++bx) {
             std::vector<std::thread> threads;
@@ -169,6 +181,7 @@ static void launch_blocks(unsigned grid_x, unsigned grid_y, unsigned block, F ke
             for (auto& th : threads) th.join();
         }
     block_barrier = nullptr;
+    std::fill(std::begin(warp_barriers), std::end(warp_barriers), nullptr);
 }
 
 static int failures = 0;
@@ -607,10 +620,15 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
 // FLASH_WARPS warps per image, head and 16 * FLASH_WARPS rows, with FlashShared's bytes of
 // dynamic shared memory. Then once with a byte too few, which must leave NaN everywhere.
 template <int HD, typename Fwd, typename BwdQ, typename BwdKV>
-static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv) {
+static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, bool misaligned = false) {
     using namespace convmae;
     const int64_t d = heads * HD, row = 3 * d;
-    const auto [scale, qkv, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
+    const auto [scale, qkv_aligned, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
+    // `misaligned`: qkv one element past a 16-byte boundary, so the staging takes its
+    // element-by-element path instead of 16-byte pieces.
+    std::vector<float> shifted(qkv_aligned.size() + 1);
+    std::copy(qkv_aligned.begin(), qkv_aligned.end(), shifted.begin() + 1);
+    const std::span<const float> qkv = misaligned ? std::span<const float>(shifted).subspan(1) : std::span<const float>(qkv_aligned);
     const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE;
     const unsigned gx = (unsigned)(nb * heads), gy = (unsigned)((n_pad / FLASH_TILE + FLASH_WARPS - 1) / FLASH_WARPS);
     const unsigned block = 32 * FLASH_WARPS;
@@ -626,7 +644,7 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
     };
     const auto [out, grad] = run((unsigned)shared.size());
     char name[96];
-    std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
+    std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
     check(name, out, ref_out, 2e-6);
     std::snprintf(name, sizeof name, "flash attention qkv grad B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
     check(name, grad, ref_grad, 1e-5);
@@ -638,7 +656,8 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
     emulated_dynamic_shared = nullptr;
 }
 
-#define CHECK_FLASH(HD, nb, n, heads) check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32)
+#define CHECK_FLASH(HD, nb, n, heads, ...) \
+    check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
 
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,
@@ -672,6 +691,7 @@ int main() {
     CHECK_FLASH(64, 2, 49, 2);
     CHECK_FLASH(32, 1, 196, 1);
     CHECK_FLASH(16, 1, 70, 3);
+    CHECK_FLASH(32, 2, 21, 2, true);
     // Rows (H * HD) shorter and longer than the 64-thread block; one part and three.
     check_permute_heads(2, 5, 3, 8, 3);
     check_permute_heads(3, 7, 4, 24, 1);
