@@ -60,7 +60,7 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
 pub use normalize::normalize_rgb;
-pub use sublayer::{attention_residual, mlp_residual};
+pub use sublayer::{attention_residual, attention_residual_packed, mlp_residual, mlp_residual_packed, PackedSublayer};
 pub use softmax::softmax_last_dim;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 

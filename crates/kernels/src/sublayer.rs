@@ -389,7 +389,101 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
 fn apply(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, first: (&Tensor, &Tensor), second: (&Tensor, &Tensor), widths: Widths, middle: Middle) -> Result<Tensor> {
     let weights = Tensor::cat(&[first.0.flatten_all()?, second.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, first.1.flatten_all()?, second.1.flatten_all()?], 0)?;
-    x.apply_op3(&weights, &vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)) })
+    apply_packed(x, &weights, &vectors, eps, widths, middle)
+}
+
+/// The op itself, on parameters already packed.
+fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle) -> Result<Tensor> {
+    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)) })
+}
+
+/// A sublayer's parameters as its one op reads them, each flat (1-D) and in this order:
+/// `weights` = [first layer's weight | second layer's weight], `vectors` = [LayerNorm weight |
+/// LayerNorm bias | first layer's bias | second layer's bias]. Whoever keeps the parameters
+/// packed this way (the model's bf16 compute copies: convmae-core `ParamStore`) saves the op
+/// two concatenations a call and the backward a gradient node per parameter, and gets each
+/// parameter's gradient as a slice of the pack's.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedSublayer<'a> {
+    pub weights: &'a Tensor,
+    pub vectors: &'a Tensor,
+}
+
+/// The parameters of a packed sublayer as views of its packs (first and second layer as
+/// [out, in] matrices), for the separate ops.
+struct Unpacked {
+    ln_w: Tensor,
+    ln_b: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+}
+
+impl PackedSublayer<'_> {
+    fn check(&self, name: &str, x: &Tensor, w: Widths) -> Result<()> {
+        let flat = |t: &Tensor| t.rank() == 1;
+        if x.dims().last() != Some(&w.d) || !flat(self.weights) || !flat(self.vectors) || self.weights.elem_count() != w.weights() || self.vectors.elem_count() != w.vectors() {
+            candle_core::bail!(
+                "{name}: input {:?}, packed weights {:?} and packed vectors {:?} do not fit one sublayer (flat packs of {} weights and {} vector entries expected)",
+                x.dims(),
+                self.weights.dims(),
+                self.vectors.dims(),
+                w.weights(),
+                w.vectors()
+            );
+        }
+        Ok(())
+    }
+
+    fn unpack(&self, w: Widths) -> Result<Unpacked> {
+        let (d, fo, si) = (w.d, w.first_out, w.second_in);
+        let v = |start: usize, len: usize| self.vectors.narrow(0, start, len);
+        Ok(Unpacked {
+            ln_w: v(0, d)?,
+            ln_b: v(d, d)?,
+            b1: v(2 * d, fo)?,
+            b2: v(2 * d + fo, d)?,
+            w1: self.weights.narrow(0, 0, fo * d)?.reshape((fo, d))?,
+            w2: self.weights.narrow(0, fo * d, d * si)?.reshape((d, si))?,
+        })
+    }
+}
+
+/// `mlp_residual` on packed parameters (`PackedSublayer`; fc1's width is `hidden`). Where the
+/// one op does not run (`one_op`), the separate ops on views of the packs: the same values.
+pub fn mlp_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hidden: usize) -> Result<Tensor> {
+    let widths = Widths::mlp(x.dim(candle_core::D::Minus1)?, hidden);
+    pack.check("mlp_residual", x, widths)?;
+    if one_op(&[x, pack.weights, pack.vectors], x.elem_count() / widths.d, widths.d) {
+        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu);
+    }
+    let p = pack.unpack(widths)?;
+    mlp_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2))
+}
+
+/// `attention_residual` on packed parameters (`PackedSublayer`), as `mlp_residual_packed`.
+pub fn attention_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, heads: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("attention_residual: width {d} of input {:?} is not a multiple of {heads} heads", x.dims());
+    }
+    let widths = Widths::attention(d);
+    pack.check("attention_residual", x, widths)?;
+    let scale = ((d / heads) as f64).powf(-0.5);
+    let dims = AttentionDims { b, n, heads, hd: d / heads };
+    let form = match (one_op(&[x, pack.weights, pack.vectors], b * n, d), x.device().is_cpu()) {
+        (false, _) => None,
+        (true, true) => Some(CudaForm::Fused),
+        (true, false) => crate::attention::cuda_form(dims, x.dtype(), x.device(), scale)?,
+    };
+    match form {
+        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }),
+        None => {
+            let p = pack.unpack(widths)?;
+            attention_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2), heads)
+        }
+    }
 }
 
 /// Checks the parameter shapes against the widths (weights may be 1x1-conv kernels).
@@ -532,6 +626,51 @@ mod tests {
             let tol = if dtype == DType::F64 { 1e-13 } else { 1e-5 };
             assert_same_function(fused, reference, &cot, &[("x", &x), ("ln_w", &ln_w), ("ln_b", &ln_b), ("wq", &wq), ("bq", &bq), ("wp", &wp), ("bp", &bp)], tol);
         }
+    }
+
+    /// The packed entry points against the unpacked ones, by both paths (the one op, and the
+    /// separate ops on views of the packs): the same values, and the packs' gradients are the
+    /// parameters' gradients laid end to end.
+    #[test]
+    fn packed_parameters_give_the_same_values_and_gradients() {
+        let (b, n, d, heads, hidden) = (2, 5, 4, 2, 6);
+        let var = |shape: &[usize], seed: u64| Var::from_tensor(&rand(shape, seed)).unwrap();
+        let x = var(&[b, n, d], 21);
+        let cot = rand(&[b, n, d], 22);
+        for attention in [false, true] {
+            let first_out = if attention { 3 * d } else { hidden };
+            let second_in = if attention { d } else { hidden };
+            let (ln_w, ln_b, w1, b1, w2, b2) = (var(&[d], 23), var(&[d], 24), var(&[first_out, d], 25), var(&[first_out], 26), var(&[d, second_in], 27), var(&[d], 28));
+            let weights = Var::from_tensor(&Tensor::cat(&[w1.flatten_all().unwrap(), w2.flatten_all().unwrap()], 0).unwrap()).unwrap();
+            let vectors = Var::from_tensor(&Tensor::cat(&[ln_w.as_tensor().clone(), ln_b.as_tensor().clone(), b1.as_tensor().clone(), b2.as_tensor().clone()], 0).unwrap()).unwrap();
+            let pack = PackedSublayer { weights: &weights, vectors: &vectors };
+            for path in [crate::Path::Kernels, crate::Path::Composite] {
+                let (packed, unpacked) = crate::with_path(path, || {
+                    if attention {
+                        (attention_residual_packed(&x, pack, 1e-6, heads).unwrap(), attention_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&w2, &b2), heads).unwrap())
+                    } else {
+                        (mlp_residual_packed(&x, pack, 1e-6, hidden).unwrap(), mlp_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&w2, &b2)).unwrap())
+                    }
+                });
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                    assert!(diff < 1e-12, "attention {attention} {path:?} {what}: {diff}");
+                };
+                close(&packed, &unpacked, "forward");
+                let gp = (&packed * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let gu = (&unpacked * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = |store: &candle_core::backprop::GradStore, t: &Tensor| store.get(t).unwrap().flatten_all().unwrap();
+                close(&g(&gp, &x), &g(&gu, &x), "x gradient");
+                let weights_grad = Tensor::cat(&[g(&gu, &w1), g(&gu, &w2)], 0).unwrap();
+                close(&g(&gp, &weights), &weights_grad, "packed weights gradient");
+                let vectors_grad = Tensor::cat(&[g(&gu, &ln_w), g(&gu, &ln_b), g(&gu, &b1), g(&gu, &b2)], 0).unwrap();
+                close(&g(&gp, &vectors), &vectors_grad, "packed vectors gradient");
+            }
+        }
+        // A pack of the wrong size is named.
+        let short = rand(&[3], 29);
+        let e = mlp_residual_packed(&x, PackedSublayer { weights: &short, vectors: &short }, 1e-6, hidden).unwrap_err().to_string();
+        assert!(e.contains("mlp_residual") && e.contains("packed weights [3]"), "{e}");
     }
 
     #[test]
