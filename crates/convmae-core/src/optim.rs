@@ -128,7 +128,7 @@ impl AdamW {
             };
             let w = var.as_tensor();
             if let (Some(copy), true) = (shadow, has_kernel(w) && w.device().is_cuda()) {
-                adamw_update_with_shadow(w, &m.exp_avg, &m.exp_avg_sq, g, copy.as_tensor(), &u)?;
+                adamw_update_with_shadow(w, &m.exp_avg, &m.exp_avg_sq, g, &copy.tensor()?, &u)?;
                 continue;
             }
             let g = &g.to_dtype(w.dtype())?;
@@ -209,9 +209,9 @@ impl Lars {
 
 /// A tensor's compute copy (if it has one) set to its new master value, rounded once: what the
 /// fused CUDA AdamW does in its own pass, for the other update paths.
-fn sync_copy(master: &candle_core::Var, copy: Option<&candle_core::Var>) -> Result<()> {
+fn sync_copy(master: &candle_core::Var, copy: Option<&crate::params::ComputeCopy>) -> Result<()> {
     match copy {
-        Some(c) => c.set(&master.as_tensor().to_dtype(c.dtype())?),
+        Some(c) => c.set_from(master.as_tensor()),
         None => Ok(()),
     }
 }

@@ -223,6 +223,83 @@ pub struct ParamStore {
     /// The compute copies of mixed precision, once a forward has asked for them (`compute_view`).
     /// Shared by clones, as the master tensors are (a `Var` clone is the same storage).
     shadow: Arc<Mutex<Option<Shadow>>>,
+    /// In a compute view with `Packing::Sublayers`: each sublayer's packed copies, by
+    /// `sublayer_pack_name` (empty otherwise).
+    packed: HashMap<String, (Tensor, Tensor)>,
+}
+
+/// Whether a compute view packs the copies of each transformer-style sublayer's parameters the
+/// way its one op reads them (`convmae_kernels::PackedSublayer`): the pretraining model, whose
+/// sublayers all run as one op, asks for it; the classifier (stochastic depth: separate ops)
+/// does not. With the packs a step skips two concatenations per sublayer in the forward and,
+/// in the backward, the gradient node (a zero-fill and an add, candle's accumulation) of each
+/// concatenation, reshape and copy: on the first GPU profile of 2026-11-26 that was about 8 of
+/// the 11 adds of each sublayer's backward, and 6 copies of its forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    None,
+    Sublayers,
+}
+
+/// The two sublayers of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SublayerKind {
+    /// `norm1`, `attn.qkv`, `attn.proj` of a transformer block.
+    Attention,
+    /// `norm2`, `mlp.fc1`, `mlp.fc2` of any block.
+    Mlp,
+}
+
+/// The pack of block `prefix`'s sublayer `kind` (`ParamStore::packed_sublayer`).
+pub fn sublayer_pack_name(prefix: &str, kind: SublayerKind) -> String {
+    format!("{prefix}:{kind:?}")
+}
+
+/// The members of a sublayer's two packs, in the op's order: the weights, then the vectors
+/// (see `convmae_kernels::PackedSublayer`). None for a tensor the block does not have (a qkv
+/// layer without bias), which packs as zeros of `len`.
+fn sublayer_members(prefix: &str, kind: SublayerKind) -> ([String; 2], [String; 4]) {
+    let n = |s: &str| format!("{prefix}.{s}");
+    match kind {
+        SublayerKind::Attention => ([n("attn.qkv.weight"), n("attn.proj.weight")], [n("norm1.weight"), n("norm1.bias"), n("attn.qkv.bias"), n("attn.proj.bias")]),
+        SublayerKind::Mlp => ([n("mlp.fc1.weight"), n("mlp.fc2.weight")], [n("norm2.weight"), n("norm2.bias"), n("mlp.fc1.bias"), n("mlp.fc2.bias")]),
+    }
+}
+
+/// Where a packed tensor's compute copy lives: in pack `pack` (index into `Shadow::packs`),
+/// weights or vectors, from `offset`.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    pack: usize,
+    vectors: bool,
+    offset: usize,
+}
+
+/// A trainable tensor's compute copy, for the optimizers to read and write.
+#[derive(Clone)]
+pub enum ComputeCopy {
+    /// An autograd leaf of its own.
+    Leaf(Var),
+    /// A slice of a sublayer's pack (`Packing::Sublayers`), which is the leaf.
+    Packed { pack: Var, offset: usize, shape: Vec<usize> },
+}
+
+impl ComputeCopy {
+    /// The copy as a tensor (a view, for a packed one): what the fused AdamW writes in place.
+    pub fn tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Leaf(v) => Ok(v.as_tensor().clone()),
+            Self::Packed { pack, offset, shape } => pack.as_tensor().narrow(0, *offset, shape.iter().product())?.reshape(shape.as_slice()),
+        }
+    }
+
+    /// Sets the copy to `master` rounded once to the copy's dtype.
+    pub fn set_from(&self, master: &Tensor) -> candle_core::Result<()> {
+        match self {
+            Self::Leaf(v) => v.set(&master.to_dtype(v.dtype())?),
+            Self::Packed { pack, offset, .. } => pack.as_tensor().slice_set(&master.flatten_all()?.to_dtype(pack.dtype())?, 0, *offset),
+        }
+    }
 }
 
 /// Mixed precision's compute copies: every tensor of a store in the compute dtype, the
@@ -235,10 +312,15 @@ pub struct ParamStore {
 /// each update (on CUDA the fused AdamW writes both in one pass).
 struct Shadow {
     dtype: DType,
-    /// Per tensor of the store, in its order.
+    packing: Packing,
+    /// Per tensor of the store, in its order (a view of its pack, for a packed one).
     tensors: Vec<Tensor>,
-    /// Per tensor: the copy's Var for trainable ones.
+    /// Per tensor: the copy's Var for trainable ones that are not packed.
     vars: Vec<Option<Var>>,
+    /// Per tensor: where it is packed, if it is.
+    members: Vec<Option<Member>>,
+    /// The packs (weights, vectors), each an autograd leaf, with their names.
+    packs: Vec<(String, Var, Var)>,
 }
 
 impl ParamStore {
@@ -263,7 +345,7 @@ impl ParamStore {
             index.insert(spec.name.clone(), params.len());
             params.push(Param { spec, var, tensor });
         }
-        Ok(Self { params, index, dtype, device: device.clone(), shadow: Arc::default() })
+        Ok(Self { params, index, dtype, device: device.clone(), shadow: Arc::default(), packed: HashMap::new() })
     }
 
     /// Fresh weights with the official init, drawn from `seed`.
@@ -296,8 +378,10 @@ impl ParamStore {
 
     /// The tensors as a forward in `dtype` reads them: this store itself when `dtype` is its own,
     /// else its compute copies in `dtype` (made on the first call, kept in step by `set` and the
-    /// optimizers): a store whose trainable tensors are the copies' Vars.
-    pub fn compute_view(&self, dtype: DType) -> candle_core::Result<Self> {
+    /// optimizers): a store whose trainable tensors are the copies' Vars. With
+    /// `Packing::Sublayers` the copies of each sublayer whose tensors are all trainable are
+    /// slices of two packs (`packed_sublayer`), the packs being the autograd leaves.
+    pub fn compute_view(&self, dtype: DType, packing: Packing) -> candle_core::Result<Self> {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
@@ -305,19 +389,11 @@ impl ParamStore {
             // The A/B's other side: casts recorded by autograd, so the gradients flow back to
             // the masters through them, every forward.
             let params = self.params.iter().map(|p| Ok(Param { spec: p.spec.clone(), var: None, tensor: p.tensor.to_dtype(dtype)? })).collect::<candle_core::Result<_>>()?;
-            return Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default() });
+            return Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default(), packed: HashMap::new() });
         }
         let mut shadow = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
-        if shadow.as_ref().is_none_or(|s| s.dtype != dtype) {
-            let mut tensors = Vec::with_capacity(self.params.len());
-            let mut vars = Vec::with_capacity(self.params.len());
-            for p in &self.params {
-                let t = p.tensor.detach().to_dtype(dtype)?;
-                let var = if p.var.is_some() { Some(Var::from_tensor(&t)?) } else { None };
-                tensors.push(var.as_ref().map_or(t, |v| v.as_tensor().clone()));
-                vars.push(var);
-            }
-            *shadow = Some(Shadow { dtype, tensors, vars });
+        if shadow.as_ref().is_none_or(|s| s.dtype != dtype || s.packing != packing) {
+            *shadow = Some(self.make_shadow(dtype, packing)?);
         }
         let sh = shadow.as_ref().expect("made above");
         let params = self
@@ -326,22 +402,105 @@ impl ParamStore {
             .zip(sh.tensors.iter().zip(&sh.vars))
             .map(|(p, (t, v))| Param { spec: p.spec.clone(), var: v.clone(), tensor: t.clone() })
             .collect();
-        Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default() })
+        let packed = sh.packs.iter().map(|(name, w, v)| (name.clone(), (w.as_tensor().clone(), v.as_tensor().clone()))).collect();
+        Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default(), packed })
+    }
+
+    /// The compute copies of every tensor in `dtype`, packed as `packing` says.
+    fn make_shadow(&self, dtype: DType, packing: Packing) -> candle_core::Result<Shadow> {
+        let mut members: Vec<Option<Member>> = vec![None; self.params.len()];
+        let mut packs = Vec::new();
+        if packing == Packing::Sublayers {
+            for p in &self.params {
+                let (prefix, kind) = match p.spec.name.strip_suffix(".norm1.weight") {
+                    Some(prefix) => (prefix, SublayerKind::Attention),
+                    None => match p.spec.name.strip_suffix(".norm2.weight") {
+                        Some(prefix) => (prefix, SublayerKind::Mlp),
+                        None => continue,
+                    },
+                };
+                let (weights, vectors) = sublayer_members(prefix, kind);
+                // Every tensor present must train (a frozen one has no gradient to take from a
+                // pack), and all but the qkv bias must be present (a conv block's norm1 is
+                // followed by convs, not attention).
+                let found = |name: &String| self.index.get(name).map(|&i| (i, self.params[i].var.is_some()));
+                let optional = |name: &String| name.ends_with("attn.qkv.bias");
+                if weights.iter().chain(&vectors).any(|name| match found(name) {
+                    Some((_, trainable)) => !trainable,
+                    None => !optional(name),
+                }) {
+                    continue;
+                }
+                let pack = packs.len();
+                let mut parts: [Vec<Tensor>; 2] = [Vec::new(), Vec::new()];
+                for (vectors_part, names) in [(false, &weights[..]), (true, &vectors[..])] {
+                    let mut offset = 0;
+                    for name in names {
+                        let piece = match found(name) {
+                            Some((i, _)) => {
+                                members[i] = Some(Member { pack, vectors: vectors_part, offset });
+                                self.params[i].tensor.detach().flatten_all()?.to_dtype(dtype)?
+                            }
+                            // The qkv layer without bias: zeros of its output width, which no
+                            // optimizer touches.
+                            None => Tensor::zeros(self.get(&weights[0]).dim(0)?, dtype, &self.device)?,
+                        };
+                        offset += piece.elem_count();
+                        parts[vectors_part as usize].push(piece);
+                    }
+                }
+                let [w, v] = parts;
+                packs.push((sublayer_pack_name(prefix, kind), Var::from_tensor(&Tensor::cat(&w, 0)?)?, Var::from_tensor(&Tensor::cat(&v, 0)?)?));
+            }
+        }
+        let mut tensors = Vec::with_capacity(self.params.len());
+        let mut vars = Vec::with_capacity(self.params.len());
+        for (p, member) in self.params.iter().zip(&members) {
+            match member {
+                Some(m) => {
+                    let (_, w, v) = &packs[m.pack];
+                    let pack = if m.vectors { v } else { w };
+                    tensors.push(pack.as_tensor().narrow(0, m.offset, p.spec.numel())?.reshape(p.spec.shape.as_slice())?);
+                    vars.push(None);
+                }
+                None => {
+                    let t = p.tensor.detach().to_dtype(dtype)?;
+                    let var = if p.var.is_some() { Some(Var::from_tensor(&t)?) } else { None };
+                    tensors.push(var.as_ref().map_or(t, |v| v.as_tensor().clone()));
+                    vars.push(var);
+                }
+            }
+        }
+        Ok(Shadow { dtype, packing, tensors, vars, members, packs })
+    }
+
+    /// In a compute view with `Packing::Sublayers`: block `prefix`'s sublayer `kind` as its one
+    /// op reads it, if it is packed.
+    pub fn packed_sublayer(&self, prefix: &str, kind: SublayerKind) -> Option<convmae_kernels::PackedSublayer<'_>> {
+        self.packed.get(&sublayer_pack_name(prefix, kind)).map(|(weights, vectors)| convmae_kernels::PackedSublayer { weights, vectors })
     }
 
     /// The gradient of every trainable tensor from one backward, in `trainable()` order: what
-    /// reached its master Var, its compute copy's, or both (the classifier's head reads the
-    /// masters, its encoder the copies), summed in the master dtype. A copy's gradient is in the
-    /// compute dtype; the optimizers take either. A tensor no gradient reached is an error
-    /// naming it.
+    /// reached its master Var, its compute copy's (a slice of its pack's, for a packed one), or
+    /// both (the classifier's head reads the masters, its encoder the copies), summed in the
+    /// master dtype. A copy's gradient is in the compute dtype; the optimizers take either. A
+    /// tensor no gradient reached is an error naming it.
     pub fn gradients(&self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<Vec<Tensor>> {
         self.trainable()
             .zip(self.trainable_shadows())
             .map(|((p, master), copy)| {
                 let from_master = grads.get(master.as_tensor());
-                let from_copy = copy.as_ref().and_then(|c| grads.get(c.as_tensor()));
+                let from_copy = match &copy {
+                    Some(ComputeCopy::Leaf(v)) => grads.get(v.as_tensor()).cloned(),
+                    Some(ComputeCopy::Packed { pack, offset, shape }) => match grads.get(pack.as_tensor()) {
+                        Some(g) => Some(g.narrow(0, *offset, shape.iter().product())?.reshape(shape.as_slice())?),
+                        None => None,
+                    },
+                    None => None,
+                };
                 match (from_master, from_copy) {
-                    (Some(g), None) | (None, Some(g)) => Ok(g.clone()),
+                    (Some(g), None) => Ok(g.clone()),
+                    (None, Some(g)) => Ok(g),
                     (Some(g), Some(c)) => g + c.to_dtype(g.dtype())?,
                     (None, None) => Err(candle_core::Error::Msg(format!("no gradient reached '{}'", p.spec.name))),
                 }
@@ -349,13 +508,21 @@ impl ParamStore {
             .collect()
     }
 
-    /// The compute copies' Vars in `trainable()` order, or None where there are none.
-    pub fn trainable_shadows(&self) -> Vec<Option<Var>> {
+    /// The compute copies in `trainable()` order, or None where there are none.
+    pub fn trainable_shadows(&self) -> Vec<Option<ComputeCopy>> {
         let shadow = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
-        match shadow.as_ref() {
-            Some(sh) => self.params.iter().zip(&sh.vars).filter(|(p, _)| p.var.is_some()).map(|(_, v)| v.clone()).collect(),
-            None => vec![None; self.trainable().count()],
-        }
+        let Some(sh) = shadow.as_ref() else { return vec![None; self.trainable().count()] };
+        (0..self.params.len())
+            .filter(|&i| self.params[i].var.is_some())
+            .map(|i| match (sh.members[i], &sh.vars[i]) {
+                (Some(m), _) => {
+                    let (_, w, v) = &sh.packs[m.pack];
+                    Some(ComputeCopy::Packed { pack: if m.vectors { v.clone() } else { w.clone() }, offset: m.offset, shape: self.params[i].spec.shape.clone() })
+                }
+                (None, Some(var)) => Some(ComputeCopy::Leaf(var.clone())),
+                (None, None) => None,
+            })
+            .collect()
     }
 
     /// Replaces a tensor's values (shape-checked by the caller); keeps Var identity for the optimizer.
@@ -371,9 +538,14 @@ impl ParamStore {
         let mut shadow = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sh) = shadow.as_mut() {
             let copy = value.to_dtype(sh.dtype)?;
-            match &sh.vars[i] {
-                Some(v) => v.set(&copy)?,
-                None => sh.tensors[i] = copy,
+            match (sh.members[i], &sh.vars[i]) {
+                (Some(m), _) => {
+                    let (_, w, v) = &sh.packs[m.pack];
+                    let pack = if m.vectors { v } else { w };
+                    pack.as_tensor().slice_set(&copy.flatten_all()?, 0, m.offset)?;
+                }
+                (None, Some(v)) => v.set(&copy)?,
+                (None, None) => sh.tensors[i] = copy,
             }
         }
         Ok(())

@@ -375,7 +375,7 @@ fn bf16_classifier_trains_f32_master_weights_with_close_logits() {
     }
     // The encoder's compute copies (where its gradients arrive) follow the masters; the head's
     // gradients reach the masters (it computes in f32).
-    let copies = bf16.model.params.compute_view(DType::BF16).unwrap();
+    let copies = bf16.model.params.compute_view(DType::BF16, convmae_core::params::Packing::None).unwrap();
     for (p, c) in bf16.model.params.iter().zip(copies.iter()) {
         let want = to_vec(&p.tensor.to_dtype(DType::BF16).unwrap());
         assert_eq!(want, to_vec(&c.tensor), "{}'s compute copy", p.spec.name);

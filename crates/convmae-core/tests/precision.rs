@@ -43,9 +43,18 @@ fn pixels(b: usize, s: usize, step: usize) -> Vec<u8> {
 fn compute_copies_follow_the_masters() {
     use convmae_core::model::Precision;
     use convmae_core::optim::AdamWConfig;
+    use convmae_core::params::{Packing, SublayerKind};
     use convmae_core::train::{Batch, Pretrainer, StepOptions};
     let check = |t: &Pretrainer, when: &str| {
-        let copies = t.model.params.compute_view(DType::BF16).unwrap();
+        // The pretraining model's view: its sublayers' copies packed (every transformer block's
+        // two, a conv block's MLP).
+        let copies = t.model.params.compute_view(DType::BF16, Packing::Sublayers).unwrap();
+        for prefix in ["blocks3.0", "decoder_blocks.0"] {
+            for kind in [SublayerKind::Attention, SublayerKind::Mlp] {
+                assert!(copies.packed_sublayer(prefix, kind).is_some(), "{prefix} {kind:?} is not packed");
+            }
+        }
+        assert!(copies.packed_sublayer("blocks1.0", SublayerKind::Mlp).is_some() && copies.packed_sublayer("blocks1.0", SublayerKind::Attention).is_none());
         for (p, c) in t.model.params.iter().zip(copies.iter()) {
             let want = p.tensor.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = c.tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -6,7 +6,7 @@
 use super::conv_stages;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
-use crate::params::{classifier_param_specs, ParamStore};
+use crate::params::{classifier_param_specs, Packing, ParamStore};
 use crate::precision::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -144,7 +144,7 @@ impl ConvViT {
     /// (`ParamStore::compute_view`; the gradients arrive at the copies).
     fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
         let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype)?) })
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype, Packing::None)?) })
     }
 
     pub fn device(&self) -> &Device {

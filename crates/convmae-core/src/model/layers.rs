@@ -4,7 +4,7 @@
 //! 1x1 convs, the MLP) is a plain matmul over the last dimension, and the depthwise conv reads
 //! contiguous channel vectors. Weights stay in the official PyTorch layouts and are viewed here.
 
-use crate::params::ParamStore;
+use crate::params::{ParamStore, SublayerKind};
 use candle_core::{Result, Tensor, D};
 use convmae_kernels as k;
 use convmae_kernels::SparseNeighbors;
@@ -114,6 +114,9 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
 fn mlp_sublayer(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64, drop: Option<&Tensor>) -> Result<Tensor> {
     let get = |name: &str| p.get(&format!("{prefix}.{name}"));
     if drop.is_none() {
+        if let Some(pack) = p.packed_sublayer(prefix, SublayerKind::Mlp) {
+            return k::mlp_residual_packed(x, pack, eps, get("mlp.fc1.weight").dim(0)?);
+        }
         return k::mlp_residual(x, (get("norm2.weight"), get("norm2.bias")), eps, (get("mlp.fc1.weight"), get("mlp.fc1.bias")), (get("mlp.fc2.weight"), get("mlp.fc2.bias")));
     }
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), x, eps)?;
@@ -144,13 +147,14 @@ fn qkv_bias(p: &ParamStore, block: &str, x: &Tensor) -> Result<Tensor> {
 /// timm ViT Block: x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6. Each half is one op
 /// (`attention_residual`, `mlp_residual`) unless stochastic depth scales its branch.
 pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize, drop: Option<&DropPath>) -> Result<Tensor> {
-    let x = match drop {
-        None => {
+    let x = match (drop, p.packed_sublayer(prefix, SublayerKind::Attention)) {
+        (None, Some(pack)) => k::attention_residual_packed(x, pack, VIT_LN_EPS, num_heads)?,
+        (None, None) => {
             let get = |name: &str| p.get(&format!("{prefix}.{name}"));
             let qkv_bias = qkv_bias(p, prefix, x)?;
             k::attention_residual(x, (get("norm1.weight"), get("norm1.bias")), VIT_LN_EPS, (get("attn.qkv.weight"), &qkv_bias), (get("attn.proj.weight"), get("attn.proj.bias")), num_heads)?
         }
-        Some(d) => {
+        (Some(d), _) => {
             let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
             residual(x, attention(p, prefix, &h, num_heads)?, Some(&d.first))?
         }

@@ -9,7 +9,7 @@ pub const DW_KERNEL: usize = 5;
 use crate::config::ConvMaeConfig;
 use crate::loss;
 use crate::masking::Masking;
-use crate::params::{pretrain_param_specs, ParamStore};
+use crate::params::{pretrain_param_specs, Packing, ParamStore};
 use candle_core::{DType, Device, Result, Tensor};
 use convmae_kernels::SparseNeighbors;
 use layers::*;
@@ -90,10 +90,11 @@ impl ConvMae {
     }
 
     /// The parameters as the forward uses them: the master tensors, or their bf16 compute copies
-    /// (`ParamStore::compute_view`).
+    /// (`ParamStore::compute_view`), each sublayer's packed for its one op (pretraining has no
+    /// stochastic depth, so every sublayer runs as one).
     fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
         let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype)?) })
+        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype, Packing::Sublayers)?) })
     }
 
     pub fn dtype(&self) -> DType {
