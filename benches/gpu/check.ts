@@ -302,6 +302,10 @@ async function main(): Promise<void> {
     }
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    // The same run of ours, checking after every optimizer step that each bf16 compute copy is
+    // its master rounded (the packed copies are written in place by the fused AdamW): the row
+    // fails, naming the tensor, if one is not. Once, at the first batch size.
+    if (!loadError && batch === batches[0]) await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
     if (profile && batch === 64) await runProfile();
     if (!loadError) {
       await ours(batch, 'bf16', 'dense', 'ours-dense');

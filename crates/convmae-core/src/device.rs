@@ -125,6 +125,15 @@ pub fn compute_copies_off() -> bool {
     *OFF.get_or_init(|| env_switch("CONVMAE_COMPUTE_COPIES", "on", "off"))
 }
 
+/// `CONVMAE_CHECK_COPIES=on`: after every optimizer update the pretrainer checks that each
+/// compute copy equals its master rounded once (`ParamStore::stale_copy`), and fails the step
+/// naming the first that does not. A sync and a comparison per tensor: for verification (the
+/// GPU check runs a row with it), not for throughput. Read once per process.
+pub fn check_copies() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("CONVMAE_CHECK_COPIES", "off", "on"))
+}
+
 /// Whether `name` asks for `alternative` (rather than `default`, or nothing).
 fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
     match std::env::var(name).as_deref() {

@@ -508,6 +508,23 @@ impl ParamStore {
             .collect()
     }
 
+    /// The name of the first trainable tensor whose compute copy is not its master rounded once
+    /// to the copy's dtype, bit for bit; None when all are (or there are no copies).
+    pub fn stale_copy(&self) -> candle_core::Result<Option<String>> {
+        for ((p, master), copy) in self.trainable().zip(self.trainable_shadows()) {
+            let Some(copy) = copy else { continue };
+            let copy = copy.tensor()?;
+            let want = master.as_tensor().to_dtype(copy.dtype())?.to_dtype(DType::F32)?.flatten_all()?;
+            let got = copy.to_dtype(DType::F32)?.flatten_all()?;
+            // Both are bf16 values in f32, so equal bits are equal values; NaN never is.
+            let differ = want.ne(&got)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            if differ != 0.0 {
+                return Ok(Some(p.spec.name.clone()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The compute copies in `trainable()` order, or None where there are none.
     pub fn trainable_shadows(&self) -> Vec<Option<ComputeCopy>> {
         let shadow = self.shadow.lock().unwrap_or_else(|e| e.into_inner());

@@ -233,6 +233,14 @@ impl Pretrainer {
             let grads = self.pending.take().unwrap();
             self.pending_count = 0;
             self.optimizer.update(&self.model.params, &grads, opts.lr)?;
+            if crate::device::check_copies() {
+                if let Some(name) = self.model.params.stale_copy()? {
+                    return Err(candle_core::Error::Msg(format!(
+                        "CONVMAE_CHECK_COPIES: the compute copy of '{name}' is not its master rounded after optimizer step {}",
+                        self.optimizer.step
+                    )));
+                }
+            }
         }
         if profiled {
             crate::device::cuda_profiler_range(self.model.device(), false).map_err(candle_core::Error::Msg)?;

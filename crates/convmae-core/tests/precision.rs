@@ -55,6 +55,7 @@ fn compute_copies_follow_the_masters() {
             }
         }
         assert!(copies.packed_sublayer("blocks1.0", SublayerKind::Mlp).is_some() && copies.packed_sublayer("blocks1.0", SublayerKind::Attention).is_none());
+        assert_eq!(t.model.params.stale_copy().unwrap(), None, "{when}");
         for (p, c) in t.model.params.iter().zip(copies.iter()) {
             let want = p.tensor.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = c.tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -80,5 +81,15 @@ fn compute_copies_follow_the_masters() {
         let w = t.model.params.get("blocks3.0.attn.qkv.weight").affine(0.5, 0.25).unwrap();
         t.model.params.set("blocks3.0.attn.qkv.weight", &w).unwrap();
         check(&t, "after set");
+        // A master changed behind the store's back leaves its copy stale, which stale_copy names
+        // (a packed tensor and one of its own).
+        for name in ["blocks3.0.attn.proj.bias", "decoder_embed.weight"] {
+            let (p, master) = t.model.params.trainable().find(|(p, _)| p.spec.name == name).unwrap();
+            let moved = (master.as_tensor() + 1.0).unwrap();
+            master.set(&moved).unwrap();
+            assert_eq!(t.model.params.stale_copy().unwrap().as_deref(), Some(p.spec.name.as_str()));
+            t.model.params.set(name, &moved).unwrap();
+            assert_eq!(t.model.params.stale_copy().unwrap(), None);
+        }
     }
 }
