@@ -13,13 +13,15 @@
 // A block is FLASH_WARPS warps and holds one (image, head)'s "other side" in shared memory:
 // K and V for the forward and the dq kernel, Q and dO for the dk/dv kernel. Each warp owns 16
 // rows of "its side" (queries, or keys) and walks the other side 16 rows at a time:
-//   forward:  pass 1 finds each query row's log-sum-exp from the scores q k^T * scale; pass 2
-//             recomputes the scores, p = exp(s - lse) exactly normalized, and accumulates p v.
+//   forward:  pass 1 finds each query row's log-sum-exp from the scores q k^T * scale (kept for
+//             the backward); pass 2 recomputes the scores, p = exp(s - lse) exactly normalized,
+//             and accumulates p v.
 //             Two passes instead of an online softmax because a wmma accumulator's rows cannot
 //             be rescaled (its element-to-row mapping is unspecified): recomputing q k^T on the
 //             tensor cores costs less than round-tripping the accumulator through shared memory.
-//   dq:       delta = rowsum(dO * O) and the log-sum-exp (as the forward), left in `stats` for
-//             the dk/dv kernel; then dq = scale * sum_j ds_j k_j with ds = p * (dO v^T - delta).
+//   dq:       delta = rowsum(dO * O) and the log-sum-exp (the forward's, or found again), left in
+//             `stats` for the dk/dv kernel; then dq = scale * sum_j ds_j k_j with
+//             ds = p * (dO v^T - delta).
 //   dk, dv:   per 16 key rows: dv = sum_i p_i^T dO_i, dk = scale * sum_i ds_i^T q_i, the scores
 //             transposed (k q^T) so that the keys are the rows again.
 // Every sum is accumulated in f32 fragments; the probabilities and ds are rounded to the
@@ -250,7 +252,8 @@ __device__ void poison_rows(T* dst, int64_t stride, int64_t row0, int64_t n, int
 // Launch (all three): grid (B * H, ceil(ceil(n / 16) / FLASH_WARPS)), block 32 * FLASH_WARPS,
 // FlashShared<T, HD>::bytes(n_pad) of dynamic shared memory.
 template <typename T, int HD>
-__device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_t n, int64_t heads, float scale) {
+__device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse_out, int64_t n, int64_t heads,
+                          float scale) {
     using Sh = FlashShared<T, HD>;
     constexpr int LD = Sh::LD;
     const FlashPlace at(heads);
@@ -275,6 +278,8 @@ __device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_
 
     const float lse = rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
     const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    // Kept for the backward's dq kernel, which then need not find it again.
+    if (at.row0 + r < n && at.lane % 2 == 0) lse_out[(int64_t)blockIdx.x * n + at.row0 + r] = lse;
     FragAcc acc[HD / FLASH_TILE];
 #pragma unroll
     for (int t = 0; t < HD / FLASH_TILE; ++t) wmma::fill_fragment(acc[t], 0.f);
@@ -296,7 +301,8 @@ __device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, int64_
 // each query row's scaled scores, then delta = rowsum(dO * O).
 template <typename T, int HD>
 __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out, const T* __restrict__ gout,
-                            T* __restrict__ gqkv, float* __restrict__ stats, int64_t n, int64_t heads, float scale) {
+                            const float* __restrict__ lse_in, int have_lse, T* __restrict__ gqkv, float* __restrict__ stats,
+                            int64_t n, int64_t heads, float scale) {
     using Sh = FlashShared<T, HD>;
     constexpr int LD = Sh::LD;
     const FlashPlace at(heads);
@@ -335,7 +341,10 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
         wmma::load_matrix_sync(qf[k], sh.tile_a + k * FLASH_TILE, LD);
         wmma::load_matrix_sync(gf[k], sh.tile_b + k * FLASH_TILE, LD);
     }
-    const float lse = rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
+    // The forward's log-sum-exp when it was kept (`have_lse`, the same for the whole launch),
+    // else found again as the forward does.
+    const float lse = have_lse ? (row < n ? lse_in[(int64_t)blockIdx.x * n + row] : 0.f)
+                               : rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
     if (row < n && at.lane % 2 == 0) {
         const int64_t bh_row = (int64_t)blockIdx.x * n + row;
         stats[bh_row] = lse;
@@ -428,12 +437,14 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
 }  // namespace convmae
 
 #define CONVMAE_FLASH_KERNELS(T, SUFFIX, HD)                                                                                   \
-    extern "C" __global__ void flash_fwd_hd##HD##_##SUFFIX(const T* qkv, T* out, int64_t n, int64_t heads, float scale) {     \
-        convmae::flash_fwd<T, HD>(qkv, out, n, heads, scale);                                                                  \
+    extern "C" __global__ void flash_fwd_hd##HD##_##SUFFIX(const T* qkv, T* out, float* lse, int64_t n, int64_t heads,        \
+                                                           float scale) {                                                      \
+        convmae::flash_fwd<T, HD>(qkv, out, lse, n, heads, scale);                                                             \
     }                                                                                                                          \
-    extern "C" __global__ void flash_bwd_q_hd##HD##_##SUFFIX(const T* qkv, const T* out, const T* gout, T* gqkv, float* stats, \
-                                                             int64_t n, int64_t heads, float scale) {                          \
-        convmae::flash_bwd_q<T, HD>(qkv, out, gout, gqkv, stats, n, heads, scale);                                             \
+    extern "C" __global__ void flash_bwd_q_hd##HD##_##SUFFIX(const T* qkv, const T* out, const T* gout, const float* lse,     \
+                                                             int have_lse, T* gqkv, float* stats, int64_t n, int64_t heads,   \
+                                                             float scale) {                                                    \
+        convmae::flash_bwd_q<T, HD>(qkv, out, gout, lse, have_lse, gqkv, stats, n, heads, scale);                              \
     }                                                                                                                          \
     extern "C" __global__ void flash_bwd_kv_hd##HD##_##SUFFIX(const T* qkv, const T* gout, const float* stats, T* gqkv,        \
                                                               int64_t n, int64_t heads, float scale) {                         \

@@ -634,21 +634,25 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
     const unsigned block = 32 * FLASH_WARPS;
     std::vector<unsigned char> shared(FlashShared<float, HD>::bytes(n_pad));
     emulated_dynamic_shared = shared.data();
-    auto run = [&](unsigned bytes) {
+    // The dq kernel with the forward's log-sum-exp (`have_lse`, as src/cuda.rs runs it) or
+    // finding it again.
+    auto run = [&](unsigned bytes, int have_lse) {
         emulated_dynamic_shared_bytes = bytes;
-        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN);
-        launch_blocks(gx, gy, block, [&] { fwd(qkv.data(), out.data(), n, heads, scale); });
-        launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), grad.data(), stats.data(), n, heads, scale); });
+        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
+        launch_blocks(gx, gy, block, [&] { fwd(qkv.data(), out.data(), lse.data(), n, heads, scale); });
+        launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), have_lse, grad.data(), stats.data(), n, heads, scale); });
         launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
         return std::pair{out, grad};
     };
-    const auto [out, grad] = run((unsigned)shared.size());
     char name[96];
-    std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
-    check(name, out, ref_out, 2e-6);
-    std::snprintf(name, sizeof name, "flash attention qkv grad B%lld N%lld H%lld HD%d", (long long)nb, (long long)n, (long long)heads, HD);
-    check(name, grad, ref_grad, 1e-5);
-    const auto [short_out, short_grad] = run((unsigned)shared.size() - 1);
+    for (int have_lse : {1, 0}) {
+        const auto [out, grad] = run((unsigned)shared.size(), have_lse);
+        std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
+        if (have_lse) check(name, out, ref_out, 2e-6);
+        std::snprintf(name, sizeof name, "flash attention qkv grad B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, have_lse ? "" : " (lse found again)");
+        check(name, grad, ref_grad, 1e-5);
+    }
+    const auto [short_out, short_grad] = run((unsigned)shared.size() - 1, 1);
     const bool all_nan = std::all_of(short_out.begin(), short_out.end(), [](float v) { return std::isnan(v); }) &&
                          std::all_of(short_grad.begin(), short_grad.end(), [](float v) { return std::isnan(v); });
     if (!all_nan) ++failures;

@@ -50,7 +50,7 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tens
             None => return crate::composite::self_attention(qkv, num_heads, scale),
         }
     };
-    qkv.apply_op1(Attention { num_heads, scale, form })
+    qkv.apply_op1(Attention::new(num_heads, scale, form))
 }
 
 /// The three forms of our attention op on CUDA.
@@ -174,7 +174,7 @@ fn time_forms(dims: Dims, dtype: candle_core::DType, device: &candle_core::Devic
     let input = candle_core::Var::from_tensor(&Tensor::rand(-2f32, 2f32, (dims.b, dims.n, 3 * dims.d()), device)?.to_dtype(dtype)?)?;
     let run = |form: CudaForm| -> Result<(Tensor, Tensor)> {
         let x = input.as_tensor();
-        let out = x.apply_op1(Attention { num_heads: dims.heads, scale, form })?;
+        let out = x.apply_op1(Attention::new(dims.heads, scale, form))?;
         let grads = out.sum_all()?.backward()?;
         let g = grads.get(x).cloned().ok_or_else(|| candle_core::Error::Msg("self_attention: no input gradient".into()))?;
         Ok((out, g))
@@ -268,6 +268,19 @@ struct Attention {
     num_heads: usize,
     scale: f64,
     form: CudaForm,
+    /// What the CUDA forward kept for the backward (`crate::cuda::AttentionKept`), taken by it.
+    kept: KeptSlot,
+}
+
+#[cfg(feature = "cuda")]
+type KeptSlot = std::sync::Arc<std::sync::Mutex<crate::cuda::AttentionKept>>;
+#[cfg(not(feature = "cuda"))]
+type KeptSlot = ();
+
+impl Attention {
+    fn new(num_heads: usize, scale: f64, form: CudaForm) -> Self {
+        Self { num_heads, scale, form, kept: KeptSlot::default() }
+    }
 }
 
 impl CustomOp1 for Attention {
@@ -289,12 +302,14 @@ impl CustomOp1 for Attention {
         use candle_core::backend::BackendStorage;
         let dims = Dims::of(OP_NAME, l.dims(), self.num_heads)?;
         let att = CudaAttention { dims, scale: self.scale as f32, form: self.form };
-        let out = cuda_dispatch!(OP_NAME, s.dtype(), attention_fwd(s, l, att))?;
+        let (out, kept) = cuda_dispatch!(OP_NAME, s.dtype(), attention_fwd(s, l, att))?;
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = kept;
         Ok((out, Shape::from((dims.b, dims.n, dims.d()))))
     }
 
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = qkv.apply_op3_no_bwd(out, grad, &AttentionGrad { num_heads: self.num_heads, scale: self.scale, form: self.form })?;
+        let grad_op = AttentionGrad { num_heads: self.num_heads, scale: self.scale, form: self.form, kept: self.kept.clone() };
+        let g = qkv.apply_op3_no_bwd(out, grad, &grad_op)?;
         Ok(Some(g))
     }
 }
@@ -305,6 +320,8 @@ struct AttentionGrad {
     scale: f64,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     form: CudaForm,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kept: KeptSlot,
 }
 
 impl AttentionGrad {
@@ -344,7 +361,9 @@ impl CustomOp3 for AttentionGrad {
         use candle_core::backend::BackendStorage;
         let dims = self.check(l1, l2, l3)?;
         let att = CudaAttention { dims, scale: self.scale as f32, form: self.form };
-        let out = cuda_dispatch!(GRAD_NAME, s1.dtype(), attention_bwd(s1, l1, s2, l2, s3, l3, att))?;
+        // Taken: the backward runs once, and the buffer is freed with it.
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let out = cuda_dispatch!(GRAD_NAME, s1.dtype(), attention_bwd(s1, l1, s2, l2, s3, l3, att, kept.as_ref()))?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -390,12 +390,17 @@ pub(crate) struct CudaAttention {
     pub form: CudaForm,
 }
 
+/// What an attention forward keeps for its backward: the flash form's log-sum-exp of each query
+/// row ([B * H, N] f32), which its dq kernel would otherwise find again (a third of its
+/// products). The other forms keep nothing.
+pub(crate) type AttentionKept = Option<CudaSlice<f32>>;
+
 /// `softmax(q k^T * scale) v` per head from packed qkv `[B, N, 3, H, hd]` into `[B, N, H, hd]`.
-pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: CudaAttention) -> Result<CudaStorage> {
+pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: CudaAttention) -> Result<(CudaStorage, AttentionKept)> {
     match att.form {
-        CudaForm::Fused => fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
-        CudaForm::Gemm => gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
-        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale),
+        CudaForm::Fused => Ok((fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
+        CudaForm::Gemm => Ok((gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
+        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale).map(|(out, lse)| (out, Some(lse))),
     }
 }
 
@@ -409,11 +414,12 @@ pub(crate) fn attention_bwd<T: Float>(
     grad: &CudaStorage,
     grad_l: &Layout,
     att: CudaAttention,
+    kept: Option<&CudaSlice<f32>>,
 ) -> Result<CudaStorage> {
     match att.form {
         CudaForm::Fused => fused_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
         CudaForm::Gemm => gemm_attention_bwd::<T>(qkv, qkv_l, grad, grad_l, att.dims, att.scale),
-        CudaForm::Flash => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
+        CudaForm::Flash => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept),
     }
 }
 
@@ -513,23 +519,26 @@ fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, w
     Ok((f, cfg))
 }
 
-/// The flash form's forward (cuda/flash.cu): one kernel, the scores in shared memory only.
-fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<CudaStorage> {
+/// The flash form's forward (cuda/flash.cu): one kernel, the scores in shared memory only; also
+/// each query row's log-sum-exp, for the backward.
+fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = qkv.device();
     let xo = Operand::<T>::new(qkv, qkv_l)?;
     let xv = xo.view()?;
     let mut out = alloc::<T>(dev, dims.b * dims.n * dims.d())?;
+    let mut lse = alloc::<f32>(dev, dims.b * dims.heads * dims.n)?;
     let (f, cfg) = flash_launch::<T>(dev, "flash_fwd", dims, "self_attention")?;
     let (n, heads) = (dims.n as i64, dims.heads as i64);
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&xv).arg(&mut out).arg(&n).arg(&heads).arg(&scale);
+    builder.arg(&xv).arg(&mut out).arg(&mut lse).arg(&n).arg(&heads).arg(&scale);
     unsafe { builder.launch(cfg) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
 }
 
-/// The flash form's backward: the dq kernel (which leaves each query row's log-sum-exp and
-/// rowsum(dO * O) in an f32 scratch), then the dk/dv kernel, which reads it.
+/// The flash form's backward: the dq kernel (which leaves each query row's log-sum-exp, the
+/// forward's `lse` where it was kept, and rowsum(dO * O) in an f32 scratch), then the dk/dv
+/// kernel, which reads it.
 #[allow(clippy::too_many_arguments)]
 fn flash_attention_bwd<T: Float>(
     qkv: &CudaStorage,
@@ -540,6 +549,7 @@ fn flash_attention_bwd<T: Float>(
     grad_l: &Layout,
     dims: AttentionDims,
     scale: f32,
+    lse: Option<&CudaSlice<f32>>,
 ) -> Result<CudaStorage> {
     const WHAT: &str = "self_attention_grad";
     let dev = qkv.device();
@@ -549,9 +559,23 @@ fn flash_attention_bwd<T: Float>(
     let mut stats = alloc::<f32>(dev, 2 * dims.b * dims.heads * dims.n)?;
     let (n, heads) = (dims.n as i64, dims.heads as i64);
     let stream = dev.cuda_stream();
+    if lse.is_some_and(|l| l.len() != dims.b * dims.heads * dims.n) {
+        candle_core::bail!("{WHAT}: the forward's log-sum-exp does not fit {} images x {} heads x {} tokens", dims.b, dims.heads, dims.n);
+    }
+    // Without the forward's log-sum-exp the kernel finds it again and never reads this argument
+    // (the scratch stands in for it).
+    let have_lse = lse.is_some() as i32;
+    let placeholder;
+    let lse_in = match lse {
+        Some(l) => l.slice(..),
+        None => {
+            placeholder = alloc::<f32>(dev, 1)?;
+            placeholder.slice(..)
+        }
+    };
     let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_q", dims, WHAT)?;
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&xv).arg(&ov).arg(&gv).arg(&mut gx).arg(&mut stats).arg(&n).arg(&heads).arg(&scale);
+    builder.arg(&xv).arg(&ov).arg(&gv).arg(&lse_in).arg(&have_lse).arg(&mut gx).arg(&mut stats).arg(&n).arg(&heads).arg(&scale);
     unsafe { builder.launch(cfg) }.w()?;
     let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_kv", dims, WHAT)?;
     let mut builder = stream.launch_builder(&f);
@@ -871,6 +895,8 @@ pub(crate) struct SublayerSaved {
     pub a: Option<CudaStorage>,
     pub vectors: CudaStorage,
     pub stats: CudaSlice<f32>,
+    /// What the attention forward kept for its backward (`AttentionKept`).
+    pub attention: AttentionKept,
 }
 
 /// `storage` under `layout` as a storage of its own, densely packed from offset 0.
@@ -915,11 +941,12 @@ fn weights_operand<'a, T: Float>(w: &'a CudaStorage, w_l: &Layout, copy: &'a mut
     }
 }
 
-/// The middle's forward: GELU, or attention when `attention` gives its sizes and scale.
-fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<CudaAttention>) -> Result<CudaStorage> {
+/// The middle's forward: GELU, or attention when `attention` gives its sizes and scale (with
+/// what it keeps for its backward).
+fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<CudaAttention>) -> Result<(CudaStorage, AttentionKept)> {
     match attention {
         Some(att) => attention_fwd::<T>(h, &Layout::contiguous((att.dims.b, att.dims.n, first_out)), att),
-        None => gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out)),
+        None => Ok((gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out))?, None)),
     }
 }
 
@@ -945,10 +972,10 @@ pub(crate) fn sublayer_fwd<T: Float>(
     let (xln, stats) = layer_norm_fwd::<T>(x, x_l, &vectors, &at.ln_w, &vectors, &at.ln_b, (rows, d), eps)?;
     let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, first_out))?;
     drop(xln);
-    let a = middle_fwd::<T>(&h, rows, first_out, attention)?;
+    let (a, attention_kept) = middle_fwd::<T>(&h, rows, first_out, attention)?;
     let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, second_in)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, second_in, d))?;
     let a = attention.is_some().then_some(a);
-    Ok((y, SublayerSaved { h, a, vectors, stats }))
+    Ok((y, SublayerSaved { h, a, vectors, stats, attention: attention_kept }))
 }
 
 /// `len` elements of `src` from `from` to `dst` at `to`, on the device's stream.
@@ -973,7 +1000,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     attention: Option<CudaAttention>,
     eps: f64,
 ) -> Result<CudaStorage> {
-    let SublayerSaved { h, a: kept, vectors, stats } = saved;
+    let SublayerSaved { h, a: kept, vectors, stats, attention: attention_kept } = saved;
     let dev = x.device();
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
@@ -985,7 +1012,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     let a = match kept {
         Some(a) => a,
         None => {
-            recomputed = middle_fwd::<T>(h, rows, first_out, None)?;
+            recomputed = middle_fwd::<T>(h, rows, first_out, None)?.0;
             &recomputed
         }
     };
@@ -995,7 +1022,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
         Some(att) => {
             let qkv_l = Layout::contiguous((att.dims.b, att.dims.n, first_out));
             let out_l = Layout::contiguous((att.dims.b, att.dims.n, second_in));
-            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, att)?
+            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, att, attention_kept.as_ref())?
         }
         None => gelu_bwd::<T>(h, &h_l, &second, &da_l)?,
     };
