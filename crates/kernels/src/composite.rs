@@ -109,7 +109,12 @@ pub fn depthwise_conv2d(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// The sparse masked depthwise conv on [N, C] rows: gather each row's K*K neighbours (a zero row
 /// stands in for the masked and out-of-image ones), weight them per tap and channel, and sum.
 pub fn sparse_depthwise_conv2d(input: &Tensor, weight: &Tensor, nbrs: &SparseNeighbors) -> Result<Tensor> {
-    let (n, c) = input.dims2()?;
+    let c = input.dim(candle_core::D::Minus1)?;
+    if input.rank() != 2 || weight.rank() != 3 {
+        let k = nbrs.k();
+        return sparse_depthwise_conv2d(&input.reshape(((), c))?, &weight.reshape((c, k, k))?, nbrs)?.reshape(input.shape());
+    }
+    let n = input.dim(0)?;
     let kk = nbrs.k() * nbrs.k();
     let zero_row = n as u32;
     let index: Vec<u32> = nbrs.table().iter().map(|&m| if m < 0 { zero_row } else { m as u32 }).collect();

@@ -213,12 +213,13 @@ impl SparseNeighbors {
 /// Checks `data [N, C]` and `weight [C, K, K]` against the table and returns C.
 fn channels(op: &str, data: &[usize], weight: &[usize], nbrs: &SparseNeighbors) -> Result<usize> {
     let (rows, k) = (nbrs.rows, nbrs.k);
-    match (data, weight) {
-        (&[n, c], &[wc, k1, k2]) if n == rows && wc == c && k1 == k && k2 == k => Ok(c),
+    let weight_fits = |c: usize| matches!(weight, &[wc, k1, k2] | &[wc, 1, k1, k2] if wc == c && k1 == k && k2 == k);
+    match data.split_last() {
+        Some((&c, leading)) if !leading.is_empty() && leading.iter().product::<usize>() == rows && weight_fits(c) => Ok(c),
         _ => Err(error(format!(
             "{op}: input shape {data:?} and weight shape {weight:?} do not match the neighbour \
-             table ({rows} rows, kernel size {k}); expected input [{rows}, C] and weight \
-             [C, {k}, {k}] with the same C"
+             table ({rows} rows, kernel size {k}); expected input [{rows}, C] (or any shape of \
+             {rows} rows of C) and weight [C, {k}, {k}] (or [C, 1, {k}, {k}]) with the same C"
         ))),
     }
 }
@@ -227,8 +228,9 @@ fn channels(op: &str, data: &[usize], weight: &[usize], nbrs: &SparseNeighbors) 
 /// cross-correlation like PyTorch) evaluated only at the visible positions of a masked map
 /// whose input is zero at the masked positions.
 ///
-/// `input` is `[N, C]`, one row per visible position; `weight` is `[C, K, K]`; the result is
-/// `[N, C]` with `out[n, c] = sum_{i,j} weight[c, i, j] * input[nbr[n, (i,j)], c]`, taps with
+/// `input` is `[N, C]`, one row per visible position (or any shape of N rows of C, e.g. the
+/// token blocks [B * keep, cell, cell, C], with no reshape node in the graph); `weight` is
+/// `[C, K, K]` (or PyTorch's `[C, 1, K, K]`); the result is shaped like `input`, with `out[n, c] = sum_{i,j} weight[c, i, j] * input[nbr[n, (i,j)], c]`, taps with
 /// `nbr = -1` reading zero. Equals the dense `depthwise_conv2d` of the zero-filled map at the
 /// visible positions, and so do its gradients for the visible rows and the weight.
 pub fn sparse_depthwise_conv2d(
@@ -300,7 +302,8 @@ impl CustomOp2 for SparseDepthwiseConv2d {
             None
         };
         let grad_weight = if weight.track_op() {
-            Some(input.apply_op2_no_bwd(grad, &WeightGrad { nbrs: self.nbrs.clone() })?)
+            // Shaped like the weight ([C, K, K] or [C, 1, K, K]), as candle's accumulation needs.
+            Some(input.apply_op2_no_bwd(grad, &WeightGrad { nbrs: self.nbrs.clone() })?.reshape(weight.shape())?)
         } else {
             None
         };
@@ -404,14 +407,15 @@ impl WeightGrad {
     /// Checks `input` and `grad_out` are the same `[N, C]` for the table and returns C.
     fn channels(&self, input: &[usize], grad: &[usize]) -> Result<usize> {
         let (rows, k) = (self.nbrs.rows, self.nbrs.k);
-        if input != grad || input.len() != 2 || input[0] != rows {
+        let leading = &input[..input.len().saturating_sub(1)];
+        if input != grad || input.len() < 2 || leading.iter().product::<usize>() != rows {
             candle_core::bail!(
                 "{}: input shape {input:?} and output-gradient shape {grad:?} must be the same \
-                 [{rows}, C] (neighbour table of {rows} rows, kernel size {k})",
+                 {rows} rows of C (neighbour table of {rows} rows, kernel size {k})",
                 self.name()
             );
         }
-        Ok(input[1])
+        Ok(input[input.len() - 1])
     }
 }
 

@@ -524,3 +524,35 @@ fn bench_sparse_depthwise_conv_convmae_b() {
         println!("  sparse fwd+bwd: grad input only {gi:.2} ms, grad weight only {gw:.2} ms");
     }
 }
+
+/// The rows as any shape of N rows of C (here [N / 2, 2, C]) and PyTorch's [C, 1, K, K] kernel,
+/// with no reshape node: the same values and gradients as [N, C] and [C, K, K], the gradients
+/// shaped like the inputs; by our kernel and by the composition.
+#[test]
+fn sparse_conv_takes_rows_of_any_shape_and_a_four_dim_kernel() {
+    let p = problem(case(2, 6, 7, 5, 3, Mask::AllVisible), DType::F64, 23);
+    let (n, c, k) = (p.nbrs.rows(), 5, 3);
+    assert_eq!(n % 2, 0);
+    for path in [convmae_kernels::Path::Kernels, convmae_kernels::Path::Composite] {
+        convmae_kernels::with_path(path, || {
+            let x = Var::from_tensor(&tensor(&p.inputs[0].0, &[n / 2, 2, c], DType::F64)).unwrap();
+            let w = Var::from_tensor(&tensor(&p.inputs[1].0, &[c, 1, k, k], DType::F64)).unwrap();
+            let out = sparse_depthwise_conv2d(x.as_tensor(), w.as_tensor(), &p.nbrs).unwrap();
+            assert_eq!(out.dims(), &[n / 2, 2, c]);
+            let cot = tensor(&p.cot, &[n / 2, 2, c], DType::F64);
+            let grads = (&out * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = sparse_depthwise_conv2d_forward(&p.inputs[0].0, &p.inputs[1].0, p.nbrs.table(), c, k);
+            assert_close(&values_of(&out), &want, 1e-12, "forward");
+            let (gx, gw) = sparse_depthwise_conv2d_backward(&p.inputs[0].0, &p.inputs[1].0, &p.cot, p.nbrs.table(), c, k);
+            let (got_x, got_w) = (grads.get(x.as_tensor()).unwrap(), grads.get(w.as_tensor()).unwrap());
+            assert_eq!((got_x.dims(), got_w.dims()), (&[n / 2, 2, c][..], &[c, 1, k, k][..]), "{path:?}");
+            assert_close(&values_of(got_x), &gx, 1e-12, "grad input");
+            assert_close(&values_of(got_w), &gw, 1e-12, "grad weight");
+        });
+    }
+    // A leading shape that is not N rows is named.
+    let x = tensor(&p.inputs[0].0[..(n - 1) * c], &[n - 1, c], DType::F64);
+    let w = tensor(&p.inputs[1].0, &[c, 1, k, k], DType::F64);
+    let e = sparse_depthwise_conv2d(&x, &w, &p.nbrs).unwrap_err().to_string();
+    assert!(e.contains("sparse_depthwise_conv2d") && e.contains(&format!("[{}, {c}]", n - 1)), "{e}");
+}
