@@ -58,7 +58,7 @@ test('a --deadline the run cannot meet records what it skipped and still writes 
   const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
   try {
     // One second: every child gets under the 15 s minimum, so each PyTorch row is recorded as skipped.
-    await run(process.execPath, [CHECK, '--quick', '--deadline', '1', '--out', out], { timeout: 60_000 });
+    await run(process.execPath, [CHECK, '--quick', '--no-op-timings', '--deadline', '1', '--out', out], { timeout: 60_000 });
     const report = JSON.parse(readFileSync(path.join(out, 'check.json'), 'utf8')) as { rows: { impl: string; error?: string }[] };
     t.true(report.rows.length > 0);
     for (const r of report.rows) t.regex(r.error ?? '', /skipped: --deadline 1 s reached/, r.impl);

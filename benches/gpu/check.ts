@@ -1,14 +1,16 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick] [--kernels-only | --throughput-only] [--profile]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick] [--kernels-only | --throughput-only] [--profile] [--no-op-timings]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
  *     ops, in f32 and bf16; then each op's forward and forward + backward time by both, at the
  *     shapes of a convmae-base step of 64 images (op-timings.ts);
  * (b) pretraining throughput of convmae-base at batch 64 and 128: ours sparse / dense x fp32 /
- *     bf16, each in a process of its own (so the memory peak is its own), plus one sparse bf16
+ *     bf16, each in a process of its own (so the memory peak is its own), one sparse bf16 run
+ *     checking after every step that the bf16 compute copies are the masters rounded
+ *     (CONVMAE_CHECK_COPIES=on), plus one sparse bf16
  *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
  *     kernels: the A/B) and one with CONVMAE_ATTENTION=composite (our kernels but attention: the
  *     attention kernels' A/B). The default runs leave attention to CONVMAE_ATTENTION=auto, whose
@@ -21,6 +23,7 @@
  * short (the device tool lends 15 minutes a session, start-up included). --profile-only runs (e)
  * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
  * skipped), so that it ends inside a device call's time limit with its files written.
+ * --no-op-timings leaves the op timings out of (a) (about 25 s).
  * (e) with --profile, right after the batch-64 comparison of ours sparse bf16, eager and compile
  *     (after (a) alone with --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
@@ -87,7 +90,7 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile', 'profile-only']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile', 'profile-only', 'no-op-timings']));
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
@@ -180,7 +183,9 @@ async function main(): Promise<void> {
 
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
   // whether each kernel pays, which the throughput rows cannot say op by op.
-  if (!loadError && !throughputOnly && !profileOnly) {
+  // --no-op-timings: the agreement and parity without the op timings (about 25 s on an H100),
+  // for a call whose device time is short.
+  if (!loadError && !throughputOnly && !profileOnly && opts.flags['no-op-timings'] !== 'true') {
     const r = await run(process.execPath, [probe, 'timing', '64', '5'], 150);
     if (r.json) {
       opTimings = r.json.rows as OpTiming[];

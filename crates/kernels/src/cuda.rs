@@ -891,8 +891,14 @@ pub(crate) fn linear_bwd<T: Float>(
 /// What a sublayer's forward keeps for its backward (see sublayer.rs `Saved`).
 pub(crate) struct SublayerSaved {
     pub h: CudaStorage,
-    /// The attention output (None for the MLP, whose GELU the backward recomputes).
+    /// The middle's output (GELU or attention), and the LayerNorm output: kept on the GPU,
+    /// where memory is not what binds (ConvMAE-B at batch 64 peaked at under half of PyTorch
+    /// eager's) and recomputing them was two more passes over the sublayer's widest tensors in
+    /// every backward (on the first H100 profile, 24 of the 49 GELU launches, ~1.3 ms a step,
+    /// and ~0.6 ms of LayerNorm). The CPU op recomputes both (sublayer.rs); the backward here
+    /// does too where they are None.
     pub a: Option<CudaStorage>,
+    pub xln: Option<CudaStorage>,
     pub vectors: CudaStorage,
     pub stats: CudaSlice<f32>,
     /// What the attention forward kept for its backward (`AttentionKept`).
@@ -950,9 +956,9 @@ fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attentio
     }
 }
 
-/// y = x + W2 middle(W1 LN(x) + b1) + b2 over rows of x; keeps h = W1 LN(x) + b1 (and the
-/// attention output), the packed vectors and the LayerNorm statistics for the backward. The
-/// LayerNorm output (and the GELU output) are dropped here; the backward recomputes them.
+/// y = x + W2 middle(W1 LN(x) + b1) + b2 over rows of x; keeps h = W1 LN(x) + b1, the
+/// middle's output, the LayerNorm output and statistics and the packed vectors for the
+/// backward (`SublayerSaved`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sublayer_fwd<T: Float>(
     x: &CudaStorage,
@@ -971,11 +977,9 @@ pub(crate) fn sublayer_fwd<T: Float>(
     let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
     let (xln, stats) = layer_norm_fwd::<T>(x, x_l, &vectors, &at.ln_w, &vectors, &at.ln_b, (rows, d), eps)?;
     let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, first_out))?;
-    drop(xln);
     let (a, attention_kept) = middle_fwd::<T>(&h, rows, first_out, attention)?;
     let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, second_in)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, second_in, d))?;
-    let a = attention.is_some().then_some(a);
-    Ok((y, SublayerSaved { h, a, vectors, stats, attention: attention_kept }))
+    Ok((y, SublayerSaved { h, a: Some(a), xln: Some(xln), vectors, stats, attention: attention_kept }))
 }
 
 /// `len` elements of `src` from `from` to `dst` at `to`, on the device's stream.
@@ -1000,7 +1004,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     attention: Option<CudaAttention>,
     eps: f64,
 ) -> Result<CudaStorage> {
-    let SublayerSaved { h, a: kept, vectors, stats, attention: attention_kept } = saved;
+    let SublayerSaved { h, a: kept, xln: kept_xln, vectors, stats, attention: attention_kept } = saved;
     let dev = x.device();
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
@@ -1026,10 +1030,17 @@ pub(crate) fn sublayer_bwd<T: Float>(
         }
         None => gelu_bwd::<T>(h, &h_l, &second, &da_l)?,
     };
-    // The first linear layer, with the LayerNorm output recomputed: [dxln | dW1 | db1].
-    let (xln, _) = layer_norm_fwd::<T>(x, x_l, vectors, &at.ln_w, vectors, &at.ln_b, (rows, d), eps)?;
-    let first = linear_bwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &dh, &Layout::contiguous((rows, first_out)), (rows, d, first_out))?;
-    drop((xln, dh));
+    // The first linear layer, with the LayerNorm output kept (or recomputed): [dxln | dW1 | db1].
+    let recomputed_xln;
+    let xln = match kept_xln {
+        Some(xln) => xln,
+        None => {
+            recomputed_xln = layer_norm_fwd::<T>(x, x_l, vectors, &at.ln_w, vectors, &at.ln_b, (rows, d), eps)?.0;
+            &recomputed_xln
+        }
+    };
+    let first = linear_bwd::<T>(xln, &Layout::contiguous((rows, d)), w, &at.w1, &dh, &Layout::contiguous((rows, first_out)), (rows, d, first_out))?;
+    drop(dh);
     // The LayerNorm: [dx_ln (rows x D) | d ln_w | d ln_b].
     let ln = layer_norm_bwd::<T>(x, x_l, vectors, &at.ln_w, &first, &Layout::contiguous((rows, d)), Some(stats), (rows, d), eps)?;
     let n = rows * d + first_out * d + d * second_in + 3 * d + first_out;

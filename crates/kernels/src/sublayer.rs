@@ -13,11 +13,13 @@
 //!   an activation-sized buffer written, read and written again.
 //!
 //! This op keeps its input x (the graph's), the first linear layer's output h ([rows, 4D] or
-//! the [rows, 3D] qkv rows) and, for attention, the attention output; it recomputes the
-//! LayerNorm output (and gelu(h)) in its backward, cheap row passes. Its arguments are x, the
+//! the [rows, 3D] qkv rows) and, for attention, the attention output; on the CPU it recomputes
+//! the LayerNorm output (and gelu(h)) in its backward, cheap row passes, and on CUDA keeps them
+//! too (memory is not what binds there: cuda.rs `SublayerSaved`). Its arguments are x, the
 //! two weight matrices packed into one tensor, and the four vectors (LayerNorm weight and bias,
 //! the two biases) packed into another, so that it fits candle's three-argument custom op; the
-//! packing copies only parameters.
+//! packing copies only parameters, and none where the caller keeps them packed
+//! (`PackedSublayer`).
 
 use std::sync::{Arc, Mutex};
 
