@@ -151,9 +151,22 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t stride,
     }
 }
 
-// The lane's share of a 16x16 tile: row lane / 2, columns (lane % 2) * 8 ... + 8.
-__device__ __forceinline__ int tile_row(int lane) { return lane / 2; }
-__device__ __forceinline__ int tile_col0(int lane) { return (lane % 2) * 8; }
+// The lane's share of a 16x16 tile: column lane % 16 of the eight rows 2i + lane / 16,
+// i = 0 ... 7 (TILE_ROWS_PER_LANE). At each i the warp reads two whole rows, lanes 0-15 one
+// and 16-31 the next: with the f32 tile's 64-byte rows those fall in all 32 banks, and in the
+// 16-bit tiles (48-byte rows) in disjoint ones. (Eight consecutive columns of one row per lane,
+// the first version's share, made each of those reads an 8-way bank conflict.) A row's
+// statistics are then reduced over the 16 lanes of its half-warp (`half_warp_*`).
+constexpr int TILE_ROWS_PER_LANE = FLASH_TILE / 2;
+__device__ __forceinline__ int tile_col(int lane) { return lane % FLASH_TILE; }
+__device__ __forceinline__ int tile_row(int lane, int i) { return 2 * i + lane / FLASH_TILE; }
+
+// Sum and max over the 16 lanes of a half-warp (xor offsets below 16 stay within it).
+__device__ __forceinline__ float half_warp_sum(float v) {
+#pragma unroll
+    for (int offset = FLASH_TILE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
 
 template <typename T>
 using FragA = wmma::fragment<wmma::matrix_a, FLASH_TILE, FLASH_TILE, FLASH_TILE, T, wmma::row_major>;
@@ -193,47 +206,58 @@ __device__ __forceinline__ void accumulate_product(FragAcc* acc, const T* p, con
 }
 
 // The log-sum-exp of each of the warp's 16 rows' scaled scores against the n keys of `keys`
-// (a full matrix), for the lane's row (both lanes of a row get it).
+// (a full matrix): lse[i] for the lane's rows tile_row(lane, i). An online softmax per lane
+// over its column of each tile, then the 16 lanes of each row combined.
 template <typename T, int HD, int LD>
-__device__ float rows_lse(const FragA<T>* rows, const T* keys, float* s, int64_t n, int64_t n_pad, float scale, int lane) {
-    const int r = tile_row(lane), c0 = tile_col0(lane);
-    float m = -INFINITY, l = 0.f;
+__device__ void rows_lse(const FragA<T>* rows, const T* keys, float* s, int64_t n, int64_t n_pad, float scale, int lane,
+                         float* lse) {
+    const int col = tile_col(lane);
+    float m[TILE_ROWS_PER_LANE], l[TILE_ROWS_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) m[i] = -INFINITY, l[i] = 0.f;
     for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
         tile_scores<T, HD, LD>(s, rows, keys + j * LD);
-        float v[8], vmax = -INFINITY;
+        if (j + col < n) {
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            v[c] = j + c0 + c < n ? s[r * FLASH_TILE + c0 + c] * scale : -INFINITY;
-            vmax = fmaxf(vmax, v[c]);
+            for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+                const float v = s[tile_row(lane, i) * FLASH_TILE + col] * scale;
+                if (v > m[i]) {
+                    l[i] = l[i] * expf(m[i] - v) + 1.f;  // expf(-inf) = 0 on the first key
+                    m[i] = v;
+                } else {
+                    l[i] += expf(v - m[i]);
+                }
+            }
         }
         __syncwarp();  // s is rewritten by the next tile
-        if (vmax == -INFINITY) continue;  // all eight columns are padding
-        const float m_new = fmaxf(m, vmax);
-        l *= expf(m - m_new);
-#pragma unroll
-        for (int c = 0; c < 8; ++c) l += expf(v[c] - m_new);
-        m = m_new;
     }
-    // Combine with the other lane of the row (cols 8-15 against 0-7). n >= 1, so one of the
-    // two saw a key and M is finite.
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, 1), l2 = __shfl_xor_sync(0xffffffffu, l, 1);
-    const float M = fmaxf(m, m2);
-    const float total = (m == -INFINITY ? 0.f : l * expf(m - M)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - M));
-    return M + logf(total);
+    // Combine the 16 lanes of each row. n >= 1, so one of them saw a key and m is finite.
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+#pragma unroll
+        for (int offset = FLASH_TILE / 2; offset > 0; offset >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[i], offset), l2 = __shfl_xor_sync(0xffffffffu, l[i], offset);
+            const float M = fmaxf(m[i], m2);
+            l[i] = (m[i] == -INFINITY ? 0.f : l[i] * expf(m[i] - M)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - M));
+            m[i] = M;
+        }
+        lse[i] = m[i] + logf(l[i]);
+    }
 }
 
 // Writes accumulators acc[t] (scaled by `scale`) as the warp's rows row0 ... row0 + 16 (those
 // below n) of a packed matrix: row i at dst + i * stride. Goes through the f32 scratch `s`.
 template <typename T, int HD>
 __device__ void store_rows(FragAcc* acc, float scale, float* s, T* dst, int64_t stride, int64_t row0, int64_t n, int lane) {
-    const int r = tile_row(lane), c0 = tile_col0(lane);
+    const int col = tile_col(lane);
 #pragma unroll
     for (int t = 0; t < HD / FLASH_TILE; ++t) {
         wmma::store_matrix_sync(s, acc[t], FLASH_TILE, wmma::mem_row_major);
         __syncwarp();
-        if (row0 + r < n) {
 #pragma unroll
-            for (int c = 0; c < 8; ++c) dst[(row0 + r) * stride + t * FLASH_TILE + c0 + c] = store<T>(s[r * FLASH_TILE + c0 + c] * scale);
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int r = tile_row(lane, i);
+            if (row0 + r < n) dst[(row0 + r) * stride + t * FLASH_TILE + col] = store<T>(s[r * FLASH_TILE + col] * scale);
         }
         __syncwarp();
     }
@@ -276,19 +300,27 @@ __device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, float*
 #pragma unroll
     for (int k = 0; k < HD / FLASH_TILE; ++k) wmma::load_matrix_sync(qf[k], sh.tile_a + k * FLASH_TILE, LD);
 
-    const float lse = rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
-    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    float lse[TILE_ROWS_PER_LANE];
+    rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane, lse);
+    const int col = tile_col(at.lane);
     // Kept for the backward's dq kernel, which then need not find it again.
-    if (at.row0 + r < n && at.lane % 2 == 0) lse_out[(int64_t)blockIdx.x * n + at.row0 + r] = lse;
+    if (col == 0) {
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int64_t row = at.row0 + tile_row(at.lane, i);
+            if (row < n) lse_out[(int64_t)blockIdx.x * n + row] = lse[i];
+        }
+    }
     FragAcc acc[HD / FLASH_TILE];
 #pragma unroll
     for (int t = 0; t < HD / FLASH_TILE; ++t) wmma::fill_fragment(acc[t], 0.f);
     for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
         tile_scores<T, HD, LD>(sh.s, qf, sh.full_a + j * LD);
+        const bool key = j + col < n;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const float p = j + c0 + c < n ? expf(sh.s[r * FLASH_TILE + c0 + c] * scale - lse) : 0.f;
-            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p);
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int r = tile_row(at.lane, i);
+            sh.pa[r * Sh::LDP + col] = store<T>(key ? expf(sh.s[r * FLASH_TILE + col] * scale - lse[i]) : 0.f);
         }
         __syncwarp();
         accumulate_product<T, HD, LD, Sh::LDP>(acc, sh.pa, sh.full_b + j * LD);
@@ -325,15 +357,20 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
     __syncthreads();
     if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
 
-    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
-    const int64_t row = at.row0 + r;
-    // delta: each lane of the row takes half the head dim, in f32.
-    float delta = 0.f;
-    if (row < n) {
-        for (int d = (at.lane % 2) * (HD / 2); d < (at.lane % 2 + 1) * (HD / 2); ++d)
-            delta += load(sh.tile_b[r * LD + d]) * load(o[row * width + d]);
+    const int col = tile_col(at.lane);
+    // delta = rowsum(dO * O) in f32: each of a row's 16 lanes takes every 16th element.
+    float delta[TILE_ROWS_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+        const int r = tile_row(at.lane, i);
+        const int64_t row = at.row0 + r;
+        float partial = 0.f;
+        if (row < n) {
+#pragma unroll
+            for (int d = col; d < HD; d += FLASH_TILE) partial += load(sh.tile_b[r * LD + d]) * load(o[row * width + d]);
+        }
+        delta[i] = half_warp_sum(partial);
     }
-    delta += __shfl_xor_sync(0xffffffffu, delta, 1);
 
     FragA<T> qf[HD / FLASH_TILE], gf[HD / FLASH_TILE];
 #pragma unroll
@@ -343,12 +380,25 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
     }
     // The forward's log-sum-exp when it was kept (`have_lse`, the same for the whole launch),
     // else found again as the forward does.
-    const float lse = have_lse ? (row < n ? lse_in[(int64_t)blockIdx.x * n + row] : 0.f)
-                               : rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane);
-    if (row < n && at.lane % 2 == 0) {
-        const int64_t bh_row = (int64_t)blockIdx.x * n + row;
-        stats[bh_row] = lse;
-        stats[(int64_t)gridDim.x * n + bh_row] = delta;
+    float lse[TILE_ROWS_PER_LANE];
+    if (have_lse) {
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int64_t row = at.row0 + tile_row(at.lane, i);
+            lse[i] = row < n ? lse_in[(int64_t)blockIdx.x * n + row] : 0.f;
+        }
+    } else {
+        rows_lse<T, HD, LD>(qf, sh.full_a, sh.s, n, n_pad, scale, at.lane, lse);
+    }
+    if (col == 0) {
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int64_t row = at.row0 + tile_row(at.lane, i);
+            if (row >= n) continue;
+            const int64_t bh_row = (int64_t)blockIdx.x * n + row;
+            stats[bh_row] = lse[i];
+            stats[(int64_t)gridDim.x * n + bh_row] = delta[i];
+        }
     }
 
     FragAcc acc[HD / FLASH_TILE];
@@ -357,11 +407,12 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
     for (int64_t j = 0; j < n_pad; j += FLASH_TILE) {
         tile_scores<T, HD, LD>(sh.s, qf, sh.full_a + j * LD);   // q k_j^T
         tile_scores<T, HD, LD>(sh.dp, gf, sh.full_b + j * LD);  // dO v_j^T
+        const bool key = j + col < n;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int i = r * FLASH_TILE + c0 + c;
-            const float p = j + c0 + c < n ? expf(sh.s[i] * scale - lse) : 0.f;
-            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p * (sh.dp[i] - delta));
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int r = tile_row(at.lane, i), e = r * FLASH_TILE + col;
+            const float p = key ? expf(sh.s[e] * scale - lse[i]) : 0.f;
+            sh.pa[r * Sh::LDP + col] = store<T>(p * (sh.dp[e] - delta[i]));
         }
         __syncwarp();
         accumulate_product<T, HD, LD, Sh::LDP>(acc, sh.pa, sh.full_a + j * LD);  // ds k_j
@@ -407,7 +458,7 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
         wmma::load_matrix_sync(kf[k], sh.tile_a + k * FLASH_TILE, LD);
         wmma::load_matrix_sync(vf[k], sh.tile_b + k * FLASH_TILE, LD);
     }
-    const int r = tile_row(at.lane), c0 = tile_col0(at.lane);
+    const int col = tile_col(at.lane);
     FragAcc dk[HD / FLASH_TILE], dv[HD / FLASH_TILE];
 #pragma unroll
     for (int t = 0; t < HD / FLASH_TILE; ++t) {
@@ -417,13 +468,16 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
     for (int64_t i0 = 0; i0 < n_pad; i0 += FLASH_TILE) {
         tile_scores<T, HD, LD>(sh.s, kf, sh.full_a + i0 * LD);   // (q_i k^T)^T
         tile_scores<T, HD, LD>(sh.dp, vf, sh.full_b + i0 * LD);  // (dO_i v^T)^T
+        // The lane's column is one query: its statistics once per tile.
+        const int64_t query = i0 + col;
+        const bool valid = query < n;
+        const float lse = valid ? sh.stat_a[query] : 0.f, delta = valid ? sh.stat_b[query] : 0.f;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int64_t query = i0 + c0 + c;
-            const int e = r * FLASH_TILE + c0 + c;
-            const float p = query < n ? expf(sh.s[e] * scale - sh.stat_a[query]) : 0.f;
-            sh.pa[r * Sh::LDP + c0 + c] = store<T>(p);
-            sh.pb[r * Sh::LDP + c0 + c] = store<T>(p * (sh.dp[e] - sh.stat_b[query]));
+        for (int i = 0; i < TILE_ROWS_PER_LANE; ++i) {
+            const int r = tile_row(at.lane, i), e = r * FLASH_TILE + col;
+            const float p = valid ? expf(sh.s[e] * scale - lse) : 0.f;
+            sh.pa[r * Sh::LDP + col] = store<T>(p);
+            sh.pb[r * Sh::LDP + col] = store<T>(p * (sh.dp[e] - delta));
         }
         __syncwarp();
         accumulate_product<T, HD, LD, Sh::LDP>(dv, sh.pa, sh.full_b + i0 * LD);  // p^T dO_i
