@@ -223,12 +223,15 @@ async function main(): Promise<void> {
     save();
     log(`${row.impl} ${row.path ?? ''} ${row.dtype} b${row.batch}: ${r.error ?? `${fmt(row.images_per_s)} img/s, peak ${fmt(row.peak_mem_mb)} MB`}`);
   };
-  // A kernel that faults takes its process down, and CONVMAE_ATTENTION=auto tries every form of
-  // attention that serves a shape: should a flash row of the agreement have failed (or the
-  // agreement probe itself), our rows run without the flash form, rather than all fault alike.
+  // A kernel that faults takes its process down, CONVMAE_ATTENTION=auto tries every form of
+  // attention that serves a shape, and AdamW updates every tensor in one launch: should a flash
+  // row or the one-launch AdamW row of the agreement have failed (or the agreement probe itself),
+  // our rows run without them, rather than all fault alike.
   const flashSuspect = agreementError !== undefined || agreement.some((a) => a.op.includes('flash') && a.pass === false);
-  const attentionFallback: NodeJS.ProcessEnv = flashSuspect ? { CONVMAE_ATTENTION: 'gemm' } : {};
+  const manySuspect = agreementError !== undefined || agreement.some((a) => a.op === 'adamw_update:many' && a.pass === false);
+  const attentionFallback: NodeJS.ProcessEnv = { ...(flashSuspect ? { CONVMAE_ATTENTION: 'gemm' } : {}), ...(manySuspect ? { CONVMAE_ADAMW: 'per-tensor' } : {}) };
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');
+  if (manySuspect && !loadError && !profileOnly) log('the one-launch AdamW row of the agreement failed (or the agreement did): our rows run with CONVMAE_ADAMW=per-tensor');
   const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env: NodeJS.ProcessEnv = {}) =>
     run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', 'cuda', '--precision', precision, '--path', convPath], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
       record(r, { suite: 'gpu', impl, preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath }),
@@ -250,7 +253,7 @@ async function main(): Promise<void> {
     // (The gemm form where the comparison's row of ours had to be rerun with it.)
     const headline = rows.find((r) => ['ours', 'ours-gemm-attention'].includes(r.impl) && r.path === 'sparse' && r.dtype === 'bf16' && r.batch === batch && !r.error);
     const attentionForm = headline?.impl === 'ours-gemm-attention' ? 'gemm' : autoAttentionForm(headline?.choices ?? []);
-    const profileEnv = attentionForm ? { CONVMAE_ATTENTION: attentionForm } : attentionFallback;
+    const profileEnv: NodeJS.ProcessEnv = headline?.impl === 'ours-gemm-attention' ? { CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' } : { ...attentionFallback, ...(attentionForm ? { CONVMAE_ATTENTION: attentionForm } : {}) };
     const attentionNote = attentionForm ? `attention in the ${attentionForm} form, as the throughput run picked` : 'attention as CONVMAE_ATTENTION=auto picks under the profiler';
     const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default, ${attentionNote}; PyTorch: eager with autocast bf16).`;
     // One warmup step (module loads, first allocations), then the profiled step.
@@ -300,10 +303,11 @@ async function main(): Promise<void> {
     // With the addon's per-step host timing (one line a step): whether the GPU waits on the host.
     if (!loadError) {
       await ours(batch, 'bf16', 'sparse', 'ours', { CONVMAE_PROFILE: '1' });
-      // Should it fail (a fault in a form of attention auto tried, say), once more with the gemm
-      // form, which has run on GPUs before, so that the comparison has a row of ours.
+      // Should it fail (a fault in a form of attention auto tried, or in the one-launch AdamW,
+      // say), once more with the gemm form and AdamW per tensor, which have run on GPUs before,
+      // so that the comparison has a row of ours.
       const failed = rows[rows.length - 1];
-      if (failed.error && !failed.error.startsWith('skipped')) await ours(batch, 'bf16', 'sparse', 'ours-gemm-attention', { CONVMAE_PROFILE: '1', CONVMAE_ATTENTION: 'gemm' });
+      if (failed.error && !failed.error.startsWith('skipped')) await ours(batch, 'bf16', 'sparse', 'ours-gemm-attention', { CONVMAE_PROFILE: '1', CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' });
     }
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
@@ -329,6 +333,8 @@ async function main(): Promise<void> {
       // forward instead of the bf16 compute copies (as before).
       await ours(batch, 'bf16', 'sparse', 'ours-host-normalize', { CONVMAE_NORMALIZE: 'host', CONVMAE_PROFILE: '1' });
       await ours(batch, 'bf16', 'sparse', 'ours-weight-casts', { CONVMAE_COMPUTE_COPIES: 'off' });
+      // and of the one-launch AdamW: a launch per tensor, as before it.
+      await ours(batch, 'bf16', 'sparse', 'ours-adamw-per-tensor', { CONVMAE_ADAMW: 'per-tensor', CONVMAE_PROFILE: '1' });
     }
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.

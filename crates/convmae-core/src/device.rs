@@ -134,6 +134,14 @@ pub fn check_copies() -> bool {
     *ON.get_or_init(|| env_switch("CONVMAE_CHECK_COPIES", "off", "on"))
 }
 
+/// `CONVMAE_ADAMW=per-tensor`: AdamW launches one kernel per tensor, as before the multi-tensor
+/// update (`convmae_kernels::adamw_update_many`, the default `many`): its A/B, and a safety valve
+/// should the one launch misbehave on a GPU. Read once per process.
+pub fn adamw_per_tensor() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("CONVMAE_ADAMW", "many", "per-tensor"))
+}
+
 /// Whether `name` asks for `alternative` (rather than `default`, or nothing).
 fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
     match std::env::var(name).as_deref() {

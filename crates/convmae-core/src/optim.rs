@@ -4,7 +4,7 @@
 
 use crate::params::{Param, ParamStore};
 use candle_core::{Result, Tensor};
-use convmae_kernels::{adamw_update, adamw_update_with_shadow, composite, has_kernel, AdamWUpdate};
+use convmae_kernels::{adamw_update, adamw_update_many, adamw_update_with_shadow, composite, has_kernel, AdamWItem, AdamWUpdate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,16 +116,40 @@ impl AdamW {
         self.step += 1;
         let c = &self.cfg;
         let shadows = params.trainable_shadows();
+        let update_of = |group: &ParamGroup| AdamWUpdate {
+            lr: lr * group.lr_scale,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: group.weight_decay,
+            step: self.step,
+        };
+        // On CUDA every tensor in one launch where that applies (`adamw_update_many`): 311
+        // launches fewer for ConvMAE-B, most of them for biases and norms.
+        let items = params
+            .trainable()
+            .zip(grads)
+            .zip(&self.moments)
+            .zip(&self.groups)
+            .zip(&shadows)
+            .map(|(((((_, var), g), m), group), shadow)| {
+                Ok(AdamWItem {
+                    param: var.as_tensor(),
+                    exp_avg: &m.exp_avg,
+                    exp_avg_sq: &m.exp_avg_sq,
+                    grad: g,
+                    copy: shadow.as_ref().map(|s| s.tensor()).transpose()?,
+                    u: update_of(group),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !crate::device::adamw_per_tensor() && adamw_update_many(&items)? {
+            return Ok(());
+        }
+        drop(items);
         for (((((param, var), g), m), group), shadow) in params.trainable().zip(grads).zip(self.moments.iter_mut()).zip(&self.groups).zip(&shadows) {
             debug_assert_eq!(param.spec.name, m.name);
-            let u = AdamWUpdate {
-                lr: lr * group.lr_scale,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                eps: c.eps,
-                weight_decay: group.weight_decay,
-                step: self.step,
-            };
+            let u = update_of(group);
             let w = var.as_tensor();
             if let (Some(copy), true) = (shadow, has_kernel(w) && w.device().is_cuda()) {
                 adamw_update_with_shadow(w, &m.exp_avg, &m.exp_avg_sq, g, &copy.tensor()?, &u)?;

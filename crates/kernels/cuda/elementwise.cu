@@ -60,6 +60,58 @@ __device__ __forceinline__ void adamw(T* __restrict__ p, T* __restrict__ m, T* _
     }
 }
 
+// One tensor of a multi-tensor AdamW update (src/cuda.rs `adamw_many` fills these; keep the
+// two layouts in step): f32 weights and moments, the gradient in f32 or in the 16-bit compute
+// type, the 16-bit compute copy or none, and the tensor's own decay and step size (its
+// parameter group's lr and weight decay).
+struct AdamWTensor {
+    float* p;
+    float* m;
+    float* v;
+    const void* g;
+    void* copy;  // null: no compute copy
+    int64_t n;
+    float decay;
+    float step_size;
+    int32_t g_half;  // the gradient is 16-bit
+    int32_t unused;
+};
+// A stretch of one tensor for one block to update.
+struct AdamWChunk {
+    int32_t tensor;
+    int32_t unused;
+    int64_t start;
+    int64_t len;
+};
+static_assert(sizeof(AdamWTensor) == 64 && sizeof(AdamWChunk) == 24, "src/cuda.rs mirrors these layouts");
+
+// Every tensor of a model in one launch: each block takes chunks blockIdx.x, + gridDim.x, ...
+// The same arithmetic as `adamw`, per element. One launch instead of one per tensor (311 for
+// ConvMAE-B, most of them biases and norms whose launches cost more than their updates).
+template <typename H>
+__device__ __forceinline__ void adamw_many(const AdamWTensor* __restrict__ tensors, const AdamWChunk* __restrict__ chunks,
+                                           int64_t n_chunks, float beta1, float one_minus_beta1, float beta2,
+                                           float one_minus_beta2, float bias2_sqrt, float eps) {
+    for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWChunk ch = chunks[c];
+        const AdamWTensor t = tensors[ch.tensor];
+        const float* g32 = static_cast<const float*>(t.g);
+        const H* g16 = static_cast<const H*>(t.g);
+        H* copy = static_cast<H*>(t.copy);
+        for (int64_t i = ch.start + threadIdx.x; i < ch.start + ch.len; i += blockDim.x) {
+            const float gv = t.g_half ? load(g16[i]) : g32[i];
+            const float mv = t.m[i] * beta1 + gv * one_minus_beta1;
+            const float vv = t.v[i] * beta2 + (gv * gv) * one_minus_beta2;
+            const float denom = sqrtf(vv) / bias2_sqrt + eps;
+            const float pv = t.p[i] * t.decay - t.step_size * (mv / denom);
+            t.p[i] = pv;
+            t.m[i] = mv;
+            t.v[i] = vv;
+            if (copy) copy[i] = store<H>(pv);
+        }
+    }
+}
+
 // Images as the data pipeline hands them over (uint8 [B, H, W, 3], channels last) to normalized
 // f32 on the device: (p / 255 - mean[c]) / std[c] with the host path's f32 constants, in its
 // order, so the results are the same bits (IEEE division: no fast math here). Uploading the
@@ -123,3 +175,16 @@ extern "C" __global__ void normalize_rgb_u8(const uint8_t* px, float* out, int64
 ADAMW_SHADOW_KERNEL(__nv_bfloat16, bf16)
 ADAMW_SHADOW_KERNEL(float, f32)
 #endif
+
+// Launch: grid min(chunks, a few per SM), block 256 (src/cuda.rs adamw_many). The 16-bit type
+// is bf16 (f32 under host emulation, which has no bf16).
+#ifndef CONVMAE_HOST_EMULATION
+#define ADAMW_MANY_HALF __nv_bfloat16
+#else
+#define ADAMW_MANY_HALF float
+#endif
+extern "C" __global__ void adamw_many_f32(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t n_chunks, float beta1,
+                                          float one_minus_beta1, float beta2, float one_minus_beta2, float bias2_sqrt,
+                                          float eps) {
+    adamw_many<ADAMW_MANY_HALF>(tensors, chunks, n_chunks, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps);
+}

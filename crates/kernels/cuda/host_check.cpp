@@ -377,6 +377,55 @@ static void check_elementwise() {
     check("adamw with a shadow: the shadow", shadow, wp2, 1e-6);
 }
 
+// The multi-tensor AdamW, launched as src/cuda.rs adamw_many builds it: three tensors of
+// different sizes and parameter groups (decay, step size), cut into chunks of at most 100
+// elements (a tensor smaller than a chunk, one ending mid-chunk), on a grid smaller than the
+// chunk count; gradients "16-bit" (here f32: the host has no bf16) and f32; one without a copy.
+static void check_adamw_many() {
+    const int64_t sizes[3] = {37, 250, 1};
+    const double b1 = 0.9, b2 = 0.95, eps = 1e-8;
+    const double lrs[3] = {1e-3, 2e-3, 5e-4}, wds[3] = {0.05, 0.0, 0.05};
+    const int t = 4;
+    std::vector<std::vector<float>> p, m, v, g, copy;
+    std::vector<std::vector<double>> wp;
+    std::vector<AdamWTensor> tensors;
+    std::vector<AdamWChunk> chunks;
+    for (int k = 0; k < 3; ++k) {
+        const int64_t n = sizes[k];
+        p.push_back(random_values(n, 40 + k));
+        m.push_back(random_values(n, 50 + k));
+        v.push_back(random_values(n, 60 + k));
+        g.push_back(random_values(n, 70 + k));
+        copy.emplace_back(n, NAN);
+        for (auto& e : m[k]) e *= 0.01f;
+        for (auto& e : v[k]) e = std::fabs(e) * 0.01f;
+        std::vector<double> want(n);
+        for (int64_t i = 0; i < n; ++i) {
+            const double mm = b1 * m[k][i] + (1 - b1) * g[k][i], vv = b2 * v[k][i] + (1 - b2) * (double)g[k][i] * g[k][i];
+            want[i] = p[k][i] * (1 - lrs[k] * wds[k]) - lrs[k] / (1 - std::pow(b1, t)) * mm / (std::sqrt(vv) / std::sqrt(1 - std::pow(b2, t)) + eps);
+        }
+        wp.push_back(want);
+    }
+    for (int k = 0; k < 3; ++k) {
+        tensors.push_back(AdamWTensor{p[k].data(), m[k].data(), v[k].data(), g[k].data(), k == 1 ? nullptr : copy[k].data(), sizes[k],
+                                      (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), k % 2, 0});
+        for (int64_t start = 0; start < sizes[k]; start += 100) chunks.push_back(AdamWChunk{k, 0, start, std::min<int64_t>(100, sizes[k] - start)});
+    }
+    launch(2 * 64, 64, [&] {
+        adamw_many_f32(tensors.data(), chunks.data(), (int64_t)chunks.size(), (float)b1, (float)(1 - b1), (float)b2, (float)(1 - b2),
+                       (float)std::sqrt(1 - std::pow(b2, t)), (float)eps);
+    });
+    for (int k = 0; k < 3; ++k) {
+        char name[96];
+        std::snprintf(name, sizeof name, "adamw many: tensor %d of %lld (parameter)", k, (long long)sizes[k]);
+        check(name, p[k], wp[k], 1e-6);
+        if (k != 1) check("adamw many: its compute copy", copy[k], wp[k], 1e-6);
+    }
+    const bool untouched = std::all_of(copy[1].begin(), copy[1].end(), [](float x) { return std::isnan(x); });
+    if (!untouched) ++failures;
+    std::printf("%-58s %s\n", "adamw many: no copy written where there is none", untouched ? "ok" : "FAIL");
+}
+
 // The image normalization against the host path's f32 formula: the same bits.
 static void check_normalize() {
     const int64_t n = 3 * 1000 + 3;
@@ -673,6 +722,7 @@ int main() {
         check_sparse(1, 6, 5, 3, k, 512);
     }
     check_elementwise();
+    check_adamw_many();
     check_normalize();
     // Rows not a multiple of the 4 rows a block holds; D below, at and above the 32 lanes.
     check_rows(9, 49, 4);

@@ -135,6 +135,35 @@ pub fn adamw_update_with_shadow(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &T
     param.inplace_op3(exp_avg, exp_avg_sq, &Fused { grad: grad.clone(), shadow: Some(shadow.clone()), u: *u })
 }
 
+/// One tensor of `adamw_update_many`: its weights, moments, gradient, compute copy (if any) and
+/// update (its parameter group's lr and weight decay).
+pub struct AdamWItem<'a> {
+    pub param: &'a Tensor,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub copy: Option<Tensor>,
+    pub u: AdamWUpdate,
+}
+
+/// `adamw_update` (or `adamw_update_with_shadow`, where an item has a copy) of every item in one
+/// CUDA launch (cuda/elementwise.cu `adamw_many`), where that applies: our kernels chosen, all on
+/// one CUDA device, f32 weights and moments, f32 or bf16 gradients, bf16 copies, every tensor
+/// contiguous, and the same betas, eps and step for all (lr and weight decay may differ). Returns
+/// whether it ran; where it does not apply it does nothing, and the caller updates tensor by
+/// tensor. The same arithmetic as the one-tensor kernels, element for element.
+pub fn adamw_update_many(items: &[AdamWItem]) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::adamw_many_tensors(items)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = items;
+        Ok(false)
+    }
+}
+
 /// The whole update in one CUDA kernel (cuda/elementwise.cu): moments and parameter read and
 /// written once, instead of three passes. candle's in-place ops write only their first tensor,
 /// so `param` is that tensor, the moments come as the sources, and the kernel writes them too,

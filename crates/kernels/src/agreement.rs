@@ -380,6 +380,7 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
     // Mixed precision's update (CUDA only: elsewhere the caller updates in f32 and casts).
     if device.is_cuda() && paths.contains(&Path::Kernels) && dtypes.contains(&DType::BF16) {
         out.push(adamw_compute_copy_agreement(device)?);
+        out.push(adamw_many_agreement(device)?);
     }
     // The image normalization: the device's bits must be the host's.
     if device.is_cuda() && paths.contains(&Path::Kernels) {
@@ -437,6 +438,42 @@ fn adamw_compute_copy_agreement(device: &Device) -> Result<Agreement> {
     let forward_rel = worst(worst(worst(rel(&pd, &pc)?, rel(&md, &mc)?), rel(&vd, &vc)?), copy_rel);
     let tolerance = tolerance("adamw_update", DType::F32, true);
     Ok(state_row("adamw_update:compute_copy", Path::Kernels, "f32 (bf16 gradient and copy)".into(), shape, forward_rel, true, tolerance))
+}
+
+/// `adamw_update_many` on `device`: three tensors in one launch (a bf16 gradient with its bf16
+/// compute copy, an f32 gradient without one, a single element; three lr and weight-decay
+/// pairs) against the CPU update of each in f32, and each copy against its weights rounded.
+fn adamw_many_agreement(device: &Device) -> Result<Agreement> {
+    let shapes: [&[usize]; 3] = [&[768, 3072], &[768], &[1]];
+    let mut worst_rel = 0.0;
+    let mut on_device = Vec::new();
+    let mut references = Vec::new();
+    for (k, shape) in shapes.iter().enumerate() {
+        let seed = 20 + 5 * k as u64;
+        let make = |s: u64, scale: f64| -> Result<Tensor> { rounded(shape, s, DType::F32)? * scale };
+        let (p, m) = (make(seed, 1.0)?, make(seed + 1, 0.01)?);
+        let v = make(seed + 2, 0.01)?.abs()?;
+        let g = make(seed + 3, 0.1)?.to_dtype(if k == 1 { DType::F32 } else { DType::BF16 })?;
+        let u = AdamWUpdate { lr: 1e-3 * (k + 1) as f64, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: [0.05, 0.0, 0.1][k], step: 7 };
+        let (pc, mc, vc) = (p.copy()?, m.copy()?, v.copy()?);
+        with_path(Path::Kernels, || crate::adamw_update(&pc, &mc, &vc, &g.to_dtype(DType::F32)?, &u))?;
+        references.push((pc, mc, vc));
+        let copy = (k != 1).then(|| Tensor::zeros(*shape, DType::BF16, device)).transpose()?;
+        on_device.push((p.to_device(device)?, m.to_device(device)?, v.to_device(device)?, g.to_device(device)?, copy, u));
+    }
+    let items: Vec<crate::AdamWItem> = on_device.iter().map(|(p, m, v, g, copy, u)| crate::AdamWItem { param: p, exp_avg: m, exp_avg_sq: v, grad: g, copy: copy.clone(), u: *u }).collect();
+    let ran = with_path(Path::Kernels, || crate::adamw_update_many(&items))?;
+    drop(items);
+    for ((pd, md, vd, _, copy, _), (pc, mc, vc)) in on_device.iter().zip(&references) {
+        worst_rel = worst(worst(worst(worst_rel, rel(pd, pc)?), rel(md, mc)?), rel(vd, vc)?);
+        if let Some(copy) = copy {
+            worst_rel = worst(worst_rel, rel(copy, &pd.to_dtype(DType::BF16)?)?);
+        }
+    }
+    // Not run (a tensor it does not take) counts as a failure: the row would measure nothing.
+    let forward_rel = if ran { worst_rel } else { f64::INFINITY };
+    let tolerance = tolerance("adamw_update", DType::F32, true);
+    Ok(state_row("adamw_update:many", Path::Kernels, "f32 (bf16 and f32 gradients, bf16 copies)".into(), shapes[0], forward_rel, true, tolerance))
 }
 
 /// The AdamW update on `device` (fused where a kernel exists, composite otherwise) vs the CPU.

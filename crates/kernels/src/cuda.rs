@@ -1335,3 +1335,127 @@ pub(crate) fn adamw<T: Float>(
     }
     Ok(())
 }
+
+// ---- multi-tensor AdamW (cuda/elementwise.cu adamw_many) -------------------------------------
+
+/// cuda/elementwise.cu `AdamWTensor`, byte for byte (64 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWTensorRow {
+    p: u64,
+    m: u64,
+    v: u64,
+    g: u64,
+    copy: u64,
+    n: i64,
+    decay: f32,
+    step_size: f32,
+    g_half: i32,
+    unused: i32,
+}
+
+/// cuda/elementwise.cu `AdamWChunk` (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWChunkRow {
+    tensor: i32,
+    unused: i32,
+    start: i64,
+    len: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<AdamWTensorRow>() == 64 && std::mem::size_of::<AdamWChunkRow>() == 24);
+
+/// Elements a block updates per chunk: big tensors split across blocks, small ones one chunk.
+const ADAMW_CHUNK: usize = 1 << 16;
+
+/// The device address of `t`'s first element when it is a contiguous `dtype` tensor on CUDA
+/// device `dev`, else None.
+fn device_address(t: &candle_core::Tensor, dtype: DType, dev: &CudaDevice) -> Result<Option<u64>> {
+    if t.dtype() != dtype || !t.device().same_device(&candle_core::Device::Cuda(dev.clone())) {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else { return Ok(None) };
+    let Some((start, _)) = layout.contiguous_offsets() else { return Ok(None) };
+    let stream = dev.cuda_stream();
+    let base = match dtype {
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        _ => return Ok(None),
+    };
+    Ok(Some(base + (start * dtype.size_in_bytes()) as u64))
+}
+
+/// `crate::adamw_update_many` on CUDA: the tables of tensors and chunks uploaded, one launch.
+/// The kernel writes the weights, moments and copies through their addresses, as the
+/// one-tensor kernel writes the moments and copy (adamw.rs `Fused` says why that is sound).
+pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem]) -> Result<bool> {
+    let Some(first) = items.first() else { return Ok(true) };
+    let candle_core::Device::Cuda(dev) = first.param.device() else { return Ok(false) };
+    if !crate::has_kernel(first.param) {
+        return Ok(false);
+    }
+    let u0 = first.u;
+    let mut tensors = Vec::with_capacity(items.len());
+    let mut chunks = Vec::new();
+    for (k, item) in items.iter().enumerate() {
+        let u = item.u;
+        let n = item.param.elem_count();
+        let same_constants = (u.beta1, u.beta2, u.eps, u.step) == (u0.beta1, u0.beta2, u0.eps, u0.step);
+        let shapes_agree = [item.exp_avg, item.exp_avg_sq, item.grad].iter().all(|t| t.elem_count() == n) && item.copy.as_ref().is_none_or(|c| c.elem_count() == n);
+        if !same_constants || !shapes_agree || n == 0 {
+            return Ok(false);
+        }
+        let f32_at = |t: &candle_core::Tensor| device_address(t, DType::F32, dev);
+        let (Some(p), Some(m), Some(v)) = (f32_at(item.param)?, f32_at(item.exp_avg)?, f32_at(item.exp_avg_sq)?) else { return Ok(false) };
+        let (g, g_half) = match item.grad.dtype() {
+            DType::BF16 => (device_address(item.grad, DType::BF16, dev)?, 1),
+            _ => (f32_at(item.grad)?, 0),
+        };
+        let Some(g) = g else { return Ok(false) };
+        let copy = match &item.copy {
+            None => 0,
+            Some(c) => match device_address(c, DType::BF16, dev)? {
+                Some(a) => a,
+                None => return Ok(false),
+            },
+        };
+        let t = u.step as i32;
+        tensors.push(AdamWTensorRow {
+            p,
+            m,
+            v,
+            g,
+            copy,
+            n: n as i64,
+            decay: (1.0 - u.lr * u.weight_decay) as f32,
+            step_size: (u.lr / (1.0 - u.beta1.powi(t))) as f32,
+            g_half,
+            unused: 0,
+        });
+        for start in (0..n).step_by(ADAMW_CHUNK) {
+            chunks.push(AdamWChunkRow { tensor: k as i32, unused: 0, start: start as i64, len: ADAMW_CHUNK.min(n - start) as i64 });
+        }
+    }
+    if items.len() > i32::MAX as usize {
+        return Ok(false);
+    }
+    // SAFETY: plain-old-data rows (repr(C), no padding: the asserts above), viewed as bytes.
+    let bytes = |ptr: *const u8, len: usize| unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();
+    let tensor_bytes = dev.clone_htod(&bytes(tensors.as_ptr().cast(), tensors.len() * std::mem::size_of::<AdamWTensorRow>()))?;
+    let chunk_bytes = dev.clone_htod(&bytes(chunks.as_ptr().cast(), chunks.len() * std::mem::size_of::<AdamWChunkRow>()))?;
+    let t = u0.step as i32;
+    let consts = [u0.beta1 as f32, (1.0 - u0.beta1) as f32, u0.beta2 as f32, (1.0 - u0.beta2) as f32, (1.0 - u0.beta2.powi(t)).sqrt() as f32, u0.eps as f32];
+    let n_chunks = chunks.len() as i64;
+    let f = func(dev, Module::Elementwise, "adamw_many_f32")?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&tensor_bytes).arg(&chunk_bytes).arg(&n_chunks);
+    for c in &consts {
+        builder.arg(c);
+    }
+    let cfg = LaunchConfig { grid_dim: (chunks.len().min(1024) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(true)
+}

@@ -52,7 +52,7 @@ mod softmax;
 mod taps;
 mod sparse_depthwise_conv;
 
-pub use adamw::{adamw_update, adamw_update_with_shadow, AdamWUpdate};
+pub use adamw::{adamw_update, adamw_update_many, adamw_update_with_shadow, AdamWItem, AdamWUpdate};
 pub use attention::{self_attention, with_cuda_form, CudaForm};
 pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
