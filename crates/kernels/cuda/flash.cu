@@ -273,6 +273,17 @@ __device__ void poison_rows(T* dst, int64_t stride, int64_t row0, int64_t n, int
     }
 }
 
+// The forward's and the dq kernel's common staging: one (image, head)'s k and v rows whole, for
+// the block (q points at the head's q in token 0 of the image; k and v follow at `width`), and
+// the warp's 16 query rows.
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void stage_keys_values_queries(FlashShared<T, HD>& sh, const T* q, int64_t stride, int64_t width,
+                                                          int64_t n_pad, int64_t n, const FlashPlace& at) {
+    stage_rows<T, HD, LD>(sh.full_a, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);      // k
+    stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
+    stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
+}
+
 // Launch (all three): grid (B * H, ceil(ceil(n / 16) / FLASH_WARPS)), block 32 * FLASH_WARPS,
 // FlashShared<T, HD>::bytes(n_pad) of dynamic shared memory.
 template <typename T, int HD>
@@ -291,9 +302,7 @@ __device__ void flash_fwd(const T* __restrict__ qkv, T* __restrict__ out, float*
     }
     CONVMAE_DYNAMIC_SHARED(base);
     Sh sh(base, n_pad, at.warp);
-    stage_rows<T, HD, LD>(sh.full_a, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);  // k
-    stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
-    stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
+    stage_keys_values_queries<T, HD, LD>(sh, q, stride, width, n_pad, n, at);
     __syncthreads();
     if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
     FragA<T> qf[HD / FLASH_TILE];
@@ -350,9 +359,7 @@ __device__ void flash_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out
     }
     CONVMAE_DYNAMIC_SHARED(base);
     Sh sh(base, n_pad, at.warp);
-    stage_rows<T, HD, LD>(sh.full_a, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);  // k
-    stage_rows<T, HD, LD>(sh.full_b, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);  // v
-    stage_rows<T, HD, LD>(sh.tile_a, q + at.row0 * stride, stride, FLASH_TILE, n - at.row0, at.lane, 32);
+    stage_keys_values_queries<T, HD, LD>(sh, q, stride, width, n_pad, n, at);
     stage_rows<T, HD, LD>(sh.tile_b, go + at.row0 * width, width, FLASH_TILE, n - at.row0, at.lane, 32);
     __syncthreads();
     if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
