@@ -391,7 +391,7 @@ pub(crate) struct CudaAttention {
 }
 
 /// What an attention forward keeps for its backward: the flash form's log-sum-exp of each query
-/// row ([B * H, N] f32), which its dq kernel would otherwise find again (a third of its
+/// row ([B * H, N] f32), which its dq kernel would otherwise find again (a quarter of its
 /// products). The other forms keep nothing.
 pub(crate) type AttentionKept = Option<CudaSlice<f32>>;
 
@@ -490,7 +490,7 @@ pub(crate) fn flash_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
 
 /// Whether this device gives a block the shared memory the flash kernels need for `dims` in
 /// 16-bit storage (227 KB on an H100: ConvMAE-B needs 52 KB in the encoder and 60 KB in the
-/// decoder; fine-tuning's 197 tokens at head dim 64, 83 KB).
+/// decoder; fine-tuning's 197 tokens at head dim 64, 94 KB).
 pub(crate) fn flash_fits(dev: &CudaDevice, dims: AttentionDims) -> Result<bool> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     let limit = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()?;
