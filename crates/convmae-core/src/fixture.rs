@@ -121,7 +121,7 @@ impl Fixture {
             }
             Ok(t.clone())
         })?;
-        Ok(ConvMae { cfg, params, path: ConvPath::Sparse, precision: Default::default() })
+        Ok(ConvMae { cfg, params, path: ConvPath::Sparse, precision: Default::default(), sublayer_packing: None })
     }
 }
 

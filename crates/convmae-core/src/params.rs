@@ -229,9 +229,9 @@ pub struct ParamStore {
 }
 
 /// Whether a compute view packs the copies of each transformer-style sublayer's parameters the
-/// way its one op reads them (`convmae_kernels::PackedSublayer`): the pretraining model, whose
-/// sublayers all run as one op, asks for it; the classifier (stochastic depth: separate ops)
-/// does not. With the packs a step skips two concatenations per sublayer in the forward and,
+/// way its one op reads them (`convmae_kernels::PackedSublayer`): the pretraining model asks for
+/// it where its sublayers run as one op (`ConvMae::sublayer_packing`: on CUDA); the classifier
+/// (stochastic depth: separate ops) does not. With the packs a step skips two concatenations per sublayer in the forward and,
 /// in the backward, the gradient node (a zero-fill and an add, candle's accumulation) of each
 /// concatenation, reshape and copy: on the first GPU profile of 2026-11-26 that was about 8 of
 /// the 11 adds of each sublayer's backward, and 6 copies of its forward.

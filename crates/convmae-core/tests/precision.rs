@@ -30,6 +30,9 @@ fn bf16_precision_trains_f32_master_weights_with_a_close_loss() {
         assert_eq!(g.dtype(), DType::BF16, "{}", p.spec.name);
         assert!(grads.get(master.as_tensor()).is_none(), "{} got an f32 gradient", p.spec.name);
     }
+    // On the CPU the copies are not packed by default (its bf16 sublayers are separate ops).
+    use convmae_core::params::ComputeCopy;
+    assert!(model.params.trainable_shadows().iter().all(|c| matches!(c, Some(ComputeCopy::Leaf(_)))));
 }
 
 fn pixels(b: usize, s: usize, step: usize) -> Vec<u8> {
@@ -66,6 +69,9 @@ fn compute_copies_follow_the_masters() {
         let cfg = convmae_core::ConvMaeConfig::tiny();
         let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 5).unwrap();
         model.precision = Precision::Bf16;
+        // Packed as on CUDA (the CPU does not pack by default: its bf16 sublayers run as
+        // separate ops), so that the packed copies' training path runs here.
+        model.sublayer_packing = Some(Packing::Sublayers);
         let mut t = Pretrainer::new(model, AdamWConfig::default(), 5).unwrap();
         let before = t.model.params.get("decoder_embed.weight").flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let s = cfg.img_size;

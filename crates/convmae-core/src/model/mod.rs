@@ -45,6 +45,13 @@ pub struct ConvMae {
     pub path: ConvPath,
     /// Dtype of activations and matmuls; the parameters (master weights) keep theirs.
     pub precision: Precision,
+    /// How the bf16 compute copies are packed (`ParamStore::compute_view`). None (the default):
+    /// each sublayer's copies packed where its one op runs on them (our kernels serve the compute
+    /// dtype on the model's device: CUDA), not packed elsewhere, where the sublayers would run as
+    /// their separate ops on views of the packs (on 2 CPU cores at convmae-tiny batch 8 in bf16,
+    /// 60 against 56 ms a step: benches/results/packing-cpu-2026-11-26.md). Some(..) forces a
+    /// packing (the tests, to cover the packed path on the CPU).
+    pub sublayer_packing: Option<Packing>,
 }
 
 /// The encoder's stage-1/2 results that stage 3 and the decoder need.
@@ -81,7 +88,7 @@ impl ConvMae {
     pub fn new(cfg: ConvMaeConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let params = ParamStore::init(pretrain_param_specs(&cfg), dtype, device, seed)?;
-        Ok(Self { cfg, params, path: ConvPath::Sparse, precision: Precision::Fp32 })
+        Ok(Self { cfg, params, path: ConvPath::Sparse, precision: Precision::Fp32, sublayer_packing: None })
     }
 
     /// The dtype activations are computed in.
@@ -90,11 +97,23 @@ impl ConvMae {
     }
 
     /// The parameters as the forward uses them: the master tensors, or their bf16 compute copies
-    /// (`ParamStore::compute_view`), each sublayer's packed for its one op (pretraining has no
-    /// stochastic depth, so every sublayer runs as one).
+    /// (`ParamStore::compute_view`), packed as `sublayer_packing` says.
     fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
         let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype, Packing::Sublayers)?) })
+        if dtype == self.dtype() {
+            return Ok(Cow::Borrowed(&self.params));
+        }
+        Ok(Cow::Owned(self.params.compute_view(dtype, self.packing_for(dtype)?)?))
+    }
+
+    /// `sublayer_packing`, or where unset: packed where our kernels serve `dtype` on this device
+    /// (then every sublayer runs as one op: pretraining has no stochastic depth).
+    fn packing_for(&self, dtype: DType) -> Result<Packing> {
+        if let Some(packing) = self.sublayer_packing {
+            return Ok(packing);
+        }
+        let probe = Tensor::zeros(1, dtype, self.device())?;
+        Ok(if convmae_kernels::has_kernel(&probe) { Packing::Sublayers } else { Packing::None })
     }
 
     pub fn dtype(&self) -> DType {
