@@ -23,7 +23,7 @@
  * short (the device tool lends 15 minutes a session, start-up included). --profile-only runs (e)
  * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
  * skipped), so that it ends inside a device call's time limit with its files written.
- * --no-op-timings leaves the op timings out of (a) (about 25 s).
+ * --no-op-timings leaves the op timings out of (a) (17 s of an H100 in run 4).
  * (e) with --profile, right after the batch-64 comparison of ours sparse bf16, eager and compile
  *     (after (a) alone with --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
@@ -183,7 +183,7 @@ async function main(): Promise<void> {
 
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
   // whether each kernel pays, which the throughput rows cannot say op by op.
-  // --no-op-timings: the agreement and parity without the op timings (about 25 s on an H100),
+  // --no-op-timings: the agreement and parity without the op timings (17 s of run 4 on an H100),
   // for a call whose device time is short.
   if (!loadError && !throughputOnly && !profileOnly && opts.flags['no-op-timings'] !== 'true') {
     const r = await run(process.execPath, [probe, 'timing', '64', '5'], 150);

@@ -233,8 +233,9 @@ pub struct ParamStore {
 /// it where its sublayers run as one op (`ConvMae::sublayer_packing`: on CUDA); the classifier
 /// (stochastic depth: separate ops) does not. With the packs a step skips two concatenations per sublayer in the forward and,
 /// in the backward, the gradient node (a zero-fill and an add, candle's accumulation) of each
-/// concatenation, reshape and copy: on the first GPU profile of 2026-11-26 that was about 8 of
-/// the 11 adds of each sublayer's backward, and 6 copies of its forward.
+/// concatenation, reshape and copy. By the H100 profiles of benches/results/gpu-2026-11-26.md, a
+/// sublayer's backward had 11 such adds in run 4 and 3 in run 7 (x and the two packs), and the
+/// forward's 252 copies of the concatenations were gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packing {
     None,

@@ -893,9 +893,10 @@ pub(crate) struct SublayerSaved {
     pub h: CudaStorage,
     /// The middle's output (GELU or attention), and the LayerNorm output: kept on the GPU,
     /// where memory is not what binds (ConvMAE-B at batch 64 peaked at under half of PyTorch
-    /// eager's) and recomputing them was two more passes over the sublayer's widest tensors in
-    /// every backward (on the first H100 profile, 24 of the 49 GELU launches, ~1.3 ms a step,
-    /// and ~0.6 ms of LayerNorm). The CPU op recomputes both (sublayer.rs); the backward here
+    /// eager's, 0.57x with these kept) and recomputing them was two more passes over the
+    /// sublayer's widest tensors in every backward (H100 profiles, benches/results/
+    /// gpu-2026-11-26.md: GELU forward launches 49 in run 4, 26 in run 7, 2.70 -> 1.34 ms a step;
+    /// LayerNorm forward 93 -> 51, 1.35 -> 0.67 ms). The CPU op recomputes both (sublayer.rs); the backward here
     /// does too where they are None.
     pub a: Option<CudaStorage>,
     pub xln: Option<CudaStorage>,
