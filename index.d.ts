@@ -47,7 +47,12 @@ export declare class NativeClassifier {
 export declare class NativePretrainer {
   /** `configJson` is validated here, synchronously; the weights are built on the worker. */
   constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null)
-  /** One pretraining micro-step on uint8 [batch, height, width, 3] images. */
+  /**
+   * One pretraining micro-step on uint8 [batch, height, width, 3] images. The images are
+   * copied and the step queued before this returns, so steps run in the order of the calls
+   * (a caller may start the next before awaiting this one, which lets a GPU model overlap
+   * them) and the buffer may be refilled at once.
+   */
   step(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, accumSteps: number, noise?: Float64Array | undefined | null): Promise<StepResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
   save(path: string, extra: string): Promise<void>

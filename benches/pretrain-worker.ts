@@ -3,9 +3,15 @@
  *
  *   RAYON_NUM_THREADS=2 node dist/benches/pretrain-worker.js --preset convmae-base --batch 8 --warmup 2 --steps 5
  *
- * Creates a Pretrainer (f32), feeds fresh random uint8 [B,H,W,3] batches, and times
- * `pretrainStep` (normalize, mask, forward, backward, AdamW) one step at a time. Prints one JSON line.
- * The batch is filled before the clock starts, as time_step.py does for PyTorch.
+ * Creates a Pretrainer (f32), feeds random uint8 [B,H,W,3] batches, and times `pretrainStep`
+ * (normalize, mask, forward, backward, AdamW). Prints one JSON line. The batches are filled
+ * before the clock starts (four, used in turn), as time_step.py fills PyTorch's.
+ *
+ * `--in-flight N` (default 2) keeps N steps queued, as the pretraining driver does: the next
+ * step is started before the last one's promise is awaited, so that a GPU model builds step
+ * k + 1 while the device runs step k. A step's time is then the interval between two
+ * consecutive steps' completions, which in a steady stream is what each step costs. With
+ * `--in-flight 1` each step is awaited before the next starts (as before overlapped steps).
  */
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
@@ -41,27 +47,40 @@ async function main(): Promise<void> {
   const convPath = (opts.flags.path ?? 'sparse') as 'sparse' | 'dense';
   const device = (opts.flags.device ?? 'cpu') as DeviceName;
   const precision = (opts.flags.precision ?? 'fp32') as Precision;
+  const inFlight = intFlag(opts, 'in-flight', 2);
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;
   const config = resolveConfig({ preset });
   const side = config.img_size;
   const p = Pretrainer.create({ preset, dtype, seed, path: convPath, device, precision });
-  const images = new Uint8Array(batch * side * side * 3);
   const rng = { s: 0x9e3779b9 ^ seed };
-
-  const step = async (): Promise<number> => {
+  const batches = Array.from({ length: 4 }, () => {
+    const images = new Uint8Array(batch * side * side * 3);
     fillRandom(images, rng);
-    const t0 = performance.now();
-    const r = await p.pretrainStep({ images, batchSize: batch, height: side, width: side }, { lr });
-    const dt = performance.now() - t0;
-    if (!Number.isFinite(r.loss)) throw new Error(`loss is ${r.loss}`);
-    return dt;
-  };
+    return images;
+  });
 
   try {
-    for (let i = 0; i < warmup; i++) await step();
-    const times: number[] = [];
-    for (let i = 0; i < steps; i++) times.push(await step());
+    // finished[i]: when step i's promise settled; the clock of step i runs from the end of
+    // step i - 1 (from the first call for step 0).
+    const finished: number[] = [];
+    const queued: Promise<void>[] = [];
+    const t0 = performance.now();
+    for (let i = 0; i < warmup + steps; i++) {
+      const images = batches[i % batches.length];
+      const step = p.pretrainStep({ images, batchSize: batch, height: side, width: side }, { lr }).then((r) => {
+        if (!Number.isFinite(r.loss)) throw new Error(`loss is ${r.loss} at step ${i + 1}`);
+        finished[i] = performance.now();
+      });
+      // Awaited below; marked handled so that a failure reports the first step's error, not
+      // an unhandled rejection of a step queued behind it.
+      step.catch(() => undefined);
+      queued.push(step);
+      if (queued.length >= inFlight) await queued.shift();
+    }
+    // A failed step fails the run; the ones queued behind it fail too, and are awaited here.
+    for (const q of queued) await q;
+    const times = finished.slice(warmup).map((t, k) => t - (warmup + k > 0 ? finished[warmup + k - 1] : t0));
     const med = median(times);
     // On CUDA, the peak of the device's memory pool (where every tensor lives); on the CPU, RSS.
     const gpuPeakMb = device === 'cpu' ? undefined : (JSON.parse(native.cudaPoolPeaks(Number(device.split(':')[1] ?? 0))) as { used_high: number }).used_high / 2 ** 20;
@@ -78,6 +97,7 @@ async function main(): Promise<void> {
       ms_per_step: times,
       warmup,
       steps,
+      in_flight: inFlight,
       // process.resourceUsage().maxRSS is in KiB
       peak_mem_mb: gpuPeakMb ?? process.resourceUsage().maxRSS / 1024,
       host_rss_mb: process.resourceUsage().maxRSS / 1024,

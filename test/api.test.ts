@@ -101,6 +101,48 @@ test('the event loop keeps running while a step computes', async (t) => {
   }
 });
 
+test('steps started before the last is awaited answer in order, as steps taken one at a time do', async (t) => {
+  // Overlapped steps: the worker launches step k + 1 before settling step k (on a GPU the host
+  // then builds k + 1 while the device runs k). Same losses, same counters, same weights.
+  const batches = [0, 1, 2, 3].map((k) => randomImages(4, 64, k + 1));
+  const one = Pretrainer.create({ preset: 'convmae-tiny', seed: 9 });
+  const two = Pretrainer.create({ preset: 'convmae-tiny', seed: 9 });
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-overlap-'));
+  try {
+    const step = (p: Pretrainer, k: number) => p.pretrainStep({ images: batches[k]!, batchSize: 4, height: 64, width: 64 }, { lr: 1e-3, accumSteps: 2 });
+    const sequential = [];
+    for (let k = 0; k < batches.length; k++) sequential.push(await step(one, k));
+    // All four queued at once; the images buffers are not needed after each call returns.
+    const overlapped = await Promise.all(batches.map((_, k) => step(two, k)));
+    t.deepEqual(overlapped, sequential);
+    await one.save(path.join(dir, 'one.safetensors'));
+    await two.save(path.join(dir, 'two.safetensors'));
+    const [a, b] = [await readSafetensors(path.join(dir, 'one.safetensors')), await readSafetensors(path.join(dir, 'two.safetensors'))];
+    t.deepEqual(a.header, b.header, 'the same tensors, shapes, offsets and metadata (optimizer step included)');
+    const names = Object.keys(a.header).filter((k) => k !== '__metadata__');
+    t.true(names.length > 100);
+    for (const name of names) t.true(tensorBytes(a, name).equals(tensorBytes(b, name)), `${name}: the same bits`);
+  } finally {
+    one.dispose();
+    two.dispose();
+  }
+});
+
+test('a step queued behind one whose loss is not finite is rejected, not applied', async (t) => {
+  const p = Pretrainer.create({ preset: 'convmae-tiny', seed: 4 });
+  try {
+    const batch = { images: randomImages(2, 64), batchSize: 2, height: 64, width: 64 };
+    // An lr of 1e30 throws the weights far enough that the next loss is not finite.
+    t.true(Number.isFinite((await p.pretrainStep(batch, { lr: 1e30 })).loss));
+    const bad = p.pretrainStep(batch, { lr: 1e-4 });
+    const behind = p.pretrainStep(batch, { lr: 1e-4 });
+    await t.throwsAsync(bad, { message: /^loss is (NaN|inf|-inf) at micro step 1; weights were not updated/ });
+    await t.throwsAsync(behind, { message: /micro step 2 was not applied: the one before it failed/ });
+  } finally {
+    p.dispose();
+  }
+});
+
 test('wrong image sizes and a disposed model are clear errors', async (t) => {
   const p = Pretrainer.create({ preset: 'convmae-tiny' });
   await t.throwsAsync(p.pretrainStep({ images: randomImages(2, 32), batchSize: 2, height: 32, width: 32 }, { lr: 1e-4 }), {

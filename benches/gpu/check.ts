@@ -14,7 +14,9 @@
  *     run at the first batch with CONVMAE_KERNELS=composite (candle's ops instead of our CUDA
  *     kernels: the A/B) and one with CONVMAE_ATTENTION=composite (our kernels but attention: the
  *     attention kernels' A/B). The default runs leave attention to CONVMAE_ATTENTION=auto, whose
- *     per-shape timings and picks (stderr) are kept with each row;
+ *     per-shape timings and picks (stderr) are kept with each row. Our rows keep two steps
+ *     queued (overlapped steps, as the pretraining driver runs them); `ours-in-flight-1`, right
+ *     after the batch-64 comparison, awaits each step before the next: their A/B;
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -232,8 +234,8 @@ async function main(): Promise<void> {
   const attentionFallback: NodeJS.ProcessEnv = { ...(flashSuspect ? { CONVMAE_ATTENTION: 'gemm' } : {}), ...(manySuspect ? { CONVMAE_ADAMW: 'per-tensor' } : {}) };
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');
   if (manySuspect && !loadError && !profileOnly) log('the one-launch AdamW row of the agreement failed (or the agreement did): our rows run with CONVMAE_ADAMW=per-tensor');
-  const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env: NodeJS.ProcessEnv = {}) =>
-    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', 'cuda', '--precision', precision, '--path', convPath], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
+  const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env: NodeJS.ProcessEnv = {}, args: string[] = []) =>
+    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', 'cuda', '--precision', precision, '--path', convPath, ...args], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
       record(r, { suite: 'gpu', impl, preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath }),
     );
   const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
@@ -311,6 +313,9 @@ async function main(): Promise<void> {
     }
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    // The A/B of overlapped steps: each step awaited before the next starts, so that the host
+    // builds a step only once the device has finished the last one's forward.
+    if (!loadError && batch === batches[0]) await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
     // The same run of ours, checking after every optimizer step that each bf16 compute copy is
     // its master rounded (the packed copies are written in place by the fused AdamW): the row
     // fails, naming the tensor, if one is not. Once, at the first batch size.
@@ -436,7 +441,7 @@ function hostProfileLines(rows: Row[]): string[] {
     }),
   );
   return [
-    "Host time of a step by part (ms, medians of the timed steps; `CONVMAE_PROFILE=1`): preparing the batch, building and launching the forward and the backward, waiting for the loss (the device finishing both), and the optimizer. A wait near zero means the GPU ran out of work before the host queued more.",
+    "Host time of a step by part (ms, medians of the timed steps; `CONVMAE_PROFILE=1`): preparing the batch, building and launching the forward and the backward, queueing the optimizer, and waiting for the loss (the device finishing the forward; with two steps queued, the next step's launch comes before this wait). A wait near zero means the GPU ran out of work before the host queued more.",
     '',
     table,
     '',

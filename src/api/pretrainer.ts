@@ -148,7 +148,20 @@ export class Pretrainer {
     return this.#native;
   }
 
-  /** One micro-step: normalize, mask, forward, backward, and AdamW at the end of a window. */
+  /**
+   * One micro-step: normalize, mask, forward, backward, and AdamW at the end of a window.
+   *
+   * The images are copied and the step queued before this returns, so steps run in the order
+   * of the calls and the buffer may be refilled at once. The promise settles when the step's
+   * loss is known; on a GPU its backward and update may still be running then (anything that
+   * reads the weights, such as `save`, waits for them).
+   *
+   * Overlapped steps: start the next step before awaiting this one (keep two queued, as
+   * `pretrain` does) and a GPU model builds and queues the next step while the device still
+   * runs this one, instead of leaving the device idle while the host works. The answers are
+   * the same as one step at a time. If a step's loss is not finite, it rejects and changes
+   * nothing, and a step already queued behind it rejects too without being applied.
+   */
   async pretrainStep(batch: ImageBatch, options: StepOptions): Promise<StepResult> {
     checkImageBatch(batch);
     const accum = options.accumSteps ?? 1;

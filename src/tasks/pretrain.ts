@@ -7,7 +7,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath } from '../api/pretrainer.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type StepResult } from '../api/pretrainer.js';
 import { exists, positiveInt, runLength, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
@@ -128,46 +128,60 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     let lastLoss: number | undefined;
     const started = performance.now();
     const startStep = state.step;
+    // Steps started and not yet settled, oldest first: at most two, so that a GPU model builds
+    // the next step while the device runs the current one (overlapped steps). A step that ends
+    // at a checkpoint, and the run's last, is settled before another starts, so that the
+    // checkpoint holds exactly the steps its state counts.
+    const queued: { step: number; epoch: number; lr: number; dataWaitMs: number; result: Promise<StepResult> }[] = [];
+    const settleOldest = async () => {
+      const q = queued.shift()!;
+      const r = await q.result;
+      state.step = q.step;
+      firstLoss ??= r.loss;
+      lastLoss = r.loss;
+      const elapsed = (performance.now() - started) / 1000;
+      const done = state.step - startStep;
+      const imagesPerSec = (done * batchSize) / elapsed;
+      const etaSeconds = ((state.totalSteps - state.step) * elapsed) / done;
+      await appendFile(
+        log,
+        JSON.stringify({
+          step: state.step,
+          epoch: q.epoch,
+          loss: r.loss,
+          lr: q.lr,
+          images_per_s: imagesPerSec,
+          data_wait_ms: q.dataWaitMs,
+          time: new Date().toISOString(),
+        }) + '\n',
+      );
+      options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: q.epoch, loss: r.loss, lr: q.lr, imagesPerSec, etaSeconds });
+      if (every > 0 && state.step % every === 0 && state.step < state.totalSteps) await save();
+    };
     // How long each step waited for its batch: about 0 while the loader keeps ahead of the model.
     let waitStarted = performance.now();
     try {
       for await (const batch of loader) {
         const dataWaitMs = performance.now() - waitStarted;
+        const step = state.step + queued.length + 1;
         // A stop request takes effect between accumulation windows, where a checkpoint is exact.
-        if (options.signal?.aborted && state.step % accumSteps === 0) break;
+        if (options.signal?.aborted && (step - 1) % accumSteps === 0) break;
         // MAE sets the lr at the start of each accumulation window, from the fractional epoch.
-        const windowStart = state.step - (state.step % accumSteps);
+        const windowStart = step - 1 - ((step - 1) % accumSteps);
         const lr = lrAt(
           { lr: state.schedule.lr, minLr: state.schedule.minLr, warmup: state.schedule.warmupSteps, total: state.schedule.totalSteps },
           windowStart,
         );
-        const r = await model.pretrainStep(
-          { images: batch.images, batchSize: batch.batchSize, height: imageSize, width: imageSize },
-          { lr, accumSteps },
-        );
-        state.step += 1;
-        firstLoss ??= r.loss;
-        lastLoss = r.loss;
-        const elapsed = (performance.now() - started) / 1000;
-        const done = state.step - startStep;
-        const imagesPerSec = (done * batchSize) / elapsed;
-        const etaSeconds = ((state.totalSteps - state.step) * elapsed) / done;
-        await appendFile(
-          log,
-          JSON.stringify({
-            step: state.step,
-            epoch: batch.epoch,
-            loss: r.loss,
-            lr,
-            images_per_s: imagesPerSec,
-            data_wait_ms: dataWaitMs,
-            time: new Date().toISOString(),
-          }) + '\n',
-        );
-        options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds });
-        if (every > 0 && state.step % every === 0 && state.step < state.totalSteps) await save();
+        const result = model.pretrainStep({ images: batch.images, batchSize: batch.batchSize, height: imageSize, width: imageSize }, { lr, accumSteps });
+        // Awaited in settleOldest; marked handled so that a failure surfaces as the first
+        // failed step's error, not as an unhandled rejection of the step queued behind it.
+        result.catch(() => undefined);
+        queued.push({ step, epoch: batch.epoch, lr, dataWaitMs, result });
+        const settlesHere = (every > 0 && step % every === 0) || step >= state.totalSteps;
+        while (queued.length > (settlesHere ? 0 : 1)) await settleOldest();
         waitStarted = performance.now();
       }
+      while (queued.length > 0) await settleOldest();
     } finally {
       loader.close();
     }

@@ -1,7 +1,19 @@
 //! MAE random masking at the 16-px token level (spec section 1.4), drawn from explicit noise.
 
 use crate::rng::Rng;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use convmae_kernels::upload;
+
+/// 0 / 1 values (exact in every float type) as a `dtype` tensor: uploaded in f64 for f64, else
+/// in f32 and cast on the device. Uploads go through `upload`, which does not wait for the
+/// device's queued work (a GPU step's masks are uploaded while the previous step runs).
+fn upload_as(values: &[f64], shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    if dtype == DType::F64 {
+        return upload(values, shape, device);
+    }
+    let narrow: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    upload(&narrow, shape, device)?.to_dtype(dtype)
+}
 
 /// One batch's mask. `ids_keep` keeps the random order of the official code (the first `len_keep`
 /// entries of argsort(noise)); `mask` is 1 for removed tokens, 0 for visible ones.
@@ -44,7 +56,7 @@ impl Masking {
     }
 
     pub fn ids_keep_tensor(&self, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.ids_keep, (self.batch, self.len_keep), device)
+        upload(&self.ids_keep, (self.batch, self.len_keep), device)
     }
 
     /// Row indices b * L + ids_keep[b, k] into a [B * L, ..] token-major tensor, in ids_keep order.
@@ -55,15 +67,15 @@ impl Masking {
             .enumerate()
             .map(|(n, &t)| (n / self.len_keep * self.tokens) as u32 + t)
             .collect();
-        Tensor::from_vec(rows, self.ids_keep.len(), device)
+        upload(&rows, self.ids_keep.len(), device)
     }
 
     pub fn ids_restore_tensor(&self, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.ids_restore, (self.batch, self.tokens), device)
+        upload(&self.ids_restore, (self.batch, self.tokens), device)
     }
 
     pub fn mask_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.mask, (self.batch, self.tokens), device)?.to_dtype(dtype)
+        upload_as(&self.mask, (self.batch, self.tokens), dtype, device)
     }
 
     /// The keep mask (1 = visible) nearest-upsampled to a stage map whose cells are `cell` x `cell`
@@ -79,7 +91,7 @@ impl Masking {
                 }
             }
         }
-        Tensor::from_vec(keep, (self.batch, side, side, 1), device)?.to_dtype(dtype)
+        upload_as(&keep, (self.batch, side, side, 1), dtype, device)
     }
 }
 

@@ -251,8 +251,8 @@ fn images(pixels: &[u8], batch: u32, height: u32, width: u32) -> Images {
     Images { pixels: pixels.to_vec(), batch: batch as usize, height: height as usize, width: width as usize }
 }
 
-/// Queues `command` on the session's worker and awaits its answer without blocking Node.
-async fn call<W: Worker>(session: &Mutex<Session<W>>, command: W::Command) -> Result<W::Reply> {
+/// Queues `command` on the session's worker now, and returns its answer to await.
+fn submit<W: Worker>(session: &Mutex<Session<W>>, command: W::Command) -> Result<oneshot::Receiver<std::result::Result<W::Reply, String>>> {
     let (tx, rx) = oneshot::channel();
     session.lock().map_err(|_| js_err("session lock poisoned"))?.submit(
         command,
@@ -260,7 +260,17 @@ async fn call<W: Worker>(session: &Mutex<Session<W>>, command: W::Command) -> Re
             let _ = tx.send(r);
         }),
     );
+    Ok(rx)
+}
+
+/// The answer of a submitted command, awaited without blocking Node.
+async fn answer<R>(rx: oneshot::Receiver<std::result::Result<R, String>>) -> Result<R> {
     rx.await.map_err(|_| js_err("the model worker ended without an answer"))?.map_err(js_err)
+}
+
+/// Queues `command` on the session's worker and awaits its answer without blocking Node.
+async fn call<W: Worker>(session: &Mutex<Session<W>>, command: W::Command) -> Result<W::Reply> {
+    answer(submit(session, command)?).await
 }
 
 impl NativePretrainer {
@@ -305,10 +315,14 @@ impl NativePretrainer {
         Ok(Self { session: Mutex::new(session) })
     }
 
-    /// One pretraining micro-step on uint8 [batch, height, width, 3] images.
-    #[napi]
-    pub async fn step(
+    /// One pretraining micro-step on uint8 [batch, height, width, 3] images. The images are
+    /// copied and the step queued before this returns, so steps run in the order of the calls
+    /// (a caller may start the next before awaiting this one, which lets a GPU model overlap
+    /// them) and the buffer may be refilled at once.
+    #[napi(ts_return_type = "Promise<StepResult>")]
+    pub fn step<'env>(
         &self,
+        env: &'env Env,
         pixels: Uint8Array,
         batch: u32,
         height: u32,
@@ -316,21 +330,24 @@ impl NativePretrainer {
         lr: f64,
         accum_steps: u32,
         noise: Option<Float64Array>,
-    ) -> Result<StepResult> {
+    ) -> Result<PromiseRaw<'env, StepResult>> {
         let command = Command::Step {
             images: images(&pixels, batch, height, width),
             opts: StepOptions { lr, accum_steps: accum_steps as usize, noise: noise.map(|n| n.to_vec()) },
         };
-        match self.call(command).await? {
-            Reply::Step(s) => Ok(StepResult {
-                loss: s.loss,
-                lr: s.lr,
-                micro_step: s.micro_step as i64,
-                optimizer_step: s.optimizer_step as i64,
-                updated: s.updated,
-            }),
-            _ => Err(js_err("unexpected reply to step")),
-        }
+        let rx = submit(&self.session, command)?;
+        env.spawn_future(async move {
+            match answer(rx).await? {
+                Reply::Step(s) => Ok(StepResult {
+                    loss: s.loss,
+                    lr: s.lr,
+                    micro_step: s.micro_step as i64,
+                    optimizer_step: s.optimizer_step as i64,
+                    updated: s.updated,
+                }),
+                _ => Err(js_err("unexpected reply to step")),
+            }
+        })
     }
 
     /// Writes weights, optimizer state and `extra` (JSON) atomically.

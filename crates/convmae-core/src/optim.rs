@@ -3,7 +3,7 @@
 //! linear probe (`util/lars.py`).
 
 use crate::params::{Param, ParamStore};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use convmae_kernels::{adamw_update, adamw_update_many, adamw_update_with_shadow, composite, has_kernel, AdamWItem, AdamWUpdate};
 use serde::{Deserialize, Serialize};
 
@@ -114,39 +114,14 @@ impl AdamW {
     /// fused in-place kernel per tensor, which on CUDA also writes the tensor's compute copy.
     pub fn update(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
-        let c = &self.cfg;
-        let shadows = params.trainable_shadows();
-        let update_of = |group: &ParamGroup| AdamWUpdate {
-            lr: lr * group.lr_scale,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: group.weight_decay,
-            step: self.step,
-        };
         // On CUDA every tensor in one launch where that applies (`adamw_update_many`): 311
         // launches fewer for ConvMAE-B, most of them for biases and norms.
-        let items = params
-            .trainable()
-            .zip(grads)
-            .zip(&self.moments)
-            .zip(&self.groups)
-            .zip(&shadows)
-            .map(|(((((_, var), g), m), group), shadow)| {
-                Ok(AdamWItem {
-                    param: var.as_tensor(),
-                    exp_avg: &m.exp_avg,
-                    exp_avg_sq: &m.exp_avg_sq,
-                    grad: g,
-                    copy: shadow.as_ref().map(|s| s.tensor()).transpose()?,
-                    u: update_of(group),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if !crate::device::adamw_per_tensor() && adamw_update_many(&items)? {
+        if !crate::device::adamw_per_tensor() && adamw_update_many(&self.items(params, grads, lr)?, None)? {
             return Ok(());
         }
-        drop(items);
+        let shadows = params.trainable_shadows();
+        let (cfg, step) = (self.cfg.clone(), self.step);
+        let update_of = |group: &ParamGroup| update_of(&cfg, step, group, lr);
         for (((((param, var), g), m), group), shadow) in params.trainable().zip(grads).zip(self.moments.iter_mut()).zip(&self.groups).zip(&shadows) {
             debug_assert_eq!(param.spec.name, m.name);
             let u = update_of(group);
@@ -170,6 +145,63 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// `update`, unless `loss` (this step's, a scalar on the parameters' device) is not finite,
+    /// decided where the loss is: on CUDA by the one-launch update itself, so that it can be
+    /// queued before the host has read the loss (train.rs, overlapped steps). Returns false, and
+    /// changes nothing, where the update cannot be made conditional on the device (the
+    /// per-tensor update, or tensors the one launch does not take): the caller then reads the
+    /// loss and calls `update`. Where the loss is not finite, `step` still counts the update:
+    /// the caller that learns of the loss afterwards puts it back (as the skipped update left
+    /// the tensors).
+    pub fn update_if_finite(&mut self, params: &ParamStore, grads: &[Tensor], lr: f64, loss: &Tensor) -> Result<bool> {
+        if loss.device().is_cpu() {
+            // The loss is computed already; reading it costs nothing.
+            if loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0].is_finite() {
+                self.update(params, grads, lr)?;
+            } else {
+                self.step += 1;
+            }
+            return Ok(true);
+        }
+        if crate::device::adamw_per_tensor() {
+            return Ok(false);
+        }
+        self.step += 1;
+        let loss = loss.to_dtype(DType::F32)?;
+        if adamw_update_many(&self.items(params, grads, lr)?, Some(&loss))? {
+            return Ok(true);
+        }
+        self.step -= 1;
+        Ok(false)
+    }
+
+    /// Every trainable tensor as `adamw_update_many` takes it.
+    fn items<'a>(&'a self, params: &'a ParamStore, grads: &'a [Tensor], lr: f64) -> Result<Vec<AdamWItem<'a>>> {
+        let shadows = params.trainable_shadows();
+        params
+            .trainable()
+            .zip(grads)
+            .zip(&self.moments)
+            .zip(&self.groups)
+            .zip(&shadows)
+            .map(|(((((_, var), g), m), group), shadow)| {
+                Ok(AdamWItem {
+                    param: var.as_tensor(),
+                    exp_avg: &m.exp_avg,
+                    exp_avg_sq: &m.exp_avg_sq,
+                    grad: g,
+                    copy: shadow.as_ref().map(|s| s.tensor()).transpose()?,
+                    u: update_of(&self.cfg, self.step, group, lr),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The update of a tensor in `group` at (1-based) update `step`.
+fn update_of(c: &AdamWConfig, step: u64, group: &ParamGroup, lr: f64) -> AdamWUpdate {
+    AdamWUpdate { lr: lr * group.lr_scale, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: group.weight_decay, step }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

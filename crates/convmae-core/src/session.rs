@@ -9,6 +9,7 @@ use crate::recon::{self, Reconstruction};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -42,6 +43,19 @@ pub enum Reply {
 
 pub type Callback<R> = Box<dyn FnOnce(Result<R, String>) + Send>;
 
+/// A command with its caller's callback, as a session's queue carries them.
+type Letter<W> = (<W as Worker>::Command, Callback<<W as Worker>::Reply>);
+/// The worker's end of a session's queue.
+type Inbox<W> = mpsc::Receiver<Letter<W>>;
+
+/// What `Worker::start` did with a command.
+pub enum Started<R> {
+    /// Done; here is its answer.
+    Done(Result<R, String>),
+    /// Queued on the device; its answer comes later from `take_settled`.
+    InFlight,
+}
+
 /// What a session's worker thread owns and how it answers commands.
 pub trait Worker: Send + 'static {
     type Command: Send + 'static;
@@ -49,6 +63,17 @@ pub trait Worker: Send + 'static {
     fn run(&mut self, command: Self::Command) -> Result<Self::Reply, String>;
     /// Whether the model computes on the CPU (its commands then run inside rayon's pool).
     fn on_cpu(&self) -> bool;
+    /// Starts `command`. A worker that can overlap commands (a GPU pretraining step) may leave
+    /// it in flight, to be settled by a later `start` or by `settle`; the default runs it.
+    fn start(&mut self, command: Self::Command) -> Started<Self::Reply> {
+        Started::Done(self.run(command))
+    }
+    /// Settles the command in flight, if any (its answer then comes from `take_settled`).
+    fn settle(&mut self) {}
+    /// The oldest answer of a settled in-flight command not yet taken.
+    fn take_settled(&mut self) -> Option<Result<Self::Reply, String>> {
+        None
+    }
 }
 
 fn message(e: candle_core::Error) -> String {
@@ -73,6 +98,29 @@ impl Worker for Pretrainer {
 
     fn on_cpu(&self) -> bool {
         self.model.device().is_cpu()
+    }
+
+    /// A step is left in flight (train.rs `start_step`); any other command settles the step in
+    /// flight first, so that it sees the step's update.
+    fn start(&mut self, command: Command) -> Started<Reply> {
+        match command {
+            Command::Step { images, opts } => match self.start_step(&images.view(), &opts) {
+                None => Started::InFlight,
+                Some(r) => Started::Done(r.map(Reply::Step).map_err(message)),
+            },
+            other => {
+                self.settle_in_flight();
+                Started::Done(self.run(other))
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        self.settle_in_flight();
+    }
+
+    fn take_settled(&mut self) -> Option<Result<Reply, String>> {
+        self.take_settled().map(|r| r.map(Reply::Step).map_err(message))
     }
 }
 
@@ -121,7 +169,7 @@ impl Worker for ClassifierTrainer {
 }
 
 pub struct Session<W: Worker> {
-    sender: Option<mpsc::Sender<(W::Command, Callback<W::Reply>)>>,
+    sender: Option<mpsc::Sender<Letter<W>>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -134,19 +182,87 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     format!("internal error (Rust panic) in the model worker: {text}")
 }
 
-/// Runs one command. A CPU model's command runs on one of rayon's worker threads while this
+/// Runs `f` on the trainer. On the CPU it runs on one of rayon's worker threads while this
 /// thread waits: every op of a step parallelizes with rayon, and an op started from outside the
 /// pool is injected into it and waited for (a handoff and a wake-up per op), while a third
 /// thread competes with the pool's for the cores. From inside the pool the op's loops start on
 /// the current worker. Measured on 2 cores, builds alternated (benches/results/pretrain-2026-11-26.md,
 /// tags in-pool-ab*): convmae-tiny 26.5 / 25.7 -> 21.6 / 21.3 ms a step, ConvMAE-B 2342 / 2362 ->
-/// 2176 / 2228. A CUDA model's commands stay on this thread, which owns its stream. Panics
-/// propagate to the caller.
-fn run_command<W: Worker>(trainer: &mut W, command: W::Command) -> Result<W::Reply, String> {
-    if trainer.on_cpu() {
-        rayon::scope(|_| trainer.run(command))
-    } else {
-        trainer.run(command)
+/// 2176 / 2228. A CUDA model's commands stay on this thread, which owns its stream. A panic
+/// becomes an error for the command.
+fn run_guarded<W: Worker, R: Send>(trainer: &mut W, f: impl FnOnce(&mut W) -> R + Send) -> Result<R, String> {
+    catch_unwind(AssertUnwindSafe(|| if trainer.on_cpu() { rayon::scope(|_| f(trainer)) } else { f(trainer) })).map_err(panic_message)
+}
+
+/// Answers the callers of the commands left in flight whose answers have come, oldest first.
+/// If settling panicked, or the worker has no answer for a command it left in flight, that
+/// command gets an error rather than no answer.
+fn answer_settled<W: Worker>(trainer: &mut W, waiting: &mut VecDeque<Callback<W::Reply>>, settle: bool) {
+    if settle {
+        if let Err(e) = run_guarded(trainer, |t| t.settle()) {
+            for reply in waiting.drain(..) {
+                reply(Err(e.clone()));
+            }
+            return;
+        }
+    }
+    while let Some(reply) = waiting.pop_front() {
+        match run_guarded(trainer, |t| t.take_settled()) {
+            Ok(Some(answer)) => reply(answer),
+            Ok(None) if settle => reply(Err("internal error: the model worker settled a step without an answer".into())),
+            Ok(None) => {
+                waiting.push_front(reply);
+                return;
+            }
+            Err(e) => reply(Err(e)),
+        }
+    }
+}
+
+/// The worker thread's loop. Commands run in order. One left in flight (a GPU step, whose
+/// device work is queued) is settled when the next command starts (overlapping the two) or,
+/// when no command is waiting, at once, so that a caller awaiting each step gets its answer as
+/// soon as its loss is known.
+fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
+    let mut waiting: VecDeque<Callback<W::Reply>> = VecDeque::new();
+    loop {
+        let next = if waiting.is_empty() {
+            receiver.recv().ok()
+        } else {
+            match receiver.try_recv() {
+                Ok(next) => Some(next),
+                Err(mpsc::TryRecvError::Empty) => {
+                    if let Ok(t) = trainer {
+                        answer_settled(t, &mut waiting, true);
+                    }
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some((command, reply)) = next else { break };
+        let t = match trainer {
+            Ok(t) => t,
+            Err(e) => {
+                reply(Err(format!("the model could not be created: {e}")));
+                continue;
+            }
+        };
+        let started = run_guarded(t, |t| t.start(command)).unwrap_or_else(|e| Started::Done(Err(e)));
+        answer_settled(t, &mut waiting, false);
+        match started {
+            Started::Done(answer) => {
+                // Anything still unanswered ahead of this command cannot be answered later.
+                for earlier in waiting.drain(..) {
+                    earlier(Err("internal error: the model worker lost a step's answer".into()));
+                }
+                reply(answer)
+            }
+            Started::InFlight => waiting.push_back(reply),
+        }
+    }
+    if let Ok(t) = trainer {
+        answer_settled(t, &mut waiting, true);
     }
 }
 
@@ -155,19 +271,12 @@ impl<W: Worker> Session<W> {
     /// ConvMAE-B's 115M weights takes a while, and the caller's thread may be Node's main thread).
     /// If `make` fails, every command is answered with its error.
     pub fn start(make: impl FnOnce() -> Result<W, String> + Send + 'static) -> Self {
-        let (sender, receiver) = mpsc::channel::<(W::Command, Callback<W::Reply>)>();
+        let (sender, receiver) = mpsc::channel::<Letter<W>>();
         let worker = std::thread::Builder::new()
             .name("convmae-model".into())
             .spawn(move || {
                 let mut trainer = catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p)));
-                for (command, reply) in receiver {
-                    let result = match &mut trainer {
-                        Ok(trainer) => catch_unwind(AssertUnwindSafe(|| run_command(trainer, command)))
-                            .unwrap_or_else(|p| Err(panic_message(p))),
-                        Err(e) => Err(format!("the model could not be created: {e}")),
-                    };
-                    reply(result);
-                }
+                serve(&mut trainer, receiver);
             })
             .expect("cannot spawn the model worker thread");
         Self { sender: Some(sender), worker: Some(worker) }

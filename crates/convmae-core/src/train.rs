@@ -95,7 +95,7 @@ pub fn normalize_augmented(
         // On a GPU the bytes go up and are normalized there: the same bits as the host pass
         // below (convmae_kernels::normalize_rgb says why), a quarter of the upload, and no
         // single-threaded pass over the batch for the GPU to wait on (20 ms at 64 x 224 on one core).
-        let pixels = Tensor::from_slice(batch.pixels, &dims[..], device)?;
+        let pixels = convmae_kernels::upload(batch.pixels, &dims[..], device)?;
         convmae_kernels::normalize_rgb(&pixels, IMAGENET_MEAN.map(|m| m as f32), IMAGENET_STD.map(|s| s as f32))?.to_dtype(dtype)
     } else {
         let mut v = normalized_values::<f32>(batch.pixels);
@@ -105,8 +105,9 @@ pub fn normalize_augmented(
 }
 
 /// Where a step's host time goes, for `CONVMAE_PROFILE`: preparing the batch (normalize, mask),
-/// the forward and the backward (on a GPU: building and launching them), waiting for the loss
-/// (on a GPU: for the device to finish both), and the optimizer. On a GPU a wait near zero means
+/// the forward and the backward (on a GPU: building and launching them), the optimizer (on a
+/// GPU: queueing it), and waiting for the loss (on a GPU: for the device to finish the forward;
+/// with overlapped steps the next step's launch comes first). On a GPU a wait near zero means
 /// the host is the bottleneck: the device ran out of work before the host could queue more.
 struct StepClock {
     last: std::time::Instant,
@@ -144,12 +145,53 @@ pub struct Pretrainer {
     pub micro_step: u64,
     pending: Option<Vec<Tensor>>,
     pending_count: usize,
+    /// The micro-step queued on the device whose loss the host has not read yet.
+    in_flight: Option<InFlight>,
+    /// Answers of micro-steps settled while starting another command, oldest first.
+    settled: std::collections::VecDeque<Result<StepStats>>,
+}
+
+/// A micro-step's forward and backward, queued.
+struct Launched {
+    loss: Tensor,
+    grads: candle_core::backprop::GradStore,
+    /// The loss's copy to the host, queued right after the forward, so that waiting for it
+    /// waits for the forward only.
+    loss_on_host: convmae_kernels::PendingValue,
+    opts: StepOptions,
+    clock: StepClock,
+    profiled: bool,
+}
+
+/// What a micro-step changes on the host, as it was before the step: what a non-finite loss
+/// puts back.
+struct Before {
+    micro_step: u64,
+    optimizer_step: u64,
+    pending: Option<Vec<Tensor>>,
+    pending_count: usize,
+}
+
+/// A micro-step fully queued (its accumulation and, at the end of a window, its update, which
+/// the device skips if the loss is not finite) whose loss the host has yet to read.
+struct InFlight {
+    loss_on_host: convmae_kernels::PendingValue,
+    before: Before,
+    stats: StepStats,
+    clock: StepClock,
+}
+
+/// What `apply` made of a launched micro-step.
+enum Applied {
+    InFlight(InFlight),
+    /// The update could not be made conditional on the device, so the loss was read first.
+    Settled(Result<StepStats>),
 }
 
 impl Pretrainer {
     pub fn new(model: ConvMae, adamw: AdamWConfig, seed: u64) -> Result<Self> {
         let optimizer = AdamW::new(adamw, &model.params)?;
-        Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0 })
+        Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0, in_flight: None, settled: Default::default() })
     }
 
     pub fn masking_for(&self, batch: usize, noise: Option<&[f64]>) -> Result<Masking> {
@@ -184,8 +226,75 @@ impl Pretrainer {
         Ok(())
     }
 
-    /// One micro-step; updates the weights every `accum_steps` micro-steps.
+    /// One micro-step; updates the weights every `accum_steps` micro-steps. Returns when it is
+    /// done (on a GPU: when its loss is known; the rest of its work is queued behind).
     pub fn step(&mut self, batch: &Batch, opts: &StepOptions) -> Result<StepStats> {
+        self.settle_in_flight();
+        let launched = self.launch(batch, opts)?;
+        match self.apply(launched) {
+            Applied::InFlight(f) => self.settle(f),
+            Applied::Settled(r) => r,
+        }
+    }
+
+    /// Overlapped steps: launches this micro-step's forward and backward, then settles the one
+    /// in flight (its answer goes to `take_settled`), then queues this one's update and leaves
+    /// it in flight. On a GPU the host thus builds and queues step k + 1 while the device still
+    /// runs step k, instead of idling the device while it does. Every answer is what `step`
+    /// would have given, in order; if the settled step's loss was not finite, it failed as in
+    /// `step` (nothing of it applied), and so does this one, whose launch is then dropped: the
+    /// state is as before the failed step, as if the two had been taken one at a time and the
+    /// caller had stopped at the error. Returns None while this step is in flight, else its
+    /// answer (the earlier one's is in `take_settled`).
+    pub fn start_step(&mut self, batch: &Batch, opts: &StepOptions) -> Option<Result<StepStats>> {
+        let launched = self.launch(batch, opts);
+        let earlier_failed = match self.in_flight.take() {
+            Some(f) => {
+                let r = self.settle(f);
+                let failed = r.as_ref().err().map(|e| e.to_string());
+                self.settled.push_back(r);
+                failed
+            }
+            None => None,
+        };
+        let launched = match (launched, earlier_failed) {
+            (Err(e), _) => return Some(Err(e)),
+            (Ok(_), Some(earlier)) => {
+                let e = format!("micro step {} was not applied: the one before it failed ({earlier})", self.micro_step + 1);
+                return Some(Err(candle_core::Error::Msg(e)));
+            }
+            (Ok(l), None) => l,
+        };
+        match self.apply(launched) {
+            Applied::InFlight(f) => {
+                self.in_flight = Some(f);
+                None
+            }
+            Applied::Settled(r) => Some(r),
+        }
+    }
+
+    /// Settles the micro-step in flight, if any (its answer goes to `take_settled`).
+    pub fn settle_in_flight(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            let r = self.settle(f);
+            self.settled.push_back(r);
+        }
+    }
+
+    /// The oldest answer of a settled micro-step not yet taken.
+    pub fn take_settled(&mut self) -> Option<Result<StepStats>> {
+        self.settled.pop_front()
+    }
+
+    /// Whether a micro-step is in flight.
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Checks the step, then queues normalize, mask, forward, the loss's copy to the host, and
+    /// the backward.
+    fn launch(&mut self, batch: &Batch, opts: &StepOptions) -> Result<Launched> {
         self.check_batch(batch)?;
         if opts.accum_steps == 0 {
             return Err(candle_core::Error::Msg("accum_steps must be at least 1".into()));
@@ -193,7 +302,6 @@ impl Pretrainer {
         if !opts.lr.is_finite() || opts.lr < 0.0 {
             return Err(candle_core::Error::Msg(format!("lr must be a finite non-negative number, got {}", opts.lr)));
         }
-        let profile = std::env::var_os("CONVMAE_PROFILE").is_some();
         // micro_step counts the steps done; this one is micro_step + 1.
         let profiled = crate::device::cuda_profile_step() == Some(self.micro_step + 1);
         if profiled {
@@ -204,55 +312,127 @@ impl Pretrainer {
         let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
         clock.lap(0);
         let out = self.model.forward_pretrain(&imgs, &masking)?;
+        let loss_on_host = convmae_kernels::read_later(&out.loss)?;
         clock.lap(1);
         // The official loop divides the loss by accum_iter before backward.
         let scaled = (&out.loss / opts.accum_steps as f64)?;
         let grads = scaled.backward()?;
         clock.lap(2);
-        // The loss is read only now, with the backward queued: reading it waits for the device,
-        // and waiting between forward and backward would leave a GPU idle while the host builds
-        // and launches the whole backward. A non-finite loss still changes nothing: it is
-        // checked before the gradients are kept or applied.
-        let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        clock.lap(3);
-        if !loss.is_finite() {
-            return Err(candle_core::Error::Msg(format!(
-                "loss is {loss} at micro step {}; weights were not updated (lower the lr or resume from a checkpoint)",
-                self.micro_step
-            )));
-        }
-        let grads = accumulable(self.model.params.gradients(&grads)?, self.model.dtype(), opts.accum_steps)?;
-        self.pending = Some(match self.pending.take() {
-            None => grads,
-            Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
-        });
-        self.pending_count += 1;
-        self.micro_step += 1;
-        let updated = self.pending_count >= opts.accum_steps;
-        if updated {
-            let grads = self.pending.take().unwrap();
-            self.pending_count = 0;
-            self.optimizer.update(&self.model.params, &grads, opts.lr)?;
-            if crate::device::check_copies() {
-                if let Some(name) = self.model.params.stale_copy()? {
-                    return Err(candle_core::Error::Msg(format!(
-                        "CONVMAE_CHECK_COPIES: the compute copy of '{name}' is not its master rounded after optimizer step {}",
-                        self.optimizer.step
-                    )));
-                }
-            }
-        }
-        if profiled {
-            crate::device::cuda_profiler_range(self.model.device(), false).map_err(candle_core::Error::Msg)?;
-        }
-        clock.lap(4);
-        if profile {
-            eprintln!("{}", clock.line());
-        }
-        Ok(StepStats { loss, lr: opts.lr, micro_step: self.micro_step, optimizer_step: self.optimizer.step, updated })
+        Ok(Launched { loss: out.loss, grads, loss_on_host, opts: opts.clone(), clock, profiled })
     }
 
-    /// Whether gradients of an unfinished accumulation window are held (a checkpoint then would lose them).
+    /// Queues a launched micro-step's accumulation and, at the end of a window, the optimizer
+    /// update, made conditional on the device on the loss being finite. Where the update cannot
+    /// be made conditional (`AdamW::update_if_finite`), reads the loss first, as before.
+    fn apply(&mut self, launched: Launched) -> Applied {
+        let Launched { loss, grads, loss_on_host, opts, mut clock, profiled } = launched;
+        let before = Before {
+            micro_step: self.micro_step,
+            optimizer_step: self.optimizer.step,
+            pending: self.pending.clone(),
+            pending_count: self.pending_count,
+        };
+        let result = (|| -> Result<(StepStats, bool)> {
+            let grads = accumulable(self.model.params.gradients(&grads)?, self.model.dtype(), opts.accum_steps)?;
+            let pending = match self.pending.take() {
+                None => grads,
+                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
+            };
+            self.micro_step += 1;
+            self.pending_count += 1;
+            let updated = self.pending_count >= opts.accum_steps;
+            let mut conditional = true;
+            if updated {
+                self.pending_count = 0;
+                conditional = self.optimizer.update_if_finite(&self.model.params, &pending, opts.lr, &loss)?;
+                if !conditional {
+                    // Read the loss before the unconditional update (waits for the forward).
+                    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    if !value.is_finite() {
+                        return Err(self.non_finite_at(value, before.micro_step));
+                    }
+                    self.optimizer.update(&self.model.params, &pending, opts.lr)?;
+                }
+                self.check_copies()?;
+            } else {
+                self.pending = Some(pending);
+            }
+            let stats = StepStats { loss: f64::NAN, lr: opts.lr, micro_step: self.micro_step, optimizer_step: self.optimizer.step, updated };
+            Ok((stats, conditional))
+        })();
+        if profiled {
+            if let Err(e) = crate::device::cuda_profiler_range(self.model.device(), false) {
+                eprintln!("CONVMAE_CUDA_PROFILE_STEP: {e}");
+            }
+        }
+        clock.lap(4);
+        match result {
+            Ok((stats, true)) => Applied::InFlight(InFlight { loss_on_host, before, stats, clock }),
+            // The loss was read above; settling only fills it in.
+            Ok((stats, false)) => Applied::Settled(self.settle(InFlight { loss_on_host, before, stats, clock })),
+            Err(e) => {
+                self.restore(before);
+                Applied::Settled(Err(e))
+            }
+        }
+    }
+
+    /// Waits for an in-flight micro-step's loss. A finite loss completes its answer; a
+    /// non-finite one fails it and puts back what it changed on the host (the device skipped
+    /// its update).
+    fn settle(&mut self, f: InFlight) -> Result<StepStats> {
+        let InFlight { loss_on_host, before, mut stats, mut clock } = f;
+        clock.last = std::time::Instant::now();
+        let loss = loss_on_host.wait();
+        clock.lap(3);
+        if std::env::var_os("CONVMAE_PROFILE").is_some() {
+            eprintln!("{}", clock.line());
+        }
+        let loss = match loss {
+            Ok(l) => l,
+            Err(e) => {
+                self.restore(before);
+                return Err(e);
+            }
+        };
+        if !loss.is_finite() {
+            let e = self.non_finite_at(loss, before.micro_step);
+            self.restore(before);
+            return Err(e);
+        }
+        stats.loss = loss;
+        Ok(stats)
+    }
+
+    fn restore(&mut self, before: Before) {
+        self.micro_step = before.micro_step;
+        self.optimizer.step = before.optimizer_step;
+        self.pending = before.pending;
+        self.pending_count = before.pending_count;
+    }
+
+    /// The error of a micro-step whose loss is not finite; `done` micro-steps came before it.
+    fn non_finite_at(&self, loss: f64, done: u64) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "loss is {loss} at micro step {done}; weights were not updated (lower the lr or resume from a checkpoint)"
+        ))
+    }
+
+    /// `CONVMAE_CHECK_COPIES`: after an update, every compute copy is its master rounded.
+    fn check_copies(&self) -> Result<()> {
+        if crate::device::check_copies() {
+            if let Some(name) = self.model.params.stale_copy()? {
+                return Err(candle_core::Error::Msg(format!(
+                    "CONVMAE_CHECK_COPIES: the compute copy of '{name}' is not its master rounded after optimizer step {}",
+                    self.optimizer.step
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether gradients of an unfinished accumulation window are held (a checkpoint then would
+    /// lose them). Settle the step in flight first.
     pub fn has_pending_gradients(&self) -> bool {
         self.pending_count > 0
     }

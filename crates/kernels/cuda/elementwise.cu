@@ -88,10 +88,17 @@ static_assert(sizeof(AdamWTensor) == 64 && sizeof(AdamWChunk) == 24, "src/cuda.r
 // Every tensor of a model in one launch: each block takes chunks blockIdx.x, + gridDim.x, ...
 // The same arithmetic as `adamw`, per element. One launch instead of one per tensor (311 for
 // ConvMAE-B, most of them biases and norms whose launches cost more than their updates).
+// `guard`, where not null, is the step's loss on the device: a non-finite loss leaves every
+// tensor as it was. The update is then queued before the host has read the loss, and the host
+// can build the next step meanwhile (src/train.rs, overlapped steps).
 template <typename H>
 __device__ __forceinline__ void adamw_many(const AdamWTensor* __restrict__ tensors, const AdamWChunk* __restrict__ chunks,
-                                           int64_t n_chunks, float beta1, float one_minus_beta1, float beta2,
-                                           float one_minus_beta2, float bias2_sqrt, float eps) {
+                                           int64_t n_chunks, const float* __restrict__ guard, float beta1,
+                                           float one_minus_beta1, float beta2, float one_minus_beta2, float bias2_sqrt,
+                                           float eps) {
+    // x - x is 0 for finite x and NaN for NaN and +-inf (no fast math here; and no isfinite,
+    // which the host emulation's compiler has only as std::isfinite).
+    if (guard && !(*guard - *guard == 0.f)) return;
     for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         const AdamWChunk ch = chunks[c];
         const AdamWTensor t = tensors[ch.tensor];
@@ -183,8 +190,9 @@ ADAMW_SHADOW_KERNEL(float, f32)
 #else
 #define ADAMW_MANY_HALF float
 #endif
-extern "C" __global__ void adamw_many_f32(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t n_chunks, float beta1,
-                                          float one_minus_beta1, float beta2, float one_minus_beta2, float bias2_sqrt,
-                                          float eps) {
-    adamw_many<ADAMW_MANY_HALF>(tensors, chunks, n_chunks, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps);
+extern "C" __global__ void adamw_many_f32(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t n_chunks,
+                                          const float* guard, float beta1, float one_minus_beta1, float beta2,
+                                          float one_minus_beta2, float bias2_sqrt, float eps) {
+    adamw_many<ADAMW_MANY_HALF>(tensors, chunks, n_chunks, guard, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt,
+                                eps);
 }

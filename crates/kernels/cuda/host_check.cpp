@@ -381,7 +381,9 @@ static void check_elementwise() {
 // different sizes and parameter groups (decay, step size), cut into chunks of at most 100
 // elements (a tensor smaller than a chunk, one ending mid-chunk), on a grid smaller than the
 // chunk count; gradients "16-bit" (here f32: the host has no bf16) and f32; one without a copy.
-static void check_adamw_many() {
+// `guard`: none, a finite loss (the same update) or a non-finite one (every tensor untouched).
+static void check_adamw_many(const char* label, const float* guard) {
+    const bool applies = !guard || std::isfinite(*guard);
     const int64_t sizes[3] = {37, 250, 1};
     const double b1 = 0.9, b2 = 0.95, eps = 1e-8;
     const double lrs[3] = {1e-3, 2e-3, 5e-4}, wds[3] = {0.05, 0.0, 0.05};
@@ -411,13 +413,27 @@ static void check_adamw_many() {
                                       (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), k % 2, 0});
         for (int64_t start = 0; start < sizes[k]; start += 100) chunks.push_back(AdamWChunk{k, 0, start, std::min<int64_t>(100, sizes[k] - start)});
     }
+    const auto p0 = p, m0 = m, v0 = v;
     launch(2 * 64, 64, [&] {
-        adamw_many_f32(tensors.data(), chunks.data(), (int64_t)chunks.size(), (float)b1, (float)(1 - b1), (float)b2, (float)(1 - b2),
+        adamw_many_f32(tensors.data(), chunks.data(), (int64_t)chunks.size(), guard, (float)b1, (float)(1 - b1), (float)b2, (float)(1 - b2),
                        (float)std::sqrt(1 - std::pow(b2, t)), (float)eps);
     });
+    if (!applies) {
+        // Skipped: weights, moments and copies exactly as they were.
+        bool untouched = true;
+        for (int k = 0; k < 3; ++k) {
+            untouched = untouched && p[k] == p0[k] && m[k] == m0[k] && v[k] == v0[k];
+            untouched = untouched && std::all_of(copy[k].begin(), copy[k].end(), [](float x) { return std::isnan(x); });
+        }
+        if (!untouched) ++failures;
+        char name[96];
+        std::snprintf(name, sizeof name, "adamw many (%s): nothing written", label);
+        std::printf("%-58s %s\n", name, untouched ? "ok" : "FAIL");
+        return;
+    }
     for (int k = 0; k < 3; ++k) {
         char name[96];
-        std::snprintf(name, sizeof name, "adamw many: tensor %d of %lld (parameter)", k, (long long)sizes[k]);
+        std::snprintf(name, sizeof name, "adamw many (%s): tensor %d of %lld", label, k, (long long)sizes[k]);
         check(name, p[k], wp[k], 1e-6);
         if (k != 1) check("adamw many: its compute copy", copy[k], wp[k], 1e-6);
     }
@@ -722,7 +738,11 @@ int main() {
         check_sparse(1, 6, 5, 3, k, 512);
     }
     check_elementwise();
-    check_adamw_many();
+    check_adamw_many("no guard", nullptr);
+    const float finite_loss = 0.75f, nan_loss = NAN, inf_loss = INFINITY;
+    check_adamw_many("finite loss", &finite_loss);
+    check_adamw_many("NaN loss", &nan_loss);
+    check_adamw_many("inf loss", &inf_loss);
     check_normalize();
     // Rows not a multiple of the 4 rows a block holds; D below, at and above the 32 lanes.
     check_rows(9, 49, 4);

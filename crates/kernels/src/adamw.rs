@@ -152,14 +152,18 @@ pub struct AdamWItem<'a> {
 /// contiguous, and the same betas, eps and step for all (lr and weight decay may differ). Returns
 /// whether it ran; where it does not apply it does nothing, and the caller updates tensor by
 /// tensor. The same arithmetic as the one-tensor kernels, element for element.
-pub fn adamw_update_many(items: &[AdamWItem]) -> Result<bool> {
+///
+/// `guard`, a scalar f32 on the same device (the step's loss), makes the update conditional on
+/// the device: where it is not finite, nothing is written. The update can then be queued before
+/// the host knows the loss (convmae-core's overlapped steps).
+pub fn adamw_update_many(items: &[AdamWItem], guard: Option<&Tensor>) -> Result<bool> {
     #[cfg(feature = "cuda")]
     {
-        crate::cuda::adamw_many_tensors(items)
+        crate::cuda::adamw_many_tensors(items, guard)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = items;
+        let _ = (items, guard);
         Ok(false)
     }
 }

@@ -442,8 +442,11 @@ fn adamw_compute_copy_agreement(device: &Device) -> Result<Agreement> {
 
 /// `adamw_update_many` on `device`: three tensors in one launch (a bf16 gradient with its bf16
 /// compute copy, an f32 gradient without one, a single element; three lr and weight-decay
-/// pairs) against the CPU update of each in f32, and each copy against its weights rounded.
+/// pairs) against the CPU update of each in f32, and each copy against its weights rounded;
+/// guarded by a finite loss, and then by a NaN loss, which must leave every tensor as it was.
 fn adamw_many_agreement(device: &Device) -> Result<Agreement> {
+    // Weights, moments, gradient, compute copy, update.
+    type ManyItem = (Tensor, Tensor, Tensor, Tensor, Option<Tensor>, AdamWUpdate);
     let shapes: [&[usize]; 3] = [&[768, 3072], &[768], &[1]];
     let mut worst_rel = 0.0;
     let mut on_device = Vec::new();
@@ -462,7 +465,23 @@ fn adamw_many_agreement(device: &Device) -> Result<Agreement> {
         on_device.push((p.to_device(device)?, m.to_device(device)?, v.to_device(device)?, g.to_device(device)?, copy, u));
     }
     let items: Vec<crate::AdamWItem> = on_device.iter().map(|(p, m, v, g, copy, u)| crate::AdamWItem { param: p, exp_avg: m, exp_avg_sq: v, grad: g, copy: copy.clone(), u: *u }).collect();
-    let ran = with_path(Path::Kernels, || crate::adamw_update_many(&items))?;
+    // Guarded by a finite loss, as overlapped pretraining steps run it: the plain update.
+    let finite_loss = Tensor::new(0.5f32, device)?;
+    let ran = with_path(Path::Kernels, || crate::adamw_update_many(&items, Some(&finite_loss)))?;
+    // Guarded by a NaN loss: nothing may change, to the bit.
+    let state = |on_device: &[ManyItem]| -> Result<Vec<Vec<f32>>> {
+        let mut all = Vec::new();
+        for (p, m, v, _, copy, _) in on_device {
+            for t in [Some(p), Some(m), Some(v), copy.as_ref()].into_iter().flatten() {
+                all.push(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(all)
+    };
+    let before = state(&on_device)?;
+    let nan_loss = Tensor::new(f32::NAN, device)?;
+    let guard_ran = with_path(Path::Kernels, || crate::adamw_update_many(&items, Some(&nan_loss)))?;
+    let untouched = before.iter().zip(&state(&on_device)?).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
     drop(items);
     for ((pd, md, vd, _, copy, _), (pc, mc, vc)) in on_device.iter().zip(&references) {
         worst_rel = worst(worst(worst(worst_rel, rel(pd, pc)?), rel(md, mc)?), rel(vd, vc)?);
@@ -471,7 +490,8 @@ fn adamw_many_agreement(device: &Device) -> Result<Agreement> {
         }
     }
     // Not run (a tensor it does not take) counts as a failure: the row would measure nothing.
-    let forward_rel = if ran { worst_rel } else { f64::INFINITY };
+    // So does a NaN loss that changed anything.
+    let forward_rel = if ran && guard_ran && untouched { worst_rel } else { f64::INFINITY };
     let tolerance = tolerance("adamw_update", DType::F32, true);
     Ok(state_row("adamw_update:many", Path::Kernels, "f32 (bf16 and f32 gradients, bf16 copies)".into(), shapes[0], forward_rel, true, tolerance))
 }

@@ -285,7 +285,8 @@ impl DeviceTable {
                 return Ok(slice.clone());
             }
         }
-        let slice = std::sync::Arc::new(dev.clone_htod(table)?);
+        // Built from each step's mask: uploaded without waiting for the step before (transfer.rs).
+        let slice = std::sync::Arc::new(crate::transfer::staged_htod(dev, table)?);
         *cached = Some((dev.id(), slice.clone()));
         Ok(slice)
     }
@@ -1391,12 +1392,21 @@ fn device_address(t: &candle_core::Tensor, dtype: DType, dev: &CudaDevice) -> Re
 /// `crate::adamw_update_many` on CUDA: the tables of tensors and chunks uploaded, one launch.
 /// The kernel writes the weights, moments and copies through their addresses, as the
 /// one-tensor kernel writes the moments and copy (adamw.rs `Fused` says why that is sound).
-pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem]) -> Result<bool> {
+pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem], guard: Option<&candle_core::Tensor>) -> Result<bool> {
     let Some(first) = items.first() else { return Ok(true) };
     let candle_core::Device::Cuda(dev) = first.param.device() else { return Ok(false) };
     if !crate::has_kernel(first.param) {
         return Ok(false);
     }
+    // The loss as one f32 on this device, or no update of ours (the caller then decides).
+    let guard = match guard {
+        None => 0,
+        Some(g) if g.elem_count() == 1 => match device_address(g, DType::F32, dev)? {
+            Some(a) => a,
+            None => return Ok(false),
+        },
+        Some(_) => return Ok(false),
+    };
     let u0 = first.u;
     let mut tensors = Vec::with_capacity(items.len());
     let mut chunks = Vec::new();
@@ -1443,16 +1453,16 @@ pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem]) -> Result<bool> {
         return Ok(false);
     }
     // SAFETY: plain-old-data rows (repr(C), no padding: the asserts above), viewed as bytes.
-    let bytes = |ptr: *const u8, len: usize| unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();
-    let tensor_bytes = dev.clone_htod(&bytes(tensors.as_ptr().cast(), tensors.len() * std::mem::size_of::<AdamWTensorRow>()))?;
-    let chunk_bytes = dev.clone_htod(&bytes(chunks.as_ptr().cast(), chunks.len() * std::mem::size_of::<AdamWChunkRow>()))?;
+    let bytes = |ptr: *const u8, len: usize| unsafe { std::slice::from_raw_parts(ptr, len) };
+    let tensor_bytes = crate::transfer::staged_htod(dev, bytes(tensors.as_ptr().cast(), tensors.len() * std::mem::size_of::<AdamWTensorRow>()))?;
+    let chunk_bytes = crate::transfer::staged_htod(dev, bytes(chunks.as_ptr().cast(), chunks.len() * std::mem::size_of::<AdamWChunkRow>()))?;
     let t = u0.step as i32;
     let consts = [u0.beta1 as f32, (1.0 - u0.beta1) as f32, u0.beta2 as f32, (1.0 - u0.beta2) as f32, (1.0 - u0.beta2.powi(t)).sqrt() as f32, u0.eps as f32];
     let n_chunks = chunks.len() as i64;
     let f = func(dev, Module::Elementwise, "adamw_many_f32")?;
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&tensor_bytes).arg(&chunk_bytes).arg(&n_chunks);
+    builder.arg(&tensor_bytes).arg(&chunk_bytes).arg(&n_chunks).arg(&guard);
     for c in &consts {
         builder.arg(c);
     }

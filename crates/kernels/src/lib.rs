@@ -44,6 +44,7 @@ mod layer_norm;
 mod linear;
 mod normalize;
 mod sublayer;
+mod transfer;
 #[cfg(test)]
 mod test_util;
 pub mod reference;
@@ -62,6 +63,7 @@ pub use linear::{linear, linear_gelu};
 pub use normalize::normalize_rgb;
 pub use sublayer::{attention_residual, attention_residual_packed, mlp_residual, mlp_residual_packed, PackedSublayer};
 pub use softmax::softmax_last_dim;
+pub use transfer::{read_later, upload, PendingValue, Uploadable};
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
 
 /// The float types the CPU kernels are instantiated for. Kept private and minimal rather than
