@@ -183,6 +183,15 @@ async function main(): Promise<void> {
     save();
   }
 
+  // Overlapped steps against steps one at a time, on the GPU: the same bits (probe-worker.ts).
+  if (!loadError && !throughputOnly && !profileOnly) {
+    const r = await run(process.execPath, [probe, 'overlap'], 90);
+    const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number } | undefined;
+    parity.push(j ? { fixture: 'overlapped steps = one at a time (convmae-tiny)', dtype: 'bf16', path: 'sparse', ...j } : { fixture: 'overlapped steps = one at a time (convmae-tiny)', dtype: 'bf16', path: 'sparse', pass: false, error: r.error });
+    log(`overlapped steps: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)})` : `error ${r.error}`}`);
+    save();
+  }
+
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
   // whether each kernel pays, which the throughput rows cannot say op by op.
   // --no-op-timings: the agreement and parity without the op timings (17 s of run 4 on an H100),

@@ -6,9 +6,68 @@
  *   node dist/benches/gpu/probe-worker.js parity <fixture.safetensors> <f32|f64> <sparse|dense>
  *   node dist/benches/gpu/probe-worker.js agreement
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
+ *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  */
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { checkFixture } from '../../src/api/fixture.js';
+import { Pretrainer } from '../../src/api/pretrainer.js';
 import { native } from '../../src/native.js';
+
+/** Each tensor's bytes of a safetensors file, by name (the metadata left out). */
+function tensorsOf(file: string): Map<string, Buffer> {
+  const bytes = readFileSync(file);
+  const n = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8')) as Record<string, { data_offsets: [number, number] }>;
+  const out = new Map<string, Buffer>();
+  for (const [name, t] of Object.entries(header)) if (name !== '__metadata__') out.set(name, bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]));
+  return out;
+}
+
+/**
+ * Overlapped steps on the GPU (the answers, and the weights and AdamW state after, of steps
+ * queued all at once against the same steps awaited one by one, on two models from one seed in
+ * this process): bf16, convmae-tiny, two micro-batches a window, so the guarded one-launch
+ * AdamW, the pinned uploads and readbacks and the accumulation all take part. `worst_rel` is the
+ * largest relative difference of a loss or a tensor element (0: the same bits).
+ */
+async function overlapProbe(device: 'cpu' | 'cuda'): Promise<{ pass: boolean; worst: string; worst_rel: number; tolerance: number }> {
+  const side = 64;
+  const images = [0, 1, 2, 3, 4, 5].map((k) => Uint8Array.from({ length: 8 * side * side * 3 }, (_, i) => (i * 131 + k * 977 + 7) % 251));
+  const make = () => Pretrainer.create({ preset: 'convmae-tiny', device, precision: 'bf16', seed: 5 });
+  const [one, two] = [make(), make()];
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'convmae-overlap-'));
+  try {
+    const step = (p: Pretrainer, k: number) => p.pretrainStep({ images: images[k]!, batchSize: 8, height: side, width: side }, { lr: 1e-3, accumSteps: 2 });
+    const sequential = [];
+    for (let k = 0; k < images.length; k++) sequential.push(await step(one, k));
+    const overlapped = await Promise.all(images.map((_, k) => step(two, k)));
+    let worst = 'none';
+    let worstRel = 0;
+    const note = (name: string, a: number, b: number) => {
+      const rel = a === b || (Number.isNaN(a) && Number.isNaN(b)) ? 0 : Math.abs(a - b) / Math.max(Math.abs(b), 1e-30);
+      if (!(rel <= worstRel)) [worst, worstRel] = [name, rel];
+    };
+    sequential.forEach((r, k) => note(`loss of step ${k + 1}`, overlapped[k]!.loss, r.loss));
+    await one.save(path.join(dir, 'one.safetensors'));
+    await two.save(path.join(dir, 'two.safetensors'));
+    const [a, b] = [tensorsOf(path.join(dir, 'one.safetensors')), tensorsOf(path.join(dir, 'two.safetensors'))];
+    for (const [name, bytes] of a) {
+      const other = b.get(name);
+      if (!other || other.length !== bytes.length) [worst, worstRel] = [name, Infinity];
+      else if (!bytes.equals(other)) {
+        const [x, y] = [new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4), new Float32Array(other.buffer, other.byteOffset, other.length / 4)];
+        for (let i = 0; i < x.length; i++) note(name, y[i]!, x[i]!);
+      }
+    }
+    return { pass: worstRel === 0, worst, worst_rel: worstRel, tolerance: 0 };
+  } finally {
+    one.dispose();
+    two.dispose();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 async function main(): Promise<void> {
   const [what, fixture, dtype, convPath] = process.argv.slice(2);
@@ -17,12 +76,14 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ kind: r.kind, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance }) + '\n');
   } else if (what === 'agreement') {
     process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda')) as unknown[] }) + '\n');
+  } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
+    process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? 'cuda')) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
     // Each op at the shapes of a ConvMAE-B step of <batch> images, ours vs candle's, bf16 then f32.
     const rows = JSON.parse(await native.timeKernels('cuda', Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
-    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | timing <batch> <reps> (got ${process.argv.slice(2).join(' ')})`);
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | timing <batch> <reps> | overlap [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
   }
 }
 

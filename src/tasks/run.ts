@@ -99,5 +99,10 @@ export interface TrainingRunOptions {
   decodeThreads?: number;
   onProgress?: (p: TrainingProgress) => void;
   onSkip?: (s: SkippedSample) => void;
+  /**
+   * Stops the run at the next accumulation-window boundary, with a checkpoint. Pretraining keeps
+   * two steps queued (overlapped steps), so a stop requested while a step is queued behind the
+   * last one reported stops after that step.
+   */
   signal?: AbortSignal;
 }

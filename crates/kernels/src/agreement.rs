@@ -385,8 +385,46 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
     // The image normalization: the device's bits must be the host's.
     if device.is_cuda() && paths.contains(&Path::Kernels) {
         out.push(normalize_agreement(device)?);
+        out.push(transfer_agreement(device)?);
     }
     Ok(out)
+}
+
+/// `upload` and `read_later` (transfer.rs: pinned staging rings, pinned readbacks) against
+/// `Tensor::from_slice` and `to_scalar`, to the bit: u8 images, u32 indices, f32 and f64 values,
+/// small uploads and uploads past the large ring's threshold, enough of them that every ring
+/// comes round several times (a buffer reused before its copy ran would show as wrong bytes),
+/// each read back after all were queued; and scalars of f32, bf16 and f64 read back late.
+fn transfer_agreement(device: &Device) -> Result<Agreement> {
+    let bits = |t: &Tensor| -> Result<Vec<u64>> {
+        let t = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::U8 => t.to_vec1::<u8>()?.into_iter().map(u64::from).collect(),
+            DType::U32 => t.to_vec1::<u32>()?.into_iter().map(u64::from).collect(),
+            DType::F32 => t.to_vec1::<f32>()?.into_iter().map(|v| u64::from(v.to_bits())).collect(),
+            _ => t.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(f64::to_bits).collect(),
+        })
+    };
+    let mut uploaded = Vec::new();
+    for round in 0..40usize {
+        let n = [300, 70_000, 600_000, 3_000_000][round % 4] + round;
+        let pixels: Vec<u8> = (0..n).map(|i| ((i * 2654435761usize + round) >> 5) as u8).collect();
+        let indices: Vec<u32> = (0..n / 8).map(|i| (i * 7 + round) as u32).collect();
+        let values: Vec<f32> = (0..n / 16).map(|i| (i as f32 * 0.37 - round as f32).sin()).collect();
+        let wide: Vec<f64> = (0..n / 64).map(|i| (i as f64 * 0.11 + round as f64).cos()).collect();
+        uploaded.push((crate::upload(&pixels, n, device)?, Tensor::from_slice(&pixels, n, &Device::Cpu)?));
+        uploaded.push((crate::upload(&indices, n / 8, device)?, Tensor::from_slice(&indices, n / 8, &Device::Cpu)?));
+        uploaded.push((crate::upload(&values, n / 16, device)?, Tensor::from_slice(&values, n / 16, &Device::Cpu)?));
+        uploaded.push((crate::upload(&wide, n / 64, device)?, Tensor::from_slice(&wide, n / 64, &Device::Cpu)?));
+    }
+    let mut same = uploaded.iter().all(|(d, c)| matches!((bits(d), bits(c)), (Ok(a), Ok(b)) if a == b));
+    let scalars = [Tensor::new(1.25f32, device)?, Tensor::new(-3.5f32, device)?.to_dtype(DType::BF16)?, Tensor::new(0.1f64, device)?];
+    let pending = scalars.iter().map(crate::read_later).collect::<Result<Vec<_>>>()?;
+    for (p, t) in pending.into_iter().zip(&scalars) {
+        same &= p.wait()?.to_bits() == t.to_dtype(DType::F64)?.to_scalar::<f64>()?.to_bits();
+    }
+    let forward_rel = if same { 0.0 } else { f64::INFINITY };
+    Ok(state_row("transfer:upload,read_later", Path::Kernels, "u8, u32, f32, f64; f32, bf16, f64 scalars".into(), &[3_000_000], forward_rel, true, 0.0))
 }
 
 /// `normalize_rgb` on `device` against the CPU op (which is the host path's formula): tolerance 0.
