@@ -27,7 +27,7 @@ const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwis
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Module {
     Depthwise,
     Rows,
@@ -40,6 +40,22 @@ enum Module {
 /// modules per device under their name, in one namespace for every crate, hence the prefix.
 /// Launch it with `dev.cuda_stream().launch_builder(&f)`: the device's one stream.
 fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
+    // A step launches several hundred of our kernels; looking each up through candle (a lock,
+    // an allocation and a cuModuleGetFunction call) is host time a step spends before the
+    // launch, so the functions are kept per thread (a model's worker owns its stream).
+    thread_local! {
+        static LOADED: std::cell::RefCell<std::collections::HashMap<(DeviceId, Module), std::collections::HashMap<String, CudaFunction>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    if let Some(f) = LOADED.with(|l| l.borrow().get(&(dev.id(), module)).and_then(|m| m.get(name)).cloned()) {
+        return Ok(f);
+    }
+    let f = load_func(dev, module, name)?;
+    LOADED.with(|l| l.borrow_mut().entry((dev.id(), module)).or_default().insert(name.to_string(), f.clone()));
+    Ok(f)
+}
+
+fn load_func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
     let (module_name, ptx) = match module {
         Module::Depthwise => ("convmae_depthwise", DEPTHWISE_PTX),
         Module::Rows => ("convmae_rows", ROWS_PTX),
