@@ -78,3 +78,38 @@ fn sparse_equals_dense_on_random_configs() {
     }
     assert!(checked >= 10, "only {checked} valid random configs");
 }
+
+/// The stages' neighbour tables as the model builds them (from the mask: `VisibleTokens`, the
+/// formula the GPU kernel uses) equal the tables built from the list of visible positions and a
+/// map of the grid (`SparseNeighbors::from_positions`), for random masks at ConvMAE-B's grid
+/// and at small grids, every mask ratio's extremes included.
+#[test]
+fn neighbour_tables_from_the_mask_equal_those_from_the_positions() {
+    use convmae_core::model::{visible_neighbors, DW_KERNEL};
+    use convmae_kernels::SparseNeighbors;
+    let mut rng = Rng::new(41);
+    for (preset, batch, ratios) in [("convmae-base", 2, &[0.75][..]), ("convmae-golden-small", 3, &[0.0, 0.5, 0.75, 0.9][..])] {
+        for &mask_ratio in ratios {
+            let mut cfg = ConvMaeConfig::preset(preset).unwrap();
+            cfg.mask_ratio = mask_ratio;
+            let masking = Masking::random(&mut rng, batch, cfg.num_tokens(), cfg.len_keep());
+            for stage in 0..2 {
+                let (grid, cell) = (cfg.grid(), cfg.stage_cell(stage));
+                let mut positions = Vec::new();
+                for (n, &t) in masking.ids_keep.iter().enumerate() {
+                    let (image, ty, tx) = ((n / masking.len_keep) as u32, t as usize / grid, t as usize % grid);
+                    for i in 0..cell {
+                        for j in 0..cell {
+                            positions.push((image, (ty * cell + i) as u32, (tx * cell + j) as u32));
+                        }
+                    }
+                }
+                let side = grid * cell;
+                let want = SparseNeighbors::from_positions(&positions, batch, side, side, DW_KERNEL).unwrap();
+                let got = visible_neighbors(&cfg, &masking, stage).unwrap();
+                assert_eq!(got.rows(), want.rows(), "{preset} ratio {mask_ratio} stage {stage}");
+                assert!(got.table() == want.table(), "{preset} ratio {mask_ratio} stage {stage}: tables differ");
+            }
+        }
+    }
+}

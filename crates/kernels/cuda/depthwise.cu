@@ -278,9 +278,40 @@ __device__ __forceinline__ void sparse_weight_partials(const T* __restrict__ inp
     }
 }
 
+// ---- the neighbour table of a mask's visible token blocks ---------------------------------
+
+// src/sparse_depthwise_conv.rs `VisibleTokens::neighbour`, one thread per (row, tap), grid
+// stride: row n is (image b, visible token v, row qi and column qj in the cell); its position
+// is the token's cell origin plus (qi, qj); the tap (i, j) looks at the position offset by
+// (i - K/2, j - K/2), whose token's slot (its place in ids_keep, or -1 if masked) gives its row.
+__device__ __forceinline__ void visible_neighbors(const uint32_t* __restrict__ ids_keep, const int32_t* __restrict__ slot,
+                                                  int32_t* __restrict__ table, int64_t n, int k, int cell, int grid,
+                                                  int len_keep) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t cc = (int64_t)cell * cell, kk = (int64_t)k * k, side = (int64_t)grid * cell;
+    for (int64_t e = global_thread(); e < n; e += stride) {
+        const int64_t row = e / kk, t = e % kk;
+        const int64_t b = row / (len_keep * cc), v = row / cc % len_keep, q = row % cc;
+        const int64_t token = ids_keep[b * len_keep + v];
+        const int64_t y = token / grid * cell + q / cell + t / k - k / 2;
+        const int64_t x = token % grid * cell + q % cell + t % k - k / 2;
+        int32_t out = -1;
+        if (y >= 0 && x >= 0 && y < side && x < side) {
+            const int32_t s = slot[b * grid * grid + y / cell * grid + x / cell];
+            if (s >= 0) out = (int32_t)((b * len_keep + s) * cc + y % cell * cell + x % cell);
+        }
+        table[e] = out;
+    }
+}
+
 }  // namespace convmae
 
 using namespace convmae;
+
+extern "C" __global__ void visible_neighbors(const uint32_t* ids_keep, const int32_t* slot, int32_t* table, int64_t n, int k,
+                                             int cell, int grid, int len_keep) {
+    convmae::visible_neighbors(ids_keep, slot, table, n, k, cell, grid, len_keep);
+}
 
 #define DW_KERNELS(K, KNAME, T, TNAME)                                                                        \
     extern "C" __global__ void dwconv_correlate_##KNAME##_##TNAME(                                             \

@@ -442,6 +442,50 @@ static void check_adamw_many(const char* label, const float* guard) {
     std::printf("%-58s %s\n", "adamw many: no copy written where there is none", untouched ? "ok" : "FAIL");
 }
 
+// The neighbour table of a mask's visible token blocks, against one built the other way
+// round (src/sparse_depthwise_conv.rs from_positions): list every visible position in row
+// order, map each grid cell to its row, then read each tap off the map. Random masks, cells of
+// 1, 2 and 4 positions, several kernel sizes; a grid stride (fewer threads than entries).
+static void check_visible_neighbors(int images, int grid, int cell, int len_keep, int k, unsigned seed) {
+    const int tokens = grid * grid, side = grid * cell, cc = cell * cell;
+    std::vector<uint32_t> ids_keep;
+    std::vector<int32_t> slot(images * tokens, -1);
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 7;
+    for (int b = 0; b < images; ++b) {
+        std::vector<uint32_t> order(tokens);
+        for (int t = 0; t < tokens; ++t) order[t] = t;
+        for (int t = tokens - 1; t > 0; --t) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            std::swap(order[t], order[s % (t + 1)]);
+        }
+        for (int v = 0; v < len_keep; ++v) {
+            ids_keep.push_back(order[v]);
+            slot[b * tokens + order[v]] = v;
+        }
+    }
+    const int64_t rows = (int64_t)images * len_keep * cc, n = rows * k * k;
+    std::vector<int32_t> map(images * side * side, -1), want(n, -1);
+    std::vector<int64_t> py(rows), px(rows), pb(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / (len_keep * cc), v = r / cc % len_keep, q = r % cc, t = ids_keep[b * len_keep + v];
+        pb[r] = b, py[r] = t / grid * cell + q / cell, px[r] = t % grid * cell + q % cell;
+        map[(b * side + py[r]) * side + px[r]] = (int32_t)r;
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        for (int i = 0; i < k; ++i)
+            for (int j = 0; j < k; ++j) {
+                const int64_t y = py[r] + i - k / 2, x = px[r] + j - k / 2;
+                if (y >= 0 && x >= 0 && y < side && x < side) want[(r * k + i) * k + j] = map[(pb[r] * side + y) * side + x];
+            }
+    std::vector<int32_t> got(n, -2);
+    launch(std::max<int64_t>(1, n / 3), 64, [&] { ::visible_neighbors(ids_keep.data(), slot.data(), got.data(), n, k, cell, grid, len_keep); });
+    const bool same = got == want;
+    if (!same) ++failures;
+    char name[96];
+    std::snprintf(name, sizeof name, "visible neighbours: %d images, grid %d, cell %d, %d kept, k %d", images, grid, cell, len_keep, k);
+    std::printf("%-58s %s\n", name, same ? "ok" : "FAIL");
+}
+
 // The image normalization against the host path's f32 formula: the same bits.
 static void check_normalize() {
     const int64_t n = 3 * 1000 + 3;
@@ -737,6 +781,10 @@ int main() {
         check_sparse(2, 7, 9, 37, k, 5);
         check_sparse(1, 6, 5, 3, k, 512);
     }
+    check_visible_neighbors(2, 4, 4, 5, 5, 1);
+    check_visible_neighbors(3, 5, 2, 7, 5, 2);
+    check_visible_neighbors(1, 3, 1, 9, 3, 3);
+    check_visible_neighbors(2, 6, 2, 1, 7, 4);
     check_elementwise();
     check_adamw_many("no guard", nullptr);
     const float finite_loss = 0.75f, nan_loss = NAN, inf_loss = INFINITY;

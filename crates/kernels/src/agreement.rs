@@ -386,8 +386,51 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
     if device.is_cuda() && paths.contains(&Path::Kernels) {
         out.push(normalize_agreement(device)?);
         out.push(transfer_agreement(device)?);
+        out.push(visible_neighbors_agreement(device)?);
     }
     Ok(out)
+}
+
+/// The neighbour table of a mask's visible token blocks as the GPU builds it (cuda/depthwise.cu
+/// `visible_neighbors`) against the table built on the host from the list of positions and a
+/// map of the grid (`from_positions`), to the bit: ConvMAE-B's stage-1 and stage-2 cells on its
+/// 14 x 14 grid, a 75% mask of 4 images.
+fn visible_neighbors_agreement(device: &Device) -> Result<Agreement> {
+    let (images, grid, len_keep, k) = (4usize, 14usize, 49usize, 5usize);
+    let mut same = true;
+    for cell in [4usize, 2] {
+        let tokens = grid * grid;
+        let (mut ids_keep, mut slot) = (Vec::new(), vec![-1i32; images * tokens]);
+        for b in 0..images {
+            // A fixed shuffle of the tokens per image: t -> (t * 67 + 13 b) mod 196 (67 is prime to 196).
+            for v in 0..len_keep {
+                let t = (v * 67 + 13 * b) % tokens;
+                ids_keep.push(t as u32);
+                slot[b * tokens + t] = v as i32;
+            }
+        }
+        let mut positions = Vec::new();
+        for (n, &t) in ids_keep.iter().enumerate() {
+            let (image, ty, tx) = ((n / len_keep) as u32, t as usize / grid, t as usize % grid);
+            for i in 0..cell {
+                for j in 0..cell {
+                    positions.push((image, (ty * cell + i) as u32, (tx * cell + j) as u32));
+                }
+            }
+        }
+        let side = grid * cell;
+        let want = SparseNeighbors::from_positions(&positions, images, side, side, k)?;
+        let nbrs = SparseNeighbors::of_visible_tokens(crate::VisibleTokens { images, grid, cell, len_keep, ids_keep, slot }, k)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            let got = dev.cuda_stream().clone_dtoh(&*nbrs.device_table(dev)?).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            same &= got == want.table();
+        }
+        same &= nbrs.table() == want.table();
+    }
+    let _ = device;
+    let forward_rel = if same { 0.0 } else { f64::INFINITY };
+    Ok(state_row("sparse_neighbors:of_visible_tokens", Path::Kernels, "i32".into(), &[images * len_keep * 16, k * k], forward_rel, true, 0.0))
 }
 
 /// `upload` and `read_later` (transfer.rs: pinned staging rings, pinned readbacks) against

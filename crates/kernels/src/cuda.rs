@@ -294,18 +294,45 @@ pub(crate) fn dw_weight_grad<T: Float>(
 pub(crate) struct DeviceTable(Mutex<Option<(DeviceId, std::sync::Arc<CudaSlice<i32>>)>>);
 
 impl DeviceTable {
-    pub(crate) fn get(&self, dev: &CudaDevice, table: &[i32]) -> Result<std::sync::Arc<CudaSlice<i32>>> {
+    /// The table of `nbrs` on `dev`: built there from the mask where `nbrs` comes from one
+    /// (`SparseNeighbors::of_visible_tokens`), else uploaded.
+    pub(crate) fn get(&self, dev: &CudaDevice, nbrs: &crate::SparseNeighbors) -> Result<std::sync::Arc<CudaSlice<i32>>> {
         let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((id, slice)) = cached.as_ref() {
             if *id == dev.id() {
                 return Ok(slice.clone());
             }
         }
-        // Built from each step's mask: uploaded without waiting for the step before (transfer.rs).
-        let slice = std::sync::Arc::new(crate::transfer::staged_htod(dev, table)?);
+        let slice = std::sync::Arc::new(match nbrs.visible_tokens() {
+            Some(tokens) => visible_neighbors(dev, tokens, nbrs.rows(), nbrs.k())?,
+            // Uploaded without waiting for the step before (transfer.rs).
+            None => crate::transfer::staged_htod(dev, nbrs.table())?,
+        });
         *cached = Some((dev.id(), slice.clone()));
         Ok(slice)
     }
+}
+
+/// cuda/depthwise.cu `visible_neighbors`: the table of a mask's visible token blocks, one
+/// thread per entry, from the mask's ids_keep and slots (small uploads).
+fn visible_neighbors(dev: &CudaDevice, tokens: &crate::VisibleTokens, rows: usize, k: usize) -> Result<CudaSlice<i32>> {
+    let n = rows * k * k;
+    let ids_keep = crate::transfer::staged_htod(dev, &tokens.ids_keep)?;
+    let slot = crate::transfer::staged_htod(dev, &tokens.slot)?;
+    // SAFETY: the kernel writes every entry.
+    let out = unsafe { dev.alloc::<i32>(n.max(1)) }?;
+    if n > 0 {
+        let f = func(dev, Module::Depthwise, "visible_neighbors")?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        let (n64, k32) = (n as i64, k as i32);
+        let (cell, grid, len_keep) = (tokens.cell as i32, tokens.grid as i32, tokens.len_keep as i32);
+        builder.arg(&ids_keep).arg(&slot).arg(&out).arg(&n64).arg(&k32).arg(&cell).arg(&grid).arg(&len_keep);
+        let blocks = n.div_ceil(BLOCK as usize).min(65535 * 8) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok(out)
 }
 
 // A cache, not part of the value: clones start empty and comparisons ignore it.

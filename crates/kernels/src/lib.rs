@@ -64,7 +64,7 @@ pub use normalize::normalize_rgb;
 pub use sublayer::{attention_residual, attention_residual_packed, mlp_residual, mlp_residual_packed, PackedSublayer};
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};
-pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors};
+pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};
 
 /// The float types the CPU kernels are instantiated for. Kept private and minimal rather than
 /// pulling in `num-traits`: the kernels only need arithmetic, `sqrt`, `exp` and storage wrapping.

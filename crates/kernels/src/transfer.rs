@@ -136,15 +136,15 @@ mod cuda {
 
     /// Uploads up to this size share the small ring; larger ones the large ring, so that a
     /// large buffer is pinned only a few times over (pinned memory is taken from the host).
-    /// A pretraining step of ConvMAE-B at batch 64 uploads about nine small things (masks,
-    /// indices, the AdamW tables; 1 MB in all) and three large (the images, 9.6 MB, and the
-    /// sparse convolutions' neighbour tables of stages 1 and 2, 5 and 1.3 MB); the rings hold
-    /// between two and three steps' worth, so that a buffer comes round again only after the
-    /// step that used it has run, even with the host a step ahead of the device. That pins
-    /// about 80 MB at batch 64 (a slot keeps the largest size it has held).
+    /// A sparse pretraining step of ConvMAE-B at batch 64 uploads about ten small things (the
+    /// mask and its indices, the mask's ids and slots for the neighbour tables the GPU builds,
+    /// the AdamW tables; a few hundred KB in all) and one large (the images, 9.6 MB); the rings
+    /// hold more than two steps' worth, so that a buffer comes round again only after the step
+    /// that used it has run, even with the host a step ahead of the device. That pins about
+    /// 40 MB at batch 64 (a slot keeps the largest size it has held).
     const SMALL_UPLOAD: usize = 1 << 20;
     const SMALL_SLOTS: usize = 24;
-    const LARGE_SLOTS: usize = 8;
+    const LARGE_SLOTS: usize = 4;
 
     /// The staging rings and readback buffers of this thread (a model's worker thread owns its
     /// device's stream), for one CUDA context: another context starts them afresh.

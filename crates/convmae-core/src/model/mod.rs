@@ -11,7 +11,7 @@ use crate::loss;
 use crate::masking::Masking;
 use crate::params::{pretrain_param_specs, Packing, ParamStore};
 use candle_core::{DType, Device, Result, Tensor};
-use convmae_kernels::SparseNeighbors;
+use convmae_kernels::{SparseNeighbors, VisibleTokens};
 use layers::*;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -256,18 +256,16 @@ pub fn conv_stages(
 
 /// The 5x5 neighbourhoods of the visible positions of conv stage `stage` (0 or 1), rows in the
 /// order of the sparse layout: (image, visible token in ids_keep order, row in cell, col in cell).
+/// Given as the mask (`VisibleTokens`): the table is built where it is used, on a GPU by a kernel.
 pub fn visible_neighbors(cfg: &ConvMaeConfig, masking: &Masking, stage: usize) -> Result<SparseNeighbors> {
-    let (grid, cell) = (cfg.grid(), cfg.stage_cell(stage));
-    let mut positions = Vec::with_capacity(masking.ids_keep.len() * cell * cell);
-    for (n, &t) in masking.ids_keep.iter().enumerate() {
-        let image = (n / masking.len_keep) as u32;
-        let (ty, tx) = (t as usize / grid, t as usize % grid);
-        for i in 0..cell {
-            for j in 0..cell {
-                positions.push((image, (ty * cell + i) as u32, (tx * cell + j) as u32));
-            }
-        }
-    }
-    let side = grid * cell;
-    SparseNeighbors::from_positions(&positions, masking.batch, side, side, DW_KERNEL)
+    let slot = masking.ids_restore.iter().map(|&rank| if (rank as usize) < masking.len_keep { rank as i32 } else { -1 }).collect();
+    let tokens = VisibleTokens {
+        images: masking.batch,
+        grid: cfg.grid(),
+        cell: cfg.stage_cell(stage),
+        len_keep: masking.len_keep,
+        ids_keep: masking.ids_keep.clone(),
+        slot,
+    };
+    SparseNeighbors::of_visible_tokens(tokens, DW_KERNEL)
 }
