@@ -142,6 +142,14 @@ pub fn adamw_per_tensor() -> bool {
     *ON.get_or_init(|| env_switch("CONVMAE_ADAMW", "many", "per-tensor"))
 }
 
+/// `CONVMAE_STEPS=serial`: each pretraining step is finished on the device before it is
+/// answered and the next one starts, as before overlapped steps (train.rs `start_step`, the
+/// default `overlapped`): their A/B on a GPU, and a safety valve. Read once per process.
+pub fn serial_steps() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("CONVMAE_STEPS", "overlapped", "serial"))
+}
+
 /// Whether `name` asks for `alternative` (rather than `default`, or nothing).
 fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
     match std::env::var(name).as_deref() {

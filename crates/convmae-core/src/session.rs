@@ -101,9 +101,14 @@ impl Worker for Pretrainer {
     }
 
     /// A step is left in flight (train.rs `start_step`); any other command settles the step in
-    /// flight first, so that it sees the step's update.
+    /// flight first, so that it sees the step's update. With `CONVMAE_STEPS=serial` a step is
+    /// run to its end on the device before it is answered.
     fn start(&mut self, command: Command) -> Started<Reply> {
         match command {
+            Command::Step { images, opts } if crate::device::serial_steps() => {
+                let r = self.step(&images.view(), &opts).and_then(|s| self.model.device().synchronize().map(|_| s));
+                Started::Done(r.map(Reply::Step).map_err(message))
+            }
             Command::Step { images, opts } => match self.start_step(&images.view(), &opts) {
                 None => Started::InFlight,
                 Some(r) => Started::Done(r.map(Reply::Step).map_err(message)),
