@@ -89,9 +89,10 @@ export declare function checkpointMetadata(path: string): Promise<string>
  * Agreement of every kernel on `device` with the CPU kernels (forward and every gradient, at
  * ConvMAE-B-like shapes), as JSON: [{op, path, dtype, shapes, forward_rel, gradient_rel,
  * gradient_rels, kernel, tolerance, pass}]. On CUDA both paths (our CUDA kernels, "kernels";
- * candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32.
+ * candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32. `only`: just the
+ * cases whose names contain it, by our kernels, in f32 and bf16.
  */
-export declare function compareKernels(device: string): Promise<string>
+export declare function compareKernels(device: string, only?: string | undefined | null): Promise<string>
 
 /** Whether this build has the CUDA backend (`npm run build:cuda`). */
 export declare function cudaBuild(): boolean

@@ -150,11 +150,30 @@ async function main(): Promise<void> {
   const runArgs = process.argv.slice(2).filter((a, i, all) => !['--out', '--golden'].includes(a) && !['--out', '--golden'].includes(all[i - 1] ?? ''));
   const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
 
+  // (a0) The newest form of attention (the flash form with the mma.sync forward, written
+  // without a GPU at hand) alone first, in a process of its own: should it fail or fault, every
+  // later process leaves it out (CONVMAE_FLASH_MMA=off: `auto` does not try it, the agreement
+  // and timing tables skip it), so that it cannot take the other rows down with it.
+  let mmaProbeRows: typeof agreement = [];
+  if (!loadError && !profileOnly) {
+    const r = await run(process.execPath, [probe, 'mma'], 90);
+    mmaProbeRows = (r.json?.rows as typeof agreement | undefined) ?? [];
+    const ok = mmaProbeRows.length > 0 && mmaProbeRows.every((a) => a.pass !== false);
+    for (const a of mmaProbeRows) log(`mma probe: ${a.op} ${a.dtype ?? ''}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}${a.pass === false ? ' FAIL' : ''}`);
+    if (!ok) {
+      process.env.CONVMAE_FLASH_MMA = 'off';
+      if (!mmaProbeRows.length) mmaProbeRows = [{ op: `self_attention:flash_mma (probe: ${r.error ?? 'no rows'})`, forward_rel: NaN, gradient_rel: NaN, pass: false }];
+      log(`the mma.sync forward's probe failed${r.error ? ` (${r.error})` : ''}: every later process runs with CONVMAE_FLASH_MMA=off`);
+    }
+  }
+
   // (a) kernel agreement first (it says which kernel is wrong), then parity.
   if (!loadError && !throughputOnly && !profileOnly) {
     const r = await run(process.execPath, [probe, 'agreement'], 180);
     if (r.json) {
       agreement = r.json.rows as typeof agreement;
+      // The mma probe's failing rows, which the table itself then left out.
+      if (process.env.CONVMAE_FLASH_MMA === 'off') agreement.push(...mmaProbeRows);
       for (const a of agreement) {
         const verdict = a.pass === undefined ? '' : a.pass ? ' pass' : ` FAIL (tolerance ${a.tolerance})`;
         log(`kernel ${a.op} ${a.path ?? ''} ${a.dtype ?? 'f32'}: forward ${a.forward_rel.toExponential(2)} gradient ${a.gradient_rel.toExponential(2)}${verdict}`);

@@ -5,6 +5,7 @@
  *
  *   node dist/benches/gpu/probe-worker.js parity <fixture.safetensors> <f32|f64> <sparse|dense>
  *   node dist/benches/gpu/probe-worker.js agreement
+ *   node dist/benches/gpu/probe-worker.js mma    (the agreement rows of the mma.sync forward alone)
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  */
@@ -76,6 +77,8 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ kind: r.kind, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance }) + '\n');
   } else if (what === 'agreement') {
     process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda')) as unknown[] }) + '\n');
+  } else if (what === 'mma') {
+    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda', 'flash_mma')) as unknown[] }) + '\n');
   } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? 'cuda')) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
@@ -83,7 +86,7 @@ async function main(): Promise<void> {
     const rows = JSON.parse(await native.timeKernels('cuda', Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
-    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | timing <batch> <reps> | overlap [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
   }
 }
 

@@ -125,15 +125,19 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
 /// Agreement of every kernel on `device` with the CPU kernels (forward and every gradient, at
 /// ConvMAE-B-like shapes), as JSON: [{op, path, dtype, shapes, forward_rel, gradient_rel,
 /// gradient_rels, kernel, tolerance, pass}]. On CUDA both paths (our CUDA kernels, "kernels";
-/// candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32.
+/// candle's ops, "composite") in f32 and bf16; on the CPU the kernels in f32. `only`: just the
+/// cases whose names contain it, by our kernels, in f32 and bf16.
 #[napi]
-pub async fn compare_kernels(device: String) -> Result<String> {
+pub async fn compare_kernels(device: String, only: Option<String>) -> Result<String> {
     use candle_core::DType;
     use convmae_kernels::Path;
     let device = DeviceSpec::parse(&device).map_err(js_err)?;
     off_thread(move || {
         let device = device.open()?;
-        let report = if device.is_cpu() {
+        let report = if let Some(part) = only {
+            // One family of cases alone (the GPU check's probe of a new form of attention).
+            convmae_kernels::agreement::compare_only(&device, &part, &[DType::F32, DType::BF16])
+        } else if device.is_cpu() {
             convmae_kernels::agreement::compare_on(&device)
         } else {
             convmae_kernels::agreement::compare_paths(&device, &[Path::Kernels, Path::Composite], &[DType::F32, DType::BF16])

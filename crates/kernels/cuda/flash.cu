@@ -12,8 +12,10 @@
 // On the H100 (2026-11-26, run 7) this form took 7.5 ms of a step (0.28 ms forward + backward a
 // stage-3 block, 1.40 ms a decoder block; the gemm form 0.41 and 1.71), still well above
 // cuDNN's 2.2 ms: each score tile goes through shared memory (the elementwise work cannot read a
-// wmma accumulator's unspecified layout). mma.sync, whose register layout is documented, would
-// keep the scores in registers, as FlashAttention-2 does: the next step for this file.
+// wmma accumulator's unspecified layout). mma.sync, whose register layout is documented, keeps
+// the scores in registers, as FlashAttention-2 does: `flash_mma_fwd` below is the forward that
+// way (CudaForm::FlashMma; written after run 7, checked by host emulation only so far); the
+// backward's two kernels are the next.
 //
 // A block is FLASH_WARPS warps and holds one (image, head)'s "other side" in shared memory:
 // K and V for the forward and the dq kernel, Q and dO for the dk/dv kernel. Each warp owns 16
@@ -500,6 +502,180 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
     store_rows<T, HD>(dv, 1.f, sh.s, gk + width, stride, at.row0, n, at.lane);
 }
 
+// ---- the forward on mma.sync: scores in registers, one pass --------------------------------
+//
+// src/attention.rs `CudaForm::FlashMma`: the forward above with each warp's scores kept in
+// registers, which mma.sync (unlike wmma) allows: its fragments' layout is documented (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16"; g = lane / 4, t = lane % 4):
+//   A, 16x16 row-major, x[0..7]: (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9)
+//                                (g+8, 2t+8) (g+8, 2t+9), two to a 32-bit register, in order
+//   B, 16x8 (k x n),    x[0..3]: (2t, g) (2t+1, g) (2t+8, g) (2t+9, g)
+//   C and D, 16x8 f32,  x[0..3]: (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1)
+// So a lane holds two rows' (g and g + 8) scores, a row is spread over the 4 lanes of a group
+// (max and sum by two shuffles), and the scores of 16 keys (two 16x8 C tiles) are, rounded,
+// exactly the A fragment of p for p · v: FlashAttention-2's online softmax, in one pass over
+// the keys (each block of 16 rescales the running output by exp(m_old - m_new)), where the wmma
+// forward makes two passes and stages every score tile through shared memory. The output is
+// the sum of p · v with p = exp(s - m) rounded to T, divided at the end by the f32 sum of the
+// unrounded p; the log-sum-exp m + log(l) is kept for the backward, which is the flash form's.
+template <typename T>
+struct MmaA {
+    T x[8];
+};
+template <typename T>
+struct MmaB {
+    T x[4];
+};
+struct MmaC {
+    float x[4];
+};
+
+#ifndef CONVMAE_HOST_EMULATION
+template <typename T>
+__device__ __forceinline__ uint32_t mma_pair(const T* p) {
+    return *reinterpret_cast<const uint32_t*>(p);  // p[0] in the low half, as mma.sync reads it
+}
+// d += a b, f32 accumulation.
+__device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<__nv_bfloat16>& a, const MmaB<__nv_bfloat16>& b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+                 : "r"(mma_pair(&a.x[0])), "r"(mma_pair(&a.x[2])), "r"(mma_pair(&a.x[4])), "r"(mma_pair(&a.x[6])),
+                   "r"(mma_pair(&b.x[0])), "r"(mma_pair(&b.x[2])));
+}
+__device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<__half>& a, const MmaB<__half>& b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+                 : "r"(mma_pair(&a.x[0])), "r"(mma_pair(&a.x[2])), "r"(mma_pair(&a.x[4])), "r"(mma_pair(&a.x[6])),
+                   "r"(mma_pair(&b.x[0])), "r"(mma_pair(&b.x[2])));
+}
+#else
+// host_check.cpp's warp-wide emulation of the same fragments.
+__device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<float>& a, const MmaB<float>& b) { mma_m16n8k16_emulated(d.x, a.x, b.x); }
+#endif
+
+// The shared memory of flash_mma_fwd: the (image, head)'s K and V, n_pad rows each, pitch
+// HD + FLASH_PAD (with which the lanes' B-fragment reads fall in distinct banks). src/cuda.rs
+// flash_mma_shared_bytes mirrors it.
+template <typename T, int HD>
+__device__ __forceinline__ int64_t flash_mma_shared_bytes(int64_t n_pad) {
+    return 2 * n_pad * (HD + FLASH_PAD) * (int64_t)sizeof(T);
+}
+
+template <typename T, int HD>
+__device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse_out, int64_t n,
+                              int64_t heads, float scale) {
+    constexpr int LD = HD + FLASH_PAD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;  // between tokens in qkv
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    T* o = out + at.b * n * width + at.h * HD;
+    if (dynamic_shared_bytes() < flash_mma_shared_bytes<T, HD>(n_pad)) {
+        poison_rows<T, HD>(o, width, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    T* keys = reinterpret_cast<T*>(base);
+    T* values = keys + n_pad * LD;
+    stage_rows<T, HD, LD>(keys, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_rows<T, HD, LD>(values, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    __syncthreads();
+    if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
+
+    const int g = at.lane / 4, t = at.lane % 4;
+    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};
+    // The warp's 16 query rows as A fragments, straight from memory (rows past n as zeros).
+    MmaA<T> qa[HD / FLASH_TILE];
+#pragma unroll
+    for (int kd = 0; kd < HD / FLASH_TILE; ++kd)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int64_t row = rows[(e / 2) % 2];
+            const int col = kd * FLASH_TILE + 2 * t + e % 2 + (e / 4) * 8;
+            qa[kd].x[e] = row < n ? q[row * stride + col] : store<T>(0.f);
+        }
+    MmaC acc[HD / 8];
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[dn].x[e] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8: running max, sum
+    for (int64_t kb = 0; kb < n_pad; kb += FLASH_TILE) {
+        // s[j]: the scores against keys kb + 8j ... kb + 8j + 7.
+        MmaC s[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j].x[e] = 0.f;
+#pragma unroll
+            for (int kd = 0; kd < HD / FLASH_TILE; ++kd) {
+                const T* k = keys + (kb + 8 * j + g) * LD + kd * FLASH_TILE + 2 * t;  // k^T: (dim, key)
+                const MmaB<T> kt{{k[0], k[1], k[8], k[9]}};
+                mma_16816(s[j], qa[kd], kt);
+            }
+        }
+        // Scaled, keys past n out; each row's max over these 16 keys (the 4 lanes of its group).
+        float block_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool key = kb + 8 * j + 2 * t + e % 2 < n;
+                s[j].x[e] = key ? s[j].x[e] * scale : -INFINITY;
+                block_max[e / 2] = fmaxf(block_max[e / 2], s[j].x[e]);
+            }
+        float rescale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
+            block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
+            // Every block holds a key below n (n_pad - 16 < n), so the new max is finite.
+            const float m_new = fmaxf(m[r], block_max[r]);
+            rescale[r] = expf(m[r] - m_new);  // 0 on the first block (m = -inf)
+            m[r] = m_new;
+            l[r] *= rescale[r];
+        }
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[dn].x[e] *= rescale[e / 2];
+        // p = exp(s - m): summed in f32, and rounded, the A fragment of p · v (C tile j is
+        // columns 8j ... 8j + 7 of A: its x[0..3] are A's x[4j ... 4j + 3]).
+        MmaA<T> pa;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = expf(s[j].x[e] - m[e / 2]);
+                l[e / 2] += p;
+                pa.x[4 * j + e] = store<T>(p);
+            }
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            const T* v = values + (kb + 2 * t) * LD + dn * 8 + g;  // v: (key, dim)
+            const MmaB<T> vb{{v[0], v[LD], v[8 * LD], v[9 * LD]}};
+            mma_16816(acc[dn], pa, vb);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t row = rows[e / 2];
+            if (row < n) o[row * width + dn * 8 + 2 * t + e % 2] = store<T>(acc[dn].x[e] / l[e / 2]);
+        }
+    // Kept for the backward's dq kernel, as the wmma forward keeps it.
+    if (t == 0)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (rows[r] < n) lse_out[(int64_t)blockIdx.x * n + rows[r]] = m[r] + logf(l[r]);
+}
+
 }  // namespace convmae
 
 #define CONVMAE_FLASH_KERNELS(T, SUFFIX, HD)                                                                                   \
@@ -515,6 +691,10 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
     extern "C" __global__ void flash_bwd_kv_hd##HD##_##SUFFIX(const T* qkv, const T* gout, const float* stats, T* gqkv,        \
                                                               int64_t n, int64_t heads, float scale) {                         \
         convmae::flash_bwd_kv<T, HD>(qkv, gout, stats, gqkv, n, heads, scale);                                                 \
+    }                                                                                                                          \
+    extern "C" __global__ void flash_mma_fwd_hd##HD##_##SUFFIX(const T* qkv, T* out, float* lse, int64_t n, int64_t heads,    \
+                                                               float scale) {                                                  \
+        convmae::flash_mma_fwd<T, HD>(qkv, out, lse, n, heads, scale);                                                         \
     }
 
 // The head dims of src/attention.rs's FLASH_HEAD_DIMS; 16-bit types only (the tensor cores'

@@ -113,6 +113,30 @@ static void fill_fragment(F& f, V v) {
 }
 }  // namespace wmma
 
+// mma.sync.m16n8k16 of one warp (flash.cu's one-pass forward), from the fragment layouts of
+// the PTX ISA ("Matrix Fragments for mma.m16n8k16"), written out here on their own: every lane
+// publishes its elements of A (16x16), B (16x8) and C (16x8) at their places, the warp meets,
+// each lane computes its four elements of D = C + A B in f32 (k in order), and the warp meets
+// again before the matrices are reused.
+static float mma_a[32][16][16], mma_b[32][16][8], mma_c[32][16][8];
+static void mma_m16n8k16_emulated(float d[4], const float a[8], const float b[4]) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // a_i: row g for i < 2 and 4 <= i < 6, else g + 8; column 2t + (i & 1), + 8 for i >= 4.
+    for (int i = 0; i < 8; ++i) mma_a[w][(i < 2 || (i >= 4 && i < 6)) ? g : g + 8][2 * t + (i & 1) + (i >= 4 ? 8 : 0)] = a[i];
+    // b_i: row (k) 2t + (i & 1), + 8 for i >= 2; column g.
+    for (int i = 0; i < 4; ++i) mma_b[w][2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = b[i];
+    // c_i: row g for i < 2, else g + 8; column 2t + (i & 1).
+    for (int i = 0; i < 4; ++i) mma_c[w][i < 2 ? g : g + 8][2 * t + (i & 1)] = d[i];
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+        const int r = i < 2 ? g : g + 8, c = 2 * t + (i & 1);
+        float s = mma_c[w][r][c];
+        for (int k = 0; k < 16; ++k) s += mma_a[w][r][k] * mma_b[w][k][c];
+        d[i] = s;
+    }
+    __syncwarp();
+}
+
 #include "attention.cu"
 #include "depthwise.cu"
 #include "elementwise.cu"
@@ -729,7 +753,7 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
 // FLASH_WARPS warps per image, head and 16 * FLASH_WARPS rows, with FlashShared's bytes of
 // dynamic shared memory. Then once with a byte too few, which must leave NaN everywhere.
 template <int HD, typename Fwd, typename BwdQ, typename BwdKV>
-static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, bool misaligned = false) {
+static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, Fwd mma_fwd, bool misaligned = false) {
     using namespace convmae;
     const int64_t d = heads * HD, row = 3 * d;
     const auto [scale, qkv_aligned, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
@@ -766,11 +790,33 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
                          std::all_of(short_grad.begin(), short_grad.end(), [](float v) { return std::isnan(v); });
     if (!all_nan) ++failures;
     std::printf("%-58s %s\n", "flash attention with too little shared memory: all NaN", all_nan ? "ok" : "FAIL");
+    // The one-pass forward on mma.sync (its own, smaller shared memory), and the backward from
+    // its log-sum-exp.
+    const unsigned mma_bytes = (unsigned)(2 * n_pad * (HD + FLASH_PAD) * sizeof(float));
+    auto run_mma = [&](unsigned bytes) {
+        emulated_dynamic_shared_bytes = bytes;
+        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
+        launch_blocks(gx, gy, block, [&] { mma_fwd(qkv.data(), out.data(), lse.data(), n, heads, scale); });
+        emulated_dynamic_shared_bytes = (unsigned)shared.size();  // the backward's own
+        launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
+        launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+        return std::pair{out, grad};
+    };
+    const auto [mma_out, mma_grad] = run_mma(mma_bytes);
+    std::snprintf(name, sizeof name, "flash mma forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
+    check(name, mma_out, ref_out, 2e-6);
+    std::snprintf(name, sizeof name, "  and the qkv grad from its log-sum-exp");
+    check(name, mma_grad, ref_grad, 1e-5);
+    const auto short_mma = run_mma(mma_bytes - 1).first;
+    const bool mma_nan = std::all_of(short_mma.begin(), short_mma.end(), [](float v) { return std::isnan(v); });
+    if (!mma_nan) ++failures;
+    std::printf("%-58s %s\n", "flash mma forward with too little shared memory: all NaN", mma_nan ? "ok" : "FAIL");
     emulated_dynamic_shared = nullptr;
 }
 
 #define CHECK_FLASH(HD, nb, n, heads, ...) \
-    check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
+    check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
+                    flash_mma_fwd_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
 
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,

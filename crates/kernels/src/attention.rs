@@ -69,6 +69,10 @@ pub enum CudaForm {
     /// bf16 and f16, head dims 16, 32 and 64, as many tokens as the device's shared memory
     /// holds (`crate::cuda::flash_fits`).
     Flash,
+    /// The flash form with cuda/flash.cu's one-pass forward on mma.sync (the scores in
+    /// registers, FlashAttention-2's online softmax) and the flash form's backward. Serves what
+    /// the flash form serves. `CONVMAE_FLASH_MMA=off` keeps `auto` from trying it.
+    FlashMma,
 }
 
 impl CudaForm {
@@ -77,7 +81,7 @@ impl CudaForm {
         Ok(match self {
             Self::Fused => CUDA_HEAD_DIMS.contains(&dims.hd),
             Self::Gemm => true,
-            Self::Flash => {
+            Self::Flash | Self::FlashMma => {
                 FLASH_HEAD_DIMS.contains(&dims.hd) && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && flash_fits(device, dims)?
             }
         })
@@ -88,8 +92,23 @@ impl CudaForm {
             Self::Fused => "fused kernels",
             Self::Gemm => "gemms",
             Self::Flash => "flash kernels",
+            Self::FlashMma => "flash kernels with the mma.sync forward",
         }
     }
+}
+
+/// `CONVMAE_FLASH_MMA=off`: `auto` leaves the mma.sync forward (`CudaForm::FlashMma`) out, as
+/// the GPU check does should its probe of that form fail. Read once per process.
+pub(crate) fn flash_mma_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| match std::env::var("CONVMAE_FLASH_MMA").as_deref() {
+        Ok("off") => true,
+        Ok("on") | Ok("") | Err(_) => false,
+        Ok(other) => {
+            eprintln!("convmae: CONVMAE_FLASH_MMA='{other}' is not 'on' or 'off'; using 'on'");
+            false
+        }
+    })
 }
 
 /// The head dims cuda/flash.cu instantiates (its bf16 and f16 kernels).
@@ -120,7 +139,7 @@ pub fn with_cuda_form<R>(form: CudaForm, f: impl FnOnce() -> R) -> R {
 }
 
 /// Which form computes attention on CUDA, or None for candle's composition, by
-/// `CONVMAE_ATTENTION`: `fused`, `gemm`, `flash`, `composite`, or `auto` (the default;
+/// `CONVMAE_ATTENTION`: `fused`, `gemm`, `flash`, `flash-mma`, `composite`, or `auto` (the default;
 /// `auto_form`). A form asked for that does not serve these sizes or this dtype (`flash` in
 /// f32, `fused` at head dim 24) gives way to the gemm form, which serves all.
 pub(crate) fn cuda_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, scale: f64) -> Result<Option<CudaForm>> {
@@ -137,6 +156,7 @@ pub(crate) fn cuda_form(dims: Dims, dtype: candle_core::DType, device: &candle_c
         Choice::Ours => or_gemm(CudaForm::Fused)?,
         Choice::Gemm => CudaForm::Gemm,
         Choice::Flash => or_gemm(CudaForm::Flash)?,
+        Choice::FlashMma => or_gemm(CudaForm::FlashMma)?,
         Choice::Auto => auto_form(dims, dtype, device, scale)?,
         Choice::Composite => unreachable!("returned above"),
     }))
@@ -159,7 +179,10 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
         return Ok(form);
     }
     let mut candidates = Vec::new();
-    for form in [CudaForm::Fused, CudaForm::Gemm, CudaForm::Flash] {
+    for form in [CudaForm::Fused, CudaForm::Gemm, CudaForm::Flash, CudaForm::FlashMma] {
+        if form == CudaForm::FlashMma && flash_mma_off() {
+            continue;
+        }
         if form.serves(dims, dtype, device)? {
             candidates.push(form);
         }

@@ -218,6 +218,8 @@ pub(crate) enum Choice {
     Gemm,
     /// `flash` (`CONVMAE_ATTENTION` only): our attention op's tensor-core flash kernels.
     Flash,
+    /// `flash-mma` (`CONVMAE_ATTENTION` only): the same with the one-pass mma.sync forward.
+    FlashMma,
 }
 
 impl OpSwitch {
@@ -248,9 +250,10 @@ impl OpSwitch {
             Ok("auto") => Choice::Auto,
             Ok("gemm") if matches!(self, Self::Attention) => Choice::Gemm,
             Ok("flash") if matches!(self, Self::Attention) => Choice::Flash,
+            Ok("flash-mma") if matches!(self, Self::Attention) => Choice::FlashMma,
             Ok("") | Err(_) => self.default_choice(),
             Ok(other) => {
-                let gemm = if matches!(self, Self::Attention) { ", 'gemm', 'flash'" } else { "" };
+                let gemm = if matches!(self, Self::Attention) { ", 'gemm', 'flash', 'flash-mma'" } else { "" };
                 eprintln!("convmae: {}='{other}' is not 'fused'{gemm}, 'composite' or 'auto'; using the default", self.variable());
                 self.default_choice()
             }

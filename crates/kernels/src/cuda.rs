@@ -444,7 +444,8 @@ pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: Cu
     match att.form {
         CudaForm::Fused => Ok((fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
         CudaForm::Gemm => Ok((gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
-        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale).map(|(out, lse)| (out, Some(lse))),
+        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashForward::Wmma).map(|(out, lse)| (out, Some(lse))),
+        CudaForm::FlashMma => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashForward::Mma).map(|(out, lse)| (out, Some(lse))),
     }
 }
 
@@ -463,7 +464,7 @@ pub(crate) fn attention_bwd<T: Float>(
     match att.form {
         CudaForm::Fused => fused_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
         CudaForm::Gemm => gemm_attention_bwd::<T>(qkv, qkv_l, grad, grad_l, att.dims, att.scale),
-        CudaForm::Flash => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept),
+        CudaForm::Flash | CudaForm::FlashMma => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept),
     }
 }
 
@@ -532,6 +533,21 @@ pub(crate) fn flash_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
     2 * n_pad * ld * elem + 2 * n_pad * 4 + FLASH_WARPS * per_warp
 }
 
+/// The dynamic shared memory of cuda/flash.cu `flash_mma_fwd` (`flash_mma_shared_bytes`
+/// there): the (image, head)'s K and V, [n_pad, hd + 8] each; less than the other kernels'.
+pub(crate) fn flash_mma_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
+    2 * n.div_ceil(16) * 16 * (hd + 8) * elem
+}
+
+/// Which kernel computes the flash form's forward.
+#[derive(Clone, Copy)]
+enum FlashForward {
+    /// `flash_fwd`: wmma, two passes, score tiles through shared memory.
+    Wmma,
+    /// `flash_mma_fwd`: mma.sync, one pass, scores in registers.
+    Mma,
+}
+
 /// Whether this device gives a block the shared memory the flash kernels need for `dims` in
 /// 16-bit storage (227 KB on an H100: ConvMAE-B needs 52 KB in the encoder and 60 KB in the
 /// decoder; fine-tuning's 197 tokens at head dim 64, 94 KB).
@@ -548,7 +564,8 @@ fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, w
     if T::SUFFIX == "f32" {
         candle_core::bail!("{what}: the flash form runs on the tensor cores in bf16 or f16, not f32");
     }
-    let bytes = flash_shared_bytes(dims.n, dims.hd, std::mem::size_of::<T>());
+    let elem = std::mem::size_of::<T>();
+    let bytes = if kernel == "flash_mma_fwd" { flash_mma_shared_bytes(dims.n, dims.hd, elem) } else { flash_shared_bytes(dims.n, dims.hd, elem) };
     let bh = dims.b * dims.heads;
     let row_blocks = dims.n.div_ceil(16).div_ceil(FLASH_WARPS);
     if bh > i32::MAX as usize || row_blocks > 65535 {
@@ -563,15 +580,20 @@ fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, w
     Ok((f, cfg))
 }
 
-/// The flash form's forward (cuda/flash.cu): one kernel, the scores in shared memory only; also
-/// each query row's log-sum-exp, for the backward.
-fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32) -> Result<(CudaStorage, CudaSlice<f32>)> {
+/// The flash form's forward (cuda/flash.cu): one kernel, the scores never in memory (`Wmma`:
+/// staged through shared memory; `Mma`: in registers); also each query row's log-sum-exp, for
+/// the backward.
+fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32, kernel: FlashForward) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = qkv.device();
     let xo = Operand::<T>::new(qkv, qkv_l)?;
     let xv = xo.view()?;
     let mut out = alloc::<T>(dev, dims.b * dims.n * dims.d())?;
     let mut lse = alloc::<f32>(dev, dims.b * dims.heads * dims.n)?;
-    let (f, cfg) = flash_launch::<T>(dev, "flash_fwd", dims, "self_attention")?;
+    let name = match kernel {
+        FlashForward::Wmma => "flash_fwd",
+        FlashForward::Mma => "flash_mma_fwd",
+    };
+    let (f, cfg) = flash_launch::<T>(dev, name, dims, "self_attention")?;
     let (n, heads) = (dims.n as i64, dims.heads as i64);
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);

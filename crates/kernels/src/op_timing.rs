@@ -106,6 +106,17 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             shapes: vec![vec![b, 196, 3 * 512]],
             op: Box::new(|t| crate::with_cuda_form(crate::CudaForm::Flash, || crate::self_attention(&t[0], 16, 32f64.powf(-0.5)))),
         },
+        // And by the flash form with the mma.sync forward.
+        TimedCase {
+            name: "self_attention:encoder_flash_mma",
+            shapes: vec![vec![b, 49, 3 * 768]],
+            op: Box::new(|t| crate::with_cuda_form(crate::CudaForm::FlashMma, || crate::self_attention(&t[0], 12, 0.125))),
+        },
+        TimedCase {
+            name: "self_attention:decoder_flash_mma",
+            shapes: vec![vec![b, 196, 3 * 512]],
+            op: Box::new(|t| crate::with_cuda_form(crate::CudaForm::FlashMma, || crate::self_attention(&t[0], 16, 32f64.powf(-0.5)))),
+        },
         TimedCase { name: "softmax_last_dim:decoder", shapes: vec![vec![b, 16, 196, 196]], op: Box::new(|t| crate::softmax_last_dim(&t[0])) },
         // The widest linear layers: the decoder MLP's fc1 with its GELU (one op in the model) and
         // stage 1's conv1 (a 1x1 conv kernel).
@@ -169,6 +180,9 @@ pub fn time_ops(device: &Device, paths: &[Path], dtype: DType, batch: usize, rep
     }
     let mut rows = Vec::new();
     for (i, case) in cases(batch)?.iter().enumerate() {
+        if case.name.ends_with("flash_mma") && crate::attention::flash_mma_off() {
+            continue;
+        }
         let vars: Vec<Var> = case
             .shapes
             .iter()

@@ -380,8 +380,8 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
     crate::composite::use_kernel(args)
         && linear_ours
         && match OpSwitch::Sublayer.choice() {
-            // (`gemm` and `flash` are CONVMAE_ATTENTION's alone, never this variable's.)
-            Choice::Ours | Choice::Gemm | Choice::Flash => true,
+            // (`gemm`, `flash` and `flash-mma` are CONVMAE_ATTENTION's alone, never this variable's.)
+            Choice::Ours | Choice::Gemm | Choice::Flash | Choice::FlashMma => true,
             Choice::Composite => false,
             Choice::Auto => rows >= MIN_ROWS_PER_WIDTH * d,
         }

@@ -105,6 +105,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "self_attention:decoder_gemm",
             "self_attention:flash",
             "self_attention:decoder_flash",
+            "self_attention:flash_mma",
+            "self_attention:decoder_flash_mma",
             "self_attention:gemm_hd24",
             "linear",
             "linear_gelu",
@@ -136,8 +138,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 25 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 52);
+    // 27 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 56);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -190,6 +192,8 @@ fn op_timings_cover_every_case_by_both_paths() {
             "self_attention:decoder_gemm",
             "self_attention:encoder_flash",
             "self_attention:decoder_flash",
+            "self_attention:encoder_flash_mma",
+            "self_attention:decoder_flash_mma",
             "softmax_last_dim:decoder",
             "linear_gelu:decoder_fc1",
             "mlp_residual:decoder",
