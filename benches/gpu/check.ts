@@ -150,7 +150,7 @@ async function main(): Promise<void> {
   const runArgs = process.argv.slice(2).filter((a, i, all) => !['--out', '--golden'].includes(a) && !['--out', '--golden'].includes(all[i - 1] ?? ''));
   const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
 
-  // (a0) The newest form of attention (the flash form with the mma.sync forward, written
+  // (a0) The newest form of attention (the flash form on mma.sync, written
   // without a GPU at hand) alone first, in a process of its own: should it fail or fault, every
   // later process leaves it out (CONVMAE_FLASH_MMA=off: `auto` does not try it, the agreement
   // and timing tables skip it), so that it cannot take the other rows down with it.
@@ -163,7 +163,7 @@ async function main(): Promise<void> {
     if (!ok) {
       process.env.CONVMAE_FLASH_MMA = 'off';
       if (!mmaProbeRows.length) mmaProbeRows = [{ op: `self_attention:flash_mma (probe: ${r.error ?? 'no rows'})`, forward_rel: NaN, gradient_rel: NaN, pass: false }];
-      log(`the mma.sync forward's probe failed${r.error ? ` (${r.error})` : ''}: every later process runs with CONVMAE_FLASH_MMA=off`);
+      log(`the mma.sync flash kernels' probe failed${r.error ? ` (${r.error})` : ''}: every later process runs with CONVMAE_FLASH_MMA=off`);
     }
   }
 

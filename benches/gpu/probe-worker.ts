@@ -5,7 +5,7 @@
  *
  *   node dist/benches/gpu/probe-worker.js parity <fixture.safetensors> <f32|f64> <sparse|dense>
  *   node dist/benches/gpu/probe-worker.js agreement
- *   node dist/benches/gpu/probe-worker.js mma    (the agreement rows of the mma.sync forward alone)
+ *   node dist/benches/gpu/probe-worker.js mma    (the agreement rows of the mma.sync flash kernels alone)
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  */

@@ -13,9 +13,9 @@
 // stage-3 block, 1.40 ms a decoder block; the gemm form 0.41 and 1.71), still well above
 // cuDNN's 2.2 ms: each score tile goes through shared memory (the elementwise work cannot read a
 // wmma accumulator's unspecified layout). mma.sync, whose register layout is documented, keeps
-// the scores in registers, as FlashAttention-2 does: `flash_mma_fwd` below is the forward that
-// way (CudaForm::FlashMma; written after run 7, checked by host emulation only so far); the
-// backward's two kernels are the next.
+// the scores in registers, as FlashAttention-2 does: the `flash_mma_*` kernels below are the
+// three that way (CudaForm::FlashMma; written after run 7, checked by host emulation only so
+// far, and tried by CONVMAE_ATTENTION=auto against the others on the GPU).
 //
 // A block is FLASH_WARPS warps and holds one (image, head)'s "other side" in shared memory:
 // K and V for the forward and the dq kernel, Q and dO for the dk/dv kernel. Each warp owns 16
@@ -502,9 +502,9 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
     store_rows<T, HD>(dv, 1.f, sh.s, gk + width, stride, at.row0, n, at.lane);
 }
 
-// ---- the forward on mma.sync: scores in registers, one pass --------------------------------
+// ---- the kernels on mma.sync: scores in registers --------------------------------------------
 //
-// src/attention.rs `CudaForm::FlashMma`: the forward above with each warp's scores kept in
+// src/attention.rs `CudaForm::FlashMma`: the kernels above with each warp's scores kept in
 // registers, which mma.sync (unlike wmma) allows: its fragments' layout is documented (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16"; g = lane / 4, t = lane % 4):
 //   A, 16x16 row-major, x[0..7]: (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9)
@@ -517,7 +517,9 @@ __device__ void flash_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ go
 // the keys (each block of 16 rescales the running output by exp(m_old - m_new)), where the wmma
 // forward makes two passes and stages every score tile through shared memory. The output is
 // the sum of p · v with p = exp(s - m) rounded to T, divided at the end by the f32 sum of the
-// unrounded p; the log-sum-exp m + log(l) is kept for the backward, which is the flash form's.
+// unrounded p; the log-sum-exp m + log(l) is kept for the backward. The two backward kernels
+// are the wmma ones' arithmetic with the same fragments (the dk/dv kernel's scores transposed,
+// keys as the rows).
 template <typename T>
 struct MmaA {
     T x[8];
@@ -553,12 +555,78 @@ __device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<__half>& a, const 
 __device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<float>& a, const MmaB<float>& b) { mma_m16n8k16_emulated(d.x, a.x, b.x); }
 #endif
 
-// The shared memory of flash_mma_fwd: the (image, head)'s K and V, n_pad rows each, pitch
-// HD + FLASH_PAD (with which the lanes' B-fragment reads fall in distinct banks). src/cuda.rs
-// flash_mma_shared_bytes mirrors it.
+// The warp's 16 rows of a packed matrix as A fragments, straight from memory: rows[0] and
+// rows[1] are the lane's rows g and g + 8 (src + row * stride), rows at or past n as zeros.
+template <typename T, int HD>
+__device__ __forceinline__ void load_a_rows(MmaA<T>* a, const T* src, int64_t stride, const int64_t rows[2], int64_t n, int t) {
+#pragma unroll
+    for (int kd = 0; kd < HD / FLASH_TILE; ++kd)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int64_t row = rows[(e / 2) % 2];
+            a[kd].x[e] = row < n ? src[row * stride + kd * FLASH_TILE + 2 * t + e % 2 + (e / 4) * 8] : store<T>(0.f);
+        }
+}
+
+// s[j] = a · X[8j ... 8j + 7]^T for the 16 rows of X at `x` (shared memory, pitch LD): the
+// products against 16 rows of the other side, as two 16x8 C tiles. B = X^T, (k = dim, n = row):
+// the lane's elements are row 8j + g, dims 2t, 2t + 1, 2t + 8, 2t + 9 of each 16 dims.
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void products_with_rows(MmaC s[2], const MmaA<T>* a, const T* x, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j].x[e] = 0.f;
+#pragma unroll
+        for (int kd = 0; kd < HD / FLASH_TILE; ++kd) {
+            const T* r = x + (8 * j + g) * LD + kd * FLASH_TILE + 2 * t;
+            const MmaB<T> b{{r[0], r[1], r[8], r[9]}};
+            mma_16816(s[j], a[kd], b);
+        }
+    }
+}
+
+// acc[dn] += p · X[:, 8dn ... 8dn + 7] for the 16 rows of X at `x` (shared memory, pitch LD), p
+// a 16x16 A fragment over those rows. B = X, (k = row, n = dim): rows 2t, 2t + 1, 2t + 8,
+// 2t + 9, dim 8dn + g.
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void accumulate_rows(MmaC* acc, const MmaA<T>& p, const T* x, int g, int t) {
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        const T* c = x + 2 * t * LD + dn * 8 + g;
+        const MmaB<T> b{{c[0], c[LD], c[8 * LD], c[9 * LD]}};
+        mma_16816(acc[dn], p, b);
+    }
+}
+
+// Writes acc (scaled) as the warp's rows: rows[r] at dst + row * stride, those below n.
+template <typename T, int HD>
+__device__ __forceinline__ void store_acc_rows(const MmaC* acc, float scale, T* dst, int64_t stride, const int64_t rows[2], int64_t n,
+                                               int t) {
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t row = rows[e / 2];
+            if (row < n) dst[row * stride + dn * 8 + 2 * t + e % 2] = store<T>(acc[dn].x[e] * scale);
+        }
+}
+
+template <typename T, int HD>
+__device__ __forceinline__ void zero(MmaC* acc) {
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[dn].x[e] = 0.f;
+}
+
+// The shared memory of the mma kernels: the (image, head)'s two "other side" matrices, n_pad
+// rows each, pitch HD + FLASH_PAD (with which the lanes' B-fragment reads fall in distinct
+// banks), then two f32 vectors of n_pad (the dk/dv kernel's log-sum-exp and delta; the others
+// leave them unused). src/cuda.rs flash_mma_shared_bytes mirrors it.
 template <typename T, int HD>
 __device__ __forceinline__ int64_t flash_mma_shared_bytes(int64_t n_pad) {
-    return 2 * n_pad * (HD + FLASH_PAD) * (int64_t)sizeof(T);
+    return 2 * n_pad * (HD + FLASH_PAD) * (int64_t)sizeof(T) + 2 * n_pad * (int64_t)sizeof(float);
 }
 
 template <typename T, int HD>
@@ -584,36 +652,14 @@ __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, fl
 
     const int g = at.lane / 4, t = at.lane % 4;
     const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};
-    // The warp's 16 query rows as A fragments, straight from memory (rows past n as zeros).
     MmaA<T> qa[HD / FLASH_TILE];
-#pragma unroll
-    for (int kd = 0; kd < HD / FLASH_TILE; ++kd)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int64_t row = rows[(e / 2) % 2];
-            const int col = kd * FLASH_TILE + 2 * t + e % 2 + (e / 4) * 8;
-            qa[kd].x[e] = row < n ? q[row * stride + col] : store<T>(0.f);
-        }
+    load_a_rows<T, HD>(qa, q, stride, rows, n, t);
     MmaC acc[HD / 8];
-#pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[dn].x[e] = 0.f;
+    zero<T, HD>(acc);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8: running max, sum
     for (int64_t kb = 0; kb < n_pad; kb += FLASH_TILE) {
-        // s[j]: the scores against keys kb + 8j ... kb + 8j + 7.
-        MmaC s[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j].x[e] = 0.f;
-#pragma unroll
-            for (int kd = 0; kd < HD / FLASH_TILE; ++kd) {
-                const T* k = keys + (kb + 8 * j + g) * LD + kd * FLASH_TILE + 2 * t;  // k^T: (dim, key)
-                const MmaB<T> kt{{k[0], k[1], k[8], k[9]}};
-                mma_16816(s[j], qa[kd], kt);
-            }
-        }
+        MmaC s[2];  // s[j]: the scores against keys kb + 8j ... kb + 8j + 7
+        products_with_rows<T, HD, LD>(s, qa, keys + kb * LD, g, t);
         // Scaled, keys past n out; each row's max over these 16 keys (the 4 lanes of its group).
         float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -650,12 +696,7 @@ __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, fl
                 l[e / 2] += p;
                 pa.x[4 * j + e] = store<T>(p);
             }
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-            const T* v = values + (kb + 2 * t) * LD + dn * 8 + g;  // v: (key, dim)
-            const MmaB<T> vb{{v[0], v[LD], v[8 * LD], v[9 * LD]}};
-            mma_16816(acc[dn], pa, vb);
-        }
+        accumulate_rows<T, HD, LD>(acc, pa, values + kb * LD, g, t);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -665,15 +706,147 @@ __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, fl
 #pragma unroll
     for (int dn = 0; dn < HD / 8; ++dn)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int64_t row = rows[e / 2];
-            if (row < n) o[row * width + dn * 8 + 2 * t + e % 2] = store<T>(acc[dn].x[e] / l[e / 2]);
-        }
-    // Kept for the backward's dq kernel, as the wmma forward keeps it.
+        for (int e = 0; e < 4; ++e) acc[dn].x[e] /= l[e / 2];
+    store_acc_rows<T, HD>(acc, 1.f, o, width, rows, n, t);
+    // Kept for the backward's dq kernel.
     if (t == 0)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             if (rows[r] < n) lse_out[(int64_t)blockIdx.x * n + rows[r]] = m[r] + logf(l[r]);
+}
+
+// The dq kernel on mma.sync: flash_bwd_q's arithmetic (delta = rowsum(dO * O) and the
+// forward's log-sum-exp left in `stats` for the dk/dv kernel; dq = scale * sum_j ds_j k_j with
+// ds = p * (dO v^T - delta), rounded to T before its product), the scores and ds in registers.
+// Needs the forward's log-sum-exp (`have_lse`; src/cuda.rs takes the wmma dq kernel without).
+template <typename T, int HD>
+__device__ void flash_mma_bwd_q(const T* __restrict__ qkv, const T* __restrict__ out, const T* __restrict__ gout,
+                                const float* __restrict__ lse_in, int have_lse, T* __restrict__ gqkv, float* __restrict__ stats,
+                                int64_t n, int64_t heads, float scale) {
+    constexpr int LD = HD + FLASH_PAD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    const T* o = out + at.b * n * width + at.h * HD;
+    const T* go = gout + at.b * n * width + at.h * HD;
+    T* gq = gqkv + at.b * n * stride + at.h * HD;
+    if (!have_lse || dynamic_shared_bytes() < flash_mma_shared_bytes<T, HD>(n_pad)) {
+        poison_rows<T, HD>(gq, stride, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    T* keys = reinterpret_cast<T*>(base);
+    T* values = keys + n_pad * LD;
+    stage_rows<T, HD, LD>(keys, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_rows<T, HD, LD>(values, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    __syncthreads();
+    if (at.row0 >= n) return;
+
+    const int g = at.lane / 4, t = at.lane % 4;
+    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};
+    MmaA<T> qa[HD / FLASH_TILE], ga[HD / FLASH_TILE], oa[HD / FLASH_TILE];
+    load_a_rows<T, HD>(qa, q, stride, rows, n, t);
+    load_a_rows<T, HD>(ga, go, width, rows, n, t);
+    load_a_rows<T, HD>(oa, o, width, rows, n, t);
+    // delta = rowsum(dO * O) in f32: the lane's elements of its two rows, then its group's.
+    float delta[2] = {0.f, 0.f}, lse[2];
+#pragma unroll
+    for (int kd = 0; kd < HD / FLASH_TILE; ++kd)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) delta[(e / 2) % 2] += load(ga[kd].x[e]) * load(oa[kd].x[e]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        delta[r] += __shfl_xor_sync(0xffffffffu, delta[r], 1);
+        delta[r] += __shfl_xor_sync(0xffffffffu, delta[r], 2);
+        lse[r] = rows[r] < n ? lse_in[(int64_t)blockIdx.x * n + rows[r]] : 0.f;
+        if (t == 0 && rows[r] < n) {
+            const int64_t bh_row = (int64_t)blockIdx.x * n + rows[r];
+            stats[bh_row] = lse[r];
+            stats[(int64_t)gridDim.x * n + bh_row] = delta[r];
+        }
+    }
+    MmaC acc[HD / 8];
+    zero<T, HD>(acc);
+    for (int64_t kb = 0; kb < n_pad; kb += FLASH_TILE) {
+        MmaC s[2], dp[2];
+        products_with_rows<T, HD, LD>(s, qa, keys + kb * LD, g, t);     // q k^T
+        products_with_rows<T, HD, LD>(dp, ga, values + kb * LD, g, t);  // dO v^T
+        MmaA<T> ds;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool key = kb + 8 * j + 2 * t + e % 2 < n;
+                const float p = key ? expf(s[j].x[e] * scale - lse[e / 2]) : 0.f;
+                ds.x[4 * j + e] = store<T>(p * (dp[j].x[e] - delta[e / 2]));
+            }
+        accumulate_rows<T, HD, LD>(acc, ds, keys + kb * LD, g, t);  // ds k
+    }
+    store_acc_rows<T, HD>(acc, scale, gq, stride, rows, n, t);
+}
+
+// The dk/dv kernel on mma.sync: flash_bwd_kv's arithmetic, per 16 key rows, the scores
+// transposed (k q^T, so that keys are the rows): dv = sum_i p_i^T dO_i (p rounded),
+// dk = scale * sum_i ds_i^T q_i (ds = p * (dO v^T - delta), rounded), with the log-sum-exp and
+// delta of each query (a column now) from `stats`, staged in shared memory.
+template <typename T, int HD>
+__device__ void flash_mma_bwd_kv(const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ stats,
+                                 T* __restrict__ gqkv, int64_t n, int64_t heads, float scale) {
+    constexpr int LD = HD + FLASH_PAD;
+    const FlashPlace at(heads);
+    const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE, width = heads * HD;
+    const int64_t stride = 3 * width;
+    const T* q = qkv + at.b * n * stride + at.h * HD;
+    const T* go = gout + at.b * n * width + at.h * HD;
+    T* gk = gqkv + at.b * n * stride + width + at.h * HD;
+    if (dynamic_shared_bytes() < flash_mma_shared_bytes<T, HD>(n_pad)) {
+        poison_rows<T, HD>(gk, stride, at.row0, n, at.lane);
+        poison_rows<T, HD>(gk + width, stride, at.row0, n, at.lane);
+        return;
+    }
+    CONVMAE_DYNAMIC_SHARED(base);
+    T* queries = reinterpret_cast<T*>(base);
+    T* grads = queries + n_pad * LD;
+    float* lse = reinterpret_cast<float*>(grads + n_pad * LD);
+    float* delta = lse + n_pad;
+    stage_rows<T, HD, LD>(queries, q, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_rows<T, HD, LD>(grads, go, width, n_pad, n, threadIdx.x, blockDim.x);
+    for (int64_t i = threadIdx.x; i < n_pad; i += blockDim.x) {
+        const int64_t bh_row = (int64_t)blockIdx.x * n + i;
+        lse[i] = i < n ? stats[bh_row] : 0.f;
+        delta[i] = i < n ? stats[(int64_t)gridDim.x * n + bh_row] : 0.f;
+    }
+    __syncthreads();
+    if (at.row0 >= n) return;
+
+    const int g = at.lane / 4, t = at.lane % 4;
+    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};  // keys
+    MmaA<T> ka[HD / FLASH_TILE], va[HD / FLASH_TILE];
+    load_a_rows<T, HD>(ka, q + width, stride, rows, n, t);
+    load_a_rows<T, HD>(va, q + 2 * width, stride, rows, n, t);
+    MmaC dk[HD / 8], dv[HD / 8];
+    zero<T, HD>(dk);
+    zero<T, HD>(dv);
+    for (int64_t qb = 0; qb < n_pad; qb += FLASH_TILE) {
+        MmaC s[2], dp[2];
+        products_with_rows<T, HD, LD>(s, ka, queries + qb * LD, g, t);  // k q^T
+        products_with_rows<T, HD, LD>(dp, va, grads + qb * LD, g, t);   // v dO^T
+        MmaA<T> pa, ds;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int64_t query = qb + 8 * j + 2 * t + e % 2;
+                const float p = query < n ? expf(s[j].x[e] * scale - lse[query]) : 0.f;
+                pa.x[4 * j + e] = store<T>(p);
+                ds.x[4 * j + e] = store<T>(p * (dp[j].x[e] - delta[query]));
+            }
+        accumulate_rows<T, HD, LD>(dv, pa, grads + qb * LD, g, t);    // p^T dO
+        accumulate_rows<T, HD, LD>(dk, ds, queries + qb * LD, g, t);  // ds^T q
+    }
+    store_acc_rows<T, HD>(dk, scale, gk, stride, rows, n, t);
+    store_acc_rows<T, HD>(dv, 1.f, gk + width, stride, rows, n, t);
 }
 
 }  // namespace convmae
@@ -695,6 +868,15 @@ __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, fl
     extern "C" __global__ void flash_mma_fwd_hd##HD##_##SUFFIX(const T* qkv, T* out, float* lse, int64_t n, int64_t heads,    \
                                                                float scale) {                                                  \
         convmae::flash_mma_fwd<T, HD>(qkv, out, lse, n, heads, scale);                                                         \
+    }                                                                                                                          \
+    extern "C" __global__ void flash_mma_bwd_q_hd##HD##_##SUFFIX(const T* qkv, const T* out, const T* gout, const float* lse, \
+                                                                 int have_lse, T* gqkv, float* stats, int64_t n,              \
+                                                                 int64_t heads, float scale) {                                 \
+        convmae::flash_mma_bwd_q<T, HD>(qkv, out, gout, lse, have_lse, gqkv, stats, n, heads, scale);                          \
+    }                                                                                                                          \
+    extern "C" __global__ void flash_mma_bwd_kv_hd##HD##_##SUFFIX(const T* qkv, const T* gout, const float* stats, T* gqkv,    \
+                                                                  int64_t n, int64_t heads, float scale) {                     \
+        convmae::flash_mma_bwd_kv<T, HD>(qkv, gout, stats, gqkv, n, heads, scale);                                             \
     }
 
 // The head dims of src/attention.rs's FLASH_HEAD_DIMS; 16-bit types only (the tensor cores'

@@ -753,7 +753,8 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
 // FLASH_WARPS warps per image, head and 16 * FLASH_WARPS rows, with FlashShared's bytes of
 // dynamic shared memory. Then once with a byte too few, which must leave NaN everywhere.
 template <int HD, typename Fwd, typename BwdQ, typename BwdKV>
-static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, Fwd mma_fwd, bool misaligned = false) {
+static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, Fwd mma_fwd, BwdQ mma_bwd_q, BwdKV mma_bwd_kv,
+                        bool misaligned = false) {
     using namespace convmae;
     const int64_t d = heads * HD, row = 3 * d;
     const auto [scale, qkv_aligned, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
@@ -790,33 +791,39 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
                          std::all_of(short_grad.begin(), short_grad.end(), [](float v) { return std::isnan(v); });
     if (!all_nan) ++failures;
     std::printf("%-58s %s\n", "flash attention with too little shared memory: all NaN", all_nan ? "ok" : "FAIL");
-    // The one-pass forward on mma.sync (its own, smaller shared memory), and the backward from
-    // its log-sum-exp.
-    const unsigned mma_bytes = (unsigned)(2 * n_pad * (HD + FLASH_PAD) * sizeof(float));
-    auto run_mma = [&](unsigned bytes) {
-        emulated_dynamic_shared_bytes = bytes;
+    // The kernels on mma.sync (their own, smaller shared memory): the one-pass forward, then
+    // the backward by the wmma kernels from its log-sum-exp and by the mma kernels.
+    const unsigned mma_bytes = (unsigned)(2 * n_pad * (HD + FLASH_PAD) * sizeof(float) + 2 * n_pad * sizeof(float));
+    auto run_mma = [&](unsigned bytes, bool mma_backward) {
         std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
+        emulated_dynamic_shared_bytes = bytes;
         launch_blocks(gx, gy, block, [&] { mma_fwd(qkv.data(), out.data(), lse.data(), n, heads, scale); });
-        emulated_dynamic_shared_bytes = (unsigned)shared.size();  // the backward's own
-        launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
-        launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+        if (mma_backward) {
+            launch_blocks(gx, gy, block, [&] { mma_bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
+            launch_blocks(gx, gy, block, [&] { mma_bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+        } else {
+            emulated_dynamic_shared_bytes = (unsigned)shared.size();  // the wmma kernels' own
+            launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
+            launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
+        }
         return std::pair{out, grad};
     };
-    const auto [mma_out, mma_grad] = run_mma(mma_bytes);
+    const auto [mma_out, wmma_grad] = run_mma(mma_bytes, false);
     std::snprintf(name, sizeof name, "flash mma forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
     check(name, mma_out, ref_out, 2e-6);
-    std::snprintf(name, sizeof name, "  and the qkv grad from its log-sum-exp");
-    check(name, mma_grad, ref_grad, 1e-5);
-    const auto short_mma = run_mma(mma_bytes - 1).first;
-    const bool mma_nan = std::all_of(short_mma.begin(), short_mma.end(), [](float v) { return std::isnan(v); });
+    check("  and the qkv grad by the wmma kernels from its lse", wmma_grad, ref_grad, 1e-5);
+    check("  and the qkv grad by the mma kernels", run_mma(mma_bytes, true).second, ref_grad, 1e-5);
+    const auto [short_out_mma, short_grad_mma] = run_mma(mma_bytes - 1, true);
+    const bool mma_nan = std::all_of(short_out_mma.begin(), short_out_mma.end(), [](float v) { return std::isnan(v); }) &&
+                         std::all_of(short_grad_mma.begin(), short_grad_mma.end(), [](float v) { return std::isnan(v); });
     if (!mma_nan) ++failures;
-    std::printf("%-58s %s\n", "flash mma forward with too little shared memory: all NaN", mma_nan ? "ok" : "FAIL");
+    std::printf("%-58s %s\n", "flash mma kernels with too little shared memory: all NaN", mma_nan ? "ok" : "FAIL");
     emulated_dynamic_shared = nullptr;
 }
 
 #define CHECK_FLASH(HD, nb, n, heads, ...) \
     check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
-                    flash_mma_fwd_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
+                    flash_mma_fwd_hd##HD##_f32, flash_mma_bwd_q_hd##HD##_f32, flash_mma_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
 
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,

@@ -242,7 +242,7 @@ fn cases() -> Result<Vec<Case>> {
             seed: 8,
             op: Box::new(|t| crate::with_cuda_form(CudaForm::Flash, || crate::self_attention(&(&t[0] * 3.0)?, 16, 32f64.powf(-0.5)))),
         },
-        // And by the flash form with the mma.sync forward (left out with CONVMAE_FLASH_MMA=off,
+        // And by the flash form on mma.sync (left out with CONVMAE_FLASH_MMA=off,
         // as the GPU check runs this table should its own probe of that form fail).
         Case {
             name: "self_attention:flash_mma",

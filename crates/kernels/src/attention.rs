@@ -69,9 +69,9 @@ pub enum CudaForm {
     /// bf16 and f16, head dims 16, 32 and 64, as many tokens as the device's shared memory
     /// holds (`crate::cuda::flash_fits`).
     Flash,
-    /// The flash form with cuda/flash.cu's one-pass forward on mma.sync (the scores in
-    /// registers, FlashAttention-2's online softmax) and the flash form's backward. Serves what
-    /// the flash form serves. `CONVMAE_FLASH_MMA=off` keeps `auto` from trying it.
+    /// The flash form on mma.sync (cuda/flash.cu `flash_mma_*`): the scores in registers, the
+    /// forward in one pass (FlashAttention-2's online softmax), the same backward arithmetic.
+    /// Serves what the flash form serves. `CONVMAE_FLASH_MMA=off` keeps `auto` from trying it.
     FlashMma,
 }
 
@@ -92,12 +92,12 @@ impl CudaForm {
             Self::Fused => "fused kernels",
             Self::Gemm => "gemms",
             Self::Flash => "flash kernels",
-            Self::FlashMma => "flash kernels with the mma.sync forward",
+            Self::FlashMma => "flash kernels on mma.sync",
         }
     }
 }
 
-/// `CONVMAE_FLASH_MMA=off`: `auto` leaves the mma.sync forward (`CudaForm::FlashMma`) out, as
+/// `CONVMAE_FLASH_MMA=off`: `auto` leaves the flash kernels on mma.sync (`CudaForm::FlashMma`) out, as
 /// the GPU check does should its probe of that form fail. Read once per process.
 pub(crate) fn flash_mma_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

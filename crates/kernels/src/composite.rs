@@ -218,7 +218,7 @@ pub(crate) enum Choice {
     Gemm,
     /// `flash` (`CONVMAE_ATTENTION` only): our attention op's tensor-core flash kernels.
     Flash,
-    /// `flash-mma` (`CONVMAE_ATTENTION` only): the same with the one-pass mma.sync forward.
+    /// `flash-mma` (`CONVMAE_ATTENTION` only): the flash kernels on mma.sync.
     FlashMma,
 }
 

@@ -444,8 +444,8 @@ pub(crate) fn attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, att: Cu
     match att.form {
         CudaForm::Fused => Ok((fused_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
         CudaForm::Gemm => Ok((gemm_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale)?, None)),
-        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashForward::Wmma).map(|(out, lse)| (out, Some(lse))),
-        CudaForm::FlashMma => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashForward::Mma).map(|(out, lse)| (out, Some(lse))),
+        CudaForm::Flash => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashKernels::Wmma).map(|(out, lse)| (out, Some(lse))),
+        CudaForm::FlashMma => flash_attention_fwd::<T>(qkv, qkv_l, att.dims, att.scale, FlashKernels::Mma).map(|(out, lse)| (out, Some(lse))),
     }
 }
 
@@ -464,7 +464,8 @@ pub(crate) fn attention_bwd<T: Float>(
     match att.form {
         CudaForm::Fused => fused_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale),
         CudaForm::Gemm => gemm_attention_bwd::<T>(qkv, qkv_l, grad, grad_l, att.dims, att.scale),
-        CudaForm::Flash | CudaForm::FlashMma => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept),
+        CudaForm::Flash => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept, FlashKernels::Wmma),
+        CudaForm::FlashMma => flash_attention_bwd::<T>(qkv, qkv_l, out, out_l, grad, grad_l, att.dims, att.scale, kept, FlashKernels::Mma),
     }
 }
 
@@ -533,18 +534,21 @@ pub(crate) fn flash_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
     2 * n_pad * ld * elem + 2 * n_pad * 4 + FLASH_WARPS * per_warp
 }
 
-/// The dynamic shared memory of cuda/flash.cu `flash_mma_fwd` (`flash_mma_shared_bytes`
-/// there): the (image, head)'s K and V, [n_pad, hd + 8] each; less than the other kernels'.
+/// The dynamic shared memory of cuda/flash.cu's mma kernels (`flash_mma_shared_bytes` there):
+/// two [n_pad, hd + 8] matrices and two f32 [n_pad] vectors; less than the wmma kernels'.
 pub(crate) fn flash_mma_shared_bytes(n: usize, hd: usize, elem: usize) -> usize {
-    2 * n.div_ceil(16) * 16 * (hd + 8) * elem
+    let n_pad = n.div_ceil(16) * 16;
+    2 * n_pad * (hd + 8) * elem + 2 * n_pad * 4
 }
 
-/// Which kernel computes the flash form's forward.
+/// Which kernels compute the flash form.
 #[derive(Clone, Copy)]
-enum FlashForward {
-    /// `flash_fwd`: wmma, two passes, score tiles through shared memory.
+enum FlashKernels {
+    /// `flash_fwd`, `flash_bwd_q`, `flash_bwd_kv`: wmma, score tiles through shared memory (the
+    /// forward in two passes).
     Wmma,
-    /// `flash_mma_fwd`: mma.sync, one pass, scores in registers.
+    /// `flash_mma_*`: mma.sync, scores in registers (the forward in one pass). The dq kernel
+    /// needs the forward's log-sum-exp: without it the wmma kernels run.
     Mma,
 }
 
@@ -565,7 +569,7 @@ fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, w
         candle_core::bail!("{what}: the flash form runs on the tensor cores in bf16 or f16, not f32");
     }
     let elem = std::mem::size_of::<T>();
-    let bytes = if kernel == "flash_mma_fwd" { flash_mma_shared_bytes(dims.n, dims.hd, elem) } else { flash_shared_bytes(dims.n, dims.hd, elem) };
+    let bytes = if kernel.starts_with("flash_mma") { flash_mma_shared_bytes(dims.n, dims.hd, elem) } else { flash_shared_bytes(dims.n, dims.hd, elem) };
     let bh = dims.b * dims.heads;
     let row_blocks = dims.n.div_ceil(16).div_ceil(FLASH_WARPS);
     if bh > i32::MAX as usize || row_blocks > 65535 {
@@ -583,15 +587,15 @@ fn flash_launch<T: Float>(dev: &CudaDevice, kernel: &str, dims: AttentionDims, w
 /// The flash form's forward (cuda/flash.cu): one kernel, the scores never in memory (`Wmma`:
 /// staged through shared memory; `Mma`: in registers); also each query row's log-sum-exp, for
 /// the backward.
-fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32, kernel: FlashForward) -> Result<(CudaStorage, CudaSlice<f32>)> {
+fn flash_attention_fwd<T: Float>(qkv: &CudaStorage, qkv_l: &Layout, dims: AttentionDims, scale: f32, kernel: FlashKernels) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = qkv.device();
     let xo = Operand::<T>::new(qkv, qkv_l)?;
     let xv = xo.view()?;
     let mut out = alloc::<T>(dev, dims.b * dims.n * dims.d())?;
     let mut lse = alloc::<f32>(dev, dims.b * dims.heads * dims.n)?;
     let name = match kernel {
-        FlashForward::Wmma => "flash_fwd",
-        FlashForward::Mma => "flash_mma_fwd",
+        FlashKernels::Wmma => "flash_fwd",
+        FlashKernels::Mma => "flash_mma_fwd",
     };
     let (f, cfg) = flash_launch::<T>(dev, name, dims, "self_attention")?;
     let (n, heads) = (dims.n as i64, dims.heads as i64);
@@ -616,8 +620,13 @@ fn flash_attention_bwd<T: Float>(
     dims: AttentionDims,
     scale: f32,
     lse: Option<&CudaSlice<f32>>,
+    kernels: FlashKernels,
 ) -> Result<CudaStorage> {
     const WHAT: &str = "self_attention_grad";
+    let (bwd_q, bwd_kv) = match (kernels, lse.is_some()) {
+        (FlashKernels::Mma, true) => ("flash_mma_bwd_q", "flash_mma_bwd_kv"),
+        _ => ("flash_bwd_q", "flash_bwd_kv"),
+    };
     let dev = qkv.device();
     let (xo, oo, go) = (Operand::<T>::new(qkv, qkv_l)?, Operand::<T>::new(out, out_l)?, Operand::<T>::new(grad, grad_l)?);
     let (xv, ov, gv) = (xo.view()?, oo.view()?, go.view()?);
@@ -639,11 +648,11 @@ fn flash_attention_bwd<T: Float>(
             placeholder.slice(..)
         }
     };
-    let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_q", dims, WHAT)?;
+    let (f, cfg) = flash_launch::<T>(dev, bwd_q, dims, WHAT)?;
     let mut builder = stream.launch_builder(&f);
     builder.arg(&xv).arg(&ov).arg(&gv).arg(&lse_in).arg(&have_lse).arg(&mut gx).arg(&mut stats).arg(&n).arg(&heads).arg(&scale);
     unsafe { builder.launch(cfg) }.w()?;
-    let (f, cfg) = flash_launch::<T>(dev, "flash_bwd_kv", dims, WHAT)?;
+    let (f, cfg) = flash_launch::<T>(dev, bwd_kv, dims, WHAT)?;
     let mut builder = stream.launch_builder(&f);
     builder.arg(&xv).arg(&gv).arg(&stats).arg(&mut gx).arg(&n).arg(&heads).arg(&scale);
     unsafe { builder.launch(cfg) }.w()?;

@@ -106,7 +106,7 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             shapes: vec![vec![b, 196, 3 * 512]],
             op: Box::new(|t| crate::with_cuda_form(crate::CudaForm::Flash, || crate::self_attention(&t[0], 16, 32f64.powf(-0.5)))),
         },
-        // And by the flash form with the mma.sync forward.
+        // And by the flash form on mma.sync.
         TimedCase {
             name: "self_attention:encoder_flash_mma",
             shapes: vec![vec![b, 49, 3 * 768]],
