@@ -5,7 +5,7 @@
 #   benches/gpu/payload/golden/               the golden fixtures the parity check runs
 #   dist/                                     the compiled TypeScript (npm run build:ts)
 # then checks that payload + dist fit the device tool's 64 MiB carry limit and prints the call:
-#   run(command="bash benches/gpu/run.sh --quick --profile --deadline 420", carry=["benches/gpu/payload", "dist"], timeout_s=450)
+#   run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 480", carry=["benches/gpu/payload", "dist"], timeout_s=510)
 # The GPU machine has PyTorch (cuBLAS, cuRAND, cudart 13 come from its wheels) but no Node.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,5 +39,7 @@ if (( total > LIMIT )); then
   echo "prepare: too large for the device tool's carry limit" >&2
   exit 1
 fi
-echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --profile --deadline 420", carry=["benches/gpu/payload", "dist"], timeout_s=450)'
-echo '         (the whole check at batch 64 took 204 s of an H100 on 2026-11-26, before two more A/B rows of about 15 s each; drop --quick for batch 128 too when more device time is left)'
+echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 480", carry=["benches/gpu/payload", "dist"], timeout_s=510)'
+echo '         (run 7 of 2026-11-26 ran out of its 420 s deadline before its last A/B rows; since then the check has gained a probe of the'
+echo '         mma.sync flash kernels, an overlapped-steps probe and two A/B rows, each ~15-25 s. Start-up takes 30-75 s of the 900 s a session'
+echo '         has; drop --quick for batch 128 too when more device time is left)'
