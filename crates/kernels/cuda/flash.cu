@@ -629,6 +629,23 @@ __device__ __forceinline__ int64_t flash_mma_shared_bytes(int64_t n_pad) {
     return 2 * n_pad * (HD + FLASH_PAD) * (int64_t)sizeof(T) + 2 * n_pad * (int64_t)sizeof(float);
 }
 
+// The block's staging in the mma forward and dq kernels: one (image, head)'s k and v rows
+// whole (q points at the head's q in token 0 of the image; k and v follow at `width`).
+template <typename T, int HD, int LD>
+__device__ __forceinline__ void stage_keys_values(T* keys, T* values, const T* q, int64_t stride, int64_t width, int64_t n_pad,
+                                                  int64_t n) {
+    stage_rows<T, HD, LD>(keys, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_rows<T, HD, LD>(values, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);
+}
+
+// A lane's place in the mma fragments: group g, thread t in it, and its two rows of the warp's
+// 16, g and g + 8.
+struct MmaLane {
+    int g, t;
+    int64_t rows[2];
+    __device__ explicit MmaLane(const FlashPlace& at) : g(at.lane / 4), t(at.lane % 4), rows{at.row0 + at.lane / 4, at.row0 + at.lane / 4 + 8} {}
+};
+
 template <typename T, int HD>
 __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse_out, int64_t n,
                               int64_t heads, float scale) {
@@ -645,13 +662,13 @@ __device__ void flash_mma_fwd(const T* __restrict__ qkv, T* __restrict__ out, fl
     CONVMAE_DYNAMIC_SHARED(base);
     T* keys = reinterpret_cast<T*>(base);
     T* values = keys + n_pad * LD;
-    stage_rows<T, HD, LD>(keys, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);
-    stage_rows<T, HD, LD>(values, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_keys_values<T, HD, LD>(keys, values, q, stride, width, n_pad, n);
     __syncthreads();
     if (at.row0 >= n) return;  // a warp past the last row (no __syncthreads follows)
 
-    const int g = at.lane / 4, t = at.lane % 4;
-    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};
+    const MmaLane lane(at);
+    const int g = lane.g, t = lane.t;
+    const int64_t* rows = lane.rows;
     MmaA<T> qa[HD / FLASH_TILE];
     load_a_rows<T, HD>(qa, q, stride, rows, n, t);
     MmaC acc[HD / 8];
@@ -738,13 +755,13 @@ __device__ void flash_mma_bwd_q(const T* __restrict__ qkv, const T* __restrict__
     CONVMAE_DYNAMIC_SHARED(base);
     T* keys = reinterpret_cast<T*>(base);
     T* values = keys + n_pad * LD;
-    stage_rows<T, HD, LD>(keys, q + width, stride, n_pad, n, threadIdx.x, blockDim.x);
-    stage_rows<T, HD, LD>(values, q + 2 * width, stride, n_pad, n, threadIdx.x, blockDim.x);
+    stage_keys_values<T, HD, LD>(keys, values, q, stride, width, n_pad, n);
     __syncthreads();
     if (at.row0 >= n) return;
 
-    const int g = at.lane / 4, t = at.lane % 4;
-    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};
+    const MmaLane lane(at);
+    const int g = lane.g, t = lane.t;
+    const int64_t* rows = lane.rows;
     MmaA<T> qa[HD / FLASH_TILE], ga[HD / FLASH_TILE], oa[HD / FLASH_TILE];
     load_a_rows<T, HD>(qa, q, stride, rows, n, t);
     load_a_rows<T, HD>(ga, go, width, rows, n, t);
@@ -820,8 +837,9 @@ __device__ void flash_mma_bwd_kv(const T* __restrict__ qkv, const T* __restrict_
     __syncthreads();
     if (at.row0 >= n) return;
 
-    const int g = at.lane / 4, t = at.lane % 4;
-    const int64_t rows[2] = {at.row0 + g, at.row0 + g + 8};  // keys
+    const MmaLane lane(at);  // its rows are keys here
+    const int g = lane.g, t = lane.t;
+    const int64_t* rows = lane.rows;
     MmaA<T> ka[HD / FLASH_TILE], va[HD / FLASH_TILE];
     load_a_rows<T, HD>(ka, q + width, stride, rows, n, t);
     load_a_rows<T, HD>(va, q + 2 * width, stride, rows, n, t);
