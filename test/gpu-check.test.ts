@@ -140,3 +140,15 @@ test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative
   const { stdout } = await load({ CONVMAE_NATIVE: path.join(path.basename(ROOT), cpuModule!) }, path.dirname(ROOT));
   t.is(stdout.trim(), 'false');
 });
+
+test('the overlapped-steps probe passes on the CPU, with steps overlapped and with CONVMAE_STEPS=serial', async (t) => {
+  // The probe the GPU check runs on CUDA (probe-worker.js overlap), here on the CPU, where the
+  // same control flow runs: queued steps against steps awaited one by one, losses and every
+  // saved tensor to the bit. With CONVMAE_STEPS=serial (the check's fallback) every step is run
+  // to its end before it is answered, and the answers are the same.
+  const probe = path.join(ROOT, 'dist', 'benches', 'gpu', 'probe-worker.js');
+  for (const steps of ['overlapped', 'serial']) {
+    const { stdout } = await run(process.execPath, [probe, 'overlap', 'cpu'], { timeout: 120_000, env: { ...process.env, CONVMAE_STEPS: steps } });
+    t.deepEqual(JSON.parse(stdout.trim()), { pass: true, worst: 'none', worst_rel: 0, tolerance: 0 }, steps);
+  }
+});
