@@ -258,8 +258,20 @@ async function main(): Promise<void> {
   // attention that serves a shape, and AdamW updates every tensor in one launch: should a flash
   // row or the one-launch AdamW row of the agreement have failed (or the agreement probe itself),
   // our rows run without them, rather than all fault alike.
-  const flashSuspect = agreementError !== undefined || agreement.some((a) => a.op.includes('flash') && a.pass === false);
-  const manySuspect = agreementError !== undefined || agreement.some((a) => a.op === 'adamw_update:many' && a.pass === false);
+  const failed = (op: (name: string) => boolean) => agreementError !== undefined || agreement.some((a) => op(a.op) && a.pass === false);
+  // (The flash kernels on mma.sync have a switch of their own, below.)
+  const flashSuspect = failed((op) => op.includes('flash') && !op.includes('flash_mma'));
+  const manySuspect = failed((op) => op === 'adamw_update:many');
+  // Should the mma rows have passed their own probe but failed in the full table, they are left
+  // out from here on.
+  if (agreement.some((a) => a.op.includes('flash_mma') && a.pass === false)) process.env.CONVMAE_FLASH_MMA = 'off';
+  // Likewise the pinned uploads and readbacks, and the neighbour tables built on the GPU (both
+  // written after run 7 without a GPU): should their agreement rows fail, our rows go back to
+  // candle's transfers and to tables built on the host.
+  const transfersSuspect = failed((op) => op === 'transfer:upload,read_later');
+  const tablesSuspect = failed((op) => op === 'sparse_neighbors:of_visible_tokens');
+  if (transfersSuspect && !loadError && !profileOnly) log('the pinned transfers\' agreement row failed (or the agreement did): our rows run with CONVMAE_TRANSFERS=plain');
+  if (tablesSuspect && !loadError && !profileOnly) log('the GPU neighbour tables\' agreement row failed (or the agreement did): our rows run with CONVMAE_NEIGHBOUR_TABLES=host');
   // Likewise overlapped steps, should they not give the answers of steps one at a time: the
   // probe failed to run, or differs by more than a rounding could (the probe passes only at the
   // same bits; a difference in the last bits would say the GPU's arithmetic is not repeatable
@@ -269,6 +281,8 @@ async function main(): Promise<void> {
     ...(flashSuspect ? { CONVMAE_ATTENTION: 'gemm' } : {}),
     ...(manySuspect ? { CONVMAE_ADAMW: 'per-tensor' } : {}),
     ...(overlapSuspect ? { CONVMAE_STEPS: 'serial' } : {}),
+    ...(transfersSuspect ? { CONVMAE_TRANSFERS: 'plain' } : {}),
+    ...(tablesSuspect ? { CONVMAE_NEIGHBOUR_TABLES: 'host' } : {}),
   };
   if (overlapSuspect && !loadError && !profileOnly) log('overlapped steps did not match steps one at a time: our rows run with CONVMAE_STEPS=serial');
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');

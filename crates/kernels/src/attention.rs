@@ -101,14 +101,7 @@ impl CudaForm {
 /// the GPU check does should its probe of that form fail. Read once per process.
 pub(crate) fn flash_mma_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| match std::env::var("CONVMAE_FLASH_MMA").as_deref() {
-        Ok("off") => true,
-        Ok("on") | Ok("") | Err(_) => false,
-        Ok(other) => {
-            eprintln!("convmae: CONVMAE_FLASH_MMA='{other}' is not 'on' or 'off'; using 'on'");
-            false
-        }
-    })
+    *OFF.get_or_init(|| crate::env_switch("CONVMAE_FLASH_MMA", "on", "off"))
 }
 
 /// The head dims cuda/flash.cu instantiates (its bf16 and f16 kernels).

@@ -303,7 +303,7 @@ impl DeviceTable {
                 return Ok(slice.clone());
             }
         }
-        let slice = std::sync::Arc::new(match nbrs.visible_tokens() {
+        let slice = std::sync::Arc::new(match nbrs.visible_tokens().filter(|_| !host_neighbour_tables()) {
             Some(tokens) => visible_neighbors(dev, tokens, nbrs.rows(), nbrs.k())?,
             // Uploaded without waiting for the step before (transfer.rs).
             None => crate::transfer::staged_htod(dev, nbrs.table())?,
@@ -311,6 +311,14 @@ impl DeviceTable {
         *cached = Some((dev.id(), slice.clone()));
         Ok(slice)
     }
+}
+
+/// `CONVMAE_NEIGHBOUR_TABLES=host`: a mask's neighbour tables built on the host and uploaded,
+/// as before `visible_neighbors`: the safety valve the GPU check sets should its agreement row
+/// for the kernel fail. Read once per process.
+fn host_neighbour_tables() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch("CONVMAE_NEIGHBOUR_TABLES", "device", "host"))
 }
 
 /// cuda/depthwise.cu `visible_neighbors`: the table of a mask's visible token blocks, one

@@ -13,6 +13,21 @@
 //! correct, but unfused. On CUDA `linear` is one op around two cuBLAS gemms (see linear.rs).
 
 use std::borrow::Cow;
+
+/// Whether environment variable `name` asks for `alternative` rather than `default` (or is
+/// unset or empty); another value is named in a warning and means `default`. The A/B and
+/// safety switches of the kernels' newer paths, each read once per process by its caller.
+pub(crate) fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok(v) if v == alternative => true,
+        Ok(v) if v.is_empty() || v == default => false,
+        Ok(other) => {
+            eprintln!("convmae: {name}='{other}' is not '{default}' or '{alternative}'; using '{default}'");
+            false
+        }
+        Err(_) => false,
+    }
+}
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use candle_core::backend::BackendStorage;

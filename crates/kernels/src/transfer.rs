@@ -22,6 +22,15 @@ pub trait Uploadable: WithDType {}
 #[cfg(not(feature = "cuda"))]
 impl<T: WithDType> Uploadable for T {}
 
+/// `CONVMAE_TRANSFERS=plain`: uploads and readbacks as candle makes them (`from_slice`,
+/// `to_scalar`), not through pinned memory: the safety valve of this file's CUDA code, which
+/// the GPU check sets should its agreement row for it fail. Read once per process.
+#[cfg(feature = "cuda")]
+fn plain_transfers() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env_switch("CONVMAE_TRANSFERS", "pinned", "plain"))
+}
+
 /// `Tensor::from_slice(data, shape, device)`, except that on CUDA the host does not wait for
 /// work queued earlier on the device's stream: `data` is copied into a pinned staging buffer
 /// and the upload is queued behind that work.
@@ -29,7 +38,7 @@ pub fn upload<T: Uploadable>(data: &[T], shape: impl Into<Shape>, device: &Devic
     let shape = shape.into();
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) if !data.is_empty() => {
+        Device::Cuda(dev) if !data.is_empty() && !plain_transfers() => {
             if shape.elem_count() != data.len() {
                 candle_core::bail!("upload: {} values do not fill shape {shape:?}", data.len());
             }
@@ -59,7 +68,7 @@ pub fn read_later(t: &Tensor) -> Result<PendingValue> {
     }
     match t.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => {
+        Device::Cuda(dev) if !plain_transfers() => {
             let dtype = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
             let t = t.to_dtype(dtype)?.flatten_all()?.contiguous()?;
             let slot = cuda::read_back(dev, &t)?;
@@ -104,6 +113,9 @@ pub(crate) fn staged_htod<T: candle_core::cuda_backend::cudarc::driver::DeviceRe
     dev: &candle_core::cuda_backend::CudaDevice,
     data: &[T],
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+    if plain_transfers() {
+        return dev.cuda_stream().clone_htod(data).map_err(|e| candle_core::Error::Msg(e.to_string()));
+    }
     cuda::staged_htod(dev, data)
 }
 
