@@ -2,6 +2,7 @@
 //! model's worker thread does when it opens a GPU.
 
 use candle_core::Device;
+use convmae_kernels::env_switch;
 
 /// A parsed device request: the CPU, or CUDA device `ordinal`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,19 +149,6 @@ pub fn adamw_per_tensor() -> bool {
 pub fn serial_steps() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("CONVMAE_STEPS", "overlapped", "serial"))
-}
-
-/// Whether `name` asks for `alternative` (rather than `default`, or nothing).
-fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
-    match std::env::var(name).as_deref() {
-        Ok(v) if v == alternative => true,
-        Ok(v) if v.is_empty() || v == default => false,
-        Ok(other) => {
-            eprintln!("convmae: {name}='{other}' is not '{default}' or '{alternative}'; using '{default}'");
-            false
-        }
-        Err(_) => false,
-    }
 }
 
 /// Starts (`on`) or stops the CUDA profiler's collection, after finishing the work queued on

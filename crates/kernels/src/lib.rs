@@ -16,8 +16,9 @@ use std::borrow::Cow;
 
 /// Whether environment variable `name` asks for `alternative` rather than `default` (or is
 /// unset or empty); another value is named in a warning and means `default`. The A/B and
-/// safety switches of the kernels' newer paths, each read once per process by its caller.
-pub(crate) fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
+/// safety switches of the newer paths (here and in convmae-core), each read once per process
+/// by its caller.
+pub fn env_switch(name: &str, default: &str, alternative: &str) -> bool {
     match std::env::var(name).as_deref() {
         Ok(v) if v == alternative => true,
         Ok(v) if v.is_empty() || v == default => false,
