@@ -9,22 +9,14 @@
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { checkFixture } from '../../src/api/fixture.js';
 import { Pretrainer } from '../../src/api/pretrainer.js';
 import { native } from '../../src/native.js';
-
-/** Each tensor's bytes of a safetensors file, by name (the metadata left out). */
-function tensorsOf(file: string): Map<string, Buffer> {
-  const bytes = readFileSync(file);
-  const n = Number(bytes.readBigUInt64LE(0));
-  const header = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8')) as Record<string, { data_offsets: [number, number] }>;
-  const out = new Map<string, Buffer>();
-  for (const [name, t] of Object.entries(header)) if (name !== '__metadata__') out.set(name, bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]));
-  return out;
-}
+// The tests' safetensors reader (plain Node, no test framework; dist/test travels with dist/).
+import { readSafetensors, tensorBytes } from '../../test/helpers.js';
 
 /**
  * Overlapped steps on the GPU (the answers, and the weights and AdamW state after, of steps
@@ -53,9 +45,10 @@ async function overlapProbe(device: 'cpu' | 'cuda'): Promise<{ pass: boolean; wo
     sequential.forEach((r, k) => note(`loss of step ${k + 1}`, overlapped[k]!.loss, r.loss));
     await one.save(path.join(dir, 'one.safetensors'));
     await two.save(path.join(dir, 'two.safetensors'));
-    const [a, b] = [tensorsOf(path.join(dir, 'one.safetensors')), tensorsOf(path.join(dir, 'two.safetensors'))];
-    for (const [name, bytes] of a) {
-      const other = b.get(name);
+    const [a, b] = [await readSafetensors(path.join(dir, 'one.safetensors')), await readSafetensors(path.join(dir, 'two.safetensors'))];
+    for (const name of Object.keys(a.header).filter((k) => k !== '__metadata__')) {
+      const bytes = tensorBytes(a, name);
+      const other = name in b.header ? tensorBytes(b, name) : undefined;
       if (!other || other.length !== bytes.length) [worst, worstRel] = [name, Infinity];
       else if (!bytes.equals(other)) {
         const [x, y] = [new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4), new Float32Array(other.buffer, other.byteOffset, other.length / 4)];

@@ -227,7 +227,8 @@ impl Pretrainer {
     }
 
     /// One micro-step; updates the weights every `accum_steps` micro-steps. Returns when it is
-    /// done (on a GPU: when its loss is known; the rest of its work is queued behind).
+    /// done (on a GPU: when its loss is known; the rest of its work is queued behind). A step
+    /// `start_step` left in flight is settled first; its answer stays for `take_settled`.
     pub fn step(&mut self, batch: &Batch, opts: &StepOptions) -> Result<StepStats> {
         self.settle_in_flight();
         let launched = self.launch(batch, opts)?;

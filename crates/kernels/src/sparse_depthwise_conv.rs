@@ -277,9 +277,11 @@ impl SparseNeighbors {
     }
 
     /// The neighbours of a mask's visible token blocks (`VisibleTokens`). The table is built
-    /// where it is first used: on the host by `table()`, on a GPU by a kernel from the mask (a
-    /// step of ConvMAE-B at batch 64 has 1.25M entries at stage 1; built on the host and
-    /// uploaded they were 4 ms of one core and 5 MB a step). `k` odd.
+    /// where it is first used: on the host by `table()`, on a GPU by a kernel from the mask, so
+    /// that a GPU step builds no table on the host (ConvMAE-B at batch 64: 1.57M entries over
+    /// stages 1 and 2, about 4.5 ms of the build box's cores and 6.3 MB of upload a step the
+    /// old way; benches/results/neighbour-tables-2026-11-26.md, where the host formula is also
+    /// about 1 ms slower than `from_positions`). `k` odd.
     pub fn of_visible_tokens(tokens: VisibleTokens, k: usize) -> Result<Self> {
         check_kernel_size(k)?;
         tokens.check()?;

@@ -148,12 +148,14 @@ mod cuda {
 
     /// Uploads up to this size share the small ring; larger ones the large ring, so that a
     /// large buffer is pinned only a few times over (pinned memory is taken from the host).
-    /// A sparse pretraining step of ConvMAE-B at batch 64 uploads about ten small things (the
-    /// mask and its indices, the mask's ids and slots for the neighbour tables the GPU builds,
-    /// the AdamW tables; a few hundred KB in all) and one large (the images, 9.6 MB); the rings
+    /// A sparse pretraining step of ConvMAE-B at batch 64 uploads, by the code, about ten small
+    /// things (the mask and its indices, the mask's ids and slots for the neighbour tables the
+    /// GPU builds, the AdamW tables; a few hundred KB in all) and one large (the images,
+    /// 64 x 224 x 224 x 3 bytes = 9.6 MB); the rings
     /// hold more than two steps' worth, so that a buffer comes round again only after the step
-    /// that used it has run, even with the host a step ahead of the device. That pins about
-    /// 40 MB at batch 64 (a slot keeps the largest size it has held).
+    /// that used it has run, even with the host a step ahead of the device. By arithmetic that
+    /// pins about 40 MB at batch 64 (4 slots of the 9.6 MB images, rounded to 64 KB, and small
+    /// slots of at most 1 MB that keep the largest size they have held); not measured.
     const SMALL_UPLOAD: usize = 1 << 20;
     const SMALL_SLOTS: usize = 24;
     const LARGE_SLOTS: usize = 4;

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use convmae_kernels::reference::{
     sparse_depthwise_conv2d_backward, sparse_depthwise_conv2d_forward,
 };
-use convmae_kernels::{depthwise_conv2d, sparse_depthwise_conv2d, SparseNeighbors};
+use convmae_kernels::{depthwise_conv2d, sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};
 
 use crate::common::*;
 
@@ -360,6 +360,19 @@ fn sparse_neighbors_reject_bad_tables_and_positions() {
     assert!(msg.contains("image 2") && msg.contains("outside"), "{msg}");
     let msg = neighbors_error(SparseNeighbors::from_positions(&[(0, 0, 0)], 1, 3, 4, 4));
     assert!(msg.contains("kernel size 4"), "{msg}");
+
+    // A mask given as VisibleTokens: 2 images of a 2 x 2 grid, one token kept each.
+    let tokens = |ids_keep: Vec<u32>, slot: Vec<i32>| VisibleTokens { images: 2, grid: 2, cell: 2, len_keep: 1, ids_keep, slot };
+    let ok = SparseNeighbors::of_visible_tokens(tokens(vec![3, 0], vec![-1, -1, -1, 0, 0, -1, -1, -1]), 3).unwrap();
+    assert_eq!((ok.rows(), ok.k()), (8, 3));
+    let msg = neighbors_error(SparseNeighbors::of_visible_tokens(tokens(vec![3], vec![-1; 8]), 3));
+    assert!(msg.contains("VisibleTokens") && msg.contains("1 ids_keep"), "{msg}");
+    let msg = neighbors_error(SparseNeighbors::of_visible_tokens(tokens(vec![3, 4], vec![-1, -1, -1, 0, 0, -1, -1, -1]), 3));
+    assert!(msg.contains("image 1") && msg.contains("ids_keep[0] = 4"), "{msg}");
+    let msg = neighbors_error(SparseNeighbors::of_visible_tokens(tokens(vec![3, 0], vec![0, -1, -1, 0, 0, -1, -1, -1]), 3));
+    assert!(msg.contains("3 slots for 2 visible tokens"), "{msg}");
+    let msg = neighbors_error(SparseNeighbors::of_visible_tokens(tokens(vec![3, 0], vec![-1, -1, -1, 0, 0, -1, -1, -1]), 2));
+    assert!(msg.contains("kernel size 2"), "{msg}");
 }
 
 #[test]
