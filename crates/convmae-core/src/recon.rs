@@ -32,7 +32,7 @@ pub fn reconstruct(model: &ConvMae, batch: &Batch, seed: u64) -> Result<Reconstr
     let out = model.forward_pretrain(&imgs, &masking)?;
     // The prediction lives in the normalized-patch space when norm_pix is on: undo it with the
     // statistics of the true patches, as the MAE demo does.
-    let mut pred = out.pred.detach();
+    let mut pred = out.pred.detach().to_dtype(imgs.dtype())?;
     if cfg.norm_pix_loss {
         let (mean, std) = loss::patch_stats(&loss::patchify(&imgs)?)?;
         pred = pred.broadcast_mul(&std)?.broadcast_add(&mean)?;

@@ -821,6 +821,59 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
     emulated_dynamic_shared = nullptr;
 }
 
+// MAE's loss on `b` images of gh x gw patches of p x p pixels of c channels, launched as
+// src/cuda.rs does (4 warps a block for the rows, one block for the total), against a double
+// reference: the loss, the saved statistics and the prediction's gradient.
+static void check_patch_loss(int64_t b, int64_t gh, int64_t gw, int64_t p, int64_t c, int norm_pix, unsigned total_threads) {
+    const int64_t tokens = gh * gw, rows = b * tokens, n = p * p * c, h = gh * p, w = gw * p;
+    auto pred = random_values(rows * n, 41), imgs = random_values(b * h * w * c, 42), coin = random_values(rows, 43);
+    for (auto& v : imgs) v = 2 * v + 0.3f;
+    std::vector<float> mask(rows);
+    for (int64_t r = 0; r < rows; ++r) mask[r] = coin[r] > -0.4f ? 1.f : 0.f;
+    const float grad = 0.75f;
+    std::vector<double> stats(2 * rows), gpred(rows * n);
+    double total = 0, mask_sum = 0;
+    for (int64_t r = 0; r < rows; ++r) mask_sum += mask[r];
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t bi = r / tokens, l = r % tokens, gy = l / gw, gx = l % gw;
+        std::vector<double> t(n);
+        for (int64_t i = 0; i < p; ++i)
+            for (int64_t j = 0; j < p; ++j)
+                for (int64_t ch = 0; ch < c; ++ch) t[(i * p + j) * c + ch] = imgs[((bi * h + gy * p + i) * w + gx * p + j) * c + ch];
+        double mean = 0, var = 0, sd = 1;
+        if (norm_pix) {
+            for (double v : t) mean += v;
+            mean /= n;
+            for (double v : t) var += (v - mean) * (v - mean);
+            sd = std::sqrt(var / (n - 1) + 1e-6);
+        }
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = sd;
+        double s = 0;
+        for (int64_t e = 0; e < n; ++e) {
+            const double d = pred[r * n + e] - (t[e] - mean) / sd;
+            s += d * d;
+            gpred[r * n + e] = grad * mask[r] / mask_sum * 2.0 / n * d;
+        }
+        total += s / n * mask[r];
+    }
+    std::vector<float> row_loss(rows, NAN), st(2 * rows, NAN), loss(1, NAN), msum(1, NAN), out(rows * n, NAN);
+    launch_warps(rows * 32, 128, [&] {
+        patch_mse_rows_f32(pred.data(), imgs.data(), mask.data(), row_loss.data(), st.data(), rows, tokens, gw, p, c, h, w, norm_pix);
+    });
+    launch_blocks(1, 1, total_threads, [&] { patch_mse_total(row_loss.data(), mask.data(), loss.data(), msum.data(), rows); });
+    char name[128];
+    std::snprintf(name, sizeof name, "patch loss %lldx%lld of %lldx%lldx%lld, norm_pix %d, %u threads", (long long)gh, (long long)gw,
+                  (long long)p, (long long)p, (long long)c, norm_pix, total_threads);
+    check(name, loss, {total / mask_sum}, 1e-5);
+    check("patch loss: mask sum", msum, {mask_sum}, 0);
+    check("patch loss: saved (mean, std)", st, stats, 1e-5);
+    launch_warps(rows * 32, 128, [&] {
+        patch_mse_bwd_f32(pred.data(), imgs.data(), mask.data(), st.data(), msum.data(), &grad, out.data(), rows, tokens, gw, p, c, h, w);
+    });
+    check("patch loss: prediction gradient", out, gpred, 1e-5);
+}
+
 #define CHECK_FLASH(HD, nb, n, heads, ...) \
     check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
                     flash_mma_fwd_hd##HD##_f32, flash_mma_bwd_q_hd##HD##_f32, flash_mma_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
@@ -850,6 +903,12 @@ int main() {
     check_rows(6, 32, 512);
     check_rows(3, 5, 2);
     check_rows(5, 100, 3);
+    // Non-square grids, rows not a multiple of 4 a block; patch values below, at and above the
+    // 32 lanes (and ConvMAE's 16 x 16 x 3); totals over fewer rows than threads, and more.
+    check_patch_loss(2, 2, 3, 4, 3, 1, 64);
+    check_patch_loss(1, 3, 1, 2, 1, 1, 32);
+    check_patch_loss(3, 1, 2, 4, 2, 0, 96);
+    check_patch_loss(2, 2, 2, 16, 3, 1, 1024);
     check_linear_pieces(9, 49, 4);
     check_linear_pieces(37, 3, 512);
     check_linear_pieces(1, 70, 1);

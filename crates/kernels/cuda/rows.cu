@@ -1,8 +1,8 @@
 // Row-wise ops over the last dimension: LayerNorm (forward, input / weight / bias gradients),
 // softmax (forward, input gradient), and the two row-parallel pieces of the fused linear layer
 // around its cuBLAS gemms (the bias broadcast into every output row, and the bias gradient's
-// column sums). The CPU kernels (src/layer_norm.rs, src/softmax.rs, src/linear.rs) define the
-// semantics.
+// column sums), and MAE's loss over patch rows. The CPU kernels (src/layer_norm.rs,
+// src/softmax.rs, src/linear.rs, src/patch_loss.rs) define the semantics.
 //
 // One warp per row, ROW_WARPS rows per block: ConvMAE's rows are 49 to 768 long, too short to
 // split across a block, and a warp reduces with shuffles, without shared memory or barriers.
@@ -195,6 +195,96 @@ __device__ __forceinline__ void softmax_bwd(const T* __restrict__ y, const G* __
     for (int64_t j = lane; j < d; j += 32) out[j] = store<T>(load(yr[j]) * (load(gr[j]) - dot));
 }
 
+// ---- MAE's loss (src/patch_loss.rs): the norm-pix target read from the images in place ----
+
+// Where patch row `row`'s values are in channels-last images [B, height, width, chans]: the
+// patch's top-left pixel, and value e (ordered row, column, channel) at base + offset(e).
+// Patches are row-major over a grid grid_w wide, `tokens` to an image.
+struct PatchPixels {
+    int64_t base, row_stride;
+    int run;  // patch * chans: the contiguous values of one pixel row of the patch
+    __device__ __forceinline__ PatchPixels(int64_t row, int64_t tokens, int64_t grid_w, int64_t patch, int64_t chans,
+                                           int64_t height, int64_t width) {
+        const int64_t b = row / tokens, l = row % tokens;
+        const int64_t gy = l / grid_w, gx = l % grid_w;
+        base = ((b * height + gy * patch) * width + gx * patch) * chans;
+        row_stride = width * chans;
+        run = (int)(patch * chans);
+    }
+    __device__ __forceinline__ int64_t offset(int e) const {
+        const int i = e / run;
+        return base + i * row_stride + (e - i * run);
+    }
+};
+
+// The (mean, std) of one patch's target: sqrt(unbiased variance + 1e-6), as MAE's norm-pix;
+// (0, 1) without it. Two passes, like row_stats.
+__device__ __forceinline__ void patch_stats(const float* __restrict__ imgs, const PatchPixels& px, int n, int norm_pix,
+                                            float& mean, float& std) {
+    mean = 0.f;
+    std = 1.f;
+    if (!norm_pix) return;
+    const int lane = threadIdx.x % 32;
+    float s = 0.f;
+    for (int e = lane; e < n; e += 32) s += imgs[px.offset(e)];
+    mean = warp_sum(s) / (float)n;
+    float v = 0.f;
+    for (int e = lane; e < n; e += 32) {
+        const float t = imgs[px.offset(e)] - mean;
+        v += t * t;
+    }
+    std = sqrtf(warp_sum(v) / (float)(n - 1) + 1e-6f);
+}
+
+// A warp per patch row: row_loss[row] = mask[row] * mean over the patch of (pred - target)^2,
+// the target normalized by the patch's (mean, std), which go to stats[row, 0..2].
+template <typename T>
+__device__ __forceinline__ void patch_mse_rows(const T* __restrict__ pred, const float* __restrict__ imgs,
+                                               const float* __restrict__ mask, float* __restrict__ row_loss,
+                                               float* __restrict__ stats, int64_t rows, int64_t tokens, int64_t grid_w,
+                                               int64_t patch, int64_t chans, int64_t height, int64_t width, int norm_pix) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const int n = (int)(patch * patch * chans);
+    const PatchPixels px(row, tokens, grid_w, patch, chans, height, width);
+    float mean, std;
+    patch_stats(imgs, px, n, norm_pix, mean, std);
+    const T* pr = pred + row * n;
+    float s = 0.f;
+    for (int e = lane; e < n; e += 32) {
+        const float d = load(pr[e]) - (imgs[px.offset(e)] - mean) / std;
+        s += d * d;
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+        row_loss[row] = s / (float)n * mask[row];
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = std;
+    }
+}
+
+// gpred = grad * mask[row] / mask_sum * 2 / n * (pred - target), a warp per patch row; grad and
+// mask_sum are read on the device (the loss's gradient and the forward's sum of the mask), so
+// nothing waits for the host.
+template <typename T>
+__device__ __forceinline__ void patch_mse_bwd(const T* __restrict__ pred, const float* __restrict__ imgs,
+                                              const float* __restrict__ mask, const float* __restrict__ stats,
+                                              const float* __restrict__ mask_sum, const float* __restrict__ grad,
+                                              T* __restrict__ gpred, int64_t rows, int64_t tokens, int64_t grid_w,
+                                              int64_t patch, int64_t chans, int64_t height, int64_t width) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x % 32;
+    const int n = (int)(patch * patch * chans);
+    const PatchPixels px(row, tokens, grid_w, patch, chans, height, width);
+    const float scale = grad[0] * mask[row] / mask_sum[0] * 2.f / (float)n;
+    const float mean = stats[2 * row], std = stats[2 * row + 1];
+    const T* pr = pred + row * n;
+    T* out = gpred + row * n;
+    for (int e = lane; e < n; e += 32) out[e] = store<T>(scale * (load(pr[e]) - (imgs[px.offset(e)] - mean) / std));
+}
+
 }  // namespace convmae
 
 using namespace convmae;
@@ -244,6 +334,50 @@ using namespace convmae;
     extern "C" __global__ void scores_softmax_bwd_##TNAME(const T* p, const float* dp, T* ds, int64_t rows,      \
                                                           int64_t d) {                                           \
         softmax_bwd<T, float>(p, dp, ds, rows, d);                                                               \
+    }                                                                                                             \
+    extern "C" __global__ void patch_mse_rows_##TNAME(const T* pred, const float* imgs, const float* mask,         \
+                                                      float* row_loss, float* stats, int64_t rows, int64_t tokens, \
+                                                      int64_t grid_w, int64_t patch, int64_t chans,              \
+                                                      int64_t height, int64_t width, int norm_pix) {             \
+        patch_mse_rows<T>(pred, imgs, mask, row_loss, stats, rows, tokens, grid_w, patch, chans, height, width,  \
+                          norm_pix);                                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void patch_mse_bwd_##TNAME(const T* pred, const float* imgs, const float* mask,          \
+                                                     const float* stats, const float* mask_sum, const float* grad, \
+                                                     T* gpred, int64_t rows, int64_t tokens, int64_t grid_w,      \
+                                                     int64_t patch, int64_t chans, int64_t height, int64_t width) { \
+        patch_mse_bwd<T>(pred, imgs, mask, stats, mask_sum, grad, gpred, rows, tokens, grid_w, patch, chans,      \
+                         height, width);                                                                         \
     }
 
 CONVMAE_FOR_EACH_TYPE(ROW_KERNELS)
+
+// The loss from the rows' terms: loss = sum(row_loss) / sum(mask), and the mask's sum kept for
+// the backward. One block of PATCH_TOTAL_THREADS threads: thread t sums rows t, t + blockDim,
+// ... in order, then the warps and the block combine in a fixed order, so the loss is the same
+// bits on every run (no atomics).
+extern "C" __global__ void patch_mse_total(const float* row_loss, const float* mask, float* loss, float* mask_sum,
+                                           int64_t rows) {
+    __shared__ float warp_loss[32], warp_mask[32];
+    float sl = 0.f, sm = 0.f;
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+        sl += row_loss[r];
+        sm += mask[r];
+    }
+    sl = warp_sum(sl);
+    sm = warp_sum(sm);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        warp_loss[warp] = sl;
+        warp_mask[warp] = sm;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const int warps = (int)(blockDim.x / 32);
+    sl = warp_sum(lane < warps ? warp_loss[lane] : 0.f);
+    sm = warp_sum(lane < warps ? warp_mask[lane] : 0.f);
+    if (lane == 0) {
+        loss[0] = sl / sm;
+        mask_sum[0] = sm;
+    }
+}

@@ -124,7 +124,8 @@ fn run(case: &Case, host: &[Tensor], dev: &Device, dtype: DType, round: DType) -
     let vars: Vec<Var> = host.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)).collect::<Result<_>>()?;
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = (case.op)(&inputs)?;
-    let probe = rounded(out.dims(), case.seed + 100, round)?.to_dtype(dtype)?.to_device(dev)?;
+    // In the output's dtype, which is not always the inputs' (the patch loss is f32 from bf16).
+    let probe = rounded(out.dims(), case.seed + 100, round)?.to_dtype(out.dtype())?.to_device(dev)?;
     let grads = (&out * &probe)?.sum_all()?.backward()?;
     let g = vars
         .iter()
@@ -366,6 +367,19 @@ fn cases() -> Result<Vec<Case>> {
             shapes: vec![vec![rows + 7, 256], vec![256, 5, 5]],
             seed: 16,
             op: Box::new(move |t| crate::sparse_depthwise_conv2d(&t[0].narrow(0, 7, rows)?, &t[1], &nbrs)),
+        },
+        // MAE's loss at ConvMAE-B's shapes (2 images of 224, 196 patches of 16 x 16 x 3): the
+        // prediction in the dtype under test, the images and the mask in f32 as the model gives
+        // them (the mask: the patches whose random value is not negative).
+        Case {
+            name: "masked_patch_mse",
+            shapes: vec![vec![2, 196, 768], vec![2, 224, 224, 3], vec![2, 196]],
+            seed: 18,
+            op: Box::new(|t| {
+                let imgs = (t[1].detach().to_dtype(DType::F32)? * 2.0)?;
+                let mask = t[2].ge(0.0)?.to_dtype(DType::F32)?;
+                crate::masked_patch_mse(&t[0], &imgs, &mask, 16, true)
+            }),
         },
     ]);
     Ok(cases)

@@ -124,6 +124,40 @@ pub fn sparse_depthwise_conv2d(input: &Tensor, weight: &Tensor, nbrs: &SparseNei
     gathered.broadcast_mul(&taps(weight)?)?.sum(1)
 }
 
+/// [B, H, W, C] images -> [B, L, patch * patch * C] patches, each ordered (row, col, channel),
+/// patches row-major: MAE's `patchify` on channels-last images.
+pub fn patchify(imgs: &Tensor, patch: usize) -> Result<Tensor> {
+    let (b, h, w, c) = imgs.dims4()?;
+    let (gh, gw) = (h / patch, w / patch);
+    imgs.reshape(&[b, gh, patch, gw, patch, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b, gh * gw, patch * patch * c))
+}
+
+/// Per-patch statistics of MAE's norm-pix target over the last dim: the mean and
+/// sqrt(unbiased variance + 1e-6) (`torch.var` is unbiased), each keeping the dim.
+pub fn patch_stats(patches: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = patches.dim(D::Minus1)?;
+    let mean = patches.mean_keepdim(D::Minus1)?;
+    let centered = patches.broadcast_sub(&mean)?;
+    let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / (n as f64 - 1.0))?;
+    Ok((mean, (var + crate::patch_loss::NORM_PIX_EPS)?.sqrt()?))
+}
+
+/// MAE's loss: the mean over the masked patches (`mask` 1) of each patch's mean squared error
+/// between `pred` and the patchified images, per-patch normalized when `norm_pix`. In the
+/// images' dtype (`pred` is cast to it); the images and the mask are constants.
+pub fn masked_patch_mse(pred: &Tensor, imgs: &Tensor, mask: &Tensor, patch: usize, norm_pix: bool) -> Result<Tensor> {
+    let target = patchify(&imgs.detach(), patch)?;
+    let target = if norm_pix {
+        let (mean, std) = patch_stats(&target)?;
+        target.broadcast_sub(&mean)?.broadcast_div(&std)?
+    } else {
+        target
+    };
+    let mask = mask.detach();
+    let per_patch = (pred.to_dtype(imgs.dtype())? - target)?.sqr()?.mean(D::Minus1)?;
+    (per_patch * &mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)
+}
+
 /// One AdamW update as torch.optim.AdamW computes it, returning the new (param, exp_avg,
 /// exp_avg_sq) instead of writing in place (the caller stores them).
 pub fn adamw_step(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, u: &AdamWUpdate) -> Result<(Tensor, Tensor, Tensor)> {
@@ -187,7 +221,7 @@ fn env_path() -> Path {
 /// Ops whose form can be chosen one at a time, each by its own environment variable, while
 /// every other kernel of ours stays on: the A/B of one op within a whole training step, and a
 /// safety valve should one of them misbehave on a GPU. Attention and linear choose on CUDA
-/// only (on the CPU ours always serve); the sublayers on every device.
+/// only (on the CPU ours always serve); the sublayers and the patch loss on every device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OpSwitch {
     /// `CONVMAE_ATTENTION`: our op in its fused form (`fused`), its gemm form (`gemm`) or its
@@ -203,6 +237,9 @@ pub(crate) enum OpSwitch {
     /// GELU or attention, linear, add; each still ours), or by size (`auto`, the default; see
     /// sublayer.rs). Unlike the others this one applies on the CPU too.
     Sublayer,
+    /// `CONVMAE_PATCH_LOSS`: MAE's loss as our one op (`fused`, the default; `auto` is the
+    /// same) or as candle's ops (`composite`), on every device.
+    PatchLoss,
 }
 
 /// What a `OpSwitch` variable asks for.
@@ -228,6 +265,7 @@ impl OpSwitch {
             Self::Attention => "CONVMAE_ATTENTION",
             Self::Linear => "CONVMAE_LINEAR",
             Self::Sublayer => "CONVMAE_SUBLAYER",
+            Self::PatchLoss => "CONVMAE_PATCH_LOSS",
         }
     }
 
@@ -236,6 +274,7 @@ impl OpSwitch {
             Self::Attention => Choice::Auto,
             Self::Linear => Choice::Ours,
             Self::Sublayer => Choice::Auto,
+            Self::PatchLoss => Choice::Ours,
         }
     }
 
@@ -243,7 +282,7 @@ impl OpSwitch {
     /// Under `with_path` the forced path decides instead: `Path::Kernels` means our kernel, so
     /// the agreement and timing tables always measure the kernel they name.
     pub(crate) fn choice(self) -> Choice {
-        static READ: [OnceLock<Choice>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static READ: [OnceLock<Choice>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let env = *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
             Ok("composite") => Choice::Composite,
             Ok("fused") => Choice::Ours,

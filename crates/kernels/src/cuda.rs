@@ -1158,6 +1158,101 @@ pub(crate) fn sublayer_bwd<T: Float>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+// ---- MAE's loss (patch_loss.rs) -------------------------------------------------------------
+
+/// What the loss's forward keeps for its backward: each patch row's (mean, std) of the target,
+/// a copy of the mask, and the mask's sum (on the device: the backward reads it there).
+pub(crate) struct PatchLossSaved {
+    stats: CudaSlice<f32>,
+    mask: CudaSlice<f32>,
+    mask_sum: CudaSlice<f32>,
+}
+
+const OP_PATCH_LOSS: &str = "masked_patch_mse";
+
+/// Threads of the one block that sums the rows' terms (rows.cu `patch_mse_total`).
+const PATCH_TOTAL_THREADS: u32 = 1024;
+
+/// The patch geometry as the kernels take it: (tokens, grid_w, patch, chans, height, width).
+fn patch_args(p: crate::patch_loss::Patches) -> [i64; 6] {
+    [p.tokens, p.grid_w, p.patch, p.channels, p.height, p.width].map(|v| v as i64)
+}
+
+/// The loss (an f32 scalar) of `pred` (`T`) against f32 images and mask: a warp per patch row,
+/// then one block for the total.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn patch_mse_fwd<T: Float>(
+    pred: &CudaStorage,
+    pred_l: &Layout,
+    imgs: &CudaStorage,
+    imgs_l: &Layout,
+    mask: &CudaStorage,
+    mask_l: &Layout,
+    p: crate::patch_loss::Patches,
+    norm_pix: bool,
+) -> Result<(CudaStorage, PatchLossSaved)> {
+    let dev = pred.device();
+    let (po, io, mo) = (Operand::<T>::new(pred, pred_l)?, Operand::<f32>::new(imgs, imgs_l)?, Operand::<f32>::new(mask, mask_l)?);
+    let (pv, iv, mv) = (po.view()?, io.view()?, mo.view()?);
+    let rows = p.rows();
+    let mut row_loss = alloc::<f32>(dev, rows)?;
+    let mut stats = alloc::<f32>(dev, 2 * rows)?;
+    let [tokens, grid_w, patch, chans, height, width] = patch_args(p);
+    let (r, np) = (rows as i64, norm_pix as i32);
+    let stream = dev.cuda_stream();
+    {
+        let f = func(dev, Module::Rows, &format!("patch_mse_rows_{}", T::SUFFIX))?;
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&pv).arg(&iv).arg(&mv).arg(&mut row_loss).arg(&mut stats).arg(&r);
+        builder.arg(&tokens).arg(&grid_w).arg(&patch).arg(&chans).arg(&height).arg(&width).arg(&np);
+        unsafe { builder.launch(launch_rows(rows, OP_PATCH_LOSS)?) }.w()?;
+    }
+    let mut loss = alloc::<f32>(dev, 1)?;
+    let mut mask_sum = alloc::<f32>(dev, 1)?;
+    {
+        let f = func(dev, Module::Rows, "patch_mse_total")?;
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&row_loss).arg(&mv).arg(&mut loss).arg(&mut mask_sum).arg(&r);
+        unsafe { builder.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (PATCH_TOTAL_THREADS, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+    }
+    let mut mask_copy = alloc::<f32>(dev, rows)?;
+    stream.memcpy_dtod(&mv, &mut mask_copy).w()?;
+    Ok((CudaStorage::wrap_cuda_slice(loss, dev.clone()), PatchLossSaved { stats, mask: mask_copy, mask_sum }))
+}
+
+/// The gradient of `pred` (`T`, shaped like it) from the loss's f32 gradient `grad` (a scalar on
+/// the device) and what the forward saved.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn patch_mse_bwd<T: Float>(
+    pred: &CudaStorage,
+    pred_l: &Layout,
+    imgs: &CudaStorage,
+    imgs_l: &Layout,
+    grad: &CudaStorage,
+    grad_l: &Layout,
+    saved: &PatchLossSaved,
+    p: crate::patch_loss::Patches,
+) -> Result<CudaStorage> {
+    if grad.dtype() != DType::F32 || grad_l.shape().elem_count() != 1 {
+        candle_core::bail!("masked_patch_mse_backward: the loss's gradient must be one f32, got {:?} {:?}", grad.dtype(), grad_l.dims());
+    }
+    let dev = pred.device();
+    let (po, io, go) = (Operand::<T>::new(pred, pred_l)?, Operand::<f32>::new(imgs, imgs_l)?, Operand::<f32>::new(grad, grad_l)?);
+    let (pv, iv, gv) = (po.view()?, io.view()?, go.view()?);
+    let rows = p.rows();
+    let mut out = alloc::<T>(dev, rows * p.len())?;
+    let [tokens, grid_w, patch, chans, height, width] = patch_args(p);
+    let r = rows as i64;
+    // (Without norm-pix the saved statistics are (0, 1): the target is the pixels themselves.)
+    let f = func(dev, Module::Rows, &format!("patch_mse_bwd_{}", T::SUFFIX))?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&pv).arg(&iv).arg(&saved.mask).arg(&saved.stats).arg(&saved.mask_sum).arg(&gv).arg(&mut out).arg(&r);
+    builder.arg(&tokens).arg(&grid_w).arg(&patch).arg(&chans).arg(&height).arg(&width);
+    unsafe { builder.launch(launch_rows(rows, OP_PATCH_LOSS)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 // ---- LayerNorm ----------------------------------------------------------------------------
 
 /// LayerNorm over rows of `d`: the output and each row's (mean, rstd) as f32 `[rows, 2]`.

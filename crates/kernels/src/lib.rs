@@ -59,6 +59,7 @@ mod gelu;
 mod layer_norm;
 mod linear;
 mod normalize;
+mod patch_loss;
 mod sublayer;
 mod transfer;
 #[cfg(test)]
@@ -77,6 +78,7 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
 pub use normalize::normalize_rgb;
+pub use patch_loss::masked_patch_mse;
 pub use sublayer::{attention_residual, attention_residual_packed, mlp_residual, mlp_residual_packed, PackedSublayer};
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};

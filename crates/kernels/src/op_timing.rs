@@ -145,6 +145,16 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             shapes: vec![vec![b, 49, 768], vec![768], vec![768], vec![2304, 768], vec![2304], vec![768, 768], vec![768]],
             op: Box::new(|t| crate::attention_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), 12)),
         },
+        // MAE's loss: the decoder's prediction against 224 px images, 75% of the patches masked.
+        TimedCase {
+            name: "masked_patch_mse",
+            shapes: vec![vec![b, 196, 768], vec![b, 224, 224, 3], vec![b, 196]],
+            op: Box::new(|t| {
+                let imgs = t[1].detach().to_dtype(DType::F32)?;
+                let mask = t[2].ge(-0.5)?.to_dtype(DType::F32)?;
+                crate::masked_patch_mse(&t[0], &imgs, &mask, 16, true)
+            }),
+        },
         TimedCase {
             name: "linear:stage1_conv1",
             shapes: vec![vec![rows1, 256], vec![256, 256, 1, 1], vec![256]],
@@ -197,7 +207,7 @@ pub fn time_ops(device: &Device, paths: &[Path], dtype: DType, batch: usize, rep
             let row = with_path(path, || -> Result<OpTiming> {
                 let probe = {
                     let out = (case.op)(&inputs)?;
-                    Tensor::from_vec(values(out.elem_count(), 7 + i as u64), out.dims(), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?
+                    Tensor::from_vec(values(out.elem_count(), 7 + i as u64), out.dims(), &Device::Cpu)?.to_dtype(out.dtype())?.to_device(device)?
                 };
                 let forward_backward = || -> Result<()> {
                     (case.op)(&inputs)?.mul(&probe)?.sum_all()?.backward()?;

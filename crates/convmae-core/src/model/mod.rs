@@ -69,7 +69,7 @@ struct ConvStagesOut {
 pub struct PretrainOutput {
     /// Scalar loss (rank 0).
     pub loss: Tensor,
-    /// [B, L, 16*16*C] decoder prediction.
+    /// [B, L, 16*16*C] decoder prediction, in the compute dtype (bf16 under bf16 precision).
     pub pred: Tensor,
     /// [B, L], 1 = masked.
     pub mask: Tensor,
@@ -145,10 +145,10 @@ impl ConvMae {
         // Fusion happens after stage 3 and before the final norm (spec 1.5, step 10).
         let latent = layer_norm_p(p, "norm", &((x + s1)? + s2)?, VIT_LN_EPS)?;
 
-        let pred = self.forward_decoder(p, &latent, masking)?.to_dtype(self.dtype())?;
+        // The prediction stays in the compute dtype: the loss reads bf16 and computes in f32.
+        let pred = self.forward_decoder(p, &latent, masking)?;
         let mask = masking.mask_tensor(self.dtype(), dev)?;
-        let target = loss::target(imgs, cfg.norm_pix_loss)?;
-        let loss = loss::masked_mse(&pred, &target, &mask)?;
+        let loss = loss::masked_patch_loss(&pred, imgs, &mask, cfg.norm_pix_loss)?;
         Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens })
     }
 
