@@ -171,16 +171,17 @@ export function parseNcuRawCsv(text: string): NcuParse {
  * Keep this list in step with the .cu files when kernels are added or renamed.
  */
 export const KERNEL_CATEGORIES: { category: string; pattern: RegExp }[] = [
-  { category: 'ours: depthwise conv', pattern: /^(sdwconv_gather|sdwconv_weight_partials|dwconv_correlate|dwconv_weight_partials|dw_reduce_partials)_/ },
+  { category: 'ours: depthwise conv', pattern: /^((sdwconv_gather|sdwconv_weight_partials|dwconv_correlate|dwconv_weight_partials|dw_reduce_partials)_|visible_neighbors$)/ },
   { category: 'ours: layernorm / softmax', pattern: /^(layer_norm_fwd|layer_norm_stats|layer_norm_bwd_input|layer_norm_param_partials|rows_reduce_partials|softmax_fwd|softmax_bwd)_/ },
   // The fused linear op's own kernels; its gemms are cuBLAS and land under gemm below.
   { category: 'ours: linear bias', pattern: /^(rows_broadcast|rows_add_broadcast|column_sum_partials)_/ },
   { category: 'ours: gelu', pattern: /^gelu_erf_(fwd|bwd)_/ },
   { category: 'ours: adamw', pattern: /^adamw_/ },
-  // All three forms: the fused kernels, the flash kernels (before PyTorch's "flash" below), and
-  // the gemm form's own kernels around its cuBLAS gemms.
-  { category: 'ours: attention', pattern: /^(attention_(fwd|bwd_q|bwd_k|bwd_v)_hd\d+|flash_(fwd|bwd_q|bwd_kv)_hd\d+|attention_(to|from)_heads|scores_softmax_(fwd|bwd))_/ },
+  // All three forms: the fused kernels, the flash kernels (wmma and mma.sync; before PyTorch's
+  // "flash" below), and the gemm form's own kernels around its cuBLAS gemms.
+  { category: 'ours: attention', pattern: /^(attention_(fwd|bwd_q|bwd_k|bwd_v)_hd\d+|flash_(mma_)?(fwd|bwd_q|bwd_kv)_hd\d+|attention_(to|from)_heads|scores_softmax_(fwd|bwd))_/ },
   { category: 'ours: element-wise', pattern: /^(add|normalize_rgb)_/ },
+  { category: 'ours: loss', pattern: /^(patch_mse_(rows|bwd)_|patch_mse_total$)/ },
   { category: 'candle copy (strided / 2d)', pattern: /^(ucopy|copy2d)_/ },
   { category: 'candle cast', pattern: /^cast_/ },
   {
