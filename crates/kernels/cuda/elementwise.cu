@@ -1,4 +1,5 @@
-// Element-wise ops: GELU (erf form) with its exact derivative, an add, and the fused AdamW update.
+// Element-wise ops: GELU (erf form) with its exact derivative, an add, the fused AdamW update, and
+// the patch layout's copies.
 // The CPU kernels (src/gelu.rs, src/adamw.rs) define the semantics. Grid-stride loops over
 // int64_t indices, so any element count fits whatever the grid size the host picks.
 
@@ -142,6 +143,31 @@ __device__ __forceinline__ void add(const T* __restrict__ a, const T* __restrict
     for (int64_t i = global_thread(); i < n; i += stride) out[i] = store<T>(load(a[i]) + load(b[i]));
 }
 
+// The patch layout of channels-last maps (src/patch_blocks.rs): blocks[b, ho, wo, i, j, c] =
+// image[b, ho * k + i, wo * k + j, c]. Row i of a patch (its k * C values over j and c) is
+// contiguous in both layouts, so the copy runs over those rows: a warp per row, its lanes along
+// it, in either direction (`to_image`: the inverse, the op's backward). candle's strided copy
+// works out six coordinates per element from the permuted strides instead (run 7 on an H100:
+// 185 us for stage 1's map at batch 64, and 348 us for an add into its strided gradient).
+template <typename T>
+__device__ __forceinline__ void patch_rows(const T* __restrict__ src, T* __restrict__ dst, int64_t n_rows, int64_t k,
+                                           int64_t cols, int64_t rows_of_patches, int64_t height, int64_t width,
+                                           int64_t chans, int to_image) {
+    const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (r >= n_rows) return;
+    const int lane = threadIdx.x % 32;
+    // r = ((b * rows_of_patches + ho) * cols + wo) * k + i
+    const int64_t i = r % k, patch = r / k;
+    const int64_t wo = patch % cols, bho = patch / cols;
+    const int64_t ho = bho % rows_of_patches, b = bho / rows_of_patches;
+    const int64_t run = k * chans;
+    const int64_t in_image = ((b * height + ho * k + i) * width + wo * k) * chans;
+    const int64_t in_blocks = r * run;
+    const T* from = src + (to_image ? in_blocks : in_image);
+    T* to = dst + (to_image ? in_image : in_blocks);
+    for (int64_t e = lane; e < run; e += 32) to[e] = from[e];
+}
+
 }  // namespace convmae
 
 using namespace convmae;
@@ -152,6 +178,11 @@ using namespace convmae;
         gelu_bwd<T>(x, g, gx, n);                                                                            \
     }                                                                                                         \
     extern "C" __global__ void add_##TNAME(const T* a, const T* b, T* out, int64_t n) { add<T>(a, b, out, n); } \
+    extern "C" __global__ void patch_rows_##TNAME(const T* src, T* dst, int64_t n_rows, int64_t k,                 \
+                                                  int64_t cols, int64_t rows_of_patches, int64_t height,         \
+                                                  int64_t width, int64_t chans, int to_image) {                  \
+        patch_rows<T>(src, dst, n_rows, k, cols, rows_of_patches, height, width, chans, to_image);                 \
+    }                                                                                                             \
     extern "C" __global__ void adamw_##TNAME(T* p, T* m, T* v, const T* g, int64_t n, float beta1,            \
                                              float one_minus_beta1, float beta2, float one_minus_beta2,       \
                                              float decay, float step_size, float bias2_sqrt, float eps) {     \

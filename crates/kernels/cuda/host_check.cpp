@@ -874,6 +874,29 @@ static void check_patch_loss(int64_t b, int64_t gh, int64_t gw, int64_t p, int64
     check("patch loss: prediction gradient", out, gpred, 1e-5);
 }
 
+// The patch layout's copies on b images of h x w x c in k x k patches, launched as src/cuda.rs
+// does (a warp per patch row, 256-thread blocks): image -> patches against the index formula,
+// then back, bit for bit.
+static void check_patch_rows(int64_t b, int64_t h, int64_t w, int64_t c, int64_t k) {
+    const int64_t n = b * h * w * c, ho = h / k, wo = w / k, rows = b * ho * wo * k;
+    auto img = random_values(n, 51);
+    std::vector<double> want(n);
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t y = 0; y < ho; ++y)
+            for (int64_t x = 0; x < wo; ++x)
+                for (int64_t i = 0; i < k; ++i)
+                    for (int64_t j = 0; j < k; ++j)
+                        for (int64_t ch = 0; ch < c; ++ch)
+                            want[((((bi * ho + y) * wo + x) * k + i) * k + j) * c + ch] = img[((bi * h + y * k + i) * w + x * k + j) * c + ch];
+    std::vector<float> blocks(n, NAN), back(n, NAN);
+    launch(rows * 32, 256, [&] { patch_rows_f32(img.data(), blocks.data(), rows, k, wo, ho, h, w, c, 0); });
+    char name[128];
+    std::snprintf(name, sizeof name, "patch rows %lldx%lldx%lld in %lldx%lld patches (bitwise)", (long long)h, (long long)w, (long long)c, (long long)k, (long long)k);
+    check(name, blocks, want, 0);
+    launch(rows * 32, 256, [&] { patch_rows_f32(blocks.data(), back.data(), rows, k, wo, ho, h, w, c, 1); });
+    check("patch rows: back to the image (bitwise)", back, std::vector<double>(img.begin(), img.end()), 0);
+}
+
 #define CHECK_FLASH(HD, nb, n, heads, ...) \
     check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
                     flash_mma_fwd_hd##HD##_f32, flash_mma_bwd_q_hd##HD##_f32, flash_mma_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
@@ -909,6 +932,11 @@ int main() {
     check_patch_loss(1, 3, 1, 2, 1, 1, 32);
     check_patch_loss(3, 1, 2, 4, 2, 0, 96);
     check_patch_loss(2, 2, 2, 16, 3, 1, 1024);
+    // Non-square maps; patch rows shorter and longer than a warp; one patch per image.
+    check_patch_rows(2, 6, 4, 3, 2);
+    check_patch_rows(1, 8, 12, 5, 4);
+    check_patch_rows(3, 16, 16, 3, 16);
+    check_patch_rows(1, 5, 5, 40, 1);
     check_linear_pieces(9, 49, 4);
     check_linear_pieces(37, 3, 512);
     check_linear_pieces(1, 70, 1);

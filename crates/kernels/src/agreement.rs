@@ -368,6 +368,13 @@ fn cases() -> Result<Vec<Case>> {
             seed: 16,
             op: Box::new(move |t| crate::sparse_depthwise_conv2d(&t[0].narrow(0, 7, rows)?, &t[1], &nbrs)),
         },
+        // Stage 1's token blocks cut into patch_embed2's 2 x 2 windows, from a permuted view.
+        Case {
+            name: "patch_blocks",
+            shapes: vec![vec![2 * 49, 256, 4, 4]],
+            seed: 19,
+            op: Box::new(|t| crate::patch_blocks(&t[0].permute((0, 2, 3, 1))?, 2)),
+        },
         // MAE's loss at ConvMAE-B's shapes (2 images of 224, 196 patches of 16 x 16 x 3): the
         // prediction in the dtype under test, the images and the mask in f32 as the model gives
         // them (the mask: the patches whose random value is not negative).

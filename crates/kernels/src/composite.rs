@@ -129,7 +129,7 @@ pub fn sparse_depthwise_conv2d(input: &Tensor, weight: &Tensor, nbrs: &SparseNei
 pub fn patchify(imgs: &Tensor, patch: usize) -> Result<Tensor> {
     let (b, h, w, c) = imgs.dims4()?;
     let (gh, gw) = (h / patch, w / patch);
-    imgs.reshape(&[b, gh, patch, gw, patch, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b, gh * gw, patch * patch * c))
+    crate::patch_blocks(imgs, patch)?.reshape((b, gh * gw, patch * patch * c))
 }
 
 /// Per-patch statistics of MAE's norm-pix target over the last dim: the mean and

@@ -1158,6 +1158,31 @@ pub(crate) fn sublayer_bwd<T: Float>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+// ---- the patch layout (patch_blocks.rs) ----------------------------------------------------
+
+/// `src` (the image layout, or the patches' when `to_image`) copied into the other layout: a
+/// warp per patch row (elementwise.cu `patch_rows`).
+pub(crate) fn patch_rows<T: Float>(src: &CudaStorage, src_l: &Layout, g: crate::patch_blocks::PatchGrid, to_image: bool) -> Result<CudaStorage> {
+    let dev = src.device();
+    let so = Operand::<T>::new(src, src_l)?;
+    let sv = so.view()?;
+    let n = src_l.shape().elem_count();
+    let mut out = alloc::<T>(dev, n)?;
+    let rows = g.patch_rows();
+    let f = func(dev, Module::Elementwise, &format!("patch_rows_{}", T::SUFFIX))?;
+    let args = [rows, g.k, g.cols(), g.rows_of_patches(), g.height, g.width, g.chans].map(|v| v as i64);
+    let back = to_image as i32;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&sv).arg(&mut out);
+    for a in &args {
+        builder.arg(a);
+    }
+    builder.arg(&back);
+    unsafe { builder.launch(launch_1d(rows * 32, BLOCK, "patch_blocks")?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 // ---- MAE's loss (patch_loss.rs) -------------------------------------------------------------
 
 /// What the loss's forward keeps for its backward: each patch row's (mean, std) of the target,

@@ -145,6 +145,8 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
             shapes: vec![vec![b, 49, 768], vec![768], vec![768], vec![2304, 768], vec![2304], vec![768, 768], vec![768]],
             op: Box::new(|t| crate::attention_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), 12)),
         },
+        // Stage 1's token blocks cut into patch_embed2's 2 x 2 windows.
+        TimedCase { name: "patch_blocks:stage1", shapes: vec![vec![b * 49, 4, 4, 256]], op: Box::new(|t| crate::patch_blocks(&t[0], 2)) },
         // MAE's loss: the decoder's prediction against 224 px images, 75% of the patches masked.
         TimedCase {
             name: "masked_patch_mse",

@@ -40,11 +40,7 @@ pub fn layer_norm_p(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64) -> Resul
 pub fn patch_conv(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let (ho, wo) = (h / k, w / k);
-    let patches = x
-        .reshape(&[b, ho, k, wo, k, c][..])?
-        .permute([0, 1, 3, 2, 4, 5])?
-        .contiguous()?
-        .reshape((b, ho, wo, k * k * c))?;
+    let patches = k::patch_blocks(x, k)?.reshape((b, ho, wo, k * k * c))?;
     // [O, C, k, k] -> [O, k, k, C] so its flattening matches the patch order (row, col, channel).
     let o = weight.dim(0)?;
     let w_rows = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
@@ -186,9 +182,5 @@ pub fn mean_last(x: &Tensor) -> Result<Tensor> {
 pub fn token_blocks(x: &Tensor, cell: usize, rows: &Tensor) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let (gh, gw) = (h / cell, w / cell);
-    x.reshape(&[b, gh, cell, gw, cell, c][..])?
-        .permute([0, 1, 3, 2, 4, 5])?
-        .contiguous()?
-        .reshape((b * gh * gw, cell, cell, c))?
-        .index_select(rows, 0)
+    k::patch_blocks(x, cell)?.reshape((b * gh * gw, cell, cell, c))?.index_select(rows, 0)
 }

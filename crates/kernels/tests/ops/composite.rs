@@ -123,6 +123,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "linear:conv1x1_transposed",
             "depthwise_conv2d:permuted",
             "sparse_depthwise_conv2d:offset",
+            "patch_blocks",
             "masked_patch_mse",
             "adamw_update"
         ]
@@ -139,8 +140,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 28 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 58);
+    // 29 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 60);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -200,6 +201,7 @@ fn op_timings_cover_every_case_by_both_paths() {
             "mlp_residual:decoder",
             "mlp_separate:decoder",
             "attention_residual:encoder",
+            "patch_blocks:stage1",
             "masked_patch_mse",
             "linear:stage1_conv1"
         ]

@@ -1,0 +1,198 @@
+//! The patch layout of channels-last maps: `[B, H, W, C]` -> `[B, H/k, W/k, k, k, C]`, each
+//! k x k patch contiguous, ordered (row, column, channel). ConvMAE cuts its maps this way three
+//! times: the images into their 16-pixel token blocks (the sparse path), a stage's map into the
+//! windows of the next patch embedding or fusion conv (`patch_conv`, a matmul over patches), and
+//! the images into MAE's target patches.
+//!
+//! As candle's ops it is a reshape, a permute and a contiguous copy, whose backward hands its
+//! input a permuted (strided) gradient; candle's strided copy and its add into such a gradient
+//! work out six coordinates per element. In run 7's H100 profile of a ConvMAE-B step at batch
+//! 64 (benches/results/gpu-2026-11-26-run7-ncu-raw.csv.gz) that was a 185 us copy of stage 1's
+//! map, a 140 us copy of the images, and a 348 us add in the backward where the two windowings
+//! of stage 1's output (patch_embed2 and the stage-1 fusion conv) meet. This op copies whole
+//! patch rows (k * C values contiguous in both layouts) and its backward is the inverse copy,
+//! whose result is contiguous.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::{row_major, Element};
+
+const OP_NAME: &str = "patch_blocks";
+const GRAD_NAME: &str = "patch_blocks_backward";
+
+/// The two layouts' sizes: images of `height` x `width` x `chans`, patches of `k` x `k`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PatchGrid {
+    pub images: usize,
+    pub height: usize,
+    pub width: usize,
+    pub chans: usize,
+    pub k: usize,
+}
+
+impl PatchGrid {
+    fn of(dims: &[usize], k: usize) -> Result<Self> {
+        match dims {
+            &[images, height, width, chans] if k > 0 && height % k == 0 && width % k == 0 => Ok(Self { images, height, width, chans, k }),
+            _ => candle_core::bail!("{OP_NAME}: input {dims:?} is not [B, H, W, C] with H and W multiples of the patch size {k}"),
+        }
+    }
+    /// Patches down (H / k) and across (W / k).
+    pub(crate) fn rows_of_patches(&self) -> usize {
+        self.height / self.k
+    }
+    pub(crate) fn cols(&self) -> usize {
+        self.width / self.k
+    }
+    /// Rows of patches' pixels: every patch has k, each k * C values long.
+    pub(crate) fn patch_rows(&self) -> usize {
+        self.images * self.rows_of_patches() * self.cols() * self.k
+    }
+    fn run(&self) -> usize {
+        self.k * self.chans
+    }
+    fn blocks_shape(&self) -> Shape {
+        Shape::from_dims(&[self.images, self.rows_of_patches(), self.cols(), self.k, self.k, self.chans])
+    }
+    fn image_shape(&self) -> Shape {
+        Shape::from_dims(&[self.images, self.height, self.width, self.chans])
+    }
+    /// Where patch row `r` starts in the image layout (it starts at r * k * C in the blocks').
+    fn in_image(&self, r: usize) -> usize {
+        let (i, patch) = (r % self.k, r / self.k);
+        let (wo, bho) = (patch % self.cols(), patch / self.cols());
+        let (ho, b) = (bho % self.rows_of_patches(), bho / self.rows_of_patches());
+        ((b * self.height + ho * self.k + i) * self.width + wo * self.k) * self.chans
+    }
+}
+
+/// `x` ([B, H, W, C]) as its k x k patches, [B, H/k, W/k, k, k, C]: `out[b, ho, wo, i, j, c] =
+/// x[b, ho*k + i, wo*k + j, c]`. Differentiable. Our op where a kernel serves `x` (CPU f32 and
+/// f64; CUDA f32, bf16 and f16), else candle's reshape, permute and copy: the same values.
+pub fn patch_blocks(x: &Tensor, k: usize) -> Result<Tensor> {
+    let grid = PatchGrid::of(x.dims(), k)?;
+    if !crate::has_kernel(x) {
+        let [b, h, w, c] = [grid.images, grid.height, grid.width, grid.chans];
+        return x.reshape(&[b, h / k, k, w / k, k, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous();
+    }
+    x.apply_op1(PatchBlocks { grid, to_image: false })
+}
+
+/// The copy between the layouts: image -> patches (the op), or patches -> image (its backward).
+struct PatchBlocks {
+    grid: PatchGrid,
+    to_image: bool,
+}
+
+/// The copy on the CPU, patch row by patch row.
+fn copy_rows<T: Copy + Send + Sync>(src: &[T], g: PatchGrid, to_image: bool) -> Vec<T> {
+    let run = g.run();
+    if src.is_empty() {
+        return Vec::new();
+    }
+    if !to_image {
+        return (0..g.patch_rows()).flat_map(|r| src[g.in_image(r)..][..run].iter().copied()).collect();
+    }
+    // In the image's row order: image row (b, y) is patch row y % k of each of the W / k
+    // patches across, side by side.
+    let mut out = vec![src[0]; src.len()];
+    out.par_chunks_mut(g.width * g.chans).enumerate().for_each(|(image_row, dst)| {
+        let (b, y) = (image_row / g.height, image_row % g.height);
+        let (ho, i) = (y / g.k, y % g.k);
+        for wo in 0..g.cols() {
+            let r = ((b * g.rows_of_patches() + ho) * g.cols() + wo) * g.k + i;
+            dst[wo * run..][..run].copy_from_slice(&src[r * run..][..run]);
+        }
+    });
+    out
+}
+
+impl CustomOp1 for PatchBlocks {
+    fn name(&self) -> &'static str {
+        if self.to_image {
+            GRAD_NAME
+        } else {
+            OP_NAME
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (from, to) = self.shapes();
+        if l.shape() != &from {
+            candle_core::bail!("{}: input {:?}, expected {:?}", self.name(), l.dims(), from.dims());
+        }
+        let out = dispatch_float!(self.name(), (s => x), { Element::into_storage(copy_rows(&row_major(x, l), self.grid, self.to_image)) });
+        Ok((out, to))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, patch_rows};
+        use candle_core::backend::BackendStorage;
+        let (from, to) = self.shapes();
+        if l.shape() != &from {
+            candle_core::bail!("{}: input {:?}, expected {:?}", self.name(), l.dims(), from.dims());
+        }
+        let out = cuda_dispatch!(self.name(), s.dtype(), patch_rows(s, l, self.grid, self.to_image))?;
+        Ok((out, to))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.apply_op1_no_bwd(&PatchBlocks { grid: self.grid, to_image: !self.to_image })?))
+    }
+}
+
+impl PatchBlocks {
+    /// (input shape, output shape).
+    fn shapes(&self) -> (Shape, Shape) {
+        let (image, blocks) = (self.grid.image_shape(), self.grid.blocks_shape());
+        if self.to_image {
+            (blocks, image)
+        } else {
+            (image, blocks)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The op and its gradient against candle's reshape / permute / copy, bit for bit, on a
+    /// strided input, with a second use of the input so that the gradients meet (as stage 1's
+    /// output feeds two windowings).
+    #[test]
+    fn is_the_permutation_forward_and_backward() {
+        for (dims, k) in [([2usize, 6, 4, 3], 2usize), ([1, 8, 8, 5], 4), ([3, 3, 6, 2], 3), ([1, 4, 4, 7], 1)] {
+            let n: usize = dims.iter().product();
+            let base = Tensor::from_vec(crate::agreement::values(n, 3), (dims[0], dims[3], dims[1], dims[2]), &Device::Cpu).unwrap();
+            let var = Var::from_tensor(&base).unwrap();
+            let x = var.as_tensor().permute((0, 2, 3, 1)).unwrap();
+            let probe = Tensor::from_vec(crate::agreement::values(n, 4), n, &Device::Cpu).unwrap();
+            let run = |path| {
+                crate::with_path(path, || {
+                    let out = patch_blocks(&x, k).unwrap();
+                    let twice = (out.flatten_all().unwrap() * &probe).unwrap().sum_all().unwrap() + (&x * 0.5).unwrap().sum_all().unwrap();
+                    let grads = twice.unwrap().backward().unwrap();
+                    (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), out.dims().to_vec(), grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                })
+            };
+            let (ours, ours_dims, ours_grad) = run(crate::Path::Kernels);
+            let (theirs, theirs_dims, theirs_grad) = run(crate::Path::Composite);
+            assert_eq!(ours_dims, theirs_dims, "{dims:?} k {k}");
+            assert_eq!(ours, theirs, "{dims:?} k {k}");
+            assert_eq!(ours_grad, theirs_grad, "{dims:?} k {k}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let x = Tensor::zeros((1, 6, 4, 3), DType::F32, &Device::Cpu).unwrap();
+        for (t, k) in [(&x, 4), (&x, 0), (&x.flatten_all().unwrap(), 2)] {
+            let e = patch_blocks(t, k).unwrap_err().to_string();
+            assert!(e.contains(OP_NAME) && e.contains("multiples of the patch size"), "{e}");
+        }
+    }
+}
