@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <numeric>
 #include <algorithm>
 #include <barrier>
 #include <thread>
@@ -897,6 +898,51 @@ static void check_patch_rows(int64_t b, int64_t h, int64_t w, int64_t c, int64_t
     check("patch rows: back to the image (bitwise)", back, std::vector<double>(img.begin(), img.end()), 0);
 }
 
+// The decoder's entry on b images of l positions of width d, `keep` visible, launched as
+// src/cuda.rs does (a block per row, here `grid` blocks of `block` threads striding over the
+// rows; the columns a thread each; the mask token's reduction a warp per column), against the
+// formula: the sequence and [dx | d mask_token | d pos].
+static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, unsigned grid, unsigned block) {
+    auto x = random_values(b * keep * d, 61), mask = random_values(d, 62), pos = random_values(l * d, 63), g = random_values(b * l * d, 64);
+    std::vector<uint32_t> ids(b * l);
+    // A different shuffle per image: position i has rank (i * m + bi) % l, m coprime to l.
+    int64_t m = 5;
+    while (std::gcd(m, l) != 1) ++m;
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t i = 0; i < l; ++i) ids[bi * l + i] = (uint32_t)((i * m + bi) % l);
+    std::vector<double> want(b * l * d), grads(b * keep * d + d + l * d, 0);
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t i = 0; i < l; ++i) {
+            const int64_t r = ids[bi * l + i];
+            for (int64_t j = 0; j < d; ++j) {
+                const double gv = g[(bi * l + i) * d + j];
+                want[(bi * l + i) * d + j] = (r < keep ? x[(bi * keep + r) * d + j] : mask[j]) + pos[i * d + j];
+                grads[r < keep ? (bi * keep + r) * d + j : b * keep * d + j] += gv;
+                grads[b * keep * d + d + i * d + j] += gv;
+            }
+        }
+    std::vector<float> out(b * l * d, NAN), packed(grads.size(), NAN), partials(l * d, NAN);
+    auto per_row = [&](auto kernel) {
+        blockDim.x = block;
+        gridDim.x = grid;
+        for (unsigned bx = 0; bx < grid; ++bx)
+            for (unsigned t = 0; t < block; ++t) {
+                blockIdx.x = bx;
+                threadIdx.x = t;
+                kernel();
+            }
+    };
+    per_row([&] { restore_tokens_fwd_f32(x.data(), mask.data(), pos.data(), ids.data(), out.data(), b, l, keep, d); });
+    char name[128];
+    std::snprintf(name, sizeof name, "restore tokens %lldx%lld keep %lld D%lld (bitwise)", (long long)b, (long long)l, (long long)keep, (long long)d);
+    check(name, out, want, 0);
+    std::fill(packed.begin(), packed.begin() + b * keep * d, 0.f);  // the host's memset
+    per_row([&] { restore_tokens_dx_f32(g.data(), ids.data(), packed.data(), b, l, keep, d); });
+    launch(l * d, 256, [&] { restore_tokens_columns_f32(g.data(), ids.data(), packed.data() + b * keep * d + d, partials.data(), b, l, keep, d); });
+    launch_warps(d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + b * keep * d, l, 1, d, 0); });
+    check("restore tokens: [dx | d mask_token | d pos]", packed, grads, 1e-6);
+}
+
 #define CHECK_FLASH(HD, nb, n, heads, ...) \
     check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
                     flash_mma_fwd_hd##HD##_f32, flash_mma_bwd_q_hd##HD##_f32, flash_mma_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
@@ -937,6 +983,11 @@ int main() {
     check_patch_rows(1, 8, 12, 5, 4);
     check_patch_rows(3, 16, 16, 3, 16);
     check_patch_rows(1, 5, 5, 40, 1);
+    // Fewer blocks than rows (the stride), rows wider than a block, nothing kept, all kept.
+    check_restore_tokens(3, 7, 2, 5, 4, 32);
+    check_restore_tokens(2, 9, 3, 70, 18, 32);
+    check_restore_tokens(2, 4, 0, 3, 8, 32);
+    check_restore_tokens(1, 5, 5, 33, 2, 64);
     check_linear_pieces(9, 49, 4);
     check_linear_pieces(37, 3, 512);
     check_linear_pieces(1, 70, 1);

@@ -1,8 +1,9 @@
 // Row-wise ops over the last dimension: LayerNorm (forward, input / weight / bias gradients),
 // softmax (forward, input gradient), and the two row-parallel pieces of the fused linear layer
 // around its cuBLAS gemms (the bias broadcast into every output row, and the bias gradient's
-// column sums), and MAE's loss over patch rows. The CPU kernels (src/layer_norm.rs,
-// src/softmax.rs, src/linear.rs, src/patch_loss.rs) define the semantics.
+// column sums), MAE's loss over patch rows, and the decoder's entry (the token rows put back in
+// image order). The CPU kernels (src/layer_norm.rs, src/softmax.rs, src/linear.rs,
+// src/patch_loss.rs, src/restore_tokens.rs) define the semantics.
 //
 // One warp per row, ROW_WARPS rows per block: ConvMAE's rows are 49 to 768 long, too short to
 // split across a block, and a warp reduces with shuffles, without shared memory or barriers.
@@ -285,6 +286,55 @@ __device__ __forceinline__ void patch_mse_bwd(const T* __restrict__ pred, const 
     for (int e = lane; e < n; e += 32) out[e] = store<T>(scale * (load(pr[e]) - (imgs[px.offset(e)] - mean) / std));
 }
 
+// ---- the MAE decoder's entry (src/restore_tokens.rs) -----------------------------------------
+
+// out[b, i] = (r < keep ? x[b, r] : mask_token) + pos[i], r = ids[b, i]: a block per output
+// row (striding over rows past the grid), its threads along the row.
+template <typename T>
+__device__ __forceinline__ void restore_tokens_fwd(const T* __restrict__ x, const T* __restrict__ mask_token,
+                                                   const T* __restrict__ pos, const uint32_t* __restrict__ ids,
+                                                   T* __restrict__ out, int64_t images, int64_t tokens, int64_t keep,
+                                                   int64_t d) {
+    for (int64_t row = blockIdx.x; row < images * tokens; row += gridDim.x) {
+        const int64_t b = row / tokens, i = row % tokens, r = ids[row];
+        const T* src = r < keep ? x + (b * keep + r) * d : mask_token;
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = store<T>(load(src[j]) + load(pos[i * d + j]));
+    }
+}
+
+// dx[b, r] = g[b, i] for the visible positions (ids[b, i] = r < keep), launched as the forward.
+// ids is each image's permutation, so every dx row is written once, by one block.
+template <typename T>
+__device__ __forceinline__ void restore_tokens_dx(const T* __restrict__ g, const uint32_t* __restrict__ ids,
+                                                  T* __restrict__ dx, int64_t images, int64_t tokens, int64_t keep,
+                                                  int64_t d) {
+    for (int64_t row = blockIdx.x; row < images * tokens; row += gridDim.x) {
+        const int64_t b = row / tokens, r = ids[row];
+        if (r >= keep) continue;
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dx[(b * keep + r) * d + j] = g[row * d + j];
+    }
+}
+
+// Thread (i, j) sums column j of position i over the images: dpos[i, j], and into
+// mask_partials[i, j] (f32, for rows_reduce_partials over the positions) the same sum over the
+// images where position i is masked: the mask token's gradient.
+template <typename T>
+__device__ __forceinline__ void restore_tokens_columns(const T* __restrict__ g, const uint32_t* __restrict__ ids,
+                                                       T* __restrict__ dpos, float* __restrict__ mask_partials,
+                                                       int64_t images, int64_t tokens, int64_t keep, int64_t d) {
+    const int64_t idx = global_thread();
+    if (idx >= tokens * d) return;
+    const int64_t i = idx / d, j = idx % d;
+    float sp = 0.f, sm = 0.f;
+    for (int64_t b = 0; b < images; ++b) {
+        const float v = load(g[(b * tokens + i) * d + j]);
+        sp += v;
+        if (ids[b * tokens + i] >= keep) sm += v;
+    }
+    dpos[idx] = store<T>(sp);
+    mask_partials[idx] = sm;
+}
+
 }  // namespace convmae
 
 using namespace convmae;
@@ -341,6 +391,20 @@ using namespace convmae;
                                                       int64_t height, int64_t width, int norm_pix) {             \
         patch_mse_rows<T>(pred, imgs, mask, row_loss, stats, rows, tokens, grid_w, patch, chans, height, width,  \
                           norm_pix);                                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void restore_tokens_fwd_##TNAME(const T* x, const T* mask_token, const T* pos,           \
+                                                          const uint32_t* ids, T* out, int64_t images,             \
+                                                          int64_t tokens, int64_t keep, int64_t d) {               \
+        restore_tokens_fwd<T>(x, mask_token, pos, ids, out, images, tokens, keep, d);                              \
+    }                                                                                                             \
+    extern "C" __global__ void restore_tokens_dx_##TNAME(const T* g, const uint32_t* ids, T* dx, int64_t images,   \
+                                                         int64_t tokens, int64_t keep, int64_t d) {                \
+        restore_tokens_dx<T>(g, ids, dx, images, tokens, keep, d);                                                 \
+    }                                                                                                             \
+    extern "C" __global__ void restore_tokens_columns_##TNAME(const T* g, const uint32_t* ids, T* dpos,            \
+                                                              float* mask_partials, int64_t images,                \
+                                                              int64_t tokens, int64_t keep, int64_t d) {           \
+        restore_tokens_columns<T>(g, ids, dpos, mask_partials, images, tokens, keep, d);                           \
     }                                                                                                             \
     extern "C" __global__ void patch_mse_bwd_##TNAME(const T* pred, const float* imgs, const float* mask,          \
                                                      const float* stats, const float* mask_sum, const float* grad, \

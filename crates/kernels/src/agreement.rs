@@ -190,6 +190,13 @@ pub(crate) fn visible_positions(images: u32, side: u32, cell: u32) -> Vec<(u32, 
     positions
 }
 
+/// `images` rows of ids_restore for `tokens` tokens: each image's ranks a permutation of
+/// 0..tokens, a different one per image (rank of position i: (i * 5 + image) mod tokens, 5
+/// coprime to the token counts used here).
+pub(crate) fn shuffled_ranks(images: usize, tokens: usize) -> Vec<u32> {
+    (0..images).flat_map(|b| (0..tokens).map(move |i| ((i * 5 + b) % tokens) as u32)).collect()
+}
+
 /// Every op at ConvMAE-B-like shapes (batch 4, or 2 images for the convolutions).
 fn cases() -> Result<Vec<Case>> {
     let mut cases = vec![
@@ -374,6 +381,16 @@ fn cases() -> Result<Vec<Case>> {
             shapes: vec![vec![2 * 49, 256, 4, 4]],
             seed: 19,
             op: Box::new(|t| crate::patch_blocks(&t[0].permute((0, 2, 3, 1))?, 2)),
+        },
+        // The decoder's entry at ConvMAE-B's shapes (2 images, 49 of 196 tokens kept, width 512).
+        Case {
+            name: "restore_tokens",
+            shapes: vec![vec![2, 49, 512], vec![1, 1, 512], vec![1, 196, 512]],
+            seed: 20,
+            op: Box::new(|t| {
+                let ids = Tensor::from_vec(shuffled_ranks(2, 196), (2, 196), &Device::Cpu)?.to_device(t[0].device())?;
+                crate::restore_tokens(&t[0], &t[1], &t[2], &ids)
+            }),
         },
         // MAE's loss at ConvMAE-B's shapes (2 images of 224, 196 patches of 16 x 16 x 3): the
         // prediction in the dtype under test, the images and the mask in f32 as the model gives

@@ -158,6 +158,18 @@ pub fn masked_patch_mse(pred: &Tensor, imgs: &Tensor, mask: &Tensor, patch: usiz
     (per_patch * &mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)
 }
 
+/// The MAE decoder's entry (`crate::restore_tokens`): the mask token appended to the visible
+/// tokens `x` [B, keep, D], the sequence gathered into image order by `ids_restore` [B, L], and
+/// the position table (L x D values) added.
+pub fn restore_tokens(x: &Tensor, mask_token: &Tensor, pos: &Tensor, ids_restore: &Tensor) -> Result<Tensor> {
+    let (b, keep, d) = x.dims3()?;
+    let l = ids_restore.dim(1)?;
+    let mask_tokens = mask_token.reshape((1, 1, d))?.broadcast_as((b, l - keep, d))?;
+    let full = Tensor::cat(&[x, &mask_tokens], 1)?;
+    let index = ids_restore.unsqueeze(2)?.broadcast_as((b, l, d))?.contiguous()?;
+    full.contiguous()?.gather(&index, 1)?.broadcast_add(&pos.reshape((1, l, d))?)
+}
+
 /// One AdamW update as torch.optim.AdamW computes it, returning the new (param, exp_avg,
 /// exp_avg_sq) instead of writing in place (the caller stores them).
 pub fn adamw_step(param: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor, u: &AdamWUpdate) -> Result<(Tensor, Tensor, Tensor)> {

@@ -68,7 +68,7 @@ fn load_func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunctio
 
 /// Storage types the kernels are instantiated for, with the suffix of their kernel names and
 /// how cuBLAS names them and computes with them.
-pub(crate) trait Float: CudaDType + DeviceRepr + Copy + 'static {
+pub(crate) trait Float: CudaDType + DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + 'static {
     const SUFFIX: &'static str;
     const CUBLAS_TYPE: cublas_sys::cudaDataType_t;
     /// The gemm compute type: f32 accumulation, with the reduced-precision modes candle's own
@@ -1180,6 +1180,85 @@ pub(crate) fn patch_rows<T: Float>(src: &CudaStorage, src_l: &Layout, g: crate::
     }
     builder.arg(&back);
     unsafe { builder.launch(launch_1d(rows * 32, BLOCK, "patch_blocks")?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+// ---- the MAE decoder's entry (restore_tokens.rs) ---------------------------------------------
+
+/// A u32 index tensor on the device as a view of its elements (contiguous only).
+fn u32_view<'a>(storage: &'a candle_core::Storage, layout: &Layout, what: &str) -> Result<CudaView<'a, u32>> {
+    let (candle_core::Storage::Cuda(s), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{what}: the index tensor must be a contiguous tensor on the GPU");
+    };
+    Ok(s.as_cuda_slice::<u32>()?.slice(start..end))
+}
+
+/// `crate::restore_tokens` forward: one launch, a block per output row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn restore_tokens_fwd<T: Float>(
+    x: &CudaStorage,
+    x_l: &Layout,
+    mask_token: &CudaStorage,
+    mask_token_l: &Layout,
+    pos: &CudaStorage,
+    pos_l: &Layout,
+    ids: &candle_core::Tensor,
+    s: crate::restore_tokens::TokenSizes,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (xo, mo, po) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(mask_token, mask_token_l)?, Operand::<T>::new(pos, pos_l)?);
+    let (xv, mv, pv) = (xo.view()?, mo.view()?, po.view()?);
+    let (ids_storage, ids_l) = ids.storage_and_layout();
+    let iv = u32_view(&ids_storage, ids_l, "restore_tokens")?;
+    let rows = s.images * s.tokens;
+    let mut out = alloc::<T>(dev, rows * s.d)?;
+    let args = [s.images, s.tokens, s.keep, s.d].map(|v| v as i64);
+    let f = func(dev, Module::Rows, &format!("restore_tokens_fwd_{}", T::SUFFIX))?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&xv).arg(&mv).arg(&pv).arg(&iv).arg(&mut out);
+    for a in &args {
+        builder.arg(a);
+    }
+    unsafe { builder.launch(launch_per_row(rows)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `crate::restore_tokens` backward: [dx | d mask_token | d pos] from the output's gradient.
+pub(crate) fn restore_tokens_bwd<T: Float>(grad: &CudaStorage, grad_l: &Layout, ids: &candle_core::Tensor, s: crate::restore_tokens::TokenSizes) -> Result<CudaStorage> {
+    let dev = grad.device();
+    let go = Operand::<T>::new(grad, grad_l)?;
+    let gv = go.view()?;
+    let (ids_storage, ids_l) = ids.storage_and_layout();
+    let iv = u32_view(&ids_storage, ids_l, "restore_tokens_backward")?;
+    let (rows, nx) = (s.images * s.tokens, s.images * s.keep * s.d);
+    let mut out = alloc::<T>(dev, nx + s.d + s.tokens * s.d)?;
+    let args = [s.images, s.tokens, s.keep, s.d].map(|v| v as i64);
+    let stream = dev.cuda_stream();
+    {
+        // Zeros first: a dx row no position maps to (ids not a permutation) reads 0, not garbage.
+        let mut dx = out.slice_mut(0..nx);
+        stream.memset_zeros(&mut dx).w()?;
+        let f = func(dev, Module::Rows, &format!("restore_tokens_dx_{}", T::SUFFIX))?;
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&gv).arg(&iv).arg(&mut dx);
+        for a in &args {
+            builder.arg(a);
+        }
+        unsafe { builder.launch(launch_per_row(rows)) }.w()?;
+    }
+    let mut partials = alloc::<f32>(dev, s.tokens * s.d)?;
+    {
+        let mut dpos = out.slice_mut(nx + s.d..nx + s.d + s.tokens * s.d);
+        let f = func(dev, Module::Rows, &format!("restore_tokens_columns_{}", T::SUFFIX))?;
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&gv).arg(&iv).arg(&mut dpos).arg(&mut partials);
+        for a in &args {
+            builder.arg(a);
+        }
+        unsafe { builder.launch(launch_1d(s.tokens * s.d, BLOCK, "restore_tokens_backward")?) }.w()?;
+    }
+    reduce_partials(dev, Module::Rows, "rows", &partials, &mut out, nx, (s.tokens, 1, s.d), false)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 

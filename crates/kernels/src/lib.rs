@@ -61,6 +61,7 @@ mod linear;
 mod normalize;
 mod patch_blocks;
 mod patch_loss;
+mod restore_tokens;
 mod sublayer;
 mod transfer;
 #[cfg(test)]
@@ -81,6 +82,7 @@ pub use linear::{linear, linear_gelu};
 pub use normalize::normalize_rgb;
 pub use patch_blocks::patch_blocks;
 pub use patch_loss::masked_patch_mse;
+pub use restore_tokens::restore_tokens;
 pub use sublayer::{attention_residual, attention_residual_packed, mlp_residual, mlp_residual_packed, PackedSublayer};
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};

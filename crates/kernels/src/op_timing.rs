@@ -147,6 +147,15 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
         },
         // Stage 1's token blocks cut into patch_embed2's 2 x 2 windows.
         TimedCase { name: "patch_blocks:stage1", shapes: vec![vec![b * 49, 4, 4, 256]], op: Box::new(|t| crate::patch_blocks(&t[0], 2)) },
+        // The decoder's entry: 49 of 196 tokens kept, width 512.
+        TimedCase {
+            name: "restore_tokens",
+            shapes: vec![vec![b, 49, 512], vec![1, 1, 512], vec![1, 196, 512]],
+            op: Box::new(move |t| {
+                let ids = Tensor::from_vec(crate::agreement::shuffled_ranks(b, 196), (b, 196), &Device::Cpu)?.to_device(t[0].device())?;
+                crate::restore_tokens(&t[0], &t[1], &t[2], &ids)
+            }),
+        },
         // MAE's loss: the decoder's prediction against 224 px images, 75% of the patches masked.
         TimedCase {
             name: "masked_patch_mse",

@@ -206,8 +206,9 @@ impl ConvMae {
         let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
         let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
         let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, keep, d3))?;
-        let pos = p.get("pos_embed").broadcast_as((b, cfg.num_tokens(), d3))?;
-        let pos = gather_tokens(&pos, &masking.ids_keep_tensor(dev)?)?;
+        // The visible tokens' rows of the position table: one gather from its [L, D3] rows (a
+        // broadcast to [B, L, D3] first would be copied whole before the gather).
+        let pos = p.get("pos_embed").reshape((cfg.num_tokens(), d3))?.index_select(&masking.ids_keep_tensor(dev)?.flatten_all()?, 0)?.reshape((b, keep, d3))?;
         let tokens = linear_p(p, "patch_embed4", &x)?.add(&pos)?;
         Ok(ConvStagesOut { tokens, s1, s2, stage1, stage2 })
     }
@@ -216,12 +217,9 @@ impl ConvMae {
     fn forward_decoder(&self, p: &ParamStore, latent: &Tensor, masking: &Masking) -> Result<Tensor> {
         let cfg = &self.cfg;
         let x = linear_p(p, "decoder_embed", latent)?;
-        let (b, keep, dd) = x.dims3()?;
-        let masked = cfg.num_tokens() - keep;
-        let mask_tokens = p.get("mask_token").broadcast_as((b, masked, dd))?;
-        let x = Tensor::cat(&[&x, &mask_tokens], 1)?;
-        let x = gather_tokens(&x, &masking.ids_restore_tensor(self.device())?)?;
-        let mut x = x.broadcast_add(p.get("decoder_pos_embed"))?;
+        // Mask tokens appended, the sequence unshuffled and the position table added, as one op.
+        let ids_restore = masking.ids_restore_tensor(self.device())?;
+        let mut x = convmae_kernels::restore_tokens(&x, p.get("mask_token"), p.get("decoder_pos_embed"), &ids_restore)?;
         for i in 0..cfg.decoder_depth {
             x = transformer_block(p, &format!("decoder_blocks.{i}"), &x, cfg.decoder_num_heads, None)?;
         }

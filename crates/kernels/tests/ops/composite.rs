@@ -124,6 +124,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "depthwise_conv2d:permuted",
             "sparse_depthwise_conv2d:offset",
             "patch_blocks",
+            "restore_tokens",
             "masked_patch_mse",
             "adamw_update"
         ]
@@ -140,8 +141,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 29 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 60);
+    // 30 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 62);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -202,6 +203,7 @@ fn op_timings_cover_every_case_by_both_paths() {
             "mlp_separate:decoder",
             "attention_residual:encoder",
             "patch_blocks:stage1",
+            "restore_tokens",
             "masked_patch_mse",
             "linear:stage1_conv1"
         ]
