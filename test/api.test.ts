@@ -6,7 +6,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { checkFixture, modelInfo, Pretrainer, resolveConfig, Classifier } from '../src/index.js';
 import { native } from '../src/native.js';
-import { CLI, golden, randomImages, readSafetensors, tensorBytes } from './helpers.js';
+import { CLI, golden, randomImages, readSafetensors, ROOT, tensorBytes } from './helpers.js';
 
 const run = promisify(execFile);
 
@@ -28,6 +28,20 @@ test('the dense masked path (the official computation) matches the golden fixtur
   t.is(r.path, 'dense');
   t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
   t.true(r.errors.every((e) => e.max_rel < 1e-9), 'sparse issue: 1e-9 relative');
+});
+
+test('CONVMAE_COMPOSITE_OPS: with the loss, the patch layout and the decoder entry as candle\'s ops, parity still holds; an unknown name is warned about', async (t) => {
+  const script = `import(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'index.js'))}).then(async (m) => {
+    const out = [];
+    for (const p of ['sparse', 'dense']) out.push((await m.checkFixture(${JSON.stringify(golden('pretrain_small.safetensors'))}, 'f64', p)).pass);
+    console.log(JSON.stringify(out));
+  })`;
+  const { stdout, stderr } = await run(process.execPath, ['--input-type=module', '-e', script], {
+    timeout: 120_000,
+    env: { ...process.env, CONVMAE_COMPOSITE_OPS: 'masked_patch_mse, patch_blocks,restore_tokens,bogus_op' },
+  });
+  t.deepEqual(JSON.parse(stdout.trim()), [true, true]);
+  t.regex(stderr, /CONVMAE_COMPOSITE_OPS names 'bogus_op', which is not one of/);
 });
 
 test('float32 parity with the official pretraining model within 1e-4', async (t) => {

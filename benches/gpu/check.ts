@@ -270,9 +270,12 @@ async function main(): Promise<void> {
   // candle's transfers and to tables built on the host.
   const transfersSuspect = failed((op) => op === 'transfer:upload,read_later');
   const tablesSuspect = failed((op) => op === 'sparse_neighbors:of_visible_tokens');
-  // And MAE's loss as one op (also written without a GPU): candle's ops should its row fail.
-  const lossSuspect = agreementError !== undefined || agreement.some((a) => a.op === 'masked_patch_mse' && a.path === 'kernels' && a.pass === false);
-  if (lossSuspect && !loadError && !profileOnly) log('the patch loss\'s agreement row failed (or the agreement did): our rows run with CONVMAE_PATCH_LOSS=composite');
+  // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
+  // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
+  // agreement itself have failed.
+  const switchable = ['masked_patch_mse', 'patch_blocks', 'restore_tokens'];
+  const compositeOps = switchable.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
+  if (compositeOps.length && !loadError && !profileOnly) log(`agreement rows failed (or the agreement did): our rows run with CONVMAE_COMPOSITE_OPS=${compositeOps.join(',')}`);
   if (transfersSuspect && !loadError && !profileOnly) log('the pinned transfers\' agreement row failed (or the agreement did): our rows run with CONVMAE_TRANSFERS=plain');
   if (tablesSuspect && !loadError && !profileOnly) log('the GPU neighbour tables\' agreement row failed (or the agreement did): our rows run with CONVMAE_NEIGHBOUR_TABLES=host');
   // Likewise overlapped steps, should they not give the answers of steps one at a time: the
@@ -286,7 +289,7 @@ async function main(): Promise<void> {
     ...(overlapSuspect ? { CONVMAE_STEPS: 'serial' } : {}),
     ...(transfersSuspect ? { CONVMAE_TRANSFERS: 'plain' } : {}),
     ...(tablesSuspect ? { CONVMAE_NEIGHBOUR_TABLES: 'host' } : {}),
-    ...(lossSuspect ? { CONVMAE_PATCH_LOSS: 'composite' } : {}),
+    ...(compositeOps.length ? { CONVMAE_COMPOSITE_OPS: compositeOps.join(',') } : {}),
   };
   if (overlapSuspect && !loadError && !profileOnly) log('overlapped steps did not match steps one at a time: our rows run with CONVMAE_STEPS=serial');
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');

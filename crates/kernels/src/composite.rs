@@ -233,7 +233,7 @@ fn env_path() -> Path {
 /// Ops whose form can be chosen one at a time, each by its own environment variable, while
 /// every other kernel of ours stays on: the A/B of one op within a whole training step, and a
 /// safety valve should one of them misbehave on a GPU. Attention and linear choose on CUDA
-/// only (on the CPU ours always serve); the sublayers and the patch loss on every device.
+/// only (on the CPU ours always serve); the sublayers on every device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OpSwitch {
     /// `CONVMAE_ATTENTION`: our op in its fused form (`fused`), its gemm form (`gemm`) or its
@@ -249,9 +249,6 @@ pub(crate) enum OpSwitch {
     /// GELU or attention, linear, add; each still ours), or by size (`auto`, the default; see
     /// sublayer.rs). Unlike the others this one applies on the CPU too.
     Sublayer,
-    /// `CONVMAE_PATCH_LOSS`: MAE's loss as our one op (`fused`, the default; `auto` is the
-    /// same) or as candle's ops (`composite`), on every device.
-    PatchLoss,
 }
 
 /// What a `OpSwitch` variable asks for.
@@ -277,7 +274,6 @@ impl OpSwitch {
             Self::Attention => "CONVMAE_ATTENTION",
             Self::Linear => "CONVMAE_LINEAR",
             Self::Sublayer => "CONVMAE_SUBLAYER",
-            Self::PatchLoss => "CONVMAE_PATCH_LOSS",
         }
     }
 
@@ -286,7 +282,6 @@ impl OpSwitch {
             Self::Attention => Choice::Auto,
             Self::Linear => Choice::Ours,
             Self::Sublayer => Choice::Auto,
-            Self::PatchLoss => Choice::Ours,
         }
     }
 
@@ -294,7 +289,7 @@ impl OpSwitch {
     /// Under `with_path` the forced path decides instead: `Path::Kernels` means our kernel, so
     /// the agreement and timing tables always measure the kernel they name.
     pub(crate) fn choice(self) -> Choice {
-        static READ: [OnceLock<Choice>; 4] = [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static READ: [OnceLock<Choice>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let env = *READ[self as usize].get_or_init(|| match std::env::var(self.variable()).as_deref() {
             Ok("composite") => Choice::Composite,
             Ok("fused") => Choice::Ours,
@@ -319,6 +314,47 @@ impl OpSwitch {
     /// Whether this op goes to the composition on CUDA without asking the op (`composite`).
     pub(crate) fn composite(self) -> bool {
         self.choice() == Choice::Composite
+    }
+}
+
+/// The ops `CONVMAE_COMPOSITE_OPS` can send to candle's composition one by one.
+pub const SWITCHABLE_OPS: [&str; 3] = ["masked_patch_mse", "patch_blocks", "restore_tokens"];
+
+/// Whether `CONVMAE_COMPOSITE_OPS` (a comma-separated list of `SWITCHABLE_OPS`) sends our op
+/// `op` to candle's composition, on every device: the A/B of one op within a whole step, and
+/// the GPU check's safety valve for an op whose agreement row failed. Under `with_path` the
+/// forced path decides, so the agreement and timing tables measure the path they name. Read
+/// once per process; a name not in the list is named in a warning and ignored.
+pub(crate) fn sent_to_composite(op: &str) -> bool {
+    static LISTED: OnceLock<Vec<String>> = OnceLock::new();
+    if let Some(path) = FORCED.with(|c| c.get()) {
+        return path == Path::Composite;
+    }
+    LISTED
+        .get_or_init(|| {
+            let (names, unknown) = parse_composite_ops(&std::env::var("CONVMAE_COMPOSITE_OPS").unwrap_or_default());
+            for n in unknown {
+                eprintln!("convmae: CONVMAE_COMPOSITE_OPS names '{n}', which is not one of {SWITCHABLE_OPS:?}; ignored");
+            }
+            names
+        })
+        .iter()
+        .any(|n| n == op)
+}
+
+/// `CONVMAE_COMPOSITE_OPS`'s value as (the switchable ops it names, the other names).
+fn parse_composite_ops(raw: &str) -> (Vec<String>, Vec<String>) {
+    raw.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).partition(|n| SWITCHABLE_OPS.contains(&n.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn composite_ops_are_read_as_a_list_and_unknown_names_set_apart() {
+        let (ops, unknown) = super::parse_composite_ops(" restore_tokens,,patch_blocks , layer_norm");
+        assert_eq!(ops, ["restore_tokens", "patch_blocks"]);
+        assert_eq!(unknown, ["layer_norm"]);
+        assert_eq!(super::parse_composite_ops(""), (vec![], vec![]));
     }
 }
 

@@ -69,10 +69,11 @@ impl PatchGrid {
 
 /// `x` ([B, H, W, C]) as its k x k patches, [B, H/k, W/k, k, k, C]: `out[b, ho, wo, i, j, c] =
 /// x[b, ho*k + i, wo*k + j, c]`. Differentiable. Our op where a kernel serves `x` (CPU f32 and
-/// f64; CUDA f32, bf16 and f16), else candle's reshape, permute and copy: the same values.
+/// f64; CUDA f32, bf16 and f16) and `CONVMAE_COMPOSITE_OPS` does not list it, else candle's
+/// reshape, permute and copy: the same values.
 pub fn patch_blocks(x: &Tensor, k: usize) -> Result<Tensor> {
     let grid = PatchGrid::of(x.dims(), k)?;
-    if !crate::has_kernel(x) {
+    if !crate::has_kernel(x) || crate::composite::sent_to_composite(OP_NAME) {
         let [b, h, w, c] = [grid.images, grid.height, grid.width, grid.chans];
         return x.reshape(&[b, h / k, k, w / k, k, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous();
     }

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::composite::{Choice, OpSwitch};
 use crate::{row_major, Element};
 
 const OP_NAME: &str = "masked_patch_mse";
@@ -88,7 +87,7 @@ impl Patches {
 ///
 /// Our op where a kernel serves: on the CPU all three f32 or all f64 (the result in that
 /// dtype); on CUDA `pred` f32, bf16 or f16 with f32 images and mask (the result f32). Elsewhere,
-/// or with `CONVMAE_PATCH_LOSS=composite`, candle's ops (`composite::masked_patch_mse`, which
+/// or when `CONVMAE_COMPOSITE_OPS` lists it, candle's ops (`composite::masked_patch_mse`, which
 /// casts `pred` to the images' dtype): the same values.
 pub fn masked_patch_mse(pred: &Tensor, imgs: &Tensor, mask: &Tensor, patch: usize, norm_pix: bool) -> Result<Tensor> {
     let patches = Patches::of(pred.dims(), imgs.dims(), mask.dims(), patch)?;
@@ -104,7 +103,7 @@ fn kernel_serves(pred: &Tensor, imgs: &Tensor, mask: &Tensor) -> bool {
     } else {
         imgs.dtype() == DType::F32 && mask.dtype() == DType::F32
     };
-    crate::has_kernel(pred) && dtypes_fit && !matches!(OpSwitch::PatchLoss.choice(), Choice::Composite)
+    crate::has_kernel(pred) && dtypes_fit && !crate::composite::sent_to_composite(OP_NAME)
 }
 
 /// What the forward keeps for the backward: each patch's (mean, std) of the target, the mask,

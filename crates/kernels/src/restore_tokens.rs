@@ -40,14 +40,16 @@ impl TokenSizes {
 /// shuffle, a permutation of 0..L. Differentiable in `x`, `mask_token` and `pos`.
 ///
 /// Our op where a kernel serves all three (one float dtype; CPU f32 and f64, CUDA f32, bf16 and
-/// f16) and `ids_restore` is u32 on their device; else candle's ops: the same values.
+/// f16), `ids_restore` is u32 on their device and `CONVMAE_COMPOSITE_OPS` does not list it;
+/// else candle's ops: the same values.
 pub fn restore_tokens(x: &Tensor, mask_token: &Tensor, pos: &Tensor, ids_restore: &Tensor) -> Result<Tensor> {
     let sizes = check(x, mask_token, pos, ids_restore)?;
     let ours = crate::composite::use_kernel(&[x, mask_token, pos])
         && ids_restore.dtype() == DType::U32
         && ids_restore.device().same_device(x.device())
         && x.dtype() == mask_token.dtype()
-        && x.dtype() == pos.dtype();
+        && x.dtype() == pos.dtype()
+        && !crate::composite::sent_to_composite(OP_NAME);
     if !ours {
         return crate::composite::restore_tokens(x, mask_token, pos, ids_restore);
     }
