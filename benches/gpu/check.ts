@@ -273,6 +273,10 @@ async function main(): Promise<void> {
   // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
   // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
   // agreement itself have failed.
+  // The sublayer ops' backward writes its gradients in place since run 7: should their rows
+  // fail, the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite).
+  const sublayerSuspect = agreement.some((a) => /^(mlp_residual|attention_residual)/.test(a.op) && a.path === 'kernels' && a.pass === false);
+  if (sublayerSuspect && !loadError && !profileOnly) log('a sublayer op\'s agreement row failed: our rows run with CONVMAE_SUBLAYER=composite');
   const switchable = ['masked_patch_mse', 'patch_blocks', 'restore_tokens'];
   const compositeOps = switchable.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
   if (compositeOps.length && !loadError && !profileOnly) log(`agreement rows failed (or the agreement did): our rows run with CONVMAE_COMPOSITE_OPS=${compositeOps.join(',')}`);
@@ -290,6 +294,7 @@ async function main(): Promise<void> {
     ...(transfersSuspect ? { CONVMAE_TRANSFERS: 'plain' } : {}),
     ...(tablesSuspect ? { CONVMAE_NEIGHBOUR_TABLES: 'host' } : {}),
     ...(compositeOps.length ? { CONVMAE_COMPOSITE_OPS: compositeOps.join(',') } : {}),
+    ...(sublayerSuspect ? { CONVMAE_SUBLAYER: 'composite' } : {}),
   };
   if (overlapSuspect && !loadError && !profileOnly) log('overlapped steps did not match steps one at a time: our rows run with CONVMAE_STEPS=serial');
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');

@@ -215,19 +215,20 @@ fn reduce_partials<T: Float>(
     module: Module,
     prefix: &str,
     partials: &CudaSlice<f32>,
-    out: &mut CudaSlice<T>,
-    out_offset: usize,
+    out: &mut CudaViewMut<T>,
     (parts, a, b): (usize, usize, usize),
     transpose: bool,
 ) -> Result<()> {
+    if out.len() != a * b {
+        candle_core::bail!("{prefix}: {} values to reduce into a view of {}", a * b, out.len());
+    }
     let f = func(dev, module, &format!("{prefix}_reduce_partials_{}", T::SUFFIX))?;
     // A warp per output element (common.cuh).
     let cfg = launch_1d(a * b * 32, BLOCK, prefix)?;
-    let mut out_view = out.slice_mut(out_offset..out_offset + a * b);
     let (parts, a, b, transpose) = (parts as i64, a as i64, b as i64, transpose as i32);
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(partials).arg(&mut out_view).arg(&parts).arg(&a).arg(&b).arg(&transpose);
+    builder.arg(partials).arg(out).arg(&parts).arg(&a).arg(&b).arg(&transpose);
     unsafe { builder.launch(cfg) }.w()?;
     Ok(())
 }
@@ -282,7 +283,7 @@ pub(crate) fn dw_weight_grad<T: Float>(
     builder.arg(&x).arg(&g).arg(&mut partials).arg(&nb).arg(&hh).arg(&ww).arg(&cc).arg(&ki).arg(&pp).arg(&np);
     unsafe { builder.launch(cfg) }.w()?;
     let mut out = alloc::<T>(dev, c * kk)?;
-    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out, 0, (parts, kk, c), true)?;
+    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out.slice_mut(..), (parts, kk, c), true)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
@@ -411,7 +412,7 @@ pub(crate) fn sparse_weight_grad<T: Float>(
     builder.arg(&x).arg(&g).arg(table).arg(&mut partials).arg(&n).arg(&cc).arg(&ki).arg(&pp).arg(&np);
     unsafe { builder.launch(cfg) }.w()?;
     let mut out = alloc::<T>(dev, c * kk)?;
-    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out, 0, (parts, kk, c), true)?;
+    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out.slice_mut(..), (parts, kk, c), true)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
@@ -953,8 +954,22 @@ pub(crate) fn linear_bwd<T: Float>(
     let (xo, wo, go) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(w, w_l)?, Operand::<T>::new(grad, grad_l)?);
     let (xv, wv, gv) = (xo.view()?, wo.view()?, go.view()?);
     let mut all = alloc::<T>(dev, rows * inp + out * inp + out)?;
-    gemm(dev, (rows, inp, out), &gv, Trans::No, &wv, Trans::No, &mut all.slice_mut(..rows * inp), false, "linear_backward")?;
-    gemm(dev, (out, inp, rows), &gv, Trans::Yes, &xv, Trans::No, &mut all.slice_mut(rows * inp..rows * inp + out * inp), false, "linear_backward")?;
+    let (mut dx, mut rest) = all.split_at_mut(rows * inp);
+    let (mut dw, mut db) = rest.split_at_mut(out * inp);
+    linear_bwd_into(dev, (&xv, &wv, &gv), (rows, inp, out), (&mut dx, &mut dw, &mut db))?;
+    Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
+}
+
+/// `linear_bwd` into views of the caller's: dx [rows, in], dW [out, in] and db [out] (the
+/// sublayer's backward writes its weight and bias gradients straight into its packed result).
+fn linear_bwd_into<T: Float>(
+    dev: &CudaDevice,
+    (x, w, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+    (rows, inp, out): (usize, usize, usize),
+    (dx, dw, db): (&mut CudaViewMut<T>, &mut CudaViewMut<T>, &mut CudaViewMut<T>),
+) -> Result<()> {
+    gemm(dev, (rows, inp, out), g, Trans::No, w, Trans::No, dx, false, "linear_backward")?;
+    gemm(dev, (out, inp, rows), g, Trans::Yes, x, Trans::No, dw, false, "linear_backward")?;
     let (per_part, parts) = split(rows);
     let mut partials = alloc::<f32>(dev, parts * out)?;
     {
@@ -962,11 +977,10 @@ pub(crate) fn linear_bwd<T: Float>(
         let (r, d, pp, np) = (rows as i64, out as i64, per_part as i64, parts as i64);
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(&gv).arg(&mut partials).arg(&r).arg(&d).arg(&pp).arg(&np);
+        builder.arg(g).arg(&mut partials).arg(&r).arg(&d).arg(&pp).arg(&np);
         unsafe { builder.launch(launch_1d(parts * out, BLOCK, "linear_backward")?) }.w()?;
     }
-    reduce_partials(dev, Module::Rows, "rows", &partials, &mut all, rows * inp + out * inp, (parts, 1, out), false)?;
-    Ok(CudaStorage::wrap_cuda_slice(all, dev.clone()))
+    reduce_partials(dev, Module::Rows, "rows", &partials, db, (parts, 1, out), false)
 }
 
 // ---- sublayers (sublayer.rs): LayerNorm, linear, GELU or attention, linear + residual --------
@@ -1066,13 +1080,6 @@ pub(crate) fn sublayer_fwd<T: Float>(
     Ok((y, SublayerSaved { h, a: Some(a), xln: Some(xln), vectors, stats, attention: attention_kept }))
 }
 
-/// `len` elements of `src` from `from` to `dst` at `to`, on the device's stream.
-fn copy_range<T: Float>(dev: &CudaDevice, src: &CudaStorage, from: usize, dst: &mut CudaSlice<T>, to: usize, len: usize) -> Result<()> {
-    let src = src.as_cuda_slice::<T>()?.slice(from..from + len);
-    let mut dst = dst.slice_mut(to..to + len);
-    dev.cuda_stream().memcpy_dtod(&src, &mut dst).w()
-}
-
 /// The packed gradients of `sublayer_fwd`: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b | d b1 |
 /// d b2], the layout of the CPU op.
 #[allow(clippy::too_many_arguments)]
@@ -1095,7 +1102,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
     let h_l = Layout::contiguous(rows * first_out);
     let a_l = Layout::contiguous((rows, second_in));
-    // The second linear layer: [da | dW2 | db2], with the GELU output recomputed.
+    // The GELU output, kept (or recomputed).
     let recomputed;
     let a = match kept {
         Some(a) => a,
@@ -1104,17 +1111,36 @@ pub(crate) fn sublayer_bwd<T: Float>(
             &recomputed
         }
     };
-    let second = linear_bwd::<T>(a, &a_l, w, &at.w2, grad, grad_l, (rows, second_in, d))?;
+    // The packed result, each gradient written where it lands:
+    // [dx | dW1 | dW2 | d ln_w, d ln_b | d b1 | d b2].
+    let n = rows * d + first_out * d + d * second_in + 3 * d + first_out;
+    let mut out = alloc::<T>(dev, n)?;
+    let (mut dx, mut rest) = out.split_at_mut(rows * d);
+    let (mut dw1, mut rest) = rest.split_at_mut(first_out * d);
+    let (mut dw2, mut rest) = rest.split_at_mut(d * second_in);
+    let (mut dln, mut rest) = rest.split_at_mut(2 * d);
+    let (mut db1, mut db2) = rest.split_at_mut(first_out);
+    let go = Operand::<T>::new(grad, grad_l)?;
+    let gv = go.view()?;
+    // The second linear layer: da, with dW2 and db2 in place.
+    let mut da = alloc::<T>(dev, rows * second_in)?;
+    {
+        let (ao, w2o) = (Operand::<T>::new(a, &a_l)?, Operand::<T>::new(w, &at.w2)?);
+        linear_bwd_into(dev, (&ao.view()?, &w2o.view()?, &gv), (rows, second_in, d), (&mut da.slice_mut(..), &mut dw2, &mut db2))?;
+    }
+    let da = CudaStorage::wrap_cuda_slice(da, dev.clone());
     let da_l = Layout::contiguous(rows * second_in);
     let dh = match attention {
         Some(att) => {
             let qkv_l = Layout::contiguous((att.dims.b, att.dims.n, first_out));
             let out_l = Layout::contiguous((att.dims.b, att.dims.n, second_in));
-            attention_bwd::<T>(h, &qkv_l, a, &out_l, &second, &out_l, att, attention_kept.as_ref())?
+            attention_bwd::<T>(h, &qkv_l, a, &out_l, &da, &out_l, att, attention_kept.as_ref())?
         }
-        None => gelu_bwd::<T>(h, &h_l, &second, &da_l)?,
+        None => gelu_bwd::<T>(h, &h_l, &da, &da_l)?,
     };
-    // The first linear layer, with the LayerNorm output kept (or recomputed): [dxln | dW1 | db1].
+    drop(da);
+    // The first linear layer, with the LayerNorm output kept (or recomputed): dxln, with dW1
+    // and db1 in place.
     let recomputed_xln;
     let xln = match kept_xln {
         Some(xln) => xln,
@@ -1123,38 +1149,27 @@ pub(crate) fn sublayer_bwd<T: Float>(
             &recomputed_xln
         }
     };
-    let first = linear_bwd::<T>(xln, &Layout::contiguous((rows, d)), w, &at.w1, &dh, &Layout::contiguous((rows, first_out)), (rows, d, first_out))?;
-    drop(dh);
-    // The LayerNorm: [dx_ln (rows x D) | d ln_w | d ln_b].
-    let ln = layer_norm_bwd::<T>(x, x_l, vectors, &at.ln_w, &first, &Layout::contiguous((rows, d)), Some(stats), (rows, d), eps)?;
-    let n = rows * d + first_out * d + d * second_in + 3 * d + first_out;
-    let mut out = alloc::<T>(dev, n)?;
+    let mut dxln = alloc::<T>(dev, rows * d)?;
     {
-        // dx = grad (the residual's) + dx_ln.
-        let go = Operand::<T>::new(grad, grad_l)?;
-        let gv = go.view()?;
-        let lv = ln.as_cuda_slice::<T>()?.slice(0..rows * d);
-        let mut dx = out.slice_mut(0..rows * d);
+        let (xo, w1o, dho) = (Operand::<T>::new(xln, &Layout::contiguous((rows, d)))?, Operand::<T>::new(w, &at.w1)?, Operand::<T>::new(&dh, &Layout::contiguous((rows, first_out)))?);
+        linear_bwd_into(dev, (&xo.view()?, &w1o.view()?, &dho.view()?), (rows, d, first_out), (&mut dxln.slice_mut(..), &mut dw1, &mut db1))?;
+    }
+    drop(dh);
+    // The LayerNorm: its input gradient, with d ln_w and d ln_b in place.
+    let mut dx_ln = alloc::<T>(dev, rows * d)?;
+    {
+        let (xo, lnwo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(vectors, &at.ln_w)?);
+        layer_norm_bwd_into(dev, (&xo.view()?, &lnwo.view()?, &dxln.slice(..)), stats, (rows, d), (&mut dx_ln.slice_mut(..), &mut dln))?;
+    }
+    // dx = grad (the residual's) + dx_ln.
+    {
         let f = func(dev, Module::Elementwise, &format!("add_{}", T::SUFFIX))?;
         let nn = (rows * d) as i64;
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(&gv).arg(&lv).arg(&mut dx).arg(&nn);
+        builder.arg(&gv).arg(&dx_ln).arg(&mut dx).arg(&nn);
         unsafe { builder.launch(launch_grid_stride(rows * d)) }.w()?;
     }
-    let mut at_out = rows * d;
-    for (src, from, len) in [
-        (&first, rows * d, first_out * d),
-        (&second, rows * second_in, d * second_in),
-        (&ln, rows * d, d),
-        (&ln, rows * d + d, d),
-        (&first, rows * d + first_out * d, first_out),
-        (&second, rows * second_in + d * second_in, d),
-    ] {
-        copy_range::<T>(dev, src, from, &mut out, at_out, len)?;
-        at_out += len;
-    }
-    debug_assert_eq!(at_out, n);
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
@@ -1258,7 +1273,7 @@ pub(crate) fn restore_tokens_bwd<T: Float>(grad: &CudaStorage, grad_l: &Layout, 
         }
         unsafe { builder.launch(launch_1d(s.tokens * s.d, BLOCK, "restore_tokens_backward")?) }.w()?;
     }
-    reduce_partials(dev, Module::Rows, "rows", &partials, &mut out, nx, (s.tokens, 1, s.d), false)?;
+    reduce_partials(dev, Module::Rows, "rows", &partials, &mut out.slice_mut(nx..nx + s.d), (s.tokens, 1, s.d), false)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
@@ -1420,12 +1435,26 @@ pub(crate) fn layer_norm_bwd<T: Float>(
         }
     };
     let mut out = alloc::<T>(dev, (rows + 2) * d)?;
+    let (mut gx, mut dparams) = out.split_at_mut(rows * d);
+    layer_norm_bwd_into(dev, (&xv, &wv, &gv), stats, (rows, d), (&mut gx, &mut dparams))?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `layer_norm_bwd` into views of the caller's: the input gradient [rows, d] and the weight and
+/// bias gradients side by side [2, d].
+fn layer_norm_bwd_into<T: Float>(
+    dev: &CudaDevice,
+    (x, w, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+    stats: &CudaSlice<f32>,
+    (rows, d): (usize, usize),
+    (gx, dparams): (&mut CudaViewMut<T>, &mut CudaViewMut<T>),
+) -> Result<()> {
+    let (r, dd) = (rows as i64, d as i64);
+    let stream = dev.cuda_stream();
     {
         let f = func(dev, Module::Rows, &format!("layer_norm_bwd_input_{}", T::SUFFIX))?;
-        let mut gx = out.slice_mut(0..rows * d);
-        let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(&xv).arg(&wv).arg(&gv).arg(stats).arg(&mut gx).arg(&r).arg(&dd);
+        builder.arg(x).arg(w).arg(g).arg(stats).arg(gx).arg(&r).arg(&dd);
         unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
     }
     let (per_part, parts) = split(rows);
@@ -1433,13 +1462,11 @@ pub(crate) fn layer_norm_bwd<T: Float>(
     {
         let f = func(dev, Module::Rows, &format!("layer_norm_param_partials_{}", T::SUFFIX))?;
         let (pp, np) = (per_part as i64, parts as i64);
-        let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(&xv).arg(&gv).arg(stats).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np);
+        builder.arg(x).arg(g).arg(stats).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np);
         unsafe { builder.launch(launch_1d(parts * d, BLOCK, "layer_norm_grad")?) }.w()?;
     }
-    reduce_partials(dev, Module::Rows, "rows", &partials, &mut out, rows * d, (parts, 2, d), false)?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    reduce_partials(dev, Module::Rows, "rows", &partials, dparams, (parts, 2, d), false)
 }
 
 // ---- softmax ------------------------------------------------------------------------------
