@@ -92,12 +92,13 @@ fn copy_rows<T: Copy + Send + Sync>(src: &[T], g: PatchGrid, to_image: bool) -> 
     if src.is_empty() {
         return Vec::new();
     }
+    let mut out = vec![src[0]; src.len()];
     if !to_image {
-        return (0..g.patch_rows()).flat_map(|r| src[g.in_image(r)..][..run].iter().copied()).collect();
+        out.par_chunks_mut(run).enumerate().for_each(|(r, dst)| dst.copy_from_slice(&src[g.in_image(r)..][..run]));
+        return out;
     }
     // In the image's row order: image row (b, y) is patch row y % k of each of the W / k
     // patches across, side by side.
-    let mut out = vec![src[0]; src.len()];
     out.par_chunks_mut(g.width * g.chans).enumerate().for_each(|(image_row, dst)| {
         let (b, y) = (image_row / g.height, image_row % g.height);
         let (ho, i) = (y / g.k, y % g.k);

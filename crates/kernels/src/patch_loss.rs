@@ -70,13 +70,14 @@ impl Patches {
         self.patch * self.patch * self.channels
     }
 
-    /// The index in the images of value `e` of patch row `row` (image-major, token-major).
-    fn pixel(&self, row: usize, e: usize) -> usize {
+    /// The values of patch row `row` (image-major, token-major) in the images, in the patch's
+    /// order: `patch` runs of patch * channels contiguous values, one per pixel row.
+    fn target<'a, T>(&self, imgs: &'a [T], row: usize) -> impl Iterator<Item = &'a T> + 'a {
         let (b, l) = (row / self.tokens, row % self.tokens);
         let (gy, gx) = (l / self.grid_w, l % self.grid_w);
-        let run = self.patch * self.channels;
-        let (i, rem) = (e / run, e % run);
-        ((b * self.height + gy * self.patch + i) * self.width + gx * self.patch) * self.channels + rem
+        let (run, row_stride) = (self.patch * self.channels, self.width * self.channels);
+        let base = ((b * self.height + gy * self.patch) * self.width + gx * self.patch) * self.channels;
+        (0..self.patch).flat_map(move |i| imgs[base + i * row_stride..][..run].iter())
     }
 }
 
@@ -126,24 +127,22 @@ struct MaskedPatchMse {
     saved: SavedSlot,
 }
 
-/// The target of one patch row and its (mean, std); (0, 1) without norm-pix.
-fn target_row<T: Element>(imgs: &[T], p: Patches, row: usize, norm_pix: bool) -> (Vec<T>, T, T) {
-    let n = p.len();
-    let target: Vec<T> = (0..n).map(|e| imgs[p.pixel(row, e)]).collect();
+/// The (mean, std) of one patch row's target; (0, 1) without norm-pix.
+fn target_stats<T: Element>(imgs: &[T], p: Patches, row: usize, norm_pix: bool) -> (T, T) {
     if !norm_pix {
-        return (target, T::ZERO, T::ONE);
+        return (T::ZERO, T::ONE);
     }
+    let n = p.len();
     let mut sum = T::ZERO;
-    for &t in &target {
+    for &t in p.target(imgs, row) {
         sum += t;
     }
     let mean = sum / T::from_usize(n);
     let mut squares = T::ZERO;
-    for &t in &target {
+    for &t in p.target(imgs, row) {
         squares += (t - mean) * (t - mean);
     }
-    let std = (squares / T::from_usize(n - 1) + T::from_f64(NORM_PIX_EPS)).sqrt();
-    (target, mean, std)
+    (mean, (squares / T::from_usize(n - 1) + T::from_f64(NORM_PIX_EPS)).sqrt())
 }
 
 /// The forward on the CPU: (loss, each row's (mean, std), the mask's sum).
@@ -152,9 +151,9 @@ fn forward<T: Element>(pred: &[T], imgs: &[T], mask: &[T], p: Patches, norm_pix:
     let rows: Vec<(T, T, T)> = (0..p.rows())
         .into_par_iter()
         .map(|row| {
-            let (target, mean, std) = target_row(imgs, p, row, norm_pix);
+            let (mean, std) = target_stats(imgs, p, row, norm_pix);
             let mut sum = T::ZERO;
-            for (&y, &t) in pred[row * n..][..n].iter().zip(&target) {
+            for (&y, &t) in pred[row * n..][..n].iter().zip(p.target(imgs, row)) {
                 let d = y - (t - mean) / std;
                 sum += d * d;
             }
@@ -191,8 +190,7 @@ fn backward<T: Element>(pred: &[T], imgs: &[T], grad: T, saved: (&[f64], &[f64],
     out.par_chunks_mut(n).enumerate().for_each(|(row, out_row)| {
         let scale = grad * T::from_f64(mask[row]) / T::from_f64(mask_sum) * T::from_f64(2.0) / T::from_usize(n);
         let (mean, std) = if norm_pix { (T::from_f64(stats[2 * row]), T::from_f64(stats[2 * row + 1])) } else { (T::ZERO, T::ONE) };
-        for (e, (o, &y)) in out_row.iter_mut().zip(&pred[row * n..][..n]).enumerate() {
-            let t = imgs[p.pixel(row, e)];
+        for ((o, &y), &t) in out_row.iter_mut().zip(&pred[row * n..][..n]).zip(p.target(imgs, row)) {
             *o = scale * (y - (t - mean) / std);
         }
     });
