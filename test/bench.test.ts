@@ -61,8 +61,8 @@ test('npm run bench -- gelu times our GELU next to candle\'s and prints JSON lin
 test('npm run bench -- ops times each kernel next to candle\'s composition at ConvMAE-B step shapes', async (t) => {
   const { stdout } = await run(process.execPath, [path.join(ROOT, 'dist', 'benches', 'run.js'), 'ops', '--batch', '1', '--reps', '1', '--no-save', '--quiet']);
   const lines = jsonLines(stdout);
-  // 22 op cases x (ours, candle)
-  t.is(lines.length, 44);
+  // 23 op cases x (ours, candle)
+  t.is(lines.length, 46);
   t.deepEqual(new Set(lines.map((l) => l.impl)), new Set(['ours', 'candle']));
   t.like(lines.find((l) => l.kernel === 'self_attention:decoder' && l.impl === 'ours'), { suite: 'ops', dtype: 'f32', device: 'cpu', shape: [1, 196, 1536] });
   for (const l of lines) t.true(typeof l.ms === 'number' && (l.ms as number) > 0, JSON.stringify(l));

@@ -71,8 +71,8 @@ test('timeKernels runs on the CPU and opTimingTable pairs the two paths of each 
   const { native } = await import('../src/native.js');
   const { opTimingTable } = await import('../benches/gpu/op-timings.js');
   const rows = JSON.parse(await native.timeKernels('cpu', 1, 1, ['f32'])) as import('../benches/gpu/op-timings.js').OpTiming[];
-  // 22 op cases x (kernels, composite)
-  t.is(rows.length, 44);
+  // 23 op cases x (kernels, composite)
+  t.is(rows.length, 46);
   const attention = rows.filter((r) => r.op === 'self_attention:decoder');
   t.deepEqual(attention.map((r) => [r.path, r.kernel, r.dtype]), [['kernels', true, 'f32'], ['composite', false, 'f32']]);
   const table = opTimingTable(rows);

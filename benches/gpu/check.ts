@@ -275,7 +275,7 @@ async function main(): Promise<void> {
   // agreement itself have failed.
   // The sublayer ops' backward writes its gradients in place since run 7: should their rows
   // fail, the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite).
-  const sublayerSuspect = agreement.some((a) => /^(mlp_residual|attention_residual)/.test(a.op) && a.path === 'kernels' && a.pass === false);
+  const sublayerSuspect = agreement.some((a) => /^(mlp_residual|attention_residual|conv_residual)/.test(a.op) && a.path === 'kernels' && a.pass === false);
   if (sublayerSuspect && !loadError && !profileOnly) log('a sublayer op\'s agreement row failed: our rows run with CONVMAE_SUBLAYER=composite');
   const switchable = ['masked_patch_mse', 'patch_blocks', 'restore_tokens'];
   const compositeOps = switchable.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));

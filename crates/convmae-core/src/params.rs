@@ -247,6 +247,8 @@ pub enum Packing {
 pub enum SublayerKind {
     /// `norm1`, `attn.qkv`, `attn.proj` of a transformer block.
     Attention,
+    /// `norm1`, `conv1`, the depthwise `attn` and `conv2` of a conv block (CBlock).
+    Conv,
     /// `norm2`, `mlp.fc1`, `mlp.fc2` of any block.
     Mlp,
 }
@@ -259,11 +261,14 @@ pub fn sublayer_pack_name(prefix: &str, kind: SublayerKind) -> String {
 /// The members of a sublayer's two packs, in the op's order: the weights, then the vectors
 /// (see `convmae_kernels::PackedSublayer`). None for a tensor the block does not have (a qkv
 /// layer without bias), which packs as zeros of `len`.
-fn sublayer_members(prefix: &str, kind: SublayerKind) -> ([String; 2], [String; 4]) {
-    let n = |s: &str| format!("{prefix}.{s}");
+fn sublayer_members(prefix: &str, kind: SublayerKind) -> (Vec<String>, Vec<String>) {
+    let n = |names: &[&str]| names.iter().map(|s| format!("{prefix}.{s}")).collect::<Vec<_>>();
     match kind {
-        SublayerKind::Attention => ([n("attn.qkv.weight"), n("attn.proj.weight")], [n("norm1.weight"), n("norm1.bias"), n("attn.qkv.bias"), n("attn.proj.bias")]),
-        SublayerKind::Mlp => ([n("mlp.fc1.weight"), n("mlp.fc2.weight")], [n("norm2.weight"), n("norm2.bias"), n("mlp.fc1.bias"), n("mlp.fc2.bias")]),
+        SublayerKind::Attention => (n(&["attn.qkv.weight", "attn.proj.weight"]), n(&["norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias"])),
+        // The depthwise conv's taps after conv2's weight, its bias after conv2's: the conv
+        // op's packs (`convmae_kernels::conv_residual_packed`).
+        SublayerKind::Conv => (n(&["conv1.weight", "conv2.weight", "attn.weight"]), n(&["norm1.weight", "norm1.bias", "conv1.bias", "conv2.bias", "attn.bias"])),
+        SublayerKind::Mlp => (n(&["mlp.fc1.weight", "mlp.fc2.weight"]), n(&["norm2.weight", "norm2.bias", "mlp.fc1.bias", "mlp.fc2.bias"])),
     }
 }
 
@@ -414,6 +419,8 @@ impl ParamStore {
         if packing == Packing::Sublayers {
             for p in &self.params {
                 let (prefix, kind) = match p.spec.name.strip_suffix(".norm1.weight") {
+                    // A conv block's norm1 is followed by conv1, a transformer block's by attention.
+                    Some(prefix) if self.index.contains_key(&format!("{prefix}.conv1.weight")) => (prefix, SublayerKind::Conv),
                     Some(prefix) => (prefix, SublayerKind::Attention),
                     None => match p.spec.name.strip_suffix(".norm2.weight") {
                         Some(prefix) => (prefix, SublayerKind::Mlp),
@@ -422,8 +429,7 @@ impl ParamStore {
                 };
                 let (weights, vectors) = sublayer_members(prefix, kind);
                 // Every tensor present must train (a frozen one has no gradient to take from a
-                // pack), and all but the qkv bias must be present (a conv block's norm1 is
-                // followed by convs, not attention).
+                // pack), and all but the qkv bias must be present.
                 let found = |name: &String| self.index.get(name).map(|&i| (i, self.params[i].var.is_some()));
                 let optional = |name: &String| name.ends_with("attn.qkv.bias");
                 if weights.iter().chain(&vectors).any(|name| match found(name) {

@@ -102,7 +102,7 @@ fn tolerance(op: &str, dtype: DType, kernel: bool) -> f64 {
     match (op, dtype, kernel) {
         (_, DType::BF16 | DType::F16, true) => 3e-2,
         (_, DType::BF16 | DType::F16, false) => 2.5e-1,
-        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual", _, _) | ("self_attention", _, false) => 5e-3,
+        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual" | "conv_residual", _, _) | ("self_attention", _, false) => 5e-3,
         _ if gemm_form => 5e-3,
         _ => 1e-5,
     }
@@ -336,6 +336,18 @@ fn cases() -> Result<Vec<Case>> {
         op: Box::new({
             let nbrs = nbrs.clone();
             move |t| crate::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs)
+        }),
+    });
+    // A stage-1 conv block's first half on the same rows: LayerNorm, conv1, the sparse conv and
+    // its bias, conv2 and the residual as one op.
+    let c = 256;
+    cases.push(Case {
+        name: "conv_residual",
+        shapes: vec![vec![positions.len(), c], vec![c], vec![c], vec![c, c, 1, 1], vec![c], vec![c, 1, 5, 5], vec![c], vec![c, c, 1, 1], vec![c]],
+        seed: 21,
+        op: Box::new({
+            let nbrs = nbrs.clone();
+            move |t| crate::conv_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), (&t[7], &t[8]), &nbrs)
         }),
     });
     // The same ops on inputs that are not contiguous from offset 0, as the model hands some of

@@ -245,9 +245,10 @@ pub(crate) enum OpSwitch {
     /// the sublayers, whose linear layers are the same code, to their separate ops.
     Linear,
     /// `CONVMAE_SUBLAYER`: a block's sublayers as one op each (`mlp_residual`,
-    /// `attention_residual`: `fused`), as their separate ops (`composite`: LayerNorm, linear,
-    /// GELU or attention, linear, add; each still ours), or by size (`auto`, the default; see
-    /// sublayer.rs). Unlike the others this one applies on the CPU too.
+    /// `attention_residual`, `conv_residual`: `fused`), as their separate ops (`composite`:
+    /// LayerNorm, linear, GELU, attention or the sparse conv, linear, add; each still ours), or
+    /// by size (`auto`, the default; see sublayer.rs). Unlike the others this one applies on the
+    /// CPU too.
     Sublayer,
 }
 

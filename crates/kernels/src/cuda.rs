@@ -400,7 +400,19 @@ pub(crate) fn sparse_weight_grad<T: Float>(
 ) -> Result<CudaStorage> {
     let dev = inp.device();
     let (x, g) = (Operand::<T>::new(inp, inp_l)?, Operand::<T>::new(gout, gout_l)?);
-    let (x, g) = (x.view()?, g.view()?);
+    let mut out = alloc::<T>(dev, c * k * k)?;
+    sparse_weight_grad_into(dev, (&x.view()?, &g.view()?), table, (rows, c, k), &mut out.slice_mut(..))?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `sparse_weight_grad` into a view of the caller's ([C, K, K]).
+fn sparse_weight_grad_into<T: Float>(
+    dev: &CudaDevice,
+    (x, g): (&CudaView<T>, &CudaView<T>),
+    table: &CudaSlice<i32>,
+    (rows, c, k): (usize, usize, usize),
+    out: &mut CudaViewMut<T>,
+) -> Result<()> {
     let kk = k * k;
     let (per_part, parts) = split(rows);
     let mut partials = alloc::<f32>(dev, parts * kk * c)?;
@@ -409,11 +421,9 @@ pub(crate) fn sparse_weight_grad<T: Float>(
     let (n, cc, ki, pp, np) = (rows as i64, c as i64, k as i32, per_part as i64, parts as i64);
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&x).arg(&g).arg(table).arg(&mut partials).arg(&n).arg(&cc).arg(&ki).arg(&pp).arg(&np);
+    builder.arg(x).arg(g).arg(table).arg(&mut partials).arg(&n).arg(&cc).arg(&ki).arg(&pp).arg(&np);
     unsafe { builder.launch(cfg) }.w()?;
-    let mut out = alloc::<T>(dev, c * kk)?;
-    reduce_partials(dev, Module::Depthwise, "dw", &partials, &mut out.slice_mut(..), (parts, kk, c), true)?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    reduce_partials(dev, Module::Depthwise, "dw", &partials, out, (parts, kk, c), true)
 }
 
 // ---- attention ----------------------------------------------------------------------------
@@ -433,6 +443,15 @@ fn attention_grid(dims: AttentionDims, what: &str) -> Result<LaunchConfig> {
 
 fn attention_func(dev: &CudaDevice, kernel: &str, hd: usize, suffix: &str) -> Result<CudaFunction> {
     func(dev, Module::Attention, &format!("{kernel}_hd{hd}_{suffix}"))
+}
+
+/// What sits between a sublayer's two linear layers, as the launch code takes it.
+pub(crate) enum CudaMiddle<'a> {
+    Gelu,
+    Attention(CudaAttention),
+    /// The conv block's sparse depthwise conv (k x k, its taps after W2 in the packed weights,
+    /// its bias after b2 in the packed vectors) over this neighbour table.
+    SparseConv { neighbours: &'a crate::SparseNeighbors, k: usize },
 }
 
 /// An attention on CUDA: its sizes, scale, and which of our two forms computes it.
@@ -926,16 +945,23 @@ pub(crate) fn linear_fwd<T: Float>(
             }
             Some((res, res_l)) => {
                 let ro = Operand::<T>::new(res, res_l)?;
-                let rv = ro.view()?;
-                let f = func(dev, Module::Rows, &format!("rows_add_broadcast_{}", T::SUFFIX))?;
-                let mut builder = stream.launch_builder(&f);
-                builder.arg(&rv).arg(&bv).arg(&mut y).arg(&r).arg(&d);
-                unsafe { builder.launch(launch_per_row(rows)) }.w()?;
+                add_row_into(dev, &ro.view()?, &bv, &mut y, (rows, out))?;
             }
         }
     }
     gemm(dev, (rows, out, inp), &xv, Trans::No, &wv, Trans::Yes, &mut y.slice_mut(..), true, "linear")?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// out = res + row, the row ([d]) broadcast over res's rows ([rows, d]).
+fn add_row_into<T: Float>(dev: &CudaDevice, res: &CudaView<T>, row: &CudaView<T>, out: &mut CudaSlice<T>, (rows, d): (usize, usize)) -> Result<()> {
+    let (r, dd) = (rows as i64, d as i64);
+    let f = func(dev, Module::Rows, &format!("rows_add_broadcast_{}", T::SUFFIX))?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(res).arg(row).arg(out).arg(&r).arg(&dd);
+    unsafe { builder.launch(launch_per_row(rows)) }.w()?;
+    Ok(())
 }
 
 /// The three gradients of `linear_fwd` packed as [dx (rows x in) | dW (out x in) | db (out)],
@@ -970,17 +996,23 @@ fn linear_bwd_into<T: Float>(
 ) -> Result<()> {
     gemm(dev, (rows, inp, out), g, Trans::No, w, Trans::No, dx, false, "linear_backward")?;
     gemm(dev, (out, inp, rows), g, Trans::Yes, x, Trans::No, dw, false, "linear_backward")?;
+    column_sums_into(dev, g, (rows, out), db)
+}
+
+/// The column sums of `g` ([rows, d]) in f32, in a fixed order, into `out` ([d]): a bias's
+/// gradient.
+fn column_sums_into<T: Float>(dev: &CudaDevice, g: &CudaView<T>, (rows, d): (usize, usize), out: &mut CudaViewMut<T>) -> Result<()> {
     let (per_part, parts) = split(rows);
-    let mut partials = alloc::<f32>(dev, parts * out)?;
+    let mut partials = alloc::<f32>(dev, parts * d)?;
     {
         let f = func(dev, Module::Rows, &format!("column_sum_partials_{}", T::SUFFIX))?;
-        let (r, d, pp, np) = (rows as i64, out as i64, per_part as i64, parts as i64);
+        let (r, dd, pp, np) = (rows as i64, d as i64, per_part as i64, parts as i64);
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(g).arg(&mut partials).arg(&r).arg(&d).arg(&pp).arg(&np);
-        unsafe { builder.launch(launch_1d(parts * out, BLOCK, "linear_backward")?) }.w()?;
+        builder.arg(g).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np);
+        unsafe { builder.launch(launch_1d(parts * d, BLOCK, "column sums")?) }.w()?;
     }
-    reduce_partials(dev, Module::Rows, "rows", &partials, db, (parts, 1, out), false)
+    reduce_partials(dev, Module::Rows, "rows", &partials, out, (parts, 1, d), false)
 }
 
 // ---- sublayers (sublayer.rs): LayerNorm, linear, GELU or attention, linear + residual --------
@@ -1012,26 +1044,32 @@ fn owned_copy<T: Float>(storage: &CudaStorage, layout: &Layout) -> Result<CudaSt
     Ok(dst)
 }
 
-/// Where the pieces of the packed weights ([W1 (first_out x D) | W2 (D x second_in)]) and of
-/// the packed vectors ([ln_w | ln_b | b1 | b2], owned, from offset 0) are, as layouts.
+/// Where the pieces of the packed weights ([W1 (first_out x D) | W2 (D x second_in) | the
+/// middle's weights]) and of the packed vectors ([ln_w | ln_b | b1 | b2 | the middle's bias],
+/// owned, from offset 0) are, as layouts.
 struct SublayerLayouts {
     w1: Layout,
     w2: Layout,
+    mw: Layout,
     ln_w: Layout,
     ln_b: Layout,
     b1: Layout,
     b2: Layout,
+    mb: Layout,
 }
 
 impl SublayerLayouts {
-    fn new(weights_start: usize, (d, first_out, second_in): (usize, usize, usize)) -> Self {
+    fn new(weights_start: usize, w: crate::sublayer::Widths) -> Self {
+        let (d, first_out, second_in) = (w.d, w.first_out, w.second_in);
         Self {
             w1: Layout::contiguous_with_offset((first_out, d), weights_start),
             w2: Layout::contiguous_with_offset((d, second_in), weights_start + first_out * d),
+            mw: Layout::contiguous_with_offset(w.middle_weights, weights_start + first_out * d + d * second_in),
             ln_w: Layout::contiguous_with_offset(d, 0),
             ln_b: Layout::contiguous_with_offset(d, d),
             b1: Layout::contiguous_with_offset(first_out, 2 * d),
             b2: Layout::contiguous_with_offset(d, 2 * d + first_out),
+            mb: Layout::contiguous_with_offset(w.middle_bias, 3 * d + first_out),
         }
     }
 }
@@ -1045,12 +1083,22 @@ fn weights_operand<'a, T: Float>(w: &'a CudaStorage, w_l: &Layout, copy: &'a mut
     }
 }
 
-/// The middle's forward: GELU, or attention when `attention` gives its sizes and scale (with
-/// what it keeps for its backward).
-fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, attention: Option<CudaAttention>) -> Result<(CudaStorage, AttentionKept)> {
-    match attention {
-        Some(att) => attention_fwd::<T>(h, &Layout::contiguous((att.dims.b, att.dims.n, first_out)), att),
-        None => Ok((gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out))?, None)),
+/// The middle's forward (with what attention keeps for its backward): GELU, attention, or the
+/// sparse depthwise conv plus its bias (`w` and `vectors` hold its taps and bias where `at`
+/// says).
+fn middle_fwd<T: Float>(h: &CudaStorage, rows: usize, first_out: usize, middle: &CudaMiddle, (w, vectors, at): (&CudaStorage, &CudaStorage, &SublayerLayouts)) -> Result<(CudaStorage, AttentionKept)> {
+    match middle {
+        CudaMiddle::Attention(att) => attention_fwd::<T>(h, &Layout::contiguous((att.dims.b, att.dims.n, first_out)), *att),
+        CudaMiddle::Gelu => Ok((gelu_fwd::<T>(h, &Layout::contiguous(rows * first_out))?, None)),
+        CudaMiddle::SparseConv { neighbours, k } => {
+            let dev = h.device();
+            let table = neighbours.device_table(dev)?;
+            let conv = sparse_gather::<T>(h, &Layout::contiguous((rows, first_out)), w, &at.mw, &table, (rows, first_out, *k), false)?;
+            let (co, bo) = (Operand::<T>::new(&conv, &Layout::contiguous((rows, first_out)))?, Operand::<T>::new(vectors, &at.mb)?);
+            let mut a = alloc::<T>(dev, rows * first_out)?;
+            add_row_into(dev, &co.view()?, &bo.view()?, &mut a, (rows, first_out))?;
+            Ok((CudaStorage::wrap_cuda_slice(a, dev.clone()), None))
+        }
     }
 }
 
@@ -1065,23 +1113,25 @@ pub(crate) fn sublayer_fwd<T: Float>(
     weights_l: &Layout,
     vectors: &CudaStorage,
     vectors_l: &Layout,
-    (rows, d, first_out, second_in): (usize, usize, usize, usize),
-    attention: Option<CudaAttention>,
+    widths: crate::sublayer::Widths,
+    middle: &CudaMiddle,
     eps: f64,
 ) -> Result<(CudaStorage, SublayerSaved)> {
+    let (d, first_out, second_in) = (widths.d, widths.first_out, widths.second_in);
+    let rows = x_l.shape().elem_count() / d;
     let vectors = owned_copy::<T>(vectors, vectors_l)?;
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
-    let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
+    let at = SublayerLayouts::new(w_start, widths);
     let (xln, stats) = layer_norm_fwd::<T>(x, x_l, &vectors, &at.ln_w, &vectors, &at.ln_b, (rows, d), eps)?;
     let h = linear_fwd::<T>(&xln, &Layout::contiguous((rows, d)), w, &at.w1, &vectors, &at.b1, None, (rows, d, first_out))?;
-    let (a, attention_kept) = middle_fwd::<T>(&h, rows, first_out, attention)?;
+    let (a, attention_kept) = middle_fwd::<T>(&h, rows, first_out, middle, (w, &vectors, &at))?;
     let y = linear_fwd::<T>(&a, &Layout::contiguous((rows, second_in)), w, &at.w2, &vectors, &at.b2, Some((x, x_l)), (rows, second_in, d))?;
     Ok((y, SublayerSaved { h, a: Some(a), xln: Some(xln), vectors, stats, attention: attention_kept }))
 }
 
-/// The packed gradients of `sublayer_fwd`: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b | d b1 |
-/// d b2], the layout of the CPU op.
+/// The packed gradients of `sublayer_fwd`: [dx (rows x D) | dW1 | dW2 | d middle weights |
+/// d ln_w | d ln_b | d b1 | d b2 | d middle bias], the layout of the CPU op.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sublayer_bwd<T: Float>(
     x: &CudaStorage,
@@ -1091,15 +1141,17 @@ pub(crate) fn sublayer_bwd<T: Float>(
     grad: &CudaStorage,
     grad_l: &Layout,
     saved: &SublayerSaved,
-    (rows, d, first_out, second_in): (usize, usize, usize, usize),
-    attention: Option<CudaAttention>,
+    widths: crate::sublayer::Widths,
+    middle: &CudaMiddle,
     eps: f64,
 ) -> Result<CudaStorage> {
     let SublayerSaved { h, a: kept, xln: kept_xln, vectors, stats, attention: attention_kept } = saved;
+    let (d, first_out, second_in) = (widths.d, widths.first_out, widths.second_in);
+    let rows = x_l.shape().elem_count() / d;
     let dev = x.device();
     let mut w_copy = None;
     let (w, w_start) = weights_operand::<T>(weights, weights_l, &mut w_copy)?;
-    let at = SublayerLayouts::new(w_start, (d, first_out, second_in));
+    let at = SublayerLayouts::new(w_start, widths);
     let h_l = Layout::contiguous(rows * first_out);
     let a_l = Layout::contiguous((rows, second_in));
     // The GELU output, kept (or recomputed).
@@ -1107,19 +1159,21 @@ pub(crate) fn sublayer_bwd<T: Float>(
     let a = match kept {
         Some(a) => a,
         None => {
-            recomputed = middle_fwd::<T>(h, rows, first_out, None)?.0;
+            recomputed = middle_fwd::<T>(h, rows, first_out, middle, (w, vectors, &at))?.0;
             &recomputed
         }
     };
     // The packed result, each gradient written where it lands:
     // [dx | dW1 | dW2 | d ln_w, d ln_b | d b1 | d b2].
-    let n = rows * d + first_out * d + d * second_in + 3 * d + first_out;
+    let n = rows * d + widths.weights() + widths.vectors();
     let mut out = alloc::<T>(dev, n)?;
     let (mut dx, mut rest) = out.split_at_mut(rows * d);
     let (mut dw1, mut rest) = rest.split_at_mut(first_out * d);
     let (mut dw2, mut rest) = rest.split_at_mut(d * second_in);
+    let (mut dmw, mut rest) = rest.split_at_mut(widths.middle_weights);
     let (mut dln, mut rest) = rest.split_at_mut(2 * d);
-    let (mut db1, mut db2) = rest.split_at_mut(first_out);
+    let (mut db1, mut rest) = rest.split_at_mut(first_out);
+    let (mut db2, mut dmb) = rest.split_at_mut(d);
     let go = Operand::<T>::new(grad, grad_l)?;
     let gv = go.view()?;
     // The second linear layer: da, with dW2 and db2 in place.
@@ -1130,13 +1184,26 @@ pub(crate) fn sublayer_bwd<T: Float>(
     }
     let da = CudaStorage::wrap_cuda_slice(da, dev.clone());
     let da_l = Layout::contiguous(rows * second_in);
-    let dh = match attention {
-        Some(att) => {
+    let dh = match middle {
+        CudaMiddle::Attention(att) => {
             let qkv_l = Layout::contiguous((att.dims.b, att.dims.n, first_out));
             let out_l = Layout::contiguous((att.dims.b, att.dims.n, second_in));
-            attention_bwd::<T>(h, &qkv_l, a, &out_l, &da, &out_l, att, attention_kept.as_ref())?
+            attention_bwd::<T>(h, &qkv_l, a, &out_l, &da, &out_l, *att, attention_kept.as_ref())?
         }
-        None => gelu_bwd::<T>(h, &h_l, &da, &da_l)?,
+        CudaMiddle::Gelu => gelu_bwd::<T>(h, &h_l, &da, &da_l)?,
+        // The conv: its bias's gradient (da's column sums) and its taps' in place, then the
+        // input gradient (the gather with the taps rotated).
+        CudaMiddle::SparseConv { neighbours, k } => {
+            let table = neighbours.device_table(dev)?;
+            let rows_l = Layout::contiguous((rows, first_out));
+            {
+                let (ho, dao) = (Operand::<T>::new(h, &rows_l)?, Operand::<T>::new(&da, &rows_l)?);
+                let (hv, dav) = (ho.view()?, dao.view()?);
+                column_sums_into(dev, &dav, (rows, first_out), &mut dmb)?;
+                sparse_weight_grad_into(dev, (&hv, &dav), &table, (rows, first_out, *k), &mut dmw)?;
+            }
+            sparse_gather::<T>(&da, &rows_l, w, &at.mw, &table, (rows, first_out, *k), true)?
+        }
     };
     drop(da);
     // The first linear layer, with the LayerNorm output kept (or recomputed): dxln, with dW1

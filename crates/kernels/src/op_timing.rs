@@ -56,7 +56,10 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
         TimedCase {
             name: "sparse_depthwise_conv2d:stage1",
             shapes: vec![vec![rows1, 256], vec![256, 5, 5]],
-            op: Box::new(move |t| crate::sparse_depthwise_conv2d(&t[0], &t[1], &stage1)),
+            op: Box::new({
+                let nbrs = stage1.clone();
+                move |t| crate::sparse_depthwise_conv2d(&t[0], &t[1], &nbrs)
+            }),
         },
         TimedCase {
             name: "sparse_depthwise_conv2d:stage2",
@@ -138,6 +141,15 @@ fn cases(batch: usize) -> Result<Vec<TimedCase>> {
                 let h = crate::layer_norm(&t[0], &t[1], &t[2], 1e-6)?;
                 let h = crate::linear_gelu(&h, &t[3], &t[4])?;
                 &t[0] + crate::linear(&h, &t[5], &t[6])?
+            }),
+        },
+        // A stage-1 conv block's first half as one op, and as the separate ops it replaces.
+        TimedCase {
+            name: "conv_residual:stage1",
+            shapes: vec![vec![rows1, 256], vec![256], vec![256], vec![256, 256, 1, 1], vec![256], vec![256, 1, 5, 5], vec![256], vec![256, 256, 1, 1], vec![256]],
+            op: Box::new({
+                let nbrs = stage1.clone();
+                move |t| crate::conv_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), (&t[7], &t[8]), &nbrs)
             }),
         },
         TimedCase {

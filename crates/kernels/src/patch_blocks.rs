@@ -46,6 +46,7 @@ impl PatchGrid {
         self.width / self.k
     }
     /// Rows of patches' pixels: every patch has k, each k * C values long.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn patch_rows(&self) -> usize {
         self.images * self.rows_of_patches() * self.cols() * self.k
     }

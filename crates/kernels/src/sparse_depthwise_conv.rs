@@ -560,7 +560,7 @@ impl WeightGrad {
 
 /// `out[n, c] = sum_t taps[t, c] * src[nbr[n, t], c]` (taps in increasing order), parallel
 /// over chunks of rows. Every output element is summed by one thread in a fixed order.
-fn gather_correlate<T: Element>(src: &[T], taps: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
+pub(crate) fn gather_correlate<T: Element>(src: &[T], taps: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
     let kk = nbrs.k * nbrs.k;
     let mut out = vec![T::ZERO; nbrs.rows * c];
     if out.is_empty() {
@@ -604,7 +604,7 @@ fn gather_correlate<T: Element>(src: &[T], taps: &[T], nbrs: &SparseNeighbors, c
 
 /// `gw[t, c] = sum_n gout[n, c] * inp[nbr[n, t], c]`, as `[K*K, C]`: one partial sum per
 /// `per_partial` rows, added up in partial order.
-fn weight_grad<T: Element>(inp: &[T], gout: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
+pub(crate) fn weight_grad<T: Element>(inp: &[T], gout: &[T], nbrs: &SparseNeighbors, c: usize) -> Vec<T> {
     let (rows, kk) = (nbrs.rows, nbrs.k * nbrs.k);
     let kkc = kk * c;
     if kkc == 0 || rows == 0 {

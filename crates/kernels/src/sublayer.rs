@@ -1,8 +1,10 @@
-//! The two pre-norm sublayers of a block, each with its residual, as one op:
-//! `x + fc2(gelu(fc1(layer_norm(x))))` (`mlp_residual`, the end of every ConvMAE block) and
+//! The pre-norm sublayers of a block, each with its residual, as one op:
+//! `x + fc2(gelu(fc1(layer_norm(x))))` (`mlp_residual`, the end of every ConvMAE block),
 //! `x + proj(attention(qkv(layer_norm(x))))` (`attention_residual`, the start of every
-//! transformer block). Both are LayerNorm, a linear layer, a middle (GELU or multi-head
-//! attention), a linear layer and the residual, so one op serves both (`Middle`).
+//! transformer block) and `x + conv2(dw(conv1(layer_norm(x))) + dw_bias)` (`conv_residual`, the
+//! start of a conv block on the sparse path). All are LayerNorm, a linear layer, a middle (GELU,
+//! multi-head attention, or the sparse depthwise conv with its own taps and bias), a linear layer
+//! and the residual, so one op serves all three (`Middle`).
 //!
 //! As separate ops a sublayer costs, besides the work itself:
 //! - memory: candle's graph keeps each op's inputs until the backward, so the LayerNorm output
@@ -13,13 +15,13 @@
 //!   an activation-sized buffer written, read and written again.
 //!
 //! This op keeps its input x (the graph's), the first linear layer's output h ([rows, 4D] or
-//! the [rows, 3D] qkv rows) and, for attention, the attention output; on the CPU it recomputes
-//! the LayerNorm output (and gelu(h)) in its backward, cheap row passes, and on CUDA keeps them
-//! too (memory is not what binds there: cuda.rs `SublayerSaved`). Its arguments are x, the
-//! two weight matrices packed into one tensor, and the four vectors (LayerNorm weight and bias,
-//! the two biases) packed into another, so that it fits candle's three-argument custom op; the
-//! packing copies only parameters, and none where the caller keeps them packed
-//! (`PackedSublayer`).
+//! the [rows, 3D] qkv rows) and, for attention and the conv, the middle's output; on the CPU it
+//! recomputes the LayerNorm output (and gelu(h)) in its backward, cheap row passes, and on CUDA
+//! keeps them too (memory is not what binds there: cuda.rs `SublayerSaved`). Its arguments are
+//! x, the weights packed into one tensor (the two matrices, then the conv's taps) and the
+//! vectors into another (LayerNorm weight and bias, the two biases, then the conv's bias), so
+//! that it fits candle's three-argument custom op; the packing copies only parameters, and none
+//! where the caller keeps them packed (`PackedSublayer`).
 
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +31,7 @@ use rayon::prelude::*;
 use crate::attention::{CudaForm, Dims as AttentionDims};
 use crate::composite::{Choice, OpSwitch};
 use crate::gelu::GeluFloat;
-use crate::{row_major, Element};
+use crate::{row_major, Element, SparseNeighbors};
 
 /// What sits between a sublayer's two linear layers.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +42,9 @@ pub(crate) enum Middle {
     /// `form` is the attention's on CUDA (ignored on the CPU).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Attention { tokens: usize, heads: usize, scale: f64, form: CudaForm },
+    /// A conv block's sparse depthwise conv (k x k, over the op's neighbour table) with its
+    /// bias: the conv block's first half, `x + conv2(dw(conv1(norm1(x))) + dw_bias)`.
+    SparseConv { k: usize },
 }
 
 impl Middle {
@@ -47,61 +52,76 @@ impl Middle {
         match self {
             Self::Gelu => "mlp_residual",
             Self::Attention { .. } => "attention_residual",
+            Self::SparseConv { .. } => "conv_residual",
         }
     }
     fn grad_name(self) -> &'static str {
         match self {
             Self::Gelu => "mlp_residual_backward",
             Self::Attention { .. } => "attention_residual_backward",
+            Self::SparseConv { .. } => "conv_residual_backward",
         }
     }
     /// The attention's sizes for `rows` rows of width `d`.
     fn attention_dims(self, rows: usize, d: usize) -> Option<AttentionDims> {
         match self {
-            Self::Gelu => None,
+            Self::Gelu | Self::SparseConv { .. } => None,
             Self::Attention { tokens, heads, .. } => Some(AttentionDims { b: rows / tokens, n: tokens, heads, hd: d / heads }),
         }
     }
-    /// The attention's sizes, scale and form for the CUDA launch code (None for the MLP).
+    /// The middle as the CUDA launch code takes it (the conv's neighbour table is the op's).
     #[cfg(feature = "cuda")]
-    fn cuda_attention(self, rows: usize, d: usize) -> Option<crate::cuda::CudaAttention> {
-        match self {
-            Self::Attention { scale, form, .. } => self.attention_dims(rows, d).map(|dims| crate::cuda::CudaAttention { dims, scale: scale as f32, form }),
-            Self::Gelu => None,
-        }
+    fn cuda_middle(self, rows: usize, d: usize, neighbours: Option<&SparseNeighbors>) -> Result<crate::cuda::CudaMiddle<'_>> {
+        Ok(match self {
+            Self::Attention { scale, form, .. } => match self.attention_dims(rows, d) {
+                Some(dims) => crate::cuda::CudaMiddle::Attention(crate::cuda::CudaAttention { dims, scale: scale as f32, form }),
+                None => unreachable!("attention has its sizes"),
+            },
+            Self::Gelu => crate::cuda::CudaMiddle::Gelu,
+            Self::SparseConv { k } => crate::cuda::CudaMiddle::SparseConv { neighbours: neighbours.ok_or_else(|| missing_neighbours(self))?, k },
+        })
     }
     /// Whether the backward needs the middle's output kept (attention: recomputing it is a
-    /// whole attention forward) rather than recomputed (GELU: one element-wise pass).
+    /// whole attention forward; the conv: a gather over every tap) rather than recomputed
+    /// (GELU: one element-wise pass).
     fn keeps_output(self) -> bool {
-        matches!(self, Self::Attention { .. })
+        matches!(self, Self::Attention { .. } | Self::SparseConv { .. })
     }
 }
 
 /// Widths of the sublayer: D (its input and output), the first linear layer's output (4D; 3D
 /// for the qkv rows) and the second's input (4D; D).
 #[derive(Clone, Copy, Debug)]
-struct Widths {
-    d: usize,
-    first_out: usize,
-    second_in: usize,
+pub(crate) struct Widths {
+    pub(crate) d: usize,
+    pub(crate) first_out: usize,
+    pub(crate) second_in: usize,
+    /// The middle's own weights (the conv's C x k x k taps) and bias (C): 0 for GELU and
+    /// attention, which have none.
+    pub(crate) middle_weights: usize,
+    pub(crate) middle_bias: usize,
 }
 
 impl Widths {
     /// The MLP: D -> hidden -> D.
     fn mlp(d: usize, hidden: usize) -> Self {
-        Self { d, first_out: hidden, second_in: hidden }
+        Self { d, first_out: hidden, second_in: hidden, middle_weights: 0, middle_bias: 0 }
     }
     /// Attention: D -> the 3D qkv rows -> D.
     fn attention(d: usize) -> Self {
-        Self { d, first_out: 3 * d, second_in: d }
+        Self { d, first_out: 3 * d, second_in: d, middle_weights: 0, middle_bias: 0 }
     }
-    /// [W1 (first_out x D) | W2 (D x second_in)].
-    fn weights(self) -> usize {
-        self.first_out * self.d + self.d * self.second_in
+    /// A conv block's first half: D -> D (conv1), the k x k depthwise conv with its bias, -> D.
+    fn conv(d: usize, k: usize) -> Self {
+        Self { d, first_out: d, second_in: d, middle_weights: d * k * k, middle_bias: d }
     }
-    /// [ln weight (D) | ln bias (D) | b1 (first_out) | b2 (D)].
-    fn vectors(self) -> usize {
-        3 * self.d + self.first_out
+    /// [W1 (first_out x D) | W2 (D x second_in) | the middle's weights].
+    pub(crate) fn weights(self) -> usize {
+        self.first_out * self.d + self.d * self.second_in + self.middle_weights
+    }
+    /// [ln weight (D) | ln bias (D) | b1 (first_out) | b2 (D) | the middle's bias].
+    pub(crate) fn vectors(self) -> usize {
+        3 * self.d + self.first_out + self.middle_bias
     }
     fn rows(self, x: &Layout) -> usize {
         x.shape().elem_count() / self.d
@@ -123,6 +143,10 @@ enum Saved {
 
 type SavedSlot = Arc<Mutex<Option<Saved>>>;
 
+fn missing_neighbours(middle: Middle) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: the sparse conv has no neighbour table", middle.name()))
+}
+
 fn missing_saved(middle: Middle) -> candle_core::Error {
     candle_core::Error::Msg(format!("{}: the forward's saved tensors are missing (backward of an op that never ran forward on this device)", middle.grad_name()))
 }
@@ -132,6 +156,8 @@ struct Sublayer {
     middle: Middle,
     eps: f64,
     saved: SavedSlot,
+    /// The sparse conv's neighbour table (`Middle::SparseConv` only).
+    neighbours: Option<Arc<SparseNeighbors>>,
 }
 
 impl Sublayer {
@@ -144,70 +170,126 @@ impl Sublayer {
     }
 }
 
-/// The packed parameters, split.
+/// The packed parameters, split (`mw`, `mb`: the middle's weights and bias, empty but for the conv).
 struct Params<'a, T> {
     w1: &'a [T],
     w2: &'a [T],
+    mw: &'a [T],
     ln_w: &'a [T],
     ln_b: &'a [T],
     b1: &'a [T],
     b2: &'a [T],
+    mb: &'a [T],
 }
 
 fn split_params<'a, T>(weights: &'a [T], vectors: &'a [T], w: Widths) -> Params<'a, T> {
-    let (w1, w2) = weights.split_at(w.first_out * w.d);
+    let (w1, rest) = weights.split_at(w.first_out * w.d);
+    let (w2, mw) = rest.split_at(w.d * w.second_in);
     let (ln_w, rest) = vectors.split_at(w.d);
     let (ln_b, rest) = rest.split_at(w.d);
-    let (b1, b2) = rest.split_at(w.first_out);
-    Params { w1, w2, ln_w, ln_b, b1, b2 }
+    let (b1, rest) = rest.split_at(w.first_out);
+    let (b2, mb) = rest.split_at(w.d);
+    Params { w1, w2, mw, ln_w, ln_b, b1, b2, mb }
+}
+
+/// The middle on the CPU: what it is fed, its own parameters and, for the conv, the table.
+struct MiddleOn<'a, T> {
+    middle: Middle,
+    mw: &'a [T],
+    mb: &'a [T],
+    neighbours: Option<&'a SparseNeighbors>,
 }
 
 /// The middle's forward on the CPU.
-fn middle_forward<T: GeluFloat>(h: &[T], rows: usize, w: Widths, middle: Middle) -> Vec<T> {
-    match (middle, middle.attention_dims(rows, w.d)) {
+fn middle_forward<T: GeluFloat>(h: &[T], rows: usize, w: Widths, m: &MiddleOn<T>) -> Result<Vec<T>> {
+    Ok(match (m.middle, m.middle.attention_dims(rows, w.d)) {
         (Middle::Attention { scale, .. }, Some(dims)) => crate::attention::forward(h, dims, scale),
+        (Middle::SparseConv { k }, _) => {
+            let nbrs = m.neighbours.ok_or_else(|| missing_neighbours(m.middle))?;
+            let taps = crate::taps::taps_major(m.mw, w.d, k, false);
+            let mut out = crate::sparse_depthwise_conv::gather_correlate(h, &taps, nbrs, w.d);
+            add_row(&mut out, m.mb);
+            out
+        }
         _ => crate::gelu::map1(h),
-    }
+    })
 }
 
-/// The forward on the CPU: (y, h, the middle's output if kept).
-fn forward<T: GeluFloat>(x: &[T], weights: &[T], vectors: &[T], rows: usize, w: Widths, middle: Middle, eps: T) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
-    let Params { w1, w2, ln_w, ln_b, b1, b2 } = split_params(weights, vectors, w);
-    let xln = crate::layer_norm::forward(x, ln_w, ln_b, w.d, eps);
-    let h = crate::linear::forward(&xln, w1, b1, rows, w.d, w.first_out);
-    drop(xln);
-    let a = middle_forward(&h, rows, w, middle);
-    // y = x + b2, then y += a W2^T.
-    let mut y = x.to_vec();
-    y.par_chunks_mut(w.d * 64).for_each(|chunk| {
-        for row in chunk.chunks_mut(w.d) {
-            for (v, &b) in row.iter_mut().zip(b2) {
+/// `row` added to every row of `rows` (rows of row.len()).
+fn add_row<T: Element>(rows: &mut [T], row: &[T]) {
+    rows.par_chunks_mut(row.len() * 64).for_each(|chunk| {
+        for r in chunk.chunks_mut(row.len()) {
+            for (v, &b) in r.iter_mut().zip(row) {
                 *v += b;
             }
         }
     });
-    crate::linear::accumulate(&mut y, &a, w2, rows, w.second_in, w.d);
-    (y, h, middle.keeps_output().then_some(a))
 }
 
-/// The backward on the CPU: [dx (rows x D) | dW1 | dW2 | d ln_w | d ln_b | d b1 | d b2], the
-/// gradients of x, the packed weights and the packed vectors, in that order.
+/// What the CPU forward gives: (y, h, the middle's output if kept).
+type Forward<T> = (Vec<T>, Vec<T>, Option<Vec<T>>);
+
+/// The forward on the CPU.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: GeluFloat>(x: &[T], weights: &[T], vectors: &[T], h: &[T], kept: Option<&[T]>, g: &[T], rows: usize, w: Widths, middle: Middle, eps: T) -> Vec<T> {
-    let Params { w1, w2, ln_w, ln_b, .. } = split_params(weights, vectors, w);
+fn forward<T: GeluFloat>(x: &[T], weights: &[T], vectors: &[T], rows: usize, w: Widths, middle: Middle, neighbours: Option<&SparseNeighbors>, eps: T) -> Result<Forward<T>> {
+    let Params { w1, w2, mw, ln_w, ln_b, b1, b2, mb } = split_params(weights, vectors, w);
+    let xln = crate::layer_norm::forward(x, ln_w, ln_b, w.d, eps);
+    let h = crate::linear::forward(&xln, w1, b1, rows, w.d, w.first_out);
+    drop(xln);
+    let a = middle_forward(&h, rows, w, &MiddleOn { middle, mw, mb, neighbours })?;
+    // y = x + b2, then y += a W2^T.
+    let mut y = x.to_vec();
+    add_row(&mut y, b2);
+    crate::linear::accumulate(&mut y, &a, w2, rows, w.second_in, w.d);
+    Ok((y, h, middle.keeps_output().then_some(a)))
+}
+
+/// The backward on the CPU: [dx (rows x D) | dW1 | dW2 | d middle weights | d ln_w | d ln_b |
+/// d b1 | d b2 | d middle bias], the gradients of x, the packed weights and the packed vectors,
+/// in that order.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: GeluFloat>(
+    x: &[T],
+    weights: &[T],
+    vectors: &[T],
+    h: &[T],
+    kept: Option<&[T]>,
+    g: &[T],
+    rows: usize,
+    w: Widths,
+    middle: Middle,
+    neighbours: Option<&SparseNeighbors>,
+    eps: T,
+) -> Result<Vec<T>> {
+    let Params { w1, w2, mw, ln_w, ln_b, mb, .. } = split_params(weights, vectors, w);
+    let on = MiddleOn { middle, mw, mb, neighbours };
     let recomputed;
     let a = match kept {
         Some(a) => a,
         None => {
-            recomputed = middle_forward(h, rows, w, middle);
+            recomputed = middle_forward(h, rows, w, &on)?;
             &recomputed
         }
     };
     let second = crate::linear::backward(a, w2, g, rows, w.second_in, w.d);
     let (da, second_params) = second.split_at(rows * w.second_in);
     let (dw2, db2) = second_params.split_at(w.d * w.second_in);
+    // The conv's own gradients: its taps' and its bias' (the column sums of da).
+    let (mut dmw, mut dmb) = (Vec::new(), Vec::new());
     let dh = match (middle, middle.attention_dims(rows, w.d)) {
         (Middle::Attention { scale, .. }, Some(dims)) => crate::attention::backward(h, a, da, dims, scale),
+        (Middle::SparseConv { k }, _) => {
+            let nbrs = neighbours.ok_or_else(|| missing_neighbours(middle))?;
+            let c = w.d;
+            dmw = crate::taps::channel_major(&crate::sparse_depthwise_conv::weight_grad(h, da, nbrs, c), c, k);
+            dmb = vec![T::ZERO; c];
+            for row in da.chunks(c) {
+                for (s, &v) in dmb.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            crate::sparse_depthwise_conv::gather_correlate(da, &crate::taps::taps_major(mw, c, k, true), nbrs, c)
+        }
         _ => crate::gelu::zip_map(h, da),
     };
     // The first linear layer, with the LayerNorm output recomputed.
@@ -227,10 +309,10 @@ fn backward<T: GeluFloat>(x: &[T], weights: &[T], vectors: &[T], h: &[T], kept: 
             *o += l;
         }
     });
-    for part in [dw1, dw2, dln_w, dln_b, db1, db2] {
+    for part in [dw1, dw2, &dmw[..], dln_w, dln_b, db1, db2, &dmb[..]] {
         out.extend_from_slice(part);
     }
-    out
+    Ok(out)
 }
 
 impl CustomOp3 for Sublayer {
@@ -242,7 +324,7 @@ impl CustomOp3 for Sublayer {
         let rows = self.check(lx, lw, lv)?;
         let (y, h, a, vectors) = dispatch_float!(self.middle.name(), (sx => x, sw => w, sv => v), {
             let vectors = row_major(v, lv);
-            let (y, h, a) = forward(&row_major(x, lx), &row_major(w, lw), &vectors, rows, self.widths, self.middle, Element::from_f64(self.eps));
+            let (y, h, a) = forward(&row_major(x, lx), &row_major(w, lw), &vectors, rows, self.widths, self.middle, self.neighbours.as_deref(), Element::from_f64(self.eps))?;
             (Element::into_storage(y), Element::into_storage(h), a.map(Element::into_storage), Element::into_storage(vectors.into_owned()))
         });
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved::Cpu { h, a, vectors });
@@ -263,8 +345,8 @@ impl CustomOp3 for Sublayer {
         use candle_core::backend::BackendStorage;
         let rows = self.check(lx, lw, lv)?;
         let w = self.widths;
-        let attention = self.middle.cuda_attention(rows, w.d);
-        let (y, saved) = cuda_dispatch!(self.middle.name(), sx.dtype(), sublayer_fwd(sx, lx, sw, lw, sv, lv, (rows, w.d, w.first_out, w.second_in), attention, self.eps))?;
+        let middle = self.middle.cuda_middle(rows, w.d, self.neighbours.as_deref())?;
+        let (y, saved) = cuda_dispatch!(self.middle.name(), sx.dtype(), sublayer_fwd(sx, lx, sw, lw, sv, lv, w, &middle, self.eps))?;
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved::Cuda(Box::new(saved)));
         Ok((y, lx.shape().clone()))
     }
@@ -272,7 +354,7 @@ impl CustomOp3 for Sublayer {
     fn bwd(&self, x: &Tensor, weights: &Tensor, vectors: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let w = self.widths;
         let rows = x.elem_count() / w.d;
-        let backward = SublayerBackward { widths: w, middle: self.middle, eps: self.eps, saved: self.saved.clone() };
+        let backward = SublayerBackward { widths: w, middle: self.middle, eps: self.eps, saved: self.saved.clone(), neighbours: self.neighbours.clone() };
         let all = x.apply_op3_no_bwd(weights, grad, &backward)?;
         let (nx, nw) = (rows * w.d, w.weights());
         let dx = all.narrow(0, 0, nx)?.reshape(x.shape())?;
@@ -288,6 +370,7 @@ struct SublayerBackward {
     middle: Middle,
     eps: f64,
     saved: SavedSlot,
+    neighbours: Option<Arc<SparseNeighbors>>,
 }
 
 impl SublayerBackward {
@@ -332,7 +415,7 @@ impl CustomOp3 for SublayerBackward {
             }
             let kept = self.middle.keeps_output().then_some(a.as_slice());
             let eps = Element::from_f64(self.eps);
-            Element::into_storage(backward(&row_major(x, lx), &row_major(wt, lw), v, h, kept, &row_major(g, lg), rows, w, self.middle, eps))
+            Element::into_storage(backward(&row_major(x, lx), &row_major(wt, lw), v, h, kept, &row_major(g, lg), rows, w, self.middle, self.neighbours.as_deref(), eps)?)
         });
         Ok((out, Shape::from(w.grads(rows))))
     }
@@ -353,8 +436,8 @@ impl CustomOp3 for SublayerBackward {
         let w = self.widths;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(Saved::Cuda(saved)) = saved.as_ref() else { return Err(missing_saved(self.middle)) };
-        let attention = self.middle.cuda_attention(rows, w.d);
-        let out = cuda_dispatch!(self.middle.grad_name(), sx.dtype(), sublayer_bwd(sx, lx, sw, lw, sg, lg, saved, (rows, w.d, w.first_out, w.second_in), attention, self.eps))?;
+        let middle = self.middle.cuda_middle(rows, w.d, self.neighbours.as_deref())?;
+        let out = cuda_dispatch!(self.middle.grad_name(), sx.dtype(), sublayer_bwd(sx, lx, sw, lw, sg, lg, saved, w, &middle, self.eps))?;
         Ok((out, Shape::from(w.grads(rows))))
     }
 }
@@ -387,16 +470,16 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
         }
 }
 
-/// Runs the op on the packed parameters.
+/// Runs the op on the parameters, packed here (GELU and attention: no middle parameters).
 fn apply(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, first: (&Tensor, &Tensor), second: (&Tensor, &Tensor), widths: Widths, middle: Middle) -> Result<Tensor> {
     let weights = Tensor::cat(&[first.0.flatten_all()?, second.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, first.1.flatten_all()?, second.1.flatten_all()?], 0)?;
-    apply_packed(x, &weights, &vectors, eps, widths, middle)
+    apply_packed(x, &weights, &vectors, eps, widths, middle, None)
 }
 
 /// The op itself, on parameters already packed.
-fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle) -> Result<Tensor> {
-    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)) })
+fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle, neighbours: Option<Arc<SparseNeighbors>>) -> Result<Tensor> {
+    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours })
 }
 
 /// A sublayer's parameters as its one op reads them, each flat (1-D) and in this order:
@@ -412,7 +495,8 @@ pub struct PackedSublayer<'a> {
 }
 
 /// The parameters of a packed sublayer as views of its packs (first and second layer as
-/// [out, in] matrices), for the separate ops.
+/// [out, in] matrices; the middle's weights flat and its bias, empty but for the conv), for the
+/// separate ops.
 struct Unpacked {
     ln_w: Tensor,
     ln_b: Tensor,
@@ -420,6 +504,8 @@ struct Unpacked {
     b1: Tensor,
     w2: Tensor,
     b2: Tensor,
+    mw: Tensor,
+    mb: Tensor,
 }
 
 impl PackedSublayer<'_> {
@@ -446,8 +532,10 @@ impl PackedSublayer<'_> {
             ln_b: v(d, d)?,
             b1: v(2 * d, fo)?,
             b2: v(2 * d + fo, d)?,
+            mb: v(3 * d + fo, w.middle_bias)?,
             w1: self.weights.narrow(0, 0, fo * d)?.reshape((fo, d))?,
             w2: self.weights.narrow(0, fo * d, d * si)?.reshape((d, si))?,
+            mw: self.weights.narrow(0, fo * d + d * si, w.middle_weights)?,
         })
     }
 }
@@ -458,7 +546,7 @@ pub fn mlp_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hidden: u
     let widths = Widths::mlp(x.dim(candle_core::D::Minus1)?, hidden);
     pack.check("mlp_residual", x, widths)?;
     if one_op(&[x, pack.weights, pack.vectors], x.elem_count() / widths.d, widths.d) {
-        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu);
+        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu, None);
     }
     let p = pack.unpack(widths)?;
     mlp_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2))
@@ -480,12 +568,89 @@ pub fn attention_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hea
         (true, false) => crate::attention::cuda_form(dims, x.dtype(), x.device(), scale)?,
     };
     match form {
-        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }),
+        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }, None),
         None => {
             let p = pack.unpack(widths)?;
             attention_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2), heads)
         }
     }
+}
+
+/// `conv_residual` on packed parameters: `pack.weights` = [conv1 | conv2 | the depthwise taps
+/// (C x k x k)], `pack.vectors` = [norm1 weight | norm1 bias | conv1 bias | conv2 bias | the
+/// depthwise bias]. Where the one op does not run (`one_op`), the separate ops on views of the packs.
+pub fn conv_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, neighbours: &Arc<SparseNeighbors>) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let widths = Widths::conv(d, neighbours.k());
+    pack.check("conv_residual", x, widths)?;
+    check_rows("conv_residual", x, d, neighbours)?;
+    if one_op(&[x, pack.weights, pack.vectors], neighbours.rows(), d) {
+        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::SparseConv { k: neighbours.k() }, Some(neighbours.clone()));
+    }
+    let p = pack.unpack(widths)?;
+    let k = neighbours.k();
+    conv_separate(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.mw.reshape((d, k, k))?, &p.mb), (&p.w2, &p.b2), neighbours)
+}
+
+/// `x + conv2(dw(conv1(layer_norm(x, ln_w, ln_b, eps))) + dw_bias)` over the rows of `x`: the
+/// first half of a ConvMAE conv block (CBlock) on the sparse path, with its residual. `x` is any
+/// shape of N rows of C (the token blocks [B * keep, cell, cell, C]), N the rows of the
+/// neighbour table; `conv1` and `conv2` are (weight [C, C] or a [C, C, 1, 1] kernel, bias [C]),
+/// `dw` the depthwise conv's (weight [C, 1, k, k] or [C, k, k], bias [C]). As one op where
+/// `one_op` says so (the sparse conv in the middle of the sublayer op), otherwise as the separate
+/// ops: the same values.
+pub fn conv_residual(
+    x: &Tensor,
+    norm: (&Tensor, &Tensor),
+    eps: f64,
+    conv1: (&Tensor, &Tensor),
+    dw: (&Tensor, &Tensor),
+    conv2: (&Tensor, &Tensor),
+    neighbours: &Arc<SparseNeighbors>,
+) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let k = neighbours.k();
+    let widths = Widths::conv(d, k);
+    check_params("conv_residual", x, norm, conv1, conv2, widths)?;
+    check_rows("conv_residual", x, d, neighbours)?;
+    if dw.0.elem_count() != d * k * k || dw.0.dim(0)? != d || dw.1.elem_count() != d {
+        candle_core::bail!("conv_residual: depthwise weight {:?} and bias {:?} do not fit {d} channels of {k}x{k} taps", dw.0.dims(), dw.1.dims());
+    }
+    if !one_op(&[x, norm.0, norm.1, conv1.0, conv1.1, dw.0, dw.1, conv2.0, conv2.1], neighbours.rows(), d) {
+        return conv_separate(x, norm, eps, conv1, dw, conv2, neighbours);
+    }
+    let weights = Tensor::cat(&[conv1.0.flatten_all()?, conv2.0.flatten_all()?, dw.0.flatten_all()?], 0)?;
+    let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, conv1.1.flatten_all()?, conv2.1.flatten_all()?, dw.1.flatten_all()?], 0)?;
+    apply_packed(x, &weights, &vectors, eps, widths, Middle::SparseConv { k }, Some(neighbours.clone()))
+}
+
+/// The rows of `x` (width `d`) must be the neighbour table's.
+fn check_rows(name: &str, x: &Tensor, d: usize, neighbours: &SparseNeighbors) -> Result<()> {
+    if d == 0 || x.elem_count() / d != neighbours.rows() {
+        candle_core::bail!("{name}: input {:?} is not the {} rows of the neighbour table", x.dims(), neighbours.rows());
+    }
+    Ok(())
+}
+
+/// `conv_residual` as separate ops, with the depthwise conv's bias folded into conv2's:
+/// conv2(h + dw_bias) = W2 h + (W2 dw_bias + b2), a [1, C] row through the same linear op
+/// instead of a broadcast add over every position (in run 4's H100 profile that add cost a
+/// forward pass, and in the backward two gradient accumulations and a column sum, per stage-1
+/// block). Exact in real arithmetic; in floating point the bias meets the sum in another order.
+fn conv_separate(
+    x: &Tensor,
+    norm: (&Tensor, &Tensor),
+    eps: f64,
+    conv1: (&Tensor, &Tensor),
+    dw: (&Tensor, &Tensor),
+    conv2: (&Tensor, &Tensor),
+    neighbours: &Arc<SparseNeighbors>,
+) -> Result<Tensor> {
+    let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
+    let h = crate::linear(&h, conv1.0, conv1.1)?;
+    let h = crate::sparse_depthwise_conv2d(&h, dw.0, neighbours)?;
+    let b2 = crate::linear(&dw.1.flatten_all()?.unsqueeze(0)?, conv2.0, conv2.1)?.squeeze(0)?;
+    x + crate::linear(&h, conv2.0, &b2)?
 }
 
 /// Checks the parameter shapes against the widths (weights may be 1x1-conv kernels).
@@ -673,6 +838,70 @@ mod tests {
         let short = rand(&[3], 29);
         let e = mlp_residual_packed(&x, PackedSublayer { weights: &short, vectors: &short }, 1e-6, hidden).unwrap_err().to_string();
         assert!(e.contains("mlp_residual") && e.contains("packed weights [3]"), "{e}");
+    }
+
+    /// The conv block's first half as one op against its separate ops (our LayerNorm, linear,
+    /// sparse depthwise conv, the bias folded into conv2, add), f64 and f32, forward and every
+    /// gradient, on token blocks of a 75% mask with 1x1-conv kernels as PyTorch stores them;
+    /// then the packed entry point against the unpacked one, by both paths.
+    #[test]
+    fn conv_matches_the_separate_ops_forward_and_backward() {
+        let (images, side, cell, c, k) = (2u32, 8u32, 2u32, 6usize, 5usize);
+        let positions = crate::agreement::visible_positions(images, side, cell);
+        let nbrs = Arc::new(SparseNeighbors::from_positions(&positions, images as usize, side as usize, side as usize, k).unwrap());
+        let rows = nbrs.rows();
+        for dtype in [DType::F64, DType::F32] {
+            let to = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+            let x = to((rand(&[rows, c], 31) * 2.0).unwrap());
+            let ln_w = to((rand(&[c], 32) + 1.0).unwrap());
+            let ln_b = to(rand(&[c], 33));
+            let w1 = to(rand(&[c, c, 1, 1], 34));
+            let b1 = to(rand(&[c], 35));
+            let dw_w = to(rand(&[c, 1, k, k], 36));
+            let dw_b = to(rand(&[c], 37));
+            let w2 = to(rand(&[c, c, 1, 1], 38));
+            let b2 = to(rand(&[c], 39));
+            let cot = rand(&[rows, c], 40).to_dtype(dtype).unwrap();
+            let fused = crate::with_path(crate::Path::Kernels, || conv_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs)).unwrap();
+            let reference = {
+                let h = crate::layer_norm(&x, &ln_w, &ln_b, 1e-6).unwrap();
+                let h = crate::linear(&h, &w1, &b1).unwrap();
+                let h = crate::sparse_depthwise_conv2d(&h, &dw_w, &nbrs).unwrap().broadcast_add(&dw_b).unwrap();
+                (x.as_tensor() + crate::linear(&h, &w2, &b2).unwrap()).unwrap()
+            };
+            let tol = if dtype == DType::F64 { 1e-13 } else { 1e-5 };
+            let params = [("x", &x), ("ln_w", &ln_w), ("ln_b", &ln_b), ("w1", &w1), ("b1", &b1), ("dw_w", &dw_w), ("dw_b", &dw_b), ("w2", &w2), ("b2", &b2)];
+            assert_same_function(fused, reference, &cot, &params, tol);
+        }
+        // Packed: the op and the separate ops on views of the packs give the unpacked values.
+        let var = |shape: &[usize], seed: u64| Var::from_tensor(&rand(shape, seed)).unwrap();
+        let x = var(&[rows, c], 41);
+        let (ln_w, ln_b, w1, b1, dw_w, dw_b, w2, b2) = (var(&[c], 42), var(&[c], 43), var(&[c, c], 44), var(&[c], 45), var(&[c, k, k], 46), var(&[c], 47), var(&[c, c], 48), var(&[c], 49));
+        let weights = Var::from_tensor(&Tensor::cat(&[w1.flatten_all().unwrap(), w2.flatten_all().unwrap(), dw_w.flatten_all().unwrap()], 0).unwrap()).unwrap();
+        let vectors = Var::from_tensor(&Tensor::cat(&[ln_w.as_tensor().clone(), ln_b.as_tensor().clone(), b1.as_tensor().clone(), b2.as_tensor().clone(), dw_b.as_tensor().clone()], 0).unwrap()).unwrap();
+        let cot = rand(&[rows, c], 50);
+        for path in [crate::Path::Kernels, crate::Path::Composite] {
+            let (packed, unpacked) = crate::with_path(path, || {
+                (
+                    conv_residual_packed(&x, PackedSublayer { weights: &weights, vectors: &vectors }, 1e-6, &nbrs).unwrap(),
+                    conv_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs).unwrap(),
+                )
+            });
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-12, "{path:?} {what}: {diff}");
+            };
+            close(&packed, &unpacked, "forward");
+            let gp = (&packed * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let gu = (&unpacked * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |store: &candle_core::backprop::GradStore, t: &Tensor| store.get(t).unwrap().flatten_all().unwrap();
+            close(&g(&gp, &x), &g(&gu, &x), "x gradient");
+            close(&g(&gp, &weights), &Tensor::cat(&[g(&gu, &w1), g(&gu, &w2), g(&gu, &dw_w)], 0).unwrap(), "packed weights gradient");
+            close(&g(&gp, &vectors), &Tensor::cat(&[g(&gu, &ln_w), g(&gu, &ln_b), g(&gu, &b1), g(&gu, &b2), g(&gu, &dw_b)], 0).unwrap(), "packed vectors gradient");
+        }
+        // Rows that are not the table's are named.
+        let e = conv_residual(&rand(&[rows + 1, c], 51), (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs).unwrap_err().to_string();
+        assert!(e.contains("conv_residual") && e.contains("rows of the neighbour table"), "{e}");
     }
 
     #[test]

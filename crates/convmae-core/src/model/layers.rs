@@ -82,6 +82,24 @@ fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor
 /// CBlock: x + conv2(DW5x5(keep * conv1(LN(x)))), then x + fc2(GELU(fc1(LN(x)))).
 /// The mask touches only the depthwise conv's input, as in the official code.
 pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, drop: Option<&DropPath>) -> Result<Tensor> {
+    // On the sparse path without stochastic depth the first half is one op (`conv_residual`,
+    // like the other sublayers), which decides itself whether to run as the separate ops below.
+    if let (SpatialMix::Sparse(nbrs), None) = (mix, drop) {
+        let get = |name: &str| p.get(&format!("{prefix}.{name}"));
+        let x = match p.packed_sublayer(prefix, SublayerKind::Conv) {
+            Some(pack) => k::conv_residual_packed(x, pack, CONV_LN_EPS, nbrs)?,
+            None => k::conv_residual(
+                x,
+                (get("norm1.weight"), get("norm1.bias")),
+                CONV_LN_EPS,
+                (get("conv1.weight"), get("conv1.bias")),
+                (get("attn.weight"), get("attn.bias")),
+                (get("conv2.weight"), get("conv2.bias")),
+                nbrs,
+            )?,
+        };
+        return mlp_sublayer(p, prefix, &x, CONV_LN_EPS, None);
+    }
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, CONV_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
     let dw = p.get(&format!("{prefix}.attn.weight"));

@@ -116,6 +116,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "attention_residual:flash",
             "depthwise_conv2d",
             "sparse_depthwise_conv2d",
+            "conv_residual",
             "layer_norm:transposed",
             "softmax_last_dim:offset",
             "gelu_erf:transposed",
@@ -141,8 +142,8 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
 fn the_bf16_agreement_check_runs_on_the_cpu_within_tolerance() {
     use convmae_kernels::{agreement::compare_paths, Path};
     let report = compare_paths(&candle_core::Device::Cpu, &[Path::Kernels, Path::Composite], &[DType::BF16]).unwrap();
-    // 30 op cases and AdamW, by both paths.
-    assert_eq!(report.len(), 62);
+    // 31 op cases and AdamW, by both paths.
+    assert_eq!(report.len(), 64);
     for a in &report {
         eprintln!("{} {} forward {:.2e} gradients {:?}", a.op, a.path, a.forward_rel, a.gradient_rels);
     }
@@ -201,6 +202,7 @@ fn op_timings_cover_every_case_by_both_paths() {
             "linear_gelu:decoder_fc1",
             "mlp_residual:decoder",
             "mlp_separate:decoder",
+            "conv_residual:stage1",
             "attention_residual:encoder",
             "patch_blocks:stage1",
             "restore_tokens",
