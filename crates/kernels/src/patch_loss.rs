@@ -281,12 +281,8 @@ impl CustomOp3 for MaskedPatchMseBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::rand;
     use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let v = crate::agreement::values(shape.iter().product(), seed);
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
-    }
 
     /// The op against candle's composition, f64 and f32, with and without norm-pix, on images
     /// that are not square (a 2 x 3 grid of 4 x 4 patches of 3 channels) and a mask with

@@ -732,13 +732,8 @@ pub fn attention_residual(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, qkv: (
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::assert_same_function;
-    use candle_core::{DType, Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let v = crate::agreement::values(shape.iter().product(), seed);
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
-    }
+    use crate::test_util::{assert_packs_match, assert_same_function, rand};
+    use candle_core::{DType, Var};
 
     /// The op against the five ops it replaces (our LayerNorm, linear + GELU, linear, add),
     /// f64 and f32, forward and every gradient, with a conv-shaped fc2 weight and a strided
@@ -819,19 +814,8 @@ mod tests {
                         (mlp_residual_packed(&x, pack, 1e-6, hidden).unwrap(), mlp_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&w2, &b2)).unwrap())
                     }
                 });
-                let close = |a: &Tensor, b: &Tensor, what: &str| {
-                    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                    assert!(diff < 1e-12, "attention {attention} {path:?} {what}: {diff}");
-                };
-                close(&packed, &unpacked, "forward");
-                let gp = (&packed * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-                let gu = (&unpacked * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-                let g = |store: &candle_core::backprop::GradStore, t: &Tensor| store.get(t).unwrap().flatten_all().unwrap();
-                close(&g(&gp, &x), &g(&gu, &x), "x gradient");
-                let weights_grad = Tensor::cat(&[g(&gu, &w1), g(&gu, &w2)], 0).unwrap();
-                close(&g(&gp, &weights), &weights_grad, "packed weights gradient");
-                let vectors_grad = Tensor::cat(&[g(&gu, &ln_w), g(&gu, &ln_b), g(&gu, &b1), g(&gu, &b2)], 0).unwrap();
-                close(&g(&gp, &vectors), &vectors_grad, "packed vectors gradient");
+                let label = format!("attention {attention} {path:?}");
+                assert_packs_match(&packed, &unpacked, &cot, &x, (&weights, &vectors), &[&w1, &w2], &[&ln_w, &ln_b, &b1, &b2], &label);
             }
         }
         // A pack of the wrong size is named.
@@ -887,17 +871,7 @@ mod tests {
                     conv_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs).unwrap(),
                 )
             });
-            let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                assert!(diff < 1e-12, "{path:?} {what}: {diff}");
-            };
-            close(&packed, &unpacked, "forward");
-            let gp = (&packed * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            let gu = (&unpacked * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-            let g = |store: &candle_core::backprop::GradStore, t: &Tensor| store.get(t).unwrap().flatten_all().unwrap();
-            close(&g(&gp, &x), &g(&gu, &x), "x gradient");
-            close(&g(&gp, &weights), &Tensor::cat(&[g(&gu, &w1), g(&gu, &w2), g(&gu, &dw_w)], 0).unwrap(), "packed weights gradient");
-            close(&g(&gp, &vectors), &Tensor::cat(&[g(&gu, &ln_w), g(&gu, &ln_b), g(&gu, &b1), g(&gu, &b2), g(&gu, &dw_b)], 0).unwrap(), "packed vectors gradient");
+            assert_packs_match(&packed, &unpacked, &cot, &x, (&weights, &vectors), &[&w1, &w2, &dw_w], &[&ln_w, &ln_b, &b1, &b2, &dw_b], &format!("conv {path:?}"));
         }
         // Rows that are not the table's are named.
         let e = conv_residual(&rand(&[rows + 1, c], 51), (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs).unwrap_err().to_string();

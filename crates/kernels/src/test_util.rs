@@ -1,6 +1,31 @@
 //! Helpers shared by the unit tests of the ops.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// f64 test values in [-1, 1) of `shape` on the CPU, the agreement check's (`agreement::values`).
+pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let v = crate::agreement::values(shape.iter().product(), seed);
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
+}
+
+/// A packed op and its unpacked form agree to 1e-12: the value, x's gradient, and the packs'
+/// gradients as the parts' gradients laid end to end (`weights` the parts of the weights pack,
+/// `vectors` those of the vectors pack), the gradient of `sum(out * cot)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assert_packs_match(packed: &Tensor, unpacked: &Tensor, cot: &Tensor, x: &Var, packs: (&Var, &Var), weights: &[&Var], vectors: &[&Var], label: &str) {
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "{label} {what}: {diff}");
+    };
+    close(packed, unpacked, "forward");
+    let gp = (packed * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let gu = (unpacked * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = |store: &candle_core::backprop::GradStore, t: &Tensor| store.get(t).unwrap().flatten_all().unwrap();
+    let laid = |parts: &[&Var]| Tensor::cat(&parts.iter().map(|v| g(&gu, v.as_tensor())).collect::<Vec<_>>(), 0).unwrap();
+    close(&g(&gp, x), &g(&gu, x), "x gradient");
+    close(&g(&gp, packs.0), &laid(weights), "packed weights gradient");
+    close(&g(&gp, packs.1), &laid(vectors), "packed vectors gradient");
+}
 
 /// max |a - b| / max |b|, over all elements, in f64.
 pub(crate) fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
