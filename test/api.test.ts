@@ -30,7 +30,7 @@ test('the dense masked path (the official computation) matches the golden fixtur
   t.true(r.errors.every((e) => e.max_rel < 1e-9), 'sparse issue: 1e-9 relative');
 });
 
-test('CONVMAE_COMPOSITE_OPS: with the loss, the patch layout and the decoder entry as candle\'s ops, parity still holds; an unknown name is warned about', async (t) => {
+test('CONVMAE_COMPOSITE_OPS: with the conv block\'s first half, the loss, the patch layout and the decoder entry as candle\'s ops, parity still holds; an unknown name is warned about', async (t) => {
   const script = `import(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'index.js'))}).then(async (m) => {
     const out = [];
     for (const p of ['sparse', 'dense']) out.push((await m.checkFixture(${JSON.stringify(golden('pretrain_small.safetensors'))}, 'f64', p)).pass);
@@ -38,7 +38,7 @@ test('CONVMAE_COMPOSITE_OPS: with the loss, the patch layout and the decoder ent
   })`;
   const { stdout, stderr } = await run(process.execPath, ['--input-type=module', '-e', script], {
     timeout: 120_000,
-    env: { ...process.env, CONVMAE_COMPOSITE_OPS: 'masked_patch_mse, patch_blocks,restore_tokens,bogus_op' },
+    env: { ...process.env, CONVMAE_COMPOSITE_OPS: 'conv_residual,masked_patch_mse, patch_blocks,restore_tokens,bogus_op' },
   });
   t.deepEqual(JSON.parse(stdout.trim()), [true, true]);
   t.regex(stderr, /CONVMAE_COMPOSITE_OPS names 'bogus_op', which is not one of/);

@@ -18,6 +18,7 @@
  *     queued (overlapped steps, as the pretraining driver runs them); `ours-in-flight-1`, right
  *     after the batch-64 comparison, awaits each step before the next, and `ours-serial-steps`
  *     also finishes each on the device before answering it (CONVMAE_STEPS=serial): their A/B;
+ *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B);
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -270,15 +271,14 @@ async function main(): Promise<void> {
   // candle's transfers and to tables built on the host.
   const transfersSuspect = failed((op) => op === 'transfer:upload,read_later');
   const tablesSuspect = failed((op) => op === 'sparse_neighbors:of_visible_tokens');
+  // The sublayer ops' backward writes its gradients in place since run 7: should their rows
+  // fail, the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite).
+  const sublayerSuspect = agreement.some((a) => /^(mlp_residual|attention_residual)/.test(a.op) && a.path === 'kernels' && a.pass === false);
+  if (sublayerSuspect && !loadError && !profileOnly) log('a sublayer op\'s agreement row failed: our rows run with CONVMAE_SUBLAYER=composite');
   // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
   // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
   // agreement itself have failed.
-  // The sublayer ops' backward writes its gradients in place since run 7: should their rows
-  // fail, the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite).
-  const sublayerSuspect = agreement.some((a) => /^(mlp_residual|attention_residual|conv_residual)/.test(a.op) && a.path === 'kernels' && a.pass === false);
-  if (sublayerSuspect && !loadError && !profileOnly) log('a sublayer op\'s agreement row failed: our rows run with CONVMAE_SUBLAYER=composite');
-  const switchable = ['masked_patch_mse', 'patch_blocks', 'restore_tokens'];
-  const compositeOps = switchable.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
+  const compositeOps = NEW_OPS.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
   if (compositeOps.length && !loadError && !profileOnly) log(`agreement rows failed (or the agreement did): our rows run with CONVMAE_COMPOSITE_OPS=${compositeOps.join(',')}`);
   if (transfersSuspect && !loadError && !profileOnly) log('the pinned transfers\' agreement row failed (or the agreement did): our rows run with CONVMAE_TRANSFERS=plain');
   if (tablesSuspect && !loadError && !profileOnly) log('the GPU neighbour tables\' agreement row failed (or the agreement did): our rows run with CONVMAE_NEIGHBOUR_TABLES=host');
@@ -384,6 +384,9 @@ async function main(): Promise<void> {
     if (!loadError && batch === batches[0]) {
       await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
       await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
+      // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
+      // the patch layout, the decoder's entry): all four as before them.
+      await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
     }
     // The same run of ours, checking after every optimizer step that each bf16 compute copy is
     // its master rounded (the packed copies are written in place by the fused AdamW): the row
@@ -494,9 +497,10 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
   if (profile) writeFileSync(path.join(out, 'profile.json'), JSON.stringify(profile, null, 2));
 }
 
-/** The markdown list of what each throughput run chose by measuring (empty when none did). */
 /** The timed steps of each throughput run. */
 const STEPS = 5;
+/** The ops CONVMAE_COMPOSITE_OPS can switch to candle's ops one by one (crates/kernels composite.rs `SWITCHABLE_OPS`), all written after run 7 without a GPU. */
+const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens'];
 
 /** The host-time table of the rows that have one. */
 function hostProfileLines(rows: Row[]): string[] {

@@ -584,7 +584,7 @@ pub fn conv_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, neighbou
     let widths = Widths::conv(d, neighbours.k());
     pack.check("conv_residual", x, widths)?;
     check_rows("conv_residual", x, d, neighbours)?;
-    if one_op(&[x, pack.weights, pack.vectors], neighbours.rows(), d) {
+    if one_op(&[x, pack.weights, pack.vectors], neighbours.rows(), d) && !crate::composite::sent_to_composite("conv_residual") {
         return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::SparseConv { k: neighbours.k() }, Some(neighbours.clone()));
     }
     let p = pack.unpack(widths)?;
@@ -597,8 +597,8 @@ pub fn conv_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, neighbou
 /// shape of N rows of C (the token blocks [B * keep, cell, cell, C]), N the rows of the
 /// neighbour table; `conv1` and `conv2` are (weight [C, C] or a [C, C, 1, 1] kernel, bias [C]),
 /// `dw` the depthwise conv's (weight [C, 1, k, k] or [C, k, k], bias [C]). As one op where
-/// `one_op` says so (the sparse conv in the middle of the sublayer op), otherwise as the separate
-/// ops: the same values.
+/// `one_op` says so (the sparse conv in the middle of the sublayer op) and `CONVMAE_COMPOSITE_OPS`
+/// does not list `conv_residual`, otherwise as the separate ops: the same values.
 pub fn conv_residual(
     x: &Tensor,
     norm: (&Tensor, &Tensor),
@@ -616,7 +616,7 @@ pub fn conv_residual(
     if dw.0.elem_count() != d * k * k || dw.0.dim(0)? != d || dw.1.elem_count() != d {
         candle_core::bail!("conv_residual: depthwise weight {:?} and bias {:?} do not fit {d} channels of {k}x{k} taps", dw.0.dims(), dw.1.dims());
     }
-    if !one_op(&[x, norm.0, norm.1, conv1.0, conv1.1, dw.0, dw.1, conv2.0, conv2.1], neighbours.rows(), d) {
+    if !one_op(&[x, norm.0, norm.1, conv1.0, conv1.1, dw.0, dw.1, conv2.0, conv2.1], neighbours.rows(), d) || crate::composite::sent_to_composite("conv_residual") {
         return conv_separate(x, norm, eps, conv1, dw, conv2, neighbours);
     }
     let weights = Tensor::cat(&[conv1.0.flatten_all()?, conv2.0.flatten_all()?, dw.0.flatten_all()?], 0)?;
