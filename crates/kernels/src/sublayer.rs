@@ -632,11 +632,19 @@ fn check_rows(name: &str, x: &Tensor, d: usize, neighbours: &SparseNeighbors) ->
     Ok(())
 }
 
-/// `conv_residual` as separate ops, with the depthwise conv's bias folded into conv2's:
-/// conv2(h + dw_bias) = W2 h + (W2 dw_bias + b2), a [1, C] row through the same linear op
-/// instead of a broadcast add over every position (in run 4's H100 profile that add cost a
-/// forward pass, and in the backward two gradient accumulations and a column sum, per stage-1
-/// block). Exact in real arithmetic; in floating point the bias meets the sum in another order.
+/// conv2(h + dw_bias) as conv2's linear op with the depthwise conv's bias folded into conv2's:
+/// W2 h + (W2 dw_bias + b2), a [1, C] row through the same linear op instead of a broadcast add
+/// over every position (in run 4's H100 profile that add cost a forward pass, and in the
+/// backward two gradient accumulations and a column sum, per stage-1 block). Exact in real
+/// arithmetic; in floating point the bias meets the sum in another order (f32 parity on the
+/// H100: worst 8.2e-7 before, 7.0e-7 after). `conv2` is (weight, bias); the conv blocks' separate
+/// ops use it on every path.
+pub fn conv2_with_dw_bias(h: &Tensor, dw_bias: &Tensor, conv2: (&Tensor, &Tensor)) -> Result<Tensor> {
+    let b2 = crate::linear(&dw_bias.flatten_all()?.unsqueeze(0)?, conv2.0, conv2.1)?.squeeze(0)?;
+    crate::linear(h, conv2.0, &b2)
+}
+
+/// `conv_residual` as separate ops (the bias folded into conv2's: `conv2_with_dw_bias`).
 fn conv_separate(
     x: &Tensor,
     norm: (&Tensor, &Tensor),
@@ -649,8 +657,7 @@ fn conv_separate(
     let h = crate::layer_norm(x, norm.0, norm.1, eps)?;
     let h = crate::linear(&h, conv1.0, conv1.1)?;
     let h = crate::sparse_depthwise_conv2d(&h, dw.0, neighbours)?;
-    let b2 = crate::linear(&dw.1.flatten_all()?.unsqueeze(0)?, conv2.0, conv2.1)?.squeeze(0)?;
-    x + crate::linear(&h, conv2.0, &b2)?
+    x + conv2_with_dw_bias(&h, dw.1, conv2)?
 }
 
 /// Checks the parameter shapes against the widths (weights may be 1x1-conv kernels).

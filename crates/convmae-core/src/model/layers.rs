@@ -84,8 +84,8 @@ fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor
 pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, drop: Option<&DropPath>) -> Result<Tensor> {
     // On the sparse path without stochastic depth the first half is one op (`conv_residual`,
     // like the other sublayers), which decides itself whether to run as the separate ops below.
+    let get = |name: &str| p.get(&format!("{prefix}.{name}"));
     if let (SpatialMix::Sparse(nbrs), None) = (mix, drop) {
-        let get = |name: &str| p.get(&format!("{prefix}.{name}"));
         let x = match p.packed_sublayer(prefix, SublayerKind::Conv) {
             Some(pack) => k::conv_residual_packed(x, pack, CONV_LN_EPS, nbrs)?,
             None => k::conv_residual(
@@ -117,15 +117,8 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
         // size, two ~60 us passes per block in run 4's H100 profile).
         SpatialMix::Sparse(nbrs) => k::sparse_depthwise_conv2d(&h, dw, nbrs)?,
     };
-    // conv2(h + dw_bias) = W2 h + (W2 dw_bias + b2): the depthwise conv's bias folded into
-    // conv2's, a [1, C] row through the same linear op, instead of a broadcast add over every
-    // position (a forward pass, and in the backward two gradient accumulations and a column sum
-    // over the map: in run 4's H100 profile a 102 us column sum and three ~63 us passes per
-    // stage-1 block). Exact in real arithmetic; in floating point the bias meets the sum in
-    // another order (f32 parity on the H100: worst 8.2e-7 before, 7.0e-7 after).
-    let conv2_w = p.get(&format!("{prefix}.conv2.weight"));
-    let conv2_b = k::linear(&p.get(&format!("{prefix}.attn.bias")).unsqueeze(0)?, conv2_w, p.get(&format!("{prefix}.conv2.bias")))?.squeeze(0)?;
-    let x = residual(x, linear(&h, conv2_w, &conv2_b)?, drop.map(|d| &d.first))?;
+    let branch = k::conv2_with_dw_bias(&h, get("attn.bias"), (get("conv2.weight"), get("conv2.bias")))?;
+    let x = residual(x, branch, drop.map(|d| &d.first))?;
     mlp_sublayer(p, prefix, &x, CONV_LN_EPS, drop.map(|d| &d.second))
 }
 
