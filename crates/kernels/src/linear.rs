@@ -93,8 +93,15 @@ pub(crate) fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, inp: 
     matmul(rows, inp, out, dx, false, g, 1, out as isize, w, 1, inp as isize);
     // dW = g^T * x: g^T[o, r] = g[r * out + o]
     matmul(out, inp, rows, dw, false, g, out as isize, 1, x, 1, inp as isize);
-    // db = column sums of g, each column summed in row order (deterministic).
+    column_sums_into(g, rows, db);
+    all
+}
+
+/// `db` (zeros, `out` long) += the column sums of `g` ([rows, out]), each column summed in row
+/// order (deterministic): a bias's gradient.
+pub(crate) fn column_sums_into<T: Element>(g: &[T], rows: usize, db: &mut [T]) {
     const COLS: usize = 64;
+    let out = db.len();
     db.par_chunks_mut(COLS).enumerate().for_each(|(ci, cols)| {
         let c0 = ci * COLS;
         for r in 0..rows {
@@ -104,7 +111,6 @@ pub(crate) fn backward<T: Element>(x: &[T], w: &[T], g: &[T], rows: usize, inp: 
             }
         }
     });
-    all
 }
 
 struct Linear;

@@ -4,11 +4,12 @@
 //!
 //! As candle's ops (`composite::masked_patch_mse`) the loss is some twenty launches over the
 //! [B, L, P] target in f32 each way, plus the prediction's cast to f32: in run 7's H100 profile
-//! of a ConvMAE-B step at batch 64 (benches/results/gpu-2026-11-26-run7-ncu-raw.csv.gz), about
-//! 1.2 ms of forward and 0.5 ms of backward kernels, and some 40 launches of host time. This op
+//! of a ConvMAE-B step at batch 64 (benches/results/gpu-2026-11-26-run7-ncu-raw.csv.gz), 28
+//! launches and 1.2 ms forward, 20 launches and 0.6 ms backward. This op
 //! reads each image pixel where the patch needs it (no patchified copy), takes the prediction
 //! in its own dtype (bf16 under mixed precision) and computes in f32 on CUDA: two launches
-//! forward (a warp per patch, then one block for the total, in a fixed order) and one backward.
+//! forward (a warp per patch, then one block for the total, in a fixed order) and a device copy
+//! of the mask for the backward, which is one launch.
 //! The images and the mask are constants (no gradient), as the target is in the official code.
 
 use std::sync::{Arc, Mutex};

@@ -7,7 +7,8 @@
 //! index broadcast to every channel and made contiguous) and a broadcast add; their backward is a
 //! scatter-add and a string of gradient adds. In run 7's H100 profile of a ConvMAE-B step at
 //! batch 64 (benches/results/gpu-2026-11-26-run7-ncu-raw.csv.gz) the forward was six launches,
-//! ~340 us, and the backward ~500 us (the scatter-add alone 183 us). Here the forward is one
+//! ~340 us, and the backward a 183 us scatter-add and the adds of its gradients (~390 us in
+//! all, by the launches that follow it in the trace). Here the forward is one
 //! pass over the output and the backward two passes over its gradient and a small reduction.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};

@@ -283,11 +283,7 @@ fn backward<T: GeluFloat>(
             let c = w.d;
             dmw = crate::taps::channel_major(&crate::sparse_depthwise_conv::weight_grad(h, da, nbrs, c), c, k);
             dmb = vec![T::ZERO; c];
-            for row in da.chunks(c) {
-                for (s, &v) in dmb.iter_mut().zip(row) {
-                    *s += v;
-                }
-            }
+            crate::linear::column_sums_into(da, rows, &mut dmb);
             crate::sparse_depthwise_conv::gather_correlate(da, &crate::taps::taps_major(mw, c, k, true), nbrs, c)
         }
         _ => crate::gelu::zip_map(h, da),
