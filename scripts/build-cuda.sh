@@ -147,7 +147,7 @@ echo "-- readelf -d NEEDED:"
 readelf -d "$OUT_NODE" | grep NEEDED
 NEEDED=$(readelf -d "$OUT_NODE" | grep NEEDED)
 # rustc links with --as-needed, so only libraries whose symbols are referenced stay NEEDED
-# (libnvrtc / libcublasLt are dropped; libcublasLt is still loaded at run time through libcublas).
+# (libnvrtc is dropped; libcublasLt stays, for the linear layers' bias epilogues, gemm_epilogue.rs).
 # libcuda.so.1 must be there: without it this is not a CUDA build.
 grep -q '\[libcuda.so.1\]' <<<"$NEEDED" || die "result does not link libcuda.so.1: the cuda feature did not take effect"
 echo "-- ldd (with LD_LIBRARY_PATH=$CU/lib; libcuda.so.1 is 'not found' on a machine without a driver):"

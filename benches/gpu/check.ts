@@ -18,7 +18,9 @@
  *     queued (overlapped steps, as the pretraining driver runs them); `ours-in-flight-1`, right
  *     after the batch-64 comparison, awaits each step before the next, and `ours-serial-steps`
  *     also finishes each on the device before answering it (CONVMAE_STEPS=serial): their A/B;
- *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B);
+ *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B),
+ *     and `ours-no-gemm-epilogue` every linear layer's bias by our row kernels instead of
+ *     cuBLASLt's epilogues (CONVMAE_GEMM_EPILOGUE=off: their A/B);
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -271,9 +273,16 @@ async function main(): Promise<void> {
   // candle's transfers and to tables built on the host.
   const transfersSuspect = failed((op) => op === 'transfer:upload,read_later');
   const tablesSuspect = failed((op) => op === 'sparse_neighbors:of_visible_tokens');
+  // cuBLASLt's bias epilogues (written after run 7 without a GPU) serve every linear layer,
+  // in the linear op and inside the sublayer ops: should a row of those fail other than the
+  // plain-gemm rows (or the agreement), our rows run without them (CONVMAE_GEMM_EPILOGUE=off).
+  const epilogueSuspect = failed((op) => /^(linear|linear_gelu|mlp_residual|attention_residual|conv_residual)(:|$)/.test(op) && !op.endsWith(':plain_gemm'));
   // The sublayer ops' backward writes its gradients in place since run 7: should their rows
-  // fail (or the agreement), the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite).
-  const sublayerSuspect = failed((op) => /^(mlp_residual|attention_residual)/.test(op));
+  // fail (or the agreement), the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite),
+  // unless the epilogues explain it: they are suspect and the MLP sublayer's plain-gemm row passed.
+  const plainSublayerPassed = agreement.some((a) => a.op === 'mlp_residual:plain_gemm' && a.path === 'kernels' && a.pass === true);
+  const sublayerSuspect = failed((op) => /^(mlp_residual|attention_residual)/.test(op)) && !(epilogueSuspect && plainSublayerPassed);
+  if (epilogueSuspect && !loadError && !profileOnly) log('a linear layer\'s agreement row failed (or the agreement did): our rows run with CONVMAE_GEMM_EPILOGUE=off');
   if (sublayerSuspect && !loadError && !profileOnly) log('a sublayer op\'s agreement row failed (or the agreement did): our rows run with CONVMAE_SUBLAYER=composite');
   // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
   // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
@@ -295,6 +304,7 @@ async function main(): Promise<void> {
     ...(tablesSuspect ? { CONVMAE_NEIGHBOUR_TABLES: 'host' } : {}),
     ...(compositeOps.length ? { CONVMAE_COMPOSITE_OPS: compositeOps.join(',') } : {}),
     ...(sublayerSuspect ? { CONVMAE_SUBLAYER: 'composite' } : {}),
+    ...(epilogueSuspect ? { CONVMAE_GEMM_EPILOGUE: 'off' } : {}),
   };
   if (overlapSuspect && !loadError && !profileOnly) log('overlapped steps did not match steps one at a time: our rows run with CONVMAE_STEPS=serial');
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');
@@ -387,6 +397,8 @@ async function main(): Promise<void> {
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
       // the patch layout, the decoder's entry): all four as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
+      // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
+      await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
     }
     // The same run of ours, checking after every optimizer step that each bf16 compute copy is
     // its master rounded (the packed copies are written in place by the fused AdamW): the row

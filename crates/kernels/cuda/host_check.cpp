@@ -571,6 +571,12 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts); });
     launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
     check("layer_norm input grad", std::vector<float>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
+    // The sublayer's form: the residual's gradient (here x) added in the same pass.
+    std::vector<float> with_residual(rows * d, NAN);
+    launch_warps(rows * 32, 128, [&] { layer_norm_bwd_input_add_f32(x.data(), w.data(), g.data(), st.data(), x.data(), with_residual.data(), rows, d); });
+    std::vector<double> gx_plus(rows * d);
+    for (int64_t i = 0; i < rows * d; ++i) gx_plus[i] = gx[i] + x[i];
+    check("layer_norm input grad + the residual's", with_residual, gx_plus, 1e-5);
     std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
     check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
 

@@ -73,10 +73,13 @@ __device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restr
     }
 }
 
-// gx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), xhat = (x - mean) * rstd.
+// gx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), xhat = (x - mean) * rstd; plus
+// `residual_grad` where it is not null: a sublayer's input gradient (the residual's, which is
+// its output's, plus the LayerNorm's) in one pass and one rounding.
 template <typename T>
 __device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
-                                             const float* __restrict__ stats, T* __restrict__ gx, int64_t rows, int64_t d) {
+                                             const float* __restrict__ stats, const T* __restrict__ residual_grad,
+                                             T* __restrict__ gx, int64_t rows, int64_t d) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
     const int lane = threadIdx.x % 32;
@@ -93,9 +96,11 @@ __device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* _
     const float mean_gw = warp_sum(sum_gw) / (float)d;
     const float mean_gw_xhat = warp_sum(sum_gw_xhat) / (float)d;
     T* out = gx + row * d;
+    const T* rg = residual_grad ? residual_grad + row * d : nullptr;
     for (int64_t j = lane; j < d; j += 32) {
         const float xhat = (load(xr[j]) - mean) * rstd;
-        out[j] = store<T>(rstd * (load(gr[j]) * load(weight[j]) - mean_gw - xhat * mean_gw_xhat));
+        const float ln = rstd * (load(gr[j]) * load(weight[j]) - mean_gw - xhat * mean_gw_xhat);
+        out[j] = store<T>(rg ? load(rg[j]) + ln : ln);
     }
 }
 
@@ -350,7 +355,12 @@ using namespace convmae;
     }                                                                                                             \
     extern "C" __global__ void layer_norm_bwd_input_##TNAME(const T* x, const T* weight, const T* g,             \
                                                             const float* stats, T* gx, int64_t rows, int64_t d) { \
-        ln_bwd_input<T>(x, weight, g, stats, gx, rows, d);                                                       \
+        ln_bwd_input<T>(x, weight, g, stats, (const T*)nullptr, gx, rows, d);                                    \
+    }                                                                                                             \
+    extern "C" __global__ void layer_norm_bwd_input_add_##TNAME(const T* x, const T* weight, const T* g,         \
+                                                                const float* stats, const T* residual_grad, T* gx, \
+                                                                int64_t rows, int64_t d) {                       \
+        ln_bwd_input<T>(x, weight, g, stats, residual_grad, gx, rows, d);                                        \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_param_partials_##TNAME(const T* x, const T* g, const float* stats,     \
                                                                  float* partials, int64_t rows, int64_t d,       \

@@ -276,6 +276,15 @@ fn cases() -> Result<Vec<Case>> {
             seed: 4,
             op: Box::new(|t| crate::linear(&t[0], &t[1], &t[2])),
         },
+        // The same by cuBLAS and our bias kernels, as before cuBLASLt's epilogues (the rows
+        // above take them on CUDA where they serve): should "linear" fail and this pass, the
+        // epilogues are what is wrong (the GPU check then turns them off).
+        Case {
+            name: "linear:plain_gemm",
+            shapes: vec![vec![4, 49, 768], vec![3072, 768], vec![3072]],
+            seed: 4,
+            op: Box::new(|t| crate::with_gemm_epilogue(false, || crate::linear(&t[0], &t[1], &t[2]))),
+        },
         Case {
             name: "linear_gelu",
             shapes: vec![vec![4, 49, 768], vec![3072, 768], vec![3072]],
@@ -289,6 +298,14 @@ fn cases() -> Result<Vec<Case>> {
             shapes: vec![vec![2, 196, 512], vec![512], vec![512], vec![2048, 512], vec![2048], vec![512, 2048], vec![512]],
             seed: 10,
             op: Box::new(|t| crate::mlp_residual(&(&t[0] * 2.0)?, (&(&t[1] + 1.5)?, &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]))),
+        },
+        Case {
+            name: "mlp_residual:plain_gemm",
+            shapes: vec![vec![2, 196, 512], vec![512], vec![512], vec![2048, 512], vec![2048], vec![512, 2048], vec![512]],
+            seed: 10,
+            op: Box::new(|t| {
+                crate::with_gemm_epilogue(false, || crate::mlp_residual(&(&t[0] * 2.0)?, (&(&t[1] + 1.5)?, &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6])))
+            }),
         },
         // Stage 3's attention sublayer (LayerNorm, qkv, attention, proj, residual) as one op. The
         // weights are scaled to about 1 / sqrt(fan-in), as trained ones are; with unit weights

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas_result, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::cublaslt::sys as lt_sys;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
@@ -75,9 +76,19 @@ pub(crate) trait Float: CudaDType + DeviceRepr + candle_core::cuda_backend::cuda
     /// matmuls honour (device setup turns TF32 on for f32, as PyTorch's allow_tf32 does), so
     /// our gemms and candle's round alike.
     fn compute_type() -> cublas_sys::cublasComputeType_t;
+    /// The same two for cuBLASLt (gemm_epilogue.rs), whose bindings have types of their own.
+    const LT_TYPE: lt_sys::cudaDataType_t;
+    fn lt_compute_type() -> lt_sys::cublasComputeType_t {
+        match Self::compute_type() {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            // bf16 and f16 inputs: plain 32F is the same tensor-core product (see `gemm_batched`).
+            _ => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        }
+    }
 }
 impl Float for f32 {
     const SUFFIX: &'static str = "f32";
+    const LT_TYPE: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_32F;
     const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_32F;
     fn compute_type() -> cublas_sys::cublasComputeType_t {
         if candle_core::cuda_backend::gemm_reduced_precision_f32() {
@@ -89,6 +100,7 @@ impl Float for f32 {
 }
 impl Float for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+    const LT_TYPE: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_16BF;
     const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_16BF;
     fn compute_type() -> cublas_sys::cublasComputeType_t {
         if candle_core::cuda_backend::gemm_reduced_precision_bf16() {
@@ -100,6 +112,7 @@ impl Float for half::bf16 {
 }
 impl Float for half::f16 {
     const SUFFIX: &'static str = "f16";
+    const LT_TYPE: lt_sys::cudaDataType_t = lt_sys::cudaDataType_t::CUDA_R_16F;
     const CUBLAS_TYPE: cublas_sys::cudaDataType_t = cublas_sys::cudaDataType_t::CUDA_R_16F;
     fn compute_type() -> cublas_sys::cublasComputeType_t {
         // candle's reduced-precision f16 mode accumulates in f16, which our gemms never do.
@@ -915,8 +928,9 @@ fn gemm_batched<A: Float, C: Float>(
     .map_err(|e| candle_core::Error::Msg(format!("{what}: cuBLAS gemm ({} x {m} x {k} by {k} x {n}): {e:?}", batch.count)))
 }
 
-/// y = x W^T + b (+ residual): the bias (plus the residual, when given: [rows, out]) broadcast
-/// into y's rows, then one gemm accumulating onto it. x: [rows, in], w: [out, in], b: [out]
+/// y = x W^T + b (+ residual): one cuBLASLt gemm with the bias (and the residual, when given:
+/// [rows, out]) in its epilogue where it serves (gemm_epilogue.rs); else the bias (plus the
+/// residual) broadcast into y's rows, then one gemm accumulating onto it. x: [rows, in], w: [out, in], b: [out]
 /// (row-major after `Operand`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_fwd<T: Float>(
@@ -933,20 +947,22 @@ pub(crate) fn linear_fwd<T: Float>(
     let (xo, wo, bo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(w, w_l)?, Operand::<T>::new(b, b_l)?);
     let (xv, wv, bv) = (xo.view()?, wo.view()?, bo.view()?);
     let mut y = alloc::<T>(dev, rows * out)?;
+    let residual = residual.map(|(res, res_l)| Operand::<T>::new(res, res_l)).transpose()?;
+    let residual_view = residual.as_ref().map(|r| r.view()).transpose()?;
+    if crate::gemm_epilogue::linear_fwd(dev, &xv, &wv, &bv, residual_view.as_ref(), (rows, inp, out), &mut y.slice_mut(..))? {
+        return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+    }
     {
         let (r, d) = (rows as i64, out as i64);
         let stream = dev.cuda_stream();
-        match residual {
+        match &residual_view {
             None => {
                 let f = func(dev, Module::Rows, &format!("rows_broadcast_{}", T::SUFFIX))?;
                 let mut builder = stream.launch_builder(&f);
                 builder.arg(&bv).arg(&mut y).arg(&r).arg(&d);
                 unsafe { builder.launch(launch_per_row(rows)) }.w()?;
             }
-            Some((res, res_l)) => {
-                let ro = Operand::<T>::new(res, res_l)?;
-                add_row_into(dev, &ro.view()?, &bv, &mut y, (rows, out))?;
-            }
+            Some(res) => add_row_into(dev, res, &bv, &mut y, (rows, out))?,
         }
     }
     gemm(dev, (rows, out, inp), &xv, Trans::No, &wv, Trans::Yes, &mut y.slice_mut(..), true, "linear")?;
@@ -988,6 +1004,8 @@ pub(crate) fn linear_bwd<T: Float>(
 
 /// `linear_bwd` into views of the caller's: dx [rows, in], dW [out, in] and db [out] (the
 /// sublayer's backward writes its weight and bias gradients straight into its packed result).
+/// dW and db come from one cuBLASLt gemm where its bias-gradient epilogue serves
+/// (gemm_epilogue.rs), else from a gemm and our column sums.
 fn linear_bwd_into<T: Float>(
     dev: &CudaDevice,
     (x, w, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
@@ -995,6 +1013,9 @@ fn linear_bwd_into<T: Float>(
     (dx, dw, db): (&mut CudaViewMut<T>, &mut CudaViewMut<T>, &mut CudaViewMut<T>),
 ) -> Result<()> {
     gemm(dev, (rows, inp, out), g, Trans::No, w, Trans::No, dx, false, "linear_backward")?;
+    if crate::gemm_epilogue::weight_and_bias_grads(dev, x, g, (rows, inp, out), dw, db)? {
+        return Ok(());
+    }
     gemm(dev, (out, inp, rows), g, Trans::Yes, x, Trans::No, dw, false, "linear_backward")?;
     column_sums_into(dev, g, (rows, out), db)
 }
@@ -1222,20 +1243,11 @@ pub(crate) fn sublayer_bwd<T: Float>(
         linear_bwd_into(dev, (&xo.view()?, &w1o.view()?, &dho.view()?), (rows, d, first_out), (&mut dxln.slice_mut(..), &mut dw1, &mut db1))?;
     }
     drop(dh);
-    // The LayerNorm: its input gradient, with d ln_w and d ln_b in place.
-    let mut dx_ln = alloc::<T>(dev, rows * d)?;
+    // The LayerNorm: dx = grad (the residual's) + its input gradient, in one pass, with d ln_w
+    // and d ln_b in place.
     {
         let (xo, lnwo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(vectors, &at.ln_w)?);
-        layer_norm_bwd_into(dev, (&xo.view()?, &lnwo.view()?, &dxln.slice(..)), stats, (rows, d), (&mut dx_ln.slice_mut(..), &mut dln))?;
-    }
-    // dx = grad (the residual's) + dx_ln.
-    {
-        let f = func(dev, Module::Elementwise, &format!("add_{}", T::SUFFIX))?;
-        let nn = (rows * d) as i64;
-        let stream = dev.cuda_stream();
-        let mut builder = stream.launch_builder(&f);
-        builder.arg(&gv).arg(&dx_ln).arg(&mut dx).arg(&nn);
-        unsafe { builder.launch(launch_grid_stride(rows * d)) }.w()?;
+        layer_norm_bwd_into(dev, (&xo.view()?, &lnwo.view()?, &dxln.slice(..)), stats, Some(&gv), (rows, d), (&mut dx, &mut dln))?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
@@ -1503,25 +1515,32 @@ pub(crate) fn layer_norm_bwd<T: Float>(
     };
     let mut out = alloc::<T>(dev, (rows + 2) * d)?;
     let (mut gx, mut dparams) = out.split_at_mut(rows * d);
-    layer_norm_bwd_into(dev, (&xv, &wv, &gv), stats, (rows, d), (&mut gx, &mut dparams))?;
+    layer_norm_bwd_into(dev, (&xv, &wv, &gv), stats, None, (rows, d), (&mut gx, &mut dparams))?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// `layer_norm_bwd` into views of the caller's: the input gradient [rows, d] and the weight and
+/// `layer_norm_bwd` into views of the caller's: the input gradient [rows, d] (plus
+/// `residual_grad`, [rows, d], where given: a sublayer's input gradient) and the weight and
 /// bias gradients side by side [2, d].
 fn layer_norm_bwd_into<T: Float>(
     dev: &CudaDevice,
     (x, w, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
     stats: &CudaSlice<f32>,
+    residual_grad: Option<&CudaView<T>>,
     (rows, d): (usize, usize),
     (gx, dparams): (&mut CudaViewMut<T>, &mut CudaViewMut<T>),
 ) -> Result<()> {
     let (r, dd) = (rows as i64, d as i64);
     let stream = dev.cuda_stream();
     {
-        let f = func(dev, Module::Rows, &format!("layer_norm_bwd_input_{}", T::SUFFIX))?;
+        let name = if residual_grad.is_some() { "layer_norm_bwd_input_add" } else { "layer_norm_bwd_input" };
+        let f = func(dev, Module::Rows, &format!("{name}_{}", T::SUFFIX))?;
         let mut builder = stream.launch_builder(&f);
-        builder.arg(x).arg(w).arg(g).arg(stats).arg(gx).arg(&r).arg(&dd);
+        builder.arg(x).arg(w).arg(g).arg(stats);
+        if let Some(rg) = residual_grad {
+            builder.arg(rg);
+        }
+        builder.arg(gx).arg(&r).arg(&dd);
         unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
     }
     let (per_part, parts) = split(rows);

@@ -53,6 +53,8 @@ mod attention;
 pub mod composite;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod gemm_epilogue;
 mod depthwise_conv;
 mod erf_f32;
 mod gelu;
@@ -78,7 +80,7 @@ pub use composite::{has_kernel, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
-pub use linear::{linear, linear_gelu};
+pub use linear::{linear, linear_gelu, with_gemm_epilogue};
 pub use normalize::normalize_rgb;
 pub use patch_blocks::patch_blocks;
 pub use patch_loss::masked_patch_mse;

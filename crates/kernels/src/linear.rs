@@ -13,6 +13,27 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+thread_local! {
+    static FORCED_EPILOGUE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether a linear layer on CUDA takes its bias (and residual) inside its gemm, by cuBLASLt's
+/// epilogues (gemm_epilogue.rs), where cuBLASLt serves its shape: `CONVMAE_GEMM_EPILOGUE`
+/// (`cublaslt`, the default, or `off`: the bias by our row kernels, as before the epilogues),
+/// read once per process, unless `with_gemm_epilogue` decides. The CPU ignores it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn gemm_epilogue_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    FORCED_EPILOGUE.with(|c| c.get()).unwrap_or_else(|| !*OFF.get_or_init(|| crate::env_switch("CONVMAE_GEMM_EPILOGUE", "cublaslt", "off")))
+}
+
+/// Runs `f` with the gemm epilogues on or off whatever `CONVMAE_GEMM_EPILOGUE` says: the
+/// agreement check measures both forms of the linear ops with it. Nested calls restore the outer
+/// choice, also on a panic.
+pub fn with_gemm_epilogue<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    crate::composite::with_override(&FORCED_EPILOGUE, on, f)
+}
+
 fn threads() -> Parallelism {
     match rayon::current_num_threads() {
         1 => Parallelism::None,
