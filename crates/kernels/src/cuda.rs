@@ -184,6 +184,12 @@ fn launch_grid_stride(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The element-wise kernels that move 16 bytes of each operand a thread (elementwise.cu
+/// `map_packed`): a thread per 16 bytes of `n` elements of `T`, as a grid-stride launch.
+fn launch_packed<T: Float>(n: usize) -> LaunchConfig {
+    launch_grid_stride(n.div_ceil(16 / std::mem::size_of::<T>()))
+}
+
 /// A block per row (up to 2^16 blocks, striding over the rest): the bias broadcasts.
 fn launch_per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
@@ -1625,7 +1631,7 @@ pub(crate) fn gelu_fwd<T: Float>(x: &CudaStorage, x_l: &Layout) -> Result<CudaSt
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
     builder.arg(&xv).arg(&mut y).arg(&nn);
-    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    unsafe { builder.launch(launch_packed::<T>(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
@@ -1640,7 +1646,7 @@ pub(crate) fn gelu_bwd<T: Float>(x: &CudaStorage, x_l: &Layout, grad: &CudaStora
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
     builder.arg(&xv).arg(&gv).arg(&mut gx).arg(&nn);
-    unsafe { builder.launch(launch_grid_stride(n)) }.w()?;
+    unsafe { builder.launch(launch_packed::<T>(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
 }
 
