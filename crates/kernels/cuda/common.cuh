@@ -32,6 +32,33 @@ template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float 
 template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
 #endif
 
+// The raw word one vector load or store of `BYTES` bytes moves (the CUDA vector types).
+template <int BYTES> struct RawWord;
+template <> struct RawWord<4> { using type = uint32_t; };
+template <> struct RawWord<8> { using type = uint2; };
+template <> struct RawWord<16> { using type = uint4; };
+
+// V consecutive elements of T at p (aligned to V * sizeof(T) bytes) as f32, in one vector load.
+template <typename T, int V>
+__device__ __forceinline__ void load_lanes(const T* __restrict__ p, float (&out)[V]) {
+    using Raw = typename RawWord<(int)sizeof(T) * V>::type;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = load(e[i]);
+}
+
+// V values rounded to T, stored at p (aligned to V * sizeof(T) bytes) in one vector store.
+template <typename T, int V>
+__device__ __forceinline__ void store_lanes(T* __restrict__ p, const float (&v)[V]) {
+    using Raw = typename RawWord<(int)sizeof(T) * V>::type;
+    Raw raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = store<T>(v[i]);
+    *reinterpret_cast<Raw*>(p) = raw;
+}
+
 // Global index of this thread in a 1-D launch, widened before the multiply so grids of more
 // than 2^31 threads (in total) index correctly.
 __device__ __forceinline__ int64_t global_thread() {

@@ -19,6 +19,11 @@
 //
 // K = 3, 5, 7 are compiled with the kernel size fixed (taps and the sliding window unrolled
 // into registers); `kany` kernels take any odd K at run time, reading the taps from memory.
+// For those three the sparse kernels also have vector forms (`*_lanes`: several channels a
+// thread, each operand read in one vector load), which src/cuda.rs takes where C and the
+// addresses allow: run 7 spent 2.0 ms of its step in the one-channel forms (1.3 ms gathering,
+// 0.7 ms of weight partials), their loads of 2 bytes each.
+
 
 #include "common.cuh"
 
@@ -234,6 +239,48 @@ __device__ __forceinline__ void sparse_gather(const T* __restrict__ src, const T
     }
 }
 
+// w_t[t, c] = w[c, t]: the taps of the weight in rows of channels, as `sparse_gather_lanes`
+// reads them. One thread per element.
+template <typename T>
+__device__ __forceinline__ void taps_major(const T* __restrict__ w, T* __restrict__ w_t, int64_t c, int kk) {
+    const int64_t idx = global_thread();
+    if (idx >= c * kk) return;
+    w_t[idx] = w[(idx % c) * kk + idx / c];
+}
+
+// `sparse_gather` on 16 bytes of channels a thread (V = 8 bf16 or 4 f32) and one row: per
+// tap one vector load of the neighbour's V channels and one of the taps' (`w_t`, [KK, C] from
+// `taps_major`: in L1, as every thread reads the same K*K rows), where the one-channel form
+// makes V loads of each and V of the table entry. With the taps not held in registers there
+// is nothing to share across rows, so a thread takes one, for as many loads in flight as the
+// one-channel form has. The same products, summed in the same order. Needs C a multiple of V
+// and src, w_t and out 16-byte aligned (src/cuda.rs checks).
+template <typename T, int K>
+__device__ __forceinline__ void sparse_gather_lanes(const T* __restrict__ src, const T* __restrict__ w_t,
+                                                    const int32_t* __restrict__ nbr, T* __restrict__ out,
+                                                    int64_t rows, int64_t c, int flip) {
+    constexpr int KK = K * K, V = 16 / (int)sizeof(T);
+    const int64_t groups = c / V;
+    const int64_t idx = global_thread();
+    if (idx >= rows * groups) return;
+    const int64_t ch = (idx % groups) * V;
+    const int64_t n = idx / groups;
+    const int32_t* row_nbr = nbr + n * KK;
+    float acc[V] = {};
+#pragma unroll
+    for (int t = 0; t < KK; ++t) {
+        const int32_t m = row_nbr[t];
+        if (m >= 0) {
+            float w[V], x[V];
+            load_lanes<T, V>(w_t + (int64_t)(flip ? KK - 1 - t : t) * c + ch, w);
+            load_lanes<T, V>(src + (int64_t)m * c + ch, x);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += w[e] * x[e];
+        }
+    }
+    store_lanes<T, V>(out + n * c + ch, acc);
+}
+
 // partials[part, t, c] = sum over rows n in [part * rows_per_part, (part + 1) * rows_per_part)
 // of gout[n, c] * inp[nbr[n, t], c]. One thread per (part, c).
 template <typename T, int K>
@@ -275,6 +322,46 @@ __device__ __forceinline__ void sparse_weight_partials(const T* __restrict__ inp
             }
             dst[t * c] = acc;
         }
+    }
+}
+
+// `sparse_weight_partials` on 2 channels a thread (one 4-byte load of bf16, 8 of f32, per
+// operand and row or tap: half the loads), the same sums in the same order. 2, not the gather's
+// 16 bytes: the thread holds K*K sums per channel. Needs C even and inp and gout aligned to
+// two elements (src/cuda.rs checks).
+template <typename T, int K>
+__device__ __forceinline__ void sparse_weight_partials_lanes(const T* __restrict__ inp, const T* __restrict__ gout,
+                                                             const int32_t* __restrict__ nbr, float* __restrict__ partials,
+                                                             int64_t rows, int64_t c, int64_t rows_per_part, int64_t parts) {
+    constexpr int KK = K * K, V = 2;
+    const int64_t groups = c / V;
+    const int64_t idx = global_thread();
+    if (idx >= parts * groups) return;
+    const int64_t ch = (idx % groups) * V;
+    const int64_t part = idx / groups;
+    const int64_t n0 = part * rows_per_part;
+    const int64_t n1 = min(n0 + rows_per_part, rows);
+    float acc[KK][V] = {};
+    for (int64_t n = n0; n < n1; ++n) {
+        float gv[V];
+        load_lanes<T, V>(gout + n * c + ch, gv);
+        const int32_t* row_nbr = nbr + n * KK;
+#pragma unroll
+        for (int t = 0; t < KK; ++t) {
+            const int32_t m = row_nbr[t];
+            if (m >= 0) {
+                float x[V];
+                load_lanes<T, V>(inp + (int64_t)m * c + ch, x);
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[t][e] += gv[e] * x[e];
+            }
+        }
+    }
+    float* dst = partials + part * KK * c + ch;
+#pragma unroll
+    for (int t = 0; t < KK; ++t) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) dst[t * c + e] = acc[t][e];
     }
 }
 
@@ -333,11 +420,29 @@ extern "C" __global__ void visible_neighbors(const uint32_t* ids_keep, const int
         sparse_weight_partials<T, K>(inp, gout, nbr, partials, rows, c, k, rows_per_part, parts);              \
     }
 
+// The vector forms, for the kernel sizes compiled fixed.
+#define DW_LANE_KERNELS(K, KNAME, T, TNAME)                                                                   \
+    extern "C" __global__ void sdwconv_gather_lanes_##KNAME##_##TNAME(                                         \
+        const T* src, const T* w_t, const int32_t* nbr, T* out, int64_t rows, int64_t c, int flip) {           \
+        sparse_gather_lanes<T, K>(src, w_t, nbr, out, rows, c, flip);                                          \
+    }                                                                                                          \
+    extern "C" __global__ void sdwconv_weight_partials_lanes_##KNAME##_##TNAME(                                \
+        const T* inp, const T* gout, const int32_t* nbr, float* partials, int64_t rows, int64_t c,             \
+        int64_t rows_per_part, int64_t parts) {                                                                \
+        sparse_weight_partials_lanes<T, K>(inp, gout, nbr, partials, rows, c, rows_per_part, parts);          \
+    }
+
 #define DW_KERNELS_ALL_K(T, TNAME) \
     DW_KERNELS(3, k3, T, TNAME)    \
     DW_KERNELS(5, k5, T, TNAME)    \
     DW_KERNELS(7, k7, T, TNAME)    \
     DW_KERNELS(0, kany, T, TNAME)  \
+    DW_LANE_KERNELS(3, k3, T, TNAME) \
+    DW_LANE_KERNELS(5, k5, T, TNAME) \
+    DW_LANE_KERNELS(7, k7, T, TNAME) \
+    extern "C" __global__ void dw_taps_major_##TNAME(const T* w, T* w_t, int64_t c, int kk) {           \
+        taps_major<T>(w, w_t, c, kk);                                                                   \
+    }                                                                                                   \
     extern "C" __global__ void dw_reduce_partials_##TNAME(const float* partials, T* out, int64_t parts, \
                                                           int64_t a, int64_t b, int transpose) {          \
         reduce_partials<T>(partials, out, parts, a, b, transpose);                                      \

@@ -34,16 +34,12 @@ __device__ __forceinline__ void map_packed(const T* __restrict__ a, const T* __r
     if ((((uintptr_t)a | (uintptr_t)b | (uintptr_t)out) & 15) == 0) {
         const int64_t packs = n / V;
         for (int64_t p = global_thread(); p < packs; p += stride) {
-            const uint4 ra = reinterpret_cast<const uint4*>(a)[p];
-            uint4 rb = ra;
-            if (b) rb = reinterpret_cast<const uint4*>(b)[p];
-            uint4 ro;
-            const T* ea = reinterpret_cast<const T*>(&ra);
-            const T* eb = reinterpret_cast<const T*>(&rb);
-            T* eo = reinterpret_cast<T*>(&ro);
+            float va[V], vb[V] = {}, vo[V];
+            load_lanes<T, V>(a + p * V, va);
+            if (b) load_lanes<T, V>(b + p * V, vb);
 #pragma unroll
-            for (int e = 0; e < V; ++e) eo[e] = store<T>(f(load(ea[e]), b ? load(eb[e]) : 0.f));
-            reinterpret_cast<uint4*>(out)[p] = ro;
+            for (int e = 0; e < V; ++e) vo[e] = f(va[e], vb[e]);
+            store_lanes<T, V>(out + p * V, vo);
         }
         done = packs * V;
     }

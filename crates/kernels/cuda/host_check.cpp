@@ -33,6 +33,9 @@
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
@@ -243,6 +246,8 @@ static const char* k_suffix(int k) { return k == 3 ? "k3" : k == 5 ? "k5" : k ==
     ((k) == 3 ? prefix##_k3_f32 : (k) == 5 ? prefix##_k5_f32 : (k) == 7 ? prefix##_k7_f32 \
                                                                         : prefix##_kany_f32)
 
+#define PICK_FIXED(prefix, k) ((k) == 3 ? prefix##_k3_f32 : (k) == 5 ? prefix##_k5_f32 : prefix##_k7_f32)
+
 static void check_dense(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int64_t target_parts) {
     const int p = k / 2, kk = k * k;
     const auto x = random_values(nb * h * w * c, 1 + k), wt = random_values(c * kk, 2 + k), g = random_values(nb * h * w * c, 3 + k);
@@ -340,6 +345,36 @@ static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int
     launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
     std::snprintf(name, sizeof name, "sparse weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
     check(name, wgrad, gw, 1e-5);
+    if (k != 3 && k != 5 && k != 7) return;  // the vector forms exist for the kernel sizes compiled fixed
+
+    // The vector forms (f32 here: 4 channels a thread in the gather, 2 in the weight partials),
+    // where C allows them, launched as src/cuda.rs does.
+    if (c % 4 == 0) {
+        std::vector<float> w_t(kk * c, NAN);
+        launch(kk * c, 256, [&] { dw_taps_major_f32(wt.data(), w_t.data(), c, kk); });
+        std::vector<double> want_t(kk * c);
+        for (int64_t ch = 0; ch < c; ++ch)
+            for (int t = 0; t < kk; ++t) want_t[t * c + ch] = wt[ch * kk + t];
+        check("sparse taps-major weight", w_t, want_t, 0);
+        auto gather_lanes = PICK_FIXED(sdwconv_gather_lanes, k);
+        const int64_t threads = rows * (c / 4);
+        std::fill(out.begin(), out.end(), NAN);
+        launch(threads, 256, [&] { gather_lanes(x.data(), w_t.data(), nbr.data(), out.data(), rows, c, 0); });
+        std::snprintf(name, sizeof name, "sparse forward, 4 channels a thread %s C%lld", k_suffix(k), (long long)c);
+        check(name, out, fwd, 1e-5);
+        std::fill(out.begin(), out.end(), NAN);
+        launch(threads, 256, [&] { gather_lanes(g.data(), w_t.data(), nbr.data(), out.data(), rows, c, 1); });
+        check("sparse input grad, 4 channels a thread", out, gin, 1e-5);
+    }
+    if (c % 2 == 0) {
+        std::fill(partials.begin(), partials.end(), NAN);
+        std::fill(wgrad.begin(), wgrad.end(), NAN);
+        auto partial_lanes = PICK_FIXED(sdwconv_weight_partials_lanes, k);
+        launch(parts * (c / 2), 256, [&] { partial_lanes(x.data(), g.data(), nbr.data(), partials.data(), rows, c, per_part, parts); });
+        launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+        std::snprintf(name, sizeof name, "sparse weight grad, 2 channels a thread %s C%lld", k_suffix(k), (long long)c);
+        check(name, wgrad, gw, 1e-5);
+    }
 }
 
 static void check_elementwise() {
@@ -965,6 +1000,10 @@ int main() {
         check_dense(1, 5, 4, 3, k, 512);
         check_sparse(2, 7, 9, 37, k, 5);
         check_sparse(1, 6, 5, 3, k, 512);
+        // C a multiple of the vector forms' channels a thread: more groups than a warp, fewer.
+        check_sparse(2, 7, 9, 40, k, 5);
+        check_sparse(1, 6, 5, 4, k, 512);
+        check_sparse(1, 5, 6, 2, k, 3);
     }
     check_visible_neighbors(2, 4, 4, 5, 5, 1);
     check_visible_neighbors(3, 5, 2, 7, 5, 2);

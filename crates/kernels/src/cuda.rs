@@ -202,6 +202,13 @@ fn launch_rows(rows: usize, what: &str) -> Result<LaunchConfig> {
 }
 
 /// Name suffix of the depthwise kernels compiled for kernel size `k`.
+/// Whether `v`'s device address is a multiple of `bytes` (the vector loads' alignment).
+fn aligned<T>(dev: &CudaDevice, v: &CudaView<T>, bytes: usize) -> bool {
+    let stream = dev.cuda_stream();
+    let (ptr, _guard) = v.device_ptr(&stream);
+    ptr.is_multiple_of(bytes as u64)
+}
+
 fn k_name(k: usize) -> &'static str {
     match k {
         3 => "k3",
@@ -382,7 +389,9 @@ impl std::fmt::Debug for DeviceTable {
 }
 
 /// `out[n, c] = sum_t w[c, t] * src[nbr[n, t], c]` on `[N, C]` rows; `flip` rotates the
-/// kernel (the input gradient).
+/// kernel (the input gradient). For K = 3, 5, 7 with C a multiple of 16 bytes' elements, the
+/// vector form (depthwise.cu `sparse_gather_lanes`, after the taps are laid out [K*K, C]);
+/// else a channel a thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sparse_gather<T: Float>(
     src: &CudaStorage,
@@ -397,6 +406,29 @@ pub(crate) fn sparse_gather<T: Float>(
     let (x, wt) = (Operand::<T>::new(src, src_l)?, Operand::<T>::new(weight, weight_l)?);
     let (x, wt) = (x.view()?, wt.view()?);
     let mut out = alloc::<T>(dev, rows * c)?;
+    // 16 bytes of channels a thread where the shape and the input's address allow it (the
+    // output and the taps-major weight are fresh, so aligned).
+    let lanes = 16 / std::mem::size_of::<T>();
+    if k_name(k) != "kany" && c % lanes == 0 && aligned(dev, &x, 16) {
+        let kk = k * k;
+        let mut w_t = alloc::<T>(dev, kk * c)?;
+        let stream = dev.cuda_stream();
+        {
+            let f = func(dev, Module::Depthwise, &format!("dw_taps_major_{}", T::SUFFIX))?;
+            let (cc, kki) = (c as i64, kk as i32);
+            let mut builder = stream.launch_builder(&f);
+            builder.arg(&wt).arg(&mut w_t).arg(&cc).arg(&kki);
+            unsafe { builder.launch(launch_1d(kk * c, BLOCK, "sparse_depthwise_conv2d")?) }.w()?;
+        }
+        let f = func(dev, Module::Depthwise, &format!("sdwconv_gather_lanes_{}_{}", k_name(k), T::SUFFIX))?;
+        // A row and 16 bytes of channels a thread.
+        let cfg = launch_1d(rows * (c / lanes), BLOCK, "sparse_depthwise_conv2d")?;
+        let (n, cc, fl) = (rows as i64, c as i64, flip as i32);
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&x).arg(&w_t).arg(table).arg(&mut out).arg(&n).arg(&cc).arg(&fl);
+        unsafe { builder.launch(cfg) }.w()?;
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    }
     let f = func(dev, Module::Depthwise, &format!("sdwconv_gather_{}_{}", k_name(k), T::SUFFIX))?;
     // SPARSE_ROWS = 8 rows per thread (depthwise.cu).
     let cfg = launch_1d(rows.div_ceil(8) * c, BLOCK, "sparse_depthwise_conv2d")?;
@@ -435,12 +467,22 @@ fn sparse_weight_grad_into<T: Float>(
     let kk = k * k;
     let (per_part, parts) = split(rows);
     let mut partials = alloc::<f32>(dev, parts * kk * c)?;
-    let f = func(dev, Module::Depthwise, &format!("sdwconv_weight_partials_{}_{}", k_name(k), T::SUFFIX))?;
-    let cfg = launch_1d(parts * c, BLOCK, "sparse_depthwise_conv2d_weight_grad")?;
+    // Two channels a thread where the shape and the addresses allow it (depthwise.cu
+    // `sparse_weight_partials_lanes`), else one.
+    let pair = 2 * std::mem::size_of::<T>();
+    let lanes = k_name(k) != "kany" && c % 2 == 0 && aligned(dev, x, pair) && aligned(dev, g, pair);
+    let (name, threads) = if lanes { ("sdwconv_weight_partials_lanes", parts * c / 2) } else { ("sdwconv_weight_partials", parts * c) };
+    let f = func(dev, Module::Depthwise, &format!("{name}_{}_{}", k_name(k), T::SUFFIX))?;
+    let cfg = launch_1d(threads, BLOCK, "sparse_depthwise_conv2d_weight_grad")?;
     let (n, cc, ki, pp, np) = (rows as i64, c as i64, k as i32, per_part as i64, parts as i64);
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(x).arg(g).arg(table).arg(&mut partials).arg(&n).arg(&cc).arg(&ki).arg(&pp).arg(&np);
+    builder.arg(x).arg(g).arg(table).arg(&mut partials).arg(&n).arg(&cc);
+    // The vector form has K compiled in; the one-channel form also takes it at run time.
+    if !lanes {
+        builder.arg(&ki);
+    }
+    builder.arg(&pp).arg(&np);
     unsafe { builder.launch(cfg) }.w()?;
     reduce_partials(dev, Module::Depthwise, "dw", &partials, out, (parts, kk, c), true)
 }
