@@ -34,6 +34,7 @@ template <> __device__ __forceinline__ __half store<__half>(float v) { return __
 
 // The raw word one vector load or store of `BYTES` bytes moves (the CUDA vector types).
 template <int BYTES> struct RawWord;
+template <> struct RawWord<2> { using type = uint16_t; };
 template <> struct RawWord<4> { using type = uint32_t; };
 template <> struct RawWord<8> { using type = uint2; };
 template <> struct RawWord<16> { using type = uint4; };

@@ -607,7 +607,7 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * 2 * d, NAN);
-    launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts); });
+    launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts, 0); });
     launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
     check("layer_norm input grad", std::vector<float>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
     // The sublayer's form: the residual's gradient (here x) added in the same pass.
@@ -618,6 +618,15 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     check("layer_norm input grad + the residual's", with_residual, gx_plus, 1e-5);
     std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
     check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
+    if (d % 2 == 0) {
+        // Two f32 columns a thread (8 bytes), as src/cuda.rs launches it where it can.
+        std::fill(partials.begin(), partials.end(), NAN);
+        std::fill(packed.begin() + rows * d, packed.end(), NAN);
+        launch(parts * d / 2, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts, 1); });
+        launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
+        std::snprintf(name, sizeof name, "layer_norm weight + bias grads, 2 columns a thread (%lld parts)", (long long)parts);
+        check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
+    }
 
     std::vector<double> sm(rows * d), sgx(rows * d);
     for (int64_t r = 0; r < rows; ++r) {

@@ -23,19 +23,42 @@ __device__ __forceinline__ int64_t warp_row(int64_t rows) {
     return row < rows ? row : -1;
 }
 
+// The row kernels below read and write 16 bytes a lane (PACK<T> elements, one vector load or
+// store) where the row length keeps every row 16-byte aligned and every pointer is; else one
+// element a lane (V = 1), as before (run 7: the LayerNorm kernels' 2-byte loads, 2.3 ms of its
+// step). A lane takes elements [lane * V, lane * V + V), then 32 * V further on, and so on.
+template <typename T>
+constexpr int PACK = 16 / (int)sizeof(T);
+
+template <typename T>
+__device__ __forceinline__ bool rows_packable(int64_t d, const void* a, const void* b, const void* c = nullptr,
+                                              const void* e = nullptr, const void* f = nullptr) {
+    return d % PACK<T> == 0 && (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)e | (uintptr_t)f) & 15) == 0;
+}
+
 // Mean and 1/sqrt(biased variance + eps) of one row, in two passes (mean, then the mean of the
 // squared deviations) like the CPU kernel: the one-pass E[x^2] - E[x]^2 loses digits to
 // cancellation when the mean is large against the spread.
-template <typename T>
+template <typename T, int V>
 __device__ __forceinline__ void row_stats(const T* __restrict__ xr, int64_t d, float eps, float& mean, float& rstd) {
     const int lane = threadIdx.x % 32;
     float s = 0.f;
-    for (int64_t j = lane; j < d; j += 32) s += load(xr[j]);
+    for (int64_t j = lane * V; j < d; j += 32 * V) {
+        float xv[V];
+        load_lanes<T, V>(xr + j, xv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += xv[e];
+    }
     mean = warp_sum(s) / (float)d;
     float v = 0.f;
-    for (int64_t j = lane; j < d; j += 32) {
-        const float t = load(xr[j]) - mean;
-        v += t * t;
+    for (int64_t j = lane * V; j < d; j += 32 * V) {
+        float xv[V];
+        load_lanes<T, V>(xr + j, xv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float t = xv[e] - mean;
+            v += t * t;
+        }
     }
     // 1/sqrtf rather than rsqrtf: rsqrtf is only accurate to a couple of ulps.
     rstd = 1.f / sqrtf(warp_sum(v) / (float)d + eps);
@@ -43,21 +66,38 @@ __device__ __forceinline__ void row_stats(const T* __restrict__ xr, int64_t d, f
 
 // y = (x - mean) * rstd * w + b; (mean, rstd) of each row saved to stats[row, 0..2] for the
 // backward.
+template <typename T, int V>
+__device__ __forceinline__ void ln_fwd_v(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
+                                         T* __restrict__ y, float* __restrict__ stats, int64_t row, int64_t d, float eps) {
+    const int lane = threadIdx.x % 32;
+    const T* xr = x + row * d;
+    float mean, rstd;
+    row_stats<T, V>(xr, d, eps, mean, rstd);
+    T* yr = y + row * d;
+    for (int64_t j = lane * V; j < d; j += 32 * V) {
+        float xv[V], wv[V], bv[V], yv[V];
+        load_lanes<T, V>(xr + j, xv);
+        load_lanes<T, V>(weight + j, wv);
+        load_lanes<T, V>(bias + j, bv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) yv[e] = (xv[e] - mean) * rstd * wv[e] + bv[e];
+        store_lanes<T, V>(yr + j, yv);
+    }
+    if (lane == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                                        T* __restrict__ y, float* __restrict__ stats, int64_t rows, int64_t d, float eps) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
-    const int lane = threadIdx.x % 32;
-    const T* xr = x + row * d;
-    float mean, rstd;
-    row_stats(xr, d, eps, mean, rstd);
-    T* yr = y + row * d;
-    for (int64_t j = lane; j < d; j += 32) yr[j] = store<T>((load(xr[j]) - mean) * rstd * load(weight[j]) + load(bias[j]));
-    if (lane == 0) {
-        stats[2 * row] = mean;
-        stats[2 * row + 1] = rstd;
-    }
+    if (rows_packable<T>(d, x, weight, bias, y))
+        ln_fwd_v<T, PACK<T>>(x, weight, bias, y, stats, row, d, eps);
+    else
+        ln_fwd_v<T, 1>(x, weight, bias, y, stats, row, d, eps);
 }
 
 // Only the statistics, for a backward whose forward left none (see src/layer_norm.rs).
@@ -66,7 +106,10 @@ __device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restr
     const int64_t row = warp_row(rows);
     if (row < 0) return;
     float mean, rstd;
-    row_stats(x + row * d, d, eps, mean, rstd);
+    if (rows_packable<T>(d, x, nullptr))
+        row_stats<T, PACK<T>>(x + row * d, d, eps, mean, rstd);
+    else
+        row_stats<T, 1>(x + row * d, d, eps, mean, rstd);
     if (threadIdx.x % 32 == 0) {
         stats[2 * row] = mean;
         stats[2 * row + 1] = rstd;
@@ -76,54 +119,106 @@ __device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restr
 // gx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), xhat = (x - mean) * rstd; plus
 // `residual_grad` where it is not null: a sublayer's input gradient (the residual's, which is
 // its output's, plus the LayerNorm's) in one pass and one rounding.
-template <typename T>
-__device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
-                                             const float* __restrict__ stats, const T* __restrict__ residual_grad,
-                                             T* __restrict__ gx, int64_t rows, int64_t d) {
-    const int64_t row = warp_row(rows);
-    if (row < 0) return;
+template <typename T, int V>
+__device__ __forceinline__ void ln_bwd_input_v(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
+                                               const float* __restrict__ stats, const T* __restrict__ residual_grad,
+                                               T* __restrict__ gx, int64_t row, int64_t d) {
     const int lane = threadIdx.x % 32;
     const float mean = stats[2 * row];
     const float rstd = stats[2 * row + 1];
     const T* xr = x + row * d;
     const T* gr = g + row * d;
     float sum_gw = 0.f, sum_gw_xhat = 0.f;
-    for (int64_t j = lane; j < d; j += 32) {
-        const float gw = load(gr[j]) * load(weight[j]);
-        sum_gw += gw;
-        sum_gw_xhat += gw * ((load(xr[j]) - mean) * rstd);
+    for (int64_t j = lane * V; j < d; j += 32 * V) {
+        float xv[V], wv[V], gv[V];
+        load_lanes<T, V>(xr + j, xv);
+        load_lanes<T, V>(weight + j, wv);
+        load_lanes<T, V>(gr + j, gv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float gw = gv[e] * wv[e];
+            sum_gw += gw;
+            sum_gw_xhat += gw * ((xv[e] - mean) * rstd);
+        }
     }
     const float mean_gw = warp_sum(sum_gw) / (float)d;
     const float mean_gw_xhat = warp_sum(sum_gw_xhat) / (float)d;
     T* out = gx + row * d;
     const T* rg = residual_grad ? residual_grad + row * d : nullptr;
-    for (int64_t j = lane; j < d; j += 32) {
-        const float xhat = (load(xr[j]) - mean) * rstd;
-        const float ln = rstd * (load(gr[j]) * load(weight[j]) - mean_gw - xhat * mean_gw_xhat);
-        out[j] = store<T>(rg ? load(rg[j]) + ln : ln);
+    for (int64_t j = lane * V; j < d; j += 32 * V) {
+        float xv[V], wv[V], gv[V], rv[V] = {}, ov[V];
+        load_lanes<T, V>(xr + j, xv);
+        load_lanes<T, V>(weight + j, wv);
+        load_lanes<T, V>(gr + j, gv);
+        if (rg) load_lanes<T, V>(rg + j, rv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float xhat = (xv[e] - mean) * rstd;
+            const float ln = rstd * (gv[e] * wv[e] - mean_gw - xhat * mean_gw_xhat);
+            ov[e] = rg ? rv[e] + ln : ln;
+        }
+        store_lanes<T, V>(out + j, ov);
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
+                                             const float* __restrict__ stats, const T* __restrict__ residual_grad,
+                                             T* __restrict__ gx, int64_t rows, int64_t d) {
+    const int64_t row = warp_row(rows);
+    if (row < 0) return;
+    if (rows_packable<T>(d, x, weight, g, residual_grad, gx))
+        ln_bwd_input_v<T, PACK<T>>(x, weight, g, stats, residual_grad, gx, row, d);
+    else
+        ln_bwd_input_v<T, 1>(x, weight, g, stats, residual_grad, gx, row, d);
+}
+
 // partials[part, 0, j] = sum of g * xhat and partials[part, 1, j] = sum of g over the rows of
-// the part, for column j: one thread per (part, j), so a warp reads 32 consecutive columns.
+// the part, for columns j of the thread: V consecutive columns (one 8-byte load per operand and
+// row where `rows_packable` allows: 4 bf16 or 2 f32; else V = 1, as before), so a warp reads
+// 32 V consecutive columns.
+template <typename T, int V>
+__device__ __forceinline__ void ln_param_partials_v(const T* __restrict__ x, const T* __restrict__ g,
+                                                    const float* __restrict__ stats, float* __restrict__ partials,
+                                                    int64_t rows, int64_t d, int64_t rows_per_part, int64_t parts) {
+    const int64_t groups = d / V;
+    const int64_t idx = global_thread();
+    if (idx >= parts * groups) return;
+    const int64_t j = (idx % groups) * V;
+    const int64_t part = idx / groups;
+    const int64_t r0 = part * rows_per_part;
+    const int64_t r1 = min(r0 + rows_per_part, rows);
+    float aw[V] = {}, ab[V] = {};
+    for (int64_t r = r0; r < r1; ++r) {
+        float gv[V], xv[V];
+        load_lanes<T, V>(g + r * d + j, gv);
+        load_lanes<T, V>(x + r * d + j, xv);
+        const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            aw[e] += gv[e] * ((xv[e] - mean) * rstd);
+            ab[e] += gv[e];
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        partials[(part * 2) * d + j + e] = aw[e];
+        partials[(part * 2 + 1) * d + j + e] = ab[e];
+    }
+}
+
+// The vector width of `ln_param_partials`: 8 bytes of each operand a thread.
+template <typename T>
+constexpr int PARAM_PACK = 8 / (int)sizeof(T);
+
 template <typename T>
 __device__ __forceinline__ void ln_param_partials(const T* __restrict__ x, const T* __restrict__ g,
                                                   const float* __restrict__ stats, float* __restrict__ partials,
-                                                  int64_t rows, int64_t d, int64_t rows_per_part, int64_t parts) {
-    const int64_t idx = global_thread();
-    if (idx >= parts * d) return;
-    const int64_t j = idx % d;
-    const int64_t part = idx / d;
-    const int64_t r0 = part * rows_per_part;
-    const int64_t r1 = min(r0 + rows_per_part, rows);
-    float aw = 0.f, ab = 0.f;
-    for (int64_t r = r0; r < r1; ++r) {
-        const float gv = load(g[r * d + j]);
-        aw += gv * ((load(x[r * d + j]) - stats[2 * r]) * stats[2 * r + 1]);
-        ab += gv;
-    }
-    partials[(part * 2) * d + j] = aw;
-    partials[(part * 2 + 1) * d + j] = ab;
+                                                  int64_t rows, int64_t d, int64_t rows_per_part, int64_t parts, int packed) {
+    if (packed)
+        ln_param_partials_v<T, PARAM_PACK<T>>(x, g, stats, partials, rows, d, rows_per_part, parts);
+    else
+        ln_param_partials_v<T, 1>(x, g, stats, partials, rows, d, rows_per_part, parts);
 }
 
 // Every row of out ([rows, d]) = row ([d]): the linear layer's output starts as the bias, and
@@ -364,8 +459,9 @@ using namespace convmae;
     }                                                                                                             \
     extern "C" __global__ void layer_norm_param_partials_##TNAME(const T* x, const T* g, const float* stats,     \
                                                                  float* partials, int64_t rows, int64_t d,       \
-                                                                 int64_t rows_per_part, int64_t parts) {         \
-        ln_param_partials<T>(x, g, stats, partials, rows, d, rows_per_part, parts);                              \
+                                                                 int64_t rows_per_part, int64_t parts,           \
+                                                                 int packed) {                                   \
+        ln_param_partials<T>(x, g, stats, partials, rows, d, rows_per_part, parts, packed);                      \
     }                                                                                                             \
     extern "C" __global__ void rows_reduce_partials_##TNAME(const float* partials, T* out, int64_t parts,         \
                                                             int64_t a, int64_t b, int transpose) {               \

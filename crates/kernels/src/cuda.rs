@@ -1595,10 +1595,15 @@ fn layer_norm_bwd_into<T: Float>(
     let mut partials = alloc::<f32>(dev, parts * 2 * d)?;
     {
         let f = func(dev, Module::Rows, &format!("layer_norm_param_partials_{}", T::SUFFIX))?;
-        let (pp, np) = (per_part as i64, parts as i64);
+        // 8 bytes of columns a thread where the width and the addresses allow (rows.cu
+        // `PARAM_PACK`), else one column.
+        let lanes = 8 / std::mem::size_of::<T>();
+        let packed = d % lanes == 0 && aligned(dev, x, 8) && aligned(dev, g, 8);
+        let threads = if packed { parts * d / lanes } else { parts * d };
+        let (pp, np, pk) = (per_part as i64, parts as i64, packed as i32);
         let mut builder = stream.launch_builder(&f);
-        builder.arg(x).arg(g).arg(stats).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np);
-        unsafe { builder.launch(launch_1d(parts * d, BLOCK, "layer_norm_grad")?) }.w()?;
+        builder.arg(x).arg(g).arg(stats).arg(&mut partials).arg(&r).arg(&dd).arg(&pp).arg(&np).arg(&pk);
+        unsafe { builder.launch(launch_1d(threads, BLOCK, "layer_norm_grad")?) }.w()?;
     }
     reduce_partials(dev, Module::Rows, "rows", &partials, dparams, (parts, 2, d), false)
 }
