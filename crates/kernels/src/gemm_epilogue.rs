@@ -93,7 +93,17 @@ struct State {
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 thread_local! {
-    static STATES: RefCell<HashMap<DeviceId, State>> = RefCell::new(HashMap::new());
+    /// Per device: its cuBLASLt state, or None where it could not be set up (named once on
+    /// stderr; every linear layer there takes the plain path).
+    static STATES: RefCell<HashMap<DeviceId, Option<State>>> = RefCell::new(HashMap::new());
+}
+
+/// A new state for `dev`: the handle and the workspace.
+fn new_state(dev: &CudaDevice) -> Result<State> {
+    let handle = Owned { handle: lt::create_handle().map_err(|e| lt_error("gemm epilogues", e))?, destroy: lt::destroy_handle };
+    // SAFETY: the workspace is scratch cuBLASLt writes before it reads.
+    let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES) }?;
+    Ok(State { handle, workspace, plans: HashMap::new() })
 }
 
 fn lt_error(what: &str, e: lt::CublasError) -> candle_core::Error {
@@ -208,15 +218,14 @@ fn run<T: Float>(dev: &CudaDevice, call: Call<'_, T>, d: &mut CudaViewMut<'_, T>
     };
     STATES.with(|states| -> Result<bool> {
         let mut states = states.borrow_mut();
-        let state = match states.entry(dev.id()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let handle = Owned { handle: lt::create_handle().map_err(|err| lt_error(call.what, err))?, destroy: lt::destroy_handle };
-                // SAFETY: the workspace is scratch cuBLASLt writes before it reads.
-                let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES) }?;
-                e.insert(State { handle, workspace, plans: HashMap::new() })
+        let state = states.entry(dev.id()).or_insert_with(|| match new_state(dev) {
+            Ok(state) => Some(state),
+            Err(e) => {
+                eprintln!("convmae: cuBLASLt could not be set up ({e}); every linear layer's bias runs as its own kernels");
+                None
             }
-        };
+        });
+        let Some(state) = state else { return Ok(false) };
         let handle = state.handle.handle;
         let plan = state.plans.entry(key).or_insert_with(|| match make_plan::<T>(handle, &key) {
             Ok(plan) => Some(plan),
