@@ -98,7 +98,7 @@ struct AdamWTensor {
     float decay;
     float step_size;
     int32_t g_half;  // the gradient is 16-bit
-    int32_t unused;
+    int32_t vec4;    // p, m and v 16-byte aligned, g and copy aligned to 4 of their elements
 };
 // A stretch of one tensor for one block to update.
 struct AdamWChunk {
@@ -129,12 +129,40 @@ __device__ __forceinline__ void adamw_many(const AdamWTensor* __restrict__ tenso
         const float* g32 = static_cast<const float*>(t.g);
         const H* g16 = static_cast<const H*>(t.g);
         H* copy = static_cast<H*>(t.copy);
-        for (int64_t i = ch.start + threadIdx.x; i < ch.start + ch.len; i += blockDim.x) {
-            const float gv = t.g_half ? load(g16[i]) : g32[i];
-            const float mv = t.m[i] * beta1 + gv * one_minus_beta1;
-            const float vv = t.v[i] * beta2 + (gv * gv) * one_minus_beta2;
-            const float denom = sqrtf(vv) / bias2_sqrt + eps;
-            const float pv = t.p[i] * t.decay - t.step_size * (mv / denom);
+        // m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2, then p, as `adamw`.
+        auto update = [&](float& p, float& m, float& v, float g) {
+            m = m * beta1 + g * one_minus_beta1;
+            v = v * beta2 + (g * g) * one_minus_beta2;
+            const float denom = sqrtf(v) / bias2_sqrt + eps;
+            p = p * t.decay - t.step_size * (m / denom);
+        };
+        const int64_t end = ch.start + ch.len;
+        int64_t rest = ch.start;
+        if (t.vec4) {
+            // 4 elements a thread, each operand in one vector load or store (chunks start at
+            // multiples of 4); the chunk's last len % 4 below.
+            const int64_t vec_end = ch.start + (ch.len & ~(int64_t)3);
+            for (int64_t i = ch.start + 4 * (int64_t)threadIdx.x; i < vec_end; i += 4 * (int64_t)blockDim.x) {
+                float pv[4], mv[4], vv[4], gv[4];
+                load_lanes<float, 4>(t.p + i, pv);
+                load_lanes<float, 4>(t.m + i, mv);
+                load_lanes<float, 4>(t.v + i, vv);
+                if (t.g_half)
+                    load_lanes<H, 4>(g16 + i, gv);
+                else
+                    load_lanes<float, 4>(g32 + i, gv);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) update(pv[e], mv[e], vv[e], gv[e]);
+                store_lanes<float, 4>(t.p + i, pv);
+                store_lanes<float, 4>(t.m + i, mv);
+                store_lanes<float, 4>(t.v + i, vv);
+                if (copy) store_lanes<H, 4>(copy + i, pv);
+            }
+            rest = vec_end;
+        }
+        for (int64_t i = rest + threadIdx.x; i < end; i += blockDim.x) {
+            float pv = t.p[i], mv = t.m[i], vv = t.v[i];
+            update(pv, mv, vv, t.g_half ? load(g16[i]) : g32[i]);
             t.p[i] = pv;
             t.m[i] = mv;
             t.v[i] = vv;

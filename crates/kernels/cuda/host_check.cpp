@@ -444,7 +444,9 @@ static void check_elementwise() {
 // The multi-tensor AdamW, launched as src/cuda.rs adamw_many builds it: three tensors of
 // different sizes and parameter groups (decay, step size), cut into chunks of at most 100
 // elements (a tensor smaller than a chunk, one ending mid-chunk), on a grid smaller than the
-// chunk count; gradients "16-bit" (here f32: the host has no bf16) and f32; one without a copy.
+// chunk count; gradients "16-bit" (here f32: the host has no bf16) and f32; one without a copy;
+// the first two 4 elements a thread (vec4, with tails of 1 and 2 past the last whole vector of
+// a chunk), the third one at a time.
 // `guard`: none, a finite loss (the same update) or a non-finite one (every tensor untouched).
 static void check_adamw_many(const char* label, const float* guard) {
     const bool applies = !guard || std::isfinite(*guard);
@@ -474,7 +476,7 @@ static void check_adamw_many(const char* label, const float* guard) {
     }
     for (int k = 0; k < 3; ++k) {
         tensors.push_back(AdamWTensor{p[k].data(), m[k].data(), v[k].data(), g[k].data(), k == 1 ? nullptr : copy[k].data(), sizes[k],
-                                      (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), k % 2, 0});
+                                      (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), k % 2, k < 2});
         for (int64_t start = 0; start < sizes[k]; start += 100) chunks.push_back(AdamWChunk{k, 0, start, std::min<int64_t>(100, sizes[k] - start)});
     }
     const auto p0 = p, m0 = m, v0 = v;

@@ -1800,7 +1800,9 @@ struct AdamWTensorRow {
     decay: f32,
     step_size: f32,
     g_half: i32,
-    unused: i32,
+    /// p, m and v 16-byte aligned, g and copy aligned to 4 of their elements: the kernel then
+    /// moves 4 elements of each a thread.
+    vec4: i32,
 }
 
 /// cuda/elementwise.cu `AdamWChunk` (24 bytes).
@@ -1880,6 +1882,8 @@ pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem], guard: Option<&cand
             },
         };
         let t = u.step as i32;
+        let g_bytes = if g_half == 1 { 2 } else { 4 };
+        let vec4 = [p, m, v].iter().all(|a| a % 16 == 0) && g % (4 * g_bytes) == 0 && copy % 8 == 0;
         tensors.push(AdamWTensorRow {
             p,
             m,
@@ -1890,7 +1894,7 @@ pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem], guard: Option<&cand
             decay: (1.0 - u.lr * u.weight_decay) as f32,
             step_size: (u.lr / (1.0 - u.beta1.powi(t))) as f32,
             g_half,
-            unused: 0,
+            vec4: vec4 as i32,
         });
         for start in (0..n).step_by(ADAMW_CHUNK) {
             chunks.push(AdamWChunkRow { tensor: k as i32, unused: 0, start: start as i64, len: ADAMW_CHUNK.min(n - start) as i64 });
