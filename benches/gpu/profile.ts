@@ -171,7 +171,7 @@ export function parseNcuRawCsv(text: string): NcuParse {
  * Keep this list in step with the .cu files when kernels are added or renamed.
  */
 export const KERNEL_CATEGORIES: { category: string; pattern: RegExp }[] = [
-  { category: 'ours: depthwise conv', pattern: /^((sdwconv_gather|sdwconv_weight_partials|dwconv_correlate|dwconv_weight_partials|dw_reduce_partials)_|visible_neighbors$)/ },
+  { category: 'ours: depthwise conv', pattern: /^((sdwconv_gather|sdwconv_weight_partials|dwconv_correlate|dwconv_weight_partials|dw_reduce_partials|dw_taps_major)_|visible_neighbors$)/ },
   { category: 'ours: layernorm / softmax', pattern: /^(layer_norm_fwd|layer_norm_stats|layer_norm_bwd_input|layer_norm_param_partials|rows_reduce_partials|softmax_fwd|softmax_bwd)_/ },
   // The fused linear op's own kernels; its gemms are cuBLAS and land under gemm below.
   { category: 'ours: linear bias', pattern: /^(rows_broadcast|rows_add_broadcast|column_sum_partials)_/ },
