@@ -201,7 +201,6 @@ fn launch_rows(rows: usize, what: &str) -> Result<LaunchConfig> {
     launch_1d(rows * 32, (ROW_WARPS * 32) as u32, what)
 }
 
-/// Name suffix of the depthwise kernels compiled for kernel size `k`.
 /// Whether `v`'s device address is a multiple of `bytes` (the vector loads' alignment).
 fn aligned<T>(dev: &CudaDevice, v: &CudaView<T>, bytes: usize) -> bool {
     let stream = dev.cuda_stream();
@@ -209,6 +208,7 @@ fn aligned<T>(dev: &CudaDevice, v: &CudaView<T>, bytes: usize) -> bool {
     ptr.is_multiple_of(bytes as u64)
 }
 
+/// Name suffix of the depthwise kernels compiled for kernel size `k`.
 fn k_name(k: usize) -> &'static str {
     match k {
         3 => "k3",
