@@ -66,6 +66,25 @@ __device__ __forceinline__ int64_t global_thread() {
     return (int64_t)blockIdx.x * (int64_t)blockDim.x + (int64_t)threadIdx.x;
 }
 
+// What one thread of a partial-sums launch sums (weight and LayerNorm parameter gradients):
+// threads are (part, group of V columns), columns fastest, so a warp reads consecutive
+// columns; the thread takes columns [col, col + V) over rows [r0, r1) of its part.
+struct PartSpan {
+    int64_t part, col, r0, r1;
+};
+
+// This thread's span, or false past the last (part, group).
+__device__ __forceinline__ bool part_span(int64_t cols, int v, int64_t rows, int64_t rows_per_part, int64_t parts, PartSpan& s) {
+    const int64_t groups = cols / v;
+    const int64_t idx = global_thread();
+    if (idx >= parts * groups) return false;
+    s.col = (idx % groups) * v;
+    s.part = idx / groups;
+    s.r0 = s.part * rows_per_part;
+    s.r1 = min(s.r0 + rows_per_part, rows);
+    return true;
+}
+
 // Butterfly reductions: every lane ends with the same value, combined in the same order on
 // every run, so the results are deterministic.
 __device__ __forceinline__ float warp_sum(float v) {

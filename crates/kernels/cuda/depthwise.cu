@@ -334,15 +334,11 @@ __device__ __forceinline__ void sparse_weight_partials_lanes(const T* __restrict
                                                              const int32_t* __restrict__ nbr, float* __restrict__ partials,
                                                              int64_t rows, int64_t c, int64_t rows_per_part, int64_t parts) {
     constexpr int KK = K * K, V = 2;
-    const int64_t groups = c / V;
-    const int64_t idx = global_thread();
-    if (idx >= parts * groups) return;
-    const int64_t ch = (idx % groups) * V;
-    const int64_t part = idx / groups;
-    const int64_t n0 = part * rows_per_part;
-    const int64_t n1 = min(n0 + rows_per_part, rows);
+    PartSpan span;
+    if (!part_span(c, V, rows, rows_per_part, parts, span)) return;
+    const int64_t ch = span.col;
     float acc[KK][V] = {};
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t n = span.r0; n < span.r1; ++n) {
         float gv[V];
         load_lanes<T, V>(gout + n * c + ch, gv);
         const int32_t* row_nbr = nbr + n * KK;
@@ -357,7 +353,7 @@ __device__ __forceinline__ void sparse_weight_partials_lanes(const T* __restrict
             }
         }
     }
-    float* dst = partials + part * KK * c + ch;
+    float* dst = partials + span.part * KK * c + ch;
 #pragma unroll
     for (int t = 0; t < KK; ++t) {
 #pragma unroll

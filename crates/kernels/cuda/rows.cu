@@ -175,21 +175,17 @@ __device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* _
 
 // partials[part, 0, j] = sum of g * xhat and partials[part, 1, j] = sum of g over the rows of
 // the part, for columns j of the thread: V consecutive columns (one 8-byte load per operand and
-// row where `rows_packable` allows: 4 bf16 or 2 f32; else V = 1, as before), so a warp reads
-// 32 V consecutive columns.
+// row, 4 bf16 or 2 f32, where the host found the width and the addresses allow it; else V = 1,
+// as before), so a warp reads 32 V consecutive columns.
 template <typename T, int V>
 __device__ __forceinline__ void ln_param_partials_v(const T* __restrict__ x, const T* __restrict__ g,
                                                     const float* __restrict__ stats, float* __restrict__ partials,
                                                     int64_t rows, int64_t d, int64_t rows_per_part, int64_t parts) {
-    const int64_t groups = d / V;
-    const int64_t idx = global_thread();
-    if (idx >= parts * groups) return;
-    const int64_t j = (idx % groups) * V;
-    const int64_t part = idx / groups;
-    const int64_t r0 = part * rows_per_part;
-    const int64_t r1 = min(r0 + rows_per_part, rows);
+    PartSpan span;
+    if (!part_span(d, V, rows, rows_per_part, parts, span)) return;
+    const int64_t j = span.col, part = span.part;
     float aw[V] = {}, ab[V] = {};
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = span.r0; r < span.r1; ++r) {
         float gv[V], xv[V];
         load_lanes<T, V>(g + r * d + j, gv);
         load_lanes<T, V>(x + r * d + j, xv);
