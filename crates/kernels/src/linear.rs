@@ -487,4 +487,21 @@ mod tests {
         let e = linear(&x, &rand(&[3, 4], 1), &b).unwrap_err().to_string();
         assert!(e.contains("linear") && e.contains("[6, 5]") && e.contains("[3, 4]"), "{e}");
     }
+
+    /// `with_gemm_epilogue` decides over the environment on this thread, nests, and restores
+    /// on the way out, also after a panic: the agreement's plain-gemm rows rely on it.
+    #[test]
+    fn with_gemm_epilogue_overrides_and_restores() {
+        use super::{gemm_epilogue_on, with_gemm_epilogue};
+        let outside = gemm_epilogue_on();
+        with_gemm_epilogue(false, || {
+            assert!(!gemm_epilogue_on());
+            with_gemm_epilogue(true, || assert!(gemm_epilogue_on()));
+            assert!(!gemm_epilogue_on());
+        });
+        assert_eq!(gemm_epilogue_on(), outside);
+        let panicked = std::panic::catch_unwind(|| with_gemm_epilogue(!outside, || panic!("inside")));
+        assert!(panicked.is_err());
+        assert_eq!(gemm_epilogue_on(), outside, "restored after a panic");
+    }
 }
