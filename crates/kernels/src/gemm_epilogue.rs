@@ -7,7 +7,7 @@
 //! that broadcasts the bias (and adds the residual) into the output before a gemm that reads
 //! it back, and a column-sum kernel pair that reads the gradient once more. In run 7's trace
 //! (benches/results/gpu-2026-11-26-run7-ncu-raw.csv.gz) those kernels took 2.7 ms of a 37.3 ms
-//! step (rows_broadcast 0.92, rows_add_broadcast 0.62, column_sum_partials 1.13) over 166 of
+//! step (rows_broadcast 0.92, rows_add_broadcast 0.62, column_sum_partials 1.13) over 208 of
 //! its 1395 launches; not all of them are linear layers', and what the epilogues cost inside
 //! the gemms no GPU has measured yet. PyTorch's own `nn.Linear` takes the forward's epilogue.
 //!
