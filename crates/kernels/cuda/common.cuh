@@ -19,17 +19,27 @@
 
 namespace convmae {
 
+// (Host emulation has bf16, as host_check.cpp's bit-exact stand-in, but no f16.)
 __device__ __forceinline__ float load(float v) { return v; }
-#ifndef CONVMAE_HOST_EMULATION
 __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+#ifndef CONVMAE_HOST_EMULATION
 __device__ __forceinline__ float load(__half v) { return __half2float(v); }
 #endif
 
 template <typename T> __device__ __forceinline__ T store(float v);
 template <> __device__ __forceinline__ float store<float>(float v) { return v; }
-#ifndef CONVMAE_HOST_EMULATION
 template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#ifndef CONVMAE_HOST_EMULATION
 template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+#endif
+
+// A vector access of `bytes` at p must be aligned to them: on the GPU a misaligned one is a
+// fault that poisons the CUDA context (the whole process's work), so host emulation, where it
+// would pass silently, stops there instead (host_check.cpp).
+#ifdef CONVMAE_HOST_EMULATION
+#define CONVMAE_EXPECT_ALIGNED(p, bytes) emulated_expect_aligned((const void*)(p), (bytes), __FILE__, __LINE__)
+#else
+#define CONVMAE_EXPECT_ALIGNED(p, bytes) ((void)0)
 #endif
 
 // The raw word one vector load or store of `BYTES` bytes moves (the CUDA vector types).
@@ -43,6 +53,7 @@ template <> struct RawWord<16> { using type = uint4; };
 template <typename T, int V>
 __device__ __forceinline__ void load_lanes(const T* __restrict__ p, float (&out)[V]) {
     using Raw = typename RawWord<(int)sizeof(T) * V>::type;
+    CONVMAE_EXPECT_ALIGNED(p, sizeof(Raw));
     const Raw raw = *reinterpret_cast<const Raw*>(p);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -57,6 +68,7 @@ __device__ __forceinline__ void store_lanes(T* __restrict__ p, const float (&v)[
     T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
     for (int i = 0; i < V; ++i) e[i] = store<T>(v[i]);
+    CONVMAE_EXPECT_ALIGNED(p, sizeof(Raw));
     *reinterpret_cast<Raw*>(p) = raw;
 }
 
@@ -131,5 +143,7 @@ __device__ __forceinline__ void reduce_partials(const float* __restrict__ partia
     M(__nv_bfloat16, bf16)       \
     M(__half, f16)
 #else
-#define CONVMAE_FOR_EACH_TYPE(M) M(float, f32)
+#define CONVMAE_FOR_EACH_TYPE(M) \
+    M(float, f32)                \
+    M(__nv_bfloat16, bf16)
 #endif

@@ -252,19 +252,13 @@ extern "C" __global__ void normalize_rgb_u8(const uint8_t* px, float* out, int64
         adamw<float, G, S_BF16>(p, m, v, g, shadow, n, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,       \
                                 step_size, bias2_sqrt, eps);                                                        \
     }
-#ifndef CONVMAE_HOST_EMULATION
 #define S_BF16 __nv_bfloat16
 ADAMW_SHADOW_KERNEL(__nv_bfloat16, bf16)
 ADAMW_SHADOW_KERNEL(float, f32)
-#endif
 
 // Launch: grid min(chunks, a few per SM), block 256 (src/cuda.rs adamw_many). The 16-bit type
-// is bf16 (f32 under host emulation, which has no bf16).
-#ifndef CONVMAE_HOST_EMULATION
+// is bf16.
 #define ADAMW_MANY_HALF __nv_bfloat16
-#else
-#define ADAMW_MANY_HALF float
-#endif
 extern "C" __global__ void adamw_many_f32(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t n_chunks,
                                           const float* guard, float beta1, float one_minus_beta1, float beta2,
                                           float one_minus_beta2, float bias2_sqrt, float eps) {

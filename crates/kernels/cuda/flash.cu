@@ -148,12 +148,16 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int64_t stride,
 #pragma unroll
         for (int k = 0; k < STAGE_BATCH; ++k) {
             const int64_t i = first + (int64_t)k * threads, r = i / PER_ROW, c = i % PER_ROW;
+            if (i < pieces && r < valid) CONVMAE_EXPECT_ALIGNED(src + r * stride + c * VEC, 16);
             v[k] = i < pieces && r < valid ? *reinterpret_cast<const uint4*>(src + r * stride + c * VEC) : uint4{0, 0, 0, 0};
         }
 #pragma unroll
         for (int k = 0; k < STAGE_BATCH; ++k) {
             const int64_t i = first + (int64_t)k * threads, r = i / PER_ROW, c = i % PER_ROW;
-            if (i < pieces) *reinterpret_cast<uint4*>(dst + r * LD + c * VEC) = v[k];
+            if (i < pieces) {
+                CONVMAE_EXPECT_ALIGNED(dst + r * LD + c * VEC, 16);
+                *reinterpret_cast<uint4*>(dst + r * LD + c * VEC) = v[k];
+            }
         }
     }
 }
@@ -551,8 +555,14 @@ __device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<__half>& a, const 
                    "r"(mma_pair(&b.x[0])), "r"(mma_pair(&b.x[2])));
 }
 #else
-// host_check.cpp's warp-wide emulation of the same fragments.
-__device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<float>& a, const MmaB<float>& b) { mma_m16n8k16_emulated(d.x, a.x, b.x); }
+// host_check.cpp's warp-wide emulation of the same fragments (f32, and bf16 widened exactly).
+template <typename T>
+__device__ __forceinline__ void mma_16816(MmaC& d, const MmaA<T>& a, const MmaB<T>& b) {
+    float af[8], bf[4];
+    for (int i = 0; i < 8; ++i) af[i] = load(a.x[i]);
+    for (int i = 0; i < 4; ++i) bf[i] = load(b.x[i]);
+    mma_m16n8k16_emulated(d.x, af, bf);
+}
 #endif
 
 // The warp's 16 rows of a packed matrix as A fragments, straight from memory: rows[0] and
@@ -909,4 +919,5 @@ CONVMAE_FLASH_ALL_HD(__nv_bfloat16, bf16)
 CONVMAE_FLASH_ALL_HD(__half, f16)
 #else
 CONVMAE_FLASH_ALL_HD(float, f32)
+CONVMAE_FLASH_ALL_HD(__nv_bfloat16, bf16)
 #endif

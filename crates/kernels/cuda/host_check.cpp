@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <algorithm>
@@ -39,6 +40,33 @@ struct alignas(8) uint2 {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+// bf16 as the GPU stores it (the upper half of an f32), with CUDA's conversions: widening is
+// exact; narrowing rounds to nearest even, NaN staying NaN. So the kernels' 16-bit forms (8
+// elements to a 16-byte vector, 2-byte rows in shared memory) run here too, bit for bit in
+// what they store.
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+static inline float __bfloat162float(__nv_bfloat16 v) {
+    const uint32_t u = (uint32_t)v.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40u)};  // a quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(uint16_t)(u >> 16)};
+}
+// The GPU's rule for vector accesses (common.cuh CONVMAE_EXPECT_ALIGNED): a misaligned one
+// stops the check where the GPU would fault.
+static void emulated_expect_aligned(const void* p, size_t bytes, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+    std::fprintf(stderr, "%s:%d: a %zu-byte vector access at %p is misaligned (a fault on the GPU)\n", file, line, bytes, p);
+    std::abort();
+}
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
@@ -89,8 +117,21 @@ struct fragment {
     static constexpr int num_elements = M * N;
     T x[M * N];
 };
+// The wmma rules (CUDA C++ Programming Guide, "Warp Matrix Functions"): the pointer 256-bit
+// aligned, the leading dimension a multiple of 16 bytes.
+template <typename T>
+static void expect_wmma_layout(const T* p, unsigned ldm) {
+    emulated_expect_aligned(p, 32, "wmma load/store pointer", 0);
+    if (ldm * sizeof(T) % 16 != 0) {
+        std::fprintf(stderr, "wmma: leading dimension %u of %zu-byte elements is not a multiple of 16 bytes\n", ldm, sizeof(T));
+        std::abort();
+    }
+}
+static float widened(float v) { return v; }
+static float widened(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename Use, typename T, typename Layout>
 static void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    expect_wmma_layout(p, ldm);
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c];
 }
@@ -101,12 +142,13 @@ static void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
     for (int r = 0; r < 16; ++r)
         for (int col = 0; col < 16; ++col) {
             float s = c.x[r * 16 + col];
-            for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + col];
+            for (int k = 0; k < 16; ++k) s += widened(a.x[r * 16 + k]) * widened(b.x[k * 16 + col]);
             result[r * 16 + col] = s;
         }
     std::copy(result, result + 256, d.x);
 }
 static void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+    expect_wmma_layout(p, ldm);
     if (threadIdx.x % 32 != 0) return;
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
@@ -239,6 +281,52 @@ static std::vector<float> random_values(size_t n, unsigned seed) {
     return v;
 }
 
+// ---- f32 and bf16 ----
+// The checks templated on the storage type T run each kernel's f32 form and its bf16 form,
+// whose vectors hold 8 elements, not 4, and whose shared-memory rows are 2-byte: inputs are
+// drawn as f32, made representable in T (so the double references see what the kernel reads),
+// outputs widened back. A bf16 result is rounded once, to 2^-9 of itself, so its tolerance is
+// at least 8e-3 of the largest reference value; bitwise checks stay bitwise.
+template <typename T> static const char* const type_name = "f32";
+template <> const char* const type_name<__nv_bfloat16> = "bf16";
+
+template <typename T>
+static std::vector<T> narrowed(const std::vector<float>& v) {
+    std::vector<T> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = convmae::store<T>(v[i]);
+    return out;
+}
+template <typename T>
+static std::vector<float> as_f32(const std::vector<T>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = convmae::load(v[i]);
+    return out;
+}
+template <typename T>
+static std::vector<float> representable(const std::vector<float>& v) {
+    return as_f32(narrowed<T>(v));
+}
+template <typename T>
+static std::vector<T> nans(size_t n) {
+    return std::vector<T>(n, convmae::store<T>(NAN));
+}
+template <typename T>
+static void check_t(const char* what, const std::vector<T>& got, const std::vector<double>& want, double f32_tol, double bf16_tol = 8e-3) {
+    char name[160];
+    std::snprintf(name, sizeof name, "[%s] %s", type_name<T>, what);
+    const double tol = std::is_same_v<T, float> || f32_tol == 0 ? f32_tol : std::max(f32_tol, bf16_tol);
+    check(name, as_f32(got), want, tol);
+}
+// A kernel by storage type: the f32 or the bf16 instantiation of the same source.
+template <typename T, typename F32, typename BF16>
+static auto by_type(F32 f32, BF16 bf16) {
+    if constexpr (std::is_same_v<T, float>)
+        return f32;
+    else
+        return bf16;
+}
+#define TYPED(name) by_type<T>(name##_f32, name##_bf16)
+
 static const char* k_suffix(int k) { return k == 3 ? "k3" : k == 5 ? "k5" : k == 7 ? "k7" : "kany"; }
 
 // The kernels by kernel size, as src/cuda.rs picks them by name.
@@ -247,6 +335,11 @@ static const char* k_suffix(int k) { return k == 3 ? "k3" : k == 5 ? "k5" : k ==
                                                                         : prefix##_kany_f32)
 
 #define PICK_FIXED(prefix, k) ((k) == 3 ? prefix##_k3_f32 : (k) == 5 ? prefix##_k5_f32 : prefix##_k7_f32)
+#define PICK_IN(prefix, k, S) \
+    ((k) == 3 ? prefix##_k3_##S : (k) == 5 ? prefix##_k5_##S : (k) == 7 ? prefix##_k7_##S : prefix##_kany_##S)
+#define PICK_T(prefix, k) by_type<T>(PICK_IN(prefix, k, f32), PICK_IN(prefix, k, bf16))
+#define PICK_FIXED_IN(prefix, k, S) ((k) == 3 ? prefix##_k3_##S : (k) == 5 ? prefix##_k5_##S : prefix##_k7_##S)
+#define PICK_FIXED_T(prefix, k) by_type<T>(PICK_FIXED_IN(prefix, k, f32), PICK_FIXED_IN(prefix, k, bf16))
 
 static void check_dense(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int64_t target_parts) {
     const int p = k / 2, kk = k * k;
@@ -294,6 +387,7 @@ static void check_dense(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int6
     check(name, wgrad, gw, 1e-5);
 }
 
+template <typename T>
 static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int64_t target_parts) {
     const int p = k / 2, kk = k * k;
     // Visible positions: a pseudo-random half of the grid; row n of position (b, y, x).
@@ -315,7 +409,9 @@ static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int
                 if (yy >= 0 && yy < h && xs >= 0 && xs < w) nbr[n * kk + i * k + j] = row_of[(b * h + yy) * w + xs];
             }
     }
-    const auto x = random_values(rows * c, 4 + k), wt = random_values(c * kk, 5 + k), g = random_values(rows * c, 6 + k);
+    const auto x = representable<T>(random_values(rows * c, 4 + k)), wt = representable<T>(random_values(c * kk, 5 + k)),
+               g = representable<T>(random_values(rows * c, 6 + k));
+    const auto xt = narrowed<T>(x), wtt = narrowed<T>(wt), gt = narrowed<T>(g);
     std::vector<double> fwd(rows * c, 0), gin(rows * c, 0), gw(c * kk, 0);
     for (int64_t n = 0; n < rows; ++n)
         for (int t = 0; t < kk; ++t) {
@@ -328,52 +424,56 @@ static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int
             }
         }
     char name[128];
-    std::vector<float> out(rows * c, NAN);
-    auto gather = PICK(sdwconv_gather, k);
-    launch((rows + 7) / 8 * c, 256, [&] { gather(x.data(), wt.data(), nbr.data(), out.data(), rows, c, k, 0); });
+    auto out = nans<T>(rows * c);
+    auto gather = PICK_T(sdwconv_gather, k);
+    launch((rows + 7) / 8 * c, 256, [&] { gather(xt.data(), wtt.data(), nbr.data(), out.data(), rows, c, k, 0); });
     std::snprintf(name, sizeof name, "sparse forward %s rows %lld C%lld", k_suffix(k), (long long)rows, (long long)c);
-    check(name, out, fwd, 1e-5);
-    std::fill(out.begin(), out.end(), NAN);
-    launch((rows + 7) / 8 * c, 256, [&] { gather(g.data(), wt.data(), nbr.data(), out.data(), rows, c, k, 1); });
+    check_t(name, out, fwd, 1e-5);
+    out = nans<T>(rows * c);
+    launch((rows + 7) / 8 * c, 256, [&] { gather(gt.data(), wtt.data(), nbr.data(), out.data(), rows, c, k, 1); });
     std::snprintf(name, sizeof name, "sparse input grad %s", k_suffix(k));
-    check(name, out, gin, 1e-5);
+    check_t(name, out, gin, 1e-5);
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
     const int64_t parts = (rows + per_part - 1) / per_part;
-    std::vector<float> partials(parts * kk * c, NAN), wgrad(c * kk, NAN);
-    auto partial = PICK(sdwconv_weight_partials, k);
-    launch(parts * c, 256, [&] { partial(x.data(), g.data(), nbr.data(), partials.data(), rows, c, k, per_part, parts); });
-    launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+    std::vector<float> partials(parts * kk * c, NAN);
+    auto wgrad = nans<T>(c * kk);
+    auto partial = PICK_T(sdwconv_weight_partials, k);
+    auto reduce = TYPED(dw_reduce_partials);
+    launch(parts * c, 256, [&] { partial(xt.data(), gt.data(), nbr.data(), partials.data(), rows, c, k, per_part, parts); });
+    launch_warps(kk * c * 32, 256, [&] { reduce(partials.data(), wgrad.data(), parts, kk, c, 1); });
     std::snprintf(name, sizeof name, "sparse weight grad %s (%lld parts of %lld rows)", k_suffix(k), (long long)parts, (long long)per_part);
-    check(name, wgrad, gw, 1e-5);
+    check_t(name, wgrad, gw, 1e-5);
     if (k != 3 && k != 5 && k != 7) return;  // the vector forms exist for the kernel sizes compiled fixed
 
-    // The vector forms (f32 here: 4 channels a thread in the gather, 2 in the weight partials),
-    // where C allows them, launched as src/cuda.rs does.
-    if (c % 4 == 0) {
-        std::vector<float> w_t(kk * c, NAN);
-        launch(kk * c, 256, [&] { dw_taps_major_f32(wt.data(), w_t.data(), c, kk); });
+    // The vector forms (16 bytes of channels a thread in the gather: 4 in f32, 8 in bf16; 2
+    // channels in the weight partials), where C allows them, launched as src/cuda.rs does.
+    const int lanes = 16 / (int)sizeof(T);
+    if (c % lanes == 0) {
+        auto w_t = nans<T>(kk * c);
+        launch(kk * c, 256, [&] { TYPED(dw_taps_major)(wtt.data(), w_t.data(), c, kk); });
         std::vector<double> want_t(kk * c);
         for (int64_t ch = 0; ch < c; ++ch)
             for (int t = 0; t < kk; ++t) want_t[t * c + ch] = wt[ch * kk + t];
-        check("sparse taps-major weight", w_t, want_t, 0);
-        auto gather_lanes = PICK_FIXED(sdwconv_gather_lanes, k);
-        const int64_t threads = rows * (c / 4);
-        std::fill(out.begin(), out.end(), NAN);
-        launch(threads, 256, [&] { gather_lanes(x.data(), w_t.data(), nbr.data(), out.data(), rows, c, 0); });
-        std::snprintf(name, sizeof name, "sparse forward, 4 channels a thread %s C%lld", k_suffix(k), (long long)c);
-        check(name, out, fwd, 1e-5);
-        std::fill(out.begin(), out.end(), NAN);
-        launch(threads, 256, [&] { gather_lanes(g.data(), w_t.data(), nbr.data(), out.data(), rows, c, 1); });
-        check("sparse input grad, 4 channels a thread", out, gin, 1e-5);
+        check_t("sparse taps-major weight", w_t, want_t, 0);
+        auto gather_lanes = PICK_FIXED_T(sdwconv_gather_lanes, k);
+        const int64_t threads = rows * (c / lanes);
+        out = nans<T>(rows * c);
+        launch(threads, 256, [&] { gather_lanes(xt.data(), w_t.data(), nbr.data(), out.data(), rows, c, 0); });
+        std::snprintf(name, sizeof name, "sparse forward, %d channels a thread %s C%lld", lanes, k_suffix(k), (long long)c);
+        check_t(name, out, fwd, 1e-5);
+        out = nans<T>(rows * c);
+        launch(threads, 256, [&] { gather_lanes(gt.data(), w_t.data(), nbr.data(), out.data(), rows, c, 1); });
+        std::snprintf(name, sizeof name, "sparse input grad, %d channels a thread", lanes);
+        check_t(name, out, gin, 1e-5);
     }
     if (c % 2 == 0) {
         std::fill(partials.begin(), partials.end(), NAN);
-        std::fill(wgrad.begin(), wgrad.end(), NAN);
-        auto partial_lanes = PICK_FIXED(sdwconv_weight_partials_lanes, k);
-        launch(parts * (c / 2), 256, [&] { partial_lanes(x.data(), g.data(), nbr.data(), partials.data(), rows, c, per_part, parts); });
-        launch_warps(kk * c * 32, 256, [&] { dw_reduce_partials_f32(partials.data(), wgrad.data(), parts, kk, c, 1); });
+        wgrad = nans<T>(c * kk);
+        auto partial_lanes = PICK_FIXED_T(sdwconv_weight_partials_lanes, k);
+        launch(parts * (c / 2), 256, [&] { partial_lanes(xt.data(), gt.data(), nbr.data(), partials.data(), rows, c, per_part, parts); });
+        launch_warps(kk * c * 32, 256, [&] { reduce(partials.data(), wgrad.data(), parts, kk, c, 1); });
         std::snprintf(name, sizeof name, "sparse weight grad, 2 channels a thread %s C%lld", k_suffix(k), (long long)c);
-        check(name, wgrad, gw, 1e-5);
+        check_t(name, wgrad, gw, 1e-5);
     }
 }
 
@@ -444,17 +544,21 @@ static void check_elementwise() {
 // The multi-tensor AdamW, launched as src/cuda.rs adamw_many builds it: three tensors of
 // different sizes and parameter groups (decay, step size), cut into chunks of at most 100
 // elements (a tensor smaller than a chunk, one ending mid-chunk), on a grid smaller than the
-// chunk count; gradients "16-bit" (here f32: the host has no bf16) and f32; one without a copy;
-// the first two 4 elements a thread (vec4, with tails of 1 and 2 past the last whole vector of
-// a chunk), the third one at a time.
-// `guard`: none, a finite loss (the same update) or a non-finite one (every tensor untouched).
+// chunk count; gradients bf16 (tensor 1) and f32; bf16 compute copies but on tensor 1, whose
+// copy is none; the first two 4 elements a thread (vec4, with tails of 1 and 2 past the last
+// whole vector of a chunk), the third one at a time. A copy must be its new master rounded, to
+// the bit. `guard`: none, a finite loss (the same update) or a non-finite one (every tensor
+// untouched).
 static void check_adamw_many(const char* label, const float* guard) {
+    using bf16 = __nv_bfloat16;
     const bool applies = !guard || std::isfinite(*guard);
     const int64_t sizes[3] = {37, 250, 1};
+    const bool half_grad[3] = {false, true, false}, has_copy[3] = {true, false, true};
     const double b1 = 0.9, b2 = 0.95, eps = 1e-8;
     const double lrs[3] = {1e-3, 2e-3, 5e-4}, wds[3] = {0.05, 0.0, 0.05};
     const int t = 4;
-    std::vector<std::vector<float>> p, m, v, g, copy;
+    std::vector<std::vector<float>> p, m, v, g;
+    std::vector<std::vector<bf16>> g16, copy;
     std::vector<std::vector<double>> wp;
     std::vector<AdamWTensor> tensors;
     std::vector<AdamWChunk> chunks;
@@ -463,8 +567,9 @@ static void check_adamw_many(const char* label, const float* guard) {
         p.push_back(random_values(n, 40 + k));
         m.push_back(random_values(n, 50 + k));
         v.push_back(random_values(n, 60 + k));
-        g.push_back(random_values(n, 70 + k));
-        copy.emplace_back(n, NAN);
+        g.push_back(half_grad[k] ? representable<bf16>(random_values(n, 70 + k)) : random_values(n, 70 + k));
+        g16.push_back(narrowed<bf16>(g[k]));
+        copy.push_back(nans<bf16>(n));
         for (auto& e : m[k]) e *= 0.01f;
         for (auto& e : v[k]) e = std::fabs(e) * 0.01f;
         std::vector<double> want(n);
@@ -475,8 +580,9 @@ static void check_adamw_many(const char* label, const float* guard) {
         wp.push_back(want);
     }
     for (int k = 0; k < 3; ++k) {
-        tensors.push_back(AdamWTensor{p[k].data(), m[k].data(), v[k].data(), g[k].data(), k == 1 ? nullptr : copy[k].data(), sizes[k],
-                                      (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), k % 2, k < 2});
+        const void* grad = half_grad[k] ? (const void*)g16[k].data() : (const void*)g[k].data();
+        tensors.push_back(AdamWTensor{p[k].data(), m[k].data(), v[k].data(), grad, has_copy[k] ? copy[k].data() : nullptr, sizes[k],
+                                      (float)(1 - lrs[k] * wds[k]), (float)(lrs[k] / (1 - std::pow(b1, t))), half_grad[k], k < 2});
         for (int64_t start = 0; start < sizes[k]; start += 100) chunks.push_back(AdamWChunk{k, 0, start, std::min<int64_t>(100, sizes[k] - start)});
     }
     const auto p0 = p, m0 = m, v0 = v;
@@ -484,13 +590,11 @@ static void check_adamw_many(const char* label, const float* guard) {
         adamw_many_f32(tensors.data(), chunks.data(), (int64_t)chunks.size(), guard, (float)b1, (float)(1 - b1), (float)b2, (float)(1 - b2),
                        (float)std::sqrt(1 - std::pow(b2, t)), (float)eps);
     });
+    auto copy_untouched = [&](int k) { return std::all_of(copy[k].begin(), copy[k].end(), [](bf16 x) { return std::isnan(convmae::load(x)); }); };
     if (!applies) {
         // Skipped: weights, moments and copies exactly as they were.
         bool untouched = true;
-        for (int k = 0; k < 3; ++k) {
-            untouched = untouched && p[k] == p0[k] && m[k] == m0[k] && v[k] == v0[k];
-            untouched = untouched && std::all_of(copy[k].begin(), copy[k].end(), [](float x) { return std::isnan(x); });
-        }
+        for (int k = 0; k < 3; ++k) untouched = untouched && p[k] == p0[k] && m[k] == m0[k] && v[k] == v0[k] && copy_untouched(k);
         if (!untouched) ++failures;
         char name[96];
         std::snprintf(name, sizeof name, "adamw many (%s): nothing written", label);
@@ -501,9 +605,14 @@ static void check_adamw_many(const char* label, const float* guard) {
         char name[96];
         std::snprintf(name, sizeof name, "adamw many (%s): tensor %d of %lld", label, k, (long long)sizes[k]);
         check(name, p[k], wp[k], 1e-6);
-        if (k != 1) check("adamw many: its compute copy", copy[k], wp[k], 1e-6);
+        if (!has_copy[k]) continue;
+        const auto rounded = narrowed<bf16>(p[k]);
+        bool same = true;
+        for (int64_t i = 0; i < sizes[k]; ++i) same = same && copy[k][i].bits == rounded[i].bits;
+        if (!same) ++failures;
+        std::printf("%-58s %s\n", "adamw many: its bf16 copy is the new master rounded", same ? "ok" : "FAIL");
     }
-    const bool untouched = std::all_of(copy[1].begin(), copy[1].end(), [](float x) { return std::isnan(x); });
+    const bool untouched = copy_untouched(1);
     if (!untouched) ++failures;
     std::printf("%-58s %s\n", "adamw many: no copy written where there is none", untouched ? "ok" : "FAIL");
 }
@@ -727,12 +836,14 @@ struct AttentionCase {
     std::vector<double> ref_out, ref_grad;
 };
 
+// `inputs` makes the drawn values the kernel's (representable<T>: what a bf16 kernel reads).
 template <int HD>
-static AttentionCase attention_case(int64_t nb, int64_t n, int64_t heads) {
+static AttentionCase attention_case(int64_t nb, int64_t n, int64_t heads,
+                                    std::vector<float> (*inputs)(const std::vector<float>&) = representable<float>) {
     const int64_t d = heads * HD, row = 3 * d;
     const float scale = 1.f / std::sqrt((float)HD);
-    const std::vector<float> qkv = random_values(nb * n * row, 31 + (unsigned)n);
-    std::vector<float> g = random_values(nb * n * d, 37 + (unsigned)n);
+    const std::vector<float> qkv = inputs(random_values(nb * n * row, 31 + (unsigned)n));
+    std::vector<float> g = inputs(random_values(nb * n * d, 37 + (unsigned)n));
     std::vector<double> ref_out(nb * n * d), ref_grad(nb * n * row);
     auto at = [&](int64_t b, int64_t i, int s, int64_t h) { return (b * n + i) * row + s * d + h * HD; };
     for (int64_t b = 0; b < nb; ++b)
@@ -808,58 +919,70 @@ static void check_attention(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ 
 
 // The tensor-core flash kernels, launched as src/cuda.rs flash_attention_* does: a block of
 // FLASH_WARPS warps per image, head and 16 * FLASH_WARPS rows, with FlashShared's bytes of
-// dynamic shared memory. Then once with a byte too few, which must leave NaN everywhere.
-template <int HD, typename Fwd, typename BwdQ, typename BwdKV>
+// dynamic shared memory (128-byte aligned, as the GPU's is). Then once with a byte too few,
+// which must leave NaN everywhere. In bf16 the probabilities and ds are rounded to bf16 before
+// their products, as on the GPU: a tolerance of 1e-2 of the largest value (the GPU check's
+// agreement allows 3e-2).
+template <typename T, int HD, typename Fwd, typename BwdQ, typename BwdKV>
 static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_q, BwdKV bwd_kv, Fwd mma_fwd, BwdQ mma_bwd_q, BwdKV mma_bwd_kv,
                         bool misaligned = false) {
     using namespace convmae;
+    constexpr double bf16_tol = 1e-2;
     const int64_t d = heads * HD, row = 3 * d;
-    const auto [scale, qkv_aligned, g, ref_out, ref_grad] = attention_case<HD>(nb, n, heads);
+    auto [scale, qkv_f32, g_f32, ref_out, ref_grad] = attention_case<HD>(nb, n, heads, representable<T>);
+    const auto qkv_aligned = narrowed<T>(qkv_f32), g = narrowed<T>(g_f32);
     // `misaligned`: qkv one element past a 16-byte boundary, so the staging takes its
     // element-by-element path instead of 16-byte pieces.
-    std::vector<float> shifted(qkv_aligned.size() + 1);
+    std::vector<T> shifted(qkv_aligned.size() + 1);
     std::copy(qkv_aligned.begin(), qkv_aligned.end(), shifted.begin() + 1);
-    const std::span<const float> qkv = misaligned ? std::span<const float>(shifted).subspan(1) : std::span<const float>(qkv_aligned);
+    const std::span<const T> qkv = misaligned ? std::span<const T>(shifted).subspan(1) : std::span<const T>(qkv_aligned);
     const int64_t n_pad = (n + FLASH_TILE - 1) / FLASH_TILE * FLASH_TILE;
     const unsigned gx = (unsigned)(nb * heads), gy = (unsigned)((n_pad / FLASH_TILE + FLASH_WARPS - 1) / FLASH_WARPS);
     const unsigned block = 32 * FLASH_WARPS;
-    std::vector<unsigned char> shared(FlashShared<float, HD>::bytes(n_pad));
-    emulated_dynamic_shared = shared.data();
+    const size_t shared_bytes = FlashShared<T, HD>::bytes(n_pad);
+    std::vector<unsigned char> shared_buffer(shared_bytes + 128);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(shared_buffer.data());
+    emulated_dynamic_shared = shared_buffer.data() + (128 - base % 128) % 128;
     // The dq kernel with the forward's log-sum-exp (`have_lse`, as src/cuda.rs runs it) or
     // finding it again.
     auto run = [&](unsigned bytes, int have_lse) {
         emulated_dynamic_shared_bytes = bytes;
-        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
+        auto out = nans<T>(nb * n * d), grad = nans<T>(nb * n * row);
+        std::vector<float> stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
         launch_blocks(gx, gy, block, [&] { fwd(qkv.data(), out.data(), lse.data(), n, heads, scale); });
         launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), have_lse, grad.data(), stats.data(), n, heads, scale); });
         launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
         return std::pair{out, grad};
     };
+    auto all_nan = [](const std::vector<T>& a, const std::vector<T>& b) {
+        auto nan = [](T v) { return std::isnan(load(v)); };
+        return std::all_of(a.begin(), a.end(), nan) && std::all_of(b.begin(), b.end(), nan);
+    };
     char name[96];
     for (int have_lse : {1, 0}) {
-        const auto [out, grad] = run((unsigned)shared.size(), have_lse);
+        const auto [out, grad] = run((unsigned)shared_bytes, have_lse);
         std::snprintf(name, sizeof name, "flash attention forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
-        if (have_lse) check(name, out, ref_out, 2e-6);
+        if (have_lse) check_t(name, out, ref_out, 2e-6, bf16_tol);
         std::snprintf(name, sizeof name, "flash attention qkv grad B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, have_lse ? "" : " (lse found again)");
-        check(name, grad, ref_grad, 1e-5);
+        check_t(name, grad, ref_grad, 1e-5, bf16_tol);
     }
-    const auto [short_out, short_grad] = run((unsigned)shared.size() - 1, 1);
-    const bool all_nan = std::all_of(short_out.begin(), short_out.end(), [](float v) { return std::isnan(v); }) &&
-                         std::all_of(short_grad.begin(), short_grad.end(), [](float v) { return std::isnan(v); });
-    if (!all_nan) ++failures;
-    std::printf("%-58s %s\n", "flash attention with too little shared memory: all NaN", all_nan ? "ok" : "FAIL");
+    const auto [short_out, short_grad] = run((unsigned)shared_bytes - 1, 1);
+    const bool short_nan = all_nan(short_out, short_grad);
+    if (!short_nan) ++failures;
+    std::printf("[%s] %-52s %s\n", type_name<T>, "flash attention with too little shared memory: all NaN", short_nan ? "ok" : "FAIL");
     // The kernels on mma.sync (their own, smaller shared memory): the one-pass forward, then
     // the backward by the wmma kernels from its log-sum-exp and by the mma kernels.
-    const unsigned mma_bytes = (unsigned)(2 * n_pad * (HD + FLASH_PAD) * sizeof(float) + 2 * n_pad * sizeof(float));
+    const unsigned mma_bytes = (unsigned)(2 * n_pad * (HD + FLASH_PAD) * sizeof(T) + 2 * n_pad * sizeof(float));
     auto run_mma = [&](unsigned bytes, bool mma_backward) {
-        std::vector<float> out(nb * n * d, NAN), grad(nb * n * row, NAN), stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
+        auto out = nans<T>(nb * n * d), grad = nans<T>(nb * n * row);
+        std::vector<float> stats(2 * nb * heads * n, NAN), lse(nb * heads * n, NAN);
         emulated_dynamic_shared_bytes = bytes;
         launch_blocks(gx, gy, block, [&] { mma_fwd(qkv.data(), out.data(), lse.data(), n, heads, scale); });
         if (mma_backward) {
             launch_blocks(gx, gy, block, [&] { mma_bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
             launch_blocks(gx, gy, block, [&] { mma_bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
         } else {
-            emulated_dynamic_shared_bytes = (unsigned)shared.size();  // the wmma kernels' own
+            emulated_dynamic_shared_bytes = (unsigned)shared_bytes;  // the wmma kernels' own
             launch_blocks(gx, gy, block, [&] { bwd_q(qkv.data(), out.data(), g.data(), lse.data(), 1, grad.data(), stats.data(), n, heads, scale); });
             launch_blocks(gx, gy, block, [&] { bwd_kv(qkv.data(), g.data(), stats.data(), grad.data(), n, heads, scale); });
         }
@@ -867,14 +990,13 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
     };
     const auto [mma_out, wmma_grad] = run_mma(mma_bytes, false);
     std::snprintf(name, sizeof name, "flash mma forward B%lld N%lld H%lld HD%d%s", (long long)nb, (long long)n, (long long)heads, HD, misaligned ? " misaligned" : "");
-    check(name, mma_out, ref_out, 2e-6);
-    check("  and the qkv grad by the wmma kernels from its lse", wmma_grad, ref_grad, 1e-5);
-    check("  and the qkv grad by the mma kernels", run_mma(mma_bytes, true).second, ref_grad, 1e-5);
+    check_t(name, mma_out, ref_out, 2e-6, bf16_tol);
+    check_t("  and the qkv grad by the wmma kernels from its lse", wmma_grad, ref_grad, 1e-5, bf16_tol);
+    check_t("  and the qkv grad by the mma kernels", run_mma(mma_bytes, true).second, ref_grad, 1e-5, bf16_tol);
     const auto [short_out_mma, short_grad_mma] = run_mma(mma_bytes - 1, true);
-    const bool mma_nan = std::all_of(short_out_mma.begin(), short_out_mma.end(), [](float v) { return std::isnan(v); }) &&
-                         std::all_of(short_grad_mma.begin(), short_grad_mma.end(), [](float v) { return std::isnan(v); });
+    const bool mma_nan = all_nan(short_out_mma, short_grad_mma);
     if (!mma_nan) ++failures;
-    std::printf("%-58s %s\n", "flash mma kernels with too little shared memory: all NaN", mma_nan ? "ok" : "FAIL");
+    std::printf("[%s] %-52s %s\n", type_name<T>, "flash mma kernels with too little shared memory: all NaN", mma_nan ? "ok" : "FAIL");
     emulated_dynamic_shared = nullptr;
 }
 
@@ -999,9 +1121,13 @@ static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, 
     check("restore tokens: [dx | d mask_token | d pos]", packed, grads, 1e-6);
 }
 
-#define CHECK_FLASH(HD, nb, n, heads, ...) \
-    check_flash<HD>(nb, n, heads, flash_fwd_hd##HD##_f32, flash_bwd_q_hd##HD##_f32, flash_bwd_kv_hd##HD##_f32, \
-                    flash_mma_fwd_hd##HD##_f32, flash_mma_bwd_q_hd##HD##_f32, flash_mma_bwd_kv_hd##HD##_f32 __VA_OPT__(, ) __VA_ARGS__)
+#define CHECK_FLASH_IN(T, S, HD, nb, n, heads, ...)                                                                          \
+    check_flash<T, HD>(nb, n, heads, flash_fwd_hd##HD##_##S, flash_bwd_q_hd##HD##_##S, flash_bwd_kv_hd##HD##_##S,             \
+                       flash_mma_fwd_hd##HD##_##S, flash_mma_bwd_q_hd##HD##_##S, flash_mma_bwd_kv_hd##HD##_##S __VA_OPT__(, ) \
+                           __VA_ARGS__)
+#define CHECK_FLASH(HD, nb, n, heads, ...)                                     \
+    CHECK_FLASH_IN(float, f32, HD, nb, n, heads __VA_OPT__(, ) __VA_ARGS__); \
+    CHECK_FLASH_IN(__nv_bfloat16, bf16, HD, nb, n, heads __VA_OPT__(, ) __VA_ARGS__)
 
 int main() {
     // C not a multiple of 32 or of the 256-thread block, W not a multiple of the 4-column tile,
@@ -1009,12 +1135,17 @@ int main() {
     for (int k : {3, 5, 7, 9, 1}) {
         check_dense(2, 7, 9, 37, k, 5);
         check_dense(1, 5, 4, 3, k, 512);
-        check_sparse(2, 7, 9, 37, k, 5);
-        check_sparse(1, 6, 5, 3, k, 512);
+        check_sparse<float>(2, 7, 9, 37, k, 5);
+        check_sparse<float>(1, 6, 5, 3, k, 512);
         // C a multiple of the vector forms' channels a thread: more groups than a warp, fewer.
-        check_sparse(2, 7, 9, 40, k, 5);
-        check_sparse(1, 6, 5, 4, k, 512);
-        check_sparse(1, 5, 6, 2, k, 3);
+        check_sparse<float>(2, 7, 9, 40, k, 5);
+        check_sparse<float>(1, 6, 5, 4, k, 512);
+        check_sparse<float>(1, 5, 6, 2, k, 3);
+        // bf16: C a multiple of its 8 lanes (more groups than a warp, one group), of 2 only, neither.
+        check_sparse<__nv_bfloat16>(2, 7, 9, 40, k, 5);
+        check_sparse<__nv_bfloat16>(1, 6, 5, 8, k, 512);
+        check_sparse<__nv_bfloat16>(1, 5, 6, 6, k, 3);
+        check_sparse<__nv_bfloat16>(1, 6, 5, 3, k, 512);
     }
     check_visible_neighbors(2, 4, 4, 5, 5, 1);
     check_visible_neighbors(3, 5, 2, 7, 5, 2);
