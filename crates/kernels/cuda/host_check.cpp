@@ -477,33 +477,43 @@ static void check_sparse(int64_t nb, int64_t h, int64_t w, int64_t c, int k, int
     }
 }
 
-static void check_elementwise() {
-    const int64_t n = 70001;  // not a multiple of the block; more than one grid-stride round below
-    auto x = random_values(n, 11), g = random_values(n, 12);
+// GELU (erf) forward and backward on n elements not a multiple of a vector (4 f32, 8 bf16: the
+// tail), on a grid smaller than n / 256 (the grid-stride loop), then on views one element in
+// (not 16-byte aligned: the element path).
+template <typename T>
+static void check_gelu() {
+    const int64_t n = 70001;
+    auto x = random_values(n, 11);
     for (auto& v : x) v *= 4;
+    x = representable<T>(x);
+    const auto g = representable<T>(random_values(n, 12));
+    const auto xt = narrowed<T>(x), gt = narrowed<T>(g);
     std::vector<double> y(n), gx(n);
     for (int64_t i = 0; i < n; ++i) {
         const double xv = x[i];
         y[i] = 0.5 * xv * (1 + std::erf(xv / std::sqrt(2.0)));
         gx[i] = (0.5 * (1 + std::erf(xv / std::sqrt(2.0))) + xv * std::exp(-0.5 * xv * xv) / std::sqrt(2 * M_PI)) * g[i];
     }
-    std::vector<float> out(n, NAN);
-    // A grid smaller than n / 256 exercises the grid-stride loop; n is not a multiple of the
-    // 4 f32 elements of a vector (the tail).
-    launch(64 * 256, 256, [&] { gelu_erf_fwd_f32(x.data(), out.data(), n); });
-    check("gelu forward (grid-stride, vectors)", out, y, 1e-6);
-    std::fill(out.begin(), out.end(), NAN);
-    launch(64 * 256, 256, [&] { gelu_erf_bwd_f32(x.data(), g.data(), out.data(), n); });
-    check("gelu backward (exact derivative, vectors)", out, gx, 1e-6);
-    // Views one element in (not 16-byte aligned: the element path), the gradient's only.
-    std::vector<float> shifted_g(n + 1, 0.f), shifted_out(n + 1, NAN);
-    std::copy(g.begin(), g.end(), shifted_g.begin() + 1);
-    launch(64 * 256, 256, [&] { gelu_erf_bwd_f32(x.data(), shifted_g.data() + 1, shifted_out.data() + 1, n); });
-    check("gelu backward (unaligned views)", std::vector<float>(shifted_out.begin() + 1, shifted_out.end()), gx, 1e-6);
-    std::fill(shifted_out.begin(), shifted_out.end(), NAN);
-    launch(64 * 256, 256, [&] { gelu_erf_fwd_f32(x.data(), shifted_out.data() + 1, n); });
-    check("gelu forward (unaligned output)", std::vector<float>(shifted_out.begin() + 1, shifted_out.end()), y, 1e-6);
+    auto out = nans<T>(n);
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), out.data(), n); });
+    check_t("gelu forward (grid-stride, vectors)", out, y, 1e-6);
+    out = nans<T>(n);
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), gt.data(), out.data(), n); });
+    check_t("gelu backward (exact derivative, vectors)", out, gx, 1e-6);
+    // Views one element in, the gradient's only, then the output's only.
+    std::vector<T> shifted_g(n + 1, convmae::store<T>(0.f));
+    std::copy(gt.begin(), gt.end(), shifted_g.begin() + 1);
+    auto shifted_out = nans<T>(n + 1);
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), shifted_g.data() + 1, shifted_out.data() + 1, n); });
+    check_t("gelu backward (unaligned views)", std::vector<T>(shifted_out.begin() + 1, shifted_out.end()), gx, 1e-6);
+    shifted_out = nans<T>(n + 1);
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), shifted_out.data() + 1, n); });
+    check_t("gelu forward (unaligned output)", std::vector<T>(shifted_out.begin() + 1, shifted_out.end()), y, 1e-6);
+}
 
+static void check_elementwise() {
+    const int64_t n = 70001;  // not a multiple of the block; more than one grid-stride round below
+    const auto g = random_values(n, 12);
     auto p = random_values(n, 13), m = random_values(n, 14), v = random_values(n, 15);
     for (auto& e : m) e *= 0.01f;
     for (auto& e : v) e = std::fabs(e) * 0.01f;
@@ -674,11 +684,17 @@ static void check_normalize() {
     check("normalize uint8 RGB (grid-stride, bitwise)", out, want, 0);
 }
 
-// LayerNorm and softmax over `rows` rows of `d`, launched as src/cuda.rs does (4 warps a block).
+// LayerNorm and softmax over `rows` rows of `d`, launched as src/cuda.rs does (4 warps a block):
+// 16 bytes a lane where d allows (4 f32, 8 bf16), else an element.
+template <typename T>
 static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     const float eps = 1e-6f;
-    auto x = random_values(rows * d, 21), w = random_values(d, 22), bias = random_values(d, 23), g = random_values(rows * d, 24);
+    auto x = random_values(rows * d, 21);
     for (int64_t i = 0; i < rows * d; ++i) x[i] = 3 * x[i] + 0.5f;  // a mean away from zero
+    x = representable<T>(x);
+    const auto w = representable<T>(random_values(d, 22)), bias = representable<T>(random_values(d, 23)),
+               g = representable<T>(random_values(rows * d, 24));
+    const auto xt = narrowed<T>(x), wt = narrowed<T>(w), bt = narrowed<T>(bias), gt = narrowed<T>(g);
     std::vector<double> y(rows * d), gx(rows * d), gwb(2 * d, 0), stats(2 * rows);
     for (int64_t r = 0; r < rows; ++r) {
         double mean = 0, var = 0;
@@ -704,39 +720,42 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
         }
     }
     char name[128];
-    std::vector<float> out(rows * d, NAN), st(2 * rows, NAN);
-    launch_warps(rows * 32, 128, [&] { layer_norm_fwd_f32(x.data(), w.data(), bias.data(), out.data(), st.data(), rows, d, eps); });
+    auto out = nans<T>(rows * d);
+    std::vector<float> st(2 * rows, NAN);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_fwd)(xt.data(), wt.data(), bt.data(), out.data(), st.data(), rows, d, eps); });
     std::snprintf(name, sizeof name, "layer_norm forward rows %lld D%lld", (long long)rows, (long long)d);
-    check(name, out, y, 1e-5);
-    check("layer_norm saved (mean, rstd)", st, stats, 1e-5);
+    check_t(name, out, y, 1e-5);
+    check_t("layer_norm saved (mean, rstd)", st, stats, 1e-5);
     std::vector<float> st2(2 * rows, NAN);
-    launch_warps(rows * 32, 128, [&] { layer_norm_stats_f32(x.data(), st2.data(), rows, d, eps); });
-    check("layer_norm recomputed (mean, rstd)", st2, stats, 1e-5);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_stats)(xt.data(), st2.data(), rows, d, eps); });
+    check_t("layer_norm recomputed (mean, rstd)", st2, stats, 1e-5);
     // The packed [rows + 2, d] gradient, as src/cuda.rs lays it out.
-    std::vector<float> packed((rows + 2) * d, NAN);
-    launch_warps(rows * 32, 128, [&] { layer_norm_bwd_input_f32(x.data(), w.data(), g.data(), st.data(), packed.data(), rows, d); });
+    auto packed = nans<T>((rows + 2) * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input)(xt.data(), wt.data(), gt.data(), st.data(), packed.data(), rows, d); });
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * 2 * d, NAN);
-    launch(parts * d, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts, 0); });
-    launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
-    check("layer_norm input grad", std::vector<float>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
+    auto reduce = TYPED(rows_reduce_partials);
+    launch(parts * d, 256, [&] { TYPED(layer_norm_param_partials)(xt.data(), gt.data(), st.data(), partials.data(), rows, d, per_part, parts, 0); });
+    launch_warps(2 * d * 32, 256, [&] { reduce(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
+    check_t("layer_norm input grad", std::vector<T>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
     // The sublayer's form: the residual's gradient (here x) added in the same pass.
-    std::vector<float> with_residual(rows * d, NAN);
-    launch_warps(rows * 32, 128, [&] { layer_norm_bwd_input_add_f32(x.data(), w.data(), g.data(), st.data(), x.data(), with_residual.data(), rows, d); });
+    auto with_residual = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input_add)(xt.data(), wt.data(), gt.data(), st.data(), xt.data(), with_residual.data(), rows, d); });
     std::vector<double> gx_plus(rows * d);
     for (int64_t i = 0; i < rows * d; ++i) gx_plus[i] = gx[i] + x[i];
-    check("layer_norm input grad + the residual's", with_residual, gx_plus, 1e-5);
+    check_t("layer_norm input grad + the residual's", with_residual, gx_plus, 1e-5);
     std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
-    check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
-    if (d % 2 == 0) {
-        // Two f32 columns a thread (8 bytes), as src/cuda.rs launches it where it can.
+    check_t(name, std::vector<T>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
+    const int64_t columns = 8 / (int64_t)sizeof(T);  // a thread's 8 bytes: 2 f32, 4 bf16
+    if (d % columns == 0) {
+        // As src/cuda.rs launches it where it can.
         std::fill(partials.begin(), partials.end(), NAN);
-        std::fill(packed.begin() + rows * d, packed.end(), NAN);
-        launch(parts * d / 2, 256, [&] { layer_norm_param_partials_f32(x.data(), g.data(), st.data(), partials.data(), rows, d, per_part, parts, 1); });
-        launch_warps(2 * d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
-        std::snprintf(name, sizeof name, "layer_norm weight + bias grads, 2 columns a thread (%lld parts)", (long long)parts);
-        check(name, std::vector<float>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
+        std::fill(packed.begin() + rows * d, packed.end(), convmae::store<T>(NAN));
+        launch(parts * d / columns, 256, [&] { TYPED(layer_norm_param_partials)(xt.data(), gt.data(), st.data(), partials.data(), rows, d, per_part, parts, 1); });
+        launch_warps(2 * d * 32, 256, [&] { reduce(partials.data(), packed.data() + rows * d, parts, 2, d, 0); });
+        std::snprintf(name, sizeof name, "layer_norm weight + bias grads, %lld columns a thread (%lld parts)", (long long)columns, (long long)parts);
+        check_t(name, std::vector<T>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
     }
 
     std::vector<double> sm(rows * d), sgx(rows * d);
@@ -748,20 +767,22 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
         for (int64_t j = 0; j < d; ++j) dot += sm[r * d + j] * g[r * d + j];
         for (int64_t j = 0; j < d; ++j) sgx[r * d + j] = sm[r * d + j] * (g[r * d + j] - dot);
     }
-    std::fill(out.begin(), out.end(), NAN);
-    launch_warps(rows * 32, 128, [&] { softmax_fwd_f32(x.data(), out.data(), rows, d); });
+    // The backward reads the forward's output as stored (rounded, in bf16), as on the GPU; the
+    // reference is the exact softmax's, within the tolerance.
+    out = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(softmax_fwd)(xt.data(), out.data(), rows, d); });
     std::snprintf(name, sizeof name, "softmax forward rows %lld D%lld", (long long)rows, (long long)d);
-    check(name, out, sm, 1e-5);
-    std::vector<float> grad(rows * d, NAN);
-    launch_warps(rows * 32, 128, [&] { softmax_bwd_f32(out.data(), g.data(), grad.data(), rows, d); });
-    check("softmax input grad", grad, sgx, 1e-5);
-    // The attention gemm form's instantiations (f32 scores in; here T is f32 too).
-    std::fill(out.begin(), out.end(), NAN);
-    launch_warps(rows * 32, 128, [&] { scores_softmax_fwd_f32(x.data(), out.data(), rows, d); });
-    check("scores softmax forward", out, sm, 1e-5);
-    std::fill(grad.begin(), grad.end(), NAN);
-    launch_warps(rows * 32, 128, [&] { scores_softmax_bwd_f32(out.data(), g.data(), grad.data(), rows, d); });
-    check("scores softmax input grad", grad, sgx, 1e-5);
+    check_t(name, out, sm, 1e-5);
+    auto grad = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(softmax_bwd)(out.data(), gt.data(), grad.data(), rows, d); });
+    check_t("softmax input grad", grad, sgx, 1e-5);
+    // The attention gemm form's instantiations: f32 scores and their gradient in, T out.
+    out = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(scores_softmax_fwd)(x.data(), out.data(), rows, d); });
+    check_t("scores softmax forward", out, sm, 1e-5);
+    grad = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(scores_softmax_bwd)(out.data(), g.data(), grad.data(), rows, d); });
+    check_t("scores softmax input grad", grad, sgx, 1e-5);
 }
 
 // The gemm form's layout kernels, launched as src/cuda.rs's permute_heads does (a block per
@@ -1151,6 +1172,8 @@ int main() {
     check_visible_neighbors(3, 5, 2, 7, 5, 2);
     check_visible_neighbors(1, 3, 1, 9, 3, 3);
     check_visible_neighbors(2, 6, 2, 1, 7, 4);
+    check_gelu<float>();
+    check_gelu<__nv_bfloat16>();
     check_elementwise();
     check_adamw_many("no guard", nullptr);
     const float finite_loss = 0.75f, nan_loss = NAN, inf_loss = INFINITY;
@@ -1159,10 +1182,15 @@ int main() {
     check_adamw_many("inf loss", &inf_loss);
     check_normalize();
     // Rows not a multiple of the 4 rows a block holds; D below, at and above the 32 lanes.
-    check_rows(9, 49, 4);
-    check_rows(6, 32, 512);
-    check_rows(3, 5, 2);
-    check_rows(5, 100, 3);
+    check_rows<float>(9, 49, 4);
+    check_rows<float>(6, 32, 512);
+    check_rows<float>(3, 5, 2);
+    check_rows<float>(5, 100, 3);
+    // bf16: D a multiple of its 8 lanes below and above a warp's 256, of 4 only, of neither.
+    check_rows<__nv_bfloat16>(9, 40, 4);
+    check_rows<__nv_bfloat16>(5, 520, 3);
+    check_rows<__nv_bfloat16>(6, 36, 512);
+    check_rows<__nv_bfloat16>(3, 49, 2);
     // Non-square grids, rows not a multiple of 4 a block; patch values below, at and above the
     // 32 lanes (and ConvMAE's 16 x 16 x 3); totals over fewer rows than threads, and more.
     check_patch_loss(2, 2, 3, 4, 3, 1, 64);
