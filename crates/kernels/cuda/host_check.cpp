@@ -1023,10 +1023,13 @@ static void check_flash(int64_t nb, int64_t n, int64_t heads, Fwd fwd, BwdQ bwd_
 
 // MAE's loss on `b` images of gh x gw patches of p x p pixels of c channels, launched as
 // src/cuda.rs does (4 warps a block for the rows, one block for the total), against a double
-// reference: the loss, the saved statistics and the prediction's gradient.
+// reference: the loss, the saved statistics and the prediction's gradient. The prediction is
+// in T (the decoder's output: bf16 in mixed precision); images, mask and statistics are f32.
+template <typename T>
 static void check_patch_loss(int64_t b, int64_t gh, int64_t gw, int64_t p, int64_t c, int norm_pix, unsigned total_threads) {
     const int64_t tokens = gh * gw, rows = b * tokens, n = p * p * c, h = gh * p, w = gw * p;
-    auto pred = random_values(rows * n, 41), imgs = random_values(b * h * w * c, 42), coin = random_values(rows, 43);
+    auto pred = representable<T>(random_values(rows * n, 41)), imgs = random_values(b * h * w * c, 42), coin = random_values(rows, 43);
+    const auto pred_t = narrowed<T>(pred);
     for (auto& v : imgs) v = 2 * v + 0.3f;
     std::vector<float> mask(rows);
     for (int64_t r = 0; r < rows; ++r) mask[r] = coin[r] > -0.4f ? 1.f : 0.f;
@@ -1057,29 +1060,32 @@ static void check_patch_loss(int64_t b, int64_t gh, int64_t gw, int64_t p, int64
         }
         total += s / n * mask[r];
     }
-    std::vector<float> row_loss(rows, NAN), st(2 * rows, NAN), loss(1, NAN), msum(1, NAN), out(rows * n, NAN);
+    std::vector<float> row_loss(rows, NAN), st(2 * rows, NAN), loss(1, NAN), msum(1, NAN);
+    auto out = nans<T>(rows * n);
     launch_warps(rows * 32, 128, [&] {
-        patch_mse_rows_f32(pred.data(), imgs.data(), mask.data(), row_loss.data(), st.data(), rows, tokens, gw, p, c, h, w, norm_pix);
+        TYPED(patch_mse_rows)(pred_t.data(), imgs.data(), mask.data(), row_loss.data(), st.data(), rows, tokens, gw, p, c, h, w, norm_pix);
     });
     launch_blocks(1, 1, total_threads, [&] { patch_mse_total(row_loss.data(), mask.data(), loss.data(), msum.data(), rows); });
     char name[128];
-    std::snprintf(name, sizeof name, "patch loss %lldx%lld of %lldx%lldx%lld, norm_pix %d, %u threads", (long long)gh, (long long)gw,
-                  (long long)p, (long long)p, (long long)c, norm_pix, total_threads);
+    std::snprintf(name, sizeof name, "[%s] patch loss %lldx%lld of %lldx%lldx%lld, norm_pix %d, %u threads", type_name<T>, (long long)gh,
+                  (long long)gw, (long long)p, (long long)p, (long long)c, norm_pix, total_threads);
     check(name, loss, {total / mask_sum}, 1e-5);
     check("patch loss: mask sum", msum, {mask_sum}, 0);
     check("patch loss: saved (mean, std)", st, stats, 1e-5);
     launch_warps(rows * 32, 128, [&] {
-        patch_mse_bwd_f32(pred.data(), imgs.data(), mask.data(), st.data(), msum.data(), &grad, out.data(), rows, tokens, gw, p, c, h, w);
+        TYPED(patch_mse_bwd)(pred_t.data(), imgs.data(), mask.data(), st.data(), msum.data(), &grad, out.data(), rows, tokens, gw, p, c, h, w);
     });
-    check("patch loss: prediction gradient", out, gpred, 1e-5);
+    check_t("patch loss: prediction gradient", out, gpred, 1e-5);
 }
 
 // The patch layout's copies on b images of h x w x c in k x k patches, launched as src/cuda.rs
 // does (a warp per patch row, 256-thread blocks): image -> patches against the index formula,
 // then back, bit for bit.
+template <typename T>
 static void check_patch_rows(int64_t b, int64_t h, int64_t w, int64_t c, int64_t k) {
     const int64_t n = b * h * w * c, ho = h / k, wo = w / k, rows = b * ho * wo * k;
-    auto img = random_values(n, 51);
+    const auto img = representable<T>(random_values(n, 51));
+    const auto img_t = narrowed<T>(img);
     std::vector<double> want(n);
     for (int64_t bi = 0; bi < b; ++bi)
         for (int64_t y = 0; y < ho; ++y)
@@ -1088,21 +1094,24 @@ static void check_patch_rows(int64_t b, int64_t h, int64_t w, int64_t c, int64_t
                     for (int64_t j = 0; j < k; ++j)
                         for (int64_t ch = 0; ch < c; ++ch)
                             want[((((bi * ho + y) * wo + x) * k + i) * k + j) * c + ch] = img[((bi * h + y * k + i) * w + x * k + j) * c + ch];
-    std::vector<float> blocks(n, NAN), back(n, NAN);
-    launch(rows * 32, 256, [&] { patch_rows_f32(img.data(), blocks.data(), rows, k, wo, ho, h, w, c, 0); });
+    auto blocks = nans<T>(n), back = nans<T>(n);
+    launch(rows * 32, 256, [&] { TYPED(patch_rows)(img_t.data(), blocks.data(), rows, k, wo, ho, h, w, c, 0); });
     char name[128];
     std::snprintf(name, sizeof name, "patch rows %lldx%lldx%lld in %lldx%lld patches (bitwise)", (long long)h, (long long)w, (long long)c, (long long)k, (long long)k);
-    check(name, blocks, want, 0);
-    launch(rows * 32, 256, [&] { patch_rows_f32(blocks.data(), back.data(), rows, k, wo, ho, h, w, c, 1); });
-    check("patch rows: back to the image (bitwise)", back, std::vector<double>(img.begin(), img.end()), 0);
+    check_t(name, blocks, want, 0);
+    launch(rows * 32, 256, [&] { TYPED(patch_rows)(blocks.data(), back.data(), rows, k, wo, ho, h, w, c, 1); });
+    check_t("patch rows: back to the image (bitwise)", back, std::vector<double>(img.begin(), img.end()), 0);
 }
 
 // The decoder's entry on b images of l positions of width d, `keep` visible, launched as
 // src/cuda.rs does (a block per row, here `grid` blocks of `block` threads striding over the
 // rows; the columns a thread each; the mask token's reduction a warp per column), against the
 // formula: the sequence and [dx | d mask_token | d pos].
+template <typename T>
 static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, unsigned grid, unsigned block) {
-    auto x = random_values(b * keep * d, 61), mask = random_values(d, 62), pos = random_values(l * d, 63), g = random_values(b * l * d, 64);
+    const auto x = representable<T>(random_values(b * keep * d, 61)), mask = representable<T>(random_values(d, 62)),
+               pos = representable<T>(random_values(l * d, 63)), g = representable<T>(random_values(b * l * d, 64));
+    const auto xt = narrowed<T>(x), mask_t = narrowed<T>(mask), pos_t = narrowed<T>(pos), gt = narrowed<T>(g);
     std::vector<uint32_t> ids(b * l);
     // A different shuffle per image: position i has rank (i * m + bi) % l, m coprime to l.
     int64_t m = 5;
@@ -1115,12 +1124,15 @@ static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, 
             const int64_t r = ids[bi * l + i];
             for (int64_t j = 0; j < d; ++j) {
                 const double gv = g[(bi * l + i) * d + j];
-                want[(bi * l + i) * d + j] = (r < keep ? x[(bi * keep + r) * d + j] : mask[j]) + pos[i * d + j];
+                // The f32 sum, rounded once to T, as the kernel stores it.
+                const float sum = (r < keep ? x[(bi * keep + r) * d + j] : mask[j]) + pos[i * d + j];
+                want[(bi * l + i) * d + j] = convmae::load(convmae::store<T>(sum));
                 grads[r < keep ? (bi * keep + r) * d + j : b * keep * d + j] += gv;
                 grads[b * keep * d + d + i * d + j] += gv;
             }
         }
-    std::vector<float> out(b * l * d, NAN), packed(grads.size(), NAN), partials(l * d, NAN);
+    auto out = nans<T>(b * l * d), packed = nans<T>(grads.size());
+    std::vector<float> partials(l * d, NAN);
     auto per_row = [&](auto kernel) {
         blockDim.x = block;
         gridDim.x = grid;
@@ -1131,15 +1143,15 @@ static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, 
                 kernel();
             }
     };
-    per_row([&] { restore_tokens_fwd_f32(x.data(), mask.data(), pos.data(), ids.data(), out.data(), b, l, keep, d); });
+    per_row([&] { TYPED(restore_tokens_fwd)(xt.data(), mask_t.data(), pos_t.data(), ids.data(), out.data(), b, l, keep, d); });
     char name[128];
     std::snprintf(name, sizeof name, "restore tokens %lldx%lld keep %lld D%lld (bitwise)", (long long)b, (long long)l, (long long)keep, (long long)d);
-    check(name, out, want, 0);
-    std::fill(packed.begin(), packed.begin() + b * keep * d, 0.f);  // the host's memset
-    per_row([&] { restore_tokens_dx_f32(g.data(), ids.data(), packed.data(), b, l, keep, d); });
-    launch(l * d, 256, [&] { restore_tokens_columns_f32(g.data(), ids.data(), packed.data() + b * keep * d + d, partials.data(), b, l, keep, d); });
-    launch_warps(d * 32, 256, [&] { rows_reduce_partials_f32(partials.data(), packed.data() + b * keep * d, l, 1, d, 0); });
-    check("restore tokens: [dx | d mask_token | d pos]", packed, grads, 1e-6);
+    check_t(name, out, want, 0);
+    std::fill(packed.begin(), packed.begin() + b * keep * d, convmae::store<T>(0.f));  // the host's memset
+    per_row([&] { TYPED(restore_tokens_dx)(gt.data(), ids.data(), packed.data(), b, l, keep, d); });
+    launch(l * d, 256, [&] { TYPED(restore_tokens_columns)(gt.data(), ids.data(), packed.data() + b * keep * d + d, partials.data(), b, l, keep, d); });
+    launch_warps(d * 32, 256, [&] { TYPED(rows_reduce_partials)(partials.data(), packed.data() + b * keep * d, l, 1, d, 0); });
+    check_t("restore tokens: [dx | d mask_token | d pos]", packed, grads, 1e-6);
 }
 
 #define CHECK_FLASH_IN(T, S, HD, nb, n, heads, ...)                                                                          \
@@ -1193,20 +1205,26 @@ int main() {
     check_rows<__nv_bfloat16>(3, 49, 2);
     // Non-square grids, rows not a multiple of 4 a block; patch values below, at and above the
     // 32 lanes (and ConvMAE's 16 x 16 x 3); totals over fewer rows than threads, and more.
-    check_patch_loss(2, 2, 3, 4, 3, 1, 64);
-    check_patch_loss(1, 3, 1, 2, 1, 1, 32);
-    check_patch_loss(3, 1, 2, 4, 2, 0, 96);
-    check_patch_loss(2, 2, 2, 16, 3, 1, 1024);
+    check_patch_loss<float>(2, 2, 3, 4, 3, 1, 64);
+    check_patch_loss<float>(1, 3, 1, 2, 1, 1, 32);
+    check_patch_loss<float>(3, 1, 2, 4, 2, 0, 96);
+    check_patch_loss<float>(2, 2, 2, 16, 3, 1, 1024);
+    check_patch_loss<__nv_bfloat16>(2, 2, 3, 4, 3, 1, 64);
+    check_patch_loss<__nv_bfloat16>(2, 2, 2, 16, 3, 1, 1024);
     // Non-square maps; patch rows shorter and longer than a warp; one patch per image.
-    check_patch_rows(2, 6, 4, 3, 2);
-    check_patch_rows(1, 8, 12, 5, 4);
-    check_patch_rows(3, 16, 16, 3, 16);
-    check_patch_rows(1, 5, 5, 40, 1);
+    for (auto check_patch_rows_in : {check_patch_rows<float>, check_patch_rows<__nv_bfloat16>}) {
+        check_patch_rows_in(2, 6, 4, 3, 2);
+        check_patch_rows_in(1, 8, 12, 5, 4);
+        check_patch_rows_in(3, 16, 16, 3, 16);
+        check_patch_rows_in(1, 5, 5, 40, 1);
+    }
     // Fewer blocks than rows (the stride), rows wider than a block, nothing kept, all kept.
-    check_restore_tokens(3, 7, 2, 5, 4, 32);
-    check_restore_tokens(2, 9, 3, 70, 18, 32);
-    check_restore_tokens(2, 4, 0, 3, 8, 32);
-    check_restore_tokens(1, 5, 5, 33, 2, 64);
+    for (auto check_restore_tokens_in : {check_restore_tokens<float>, check_restore_tokens<__nv_bfloat16>}) {
+        check_restore_tokens_in(3, 7, 2, 5, 4, 32);
+        check_restore_tokens_in(2, 9, 3, 70, 18, 32);
+        check_restore_tokens_in(2, 4, 0, 3, 8, 32);
+        check_restore_tokens_in(1, 5, 5, 33, 2, 64);
+    }
     check_linear_pieces(9, 49, 4);
     check_linear_pieces(37, 3, 512);
     check_linear_pieces(1, 70, 1);
