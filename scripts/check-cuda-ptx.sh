@@ -2,9 +2,10 @@
 # Compiles our CUDA kernels (crates/kernels/cuda/*.cu) to PTX and runs ptxas over the result,
 # without cargo, without a GPU and without the rest of the CUDA build: it catches kernel compile
 # errors and resource problems (too many registers, spills) where there is no GPU, e.g. in CI.
-# First it runs crates/kernels/cuda/host_check.cpp: the f32 kernels compiled as plain C++ with
-# the CUDA built-ins emulated, against double-precision references (index math, coverage,
-# reductions; g++ only, a few seconds).
+# First it runs crates/kernels/cuda/host_check.cpp: the kernels (f32, and bf16 through a
+# bit-exact stand-in) compiled as plain C++ with the CUDA built-ins emulated, against
+# double-precision references (index math, coverage, reductions, the alignment of vector
+# accesses; g++ only, about a minute on 2 cores).
 #
 #   bash scripts/check-cuda-ptx.sh
 #

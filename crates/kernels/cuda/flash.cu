@@ -908,7 +908,7 @@ __device__ void flash_mma_bwd_kv(const T* __restrict__ qkv, const T* __restrict_
     }
 
 // The head dims of src/attention.rs's FLASH_HEAD_DIMS; 16-bit types only (the tensor cores'
-// bf16 and f16 products), except under host emulation, which runs them in f32.
+// bf16 and f16 products); host emulation runs them in f32 and bf16.
 #define CONVMAE_FLASH_ALL_HD(T, SUFFIX) \
     CONVMAE_FLASH_KERNELS(T, SUFFIX, 16) \
     CONVMAE_FLASH_KERNELS(T, SUFFIX, 32) \

@@ -1,9 +1,10 @@
-// Runs the f32 depthwise-conv and element-wise kernels on the CPU, as plain C++ with the CUDA
-// built-ins emulated (every block and thread of the launch in turn), against references
-// written straight from the definitions in double. This checks the kernels' index math, grid
-// coverage (outputs start as NaN, so an element no thread writes fails) and the partial-sum
-// reductions where there is no GPU; the GPU check's agreement run is still what says they are
-// right on a GPU (real warps, bf16, the Rust launch code). The row kernels' warps are emulated
+// Runs the kernels on the CPU, as plain C++ with the CUDA built-ins emulated (every block and
+// thread of the launch in turn), against references written straight from the definitions in
+// double. This checks the kernels' index math, grid coverage (outputs start as NaN, so an
+// element no thread writes fails), the partial-sum reductions and the alignment of every vector
+// access where there is no GPU, in f32 and, for the kernels pretraining runs in bf16, in bf16
+// (a bit-exact stand-in for the GPU's type); the GPU check's agreement run is still what says
+// they are right on a GPU (real warps and tensor cores, f16, the Rust launch code). The row kernels' warps are emulated
 // with 32 OS threads meeting at a barrier for each shuffle; the attention kernels' blocks with
 // an OS thread per CUDA thread meeting at a barrier for each __syncthreads, their __shared__
 // arrays as statics (one block runs at a time).
