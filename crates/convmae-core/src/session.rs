@@ -70,6 +70,12 @@ pub trait Worker: Send + 'static {
     }
     /// Settles the command in flight, if any (its answer then comes from `take_settled`).
     fn settle(&mut self) {}
+    /// Whether the command in flight, if any, can be settled without waiting (a GPU step: its
+    /// loss has reached the host). Until it can, the worker waits for the next command rather
+    /// than for the device (`serve`).
+    fn in_flight_ready(&self) -> bool {
+        true
+    }
     /// The oldest answer of a settled in-flight command not yet taken.
     fn take_settled(&mut self) -> Option<Result<Self::Reply, String>> {
         None
@@ -122,6 +128,10 @@ impl Worker for Pretrainer {
 
     fn settle(&mut self) {
         self.settle_in_flight();
+    }
+
+    fn in_flight_ready(&self) -> bool {
+        Pretrainer::in_flight_ready(self)
     }
 
     fn take_settled(&mut self) -> Option<Result<Reply, String>> {
@@ -224,10 +234,19 @@ fn answer_settled<W: Worker>(trainer: &mut W, waiting: &mut VecDeque<Callback<W:
     }
 }
 
+/// How often the worker looks at whether the step in flight has its loss while it waits for
+/// the next command (`serve`): a step's answer comes at most this much after its loss.
+const IN_FLIGHT_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// The worker thread's loop. Commands run in order. One left in flight (a GPU step, whose
 /// device work is queued) is settled when the next command starts (overlapping the two) or,
-/// when no command is waiting, at once, so that a caller awaiting each step gets its answer as
-/// soon as its loss is known.
+/// when no command is waiting, as soon as it can be settled without waiting for the device
+/// (its loss has reached the host), so that a caller awaiting each step gets its answer then.
+/// Until then the worker waits for the next command instead: a caller that keeps two steps
+/// queued sends the next one when the one before is answered, a moment after this one started;
+/// settling at once would block the worker on the device's forward in that moment, and the next
+/// step would be built only after it, with the device idle (one step in two, as the pairs of
+/// answers showed: the CPU rehearsal of the GPU check, 2026-11-27).
 fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
     let mut waiting: VecDeque<Callback<W::Reply>> = VecDeque::new();
     loop {
@@ -236,12 +255,18 @@ fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
         } else {
             match receiver.try_recv() {
                 Ok(next) => Some(next),
-                Err(mpsc::TryRecvError::Empty) => {
-                    if let Ok(t) = trainer {
+                Err(mpsc::TryRecvError::Empty) => match trainer {
+                    Ok(t) if !t.in_flight_ready() => match receiver.recv_timeout(IN_FLIGHT_POLL) {
+                        Ok(next) => Some(next),
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    },
+                    Ok(t) => {
                         answer_settled(t, &mut waiting, true);
+                        continue;
                     }
-                    continue;
-                }
+                    Err(_) => continue,
+                },
                 Err(mpsc::TryRecvError::Disconnected) => None,
             }
         };
@@ -323,5 +348,96 @@ impl<W: Worker> Drop for Session<W> {
     fn drop(&mut self) {
         // Closing the channel ends the worker loop; don't block a finalizer on it.
         self.sender.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A worker whose commands stay in flight as a GPU step's do: starting one settles the one
+    /// before (as `start_step` does), and the one in flight can be settled without waiting only
+    /// once `loss_ready` is set. `log` records what the worker did, in order.
+    struct FakeDevice {
+        log: Arc<Mutex<Vec<String>>>,
+        loss_ready: Arc<AtomicBool>,
+        in_flight: Option<u32>,
+        settled: VecDeque<Result<u32, String>>,
+    }
+
+    impl Worker for FakeDevice {
+        type Command = u32;
+        type Reply = u32;
+        fn run(&mut self, command: u32) -> Result<u32, String> {
+            Ok(command)
+        }
+        fn on_cpu(&self) -> bool {
+            false
+        }
+        fn start(&mut self, command: u32) -> Started<u32> {
+            self.log.lock().unwrap().push(format!("start {command}"));
+            self.settle();
+            self.in_flight = Some(command);
+            Started::InFlight
+        }
+        fn settle(&mut self) {
+            if let Some(c) = self.in_flight.take() {
+                self.log.lock().unwrap().push(format!("settle {c}"));
+                self.settled.push_back(Ok(c));
+            }
+        }
+        fn in_flight_ready(&self) -> bool {
+            self.in_flight.is_none() || self.loss_ready.load(Ordering::SeqCst)
+        }
+        fn take_settled(&mut self) -> Option<Result<u32, String>> {
+            self.settled.pop_front()
+        }
+    }
+
+    fn fake_session() -> (Session<FakeDevice>, Arc<Mutex<Vec<String>>>, Arc<AtomicBool>, mpsc::Receiver<Result<u32, String>>, mpsc::Sender<Result<u32, String>>) {
+        let (log, ready) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (l, r) = (log.clone(), ready.clone());
+        let session = Session::start(move || Ok(FakeDevice { log: l, loss_ready: r, in_flight: None, settled: VecDeque::new() }));
+        let (tx, rx) = mpsc::channel();
+        (session, log, ready, rx, tx)
+    }
+
+    fn reply_to(tx: &mpsc::Sender<Result<u32, String>>) -> Callback<u32> {
+        let tx = tx.clone();
+        Box::new(move |r| tx.send(r).unwrap())
+    }
+
+    /// A caller that queues the next step a moment after the first started (as one keeping two
+    /// steps queued does) gets the two overlapped: the second starts before the first is
+    /// settled, although nothing was waiting when the first started.
+    #[test]
+    fn a_step_sent_while_the_one_before_is_in_flight_starts_before_it_is_settled() {
+        let (mut session, log, ready, rx, tx) = fake_session();
+        session.submit(1, reply_to(&tx));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(rx.try_recv().is_err(), "the first step was answered before its loss was ready");
+        session.submit(2, reply_to(&tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(1));
+        ready.store(true, Ordering::SeqCst);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(2));
+        session.dispose_and_wait();
+        assert_eq!(*log.lock().unwrap(), ["start 1", "start 2", "settle 1", "settle 2"]);
+    }
+
+    /// A caller that awaits each step gets its answer once its loss is ready, without sending
+    /// anything more.
+    #[test]
+    fn a_step_alone_is_answered_once_its_loss_is_ready() {
+        let (mut session, log, ready, rx, tx) = fake_session();
+        session.submit(7, reply_to(&tx));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(rx.try_recv().is_err(), "answered before its loss was ready");
+        ready.store(true, Ordering::SeqCst);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(7));
+        session.dispose_and_wait();
+        assert_eq!(*log.lock().unwrap(), ["start 7", "settle 7"]);
     }
 }

@@ -293,6 +293,12 @@ impl Pretrainer {
         self.in_flight.is_some()
     }
 
+    /// Whether the micro-step in flight, if any, can be settled without waiting: its loss has
+    /// reached the host (on the CPU it always has).
+    pub fn in_flight_ready(&self) -> bool {
+        self.in_flight.as_ref().is_none_or(|f| f.loss_on_host.is_ready())
+    }
+
     /// Checks the step, then queues normalize, mask, forward, the loss's copy to the host, and
     /// the backward.
     fn launch(&mut self, batch: &Batch, opts: &StepOptions) -> Result<Launched> {

@@ -79,6 +79,16 @@ pub fn read_later(t: &Tensor) -> Result<PendingValue> {
 }
 
 impl PendingValue {
+    /// Whether `wait` would return at once: the copy has run (or the query failed, which `wait`
+    /// then reports). A value read on the CPU is ready.
+    pub fn is_ready(&self) -> bool {
+        match &self.0 {
+            Pending::Ready(_) => true,
+            #[cfg(feature = "cuda")]
+            Pending::Copying { slot, .. } => slot.as_ref().is_none_or(|s| s.is_ready()),
+        }
+    }
+
     /// Waits for the copy and returns the value.
     pub fn wait(mut self) -> Result<f64> {
         match &mut self.0 {
@@ -228,6 +238,11 @@ mod cuda {
     }
 
     impl Readback {
+        /// Whether the copy has run, without waiting (an error counts as ready: `value` says it).
+        pub(super) fn is_ready(&self) -> bool {
+            self.slot.copied.try_is_complete().unwrap_or(true)
+        }
+
         pub(super) fn value(&self, dtype: DType) -> Result<f64> {
             self.slot.copied.synchronize().w()?;
             let bytes = self.slot.buffer.as_slice().w()?;
