@@ -9,9 +9,10 @@
  *
  * `--in-flight N` (default 2) keeps N steps queued, as the pretraining driver does: the next
  * step is started before the last one's promise is awaited, so that a GPU model builds step
- * k + 1 while the device runs step k. A step's time is then the interval between two
- * consecutive steps' completions, which in a steady stream is what each step costs. With
- * `--in-flight 1` each step is awaited before the next starts (as before overlapped steps).
+ * k + 1 while the device runs step k. A step's time is then the interval between
+ * completions, over the last N steps and divided by N, which in a steady stream is what each
+ * step costs. With `--in-flight 1` each step is awaited before the next starts (as before
+ * overlapped steps).
  */
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
@@ -80,7 +81,15 @@ async function main(): Promise<void> {
     }
     // A failed step fails the run; the ones queued behind it fail too, and are awaited here.
     for (const q of queued) await q;
-    const times = finished.slice(warmup).map((t, k) => t - (warmup + k > 0 ? finished[warmup + k - 1] : t0));
+    // A step's time: the interval between completions over the last `inFlight` steps, divided
+    // by them. With steps queued, answers may come in bursts (on the CPU, where a step cannot
+    // overlap the next, two at once and then nothing for two steps' time: the GPU check's
+    // rehearsal, 2026-11-27), which single intervals would split into a full and an empty one.
+    const perStep = (i: number) => {
+      const w = Math.min(inFlight, i);
+      return w === 0 ? finished[0]! - t0 : (finished[i]! - finished[i - w]!) / w;
+    };
+    const times = Array.from({ length: steps }, (_, k) => perStep(warmup + k));
     const med = median(times);
     // On CUDA, the peak of the device's memory pool (where every tensor lives); on the CPU, RSS.
     const gpuPeakMb = device === 'cpu' ? undefined : (JSON.parse(native.cudaPoolPeaks(Number(device.split(':')[1] ?? 0))) as { used_high: number }).used_high / 2 ** 20;
