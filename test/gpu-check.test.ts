@@ -7,7 +7,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { ROOT } from './helpers.js';
+import { GOLDEN, ROOT } from './helpers.js';
 
 const run = promisify(execFile);
 const CHECK = path.join(ROOT, 'dist', 'benches', 'gpu', 'check.js');
@@ -150,5 +150,56 @@ test('the overlapped-steps probe passes on the CPU, with steps overlapped and wi
   for (const steps of ['overlapped', 'serial']) {
     const { stdout } = await run(process.execPath, [probe, 'overlap', 'cpu'], { timeout: 120_000, env: { ...process.env, CONVMAE_STEPS: steps } });
     t.deepEqual(JSON.parse(stdout.trim()), { pass: true, worst: 'none', worst_rel: 0, tolerance: 0 }, steps);
+  }
+});
+
+test('--rehearse runs the whole check on the CPU addon: every probe and row, the report', async (t) => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'convmae-gpu-check-'));
+  try {
+    await run(process.execPath, [CHECK, '--rehearse', '--quick', '--no-op-timings', '--deadline', '600', '--golden', GOLDEN, '--out', out], { timeout: 660_000 });
+    const report = JSON.parse(readFileSync(path.join(out, 'check.json'), 'utf8')) as {
+      load_error: string | null;
+      agreement_error: string | null;
+      parity: { fixture: string; pass: boolean }[];
+      agreement: { op: string; pass?: boolean }[];
+      rows: { impl: string; path?: string; dtype: string; batch: number; preset: string; device: string; error?: string; images_per_s: number; host_ms?: unknown }[];
+    };
+    t.is(report.load_error, null);
+    t.is(report.agreement_error, null);
+    t.true(report.agreement.length > 0);
+    t.deepEqual(report.agreement.filter((a) => a.pass === false).map((a) => a.op), []);
+    // The five golden fixtures and the overlapped-steps probe, all passing on the CPU.
+    t.is(report.parity.length, 6);
+    t.deepEqual(report.parity.filter((p) => !p.pass).map((p) => p.fixture), []);
+    const ours = report.rows.filter((r) => r.impl.startsWith('ours'));
+    // The headline row first (no retry needed), then every A/B row and configuration, each a run of its own.
+    t.deepEqual(ours.map((r) => r.impl), [
+      'ours',
+      'ours-in-flight-1',
+      'ours-serial-steps',
+      'ours-new-ops-composite',
+      'ours-no-gemm-epilogue',
+      'ours-copies-checked',
+      'ours-dense',
+      'ours',
+      'ours-dense',
+      'ours-composite',
+      'ours-attention-composite',
+      'ours-host-normalize',
+      'ours-weight-casts',
+      'ours-adamw-per-tensor',
+    ]);
+    for (const r of ours) {
+      t.is(r.error, undefined, `${r.impl} ${r.path} ${r.dtype}`);
+      t.true(r.images_per_s > 0, r.impl);
+      t.deepEqual([r.preset, r.device, r.batch], ['convmae-tiny', 'cpu', 8]);
+    }
+    t.truthy(ours[0]!.host_ms, 'the headline row has its host-time parts');
+    // PyTorch's rows are attempted (without torch here they fail, recorded as such).
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch']);
+    const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
+    t.regex(readFileSync(path.join(out, md!), 'utf8'), /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
   }
 });

@@ -1,7 +1,7 @@
 /**
  * The one-shot GPU check (issue: CUDA backend), run on the GPU machine by benches/gpu/run.sh:
  *
- *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick] [--kernels-only | --throughput-only] [--profile] [--no-op-timings]
+ *   node dist/benches/gpu/check.js --out $OUT --golden benches/gpu/payload/golden [--quick] [--kernels-only | --throughput-only] [--profile] [--no-op-timings] [--rehearse]
  *
  * (a) parity of the CUDA build with the golden fixtures (f32 and f64, sparse and dense) and the
  *     agreement of every op on CUDA with the CPU kernels, by our CUDA kernels and by candle's
@@ -30,6 +30,8 @@
  * alone. --deadline S: the whole check ends within S seconds (what no longer fits is recorded as
  * skipped), so that it ends inside a device call's time limit with its files written.
  * --no-op-timings leaves the op timings out of (a) (17 s of an H100 in run 4).
+ * --rehearse runs all of it on the CPU addon with convmae-tiny at batch 8 (test/gpu-check.test.ts):
+ * the check's own flow where there is no GPU; its numbers measure nothing.
  * (e) with --profile, right after the batch-64 comparison of ours sparse bf16, eager and compile
  *     (after (a) alone with --kernels-only): the per-kernel profile of one sparse bf16 step at batch 64, ours under Nsight Compute and PyTorch eager bf16 under
  *     torch.profiler (benches/gpu/profile.ts says how), written to profile.json, ncu-raw.csv.gz
@@ -96,7 +98,16 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
 }
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile', 'profile-only', 'no-op-timings']));
+  const opts = parseArgs(process.argv.slice(2), new Set(['quick', 'kernels-only', 'throughput-only', 'profile', 'profile-only', 'no-op-timings', 'rehearse']));
+  // --rehearse: the whole check on this machine's CPU addon, with convmae-tiny at batch 8 (the
+  // probes and every row, the fallbacks, the report): the check's own flow end to end where
+  // there is no GPU, for its test. What it measures says nothing about a GPU.
+  const rehearse = opts.flags.rehearse === 'true';
+  const device = rehearse ? 'cpu' : 'cuda';
+  const preset = rehearse ? 'convmae-tiny' : 'convmae-base';
+  const firstBatch = rehearse ? 8 : 64;
+  // The probes read their device from here (probe-worker.ts).
+  if (rehearse) process.env.CONVMAE_PROBE_DEVICE = 'cpu';
   const out = path.resolve(opts.flags.out ?? 'gpu-out');
   const golden = path.resolve(opts.flags.golden ?? path.join(REPO_ROOT, 'benches', 'gpu', 'payload', 'golden'));
   const python = opts.flags.python ?? 'python3';
@@ -131,7 +142,7 @@ async function main(): Promise<void> {
   let loadError: string | undefined;
   try {
     const { native } = await import('../../src/native.js');
-    if (!native.cudaBuild()) loadError = 'this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node';
+    if (!native.cudaBuild() && !rehearse) loadError = 'this is not the CUDA build: set CONVMAE_NATIVE to convmae.linux-x64-gnu.cuda.node';
   } catch (e) {
     loadError = (e as Error).message;
   }
@@ -151,7 +162,7 @@ async function main(): Promise<void> {
   // Rewritten after every probe and measurement, so a run cut short still leaves its results.
   // run.sh's arguments as given (it adds --out and --golden itself), for the report.
   const runArgs = process.argv.slice(2).filter((a, i, all) => !['--out', '--golden'].includes(a) && !['--out', '--golden'].includes(all[i - 1] ?? ''));
-  const save = () => writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
+  const save = () => writeResults({ out, started, runArgs, rehearse, preset, firstBatch, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile: profileReport });
 
   // (a0) The newest form of attention (the flash form on mma.sync, written
   // without a GPU at hand) alone first, in a process of its own: should it fail or fault, every
@@ -220,7 +231,7 @@ async function main(): Promise<void> {
   // --no-op-timings: the agreement and parity without the op timings (17 s of run 4 on an H100),
   // for a call whose device time is short.
   if (!loadError && !throughputOnly && !profileOnly && opts.flags['no-op-timings'] !== 'true') {
-    const r = await run(process.execPath, [probe, 'timing', '64', '5'], 150);
+    const r = await run(process.execPath, [probe, 'timing', String(firstBatch), '5'], 150);
     if (r.json) {
       opTimings = r.json.rows as OpTiming[];
       for (const t of opTimings) log(`time ${t.op} ${t.path} ${t.dtype}: forward ${fmt(t.forward_ms)} ms, forward+backward ${fmt(t.forward_backward_ms)} ms`);
@@ -232,7 +243,7 @@ async function main(): Promise<void> {
   }
 
   // (b)-(d) throughput and memory.
-  const batches = kernelsOnly || profileOnly ? [] : quick ? [64] : [64, 128];
+  const batches = kernelsOnly || profileOnly ? [] : quick ? [firstBatch] : [firstBatch, 2 * firstBatch];
   const worker = path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js');
   const baseline = path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py');
   const record = (r: { json?: Record<string, unknown>; error?: string; stderr?: string }, fallback: Omit<Row, 'images_per_s' | 'peak_mem_mb' | 'ms_per_step_median'>) => {
@@ -310,31 +321,32 @@ async function main(): Promise<void> {
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');
   if (manySuspect && !loadError && !profileOnly) log('the one-launch AdamW row of the agreement failed (or the agreement did): our rows run with CONVMAE_ADAMW=per-tensor');
   const ours = (batch: number, precision: 'bf16' | 'fp32', convPath: 'sparse' | 'dense', impl: string, env: NodeJS.ProcessEnv = {}, args: string[] = []) =>
-    run(process.execPath, [worker, '--preset', 'convmae-base', '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', 'cuda', '--precision', precision, '--path', convPath, ...args], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
-      record(r, { suite: 'gpu', impl, preset: 'convmae-base', batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device: 'cuda', path: convPath }),
+    run(process.execPath, [worker, '--preset', preset, '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', precision, '--path', convPath, ...args], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
+      record(r, { suite: 'gpu', impl, preset, batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device, path: convPath }),
     );
   const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
-    const args = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
+    const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
     if (compile) args.push('--compile');
     const r = await run(python, args, compile ? 240 : 120);
-    record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset: 'convmae-base', batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device: 'cuda' });
+    record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device });
   };
   // (e) the per-kernel profile of a batch-64 step: right after the issue's comparison at batch 64
   // (it needs our row's attention pick), before the other configurations, so that a run cut short
   // by its --deadline loses those rather than the profile (run 3 of 2026-11-26 left ncu 21 s).
   const runProfile = async () => {
-    const batch = 64;
+    const batch = firstBatch;
     // Under ncu every launch is serialized and timed, which would skew CONVMAE_ATTENTION=auto's
     // own timing (the first GPU run's profile got the fused form where the throughput run had
     // picked the gemms): the profiled run is told the form the throughput run picked.
     // (The gemm form where the comparison's row of ours had to be rerun with it.)
-    const headline = rows.find((r) => ['ours', 'ours-gemm-attention'].includes(r.impl) && r.path === 'sparse' && r.dtype === 'bf16' && r.batch === batch && !r.error);
-    const attentionForm = headline?.impl === 'ours-gemm-attention' ? 'gemm' : autoAttentionForm(headline?.choices ?? []);
-    const profileEnv: NodeJS.ProcessEnv = headline?.impl === 'ours-gemm-attention' ? { CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' } : { ...attentionFallback, ...(attentionForm ? { CONVMAE_ATTENTION: attentionForm } : {}) };
+    const headline = rows.find((r) => ['ours', ...RETRIES.map((x) => x.impl)].includes(r.impl) && r.path === 'sparse' && r.dtype === 'bf16' && r.batch === batch && !r.error);
+    const retry = RETRIES.find((x) => x.impl === headline?.impl);
+    const attentionForm = retry ? retry.env.CONVMAE_ATTENTION : autoAttentionForm(headline?.choices ?? []);
+    const profileEnv: NodeJS.ProcessEnv = retry ? { ...retry.env } : { ...attentionFallback, ...(attentionForm ? { CONVMAE_ATTENTION: attentionForm } : {}) };
     const attentionNote = attentionForm ? `attention in the ${attentionForm} form, as the throughput run picked` : 'attention as CONVMAE_ATTENTION=auto picks under the profiler';
-    const workload = `One pretraining step of convmae-base at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default, ${attentionNote}; PyTorch: eager with autocast bf16).`;
+    const workload = `One pretraining step of ${preset} at batch ${batch}, sparse path, bf16 (ours: CUDA kernels as by default, ${attentionNote}; PyTorch: eager with autocast bf16).`;
     // One warmup step (module loads, first allocations), then the profiled step.
-    const workerArgs = ['--preset', 'convmae-base', '--batch', String(batch), '--warmup', '1', '--steps', '1', '--device', 'cuda', '--precision', 'bf16', '--path', 'sparse'];
+    const workerArgs = ['--preset', preset, '--batch', String(batch), '--warmup', '1', '--steps', '1', '--device', device, '--precision', 'bf16', '--path', 'sparse'];
     const ncu = findNcu({ explicit: opts.flags.ncu ?? process.env.CONVMAE_NCU });
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'convmae-ncu-'));
     const logFile = path.join(tmp, 'ncu-raw.csv');
@@ -356,7 +368,7 @@ async function main(): Promise<void> {
     log(`profile ours: ${ours.status}${ours.reason ? ` (${ours.reason})` : ''}${ours.summary ? `, ${fmt(ours.summary.total_us / 1000)} ms of kernels in ${ours.summary.launches} launches` : ''}`);
     save();
 
-    const torchArgs = [baseline, '--preset', 'convmae-base', '--batch', String(batch), '--device', 'cuda', '--amp', 'bf16', '--warmup', '1', '--steps', '1', '--profile'];
+    const torchArgs = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', 'bf16', '--warmup', '1', '--steps', '1', '--profile'];
     const r = await run(python, torchArgs, 120);
     const pytorch: TorchProfileResult = { status: 'ok', command: shellQuote([python, ...torchArgs]) };
     const p = r.json?.profile as { kernels?: KernelEntry[]; time_attr?: string; step_ms?: number } | undefined;
@@ -381,10 +393,14 @@ async function main(): Promise<void> {
     if (!loadError) {
       await ours(batch, 'bf16', 'sparse', 'ours', { CONVMAE_PROFILE: '1' });
       // Should it fail (a fault in a form of attention auto tried, or in the one-launch AdamW,
-      // say), once more with the gemm form and AdamW per tensor, which have run on GPUs before,
-      // so that the comparison has a row of ours.
-      const failed = rows[rows.length - 1];
-      if (failed.error && !failed.error.startsWith('skipped')) await ours(batch, 'bf16', 'sparse', 'ours-gemm-attention', { CONVMAE_PROFILE: '1', CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' });
+      // say), once more with the gemm form and AdamW per tensor, which have run on GPUs before;
+      // and should that fail too, with every path written since run 7 switched off, so that
+      // the comparison has a row of ours.
+      for (const retry of RETRIES) {
+        const last = rows[rows.length - 1];
+        if (!last.error || last.error.startsWith('skipped')) break;
+        await ours(batch, 'bf16', 'sparse', retry.impl, { CONVMAE_PROFILE: '1', ...retry.env });
+      }
     }
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
@@ -404,7 +420,7 @@ async function main(): Promise<void> {
     // its master rounded (the packed copies are written in place by the fused AdamW): the row
     // fails, naming the tensor, if one is not. Once, at the first batch size.
     if (!loadError && batch === batches[0]) await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
-    if (profile && batch === 64) await runProfile();
+    if (profile && batch === firstBatch) await runProfile();
     if (!loadError) {
       await ours(batch, 'bf16', 'dense', 'ours-dense');
       await ours(batch, 'fp32', 'sparse', 'ours');
@@ -427,7 +443,7 @@ async function main(): Promise<void> {
     }
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.
-  if (profile && !batches.includes(64)) await runProfile();
+  if (profile && !batches.includes(firstBatch)) await runProfile();
 
 
   save();
@@ -438,6 +454,10 @@ interface Results {
   out: string;
   started: number;
   runArgs: string[];
+  /** --rehearse: the CPU addon, `preset` convmae-tiny at `firstBatch` 8. */
+  rehearse: boolean;
+  preset: string;
+  firstBatch: number;
   loadError?: string;
   parity: Record<string, unknown>[];
   agreement: { op: string; forward_rel: number; gradient_rel: number; path?: string; dtype?: string; kernel?: boolean; gradient_rels?: number[]; tolerance?: number; pass?: boolean }[];
@@ -450,7 +470,7 @@ interface Results {
 
 /** Writes gpu-<date>.jsonl (harness format), gpu-<date>.md, check.json (everything but the profile's
  *  kernel lists) and, with a profile, profile.json. */
-function writeResults({ out, started, runArgs, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile }: Results): void {
+function writeResults({ out, started, runArgs, rehearse, preset, firstBatch, loadError, parity, agreement, agreementError, opTimings, opTimingError, rows, profile }: Results): void {
   const date = localDate(new Date());
   const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
   writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
@@ -469,6 +489,7 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
     `# GPU check, ${date}`,
     '',
     `Device: ${device}. Command: \`${['bash benches/gpu/run.sh', ...runArgs].join(' ')}\` (node dist/benches/gpu/check.js). Wall time ${Math.round((Date.now() - started) / 1000)} s.`,
+    ...(rehearse ? ['', `A rehearsal (\`--rehearse\`): the check's flow on the CPU addon with ${preset} at batch ${firstBatch}; its numbers say nothing about a GPU.`] : []),
     ...(loadError ? ['', `Our CUDA addon could not be used: ${loadError}`] : []),
     ...(agreementError ? ['', `Kernel agreement did not finish: ${agreementError}`] : []),
     '',
@@ -487,12 +508,12 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
     '',
     '## Op timings: our CUDA kernels vs candle\'s ops',
     '',
-    'Each op at the shapes of a convmae-base step of 64 images (75% masked), medians of 5 runs with the device synchronized around each (launch overhead included). fwd+bwd: the forward and the gradients of sum(out * probe), less what that probe costs alone (check.json has both).',
+    `Each op at the shapes of a ${preset} step of ${firstBatch} images (75% masked), medians of 5 runs with the device synchronized around each (launch overhead included). fwd+bwd: the forward and the gradients of sum(out * probe), less what that probe costs alone (check.json has both).`,
     ...(opTimingError ? ['', `Op timings did not finish: ${opTimingError}`] : []),
     '',
     opTimingTable(opTimings),
     '',
-    '## Pretraining throughput, convmae-base',
+    `## Pretraining throughput, ${preset}`,
     '',
     table,
     '',
@@ -513,6 +534,32 @@ function writeResults({ out, started, runArgs, loadError, parity, agreement, agr
 const STEPS = 5;
 /** The ops CONVMAE_COMPOSITE_OPS can switch to candle's ops one by one (crates/kernels composite.rs `SWITCHABLE_OPS`), all written after run 7 without a GPU. */
 const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens'];
+
+/**
+ * The headline row's retries, in order, each run only if the one before failed (not if it was
+ * skipped): the gemm form of attention and AdamW per tensor (both ran on GPUs before), then
+ * every switchable path written after run 7 without a GPU as before it (the flash kernels on
+ * mma.sync, overlapped steps, the pinned transfers, the neighbour tables built on the GPU, the
+ * ops of NEW_OPS, the sublayers' in-place backward, cuBLASLt's bias epilogues). The vector forms
+ * of the row kernels have no switch; host emulation checks them in f32 and bf16.
+ */
+const RETRIES: { impl: string; env: Record<string, string> }[] = [
+  { impl: 'ours-gemm-attention', env: { CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' } },
+  {
+    impl: 'ours-run7-paths',
+    env: {
+      CONVMAE_ATTENTION: 'gemm',
+      CONVMAE_ADAMW: 'per-tensor',
+      CONVMAE_FLASH_MMA: 'off',
+      CONVMAE_STEPS: 'serial',
+      CONVMAE_TRANSFERS: 'plain',
+      CONVMAE_NEIGHBOUR_TABLES: 'host',
+      CONVMAE_COMPOSITE_OPS: NEW_OPS.join(','),
+      CONVMAE_SUBLAYER: 'composite',
+      CONVMAE_GEMM_EPILOGUE: 'off',
+    },
+  },
+];
 
 /** The host-time table of the rows that have one. */
 function hostProfileLines(rows: Row[]): string[] {

@@ -8,6 +8,8 @@
  *   node dist/benches/gpu/probe-worker.js mma    (the agreement rows of the mma.sync flash kernels alone)
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
+ *
+ * CONVMAE_PROBE_DEVICE=cpu runs every probe on the CPU instead of CUDA (check.ts --rehearse).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -63,20 +65,28 @@ async function overlapProbe(device: 'cpu' | 'cuda'): Promise<{ pass: boolean; wo
   }
 }
 
+/** The probes' device: cuda, or cpu for the check's rehearsal. */
+function probeDevice(): 'cpu' | 'cuda' {
+  const d = process.env.CONVMAE_PROBE_DEVICE ?? 'cuda';
+  if (d !== 'cpu' && d !== 'cuda') throw new Error(`CONVMAE_PROBE_DEVICE must be 'cpu' or 'cuda', got '${d}'`);
+  return d;
+}
+
 async function main(): Promise<void> {
   const [what, fixture, dtype, convPath] = process.argv.slice(2);
+  const device = probeDevice();
   if (what === 'parity' && fixture && (dtype === 'f32' || dtype === 'f64') && (convPath === 'sparse' || convPath === 'dense')) {
-    const r = await checkFixture(fixture, dtype, convPath, 'cuda');
+    const r = await checkFixture(fixture, dtype, convPath, device);
     process.stdout.write(JSON.stringify({ kind: r.kind, pass: r.pass, worst: r.worst, worst_rel: r.worst_rel, tolerance: r.tolerance }) + '\n');
   } else if (what === 'agreement') {
-    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda')) as unknown[] }) + '\n');
+    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels(device)) as unknown[] }) + '\n');
   } else if (what === 'mma') {
-    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels('cuda', 'flash_mma')) as unknown[] }) + '\n');
+    process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels(device, 'flash_mma')) as unknown[] }) + '\n');
   } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
-    process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? 'cuda')) + '\n');
+    process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? device)) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
     // Each op at the shapes of a ConvMAE-B step of <batch> images, ours vs candle's, bf16 then f32.
-    const rows = JSON.parse(await native.timeKernels('cuda', Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
+    const rows = JSON.parse(await native.timeKernels(device, Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
     throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
