@@ -179,6 +179,7 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'ours-serial-steps',
       'ours-new-ops-composite',
       'ours-no-gemm-epilogue',
+      'ours-no-vector-kernels',
       'ours-copies-checked',
       'ours-dense',
       'ours',

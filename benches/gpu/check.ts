@@ -19,8 +19,9 @@
  *     after the batch-64 comparison, awaits each step before the next, and `ours-serial-steps`
  *     also finishes each on the device before answering it (CONVMAE_STEPS=serial): their A/B;
  *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B),
- *     and `ours-no-gemm-epilogue` every linear layer's bias by our row kernels instead of
- *     cuBLASLt's epilogues (CONVMAE_GEMM_EPILOGUE=off: their A/B);
+ *     `ours-no-gemm-epilogue` every linear layer's bias by our row kernels instead of
+ *     cuBLASLt's epilogues (CONVMAE_GEMM_EPILOGUE=off: their A/B), and `ours-no-vector-kernels`
+ *     every kernel in its one-element form (CONVMAE_VECTOR_KERNELS=off: the vector forms' A/B);
  * (c) the PyTorch baseline on the same GPU: eager fp32, eager with autocast bf16, torch.compile
  *     with bf16 (benches/baselines/time_step.py);
  * (d) peak GPU memory of each (ours: the CUDA memory pool's high-water mark; PyTorch:
@@ -288,6 +289,11 @@ async function main(): Promise<void> {
   // in the linear op and inside the sublayer ops: should a row of those fail other than the
   // plain-gemm rows (or the agreement), our rows run without them (CONVMAE_GEMM_EPILOGUE=off).
   const epilogueSuspect = failed((op) => /^(linear|linear_gelu|mlp_residual|attention_residual|conv_residual)(:|$)/.test(op) && !op.endsWith(':plain_gemm'));
+  // The kernels' vector forms (GELU, LayerNorm, the sparse depthwise conv, the one-launch AdamW,
+  // written after run 7 without a GPU; host emulation checks them in f32 and bf16): should a
+  // row that runs one fail (the ops themselves or the sublayers around them), our rows run
+  // without them (CONVMAE_VECTOR_KERNELS=off), whatever else that failure also switches off.
+  const vectorSuspect = failed((op) => /^(layer_norm|gelu_erf|sparse_depthwise_conv2d|adamw_update:many|mlp_residual|attention_residual|conv_residual)(:|$)/.test(op));
   // The sublayer ops' backward writes its gradients in place since run 7: should their rows
   // fail (or the agreement), the sublayers run as their separate ops (CONVMAE_SUBLAYER=composite),
   // unless the epilogues explain it: they are suspect and the MLP sublayer's plain-gemm row passed.
@@ -316,7 +322,9 @@ async function main(): Promise<void> {
     ...(compositeOps.length ? { CONVMAE_COMPOSITE_OPS: compositeOps.join(',') } : {}),
     ...(sublayerSuspect ? { CONVMAE_SUBLAYER: 'composite' } : {}),
     ...(epilogueSuspect ? { CONVMAE_GEMM_EPILOGUE: 'off' } : {}),
+    ...(vectorSuspect ? { CONVMAE_VECTOR_KERNELS: 'off' } : {}),
   };
+  if (vectorSuspect && !loadError && !profileOnly) log('a row of an op with vector forms failed (or the agreement did): our rows run with CONVMAE_VECTOR_KERNELS=off');
   if (overlapSuspect && !loadError && !profileOnly) log('overlapped steps did not match steps one at a time: our rows run with CONVMAE_STEPS=serial');
   if (flashSuspect && !loadError && !profileOnly) log('the flash attention rows of the agreement failed (or the agreement did): our rows run with CONVMAE_ATTENTION=gemm');
   if (manySuspect && !loadError && !profileOnly) log('the one-launch AdamW row of the agreement failed (or the agreement did): our rows run with CONVMAE_ADAMW=per-tensor');
@@ -415,6 +423,8 @@ async function main(): Promise<void> {
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
       // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
+      // And of the kernels' vector forms: one element a thread, as before them.
+      await ours(batch, 'bf16', 'sparse', 'ours-no-vector-kernels', { CONVMAE_PROFILE: '1', CONVMAE_VECTOR_KERNELS: 'off' });
     }
     // The same run of ours, checking after every optimizer step that each bf16 compute copy is
     // its master rounded (the packed copies are written in place by the fused AdamW): the row
@@ -540,8 +550,8 @@ const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_t
  * skipped): the gemm form of attention and AdamW per tensor (both ran on GPUs before), then
  * every switchable path written after run 7 without a GPU as before it (the flash kernels on
  * mma.sync, overlapped steps, the pinned transfers, the neighbour tables built on the GPU, the
- * ops of NEW_OPS, the sublayers' in-place backward, cuBLASLt's bias epilogues). The vector forms
- * of the row kernels have no switch; host emulation checks them in f32 and bf16.
+ * ops of NEW_OPS, the sublayers' in-place backward, cuBLASLt's bias epilogues, the kernels'
+ * vector forms).
  */
 const RETRIES: { impl: string; env: Record<string, string> }[] = [
   { impl: 'ours-gemm-attention', env: { CONVMAE_ATTENTION: 'gemm', CONVMAE_ADAMW: 'per-tensor' } },
@@ -557,6 +567,7 @@ const RETRIES: { impl: string; env: Record<string, string> }[] = [
       CONVMAE_COMPOSITE_OPS: NEW_OPS.join(','),
       CONVMAE_SUBLAYER: 'composite',
       CONVMAE_GEMM_EPILOGUE: 'off',
+      CONVMAE_VECTOR_KERNELS: 'off',
     },
   },
 ];

@@ -26,13 +26,14 @@ __device__ __forceinline__ float gelu_grad(float x) {
 // bf16 or 4 f32 elements), the rest one element at a time; a view at an odd offset takes the
 // element path throughout. One element a thread, run 7's 12 largest GELU forwards (19-51M bf16
 // elements each by the step's shapes, 1.39 GB read and written) took 0.98 ms: ~1.4 TB/s of an
-// H100's 3.35 peak.
+// H100's 3.35 peak. `vectors` 0 takes the element path throughout (src/cuda.rs vector_kernels).
 template <typename T, typename F>
-__device__ __forceinline__ void map_packed(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n, F f) {
+__device__ __forceinline__ void map_packed(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n,
+                                           int vectors, F f) {
     constexpr int V = 16 / sizeof(T);
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     int64_t done = 0;
-    if ((((uintptr_t)a | (uintptr_t)b | (uintptr_t)out) & 15) == 0) {
+    if (vectors && (((uintptr_t)a | (uintptr_t)b | (uintptr_t)out) & 15) == 0) {
         const int64_t packs = n / V;
         for (int64_t p = global_thread(); p < packs; p += stride) {
             float va[V], vb[V] = {}, vo[V];
@@ -48,13 +49,14 @@ __device__ __forceinline__ void map_packed(const T* __restrict__ a, const T* __r
 }
 
 template <typename T>
-__device__ __forceinline__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
-    map_packed<T>(x, nullptr, y, n, [](float v, float) { return gelu(v); });
+__device__ __forceinline__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t n, int vectors) {
+    map_packed<T>(x, nullptr, y, n, vectors, [](float v, float) { return gelu(v); });
 }
 
 template <typename T>
-__device__ __forceinline__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ gx, int64_t n) {
-    map_packed<T>(x, g, gx, n, [](float v, float gv) { return gelu_grad(v) * gv; });
+__device__ __forceinline__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ gx, int64_t n,
+                                         int vectors) {
+    map_packed<T>(x, g, gx, n, vectors, [](float v, float gv) { return gelu_grad(v) * gv; });
 }
 
 // One fused AdamW step (torch.optim.AdamW): the moments, then the parameter from the updated
@@ -218,9 +220,11 @@ __device__ __forceinline__ void patch_rows(const T* __restrict__ src, T* __restr
 using namespace convmae;
 
 #define ELEMENTWISE_KERNELS(T, TNAME)                                                                          \
-    extern "C" __global__ void gelu_erf_fwd_##TNAME(const T* x, T* y, int64_t n) { gelu_fwd<T>(x, y, n); }    \
-    extern "C" __global__ void gelu_erf_bwd_##TNAME(const T* x, const T* g, T* gx, int64_t n) {               \
-        gelu_bwd<T>(x, g, gx, n);                                                                            \
+    extern "C" __global__ void gelu_erf_fwd_##TNAME(const T* x, T* y, int64_t n, int vectors) {               \
+        gelu_fwd<T>(x, y, n, vectors);                                                                       \
+    }                                                                                                         \
+    extern "C" __global__ void gelu_erf_bwd_##TNAME(const T* x, const T* g, T* gx, int64_t n, int vectors) {  \
+        gelu_bwd<T>(x, g, gx, n, vectors);                                                                   \
     }                                                                                                         \
     extern "C" __global__ void patch_rows_##TNAME(const T* src, T* dst, int64_t n_rows, int64_t k,                 \
                                                   int64_t cols, int64_t rows_of_patches, int64_t height,         \

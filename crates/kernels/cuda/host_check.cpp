@@ -496,20 +496,24 @@ static void check_gelu() {
         gx[i] = (0.5 * (1 + std::erf(xv / std::sqrt(2.0))) + xv * std::exp(-0.5 * xv * xv) / std::sqrt(2 * M_PI)) * g[i];
     }
     auto out = nans<T>(n);
-    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), out.data(), n); });
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), out.data(), n, 1); });
     check_t("gelu forward (grid-stride, vectors)", out, y, 1e-6);
     out = nans<T>(n);
-    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), gt.data(), out.data(), n); });
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), gt.data(), out.data(), n, 1); });
     check_t("gelu backward (exact derivative, vectors)", out, gx, 1e-6);
     // Views one element in, the gradient's only, then the output's only.
     std::vector<T> shifted_g(n + 1, convmae::store<T>(0.f));
     std::copy(gt.begin(), gt.end(), shifted_g.begin() + 1);
     auto shifted_out = nans<T>(n + 1);
-    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), shifted_g.data() + 1, shifted_out.data() + 1, n); });
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), shifted_g.data() + 1, shifted_out.data() + 1, n, 1); });
     check_t("gelu backward (unaligned views)", std::vector<T>(shifted_out.begin() + 1, shifted_out.end()), gx, 1e-6);
     shifted_out = nans<T>(n + 1);
-    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), shifted_out.data() + 1, n); });
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_fwd)(xt.data(), shifted_out.data() + 1, n, 1); });
     check_t("gelu forward (unaligned output)", std::vector<T>(shifted_out.begin() + 1, shifted_out.end()), y, 1e-6);
+    // `vectors` 0 (CONVMAE_VECTOR_KERNELS=off): the element path on aligned views.
+    out = nans<T>(n);
+    launch(64 * 256, 256, [&] { TYPED(gelu_erf_bwd)(xt.data(), gt.data(), out.data(), n, 0); });
+    check_t("gelu backward (vectors off)", out, gx, 1e-6);
 }
 
 static void check_elementwise() {
@@ -723,16 +727,16 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     char name[128];
     auto out = nans<T>(rows * d);
     std::vector<float> st(2 * rows, NAN);
-    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_fwd)(xt.data(), wt.data(), bt.data(), out.data(), st.data(), rows, d, eps); });
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_fwd)(xt.data(), wt.data(), bt.data(), out.data(), st.data(), rows, d, eps, 1); });
     std::snprintf(name, sizeof name, "layer_norm forward rows %lld D%lld", (long long)rows, (long long)d);
     check_t(name, out, y, 1e-5);
     check_t("layer_norm saved (mean, rstd)", st, stats, 1e-5);
     std::vector<float> st2(2 * rows, NAN);
-    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_stats)(xt.data(), st2.data(), rows, d, eps); });
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_stats)(xt.data(), st2.data(), rows, d, eps, 1); });
     check_t("layer_norm recomputed (mean, rstd)", st2, stats, 1e-5);
     // The packed [rows + 2, d] gradient, as src/cuda.rs lays it out.
     auto packed = nans<T>((rows + 2) * d);
-    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input)(xt.data(), wt.data(), gt.data(), st.data(), packed.data(), rows, d); });
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input)(xt.data(), wt.data(), gt.data(), st.data(), packed.data(), rows, d, 1); });
     const int64_t per_part = std::max<int64_t>(1, (rows + target_parts - 1) / target_parts);
     const int64_t parts = (rows + per_part - 1) / per_part;
     std::vector<float> partials(parts * 2 * d, NAN);
@@ -742,10 +746,17 @@ static void check_rows(int64_t rows, int64_t d, int64_t target_parts) {
     check_t("layer_norm input grad", std::vector<T>(packed.begin(), packed.begin() + rows * d), gx, 1e-5);
     // The sublayer's form: the residual's gradient (here x) added in the same pass.
     auto with_residual = nans<T>(rows * d);
-    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input_add)(xt.data(), wt.data(), gt.data(), st.data(), xt.data(), with_residual.data(), rows, d); });
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input_add)(xt.data(), wt.data(), gt.data(), st.data(), xt.data(), with_residual.data(), rows, d, 1); });
     std::vector<double> gx_plus(rows * d);
     for (int64_t i = 0; i < rows * d; ++i) gx_plus[i] = gx[i] + x[i];
     check_t("layer_norm input grad + the residual's", with_residual, gx_plus, 1e-5);
+    // `vectors` 0 (CONVMAE_VECTOR_KERNELS=off): one element a lane however d and the addresses allow.
+    out = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_fwd)(xt.data(), wt.data(), bt.data(), out.data(), st2.data(), rows, d, eps, 0); });
+    check_t("layer_norm forward (vectors off)", out, y, 1e-5);
+    with_residual = nans<T>(rows * d);
+    launch_warps(rows * 32, 128, [&] { TYPED(layer_norm_bwd_input_add)(xt.data(), wt.data(), gt.data(), st.data(), xt.data(), with_residual.data(), rows, d, 0); });
+    check_t("layer_norm input grad + the residual's (vectors off)", with_residual, gx_plus, 1e-5);
     std::snprintf(name, sizeof name, "layer_norm weight + bias grads (%lld parts)", (long long)parts);
     check_t(name, std::vector<T>(packed.begin() + rows * d, packed.end()), gwb, 1e-5);
     const int64_t columns = 8 / (int64_t)sizeof(T);  // a thread's 8 bytes: 2 f32, 4 bf16

@@ -27,6 +27,8 @@ __device__ __forceinline__ int64_t warp_row(int64_t rows) {
 // store) where the row length keeps every row 16-byte aligned and every pointer is; else one
 // element a lane (V = 1), as before (run 7: the LayerNorm kernels' 2-byte loads, 2.3 ms of its
 // step). A lane takes elements [lane * V, lane * V + V), then 32 * V further on, and so on.
+// Their `vectors` argument 0 keeps them to one element a lane (src/cuda.rs vector_kernels:
+// CONVMAE_VECTOR_KERNELS=off, the A/B and safety valve of the vector forms).
 template <typename T>
 constexpr int PACK = 16 / (int)sizeof(T);
 
@@ -91,10 +93,11 @@ __device__ __forceinline__ void ln_fwd_v(const T* __restrict__ x, const T* __res
 
 template <typename T>
 __device__ __forceinline__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
-                                       T* __restrict__ y, float* __restrict__ stats, int64_t rows, int64_t d, float eps) {
+                                       T* __restrict__ y, float* __restrict__ stats, int64_t rows, int64_t d, float eps,
+                                       int vectors) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
-    if (rows_packable<T>(d, x, weight, bias, y))
+    if (vectors && rows_packable<T>(d, x, weight, bias, y))
         ln_fwd_v<T, PACK<T>>(x, weight, bias, y, stats, row, d, eps);
     else
         ln_fwd_v<T, 1>(x, weight, bias, y, stats, row, d, eps);
@@ -102,11 +105,12 @@ __device__ __forceinline__ void ln_fwd(const T* __restrict__ x, const T* __restr
 
 // Only the statistics, for a backward whose forward left none (see src/layer_norm.rs).
 template <typename T>
-__device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restrict__ stats, int64_t rows, int64_t d, float eps) {
+__device__ __forceinline__ void ln_stats(const T* __restrict__ x, float* __restrict__ stats, int64_t rows, int64_t d, float eps,
+                                         int vectors) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
     float mean, rstd;
-    if (rows_packable<T>(d, x, nullptr))
+    if (vectors && rows_packable<T>(d, x, nullptr))
         row_stats<T, PACK<T>>(x + row * d, d, eps, mean, rstd);
     else
         row_stats<T, 1>(x + row * d, d, eps, mean, rstd);
@@ -164,10 +168,10 @@ __device__ __forceinline__ void ln_bwd_input_v(const T* __restrict__ x, const T*
 template <typename T>
 __device__ __forceinline__ void ln_bwd_input(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ g,
                                              const float* __restrict__ stats, const T* __restrict__ residual_grad,
-                                             T* __restrict__ gx, int64_t rows, int64_t d) {
+                                             T* __restrict__ gx, int64_t rows, int64_t d, int vectors) {
     const int64_t row = warp_row(rows);
     if (row < 0) return;
-    if (rows_packable<T>(d, x, weight, g, residual_grad, gx))
+    if (vectors && rows_packable<T>(d, x, weight, g, residual_grad, gx))
         ln_bwd_input_v<T, PACK<T>>(x, weight, g, stats, residual_grad, gx, row, d);
     else
         ln_bwd_input_v<T, 1>(x, weight, g, stats, residual_grad, gx, row, d);
@@ -437,21 +441,23 @@ using namespace convmae;
 
 #define ROW_KERNELS(T, TNAME)                                                                                      \
     extern "C" __global__ void layer_norm_fwd_##TNAME(const T* x, const T* weight, const T* bias, T* y,          \
-                                                      float* stats, int64_t rows, int64_t d, float eps) {        \
-        ln_fwd<T>(x, weight, bias, y, stats, rows, d, eps);                                                      \
+                                                      float* stats, int64_t rows, int64_t d, float eps,          \
+                                                      int vectors) {                                             \
+        ln_fwd<T>(x, weight, bias, y, stats, rows, d, eps, vectors);                                             \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_stats_##TNAME(const T* x, float* stats, int64_t rows, int64_t d,        \
-                                                        float eps) {                                             \
-        ln_stats<T>(x, stats, rows, d, eps);                                                                     \
+                                                        float eps, int vectors) {                                \
+        ln_stats<T>(x, stats, rows, d, eps, vectors);                                                            \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_bwd_input_##TNAME(const T* x, const T* weight, const T* g,             \
-                                                            const float* stats, T* gx, int64_t rows, int64_t d) { \
-        ln_bwd_input<T>(x, weight, g, stats, (const T*)nullptr, gx, rows, d);                                    \
+                                                            const float* stats, T* gx, int64_t rows, int64_t d,  \
+                                                            int vectors) {                                       \
+        ln_bwd_input<T>(x, weight, g, stats, (const T*)nullptr, gx, rows, d, vectors);                           \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_bwd_input_add_##TNAME(const T* x, const T* weight, const T* g,         \
                                                                 const float* stats, const T* residual_grad, T* gx, \
-                                                                int64_t rows, int64_t d) {                       \
-        ln_bwd_input<T>(x, weight, g, stats, residual_grad, gx, rows, d);                                        \
+                                                                int64_t rows, int64_t d, int vectors) {          \
+        ln_bwd_input<T>(x, weight, g, stats, residual_grad, gx, rows, d, vectors);                               \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_param_partials_##TNAME(const T* x, const T* g, const float* stats,     \
                                                                  float* partials, int64_t rows, int64_t d,       \

@@ -208,6 +208,21 @@ fn aligned<T>(dev: &CudaDevice, v: &CudaView<T>, bytes: usize) -> bool {
     ptr.is_multiple_of(bytes as u64)
 }
 
+/// Whether kernels may take their vector forms (16 or 8 bytes of each operand a thread, where
+/// the shapes and addresses allow: GELU, LayerNorm, the sparse depthwise conv, the one-launch
+/// AdamW; all written after run 7 of 2026-11-26). `CONVMAE_VECTOR_KERNELS=off` keeps every one
+/// to its one-element form, as before them: the GPU check's A/B row for them and its safety
+/// valve should their agreement rows fail. Read once per process.
+fn vector_kernels() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| crate::env_switch("CONVMAE_VECTOR_KERNELS", "on", "off"))
+}
+
+/// `vector_kernels` as the kernels with a device-side choice take it (their `vectors` argument).
+fn vectors_arg() -> i32 {
+    vector_kernels() as i32
+}
+
 /// Name suffix of the depthwise kernels compiled for kernel size `k`.
 fn k_name(k: usize) -> &'static str {
     match k {
@@ -409,7 +424,7 @@ pub(crate) fn sparse_gather<T: Float>(
     // 16 bytes of channels a thread where the shape and the input's address allow it (the
     // output and the taps-major weight are fresh, so aligned).
     let lanes = 16 / std::mem::size_of::<T>();
-    if k_name(k) != "kany" && c % lanes == 0 && aligned(dev, &x, 16) {
+    if vector_kernels() && k_name(k) != "kany" && c % lanes == 0 && aligned(dev, &x, 16) {
         let kk = k * k;
         let mut w_t = alloc::<T>(dev, kk * c)?;
         let stream = dev.cuda_stream();
@@ -470,7 +485,7 @@ fn sparse_weight_grad_into<T: Float>(
     // Two channels a thread where the shape and the addresses allow it (depthwise.cu
     // `sparse_weight_partials_lanes`), else one.
     let pair = 2 * std::mem::size_of::<T>();
-    let lanes = k_name(k) != "kany" && c % 2 == 0 && aligned(dev, x, pair) && aligned(dev, g, pair);
+    let lanes = vector_kernels() && k_name(k) != "kany" && c % 2 == 0 && aligned(dev, x, pair) && aligned(dev, g, pair);
     let (name, threads) = if lanes { ("sdwconv_weight_partials_lanes", parts * c / 2) } else { ("sdwconv_weight_partials", parts * c) };
     let f = func(dev, Module::Depthwise, &format!("{name}_{}_{}", k_name(k), T::SUFFIX))?;
     let cfg = launch_1d(threads, BLOCK, "sparse_depthwise_conv2d_weight_grad")?;
@@ -1520,10 +1535,10 @@ pub(crate) fn layer_norm_fwd<T: Float>(
     let mut stats = alloc::<f32>(dev, rows * 2)?;
     let f = func(dev, Module::Rows, &format!("layer_norm_fwd_{}", T::SUFFIX))?;
     let cfg = launch_rows(rows, "layer_norm")?;
-    let (r, dd, e) = (rows as i64, d as i64, eps as f32);
+    let (r, dd, e, vec) = (rows as i64, d as i64, eps as f32, vectors_arg());
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&xv).arg(&wv).arg(&bv).arg(&mut y).arg(&mut stats).arg(&r).arg(&dd).arg(&e);
+    builder.arg(&xv).arg(&wv).arg(&bv).arg(&mut y).arg(&mut stats).arg(&r).arg(&dd).arg(&e).arg(&vec);
     unsafe { builder.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), stats))
 }
@@ -1552,10 +1567,10 @@ pub(crate) fn layer_norm_bwd<T: Float>(
         None => {
             let mut s = alloc::<f32>(dev, rows * 2)?;
             let f = func(dev, Module::Rows, &format!("layer_norm_stats_{}", T::SUFFIX))?;
-            let e = eps as f32;
+            let (e, vec) = (eps as f32, vectors_arg());
             let stream = dev.cuda_stream();
             let mut builder = stream.launch_builder(&f);
-            builder.arg(&xv).arg(&mut s).arg(&r).arg(&dd).arg(&e);
+            builder.arg(&xv).arg(&mut s).arg(&r).arg(&dd).arg(&e).arg(&vec);
             unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
             computed = s;
             &computed
@@ -1578,7 +1593,7 @@ fn layer_norm_bwd_into<T: Float>(
     (rows, d): (usize, usize),
     (gx, dparams): (&mut CudaViewMut<T>, &mut CudaViewMut<T>),
 ) -> Result<()> {
-    let (r, dd) = (rows as i64, d as i64);
+    let (r, dd, vec) = (rows as i64, d as i64, vectors_arg());
     let stream = dev.cuda_stream();
     {
         let name = if residual_grad.is_some() { "layer_norm_bwd_input_add" } else { "layer_norm_bwd_input" };
@@ -1588,7 +1603,7 @@ fn layer_norm_bwd_into<T: Float>(
         if let Some(rg) = residual_grad {
             builder.arg(rg);
         }
-        builder.arg(gx).arg(&r).arg(&dd);
+        builder.arg(gx).arg(&r).arg(&dd).arg(&vec);
         unsafe { builder.launch(launch_rows(rows, "layer_norm_grad")?) }.w()?;
     }
     let (per_part, parts) = split(rows);
@@ -1598,7 +1613,7 @@ fn layer_norm_bwd_into<T: Float>(
         // 8 bytes of columns a thread where the width and the addresses allow (rows.cu
         // `PARAM_PACK`), else one column.
         let lanes = 8 / std::mem::size_of::<T>();
-        let packed = d % lanes == 0 && aligned(dev, x, 8) && aligned(dev, g, 8);
+        let packed = vector_kernels() && d % lanes == 0 && aligned(dev, x, 8) && aligned(dev, g, 8);
         let threads = if packed { parts * d / lanes } else { parts * d };
         let (pp, np, pk) = (per_part as i64, parts as i64, packed as i32);
         let mut builder = stream.launch_builder(&f);
@@ -1674,10 +1689,10 @@ pub(crate) fn gelu_fwd<T: Float>(x: &CudaStorage, x_l: &Layout) -> Result<CudaSt
     let xv = xo.view()?;
     let mut y = alloc::<T>(dev, n)?;
     let f = func(dev, Module::Elementwise, &format!("gelu_erf_fwd_{}", T::SUFFIX))?;
-    let nn = n as i64;
+    let (nn, vec) = (n as i64, vectors_arg());
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&xv).arg(&mut y).arg(&nn);
+    builder.arg(&xv).arg(&mut y).arg(&nn).arg(&vec);
     unsafe { builder.launch(launch_packed::<T>(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -1689,10 +1704,10 @@ pub(crate) fn gelu_bwd<T: Float>(x: &CudaStorage, x_l: &Layout, grad: &CudaStora
     let (xv, gv) = (xo.view()?, go.view()?);
     let mut gx = alloc::<T>(dev, n)?;
     let f = func(dev, Module::Elementwise, &format!("gelu_erf_bwd_{}", T::SUFFIX))?;
-    let nn = n as i64;
+    let (nn, vec) = (n as i64, vectors_arg());
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&f);
-    builder.arg(&xv).arg(&gv).arg(&mut gx).arg(&nn);
+    builder.arg(&xv).arg(&gv).arg(&mut gx).arg(&nn).arg(&vec);
     unsafe { builder.launch(launch_packed::<T>(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(gx, dev.clone()))
 }
@@ -1883,7 +1898,7 @@ pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem], guard: Option<&cand
         };
         let t = u.step as i32;
         let g_bytes = if g_half == 1 { 2 } else { 4 };
-        let vec4 = [p, m, v].iter().all(|a| a % 16 == 0) && g % (4 * g_bytes) == 0 && copy % 8 == 0;
+        let vec4 = vector_kernels() && [p, m, v].iter().all(|a| a % 16 == 0) && g % (4 * g_bytes) == 0 && copy % 8 == 0;
         tensors.push(AdamWTensorRow {
             p,
             m,
