@@ -161,7 +161,7 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, conv_path: ConvPat
     let masking = Masking::from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep());
     let imgs_nhwc = imgs.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
     let out = model.forward_pretrain(&imgs_nhwc, &masking)?;
-    let grads = out.loss.backward()?;
+    let grads = out.backward(&out.loss)?;
 
     let nchw = |t: &Tensor| t.permute((0, 3, 1, 2));
     let rows = masking.visible_token_rows(&Device::Cpu)?;

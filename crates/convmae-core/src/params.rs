@@ -225,7 +225,29 @@ pub struct ParamStore {
     shadow: Arc<Mutex<Option<Shadow>>>,
     /// In a compute view with `Packing::Sublayers`: each sublayer's packed copies, by
     /// `sublayer_pack_name` (empty otherwise).
-    packed: HashMap<String, (Tensor, Tensor)>,
+    packed: HashMap<String, PackView>,
+}
+
+/// A sublayer's two packs as a compute view hands them to its one op, with a gradient sink of
+/// this view's own: a view is made for one forward (`ConvMae::forward_pretrain`), so a sink
+/// holds that forward's backward and no other.
+#[derive(Clone)]
+struct PackView {
+    weights: Tensor,
+    vectors: Tensor,
+    sink: convmae_kernels::PackGradSink,
+}
+
+/// The packs of a compute view with their sinks (`ParamStore::pack_gradients`): after the
+/// backward of the forward that used the view, `deliver` puts the gradients the packed ops left
+/// in their sinks into the gradient store, where `ParamStore::gradients` finds them.
+#[derive(Clone, Default)]
+pub struct PackGradients(Vec<PackView>);
+
+impl PackGradients {
+    pub fn deliver(&self, grads: &mut candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.0.iter().try_for_each(|p| p.sink.deliver(&p.weights, &p.vectors, grads))
+    }
 }
 
 /// Whether a compute view packs the copies of each transformer-style sublayer's parameters the
@@ -235,7 +257,8 @@ pub struct ParamStore {
 /// in the backward, the gradient node (a zero-fill and an add, candle's accumulation) of each
 /// concatenation, reshape and copy. By the H100 profiles of benches/results/gpu-2026-11-26.md, a
 /// sublayer's backward had 11 such adds in run 4 and 3 in run 7 (x and the two packs), and the
-/// forward's 252 copies of the concatenations were gone.
+/// forward's 252 copies of the concatenations were gone. Since then the packs' gradients skip
+/// candle's accumulation too (a view's `PackView` sinks: `convmae_kernels::PackGradSink`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packing {
     None,
@@ -408,7 +431,11 @@ impl ParamStore {
             .zip(sh.tensors.iter().zip(&sh.vars))
             .map(|(p, (t, v))| Param { spec: p.spec.clone(), var: v.clone(), tensor: t.clone() })
             .collect();
-        let packed = sh.packs.iter().map(|(name, w, v)| (name.clone(), (w.as_tensor().clone(), v.as_tensor().clone()))).collect();
+        let packed = sh
+            .packs
+            .iter()
+            .map(|(name, w, v)| (name.clone(), PackView { weights: w.as_tensor().clone(), vectors: v.as_tensor().clone(), sink: convmae_kernels::PackGradSink::new() }))
+            .collect();
         Ok(Self { params, index: self.index.clone(), dtype, device: self.device.clone(), shadow: Arc::default(), packed })
     }
 
@@ -484,7 +511,12 @@ impl ParamStore {
     /// In a compute view with `Packing::Sublayers`: block `prefix`'s sublayer `kind` as its one
     /// op reads it, if it is packed.
     pub fn packed_sublayer(&self, prefix: &str, kind: SublayerKind) -> Option<convmae_kernels::PackedSublayer<'_>> {
-        self.packed.get(&sublayer_pack_name(prefix, kind)).map(|(weights, vectors)| convmae_kernels::PackedSublayer { weights, vectors })
+        self.packed.get(&sublayer_pack_name(prefix, kind)).map(|p| convmae_kernels::PackedSublayer { weights: &p.weights, vectors: &p.vectors, sink: Some(&p.sink) })
+    }
+
+    /// This view's packs and their gradient sinks, for after the backward (`PackGradients`).
+    pub fn pack_gradients(&self) -> PackGradients {
+        PackGradients(self.packed.values().cloned().collect())
     }
 
     /// The gradient of every trainable tensor from one backward, in `trainable()` order: what

@@ -323,7 +323,7 @@ impl Pretrainer {
         clock.lap(1);
         // The official loop divides the loss by accum_iter before backward.
         let scaled = (&out.loss / opts.accum_steps as f64)?;
-        let grads = scaled.backward()?;
+        let grads = out.backward(&scaled)?;
         clock.lap(2);
         Ok(Launched { loss: out.loss, grads, loss_on_host, opts: opts.clone(), clock, profiled })
     }

@@ -24,7 +24,7 @@ fn bf16_precision_trains_f32_master_weights_with_a_close_loss() {
     assert!(((half - full) / full).abs() < 0.05, "bf16 loss {half} vs f32 {full}");
     // The gradients arrive at the bf16 compute copies, none at the f32 masters: the forward has
     // no cast node per tensor.
-    let grads = out.loss.backward().unwrap();
+    let grads = out.backward(&out.loss).unwrap();
     let by_tensor = model.params.gradients(&grads).unwrap();
     for ((p, master), g) in model.params.trainable().zip(&by_tensor) {
         assert_eq!(g.dtype(), DType::BF16, "{}", p.spec.name);
@@ -97,5 +97,42 @@ fn compute_copies_follow_the_masters() {
             t.model.params.set(name, &moved).unwrap();
             assert_eq!(t.model.params.stale_copy().unwrap(), None);
         }
+    }
+}
+
+/// A compute view's packed sublayer, run as one op, leaves its packs' gradients in the view's
+/// sinks, not with candle (no zero-fill and add per pack); `PackGradients::deliver` puts them in
+/// the gradient store, where the packed tensors' compute copies read them: the same values as
+/// when the op returns them to candle. (The model's packs are bf16 copies on CUDA; here an f64
+/// store's f32 view, so that the CPU's one op runs.)
+#[test]
+fn packed_sublayer_gradients_arrive_through_the_views_sinks() {
+    use convmae_core::params::{pretrain_param_specs, ComputeCopy, Packing, ParamStore, SublayerKind};
+    let cfg = convmae_core::ConvMaeConfig::tiny();
+    let store = ParamStore::init(pretrain_param_specs(&cfg), DType::F64, &Device::Cpu, 7).unwrap();
+    let view = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+    let prefix = "decoder_blocks.0";
+    let pack = view.packed_sublayer(prefix, SublayerKind::Mlp).unwrap();
+    assert!(pack.sink.is_some(), "a compute view hands its packs out with a sink");
+    let d = cfg.decoder_embed_dim;
+    let hidden = view.get(&format!("{prefix}.mlp.fc1.weight")).dim(0).unwrap();
+    // 2d rows or more: the one op runs (convmae_kernels sublayer.rs `one_op`).
+    let x = Tensor::randn(0f32, 1.0, (2, 2 * d, d), &Device::Cpu).unwrap();
+    let loss = |sink| {
+        let pack = convmae_kernels::PackedSublayer { sink, ..pack };
+        let y = convmae_kernels::mlp_residual_packed(&x, pack, 1e-6, hidden).unwrap();
+        (y.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+    };
+    let plain = loss(None).backward().unwrap();
+    let mut grads = loss(pack.sink).backward().unwrap();
+    assert!(grads.get(pack.weights).is_none() && grads.get(pack.vectors).is_none(), "candle accumulated a pack's gradient");
+    view.pack_gradients().deliver(&mut grads).unwrap();
+    let flat = |g: Option<&Tensor>| g.expect("a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for name in ["mlp.fc1.weight", "mlp.fc2.bias", "norm2.weight"] {
+        let name = format!("{prefix}.{name}");
+        let i = store.trainable().position(|(p, _)| p.spec.name == name).unwrap();
+        let Some(ComputeCopy::Packed { pack, offset, shape }) = &store.trainable_shadows()[i] else { panic!("{name} is not packed") };
+        let slice = |g: &candle_core::backprop::GradStore| g.get(pack.as_tensor()).map(|t| t.narrow(0, *offset, shape.iter().product()).unwrap());
+        assert_eq!(flat(slice(&grads).as_ref()), flat(slice(&plain).as_ref()), "{name}");
     }
 }

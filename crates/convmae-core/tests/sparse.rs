@@ -57,10 +57,10 @@ fn sparse_equals_dense_on_random_configs() {
 
         model.path = ConvPath::Dense;
         let dense = model.forward_pretrain(&imgs, &masking).unwrap();
-        let dense_grads = dense.loss.backward().unwrap();
+        let dense_grads = dense.backward(&dense.loss).unwrap();
         model.path = ConvPath::Sparse;
         let sparse = model.forward_pretrain(&imgs, &masking).unwrap();
-        let sparse_grads = sparse.loss.backward().unwrap();
+        let sparse_grads = sparse.backward(&sparse.loss).unwrap();
 
         let ctx = format!("case {case}: {cfg:?}, batch {b}");
         assert!(rel(&sparse.loss, &dense.loss) < 1e-12, "loss, {ctx}");

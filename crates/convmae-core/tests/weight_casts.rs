@@ -19,7 +19,7 @@ fn with_compute_copies_off_the_gradients_reach_the_masters_through_casts() {
     let noise: Vec<f64> = (0..b * cfg.num_tokens()).map(|i| ((i * 37) % 101) as f64 / 101.0).collect();
     let masking = convmae_core::masking::Masking::from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep());
     let out = model.forward_pretrain(&imgs, &masking).unwrap();
-    let grads = out.loss.backward().unwrap();
+    let grads = out.backward(&out.loss).unwrap();
     for (g, (p, master)) in model.params.gradients(&grads).unwrap().iter().zip(model.params.trainable()) {
         assert_eq!(g.dtype(), DType::F32, "{}", p.spec.name);
         assert!(grads.get(master.as_tensor()).is_some(), "{}", p.spec.name);

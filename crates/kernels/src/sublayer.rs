@@ -158,6 +158,8 @@ struct Sublayer {
     saved: SavedSlot,
     /// The sparse conv's neighbour table (`Middle::SparseConv` only).
     neighbours: Option<Arc<SparseNeighbors>>,
+    /// Where the packs' gradients go instead of to candle (`PackGradSink`), if anywhere.
+    sink: Option<PackGradSink>,
 }
 
 impl Sublayer {
@@ -356,7 +358,13 @@ impl CustomOp3 for Sublayer {
         let dx = all.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dw = all.narrow(0, nx, nw)?.reshape(weights.shape())?;
         let dv = all.narrow(0, nx + nw, w.vectors())?.reshape(vectors.shape())?;
-        Ok((Some(dx), Some(dw), Some(dv)))
+        match &self.sink {
+            Some(sink) => {
+                sink.put(dw, dv);
+                Ok((Some(dx), None, None))
+            }
+            None => Ok((Some(dx), Some(dw), Some(dv))),
+        }
     }
 }
 
@@ -470,12 +478,22 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
 fn apply(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, first: (&Tensor, &Tensor), second: (&Tensor, &Tensor), widths: Widths, middle: Middle) -> Result<Tensor> {
     let weights = Tensor::cat(&[first.0.flatten_all()?, second.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, first.1.flatten_all()?, second.1.flatten_all()?], 0)?;
-    apply_packed(x, &weights, &vectors, eps, widths, middle, None)
+    apply_packed(x, &weights, &vectors, eps, widths, middle, None, None)
 }
 
 /// The op itself, on parameters already packed.
-fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle, neighbours: Option<Arc<SparseNeighbors>>) -> Result<Tensor> {
-    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours })
+#[allow(clippy::too_many_arguments)]
+fn apply_packed(
+    x: &Tensor,
+    weights: &Tensor,
+    vectors: &Tensor,
+    eps: f64,
+    widths: Widths,
+    middle: Middle,
+    neighbours: Option<Arc<SparseNeighbors>>,
+    sink: Option<&PackGradSink>,
+) -> Result<Tensor> {
+    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours, sink: sink.cloned() })
 }
 
 /// A sublayer's parameters as its one op reads them, each flat (1-D) and in this order:
@@ -484,10 +502,50 @@ fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths
 /// packed this way (the model's bf16 compute copies: convmae-core `ParamStore`) saves the op
 /// two concatenations a call and the backward a gradient node per parameter, and gets each
 /// parameter's gradient as a slice of the pack's.
+///
+/// `sink`: where the op's backward puts the two packs' gradients instead of returning them to
+/// candle (`PackGradSink`); None returns them, as for any argument.
 #[derive(Clone, Copy, Debug)]
 pub struct PackedSublayer<'a> {
     pub weights: &'a Tensor,
     pub vectors: &'a Tensor,
+    pub sink: Option<&'a PackGradSink>,
+}
+
+/// Where a packed sublayer's one op leaves its packs' gradients (weights, vectors) in its
+/// backward, rather than returning them to candle. candle's backward starts every gradient it
+/// receives as zeros and adds to it (`GradStore::or_insert`, then an add): for a pack, which
+/// the one op alone reads, that is a fill and an add the size of its parameters, two launches
+/// and two allocations a pack, 92 packs in a ConvMAE-B step (run 7's profile: the adds at the
+/// packs' sizes, about 0.9 ms of its 5.2 ms of `badd`). The owner of the packs hands them to
+/// the gradient store after the backward (`deliver`), as views of the op's own result: no
+/// copy. A sink is made for one forward and read after its backward; the op writes it once.
+#[derive(Clone, Debug, Default)]
+pub struct PackGradSink(Arc<Mutex<Option<(Tensor, Tensor)>>>);
+
+impl PackGradSink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&self, weights: Tensor, vectors: Tensor) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((weights, vectors));
+    }
+
+    /// Adds what the backward left here to `grads` as the gradients of `weights` and `vectors`
+    /// (to what reached them otherwise, if anything did); nothing if the op did not run as one
+    /// op (its separate ops return the packs' gradients to candle themselves).
+    pub fn deliver(&self, weights: &Tensor, vectors: &Tensor, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let Some((gw, gv)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() else { return Ok(()) };
+        for (pack, g) in [(weights, gw), (vectors, gv)] {
+            let sum = match grads.remove(pack) {
+                Some(other) => (other + g)?,
+                None => g,
+            };
+            grads.insert(pack, sum);
+        }
+        Ok(())
+    }
 }
 
 /// The parameters of a packed sublayer as views of its packs (first and second layer as
@@ -542,7 +600,7 @@ pub fn mlp_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hidden: u
     let widths = Widths::mlp(x.dim(candle_core::D::Minus1)?, hidden);
     pack.check("mlp_residual", x, widths)?;
     if one_op(&[x, pack.weights, pack.vectors], x.elem_count() / widths.d, widths.d) {
-        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu, None);
+        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu, None, pack.sink);
     }
     let p = pack.unpack(widths)?;
     mlp_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2))
@@ -564,7 +622,7 @@ pub fn attention_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hea
         (true, false) => crate::attention::cuda_form(dims, x.dtype(), x.device(), scale)?,
     };
     match form {
-        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }, None),
+        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }, None, pack.sink),
         None => {
             let p = pack.unpack(widths)?;
             attention_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2), heads)
@@ -581,7 +639,7 @@ pub fn conv_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, neighbou
     pack.check("conv_residual", x, widths)?;
     check_rows("conv_residual", x, d, neighbours)?;
     if one_op(&[x, pack.weights, pack.vectors], neighbours.rows(), d) && !crate::composite::sent_to_composite("conv_residual") {
-        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::SparseConv { k: neighbours.k() }, Some(neighbours.clone()));
+        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::SparseConv { k: neighbours.k() }, Some(neighbours.clone()), pack.sink);
     }
     let p = pack.unpack(widths)?;
     let k = neighbours.k();
@@ -617,7 +675,7 @@ pub fn conv_residual(
     }
     let weights = Tensor::cat(&[conv1.0.flatten_all()?, conv2.0.flatten_all()?, dw.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, conv1.1.flatten_all()?, conv2.1.flatten_all()?, dw.1.flatten_all()?], 0)?;
-    apply_packed(x, &weights, &vectors, eps, widths, Middle::SparseConv { k }, Some(neighbours.clone()))
+    apply_packed(x, &weights, &vectors, eps, widths, Middle::SparseConv { k }, Some(neighbours.clone()), None)
 }
 
 /// The rows of `x` (width `d`) must be the neighbour table's.
@@ -808,7 +866,7 @@ mod tests {
             let (ln_w, ln_b, w1, b1, w2, b2) = (var(&[d], 23), var(&[d], 24), var(&[first_out, d], 25), var(&[first_out], 26), var(&[d, second_in], 27), var(&[d], 28));
             let weights = Var::from_tensor(&Tensor::cat(&[w1.flatten_all().unwrap(), w2.flatten_all().unwrap()], 0).unwrap()).unwrap();
             let vectors = Var::from_tensor(&Tensor::cat(&[ln_w.as_tensor().clone(), ln_b.as_tensor().clone(), b1.as_tensor().clone(), b2.as_tensor().clone()], 0).unwrap()).unwrap();
-            let pack = PackedSublayer { weights: &weights, vectors: &vectors };
+            let pack = PackedSublayer { weights: &weights, vectors: &vectors, sink: None };
             for path in [crate::Path::Kernels, crate::Path::Composite] {
                 let (packed, unpacked) = crate::with_path(path, || {
                     if attention {
@@ -823,8 +881,47 @@ mod tests {
         }
         // A pack of the wrong size is named.
         let short = rand(&[3], 29);
-        let e = mlp_residual_packed(&x, PackedSublayer { weights: &short, vectors: &short }, 1e-6, hidden).unwrap_err().to_string();
+        let e = mlp_residual_packed(&x, PackedSublayer { weights: &short, vectors: &short, sink: None }, 1e-6, hidden).unwrap_err().to_string();
         assert!(e.contains("mlp_residual") && e.contains("packed weights [3]"), "{e}");
+    }
+
+    /// A sink takes the packs' gradients from the one op's backward: candle's store has none for
+    /// them after it (no zero-fill and add), `deliver` puts them there, the same bits as the op
+    /// returns without a sink, added to what reached a pack otherwise; the separate ops (the
+    /// composite path) leave the sink empty and return the gradients to candle as before.
+    #[test]
+    fn a_sink_takes_the_packs_gradients_and_delivers_them_unchanged() {
+        let (b, n, d, hidden) = (2, 5, 4, 6);
+        let var = |shape: &[usize], seed: u64| Var::from_tensor(&rand(shape, seed)).unwrap();
+        let x = var(&[b, n, d], 41);
+        let cot = rand(&[b, n, d], 42);
+        let weights = var(&[hidden * d + d * hidden], 43);
+        let vectors = var(&[3 * d + hidden], 44);
+        let backward = |sink: Option<&PackGradSink>, path: crate::Path| {
+            let pack = PackedSublayer { weights: &weights, vectors: &vectors, sink };
+            let y = crate::with_path(path, || mlp_residual_packed(&x, pack, 1e-6, hidden)).unwrap();
+            // The weights also reach the loss another way, so delivering must add, not replace.
+            let other = (weights.as_tensor().sum_all().unwrap() * 0.5).unwrap();
+            (y * &cot).unwrap().sum_all().unwrap().add(&other).unwrap().backward().unwrap()
+        };
+        let values = |g: Option<&Tensor>| g.expect("a gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let plain = backward(None, crate::Path::Kernels);
+        let sink = PackGradSink::new();
+        let mut sunk = backward(Some(&sink), crate::Path::Kernels);
+        assert!(sunk.get(&vectors).is_none(), "candle accumulated the vectors' gradient although a sink took it");
+        assert_eq!(values(sunk.get(&x)), values(plain.get(&x)));
+        sink.deliver(&weights, &vectors, &mut sunk).unwrap();
+        for pack in [&weights, &vectors] {
+            assert_eq!(values(sunk.get(pack)), values(plain.get(pack)));
+        }
+        // Delivered once: a second call finds the sink empty and changes nothing.
+        sink.deliver(&weights, &vectors, &mut sunk).unwrap();
+        assert_eq!(values(sunk.get(&vectors)), values(plain.get(&vectors)));
+        // The separate ops return the packs' gradients themselves; the sink stays empty.
+        let mut composite = backward(Some(&sink), crate::Path::Composite);
+        let before = values(composite.get(&weights));
+        sink.deliver(&weights, &vectors, &mut composite).unwrap();
+        assert_eq!(values(composite.get(&weights)), before);
     }
 
     /// The conv block's first half as one op against its separate ops (our LayerNorm, linear,
@@ -870,7 +967,7 @@ mod tests {
         for path in [crate::Path::Kernels, crate::Path::Composite] {
             let (packed, unpacked) = crate::with_path(path, || {
                 (
-                    conv_residual_packed(&x, PackedSublayer { weights: &weights, vectors: &vectors }, 1e-6, &nbrs).unwrap(),
+                    conv_residual_packed(&x, PackedSublayer { weights: &weights, vectors: &vectors, sink: None }, 1e-6, &nbrs).unwrap(),
                     conv_residual(&x, (&ln_w, &ln_b), 1e-6, (&w1, &b1), (&dw_w, &dw_b), (&w2, &b2), &nbrs).unwrap(),
                 )
             });

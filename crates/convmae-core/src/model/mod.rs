@@ -9,7 +9,7 @@ pub const DW_KERNEL: usize = 5;
 use crate::config::ConvMaeConfig;
 use crate::loss;
 use crate::masking::Masking;
-use crate::params::{pretrain_param_specs, Packing, ParamStore};
+use crate::params::{pretrain_param_specs, PackGradients, Packing, ParamStore};
 use candle_core::{DType, Device, Result, Tensor};
 use convmae_kernels::{SparseNeighbors, VisibleTokens};
 use layers::*;
@@ -81,6 +81,19 @@ pub struct PretrainOutput {
     pub stage2: Tensor,
     /// Output of the last stage-3 block on the visible tokens, before fusion.
     pub stage3_tokens: Tensor,
+    /// The packed sublayers' gradient sinks (`ParamStore::pack_gradients`): `backward` delivers them.
+    pub pack_grads: PackGradients,
+}
+
+impl PretrainOutput {
+    /// The gradients of `loss` (this output's loss, or a scaling of it), with the packed
+    /// sublayers' from their sinks: what `ParamStore::gradients` reads. A bare
+    /// `loss.backward()` lacks the packs' gradients where the sublayers ran as one op each.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        self.pack_grads.deliver(&mut grads)?;
+        Ok(grads)
+    }
 }
 
 impl ConvMae {
@@ -149,7 +162,7 @@ impl ConvMae {
         let pred = self.forward_decoder(p, &latent, masking)?;
         let mask = masking.mask_tensor(self.dtype(), dev)?;
         let loss = loss::masked_patch_loss(&pred, imgs, &mask, cfg.norm_pix_loss)?;
-        Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens })
+        Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens, pack_grads: p.pack_gradients() })
     }
 
     /// The official computation: dense maps, the keep mask on each depthwise conv's input,
