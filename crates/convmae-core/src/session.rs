@@ -397,7 +397,10 @@ mod tests {
         }
     }
 
-    fn fake_session() -> (Session<FakeDevice>, Arc<Mutex<Vec<String>>>, Arc<AtomicBool>, mpsc::Receiver<Result<u32, String>>, mpsc::Sender<Result<u32, String>>) {
+    /// A session on a fake device, its log, its loss flag, and the answers' channel.
+    type FakeSession = (Session<FakeDevice>, Arc<Mutex<Vec<String>>>, Arc<AtomicBool>, mpsc::Receiver<Result<u32, String>>, mpsc::Sender<Result<u32, String>>);
+
+    fn fake_session() -> FakeSession {
         let (log, ready) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (l, r) = (log.clone(), ready.clone());
         let session = Session::start(move || Ok(FakeDevice { log: l, loss_ready: r, in_flight: None, settled: VecDeque::new() }));
