@@ -1228,7 +1228,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
     widths: crate::sublayer::Widths,
     middle: &CudaMiddle,
     eps: f64,
-) -> Result<CudaStorage> {
+) -> Result<(CudaStorage, CudaStorage)> {
     let SublayerSaved { h, a: kept, xln: kept_xln, vectors, stats, attention: attention_kept } = saved;
     let (d, first_out, second_in) = (widths.d, widths.first_out, widths.second_in);
     let rows = x_l.shape().elem_count() / d;
@@ -1247,12 +1247,12 @@ pub(crate) fn sublayer_bwd<T: Float>(
             &recomputed
         }
     };
-    // The packed result, each gradient written where it lands:
-    // [dx | dW1 | dW2 | d ln_w, d ln_b | d b1 | d b2].
-    let n = rows * d + widths.weights() + widths.vectors();
-    let mut out = alloc::<T>(dev, n)?;
-    let (mut dx, mut rest) = out.split_at_mut(rows * d);
-    let (mut dw1, mut rest) = rest.split_at_mut(first_out * d);
+    // dx, and the parameters' gradients packed, each written where it lands:
+    // [dW1 | dW2 | d middle weights | d ln_w, d ln_b | d b1 | d b2 | d middle bias].
+    let mut out_dx = alloc::<T>(dev, rows * d)?;
+    let mut out_params = alloc::<T>(dev, widths.weights() + widths.vectors())?;
+    let mut dx = out_dx.slice_mut(..);
+    let (mut dw1, mut rest) = out_params.split_at_mut(first_out * d);
     let (mut dw2, mut rest) = rest.split_at_mut(d * second_in);
     let (mut dmw, mut rest) = rest.split_at_mut(widths.middle_weights);
     let (mut dln, mut rest) = rest.split_at_mut(2 * d);
@@ -1312,7 +1312,7 @@ pub(crate) fn sublayer_bwd<T: Float>(
         let (xo, lnwo) = (Operand::<T>::new(x, x_l)?, Operand::<T>::new(vectors, &at.ln_w)?);
         layer_norm_bwd_into(dev, (&xo.view()?, &lnwo.view()?, &dxln.slice(..)), stats, Some(&gv), (rows, d), (&mut dx, &mut dln))?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok((CudaStorage::wrap_cuda_slice(out_dx, dev.clone()), CudaStorage::wrap_cuda_slice(out_params, dev.clone())))
 }
 
 // ---- the patch layout (patch_blocks.rs) ----------------------------------------------------

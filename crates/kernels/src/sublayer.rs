@@ -352,12 +352,21 @@ impl CustomOp3 for Sublayer {
     fn bwd(&self, x: &Tensor, weights: &Tensor, vectors: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let w = self.widths;
         let rows = x.elem_count() / w.d;
-        let backward = SublayerBackward { widths: w, middle: self.middle, eps: self.eps, saved: self.saved.clone(), neighbours: self.neighbours.clone() };
-        let all = x.apply_op3_no_bwd(weights, grad, &backward)?;
-        let (nx, nw) = (rows * w.d, w.weights());
-        let dx = all.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = all.narrow(0, nx, nw)?.reshape(weights.shape())?;
-        let dv = all.narrow(0, nx + nw, w.vectors())?.reshape(vectors.shape())?;
+        let backward = SublayerBackward {
+            widths: w,
+            middle: self.middle,
+            eps: self.eps,
+            saved: self.saved.clone(),
+            neighbours: self.neighbours.clone(),
+            param_grads: Arc::new(Mutex::new(None)),
+        };
+        let dx = x.apply_op3_no_bwd(weights, grad, &backward)?.reshape(x.shape())?;
+        let params = backward.param_grads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let params = params.ok_or_else(|| candle_core::Error::Msg(format!("{}: the parameters' gradients went missing", self.middle.grad_name())))?;
+        debug_assert_eq!(rows * w.d, dx.elem_count());
+        let nw = w.weights();
+        let dw = params.narrow(0, 0, nw)?.reshape(weights.shape())?;
+        let dv = params.narrow(0, nw, w.vectors())?.reshape(vectors.shape())?;
         match &self.sink {
             Some(sink) => {
                 sink.put(dw, dv);
@@ -369,12 +378,25 @@ impl CustomOp3 for Sublayer {
 }
 
 /// (x, packed weights, grad) -> the packed gradients (see `backward`), from what the forward saved.
+/// Its result is dx; the parameters' gradients, [dW | dV] (`Widths::weights`, then `vectors`),
+/// come in a buffer of their own, left in `param_grads`: one buffer for both would keep dx's
+/// memory alive for as long as the parameters' gradients are (to the optimizer's update, where
+/// a sink delivers them: `PackGradSink`).
 struct SublayerBackward {
     widths: Widths,
     middle: Middle,
     eps: f64,
     saved: SavedSlot,
     neighbours: Option<Arc<SparseNeighbors>>,
+    param_grads: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl SublayerBackward {
+    fn keep_param_grads(&self, storage: candle_core::Storage) {
+        let n = self.widths.weights() + self.widths.vectors();
+        let t = Tensor::from_storage(storage, n, candle_core::op::BackpropOp::none(), false);
+        *self.param_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+    }
 }
 
 impl SublayerBackward {
@@ -413,15 +435,18 @@ impl CustomOp3 for SublayerBackward {
                 &empty
             }
         };
-        let out = dispatch_float!(self.middle.grad_name(), (sx => x, sw => wt, sg => g, sh => h, sv => v, sa => a), {
+        let (dx, params) = dispatch_float!(self.middle.grad_name(), (sx => x, sw => wt, sg => g, sh => h, sv => v, sa => a), {
             if h.len() != rows * w.first_out {
                 return Err(missing_saved(self.middle));
             }
             let kept = self.middle.keeps_output().then_some(a.as_slice());
             let eps = Element::from_f64(self.eps);
-            Element::into_storage(backward(&row_major(x, lx), &row_major(wt, lw), v, h, kept, &row_major(g, lg), rows, w, self.middle, self.neighbours.as_deref(), eps)?)
+            let mut all = backward(&row_major(x, lx), &row_major(wt, lw), v, h, kept, &row_major(g, lg), rows, w, self.middle, self.neighbours.as_deref(), eps)?;
+            let params = all.split_off(rows * w.d);
+            (Element::into_storage(all), Element::into_storage(params))
         });
-        Ok((out, Shape::from(w.grads(rows))))
+        self.keep_param_grads(candle_core::Storage::Cpu(params));
+        Ok((dx, Shape::from(rows * w.d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -441,8 +466,9 @@ impl CustomOp3 for SublayerBackward {
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(Saved::Cuda(saved)) = saved.as_ref() else { return Err(missing_saved(self.middle)) };
         let middle = self.middle.cuda_middle(rows, w.d, self.neighbours.as_deref())?;
-        let out = cuda_dispatch!(self.middle.grad_name(), sx.dtype(), sublayer_bwd(sx, lx, sw, lw, sg, lg, saved, w, &middle, self.eps))?;
-        Ok((out, Shape::from(w.grads(rows))))
+        let (dx, params) = cuda_dispatch!(self.middle.grad_name(), sx.dtype(), sublayer_bwd(sx, lx, sw, lw, sg, lg, saved, w, &middle, self.eps))?;
+        self.keep_param_grads(candle_core::Storage::Cuda(params));
+        Ok((dx, Shape::from(rows * w.d)))
     }
 }
 
