@@ -15,7 +15,13 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::Serialize;
 
 use crate::composite::{with_path, Path};
-use crate::{AdamWUpdate, CudaForm, SparseNeighbors};
+use crate::{AdamWUpdate, CudaForm, PackGradSink, PackedSublayer, SparseNeighbors};
+
+thread_local! {
+    /// The gradient sinks a case's op gave its packed sublayer, with the packs: `run` delivers
+    /// them after the backward, as the pretraining model does (`PretrainOutput::backward`).
+    static CASE_SINKS: std::cell::RefCell<Vec<(PackGradSink, Tensor, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Agreement {
@@ -126,7 +132,8 @@ fn run(case: &Case, host: &[Tensor], dev: &Device, dtype: DType, round: DType) -
     let out = (case.op)(&inputs)?;
     // In the output's dtype, which is not always the inputs' (the patch loss is f32 from bf16).
     let probe = rounded(out.dims(), case.seed + 100, round)?.to_dtype(out.dtype())?.to_device(dev)?;
-    let grads = (&out * &probe)?.sum_all()?.backward()?;
+    let mut grads = (&out * &probe)?.sum_all()?.backward()?;
+    CASE_SINKS.with(|sinks| sinks.borrow_mut().drain(..).try_for_each(|(sink, w, v)| sink.deliver(&w, &v, &mut grads)))?;
     let g = vars
         .iter()
         .map(|v| grads.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like()?).to_device(&Device::Cpu))
@@ -305,6 +312,21 @@ fn cases() -> Result<Vec<Case>> {
             seed: 10,
             op: Box::new(|t| {
                 crate::with_gemm_epilogue(false, || crate::mlp_residual(&(&t[0] * 2.0)?, (&(&t[1] + 1.5)?, &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6])))
+            }),
+        },
+        // The same sublayer on its parameters packed, as pretraining's bf16 copies are, the packs'
+        // gradients taken by a sink rather than by candle (`PackGradSink`) and delivered after
+        // the backward; the LayerNorm weight is not moved away from 0 here (a shifted pack would
+        // not be the leaf the sink delivers to).
+        Case {
+            name: "mlp_residual:packed",
+            shapes: vec![vec![2, 196, 512], vec![2048 * 512 + 512 * 2048], vec![3 * 512 + 2048]],
+            seed: 10,
+            op: Box::new(|t| {
+                let sink = PackGradSink::new();
+                let y = crate::mlp_residual_packed(&(&t[0] * 2.0)?, PackedSublayer { weights: &t[1], vectors: &t[2], sink: Some(&sink) }, 1e-6, 2048)?;
+                CASE_SINKS.with(|sinks| sinks.borrow_mut().push((sink, t[1].clone(), t[2].clone())));
+                Ok(y)
             }),
         },
         // Stage 3's attention sublayer (LayerNorm, qkv, attention, proj, residual) as one op. The
