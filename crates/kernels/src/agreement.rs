@@ -129,11 +129,23 @@ struct Case {
 fn run(case: &Case, host: &[Tensor], dev: &Device, dtype: DType, round: DType) -> Result<(Tensor, Vec<Tensor>)> {
     let vars: Vec<Var> = host.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)).collect::<Result<_>>()?;
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    // Sinks a failed earlier run left behind are not this run's.
+    CASE_SINKS.with(|sinks| sinks.borrow_mut().clear());
     let out = (case.op)(&inputs)?;
     // In the output's dtype, which is not always the inputs' (the patch loss is f32 from bf16).
     let probe = rounded(out.dims(), case.seed + 100, round)?.to_dtype(out.dtype())?.to_device(dev)?;
     let mut grads = (&out * &probe)?.sum_all()?.backward()?;
-    CASE_SINKS.with(|sinks| sinks.borrow_mut().drain(..).try_for_each(|(sink, w, v)| sink.deliver(&w, &v, &mut grads)))?;
+    // A pack no gradient reached would read as zeros below on both sides of the comparison (the
+    // reference's delivery too): an error instead, so that the row cannot pass that way.
+    CASE_SINKS.with(|sinks| {
+        sinks.borrow_mut().drain(..).try_for_each(|(sink, w, v)| {
+            sink.deliver(&w, &v, &mut grads)?;
+            if grads.get(&w).is_none() || grads.get(&v).is_none() {
+                candle_core::bail!("{}: no gradient reached its packed parameters", case.name);
+            }
+            Ok(())
+        })
+    })?;
     let g = vars
         .iter()
         .map(|v| grads.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like()?).to_device(&Device::Cpu))
