@@ -85,7 +85,7 @@ pub use normalize::normalize_rgb;
 pub use patch_blocks::patch_blocks;
 pub use patch_loss::masked_patch_mse;
 pub use restore_tokens::restore_tokens;
-pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_bias, conv_residual, conv_residual_packed, mlp_residual, mlp_residual_packed, PackGradSink, PackedSublayer};
+pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_bias, conv_residual, conv_residual_packed, mlp_residual, mlp_residual_packed, sublayer_chain, PackGradSink, PackedSublayer, SublayerLink};
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};

@@ -33,6 +33,9 @@ use crate::composite::{Choice, OpSwitch};
 use crate::gelu::GeluFloat;
 use crate::{row_major, Element, SparseNeighbors};
 
+mod chain;
+pub use chain::sublayer_chain;
+
 /// What sits between a sublayer's two linear layers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Middle {
@@ -504,22 +507,13 @@ fn one_op(args: &[&Tensor], rows: usize, d: usize) -> bool {
 fn apply(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, first: (&Tensor, &Tensor), second: (&Tensor, &Tensor), widths: Widths, middle: Middle) -> Result<Tensor> {
     let weights = Tensor::cat(&[first.0.flatten_all()?, second.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, first.1.flatten_all()?, second.1.flatten_all()?], 0)?;
-    apply_packed(x, &weights, &vectors, eps, widths, middle, None, None)
+    apply_packed(x, &weights, &vectors, eps, widths, middle, None)
 }
 
-/// The op itself, on parameters already packed.
-#[allow(clippy::too_many_arguments)]
-fn apply_packed(
-    x: &Tensor,
-    weights: &Tensor,
-    vectors: &Tensor,
-    eps: f64,
-    widths: Widths,
-    middle: Middle,
-    neighbours: Option<Arc<SparseNeighbors>>,
-    sink: Option<&PackGradSink>,
-) -> Result<Tensor> {
-    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours, sink: sink.cloned() })
+/// The op itself, on parameters packed by the caller (here: `apply`, `conv_residual`), its
+/// packs' gradients returned to candle.
+fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle, neighbours: Option<Arc<SparseNeighbors>>) -> Result<Tensor> {
+    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours, sink: None })
 }
 
 /// A sublayer's parameters as its one op reads them, each flat (1-D) and in this order:
@@ -621,56 +615,128 @@ impl PackedSublayer<'_> {
     }
 }
 
+/// One packed sublayer with what it needs besides its packs: what `*_residual_packed` apply
+/// alone and `sublayer_chain` applies one after another.
+#[derive(Clone, Copy, Debug)]
+pub enum SublayerLink<'a> {
+    /// `mlp_residual`, fc1's width `hidden`.
+    Mlp { pack: PackedSublayer<'a>, eps: f64, hidden: usize },
+    /// `attention_residual` with `heads` heads.
+    Attention { pack: PackedSublayer<'a>, eps: f64, heads: usize },
+    /// `conv_residual` over the neighbour table's rows; the packs as `conv_residual_packed` says.
+    Conv { pack: PackedSublayer<'a>, eps: f64, neighbours: &'a Arc<SparseNeighbors> },
+}
+
+impl SublayerLink<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Mlp { .. } => "mlp_residual",
+            Self::Attention { .. } => "attention_residual",
+            Self::Conv { .. } => "conv_residual",
+        }
+    }
+
+    fn pack(&self) -> PackedSublayer<'_> {
+        match *self {
+            Self::Mlp { pack, .. } | Self::Attention { pack, .. } | Self::Conv { pack, .. } => pack,
+        }
+    }
+
+    fn eps(&self) -> f64 {
+        match *self {
+            Self::Mlp { eps, .. } | Self::Attention { eps, .. } | Self::Conv { eps, .. } => eps,
+        }
+    }
+
+    /// The sublayer's widths for input `x`, its packs checked against them.
+    fn widths(&self, x: &Tensor) -> Result<Widths> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let widths = match *self {
+            Self::Mlp { hidden, .. } => Widths::mlp(d, hidden),
+            Self::Attention { heads, .. } => {
+                if heads == 0 || d % heads != 0 {
+                    candle_core::bail!("attention_residual: width {d} of input {:?} is not a multiple of {heads} heads", x.dims());
+                }
+                Widths::attention(d)
+            }
+            Self::Conv { neighbours, .. } => {
+                check_rows("conv_residual", x, d, neighbours)?;
+                Widths::conv(d, neighbours.k())
+            }
+        };
+        self.pack().check(self.name(), x, widths)?;
+        Ok(widths)
+    }
+
+    /// The one op for input `x` (any input of the same shape, dtype and device: every link of a
+    /// chain plans on the chain's input), or None where the sublayer runs as its separate ops:
+    /// `one_op` says so, for the conv `CONVMAE_COMPOSITE_OPS` lists `conv_residual`, for
+    /// attention on CUDA no form of our attention op serves.
+    fn one_op(&self, x: &Tensor) -> Result<Option<Sublayer>> {
+        let widths = self.widths(x)?;
+        let pack = self.pack();
+        let args = [x, pack.weights, pack.vectors];
+        let rows = x.elem_count() / widths.d;
+        let (middle, neighbours) = match *self {
+            Self::Mlp { .. } => (one_op(&args, rows, widths.d).then_some(Middle::Gelu), None),
+            Self::Attention { heads, .. } => {
+                let (b, n, d) = x.dims3()?;
+                let scale = ((d / heads) as f64).powf(-0.5);
+                let form = match (one_op(&args, rows, d), x.device().is_cpu()) {
+                    (false, _) => None,
+                    (true, true) => Some(CudaForm::Fused),
+                    (true, false) => crate::attention::cuda_form(AttentionDims { b, n, heads, hd: d / heads }, x.dtype(), x.device(), scale)?,
+                };
+                (form.map(|form| Middle::Attention { tokens: n, heads, scale, form }), None)
+            }
+            Self::Conv { neighbours, .. } => {
+                let ours = one_op(&args, rows, widths.d) && !crate::composite::sent_to_composite("conv_residual");
+                (ours.then_some(Middle::SparseConv { k: neighbours.k() }), Some(neighbours.clone()))
+            }
+        };
+        Ok(middle.map(|middle| Sublayer { widths, middle, eps: self.eps(), saved: Arc::new(Mutex::new(None)), neighbours, sink: pack.sink.cloned() }))
+    }
+
+    /// The separate ops on views of the packs: the one op's values.
+    fn separate(&self, x: &Tensor) -> Result<Tensor> {
+        let widths = self.widths(x)?;
+        let p = self.pack().unpack(widths)?;
+        let eps = self.eps();
+        match *self {
+            Self::Mlp { .. } => mlp_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2)),
+            Self::Attention { heads, .. } => attention_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2), heads),
+            Self::Conv { neighbours, .. } => {
+                let (d, k) = (widths.d, neighbours.k());
+                conv_separate(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.mw.reshape((d, k, k))?, &p.mb), (&p.w2, &p.b2), neighbours)
+            }
+        }
+    }
+
+    /// The sublayer on `x`: its one op, or where that does not run its separate ops.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.one_op(x)? {
+            Some(op) => x.apply_op3(self.pack().weights, self.pack().vectors, op),
+            None => self.separate(x),
+        }
+    }
+}
+
 /// `mlp_residual` on packed parameters (`PackedSublayer`; fc1's width is `hidden`). Where the
 /// one op does not run (`one_op`), the separate ops on views of the packs: the same values.
 pub fn mlp_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, hidden: usize) -> Result<Tensor> {
-    let widths = Widths::mlp(x.dim(candle_core::D::Minus1)?, hidden);
-    pack.check("mlp_residual", x, widths)?;
-    if one_op(&[x, pack.weights, pack.vectors], x.elem_count() / widths.d, widths.d) {
-        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Gelu, None, pack.sink);
-    }
-    let p = pack.unpack(widths)?;
-    mlp_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2))
+    SublayerLink::Mlp { pack, eps, hidden }.apply(x)
 }
 
 /// `attention_residual` on packed parameters (`PackedSublayer`), as `mlp_residual_packed`.
 pub fn attention_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, heads: usize) -> Result<Tensor> {
-    let (b, n, d) = x.dims3()?;
-    if heads == 0 || d % heads != 0 {
-        candle_core::bail!("attention_residual: width {d} of input {:?} is not a multiple of {heads} heads", x.dims());
-    }
-    let widths = Widths::attention(d);
-    pack.check("attention_residual", x, widths)?;
-    let scale = ((d / heads) as f64).powf(-0.5);
-    let dims = AttentionDims { b, n, heads, hd: d / heads };
-    let form = match (one_op(&[x, pack.weights, pack.vectors], b * n, d), x.device().is_cpu()) {
-        (false, _) => None,
-        (true, true) => Some(CudaForm::Fused),
-        (true, false) => crate::attention::cuda_form(dims, x.dtype(), x.device(), scale)?,
-    };
-    match form {
-        Some(form) => apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::Attention { tokens: n, heads, scale, form }, None, pack.sink),
-        None => {
-            let p = pack.unpack(widths)?;
-            attention_residual(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.w2, &p.b2), heads)
-        }
-    }
+    SublayerLink::Attention { pack, eps, heads }.apply(x)
 }
 
 /// `conv_residual` on packed parameters: `pack.weights` = [conv1 | conv2 | the depthwise taps
 /// (C x k x k)], `pack.vectors` = [norm1 weight | norm1 bias | conv1 bias | conv2 bias | the
 /// depthwise bias]. Where the one op does not run (`one_op`), the separate ops on views of the packs.
 pub fn conv_residual_packed(x: &Tensor, pack: PackedSublayer, eps: f64, neighbours: &Arc<SparseNeighbors>) -> Result<Tensor> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let widths = Widths::conv(d, neighbours.k());
-    pack.check("conv_residual", x, widths)?;
-    check_rows("conv_residual", x, d, neighbours)?;
-    if one_op(&[x, pack.weights, pack.vectors], neighbours.rows(), d) && !crate::composite::sent_to_composite("conv_residual") {
-        return apply_packed(x, pack.weights, pack.vectors, eps, widths, Middle::SparseConv { k: neighbours.k() }, Some(neighbours.clone()), pack.sink);
-    }
-    let p = pack.unpack(widths)?;
-    let k = neighbours.k();
-    conv_separate(x, (&p.ln_w, &p.ln_b), eps, (&p.w1, &p.b1), (&p.mw.reshape((d, k, k))?, &p.mb), (&p.w2, &p.b2), neighbours)
+    SublayerLink::Conv { pack, eps, neighbours }.apply(x)
 }
 
 /// `x + conv2(dw(conv1(layer_norm(x, ln_w, ln_b, eps))) + dw_bias)` over the rows of `x`: the
@@ -702,7 +768,7 @@ pub fn conv_residual(
     }
     let weights = Tensor::cat(&[conv1.0.flatten_all()?, conv2.0.flatten_all()?, dw.0.flatten_all()?], 0)?;
     let vectors = Tensor::cat(&[norm.0.flatten_all()?, norm.1.flatten_all()?, conv1.1.flatten_all()?, conv2.1.flatten_all()?, dw.1.flatten_all()?], 0)?;
-    apply_packed(x, &weights, &vectors, eps, widths, Middle::SparseConv { k }, Some(neighbours.clone()), None)
+    apply_packed(x, &weights, &vectors, eps, widths, Middle::SparseConv { k }, Some(neighbours.clone()))
 }
 
 /// The rows of `x` (width `d`) must be the neighbour table's.
