@@ -323,11 +323,15 @@ pub const SWITCHABLE_OPS: [&str; 5] = ["conv_residual", "masked_patch_mse", "pat
 
 /// Whether `CONVMAE_COMPOSITE_OPS` (a comma-separated list of `SWITCHABLE_OPS`) sends our op
 /// `op` to candle's composition, on every device: the A/B of one op within a whole step, and
-/// the GPU check's safety valve for an op whose agreement row failed. Under `with_path` the
-/// forced path decides, so the agreement and timing tables measure the path they name. Read
-/// once per process; a name not in the list is named in a warning and ignored.
+/// the GPU check's safety valve for an op whose agreement row failed. Under `with_composite_ops`
+/// its list decides, else under `with_path` the forced path, so that the agreement and timing
+/// tables measure the path they name. Read once per process; a name not in the list is named
+/// in a warning and ignored.
 pub(crate) fn sent_to_composite(op: &str) -> bool {
     static LISTED: OnceLock<Vec<String>> = OnceLock::new();
+    if let Some(listed) = FORCED_COMPOSITE_OPS.with(|c| c.get()) {
+        return listed.contains(&op);
+    }
     if let Some(path) = FORCED.with(|c| c.get()) {
         return path == Path::Composite;
     }
@@ -341,6 +345,18 @@ pub(crate) fn sent_to_composite(op: &str) -> bool {
         })
         .iter()
         .any(|n| n == op)
+}
+
+thread_local! {
+    static FORCED_COMPOSITE_OPS: Cell<Option<&'static [&'static str]>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `ops` (of `SWITCHABLE_OPS`) sent to candle's composition on this thread and
+/// the others not, whatever `CONVMAE_COMPOSITE_OPS` and `with_path` say for them (`with_path`
+/// still decides every other op): the A/B of one op in one process, for tests and Rust callers. Nested calls restore the
+/// outer choice, also when `f` panics.
+pub fn with_composite_ops<R>(ops: &'static [&'static str], f: impl FnOnce() -> R) -> R {
+    with_override(&FORCED_COMPOSITE_OPS, ops, f)
 }
 
 /// `CONVMAE_COMPOSITE_OPS`'s value as (the switchable ops it names, the other names).

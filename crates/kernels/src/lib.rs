@@ -76,7 +76,7 @@ mod sparse_depthwise_conv;
 
 pub use adamw::{adamw_update, adamw_update_many, adamw_update_with_shadow, AdamWItem, AdamWUpdate};
 pub use attention::{self_attention, with_cuda_form, CudaForm};
-pub use composite::{has_kernel, with_path, Path};
+pub use composite::{has_kernel, with_composite_ops, with_path, Path};
 pub use depthwise_conv::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;

@@ -175,6 +175,62 @@ pub fn transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: us
     mlp_sublayer(p, prefix, &x, VIT_LN_EPS, drop.map(|d| &d.second))
 }
 
+/// The names of a stage's `depth` blocks: `stage.0`, `stage.1`, ...
+pub fn block_names(stage: &str, depth: usize) -> Vec<String> {
+    (0..depth).map(|i| format!("{stage}.{i}")).collect()
+}
+
+/// Block `prefix`'s MLP sublayer as a chain link, if its parameters are packed.
+fn mlp_link<'a>(p: &'a ParamStore, prefix: &str, eps: f64) -> Result<Option<k::SublayerLink<'a>>> {
+    let Some(pack) = p.packed_sublayer(prefix, SublayerKind::Mlp) else { return Ok(None) };
+    Ok(Some(k::SublayerLink::Mlp { pack, eps, hidden: p.get(&format!("{prefix}.mlp.fc1.weight")).dim(0)? }))
+}
+
+/// The blocks' sublayers as the links of one chain, where every block gives its two (`links`
+/// of a block's name: None where a sublayer is not packed).
+fn chain_links<'a>(blocks: &[String], links: impl Fn(&str) -> Result<Option<[k::SublayerLink<'a>; 2]>>) -> Result<Option<Vec<k::SublayerLink<'a>>>> {
+    let mut chain = Vec::with_capacity(2 * blocks.len());
+    for block in blocks {
+        match links(block)? {
+            Some(pair) => chain.extend(pair),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(chain))
+}
+
+/// Conv blocks `blocks` one after another (`conv_block`; `drop` holds each one's stochastic
+/// depth). On the sparse path without stochastic depth, with every sublayer packed (the
+/// pretraining model's compute copies on CUDA), as one chain of their sublayers
+/// (`convmae_kernels::sublayer_chain`: no gradient node between them; the same values).
+pub fn conv_blocks(p: &ParamStore, blocks: &[String], x: &Tensor, mix: &SpatialMix, drop: Option<&[DropPath]>) -> Result<Tensor> {
+    if let (SpatialMix::Sparse(nbrs), None) = (mix, drop) {
+        let links = chain_links(blocks, |block| {
+            let Some(pack) = p.packed_sublayer(block, SublayerKind::Conv) else { return Ok(None) };
+            let conv = k::SublayerLink::Conv { pack, eps: CONV_LN_EPS, neighbours: nbrs };
+            Ok(mlp_link(p, block, CONV_LN_EPS)?.map(|mlp| [conv, mlp]))
+        })?;
+        if let Some(links) = links {
+            return k::sublayer_chain(x, &links);
+        }
+    }
+    blocks.iter().enumerate().try_fold(x.clone(), |x, (i, block)| conv_block(p, block, &x, mix, drop.map(|d| &d[i])))
+}
+
+/// Transformer blocks `blocks` one after another, without stochastic depth (`transformer_block`):
+/// with every sublayer packed, as one chain of their sublayers, as `conv_blocks`.
+pub fn transformer_blocks(p: &ParamStore, blocks: &[String], x: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let links = chain_links(blocks, |block| {
+        let Some(pack) = p.packed_sublayer(block, SublayerKind::Attention) else { return Ok(None) };
+        let attention = k::SublayerLink::Attention { pack, eps: VIT_LN_EPS, heads: num_heads };
+        Ok(mlp_link(p, block, VIT_LN_EPS)?.map(|mlp| [attention, mlp]))
+    })?;
+    match links {
+        Some(links) => k::sublayer_chain(x, &links),
+        None => blocks.iter().try_fold(x.clone(), |x, block| transformer_block(p, block, &x, num_heads, None)),
+    }
+}
+
 /// Gathers rows of `x` ([B, L, D]) at `ids` ([B, K] u32) along dim 1.
 pub fn gather_tokens(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, _, d) = x.dims3()?;

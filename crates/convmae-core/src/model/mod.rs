@@ -151,9 +151,7 @@ impl ConvMae {
         };
 
         // Stage 3 on the visible tokens only.
-        for i in 0..cfg.depth[2] {
-            x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, None)?;
-        }
+        x = transformer_blocks(p, &block_names("blocks3", cfg.depth[2]), &x, cfg.num_heads)?;
         let stage3_tokens = x.clone();
         // Fusion happens after stage 3 and before the final norm (spec 1.5, step 10).
         let latent = layer_norm_p(p, "norm", &((x + s1)? + s2)?, VIT_LN_EPS)?;
@@ -232,10 +230,8 @@ impl ConvMae {
         let x = linear_p(p, "decoder_embed", latent)?;
         // Mask tokens appended, the sequence unshuffled and the position table added, as one op.
         let ids_restore = masking.ids_restore_tensor(self.device())?;
-        let mut x = convmae_kernels::restore_tokens(&x, p.get("mask_token"), p.get("decoder_pos_embed"), &ids_restore)?;
-        for i in 0..cfg.decoder_depth {
-            x = transformer_block(p, &format!("decoder_blocks.{i}"), &x, cfg.decoder_num_heads, None)?;
-        }
+        let x = convmae_kernels::restore_tokens(&x, p.get("mask_token"), p.get("decoder_pos_embed"), &ids_restore)?;
+        let x = transformer_blocks(p, &block_names("decoder_blocks", cfg.decoder_depth), &x, cfg.decoder_num_heads)?;
         let x = layer_norm_p(p, "decoder_norm", &x, VIT_LN_EPS)?;
         linear_p(p, "decoder_pred", &x)
     }
@@ -252,17 +248,15 @@ pub fn conv_stages(
     mix2: &SpatialMix,
     drop: Option<&[DropPath]>,
 ) -> Result<(Tensor, Tensor)> {
-    let drop_of = |block: usize| drop.map(|d| &d[block]);
-    let mut x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
-    for i in 0..cfg.depth[0] {
-        x = conv_block(p, &format!("blocks1.{i}"), &x, mix1, drop_of(i))?;
-    }
-    let stage1 = x;
-    let mut x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
-    for i in 0..cfg.depth[1] {
-        x = conv_block(p, &format!("blocks2.{i}"), &x, mix2, drop_of(cfg.depth[0] + i))?;
-    }
-    Ok((stage1, x))
+    let (drop1, drop2) = match drop {
+        Some(d) => (Some(&d[..cfg.depth[0]]), Some(&d[cfg.depth[0]..])),
+        None => (None, None),
+    };
+    let x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
+    let stage1 = conv_blocks(p, &block_names("blocks1", cfg.depth[0]), &x, mix1, drop1)?;
+    let x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
+    let stage2 = conv_blocks(p, &block_names("blocks2", cfg.depth[1]), &x, mix2, drop2)?;
+    Ok((stage1, stage2))
 }
 
 /// The 5x5 neighbourhoods of the visible positions of conv stage `stage` (0 or 1), rows in the
