@@ -204,3 +204,17 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     rmSync(out, { recursive: true, force: true });
   }
 });
+
+test("the check's list of switchable ops is the kernels crate's", (t) => {
+  // check.ts switches each op of NEW_OPS off on its own should its agreement row fail, and all of
+  // them in its A/B row and last retry: an op the crate adds to SWITCHABLE_OPS must be there too.
+  const list = (file: string, pattern: RegExp) => {
+    const m = pattern.exec(readFileSync(path.join(ROOT, file), 'utf8'));
+    if (!m) throw new Error(`no list matching ${pattern} in ${file}`);
+    return [...m[1]!.matchAll(/["']([a-z_]+)["']/g)].map((q) => q[1]);
+  };
+  const crate = list('crates/kernels/src/composite.rs', /pub const SWITCHABLE_OPS: \[&str; \d+\] = \[([^\]]*)\]/);
+  const check = list('benches/gpu/check.ts', /const NEW_OPS = \[([^\]]*)\]/);
+  t.true(crate.includes('sublayer_chain'), crate.join(', '));
+  t.deepEqual(check, crate);
+});

@@ -310,7 +310,17 @@ async function main(): Promise<void> {
   // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
   // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
   // agreement itself have failed.
-  const compositeOps = NEW_OPS.filter((op) => agreementError !== undefined || agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
+  // The sublayer chain alone is judged against its links one by one (its `:links` rows), not
+  // by its tolerance: when right it gives their bits, so that any difference in the errors the
+  // two rows report (or a chain row without its `:links` twin) is the chain's.
+  const chainDiffers = agreement.some(
+    (a) =>
+      a.op === 'sublayer_chain' &&
+      a.path === 'kernels' &&
+      !agreement.some((b) => b.op === 'sublayer_chain:links' && b.path === a.path && b.dtype === a.dtype && b.forward_rel === a.forward_rel && JSON.stringify(b.gradient_rels) === JSON.stringify(a.gradient_rels)),
+  );
+  const opFailed = (op: string) => (op === 'sublayer_chain' ? chainDiffers : agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
+  const compositeOps = NEW_OPS.filter((op) => agreementError !== undefined || opFailed(op));
   if (compositeOps.length && !loadError && !profileOnly) log(`agreement rows failed (or the agreement did): our rows run with CONVMAE_COMPOSITE_OPS=${compositeOps.join(',')}`);
   if (transfersSuspect && !loadError && !profileOnly) log('the pinned transfers\' agreement row failed (or the agreement did): our rows run with CONVMAE_TRANSFERS=plain');
   if (tablesSuspect && !loadError && !profileOnly) log('the GPU neighbour tables\' agreement row failed (or the agreement did): our rows run with CONVMAE_NEIGHBOUR_TABLES=host');
@@ -425,7 +435,7 @@ async function main(): Promise<void> {
       await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
       await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
-      // the patch layout, the decoder's entry): all four as before them.
+      // the patch layout, the decoder's entry, the chains of sublayers): all five as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
       // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
@@ -548,8 +558,12 @@ function writeResults({ out, started, runArgs, rehearse, preset, firstBatch, loa
 
 /** The timed steps of each throughput run. */
 const STEPS = 5;
-/** The ops CONVMAE_COMPOSITE_OPS can switch to candle's ops one by one (crates/kernels composite.rs `SWITCHABLE_OPS`), all written after run 7 without a GPU. */
-const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens'];
+/**
+ * The ops CONVMAE_COMPOSITE_OPS can switch to candle's ops one by one (crates/kernels composite.rs
+ * `SWITCHABLE_OPS`), all written after run 7 without a GPU; `sublayer_chain` goes back to its
+ * links, each its own op.
+ */
+const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens', 'sublayer_chain'];
 
 /**
  * The headline row's retries, in order, each run only if the one before failed (not if it was

@@ -108,7 +108,7 @@ fn tolerance(op: &str, dtype: DType, kernel: bool) -> f64 {
     match (op, dtype, kernel) {
         (_, DType::BF16 | DType::F16, true) => 3e-2,
         (_, DType::BF16 | DType::F16, false) => 2.5e-1,
-        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual" | "conv_residual", _, _) | ("self_attention", _, false) => 5e-3,
+        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual" | "conv_residual" | "sublayer_chain", _, _) | ("self_attention", _, false) => 5e-3,
         _ if gemm_form => 5e-3,
         _ => 1e-5,
     }
@@ -401,6 +401,32 @@ fn cases() -> Result<Vec<Case>> {
             move |t| crate::conv_residual(&t[0], (&t[1], &t[2]), 1e-6, (&t[3], &t[4]), (&t[5], &t[6]), (&t[7], &t[8]), &nbrs)
         }),
     });
+    // A stage-1 conv block (its first half, then its MLP) on its packs as one chain
+    // (`sublayer_chain`), each link's input gradient handed to the link before without candle,
+    // the packs' gradients through sinks; and the same links one by one (`:links`). On a device
+    // the two rows differ only if the chain is wrong: the same kernels in the same order give
+    // the same bits (the GPU check compares their errors exactly).
+    let hidden = 4 * c;
+    for (name, chained) in [("sublayer_chain", true), ("sublayer_chain:links", false)] {
+        cases.push(Case {
+            name,
+            shapes: vec![vec![positions.len(), c], vec![2 * c * c + c * 25], vec![5 * c], vec![2 * hidden * c], vec![3 * c + hidden]],
+            seed: 23,
+            op: Box::new({
+                let nbrs = nbrs.clone();
+                move |t| {
+                    let sinks = [PackGradSink::new(), PackGradSink::new()];
+                    let links = [
+                        crate::SublayerLink::Conv { pack: PackedSublayer { weights: &t[1], vectors: &t[2], sink: Some(&sinks[0]) }, eps: 1e-5, neighbours: &nbrs },
+                        crate::SublayerLink::Mlp { pack: PackedSublayer { weights: &t[3], vectors: &t[4], sink: Some(&sinks[1]) }, eps: 1e-5, hidden },
+                    ];
+                    let y = if chained { crate::sublayer_chain(&t[0], &links)? } else { crate::with_composite_ops(&["sublayer_chain"], || crate::sublayer_chain(&t[0], &links))? };
+                    CASE_SINKS.with(|s| s.borrow_mut().extend([(sinks[0].clone(), t[1].clone(), t[2].clone()), (sinks[1].clone(), t[3].clone(), t[4].clone())]));
+                    Ok(y)
+                }
+            }),
+        });
+    }
     // The same ops on inputs that are not contiguous from offset 0, as the model hands some of
     // them over (a transpose, a permute, a slice): on CUDA these take the strided-copy and the
     // offset-view paths of the launch code, which the cases above never reach.
