@@ -143,6 +143,9 @@ impl CustomOp1 for Chain {
             let input = kept.as_ref().unwrap_or(x);
             // (The link op's backward does not read its output, so the chain's stands in.)
             let (dx, _, _) = candle_core::CustomOp3::bwd(&link.op, input, &link.weights, &link.vectors, res, &grad)?;
+            // What the link's forward kept is spent: freed now rather than with the graph, so
+            // that the gradients the backward allocates next can reuse it.
+            *link.op.saved.lock().unwrap_or_else(|e| e.into_inner()) = None;
             grad = dx.ok_or_else(|| candle_core::Error::Msg(format!("sublayer_chain_backward: link {i} gave no input gradient")))?;
         }
         Ok(Some(grad))
