@@ -111,8 +111,9 @@ impl AugmentSpec {
     }
 }
 
-/// Separates the erasing noise stream from other per-step draws (drop path, masks).
-const ERASE_STREAM: u64 = 0x6572_6173_65;
+/// Separates the erasing noise stream from other per-step draws (drop path, masks): "erase" in
+/// ASCII, 0x65_7261_7365.
+const ERASE_STREAM: u64 = u64::from_be_bytes(*b"\0\0\0erase");
 
 #[cfg(test)]
 mod tests {

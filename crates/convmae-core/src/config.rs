@@ -114,25 +114,25 @@ impl ConvMaeConfig {
     /// Checks every invariant the model relies on, so a bad config fails before any compute.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |msg: String| Err(format!("invalid config: {msg}"));
-        if self.img_size == 0 || self.img_size % TOKEN_PATCH != 0 {
+        if self.img_size == 0 || !self.img_size.is_multiple_of(TOKEN_PATCH) {
             return fail(format!("img_size must be a positive multiple of 16, got {}", self.img_size));
         }
         if self.in_chans == 0 {
             return fail("in_chans must be positive".into());
         }
-        if self.patch_size.iter().any(|&p| p == 0) || self.patch_size.iter().product::<usize>() != TOKEN_PATCH {
+        if self.patch_size.contains(&0) || self.patch_size.iter().product::<usize>() != TOKEN_PATCH {
             return fail(format!(
                 "patch_size entries must be positive with product 16 (the loss patchifies 16x16), got {:?}",
                 self.patch_size
             ));
         }
-        if self.embed_dim.iter().any(|&d| d == 0) {
+        if self.embed_dim.contains(&0) {
             return fail(format!("embed_dim entries must be positive, got {:?}", self.embed_dim));
         }
-        if self.mlp_ratio.iter().any(|&r| !(r > 0.0) || !r.is_finite()) {
+        if self.mlp_ratio.iter().any(|&r| !(r.is_finite() && r > 0.0)) {
             return fail(format!("mlp_ratio entries must be positive, got {:?}", self.mlp_ratio));
         }
-        if self.num_heads == 0 || self.embed_dim[2] % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim[2].is_multiple_of(self.num_heads) {
             return fail(format!(
                 "embed_dim[2] = {} must be divisible by num_heads = {}",
                 self.embed_dim[2], self.num_heads
@@ -140,14 +140,14 @@ impl ConvMaeConfig {
         }
         if self.decoder_embed_dim == 0
             || self.decoder_num_heads == 0
-            || self.decoder_embed_dim % self.decoder_num_heads != 0
+            || !self.decoder_embed_dim.is_multiple_of(self.decoder_num_heads)
         {
             return fail(format!(
                 "decoder_embed_dim = {} must be positive and divisible by decoder_num_heads = {}",
                 self.decoder_embed_dim, self.decoder_num_heads
             ));
         }
-        if self.embed_dim[2] % 4 != 0 || self.decoder_embed_dim % 4 != 0 {
+        if !self.embed_dim[2].is_multiple_of(4) || !self.decoder_embed_dim.is_multiple_of(4) {
             return fail("embed_dim[2] and decoder_embed_dim must be multiples of 4 (2-D sin-cos position tables)".into());
         }
         if !(self.mask_ratio >= 0.0 && self.mask_ratio < 1.0) {

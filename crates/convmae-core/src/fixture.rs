@@ -136,8 +136,8 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> candle_core::Re
     let mut max_ref = 0f64;
     for (x, y) in a.iter().zip(&b) {
         let d = (x - y).abs();
-        // NaN must count as failure, so compare with `!(d <= max)`.
-        if !(d <= max_abs) {
+        // NaN must count as failure: it is not Less or Equal, so it replaces the maximum.
+        if !matches!(d.partial_cmp(&max_abs), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)) {
             max_abs = d;
         }
         max_ref = max_ref.max(y.abs());

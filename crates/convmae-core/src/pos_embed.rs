@@ -4,7 +4,7 @@
 /// Channels [0, D/4) hold sin(col*w), [D/4, D/2) cos(col*w), then the same for the row:
 /// the official meshgrid puts the column coordinate first. Computed in f64 like numpy.
 pub fn sincos_2d(dim: usize, grid: usize) -> Vec<f64> {
-    assert!(dim % 4 == 0, "sin-cos table width {dim} must be a multiple of 4");
+    assert!(dim.is_multiple_of(4), "sin-cos table width {dim} must be a multiple of 4");
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))

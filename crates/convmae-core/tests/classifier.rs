@@ -226,7 +226,7 @@ fn linear_probe_trains_only_the_head_and_tracks_batch_statistics() {
 fn classifier_resume_is_bitwise_identical_for_both_recipes() {
     let augment = |step: u64| AugmentSpec {
         erase: vec![EraseBox { sample: (step % 4) as usize, top: 3, left: 5, height: 9, width: 7 }],
-        mix: Some(MixSpec { lam: 0.3 + 0.1 * step as f64, cut: if step % 2 == 0 { None } else { Some([2, 20, 4, 30]) } }),
+        mix: Some(MixSpec { lam: 0.3 + 0.1 * step as f64, cut: if step.is_multiple_of(2) { None } else { Some([2, 20, 4, 30]) } }),
     };
     for (kind, drop) in [(HeadKind::Finetune, 0.2), (HeadKind::LinearProbe, 0.0)] {
         let mut straight = trainer(kind, Pooling::Global, drop, 7);

@@ -53,13 +53,23 @@ fn chained_stages_give_the_blocks_values_and_gradients_to_the_bit() {
     let stage1 = block_names("blocks1", cfg.depth[0]);
     let stage3 = block_names("blocks3", cfg.depth[2]);
     let decoder = block_names("decoder_blocks", cfg.decoder_depth);
+    /// The run of blocks on a parameter store.
     type Blocks<'a> = Box<dyn Fn(&ParamStore, &Tensor) -> Tensor + 'a>;
-    let cases: Vec<(&str, &[String], [SublayerKind; 2], Vec<usize>, Blocks)> = vec![
-        ("stage 1", &stage1, conv, vec![batch * keep, cell, cell, cfg.embed_dim[0]], Box::new(|p, x| conv_blocks(p, &stage1, x, &SpatialMix::Sparse(&nbrs), None).unwrap())),
-        ("stage 3", &stage3, transformer, vec![batch, keep, cfg.embed_dim[2]], Box::new(|p, x| transformer_blocks(p, &stage3, x, cfg.num_heads).unwrap())),
-        ("decoder", &decoder, transformer, vec![batch, tokens, cfg.decoder_embed_dim], Box::new(|p, x| transformer_blocks(p, &decoder, x, cfg.decoder_num_heads).unwrap())),
+    /// A run of blocks: its name, its blocks, their sublayers' kinds, the input's shape and
+    /// the run itself.
+    struct Run<'a> {
+        name: &'a str,
+        blocks: &'a [String],
+        kinds: [SublayerKind; 2],
+        shape: Vec<usize>,
+        on: Blocks<'a>,
+    }
+    let runs = [
+        Run { name: "stage 1", blocks: &stage1, kinds: conv, shape: vec![batch * keep, cell, cell, cfg.embed_dim[0]], on: Box::new(|p, x| conv_blocks(p, &stage1, x, &SpatialMix::Sparse(&nbrs), None).unwrap()) },
+        Run { name: "stage 3", blocks: &stage3, kinds: transformer, shape: vec![batch, keep, cfg.embed_dim[2]], on: Box::new(|p, x| transformer_blocks(p, &stage3, x, cfg.num_heads).unwrap()) },
+        Run { name: "decoder", blocks: &decoder, kinds: transformer, shape: vec![batch, tokens, cfg.decoder_embed_dim], on: Box::new(|p, x| transformer_blocks(p, &decoder, x, cfg.decoder_num_heads).unwrap()) },
     ];
-    for (name, blocks, kinds, shape, blocks_on) in &cases {
+    for Run { name, blocks, kinds, shape, on: blocks_on } in &runs {
         let f = &|x: &Tensor| blocks_on(&view, x);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
         let cot = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap();

@@ -200,7 +200,7 @@ pub(crate) fn visible_positions(images: u32, side: u32, cell: u32) -> Vec<(u32, 
     for image in 0..images {
         for y in 0..side {
             for x in 0..side {
-                if ((y / cell) * cells_per_row + x / cell + image) % 4 == 0 {
+                if ((y / cell) * cells_per_row + x / cell + image).is_multiple_of(4) {
                     positions.push((image, y, x));
                 }
             }

@@ -323,6 +323,8 @@ impl CustomOp1 for Attention {
         Ok((out, Shape::from((dims.b, dims.n, dims.d()))))
     }
 
+    // (KeptSlot is () without the cuda feature, which clippy would have cloned by copy.)
+    #[cfg_attr(not(feature = "cuda"), allow(clippy::clone_on_copy, clippy::unit_arg))]
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad_op = AttentionGrad { num_heads: self.num_heads, scale: self.scale, form: self.form, kept: self.kept.clone() };
         let g = qkv.apply_op3_no_bwd(out, grad, &grad_op)?;

@@ -353,8 +353,8 @@ thread_local! {
 
 /// Runs `f` with `ops` (of `SWITCHABLE_OPS`) sent to candle's composition on this thread and
 /// the others not, whatever `CONVMAE_COMPOSITE_OPS` and `with_path` say for them (`with_path`
-/// still decides every other op): the A/B of one op in one process, for tests and Rust callers. Nested calls restore the
-/// outer choice, also when `f` panics.
+/// still decides every other op): the A/B of one op in one process, for tests and Rust callers.
+/// Nested calls restore the outer choice, also when `f` panics.
 pub fn with_composite_ops<R>(ops: &'static [&'static str], f: impl FnOnce() -> R) -> R {
     with_override(&FORCED_COMPOSITE_OPS, ops, f)
 }
@@ -362,17 +362,6 @@ pub fn with_composite_ops<R>(ops: &'static [&'static str], f: impl FnOnce() -> R
 /// `CONVMAE_COMPOSITE_OPS`'s value as (the switchable ops it names, the other names).
 fn parse_composite_ops(raw: &str) -> (Vec<String>, Vec<String>) {
     raw.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).partition(|n| SWITCHABLE_OPS.contains(&n.as_str()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn composite_ops_are_read_as_a_list_and_unknown_names_set_apart() {
-        let (ops, unknown) = super::parse_composite_ops(" restore_tokens,,patch_blocks , layer_norm");
-        assert_eq!(ops, ["restore_tokens", "patch_blocks"]);
-        assert_eq!(unknown, ["layer_norm"]);
-        assert_eq!(super::parse_composite_ops(""), (vec![], vec![]));
-    }
 }
 
 /// Whether one of our kernels serves `t` (its device and dtype), ignoring the path choice.
@@ -402,4 +391,15 @@ pub fn has_kernel(t: &Tensor) -> bool {
 pub(crate) fn use_kernel(args: &[&Tensor]) -> bool {
     let first = args[0];
     has_kernel(first) && (first.device().is_cpu() || args.iter().all(|t| t.dtype() == first.dtype()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn composite_ops_are_read_as_a_list_and_unknown_names_set_apart() {
+        let (ops, unknown) = super::parse_composite_ops(" restore_tokens,,patch_blocks , layer_norm");
+        assert_eq!(ops, ["restore_tokens", "patch_blocks"]);
+        assert_eq!(unknown, ["layer_norm"]);
+        assert_eq!(super::parse_composite_ops(""), (vec![], vec![]));
+    }
 }

@@ -12,6 +12,10 @@
 //! below check it against libm's f64 erf. No fused multiply-add is used, so every CPU and vector
 //! width computes the same bits. f64 keeps libm's erf (the parity path).
 
+// The fitted coefficients below are written with the digits tools/fit_erf_f32.py prints, more
+// than an f32 holds; each literal rounds to the f32 the fit chose.
+#![allow(clippy::excessive_precision)]
+
 /// erf(x) = x * P(x^2) for |x| <= SMALL, evaluated as x + x * R(x^2) with R = P - 1: the
 /// constant 2/sqrt(pi) rounded to f32 would cost up to half an ulp of every result, and
 /// 2/sqrt(pi) - 1 keeps that rounding on the smaller part.
