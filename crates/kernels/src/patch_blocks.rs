@@ -74,16 +74,41 @@ impl PatchGrid {
 /// reshape, permute and copy: the same values.
 pub fn patch_blocks(x: &Tensor, k: usize) -> Result<Tensor> {
     let grid = PatchGrid::of(x.dims(), k)?;
-    if !crate::has_kernel(x) || crate::composite::sent_to_composite(OP_NAME) {
-        let [b, h, w, c] = [grid.images, grid.height, grid.width, grid.chans];
-        return x.reshape(&[b, h / k, k, w / k, k, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous();
+    blocks_as(x, grid, grid.blocks_shape())
+}
+
+/// `patch_blocks` with each patch flattened, [..lead, k * k * C]: the rows a patch conv's
+/// matmul reads (ConvMAE's patch embeddings and fusion convs). `lead` regroups the patches
+/// (B, H/k, W/k in row-major order): [B, H/k, W/k], or [B, L] for tokens. The same op,
+/// declaring that shape itself: a reshape before or after it would be a graph node, whose
+/// backward candle runs as a zero-fill and an add of the whole gradient (at stage 1's map in
+/// ConvMAE-B at batch 64, 25.7 MB in bf16, for each of its two windowings).
+pub fn flat_patches(x: &Tensor, k: usize, lead: &[usize]) -> Result<Tensor> {
+    let grid = PatchGrid::of(x.dims(), k)?;
+    let patches = grid.images * grid.rows_of_patches() * grid.cols();
+    if lead.iter().product::<usize>() != patches {
+        candle_core::bail!("{OP_NAME}: leading dims {lead:?} do not hold the {patches} patches of {k} x {k} of input {:?}", x.dims());
     }
-    x.apply_op1(PatchBlocks { grid, to_image: false })
+    let mut shape = lead.to_vec();
+    shape.push(k * k * grid.chans);
+    blocks_as(x, grid, Shape::from(shape))
+}
+
+/// The patch layout of `x` as `blocks` (a shape of the blocks' row-major order): our op, or
+/// where it does not run, candle's reshape, permute and copy.
+fn blocks_as(x: &Tensor, grid: PatchGrid, blocks: Shape) -> Result<Tensor> {
+    if !crate::has_kernel(x) || crate::composite::sent_to_composite(OP_NAME) {
+        let [b, h, w, c, k] = [grid.images, grid.height, grid.width, grid.chans, grid.k];
+        return x.reshape(&[b, h / k, k, w / k, k, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape(blocks);
+    }
+    x.apply_op1(PatchBlocks { grid, blocks, to_image: false })
 }
 
 /// The copy between the layouts: image -> patches (the op), or patches -> image (its backward).
 struct PatchBlocks {
     grid: PatchGrid,
+    /// The shape the patches take (`blocks_as`).
+    blocks: Shape,
     to_image: bool,
 }
 
@@ -142,14 +167,14 @@ impl CustomOp1 for PatchBlocks {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.apply_op1_no_bwd(&PatchBlocks { grid: self.grid, to_image: !self.to_image })?))
+        Ok(Some(grad.apply_op1_no_bwd(&PatchBlocks { grid: self.grid, blocks: self.blocks.clone(), to_image: !self.to_image })?))
     }
 }
 
 impl PatchBlocks {
     /// (input shape, output shape).
     fn shapes(&self) -> (Shape, Shape) {
-        let (image, blocks) = (self.grid.image_shape(), self.grid.blocks_shape());
+        let (image, blocks) = (self.grid.image_shape(), self.blocks.clone());
         if self.to_image {
             (blocks, image)
         } else {
@@ -188,6 +213,35 @@ mod tests {
             assert_eq!(ours, theirs, "{dims:?} k {k}");
             assert_eq!(ours_grad, theirs_grad, "{dims:?} k {k}");
         }
+    }
+
+    /// The flat patches are the patches reshaped, forward and backward, by both paths, with one
+    /// op in the graph where the reshape would add a node; leading dims that do not hold the
+    /// patches are named.
+    #[test]
+    fn flat_patches_are_the_patches_reshaped_without_a_node() {
+        let (dims, k) = ([2usize, 8, 4, 3], 2usize);
+        let n: usize = dims.iter().product();
+        let var = Var::from_tensor(&Tensor::from_vec(crate::agreement::values(n, 5), &dims[..], &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::from_vec(crate::agreement::values(n, 6), (2, 8, k * k * 3), &Device::Cpu).unwrap();
+        let ops = |t: &Tensor| t.sorted_nodes().iter().filter(|n| !n.is_variable()).count();
+        for path in [crate::Path::Kernels, crate::Path::Composite] {
+            let run = |flat: bool| {
+                crate::with_path(path, || {
+                    let out = if flat { flat_patches(&var, k, &[2, 8]).unwrap() } else { patch_blocks(&var, k).unwrap().reshape((2, 8, k * k * 3)).unwrap() };
+                    let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    ((out.dims().to_vec(), values(&out), values(grads.get(&var).unwrap())), ops(&out))
+                })
+            };
+            let ((flat, flat_ops), (reshaped, reshaped_ops)) = (run(true), run(false));
+            assert_eq!(flat, reshaped, "{path:?}");
+            if path == crate::Path::Kernels {
+                assert_eq!((flat_ops, reshaped_ops), (1, 2));
+            }
+        }
+        let e = flat_patches(&var, k, &[2, 7]).unwrap_err().to_string();
+        assert!(e.contains("leading dims [2, 7] do not hold the 16 patches"), "{e}");
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl ConvViT {
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
         let (_, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
         let b = imgs.dim(0)?;
-        let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, cfg.num_tokens(), cfg.embed_dim[2]))?;
+        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
         let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
         for i in 0..cfg.depth[2] {
             x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, drop.map(|d| &d[conv_blocks + i]))?;

@@ -38,18 +38,35 @@ pub fn layer_norm_p(p: &ParamStore, prefix: &str, x: &Tensor, eps: f64) -> Resul
 /// non-overlapping windows, so it is exactly a matmul over the flattened k x k x C patches.
 /// x: [B, H, W, C]; weight: [O, C, k, k] (PyTorch layout); returns [B, H/k, W/k, O].
 pub fn patch_conv(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    let (ho, wo) = (h / k, w / k);
-    let patches = k::patch_blocks(x, k)?.reshape((b, ho, wo, k * k * c))?;
+    patch_conv_as(x, weight, bias, k, &patch_grid(x, k)?)
+}
+
+/// `patch_conv` with the patches grouped as `lead` (B, H/k, W/k regrouped in row-major order,
+/// [B, L] for tokens): returns [..lead, O], without a reshape node before or after the matmul
+/// (see `convmae_kernels::flat_patches`).
+pub fn patch_conv_as(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize, lead: &[usize]) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    let patches = k::flat_patches(x, k, lead)?;
     // [O, C, k, k] -> [O, k, k, C] so its flattening matches the patch order (row, col, channel).
     let o = weight.dim(0)?;
     let w_rows = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
     linear(&patches, &w_rows, bias)
 }
 
+/// [B, H/k, W/k]: the patch grid of a [B, H, W, C] map.
+fn patch_grid(x: &Tensor, k: usize) -> Result<[usize; 3]> {
+    let (b, h, w, _) = x.dims4()?;
+    Ok([b, h / k, w / k])
+}
+
 /// PatchEmbed: conv(k, stride k) -> LayerNorm over channels (eps 1e-5) -> GELU (erf).
 pub fn patch_embed(p: &ParamStore, prefix: &str, x: &Tensor, k: usize) -> Result<Tensor> {
-    let y = patch_conv(x, p.get(&format!("{prefix}.proj.weight")), p.get(&format!("{prefix}.proj.bias")), k)?;
+    patch_embed_as(p, prefix, x, k, &patch_grid(x, k)?)
+}
+
+/// `patch_embed` with the patches grouped as `lead`, as `patch_conv_as`: [..lead, O].
+pub fn patch_embed_as(p: &ParamStore, prefix: &str, x: &Tensor, k: usize, lead: &[usize]) -> Result<Tensor> {
+    let y = patch_conv_as(x, p.get(&format!("{prefix}.proj.weight")), p.get(&format!("{prefix}.proj.bias")), k, lead)?;
     layer_norm_p(p, &format!("{prefix}.norm"), &y, CONV_LN_EPS)?.apply(&k::gelu_erf)
 }
 

@@ -179,13 +179,13 @@ impl ConvMae {
             &SpatialMix::Dense { keep: Some(&keep2) },
             None,
         )?;
-        let (b, l, d3) = (imgs.dim(0)?, cfg.num_tokens(), cfg.embed_dim[2]);
+        let (b, l) = (imgs.dim(0)?, cfg.num_tokens());
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
-            patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?.reshape((b, l, d3))
+            patch_conv_as(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k, &[b, l])
         };
         let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
         let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
-        let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, l, d3))?;
+        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, l])?;
         let x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
         let ids_keep = masking.ids_keep_tensor(dev)?;
         Ok(ConvStagesOut {
@@ -212,11 +212,11 @@ impl ConvMae {
         let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2), None)?;
         // Each token block collapses to one token: [B * keep, 1, 1, D3] -> [B, keep, D3].
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
-            patch_conv(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k)?.reshape((b, keep, d3))
+            patch_conv_as(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k, &[b, keep])
         };
         let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
         let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
-        let x = patch_embed(p, "patch_embed3", &stage2, cfg.patch_size[2])?.reshape((b, keep, d3))?;
+        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, keep])?;
         // The visible tokens' rows of the position table: one gather from its [L, D3] rows (a
         // broadcast to [B, L, D3] first would be copied whole before the gather).
         let pos = p.get("pos_embed").reshape((cfg.num_tokens(), d3))?.index_select(&masking.ids_keep_tensor(dev)?.flatten_all()?, 0)?.reshape((b, keep, d3))?;
