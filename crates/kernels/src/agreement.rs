@@ -471,6 +471,8 @@ fn cases() -> Result<Vec<Case>> {
             seed: 19,
             op: Box::new(|t| crate::patch_blocks(&t[0].permute((0, 2, 3, 1))?, 2)),
         },
+        // The stage-1 fusion conv's kernel (768 x 256 x 4 x 4) as its matmul's rows.
+        Case { name: "conv_weight_rows", shapes: vec![vec![768, 256, 4, 4]], seed: 24, op: Box::new(|t| crate::conv_weight_rows(&t[0])) },
         // The decoder's entry at ConvMAE-B's shapes (2 images, 49 of 196 tokens kept, width 512).
         Case {
             name: "restore_tokens",

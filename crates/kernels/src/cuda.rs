@@ -1120,7 +1120,7 @@ pub(crate) struct SublayerSaved {
 }
 
 /// `storage` under `layout` as a storage of its own, densely packed from offset 0.
-fn owned_copy<T: Float>(storage: &CudaStorage, layout: &Layout) -> Result<CudaStorage> {
+pub(crate) fn owned_copy<T: Float>(storage: &CudaStorage, layout: &Layout) -> Result<CudaStorage> {
     let dev = storage.device();
     let n = layout.shape().elem_count();
     let mut dst = CudaStorage::wrap_cuda_slice(alloc::<T>(dev, n)?, dev.clone());

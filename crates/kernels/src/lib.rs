@@ -82,7 +82,7 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu, with_gemm_epilogue};
 pub use normalize::normalize_rgb;
-pub use patch_blocks::{flat_patches, patch_blocks};
+pub use patch_blocks::{conv_weight_rows, flat_patches, patch_blocks};
 pub use patch_loss::masked_patch_mse;
 pub use restore_tokens::restore_tokens;
 pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_bias, conv_residual, conv_residual_packed, mlp_residual, mlp_residual_packed, sublayer_chain, PackGradSink, PackedSublayer, SublayerLink};

@@ -183,6 +183,88 @@ impl PatchBlocks {
     }
 }
 
+/// A patch conv's kernel as the rows its matmul reads against `flat_patches`: [O, C, kh, kw]
+/// (PyTorch's layout) -> [O, kh * kw * C], each row in the patches' (row, column, channel)
+/// order. Differentiable. As candle's ops this is a permute, a copy and a reshape: three graph
+/// nodes, and in candle's backward a zero-fill and an add of the kernel's size for each
+/// (ConvMAE-B's five patch convs hold 6.0M weights); as this op one node, whose backward is the
+/// inverse copy. Our op where a kernel serves `weight` (the copy is candle's strided copy on
+/// CUDA), else candle's ops: the same values.
+pub fn conv_weight_rows(weight: &Tensor) -> Result<Tensor> {
+    let (o, c, kh, kw) = weight.dims4()?;
+    if !crate::has_kernel(weight) {
+        return weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, kh * kw * c));
+    }
+    weight.apply_op1(WeightRows { dims: [o, c, kh, kw], to_kernel: false })
+}
+
+/// The copy between a conv kernel's layout and its rows: kernel -> rows (the op), or rows ->
+/// kernel (its backward).
+struct WeightRows {
+    /// [O, C, kh, kw].
+    dims: [usize; 4],
+    to_kernel: bool,
+}
+
+impl WeightRows {
+    /// (input shape, output shape).
+    fn shapes(&self) -> (Shape, Shape) {
+        let [o, c, kh, kw] = self.dims;
+        let (kernel, rows) = (Shape::from_dims(&self.dims), Shape::from_dims(&[o, kh * kw * c]));
+        if self.to_kernel {
+            (rows, kernel)
+        } else {
+            (kernel, rows)
+        }
+    }
+
+    /// The input's layout viewed in the output's order: the kernel permuted to [O, kh, kw, C],
+    /// or the rows (contiguous) as [O, kh, kw, C] permuted back to [O, C, kh, kw].
+    fn source(&self, l: &Layout) -> Result<Layout> {
+        let (from, _) = self.shapes();
+        if l.shape() != &from {
+            candle_core::bail!("{}: input {:?}, expected {:?}", self.name(), l.dims(), from.dims());
+        }
+        let [o, c, kh, kw] = self.dims;
+        if !self.to_kernel {
+            return l.permute(&[0, 2, 3, 1]);
+        }
+        if !l.is_contiguous() {
+            candle_core::bail!("{}: the rows' gradient must be contiguous, got strides {:?}", self.name(), l.stride());
+        }
+        Layout::contiguous_with_offset((o, kh, kw, c), l.start_offset()).permute(&[0, 3, 1, 2])
+    }
+}
+
+impl CustomOp1 for WeightRows {
+    fn name(&self) -> &'static str {
+        if self.to_kernel {
+            "conv_weight_rows_backward"
+        } else {
+            "conv_weight_rows"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let source = self.source(l)?;
+        let out = dispatch_float!(self.name(), (s => x), { Element::into_storage(row_major(x, &source).into_owned()) });
+        Ok((out, self.shapes().1))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, owned_copy};
+        use candle_core::backend::BackendStorage;
+        let source = self.source(l)?;
+        let out = cuda_dispatch!(self.name(), s.dtype(), owned_copy(s, &source))?;
+        Ok((out, self.shapes().1))
+    }
+
+    fn bwd(&self, _weight: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&WeightRows { dims: self.dims, to_kernel: !self.to_kernel })?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +324,35 @@ mod tests {
         }
         let e = flat_patches(&var, k, &[2, 7]).unwrap_err().to_string();
         assert!(e.contains("leading dims [2, 7] do not hold the 16 patches"), "{e}");
+    }
+
+    /// The kernel's rows are candle's permute, copy and reshape, forward and backward, in f32
+    /// and f64, from a strided kernel, with one op in the graph for their three.
+    #[test]
+    fn conv_weight_rows_are_the_permuted_kernel_in_one_node() {
+        let (o, c, kh, kw) = (5usize, 3usize, 2usize, 4usize);
+        let n = o * c * kh * kw;
+        for dtype in [DType::F32, DType::F64] {
+            // Stored [O, kw, kh, C] and viewed as [O, C, kh, kw]: a strided kernel.
+            let base = Tensor::from_vec(crate::agreement::values(n, 7), (o, kw, kh, c), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let var = Var::from_tensor(&base).unwrap();
+            let weight = var.as_tensor().permute((0, 3, 2, 1)).unwrap();
+            let probe = Tensor::from_vec(crate::agreement::values(n, 8), (o, kh * kw * c), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let values = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let run = |path| {
+                crate::with_path(path, || {
+                    let rows = conv_weight_rows(&weight).unwrap();
+                    let grads = (&rows * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let ops = rows.sorted_nodes().iter().filter(|n| !n.is_variable()).count();
+                    ((rows.dims().to_vec(), values(&rows), values(grads.get(&var).unwrap())), ops)
+                })
+            };
+            let ((ours, ours_ops), (theirs, theirs_ops)) = (run(crate::Path::Kernels), run(crate::Path::Composite));
+            assert_eq!(ours, theirs, "{dtype:?}");
+            assert_eq!((ours_ops, theirs_ops), (2, 4), "{dtype:?}: the view's permute, then one op against three");
+        }
+        let e = conv_weight_rows(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("rank"), "{e}");
     }
 
     #[test]

@@ -47,10 +47,11 @@ pub fn patch_conv(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize) -> Resul
 pub fn patch_conv_as(x: &Tensor, weight: &Tensor, bias: &Tensor, k: usize, lead: &[usize]) -> Result<Tensor> {
     let c = x.dim(D::Minus1)?;
     let patches = k::flat_patches(x, k, lead)?;
-    // [O, C, k, k] -> [O, k, k, C] so its flattening matches the patch order (row, col, channel).
-    let o = weight.dim(0)?;
-    let w_rows = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
-    linear(&patches, &w_rows, bias)
+    // [O, C, k, k] -> [O, k * k * C], each row in the patch order (row, col, channel).
+    if weight.dims4()?.1 != c {
+        candle_core::bail!("patch conv: weight {:?} does not take the input's {c} channels", weight.dims());
+    }
+    linear(&patches, &k::conv_weight_rows(weight)?, bias)
 }
 
 /// [B, H/k, W/k]: the patch grid of a [B, H, W, C] map.
