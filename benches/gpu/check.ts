@@ -435,7 +435,8 @@ async function main(): Promise<void> {
       await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
       await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
-      // the patch layout, the decoder's entry, the chains of sublayers): all five as before them.
+      // the patch layout, the decoder's entry, the chains of sublayers, the patch convs' kernel
+      // rows): all six as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
       // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
@@ -563,7 +564,7 @@ const STEPS = 5;
  * `SWITCHABLE_OPS`), all written after run 7 without a GPU; `sublayer_chain` goes back to its
  * links, each its own op.
  */
-const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens', 'sublayer_chain'];
+const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens', 'sublayer_chain', 'conv_weight_rows'];
 
 /**
  * The headline row's retries, in order, each run only if the one before failed (not if it was

@@ -189,10 +189,11 @@ impl PatchBlocks {
 /// nodes, and in candle's backward a zero-fill and an add of the kernel's size for each
 /// (ConvMAE-B's five patch convs hold 6.0M weights); as this op one node, whose backward is the
 /// inverse copy. Our op where a kernel serves `weight` (the copy is candle's strided copy on
-/// CUDA), else candle's ops: the same values.
+/// CUDA) and `CONVMAE_COMPOSITE_OPS` does not list `conv_weight_rows`, else candle's ops: the
+/// same values.
 pub fn conv_weight_rows(weight: &Tensor) -> Result<Tensor> {
     let (o, c, kh, kw) = weight.dims4()?;
-    if !crate::has_kernel(weight) {
+    if !crate::has_kernel(weight) || crate::composite::sent_to_composite("conv_weight_rows") {
         return weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, kh * kw * c));
     }
     weight.apply_op1(WeightRows { dims: [o, c, kh, kw], to_kernel: false })
@@ -350,6 +351,9 @@ mod tests {
             let ((ours, ours_ops), (theirs, theirs_ops)) = (run(crate::Path::Kernels), run(crate::Path::Composite));
             assert_eq!(ours, theirs, "{dtype:?}");
             assert_eq!((ours_ops, theirs_ops), (2, 4), "{dtype:?}: the view's permute, then one op against three");
+            // CONVMAE_COMPOSITE_OPS (here its per-thread form) sends it to candle's ops alone.
+            let (listed, listed_ops) = crate::with_composite_ops(&["conv_weight_rows"], || run(crate::Path::Kernels));
+            assert_eq!((listed, listed_ops), (theirs, 4), "{dtype:?}");
         }
         let e = conv_weight_rows(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
         assert!(e.contains("rank"), "{e}");
