@@ -402,4 +402,30 @@ mod tests {
         assert_eq!(unknown, ["layer_norm"]);
         assert_eq!(super::parse_composite_ops(""), (vec![], vec![]));
     }
+
+    /// `with_composite_ops` decides for the ops it is given, before `with_path`, nests, and
+    /// restores the outer choice on the way out, also after a panic.
+    #[test]
+    fn with_composite_ops_lists_ops_nests_and_restores() {
+        use super::{sent_to_composite, with_composite_ops, with_path, Path};
+        let listed = || (sent_to_composite("sublayer_chain"), sent_to_composite("patch_blocks"));
+        with_path(Path::Kernels, || {
+            assert_eq!(listed(), (false, false));
+            with_composite_ops(&["sublayer_chain"], || {
+                assert_eq!(listed(), (true, false));
+                with_composite_ops(&["patch_blocks"], || assert_eq!(listed(), (false, true)));
+                assert_eq!(listed(), (true, false));
+                let panicked = std::panic::catch_unwind(|| with_composite_ops(&[], || panic!("inside")));
+                assert!(panicked.is_err());
+                assert_eq!(listed(), (true, false));
+            });
+            assert_eq!(listed(), (false, false));
+        });
+        // Under the composite path too the list decides what it sends (whether an op then runs
+        // ours is still `has_kernel`'s answer, which the composite path makes false).
+        with_path(Path::Composite, || {
+            assert_eq!(listed(), (true, true));
+            with_composite_ops(&[], || assert_eq!(listed(), (false, false)));
+        });
+    }
 }
