@@ -89,3 +89,32 @@ fn chained_stages_give_the_blocks_values_and_gradients_to_the_bit() {
         assert_eq!((chained_nodes, separate_nodes), (1, links), "{name}: ops in the graph, chained and one by one");
     }
 }
+
+/// The ops candle's backward walks in a pretraining step, each a zero-fill and an add of its
+/// gradient at least: on the golden_small config with packed copies (as pretraining's bf16
+/// copies are on CUDA; here an f64 store's f32 view, so that the CPU's ops run), with the
+/// sublayer chains and the patch convs' kernel rows, and without them (`CONVMAE_COMPOSITE_OPS`'s
+/// per-thread form). The README quotes these counts; a change that adds graph nodes to the
+/// step fails here and should say why it pays.
+#[test]
+fn the_pretraining_graph_holds_the_ops_the_readme_counts() {
+    use convmae_core::ConvMae;
+    let cfg = ConvMaeConfig::golden_small();
+    let store = ParamStore::init(pretrain_param_specs(&cfg), DType::F64, &Device::Cpu, 7).unwrap();
+    let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 1).unwrap();
+    // The model's own parameters in f32: its forward runs on the packed view as it is.
+    model.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+    let batch = 2;
+    let masking = Masking::random(&mut Rng::new(3), batch, cfg.num_tokens(), cfg.len_keep());
+    let imgs = Tensor::randn(0f32, 1.0, (batch, cfg.img_size, cfg.img_size, 3), &Device::Cpu).unwrap();
+    let count = |composite: &'static [&'static str]| {
+        let out = convmae_kernels::with_path(convmae_kernels::Path::Kernels, || convmae_kernels::with_composite_ops(composite, || model.forward_pretrain(&imgs, &masking).unwrap()));
+        let nodes = out.loss.sorted_nodes();
+        (nodes.iter().filter(|n| !n.is_variable()).count(), nodes.iter().filter(|n| n.is_variable()).count())
+    };
+    // 14 sublayers in 4 chains: 10 nodes; 5 patch convs' kernels: 2 nodes each. Without the
+    // chains the single sublayer ops' packs are leaves too (their gradients go to the sinks).
+    assert_eq!(count(&[]), (34, 27), "chains and kernel rows");
+    assert_eq!(count(&["sublayer_chain"]), (44, 55), "kernel rows only");
+    assert_eq!(count(&["sublayer_chain", "conv_weight_rows"]), (54, 55), "neither");
+}
