@@ -187,7 +187,7 @@ impl PatchBlocks {
 /// (PyTorch's layout) -> [O, kh * kw * C], each row in the patches' (row, column, channel)
 /// order. Differentiable. As candle's ops this is a permute, a copy and a reshape: three graph
 /// nodes, and in candle's backward a zero-fill and an add of the kernel's size for each
-/// (ConvMAE-B's five patch convs hold 6.0M weights); as this op one node, whose backward is the
+/// (ConvMAE-B's five patch convs hold 5.9M weights: 256x3x4x4 + 384x256x2x2 + 768x384x2x2 + 768x256x4x4 + 768x384x2x2); as this op one node, whose backward is the
 /// inverse copy. Our op where a kernel serves `weight` (the copy is candle's strided copy on
 /// CUDA) and `CONVMAE_COMPOSITE_OPS` does not list `conv_weight_rows`, else candle's ops: the
 /// same values.
