@@ -189,15 +189,19 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'ours-host-normalize',
       'ours-weight-casts',
       'ours-adamw-per-tensor',
+      // --quick: the headline comparison at twice the batch, last.
+      'ours',
     ]);
-    for (const r of ours) {
+    for (const [i, r] of ours.entries()) {
       t.is(r.error, undefined, `${r.impl} ${r.path} ${r.dtype}`);
       t.true(r.images_per_s > 0, r.impl);
-      t.deepEqual([r.preset, r.device, r.batch], ['convmae-tiny', 'cpu', 8]);
+      t.deepEqual([r.preset, r.device, r.batch], ['convmae-tiny', 'cpu', i === ours.length - 1 ? 16 : 8]);
     }
+    t.deepEqual([ours.at(-1)!.path, ours.at(-1)!.dtype], ['sparse', 'bf16']);
     t.truthy(ours[0]!.host_ms, 'the headline row has its host-time parts');
     // PyTorch's rows are attempted (without torch here they fail, recorded as such).
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch']);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile']);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.batch), [8, 8, 8, 16, 16]);
     const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
     t.regex(readFileSync(path.join(out, md!), 'utf8'), /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);
   } finally {
