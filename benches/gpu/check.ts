@@ -8,7 +8,8 @@
  *     ops, in f32 and bf16; then each op's forward and forward + backward time by both, at the
  *     shapes of a convmae-base step of 64 images (op-timings.ts);
  * (b) pretraining throughput of convmae-base at batch 64 and 128 (--quick: every row at 64, then
- *     the comparison of ours sparse bf16 with eager and torch.compile at 128, last): ours sparse / dense x fp32 /
+ *     the comparison of ours sparse bf16 with eager and torch.compile at 128, then the A/B rows
+ *     of changes runs 1-7 measured): ours sparse / dense x fp32 /
  *     bf16, each in a process of its own (so the memory peak is its own), one sparse bf16 run
  *     checking after every step that the bf16 compute copies are the masters rounded
  *     (CONVMAE_CHECK_COPIES=on), plus one sparse bf16
@@ -411,6 +412,22 @@ async function main(): Promise<void> {
     log(`profile PyTorch: ${pytorch.status}${pytorch.reason ? ` (${pytorch.reason})` : ''}${pytorch.summary ? `, ${fmt(pytorch.summary.total_us / 1000)} ms of kernels in ${pytorch.summary.launches} launches` : ''}`);
   };
 
+  // The A/B rows of changes made before run 7, measured then (once, at the first batch size).
+  const earlierABs = async (batch: number) => {
+    if (loadError) return;
+    // Our CUDA kernels: the same sparse bf16 run with candle's ops instead (CONVMAE_KERNELS=composite);
+    await ours(batch, 'bf16', 'sparse', 'ours-composite', { CONVMAE_KERNELS: 'composite' });
+    // the attention kernels alone: everything else ours, attention as cuBLAS + softmax;
+    await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { CONVMAE_ATTENTION: 'composite' });
+    // two host-side changes made after run 3 of 2026-11-26: the batch normalized on the host
+    // (as before), and a cast of every weight every forward instead of the bf16 compute copies
+    // (as before);
+    await ours(batch, 'bf16', 'sparse', 'ours-host-normalize', { CONVMAE_NORMALIZE: 'host', CONVMAE_PROFILE: '1' });
+    await ours(batch, 'bf16', 'sparse', 'ours-weight-casts', { CONVMAE_COMPUTE_COPIES: 'off' });
+    // the one-launch AdamW: a launch per tensor, as before it.
+    await ours(batch, 'bf16', 'sparse', 'ours-adamw-per-tensor', { CONVMAE_ADAMW: 'per-tensor', CONVMAE_PROFILE: '1' });
+  };
+
   // The issue's comparison first (ours sparse bf16 against PyTorch eager bf16 and torch.compile),
   // so that a run that meets its --deadline has it; then the other configurations and the A/Bs.
   for (const batch of batches) {
@@ -455,29 +472,18 @@ async function main(): Promise<void> {
       await ours(batch, 'fp32', 'dense', 'ours-dense');
     }
     await pytorch(batch, 'none', false);
-    if (!loadError && batch === batches[0]) {
-      // The A/B of our CUDA kernels: the same sparse bf16 run with candle's ops instead
-      // (CONVMAE_KERNELS=composite), once, at the first batch size;
-      await ours(batch, 'bf16', 'sparse', 'ours-composite', { CONVMAE_KERNELS: 'composite' });
-      // and of the attention kernels alone: everything else ours, attention as cuBLAS + softmax;
-      await ours(batch, 'bf16', 'sparse', 'ours-attention-composite', { CONVMAE_ATTENTION: 'composite' });
-      // and of two host-side changes made after run 3 of 2026-11-26 without a GPU to measure
-      // them: the batch normalized on the host (as before), and a cast of every weight every
-      // forward instead of the bf16 compute copies (as before).
-      await ours(batch, 'bf16', 'sparse', 'ours-host-normalize', { CONVMAE_NORMALIZE: 'host', CONVMAE_PROFILE: '1' });
-      await ours(batch, 'bf16', 'sparse', 'ours-weight-casts', { CONVMAE_COMPUTE_COPIES: 'off' });
-      // and of the one-launch AdamW: a launch per tensor, as before it.
-      await ours(batch, 'bf16', 'sparse', 'ours-adamw-per-tensor', { CONVMAE_ADAMW: 'per-tensor', CONVMAE_PROFILE: '1' });
-    }
+    if (!quick && batch === batches[0]) await earlierABs(batch);
   }
   // --quick: the issue's comparison at twice the batch too (ours sparse bf16 against eager and
-  // torch.compile), last, in whatever the --deadline leaves: the issue asks for batch 128 as
-  // well, and these three rows say whether ours scales with the batch as PyTorch does.
+  // torch.compile), in whatever the --deadline leaves: the issue asks for batch 128 as well, and
+  // these three rows say whether ours scales with the batch as PyTorch does. Then the A/B rows
+  // of the changes runs 1-7 measured already, last.
   if (quick && !kernelsOnly && !profileOnly) {
     const batch = 2 * firstBatch;
     if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours', { CONVMAE_PROFILE: '1' });
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    await earlierABs(firstBatch);
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.
   if (profile && !batches.includes(firstBatch)) await runProfile();

@@ -42,4 +42,4 @@ fi
 echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 480", carry=["benches/gpu/payload", "dist"], timeout_s=510)'
 echo '         (run 7 of 2026-11-26 ran out of its 232 s deadline before its last A/B rows; since then the check has gained a probe of the'
 echo '         mma.sync flash kernels, an overlapped-steps probe and five A/B rows, each ~15-25 s. Start-up takes 30-75 s of the 900 s a session'
-echo '         has; --quick ends with the comparison alone at batch 128; drop it for every row at 128 when more device time is left)'
+echo '         has; --quick runs the comparison alone at batch 128 before the A/B rows runs 1-7 measured; drop it for every row at 128 when more device time is left)'
