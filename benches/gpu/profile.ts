@@ -365,7 +365,7 @@ export function findNcu(opts: { explicit?: string; pathEnv?: string; locations?:
  */
 export const PROFILED_STEP_ENV = { CONVMAE_CUDA_PROFILE_STEP: '2' };
 
-/** The ncu options of the profile (see check.ts and README for why each). */
+/** The ncu options of the profile (see check.ts and docs/cuda.md for why each). */
 export const NCU_OPTIONS = [
   '--target-processes', 'all',
   // Only what runs between the addon's cuProfilerStart and cuProfilerStop: the one step that

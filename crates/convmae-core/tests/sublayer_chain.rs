@@ -94,7 +94,7 @@ fn chained_stages_give_the_blocks_values_and_gradients_to_the_bit() {
 /// gradient at least: on the golden_small config with packed copies (as pretraining's bf16
 /// copies are on CUDA; here an f64 store's f32 view, so that the CPU's ops run), with the
 /// sublayer chains and the patch convs' kernel rows, and without them (`CONVMAE_COMPOSITE_OPS`'s
-/// per-thread form). The README quotes these counts; a change that adds graph nodes to the
+/// per-thread form). docs/cuda.md quotes these counts; a change that adds graph nodes to the
 /// step fails here and should say why it pays.
 #[test]
 fn the_pretraining_graph_holds_the_ops_the_readme_counts() {
