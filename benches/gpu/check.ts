@@ -20,7 +20,8 @@
  *     queued (overlapped steps, as the pretraining driver runs them); `ours-in-flight-1`, right
  *     after the batch-64 comparison, awaits each step before the next, and `ours-serial-steps`
  *     also finishes each on the device before answering it (CONVMAE_STEPS=serial): their A/B;
- *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B),
+ *     `ours-new-ops-composite` runs the ops written after run 7 as candle's ops (their A/B), `ours-candle-backward`
+ *     the step's backward by candle instead of on the tape (its A/B),
  *     `ours-no-gemm-epilogue` every linear layer's bias by our row kernels instead of
  *     cuBLASLt's epilogues (CONVMAE_GEMM_EPILOGUE=off: their A/B), and `ours-no-vector-kernels`
  *     every kernel in its one-element form (CONVMAE_VECTOR_KERNELS=off: the vector forms' A/B);
@@ -312,16 +313,18 @@ async function main(): Promise<void> {
   // And the ops CONVMAE_COMPOSITE_OPS can switch one by one (written after run 7 without a
   // GPU): each whose kernel row failed goes to candle's ops in our rows; all of them should the
   // agreement itself have failed.
-  // The sublayer chain alone is judged against its links one by one (its `:links` rows), not
-  // by its tolerance: when right it gives their bits, so that any difference in the errors the
-  // two rows report (or a chain row without its `:links` twin) is the chain's.
-  const chainDiffers = agreement.some(
-    (a) =>
-      a.op === 'sublayer_chain' &&
-      a.path === 'kernels' &&
-      !agreement.some((b) => b.op === 'sublayer_chain:links' && b.path === a.path && b.dtype === a.dtype && b.forward_rel === a.forward_rel && JSON.stringify(b.gradient_rels) === JSON.stringify(a.gradient_rels)),
-  );
-  const opFailed = (op: string) => (op === 'sublayer_chain' ? chainDiffers : agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
+  // The sublayer chain and the tape's backward are judged against their twins (the links one
+  // by one, candle's backward: rows `:links`, `:candle`), not by their tolerance: when right
+  // they give their twins' bits, so that any difference in the errors the two rows report (or
+  // a row without its twin) is theirs.
+  const differsFromTwin = (op: string) =>
+    agreement.some(
+      (a) =>
+        a.op === op &&
+        a.path === 'kernels' &&
+        !agreement.some((b) => b.op === `${op}:${JUDGED_BY_TWIN[op]}` && b.path === a.path && b.dtype === a.dtype && b.forward_rel === a.forward_rel && JSON.stringify(b.gradient_rels) === JSON.stringify(a.gradient_rels)),
+    );
+  const opFailed = (op: string) => (op in JUDGED_BY_TWIN ? differsFromTwin(op) : agreement.some((a) => a.op === op && a.path === 'kernels' && a.pass === false));
   const compositeOps = NEW_OPS.filter((op) => agreementError !== undefined || opFailed(op));
   if (compositeOps.length && !loadError && !profileOnly) log(`agreement rows failed (or the agreement did): our rows run with CONVMAE_COMPOSITE_OPS=${compositeOps.join(',')}`);
   if (transfersSuspect && !loadError && !profileOnly) log('the pinned transfers\' agreement row failed (or the agreement did): our rows run with CONVMAE_TRANSFERS=plain');
@@ -454,8 +457,10 @@ async function main(): Promise<void> {
       await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
       // the patch layout, the decoder's entry, the chains of sublayers, the patch convs' kernel
-      // rows): all six as before them.
+      // rows, the backward on the tape): all seven as before them;
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
+      // and of the backward on the tape alone: candle's backward, with its zero-filled gradients.
+      await ours(batch, 'bf16', 'sparse', 'ours-candle-backward', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: 'tape_backward' });
       // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
       // And of the kernels' vector forms: one element a thread, as before them.
@@ -578,9 +583,12 @@ const STEPS = 5;
 /**
  * The ops CONVMAE_COMPOSITE_OPS can switch to candle's ops one by one (crates/kernels composite.rs
  * `SWITCHABLE_OPS`), all written after run 7 without a GPU; `sublayer_chain` goes back to its
- * links, each its own op.
+ * links, each its own op, and `tape_backward` (not an op) to candle's backward.
  */
-const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens', 'sublayer_chain', 'conv_weight_rows'];
+const NEW_OPS = ['conv_residual', 'masked_patch_mse', 'patch_blocks', 'restore_tokens', 'sublayer_chain', 'conv_weight_rows', 'tape_backward'];
+
+/** The ops of NEW_OPS judged by their twin row's errors (the variant after the colon) rather than by tolerance. */
+const JUDGED_BY_TWIN: Record<string, string> = { sublayer_chain: 'links', tape_backward: 'candle' };
 
 /**
  * The headline row's retries, in order, each run only if the one before failed (not if it was

@@ -322,8 +322,7 @@ impl Pretrainer {
         let loss_on_host = convmae_kernels::read_later(&out.loss)?;
         clock.lap(1);
         // The official loop divides the loss by accum_iter before backward.
-        let scaled = (&out.loss / opts.accum_steps as f64)?;
-        let grads = out.backward(&scaled)?;
+        let grads = out.backward_scaled(1.0 / opts.accum_steps as f64)?;
         clock.lap(2);
         Ok(Launched { loss: out.loss, grads, loss_on_host, opts: opts.clone(), clock, profiled })
     }

@@ -108,13 +108,16 @@ fn tolerance(op: &str, dtype: DType, kernel: bool) -> f64 {
     match (op, dtype, kernel) {
         (_, DType::BF16 | DType::F16, true) => 3e-2,
         (_, DType::BF16 | DType::F16, false) => 2.5e-1,
-        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual" | "conv_residual" | "sublayer_chain", _, _) | ("self_attention", _, false) => 5e-3,
+        ("linear" | "linear_gelu" | "mlp_residual" | "attention_residual" | "conv_residual" | "sublayer_chain" | "tape_backward", _, _) | ("self_attention", _, false) => 5e-3,
         _ if gemm_form => 5e-3,
         _ => 1e-5,
     }
 }
 
 type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// The case whose backward runs on the tape (`crate::tape`) where that covers its graph.
+const TAPE_CASE: &str = "tape_backward";
 
 /// One op's case: its inputs' shapes and seed, and the op on tensors.
 struct Case {
@@ -131,10 +134,18 @@ fn run(case: &Case, host: &[Tensor], dev: &Device, dtype: DType, round: DType) -
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     // Sinks a failed earlier run left behind are not this run's.
     CASE_SINKS.with(|sinks| sinks.borrow_mut().clear());
-    let out = (case.op)(&inputs)?;
+    // The tape's case records its op and runs its backward on the tape where that covers it
+    // (our ops' path), as pretraining's does; every other case (its `:candle` twin too) runs
+    // candle's backward.
+    let (out, tape) = if case.name == TAPE_CASE { crate::tape::record_unless_switched_off(|| (case.op)(&inputs)) } else { ((case.op)(&inputs), None) };
+    let out = out?;
     // In the output's dtype, which is not always the inputs' (the patch loss is f32 from bf16).
     let probe = rounded(out.dims(), case.seed + 100, round)?.to_dtype(out.dtype())?.to_device(dev)?;
-    let mut grads = (&out * &probe)?.sum_all()?.backward()?;
+    let mut grads = match tape {
+        // The gradient candle's backward of sum(out * probe) hands `out`: probe, exactly.
+        Some(tape) if tape.covers(&out) => tape.backward(&out, probe)?,
+        _ => (&out * &probe)?.sum_all()?.backward()?,
+    };
     // A pack no gradient reached would read as zeros below on both sides of the comparison (the
     // reference's delivery too): an error instead, so that the row cannot pass that way.
     CASE_SINKS.with(|sinks| {
@@ -422,6 +433,43 @@ fn cases() -> Result<Vec<Case>> {
                     ];
                     let y = if chained { crate::sublayer_chain(&t[0], &links)? } else { crate::with_composite_ops(&["sublayer_chain"], || crate::sublayer_chain(&t[0], &links))? };
                     CASE_SINKS.with(|s| s.borrow_mut().extend([(sinks[0].clone(), t[1].clone(), t[2].clone()), (sinks[1].clone(), t[3].clone(), t[4].clone())]));
+                    Ok(y)
+                }
+            }),
+        });
+    }
+    // A stage-1 patch embedding (linear, LayerNorm, GELU) into a conv block's chain, whose
+    // output is added to the block's input (a tensor with two consumers): the backward on the
+    // tape (`tape_backward`, each op's backward once, a second gradient added to the first
+    // rather than every gradient to zeros) and by candle (`:candle`). On a device the two rows
+    // differ only if the tape is wrong: the same kernels give the same bits either way, and
+    // the GPU check compares their errors exactly.
+    for name in [TAPE_CASE, "tape_backward:candle"] {
+        cases.push(Case {
+            name,
+            shapes: vec![
+                vec![positions.len(), c],
+                vec![c, c],
+                vec![c],
+                vec![c],
+                vec![c],
+                vec![2 * c * c + c * 25],
+                vec![5 * c],
+                vec![2 * hidden * c],
+                vec![3 * c + hidden],
+            ],
+            seed: 25,
+            op: Box::new({
+                let nbrs = nbrs.clone();
+                move |t| {
+                    let embedded = crate::gelu_erf(&crate::layer_norm(&crate::linear(&t[0], &t[1], &t[2])?, &t[3], &t[4], 1e-5)?)?;
+                    let sinks = [PackGradSink::new(), PackGradSink::new()];
+                    let links = [
+                        crate::SublayerLink::Conv { pack: PackedSublayer { weights: &t[5], vectors: &t[6], sink: Some(&sinks[0]) }, eps: 1e-5, neighbours: &nbrs },
+                        crate::SublayerLink::Mlp { pack: PackedSublayer { weights: &t[7], vectors: &t[8], sink: Some(&sinks[1]) }, eps: 1e-5, hidden },
+                    ];
+                    let y = crate::tape::add(&crate::sublayer_chain(&embedded, &links)?, &embedded)?;
+                    CASE_SINKS.with(|s| s.borrow_mut().extend([(sinks[0].clone(), t[5].clone(), t[6].clone()), (sinks[1].clone(), t[7].clone(), t[8].clone())]));
                     Ok(y)
                 }
             }),
@@ -754,4 +802,23 @@ fn adamw_agreement(device: &Device, dtype: DType, path: Path) -> Result<Agreemen
     let forward_rel = worst(worst(rel(&pd, &pc)?, rel(&md, &mc)?), rel(&vd, &vc)?);
     let tolerance = tolerance("adamw_update", dtype, kernel);
     Ok(state_row("adamw_update", path, dtype_name(dtype), shape, forward_rel, kernel, tolerance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tape's row runs its backward on the tape where our kernels serve (f32 on the CPU):
+    /// the tape covers the case's graph, so the row measures the tape and not candle's backward.
+    #[test]
+    fn the_tape_case_is_covered_by_its_tape() {
+        let case = cases().unwrap().into_iter().find(|c| c.name == TAPE_CASE).unwrap();
+        let vars: Vec<Var> = case.shapes.iter().enumerate().map(|(i, s)| Var::from_tensor(&rounded(s, case.seed + i as u64, DType::F32).unwrap()).unwrap()).collect();
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (out, tape) = with_path(Path::Kernels, || crate::tape::record(|| (case.op)(&inputs).unwrap()));
+        CASE_SINKS.with(|sinks| sinks.borrow_mut().clear());
+        // linear, LayerNorm, GELU, the chain and the add.
+        assert_eq!(tape.len(), 5);
+        assert!(tape.covers(&out));
+    }
 }

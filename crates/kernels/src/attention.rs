@@ -50,7 +50,7 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tens
             None => return crate::composite::self_attention(qkv, num_heads, scale),
         }
     };
-    qkv.apply_op1(Attention::new(num_heads, scale, form))
+    crate::tape::apply1(qkv, Attention::new(num_heads, scale, form))
 }
 
 /// The three forms of our attention op on CUDA.

@@ -319,7 +319,9 @@ impl OpSwitch {
 }
 
 /// The ops `CONVMAE_COMPOSITE_OPS` can send to candle's composition one by one.
-pub const SWITCHABLE_OPS: [&str; 6] = ["conv_residual", "masked_patch_mse", "patch_blocks", "restore_tokens", "sublayer_chain", "conv_weight_rows"];
+/// `tape_backward` is not an op but our backward of the pretraining forward (`tape`): listed,
+/// candle's backward runs instead.
+pub const SWITCHABLE_OPS: [&str; 7] = ["conv_residual", "masked_patch_mse", "patch_blocks", "restore_tokens", "sublayer_chain", "conv_weight_rows", "tape_backward"];
 
 /// Whether `CONVMAE_COMPOSITE_OPS` (a comma-separated list of `SWITCHABLE_OPS`) sends our op
 /// `op` to candle's composition, on every device: the A/B of one op within a whole step, and

@@ -82,7 +82,7 @@ pub fn depthwise_conv2d(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !crate::composite::use_kernel(&[input, weight]) {
         return crate::composite::depthwise_conv2d(input, weight);
     }
-    input.apply_op2(weight, DepthwiseConv2d)
+    crate::tape::apply2(input, weight, DepthwiseConv2d)
 }
 
 struct DepthwiseConv2d;

@@ -65,6 +65,7 @@ mod patch_blocks;
 mod patch_loss;
 mod restore_tokens;
 mod sublayer;
+pub mod tape;
 mod transfer;
 #[cfg(test)]
 mod test_util;

@@ -365,7 +365,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !kernel {
         return crate::composite::linear(x, weight, bias);
     }
-    x.apply_op3(weight, bias, Linear)
+    crate::tape::apply3(x, weight, bias, Linear)
 }
 
 /// `gelu_erf(linear(x, weight, bias))` as one op (an MLP's first layer and its activation),
@@ -376,7 +376,7 @@ pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
     if !kernel {
         return crate::gelu_erf(&linear(x, weight, bias)?);
     }
-    x.apply_op3(weight, bias, LinearGelu { pre: Arc::new(Mutex::new(None)) })
+    crate::tape::apply3(x, weight, bias, LinearGelu { pre: Arc::new(Mutex::new(None)) })
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ fn blocks_as(x: &Tensor, grid: PatchGrid, blocks: Shape) -> Result<Tensor> {
         let [b, h, w, c, k] = [grid.images, grid.height, grid.width, grid.chans, grid.k];
         return x.reshape(&[b, h / k, k, w / k, k, c][..])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape(blocks);
     }
-    x.apply_op1(PatchBlocks { grid, blocks, to_image: false })
+    crate::tape::apply1(x, PatchBlocks { grid, blocks, to_image: false })
 }
 
 /// The copy between the layouts: image -> patches (the op), or patches -> image (its backward).
@@ -196,7 +196,7 @@ pub fn conv_weight_rows(weight: &Tensor) -> Result<Tensor> {
     if !crate::has_kernel(weight) || crate::composite::sent_to_composite("conv_weight_rows") {
         return weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, kh * kw * c));
     }
-    weight.apply_op1(WeightRows { dims: [o, c, kh, kw], to_kernel: false })
+    crate::tape::apply1(weight, WeightRows { dims: [o, c, kh, kw], to_kernel: false })
 }
 
 /// The copy between a conv kernel's layout and its rows: kernel -> rows (the op), or rows ->

@@ -96,7 +96,7 @@ pub fn masked_patch_mse(pred: &Tensor, imgs: &Tensor, mask: &Tensor, patch: usiz
     if !kernel_serves(pred, imgs, mask) {
         return crate::composite::masked_patch_mse(pred, imgs, mask, patch, norm_pix);
     }
-    pred.apply_op3(&imgs.detach(), &mask.detach(), MaskedPatchMse { patches, norm_pix, saved: Arc::new(Mutex::new(None)) })
+    crate::tape::apply3(pred, &imgs.detach(), &mask.detach(), MaskedPatchMse { patches, norm_pix, saved: Arc::new(Mutex::new(None)) })
 }
 
 fn kernel_serves(pred: &Tensor, imgs: &Tensor, mask: &Tensor) -> bool {

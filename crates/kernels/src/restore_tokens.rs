@@ -54,7 +54,7 @@ pub fn restore_tokens(x: &Tensor, mask_token: &Tensor, pos: &Tensor, ids_restore
     if !ours {
         return crate::composite::restore_tokens(x, mask_token, pos, ids_restore);
     }
-    x.apply_op3(mask_token, pos, RestoreTokens { sizes, ids: ids_restore.clone() })
+    crate::tape::apply3(x, mask_token, pos, RestoreTokens { sizes, ids: ids_restore.clone() })
 }
 
 fn check(x: &Tensor, mask_token: &Tensor, pos: &Tensor, ids: &Tensor) -> Result<TokenSizes> {

@@ -383,7 +383,7 @@ pub fn sparse_depthwise_conv2d(
     if !crate::composite::use_kernel(&[input, weight]) {
         return crate::composite::sparse_depthwise_conv2d(input, weight, nbrs);
     }
-    input.apply_op2(weight, SparseDepthwiseConv2d { nbrs: nbrs.clone() })
+    crate::tape::apply2(input, weight, SparseDepthwiseConv2d { nbrs: nbrs.clone() })
 }
 
 struct SparseDepthwiseConv2d {

@@ -513,7 +513,7 @@ fn apply(x: &Tensor, norm: (&Tensor, &Tensor), eps: f64, first: (&Tensor, &Tenso
 /// The op itself, on parameters packed by the caller (here: `apply`, `conv_residual`), its
 /// packs' gradients returned to candle.
 fn apply_packed(x: &Tensor, weights: &Tensor, vectors: &Tensor, eps: f64, widths: Widths, middle: Middle, neighbours: Option<Arc<SparseNeighbors>>) -> Result<Tensor> {
-    x.apply_op3(weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours, sink: None })
+    crate::tape::apply3(x, weights, vectors, Sublayer { widths, middle, eps, saved: Arc::new(Mutex::new(None)), neighbours, sink: None })
 }
 
 /// A sublayer's parameters as its one op reads them, each flat (1-D) and in this order:
@@ -715,7 +715,7 @@ impl SublayerLink<'_> {
     /// The sublayer on `x`: its one op, or where that does not run its separate ops.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self.one_op(x)? {
-            Some(op) => x.apply_op3(self.pack().weights, self.pack().vectors, op),
+            Some(op) => crate::tape::apply3(x, self.pack().weights, self.pack().vectors, op),
             None => self.separate(x),
         }
     }

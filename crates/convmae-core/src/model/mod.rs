@@ -11,6 +11,7 @@ use crate::loss;
 use crate::masking::Masking;
 use crate::params::{pretrain_param_specs, PackGradients, Packing, ParamStore};
 use candle_core::{DType, Device, Result, Tensor};
+use convmae_kernels::tape::{self, Tape};
 use convmae_kernels::{SparseNeighbors, VisibleTokens};
 use layers::*;
 use serde::{Deserialize, Serialize};
@@ -83,16 +84,44 @@ pub struct PretrainOutput {
     pub stage3_tokens: Tensor,
     /// The packed sublayers' gradient sinks (`ParamStore::pack_gradients`): `backward` delivers them.
     pub pack_grads: PackGradients,
+    /// The forward's ops as recorded (`convmae_kernels::tape`), for a backward without candle's
+    /// zero-filled gradients; None where `CONVMAE_COMPOSITE_OPS` lists `tape_backward`.
+    pub tape: Option<Tape>,
 }
 
 impl PretrainOutput {
-    /// The gradients of `loss` (this output's loss, or a scaling of it), with the packed
+    /// The gradients of `root` (this output's loss, or a function of it), with the packed
     /// sublayers' from their sinks: what `ParamStore::gradients` reads. A bare
     /// `loss.backward()` lacks the packs' gradients where the sublayers ran as one op each.
-    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
-        let mut grads = loss.backward()?;
+    /// For the loss itself by the tape where it covers the graph (see `backward_scaled`).
+    pub fn backward(&self, root: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        if root.id() == self.loss.id() {
+            return self.backward_scaled(1.0);
+        }
+        let mut grads = root.backward()?;
         self.pack_grads.deliver(&mut grads)?;
         Ok(grads)
+    }
+
+    /// The gradients of `loss * scale` (the official loop divides the loss by its accumulation
+    /// steps), as `backward`. By the tape where it covers the forward's graph (on our ops'
+    /// paths: the packed bf16 copies, or any dtype our kernels serve with sublayer packing):
+    /// each op's backward once, without candle's zero-filled gradient for every input; else by
+    /// candle's backward of `loss.affine(scale, 0)`. The same values either way (to the bit:
+    /// tests/tape.rs).
+    pub fn backward_scaled(&self, scale: f64) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = match &self.tape {
+            // What candle's backward of the affine hands the loss: ones, scaled.
+            Some(tape) if tape.covers(&self.loss) => tape.backward(&self.loss, self.loss.ones_like()?.affine(scale, 0.0)?)?,
+            _ => self.loss.affine(scale, 0.0)?.backward()?,
+        };
+        self.pack_grads.deliver(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Whether `backward` and `backward_scaled` run on the tape (see there).
+    pub fn backward_by_tape(&self) -> bool {
+        self.tape.as_ref().is_some_and(|t| t.covers(&self.loss))
     }
 }
 
@@ -140,6 +169,13 @@ impl ConvMae {
     /// parameters' dtype). With bf16 precision the network runs in bf16 and the loss, its
     /// target and the LayerNorm / softmax statistics in f32.
     pub fn forward_pretrain(&self, imgs: &Tensor, masking: &Masking) -> Result<PretrainOutput> {
+        let (out, tape) = convmae_kernels::tape::record_unless_switched_off(|| self.forward_pretrain_ops(imgs, masking));
+        Ok(PretrainOutput { tape, ..out? })
+    }
+
+    /// `forward_pretrain`'s ops (the tape records them). The sums of branches go through
+    /// `tape::add`, so that the tape covers them.
+    fn forward_pretrain_ops(&self, imgs: &Tensor, masking: &Masking) -> Result<PretrainOutput> {
         let cfg = &self.cfg;
         let params = self.compute_params()?;
         let p: &ParamStore = &params;
@@ -154,13 +190,13 @@ impl ConvMae {
         x = transformer_blocks(p, &block_names("blocks3", cfg.depth[2]), &x, cfg.num_heads)?;
         let stage3_tokens = x.clone();
         // Fusion happens after stage 3 and before the final norm (spec 1.5, step 10).
-        let latent = layer_norm_p(p, "norm", &((x + s1)? + s2)?, VIT_LN_EPS)?;
+        let latent = layer_norm_p(p, "norm", &tape::add(&tape::add(&x, &s1)?, &s2)?, VIT_LN_EPS)?;
 
         // The prediction stays in the compute dtype: the loss reads bf16 and computes in f32.
         let pred = self.forward_decoder(p, &latent, masking)?;
         let mask = masking.mask_tensor(self.dtype(), dev)?;
         let loss = loss::masked_patch_loss(&pred, imgs, &mask, cfg.norm_pix_loss)?;
-        Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens, pack_grads: p.pack_gradients() })
+        Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens, pack_grads: p.pack_gradients(), tape: None })
     }
 
     /// The official computation: dense maps, the keep mask on each depthwise conv's input,
@@ -220,7 +256,7 @@ impl ConvMae {
         // The visible tokens' rows of the position table: one gather from its [L, D3] rows (a
         // broadcast to [B, L, D3] first would be copied whole before the gather).
         let pos = p.get("pos_embed").reshape((cfg.num_tokens(), d3))?.index_select(&masking.ids_keep_tensor(dev)?.flatten_all()?, 0)?.reshape((b, keep, d3))?;
-        let tokens = linear_p(p, "patch_embed4", &x)?.add(&pos)?;
+        let tokens = tape::add(&linear_p(p, "patch_embed4", &x)?, &pos)?;
         Ok(ConvStagesOut { tokens, s1, s2, stage1, stage2 })
     }
 

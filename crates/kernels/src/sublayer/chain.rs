@@ -28,7 +28,7 @@ use super::{Sublayer, SublayerLink};
 /// values and gradients either way (the same bits on the CPU: tests below).
 pub fn sublayer_chain(x: &Tensor, links: &[SublayerLink]) -> Result<Tensor> {
     if let Some(chain) = Chain::plan(x, links)? {
-        return x.apply_op1(chain);
+        return crate::tape::apply1(x, chain);
     }
     links.iter().try_fold(x.clone(), |x, link| link.apply(&x))
 }

@@ -1,0 +1,82 @@
+//! The pretraining backward on the tape (`convmae_kernels::tape`, `PretrainOutput::backward_scaled`)
+//! against candle's backward of the same forward: the same bits for every parameter's gradient.
+
+use candle_core::{DType, Device, Tensor};
+use convmae_core::masking::Masking;
+use convmae_core::model::ConvPath;
+use convmae_core::params::{pretrain_param_specs, Packing, ParamStore};
+use convmae_core::rng::Rng;
+use convmae_core::{ConvMae, ConvMaeConfig};
+
+/// A model of `cfg` on the packed f32 view of an f64 store, so that the CPU runs our one ops
+/// and chains, as pretraining's bf16 copies do on CUDA.
+fn packed_model(cfg: &ConvMaeConfig) -> ConvMae {
+    let store = ParamStore::init(pretrain_param_specs(cfg), DType::F64, &Device::Cpu, 7).unwrap();
+    let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 1).unwrap();
+    model.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+    model
+}
+
+/// The loss, every trainable tensor's gradient of `loss * scale` as f32 values, whether the tape
+/// ran it, and the number of op nodes in candle's graph of the loss.
+fn gradients(model: &ConvMae, imgs: &Tensor, masking: &Masking, scale: f64, candle_backward: bool) -> (f32, Vec<Vec<f32>>, bool, usize) {
+    let run = || {
+        let out = model.forward_pretrain(imgs, masking).unwrap();
+        let nodes = out.loss.sorted_nodes().iter().filter(|n| !n.is_variable()).count();
+        let grads = out.backward_scaled(scale).unwrap();
+        let by_tensor = model.params.gradients(&grads).unwrap();
+        let values = by_tensor.iter().map(|g| g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        (out.loss.to_scalar::<f32>().unwrap(), values, out.backward_by_tape(), nodes)
+    };
+    convmae_kernels::with_path(convmae_kernels::Path::Kernels, || if candle_backward { convmae_kernels::with_composite_ops(&["tape_backward"], run) } else { run() })
+}
+
+fn inputs(cfg: &ConvMaeConfig, batch: usize) -> (Tensor, Masking) {
+    let masking = Masking::random(&mut Rng::new(3), batch, cfg.num_tokens(), cfg.len_keep());
+    let imgs = Tensor::randn(0f32, 1.0, (batch, cfg.img_size, cfg.img_size, 3), &Device::Cpu).unwrap();
+    (imgs, masking)
+}
+
+/// On the sparse path with packed copies the tape covers the whole pretraining graph (each of
+/// its ops recorded, nothing else) and gives candle's gradients to the bit, for the loss and
+/// for the loss scaled as gradient accumulation scales it; `tape_backward` in the composite list
+/// sends the same forward to candle's backward.
+#[test]
+fn the_tape_gives_the_pretraining_gradients_of_candles_backward_to_the_bit() {
+    for (name, cfg) in [("golden_small", ConvMaeConfig::golden_small()), ("convmae-base", ConvMaeConfig::base())] {
+        let model = packed_model(&cfg);
+        let (imgs, masking) = inputs(&cfg, 2);
+        for scale in [1.0, 0.25] {
+            let (loss, ours, by_tape, nodes) = gradients(&model, &imgs, &masking, scale, false);
+            let (candle_loss, theirs, candle_by_tape, candle_nodes) = gradients(&model, &imgs, &masking, scale, true);
+            assert!(by_tape, "the tape covers the {name} pretraining graph");
+            assert!(!candle_by_tape);
+            // The graph is the same op for op: the switch changes the backward only.
+            assert_eq!((nodes, loss), (candle_nodes, candle_loss));
+            assert_eq!(ours.len(), theirs.len());
+            assert!(ours.iter().flatten().any(|&v| v != 0.0));
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(a == b, "{name} scale {scale}: trainable tensor {i} differs");
+            }
+        }
+    }
+}
+
+/// Where candle's ops stand between the loss and the variables (the dense path's gathers, the
+/// unpacked f32 path's blocks), the tape does not cover the graph and candle's backward runs:
+/// the gradients are the same as with the tape switched off.
+#[test]
+fn where_the_tape_does_not_cover_the_graph_candles_backward_runs() {
+    let cfg = ConvMaeConfig::golden_small();
+    let (imgs, masking) = inputs(&cfg, 2);
+    let mut dense = packed_model(&cfg);
+    dense.path = ConvPath::Dense;
+    let unpacked = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 1).unwrap();
+    for (what, model) in [("dense", &dense), ("unpacked", &unpacked)] {
+        let (loss, ours, by_tape, _) = gradients(model, &imgs, &masking, 0.5, false);
+        let (candle_loss, theirs, ..) = gradients(model, &imgs, &masking, 0.5, true);
+        assert!(!by_tape, "{what}");
+        assert_eq!(loss, candle_loss, "{what}");
+        assert!(ours == theirs, "{what}");
+    }
+}
