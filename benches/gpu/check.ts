@@ -449,6 +449,9 @@ async function main(): Promise<void> {
     }
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    // The profile right after the comparison, before the A/B rows: should the deadline cut the
+    // run short, where the step's time goes says more than any one A/B.
+    if (profile && batch === firstBatch) await runProfile();
     // The A/B of overlapped steps: each step awaited before the next starts (the host builds a
     // step once the device has finished the last one's forward), and each step finished on the
     // device before it is answered (CONVMAE_STEPS=serial: as before overlapped steps).
@@ -470,7 +473,6 @@ async function main(): Promise<void> {
     // its master rounded (the packed copies are written in place by the fused AdamW): the row
     // fails, naming the tensor, if one is not. Once, at the first batch size.
     if (!loadError && batch === batches[0]) await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
-    if (profile && batch === firstBatch) await runProfile();
     if (!loadError) {
       await ours(batch, 'bf16', 'dense', 'ours-dense');
       await ours(batch, 'fp32', 'sparse', 'ours');
