@@ -104,9 +104,10 @@ impl PretrainOutput {
     }
 
     /// The gradients of `loss * scale` (the official loop divides the loss by its accumulation
-    /// steps), as `backward`. By the tape where it covers the forward's graph (on our ops'
-    /// paths: the packed bf16 copies, or any dtype our kernels serve with sublayer packing):
-    /// each op's backward once, without candle's zero-filled gradient for every input; else by
+    /// steps), as `backward`. By the tape where it covers the forward's graph (every op between
+    /// the loss and the parameters one of ours: the sparse path on packed copies with every
+    /// sublayer one op, as CUDA's bf16 pretraining runs at batch 32 and up): each op's backward
+    /// once, without candle's zero-filled gradient for every input; else by
     /// candle's backward of `loss.affine(scale, 0)`. The same values either way (to the bit:
     /// tests/tape.rs).
     pub fn backward_scaled(&self, scale: f64) -> Result<candle_core::backprop::GradStore> {
