@@ -96,12 +96,14 @@ test('autoChoices keeps the addon lines that report a measured choice, in order'
     'convmae: attention [64 x 196 tokens x 16 heads of 32] BF16 on Cuda { gpu_id: 0 }: fused kernels 2.100 ms, gemms 1.400 ms (forward + backward); using the gemms (CONVMAE_ATTENTION=auto)',
     "convmae: CONVMAE_KERNELS='x' is not 'kernels' or 'composite'; using our kernels",
     'convmae: attention [64 x 49 tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: fused kernels 0.300 ms, composition 0.500 ms (forward + backward); using the fused kernels (CONVMAE_ATTENTION=auto)',
+    'convmae: the pretraining backward runs on the tape of our ops',
     '',
   ].join('\n');
   const choices = autoChoices(stderr);
-  t.is(choices.length, 2);
+  t.is(choices.length, 3);
   t.regex(choices[0], /196 tokens.*using the gemms/);
   t.regex(choices[1], /49 tokens.*using the fused kernels/);
+  t.regex(choices[2], /backward runs on the tape/);
   t.deepEqual(autoChoices('nothing here\n'), []);
 });
 
@@ -162,7 +164,7 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       agreement_error: string | null;
       parity: { fixture: string; pass: boolean }[];
       agreement: { op: string; pass?: boolean }[];
-      rows: { impl: string; path?: string; dtype: string; batch: number; preset: string; device: string; error?: string; images_per_s: number; host_ms?: unknown }[];
+      rows: { impl: string; path?: string; dtype: string; batch: number; preset: string; device: string; error?: string; images_per_s: number; host_ms?: unknown; choices?: string[] }[];
     };
     t.is(report.load_error, null);
     t.is(report.agreement_error, null);
@@ -201,6 +203,11 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     }
     t.deepEqual([ours[doubled]!.path, ours[doubled]!.dtype], ['sparse', 'bf16']);
     t.truthy(ours[0]!.host_ms, 'the headline row has its host-time parts');
+    // And how its backward ran: by candle's on the CPU's unpacked path at batch 8, which the
+    // tape does not cover.
+    t.deepEqual(ours[0]!.choices?.filter((c) => c.includes('pretraining backward')), [
+      "convmae: the pretraining backward runs by candle's (an op of candle's, or a composition, stands between the loss and the parameters: the tape does not cover the graph)",
+    ]);
     // PyTorch's rows are attempted (without torch here they fail, recorded as such).
     t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile']);
     t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.batch), [8, 8, 8, 16, 16]);

@@ -641,7 +641,7 @@ function hostProfileLines(rows: Row[]): string[] {
 function autoChoiceLines(rows: Row[]): string[] {
   const withChoices = rows.filter((r) => r.choices?.length);
   if (!withChoices.length) return [];
-  return ['Choices the addon made by measuring (`CONVMAE_ATTENTION=auto`, the default):', '', ...withChoices.flatMap((r) => r.choices!.map((c) => `- ${r.impl} ${r.dtype} b${r.batch}: ${c.replace(/^convmae: /, '')}`)), ''];
+  return ['Choices the addon made (attention by measuring, `CONVMAE_ATTENTION=auto`, the default; with `CONVMAE_PROFILE`, how the backward ran):', '', ...withChoices.flatMap((r) => r.choices!.map((c) => `- ${r.impl} ${r.dtype} b${r.batch}: ${c.replace(/^convmae: /, '')}`)), ''];
 }
 
 main().catch((e: unknown) => {

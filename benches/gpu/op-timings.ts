@@ -46,10 +46,11 @@ export function opTimingTable(rows: OpTiming[]): string {
 
 /**
  * The addon's stderr lines reporting a choice it made by measuring (`CONVMAE_ATTENTION=auto`:
- * the fused attention kernels or candle's composition, with both timings), in order.
+ * each form's timing and the pick), and with `CONVMAE_PROFILE` how the pretraining backward ran
+ * (on the tape or by candle's), in order.
  */
 export function autoChoices(stderr: string): string[] {
-  return stderr.split('\n').filter((l) => l.startsWith('convmae: ') && l.includes('=auto)'));
+  return stderr.split('\n').filter((l) => l.startsWith('convmae: ') && (l.includes('=auto)') || l.startsWith('convmae: the pretraining backward runs')));
 }
 
 /** The attention form that every `CONVMAE_ATTENTION=auto` line of a run picked ('gemm',

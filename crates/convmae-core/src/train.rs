@@ -135,6 +135,15 @@ impl StepClock {
     }
 }
 
+/// How `out`'s backward runs, for `CONVMAE_PROFILE` (the GPU check keeps the line with its row).
+fn backward_route(out: &crate::model::PretrainOutput) -> &'static str {
+    match &out.tape {
+        None => "by candle's (CONVMAE_COMPOSITE_OPS lists tape_backward)",
+        Some(_) if out.backward_by_tape() => "on the tape of our ops",
+        Some(_) => "by candle's (an op of candle's, or a composition, stands between the loss and the parameters: the tape does not cover the graph)",
+    }
+}
+
 /// Owns the model and its optimizer state; one instance per training run.
 pub struct Pretrainer {
     pub model: ConvMae,
@@ -149,6 +158,8 @@ pub struct Pretrainer {
     in_flight: Option<InFlight>,
     /// Answers of micro-steps settled while starting another command, oldest first.
     settled: std::collections::VecDeque<Result<StepStats>>,
+    /// Whether `CONVMAE_PROFILE`'s line saying how the backward runs has been printed.
+    backward_reported: bool,
 }
 
 /// A micro-step's forward and backward, queued.
@@ -191,7 +202,7 @@ enum Applied {
 impl Pretrainer {
     pub fn new(model: ConvMae, adamw: AdamWConfig, seed: u64) -> Result<Self> {
         let optimizer = AdamW::new(adamw, &model.params)?;
-        Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0, in_flight: None, settled: Default::default() })
+        Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0, in_flight: None, settled: Default::default(), backward_reported: false })
     }
 
     pub fn masking_for(&self, batch: usize, noise: Option<&[f64]>) -> Result<Masking> {
@@ -319,6 +330,10 @@ impl Pretrainer {
         let masking = self.masking_for(batch.batch, opts.noise.as_deref())?;
         clock.lap(0);
         let out = self.model.forward_pretrain(&imgs, &masking)?;
+        if !self.backward_reported && std::env::var_os("CONVMAE_PROFILE").is_some() {
+            self.backward_reported = true;
+            eprintln!("convmae: the pretraining backward runs {}", backward_route(&out));
+        }
         let loss_on_host = convmae_kernels::read_later(&out.loss)?;
         clock.lap(1);
         // The official loop divides the loss by accum_iter before backward.
