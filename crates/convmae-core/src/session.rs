@@ -265,7 +265,15 @@ fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
                         answer_settled(t, &mut waiting, true);
                         continue;
                     }
-                    Err(_) => continue,
+                    // No step is left in flight by a worker whose model failed (every command
+                    // is answered with its error at once), so nothing waits here; should one,
+                    // it gets the error rather than a worker spinning on an empty inbox.
+                    Err(e) => {
+                        for reply in waiting.drain(..) {
+                            reply(Err(e.clone()));
+                        }
+                        continue;
+                    }
                 },
                 Err(mpsc::TryRecvError::Disconnected) => None,
             }
