@@ -65,6 +65,9 @@ async function main(): Promise<void> {
     // finished[i]: when step i's promise settled; the clock of step i runs from the end of
     // step i - 1 (from the first call for step 0).
     const finished: number[] = [];
+    // Each step's loss, in step order: the run's trajectory, which runs that differ only in how
+    // they schedule or differentiate the same ops must repeat to the bit (benches/gpu/check.ts).
+    const losses: number[] = [];
     const queued: Promise<void>[] = [];
     const t0 = performance.now();
     for (let i = 0; i < warmup + steps; i++) {
@@ -72,6 +75,7 @@ async function main(): Promise<void> {
       const step = p.pretrainStep({ images, batchSize: batch, height: side, width: side }, { lr }).then((r) => {
         if (!Number.isFinite(r.loss)) throw new Error(`loss is ${r.loss} at step ${i + 1}`);
         finished[i] = performance.now();
+        losses[i] = r.loss;
       });
       // Awaited below; marked handled so that a failure reports the first step's error, not
       // an unhandled rejection of a step queued behind it.
@@ -104,6 +108,7 @@ async function main(): Promise<void> {
       images_per_s: batch / (med / 1000),
       ms_per_step_median: med,
       ms_per_step: times,
+      losses,
       warmup,
       steps,
       in_flight: inFlight,

@@ -212,7 +212,13 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile']);
     t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.batch), [8, 8, 8, 16, 16]);
     const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
-    t.regex(readFileSync(path.join(out, md!), 'utf8'), /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);
+    const report_md = readFileSync(path.join(out, md!), 'utf8');
+    t.regex(report_md, /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);
+    // The rows that only schedule or differentiate the same ops repeat the headline row's
+    // losses to the bit (every step's, warmup included: 2 + 5).
+    for (const impl of ['ours-in-flight-1', 'ours-serial-steps', 'ours-candle-backward', 'ours-copies-checked']) {
+      t.true(report_md.includes(`- \`${impl}\`: the same 7 losses as \`ours\`, to the bit`), impl);
+    }
   } finally {
     rmSync(out, { recursive: true, force: true });
   }

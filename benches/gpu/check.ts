@@ -71,6 +71,8 @@ interface Row {
   choices?: string[];
   /** Ours, the issue's row: the host time of a step by part, medians (CONVMAE_PROFILE=1). */
   host_ms?: HostProfile;
+  /** Ours: every step's loss, warmup included, in step order (the run's trajectory). */
+  losses?: number[];
 }
 
 /** Runs a command, returns its last JSON line (or the error), killing it after `seconds`. */
@@ -266,6 +268,7 @@ async function main(): Promise<void> {
       error: r.error,
       ...(choices.length ? { choices } : {}),
       ...(host ? { host_ms: host } : {}),
+      ...(Array.isArray(j.losses) ? { losses: j.losses as number[] } : {}),
     };
     rows.push(row);
     for (const c of choices) log(`  ${c}`);
@@ -569,6 +572,7 @@ function writeResults({ out, started, runArgs, rehearse, preset, firstBatch, loa
     '',
     ...autoChoiceLines(rows),
     ...hostProfileLines(rows),
+    ...trajectoryLines(rows),
     ...(profile ? [profileMarkdown(profile), ''] : []),
   ].join('\n');
   writeFileSync(path.join(out, `gpu-${date}.md`), md);
@@ -636,6 +640,46 @@ function hostProfileLines(rows: Row[]): string[] {
     table,
     '',
   ];
+}
+
+/**
+ * The A/B rows that change only how the same ops are scheduled or differentiated (steps in
+ * flight, steps finished one at a time, candle's backward instead of the tape, the compute
+ * copies checked after each step): from the same seed and batches each must repeat the headline
+ * row's losses to the bit, where both ran the same forms of attention (`auto` picks by timing,
+ * per process). Run 7's rows compared throughput only; a tape that dropped a gradient would
+ * have passed them.
+ */
+const SAME_TRAJECTORY = ['ours-in-flight-1', 'ours-serial-steps', 'ours-candle-backward', 'ours-copies-checked'];
+
+/** Each SAME_TRAJECTORY row against the headline row of its batch: the same losses, or where they part. */
+function trajectoryLines(rows: Row[]): string[] {
+  const picks = (r: Row) =>
+    (r.choices ?? [])
+      .map((c) => /attention \[([^\]]+)\].*using the ([a-z ]+?) \(/.exec(c))
+      .filter((m) => m !== null)
+      .map((m) => `${m[1]}: ${m[2]}`)
+      .join('; ');
+  const lines: string[] = [];
+  for (const r of rows.filter((x) => SAME_TRAJECTORY.includes(x.impl) && !x.error)) {
+    const head = rows.find((h) => h.impl === 'ours' && h.batch === r.batch && h.dtype === r.dtype && h.path === r.path && !h.error);
+    if (!head?.losses || !r.losses) {
+      lines.push(`- \`${r.impl}\`: not compared (no losses${head ? '' : ' and no headline row'})`);
+      continue;
+    }
+    if (picks(r) !== picks(head)) {
+      lines.push(`- \`${r.impl}\`: not compared (its attention picks, ${picks(r) || 'none'}, are not the headline row's, ${picks(head) || 'none'})`);
+      continue;
+    }
+    const k = r.losses.findIndex((l, i) => !Object.is(l, head.losses![i]));
+    lines.push(
+      k < 0 && r.losses.length === head.losses.length
+        ? `- \`${r.impl}\`: the same ${r.losses.length} losses as \`ours\`, to the bit`
+        : `- \`${r.impl}\`: DIFFERS from \`ours\` at step ${k < 0 ? Math.min(r.losses.length, head.losses.length) + 1 : k + 1} (${r.losses[k] ?? 'none'} against ${head.losses[k] ?? 'none'})`,
+    );
+  }
+  if (!lines.length) return [];
+  return ['Trajectories (losses of every step from the same seed and batches; these rows must repeat the headline row\'s to the bit):', '', ...lines, ''];
 }
 
 function autoChoiceLines(rows: Row[]): string[] {
