@@ -177,13 +177,13 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     // The headline row first (no retry needed), then every A/B row and configuration, each a run of its own.
     t.deepEqual(ours.map((r) => r.impl), [
       'ours',
+      'ours-candle-backward',
+      'ours-copies-checked',
       'ours-in-flight-1',
       'ours-serial-steps',
       'ours-new-ops-composite',
-      'ours-candle-backward',
       'ours-no-gemm-epilogue',
       'ours-no-vector-kernels',
-      'ours-copies-checked',
       'ours-dense',
       'ours',
       'ours-dense',

@@ -455,27 +455,29 @@ async function main(): Promise<void> {
     // The profile right after the comparison, before the A/B rows: should the deadline cut the
     // run short, where the step's time goes says more than any one A/B.
     if (profile && batch === firstBatch) await runProfile();
-    // The A/B of overlapped steps: each step awaited before the next starts (the host builds a
-    // step once the device has finished the last one's forward), and each step finished on the
-    // device before it is answered (CONVMAE_STEPS=serial: as before overlapped steps).
     if (!loadError && batch === batches[0]) {
+      // The backward on the tape against candle's backward: an A/B, and with the trajectories
+      // compared (the same losses to the bit) the GPU's whole-step check of the tape, the newest
+      // path; first, so that a deadline cuts the others before it.
+      await ours(batch, 'bf16', 'sparse', 'ours-candle-backward', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: 'tape_backward' });
+      // The same run of ours, checking after every optimizer step that each bf16 compute copy is
+      // its master rounded (the packed copies are written in place by the fused AdamW): the row
+      // fails, naming the tensor, if one is not.
+      await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
+      // The A/B of overlapped steps: each step awaited before the next starts (the host builds a
+      // step once the device has finished the last one's forward), and each step finished on the
+      // device before it is answered (CONVMAE_STEPS=serial: as before overlapped steps).
       await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
       await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
       // the patch layout, the decoder's entry, the chains of sublayers, the patch convs' kernel
-      // rows, the backward on the tape): all seven as before them;
+      // rows, the backward on the tape): all seven as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-new-ops-composite', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: NEW_OPS.join(',') });
-      // and of the backward on the tape alone: candle's backward, with its zero-filled gradients.
-      await ours(batch, 'bf16', 'sparse', 'ours-candle-backward', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: 'tape_backward' });
       // And of cuBLASLt's bias epilogues: every bias by our row kernels, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-gemm-epilogue', { CONVMAE_PROFILE: '1', CONVMAE_GEMM_EPILOGUE: 'off' });
       // And of the kernels' vector forms: one element a thread, as before them.
       await ours(batch, 'bf16', 'sparse', 'ours-no-vector-kernels', { CONVMAE_PROFILE: '1', CONVMAE_VECTOR_KERNELS: 'off' });
     }
-    // The same run of ours, checking after every optimizer step that each bf16 compute copy is
-    // its master rounded (the packed copies are written in place by the fused AdamW): the row
-    // fails, naming the tensor, if one is not. Once, at the first batch size.
-    if (!loadError && batch === batches[0]) await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
     if (!loadError) {
       await ours(batch, 'bf16', 'dense', 'ours-dense');
       await ours(batch, 'fp32', 'sparse', 'ours');

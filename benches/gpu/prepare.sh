@@ -5,7 +5,7 @@
 #   benches/gpu/payload/golden/               the golden fixtures the parity check runs
 #   dist/                                     the compiled TypeScript (npm run build:ts)
 # then checks that payload + dist fit the device tool's 64 MiB carry limit and prints the call:
-#   run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 480", carry=["benches/gpu/payload", "dist"], timeout_s=510)
+#   run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 540", carry=["benches/gpu/payload", "dist"], timeout_s=570)
 # The GPU machine has PyTorch (cuBLAS, cuRAND, cudart 13 come from its wheels) but no Node.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,7 +39,7 @@ if (( total > LIMIT )); then
   echo "prepare: too large for the device tool's carry limit" >&2
   exit 1
 fi
-echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 480", carry=["benches/gpu/payload", "dist"], timeout_s=510)'
+echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 540", carry=["benches/gpu/payload", "dist"], timeout_s=570)'
 echo '         (run 7 of 2026-11-26 ran out of its 232 s deadline before its last A/B rows; since then the check has gained a probe of the'
-echo '         mma.sync flash kernels, an overlapped-steps probe and five A/B rows, each ~15-25 s. Start-up takes 30-75 s of the 900 s a session'
-echo '         has; --quick runs the comparison alone at batch 128 before the A/B rows runs 1-7 measured; drop it for every row at 128 when more device time is left)'
+echo '         mma.sync flash kernels, an overlapped-steps probe and six A/B rows, each ~15-25 s. Start-up takes 30-75 s of the 900 s a session,'
+echo '         so 540 s leaves about 4 minutes for a short second call; --quick runs the comparison alone at batch 128 before the A/B rows runs 1-7 measured; drop it for every row at 128 when more device time is left)'
