@@ -7,6 +7,7 @@ use convmae_core::model::ConvPath;
 use convmae_core::params::{pretrain_param_specs, Packing, ParamStore};
 use convmae_core::rng::Rng;
 use convmae_core::{ConvMae, ConvMaeConfig};
+use convmae_kernels::tape::GradientCounts;
 
 /// A model of `cfg` on the packed f32 view of an f64 store, so that the CPU runs our one ops
 /// and chains, as pretraining's bf16 copies do on CUDA.
@@ -59,6 +60,28 @@ fn the_tape_gives_the_pretraining_gradients_of_candles_backward_to_the_bit() {
                 assert!(a == b, "{name} scale {scale}: trainable tensor {i} differs");
             }
         }
+    }
+}
+
+/// What the tape spares candle's backward on the pretraining graph: the gradients the ops'
+/// backwards return, each kept as it is where candle adds it to a zero-filled one, but the
+/// second ones of the two tensors with two consumers (the outputs of stages 1 and 2: the next
+/// stage and a fusion conv), and two for inputs that need none (stage 1's image patches, the
+/// position table's rows) skipped where candle fills and adds them too.
+#[test]
+fn the_tape_adds_only_second_gradients() {
+    for (name, cfg, expected) in [
+        ("golden_small", ConvMaeConfig::golden_small(), GradientCounts { taken: 60, added: 2, skipped: 2 }),
+        ("convmae-base", ConvMaeConfig::base(), GradientCounts { taken: 60, added: 2, skipped: 2 }),
+    ] {
+        let model = packed_model(&cfg);
+        let (imgs, masking) = inputs(&cfg, 1);
+        let counts = convmae_kernels::with_path(convmae_kernels::Path::Kernels, || {
+            let out = model.forward_pretrain(&imgs, &masking).unwrap();
+            let tape = out.tape.as_ref().unwrap();
+            tape.backward_counted(&out.loss, out.loss.ones_like().unwrap()).unwrap().1
+        });
+        assert_eq!(counts, expected, "{name}");
     }
 }
 

@@ -158,6 +158,11 @@ impl Tape {
     /// first gradient taken as it is and later ones added to it. `root` must be covered
     /// (`covers`), or this is an error naming what is not.
     pub fn backward(&self, root: &Tensor, seed: Tensor) -> Result<GradStore> {
+        Ok(self.backward_counted(root, seed)?.0)
+    }
+
+    /// `backward`, with what it did with the gradients the ops' backwards returned.
+    pub fn backward_counted(&self, root: &Tensor, seed: Tensor) -> Result<(GradStore, GradientCounts)> {
         if !self.covers(root) {
             candle_core::bail!("tape backward: the tape does not cover the graph of the root (an op of candle's, or a composition, between it and its variables); use candle's backward");
         }
@@ -166,6 +171,7 @@ impl Tape {
         }
         let mut pending: HashMap<TensorId, (Tensor, Tensor)> = HashMap::new();
         pending.insert(root.id(), (root.clone(), seed));
+        let mut counts = GradientCounts::default();
         for r in self.steps.iter().rev() {
             // An output nothing downstream of `root`'s graph reached: not on its path.
             let Some((_, grad)) = pending.remove(&r.out.id()) else { continue };
@@ -174,22 +180,22 @@ impl Tape {
             match &r.step {
                 Step::One { op, x } => {
                     let gx = op.bwd(x, &r.out, &grad)?;
-                    self.accumulate(&mut pending, x, gx)?;
+                    self.accumulate(&mut pending, &mut counts, x, gx)?;
                 }
                 Step::Two { op, a, b } => {
                     let (ga, gb) = op.bwd(a, b, &r.out, &grad)?;
-                    self.accumulate(&mut pending, a, ga)?;
-                    self.accumulate(&mut pending, b, gb)?;
+                    self.accumulate(&mut pending, &mut counts, a, ga)?;
+                    self.accumulate(&mut pending, &mut counts, b, gb)?;
                 }
                 Step::Three { op, a, b, c } => {
                     let (ga, gb, gc) = op.bwd(a, b, c, &r.out, &grad)?;
-                    self.accumulate(&mut pending, a, ga)?;
-                    self.accumulate(&mut pending, b, gb)?;
-                    self.accumulate(&mut pending, c, gc)?;
+                    self.accumulate(&mut pending, &mut counts, a, ga)?;
+                    self.accumulate(&mut pending, &mut counts, b, gb)?;
+                    self.accumulate(&mut pending, &mut counts, c, gc)?;
                 }
                 Step::Add { a, b } => {
-                    self.accumulate(&mut pending, a, Some(grad.clone()))?;
-                    self.accumulate(&mut pending, b, Some(grad))?;
+                    self.accumulate(&mut pending, &mut counts, a, Some(grad.clone()))?;
+                    self.accumulate(&mut pending, &mut counts, b, Some(grad))?;
                 }
             }
         }
@@ -199,27 +205,41 @@ impl Tape {
         for (_, (t, g)) in pending {
             grads.insert(&t, g);
         }
-        Ok(grads)
+        Ok((grads, counts))
     }
 
     /// Adds `g`, a gradient of `t`, to what `t` has (or gives it `g` as it is), where a variable
     /// is upstream of `t`.
-    fn accumulate(&self, pending: &mut HashMap<TensorId, (Tensor, Tensor)>, t: &Tensor, g: Option<Tensor>) -> Result<()> {
+    fn accumulate(&self, pending: &mut HashMap<TensorId, (Tensor, Tensor)>, counts: &mut GradientCounts, t: &Tensor, g: Option<Tensor>) -> Result<()> {
         let Some(g) = g else { return Ok(()) };
         if !self.needs_grad(t) {
+            counts.skipped += 1;
             return Ok(());
         }
         match pending.entry(t.id()) {
             MapEntry::Vacant(v) => {
+                counts.taken += 1;
                 v.insert((t.clone(), g));
             }
             MapEntry::Occupied(mut o) => {
+                counts.added += 1;
                 let sum = (&o.get().1 + &g)?;
                 o.get_mut().1 = sum;
             }
         }
         Ok(())
     }
+}
+
+/// What a tape's backward did with the gradients its ops' backwards returned: `taken`, an
+/// input's first, kept as it is; `added`, a later one, added to it; `skipped`, one for an input
+/// no variable is upstream of. Candle's backward adds every one of them (`taken + added +
+/// skipped` adds) to a gradient it zero-filled for each distinct input among them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GradientCounts {
+    pub taken: usize,
+    pub added: usize,
+    pub skipped: usize,
 }
 
 /// An empty `GradStore` (candle's constructor is crate-private): the backward of a scalar that
@@ -279,7 +299,10 @@ mod tests {
             // constant's linear (its weights are variables).
             assert_eq!(tape.len(), 8);
             assert!(tape.covers(&out));
-            let ours = tape.backward(&out, cot.clone()).unwrap();
+            let (ours, counts) = tape.backward_counted(&out, cot.clone()).unwrap();
+            // Added: g's and h's second gradients (each feeds two ops), w's and b's second and
+            // third (three linears); skipped: the constant's.
+            assert_eq!(counts, GradientCounts { taken: 12, added: 6, skipped: 1 });
             for v in vars {
                 let (c, o) = (candle.get(v.as_tensor()).unwrap(), ours.get(v.as_tensor()).unwrap());
                 assert_eq!(values(c), values(o), "{dtype:?}");
