@@ -10,8 +10,10 @@
 //! crate-private), so our op entry points record themselves here while a recording is on: the
 //! same op object candle's graph holds, its inputs and its output. The tape's backward hands
 //! an input its first gradient as it is, adds only a second one, and skips inputs no variable
-//! is upstream of. The values are candle's to the bit: the same backward ops in an order that
-//! candle's could also have taken, and 0 + g is g (but for the sign of a zero).
+//! is upstream of. The values are candle's to the bit wherever no input has more than two
+//! gradients, as in the pretraining graph (tests compare them): the same backward ops, a kept
+//! first gradient is candle's 0 + g (but for the sign of a zero), and two gradients add the same
+//! either way round. With three or more, the adds may come in another order than candle's.
 //!
 //! The tape is used only where it covers the graph (`Tape::covers`): every op node between
 //! the root and its variables that candle's graph holds (`Tensor::sorted_nodes`, public) must
