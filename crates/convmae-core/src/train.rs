@@ -485,4 +485,27 @@ mod tests {
         let op = op.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(host.iter().zip(&op).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
+
+    /// `CONVMAE_PROFILE`'s line names each of the three routes: the tape where it covers the
+    /// graph (golden_small on packed f32 copies, every sublayer one op), candle's where the
+    /// switch lists `tape_backward`, and candle's where the graph holds candle's ops (the
+    /// unpacked model).
+    #[test]
+    fn the_profile_line_names_how_the_backward_runs() {
+        use crate::params::{pretrain_param_specs, Packing, ParamStore};
+        let cfg = crate::ConvMaeConfig::golden_small();
+        let store = ParamStore::init(pretrain_param_specs(&cfg), DType::F64, &candle_core::Device::Cpu, 7).unwrap();
+        let mut packed = ConvMae::new(cfg.clone(), DType::F32, &candle_core::Device::Cpu, 1).unwrap();
+        packed.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+        let unpacked = ConvMae::new(cfg.clone(), DType::F32, &candle_core::Device::Cpu, 1).unwrap();
+        let masking = crate::masking::Masking::random(&mut crate::rng::Rng::new(3), 2, cfg.num_tokens(), cfg.len_keep());
+        let imgs = Tensor::randn(0f32, 1.0, (2, cfg.img_size, cfg.img_size, 3), &candle_core::Device::Cpu).unwrap();
+        let route = |model: &ConvMae, switched_off: bool| {
+            let run = || backward_route(&model.forward_pretrain(&imgs, &masking).unwrap());
+            convmae_kernels::with_path(convmae_kernels::Path::Kernels, || if switched_off { convmae_kernels::with_composite_ops(&["tape_backward"], run) } else { run() })
+        };
+        assert_eq!(route(&packed, false), "on the tape of our ops");
+        assert!(route(&packed, true).contains("CONVMAE_COMPOSITE_OPS lists tape_backward"));
+        assert!(route(&unpacked, false).contains("the tape does not cover the graph"));
+    }
 }
