@@ -216,11 +216,13 @@ impl Tape {
         let Some(g) = g else { return Ok(()) };
         if !self.needs_grad(t) {
             counts.skipped += 1;
+            counts.filled_elements += t.elem_count();
             return Ok(());
         }
         match pending.entry(t.id()) {
             MapEntry::Vacant(v) => {
                 counts.taken += 1;
+                counts.filled_elements += t.elem_count();
                 v.insert((t.clone(), g));
             }
             MapEntry::Occupied(mut o) => {
@@ -236,12 +238,14 @@ impl Tape {
 /// What a tape's backward did with the gradients its ops' backwards returned: `taken`, an
 /// input's first, kept as it is; `added`, a later one, added to it; `skipped`, one for an input
 /// no variable is upstream of. Candle's backward adds every one of them (`taken + added +
-/// skipped` adds) to a gradient it zero-filled for each distinct input among them.
+/// skipped` adds) to a gradient it zero-filled for each distinct input among them: the taken
+/// and skipped ones' inputs, of `filled_elements` elements in all (where those are distinct).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GradientCounts {
     pub taken: usize,
     pub added: usize,
     pub skipped: usize,
+    pub filled_elements: usize,
 }
 
 /// An empty `GradStore` (candle's constructor is crate-private): the backward of a scalar that
@@ -304,7 +308,8 @@ mod tests {
             let (ours, counts) = tape.backward_counted(&out, cot.clone()).unwrap();
             // Added: g's and h's second gradients (each feeds two ops), w's and b's second and
             // third (three linears); skipped: the constant's.
-            assert_eq!(counts, GradientCounts { taken: 12, added: 6, skipped: 1 });
+            // Filled by candle: eight [6, 8] tensors taken and the constant, w, b and the norm's two.
+            assert_eq!(counts, GradientCounts { taken: 12, added: 6, skipped: 1, filled_elements: 9 * 48 + 64 + 3 * 8 });
             for v in vars {
                 let (c, o) = (candle.get(v.as_tensor()).unwrap(), ours.get(v.as_tensor()).unwrap());
                 assert_eq!(values(c), values(o), "{dtype:?}");
