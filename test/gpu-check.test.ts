@@ -143,6 +143,17 @@ test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative
   t.is(stdout.trim(), 'false');
 });
 
+test("loading the native module puts candle's idle CPU workers to sleep at once, unless the user set CANDLE_BARRIER_POOL_SPIN_LIMIT", async (t) => {
+  const spinLimit = async (env: NodeJS.ProcessEnv) => {
+    const childEnv = { ...process.env, ...env };
+    if (env.CANDLE_BARRIER_POOL_SPIN_LIMIT === undefined) delete childEnv.CANDLE_BARRIER_POOL_SPIN_LIMIT;
+    const script = `import(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'native.js'))}).then(() => console.log(process.env.CANDLE_BARRIER_POOL_SPIN_LIMIT))`;
+    return (await run(process.execPath, ['--input-type=module', '-e', script], { env: childEnv, cwd: ROOT })).stdout.trim();
+  };
+  t.is(await spinLimit({ CANDLE_BARRIER_POOL_SPIN_LIMIT: undefined }), '0');
+  t.is(await spinLimit({ CANDLE_BARRIER_POOL_SPIN_LIMIT: '777' }), '777');
+});
+
 test('the overlapped-steps probe passes on the CPU, with steps overlapped and with CONVMAE_STEPS=serial', async (t) => {
   // The probe the GPU check runs on CUDA (probe-worker.js overlap), here on the CPU, where the
   // same control flow runs: queued steps against steps awaited one by one, losses and every
