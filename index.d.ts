@@ -94,6 +94,13 @@ export declare function checkpointMetadata(path: string): Promise<string>
  */
 export declare function compareKernels(device: string, only?: string | undefined | null): Promise<string>
 
+/**
+ * The same transform for images already in memory (e.g. an IDX file's digits), without a
+ * decode: `shapes` holds (width, height, channels) per image, channels 1 (grey) or 3 (RGB),
+ * pixels interleaved row by row; `names` name the images in messages.
+ */
+export declare function cropPixelBatch(images: Array<Uint8Array>, shapes: Int32Array, names: Array<string>, crops: Int32Array, size: number, threads: number): Promise<DecodedBatch>
+
 /** Whether this build has the CUDA backend (`npm run build:cuda`). */
 export declare function cudaBuild(): boolean
 

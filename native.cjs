@@ -842,6 +842,7 @@ module.exports.benchGelu = nativeBinding.benchGelu
 module.exports.checkFixture = nativeBinding.checkFixture
 module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.compareKernels = nativeBinding.compareKernels
+module.exports.cropPixelBatch = nativeBinding.cropPixelBatch
 module.exports.cudaBuild = nativeBinding.cudaBuild
 module.exports.cudaPoolPeaks = nativeBinding.cudaPoolPeaks
 module.exports.decodeCropBatch = nativeBinding.decodeCropBatch

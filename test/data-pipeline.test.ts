@@ -10,7 +10,11 @@ import {
   decodeCropBatch,
   expandShardPattern,
   listTar,
+  cropPixelBatch,
+  createRng,
+  deriveSeed,
   nativeDecoder,
+  nativePixelCropper,
   openDataset,
   openFileList,
   openImage,
@@ -18,6 +22,7 @@ import {
   openTarShards,
   readJpegHeader,
   readSourceBytes,
+  samplePretrainParams,
   type Batch,
   type ImageDataset,
   type PretrainParams,
@@ -144,6 +149,70 @@ test('loader: native and sharp paths draw the same crops; native output does not
     const mean = meanAbsDiff(native1[s].images, viaSharp[s].images);
     t.true(mean <= MEAN_TOLERANCE, `step ${s}: mean |native - sharp| ${mean.toFixed(2)}`);
   }
+});
+
+test('loader: images in memory take the native transform: each slot is its image through it with the crop the loader drew; near sharp\'s pixels when shrinking; one that does not fill its dimensions is skipped with both reasons', async (t) => {
+  // Grey (as IDX digits) and RGB images in memory.
+  const inMemory = (shapes: [number, number, 1 | 3][], broken?: number): ImageDataset => {
+    const pixelsOf = (i: number) => {
+      const [w, h, c] = shapes[i];
+      const rgb = photoLike(w, h, i);
+      if (c === 3) return rgb;
+      const grey = new Uint8Array(w * h);
+      for (let p = 0; p < w * h; p++) grey[p] = rgb[3 * p + 1];
+      return grey;
+    };
+    return {
+      name: 'inmemory',
+      length: shapes.length,
+      label: () => undefined,
+      source: (i) => {
+        const [width, height, channels] = shapes[i];
+        const pixels = pixelsOf(i);
+        return { kind: 'raw', pixels: i === broken ? pixels.subarray(0, 10) : pixels, width, height, channels };
+      },
+      describe: (i) => `inmemory#${i}`,
+    };
+  };
+  const crop = await nativePixelCropper();
+  if (!crop) return t.fail('the native module has no cropPixelBatch');
+
+  // Small images, enlarged (MNIST's case): every slot is exactly the native transform of its
+  // image with the crop and flip drawn from its seed, as the sharp path would draw them.
+  const small: [number, number, 1 | 3][] = [[28, 28, 1], [40, 30, 3], [28, 28, 1], [33, 47, 3], [20, 20, 1], [64, 48, 3]];
+  const dataset = inMemory(small);
+  const size = 24;
+  const batches = await collect(new BatchLoader({ dataset, batchSize: 3, imageSize: size, seed: 7, decodeThreads: 2, endStep: 2 }), 2);
+  for (const [s, batch] of batches.entries()) {
+    for (const [k, index] of batch.indices.entries()) {
+      const source = dataset.source(index);
+      if (source.kind !== 'raw') return t.fail();
+      const params = samplePretrainParams(source.width, source.height, createRng(deriveSeed(7, 0, index)), {});
+      const alone = await cropPixelBatch(crop, [{ ...source, path: dataset.describe(index), ...params }], size, 1);
+      t.is(alone.errors[0] ?? null, null);
+      // (pixels is a Buffer: compared as a plain Uint8Array.)
+      t.deepEqual(batch.images.slice(k * size * size * 3, (k + 1) * size * size * 3), new Uint8Array(alone.pixels), `step ${s}, image ${index}`);
+    }
+  }
+
+  // Larger images, shrunk: near sharp's transform with the same crops (the resamplers agree
+  // closely when shrinking; enlarging, Pillow's bicubic and libvips' differ by up to a pixel's
+  // shift at edges). A wrong crop, flip or channel order gives means of tens of levels.
+  const large = inMemory([[56, 56, 1], [80, 60, 3], [64, 64, 1], [66, 94, 3], [60, 60, 1], [128, 96, 3]]);
+  const make = (nativePixels: boolean) => new BatchLoader({ dataset: large, batchSize: 3, imageSize: 8, seed: 7, nativePixels, endStep: 2 });
+  const native = await collect(make(true), 2);
+  const viaSharp = await collect(make(false), 2);
+  for (let s = 0; s < 2; s++) {
+    t.deepEqual(native[s].indices, viaSharp[s].indices);
+    const mean = meanAbsDiff(native[s].images, viaSharp[s].images);
+    t.true(mean <= MEAN_TOLERANCE, `step ${s}: mean |native - sharp| ${mean.toFixed(2)}`);
+  }
+
+  const broken = new BatchLoader({ dataset: inMemory(small, 2), batchSize: 3, imageSize: size, seed: 7, endStep: 2 });
+  await collect(broken, 2);
+  t.is(broken.skipped.length, 1);
+  t.is(broken.skipped[0].path, 'inmemory#2');
+  t.regex(broken.skipped[0].reason, /native decoder: inmemory#2: decoded image is shorter than its dimensions/);
 });
 
 test('loader: a CMYK JPEG falls back to sharp; a corrupt JPEG is skipped with its path and both decoders\' reasons', async (t) => {

@@ -46,4 +46,4 @@ export { RAND_AUGMENT_OPS, randAugment, type RandAugmentOptions } from './randau
 export { DEFAULT_SHUFFLE_BUFFER, expandShardPattern, listShardFiles, openTarShards, type OpenTarShardsOptions, type ShardDataset } from './shards.js';
 export { listTar, readRange, type ListTarOptions, type TarMember } from './tar.js';
 export { isJpeg, readJpegHeader, type JpegHeader } from './jpeg.js';
-export { decodeCropBatch, nativeDecoder, type NativeCropJob, type NativeCropResult } from './native-decode.js';
+export { cropPixelBatch, decodeCropBatch, nativeDecoder, nativePixelCropper, type NativeCropJob, type NativeCropResult, type NativePixelJob } from './native-decode.js';

@@ -6,7 +6,7 @@ import os from 'node:os';
 import sharp from 'sharp';
 import type { ImageDataset } from './datasets.js';
 import { readJpegHeader } from './jpeg.js';
-import { decodeCropBatch, nativeDecoder, type NativeCropJob } from './native-decode.js';
+import { cropPixelBatch, decodeCropBatch, nativeDecoder, nativePixelCropper, type NativeCropJob, type NativeCropResult, type NativePixelJob } from './native-decode.js';
 import { createRng, deriveSeed, permutation } from './rng.js';
 import {
   applyPretrainParams,
@@ -65,6 +65,14 @@ export interface BatchLoaderOptions extends PretrainTransformOptions {
    * through sharp.
    */
   nativeJpeg?: boolean;
+  /**
+   * Run the pretraining transform of images already in memory (an IDX
+   * file's digits, `kind: 'raw'` sources) natively too: the same crop, Pillow's
+   * bicubic resample and flip as the JPEG path, without sharp's per-image
+   * pipeline, which cost small images far more than their resample. Default
+   * true; false sends them through sharp.
+   */
+  nativePixels?: boolean;
   /** Threads of the native JPEG decoder. Default os.availableParallelism(). */
   decodeThreads?: number;
   /**
@@ -90,6 +98,14 @@ export interface BatchLoaderOptions extends PretrainTransformOptions {
   shuffle?: boolean;
   /** Called once per sample that cannot be loaded. Throwing from it aborts the batch. */
   onSkip?: (skipped: SkippedSample) => void;
+}
+
+/** A sample waiting for a native batch: its slot in the batch, its dataset index, what the native call gets, and its augmentation (for sharp, should the native call refuse it). */
+interface NativeJob<J> {
+  slot: number;
+  index: number;
+  job: J;
+  params: PretrainParams;
 }
 
 class ClosedError extends Error {
@@ -173,8 +189,10 @@ function positiveInt(value: number, name: string, min = 1): number {
  * Decoding: for the pretraining transform, files are read and their crop
  * and flip drawn in TypeScript; the batch's JPEGs then go to the native
  * decoder in one call (decoded on `decodeThreads` Rust threads, one batch
- * at a time, earlier steps first), everything else to sharp. A JPEG the
- * native decoder refuses is retried with sharp with the same crop and flip.
+ * at a time, earlier steps first), its images already in memory (IDX digits)
+ * to the same native transform in another, everything else to sharp. An
+ * image the native path refuses is retried with sharp with the same crop and
+ * flip.
  * `shrinkOnLoad` (off by default) concerns only the sharp path: the native
  * decoder always decodes the whole frame, so it has an effect on JPEGs only
  * with nativeJpeg: false or for the JPEGs the native decoder refuses.
@@ -209,6 +227,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
   readonly dropLast: boolean;
   readonly shuffle: boolean;
   readonly nativeJpeg: boolean;
+  readonly nativePixels: boolean;
   readonly decodeThreads: number;
   readonly rank: number;
   readonly worldSize: number;
@@ -252,6 +271,7 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
     this.onSkip = options.onSkip;
     this.augment = { scale: options.scale, ratio: options.ratio, hflipProb: options.hflipProb, shrinkOnLoad: options.shrinkOnLoad };
     this.nativeJpeg = options.nativeJpeg ?? true;
+    this.nativePixels = options.nativePixels ?? true;
     this.decodeThreads = positiveInt(options.decodeThreads ?? os.availableParallelism(), 'decodeThreads');
     this.worldSize = positiveInt(options.worldSize ?? 1, 'worldSize');
     this.rank = positiveInt(options.rank ?? 0, 'rank', 0);
@@ -413,18 +433,27 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
       return Promise.all(entries.map(([i, index]) => this.attempt(index, epoch, step, () => evalTransform(this.dataset.source(index), this.imageSize, images, i * this.imageBytes))));
     }
     const decode = this.nativeJpeg ? await nativeDecoder() : undefined;
-    // Read every file and draw its augmentation; JPEGs wait for the native batch.
-    const jobs: { slot: number; index: number; job: NativeCropJob; params: PretrainParams }[] = [];
+    const cropPixels = this.nativePixels ? await nativePixelCropper() : undefined;
+    // Read every file and draw its augmentation; JPEGs and images in memory wait for the native
+    // batches, the rest goes through sharp here.
+    const jpegs: NativeJob<NativeCropJob>[] = [];
+    const inMemory: NativeJob<NativePixelJob>[] = [];
     const direct = await Promise.all(
       entries.map(([i, index]) =>
         this.attempt(index, epoch, step, async () => {
           const source = this.dataset.source(index);
           const rng = createRng(deriveSeed(this.seed, epoch, index));
+          if (source.kind === 'raw' && cropPixels) {
+            const params = samplePretrainParams(source.width, source.height, rng, this.augment);
+            const { pixels, width, height, channels } = source;
+            inMemory.push({ slot: i, index, params, job: { pixels, width, height, channels, path: this.describe(index), ...params } });
+            return;
+          }
           const bytes = source.kind === 'file' ? await readSourceBytes(source) : undefined;
           const header = decode && bytes ? readJpegHeader(bytes) : undefined;
           if (header && bytes) {
             const params = samplePretrainParams(header.width, header.height, rng, this.augment);
-            jobs.push({ slot: i, index, params, job: { bytes, path: this.describe(index), ...params } });
+            jpegs.push({ slot: i, index, params, job: { bytes, path: this.describe(index), ...params } });
             return;
           }
           const opened = await openImage(source, bytes);
@@ -433,14 +462,36 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
         }),
       ),
     );
-    if (jobs.length === 0 || !decode) return direct;
+    const ok = new Map<number, boolean>();
+    if (decode && jpegs.length > 0) {
+      await this.settleNative(jpegs, () => decodeCropBatch(decode, jpegs.map((j) => j.job), this.imageSize, this.decodeThreads), images, epoch, step, ok, (j) => j.bytes);
+    }
+    if (cropPixels && inMemory.length > 0) {
+      await this.settleNative(inMemory, () => cropPixelBatch(cropPixels, inMemory.map((j) => j.job), this.imageSize, this.decodeThreads), images, epoch, step, ok);
+    }
+    return entries.map(([i], k) => (ok.has(i) ? ok.get(i)! : direct[k]));
+  }
 
-    // Per-file failures come back in `errors`; a failure of the whole call fails the batch.
+  /**
+   * Runs one native batch (one at a time: it already uses every decode thread) and writes its
+   * images into their slots; an image it refuses (an unsupported JPEG flavour, a damaged file,
+   * pixels that do not fill their dimensions) goes to sharp with the same crop and flip, and is
+   * skipped, with both reasons, if sharp refuses it too. A failure of the whole call fails the
+   * batch.
+   */
+  private async settleNative<J>(
+    jobs: NativeJob<J>[],
+    run: () => Promise<NativeCropResult>,
+    images: Uint8Array,
+    epoch: number,
+    step: number,
+    ok: Map<number, boolean>,
+    bytesOf: (job: J) => Uint8Array | undefined = () => undefined,
+  ): Promise<void> {
     const result = await this.nativeLimiter.run(step, () => {
       if (this.closed) throw new ClosedError();
-      return decodeCropBatch(decode, jobs.map((j) => j.job), this.imageSize, this.decodeThreads);
+      return run();
     });
-    const ok = new Map<number, boolean>();
     await Promise.all(
       jobs.map(async ({ slot, index, job, params }, k) => {
         const offset = slot * this.imageBytes;
@@ -450,10 +501,9 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
           ok.set(slot, true);
           return;
         }
-        // Refused natively (an unsupported JPEG flavour, or a damaged file): sharp decides.
         const good = await this.attempt(index, epoch, step, async () => {
           try {
-            await applyPretrainParams(await openImage(this.dataset.source(index), job.bytes), params, this.imageSize, images, offset, this.augment);
+            await applyPretrainParams(await openImage(this.dataset.source(index), bytesOf(job)), params, this.imageSize, images, offset, this.augment);
           } catch (err) {
             throw new Error(`${err instanceof Error ? err.message : String(err)} (native decoder: ${nativeError})`);
           }
@@ -461,7 +511,6 @@ export class BatchLoader implements AsyncIterableIterator<Batch> {
         ok.set(slot, good);
       }),
     );
-    return entries.map(([i], k) => (ok.has(i) ? ok.get(i)! : direct[k]));
   }
 
   private describe(index: number): string {

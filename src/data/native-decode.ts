@@ -1,7 +1,8 @@
 /**
  * The native half of the pretraining transform (crates/convmae-core
  * src/imaging.rs): a batch of JPEG files decoded, cropped, resized
- * (Pillow's bicubic) and flipped on the native decode threads, in one call.
+ * (Pillow's bicubic) and flipped on the native decode threads, in one call;
+ * likewise a batch of images already in memory, without the decode.
  * The crops are drawn in TypeScript (transforms.ts), so this path and the
  * sharp path augment identically.
  */
@@ -39,16 +40,65 @@ export function nativeDecoder(): Promise<DecodeCropBatch | undefined> {
   return loaded;
 }
 
-/** Runs `jobs` through the native decoder with `threads` decode threads. */
-export async function decodeCropBatch(decode: DecodeCropBatch, jobs: NativeCropJob[], size: number, threads: number): Promise<NativeCropResult> {
+/** An image already in memory (e.g. an IDX file's digits) and its augmentation. */
+export interface NativePixelJob {
+  /** Interleaved rows, `channels` = 1 (grey) or 3 (RGB). */
+  pixels: Uint8Array;
+  width: number;
+  height: number;
+  channels: 1 | 3;
+  /** For error messages. */
+  path: string;
+  crop: CropBox;
+  flip: boolean;
+}
+
+type CropPixelBatch = (images: Uint8Array[], shapes: Int32Array, names: string[], crops: Int32Array, size: number, threads: number) => Promise<NativeCropResult>;
+
+let loadedPixels: Promise<CropPixelBatch | undefined> | undefined;
+
+/**
+ * The native transform for images in memory (the same crop, Pillow's bicubic resample and flip
+ * as the JPEG path, without a decode), or undefined when the native module cannot be loaded
+ * (then they go through sharp).
+ */
+export function nativePixelCropper(): Promise<CropPixelBatch | undefined> {
+  loadedPixels ??= import('../native.js').then(
+    (m) => (typeof m.native.cropPixelBatch === 'function' ? (m.native.cropPixelBatch as CropPixelBatch) : undefined),
+    () => undefined,
+  );
+  return loadedPixels;
+}
+
+/** The five crop numbers an image of the native calls: left, top, width, height, flip. */
+function cropNumbers(jobs: { crop: CropBox; flip: boolean }[]): Int32Array {
   const crops = new Int32Array(jobs.length * 5);
   jobs.forEach((job, i) => {
     crops.set([job.crop.left, job.crop.top, job.crop.width, job.crop.height, job.flip ? 1 : 0], i * 5);
   });
+  return crops;
+}
+
+/** Runs `jobs` through the native transform for images in memory with `threads` threads. */
+export async function cropPixelBatch(crop: CropPixelBatch, jobs: NativePixelJob[], size: number, threads: number): Promise<NativeCropResult> {
+  const shapes = new Int32Array(jobs.length * 3);
+  jobs.forEach((job, i) => shapes.set([job.width, job.height, job.channels], i * 3));
+  return crop(
+    jobs.map((j) => j.pixels),
+    shapes,
+    jobs.map((j) => j.path),
+    cropNumbers(jobs),
+    size,
+    threads,
+  );
+}
+
+/** Runs `jobs` through the native decoder with `threads` decode threads. */
+export async function decodeCropBatch(decode: DecodeCropBatch, jobs: NativeCropJob[], size: number, threads: number): Promise<NativeCropResult> {
   return decode(
     jobs.map((j) => j.bytes),
     jobs.map((j) => j.path),
-    crops,
+    cropNumbers(jobs),
     size,
     threads,
   );

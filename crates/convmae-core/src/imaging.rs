@@ -292,9 +292,16 @@ fn weighted_sum<'a>(lines: impl Iterator<Item = &'a [u8]>, weights: &[i32], acc:
 // ---------------------------------------------------------------------------
 // Batches on a dedicated thread pool
 
-/// One image of a batch: the encoded file and its augmentation.
+/// What a job crops: an encoded JPEG file, or pixels already in memory (an IDX file's digits, a
+/// caller's arrays), which take the same crop, resample and flip without a decode.
+pub enum CropSource<'a> {
+    Jpeg(&'a [u8]),
+    Pixels(&'a DecodedImage),
+}
+
+/// One image of a batch: its source and its augmentation.
 pub struct CropJob<'a> {
-    pub data: &'a [u8],
+    pub source: CropSource<'a>,
     pub crop: CropFlip,
 }
 
@@ -320,19 +327,20 @@ fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, String> {
     Ok(p)
 }
 
-/// Decodes and augments every job on `threads` threads into `out` (one
-/// size*size*3 block per job, in order). Returns one entry per job: None when
-/// its block was written, else why it failed (its block is then unspecified).
-/// A panic while decoding one file fails that job only.
+/// Decodes (where the source is a file) and augments every job on `threads`
+/// threads into `out` (one size*size*3 block per job, in order). Returns one
+/// entry per job: None when its block was written, else why it failed (its
+/// block is then unspecified). A panic while decoding one file fails that job
+/// only.
 pub fn decode_crop_batch(jobs: &[CropJob], size: usize, threads: usize, out: &mut [u8]) -> Result<Vec<Option<String>>, String> {
     let block = size * size * 3;
     if out.len() != jobs.len() * block {
         return Err(format!("output of {} bytes does not hold {} images of {size}x{size}x3", out.len(), jobs.len()));
     }
     let run = |job: &CropJob, dst: &mut [u8]| -> Option<String> {
-        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let image = decode_jpeg(job.data)?;
-            resized_crop(&image, job.crop, size, dst)
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.source {
+            CropSource::Jpeg(data) => resized_crop(&decode_jpeg(data)?, job.crop, size, dst),
+            CropSource::Pixels(image) => resized_crop(image, job.crop, size, dst),
         }));
         match attempt {
             Ok(Ok(())) => None,
@@ -433,12 +441,36 @@ mod tests {
     #[test]
     fn batch_reports_failures_per_job() {
         let jobs = [
-            CropJob { data: b"not a jpeg", crop: CropFlip { left: 0, top: 0, width: 1, height: 1, flip: false } },
-            CropJob { data: &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0], crop: CropFlip { left: 0, top: 0, width: 1, height: 1, flip: false } },
+            CropJob { source: CropSource::Jpeg(b"not a jpeg"), crop: CropFlip { left: 0, top: 0, width: 1, height: 1, flip: false } },
+            CropJob { source: CropSource::Jpeg(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0]), crop: CropFlip { left: 0, top: 0, width: 1, height: 1, flip: false } },
         ];
         let mut out = vec![0u8; 2 * 4 * 4 * 3];
         let errors = decode_crop_batch(&jobs, 4, 2, &mut out).unwrap();
         assert_eq!(errors[0].as_deref(), Some("not a JPEG file"));
         assert!(errors[1].is_some());
+    }
+
+    #[test]
+    fn pixel_jobs_are_the_resized_crop_of_their_pixels_and_fail_alone() {
+        let grey = image(30, 20, 1);
+        let rgb = image(17, 23, 3);
+        let short = DecodedImage { pixels: vec![0; 5], ..image(4, 4, 1) };
+        let crop = |left, top, width, height, flip| CropFlip { left, top, width, height, flip };
+        let jobs = [
+            CropJob { source: CropSource::Pixels(&grey), crop: crop(3, 2, 20, 15, true) },
+            CropJob { source: CropSource::Pixels(&short), crop: crop(0, 0, 4, 4, false) },
+            CropJob { source: CropSource::Pixels(&rgb), crop: crop(1, 4, 16, 12, false) },
+        ];
+        let block = 8 * 8 * 3;
+        let mut out = vec![0u8; 3 * block];
+        let errors = decode_crop_batch(&jobs, 8, 2, &mut out).unwrap();
+        assert_eq!(errors[0], None);
+        assert_eq!(errors[1].as_deref(), Some("decoded image is shorter than its dimensions"));
+        assert_eq!(errors[2], None);
+        for (k, img) in [(0, &grey), (2, &rgb)] {
+            let mut want = vec![0u8; block];
+            resized_crop(img, jobs[k].crop, 8, &mut want).unwrap();
+            assert_eq!(&out[k * block..(k + 1) * block], &want[..], "job {k}");
+        }
     }
 }

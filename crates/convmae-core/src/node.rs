@@ -595,29 +595,72 @@ pub struct DecodedBatch {
 /// the Node thread and the libuv pool.
 #[napi]
 pub async fn decode_crop_batch(files: Vec<Uint8Array>, paths: Vec<String>, crops: Int32Array, size: u32, threads: u32) -> Result<DecodedBatch> {
-    let n = files.len();
-    if paths.len() != n || crops.len() != n * 5 {
-        return Err(js_err(format!("decodeCropBatch: {n} files need {n} paths and {} crop numbers, got {} and {}", n * 5, paths.len(), crops.len())));
+    const CALL: &str = "decodeCropBatch";
+    let boxes = crop_boxes(CALL, files.len(), &paths, &crops, size, threads)?;
+    let data: Vec<Vec<u8>> = files.iter().map(|f| f.to_vec()).collect();
+    crop_batch(paths, size, threads, boxes, data, |d| imaging::CropSource::Jpeg(d)).await
+}
+
+/// The same transform for images already in memory (e.g. an IDX file's digits), without a
+/// decode: `shapes` holds (width, height, channels) per image, channels 1 (grey) or 3 (RGB),
+/// pixels interleaved row by row; `names` name the images in messages.
+#[napi]
+pub async fn crop_pixel_batch(images: Vec<Uint8Array>, shapes: Int32Array, names: Vec<String>, crops: Int32Array, size: u32, threads: u32) -> Result<DecodedBatch> {
+    const CALL: &str = "cropPixelBatch";
+    let n = images.len();
+    let boxes = crop_boxes(CALL, n, &names, &crops, size, threads)?;
+    if shapes.len() != n * 3 {
+        return Err(js_err(format!("{CALL}: {n} images need {} shape numbers, got {}", n * 3, shapes.len())));
+    }
+    let mut decoded = Vec::with_capacity(n);
+    for ((pixels, s), name) in images.iter().zip(shapes.chunks_exact(3)).zip(&names) {
+        let (Ok(width), Ok(height), Ok(channels)) = (usize::try_from(s[0]), usize::try_from(s[1]), usize::try_from(s[2])) else {
+            return Err(js_err(format!("{CALL}: negative shape number for {name}")));
+        };
+        decoded.push(imaging::DecodedImage { pixels: pixels.to_vec(), width, height, channels });
+    }
+    crop_batch(names, size, threads, boxes, decoded, |d| imaging::CropSource::Pixels(d)).await
+}
+
+/// The crop boxes of a batch call (5 numbers an image: left, top, width, height, flip), checked
+/// against the image count and the call's other arguments.
+fn crop_boxes(call: &str, n: usize, names: &[String], crops: &[i32], size: u32, threads: u32) -> Result<Vec<imaging::CropFlip>> {
+    if names.len() != n || crops.len() != n * 5 {
+        return Err(js_err(format!("{call}: {n} images need {n} names and {} crop numbers, got {} and {}", n * 5, names.len(), crops.len())));
     }
     if size == 0 || threads == 0 {
-        return Err(js_err("decodeCropBatch: size and threads must be positive"));
+        return Err(js_err(format!("{call}: size and threads must be positive")));
     }
-    let mut boxes = Vec::with_capacity(n);
-    for (i, c) in crops.chunks_exact(5).enumerate() {
-        if c[..4].iter().any(|&v| v < 0) {
-            return Err(js_err(format!("decodeCropBatch: negative crop number for {}", paths[i])));
-        }
-        boxes.push(imaging::CropFlip { left: c[0] as usize, top: c[1] as usize, width: c[2] as usize, height: c[3] as usize, flip: c[4] != 0 });
-    }
-    let data: Vec<Vec<u8>> = files.iter().map(|f| f.to_vec()).collect();
-    let size = size as usize;
+    crops
+        .chunks_exact(5)
+        .zip(names)
+        .map(|(c, name)| {
+            if c[..4].iter().any(|&v| v < 0) {
+                return Err(js_err(format!("{call}: negative crop number for {name}")));
+            }
+            Ok(imaging::CropFlip { left: c[0] as usize, top: c[1] as usize, width: c[2] as usize, height: c[3] as usize, flip: c[4] != 0 })
+        })
+        .collect()
+}
+
+/// Runs a batch's jobs, image `k` cropped from `source(&data[k])` with `boxes[k]`, on the decode
+/// threads, and names each failure by its image.
+async fn crop_batch<D: Send + Sync + 'static>(
+    names: Vec<String>,
+    size: u32,
+    threads: u32,
+    boxes: Vec<imaging::CropFlip>,
+    data: Vec<D>,
+    source: for<'a> fn(&'a D) -> imaging::CropSource<'a>,
+) -> Result<DecodedBatch> {
+    let (n, size) = (names.len(), size as usize);
     let (pixels, errors) = off_thread(move || {
-        let jobs: Vec<imaging::CropJob> = data.iter().zip(&boxes).map(|(d, &crop)| imaging::CropJob { data: d, crop }).collect();
+        let jobs: Vec<imaging::CropJob> = data.iter().zip(&boxes).map(|(d, &crop)| imaging::CropJob { source: source(d), crop }).collect();
         let mut out = vec![0u8; n * size * size * 3];
         let errors = imaging::decode_crop_batch(&jobs, size, threads as usize, &mut out)?;
         Ok((out, errors))
     })
     .await?;
-    let errors = errors.into_iter().zip(&paths).map(|(e, path)| e.map(|e| format!("{path}: {e}"))).collect();
+    let errors = errors.into_iter().zip(&names).map(|(e, name)| e.map(|e| format!("{name}: {e}"))).collect();
     Ok(DecodedBatch { pixels: pixels.into(), errors })
 }
