@@ -25,20 +25,24 @@ export interface NativeCropResult {
 
 type DecodeCropBatch = (files: Uint8Array[], paths: string[], crops: Int32Array, size: number, threads: number) => Promise<NativeCropResult>;
 
-let loaded: Promise<DecodeCropBatch | undefined> | undefined;
+/**
+ * A function of the native module, looked up once, or undefined when the module cannot be
+ * loaded or lacks it. Loaded lazily so that the data pipeline works without the module.
+ */
+function lazyNative<F>(name: 'decodeCropBatch' | 'cropPixelBatch'): () => Promise<F | undefined> {
+  let loaded: Promise<F | undefined> | undefined;
+  return () =>
+    (loaded ??= import('../native.js').then(
+      (m) => (typeof m.native[name] === 'function' ? (m.native[name] as F) : undefined),
+      () => undefined,
+    ));
+}
 
 /**
  * The native batch decoder, or undefined when the native module cannot be
- * loaded (then every image goes through sharp). Loaded lazily so the data
- * pipeline works without it.
+ * loaded (then every image goes through sharp).
  */
-export function nativeDecoder(): Promise<DecodeCropBatch | undefined> {
-  loaded ??= import('../native.js').then(
-    (m) => (typeof m.native.decodeCropBatch === 'function' ? (m.native.decodeCropBatch as DecodeCropBatch) : undefined),
-    () => undefined,
-  );
-  return loaded;
-}
+export const nativeDecoder = lazyNative<DecodeCropBatch>('decodeCropBatch');
 
 /** An image already in memory (e.g. an IDX file's digits) and its augmentation. */
 export interface NativePixelJob {
@@ -55,20 +59,12 @@ export interface NativePixelJob {
 
 type CropPixelBatch = (images: Uint8Array[], shapes: Int32Array, names: string[], crops: Int32Array, size: number, threads: number) => Promise<NativeCropResult>;
 
-let loadedPixels: Promise<CropPixelBatch | undefined> | undefined;
-
 /**
  * The native transform for images in memory (the same crop, Pillow's bicubic resample and flip
  * as the JPEG path, without a decode), or undefined when the native module cannot be loaded
  * (then they go through sharp).
  */
-export function nativePixelCropper(): Promise<CropPixelBatch | undefined> {
-  loadedPixels ??= import('../native.js').then(
-    (m) => (typeof m.native.cropPixelBatch === 'function' ? (m.native.cropPixelBatch as CropPixelBatch) : undefined),
-    () => undefined,
-  );
-  return loadedPixels;
-}
+export const nativePixelCropper = lazyNative<CropPixelBatch>('cropPixelBatch');
 
 /** The five crop numbers an image of the native calls: left, top, width, height, flip. */
 function cropNumbers(jobs: { crop: CropBox; flip: boolean }[]): Int32Array {
