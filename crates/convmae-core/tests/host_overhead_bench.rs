@@ -12,16 +12,13 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use convmae_core::masking::Masking;
-use convmae_core::params::{pretrain_param_specs, Packing, ParamStore};
-use convmae_core::rng::Rng;
-use convmae_core::{ConvMae, ConvMaeConfig};
+mod common;
 
-fn median(mut ms: Vec<f64>) -> f64 {
-    ms.sort_by(f64::total_cmp);
-    ms[ms.len() / 2]
-}
+use candle_core::{Device, Tensor};
+use common::{env_count, median, packed_f32_model};
+use convmae_core::masking::Masking;
+use convmae_core::rng::Rng;
+use convmae_core::ConvMaeConfig;
 
 /// ConvMAE-B's depths, with one head of 8 channels everywhere and a 32-px image (a 2 x 2
 /// stage-3 grid, one visible token an image): the same ops in the same number as ConvMAE-B's
@@ -36,11 +33,8 @@ fn convmae_b_structure() -> ConvMaeConfig {
 fn host_work_of_a_convmae_b_shaped_step() {
     let cfg = convmae_b_structure();
     cfg.validate().unwrap();
-    let batch: usize = std::env::var("BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(32);
-    let pairs: usize = std::env::var("PAIRS").ok().and_then(|b| b.parse().ok()).unwrap_or(40);
-    let store = ParamStore::init(pretrain_param_specs(&cfg), DType::F64, &Device::Cpu, 7).unwrap();
-    let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 1).unwrap();
-    model.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+    let (batch, pairs) = (env_count("BATCH", 32), env_count("PAIRS", 40));
+    let model = packed_f32_model(&cfg);
     let imgs = Tensor::randn(0f32, 1.0, (batch, cfg.img_size, cfg.img_size, 3), &Device::Cpu).unwrap();
     let mut rng = Rng::new(3);
     let (mut forward_ms, mut tape_ms, mut candle_ms) = (Vec::new(), Vec::new(), Vec::new());

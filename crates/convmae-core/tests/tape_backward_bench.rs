@@ -9,26 +9,20 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use convmae_core::masking::Masking;
-use convmae_core::params::{pretrain_param_specs, Packing, ParamStore};
-use convmae_core::rng::Rng;
-use convmae_core::{ConvMae, ConvMaeConfig};
+mod common;
 
-fn median(mut ms: Vec<f64>) -> f64 {
-    ms.sort_by(f64::total_cmp);
-    ms[ms.len() / 2]
-}
+use candle_core::{Device, Tensor};
+use common::{env_count, median, packed_f32_model};
+use convmae_core::masking::Masking;
+use convmae_core::rng::Rng;
+use convmae_core::ConvMaeConfig;
 
 #[test]
 #[ignore]
 fn tape_backward_of_a_convmae_base_step() {
     let cfg = ConvMaeConfig::preset("convmae-base").unwrap();
-    let batch: usize = std::env::var("BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(32);
-    let pairs: usize = std::env::var("PAIRS").ok().and_then(|b| b.parse().ok()).unwrap_or(5);
-    let store = ParamStore::init(pretrain_param_specs(&cfg), DType::F64, &Device::Cpu, 7).unwrap();
-    let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 1).unwrap();
-    model.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
+    let (batch, pairs) = (env_count("BATCH", 32), env_count("PAIRS", 5));
+    let model = packed_f32_model(&cfg);
     let imgs = Tensor::randn(0f32, 1.0, (batch, cfg.img_size, cfg.img_size, 3), &Device::Cpu).unwrap();
     let mut rng = Rng::new(3);
     let (mut tape_ms, mut candle_ms) = (Vec::new(), Vec::new());
