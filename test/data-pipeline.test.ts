@@ -196,8 +196,8 @@ test('loader: images in memory take the native transform: each slot is its image
   }
 
   // Larger images, shrunk: near sharp's transform with the same crops (the resamplers agree
-  // closely when shrinking; enlarging, Pillow's bicubic and libvips' differ by up to a pixel's
-  // shift at edges). A wrong crop, flip or channel order gives means of tens of levels.
+  // closely when shrinking; enlarging, Pillow's bicubic and libvips' cubic disagree most, at
+  // edges). A wrong crop, flip or channel order gives means of tens of levels.
   const large = inMemory([[56, 56, 1], [80, 60, 3], [64, 64, 1], [66, 94, 3], [60, 60, 1], [128, 96, 3]]);
   const make = (nativePixels: boolean) => new BatchLoader({ dataset: large, batchSize: 3, imageSize: 8, seed: 7, nativePixels, endStep: 2 });
   const native = await collect(make(true), 2);
