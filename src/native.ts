@@ -14,7 +14,7 @@ function load(): typeof Native {
   // candle runs its own CPU ops on a thread pool of its own, beside rayon's, which our kernels
   // use; its idle workers spin 25,000 times after each op before they sleep, taking a core from
   // rayon's threads on a small machine. Sleeping at once made the demo (convmae-tiny, 2 cores)
-  // about 10% faster and left ConvMAE-B within noise (benches/results/candle-spin-2026-11-27.md).
+  // take 0.81x the time and left ConvMAE-B within noise (benches/results/candle-spin-2026-11-27.md).
   // Read once, when candle's pool starts (its first parallel op), so it is set before the
   // module loads; a value the user set is kept.
   process.env.CANDLE_BARRIER_POOL_SPIN_LIMIT ??= '0';
