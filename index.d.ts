@@ -25,6 +25,11 @@ export declare class NativeClassifier {
   train(pixels: Uint8Array, batch: number, height: number, width: number, lr: number, labels?: Int32Array | undefined | null, targets?: Float64Array | undefined | null, augmentJson?: string | undefined | null, accumSteps?: number | undefined | null): Promise<TrainStepResult>
   /** Evaluation-mode logits, with loss and top-1 / top-5 hits when labels are given. */
   evaluate(pixels: Uint8Array, batch: number, height: number, width: number, labels?: Int32Array | undefined | null): Promise<EvalResult>
+  /**
+   * Evaluation-mode features: the pooled vector the head reads and, with `maps`, the
+   * encoder's output at each scale as float32 [batch, channels, height, width].
+   */
+  features(pixels: Uint8Array, batch: number, height: number, width: number, maps: boolean): Promise<FeaturesResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
   save(path: string, extra: string): Promise<void>
   /** Restores a classifier checkpoint exactly (ours, or an official fine-tuned .pth). */
@@ -132,6 +137,24 @@ export interface EvalResult {
   count: number
   /** [count, numClasses] logits, row-major. */
   logits: Float32Array
+}
+
+/** One scale of the encoder's output. */
+export interface FeatureMapResult {
+  /** `stage1` (stride 4), `stage2` (stride 8) or `stage3` (stride 16). */
+  name: string
+  /** [batch, channels, height, width]. */
+  shape: Array<number>
+  /** float32, row-major in `shape`'s order. */
+  data: Float32Array
+}
+
+export interface FeaturesResult {
+  /** [batch, dim] row-major: what the head reads (pooled and normalized stage-3 tokens). */
+  pooled: Float32Array
+  dim: number
+  /** stage1, stage2, stage3 when asked for, else empty. */
+  maps: Array<FeatureMapResult>
 }
 
 export interface LoadResult {

@@ -10,6 +10,7 @@ import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
 import type { TrainingProgress } from './tasks/run.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
+import { extractFeatures } from './tasks/features.js';
 
 const USAGE = `convmae <command> [options]
 
@@ -18,6 +19,7 @@ Commands:
   finetune          fine-tune a classifier with the official recipe (default data: MNIST, eval on its test split)
   linprobe          linear probe: frozen encoder, BatchNorm + Linear head, LARS
   eval              top-1 / top-5 of a saved classifier
+  features CKPT     the pooled feature vector of every image of a dataset, to a safetensors file
   info              tensor names, shapes, parameter counts and GMACs of a model
   check-fixture F   run a golden-format fixture through the model, print errors as one JSON line
 
@@ -81,6 +83,18 @@ eval options:
   --data PATH             default: the MNIST test split
   --preset, --config, --num-classes N, --pool   for files without our metadata
   --batch-size N          default 128
+
+features options:
+  features CKPT           any checkpoint with a ConvMAE encoder: ours (pretraining or classifier; the
+                          model is read from it) or an official .pth (give --preset / --config)
+  --data PATH             default: the MNIST test split
+  --out FILE              default features.safetensors: features [N, D] float32, indices [N] (the
+                          dataset index of each row) and labels [N] (-1 where unlabeled), int64
+  --preset, --config      for files without our metadata (default convmae-base)
+  --pool global|token     default: the classifier checkpoint's, else global (token mean + fc_norm)
+  --device, --precision   as for pretrain
+  --batch-size N          default 128
+  --no-progress           no progress line
 
 info options:
   --preset NAME           default convmae-base
@@ -338,6 +352,43 @@ async function runEval(args: string[]): Promise<void> {
   process.stdout.write(JSON.stringify({ dataset: r.dataset, acc1: r.acc1, acc5: r.acc5, loss: r.loss, count: r.count }) + '\n');
 }
 
+async function runFeatures(args: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: {
+      data: { type: 'string' },
+      out: { type: 'string' },
+      preset: { type: 'string' },
+      config: { type: 'string' },
+      pool: { type: 'string' },
+      device: { type: 'string' },
+      precision: { type: 'string' },
+      'batch-size': { type: 'string' },
+      'no-progress': { type: 'boolean' },
+    },
+    allowPositionals: true,
+  });
+  if (positionals.length !== 1) fail('features takes exactly one checkpoint file');
+  const pool = values.pool;
+  if (pool !== undefined && pool !== 'global' && pool !== 'token') fail(`--pool must be global or token, got '${pool}'`);
+  const tty = !values['no-progress'] && process.stderr.isTTY;
+  const r = await extractFeatures({
+    checkpoint: positionals[0]!,
+    data: values.data,
+    out: values.out,
+    preset: values.preset,
+    config: parseConfig(values.config),
+    pool,
+    device: values.device as DeviceName | undefined,
+    precision: values.precision as Precision | undefined,
+    batchSize: num(values['batch-size'], 'batch-size'),
+    onProgress: tty ? (done, total) => process.stderr.write(`\rfeatures: ${done}/${total} images\x1b[K`) : undefined,
+    onSkip: (s) => process.stderr.write(`${tty ? '\n' : ''}skipped ${s.path}: ${s.reason}\n`),
+  });
+  if (tty) process.stderr.write('\n');
+  process.stdout.write(JSON.stringify(r) + '\n');
+}
+
 function runInfo(args: string[]): void {
   const { values } = parseArgs({ args, options: { preset: { type: 'string' }, config: { type: 'string' }, json: { type: 'boolean' } } });
   const info = modelInfo({ preset: values.preset ?? 'convmae-base', config: parseConfig(values.config) });
@@ -395,6 +446,8 @@ export async function main(argv: string[]): Promise<void> {
       return runClassify(command, rest);
     case 'eval':
       return runEval(rest);
+    case 'features':
+      return runFeatures(rest);
     case 'info':
       return runInfo(rest);
     case 'check-fixture':

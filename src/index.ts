@@ -14,5 +14,6 @@ export {
   type EvalSummary,
   type EvaluateOptions,
 } from './tasks/classify.js';
+export { extractFeatures, type FeaturesOptions, type FeaturesSummary } from './tasks/features.js';
 export type { TrainingProgress } from './tasks/run.js';
 export type { TrainingRunOptions } from './tasks/run.js';

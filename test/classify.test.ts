@@ -6,8 +6,8 @@ import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { Classifier, evaluate, finetune, linprobe, openMnist, pretrain } from '../src/index.js';
-import { encodeIdx } from './fixtures/data/helpers.js';
+import { BatchLoader, Classifier, evaluate, finetune, linprobe, openImageFolder, openMnist, pretrain } from '../src/index.js';
+import { encodeIdx, tempDir, writeImage } from './fixtures/data/helpers.js';
 import { CLI, golden, randomImages, readSafetensors, tensorBytes } from './helpers.js';
 
 const run = promisify(execFile);
@@ -62,6 +62,77 @@ test('initFrom loads the official .pth files like main_finetune.py: head and fc_
   t.false(r.unexpected.includes('norm.weight'));
   t.deepEqual([...r.missing].sort(), ['head.0.running_mean', 'head.0.running_var', 'head.1.bias', 'head.1.weight']);
   probe.dispose();
+});
+
+test('features: the pooled vector is fc_norm of the stage-3 map\'s mean, maps are NCHW at strides 4, 8, 16', async (t) => {
+  const model = Classifier.create({ preset: 'convmae-golden-small', numClasses: 10 });
+  await model.initFrom(golden('pretrain_small_official.pth'));
+  const batch = { images: randomImages(2, 224, 7), batchSize: 2, height: 224, width: 224 };
+  const f = await model.features(batch, { maps: true });
+  t.is(f.dim, 64);
+  t.is(f.pooled.length, 2 * 64);
+  t.deepEqual(f.maps.map((m) => [m.name, ...m.shape]), [['stage1', 2, 32, 56, 56], ['stage2', 2, 48, 28, 28], ['stage3', 2, 64, 14, 14]]);
+  for (const m of f.maps) t.is(m.data.length, m.shape.reduce((a, b) => a * b, 1));
+  // initFrom leaves fc_norm fresh (weight 1, bias 0): pooled = LayerNorm(mean of the stage-3 map over its grid), eps 1e-6.
+  const stage3 = f.maps[2]!;
+  const [, c, h, w] = stage3.shape;
+  for (let b = 0; b < 2; b++) {
+    const mean = Array.from({ length: c }, (_, ch) => {
+      let sum = 0;
+      for (let i = 0; i < h * w; i++) sum += stage3.data[(b * c + ch) * h * w + i]!;
+      return sum / (h * w);
+    });
+    const mu = mean.reduce((a, v) => a + v, 0) / c;
+    const variance = mean.reduce((a, v) => a + (v - mu) ** 2, 0) / c;
+    const worst = Math.max(...mean.map((v, ch) => Math.abs((v - mu) / Math.sqrt(variance + 1e-6) - f.pooled[b * c + ch]!)));
+    t.true(worst < 1e-4, `image ${b}: worst ${worst}`);
+  }
+  const pooledOnly = await model.features(batch);
+  t.deepEqual(pooledOnly.maps, []);
+  t.deepEqual(pooledOnly.pooled, f.pooled);
+  await t.throwsAsync(model.features({ images: randomImages(1, 64), batchSize: 1, height: 64, width: 64 }), { message: /features: images are 64x64, the model's img_size is 224/ });
+  model.dispose();
+});
+
+test('CLI features: one row per readable image, in a safetensors file; an unreadable image is skipped and counted', async (t) => {
+  const { dir, cleanup } = await tempDir();
+  t.teardown(cleanup);
+  for (let i = 0; i < 5; i++) await writeImage(path.join(dir, `img${i}.jpg`), 40 + 3 * i, 36 + i, i);
+  await writeFile(path.join(dir, 'fake.png'), 'this is not a png\n');
+  const out = path.join(dir, 'features.safetensors');
+  const pth = golden('pretrain_small_official.pth');
+  const { stdout, stderr } = await run(process.execPath, [CLI, 'features', pth, '--preset', 'convmae-golden-small', '--data', dir, '--batch-size', '4', '--out', out, '--no-progress']);
+  t.deepEqual(JSON.parse(stdout), { out, dataset: path.basename(dir), count: 5, dim: 64, skipped: 1 });
+  t.regex(stderr, /skipped .*fake\.png/);
+
+  const file = await readSafetensors(out);
+  const shapes = Object.fromEntries(['features', 'indices', 'labels'].map((k) => [k, (file.header[k] as { shape: number[] }).shape]));
+  t.deepEqual(shapes, { features: [5, 64], indices: [5], labels: [5] });
+  t.is((file.header.__metadata__ as Record<string, string>).skipped, '1');
+  const bytes = (name: string) => tensorBytes(file, name);
+  const indices = Array.from(new BigInt64Array(bytes('indices').buffer.slice(bytes('indices').byteOffset, bytes('indices').byteOffset + bytes('indices').length)), Number);
+  const labels = Array.from(new BigInt64Array(bytes('labels').buffer.slice(bytes('labels').byteOffset, bytes('labels').byteOffset + bytes('labels').length)), Number);
+  const rows = new Float32Array(bytes('features').buffer.slice(bytes('features').byteOffset, bytes('features').byteOffset + bytes('features').length));
+  const ds = await openImageFolder(dir);
+  const fake = Array.from({ length: ds.length }, (_, i) => i).find((i) => ds.describe(i).endsWith('fake.png'))!;
+  t.deepEqual([...indices].sort(), Array.from({ length: 6 }, (_, i) => i).filter((i) => i !== fake));
+  t.deepEqual(labels, [-1, -1, -1, -1, -1]);
+
+  // Each row is the API's pooled features of that image (eval transform, same checkpoint).
+  const model = Classifier.create({ preset: 'convmae-golden-small', numClasses: 1 });
+  await model.initFrom(pth);
+  const loader = new BatchLoader({ dataset: ds, batchSize: 4, imageSize: 224, seed: 0, transform: 'eval', shuffle: false });
+  const first = (await loader.next()).value!;
+  const f = await model.features({ images: first.images, batchSize: 4, height: 224, width: 224 });
+  loader.close();
+  model.dispose();
+  for (let i = 0; i < 4; i++) {
+    const row = indices.indexOf(first.indices[i]!);
+    const worst = Math.max(...Array.from({ length: 64 }, (_, c) => Math.abs(rows[row * 64 + c]! - f.pooled[i * 64 + c]!)));
+    t.true(worst < 1e-5, `image ${first.indices[i]}: worst ${worst}`);
+  }
+  const e = await t.throwsAsync(run(process.execPath, [CLI, 'features', pth, '--preset', 'convmae-golden-small', '--pool', 'mean']));
+  t.regex(String((e as { stderr?: string }).stderr), /--pool must be global or token, got 'mean'/);
 });
 
 test('bad classifier options name the option', (t) => {

@@ -88,6 +88,24 @@ export interface EvalResult {
   logits: Float32Array;
 }
 
+/** One scale of the encoder's output. */
+export interface FeatureMap {
+  /** 'stage1' (stride 4, the last conv block of stage 1), 'stage2' (stride 8) or 'stage3' (stride 16, the last transformer block's tokens on their grid, before any norm). */
+  name: 'stage1' | 'stage2' | 'stage3';
+  /** [batch, channels, height, width]. */
+  shape: [number, number, number, number];
+  /** float32, row-major in `shape`'s order (PyTorch's NCHW). */
+  data: Float32Array;
+}
+
+export interface Features {
+  /** [batch, dim] row-major: the stage-3 tokens pooled and normalized as `pool` says; what the head reads (the probe's, before its BatchNorm). */
+  pooled: Float32Array;
+  dim: number;
+  /** stage1, stage2 and stage3, with `{ maps: true }`; empty otherwise. */
+  maps: FeatureMap[];
+}
+
 export interface ClassifierLoadReport extends LoadReport {
   /** Tensors the file has that were drawn fresh on purpose (the classification head). */
   reinitialized: string[];
@@ -168,6 +186,19 @@ export class Classifier {
   async evaluate(batch: ImageBatch, labels?: Int32Array): Promise<EvalResult> {
     checkImageBatch(batch);
     return this.handle.evaluate(batch.images, batch.batchSize, batch.height, batch.width, labels);
+  }
+
+  /**
+   * Evaluation-mode features of uint8 images: the pooled vector the head reads (an embedding for
+   * retrieval or k-NN) and, with `{ maps: true }`, the encoder's output at strides 4, 8 and 16
+   * (what a detection or segmentation neck takes). Load a pretrained encoder with `initFrom`
+   * first; its fresh `fc_norm` is a plain LayerNorm (weight 1, bias 0).
+   */
+  async features(batch: ImageBatch, options: { maps?: boolean } = {}): Promise<Features> {
+    checkImageBatch(batch);
+    const r = await this.handle.features(batch.images, batch.batchSize, batch.height, batch.width, options.maps ?? false);
+    const maps = r.maps.map((m) => ({ name: m.name as FeatureMap['name'], shape: m.shape as FeatureMap['shape'], data: m.data }));
+    return { pooled: r.pooled, dim: r.dim, maps };
   }
 
   /** Raises a Rust panic on the worker; the Promise rejects and Node lives on (for tests). */

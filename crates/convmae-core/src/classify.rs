@@ -113,6 +113,26 @@ pub struct EvalStats {
     pub logits: Vec<f32>,
 }
 
+/// One scale of the encoder's output: float32, [B, C, H, W] row-major (the official layout).
+#[derive(Clone, Debug)]
+pub struct FeatureMap {
+    /// `stage1` (stride 4), `stage2` (stride 8) or `stage3` (stride 16).
+    pub name: &'static str,
+    pub shape: [usize; 4],
+    pub data: Vec<f32>,
+}
+
+/// What `ClassifierTrainer::features` returns.
+#[derive(Clone, Debug)]
+pub struct Features {
+    /// [B, dim] row-major: the stage-3 tokens pooled and normalized as the head's `pool` says
+    /// (the head's input; for the linear probe, before its BatchNorm).
+    pub pooled: Vec<f32>,
+    pub dim: usize,
+    /// stage1, stage2 and stage3, when asked for; empty otherwise.
+    pub maps: Vec<FeatureMap>,
+}
+
 /// Separates the stochastic-depth draws from the other per-step streams.
 const DROP_PATH_STREAM: u64 = 0x6472_6f70;
 
@@ -225,6 +245,32 @@ impl ClassifierTrainer {
             self.bn_batches += 1;
         }
         Ok(TrainStepStats { loss: loss_value, lr: opts.lr, step: self.step_count(), updated })
+    }
+
+    /// Evaluation-mode features of a batch of uint8 images: the pooled vector the head reads
+    /// and, with `maps`, the encoder's output at each scale.
+    pub fn features(&self, batch: &Batch, maps: bool) -> Result<Features> {
+        self.check_batch(batch, "features")?;
+        let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
+        let stages = self.model.forward_stages(&imgs, None)?;
+        let pooled = self.model.pool(&stages.stage3)?;
+        let dim = pooled.dim(1)?;
+        let pooled = pooled.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let maps = if maps {
+            let (b, grid) = (batch.batch, self.model.cfg.grid());
+            let stage3 = stages.stage3.reshape((b, grid, grid, stages.stage3.dim(2)?))?;
+            [("stage1", &stages.stage1), ("stage2", &stages.stage2), ("stage3", &stage3)]
+                .into_iter()
+                .map(|(name, channels_last)| {
+                    let t = channels_last.permute((0, 3, 1, 2))?.to_dtype(DType::F32)?;
+                    let (b, c, h, w) = t.dims4()?;
+                    Ok(FeatureMap { name, shape: [b, c, h, w], data: t.flatten_all()?.to_vec1::<f32>()? })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Features { pooled, dim, maps })
     }
 
     /// Evaluation-mode logits of a batch (the eval transform's images), with loss and top-1 /

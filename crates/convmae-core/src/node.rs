@@ -428,6 +428,26 @@ pub struct EvalResult {
     pub logits: Float32Array,
 }
 
+/// One scale of the encoder's output.
+#[napi(object)]
+pub struct FeatureMapResult {
+    /// `stage1` (stride 4), `stage2` (stride 8) or `stage3` (stride 16).
+    pub name: String,
+    /// [batch, channels, height, width].
+    pub shape: Vec<u32>,
+    /// float32, row-major in `shape`'s order.
+    pub data: Float32Array,
+}
+
+#[napi(object)]
+pub struct FeaturesResult {
+    /// [batch, dim] row-major: what the head reads (pooled and normalized stage-3 tokens).
+    pub pooled: Float32Array,
+    pub dim: u32,
+    /// stage1, stage2, stage3 when asked for, else empty.
+    pub maps: Vec<FeatureMapResult>,
+}
+
 fn labels_vec(labels: &[i32]) -> Result<Vec<usize>> {
     labels
         .iter()
@@ -539,6 +559,24 @@ impl NativeClassifier {
                 logits: s.logits.into(),
             }),
             _ => Err(js_err("unexpected reply to evaluate")),
+        }
+    }
+
+    /// Evaluation-mode features: the pooled vector the head reads and, with `maps`, the
+    /// encoder's output at each scale as float32 [batch, channels, height, width].
+    #[napi]
+    pub async fn features(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, maps: bool) -> Result<FeaturesResult> {
+        match self.call(ClassifierCommand::Features { images: images(&pixels, batch, height, width), maps }).await? {
+            ClassifierReply::Features(f) => Ok(FeaturesResult {
+                pooled: f.pooled.into(),
+                dim: f.dim as u32,
+                maps: f
+                    .maps
+                    .into_iter()
+                    .map(|m| FeatureMapResult { name: m.name.into(), shape: m.shape.iter().map(|&d| d as u32).collect(), data: m.data.into() })
+                    .collect(),
+            }),
+            _ => Err(js_err("unexpected reply to features")),
         }
     }
 

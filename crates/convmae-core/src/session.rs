@@ -4,7 +4,7 @@
 //! error for that command instead of taking the process down.
 
 use crate::checkpoint::{self, LoadReport};
-use crate::classify::{ClassifierTrainer, EvalStats, TrainStepOptions, TrainStepStats};
+use crate::classify::{ClassifierTrainer, EvalStats, Features, TrainStepOptions, TrainStepStats};
 use crate::recon::{self, Reconstruction};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -142,6 +142,7 @@ impl Worker for Pretrainer {
 pub enum ClassifierCommand {
     Train { images: Images, opts: TrainStepOptions },
     Evaluate { images: Images, labels: Option<Vec<usize>> },
+    Features { images: Images, maps: bool },
     Save { path: PathBuf, extra: String },
     /// Exact restore (resume or evaluation).
     Load { path: PathBuf, strict: bool },
@@ -154,6 +155,7 @@ pub enum ClassifierCommand {
 pub enum ClassifierReply {
     Trained(TrainStepStats),
     Evaluated(EvalStats),
+    Features(Features),
     Saved,
     Loaded { report: LoadReport, extra: String },
 }
@@ -167,6 +169,7 @@ impl Worker for ClassifierTrainer {
         match command {
             C::Train { images, opts } => self.train_step(&images.view(), &opts).map(R::Trained).map_err(message),
             C::Evaluate { images, labels } => self.evaluate(&images.view(), labels.as_deref()).map(R::Evaluated).map_err(message),
+            C::Features { images, maps } => self.features(&images.view(), maps).map(R::Features).map_err(message),
             C::Save { path, extra } => checkpoint::save_classifier(self, &path, &extra).map(|_| R::Saved).map_err(message),
             C::Load { path, strict } => {
                 checkpoint::load_classifier(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message)

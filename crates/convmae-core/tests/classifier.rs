@@ -170,7 +170,7 @@ fn token_pooling_takes_the_normed_top_left_token() {
     let px: Vec<f64> = pixels(0, 2, s).iter().map(|&p| p as f64 / 255.0).collect();
     let imgs = Tensor::from_vec(px, (2, s, s, 3), &Device::Cpu).unwrap();
     let features = model.forward_features(&imgs, &mut Mode::Eval).unwrap();
-    let tokens = model.forward_tokens(&imgs, None).unwrap();
+    let tokens = model.forward_stages(&imgs, None).unwrap().stage3;
     let all_normed = layer_norm_p(&model.params, "norm", &tokens, VIT_LN_EPS).unwrap();
     let want = to_vec(&all_normed.narrow(1, 0, 1).unwrap());
     let got = to_vec(&features);
@@ -380,4 +380,62 @@ fn bf16_classifier_trains_f32_master_weights_with_close_logits() {
         let want = to_vec(&p.tensor.to_dtype(DType::BF16).unwrap());
         assert_eq!(want, to_vec(&c.tensor), "{}'s compute copy", p.spec.name);
     }
+}
+
+/// `features` gives the head's input as the model computes it (the golden fine-tune fixture's
+/// `output.features` is that vector), and each scale's map in [B, C, H, W] order: the maps are the
+/// encoder's channels-last stage outputs transposed, and pooling the stage-3 map's tokens gives
+/// the pooled vector back.
+#[test]
+fn features_are_the_heads_input_and_the_encoders_maps_in_nchw() {
+    // The golden fixture's images through the stages and the pooling `features` uses.
+    let fx = convmae_core::fixture::Fixture::read(&golden("finetune_small.safetensors")).unwrap();
+    let params = ParamStore::build(classifier_param_specs(&ConvMaeConfig::golden_small(), &ClassifierHead::finetune(10)), DType::F64, &Device::Cpu, |spec| {
+        Ok(fx.tensor(&format!("param.{}", spec.name))?.clone())
+    })
+    .unwrap();
+    let golden_model = ConvViT { cfg: ConvMaeConfig::golden_small(), head: ClassifierHead::finetune(10), params, precision: Default::default() };
+    let imgs = fx.tensor("input.imgs").unwrap().permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let pooled = golden_model.pool(&golden_model.forward_stages(&imgs, None).unwrap().stage3).unwrap();
+    let (want, got) = (to_vec(fx.tensor("output.features").unwrap()), to_vec(&pooled));
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-9 * scale));
+
+    // The trainer's `features` on uint8 images: layout and agreement with the model's forward.
+    let model = ConvViT::new(ConvMaeConfig::tiny(), head(HeadKind::Finetune, Pooling::Global, 0.0), DType::F64, &Device::Cpu, 8).unwrap();
+    let t = ClassifierTrainer::new(model, OptimizerConfig::default_for(HeadKind::Finetune), 8).unwrap();
+    let (cfg, b) = (t.model.cfg.clone(), 3);
+    let s = cfg.img_size;
+    let px = pixels(5, b, s);
+    let batch = Batch { pixels: &px, batch: b, height: s, width: s, channels: 3 };
+    let f = t.features(&batch, true).unwrap();
+    let imgs = convmae_core::train::normalize(&batch, DType::F64, &Device::Cpu).unwrap();
+    let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    assert_eq!(f.dim, cfg.embed_dim[2]);
+    assert_eq!(f.pooled, as_f32(to_vec(&t.model.forward(&imgs).unwrap().features)));
+    let names: Vec<_> = f.maps.iter().map(|m| m.name).collect();
+    assert_eq!(names, ["stage1", "stage2", "stage3"]);
+    let strides = [4, 8, 16];
+    for (i, m) in f.maps.iter().enumerate() {
+        assert_eq!(m.shape, [b, cfg.embed_dim[i], s / strides[i], s / strides[i]], "{}", m.name);
+        assert_eq!(m.data.len(), m.shape.iter().product::<usize>());
+    }
+    let stages = t.model.forward_stages(&imgs, None).unwrap();
+    let nchw = |t: &Tensor| as_f32(to_vec(&t.permute((0, 3, 1, 2)).unwrap()));
+    assert_eq!(f.maps[0].data, nchw(&stages.stage1));
+    assert_eq!(f.maps[1].data, nchw(&stages.stage2));
+    // The stage-3 map back to tokens [B, L, D3] (token l at row l / grid, column l % grid).
+    let m3 = &f.maps[2];
+    let map = Tensor::from_vec(m3.data.clone(), m3.shape.to_vec(), &Device::Cpu).unwrap();
+    let tokens = map.flatten_from(2).unwrap().transpose(1, 2).unwrap().to_dtype(DType::F64).unwrap();
+    assert_eq!(as_f32(to_vec(&tokens)), as_f32(to_vec(&stages.stage3)));
+    let repooled = as_f32(to_vec(&t.model.pool(&tokens).unwrap()));
+    assert!(repooled.iter().zip(&f.pooled).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0)));
+
+    let without = t.features(&batch, false).unwrap();
+    assert!(without.maps.is_empty());
+    assert_eq!(without.pooled, f.pooled);
+    let small = pixels(5, 1, s / 2);
+    let e = t.features(&Batch { pixels: &small, batch: 1, height: s / 2, width: s / 2, channels: 3 }, false).unwrap_err().to_string();
+    assert!(e.contains("features: images are"), "{e}");
 }

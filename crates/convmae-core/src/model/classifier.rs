@@ -13,6 +13,17 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
+/// The encoder's outputs at its three scales: what a detection or segmentation neck takes.
+pub struct EncoderStages {
+    /// The last stage-1 conv block's output, [B, H/4, W/4, C1], channels last.
+    pub stage1: Tensor,
+    /// The last stage-2 conv block's output, [B, H/8, W/8, C2], channels last.
+    pub stage2: Tensor,
+    /// The last stage-3 transformer block's tokens, [B, L, D3] (L = (H/16) * (W/16), row-major
+    /// over the token grid), before any norm.
+    pub stage3: Tensor,
+}
+
 /// How stage-3 tokens become one feature vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,22 +184,22 @@ impl ConvViT {
         Ok(Some(out))
     }
 
-    /// Stage-3 tokens [B, L, D3] of channels-last images [B, H, W, C] (no mask, no final norm),
-    /// in the compute dtype.
-    pub fn forward_tokens(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<Tensor> {
+    /// The encoder's output at each of its three scales for channels-last images [B, H, W, C]
+    /// (no mask), in the compute dtype.
+    pub fn forward_stages(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<EncoderStages> {
         let params = self.compute_params()?;
         let (cfg, p): (_, &ParamStore) = (&self.cfg, &params);
         let imgs = imgs.to_dtype(p.dtype)?;
         let unmasked = SpatialMix::Dense { keep: None };
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (_, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+        let (stage1, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
         let b = imgs.dim(0)?;
         let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
         let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
         for i in 0..cfg.depth[2] {
             x = transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, drop.map(|d| &d[conv_blocks + i]))?;
         }
-        Ok(x)
+        Ok(EncoderStages { stage1, stage2, stage3: x })
     }
 
     /// Pooled, normalized features [B, D3] in the parameters' dtype: the head's input.
@@ -197,9 +208,15 @@ impl ConvViT {
             Mode::Train(rng) if self.head.kind == HeadKind::Finetune => self.draw_drop_path(imgs.dim(0)?, rng)?,
             _ => None,
         };
+        self.pool(&self.forward_stages(imgs, drop.as_deref())?.stage3)
+    }
+
+    /// The head's input [B, D3] from stage-3 tokens [B, L, D3]: pooled as `head.pool` says, then
+    /// normalized, in the parameters' dtype.
+    pub fn pool(&self, tokens: &Tensor) -> Result<Tensor> {
         // Pooling and its norm run in the parameters' dtype: a bf16 mean over hundreds of tokens
         // would round away the small differences the head separates classes by.
-        let tokens = self.forward_tokens(imgs, drop.as_deref())?.to_dtype(self.dtype())?;
+        let tokens = tokens.to_dtype(self.dtype())?;
         let p = &self.params;
         match self.head.pool {
             Pooling::Global => layer_norm_p(p, "fc_norm", &tokens.mean(1)?, VIT_LN_EPS),

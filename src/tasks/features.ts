@@ -1,0 +1,170 @@
+/**
+ * Features of a whole dataset from a trained encoder: the pooled vector of every image (what a
+ * classifier's head reads; an embedding for retrieval, k-NN or a head trained elsewhere), written
+ * as one safetensors file.
+ */
+import { open, rename, rm } from 'node:fs/promises';
+import { Classifier, type Pooling } from '../api/classifier.js';
+import type { ConvMaeConfig, PresetName } from '../api/config.js';
+import type { DeviceName, Precision } from '../api/pretrainer.js';
+import { native } from '../native.js';
+import { BatchLoader, openDataset, type SkippedSample } from '../data/index.js';
+import { positiveInt } from './run.js';
+
+export interface FeaturesOptions {
+  /**
+   * Any checkpoint with a ConvMAE encoder: ours (pretraining or classifier; the model is read from
+   * it) or an official .pth (pretrained or fine-tuned; give `preset` / `config`). The encoder and,
+   * when present, `fc_norm` / `norm` are loaded as the official fine-tune script loads them.
+   */
+  checkpoint: string;
+  /** Images (see `openDataset`); default: the MNIST test split. */
+  data?: string;
+  /** Where the safetensors file goes; default `features.safetensors`. */
+  out?: string;
+  /** For files without our metadata (official .pth); default convmae-base. */
+  preset?: PresetName | string;
+  config?: Partial<ConvMaeConfig>;
+  /** Default: the classifier checkpoint's pooling, else 'global' (token mean + fc_norm). */
+  pool?: Pooling;
+  /** Default 128. */
+  batchSize?: number;
+  device?: DeviceName;
+  precision?: Precision;
+  /** Images decoded at once. */
+  concurrency?: number;
+  /** After each batch: images written so far, of the dataset's length. */
+  onProgress?: (done: number, total: number) => void;
+  /** Each image that cannot be read (it is left out of the file). */
+  onSkip?: (skipped: SkippedSample) => void;
+}
+
+export interface FeaturesSummary {
+  out: string;
+  dataset: string;
+  /** Rows written: the dataset's images less the skipped ones. */
+  count: number;
+  dim: number;
+  skipped: number;
+}
+
+/**
+ * Writes `features` (float32 [count, dim]: row i is image `indices[i]` of the dataset),
+ * `indices` (int64 [count]) and `labels` (int64 [count], -1 where the dataset has none) to
+ * `out`, atomically. Unreadable images are skipped and counted (metadata `skipped`). The rows
+ * are held in memory until the end: count x dim x 4 bytes.
+ */
+export async function extractFeatures(options: FeaturesOptions): Promise<FeaturesSummary> {
+  const out = options.out ?? 'features.safetensors';
+  const batchSize = positiveInt(options.batchSize ?? 128, 'batchSize');
+  const dataset = await openDataset(options.data ?? 'mnist:t10k');
+  const meta = JSON.parse(await native.checkpointMetadata(options.checkpoint)) as Record<string, string>;
+  const head = meta.head ? (JSON.parse(meta.head) as { pool: Pooling }) : undefined;
+  const config = meta.config ? (JSON.parse(meta.config) as ConvMaeConfig) : options.config;
+  const pool = options.pool ?? head?.pool ?? 'global';
+  // The head is never used here: one class keeps it small.
+  const model = Classifier.create({
+    preset: meta.config ? undefined : (options.preset ?? 'convmae-base'),
+    config,
+    numClasses: 1,
+    pool,
+    device: options.device,
+    precision: options.precision,
+  });
+  try {
+    await model.initFrom(options.checkpoint);
+    const imageSize = model.config.img_size;
+    const loader = new BatchLoader({
+      dataset,
+      batchSize,
+      imageSize,
+      seed: 0,
+      transform: 'eval',
+      shuffle: false,
+      dropLast: false,
+      endStep: Math.ceil(dataset.length / batchSize),
+      concurrency: options.concurrency,
+      onSkip: options.onSkip,
+    });
+    // A skipped image's slot is filled with a later image (the loader keeps batches full), which
+    // then comes again in its own batch: each image is written once, where it first comes.
+    const written = new Uint8Array(dataset.length);
+    const rows: Float32Array[] = [];
+    const indices: number[] = [];
+    const labels: number[] = [];
+    let dim = 0;
+    try {
+      for await (const b of loader) {
+        const f = await model.features({ images: b.images.subarray(0, b.batchSize * imageSize * imageSize * 3), batchSize: b.batchSize, height: imageSize, width: imageSize });
+        dim = f.dim;
+        for (let i = 0; i < b.batchSize; i++) {
+          const index = b.indices[i]!;
+          if (written[index]) continue;
+          written[index] = 1;
+          rows.push(f.pooled.subarray(i * dim, (i + 1) * dim));
+          indices.push(index);
+          labels.push(b.labels[i]!);
+        }
+        options.onProgress?.(indices.length, dataset.length);
+      }
+    } finally {
+      loader.close();
+    }
+    if (indices.length === 0) throw new Error(`features: dataset '${dataset.name}' yielded no images`);
+    const features = new Float32Array(indices.length * dim);
+    rows.forEach((row, i) => features.set(row, i * dim));
+    await writeSafetensors(
+      out,
+      {
+        features: { dtype: 'F32', shape: [indices.length, dim], data: features },
+        indices: { dtype: 'I64', shape: [indices.length], data: BigInt64Array.from(indices, BigInt) },
+        labels: { dtype: 'I64', shape: [labels.length], data: BigInt64Array.from(labels, BigInt) },
+      },
+      {
+        checkpoint: options.checkpoint,
+        dataset: dataset.name,
+        pool,
+        skipped: String(loader.skipped.length),
+        config: JSON.stringify(model.config),
+      },
+    );
+    return { out, dataset: dataset.name, count: indices.length, dim, skipped: loader.skipped.length };
+  } finally {
+    model.dispose();
+  }
+}
+
+interface TensorEntry {
+  dtype: 'F32' | 'I64';
+  shape: number[];
+  data: Float32Array | BigInt64Array;
+}
+
+/** A safetensors file of `tensors` (in the given order) and string `metadata`: written to a temporary file, synced, then renamed over `file`. */
+async function writeSafetensors(file: string, tensors: Record<string, TensorEntry>, metadata: Record<string, string>): Promise<void> {
+  const header: Record<string, unknown> = { __metadata__: metadata };
+  let offset = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  // The data starts 8-byte aligned: the header is padded with spaces, as the format allows.
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const head = Buffer.alloc(8 + Buffer.byteLength(json));
+  head.writeBigUInt64LE(BigInt(Buffer.byteLength(json)), 0);
+  head.write(json, 8, 'utf8');
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fh = await open(tmp, 'w');
+  try {
+    await fh.write(head);
+    for (const t of Object.values(tensors)) await fh.write(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+    await fh.sync();
+  } catch (e) {
+    await fh.close();
+    await rm(tmp, { force: true });
+    throw e;
+  }
+  await fh.close();
+  await rename(tmp, file);
+}
