@@ -6,7 +6,7 @@ import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { BatchLoader, Classifier, evaluate, finetune, linprobe, openImageFolder, openMnist, pretrain } from '../src/index.js';
+import { BatchLoader, Classifier, evaluate, evaluateDataset, finetune, linprobe, openImageFolder, openMnist, pretrain } from '../src/index.js';
 import { encodeIdx, tempDir, writeImage } from './fixtures/data/helpers.js';
 import { CLI, golden, randomImages, readSafetensors, tensorBytes } from './helpers.js';
 
@@ -133,6 +133,25 @@ test('CLI features: one row per readable image, in a safetensors file; an unread
   }
   const e = await t.throwsAsync(run(process.execPath, [CLI, 'features', pth, '--preset', 'convmae-golden-small', '--pool', 'mean']));
   t.regex(String((e as { stderr?: string }).stderr), /--pool must be global or token, got 'mean'/);
+});
+
+test('evaluateDataset counts each readable image once when one is unreadable', async (t) => {
+  const { dir, cleanup } = await tempDir();
+  t.teardown(cleanup);
+  const clean = path.join(dir, 'clean');
+  const broken = path.join(dir, 'broken');
+  for (const root of [clean, broken]) {
+    for (let i = 0; i < 5; i++) await writeImage(path.join(root, i % 2 ? 'b' : 'a', `img${i}.jpg`), 40 + i, 36, i);
+  }
+  // Sorts first in class 'a': its slot in the first batch is filled with a later image.
+  await writeFile(path.join(broken, 'a', 'bad.jpg'), 'not a jpeg\n');
+  const model = Classifier.create({ preset: 'convmae-tiny', numClasses: 2 });
+  const withBad = await evaluateDataset(model, await openImageFolder(broken), 4);
+  const without = await evaluateDataset(model, await openImageFolder(clean), 4);
+  model.dispose();
+  t.is(withBad.count, 5);
+  t.is(withBad.acc1, without.acc1);
+  t.true(Math.abs(withBad.loss - without.loss) < 1e-6, `${withBad.loss} vs ${without.loss}`);
 });
 
 test('bad classifier options name the option', (t) => {

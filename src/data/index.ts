@@ -39,7 +39,7 @@ export {
 } from './datasets.js';
 export { classBalancedSubset } from './subset.js';
 export { decodeBmp, isBmp, type DecodedBmp } from './bmp.js';
-export { BatchLoader, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
+export { BatchLoader, unseenImages, type Batch, type BatchLoaderOptions, type SkippedSample } from './loader.js';
 export { mixedTargets, sampleMix, type MixDraw, type MixSpec, type MixupOptions } from './mixup.js';
 export { sampleErasing, type EraseBox, type ErasingOptions } from './erasing.js';
 export { RAND_AUGMENT_OPS, randAugment, type RandAugmentOptions } from './randaugment.js';

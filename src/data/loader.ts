@@ -38,6 +38,30 @@ export interface Batch {
   imageSize: number;
 }
 
+/**
+ * The images of `batch` not met before in this pass over a dataset, moved to the front of its
+ * buffers. A pass in order (shuffle and dropLast off) fills an unreadable image's slot with a
+ * later image, which then comes again in its own batch: evaluation and feature extraction count
+ * each image once. `seen` holds a flag per dataset index and is updated.
+ */
+export function unseenImages(batch: Batch, seen: Uint8Array): Pick<Batch, 'images' | 'labels' | 'indices' | 'batchSize'> {
+  const block = batch.imageSize * batch.imageSize * 3;
+  const indices: number[] = [];
+  for (let i = 0; i < batch.batchSize; i++) {
+    const index = batch.indices[i]!;
+    if (seen[index]) continue;
+    seen[index] = 1;
+    const to = indices.length;
+    if (to !== i) {
+      batch.images.copyWithin(to * block, i * block, (i + 1) * block);
+      batch.labels[to] = batch.labels[i]!;
+    }
+    indices.push(index);
+  }
+  const n = indices.length;
+  return { images: batch.images.subarray(0, n * block), labels: batch.labels.subarray(0, n), indices, batchSize: n };
+}
+
 export interface SkippedSample {
   /** File path, or "name#index" for in-memory datasets. */
   path: string;

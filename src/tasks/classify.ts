@@ -12,7 +12,7 @@
  */
 import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
+import { BatchLoader, openDataset, unseenImages, type ImageDataset, type SkippedSample } from '../data/index.js';
 import { sampleErasing, type EraseBox, type ErasingOptions } from '../data/erasing.js';
 import { mixedTargets, sampleMix, type MixupOptions } from '../data/mixup.js';
 import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
@@ -140,9 +140,12 @@ export async function evaluateDataset(model: Classifier, dataset: ImageDataset, 
   let top5 = 0;
   let lossSum = 0;
   let count = 0;
+  const seen = new Uint8Array(dataset.length);
   try {
     for await (const b of loader) {
-      const r = await model.evaluate({ images: b.images.subarray(0, b.batchSize * imageSize * imageSize * 3), batchSize: b.batchSize, height: imageSize, width: imageSize }, b.labels.subarray(0, b.batchSize));
+      const u = unseenImages(b, seen);
+      if (u.batchSize === 0) continue;
+      const r = await model.evaluate({ images: u.images, batchSize: u.batchSize, height: imageSize, width: imageSize }, u.labels);
       top1 += r.top1;
       top5 += r.top5;
       lossSum += r.lossSum;

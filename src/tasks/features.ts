@@ -8,7 +8,7 @@ import { Classifier, type Pooling } from '../api/classifier.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import type { DeviceName, Precision } from '../api/pretrainer.js';
 import { native } from '../native.js';
-import { BatchLoader, openDataset, type SkippedSample } from '../data/index.js';
+import { BatchLoader, openDataset, unseenImages, type SkippedSample } from '../data/index.js';
 import { positiveInt } from './run.js';
 
 export interface FeaturesOptions {
@@ -86,25 +86,21 @@ export async function extractFeatures(options: FeaturesOptions): Promise<Feature
       concurrency: options.concurrency,
       onSkip: options.onSkip,
     });
-    // A skipped image's slot is filled with a later image (the loader keeps batches full), which
-    // then comes again in its own batch: each image is written once, where it first comes.
-    const written = new Uint8Array(dataset.length);
+    const seen = new Uint8Array(dataset.length);
     const rows: Float32Array[] = [];
     const indices: number[] = [];
     const labels: number[] = [];
     let dim = 0;
     try {
       for await (const b of loader) {
-        const f = await model.features({ images: b.images.subarray(0, b.batchSize * imageSize * imageSize * 3), batchSize: b.batchSize, height: imageSize, width: imageSize });
+        // Each image once (a skipped image's slot holds a later one, which comes again).
+        const u = unseenImages(b, seen);
+        if (u.batchSize === 0) continue;
+        const f = await model.features({ images: u.images, batchSize: u.batchSize, height: imageSize, width: imageSize });
         dim = f.dim;
-        for (let i = 0; i < b.batchSize; i++) {
-          const index = b.indices[i]!;
-          if (written[index]) continue;
-          written[index] = 1;
-          rows.push(f.pooled.subarray(i * dim, (i + 1) * dim));
-          indices.push(index);
-          labels.push(b.labels[i]!);
-        }
+        rows.push(f.pooled);
+        indices.push(...u.indices);
+        labels.push(...u.labels);
         options.onProgress?.(indices.length, dataset.length);
       }
     } finally {
@@ -112,7 +108,11 @@ export async function extractFeatures(options: FeaturesOptions): Promise<Feature
     }
     if (indices.length === 0) throw new Error(`features: dataset '${dataset.name}' yielded no images`);
     const features = new Float32Array(indices.length * dim);
-    rows.forEach((row, i) => features.set(row, i * dim));
+    let at = 0;
+    for (const row of rows) {
+      features.set(row, at);
+      at += row.length;
+    }
     await writeSafetensors(
       out,
       {
