@@ -3,7 +3,7 @@
  * classifier's head reads; an embedding for retrieval, k-NN or a head trained elsewhere), written
  * as one safetensors file.
  */
-import { open, rename, rm } from 'node:fs/promises';
+import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { Classifier, type Pooling } from '../api/classifier.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import type { DeviceName, Precision } from '../api/pretrainer.js';
@@ -52,7 +52,7 @@ export interface FeaturesSummary {
  * Writes `features` (float32 [count, dim]: row i is image `indices[i]` of the dataset),
  * `indices` (int64 [count]) and `labels` (int64 [count], -1 where the dataset has none) to
  * `out`, atomically. Unreadable images are skipped and counted (metadata `skipped`). The rows
- * are held in memory until the end: count x dim x 4 bytes.
+ * go to a temporary file beside `out` as they come (memory stays one batch's), then into `out`.
  */
 export async function extractFeatures(options: FeaturesOptions): Promise<FeaturesSummary> {
   const out = options.out ?? 'features.safetensors';
@@ -87,47 +87,47 @@ export async function extractFeatures(options: FeaturesOptions): Promise<Feature
       onSkip: options.onSkip,
     });
     const seen = new Uint8Array(dataset.length);
-    const rows: Float32Array[] = [];
     const indices: number[] = [];
     const labels: number[] = [];
     let dim = 0;
+    const rowsFile = `${out}.rows-${process.pid}`;
+    const rows = await open(rowsFile, 'w');
     try {
-      for await (const b of loader) {
-        // Each image once (a skipped image's slot holds a later one, which comes again).
-        const u = unseenImages(b, seen);
-        if (u.batchSize === 0) continue;
-        const f = await model.features({ images: u.images, batchSize: u.batchSize, height: imageSize, width: imageSize });
-        dim = f.dim;
-        rows.push(f.pooled);
-        indices.push(...u.indices);
-        labels.push(...u.labels);
-        options.onProgress?.(indices.length, dataset.length);
+      try {
+        for await (const b of loader) {
+          // Each image once (a skipped image's slot holds a later one, which comes again).
+          const u = unseenImages(b, seen);
+          if (u.batchSize === 0) continue;
+          const f = await model.features({ images: u.images, batchSize: u.batchSize, height: imageSize, width: imageSize });
+          dim = f.dim;
+          await rows.write(new Uint8Array(f.pooled.buffer, f.pooled.byteOffset, f.pooled.byteLength));
+          indices.push(...u.indices);
+          labels.push(...u.labels);
+          options.onProgress?.(indices.length, dataset.length);
+        }
+      } finally {
+        loader.close();
+        await rows.close();
       }
+      if (indices.length === 0) throw new Error(`features: dataset '${dataset.name}' yielded no images`);
+      await writeSafetensors(
+        out,
+        {
+          features: { dtype: 'F32', shape: [indices.length, dim], data: { file: rowsFile, byteLength: indices.length * dim * 4 } },
+          indices: { dtype: 'I64', shape: [indices.length], data: BigInt64Array.from(indices, BigInt) },
+          labels: { dtype: 'I64', shape: [labels.length], data: BigInt64Array.from(labels, BigInt) },
+        },
+        {
+          checkpoint: options.checkpoint,
+          dataset: dataset.name,
+          pool,
+          skipped: String(loader.skipped.length),
+          config: JSON.stringify(model.config),
+        },
+      );
     } finally {
-      loader.close();
+      await rm(rowsFile, { force: true });
     }
-    if (indices.length === 0) throw new Error(`features: dataset '${dataset.name}' yielded no images`);
-    const features = new Float32Array(indices.length * dim);
-    let at = 0;
-    for (const row of rows) {
-      features.set(row, at);
-      at += row.length;
-    }
-    await writeSafetensors(
-      out,
-      {
-        features: { dtype: 'F32', shape: [indices.length, dim], data: features },
-        indices: { dtype: 'I64', shape: [indices.length], data: BigInt64Array.from(indices, BigInt) },
-        labels: { dtype: 'I64', shape: [labels.length], data: BigInt64Array.from(labels, BigInt) },
-      },
-      {
-        checkpoint: options.checkpoint,
-        dataset: dataset.name,
-        pool,
-        skipped: String(loader.skipped.length),
-        config: JSON.stringify(model.config),
-      },
-    );
     return { out, dataset: dataset.name, count: indices.length, dim, skipped: loader.skipped.length };
   } finally {
     model.dispose();
@@ -137,7 +137,8 @@ export async function extractFeatures(options: FeaturesOptions): Promise<Feature
 interface TensorEntry {
   dtype: 'F32' | 'I64';
   shape: number[];
-  data: Float32Array | BigInt64Array;
+  /** The bytes, or the file that holds them. */
+  data: Float32Array | BigInt64Array | { file: string; byteLength: number };
 }
 
 /** A safetensors file of `tensors` (in the given order) and string `metadata`: written to a temporary file, synced, then renamed over `file`. */
@@ -158,7 +159,13 @@ async function writeSafetensors(file: string, tensors: Record<string, TensorEntr
   const fh = await open(tmp, 'w');
   try {
     await fh.write(head);
-    for (const t of Object.values(tensors)) await fh.write(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+    for (const { data } of Object.values(tensors)) {
+      if ('file' in data) {
+        await copyInto(fh, data.file, data.byteLength);
+      } else {
+        await fh.write(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+      }
+    }
     await fh.sync();
   } catch (e) {
     await fh.close();
@@ -167,4 +174,20 @@ async function writeSafetensors(file: string, tensors: Record<string, TensorEntr
   }
   await fh.close();
   await rename(tmp, file);
+}
+
+/** Appends the first `byteLength` bytes of `file` to `fh`, a chunk at a time; a shorter file is an error. */
+async function copyInto(fh: FileHandle, file: string, byteLength: number): Promise<void> {
+  const src = await open(file, 'r');
+  try {
+    const chunk = Buffer.alloc(Math.min(byteLength, 8 << 20));
+    for (let copied = 0; copied < byteLength; ) {
+      const { bytesRead } = await src.read(chunk, 0, Math.min(chunk.length, byteLength - copied), copied);
+      if (bytesRead === 0) throw new Error(`${file}: ${copied} bytes where ${byteLength} were written`);
+      await fh.write(chunk.subarray(0, bytesRead));
+      copied += bytesRead;
+    }
+  } finally {
+    await src.close();
+  }
 }
