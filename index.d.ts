@@ -15,8 +15,9 @@ export declare class NativeClassifier {
    * `headJson`: {num_classes, pool: 'global'|'token', kind: 'finetune'|'linear-probe',
    * drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
    * head's official optimizer). Validated here; the weights are built on the worker.
+   * `threads`: the CPU threads of the steps; absent: all of rayon's; 0: auto (threads.rs).
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update. Targets are either `labels` (class ids) or `targets` ([batch,
    * numClasses] probabilities); `augmentJson` holds the erasing boxes and the mix (see
@@ -46,12 +47,20 @@ export declare class NativeClassifier {
   debugPanic(): Promise<void>
   /** Frees the model after queued commands finish. Further calls reject. */
   dispose(): void
+  /**
+   * The CPU threads the steps run on now (with auto: the count being timed, then the one
+   * chosen; 0 until the worker has started).
+   */
+  threads(): number
 }
 
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
-  /** `configJson` is validated here, synchronously; the weights are built on the worker. */
-  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null)
+  /**
+   * `configJson` is validated here, synchronously; the weights are built on the worker.
+   * `threads`: the CPU threads of the steps; absent: all of rayon's; 0: auto (threads.rs).
+   */
+  constructor(configJson: string, dtype: string, seed: number, adamwJson?: string | undefined | null, convPath?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One pretraining micro-step on uint8 [batch, height, width, 3] images. The images are
    * copied and the step queued before this returns, so steps run in the order of the calls
@@ -67,6 +76,11 @@ export declare class NativePretrainer {
   reconstruct(pixels: Uint8Array, batch: number, height: number, width: number, seed: number): Promise<ReconstructionResult>
   /** Frees the model after queued commands finish. Further calls reject. */
   dispose(): void
+  /**
+   * The CPU threads the steps run on now (with auto: the count being timed, then the one
+   * chosen; 0 until the worker has started).
+   */
+  threads(): number
 }
 
 /**

@@ -142,6 +142,48 @@ test('steps started before the last is awaited answer in order, as steps taken o
   }
 });
 
+test('threads: steps on 1, 2 and auto threads give the same bits; auto tries the counts then keeps one; bad values are named', async (t) => {
+  // Auto's plan on this machine: 3 warmup steps on all of rayon's threads, then 2 rounds of 3
+  // steps on each of all, all / 2, ..., 1; then 3 steps more.
+  const probe = Pretrainer.create({ preset: 'convmae-tiny', seed: 3 });
+  await probe.pretrainStep({ images: randomImages(4, 64), batchSize: 4, height: 64, width: 64 }, { lr: 1e-3 });
+  const all = probe.threads;
+  probe.dispose();
+  const countsTried = Math.floor(Math.log2(all)) + 1;
+  const batches = Array.from({ length: 3 + (countsTried > 1 ? 6 * countsTried : 0) + 3 }, (_, k) => randomImages(4, 64, k + 1));
+  const models = [1, 2, 'auto' as const].map((threads) => Pretrainer.create({ preset: 'convmae-tiny', seed: 3, threads }));
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-threads-'));
+  try {
+    const counts: number[] = [];
+    const losses = [];
+    for (const model of models) {
+      const run = [];
+      for (const images of batches) {
+        run.push((await model.pretrainStep({ images, batchSize: 4, height: 64, width: 64 }, { lr: 1e-3 })).loss);
+        if (model === models[2]) counts.push(model.threads);
+      }
+      losses.push(run);
+    }
+    t.is(models[0]!.threads, 1);
+    t.is(models[1]!.threads, 2);
+    t.deepEqual(losses[1], losses[0]);
+    t.deepEqual(losses[2], losses[0]);
+    t.is(counts[0], all);
+    if (all > 1) t.true(counts.includes(1) && counts.includes(Math.floor(all / 2)), `${counts}`);
+    t.is(new Set(counts.slice(-3)).size, 1, `the last 3 steps come after the choice: ${counts}`);
+    await models[0]!.save(path.join(dir, 'one.safetensors'));
+    await models[2]!.save(path.join(dir, 'auto.safetensors'));
+    const [a, b] = [await readSafetensors(path.join(dir, 'one.safetensors')), await readSafetensors(path.join(dir, 'auto.safetensors'))];
+    for (const name of Object.keys(a.header).filter((k) => k !== '__metadata__')) t.true(tensorBytes(a, name).equals(tensorBytes(b, name)), `${name}: the same bits`);
+  } finally {
+    for (const m of models) m.dispose();
+  }
+  for (const threads of [0, -1, 1.5, 2000]) {
+    t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', threads }), { message: /threads must be 'auto' or an integer from 1 to 1024/ });
+    t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 2, threads }), { message: /threads must be 'auto' or an integer/ });
+  }
+});
+
 test('a step queued behind one whose loss is not finite is rejected, not applied', async (t) => {
   const p = Pretrainer.create({ preset: 'convmae-tiny', seed: 4 });
   try {

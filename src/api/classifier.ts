@@ -5,7 +5,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type DeviceName, type DType, type ImageBatch, type LoadOptions, type LoadReport, type Precision } from './pretrainer.js';
+import { checkImageBatch, threadCount, type DeviceName, type DType, type ImageBatch, type LoadOptions, type LoadReport, type Precision, type Threads } from './pretrainer.js';
 
 /** 'global': mean of the tokens + fc_norm (official default); 'token': norm + token 0 (the probe's default quirk). */
 export type Pooling = 'global' | 'token';
@@ -46,6 +46,8 @@ export interface ClassifierOptions extends ModelSpec {
    * state, pooling, the head and the loss stay f32 (needs dtype 'f32').
    */
   precision?: Precision;
+  /** CPU models: a thread count or 'auto' (default: all of rayon's threads); see `Threads`. */
+  threads?: Threads;
   /** Seeds the head init, stochastic depth and erasing noise. Default 0. */
   seed?: number;
   /** Default: AdamW for 'finetune', LARS for 'linear-probe'. */
@@ -133,7 +135,7 @@ export class Classifier {
     this.precision = options.precision ?? 'fp32';
     const head = { num_classes: this.numClasses, pool: this.pool, kind: this.kind, drop_path: options.dropPath ?? 0 };
     const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', this.precision);
+    this.#native = new native.NativeClassifier(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', this.precision, threadCount(options.threads));
   }
 
   /** A fresh classifier (official init: sin-cos pos_embed, trunc-normal head). Invalid options throw here. */
@@ -149,6 +151,11 @@ export class Classifier {
   private get handle(): InstanceType<typeof native.NativeClassifier> {
     if (!this.#native) throw new Error('this Classifier was disposed');
     return this.#native;
+  }
+
+  /** The CPU threads the training steps run on now (see `Pretrainer.threads`). */
+  get threads(): number {
+    return this.handle.threads();
   }
 
   /**

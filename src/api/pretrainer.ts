@@ -34,9 +34,28 @@ export type DeviceName = 'cpu' | 'cuda' | `cuda:${number}`;
 /** 'fp32' (default): compute in the weights' dtype; 'bf16': activations and matmuls in bfloat16 over float32 master weights. */
 export type Precision = 'fp32' | 'bf16';
 
+/**
+ * CPU threads a model's steps run on: a count, or 'auto': the first steps are timed on all of
+ * rayon's threads, half of them, ... down to one, and the fastest count is kept (a small model
+ * on a machine with many cores can run faster on fewer threads). Default: all of rayon's
+ * threads, the core count unless RAYON_NUM_THREADS says otherwise. The results are the same bits
+ * on any count.
+ */
+export type Threads = number | 'auto';
+
+/** The native encoding of `threads` (undefined: all of rayon's; 0: auto); throws on anything else. */
+export function threadCount(threads: Threads | undefined): number | undefined {
+  if (threads === undefined) return undefined;
+  if (threads === 'auto') return 0;
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) throw new RangeError(`threads must be 'auto' or an integer from 1 to 1024, got ${String(threads)}`);
+  return threads;
+}
+
 export interface PretrainerOptions extends ModelSpec {
   device?: DeviceName;
   precision?: Precision;
+  /** CPU models: a thread count or 'auto' (default: all of rayon's threads); see `Threads`. */
+  threads?: Threads;
   /** Default 'f32'; 'f64' is the parity path. */
   dtype?: DType;
   /** Default 'sparse'. */
@@ -122,6 +141,7 @@ export class Pretrainer {
     path: ConvPath,
     device: DeviceName,
     precision: Precision,
+    threads: number | undefined,
   ) {
     this.config = config;
     this.dtype = dtype;
@@ -129,7 +149,7 @@ export class Pretrainer {
     this.path = path;
     this.device = device;
     this.precision = precision;
-    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path, device, precision);
+    this.#native = new native.NativePretrainer(JSON.stringify(config), dtype, seed, adamw ? JSON.stringify(adamw) : undefined, path, device, precision, threads);
   }
 
   /** A fresh model with the official init. Invalid options throw here, before any compute. */
@@ -140,12 +160,18 @@ export class Pretrainer {
     if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
     const path = options.path ?? 'sparse';
     if (path !== 'sparse' && path !== 'dense') throw new RangeError(`path must be 'sparse' or 'dense', got '${String(path)}'`);
-    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path, options.device ?? 'cpu', options.precision ?? 'fp32');
+    const threads = threadCount(options.threads);
+    return new Pretrainer(resolveConfig(options), dtype, seed, options.adamw, path, options.device ?? 'cpu', options.precision ?? 'fp32', threads);
   }
 
   private get handle(): InstanceType<typeof native.NativePretrainer> {
     if (!this.#native) throw new Error('this Pretrainer was disposed');
     return this.#native;
+  }
+
+  /** The CPU threads the steps run on now: with 'auto', the count being timed, then the one chosen (0 before the model's worker has started). */
+  get threads(): number {
+    return this.handle.threads();
   }
 
   /**

@@ -186,6 +186,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     dtype: options.dtype,
     device: options.device,
     precision: options.precision,
+    threads: options.threads,
     numClasses,
     kind: recipe.kind,
     pool: options.pool ?? 'global',
@@ -304,7 +305,7 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
         const elapsed = (performance.now() - loopStart) / 1000;
         const done = state.step - startStep;
         const imagesPerSec = (done * batchSize) / elapsed;
-        await appendFile(log, JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, time: new Date().toISOString() }) + '\n');
+        await appendFile(log, JSON.stringify({ step: state.step, epoch: batch.epoch, loss: r.loss, lr, images_per_s: imagesPerSec, threads: model.threads, time: new Date().toISOString() }) + '\n');
         options.onProgress?.({ step: state.step, totalSteps: state.totalSteps, epoch: batch.epoch, loss: r.loss, lr, imagesPerSec, etaSeconds: ((state.totalSteps - state.step) * elapsed) / done });
         // Checkpoints (and so evaluations) only fall between accumulation windows.
         if (state.step % evalEvery === 0 && state.step < state.totalSteps) {

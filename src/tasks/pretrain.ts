@@ -34,6 +34,8 @@ export interface PretrainSummary {
   skipped: SkippedSample[];
   dataset: string;
   config: ConvMaeConfig;
+  /** The CPU threads the last steps ran on (see `Threads`). */
+  threads: number;
 }
 
 /** Loop state saved with each checkpoint, so that --resume continues exactly. */
@@ -61,6 +63,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     dtype: options.dtype,
     device: options.device,
     precision: options.precision,
+    threads: options.threads,
     path: options.path,
     seed,
     adamw: options.adamw,
@@ -152,6 +155,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
           lr: q.lr,
           images_per_s: imagesPerSec,
           data_wait_ms: q.dataWaitMs,
+          threads: model.threads,
           time: new Date().toISOString(),
         }) + '\n',
       );
@@ -195,7 +199,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
       reconstruction = path.join(outDir, 'reconstruction.png');
       await writeReconstruction(model, dataset, imageSize, count, seed, reconstruction);
     }
-    return { steps: state.step, firstLoss, lastLoss, checkpoint, log, reconstruction, skipped, dataset: dataset.name, config: model.config };
+    return { steps: state.step, firstLoss, lastLoss, checkpoint, log, reconstruction, skipped, dataset: dataset.name, config: model.config, threads: model.threads };
   } finally {
     model.dispose();
   }

@@ -1,7 +1,7 @@
 /** What every training run (pretrain, finetune, linprobe) shares: progress reports and option checks. */
 import { stat } from 'node:fs/promises';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import type { DeviceName, DType, Precision } from '../api/pretrainer.js';
+import type { DeviceName, DType, Precision, Threads } from '../api/pretrainer.js';
 import type { SkippedSample } from '../data/index.js';
 
 /** Whether a path exists (for --resume checks). */
@@ -69,6 +69,8 @@ export interface TrainingRunOptions {
   device?: DeviceName;
   /** 'fp32' (default) or 'bf16' (bfloat16 compute over f32 master weights; dtype must be 'f32'). */
   precision?: Precision;
+  /** CPU threads of the steps: a count, or 'auto' (the fastest count, timed on the first steps); default all of rayon's. */
+  threads?: Threads;
   /** Images per micro-batch. */
   batchSize?: number;
   /**

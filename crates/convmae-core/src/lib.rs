@@ -24,6 +24,7 @@ pub mod flops;
 pub mod imaging;
 pub mod recon;
 pub mod session;
+pub mod threads;
 #[cfg(feature = "node")]
 mod node;
 

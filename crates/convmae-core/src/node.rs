@@ -15,6 +15,7 @@ use crate::params::pretrain_param_specs;
 use crate::augment::AugmentSpec;
 use crate::classify::{ClassifierTrainer, OptimizerConfig, Targets, TrainStepOptions};
 use crate::model::classifier::{ClassifierHead, ConvViT};
+use crate::threads::ThreadChoice;
 use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, Session, Worker};
 use crate::train::{Pretrainer, StepOptions};
 use candle_core::DType;
@@ -286,6 +287,7 @@ impl NativePretrainer {
 #[napi]
 impl NativePretrainer {
     /// `configJson` is validated here, synchronously; the weights are built on the worker.
+    /// `threads`: the CPU threads of the steps; absent: all of rayon's; 0: auto (threads.rs).
     #[napi(constructor)]
     pub fn new(
         config_json: String,
@@ -295,6 +297,7 @@ impl NativePretrainer {
         conv_path: Option<String>,
         device: Option<String>,
         precision: Option<String>,
+        threads: Option<u32>,
     ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
@@ -315,7 +318,7 @@ impl NativePretrainer {
             model.path = conv_path;
             model.precision = precision;
             Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
-        });
+        }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }
 
@@ -392,6 +395,13 @@ impl NativePretrainer {
     pub fn dispose(&self) -> Result<()> {
         self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
         Ok(())
+    }
+
+    /// The CPU threads the steps run on now (with auto: the count being timed, then the one
+    /// chosen; 0 until the worker has started).
+    #[napi]
+    pub fn threads(&self) -> Result<u32> {
+        Ok(self.session.lock().map_err(|_| js_err("session lock poisoned"))?.threads_in_use() as u32)
     }
 }
 
@@ -480,6 +490,7 @@ impl NativeClassifier {
     /// `headJson`: {num_classes, pool: 'global'|'token', kind: 'finetune'|'linear-probe',
     /// drop_path}; `optimizerJson`: {kind: 'adamw', ...} or {kind: 'lars', ...} (default: the
     /// head's official optimizer). Validated here; the weights are built on the worker.
+    /// `threads`: the CPU threads of the steps; absent: all of rayon's; 0: auto (threads.rs).
     #[napi(constructor)]
     pub fn new(
         config_json: String,
@@ -489,6 +500,7 @@ impl NativeClassifier {
         optimizer_json: Option<String>,
         device: Option<String>,
         precision: Option<String>,
+        threads: Option<u32>,
     ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let head: ClassifierHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid classifier head: {e}")))?;
@@ -509,7 +521,7 @@ impl NativeClassifier {
             let mut model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
             model.precision = precision;
             ClassifierTrainer::new(model, optimizer, seed as u64).map_err(|e| e.to_string())
-        });
+        }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }
 
@@ -614,6 +626,13 @@ impl NativeClassifier {
     pub fn dispose(&self) -> Result<()> {
         self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
         Ok(())
+    }
+
+    /// The CPU threads the steps run on now (with auto: the count being timed, then the one
+    /// chosen; 0 until the worker has started).
+    #[napi]
+    pub fn threads(&self) -> Result<u32> {
+        Ok(self.session.lock().map_err(|_| js_err("session lock poisoned"))?.threads_in_use() as u32)
     }
 }
 

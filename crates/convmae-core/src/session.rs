@@ -6,12 +6,15 @@
 use crate::checkpoint::{self, LoadReport};
 use crate::classify::{ClassifierTrainer, EvalStats, Features, TrainStepOptions, TrainStepStats};
 use crate::recon::{self, Reconstruction};
+use crate::threads::{CpuThreads, ThreadChoice};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::collections::VecDeque;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Owned images for a command: uint8 channels-last [batch, height, width, 3].
 pub struct Images {
@@ -63,6 +66,8 @@ pub trait Worker: Send + 'static {
     fn run(&mut self, command: Self::Command) -> Result<Self::Reply, String>;
     /// Whether the model computes on the CPU (its commands then run inside rayon's pool).
     fn on_cpu(&self) -> bool;
+    /// Whether `command` is a training step (what `threads: auto` times).
+    fn is_step(command: &Self::Command) -> bool;
     /// Starts `command`. A worker that can overlap commands (a GPU pretraining step) may leave
     /// it in flight, to be settled by a later `start` or by `settle`; the default runs it.
     fn start(&mut self, command: Self::Command) -> Started<Self::Reply> {
@@ -104,6 +109,10 @@ impl Worker for Pretrainer {
 
     fn on_cpu(&self) -> bool {
         self.model.device().is_cpu()
+    }
+
+    fn is_step(command: &Command) -> bool {
+        matches!(command, Command::Step { .. })
     }
 
     /// A step is left in flight (train.rs `start_step`); any other command settles the step in
@@ -184,11 +193,17 @@ impl Worker for ClassifierTrainer {
     fn on_cpu(&self) -> bool {
         self.model.device().is_cpu()
     }
+
+    fn is_step(command: &ClassifierCommand) -> bool {
+        matches!(command, ClassifierCommand::Train { .. })
+    }
 }
 
 pub struct Session<W: Worker> {
     sender: Option<mpsc::Sender<Letter<W>>>,
     worker: Option<JoinHandle<()>>,
+    /// The CPU threads the model's steps run on now (`threads.rs`).
+    threads_in_use: Arc<AtomicUsize>,
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -200,24 +215,29 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     format!("internal error (Rust panic) in the model worker: {text}")
 }
 
-/// Runs `f` on the trainer. On the CPU it runs on one of rayon's worker threads while this
-/// thread waits: every op of a step parallelizes with rayon, and an op started from outside the
+/// Runs `f` on the trainer. On the CPU it runs on one of the worker threads of `pool` (rayon's
+/// global pool where None; see threads.rs) while this thread waits: every op of a step parallelizes with rayon, and an op started from outside the
 /// pool is injected into it and waited for (a handoff and a wake-up per op), while a third
 /// thread competes with the pool's for the cores. From inside the pool the op's loops start on
 /// the current worker. Measured on 2 cores, builds alternated (benches/results/pretrain-2026-11-26.md,
 /// tags in-pool-ab*): convmae-tiny 26.5 / 25.7 -> 21.6 / 21.3 ms a step, ConvMAE-B 2342 / 2362 ->
 /// 2176 / 2228. A CUDA model's commands stay on this thread, which owns its stream. A panic
 /// becomes an error for the command.
-fn run_guarded<W: Worker, R: Send>(trainer: &mut W, f: impl FnOnce(&mut W) -> R + Send) -> Result<R, String> {
-    catch_unwind(AssertUnwindSafe(|| if trainer.on_cpu() { rayon::scope(|_| f(trainer)) } else { f(trainer) })).map_err(panic_message)
+fn run_guarded<W: Worker, R: Send>(trainer: &mut W, pool: Option<&rayon::ThreadPool>, f: impl FnOnce(&mut W) -> R + Send) -> Result<R, String> {
+    catch_unwind(AssertUnwindSafe(|| match pool {
+        _ if !trainer.on_cpu() => f(trainer),
+        Some(pool) => pool.install(|| f(trainer)),
+        None => rayon::scope(|_| f(trainer)),
+    }))
+    .map_err(panic_message)
 }
 
 /// Answers the callers of the commands left in flight whose answers have come, oldest first.
 /// If settling panicked, or the worker has no answer for a command it left in flight, that
 /// command gets an error rather than no answer.
-fn answer_settled<W: Worker>(trainer: &mut W, waiting: &mut VecDeque<Callback<W::Reply>>, settle: bool) {
+fn answer_settled<W: Worker>(trainer: &mut W, pool: Option<&rayon::ThreadPool>, waiting: &mut VecDeque<Callback<W::Reply>>, settle: bool) {
     if settle {
-        if let Err(e) = run_guarded(trainer, |t| t.settle()) {
+        if let Err(e) = run_guarded(trainer, pool, |t| t.settle()) {
             for reply in waiting.drain(..) {
                 reply(Err(e.clone()));
             }
@@ -225,7 +245,7 @@ fn answer_settled<W: Worker>(trainer: &mut W, waiting: &mut VecDeque<Callback<W:
         }
     }
     while let Some(reply) = waiting.pop_front() {
-        match run_guarded(trainer, |t| t.take_settled()) {
+        match run_guarded(trainer, pool, |t| t.take_settled()) {
             Ok(Some(answer)) => reply(answer),
             Ok(None) if settle => reply(Err("internal error: the model worker settled a step without an answer".into())),
             Ok(None) => {
@@ -250,7 +270,7 @@ const IN_FLIGHT_POLL: std::time::Duration = std::time::Duration::from_micros(200
 /// settling at once would block the worker on the device's forward in that moment, and the next
 /// step would be built only after it, with the device idle (one step in two, as the pairs of
 /// answers showed: the CPU rehearsal of the GPU check, 2026-11-27).
-fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
+fn serve<W: Worker>(trainer: &mut Result<W, String>, threads: &mut CpuThreads, receiver: Inbox<W>) {
     let mut waiting: VecDeque<Callback<W::Reply>> = VecDeque::new();
     loop {
         let next = if waiting.is_empty() {
@@ -265,7 +285,7 @@ fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
                         Err(mpsc::RecvTimeoutError::Disconnected) => None,
                     },
                     Ok(t) => {
-                        answer_settled(t, &mut waiting, true);
+                        answer_settled(t, threads.pool(), &mut waiting, true);
                         continue;
                     }
                     // No step is left in flight by a worker whose model failed (every command
@@ -289,8 +309,12 @@ fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
                 continue;
             }
         };
-        let started = run_guarded(t, |t| t.start(command)).unwrap_or_else(|e| Started::Done(Err(e)));
-        answer_settled(t, &mut waiting, false);
+        let (timed, began) = (t.on_cpu() && W::is_step(&command), Instant::now());
+        let started = run_guarded(t, threads.pool(), |t| t.start(command)).unwrap_or_else(|e| Started::Done(Err(e)));
+        if timed {
+            threads.record_step(began.elapsed());
+        }
+        answer_settled(t, threads.pool(), &mut waiting, false);
         match started {
             Started::Done(answer) => {
                 // Anything still unanswered ahead of this command cannot be answered later.
@@ -303,24 +327,36 @@ fn serve<W: Worker>(trainer: &mut Result<W, String>, receiver: Inbox<W>) {
         }
     }
     if let Ok(t) = trainer {
-        answer_settled(t, &mut waiting, true);
+        answer_settled(t, threads.pool(), &mut waiting, true);
     }
 }
 
 impl<W: Worker> Session<W> {
     /// Starts the worker; `make` builds the trainer on the worker thread itself (building
     /// ConvMAE-B's 115M weights takes a while, and the caller's thread may be Node's main thread).
-    /// If `make` fails, every command is answered with its error.
-    pub fn start(make: impl FnOnce() -> Result<W, String> + Send + 'static) -> Self {
+    /// If `make` fails, every command is answered with its error. On the CPU the steps run on
+    /// the threads `threads` says (threads.rs).
+    pub fn start(make: impl FnOnce() -> Result<W, String> + Send + 'static, threads: ThreadChoice) -> Self {
         let (sender, receiver) = mpsc::channel::<Letter<W>>();
+        let threads_in_use = Arc::new(AtomicUsize::new(0));
+        let in_use = threads_in_use.clone();
         let worker = std::thread::Builder::new()
             .name("convmae-model".into())
             .spawn(move || {
-                let mut trainer = catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p)));
-                serve(&mut trainer, receiver);
+                let (mut trainer, mut threads) = match CpuThreads::new(threads, in_use.clone()) {
+                    Ok(threads) => (catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|p| Err(panic_message(p))), threads),
+                    Err(e) => (Err(e), CpuThreads::new(ThreadChoice::Fixed(rayon::current_num_threads()), in_use).expect("the global pool")),
+                };
+                serve(&mut trainer, &mut threads, receiver);
             })
             .expect("cannot spawn the model worker thread");
-        Self { sender: Some(sender), worker: Some(worker) }
+        Self { sender: Some(sender), worker: Some(worker), threads_in_use }
+    }
+
+    /// The CPU threads the model's steps run on now: with `threads: auto` the count being
+    /// timed, then the one chosen (0 until the worker has started).
+    pub fn threads_in_use(&self) -> usize {
+        self.threads_in_use.load(Ordering::Relaxed)
     }
 
     /// Queues a command; the callback runs on the worker thread when it is done.
@@ -388,6 +424,9 @@ mod tests {
         fn on_cpu(&self) -> bool {
             false
         }
+        fn is_step(_: &u32) -> bool {
+            true
+        }
         fn start(&mut self, command: u32) -> Started<u32> {
             self.log.lock().unwrap().push(format!("start {command}"));
             self.settle();
@@ -414,7 +453,7 @@ mod tests {
     fn fake_session() -> FakeSession {
         let (log, ready) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (l, r) = (log.clone(), ready.clone());
-        let session = Session::start(move || Ok(FakeDevice { log: l, loss_ready: r, in_flight: None, settled: VecDeque::new() }));
+        let session = Session::start(move || Ok(FakeDevice { log: l, loss_ready: r, in_flight: None, settled: VecDeque::new() }), ThreadChoice::Auto);
         let (tx, rx) = mpsc::channel();
         (session, log, ready, rx, tx)
     }
