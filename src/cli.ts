@@ -383,7 +383,10 @@ async function runFeatures(args: string[]): Promise<void> {
   if (positionals.length !== 1) fail('features takes exactly one checkpoint file');
   const pool = values.pool;
   if (pool !== undefined && pool !== 'global' && pool !== 'token') fail(`--pool must be global or token, got '${pool}'`);
-  const tty = !values['no-progress'] && process.stderr.isTTY;
+  const progress = !values['no-progress'];
+  const tty = progress && process.stderr.isTTY;
+  const started = performance.now();
+  let lastLine = 0;
   const r = await extractFeatures({
     checkpoint: positionals[0]!,
     data: values.data,
@@ -394,7 +397,19 @@ async function runFeatures(args: string[]): Promise<void> {
     device: values.device as DeviceName | undefined,
     precision: values.precision as Precision | undefined,
     batchSize: num(values['batch-size'], 'batch-size'),
-    onProgress: tty ? (done, total) => process.stderr.write(`\rfeatures: ${done}/${total} images\x1b[K`) : undefined,
+    onProgress: progress
+      ? (done, total) => {
+          const rate = done / ((performance.now() - started) / 1000);
+          const text = `features: ${done}/${total} images  ${rate.toFixed(1)} img/s  ETA ${duration((total - done) / rate)}`;
+          if (tty) {
+            process.stderr.write(`\r${text}\x1b[K`);
+          } else if (done - lastLine >= total / 20 || done === total) {
+            // Without a terminal, about 20 lines.
+            lastLine = done;
+            process.stderr.write(`${text}\n`);
+          }
+        }
+      : undefined,
     onSkip: (s) => process.stderr.write(`${tty ? '\n' : ''}skipped ${s.path}: ${s.reason}\n`),
   });
   if (tty) process.stderr.write('\n');
