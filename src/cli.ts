@@ -96,6 +96,7 @@ features options:
   --preset, --config      for files without our metadata (default convmae-base)
   --pool global|token     default: the classifier checkpoint's, else global (token mean + fc_norm)
   --device, --precision   as for pretrain
+  --threads N             CPU threads (default: all cores or RAYON_NUM_THREADS)
   --batch-size N          default 128
   --no-progress           no progress line
 
@@ -375,6 +376,7 @@ async function runFeatures(args: string[]): Promise<void> {
       pool: { type: 'string' },
       device: { type: 'string' },
       precision: { type: 'string' },
+      threads: { type: 'string' },
       'batch-size': { type: 'string' },
       'no-progress': { type: 'boolean' },
     },
@@ -397,6 +399,7 @@ async function runFeatures(args: string[]): Promise<void> {
     device: values.device as DeviceName | undefined,
     precision: values.precision as Precision | undefined,
     batchSize: num(values['batch-size'], 'batch-size'),
+    threads: num(values.threads, 'threads'),
     onProgress: progress
       ? (done, total) => {
           const rate = done / ((performance.now() - started) / 1000);

@@ -31,6 +31,8 @@ export interface FeaturesOptions {
   batchSize?: number;
   device?: DeviceName;
   precision?: Precision;
+  /** CPU threads of the encoder (default all of rayon's). */
+  threads?: number;
   /** Images decoded at once. */
   concurrency?: number;
   /** After each batch: images written so far, of the dataset's length. */
@@ -70,6 +72,7 @@ export async function extractFeatures(options: FeaturesOptions): Promise<Feature
     pool,
     device: options.device,
     precision: options.precision,
+    threads: options.threads,
   });
   try {
     await model.initFrom(options.checkpoint);
