@@ -216,9 +216,10 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs `f` on the trainer. On the CPU it runs on one of the worker threads of `pool` (rayon's
-/// global pool where None; see threads.rs) while this thread waits: every op of a step parallelizes with rayon, and an op started from outside the
-/// pool is injected into it and waited for (a handoff and a wake-up per op), while a third
-/// thread competes with the pool's for the cores. From inside the pool the op's loops start on
+/// global pool where None; see threads.rs) while this thread waits: every op of a step
+/// parallelizes with rayon, and an op started from outside the pool is injected into it and
+/// waited for (a handoff and a wake-up per op), while a third thread competes with the pool's
+/// for the cores. From inside the pool the op's loops start on
 /// the current worker. Measured on 2 cores, builds alternated (benches/results/pretrain-2026-11-26.md,
 /// tags in-pool-ab*): convmae-tiny 26.5 / 25.7 -> 21.6 / 21.3 ms a step, ConvMAE-B 2342 / 2362 ->
 /// 2176 / 2228. A CUDA model's commands stay on this thread, which owns its stream. A panic
