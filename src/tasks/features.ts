@@ -3,7 +3,8 @@
  * classifier's head reads; an embedding for retrieval, k-NN or a head trained elsewhere), written
  * as one safetensors file.
  */
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
 import { Classifier, type Pooling } from '../api/classifier.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import type { DeviceName, Precision } from '../api/pretrainer.js';
@@ -59,6 +60,10 @@ export interface FeaturesSummary {
 export async function extractFeatures(options: FeaturesOptions): Promise<FeaturesSummary> {
   const out = options.out ?? 'features.safetensors';
   const batchSize = positiveInt(options.batchSize ?? 128, 'batchSize');
+  // Before any compute: the output's folder, made if missing, as a run's outDir is.
+  await mkdir(path.dirname(path.resolve(out)), { recursive: true }).catch((e: Error) => {
+    throw new Error(`features: cannot make the folder of out '${out}': ${e.message}`);
+  });
   const dataset = await openDataset(options.data ?? 'mnist:t10k');
   const meta = JSON.parse(await native.checkpointMetadata(options.checkpoint)) as Record<string, string>;
   const head = meta.head ? (JSON.parse(meta.head) as { pool: Pooling }) : undefined;
