@@ -33,8 +33,8 @@ impl ThreadChoice {
     }
 }
 
-/// Steps run on the default pool before the trials: the first steps of a run allocate their
-/// buffers and warm the caches, and would make any count look slow.
+/// Steps run on all of rayon's threads before the trials: the first steps of a run allocate
+/// their buffers and warm the caches, and would make any count look slow.
 const WARMUP_STEPS: usize = 3;
 /// The trials visit every count this many times, for `BLOCK` steps in a row each time: the
 /// first step of a block is not timed (other threads' caches, the pool's first wake-up), the
@@ -42,16 +42,17 @@ const WARMUP_STEPS: usize = 3;
 const ROUNDS: usize = 2;
 const BLOCK: usize = 3;
 
-/// One step of the plan: on which count, and whether it is timed.
+/// One step of the plan: on which candidate (an index into `CpuThreads::counts`), and whether
+/// it is timed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Trial {
-    count: usize,
+    candidate: usize,
     timed: bool,
 }
 
 /// The steps after the warmup, in order, until the choice.
-fn trial_plan(counts: usize) -> Vec<Trial> {
-    (0..ROUNDS).flat_map(|_| (0..counts).flat_map(|count| (0..BLOCK).map(move |i| Trial { count, timed: i > 0 }))).collect()
+fn trial_plan(candidates: usize) -> Vec<Trial> {
+    (0..ROUNDS).flat_map(|_| (0..candidates).flat_map(|candidate| (0..BLOCK).map(move |i| Trial { candidate, timed: i > 0 }))).collect()
 }
 
 enum Phase {
@@ -128,18 +129,18 @@ impl CpuThreads {
                     Phase::Settled
                 } else {
                     let plan = trial_plan(n);
-                    self.current = plan[0].count;
+                    self.current = plan[0].candidate;
                     Phase::Trials { plan, next: 0, times: vec![Vec::new(); n] }
                 }
             }
             Phase::Trials { plan, next, mut times } => {
                 let trial = plan[next];
                 if trial.timed {
-                    times[trial.count].push(took);
+                    times[trial.candidate].push(took);
                 }
                 match plan.get(next + 1) {
                     Some(following) => {
-                        self.current = following.count;
+                        self.current = following.candidate;
                         Phase::Trials { plan, next: next + 1, times }
                     }
                     None => {
