@@ -53,6 +53,7 @@ function knnAccuracy(t: Table, k: number): [number, number] {
   const queryRows = rows.filter((r) => r.index % 2 === 1).map((r) => r.row);
   const bank = unitRows(t, bankRows);
   const queries = unitRows(t, queryRows);
+  if (t.labels.some((l) => l < 0)) throw new Error('the dataset has unlabeled images: k-NN needs a label for every image');
   const classes = Math.max(...t.labels) + 1;
   let nearestHits = 0;
   let votedHits = 0;

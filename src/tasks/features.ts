@@ -60,6 +60,8 @@ export interface FeaturesSummary {
 export async function extractFeatures(options: FeaturesOptions): Promise<FeaturesSummary> {
   const out = options.out ?? 'features.safetensors';
   const batchSize = positiveInt(options.batchSize ?? 128, 'batchSize');
+  // A count only: 'auto' times training steps, and extraction has none.
+  if (options.threads !== undefined) positiveInt(options.threads, 'threads');
   // Before any compute: the output's folder, made if missing, as a run's outDir is.
   await mkdir(path.dirname(path.resolve(out)), { recursive: true }).catch((e: Error) => {
     throw new Error(`features: cannot make the folder of out '${out}': ${e.message}`);
