@@ -14,6 +14,7 @@ pub mod params;
 pub mod precision;
 pub mod pos_embed;
 pub mod rng;
+pub mod segment;
 
 pub use config::ConvMaeConfig;
 pub use model::ConvMae;

@@ -6,6 +6,7 @@
 
 use crate::config::ConvMaeConfig;
 use crate::model::classifier::{ClassifierHead, HeadKind, Pooling};
+use crate::model::segmenter::{relative_table_len, SegmenterHead};
 use crate::pos_embed::sincos_2d;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
@@ -22,6 +23,10 @@ pub enum Init {
     /// PyTorch's default Conv2d init, kaiming_uniform(a = sqrt 5): U(+-1/sqrt(fan_in)); also its bias init.
     ConvDefault { fan_in: usize },
     Normal { std: f64 },
+    /// timm's trunc_normal_: Normal(0, std) cut at +-2 (absolute).
+    TruncNormal { std: f64 },
+    /// mmcv's kaiming_init as ConvModule uses it: Normal(0, sqrt(2 / fan_out)), fan_out = out * k * k.
+    KaimingNormalFanOut { fan_out: usize },
     /// Fixed 2-D sin-cos table of the given width on the model's token grid.
     SinCos { dim: usize, grid: usize },
 }
@@ -163,6 +168,73 @@ pub fn classifier_param_specs(cfg: &ConvMaeConfig, head: &ClassifierHead) -> Vec
     s.0
 }
 
+impl SpecList {
+    /// BatchNorm2d (SyncBN): affine weight and bias, and the running statistics as frozen buffers.
+    fn batch_norm(&mut self, prefix: &str, dim: usize) {
+        self.layer_norm(prefix, dim);
+        self.frozen(&format!("{prefix}.running_mean"), &[dim], Init::Zeros);
+        self.frozen(&format!("{prefix}.running_var"), &[dim], Init::Ones);
+    }
+    /// mmcv ConvModule (conv without bias, BatchNorm, ReLU): `prefix.conv`, `prefix.bn`.
+    fn conv_module(&mut self, prefix: &str, inp: usize, out: usize, k: usize) {
+        let fan_out = out * k * k;
+        self.push(format!("{prefix}.conv.weight"), &[out, inp, k, k], Init::KaimingNormalFanOut { fan_out });
+        self.batch_norm(&format!("{prefix}.bn"), out);
+    }
+    /// A decode head's classifier `conv_seg` (1x1, normal_init std 0.01, bias 0).
+    fn conv_seg(&mut self, prefix: &str, inp: usize, classes: usize) {
+        self.push(format!("{prefix}.conv_seg.weight"), &[classes, inp, 1, 1], Init::Normal { std: 0.01 });
+        self.push(format!("{prefix}.conv_seg.bias"), &[classes], Init::Zeros);
+    }
+}
+
+/// Every tensor of the official UperNet segmenter (SEG/: mmseg `EncoderDecoder` with the
+/// `ConvMAE` backbone, `UPerHead` and the auxiliary `FCNHead`), under the checkpoint's names less
+/// the `backbone.` prefix of the backbone's tensors (kept as the encoder's own names, so that
+/// pretraining and classifier checkpoints load as they are).
+///
+/// Backbone init as the official one from scratch: Linear weights trunc_normal(0.02), convs at
+/// PyTorch's default, layer scales 1.0 (`init_values=1.`), relative position tables 0. In
+/// practice all but the new tensors (layer scales, tables, `fpn`, heads) come from a checkpoint.
+pub fn segmenter_param_specs(cfg: &ConvMaeConfig, head: &SegmenterHead) -> Vec<ParamSpec> {
+    let d3 = cfg.embed_dim[2];
+    let (c, k) = (head.channels, head.num_classes);
+    let mut s = SpecList(Vec::new());
+    s.push("pos_embed".into(), &[1, cfg.num_tokens(), d3], Init::TruncNormal { std: 0.02 });
+    s.patch_embeds(cfg);
+    s.encoder_blocks(cfg);
+    for p in s.0.iter_mut() {
+        match p.init {
+            Init::XavierUniform { .. } if p.name == "patch_embed3.proj.weight" => p.init = Init::ConvDefault { fan_in: cfg.embed_dim[1] * cfg.patch_size[2] * cfg.patch_size[2] },
+            Init::XavierUniform { .. } => p.init = Init::TruncNormal { std: 0.02 },
+            _ => {}
+        }
+    }
+    for i in 0..cfg.depth[2] {
+        s.push(format!("blocks3.{i}.attn.relative_position_bias_table"), &[relative_table_len(cfg.grid()), cfg.num_heads], Init::Zeros);
+        s.push(format!("blocks3.{i}.gamma_1"), &[d3], Init::Ones);
+        s.push(format!("blocks3.{i}.gamma_2"), &[d3], Init::Ones);
+    }
+    s.conv("fpn.0", d3, d3, 3);
+    s.batch_norm("fpn.1", d3);
+    let inputs = SegmenterHead::in_channels(cfg);
+    s.conv_seg("decode_head", c, k);
+    for (i, _) in head.pool_scales.iter().enumerate() {
+        s.conv_module(&format!("decode_head.psp_modules.{i}.1"), inputs[3], c, 1);
+    }
+    s.conv_module("decode_head.bottleneck", inputs[3] + head.pool_scales.len() * c, c, 3);
+    for (i, &inp) in inputs[..3].iter().enumerate() {
+        s.conv_module(&format!("decode_head.lateral_convs.{i}"), inp, c, 1);
+    }
+    for i in 0..3 {
+        s.conv_module(&format!("decode_head.fpn_convs.{i}"), c, c, 3);
+    }
+    s.conv_module("decode_head.fpn_bottleneck", 4 * c, c, 3);
+    s.conv_seg("auxiliary_head", head.aux_channels, k);
+    s.conv_module("auxiliary_head.convs.0", inputs[2], head.aux_channels, 3);
+    s.0
+}
+
 /// Every tensor of `MaskedAutoencoderConvViT`, in the order of its state_dict.
 pub fn pretrain_param_specs(cfg: &ConvMaeConfig) -> Vec<ParamSpec> {
     let [d1, d2, d3] = cfg.embed_dim;
@@ -201,6 +273,11 @@ pub fn init_values(spec: &ParamSpec, rng: &mut Rng) -> Vec<f64> {
             (0..n).map(|_| rng.uniform_range(-a, a)).collect()
         }
         Init::Normal { std } => (0..n).map(|_| rng.normal() * std).collect(),
+        Init::TruncNormal { std } => (0..n).map(|_| rng.trunc_normal(std)).collect(),
+        Init::KaimingNormalFanOut { fan_out } => {
+            let std = (2.0 / fan_out as f64).sqrt();
+            (0..n).map(|_| rng.normal() * std).collect()
+        }
         Init::SinCos { dim, grid } => sincos_2d(dim, grid),
     }
 }
