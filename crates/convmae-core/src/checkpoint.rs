@@ -6,6 +6,9 @@ use crate::params::ParamStore;
 use crate::classify::{ClassifierTrainer, Optimizer};
 use crate::model::classifier::{ClassifierHead, HeadKind};
 use crate::train::Pretrainer;
+use crate::segment::{SegmenterAdamWConfig, SegmenterTrainer};
+use crate::model::segmenter::SegmenterHead;
+use crate::pos_embed::resize_pos_embed;
 use crate::optim::Moments;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -205,10 +208,16 @@ pub fn load_weights_except(
     report.unexpected = file
         .tensors
         .keys()
-        .filter(|k| params.find(k).is_none() && !k.starts_with("optimizer.") && k.as_str() != BN_BATCHES)
+        .filter(|k| params.find(k).is_none() && !k.starts_with("optimizer.") && !is_derived_buffer(k))
         .cloned()
         .collect();
     Ok(report)
+}
+
+/// Buffers a checkpoint may hold that are not model tensors here: BatchNorm step counters (kept
+/// by the trainers) and the relative position indices (computed from the grid).
+fn is_derived_buffer(name: &str) -> bool {
+    name.ends_with(".num_batches_tracked") || name.ends_with(".relative_position_index")
 }
 
 /// A checkpoint saved from another configuration cannot be restored into this model.
@@ -338,4 +347,141 @@ pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> can
     }
     load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
         .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
+}
+
+/// The prefixes of the segmenter's BatchNorms (each has `running_mean`).
+fn batch_norm_prefixes(params: &ParamStore) -> Vec<String> {
+    params.iter().filter_map(|p| p.spec.name.strip_suffix(".running_mean").map(str::to_string)).collect()
+}
+
+/// Saves a segmenter: weights with every BatchNorm's `num_batches_tracked`, AdamW moments,
+/// config, head, optimizer settings and step.
+pub fn save_segmenter(trainer: &SegmenterTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
+    let model = &trainer.model;
+    let mut tensors: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.spec.name.clone(), p.tensor.clone())).collect();
+    for prefix in batch_norm_prefixes(&model.params) {
+        tensors.push((format!("{prefix}.num_batches_tracked"), Tensor::new(trainer.bn_batches as i64, &Device::Cpu)?));
+    }
+    for m in &trainer.optimizer.moments {
+        tensors.push((format!("{EXP_AVG}{}", m.name), m.exp_avg.clone()));
+        tensors.push((format!("{EXP_AVG_SQ}{}", m.name), m.exp_avg_sq.clone()));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("kind".to_string(), "segmenter".to_string());
+    meta.insert("config".to_string(), serde_json::to_string(&model.cfg).unwrap());
+    meta.insert("head".to_string(), serde_json::to_string(&model.head).unwrap());
+    meta.insert("adamw".to_string(), serde_json::to_string(&trainer.adamw).unwrap());
+    meta.insert("optimizer_step".to_string(), trainer.step_count().to_string());
+    meta.insert("seed".to_string(), trainer.seed.to_string());
+    meta.insert("dtype".to_string(), format!("{:?}", model.dtype()).to_lowercase());
+    meta.insert("extra".to_string(), extra.to_string());
+    write_checkpoint(path, &tensors, meta)
+}
+
+/// The official mmseg checkpoints name the backbone's tensors `backbone.<encoder name>`; ours
+/// use the encoder's names as they are.
+fn strip_backbone_prefix(file: &mut CheckpointFile) {
+    if file.tensors.keys().any(|k| k.starts_with("backbone.")) {
+        file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (k.strip_prefix("backbone.").map(str::to_string).unwrap_or(k), v)).collect();
+    }
+}
+
+/// Restores a segmenter exactly (resume, evaluation): weights and BatchNorm counters, and for
+/// our files AdamW state, step and seed. The official UperNet `.pth` (mmseg's `state_dict`)
+/// loads too.
+pub fn load_segmenter(trainer: &mut SegmenterTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
+    let shown = path.display().to_string();
+    let mut file = read_checkpoint(path)?;
+    check_same_config(&file, &trainer.model.cfg, &shown)?;
+    match (file.metadata.get("kind").map(String::as_str), file.metadata.get("head")) {
+        (Some("segmenter"), Some(head)) => {
+            let head: SegmenterHead = serde_json::from_str(head).map_err(|e| err(format!("checkpoint '{shown}': bad head metadata: {e}")))?;
+            if head != trainer.model.head {
+                return Err(err(format!(
+                    "checkpoint '{shown}' holds a different segmenter head: {} (this model: {})",
+                    serde_json::to_string(&head).unwrap(),
+                    serde_json::to_string(&trainer.model.head).unwrap()
+                )));
+            }
+        }
+        (Some(other), _) => {
+            return Err(err(format!("checkpoint '{shown}' is a {other} checkpoint; initialize a segmenter from it (initFrom) instead of resuming")));
+        }
+        (None, _) if file.format == "convmae" => {
+            return Err(err(format!("checkpoint '{shown}' is a pretraining checkpoint; initialize a segmenter from it (initFrom) instead of resuming")));
+        }
+        (None, _) => strip_backbone_prefix(&mut file),
+    }
+    let mut report = load_weights(&mut trainer.model.params, &file, strict, &shown)?;
+    if let Some(prefix) = batch_norm_prefixes(&trainer.model.params).first() {
+        if let Some(n) = file.tensors.get(&format!("{prefix}.num_batches_tracked")) {
+            trainer.bn_batches = n.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
+        }
+    }
+    let (dtype, device) = (trainer.model.dtype(), trainer.model.device().clone());
+    if file.format == "convmae" && restore_moments(&mut trainer.optimizer.moments, &file, &shown, dtype, &device)? {
+        let num = |k: &str| file.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
+        trainer.optimizer.step = num("optimizer_step").unwrap_or(0);
+        if let Some(seed) = num("seed") {
+            trainer.seed = seed;
+        }
+        if let Some(adamw) = file.metadata.get("adamw").and_then(|a| serde_json::from_str::<SegmenterAdamWConfig>(a).ok()) {
+            if adamw != trainer.adamw {
+                return Err(err(format!("checkpoint '{shown}' was trained with other AdamW settings: {} (this model: {})", serde_json::to_string(&adamw).unwrap(), serde_json::to_string(&trainer.adamw).unwrap())));
+            }
+        }
+        report.optimizer_restored = true;
+    }
+    let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
+    Ok((report, extra))
+}
+
+/// Initializes a segmenter's backbone from a pretraining, classifier or segmenter checkpoint
+/// (ours or official) as the SEG code does: strict=False, `pos_embed` resized bicubically when
+/// the file's grid differs (a 224-px pretraining for 512-px segmentation: 14x14 to 32x32), the
+/// heads left at their fresh init. Tensors the file lacks (layer scales, relative position
+/// tables, `fpn`) keep theirs and are reported missing; relative position tables of another
+/// grid stay fresh and are reported reinitialized.
+pub fn init_segmenter_from(trainer: &mut SegmenterTrainer, path: &Path) -> candle_core::Result<LoadReport> {
+    let shown = path.display().to_string();
+    let mut file = read_checkpoint(path)?;
+    strip_backbone_prefix(&mut file);
+    let ours = trainer.model.cfg.clone();
+    if let Some(cfg) = file.config() {
+        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        if cfg.embed_dim != ours.embed_dim || cfg.depth != ours.depth || cfg.patch_size != ours.patch_size {
+            return Err(err(format!(
+                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
+                cfg.embed_dim, cfg.depth, ours.embed_dim, ours.depth
+            )));
+        }
+    }
+    let dim = ours.embed_dim[2];
+    if let Some(table) = file.tensors.get("pos_embed") {
+        let (tokens, width) = match table.dims() {
+            [1, tokens, width] => (*tokens, *width),
+            other => return Err(err(format!("checkpoint '{shown}': pos_embed has shape {other:?}, expected [1, tokens, {dim}]"))),
+        };
+        let from = (tokens as f64).sqrt().round() as usize;
+        if width == dim && from * from == tokens && from != ours.grid() {
+            let values = table.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let resized = resize_pos_embed(&values, dim, from, ours.grid());
+            let resized = Tensor::from_vec(resized, (1, ours.num_tokens(), dim), &Device::Cpu)?.to_dtype(table.dtype())?;
+            file.tensors.insert("pos_embed".into(), resized);
+        }
+    }
+    // Relative position tables of another grid (a segmenter checkpoint at another size) have no
+    // counterpart here: those stay fresh, as they are when the file has none.
+    let other_grid: Vec<String> = trainer
+        .model
+        .params
+        .iter()
+        .filter(|p| p.spec.name.ends_with(".relative_position_bias_table"))
+        .filter(|p| file.tensors.get(&p.spec.name).is_some_and(|t| t.dims() != p.spec.shape.as_slice()))
+        .map(|p| p.spec.name.clone())
+        .collect();
+    let fresh = |name: &str| name.starts_with("decode_head.") || name.starts_with("auxiliary_head.") || other_grid.iter().any(|n| n == name);
+    load_weights_except(&mut trainer.model.params, &file, false, &shown, fresh)
+        .map_err(|e| err(format!("{e} (the segmenter's preset / config must describe the checkpoint's encoder)")))
 }

@@ -337,3 +337,88 @@ fn bad_inputs_are_named() {
     let e = SegmenterHead { num_classes: 256, ..small_head() }.validate().unwrap_err();
     assert!(e.contains("num_classes"), "{e}");
 }
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("convmae-segmenter-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn stripes(b: usize, s: usize, step: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut px = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..b {
+        for y in 0..s {
+            for x in 0..s {
+                let class = (x + y + i + step as usize) * 3 / (2 * s) % 3;
+                px.extend_from_slice(&[(class * 90) as u8, (y * 5) as u8, (x * 5) as u8]);
+                labels.push(class as u8);
+            }
+        }
+    }
+    (px, labels)
+}
+
+fn step(t: &mut SegmenterTrainer, n: u64) -> f64 {
+    let s = t.model.cfg.img_size;
+    let (px, labels) = stripes(2, s, n);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    t.train_step(&batch, &labels, 1e-3).unwrap().loss
+}
+
+#[test]
+fn a_saved_segmenter_resumes_exactly() {
+    use convmae_core::checkpoint::{load_segmenter, save_segmenter};
+    let new = |seed| SegmenterTrainer::new(Segmenter::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, seed).unwrap(), SegmenterAdamWConfig::default(), seed).unwrap();
+    let mut a = new(1);
+    step(&mut a, 0);
+    step(&mut a, 1);
+    let path = tmp("resume.safetensors");
+    save_segmenter(&a, &path, "{\"epoch\":3}").unwrap();
+    let mut b = new(2);
+    let (report, extra) = load_segmenter(&mut b, &path, true).unwrap();
+    assert!(report.optimizer_restored && report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
+    assert_eq!(extra, "{\"epoch\":3}");
+    assert_eq!((b.step_count(), b.bn_batches, b.seed), (2, 2, 1));
+    // The next step is the same step: same stochastic depth, dropout, moments and statistics.
+    assert_eq!(step(&mut a, 2).to_bits(), step(&mut b, 2).to_bits());
+    for (pa, pb) in a.model.params.iter().zip(b.model.params.iter()) {
+        assert_eq!(to_vec(&pa.tensor), to_vec(&pb.tensor), "{}", pa.spec.name);
+    }
+    // A head of another size is named.
+    let other = SegmenterHead { num_classes: 4, ..small_head() };
+    let mut c = SegmenterTrainer::new(Segmenter::new(small_cfg(), other, DType::F32, &Device::Cpu, 1).unwrap(), SegmenterAdamWConfig::default(), 1).unwrap();
+    let e = load_segmenter(&mut c, &path, true).err().unwrap().to_string();
+    assert!(e.contains("different segmenter head"), "{e}");
+}
+
+#[test]
+fn init_from_loads_the_backbone_and_resizes_pos_embed_bicubically() {
+    use convmae_core::checkpoint::{init_segmenter_from, save_segmenter};
+    use convmae_core::pos_embed::resize_pos_embed;
+    // A 48-px segmenter (3x3 grid) initializes a 64-px one (4x4 grid).
+    let mut small = Segmenter::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 5).unwrap();
+    let table = random(&[1, 9, 16], 4);
+    small.params.set("pos_embed", &table).unwrap();
+    let source = SegmenterTrainer::new(small, SegmenterAdamWConfig::default(), 5).unwrap();
+    let path = tmp("init.safetensors");
+    save_segmenter(&source, &path, "{}").unwrap();
+    let cfg = ConvMaeConfig { img_size: 64, ..small_cfg() };
+    let mut big = SegmenterTrainer::new(Segmenter::new(cfg, small_head(), DType::F32, &Device::Cpu, 6).unwrap(), SegmenterAdamWConfig::default(), 6).unwrap();
+    let fresh_head = to_vec(big.model.params.get("decode_head.conv_seg.weight"));
+    let report = init_segmenter_from(&mut big, &path).unwrap();
+    assert!(report.reinitialized.iter().all(|n| n.starts_with("decode_head.") || n.starts_with("auxiliary_head.") || n.ends_with("relative_position_bias_table")));
+    assert!(report.reinitialized.contains(&"blocks3.1.attn.relative_position_bias_table".to_string()));
+    assert!(report.reinitialized.contains(&"decode_head.conv_seg.weight".to_string()));
+    assert_eq!(to_vec(big.model.params.get("decode_head.conv_seg.weight")), fresh_head);
+    assert_eq!(to_vec(big.model.params.get("blocks1.0.attn.weight")), to_vec(source.model.params.get("blocks1.0.attn.weight")));
+    let stored = to_vec(source.model.params.get("pos_embed"));
+    let want: Vec<f32> = resize_pos_embed(&stored, 16, 3, 4).into_iter().map(|v| v as f32).collect();
+    let got: Vec<f32> = to_vec(big.model.params.get("pos_embed")).into_iter().map(|v| v as f32).collect();
+    assert_eq!(got, want);
+    // An encoder of another width is named.
+    let narrow = ConvMaeConfig { embed_dim: [8, 12, 20], num_heads: 2, ..small_cfg() };
+    let mut other = SegmenterTrainer::new(Segmenter::new(narrow, small_head(), DType::F32, &Device::Cpu, 6).unwrap(), SegmenterAdamWConfig::default(), 6).unwrap();
+    let e = init_segmenter_from(&mut other, &path).err().unwrap().to_string();
+    assert!(e.contains("another shape"), "{e}");
+}
