@@ -1,5 +1,5 @@
 /**
- * `convmae <command>`: pretrain, finetune, linprobe, eval, info, check-fixture. Argument parsing and presentation only;
+ * `convmae <command>`: pretrain, finetune, linprobe, eval, features, segment, info, check-fixture. Argument parsing and presentation only;
  * the work lives in src/tasks and src/api.
  */
 import { parseArgs } from 'node:util';
@@ -11,6 +11,7 @@ import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
 import type { TrainingProgress } from './tasks/run.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 import { extractFeatures } from './tasks/features.js';
+import { segment, type SegEvalSummary } from './tasks/segment.js';
 
 const USAGE = `convmae <command> [options]
 
@@ -20,6 +21,8 @@ Commands:
   linprobe          linear probe: frozen encoder, BatchNorm + Linear head, LARS
   eval              top-1 / top-5 of a saved classifier
   features CKPT     the pooled feature vector of every image of a dataset, to a safetensors file
+  segment           semantic segmentation: UperNet on a ConvMAE backbone, the official SEG recipe
+                    (default data: digit scenes drawn from the MNIST digits, mIoU on scenes from its test split)
   info              tensor names, shapes, parameter counts and GMACs of a model
   check-fixture F   run a golden-format fixture through the model, print errors as one JSON line
 
@@ -99,6 +102,28 @@ features options:
   --threads N             CPU threads (default: all cores or RAYON_NUM_THREADS)
   --batch-size N          default 128
   --no-progress           no progress line
+
+segment options:
+  --data digits           digit scenes (the only dataset for now; the default)
+  --init CKPT             pretrained encoder (ours or the official .pth; pos_embed resized bicubically to
+                          this grid); random init without it
+  --preset NAME           default convmae-tiny (the checkpoint's encoder must match)
+  --config JSON|FILE      overrides
+  --dtype f32|f64         default f32 (the segmenter runs on the CPU)
+  --threads N|auto        as for pretrain
+  --channels N            UPerHead's width (official 768)
+  --aux-channels N        the auxiliary FCN head's width (official 256)
+  --drop-path X           backbone stochastic depth, default 0.2
+  --batch-size N          default 16 (official)
+  --epochs N | --steps N  run length (default 1 epoch)
+  --lr X                  peak lr, default 1e-4 (official)
+  --min-lr X              poly floor, default 0
+  --warmup-steps N        linear warmup from 1e-6 of the lr (default: 1500/160000 of the run, as official)
+  --weight-decay X        default 0.05
+  --layer-decay X         default 0.75
+  --eval-every N          evaluate + checkpoint every N steps (default: at the end)
+  --eval-limit N          evaluate on the first N test scenes (default: all 10000)
+  --seed N, --out DIR (default runs/segment), --resume [--resume-from PATH], --no-progress
 
 info options:
   --preset NAME           default convmae-base
@@ -466,6 +491,68 @@ async function runCheckFixture(args: string[]): Promise<void> {
   if (!report.pass) process.exitCode = 1;
 }
 
+function printSegEval(e: SegEvalSummary): void {
+  process.stderr.write(`eval at step ${e.step}: mIoU ${e.mIoU.toFixed(2)}%  mAcc ${e.mAcc.toFixed(2)}%  aAcc ${e.aAcc.toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.images} images)\n`);
+}
+
+async function runSegment(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      ...TRAINING_OPTIONS,
+      init: { type: 'string' },
+      channels: { type: 'string' },
+      'aux-channels': { type: 'string' },
+      'drop-path': { type: 'string' },
+      'layer-decay': { type: 'string' },
+      'eval-every': { type: 'string' },
+      'eval-limit': { type: 'string' },
+    },
+    allowPositionals: false,
+  });
+  const dtype = values.dtype ?? 'f32';
+  if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
+  for (const unsupported of ['device', 'precision', 'accum-steps', 'blr', 'warmup-epochs'] as const) {
+    if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter runs on the CPU in f32 or f64, one batch per update, with an absolute --lr)`);
+  }
+  const progress = progressPrinter(!values['no-progress']);
+  const s = await segment({
+    data: values.data,
+    init: values.init,
+    preset: values.preset ?? 'convmae-tiny',
+    config: parseConfig(values.config),
+    dtype,
+    threads: threadsOption(values.threads),
+    channels: num(values.channels, 'channels'),
+    auxChannels: num(values['aux-channels'], 'aux-channels'),
+    dropPath: num(values['drop-path'], 'drop-path'),
+    batchSize: num(values['batch-size'], 'batch-size'),
+    epochs: num(values.epochs, 'epochs'),
+    steps: num(values.steps, 'steps'),
+    lr: num(values.lr, 'lr'),
+    minLr: num(values['min-lr'], 'min-lr'),
+    warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
+    weightDecay: num(values['weight-decay'], 'weight-decay'),
+    layerDecay: num(values['layer-decay'], 'layer-decay'),
+    evalEvery: num(values['eval-every'], 'eval-every'),
+    evalLimit: num(values['eval-limit'], 'eval-limit'),
+    seed: num(values.seed, 'seed'),
+    outDir: values.out,
+    resume: values['resume-from'] ?? values.resume,
+    onProgress: progress,
+    onEval: printSegEval,
+    signal: stopOnInterrupt(),
+  });
+  if (values.init === undefined && !values.resume && values['resume-from'] === undefined) process.stderr.write('(no --init: the backbone started from a random init)\n');
+  const last = s.evals.at(-1);
+  process.stderr.write(
+    `done: ${s.steps} steps on ${s.dataset}, loss ${s.firstLoss?.toFixed(4)} -> ${s.lastLoss?.toFixed(4)}` +
+      (last ? `, mIoU ${last.mIoU.toFixed(2)}%` : '') +
+      `\n  checkpoint      ${s.checkpoint}\n  log             ${s.log}\n`,
+  );
+  if (last) process.stderr.write(`  IoU per class   ${s.classes.map((c, i) => `${c} ${Number.isNaN(last.iou[i]) ? '-' : last.iou[i]!.toFixed(1)}`).join(', ')}\n`);
+}
+
 export async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
   switch (command) {
@@ -478,6 +565,8 @@ export async function main(argv: string[]): Promise<void> {
       return runEval(rest);
     case 'features':
       return runFeatures(rest);
+    case 'segment':
+      return runSegment(rest);
     case 'info':
       return runInfo(rest);
     case 'check-fixture':

@@ -1,7 +1,8 @@
 export * from './api/index.js';
 export * from './data/index.js';
 export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
-export { lrAt, scaledLr, type LrSchedule } from './tasks/schedule.js';
+export { lrAt, polyLrAt, scaledLr, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
+export { evaluateSegmentation, segment, type SegEvalSummary, type SegmentRunOptions, type SegmentRunSummary } from './tasks/segment.js';
 export {
   defaultEvalData,
   evaluate,

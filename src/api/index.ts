@@ -2,3 +2,4 @@ export * from './config.js';
 export * from './pretrainer.js';
 export * from './fixture.js';
 export * from './classifier.js';
+export * from './segmenter.js';

@@ -47,3 +47,4 @@ export { DEFAULT_SHUFFLE_BUFFER, expandShardPattern, listShardFiles, openTarShar
 export { listTar, readRange, type ListTarOptions, type TarMember } from './tar.js';
 export { isJpeg, readJpegHeader, type JpegHeader } from './jpeg.js';
 export { cropPixelBatch, decodeCropBatch, nativeDecoder, nativePixelCropper, type NativeCropJob, type NativeCropResult, type NativePixelJob } from './native-decode.js';
+export { DIGIT_SCENE_CLASSES, openDigitScenes, segmentationBatches, type DigitScenesOptions, type SegmentationBatch, type SegmentationDataset, type SegmentationSample } from './segmentation.js';

@@ -23,3 +23,25 @@ export function lrAt(s: LrSchedule, at: number): number {
   const progress = Math.min(1, (at - s.warmup) / (s.total - s.warmup));
   return s.minLr + (s.lr - s.minLr) * 0.5 * (1 + Math.cos(Math.PI * progress));
 }
+
+/** mmcv's `poly` policy with linear warmup, per iteration, as the SEG config sets it. */
+export interface PolySchedule {
+  lr: number;
+  minLr: number;
+  power: number;
+  totalSteps: number;
+  warmupSteps: number;
+  /** The warmup starts at lr * warmupRatio. */
+  warmupRatio: number;
+}
+
+/**
+ * `(lr - minLr) * (1 - step / total)^power + minLr`; during warmup that value times
+ * `1 - (1 - step / warmup) * (1 - warmupRatio)` (mmcv's LrUpdaterHook, 'linear').
+ */
+export function polyLrAt(s: PolySchedule, step: number): number {
+  const progress = Math.min(step, s.totalSteps) / s.totalSteps;
+  const regular = (s.lr - s.minLr) * (1 - progress) ** s.power + s.minLr;
+  if (step >= s.warmupSteps) return regular;
+  return regular * (1 - (1 - step / s.warmupSteps) * (1 - s.warmupRatio));
+}

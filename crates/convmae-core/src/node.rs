@@ -16,7 +16,9 @@ use crate::augment::AugmentSpec;
 use crate::classify::{ClassifierTrainer, OptimizerConfig, Targets, TrainStepOptions};
 use crate::model::classifier::{ClassifierHead, ConvViT};
 use crate::threads::ThreadChoice;
-use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, Session, Worker};
+use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, SegmenterCommand, SegmenterReply, Session, Worker};
+use crate::model::segmenter::{Segmenter, SegmenterHead};
+use crate::segment::{SegmenterAdamWConfig, SegmenterTrainer};
 use crate::train::{Pretrainer, StepOptions};
 use candle_core::DType;
 use napi::bindgen_prelude::*;
@@ -630,6 +632,144 @@ impl NativeClassifier {
 
     /// The CPU threads the steps run on now (with auto: the count being timed, then the one
     /// chosen; 0 until the worker has started).
+    #[napi]
+    pub fn threads(&self) -> Result<u32> {
+        Ok(self.session.lock().map_err(|_| js_err("session lock poisoned"))?.threads_in_use() as u32)
+    }
+}
+
+#[napi(object)]
+pub struct SegTrainResult {
+    /// decodeLoss + auxWeight * auxLoss.
+    pub loss: f64,
+    pub decode_loss: f64,
+    pub aux_loss: f64,
+    pub lr: f64,
+    /// Optimizer updates applied so far, this one included.
+    pub step: i64,
+}
+
+#[napi(object)]
+pub struct SegEvalResult {
+    /// Argmax class of every pixel at the images' size, [batch * height * width].
+    pub predictions: Uint8Array,
+    /// With labels: the decode loss, averaged over the batch's pixels (ignored ones count 0).
+    pub loss: Option<f64>,
+    /// With labels: per-class pixel counts (label 255 left out): predicted and labelled as the
+    /// class (intersect), either (union), predicted as it, labelled as it.
+    pub intersect: Option<Vec<f64>>,
+    pub union: Option<Vec<f64>>,
+    pub predicted: Option<Vec<f64>>,
+    pub label: Option<Vec<f64>>,
+}
+
+/// A segmenter (UperNet on a ConvMAE backbone) and its optimizer, owned by one worker thread.
+#[napi]
+pub struct NativeSegmenter {
+    session: Mutex<Session<SegmenterTrainer>>,
+}
+
+impl NativeSegmenter {
+    async fn call(&self, command: SegmenterCommand) -> Result<SegmenterReply> {
+        call(&self.session, command).await
+    }
+
+    async fn loaded(&self, command: SegmenterCommand) -> Result<LoadResult> {
+        match self.call(command).await? {
+            SegmenterReply::Loaded { report, extra } => Ok(LoadResult { report: report_json(&report), extra }),
+            _ => Err(js_err("unexpected reply to load")),
+        }
+    }
+}
+
+#[napi]
+impl NativeSegmenter {
+    /// `headJson`: {num_classes, channels, aux_channels, pool_scales, dropout, drop_path,
+    /// aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
+    /// weight_decay, layer_decay}. The segmenter runs on the CPU in float32 or float64.
+    #[napi(constructor)]
+    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, threads: Option<u32>) -> Result<Self> {
+        let cfg = parse_config(&config_json)?;
+        let head: SegmenterHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid segmenter head: {e}")))?;
+        head.validate().map_err(js_err)?;
+        let dtype = parse_dtype(&dtype)?;
+        let adamw: SegmenterAdamWConfig = match optimizer_json {
+            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
+            None => SegmenterAdamWConfig::default(),
+        };
+        if seed < 0 {
+            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
+        }
+        let session = Session::start(move || {
+            let model = Segmenter::new(cfg, head, dtype, &candle_core::Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            SegmenterTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+        }, ThreadChoice::from_option(threads));
+        Ok(Self { session: Mutex::new(session) })
+    }
+
+    /// One optimizer update on uint8 images [batch, height, width, 3] and their label maps
+    /// [batch * height * width] (255 = ignore).
+    #[napi]
+    pub async fn train(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, labels: Uint8Array, lr: f64) -> Result<SegTrainResult> {
+        let command = SegmenterCommand::Train { images: images(&pixels, batch, height, width), labels: labels.to_vec(), lr };
+        match self.call(command).await? {
+            SegmenterReply::Trained(s) => Ok(SegTrainResult { loss: s.loss, decode_loss: s.decode_loss, aux_loss: s.aux_loss, lr: s.lr, step: s.step as i64 }),
+            _ => Err(js_err("unexpected reply to train")),
+        }
+    }
+
+    /// Evaluation-mode predictions at the images' size, with the loss and per-class areas when
+    /// labels are given.
+    #[napi]
+    pub async fn evaluate(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, labels: Option<Uint8Array>) -> Result<SegEvalResult> {
+        let command = SegmenterCommand::Evaluate { images: images(&pixels, batch, height, width), labels: labels.map(|l| l.to_vec()) };
+        match self.call(command).await? {
+            SegmenterReply::Evaluated(e) => {
+                let counts = |v: &[u64]| v.iter().map(|&c| c as f64).collect::<Vec<f64>>();
+                let areas = e.areas.as_ref();
+                Ok(SegEvalResult {
+                    predictions: e.predictions.into(),
+                    loss: e.loss,
+                    intersect: areas.map(|a| counts(&a.intersect)),
+                    union: areas.map(|a| counts(&a.union)),
+                    predicted: areas.map(|a| counts(&a.predicted)),
+                    label: areas.map(|a| counts(&a.label)),
+                })
+            }
+            _ => Err(js_err("unexpected reply to evaluate")),
+        }
+    }
+
+    /// Writes weights, optimizer state and `extra` (JSON) atomically.
+    #[napi]
+    pub async fn save(&self, path: String, extra: String) -> Result<()> {
+        match self.call(SegmenterCommand::Save { path: path.into(), extra }).await? {
+            SegmenterReply::Saved => Ok(()),
+            _ => Err(js_err("unexpected reply to save")),
+        }
+    }
+
+    /// Restores a segmenter checkpoint exactly (ours, or an official mmseg UperNet .pth).
+    #[napi]
+    pub async fn load(&self, path: String, strict: bool) -> Result<LoadResult> {
+        self.loaded(SegmenterCommand::Load { path: path.into(), strict }).await
+    }
+
+    /// Loads a pretrained encoder into the backbone as the official SEG code does (strict=False,
+    /// pos_embed resized bicubically to this grid, fresh heads).
+    #[napi]
+    pub async fn init_from(&self, path: String) -> Result<LoadResult> {
+        self.loaded(SegmenterCommand::InitFrom { path: path.into() }).await
+    }
+
+    /// Frees the model after queued commands finish. Further calls reject.
+    #[napi]
+    pub fn dispose(&self) -> Result<()> {
+        self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
+        Ok(())
+    }
+
+    /// The CPU threads the steps run on now.
     #[napi]
     pub fn threads(&self) -> Result<u32> {
         Ok(self.session.lock().map_err(|_| js_err("session lock poisoned"))?.threads_in_use() as u32)

@@ -6,6 +6,7 @@
 use crate::checkpoint::{self, LoadReport};
 use crate::classify::{ClassifierTrainer, EvalStats, Features, TrainStepOptions, TrainStepStats};
 use crate::recon::{self, Reconstruction};
+use crate::segment::{SegEval, SegTrainStats, SegmenterTrainer};
 use crate::threads::{CpuThreads, ThreadChoice};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -196,6 +197,52 @@ impl Worker for ClassifierTrainer {
 
     fn is_step(command: &ClassifierCommand) -> bool {
         matches!(command, ClassifierCommand::Train { .. })
+    }
+}
+
+pub enum SegmenterCommand {
+    /// One step on images and their label maps ([B * H * W], 255 = ignore).
+    Train { images: Images, labels: Vec<u8>, lr: f64 },
+    Evaluate { images: Images, labels: Option<Vec<u8>> },
+    Save { path: PathBuf, extra: String },
+    /// Exact restore (resume or evaluation): ours, or an official mmseg UperNet .pth.
+    Load { path: PathBuf, strict: bool },
+    /// The official initialization of the backbone from a pretrained encoder (fresh heads).
+    InitFrom { path: PathBuf },
+}
+
+pub enum SegmenterReply {
+    Trained(SegTrainStats),
+    Evaluated(SegEval),
+    Saved,
+    Loaded { report: LoadReport, extra: String },
+}
+
+impl Worker for SegmenterTrainer {
+    type Command = SegmenterCommand;
+    type Reply = SegmenterReply;
+    fn run(&mut self, command: SegmenterCommand) -> Result<SegmenterReply, String> {
+        use SegmenterCommand as C;
+        use SegmenterReply as R;
+        match command {
+            C::Train { images, labels, lr } => self.train_step(&images.view(), &labels, lr).map(R::Trained).map_err(message),
+            C::Evaluate { images, labels } => self.evaluate(&images.view(), labels.as_deref()).map(R::Evaluated).map_err(message),
+            C::Save { path, extra } => checkpoint::save_segmenter(self, &path, &extra).map(|_| R::Saved).map_err(message),
+            C::Load { path, strict } => {
+                checkpoint::load_segmenter(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message)
+            }
+            C::InitFrom { path } => {
+                checkpoint::init_segmenter_from(self, &path).map(|report| R::Loaded { report, extra: "{}".into() }).map_err(message)
+            }
+        }
+    }
+
+    fn on_cpu(&self) -> bool {
+        self.model.device().is_cpu()
+    }
+
+    fn is_step(command: &SegmenterCommand) -> bool {
+        matches!(command, SegmenterCommand::Train { .. })
     }
 }
 

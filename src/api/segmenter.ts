@@ -1,0 +1,217 @@
+/**
+ * The typed segmenter: UperNet with the auxiliary FCN head on a ConvMAE backbone, as the
+ * official SEG code builds it (mmseg's UPerHead + FCNHead; layer scale and a relative position
+ * bias per stage-3 block; a stride-32 level from a 3x3 stride-2 conv), on its own Rust worker
+ * thread. Every method returns a Promise; the event loop stays free while a step runs.
+ */
+import { native } from '../native.js';
+import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
+import { checkImageBatch, threadCount, type ImageBatch, type LoadOptions, type LoadReport, type Threads } from './pretrainer.js';
+
+/** Label value no loss or metric counts (mmseg's ignore_index; ADE20K's "other" after reduce_zero_label). */
+export const IGNORE_LABEL = 255;
+
+/** AdamW of the SEG recipe: betas (0.9, 0.999), weight decay 0.05, layer decay 0.75. */
+export interface SegmenterAdamWOptions {
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weight_decay?: number;
+  /** lr scale of layer i is layer_decay^(depth[2] + 1 - i); stages 1-2, the patch embeds and pos_embed are layer 0, `fpn` and the heads the top. */
+  layer_decay?: number;
+}
+
+export interface SegmenterOptions extends ModelSpec {
+  /** 1..255 (label 255 is ignored). */
+  numClasses: number;
+  /** Width of UPerHead's convs. Default 768 (official). */
+  channels?: number;
+  /** Width of the auxiliary FCN head's conv. Default 256 (official). */
+  auxChannels?: number;
+  /** Output sides of the pyramid pooling module. Default [1, 2, 3, 6] (official). */
+  poolScales?: number[];
+  /** Dropout2d before each classifier. Default 0.1 (official). */
+  dropout?: number;
+  /** Stochastic depth of the backbone's last block (rates rise linearly). Default 0.2 (official). */
+  dropPath?: number;
+  /** Weight of the auxiliary loss. Default 0.4 (official). */
+  auxWeight?: number;
+  /** 'f32' (default) or 'f64'. The segmenter runs on the CPU. */
+  dtype?: 'f32' | 'f64';
+  threads?: Threads;
+  /** Seeds the init, stochastic depth and dropout. Default 0. */
+  seed?: number;
+  optimizer?: SegmenterAdamWOptions;
+}
+
+/** Images with one label per pixel. */
+export interface LabelledBatch extends ImageBatch {
+  /** [batchSize * height * width] class ids, row-major per image; 255 = ignore. */
+  labels: Uint8Array;
+}
+
+export interface SegTrainResult {
+  /** decodeLoss + auxWeight * auxLoss. */
+  loss: number;
+  decodeLoss: number;
+  auxLoss: number;
+  lr: number;
+  /** Optimizer updates so far. */
+  step: number;
+}
+
+/** Per-class pixel counts (pixels labelled 255 left out), as mmseg's intersect_and_union counts them. */
+export interface ClassAreas {
+  intersect: number[];
+  union: number[];
+  predicted: number[];
+  label: number[];
+}
+
+export interface SegEvalResult {
+  /** The argmax class of every pixel at the images' size, [batchSize * height * width]. */
+  predictions: Uint8Array;
+  /** With labels: the decode loss, averaged over the batch's pixels (ignored ones count 0, as mmseg 0.11). */
+  loss?: number;
+  /** With labels. */
+  areas?: ClassAreas;
+}
+
+/** mmseg's summary of accumulated areas. */
+export interface SegmentationScore {
+  /** Mean over classes of intersect / union, classes with an empty union left out. */
+  mIoU: number;
+  /** Mean over classes of intersect / label, classes never labelled left out. */
+  mAcc: number;
+  /** All correctly labelled pixels over all labelled pixels. */
+  aAcc: number;
+  /** Per class; NaN where the class has an empty union. */
+  iou: number[];
+  /** Pixels counted (labelled, not 255). */
+  pixels: number;
+}
+
+/** Sums the areas of batches, then scores them (mIoU, mAcc, aAcc) as mmseg's `mean_iou` does. */
+export class SegmentationMeter {
+  readonly areas: ClassAreas;
+
+  constructor(readonly numClasses: number) {
+    const zeros = () => new Array<number>(numClasses).fill(0);
+    this.areas = { intersect: zeros(), union: zeros(), predicted: zeros(), label: zeros() };
+  }
+
+  add(areas: ClassAreas): void {
+    for (const key of ['intersect', 'union', 'predicted', 'label'] as const) {
+      if (areas[key].length !== this.numClasses) throw new RangeError(`areas.${key} has ${areas[key].length} classes, this meter ${this.numClasses}`);
+      areas[key].forEach((v, c) => (this.areas[key][c] += v));
+    }
+  }
+
+  score(): SegmentationScore {
+    const { intersect, union, label } = this.areas;
+    const mean = (values: number[]) => {
+      const kept = values.filter((v) => !Number.isNaN(v));
+      return kept.length ? kept.reduce((a, b) => a + b, 0) / kept.length : NaN;
+    };
+    const iou = intersect.map((i, c) => (union[c] > 0 ? i / union[c] : NaN));
+    const acc = intersect.map((i, c) => (label[c] > 0 ? i / label[c] : NaN));
+    const pixels = label.reduce((a, b) => a + b, 0);
+    const correct = intersect.reduce((a, b) => a + b, 0);
+    return { mIoU: mean(iou), mAcc: mean(acc), aAcc: pixels > 0 ? correct / pixels : NaN, iou, pixels };
+  }
+}
+
+export interface SegmenterLoadReport extends LoadReport {
+  /** Tensors the file has that were left fresh on purpose (the heads; relative position tables of another grid). */
+  reinitialized: string[];
+}
+
+function parseReport(r: { report: string; extra: string }): SegmenterLoadReport {
+  return { ...(JSON.parse(r.report) as Omit<SegmenterLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
+}
+
+function checkLabels(batch: LabelledBatch | ImageBatch, labels: Uint8Array | undefined): void {
+  if (labels === undefined) return;
+  if (!(labels instanceof Uint8Array)) throw new TypeError('labels must be a Uint8Array (one class id per pixel, 255 = ignore)');
+  const want = batch.batchSize * batch.height * batch.width;
+  if (labels.length !== want) throw new RangeError(`labels hold ${labels.length} values, expected ${want} (one per pixel of ${batch.batchSize} images of ${batch.height}x${batch.width})`);
+}
+
+export class Segmenter {
+  readonly config: ConvMaeConfig;
+  readonly numClasses: number;
+  readonly dtype: 'f32' | 'f64';
+  #native: InstanceType<typeof native.NativeSegmenter> | undefined;
+
+  private constructor(config: ConvMaeConfig, options: SegmenterOptions) {
+    this.config = config;
+    this.numClasses = options.numClasses;
+    this.dtype = options.dtype ?? 'f32';
+    const head: Record<string, unknown> = { num_classes: options.numClasses };
+    const optional = { channels: options.channels, aux_channels: options.auxChannels, pool_scales: options.poolScales, dropout: options.dropout, drop_path: options.dropPath, aux_weight: options.auxWeight };
+    for (const [key, value] of Object.entries(optional)) if (value !== undefined) head[key] = value;
+    const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
+    this.#native = new native.NativeSegmenter(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, threadCount(options.threads));
+  }
+
+  /** A fresh segmenter (the official init of the backbone and heads). Invalid options throw here. */
+  static create(options: SegmenterOptions): Segmenter {
+    if (!Number.isInteger(options.numClasses) || options.numClasses < 1 || options.numClasses > 255) {
+      throw new RangeError(`numClasses must be an integer in 1..255 (label 255 is ignored), got ${String(options.numClasses)}`);
+    }
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    return new Segmenter(resolveConfig(options), options);
+  }
+
+  private get handle(): InstanceType<typeof native.NativeSegmenter> {
+    if (!this.#native) throw new Error('this Segmenter was disposed');
+    return this.#native;
+  }
+
+  /** The CPU threads the training steps run on now. */
+  get threads(): number {
+    return this.handle.threads();
+  }
+
+  /**
+   * Loads a pretrained encoder (pretraining, classifier or segmenter checkpoint; ours or official)
+   * into the backbone as the SEG code does: strict=False, `pos_embed` resized bicubically to this
+   * model's grid (224-px pretraining, 512-px segmentation: 14x14 to 32x32), the heads fresh. The
+   * report's `missing` lists what the file lacks (layer scales, relative position tables, fpn).
+   */
+  async initFrom(path: string): Promise<SegmenterLoadReport> {
+    return parseReport(await this.handle.initFrom(path));
+  }
+
+  /** Restores a segmenter checkpoint exactly (ours with optimizer state, or an official mmseg UperNet .pth). */
+  async load(path: string, options: LoadOptions = {}): Promise<SegmenterLoadReport> {
+    return parseReport(await this.handle.load(path, options.strict ?? true));
+  }
+
+  /** Writes weights, optimizer state and `extra` atomically. */
+  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
+    await this.handle.save(path, JSON.stringify(extra));
+  }
+
+  /** One optimizer update on uint8 images and their label maps. */
+  async train(batch: LabelledBatch, options: { lr: number }): Promise<SegTrainResult> {
+    checkImageBatch(batch);
+    checkLabels(batch, batch.labels);
+    return this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, batch.labels, options.lr);
+  }
+
+  /** Evaluation-mode predictions at the images' size; loss and per-class areas when the batch has labels. */
+  async evaluate(batch: ImageBatch & { labels?: Uint8Array }): Promise<SegEvalResult> {
+    checkImageBatch(batch);
+    checkLabels(batch, batch.labels);
+    const r = await this.handle.evaluate(batch.images, batch.batchSize, batch.height, batch.width, batch.labels);
+    const areas = r.intersect && r.union && r.predicted && r.label ? { intersect: r.intersect, union: r.union, predicted: r.predicted, label: r.label } : undefined;
+    return { predictions: r.predictions, loss: r.loss ?? undefined, areas };
+  }
+
+  dispose(): void {
+    this.#native?.dispose();
+    this.#native = undefined;
+  }
+}
