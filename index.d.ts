@@ -83,6 +83,39 @@ export declare class NativePretrainer {
   threads(): number
 }
 
+/** A segmenter (UperNet on a ConvMAE backbone) and its optimizer, owned by one worker thread. */
+export declare class NativeSegmenter {
+  /**
+   * `headJson`: {num_classes, channels, aux_channels, pool_scales, dropout, drop_path,
+   * aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
+   * weight_decay, layer_decay}. The segmenter runs on the CPU in float32 or float64.
+   */
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, threads?: number | undefined | null)
+  /**
+   * One optimizer update on uint8 images [batch, height, width, 3] and their label maps
+   * [batch * height * width] (255 = ignore).
+   */
+  train(pixels: Uint8Array, batch: number, height: number, width: number, labels: Uint8Array, lr: number): Promise<SegTrainResult>
+  /**
+   * Evaluation-mode predictions at the images' size, with the loss and per-class areas when
+   * labels are given.
+   */
+  evaluate(pixels: Uint8Array, batch: number, height: number, width: number, labels?: Uint8Array | undefined | null): Promise<SegEvalResult>
+  /** Writes weights, optimizer state and `extra` (JSON) atomically. */
+  save(path: string, extra: string): Promise<void>
+  /** Restores a segmenter checkpoint exactly (ours, or an official mmseg UperNet .pth). */
+  load(path: string, strict: boolean): Promise<LoadResult>
+  /**
+   * Loads a pretrained encoder into the backbone as the official SEG code does (strict=False,
+   * pos_embed resized bicubically to this grid, fresh heads).
+   */
+  initFrom(path: string): Promise<LoadResult>
+  /** Frees the model after queued commands finish. Further calls reject. */
+  dispose(): void
+  /** The CPU threads the steps run on now. */
+  threads(): number
+}
+
 /**
  * Times the depthwise conv of conv stage `stage` (1 or 2) of a preset, dense-masked vs sparse,
  * forward and forward + backward, f32 on the CPU; resolves to JSON (see bench.rs).
@@ -193,6 +226,31 @@ export interface ReconstructionResult {
 
 /** Validates a config (JSON, every field optional over ConvMAE-B) and returns it complete. */
 export declare function resolveConfig(json: string): string
+
+export interface SegEvalResult {
+  /** Argmax class of every pixel at the images' size, [batch * height * width]. */
+  predictions: Uint8Array
+  /** With labels: the decode loss, averaged over the batch's pixels (ignored ones count 0). */
+  loss?: number
+  /**
+   * With labels: per-class pixel counts (label 255 left out): predicted and labelled as the
+   * class (intersect), either (union), predicted as it, labelled as it.
+   */
+  intersect?: Array<number>
+  union?: Array<number>
+  predicted?: Array<number>
+  label?: Array<number>
+}
+
+export interface SegTrainResult {
+  /** decodeLoss + auxWeight * auxLoss. */
+  loss: number
+  decodeLoss: number
+  auxLoss: number
+  lr: number
+  /** Optimizer updates applied so far, this one included. */
+  step: number
+}
 
 export interface StepResult {
   loss: number

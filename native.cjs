@@ -837,6 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.NativeClassifier = nativeBinding.NativeClassifier
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
+module.exports.NativeSegmenter = nativeBinding.NativeSegmenter
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.benchGelu = nativeBinding.benchGelu
 module.exports.checkFixture = nativeBinding.checkFixture
