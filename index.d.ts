@@ -101,6 +101,12 @@ export declare class NativeSegmenter {
    * labels are given.
    */
   evaluate(pixels: Uint8Array, batch: number, height: number, width: number, labels?: Uint8Array | undefined | null): Promise<SegEvalResult>
+  /**
+   * mmseg's slide inference of one image of any size (windows of the model's side at
+   * `stride`), the logits resized to `originalHeight` x `originalWidth` for the predictions
+   * and, with labels at that size, the per-class areas.
+   */
+  evaluateSlide(pixels: Uint8Array, height: number, width: number, originalHeight: number, originalWidth: number, stride: number, labels?: Uint8Array | undefined | null): Promise<SegEvalResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
   save(path: string, extra: string): Promise<void>
   /** Restores a segmenter checkpoint exactly (ours, or an official mmseg UperNet .pth). */

@@ -104,7 +104,12 @@ features options:
   --no-progress           no progress line
 
 segment options:
-  --data digits           digit scenes (the only dataset for now; the default)
+  --data digits|DIR       digit scenes (default), or a folder in ADE20K's layout: images/training and
+                          annotations/training (single-channel PNG class ids), evaluated on .../validation
+                          with the official slide inference
+  --num-classes N         folder data: default the lines of DIR/classes.txt, else 150
+  --no-reduce-zero-label  folder data: PNG values are the classes as they are (default: ADE20K's
+                          convention, 0 = ignored, 1..150 = classes 0..149)
   --init CKPT             pretrained encoder (ours or the official .pth; pos_embed resized bicubically to
                           this grid); random init without it
   --preset NAME           default convmae-tiny (the checkpoint's encoder must match)
@@ -492,7 +497,7 @@ async function runCheckFixture(args: string[]): Promise<void> {
 }
 
 function printSegEval(e: SegEvalSummary): void {
-  process.stderr.write(`eval at step ${e.step}: mIoU ${e.mIoU.toFixed(2)}%  mAcc ${e.mAcc.toFixed(2)}%  aAcc ${e.aAcc.toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.images} images)\n`);
+  process.stderr.write(`eval at step ${e.step}: mIoU ${e.mIoU.toFixed(2)}%  mAcc ${e.mAcc.toFixed(2)}%  aAcc ${e.aAcc.toFixed(2)}%${e.loss === undefined ? '' : `  loss ${e.loss.toFixed(4)}`}  (${e.images} images${e.skipped ? `, ${e.skipped} unreadable skipped` : ''})\n`);
 }
 
 async function runSegment(args: string[]): Promise<void> {
@@ -507,6 +512,8 @@ async function runSegment(args: string[]): Promise<void> {
       'layer-decay': { type: 'string' },
       'eval-every': { type: 'string' },
       'eval-limit': { type: 'string' },
+      'num-classes': { type: 'string' },
+      'no-reduce-zero-label': { type: 'boolean' },
     },
     allowPositionals: false,
   });
@@ -518,6 +525,8 @@ async function runSegment(args: string[]): Promise<void> {
   const progress = progressPrinter(!values['no-progress']);
   const s = await segment({
     data: values.data,
+    numClasses: num(values['num-classes'], 'num-classes'),
+    reduceZeroLabel: values['no-reduce-zero-label'] ? false : undefined,
     init: values.init,
     preset: values.preset ?? 'convmae-tiny',
     config: parseConfig(values.config),
@@ -541,6 +550,7 @@ async function runSegment(args: string[]): Promise<void> {
     resume: values['resume-from'] ?? values.resume,
     onProgress: progress,
     onEval: printSegEval,
+    onSkip: (s) => process.stderr.write(`\nskipped unreadable sample ${s.path}: ${s.reason}\n`),
     signal: stopOnInterrupt(),
   });
   if (values.init === undefined && !values.resume && values['resume-from'] === undefined) process.stderr.write('(no --init: the backbone started from a random init)\n');

@@ -3,11 +3,13 @@
 // and exact resume.
 import test from 'ava';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
+import sharp from 'sharp';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { openDigitScenes, openMnist, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
+import { createRng, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
+import { rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTrainTransform } from '../src/data/segmentation-transforms.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
@@ -140,5 +142,73 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
   const err = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--device', 'cuda', '--out', out]));
   t.regex((err as unknown as { stderr: string }).stderr, /--device is not supported/);
   const bad = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--data', 'ade', '--out', out]));
-  t.regex((bad as unknown as { stderr: string }).stderr, /unknown segmentation dataset 'ade'/);
+  t.regex((bad as unknown as { stderr: string }).stderr, /segmentation folder 'ade': cannot read the images folder/);
+});
+
+test('the official transforms: cv2-style resizes, mmcv rescale sizes, crops padded with ignored labels', (t) => {
+  // cv2 INTER_LINEAR doubling [0, 255]: 0, 63.75, 191.25, 255, rounded.
+  t.deepEqual(Array.from(resizeBilinearRgb(new Uint8Array([0, 0, 0, 255, 255, 255]), 2, 1, 4, 1)).filter((_, i) => i % 3 === 0), [0, 64, 191, 255]);
+  t.deepEqual(Array.from(resizeNearest(new Uint8Array([1, 2, 3, 4]), 4, 1, 2, 1)), [1, 3]);
+  t.deepEqual(rescaledSize(683, 512, 2048, 512), [683, 512]);
+  t.deepEqual(rescaledSize(300, 200, 2048, 512), [768, 512]);
+  // A 20 x 20 sample scales to 64 r px (r drawn from [0.5, 2]): below 64 the crop is the whole
+  // image, padded with ignored labels and zero pixels; from 64 on, a full crop.
+  const sample = { image: new Uint8Array(20 * 20 * 3).fill(200), labels: new Uint8Array(20 * 20).fill(1), width: 20, height: 20 };
+  let padded = 0;
+  for (let seed = 0; seed < 12; seed++) {
+    const a = segmentationTrainTransform(sample, 64, createRng(seed));
+    t.deepEqual(a, segmentationTrainTransform(sample, 64, createRng(seed)), 'a pure function of the generator');
+    t.is(a.labels.length, 64 * 64);
+    t.is(a.labels[0], 1);
+    t.true(a.labels.every((l, p) => (l === 255) === (a.image[3 * p] === 0 && a.image[3 * p + 1] === 0 && a.image[3 * p + 2] === 0) && (l === 1 || l === 255)));
+    if (a.labels[64 * 64 - 1] === 255) padded++;
+  }
+  t.true(padded > 0 && padded < 12, `${padded} of 12 padded`);
+});
+
+/** An ADE20K-layout folder: `n` training and 2 validation images of assorted sizes, labels 0-3 (0 ignored). */
+async function adeFolder(n: number): Promise<string> {
+  const root = await mkdtemp(path.join(os.tmpdir(), 'convmae-ade-'));
+  await writeFile(path.join(root, 'classes.txt'), 'sky\ntree\nroad\n');
+  for (const [split, count] of [['training', n], ['validation', 2]] as const) {
+    await mkdir(path.join(root, 'images', split), { recursive: true });
+    await mkdir(path.join(root, 'annotations', split), { recursive: true });
+    for (let i = 0; i < count; i++) {
+      const [w, h] = [70 + 13 * i, 60 + 7 * i];
+      const labels = new Uint8Array(w * h).map((_, p) => ((p % w) * 4) / w);
+      const image = new Uint8Array(w * h * 3).map((_, p) => (labels[Math.floor(p / 3)]! * 60 + (p % 3) * 20) & 255);
+      const name = `ADE_${split}_${String(i).padStart(4, '0')}`;
+      await sharp(image, { raw: { width: w, height: h, channels: 3 } }).jpeg().toFile(path.join(root, 'images', split, `${name}.jpg`));
+      await sharp(Buffer.from(labels), { raw: { width: w, height: h, channels: 1 } }).toColourspace('b-w').png().toFile(path.join(root, 'annotations', split, `${name}.png`));
+    }
+  }
+  return root;
+}
+
+test('an ADE20K-layout folder trains with the official transform, skips an unreadable image and scores by slide inference', async (t) => {
+  const root = await adeFolder(5);
+  await writeFile(path.join(root, 'images', 'training', 'ADE_training_9999.jpg'), 'not a jpeg');
+  await sharp(Buffer.alloc(4), { raw: { width: 2, height: 2, channels: 1 } }).toColourspace('b-w').png().toFile(path.join(root, 'annotations', 'training', 'ADE_training_9999.png'));
+  const ds = await openSegmentationFolder(root);
+  t.deepEqual(ds.classes, ['sky', 'tree', 'road']);
+  t.is(ds.length, 6);
+  const first = await ds.sample(0);
+  t.is(first.width, 70);
+  // reduce_zero_label: PNG 0 -> 255, 1..3 -> 0..2.
+  t.deepEqual([...new Set(first.labels)].sort((a, b) => a - b), [0, 1, 2, 255]);
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-ade-run-'));
+  const s = await segment({ ...small, data: root, batchSize: 2, steps: 3, outDir: dir });
+  t.is(s.steps, 3);
+  t.is(s.classes.length, 3);
+  t.true(s.skipped.some((k) => k.path.endsWith('ADE_training_9999.jpg')), JSON.stringify(s.skipped));
+  const e = s.evals.at(-1)!;
+  t.is(e.images, 2);
+  t.is(e.loss, undefined);
+  t.true(e.mIoU >= 0 && e.mIoU <= 100 && e.iou.length === 3);
+  const log = await readFile(s.log, 'utf8');
+  t.regex(log, /"event":"skip","path":"[^"]*ADE_training_9999.jpg"/);
+  // Colour label files (a palette's colours are not class ids) are named; grey stored as RGB is read.
+  const colour = new Uint8Array(70 * 60 * 3).map((_, i) => (i % 3 === 0 ? 9 : 0));
+  await sharp(colour, { raw: { width: 70, height: 60, channels: 3 } }).png().toFile(path.join(root, 'annotations', 'training', 'ADE_training_0000.png'));
+  await t.throwsAsync(() => ds.sample(0), { message: /ADE_training_0000.png' has 3 channels that differ \(pixel 0\); label maps must be single-channel/ });
 });

@@ -210,6 +210,21 @@ export class Segmenter {
     return { predictions: r.predictions, loss: r.loss ?? undefined, areas };
   }
 
+  /**
+   * mmseg's slide inference of one image of any size (at least the model's side S on each axis;
+   * smaller ones are padded): S x S windows at `stride` (default 2S/3 rounded down, the
+   * official 341 for 512), overlapping logits averaged, resized to `originalHeight` x
+   * `originalWidth` (the label map's size), then the argmax; with labels at that size, the areas.
+   */
+  async evaluateSlide(image: { image: Uint8Array; height: number; width: number }, options: { originalHeight: number; originalWidth: number; labels?: Uint8Array; stride?: number }): Promise<SegEvalResult> {
+    checkImageBatch({ images: image.image, batchSize: 1, height: image.height, width: image.width });
+    const stride = options.stride ?? Math.floor((2 * this.config.img_size) / 3);
+    if (options.labels !== undefined) checkLabels({ images: image.image, batchSize: 1, height: options.originalHeight, width: options.originalWidth }, options.labels);
+    const r = await this.handle.evaluateSlide(image.image, image.height, image.width, options.originalHeight, options.originalWidth, stride, options.labels);
+    const areas = r.intersect && r.union && r.predicted && r.label ? { intersect: r.intersect, union: r.union, predicted: r.predicted, label: r.label } : undefined;
+    return { predictions: r.predictions, areas };
+  }
+
   dispose(): void {
     this.#native?.dispose();
     this.#native = undefined;

@@ -47,4 +47,18 @@ export { DEFAULT_SHUFFLE_BUFFER, expandShardPattern, listShardFiles, openTarShar
 export { listTar, readRange, type ListTarOptions, type TarMember } from './tar.js';
 export { isJpeg, readJpegHeader, type JpegHeader } from './jpeg.js';
 export { cropPixelBatch, decodeCropBatch, nativeDecoder, nativePixelCropper, type NativeCropJob, type NativeCropResult, type NativePixelJob } from './native-decode.js';
-export { DIGIT_SCENE_CLASSES, openDigitScenes, segmentationBatches, type DigitScenesOptions, type SegmentationBatch, type SegmentationDataset, type SegmentationSample } from './segmentation.js';
+export {
+  ADE20K_CLASSES,
+  DIGIT_SCENE_CLASSES,
+  openDigitScenes,
+  openSegmentationFolder,
+  segmentationBatches,
+  type DigitScenesOptions,
+  type SegmentationBatch,
+  type SegmentationBatchOptions,
+  type SegmentationDataset,
+  type SegmentationFolderOptions,
+  type SegmentationSample,
+  type SkippedSegmentationSample,
+} from './segmentation.js';
+export { photometricDistortion, rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTestResize, segmentationTrainTransform } from './segmentation-transforms.js';

@@ -6,8 +6,14 @@
  * onto a dark canvas, each in its own colour, labelled per pixel with the digit's class (1-10;
  * 0 is the background). A glyph's anti-aliased rim (intensity 1-127) is labelled 255, so the
  * ignore label is exercised as ADE20K's "other" is. Every scene is a pure function of its index.
+ *
+ * `openSegmentationFolder` reads ADE20K's layout (`images/<split>/*.jpg` beside
+ * `annotations/<split>/*.png`, the label PNGs single-channel class ids).
  */
-import { openMnist, type IdxDataset } from './datasets.js';
+import { readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import sharp from 'sharp';
+import { IMAGE_EXTENSIONS, openMnist, type IdxDataset } from './datasets.js';
 import { createRng, deriveSeed, permutation, randInt, type Rng } from './rng.js';
 import { IGNORE_LABEL } from '../api/segmenter.js';
 
@@ -104,6 +110,104 @@ export async function openDigitScenes(split: 'train' | 't10k' = 'train', options
   };
 }
 
+/**
+ * The class ids of a decoded label PNG: its one channel, or the first of a grey image stored as
+ * RGB(A) (all colour channels equal). Colours that differ (a palette's) are no class ids.
+ */
+function greyLabels(data: Uint8Array, channels: number, file: string): Uint8Array {
+  if (channels === 1) return new Uint8Array(data);
+  const colours = channels === 4 ? 3 : channels;
+  const out = new Uint8Array(data.length / channels);
+  for (let p = 0; p < out.length; p++) {
+    const v = data[p * channels]!;
+    for (let c = 1; c < colours; c++) {
+      if (data[p * channels + c] !== v) {
+        throw new Error(`'${file}' has ${channels} channels that differ (pixel ${p}); label maps must be single-channel PNGs of class ids (a palette PNG's colours are not ids)`);
+      }
+    }
+    out[p] = v;
+  }
+  return out;
+}
+
+/** ADE20K's class count (SceneParse150). */
+export const ADE20K_CLASSES = 150;
+
+export interface SegmentationFolderOptions {
+  /** Subfolder of images/ and annotations/. Default 'training'. */
+  split?: string;
+  /**
+   * ADE20K's convention (default true): label 0 ("other") becomes 255 and the rest shift down by
+   * one, so PNG values 1-150 are classes 0-149 (mmseg's reduce_zero_label).
+   */
+  reduceZeroLabel?: boolean;
+  /** Default: the lines of classes.txt beside images/, else ADE20K's 150. */
+  numClasses?: number;
+}
+
+/**
+ * A dataset in ADE20K's layout under `root`: every image of `images/<split>` with the PNG of the
+ * same name in `annotations/<split>`, in file-name order. Samples are decoded by sharp at their
+ * original size; a label PNG must be single-channel (class ids, not a palette's colours) and of
+ * its image's size, else the sample fails with both files named.
+ */
+export async function openSegmentationFolder(root: string, options: SegmentationFolderOptions = {}): Promise<SegmentationDataset> {
+  const split = options.split ?? 'training';
+  const imageDir = path.join(root, 'images', split);
+  const labelDir = path.join(root, 'annotations', split);
+  const list = async (dir: string, what: string) => {
+    try {
+      return await readdir(dir);
+    } catch (e) {
+      throw new Error(`segmentation folder '${root}': cannot read the ${what} folder '${dir}' (expected images/<split> and annotations/<split>): ${(e as Error).message}`);
+    }
+  };
+  const extensions = new Set(IMAGE_EXTENSIONS);
+  const stem = (name: string) => name.slice(0, name.lastIndexOf('.'));
+  const images = (await list(imageDir, 'images')).filter((n) => n.includes('.') && extensions.has(n.slice(n.lastIndexOf('.') + 1).toLowerCase())).sort();
+  const labels = new Set((await list(labelDir, 'annotations')).filter((n) => n.toLowerCase().endsWith('.png')));
+  if (images.length === 0) throw new Error(`segmentation folder '${root}': no images in '${imageDir}'`);
+  const missing = images.filter((n) => !labels.has(`${stem(n)}.png`));
+  if (missing.length > 0) throw new Error(`segmentation folder '${root}': ${missing.length} image(s) without an annotation in '${labelDir}', first '${missing[0]}' (expected '${stem(missing[0]!)}.png')`);
+  let classes: string[];
+  if (options.numClasses !== undefined) {
+    if (!Number.isInteger(options.numClasses) || options.numClasses < 1 || options.numClasses > 255) throw new RangeError(`numClasses must be an integer in 1..255, got ${options.numClasses}`);
+    classes = Array.from({ length: options.numClasses }, (_, i) => String(i));
+  } else {
+    const names = await readFile(path.join(root, 'classes.txt'), 'utf8').then(
+      (t) => t.split('\n').map((l) => l.trim()).filter((l) => l.length > 0),
+      () => undefined,
+    );
+    classes = names ?? Array.from({ length: ADE20K_CLASSES }, (_, i) => String(i));
+  }
+  const reduceZero = options.reduceZeroLabel ?? true;
+  const name = `${path.basename(path.resolve(root))}-${split}`;
+  return {
+    name,
+    length: images.length,
+    classes,
+    async sample(index: number): Promise<SegmentationSample> {
+      if (!Number.isInteger(index) || index < 0 || index >= images.length) throw new RangeError(`index ${index} is out of range for dataset "${name}" of ${images.length} samples`);
+      const imageFile = path.join(imageDir, images[index]!);
+      const labelFile = path.join(labelDir, `${stem(images[index]!)}.png`);
+      const [image, label] = await Promise.all([
+        sharp(imageFile, { failOn: 'warning' }).removeAlpha().toColourspace('srgb').raw().toBuffer({ resolveWithObject: true }),
+        sharp(labelFile, { failOn: 'warning' }).raw().toBuffer({ resolveWithObject: true }),
+      ]);
+      const labels = greyLabels(label.data, label.info.channels, labelFile);
+      if (label.info.width !== image.info.width || label.info.height !== image.info.height) {
+        throw new Error(`'${labelFile}' is ${label.info.width}x${label.info.height}, its image '${imageFile}' ${image.info.width}x${image.info.height}`);
+      }
+      // mmseg: 0 -> 255, then minus one, then 254 -> 255 (so a 255 in the file stays ignored).
+      if (reduceZero) for (let i = 0; i < labels.length; i++) labels[i] = labels[i] === 0 || labels[i] === IGNORE_LABEL ? IGNORE_LABEL : labels[i]! - 1;
+      return { image: new Uint8Array(image.data), labels, width: image.info.width, height: image.info.height };
+    },
+    describe(index: number): string {
+      return path.join(imageDir, images[index] ?? `#${index}`);
+    },
+  };
+}
+
 /** A batch of samples packed for the segmenter. */
 export interface SegmentationBatch {
   images: Uint8Array;
@@ -116,35 +220,76 @@ export interface SegmentationBatch {
   epoch: number;
 }
 
+/** A sample that could not be read, and what took its place. */
+export interface SkippedSegmentationSample {
+  index: number;
+  path: string;
+  reason: string;
+  step: number;
+}
+
+export interface SegmentationBatchOptions {
+  batchSize: number;
+  /** The model's img_size: every batch is size x size. */
+  size: number;
+  seed: number;
+  startStep: number;
+  endStep: number;
+  /** Maps a sample to size x size (the train transform), drawing from `rng`; default: none (samples must be size x size). */
+  transform?: (sample: SegmentationSample, rng: Rng) => SegmentationSample;
+  onSkip?: (s: SkippedSegmentationSample) => void;
+}
+
+/** Separates the per-sample transform draws from the epoch orders. */
+const TRANSFORM_STREAM = 0x7472;
+
 /**
- * Batches of a dataset whose samples are `size` x `size`: a shuffled order per epoch drawn from
- * (seed, epoch), the last partial batch dropped, micro-steps `startStep` (a resume) to
- * `endStep`, the next batch prepared while the current one trains.
+ * Batches of a dataset: a shuffled order per epoch drawn from (seed, epoch), the last partial
+ * batch dropped, micro-steps `startStep` (a resume) to `endStep`, the next batch prepared while
+ * the current one trains. Sample i of step s is transformed with a generator seeded by
+ * (seed, s, i), so a resumed run sees the same pixels. An unreadable sample is reported through
+ * `onSkip` and replaced by the next one in the epoch's order.
  */
-export async function* segmentationBatches(dataset: SegmentationDataset, options: { batchSize: number; size: number; seed: number; startStep: number; endStep: number }): AsyncGenerator<SegmentationBatch> {
+export async function* segmentationBatches(dataset: SegmentationDataset, options: SegmentationBatchOptions): AsyncGenerator<SegmentationBatch> {
   const { batchSize, size, seed } = options;
   const stepsPerEpoch = Math.floor(dataset.length / batchSize);
   if (stepsPerEpoch < 1) throw new RangeError(`dataset '${dataset.name}' has ${dataset.length} samples, fewer than one batch of ${batchSize}`);
   const orders = new Map<number, Uint32Array>();
-  const load = async (step: number): Promise<SegmentationBatch> => {
-    const epoch = Math.floor(step / stepsPerEpoch);
+  const orderOf = (epoch: number) => {
     let order = orders.get(epoch);
     if (!order) {
       orders.clear();
       order = permutation(dataset.length, createRng(deriveSeed(seed, epoch)));
       orders.set(epoch, order);
     }
+    return order;
+  };
+  const readAt = async (order: Uint32Array, position: number, step: number, slot: number): Promise<[number, SegmentationSample]> => {
+    for (let tries = 0; tries < dataset.length; tries++) {
+      const index = order[(position + tries) % dataset.length]!;
+      try {
+        const sample = await dataset.sample(index);
+        const out = options.transform ? options.transform(sample, createRng(deriveSeed(seed, step, slot, TRANSFORM_STREAM))) : sample;
+        if (out.width !== size || out.height !== size) throw new RangeError(`it is ${out.width}x${out.height}, the model takes ${size}x${size}`);
+        return [index, out];
+      } catch (e) {
+        options.onSkip?.({ index, path: dataset.describe(index), reason: (e as Error).message, step });
+      }
+    }
+    throw new Error(`dataset '${dataset.name}': no sample could be read`);
+  };
+  const load = async (step: number): Promise<SegmentationBatch> => {
+    const epoch = Math.floor(step / stepsPerEpoch);
+    const order = orderOf(epoch);
     const at = (step % stepsPerEpoch) * batchSize;
-    const indices = Array.from(order.subarray(at, at + batchSize));
-    const samples = await Promise.all(indices.map((i) => dataset.sample(i)));
+    const read = await Promise.all(Array.from({ length: batchSize }, (_, i) => readAt(order, at + i, step, i)));
     const images = new Uint8Array(batchSize * size * size * 3);
     const labels = new Uint8Array(batchSize * size * size);
-    samples.forEach((s, i) => {
-      if (s.width !== size || s.height !== size) throw new RangeError(`${dataset.describe(indices[i]!)} is ${s.width}x${s.height}, the model takes ${size}x${size}`);
+    read.forEach(([, s], i) => {
       images.set(s.image, i * size * size * 3);
       labels.set(s.labels, i * size * size);
     });
-    return { images, labels, batchSize, height: size, width: size, indices, epoch };
+    return { images, labels, batchSize, height: size, width: size, indices: read.map(([index]) => index), epoch };
   };
   let next = options.startStep < options.endStep ? load(options.startStep) : undefined;
   for (let step = options.startStep; step < options.endStep; step++) {

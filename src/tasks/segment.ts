@@ -6,12 +6,15 @@
  *
  * The official run is 160k iterations with 1500 warmup iterations; here the warmup defaults to
  * the same share of the run (1500 / 160000), which is the official 1500 at the official length.
- * Data: the digit scenes of src/data/segmentation.ts (the embedded default).
+ * Data: the digit scenes of src/data/segmentation.ts (the embedded default; generated at the
+ * model's size, no transform, whole-image evaluation) or a folder in ADE20K's layout (the
+ * official train transform and slide evaluation of src/data/segmentation-transforms.ts).
  */
 import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Segmenter, SegmentationMeter, type SegmentationScore, type SegmenterLoadReport } from '../api/segmenter.js';
-import { openDigitScenes, segmentationBatches, type SegmentationDataset } from '../data/segmentation.js';
+import { openDigitScenes, openSegmentationFolder, segmentationBatches, type SegmentationDataset, type SkippedSegmentationSample } from '../data/segmentation.js';
+import { segmentationTestResize, segmentationTrainTransform } from '../data/segmentation-transforms.js';
 import { exists, positiveInt, runLength, type TrainingProgress } from './run.js';
 import { polyLrAt, type PolySchedule } from './schedule.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
@@ -21,8 +24,16 @@ import type { Threads } from '../api/pretrainer.js';
 const OFFICIAL_WARMUP_SHARE = 1500 / 160000;
 
 export interface SegmentRunOptions {
-  /** 'digits' (default): digit scenes from MNIST train, evaluated on scenes from MNIST t10k. */
+  /**
+   * 'digits' (default): digit scenes from MNIST train, evaluated on scenes from MNIST t10k. Or a
+   * folder in ADE20K's layout (images/training + annotations/training, evaluated on
+   * images/validation + annotations/validation).
+   */
   data?: string;
+  /** Folder data: ADE20K's reduce_zero_label (default true). */
+  reduceZeroLabel?: boolean;
+  /** Folder data: the class count (default: classes.txt, else 150). */
+  numClasses?: number;
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: 'f32' | 'f64';
@@ -57,6 +68,7 @@ export interface SegmentRunOptions {
   resume?: boolean | string;
   onProgress?: (p: TrainingProgress) => void;
   onEval?: (e: SegEvalSummary) => void;
+  onSkip?: (s: SkippedSegmentationSample) => void;
   /** Stops the run after the current step, with a checkpoint. */
   signal?: AbortSignal;
 }
@@ -69,8 +81,11 @@ export interface SegEvalSummary {
   aAcc: number;
   /** Per class, percent; NaN for a class with an empty union. */
   iou: number[];
-  loss: number;
+  /** Mean decode loss (whole-image evaluation only; slide evaluation computes none, as mmseg). */
+  loss: number | undefined;
   images: number;
+  /** Evaluation images that could not be read (left out of the scores). */
+  skipped: number;
 }
 
 export interface SegmentRunSummary {
@@ -81,6 +96,8 @@ export interface SegmentRunSummary {
   checkpoint: string;
   log: string;
   init: SegmenterLoadReport | undefined;
+  /** Training samples that could not be read (each replaced by the next in its epoch's order). */
+  skipped: SkippedSegmentationSample[];
   dataset: string;
   classes: string[];
   seconds: number;
@@ -95,32 +112,74 @@ interface RunState {
   schedule: PolySchedule;
 }
 
-async function openSegmentationData(spec: string | undefined, split: 'train' | 't10k', size: number, limit?: number): Promise<SegmentationDataset> {
-  if (spec === undefined || spec === 'digits') return openDigitScenes(split, { size, limit });
-  throw new Error(`--data: unknown segmentation dataset '${spec}'; available: 'digits' (digit scenes from MNIST)`);
+/** How a dataset is trained and scored: generated at the model's size, or the official transforms. */
+interface SegmentationData {
+  train: SegmentationDataset;
+  eval: SegmentationDataset;
+  /** Folder data: the official train transform and slide evaluation. */
+  official: boolean;
 }
 
-/** Scores `model` on the dataset: mIoU, mAcc, aAcc (percent) and the mean decode loss. */
-export async function evaluateSegmentation(model: Segmenter, dataset: SegmentationDataset, batchSize: number): Promise<Omit<SegEvalSummary, 'step'>> {
+async function openSegmentationData(options: SegmentRunOptions, size: number): Promise<SegmentationData> {
+  const spec = options.data;
+  if (spec === undefined || spec === 'digits') {
+    return { train: await openDigitScenes('train', { size }), eval: await openDigitScenes('t10k', { size, limit: options.evalLimit }), official: false };
+  }
+  const folder = { reduceZeroLabel: options.reduceZeroLabel, numClasses: options.numClasses };
+  const evalSet = await openSegmentationFolder(spec, { ...folder, split: 'validation' });
+  const limited = options.evalLimit === undefined ? evalSet : { ...evalSet, length: Math.min(evalSet.length, positiveInt(options.evalLimit, 'evalLimit')) };
+  return { train: await openSegmentationFolder(spec, { ...folder, split: 'training' }), eval: limited, official: true };
+}
+
+/**
+ * Scores `model` on the dataset: mIoU, mAcc, aAcc (percent). Samples at the model's size (digit
+ * scenes) are scored whole, in batches, with the mean decode loss; others (`slide`) one by one
+ * with the official test resize and slide inference at their original size. Unreadable samples
+ * are skipped and counted.
+ */
+export async function evaluateSegmentation(model: Segmenter, dataset: SegmentationDataset, batchSize: number, slide = false): Promise<Omit<SegEvalSummary, 'step'>> {
   const size = model.config.img_size;
   const meter = new SegmentationMeter(model.numClasses);
   let lossSum = 0;
-  for (let start = 0; start < dataset.length; start += batchSize) {
-    const indices = Array.from({ length: Math.min(batchSize, dataset.length - start) }, (_, i) => start + i);
-    const samples = await Promise.all(indices.map((i) => dataset.sample(i)));
-    const images = new Uint8Array(indices.length * size * size * 3);
-    const labels = new Uint8Array(indices.length * size * size);
-    samples.forEach((s, i) => {
-      if (s.width !== size || s.height !== size) throw new RangeError(`${dataset.describe(indices[i]!)} is ${s.width}x${s.height}, the model takes ${size}x${size}`);
-      images.set(s.image, i * size * size * 3);
-      labels.set(s.labels, i * size * size);
-    });
-    const r = await model.evaluate({ images, labels, batchSize: indices.length, height: size, width: size });
-    meter.add(r.areas!);
-    lossSum += r.loss! * indices.length;
+  let images = 0;
+  let skipped = 0;
+  const read = async (i: number) => {
+    try {
+      return await dataset.sample(i);
+    } catch {
+      skipped++;
+      return undefined;
+    }
+  };
+  if (slide) {
+    for (let i = 0; i < dataset.length; i++) {
+      const s = await read(i);
+      if (!s) continue;
+      const resized = segmentationTestResize(s, size);
+      const r = await model.evaluateSlide(resized, { originalHeight: s.height, originalWidth: s.width, labels: s.labels });
+      meter.add(r.areas!);
+      images++;
+    }
+  } else {
+    for (let start = 0; start < dataset.length; start += batchSize) {
+      const samples = (await Promise.all(Array.from({ length: Math.min(batchSize, dataset.length - start) }, (_, i) => read(start + i)))).filter((s) => s !== undefined);
+      if (samples.length === 0) continue;
+      const pixels = new Uint8Array(samples.length * size * size * 3);
+      const labels = new Uint8Array(samples.length * size * size);
+      samples.forEach((s, i) => {
+        if (s.width !== size || s.height !== size) throw new RangeError(`${dataset.name}: a sample is ${s.width}x${s.height}, the model takes ${size}x${size}`);
+        pixels.set(s.image, i * size * size * 3);
+        labels.set(s.labels, i * size * size);
+      });
+      const r = await model.evaluate({ images: pixels, labels, batchSize: samples.length, height: size, width: size });
+      meter.add(r.areas!);
+      lossSum += r.loss! * samples.length;
+      images += samples.length;
+    }
   }
+  if (images === 0) throw new Error(`evaluation dataset '${dataset.name}' yielded no images`);
   const score: SegmentationScore = meter.score();
-  return { mIoU: 100 * score.mIoU, mAcc: 100 * score.mAcc, aAcc: 100 * score.aAcc, iou: score.iou.map((v) => 100 * v), loss: lossSum / dataset.length, images: dataset.length };
+  return { mIoU: 100 * score.mIoU, mAcc: 100 * score.mAcc, aAcc: 100 * score.aAcc, iou: score.iou.map((v) => 100 * v), loss: slide ? undefined : lossSum / images, images, skipped };
 }
 
 /** Trains a segmenter with the official recipe (see the module comment). */
@@ -130,8 +189,8 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
   const batchSize = positiveInt(options.batchSize ?? 16, 'batchSize');
   const seed = options.seed ?? 0;
   const size = resolveConfig(options).img_size;
-  const dataset = await openSegmentationData(options.data, 'train', size);
-  const evalDataset = await openSegmentationData(options.data, 't10k', size, options.evalLimit);
+  const data = await openSegmentationData(options, size);
+  const dataset = data.train;
   const model = Segmenter.create({
     preset: options.preset,
     config: options.config,
@@ -180,7 +239,7 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
 
     const evals: SegEvalSummary[] = [];
     const runEval = async () => {
-      const r = { step: state.step, ...(await evaluateSegmentation(model, evalDataset, batchSize)) };
+      const r = { step: state.step, ...(await evaluateSegmentation(model, data.eval, batchSize, data.official)) };
       evals.push(r);
       options.onEval?.(r);
       await appendFile(log, JSON.stringify({ event: 'eval', ...r, time: new Date().toISOString() }) + '\n');
@@ -190,7 +249,21 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     let lastLoss: number | undefined;
     const loopStart = performance.now();
     const startStep = state.step;
-    for await (const batch of segmentationBatches(dataset, { batchSize, size, seed, startStep: state.step, endStep: state.totalSteps })) {
+    const skipped: SkippedSegmentationSample[] = [];
+    const batches = segmentationBatches(dataset, {
+      batchSize,
+      size,
+      seed,
+      startStep: state.step,
+      endStep: state.totalSteps,
+      transform: data.official ? (sample, rng) => segmentationTrainTransform(sample, size, rng) : undefined,
+      onSkip: (s) => {
+        skipped.push(s);
+        options.onSkip?.(s);
+        void appendFile(log, JSON.stringify({ event: 'skip', path: s.path, reason: s.reason, step: s.step }) + '\n');
+      },
+    });
+    for await (const batch of batches) {
       if (options.signal?.aborted) break;
       const lr = polyLrAt(state.schedule, state.step);
       const r = await model.train(batch, { lr });
@@ -212,7 +285,7 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     }
     await save();
     if (evals.at(-1)?.step !== state.step) await runEval();
-    return { steps: state.step, firstLoss, lastLoss, evals, checkpoint, log, init, dataset: dataset.name, classes: dataset.classes, seconds: (performance.now() - started) / 1000 };
+    return { steps: state.step, firstLoss, lastLoss, evals, checkpoint, log, init, skipped, dataset: dataset.name, classes: dataset.classes, seconds: (performance.now() - started) / 1000 };
   } finally {
     model.dispose();
   }

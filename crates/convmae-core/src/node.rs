@@ -723,6 +723,27 @@ impl NativeSegmenter {
     #[napi]
     pub async fn evaluate(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, labels: Option<Uint8Array>) -> Result<SegEvalResult> {
         let command = SegmenterCommand::Evaluate { images: images(&pixels, batch, height, width), labels: labels.map(|l| l.to_vec()) };
+        self.evaluated(command).await
+    }
+
+    /// mmseg's slide inference of one image of any size (windows of the model's side at
+    /// `stride`), the logits resized to `originalHeight` x `originalWidth` for the predictions
+    /// and, with labels at that size, the per-class areas.
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn evaluate_slide(&self, pixels: Uint8Array, height: u32, width: u32, original_height: u32, original_width: u32, stride: u32, labels: Option<Uint8Array>) -> Result<SegEvalResult> {
+        let command = SegmenterCommand::EvaluateSlide {
+            image: images(&pixels, 1, height, width),
+            original: (original_height as usize, original_width as usize),
+            labels: labels.map(|l| l.to_vec()),
+            stride: stride as usize,
+        };
+        self.evaluated(command).await
+    }
+}
+
+impl NativeSegmenter {
+    async fn evaluated(&self, command: SegmenterCommand) -> Result<SegEvalResult> {
         match self.call(command).await? {
             SegmenterReply::Evaluated(e) => {
                 let counts = |v: &[u64]| v.iter().map(|&c| c as f64).collect::<Vec<f64>>();
@@ -739,7 +760,10 @@ impl NativeSegmenter {
             _ => Err(js_err("unexpected reply to evaluate")),
         }
     }
+}
 
+#[napi]
+impl NativeSegmenter {
     /// Writes weights, optimizer state and `extra` (JSON) atomically.
     #[napi]
     pub async fn save(&self, path: String, extra: String) -> Result<()> {

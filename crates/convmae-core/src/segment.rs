@@ -179,4 +179,72 @@ impl SegmenterTrainer {
         };
         Ok(SegEval { predictions, loss, areas })
     }
+
+    /// mmseg's slide inference of one image of any size (the test resize's output, at least the
+    /// model's side S on each axis, else padded with the normalized zero): S x S windows at
+    /// `stride`, the last one on each axis flush with the edge; each window's decode logits
+    /// upsampled to S x S and summed where windows overlap, divided by the overlap count, then
+    /// resized bilinearly to `original` (the label map's size) for the argmax. With labels
+    /// ([original.0 * original.1]), the per-class areas; no loss (mmseg computes none at test).
+    pub fn evaluate_slide(&self, image: &Batch, original: (usize, usize), labels: Option<&[u8]>, stride: usize) -> Result<SegEval> {
+        let s = self.model.cfg.img_size;
+        if image.batch != 1 {
+            return Err(err(format!("slide evaluation takes one image at a time, got {}", image.batch)));
+        }
+        if stride == 0 || stride > s {
+            return Err(err(format!("slide stride must be in 1..={s} (the window), got {stride}")));
+        }
+        if original.0 == 0 || original.1 == 0 {
+            return Err(err(format!("original size {}x{} is empty", original.0, original.1)));
+        }
+        if let Some(l) = labels {
+            if l.len() != original.0 * original.1 {
+                return Err(err(format!("labels hold {} values, expected {} ({}x{})", l.len(), original.0 * original.1, original.0, original.1)));
+            }
+        }
+        let (h, w) = (image.height, image.width);
+        let device = self.model.device().clone();
+        let mut img = normalize(image, self.model.dtype(), &device)?;
+        let (hp, wp) = (h.max(s), w.max(s));
+        if (hp, wp) != (h, w) {
+            img = img.pad_with_zeros(1, 0, hp - h)?.pad_with_zeros(2, 0, wp - w)?;
+        }
+        let k = self.model.head.num_classes;
+        let mut sum = vec![0f32; k * hp * wp];
+        let mut count = vec![0u32; hp * wp];
+        let grids = |len: usize| (len.saturating_sub(s) + stride - 1) / stride + 1;
+        for gy in 0..grids(hp) {
+            for gx in 0..grids(wp) {
+                let y1 = (gy * stride + s).min(hp) - s;
+                let x1 = (gx * stride + s).min(wp) - s;
+                let crop = img.narrow(1, y1, s)?.narrow(2, x1, s)?.contiguous()?;
+                let out = self.model.forward(&crop, &mut Mode::Eval)?;
+                let logits = resize_bilinear(&out.logits, (s, s))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for c in 0..k {
+                    for y in 0..s {
+                        let src = &logits[(c * s + y) * s..][..s];
+                        let dst = &mut sum[(c * hp + y1 + y) * wp + x1..][..s];
+                        for (d, v) in dst.iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+                for y in 0..s {
+                    for c in &mut count[(y1 + y) * wp + x1..][..s] {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        for c in 0..k {
+            for (v, n) in sum[c * hp * wp..][..hp * wp].iter_mut().zip(&count) {
+                *v /= *n as f32;
+            }
+        }
+        let mean = Tensor::from_vec(sum, (1, k, hp, wp), &device)?.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()?;
+        let full = resize_bilinear(&mean, original)?;
+        let predictions: Vec<u8> = full.argmax(1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|c| c as u8).collect();
+        let areas = labels.map(|l| ClassAreas::of(&predictions, l, k));
+        Ok(SegEval { predictions, loss: None, areas })
+    }
 }

@@ -204,6 +204,8 @@ pub enum SegmenterCommand {
     /// One step on images and their label maps ([B * H * W], 255 = ignore).
     Train { images: Images, labels: Vec<u8>, lr: f64 },
     Evaluate { images: Images, labels: Option<Vec<u8>> },
+    /// Slide inference of one image of any size, scored at `original` size (`evaluate_slide`).
+    EvaluateSlide { image: Images, original: (usize, usize), labels: Option<Vec<u8>>, stride: usize },
     Save { path: PathBuf, extra: String },
     /// Exact restore (resume or evaluation): ours, or an official mmseg UperNet .pth.
     Load { path: PathBuf, strict: bool },
@@ -227,6 +229,9 @@ impl Worker for SegmenterTrainer {
         match command {
             C::Train { images, labels, lr } => self.train_step(&images.view(), &labels, lr).map(R::Trained).map_err(message),
             C::Evaluate { images, labels } => self.evaluate(&images.view(), labels.as_deref()).map(R::Evaluated).map_err(message),
+            C::EvaluateSlide { image, original, labels, stride } => {
+                self.evaluate_slide(&image.view(), original, labels.as_deref(), stride).map(R::Evaluated).map_err(message)
+            }
             C::Save { path, extra } => checkpoint::save_segmenter(self, &path, &extra).map(|_| R::Saved).map_err(message),
             C::Load { path, strict } => {
                 checkpoint::load_segmenter(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message)

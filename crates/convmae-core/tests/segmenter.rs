@@ -422,3 +422,46 @@ fn init_from_loads_the_backbone_and_resizes_pos_embed_bicubically() {
     let e = init_segmenter_from(&mut other, &path).err().unwrap().to_string();
     assert!(e.contains("another shape"), "{e}");
 }
+
+/// Slide inference against the same windows placed by padding (another way to put a window's
+/// logits at its offset) and averaged, then resized and argmaxed.
+#[test]
+fn slide_evaluation_averages_overlapping_windows_as_mmseg() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let model = Segmenter::new(cfg, small_head(), DType::F64, &Device::Cpu, 8).unwrap();
+    let trainer = SegmenterTrainer::new(model, SegmenterAdamWConfig::default(), 8).unwrap();
+    let (h, w, stride) = (s, 80, 20);
+    let (px, _) = small_batch(1, 80, 12);
+    let px = &px[..h * w * 3];
+    let image = Batch { pixels: px, batch: 1, height: h, width: w, channels: 3 };
+    let original = (37, 61);
+    let mut rng = Rng::new(4);
+    let labels: Vec<u8> = (0..original.0 * original.1).map(|_| (rng.uniform() * 3.0) as u8).collect();
+    let got = trainer.evaluate_slide(&image, original, Some(&labels), stride).unwrap();
+    // Windows at x = 0, 20, and 80 - 48 = 32 (the last moved back to end flush with the edge).
+    let imgs = normalize(&image, DType::F64, &Device::Cpu).unwrap();
+    let mut sum = Tensor::zeros((1, 3, h, w), DType::F64, &Device::Cpu).unwrap();
+    let mut count = Tensor::zeros((1, 1, h, w), DType::F64, &Device::Cpu).unwrap();
+    for x1 in [0, 20, 32] {
+        let crop = imgs.narrow(2, x1, s).unwrap().contiguous().unwrap();
+        let logits = trainer.model.forward(&crop, &mut Mode::Eval).unwrap().logits;
+        let logits = resize_bilinear(&logits, (s, s)).unwrap();
+        sum = (sum + logits.pad_with_zeros(3, x1, w - x1 - s).unwrap()).unwrap();
+        count = (count + Tensor::ones((1, 1, s, s), DType::F64, &Device::Cpu).unwrap().pad_with_zeros(3, x1, w - x1 - s).unwrap()).unwrap();
+    }
+    let mean = sum.broadcast_div(&count).unwrap();
+    let want: Vec<u8> = resize_bilinear(&mean, original).unwrap().argmax(1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap().into_iter().map(|c| c as u8).collect();
+    assert_eq!(got.predictions, want);
+    let areas = got.areas.unwrap();
+    assert_eq!(areas.label.iter().sum::<u64>() as usize, labels.len());
+    // One window over an S x S image at its own size is the whole-image evaluation.
+    let square = Batch { pixels: &px[..s * s * 3], batch: 1, height: s, width: s, channels: 3 };
+    let whole = trainer.evaluate(&square, None).unwrap().predictions;
+    assert_eq!(trainer.evaluate_slide(&square, (s, s), None, stride).unwrap().predictions, whole);
+    // An image smaller than the window is padded; a bad stride is named.
+    let small = Batch { pixels: &px[..40 * 40 * 3], batch: 1, height: 40, width: 40, channels: 3 };
+    assert_eq!(trainer.evaluate_slide(&small, (40, 40), None, stride).unwrap().predictions.len(), 1600);
+    let e = trainer.evaluate_slide(&square, (s, s), None, 0).err().unwrap().to_string();
+    assert!(e.contains("stride"), "{e}");
+}
