@@ -10,7 +10,7 @@
  * - linprobe: RandomResizedCrop(0.08-1) + flip, frozen encoder, BatchNorm + Linear head, LARS,
  *   no weight decay, blr 0.1, warmup 10 of 90 epochs, cosine to 0, plain cross-entropy.
  */
-import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { BatchLoader, openDataset, unseenImages, type ImageDataset, type SkippedSample } from '../data/index.js';
 import { sampleErasing, type EraseBox, type ErasingOptions } from '../data/erasing.js';
@@ -21,7 +21,7 @@ import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
-import { exists, positiveInt, runLength, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { positiveInt, runLength, startRun, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /**
@@ -216,24 +216,16 @@ async function runClassifier(recipe: Recipe, options: ClassifyRunOptions): Promi
     await mkdir(outDir, { recursive: true });
     const checkpoint = path.join(outDir, 'checkpoint.safetensors');
     const log = path.join(outDir, 'log.jsonl');
-    let init: ClassifierLoadReport | undefined;
-    if (options.resume) {
-      const from = typeof options.resume === 'string' ? options.resume : checkpoint;
-      if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
-      const saved = (await model.load(from)).extra as unknown as RunState;
-      if (typeof saved.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
+    const start = await startRun(model, options, checkpoint, log);
+    if (start.resumed) {
+      const { state: saved, from } = start.resumed as unknown as { state: RunState; from: string };
       const savedAccum = saved.accumSteps ?? 1;
       if (saved.batchSize !== batchSize || savedAccum !== accumSteps) {
         throw new Error(`--resume: '${from}' was trained with batch ${saved.batchSize} x accum ${savedAccum}, this run asks for ${batchSize} x ${accumSteps}`);
       }
       state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
-    } else {
-      await writeFile(log, '');
-      if (options.init) {
-        init = await model.initFrom(options.init);
-        await appendFile(log, JSON.stringify({ event: 'init', from: options.init, missing: init.missing, unexpected: init.unexpected }) + '\n');
-      }
     }
+    const init = start.init;
 
     const skipped: SkippedSample[] = [];
     const loader = new BatchLoader({

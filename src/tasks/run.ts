@@ -1,5 +1,5 @@
 /** What every training run (pretrain, finetune, linprobe) shares: progress reports and option checks. */
-import { stat } from 'node:fs/promises';
+import { appendFile, stat, writeFile } from 'node:fs/promises';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
 import type { DeviceName, DType, Precision, Threads } from '../api/pretrainer.js';
 import type { SkippedSample } from '../data/index.js';
@@ -107,4 +107,37 @@ export interface TrainingRunOptions {
    * last one reported stops after that step.
    */
   signal?: AbortSignal;
+}
+
+/** How a run begins: where it resumes from, or how it was initialized. */
+export interface RunStart<R> {
+  /** The loop state saved with the checkpoint it resumes from, and that checkpoint's path. */
+  resumed?: { state: Record<string, unknown>; from: string };
+  /** The report of `initFrom` when a fresh run starts from a pretrained checkpoint. */
+  init?: R;
+}
+
+/**
+ * Starts a run in `checkpoint`'s folder: with `resume`, restores the model from the checkpoint
+ * (or the path given) and returns its loop state, which must hold a step; otherwise empties the
+ * log and, with `init`, initializes the model from that file, logging what it reported.
+ */
+export async function startRun<R extends { missing: string[]; unexpected: string[] }>(
+  model: { load(path: string): Promise<{ extra: Record<string, unknown> }>; initFrom(path: string): Promise<R> },
+  options: { resume?: boolean | string; init?: string },
+  checkpoint: string,
+  log: string,
+): Promise<RunStart<R>> {
+  if (options.resume) {
+    const from = typeof options.resume === 'string' ? options.resume : checkpoint;
+    if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
+    const state = (await model.load(from)).extra;
+    if (typeof state.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
+    return { resumed: { state, from } };
+  }
+  await writeFile(log, '');
+  if (!options.init) return {};
+  const init = await model.initFrom(options.init);
+  await appendFile(log, JSON.stringify({ event: 'init', from: options.init, missing: init.missing, unexpected: init.unexpected }) + '\n');
+  return { init };
 }

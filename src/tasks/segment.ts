@@ -10,12 +10,12 @@
  * model's size, no transform, whole-image evaluation) or a folder in ADE20K's layout (the
  * official train transform and slide evaluation of src/data/segmentation-transforms.ts).
  */
-import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { Segmenter, SegmentationMeter, type SegmentationScore, type SegmenterLoadReport } from '../api/segmenter.js';
 import { openDigitScenes, openSegmentationFolder, segmentationBatches, type SegmentationDataset, type SkippedSegmentationSample } from '../data/segmentation.js';
 import { segmentationTestResize, segmentationTrainTransform } from '../data/segmentation-transforms.js';
-import { exists, positiveInt, runLength, type TrainingProgress } from './run.js';
+import { positiveInt, runLength, startRun, type TrainingProgress } from './run.js';
 import { polyLrAt, type PolySchedule } from './schedule.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import type { Threads } from '../api/pretrainer.js';
@@ -220,22 +220,14 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     await mkdir(outDir, { recursive: true });
     const checkpoint = path.join(outDir, 'checkpoint.safetensors');
     const log = path.join(outDir, 'log.jsonl');
-    let init: SegmenterLoadReport | undefined;
-    if (options.resume) {
-      const from = typeof options.resume === 'string' ? options.resume : checkpoint;
-      if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
-      const saved = (await model.load(from)).extra as unknown as RunState;
-      if (typeof saved.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
+    const start = await startRun(model, options, checkpoint, log);
+    if (start.resumed) {
+      const { state: saved, from } = start.resumed as unknown as { state: RunState; from: string };
       if (saved.batchSize !== batchSize) throw new Error(`--resume: '${from}' was trained with batch ${saved.batchSize}, this run asks for ${batchSize}`);
       // A longer run continues past the saved length on the saved schedule (its lr is min_lr there).
       state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
-    } else {
-      await writeFile(log, '');
-      if (options.init) {
-        init = await model.initFrom(options.init);
-        await appendFile(log, JSON.stringify({ event: 'init', from: options.init, missing: init.missing, unexpected: init.unexpected }) + '\n');
-      }
     }
+    const init = start.init;
 
     const evals: SegEvalSummary[] = [];
     const runEval = async () => {

@@ -104,6 +104,30 @@ pub fn drop_path_rates(cfg: &ConvMaeConfig, drop_path: f64) -> Vec<f64> {
     (0..total).map(|i| if total > 1 { drop_path * i as f64 / (total - 1) as f64 } else { 0.0 }).collect()
 }
 
+/// Per-sample DropPath scales of every encoder block for a training batch, in `dtype` (None when
+/// `drop_path` is 0): each block's two residual branches draw independently, as the official
+/// block calls its DropPath twice; conv blocks get [B, 1, 1, 1], transformer blocks [B, 1, 1].
+pub fn draw_drop_path(cfg: &ConvMaeConfig, drop_path: f64, batch: usize, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Option<Vec<DropPath>>> {
+    let rates = drop_path_rates(cfg, drop_path);
+    if rates.iter().all(|&r| r == 0.0) {
+        return Ok(None);
+    }
+    let conv_blocks = cfg.depth[0] + cfg.depth[1];
+    let mut draw = |rate: f64, shape: &[usize]| -> Result<Tensor> {
+        // timm: floor(keep_prob + U[0, 1)) is 1 with probability keep_prob; kept samples are
+        // scaled by 1 / keep_prob.
+        let keep = 1.0 - rate;
+        let v: Vec<f64> = (0..batch).map(|_| (keep + rng.uniform()).floor() / keep).collect();
+        Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
+    };
+    let mut out = Vec::with_capacity(rates.len());
+    for (i, &rate) in rates.iter().enumerate() {
+        let shape: &[usize] = if i < conv_blocks { &[batch, 1, 1, 1] } else { &[batch, 1, 1] };
+        out.push(DropPath { first: draw(rate, shape)?, second: draw(rate, shape)? });
+    }
+    Ok(Some(out))
+}
+
 pub struct ConvViT {
     pub cfg: ConvMaeConfig,
     pub head: ClassifierHead,
@@ -164,24 +188,7 @@ impl ConvViT {
 
     /// Per-sample DropPath scales of every block (None when no block drops anything).
     fn draw_drop_path(&self, batch: usize, rng: &mut Rng) -> Result<Option<Vec<DropPath>>> {
-        let rates = drop_path_rates(&self.cfg, self.head.drop_path);
-        if rates.iter().all(|&r| r == 0.0) {
-            return Ok(None);
-        }
-        let conv_blocks = self.cfg.depth[0] + self.cfg.depth[1];
-        let mut draw = |rate: f64, shape: &[usize]| -> Result<Tensor> {
-            // timm: floor(keep_prob + U[0, 1)) is 1 with probability keep_prob; kept samples are
-            // scaled by 1 / keep_prob.
-            let keep = 1.0 - rate;
-            let v: Vec<f64> = (0..batch).map(|_| (keep + rng.uniform()).floor() / keep).collect();
-            Tensor::from_vec(v, shape, self.device())?.to_dtype(self.compute_dtype())
-        };
-        let mut out = Vec::with_capacity(rates.len());
-        for (i, &rate) in rates.iter().enumerate() {
-            let shape: &[usize] = if i < conv_blocks { &[batch, 1, 1, 1] } else { &[batch, 1, 1] };
-            out.push(DropPath { first: draw(rate, shape)?, second: draw(rate, shape)? });
-        }
-        Ok(Some(out))
+        draw_drop_path(&self.cfg, self.head.drop_path, batch, self.compute_dtype(), self.device(), rng)
     }
 
     /// The encoder's output at each of its three scales for channels-last images [B, H, W, C]

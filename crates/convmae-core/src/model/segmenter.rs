@@ -17,7 +17,7 @@
 //! axis, computed as two matmuls with the interpolation (pooling) matrix, which also gives their
 //! backward.
 
-use super::classifier::{drop_path_rates, BatchStats, Mode, PROBE_BN_MOMENTUM};
+use super::classifier::{draw_drop_path, BatchStats, Mode, PROBE_BN_MOMENTUM};
 use super::conv_stages;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
@@ -324,26 +324,6 @@ impl Segmenter {
         &self.params.device
     }
 
-    /// Per-sample DropPath scales of every backbone block, in training with a positive rate.
-    fn draw_drop_path(&self, batch: usize, rng: &mut Rng) -> Result<Option<Vec<DropPath>>> {
-        let rates = drop_path_rates(&self.cfg, self.head.drop_path);
-        if rates.iter().all(|&r| r == 0.0) {
-            return Ok(None);
-        }
-        let conv_blocks = self.cfg.depth[0] + self.cfg.depth[1];
-        let mut draw = |rate: f64, shape: &[usize]| -> Result<Tensor> {
-            let keep = 1.0 - rate;
-            let v: Vec<f64> = (0..batch).map(|_| (keep + rng.uniform()).floor() / keep).collect();
-            Tensor::from_vec(v, shape, self.device())?.to_dtype(self.dtype())
-        };
-        let mut out = Vec::with_capacity(rates.len());
-        for (i, &rate) in rates.iter().enumerate() {
-            let shape: &[usize] = if i < conv_blocks { &[batch, 1, 1, 1] } else { &[batch, 1, 1] };
-            out.push(DropPath { first: draw(rate, shape)?, second: draw(rate, shape)? });
-        }
-        Ok(Some(out))
-    }
-
     /// The backbone's four levels [B, C, H, W] (strides 4, 8, 16, 32) for normalized
     /// channels-last images [B, H, W, 3].
     fn backbone(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
@@ -408,7 +388,7 @@ impl Segmenter {
             Mode::Eval => (false, None),
         };
         let drop = match rng.as_deref_mut() {
-            Some(rng) => self.draw_drop_path(imgs.dim(0)?, rng)?,
+            Some(rng) => draw_drop_path(&self.cfg, self.head.drop_path, imgs.dim(0)?, self.dtype(), self.device(), rng)?,
             None => None,
         };
         let mut f = Forward { params: &self.params, training, rng, dropout: self.head.dropout, norm_stats: Vec::new() };
