@@ -29,7 +29,8 @@ Commands:
 pretrain options:
   --data PATH             image folder (ImageNet layout or flat), WebDataset tar shards (a .tar, a folder
                           of .tar files, or 'shards/train-{000000..000009}.tar'), a file list (.txt/.lst,
-                          'path[ label]' per line) or a *-images-idx3-ubyte[.gz] file
+                          'path[ label]' per line) or a *-images-idx3-ubyte[.gz] file; also
+                          mnist[:train|t10k] and digit-scenes[:train|t10k] (the segmentation demo's images)
   --preset NAME           ${PRESETS.join(' | ')} (default: convmae-tiny without --data, convmae-base with it)
   --config JSON|FILE      overrides of the preset's config (official field names)
   --dtype f32|f64         default f32

@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { createRng, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
+import { createRng, openDataset, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
 import { rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTrainTransform } from '../src/data/segmentation-transforms.js';
 import { CLI } from './helpers.js';
 
@@ -57,6 +57,12 @@ test('digit scenes are a pure function of the index, labelled 0-10 with rims ign
   // Scene i always holds MNIST digit i (a later digit may cover it, rarely whole).
   t.true(firstDigitShown >= 18, `${firstDigitShown} of 20`);
   await t.throwsAsync(() => openDigitScenes('t10k', { size: 20 }), { message: /size must be an integer of at least 28/ });
+  // The same scenes as plain images, for pretraining on them.
+  const images = await openDataset('digit-scenes:t10k');
+  t.is(images.length, 10000);
+  const source = images.source(3);
+  t.true(source.kind === 'raw' && source.width === 64 && source.channels === 3);
+  t.deepEqual(source.kind === 'raw' ? source.pixels : undefined, (await scenes.sample(3)).image);
 });
 
 test('the segmenter trains, evaluates with areas that count every labelled pixel, and names bad input', async (t) => {

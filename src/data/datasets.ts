@@ -442,7 +442,9 @@ const IDX_IMAGES_RE = /images([-.])idx3-ubyte(\.gz)?$/i;
  * - a directory: `openImageFolder`;
  * - a `*-images-idx3-ubyte[.gz]` file: `openIdx`, with the matching
  *   `*-labels-idx1-ubyte[.gz]` next to it when present;
- * - a `.txt` or `.lst` file: `openFileList`.
+ * - a `.txt` or `.lst` file: `openFileList`;
+ * - `mnist[:train|t10k]`, `digit-scenes[:train|t10k]` (the 64-px scenes of the segmentation
+ *   demo as plain images, for pretraining on them).
  */
 export async function openDataset(spec?: string): Promise<ImageDataset> {
   if (spec === undefined || spec === '') return openMnist('train');
@@ -454,6 +456,12 @@ export async function openDataset(spec?: string): Promise<ImageDataset> {
   } catch (err) {
     const alias = /^mnist(?::(train|t10k))?$/i.exec(spec);
     if (alias) return openMnist((alias[1]?.toLowerCase() as 'train' | 't10k' | undefined) ?? 'train');
+    const scenes = /^digit-scenes(?::(train|t10k))?$/i.exec(spec);
+    if (scenes) {
+      // Imported here: segmentation.ts builds on this module.
+      const { openDigitSceneImages } = await import('./segmentation.js');
+      return openDigitSceneImages((scenes[1]?.toLowerCase() as 'train' | 't10k' | undefined) ?? 'train');
+    }
     if (errnoCode(err) === 'ENOENT') throw new Error(`Dataset "${abs}" does not exist`);
     throw new Error(`Cannot open dataset "${abs}": ${(err as Error).message}`);
   }

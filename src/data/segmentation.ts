@@ -13,7 +13,7 @@
 import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
-import { IMAGE_EXTENSIONS, openMnist, type IdxDataset } from './datasets.js';
+import { IMAGE_EXTENSIONS, openMnist, type IdxDataset, type ImageDataset } from './datasets.js';
 import { createRng, deriveSeed, permutation, randInt, type Rng } from './rng.js';
 import { IGNORE_LABEL } from '../api/segmenter.js';
 
@@ -46,6 +46,9 @@ export interface DigitScenesOptions {
   limit?: number;
 }
 
+/** The scenes' defaults: convmae-tiny's side, up to three digits. */
+const SCENE_SIZE = 64;
+const SCENE_MAX_DIGITS = 3;
 /** Glyph intensity from which a pixel belongs to its digit; fainter rim pixels are ignored. */
 const GLYPH_THRESHOLD = 128;
 /** Separates scene layouts from every other random stream. */
@@ -88,8 +91,8 @@ function drawScene(mnist: IdxDataset, index: number, size: number, maxDigits: nu
 
 /** Digit scenes from MNIST 'train' (60000) or 't10k' (10000); see the module comment. */
 export async function openDigitScenes(split: 'train' | 't10k' = 'train', options: DigitScenesOptions = {}): Promise<SegmentationDataset> {
-  const size = options.size ?? 64;
-  const maxDigits = options.maxDigits ?? 3;
+  const size = options.size ?? SCENE_SIZE;
+  const maxDigits = options.maxDigits ?? SCENE_MAX_DIGITS;
   if (!Number.isInteger(size) || size < 28) throw new RangeError(`digit scenes: size must be an integer of at least 28 (an MNIST digit), got ${size}`);
   if (!Number.isInteger(maxDigits) || maxDigits < 1) throw new RangeError(`digit scenes: maxDigits must be a positive integer, got ${maxDigits}`);
   const mnist = await openMnist(split);
@@ -205,6 +208,26 @@ export async function openSegmentationFolder(root: string, options: Segmentation
     describe(index: number): string {
       return path.join(imageDir, images[index] ?? `#${index}`);
     },
+  };
+}
+
+/**
+ * The digit scenes as an unlabeled image dataset (64 px), for pretraining on the images the
+ * segmentation demo segments.
+ */
+export async function openDigitSceneImages(split: 'train' | 't10k' = 'train'): Promise<ImageDataset> {
+  const mnist = await openMnist(split);
+  const name = `digit-scenes-${split}`;
+  const size = SCENE_SIZE;
+  return {
+    name,
+    length: mnist.length,
+    label: () => undefined,
+    source(index: number) {
+      if (!Number.isInteger(index) || index < 0 || index >= mnist.length) throw new RangeError(`index ${index} is out of range for dataset "${name}" of ${mnist.length} samples`);
+      return { kind: 'raw', pixels: drawScene(mnist, index, size, SCENE_MAX_DIGITS).image, width: size, height: size, channels: 3 };
+    },
+    describe: (index: number) => `${name}#${index}`,
   };
 }
 
