@@ -163,12 +163,14 @@ export function segmentationTrainTransform(sample: SegmentationSample, size: num
   const labels = resizeNearest(sample.labels, sample.width, sample.height, w, h);
   const ch = Math.min(size, h);
   const cw = Math.min(size, w);
-  let top = 0;
-  let left = 0;
+  // As mmseg: a crop, then up to 10 checks each followed by a new draw on failure (so the 11th
+  // draw is kept unchecked).
+  let top = randInt(rng, 0, h - ch);
+  let left = randInt(rng, 0, w - cw);
   for (let attempt = 0; attempt < CROP_TRIES; attempt++) {
+    if (balancedEnough(labels, w, top, left, ch, cw)) break;
     top = randInt(rng, 0, h - ch);
     left = randInt(rng, 0, w - cw);
-    if (balancedEnough(labels, w, top, left, ch, cw)) break;
   }
   const flip = uniform(rng, 0, 1) < 0.5;
   const outImage = new Uint8Array(size * size * 3);
