@@ -11,7 +11,8 @@ import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
 import type { TrainingProgress } from './tasks/run.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 import { extractFeatures } from './tasks/features.js';
-import { segment, type SegEvalSummary } from './tasks/segment.js';
+import { evaluateSegmenter, segment, type SegEvalSummary } from './tasks/segment.js';
+import { native } from './native.js';
 
 const USAGE = `convmae <command> [options]
 
@@ -86,7 +87,13 @@ finetune / linprobe options:
   --seed N, --out DIR (default runs/finetune | runs/linprobe), --resume [--resume-from PATH], --no-progress
 
 eval options:
-  eval CKPT               our classifier checkpoint (model read from it) or an official fine-tuned .pth
+  eval CKPT               our classifier or segmenter checkpoint (model read from it), an official
+                          fine-tuned .pth, or (with --task segment) an official mmseg UperNet .pth
+  --task classify|segment default: segment for our segmenter checkpoints, classify otherwise
+  segmenters: --data digits|DIR (default digits: the test scenes; DIR: its validation split by
+              slide inference), --eval-limit N, --num-classes N, --no-reduce-zero-label, and
+              --preset / --config / --channels N / --aux-channels N for an official .pth
+              (default convmae-base, 768 / 256); prints mIoU, mAcc, aAcc and IoU per class
   --data PATH             default: the MNIST test split
   --preset, --config, --num-classes N, --pool   for files without our metadata
   --batch-size N          default 128
@@ -378,10 +385,41 @@ async function runEval(args: string[]): Promise<void> {
       'num-classes': { type: 'string' },
       pool: { type: 'string' },
       'batch-size': { type: 'string' },
+      task: { type: 'string' },
+      channels: { type: 'string' },
+      'aux-channels': { type: 'string' },
+      'eval-limit': { type: 'string' },
+      'no-reduce-zero-label': { type: 'boolean' },
     },
     allowPositionals: true,
   });
   if (positionals.length !== 1) fail('eval takes exactly one checkpoint file');
+  const task = values.task;
+  if (task !== undefined && task !== 'classify' && task !== 'segment') fail(`--task must be classify or segment, got '${task}'`);
+  const meta = JSON.parse(await native.checkpointMetadata(positionals[0]!)) as Record<string, string>;
+  if (task === 'segment' || (task === undefined && meta.kind === 'segmenter')) {
+    let shown = 0;
+    const s = await evaluateSegmenter({
+      checkpoint: positionals[0]!,
+      data: values.data,
+      preset: values.preset,
+      config: parseConfig(values.config),
+      numClasses: num(values['num-classes'], 'num-classes'),
+      channels: num(values.channels, 'channels'),
+      auxChannels: num(values['aux-channels'], 'aux-channels'),
+      reduceZeroLabel: values['no-reduce-zero-label'] ? false : undefined,
+      evalLimit: num(values['eval-limit'], 'eval-limit'),
+      batchSize: num(values['batch-size'], 'batch-size'),
+      onProgress: (done, total) => {
+        if (done * 10 >= (shown + 1) * total || done === total) {
+          shown = Math.floor((done * 10) / total);
+          process.stderr.write(`evaluated ${done}/${total} images\n`);
+        }
+      },
+    });
+    process.stdout.write(JSON.stringify({ dataset: s.dataset, mIoU: s.mIoU, mAcc: s.mAcc, aAcc: s.aAcc, iou: s.iou, images: s.images, skipped: s.skipped }) + '\n');
+    return;
+  }
   const pool = values.pool;
   if (pool !== undefined && pool !== 'global' && pool !== 'token') fail(`--pool must be global or token, got '${pool}'`);
   const r = await evaluate({

@@ -2,7 +2,7 @@ export * from './api/index.js';
 export * from './data/index.js';
 export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
 export { lrAt, polyLrAt, scaledLr, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
-export { evaluateSegmentation, segment, type SegEvalSummary, type SegmentRunOptions, type SegmentRunSummary } from './tasks/segment.js';
+export { evaluateSegmentation, evaluateSegmenter, segment, type EvaluateSegmenterOptions, type SegEvalSummary, type SegmentRunOptions, type SegmentRunSummary } from './tasks/segment.js';
 export {
   defaultEvalData,
   evaluate,

@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { createRng, openDataset, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
+import { createRng, evaluateSegmenter, openDataset, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
 import { rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTrainTransform } from '../src/data/segmentation-transforms.js';
 import { CLI } from './helpers.js';
 
@@ -145,6 +145,13 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
   const { stderr } = await run(process.execPath, [CLI, 'segment', '--steps', '2', '--batch-size', '4', '--channels', '16', '--aux-channels', '8', '--eval-limit', '4', '--out', out, '--no-progress']);
   t.regex(stderr, /eval at step 2: mIoU [\d.]+%/);
   t.regex(stderr, /IoU per class {3}background [\d.]+/);
+  // `eval` recognizes a segmenter checkpoint and scores the same images the same way.
+  const logged = (await readFile(path.join(out, 'log.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { event?: string; mIoU?: number });
+  const scored = await run(process.execPath, [CLI, 'eval', path.join(out, 'checkpoint.safetensors'), '--eval-limit', '4']);
+  const line = JSON.parse(scored.stdout) as { dataset: string; mIoU: number; images: number };
+  t.is(line.dataset, 'digit-scenes-t10k');
+  t.is(line.images, 4);
+  t.is(line.mIoU, logged.filter((l) => l.event === 'eval').at(-1)!.mIoU!);
   const err = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--device', 'cuda', '--out', out]));
   t.regex((err as unknown as { stderr: string }).stderr, /--device is not supported/);
   const bad = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--data', 'ade', '--out', out]));
@@ -213,6 +220,10 @@ test('an ADE20K-layout folder trains with the official transform, skips an unrea
   t.true(e.mIoU >= 0 && e.mIoU <= 100 && e.iou.length === 3);
   const log = await readFile(s.log, 'utf8');
   t.regex(log, /"event":"skip","path":"[^"]*ADE_training_9999.jpg"/);
+  // Scoring the saved model again gives the run's last evaluation.
+  const again = await evaluateSegmenter({ checkpoint: s.checkpoint, data: root });
+  t.is(again.mIoU, e.mIoU);
+  t.is(again.dataset, `${path.basename(root)}-validation`);
   // Colour label files (a palette's colours are not class ids) are named; grey stored as RGB is read.
   const colour = new Uint8Array(70 * 60 * 3).map((_, i) => (i % 3 === 0 ? 9 : 0));
   await sharp(colour, { raw: { width: 70, height: 60, channels: 3 } }).png().toFile(path.join(root, 'annotations', 'training', 'ADE_training_0000.png'));

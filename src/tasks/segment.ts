@@ -18,6 +18,7 @@ import { segmentationTestResize, segmentationTrainTransform } from '../data/segm
 import { positiveInt, runLength, startRun, type TrainingProgress } from './run.js';
 import { polyLrAt, type PolySchedule } from './schedule.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
+import { native } from '../native.js';
 import type { Threads } from '../api/pretrainer.js';
 
 /** The official run's warmup share: 1500 of 160k iterations. */
@@ -120,15 +121,29 @@ interface SegmentationData {
   official: boolean;
 }
 
-async function openSegmentationData(options: SegmentRunOptions, size: number): Promise<SegmentationData> {
-  const spec = options.data;
-  if (spec === undefined || spec === 'digits') {
-    return { train: await openDigitScenes('train', { size }), eval: await openDigitScenes('t10k', { size, limit: options.evalLimit }), official: false };
-  }
-  const folder = { reduceZeroLabel: options.reduceZeroLabel, numClasses: options.numClasses };
-  const evalSet = await openSegmentationFolder(spec, { ...folder, split: 'validation' });
-  const limited = options.evalLimit === undefined ? evalSet : { ...evalSet, length: Math.min(evalSet.length, positiveInt(options.evalLimit, 'evalLimit')) };
-  return { train: await openSegmentationFolder(spec, { ...folder, split: 'training' }), eval: limited, official: true };
+/** What a dataset spec names, for training or for evaluation only. */
+interface DataSpec {
+  data?: string;
+  evalLimit?: number;
+  reduceZeroLabel?: boolean;
+  numClasses?: number;
+}
+
+/** The evaluation split of a spec: the test scenes, or a folder's validation split (slide inference). */
+async function openEvalData(spec: DataSpec, size: number): Promise<{ dataset: SegmentationDataset; slide: boolean }> {
+  if (spec.data === undefined || spec.data === 'digits') return { dataset: await openDigitScenes('t10k', { size, limit: spec.evalLimit }), slide: false };
+  const dataset = await openSegmentationFolder(spec.data, { reduceZeroLabel: spec.reduceZeroLabel, numClasses: spec.numClasses, split: 'validation' });
+  const limited = spec.evalLimit === undefined ? dataset : { ...dataset, length: Math.min(dataset.length, positiveInt(spec.evalLimit, 'evalLimit')) };
+  return { dataset: limited, slide: true };
+}
+
+async function openSegmentationData(spec: DataSpec, size: number): Promise<SegmentationData> {
+  const evaluation = await openEvalData(spec, size);
+  const train =
+    spec.data === undefined || spec.data === 'digits'
+      ? await openDigitScenes('train', { size })
+      : await openSegmentationFolder(spec.data, { reduceZeroLabel: spec.reduceZeroLabel, numClasses: spec.numClasses, split: 'training' });
+  return { train, eval: evaluation.dataset, official: evaluation.slide };
 }
 
 /**
@@ -137,7 +152,13 @@ async function openSegmentationData(options: SegmentRunOptions, size: number): P
  * with the official test resize and slide inference at their original size. Unreadable samples
  * are skipped and counted.
  */
-export async function evaluateSegmentation(model: Segmenter, dataset: SegmentationDataset, batchSize: number, slide = false): Promise<Omit<SegEvalSummary, 'step'>> {
+export async function evaluateSegmentation(
+  model: Segmenter,
+  dataset: SegmentationDataset,
+  batchSize: number,
+  slide = false,
+  onProgress?: (done: number, total: number) => void,
+): Promise<Omit<SegEvalSummary, 'step'>> {
   const size = model.config.img_size;
   const meter = new SegmentationMeter(model.numClasses);
   let lossSum = 0;
@@ -159,6 +180,7 @@ export async function evaluateSegmentation(model: Segmenter, dataset: Segmentati
       const r = await model.evaluateSlide(resized, { originalHeight: s.height, originalWidth: s.width, labels: s.labels });
       meter.add(r.areas!);
       images++;
+      onProgress?.(i + 1, dataset.length);
     }
   } else {
     for (let start = 0; start < dataset.length; start += batchSize) {
@@ -175,6 +197,7 @@ export async function evaluateSegmentation(model: Segmenter, dataset: Segmentati
       meter.add(r.areas!);
       lossSum += r.loss! * samples.length;
       images += samples.length;
+      onProgress?.(Math.min(start + batchSize, dataset.length), dataset.length);
     }
   }
   if (images === 0) throw new Error(`evaluation dataset '${dataset.name}' yielded no images`);
@@ -278,6 +301,56 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     await save();
     if (evals.at(-1)?.step !== state.step) await runEval();
     return { steps: state.step, firstLoss, lastLoss, evals, checkpoint, log, init, skipped, dataset: dataset.name, classes: dataset.classes, seconds: (performance.now() - started) / 1000 };
+  } finally {
+    model.dispose();
+  }
+}
+
+export interface EvaluateSegmenterOptions {
+  /** A segmenter checkpoint (ours: the model is read from it) or an official mmseg UperNet .pth. */
+  checkpoint: string;
+  /** 'digits' (default: the test scenes) or an ADE20K-layout folder (its validation split, slide inference). */
+  data?: string;
+  /** Folder data, as for `segment`. */
+  reduceZeroLabel?: boolean;
+  numClasses?: number;
+  /** For files without our metadata (official .pth): the model; defaults convmae-base and the official head. */
+  preset?: PresetName | string;
+  config?: Partial<ConvMaeConfig>;
+  channels?: number;
+  auxChannels?: number;
+  evalLimit?: number;
+  batchSize?: number;
+  onProgress?: (done: number, total: number) => void;
+}
+
+/**
+ * mIoU / mAcc / aAcc of a saved segmenter. The model (config, head) comes from our checkpoint's
+ * metadata; for an official .pth from the options (the official head by default, the classes
+ * from the data).
+ */
+export async function evaluateSegmenter(options: EvaluateSegmenterOptions): Promise<Omit<SegEvalSummary, 'step'> & { dataset: string }> {
+  const meta = JSON.parse(await native.checkpointMetadata(options.checkpoint)) as Record<string, string>;
+  if (meta.format !== undefined && meta.kind !== 'segmenter') {
+    throw new Error(`'${options.checkpoint}' is a ${meta.kind ?? 'pretraining'} checkpoint, not a segmenter's; train one with segment (--init it)`);
+  }
+  const head = meta.head ? (JSON.parse(meta.head) as { num_classes: number; channels: number; aux_channels: number; pool_scales: number[] }) : undefined;
+  const config = meta.config ? (JSON.parse(meta.config) as ConvMaeConfig) : options.config;
+  const preset = meta.config ? undefined : (options.preset ?? 'convmae-base');
+  const size = resolveConfig({ preset, config }).img_size;
+  const data = await openEvalData({ data: options.data, evalLimit: options.evalLimit, reduceZeroLabel: options.reduceZeroLabel, numClasses: options.numClasses ?? head?.num_classes }, size);
+  const model = Segmenter.create({
+    preset,
+    config,
+    numClasses: head?.num_classes ?? data.dataset.classes.length,
+    channels: head?.channels ?? options.channels,
+    auxChannels: head?.aux_channels ?? options.auxChannels,
+    poolScales: head?.pool_scales,
+  });
+  try {
+    await model.load(options.checkpoint);
+    const r = await evaluateSegmentation(model, data.dataset, options.batchSize ?? 8, data.slide, options.onProgress);
+    return { ...r, dataset: data.dataset.name };
   } finally {
     model.dispose();
   }
