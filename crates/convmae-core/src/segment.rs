@@ -169,7 +169,7 @@ impl SegmenterTrainer {
         let out = self.model.forward(&imgs, &mut Mode::Eval)?;
         let size = (batch.height, batch.width);
         let up = resize_bilinear(&out.logits, size)?;
-        let predictions: Vec<u8> = up.argmax(1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|c| c as u8).collect();
+        let predictions = argmax_classes(&up)?;
         let (loss, areas) = match labels {
             Some(labels) => {
                 let loss = segmentation_loss(&out.logits, labels, size)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -210,9 +210,11 @@ impl SegmenterTrainer {
             img = img.pad_with_zeros(1, 0, hp - h)?.pad_with_zeros(2, 0, wp - w)?;
         }
         let k = self.model.head.num_classes;
-        let mut sum = vec![0f32; k * hp * wp];
+        // Summed logits [hp, wp, K] and how many windows cover each position.
+        let mut sum = vec![0f32; hp * wp * k];
         let mut count = vec![0u32; hp * wp];
-        let grids = |len: usize| (len.saturating_sub(s) + stride - 1) / stride + 1;
+        // mmseg: max(len - crop + stride - 1, 0) // stride + 1 windows along an axis.
+        let grids = |len: usize| len.saturating_sub(s).div_ceil(stride) + 1;
         for gy in 0..grids(hp) {
             for gx in 0..grids(wp) {
                 let y1 = (gy * stride + s).min(hp) - s;
@@ -220,31 +222,33 @@ impl SegmenterTrainer {
                 let crop = img.narrow(1, y1, s)?.narrow(2, x1, s)?.contiguous()?;
                 let out = self.model.forward(&crop, &mut Mode::Eval)?;
                 let logits = resize_bilinear(&out.logits, (s, s))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for c in 0..k {
-                    for y in 0..s {
-                        let src = &logits[(c * s + y) * s..][..s];
-                        let dst = &mut sum[(c * hp + y1 + y) * wp + x1..][..s];
-                        for (d, v) in dst.iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    }
-                }
                 for y in 0..s {
+                    let src = &logits[y * s * k..][..s * k];
+                    let dst = &mut sum[((y1 + y) * wp + x1) * k..][..s * k];
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d += v;
+                    }
                     for c in &mut count[(y1 + y) * wp + x1..][..s] {
                         *c += 1;
                     }
                 }
             }
         }
-        for c in 0..k {
-            for (v, n) in sum[c * hp * wp..][..hp * wp].iter_mut().zip(&count) {
+        for (position, n) in sum.chunks_mut(k).zip(&count) {
+            for v in position {
                 *v /= *n as f32;
             }
         }
-        let mean = Tensor::from_vec(sum, (1, k, hp, wp), &device)?.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()?;
+        let mean = Tensor::from_vec(sum, (1, hp, wp, k), &device)?.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()?;
         let full = resize_bilinear(&mean, original)?;
-        let predictions: Vec<u8> = full.argmax(1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|c| c as u8).collect();
+        let predictions = argmax_classes(&full)?;
         let areas = labels.map(|l| ClassAreas::of(&predictions, l, k));
         Ok(SegEval { predictions, loss: None, areas })
     }
+}
+
+/// The class of every pixel of logits [B, H, W, K]: the argmax over K, [B * H * W] row-major.
+fn argmax_classes(logits: &Tensor) -> Result<Vec<u8>> {
+    // K <= 255 (SegmenterHead::validate), so every class id fits a byte.
+    Ok(logits.argmax(3)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|c| c as u8).collect())
 }

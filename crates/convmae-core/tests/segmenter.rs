@@ -18,6 +18,14 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
+fn nhwc(x: &Tensor) -> Tensor {
+    x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+}
+
+fn nchw(x: &Tensor) -> Tensor {
+    x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()
+}
+
 fn random(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = Rng::new(seed);
     let n = shape.iter().product();
@@ -63,8 +71,9 @@ fn bilinear_matches_torchs_values_and_a_per_pixel_reference() {
     // Halving averages pairs.
     assert_eq!(bilinear_matrix(4, 2), vec![0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5]);
     for (from, to) in [((3, 5), (7, 4)), ((2, 2), (6, 9)), ((8, 6), (3, 5))] {
+        // Planes [B, C, H, W] for the reference; the model's layout is channels-last.
         let x = random(&[2, 3, from.0, from.1], 7);
-        let got = to_vec(&resize_bilinear(&x, to).unwrap());
+        let got = to_vec(&nchw(&resize_bilinear(&nhwc(&x), to).unwrap()));
         let xs = to_vec(&x);
         let plane = from.0 * from.1;
         let want: Vec<f64> = xs.chunks(plane).flat_map(|p| bilinear_reference(p, from, to)).collect();
@@ -85,7 +94,7 @@ fn adaptive_pooling_averages_torchs_bins() {
     // A 1x1 map pooled to 6x6 repeats its value (the pyramid on ConvMAE-B's... tiny top level).
     assert_eq!(adaptive_pool_matrix(1, 6), vec![1.0; 6]);
     let x = random(&[1, 2, 7, 5], 3);
-    let got = to_vec(&adaptive_avg_pool(&x, 3).unwrap());
+    let got = to_vec(&nchw(&adaptive_avg_pool(&nhwc(&x), 3).unwrap()));
     let xs = to_vec(&x);
     let bins = |o: usize, inp: usize| (o * inp / 3, ((o + 1) * inp).div_ceil(3));
     let mut want = Vec::new();
@@ -138,7 +147,7 @@ fn the_decode_loss_averages_over_all_pixels_with_ignored_ones_as_zero() {
     // Logits already at the labels' size, so the resize is the identity.
     let logits = random(&[1, 3, 2, 2], 11);
     let labels = [2u8, 255, 0, 1];
-    let got = to_vec(&segmentation_loss(&logits, &labels, (2, 2)).unwrap())[0];
+    let got = to_vec(&segmentation_loss(&nhwc(&logits), &labels, (2, 2)).unwrap())[0];
     let l = to_vec(&logits);
     let mut sum = 0.0;
     for (pixel, &label) in labels.iter().enumerate() {
@@ -151,9 +160,9 @@ fn the_decode_loss_averages_over_all_pixels_with_ignored_ones_as_zero() {
     }
     // mmseg 0.11 divides by all 4 pixels, not by the 3 labelled ones.
     assert!((got - sum / 4.0).abs() < 1e-12, "{got} vs {}", sum / 4.0);
-    let e = segmentation_loss(&logits, &[2, 3, 0, 1], (2, 2)).unwrap_err().to_string();
+    let e = segmentation_loss(&nhwc(&logits), &[2, 3, 0, 1], (2, 2)).unwrap_err().to_string();
     assert!(e.contains("value 3 at pixel 1") && e.contains("3 classes"), "{e}");
-    let e = segmentation_loss(&logits, &[2, 0], (2, 2)).unwrap_err().to_string();
+    let e = segmentation_loss(&nhwc(&logits), &[2, 0], (2, 2)).unwrap_err().to_string();
     assert!(e.contains("labels") && e.contains("got 2"), "{e}");
 }
 
@@ -441,17 +450,17 @@ fn slide_evaluation_averages_overlapping_windows_as_mmseg() {
     let got = trainer.evaluate_slide(&image, original, Some(&labels), stride).unwrap();
     // Windows at x = 0, 20, and 80 - 48 = 32 (the last moved back to end flush with the edge).
     let imgs = normalize(&image, DType::F64, &Device::Cpu).unwrap();
-    let mut sum = Tensor::zeros((1, 3, h, w), DType::F64, &Device::Cpu).unwrap();
-    let mut count = Tensor::zeros((1, 1, h, w), DType::F64, &Device::Cpu).unwrap();
+    let mut sum = Tensor::zeros((1, h, w, 3), DType::F64, &Device::Cpu).unwrap();
+    let mut count = Tensor::zeros((1, h, w, 1), DType::F64, &Device::Cpu).unwrap();
     for x1 in [0, 20, 32] {
         let crop = imgs.narrow(2, x1, s).unwrap().contiguous().unwrap();
         let logits = trainer.model.forward(&crop, &mut Mode::Eval).unwrap().logits;
         let logits = resize_bilinear(&logits, (s, s)).unwrap();
-        sum = (sum + logits.pad_with_zeros(3, x1, w - x1 - s).unwrap()).unwrap();
-        count = (count + Tensor::ones((1, 1, s, s), DType::F64, &Device::Cpu).unwrap().pad_with_zeros(3, x1, w - x1 - s).unwrap()).unwrap();
+        sum = (sum + logits.pad_with_zeros(2, x1, w - x1 - s).unwrap()).unwrap();
+        count = (count + Tensor::ones((1, s, s, 1), DType::F64, &Device::Cpu).unwrap().pad_with_zeros(2, x1, w - x1 - s).unwrap()).unwrap();
     }
     let mean = sum.broadcast_div(&count).unwrap();
-    let want: Vec<u8> = resize_bilinear(&mean, original).unwrap().argmax(1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap().into_iter().map(|c| c as u8).collect();
+    let want: Vec<u8> = resize_bilinear(&mean, original).unwrap().argmax(3).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap().into_iter().map(|c| c as u8).collect();
     assert_eq!(got.predictions, want);
     let areas = got.areas.unwrap();
     assert_eq!(areas.label.iter().sum::<u64>() as usize, labels.len());

@@ -56,6 +56,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod gemm_epilogue;
 mod depthwise_conv;
+mod unfold;
 mod erf_f32;
 mod gelu;
 mod layer_norm;
@@ -89,6 +90,7 @@ pub use restore_tokens::restore_tokens;
 pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_bias, conv_residual, conv_residual_packed, mlp_residual, mlp_residual_packed, sublayer_chain, PackGradSink, PackedSublayer, SublayerLink};
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};
+pub use unfold::unfold;
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};
 
 /// The float types the CPU kernels are instantiated for. Kept private and minimal rather than

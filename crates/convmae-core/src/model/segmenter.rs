@@ -10,12 +10,13 @@
 //! - the auxiliary `FCNHead` on the stride-16 level (one 3x3 ConvModule, Dropout2d, 1x1
 //!   classifier), its loss weighted 0.4.
 //!
-//! Feature maps here are NCHW (candle's conv2d layout); the encoder's stages are channels-last
-//! and are permuted once where the head takes them. BatchNorm (SyncBN: statistics over the whole
-//! batch) uses the batch's statistics in training and the running ones in evaluation.
-//! Bilinear resizing (align_corners=False) and adaptive average pooling are exact linear maps per
-//! axis, computed as two matmuls with the interpolation (pooling) matrix, which also gives their
-//! backward.
+//! Feature maps are channels-last, [B, H, W, C], as the encoder's: a conv is a matmul over the
+//! rows of its k x k neighbourhoods (`convmae_kernels::unfold`, then `linear`), which on the CPU
+//! runs several times faster than candle's conv2d, backward included. BatchNorm (SyncBN:
+//! statistics over the whole batch) uses the batch's statistics in training and the running ones
+//! in evaluation. Bilinear resizing (align_corners=False) and adaptive average pooling are exact
+//! linear maps per axis, computed as two matmuls with the interpolation (pooling) matrix, which
+//! also gives their backward.
 
 use super::classifier::{draw_drop_path, BatchStats, Mode, PROBE_BN_MOMENTUM};
 use super::conv_stages;
@@ -145,27 +146,28 @@ pub fn adaptive_pool_matrix(inp: usize, out: usize) -> Vec<f64> {
     m
 }
 
-/// `rows` [Ho, H] and `cols` [Wo, W] applied to the last two dims of `x` [B, C, H, W]:
-/// `rows @ x @ cols^T`, the separable linear map of a resize or a pooling.
+/// `rows` [Ho, H] and `cols` [Wo, W] applied to the H and W dims of `x` [B, H, W, C]: the
+/// separable linear map of a resize or a pooling, as two left multiplications.
 fn separable(x: &Tensor, rows: Vec<f64>, cols: Vec<f64>, out: (usize, usize)) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let (b, h, w, c) = x.dims4()?;
     let rows = Tensor::from_vec(rows, (out.0, h), x.device())?.to_dtype(x.dtype())?;
-    let cols_t = Tensor::from_vec(cols, (out.1, w), x.device())?.to_dtype(x.dtype())?.t()?;
-    rows.broadcast_matmul(&x.broadcast_matmul(&cols_t)?)
+    let cols = Tensor::from_vec(cols, (out.1, w), x.device())?.to_dtype(x.dtype())?;
+    let x = rows.broadcast_matmul(&x.reshape((b, h, w * c))?)?;
+    cols.broadcast_matmul(&x.reshape((b * out.0, w, c))?)?.reshape((b, out.0, out.1, c))
 }
 
-/// mmseg's `resize(x, size, mode='bilinear', align_corners=False)` of [B, C, H, W].
+/// mmseg's `resize(x, size, mode='bilinear', align_corners=False)` of [B, H, W, C].
 pub fn resize_bilinear(x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let (_, h, w, _) = x.dims4()?;
     if (h, w) == size {
         return Ok(x.clone());
     }
     separable(x, bilinear_matrix(h, size.0), bilinear_matrix(w, size.1), size)
 }
 
-/// `nn.AdaptiveAvgPool2d(side)` of [B, C, H, W].
+/// `nn.AdaptiveAvgPool2d(side)` of [B, H, W, C].
 pub fn adaptive_avg_pool(x: &Tensor, side: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let (_, h, w, _) = x.dims4()?;
     separable(x, adaptive_pool_matrix(h, side), adaptive_pool_matrix(w, side), (side, side))
 }
 
@@ -185,29 +187,29 @@ struct Forward<'a> {
 }
 
 impl Forward<'_> {
-    /// BatchNorm2d over [B, C, H, W]: batch statistics (biased variance) in training, recorded
+    /// BatchNorm2d over [B, H, W, C]: batch statistics (biased variance) in training, recorded
     /// for the running averages; the running ones in evaluation.
     fn batch_norm(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let p = self.params;
-        let (b, c, h, w) = x.dims4()?;
+        let (b, h, w, c) = x.dims4()?;
         let (mean, var) = if self.training {
             let count = b * h * w;
             if count < 2 {
                 return Err(candle_core::Error::Msg(format!(
-                    "{prefix}: BatchNorm in training needs more than one value per channel, got a [{b}, {c}, {h}, {w}] map (use a batch of at least 2 images)"
+                    "{prefix}: BatchNorm in training needs more than one value per channel, got a {h}x{w} map of {b} image(s) (use a batch of at least 2 images)"
                 )));
             }
-            let mean = x.sum_keepdim(vec![0, 2, 3])?.affine(1.0 / count as f64, 0.0)?;
-            let sum_sq = x.broadcast_sub(&mean)?.sqr()?.sum_keepdim(vec![0, 2, 3])?;
+            let mean = x.sum_keepdim(vec![0, 1, 2])?.affine(1.0 / count as f64, 0.0)?;
+            let sum_sq = x.broadcast_sub(&mean)?.sqr()?.sum_keepdim(vec![0, 1, 2])?;
             let var = sum_sq.affine(1.0 / count as f64, 0.0)?;
             let stats = BatchStats { mean: mean.flatten_all()?, var_unbiased: sum_sq.affine(1.0 / (count - 1) as f64, 0.0)?.flatten_all()? };
             self.norm_stats.push(NormStats { prefix: prefix.to_string(), stats });
             (mean, var)
         } else {
-            let running = |name: &str| p.get(&format!("{prefix}.{name}")).reshape((1, c, 1, 1));
+            let running = |name: &str| p.get(&format!("{prefix}.{name}")).reshape((1, 1, 1, c));
             (running("running_mean")?, running("running_var")?)
         };
-        let shape = (1, c, 1, 1);
+        let shape = (1, 1, 1, c);
         let weight = p.get(&format!("{prefix}.weight")).reshape(shape)?;
         let bias = p.get(&format!("{prefix}.bias")).reshape(shape)?;
         let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
@@ -217,8 +219,7 @@ impl Forward<'_> {
     /// mmcv ConvModule: conv (no bias; stride 1, `k / 2` padding) -> BatchNorm -> ReLU.
     fn conv_module(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let weight = self.params.get(&format!("{prefix}.conv.weight"));
-        let pad = weight.dim(2)? / 2;
-        let y = x.conv2d(weight, pad, 1, 1, 1)?;
+        let y = conv2d(x, weight, None, 1, weight.dim(2)? / 2)?;
         self.batch_norm(&format!("{prefix}.bn"), &y)?.relu()
     }
 
@@ -227,23 +228,40 @@ impl Forward<'_> {
     fn classify(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let x = match (&mut self.rng, self.training && self.dropout > 0.0) {
             (Some(rng), true) => {
-                let (b, c, _, _) = x.dims4()?;
+                let (b, _, _, c) = x.dims4()?;
                 let keep = 1.0 - self.dropout;
                 let scales: Vec<f64> = (0..b * c).map(|_| if rng.uniform() < self.dropout { 0.0 } else { 1.0 / keep }).collect();
-                let scales = Tensor::from_vec(scales, (b, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+                let scales = Tensor::from_vec(scales, (b, 1, 1, c), x.device())?.to_dtype(x.dtype())?;
                 x.broadcast_mul(&scales)?
             }
             _ => x.clone(),
         };
         let p = self.params;
-        let bias = p.get(&format!("{prefix}.conv_seg.bias"));
-        x.conv2d(p.get(&format!("{prefix}.conv_seg.weight")), 0, 1, 1, 1)?.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
+        conv2d(&x, p.get(&format!("{prefix}.conv_seg.weight")), Some(p.get(&format!("{prefix}.conv_seg.bias"))), 1, 0)
     }
 }
 
-/// [B, H, W, C] channels-last to [B, C, H, W].
-fn to_nchw(x: &Tensor) -> Result<Tensor> {
-    x.permute((0, 3, 1, 2))?.contiguous()
+/// Conv2d of channels-last `x` [B, H, W, C] with a PyTorch-layout kernel [O, C, k, k], zero
+/// padding `pad`, optional bias: [B, Ho, Wo, O]. A 1x1 conv is a matmul over positions; a k x k
+/// conv one over the rows of `unfold` against the kernel's rows (the same (row, column,
+/// channel) order).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let (o, c, k, _) = weight.dims4()?;
+    if x.dim(3)? != c {
+        candle_core::bail!("conv2d: kernel {:?} does not take the input's {} channels", weight.dims(), x.dim(3)?);
+    }
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(o, weight.dtype(), weight.device())?;
+            &zeros
+        }
+    };
+    if k == 1 && stride == 1 && pad == 0 {
+        return k::linear(x, weight, bias);
+    }
+    k::linear(&k::unfold(x, k, stride, pad)?, &k::conv_weight_rows(weight)?, bias)
 }
 
 /// Multi-head self-attention with BEiT's relative position bias added to the logits:
@@ -284,9 +302,9 @@ fn seg_transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: us
 
 /// What a segmenter forward returns.
 pub struct SegmenterOutput {
-    /// UPerHead's logits [B, K, H/4, W/4].
+    /// UPerHead's logits [B, H/4, W/4, K].
     pub logits: Tensor,
-    /// The auxiliary FCNHead's logits [B, K, H/16, W/16].
+    /// The auxiliary FCNHead's logits [B, H/16, W/16, K].
     pub aux_logits: Tensor,
     /// Each BatchNorm's batch statistics, in training (empty in evaluation).
     pub norm_stats: Vec<NormStats>,
@@ -324,7 +342,7 @@ impl Segmenter {
         &self.params.device
     }
 
-    /// The backbone's four levels [B, C, H, W] (strides 4, 8, 16, 32) for normalized
+    /// The backbone's four levels [B, H, W, C] (strides 4, 8, 16, 32) for normalized
     /// channels-last images [B, H, W, 3].
     fn backbone(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
         let (cfg, p) = (&self.cfg, &self.params);
@@ -339,24 +357,22 @@ impl Segmenter {
         }
         let g = cfg.grid();
         let stage3 = x.reshape((b, g, g, cfg.embed_dim[2]))?;
-        let stage3 = to_nchw(&stage3)?;
-        let bias = p.get("fpn.0.bias");
-        let stride32 = stage3.conv2d(p.get("fpn.0.weight"), 0, 2, 1, 1)?.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?;
+        let stride32 = conv2d(&stage3, p.get("fpn.0.weight"), Some(p.get("fpn.0.bias")), 2, 0)?;
         let stride32 = f.batch_norm("fpn.1", &stride32)?.apply(&k::gelu_erf)?;
-        Ok([to_nchw(&stage1)?, to_nchw(&stage2)?, stage3, stride32])
+        Ok([stage1, stage2, stage3, stride32])
     }
 
     /// UPerHead on the four levels: logits at the first level's size.
     fn decode_head(&self, f: &mut Forward, levels: &[Tensor; 4]) -> Result<Tensor> {
         let top = &levels[3];
-        let (_, _, th, tw) = top.dims4()?;
+        let (_, th, tw, _) = top.dims4()?;
         // Pyramid pooling on the top level, concatenated with it and fused.
         let mut pyramid = vec![top.clone()];
         for (i, &side) in self.head.pool_scales.iter().enumerate() {
             let pooled = f.conv_module(&format!("decode_head.psp_modules.{i}.1"), &adaptive_avg_pool(top, side)?)?;
             pyramid.push(resize_bilinear(&pooled, (th, tw))?);
         }
-        let psp = f.conv_module("decode_head.bottleneck", &Tensor::cat(&pyramid, 1)?)?;
+        let psp = f.conv_module("decode_head.bottleneck", &Tensor::cat(&pyramid, 3)?)?;
         let mut laterals = Vec::with_capacity(4);
         for (i, level) in levels[..3].iter().enumerate() {
             laterals.push(f.conv_module(&format!("decode_head.lateral_convs.{i}"), level)?);
@@ -364,17 +380,17 @@ impl Segmenter {
         laterals.push(psp);
         // Top-down: each level plus the (already summed) level above, upsampled to its size.
         for i in (1..4).rev() {
-            let (_, _, h, w) = laterals[i - 1].dims4()?;
+            let (_, h, w, _) = laterals[i - 1].dims4()?;
             laterals[i - 1] = (&laterals[i - 1] + resize_bilinear(&laterals[i], (h, w))?)?;
         }
-        let (_, _, h0, w0) = laterals[0].dims4()?;
+        let (_, h0, w0, _) = laterals[0].dims4()?;
         let mut outs = Vec::with_capacity(4);
         for (i, lateral) in laterals[..3].iter().enumerate() {
             let out = f.conv_module(&format!("decode_head.fpn_convs.{i}"), lateral)?;
             outs.push(resize_bilinear(&out, (h0, w0))?);
         }
         outs.push(resize_bilinear(&laterals[3], (h0, w0))?);
-        let fused = f.conv_module("decode_head.fpn_bottleneck", &Tensor::cat(&outs, 1)?)?;
+        let fused = f.conv_module("decode_head.fpn_bottleneck", &Tensor::cat(&outs, 3)?)?;
         f.classify("decode_head", &fused)
     }
 
@@ -414,12 +430,12 @@ impl Segmenter {
     }
 }
 
-/// mmseg 0.11's decode loss: `logits` [B, K, h, w] upsampled (bilinear) to the labels' size,
+/// mmseg 0.11's decode loss: `logits` [B, h, w, K] upsampled (bilinear) to the labels' size,
 /// per-pixel cross-entropy with label 255 contributing 0, averaged over **all** pixels, ignored
 /// ones included (`weight_reduce_loss` with no avg_factor; `avg_non_ignore` came later).
 /// `labels`: [B * H * W] row-major.
 pub fn segmentation_loss(logits: &Tensor, labels: &[u8], size: (usize, usize)) -> Result<Tensor> {
-    let (b, kk, _, _) = logits.dims4()?;
+    let (b, _, _, kk) = logits.dims4()?;
     let pixels = b * size.0 * size.1;
     if labels.len() != pixels {
         return Err(candle_core::Error::Msg(format!("labels: expected {b} x {} x {} = {pixels} values, got {}", size.0, size.1, labels.len())));
@@ -427,7 +443,7 @@ pub fn segmentation_loss(logits: &Tensor, labels: &[u8], size: (usize, usize)) -
     if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l != IGNORE_LABEL && l as usize >= kk) {
         return Err(candle_core::Error::Msg(format!("labels: value {l} at pixel {i} is out of range for {kk} classes (255 = ignore)")));
     }
-    let up = resize_bilinear(logits, size)?.permute((0, 2, 3, 1))?.reshape((pixels, kk))?;
+    let up = resize_bilinear(logits, size)?.reshape((pixels, kk))?;
     let max = up.max_keepdim(D::Minus1)?.detach();
     let shifted = up.broadcast_sub(&max)?;
     let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
