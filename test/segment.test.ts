@@ -154,6 +154,8 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
   t.is(line.mIoU, logged.filter((l) => l.event === 'eval').at(-1)!.mIoU!);
   const err = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--device', 'cuda', '--out', out]));
   t.regex((err as unknown as { stderr: string }).stderr, /--device is not supported/);
+  const one = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--batch-size', '1', '--out', out]));
+  t.regex((one as unknown as { stderr: string }).stderr, /batchSize must be at least 2/);
   const bad = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--data', 'ade', '--out', out]));
   t.regex((bad as unknown as { stderr: string }).stderr, /segmentation folder 'ade': cannot read the images folder/);
 });

@@ -210,6 +210,8 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
   const started = performance.now();
   const outDir = options.outDir ?? path.join('runs', 'segment');
   const batchSize = positiveInt(options.batchSize ?? 16, 'batchSize');
+  // Checked before any data is read: the first step would fail there, after loading.
+  if (batchSize < 2) throw new RangeError(`batchSize must be at least 2: the segmenter's BatchNorm in training needs more than one value per channel (the stride-32 level can be 1x1), got ${batchSize}`);
   const seed = options.seed ?? 0;
   const size = resolveConfig(options).img_size;
   const data = await openSegmentationData(options, size);
