@@ -14,6 +14,8 @@ pub mod params;
 pub mod precision;
 pub mod pos_embed;
 pub mod rng;
+pub mod boxes;
+pub mod detect;
 pub mod segment;
 
 pub use config::ConvMaeConfig;

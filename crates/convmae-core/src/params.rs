@@ -6,6 +6,7 @@
 
 use crate::config::ConvMaeConfig;
 use crate::model::classifier::{ClassifierHead, HeadKind, Pooling};
+use crate::model::detector::{DetectorHead, BOX_POOL_SIDE};
 use crate::model::segmenter::{relative_table_len, SegmenterHead};
 use crate::pos_embed::sincos_2d;
 use crate::rng::Rng;
@@ -27,6 +28,8 @@ pub enum Init {
     TruncNormal { std: f64 },
     /// mmcv's kaiming_init as ConvModule uses it: Normal(0, sqrt(2 / fan_out)), fan_out = out * k * k.
     KaimingNormalFanOut { fan_out: usize },
+    /// detectron2's `c2_xavier_fill`: kaiming_uniform(a = 1), U(+-sqrt(3 / fan_in)).
+    C2XavierFill { fan_in: usize },
     /// Fixed 2-D sin-cos table of the given width on the model's token grid.
     SinCos { dim: usize, grid: usize },
 }
@@ -235,6 +238,73 @@ pub fn segmenter_param_specs(cfg: &ConvMaeConfig, head: &SegmenterHead) -> Vec<P
     s.0
 }
 
+impl SpecList {
+    /// A detectron2 `Conv2d` with a BatchNorm (`prefix.norm`; the conv has no bias then), init
+    /// by `init`.
+    fn conv_norm(&mut self, prefix: &str, inp: usize, out: usize, k: usize, init: Init) {
+        self.push(format!("{prefix}.weight"), &[out, inp, k, k], init);
+        self.batch_norm(&format!("{prefix}.norm"), out);
+    }
+    /// A conv with a bias, weight normal(std), bias 0 (the RPN's and the predictors' init).
+    fn conv_normal(&mut self, prefix: &str, inp: usize, out: usize, k: usize, std: f64) {
+        self.push(format!("{prefix}.weight"), &[out, inp, k, k], Init::Normal { std });
+        self.push(format!("{prefix}.bias"), &[out], Init::Zeros);
+    }
+}
+
+/// Every tensor of the official Mask R-CNN (DET/: detectron2 `GeneralizedRCNN` with the
+/// `ConvViTDet` backbone, FPN, RPN and StandardROIHeads), under the checkpoint's names less the
+/// `backbone.bottom_up.` prefix of the encoder's tensors (kept as the encoder's own names, so
+/// pretraining and classifier checkpoints load as they are).
+///
+/// - `pos_embed` is at the detection grid and frozen (the official resizes the pretrained one
+///   and, through a bug, freezes it); fresh, it is the sin-cos table.
+/// - One relative position bias table for all windowed blocks and one for all global blocks.
+/// - Init as detectron2's: FPN convs c2_xavier_fill, RPN convs normal(0.01), head convs and the
+///   deconv c2_msra_fill (kaiming normal, fan_out), fc1 c2_xavier_fill, cls_score normal(0.01),
+///   bbox_pred and the mask predictor normal(0.001), biases 0; BatchNorms (1, 0).
+pub fn detector_param_specs(cfg: &ConvMaeConfig, head: &DetectorHead) -> Vec<ParamSpec> {
+    let d3 = cfg.embed_dim[2];
+    let grid = cfg.grid();
+    let (c, k) = (head.channels, head.num_classes);
+    let mut s = SpecList(Vec::new());
+    s.frozen("pos_embed", &[1, cfg.num_tokens(), d3], Init::SinCos { dim: d3, grid });
+    s.patch_embeds(cfg);
+    s.encoder_blocks(cfg);
+    s.push("windowed_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(head.window), cfg.num_heads], Init::Zeros);
+    s.push("global_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(grid), cfg.num_heads], Init::Zeros);
+    let [d1, d2, _] = cfg.embed_dim;
+    for (level, inp) in [(2, d1), (3, d2), (4, d3), (5, d3)] {
+        s.conv_norm(&format!("backbone.fpn_lateral{level}"), inp, c, 1, Init::C2XavierFill { fan_in: inp });
+        s.conv_norm(&format!("backbone.fpn_output{level}"), c, c, 3, Init::C2XavierFill { fan_in: c * 9 });
+    }
+    let anchors = head.anchors_per_position();
+    for i in 0..head.rpn_convs {
+        s.conv_normal(&format!("proposal_generator.rpn_head.conv.conv{i}"), c, c, 3, 0.01);
+    }
+    s.conv_normal("proposal_generator.rpn_head.objectness_logits", c, anchors, 1, 0.01);
+    s.conv_normal("proposal_generator.rpn_head.anchor_deltas", c, 4 * anchors, 1, 0.01);
+    for i in 1..=head.box_convs {
+        s.conv_norm(&format!("roi_heads.box_head.conv{i}"), c, c, 3, Init::KaimingNormalFanOut { fan_out: c * 9 });
+    }
+    let side = BOX_POOL_SIDE;
+    let box_in = c * side * side;
+    s.push("roi_heads.box_head.fc1.weight".into(), &[head.box_fc, box_in], Init::C2XavierFill { fan_in: box_in });
+    s.push("roi_heads.box_head.fc1.bias".into(), &[head.box_fc], Init::Zeros);
+    s.push("roi_heads.box_predictor.cls_score.weight".into(), &[k + 1, head.box_fc], Init::Normal { std: 0.01 });
+    s.push("roi_heads.box_predictor.cls_score.bias".into(), &[k + 1], Init::Zeros);
+    s.push("roi_heads.box_predictor.bbox_pred.weight".into(), &[4 * k, head.box_fc], Init::Normal { std: 0.001 });
+    s.push("roi_heads.box_predictor.bbox_pred.bias".into(), &[4 * k], Init::Zeros);
+    for i in 1..=head.mask_convs {
+        s.conv_norm(&format!("roi_heads.mask_head.mask_fcn{i}"), c, c, 3, Init::KaimingNormalFanOut { fan_out: c * 9 });
+    }
+    // ConvTranspose2d weight [in, out, 2, 2]; torch counts its fan_out from dim 0: in * 4.
+    s.push("roi_heads.mask_head.deconv.weight".into(), &[c, c, 2, 2], Init::KaimingNormalFanOut { fan_out: c * 4 });
+    s.push("roi_heads.mask_head.deconv.bias".into(), &[c], Init::Zeros);
+    s.conv_normal("roi_heads.mask_head.predictor", c, k, 1, 0.001);
+    s.0
+}
+
 /// Every tensor of `MaskedAutoencoderConvViT`, in the order of its state_dict.
 pub fn pretrain_param_specs(cfg: &ConvMaeConfig) -> Vec<ParamSpec> {
     let [d1, d2, d3] = cfg.embed_dim;
@@ -277,6 +347,10 @@ pub fn init_values(spec: &ParamSpec, rng: &mut Rng) -> Vec<f64> {
         Init::KaimingNormalFanOut { fan_out } => {
             let std = (2.0 / fan_out as f64).sqrt();
             (0..n).map(|_| rng.normal() * std).collect()
+        }
+        Init::C2XavierFill { fan_in } => {
+            let a = (3.0 / fan_in as f64).sqrt();
+            (0..n).map(|_| rng.uniform_range(-a, a)).collect()
         }
         Init::SinCos { dim, grid } => sincos_2d(dim, grid),
     }

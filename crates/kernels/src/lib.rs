@@ -57,6 +57,7 @@ mod cuda;
 mod gemm_epilogue;
 mod depthwise_conv;
 mod unfold;
+mod roi_align;
 mod erf_f32;
 mod gelu;
 mod layer_norm;
@@ -91,6 +92,7 @@ pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};
 pub use unfold::unfold;
+pub use roi_align::{roi_align, RoiBox};
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};
 
 /// The float types the CPU kernels are instantiated for. Kept private and minimal rather than

@@ -2,6 +2,7 @@
 
 pub mod classifier;
 pub mod layers;
+pub mod detector;
 pub mod segmenter;
 
 /// Side of the conv blocks' depthwise kernel (`attn`: Conv2d(d, d, 5, padding=2, groups=d)).

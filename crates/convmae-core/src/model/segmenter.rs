@@ -177,19 +177,20 @@ pub struct NormStats {
     pub stats: BatchStats,
 }
 
-/// What a forward computes besides its logits, and the randomness it draws from.
-struct Forward<'a> {
-    params: &'a ParamStore,
-    training: bool,
-    rng: Option<&'a mut Rng>,
-    dropout: f64,
-    norm_stats: Vec<NormStats>,
+/// What a forward computes besides its logits, and the randomness it draws from (the
+/// segmenter's and the detector's).
+pub(super) struct Forward<'a> {
+    pub params: &'a ParamStore,
+    pub training: bool,
+    pub rng: Option<&'a mut Rng>,
+    pub dropout: f64,
+    pub norm_stats: Vec<NormStats>,
 }
 
 impl Forward<'_> {
     /// BatchNorm2d over [B, H, W, C]: batch statistics (biased variance) in training, recorded
     /// for the running averages; the running ones in evaluation.
-    fn batch_norm(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+    pub fn batch_norm(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let p = self.params;
         let (b, h, w, c) = x.dims4()?;
         let (mean, var) = if self.training {
@@ -265,15 +266,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
 }
 
 /// Multi-head self-attention with BEiT's relative position bias added to the logits:
-/// softmax(q k^T * scale + bias) v, then the output projection. `rel_index` [N * N] u32.
-fn attention_with_bias(p: &ParamStore, block: &str, x: &Tensor, num_heads: usize, rel_index: &Tensor) -> Result<Tensor> {
+/// softmax(q k^T * scale + bias) v, then the output projection. `table` [(2g - 1)^2, heads]
+/// indexed by `rel_index` [N * N] u32.
+pub(super) fn attention_with_bias(p: &ParamStore, block: &str, x: &Tensor, num_heads: usize, table: &Tensor, rel_index: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let hd = d / num_heads;
     let qkv = linear_p(p, &format!("{block}.attn.qkv"), x)?.reshape((b, n, 3, num_heads, hd))?.permute((2, 0, 3, 1, 4))?;
     let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
     let key = qkv.i(1)?.contiguous()?;
     let v = qkv.i(2)?.contiguous()?;
-    let table = p.get(&format!("{block}.attn.relative_position_bias_table"));
     let bias = table.index_select(rel_index, 0)?.reshape((n, n, num_heads))?.permute((2, 0, 1))?;
     let logits = q.matmul(&key.t()?)?.broadcast_add(&bias.unsqueeze(0)?)?;
     let attn = k::softmax_last_dim(&logits.contiguous()?)?;
@@ -294,7 +295,8 @@ fn seg_transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: us
         }
     };
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, SEG_LN_EPS)?;
-    let x = (x + scaled(attention_with_bias(p, prefix, &h, num_heads, rel_index)?, "gamma_1", drop.map(|d| &d.first))?)?;
+    let table = get("attn.relative_position_bias_table");
+    let x = (x + scaled(attention_with_bias(p, prefix, &h, num_heads, table, rel_index)?, "gamma_1", drop.map(|d| &d.first))?)?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, SEG_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.mlp.fc2"), &linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?)?;
     &x + scaled(h, "gamma_2", drop.map(|d| &d.second))?
@@ -415,19 +417,24 @@ impl Segmenter {
         Ok(SegmenterOutput { logits, aux_logits, norm_stats: f.norm_stats })
     }
 
-    /// Folds a training forward's BatchNorm statistics into the running averages (torch:
-    /// `running = (1 - momentum) * running + momentum * batch`, unbiased variance).
+    /// Folds a training forward's BatchNorm statistics into the running averages.
     pub fn update_running_stats(&mut self, stats: &[NormStats]) -> Result<()> {
-        let m = PROBE_BN_MOMENTUM;
-        for NormStats { prefix, stats } in stats {
-            for (name, batch) in [("running_mean", &stats.mean), ("running_var", &stats.var_unbiased)] {
-                let name = format!("{prefix}.{name}");
-                let updated = ((self.params.get(&name) * (1.0 - m))? + (batch.detach() * m)?)?;
-                self.params.set(&name, &updated)?;
-            }
-        }
-        Ok(())
+        fold_running_stats(&mut self.params, stats)
     }
+}
+
+/// Folds BatchNorm batch statistics into the running averages (torch: `running = (1 -
+/// momentum) * running + momentum * batch`, unbiased variance).
+pub(crate) fn fold_running_stats(params: &mut ParamStore, stats: &[NormStats]) -> Result<()> {
+    let m = PROBE_BN_MOMENTUM;
+    for NormStats { prefix, stats } in stats {
+        for (name, batch) in [("running_mean", &stats.mean), ("running_var", &stats.var_unbiased)] {
+            let name = format!("{prefix}.{name}");
+            let updated = ((params.get(&name) * (1.0 - m))? + (batch.detach() * m)?)?;
+            params.set(&name, &updated)?;
+        }
+    }
+    Ok(())
 }
 
 /// mmseg 0.11's decode loss: `logits` [B, h, w, K] upsampled (bilinear) to the labels' size,

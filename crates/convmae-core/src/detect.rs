@@ -1,0 +1,168 @@
+//! Training and inference steps of the Mask R-CNN detector, per the official DET recipe:
+//! AdamW (betas 0.9 / 0.999, weight decay 0.1; none on norms, `pos_embed` and the relative
+//! position tables; no layer decay), the five detectron2 losses summed with weight 1, BatchNorm
+//! running statistics folded in after every step.
+
+use crate::model::detector::{Detector, ImageDetections, ImageTargets};
+use crate::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::params::Param;
+use crate::rng::Rng;
+use crate::train::{normalize, Batch};
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+fn err(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectorAdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for DetectorAdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// detectron2's `get_default_optimizer_params` as the DET config sets it: weight decay on every
+/// tensor (biases included) except those of norm layers (LayerNorm, BatchNorm: a module named
+/// `norm*`), `pos_embed` and the relative position tables; lr scale 1 everywhere.
+pub fn detector_group(param: &Param, weight_decay: f64) -> ParamGroup {
+    let name = &param.spec.name;
+    let module = name.rsplit('.').nth(1).unwrap_or("");
+    let exempt = module.starts_with("norm") || name == "pos_embed" || name.ends_with("relative_position_bias_table");
+    ParamGroup { lr_scale: 1.0, weight_decay: if exempt { 0.0 } else { weight_decay } }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DetTrainStats {
+    /// The sum of the five losses.
+    pub loss: f64,
+    pub loss_rpn_cls: f64,
+    pub loss_rpn_loc: f64,
+    pub loss_cls: f64,
+    pub loss_box_reg: f64,
+    pub loss_mask: f64,
+    /// Foreground regions sampled for the ROI heads over the batch.
+    pub foreground: usize,
+    pub lr: f64,
+    /// Optimizer updates applied so far, this one included.
+    pub step: u64,
+}
+
+/// Separates the detector's per-step draws (stochastic depth, sampling) from other streams.
+const DET_STREAM: u64 = 0x6465_7463;
+
+pub struct DetectorTrainer {
+    pub model: Detector,
+    pub adamw: DetectorAdamWConfig,
+    pub optimizer: AdamW,
+    /// Step `s` draws from (seed, s).
+    pub seed: u64,
+    /// BatchNorm's `num_batches_tracked` (the same for every BatchNorm of the model).
+    pub bn_batches: u64,
+}
+
+impl DetectorTrainer {
+    pub fn new(model: Detector, adamw: DetectorAdamWConfig, seed: u64) -> Result<Self> {
+        let cfg = AdamWConfig { beta1: adamw.beta1, beta2: adamw.beta2, eps: adamw.eps, weight_decay: adamw.weight_decay };
+        let optimizer = AdamW::with_groups(cfg, &model.params, |p| detector_group(p, adamw.weight_decay))?;
+        Ok(Self { model, adamw, optimizer, seed, bn_batches: 0 })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.optimizer.step
+    }
+
+    fn check_images(&self, batch: &Batch, what: &str) -> Result<()> {
+        let s = self.model.cfg.img_size;
+        if batch.height != s || batch.width != s {
+            return Err(err(format!("{what}: images are {}x{}, the model's img_size is {s} (pad or resize them to it)", batch.height, batch.width)));
+        }
+        if batch.batch == 0 {
+            return Err(err(format!("{what}: empty batch")));
+        }
+        Ok(())
+    }
+
+    /// Every image's annotations are well formed: finite boxes inside out-of-order-free
+    /// corners, known classes, one mask of the input size per box.
+    fn check_targets(&self, batch: &Batch, targets: &[ImageTargets]) -> Result<()> {
+        if targets.len() != batch.batch {
+            return Err(err(format!("train step: {} target sets for {} images", targets.len(), batch.batch)));
+        }
+        let s = self.model.cfg.img_size;
+        let k = self.model.head.num_classes;
+        for (i, t) in targets.iter().enumerate() {
+            if t.classes.len() != t.boxes.len() {
+                return Err(err(format!("targets of image {i}: {} boxes but {} classes", t.boxes.len(), t.classes.len())));
+            }
+            if t.masks.len() != t.boxes.len() * s * s {
+                return Err(err(format!("targets of image {i}: masks hold {} values, expected {} ({} masks of {s}x{s})", t.masks.len(), t.boxes.len() * s * s, t.boxes.len())));
+            }
+            for (j, (b, &c)) in t.boxes.iter().zip(&t.classes).enumerate() {
+                if !b.iter().all(|v| v.is_finite()) || b[2] <= b[0] || b[3] <= b[1] {
+                    return Err(err(format!("targets of image {i}: box {j} {b:?} is not a finite box with x2 > x1 and y2 > y1")));
+                }
+                if c >= k {
+                    return Err(err(format!("targets of image {i}: class {c} of box {j} is out of range for {k} classes")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step on a batch of uint8 images and their annotations.
+    pub fn train_step(&mut self, batch: &Batch, targets: &[ImageTargets], lr: f64) -> Result<DetTrainStats> {
+        self.check_images(batch, "train step")?;
+        self.check_targets(batch, targets)?;
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(err(format!("lr must be a finite non-negative number, got {lr}")));
+        }
+        let step = self.step_count();
+        let model = &self.model;
+        let imgs = normalize(batch, model.dtype(), model.device())?;
+        let mut rng = Rng::derived(&[self.seed, step, DET_STREAM]);
+        let losses = model.losses(&imgs, targets, &mut rng)?;
+        let loss = losses.total()?;
+        let grads = loss.backward()?;
+        let value = |t: &Tensor| -> Result<f64> { t.to_dtype(DType::F64)?.to_scalar::<f64>() };
+        let loss_value = value(&loss)?;
+        if !loss_value.is_finite() {
+            return Err(err(format!("loss is {loss_value} at step {step}; weights were not updated (lower the lr or resume from a checkpoint)")));
+        }
+        let stats = DetTrainStats {
+            loss: loss_value,
+            loss_rpn_cls: value(&losses.rpn_cls)?,
+            loss_rpn_loc: value(&losses.rpn_loc)?,
+            loss_cls: value(&losses.cls)?,
+            loss_box_reg: value(&losses.box_reg)?,
+            loss_mask: value(&losses.mask)?,
+            foreground: losses.foreground,
+            lr,
+            step: step + 1,
+        };
+        let grads = model.params.gradients(&grads)?;
+        self.optimizer.update(&self.model.params, &grads, lr)?;
+        self.model.update_running_stats(&losses.norm_stats)?;
+        self.bn_batches += 1;
+        Ok(stats)
+    }
+
+    /// Detections of a batch, boxes and masks at each image's `output` size (height, width):
+    /// the size the image had before it was resized to the model's input.
+    pub fn detect(&self, batch: &Batch, output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
+        self.check_images(batch, "detect")?;
+        if output.len() != batch.batch || output.iter().any(|&(h, w)| h == 0 || w == 0) {
+            return Err(err(format!("detect: {} output sizes for {} images (each nonzero)", output.len(), batch.batch)));
+        }
+        let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
+        self.model.detect(&imgs, output)
+    }
+}

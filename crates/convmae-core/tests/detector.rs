@@ -1,0 +1,299 @@
+//! Mask R-CNN on a ConvMAE backbone (spec section 6.1): the layout helpers against candle's own
+//! NCHW ops and written-out maps, gradients of the five losses against finite differences,
+//! detectron2's weight-decay groups, bad targets named, and a small model learning to find
+//! coloured rectangles.
+
+use candle_core::{DType, Device, Tensor};
+use convmae_core::detect::{DetectorAdamWConfig, DetectorTrainer};
+use convmae_core::model::detector::{deconv_2x2, max_pool_2x2, upsample_nearest_2x, window_partition, window_unpartition, Detector, DetectorHead, ImageTargets};
+use convmae_core::boxes::BoxXyxy;
+use convmae_core::rng::Rng;
+use convmae_core::train::{normalize, Batch};
+use convmae_core::ConvMaeConfig;
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn nhwc(x: &Tensor) -> Tensor {
+    x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+}
+
+fn nchw(x: &Tensor) -> Tensor {
+    x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+}
+
+/// A 64-px model: stage-3 grid 4x4, windows of 2x2 tokens, blocks 0 and 3 global.
+fn small_cfg() -> ConvMaeConfig {
+    ConvMaeConfig { img_size: 64, embed_dim: [8, 12, 16], depth: [1, 1, 4], num_heads: 2, ..ConvMaeConfig::tiny() }
+}
+
+fn small_head() -> DetectorHead {
+    DetectorHead {
+        num_classes: 2,
+        window: 2,
+        global_blocks: vec![0, 3],
+        channels: 8,
+        anchor_sizes: vec![8.0, 16.0, 32.0, 64.0, 128.0],
+        box_convs: 1,
+        box_fc: 16,
+        mask_convs: 1,
+        rpn_batch_per_image: 64,
+        roi_batch_per_image: 16,
+        rpn_pre_nms_train: 200,
+        rpn_post_nms_train: 60,
+        rpn_pre_nms_test: 200,
+        rpn_post_nms_test: 60,
+        ..DetectorHead::default()
+    }
+}
+
+/// Images of 1-2 solid rectangles on dark noise: class 0 red-ish, class 1 green-ish; masks are
+/// the rectangles (the later one wins where they overlap, and the earlier mask loses those
+/// pixels).
+fn rectangles(batch: usize, side: usize, seed: u64) -> (Vec<u8>, Vec<ImageTargets>) {
+    let mut rng = Rng::new(seed);
+    let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
+    let mut pixels = vec![0u8; batch * side * side * 3];
+    let mut targets = Vec::new();
+    for b in 0..batch {
+        let img = &mut pixels[b * side * side * 3..][..side * side * 3];
+        for v in img.iter_mut() {
+            *v = pick(0, 30) as u8;
+        }
+        let mut t = ImageTargets::default();
+        let mut owner = vec![usize::MAX; side * side];
+        let count = pick(1, 2);
+        for n in 0..count {
+            let class = pick(0, 1);
+            let (w, h) = (pick(12, 28), pick(12, 28));
+            let (x0, y0) = (pick(0, side - w), pick(0, side - h));
+            let colour = if class == 0 { [220, 40, 40] } else { [40, 220, 40] };
+            for y in y0..y0 + h {
+                for x in x0..x0 + w {
+                    img[(y * side + x) * 3..][..3].copy_from_slice(&colour);
+                    owner[y * side + x] = n;
+                }
+            }
+            t.classes.push(class);
+            t.boxes.push([x0 as f32, y0 as f32, (x0 + w) as f32, (y0 + h) as f32]);
+        }
+        for n in 0..count {
+            t.masks.extend(owner.iter().map(|&o| u8::from(o == n)));
+        }
+        targets.push(t);
+    }
+    (pixels, targets)
+}
+
+#[test]
+fn layout_helpers_match_candles_ops_and_written_out_maps() {
+    // Windows: token (r, c) of a g x g grid lands in window (r / w, c / w) at (r % w, c % w).
+    let (g, w) = (4, 2);
+    let tokens = Tensor::arange(0f64, (2 * g * g * 3) as f64, &Device::Cpu).unwrap().reshape((2, g * g, 3)).unwrap();
+    let windows = window_partition(&tokens, g, w).unwrap();
+    assert_eq!(windows.dims(), &[8, 4, 3]);
+    let t = to_vec(&tokens);
+    let got = to_vec(&windows);
+    for b in 0..2 {
+        for r in 0..g {
+            for c in 0..g {
+                let window = b * 4 + (r / w) * 2 + c / w;
+                let slot = (r % w) * w + c % w;
+                for ch in 0..3 {
+                    assert_eq!(got[(window * 4 + slot) * 3 + ch], t[(b * g * g + r * g + c) * 3 + ch]);
+                }
+            }
+        }
+    }
+    assert_eq!(to_vec(&window_unpartition(&windows, 2, g, w).unwrap()), t);
+
+    let x = random(&[2, 3, 6, 4], 1);
+    // Nearest 2x against candle's upsample_nearest2d.
+    let up = to_vec(&nchw(&upsample_nearest_2x(&nhwc(&x)).unwrap()));
+    assert_eq!(up, to_vec(&x.upsample_nearest2d(12, 8).unwrap()));
+    // MaxPool2d(2) against candle's max_pool2d.
+    let pooled = to_vec(&nchw(&max_pool_2x2(&nhwc(&x)).unwrap()));
+    assert_eq!(pooled, to_vec(&x.max_pool2d(2).unwrap()));
+    // ConvTranspose2d(2, stride 2) against candle's conv_transpose2d.
+    let weight = random(&[3, 5, 2, 2], 2);
+    let bias = random(&[5], 3);
+    let ours = to_vec(&nchw(&deconv_2x2(&nhwc(&x), &weight, &bias).unwrap()));
+    let theirs = x.conv_transpose2d(&weight, 0, 0, 2, 1).unwrap().broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+    let theirs = to_vec(&theirs);
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+}
+
+/// The loss with the same draws and the same proposals every time, so that the sampled anchors
+/// and regions stay put (top-k and NMS make the proposals a discrete function of the weights).
+fn total_loss(model: &Detector, imgs: &Tensor, targets: &[ImageTargets], proposals: &[Vec<BoxXyxy>]) -> Tensor {
+    let mut rng = Rng::new(77);
+    model.losses_with_proposals(imgs, targets, &mut rng, proposals).unwrap().total().unwrap()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let head = DetectorHead { drop_path: 0.0, ..small_head() };
+    let mut model = Detector::new(cfg, head, DType::F64, &Device::Cpu, 5).unwrap();
+    // Move the zero-initialized tables off zero, so that their paths carry gradients of their own.
+    for (name, seed) in [("windowed_rel_pos_bias.relative_position_bias_table", 31), ("global_rel_pos_bias.relative_position_bias_table", 32)] {
+        let shape = model.params.get(name).dims().to_vec();
+        model.params.set(name, &(random(&shape, seed) * 0.3).unwrap()).unwrap();
+    }
+    let (px, targets) = rectangles(2, s, 4);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let imgs = normalize(&batch, DType::F64, &Device::Cpu).unwrap();
+    let losses = model.losses(&imgs, &targets, &mut Rng::new(77)).unwrap();
+    assert!(losses.foreground > 0, "the check needs foreground regions for the box and mask losses");
+    for (name, l) in [("rpn_cls", &losses.rpn_cls), ("rpn_loc", &losses.rpn_loc), ("cls", &losses.cls), ("box_reg", &losses.box_reg), ("mask", &losses.mask)] {
+        let v = to_vec(l)[0];
+        assert!(v.is_finite() && v > 0.0, "loss {name} = {v}");
+    }
+    let proposals = losses.proposals.clone();
+    let loss = losses.total().unwrap();
+    assert_eq!(to_vec(&loss), to_vec(&total_loss(&model, &imgs, &targets, &proposals)), "given the RPN's own proposals, the same loss");
+    let grads = model.params.gradients(&loss.backward().unwrap()).unwrap();
+    let names: Vec<String> = model.params.trainable().map(|(p, _)| p.spec.name.clone()).collect();
+    let checked = [
+        "roi_heads.mask_head.predictor.weight",
+        "roi_heads.mask_head.deconv.weight",
+        "roi_heads.mask_head.mask_fcn1.norm.weight",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_head.fc1.weight",
+        "roi_heads.box_head.conv1.weight",
+        "proposal_generator.rpn_head.objectness_logits.bias",
+        "proposal_generator.rpn_head.anchor_deltas.weight",
+        "proposal_generator.rpn_head.conv.conv1.weight",
+        "backbone.fpn_output2.norm.bias",
+        "backbone.fpn_lateral5.weight",
+        "backbone.fpn_lateral4.weight",
+        "windowed_rel_pos_bias.relative_position_bias_table",
+        "global_rel_pos_bias.relative_position_bias_table",
+        "blocks3.1.attn.qkv.weight",
+        "blocks1.0.attn.weight",
+    ];
+    let eps = 1e-5;
+    for name in checked {
+        let at = names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no trainable tensor {name}"));
+        let analytic = to_vec(&grads[at]);
+        assert!(analytic.iter().any(|&g| g != 0.0), "{name} has no gradient");
+        let base = model.params.get(name).copy().unwrap();
+        let values = to_vec(&base);
+        for pick in 0..3 {
+            let i = (pick * 7919 + 13) % values.len();
+            let mut shifted = |delta: f64| {
+                let mut v = values.clone();
+                v[i] += delta;
+                model.params.set(name, &Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap()).unwrap();
+                to_vec(&total_loss(&model, &imgs, &targets, &proposals))[0]
+            };
+            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+            model.params.set(name, &base).unwrap();
+            let tol = 1e-6 + 1e-4 * numeric.abs().max(analytic[i].abs());
+            assert!((numeric - analytic[i]).abs() < tol, "{name}[{i}]: analytic {} vs numeric {numeric}", analytic[i]);
+        }
+    }
+}
+
+/// detectron2's groups: no decay on norm layers, pos_embed (frozen here) and the relative
+/// tables; decay on everything else, biases included; no layer decay.
+#[test]
+fn weight_decay_groups_follow_detectron2() {
+    let model = Detector::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 0).unwrap();
+    let trainer = DetectorTrainer::new(model, DetectorAdamWConfig::default(), 0).unwrap();
+    let groups: std::collections::HashMap<String, f64> = trainer.model.params.trainable().zip(&trainer.optimizer.groups).map(|((p, _), g)| (p.spec.name.clone(), g.weight_decay)).collect();
+    assert!(trainer.optimizer.groups.iter().all(|g| g.lr_scale == 1.0));
+    assert!(!groups.contains_key("pos_embed"), "pos_embed is frozen");
+    for (name, wd) in [
+        ("blocks1.0.norm1.weight", 0.0),
+        ("patch_embed2.norm.bias", 0.0),
+        ("blocks3.2.norm2.weight", 0.0),
+        ("backbone.fpn_lateral3.norm.weight", 0.0),
+        ("roi_heads.box_head.conv1.norm.bias", 0.0),
+        ("windowed_rel_pos_bias.relative_position_bias_table", 0.0),
+        ("global_rel_pos_bias.relative_position_bias_table", 0.0),
+        ("blocks3.2.attn.qkv.bias", 0.1),
+        ("blocks1.0.attn.weight", 0.1),
+        ("roi_heads.box_head.fc1.bias", 0.1),
+        ("proposal_generator.rpn_head.conv.conv0.weight", 0.1),
+        ("roi_heads.mask_head.deconv.weight", 0.1),
+    ] {
+        assert_eq!(groups[name], wd, "{name}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let Err(e) = Detector::new(cfg.clone(), DetectorHead { window: 3, ..small_head() }, DType::F32, &Device::Cpu, 0) else { panic!("window 3 on a 4x4 grid") };
+    assert!(e.to_string().contains("window (3) must divide the token grid (4"), "{e}");
+    let Err(e) = Detector::new(cfg.clone(), DetectorHead { global_blocks: vec![4], ..small_head() }, DType::F32, &Device::Cpu, 0) else { panic!("block 4 of 4") };
+    assert!(e.to_string().contains("global_blocks: block 4 does not exist"), "{e}");
+    let model = Detector::new(cfg, small_head(), DType::F32, &Device::Cpu, 0).unwrap();
+    let mut trainer = DetectorTrainer::new(model, DetectorAdamWConfig::default(), 0).unwrap();
+    let (px, mut targets) = rectangles(2, s, 1);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    targets[1].classes[0] = 7;
+    let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
+    assert!(e.contains("targets of image 1: class 7 of box 0 is out of range for 2 classes"), "{e}");
+    targets[1].classes[0] = 1;
+    targets[0].boxes[0] = [5.0, 5.0, 5.0, 9.0];
+    let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
+    assert!(e.contains("targets of image 0: box 0"), "{e}");
+    targets[0].masks.pop();
+    let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
+    assert!(e.contains("targets of image 0: masks hold"), "{e}");
+    assert_eq!(trainer.step_count(), 0, "no update on refused input");
+}
+
+/// Training on one fixed batch drives every loss down and the trained model finds the
+/// rectangles: for each, a detection of its class with box IoU > 0.5 and a mask that overlaps
+/// it by more than half.
+#[test]
+fn a_small_model_learns_to_find_rectangles() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let model = Detector::new(cfg, small_head(), DType::F32, &Device::Cpu, 11).unwrap();
+    let mut trainer = DetectorTrainer::new(model, DetectorAdamWConfig::default(), 3).unwrap();
+    let (px, targets) = rectangles(2, s, 8);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let first = trainer.train_step(&batch, &targets, 2e-3).unwrap();
+    let mut last = first.clone();
+    for _ in 0..150 {
+        last = trainer.train_step(&batch, &targets, 2e-3).unwrap();
+    }
+    assert_eq!(last.step, 151);
+    assert!(last.loss < 0.3 * first.loss, "loss {} -> {}", first.loss, last.loss);
+    let dets = trainer.detect(&batch, &[(s, s), (s, s)]).unwrap();
+    for (t, d) in targets.iter().zip(&dets) {
+        assert_eq!(d.masks.len(), d.boxes.len() * s * s);
+        for (g, gt) in t.boxes.iter().enumerate() {
+            let gt_mask = &t.masks[g * s * s..][..s * s];
+            let found = (0..d.boxes.len()).any(|n| {
+                let iou = convmae_core::boxes::iou_matrix(&[*gt], &[d.boxes[n]])[0];
+                let mask = &d.masks[n * s * s..][..s * s];
+                let overlap = mask.iter().zip(gt_mask).filter(|(&a, &b)| a == 1 && b == 1).count();
+                let gt_area = gt_mask.iter().filter(|&&v| v == 1).count();
+                d.classes[n] == t.classes[g] && iou > 0.5 && overlap * 2 > gt_area
+            });
+            assert!(found, "rectangle {gt:?} (class {}) not found in {:?} {:?}", t.classes[g], d.boxes, d.classes);
+        }
+    }
+    // Output sizes scale boxes and masks.
+    let scaled = trainer.detect(&batch, &[(2 * s, s), (s, s)]).unwrap();
+    assert_eq!(scaled[0].height, 2 * s);
+    assert_eq!(scaled[0].masks.len(), scaled[0].boxes.len() * 2 * s * s);
+}
