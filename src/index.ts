@@ -18,3 +18,15 @@ export {
 export { extractFeatures, type FeaturesOptions, type FeaturesSummary } from './tasks/features.js';
 export type { TrainingProgress } from './tasks/run.js';
 export type { TrainingRunOptions } from './tasks/run.js';
+export {
+  AREA_RANGES,
+  DetectionEvaluator,
+  boxIoU,
+  formatDetectionScores,
+  maskIoU,
+  type DetectionScores,
+  type EvalDetection,
+  type EvalGroundTruth,
+  type EvalImage,
+  type IouType,
+} from './tasks/detection-eval.js';

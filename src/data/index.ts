@@ -62,3 +62,18 @@ export {
   type SkippedSegmentationSample,
 } from './segmentation.js';
 export { photometricDistortion, rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTestResize, segmentationTrainTransform } from './segmentation-transforms.js';
+export {
+  DIGIT_DETECTION_CLASSES,
+  decodeRle,
+  encodeRle,
+  maskBox,
+  openCocoFolder,
+  openDigitDetectionScenes,
+  rasterizePolygons,
+  type CocoDataset,
+  type CocoFolderOptions,
+  type DetectionDataset,
+  type DetectionInstance,
+  type DetectionSample,
+  type Rle,
+} from './detection.js';

@@ -50,11 +50,28 @@ export interface DigitScenesOptions {
 const SCENE_SIZE = 64;
 const SCENE_MAX_DIGITS = 3;
 /** Glyph intensity from which a pixel belongs to its digit; fainter rim pixels are ignored. */
-const GLYPH_THRESHOLD = 128;
+export const GLYPH_THRESHOLD = 128;
 /** Separates scene layouts from every other random stream. */
 const SCENE_STREAM = 0x5ce7e;
 
-function drawScene(mnist: IdxDataset, index: number, size: number, maxDigits: number): SegmentationSample {
+/**
+ * One drawn digit scene. Besides the image and the semantic labels it says which digit won each
+ * pixel, so the detection scenes (detection.ts) cut their instance masks from the very drawing
+ * the segmentation scenes label: both views of an index are the same pixels by construction.
+ */
+export interface DigitSceneDrawing extends SegmentationSample {
+  /** Per pixel, the index into `digits` of the digit whose stroke won it; -1 where none did. */
+  owner: Int32Array;
+  /** The class (0-9) of each digit, in drawing order (later digits are drawn over earlier). */
+  digits: number[];
+}
+
+/**
+ * Draws scene `index`. Every random draw is made here and in this order (background, count, then
+ * per digit: which, colour, top, left), so changing this function changes every scene;
+ * scenes 0-49 are pinned by hash in test/detection-data.test.ts.
+ */
+export function drawDigitScene(mnist: IdxDataset, index: number, size: number, maxDigits: number): DigitSceneDrawing {
   const rng: Rng = createRng(deriveSeed(SCENE_STREAM, index));
   const side = mnist.width;
   const background = [randInt(rng, 0, 40), randInt(rng, 0, 40), randInt(rng, 0, 40)];
@@ -62,6 +79,8 @@ function drawScene(mnist: IdxDataset, index: number, size: number, maxDigits: nu
   for (let p = 0; p < size * size; p++) image.set(background, p * 3);
   const labels = new Uint8Array(size * size);
   const strongest = new Uint8Array(size * size);
+  const owner = new Int32Array(size * size).fill(-1);
+  const digits: number[] = [];
   const count = randInt(rng, 1, maxDigits);
   for (let d = 0; d < count; d++) {
     // The scene's first digit is MNIST image `index`, so an epoch shows every digit once.
@@ -70,6 +89,7 @@ function drawScene(mnist: IdxDataset, index: number, size: number, maxDigits: nu
     if (source.kind !== 'raw' || source.channels !== 1) throw new Error(`digit scenes need greyscale IDX digits, got ${mnist.describe(digit)}`);
     const label = mnist.label(digit);
     if (label === undefined || label > 9) throw new Error(`digit scenes need MNIST labels 0-9, got ${String(label)} at ${mnist.describe(digit)}`);
+    digits.push(label);
     const colour = [randInt(rng, 96, 255), randInt(rng, 96, 255), randInt(rng, 96, 255)];
     const top = randInt(rng, 0, size - side);
     const left = randInt(rng, 0, size - side);
@@ -80,24 +100,39 @@ function drawScene(mnist: IdxDataset, index: number, size: number, maxDigits: nu
         // Where glyphs overlap, the stronger stroke wins the pixel.
         if (v === 0 || v <= strongest[p]!) continue;
         strongest[p] = v;
+        owner[p] = d;
         labels[p] = v >= GLYPH_THRESHOLD ? label + 1 : IGNORE_LABEL;
         const a = v / 255;
         for (let c = 0; c < 3; c++) image[p * 3 + c] = Math.round(background[c]! * (1 - a) + colour[c]! * a);
       }
     }
   }
-  return { image, labels, width: size, height: size };
+  return { image, labels, width: size, height: size, owner, digits };
+}
+
+/** The checked options of a digit-scene dataset and the MNIST split it draws from. */
+export interface DigitSceneSetup {
+  mnist: IdxDataset;
+  size: number;
+  maxDigits: number;
+  length: number;
+}
+
+/** Opens MNIST `split` and checks `options`, for every dataset built on the digit scenes. */
+export async function setupDigitScenes(split: 'train' | 't10k', options: DigitScenesOptions, what = 'digit scenes'): Promise<DigitSceneSetup> {
+  const size = options.size ?? SCENE_SIZE;
+  const maxDigits = options.maxDigits ?? SCENE_MAX_DIGITS;
+  if (!Number.isInteger(size) || size < 28) throw new RangeError(`${what}: size must be an integer of at least 28 (an MNIST digit), got ${size}`);
+  if (!Number.isInteger(maxDigits) || maxDigits < 1) throw new RangeError(`${what}: maxDigits must be a positive integer, got ${maxDigits}`);
+  const mnist = await openMnist(split);
+  const length = Math.min(mnist.length, options.limit ?? mnist.length);
+  if (!Number.isInteger(length) || length < 1) throw new RangeError(`${what}: limit must be a positive integer, got ${String(options.limit)}`);
+  return { mnist, size, maxDigits, length };
 }
 
 /** Digit scenes from MNIST 'train' (60000) or 't10k' (10000); see the module comment. */
 export async function openDigitScenes(split: 'train' | 't10k' = 'train', options: DigitScenesOptions = {}): Promise<SegmentationDataset> {
-  const size = options.size ?? SCENE_SIZE;
-  const maxDigits = options.maxDigits ?? SCENE_MAX_DIGITS;
-  if (!Number.isInteger(size) || size < 28) throw new RangeError(`digit scenes: size must be an integer of at least 28 (an MNIST digit), got ${size}`);
-  if (!Number.isInteger(maxDigits) || maxDigits < 1) throw new RangeError(`digit scenes: maxDigits must be a positive integer, got ${maxDigits}`);
-  const mnist = await openMnist(split);
-  const length = Math.min(mnist.length, options.limit ?? mnist.length);
-  if (!Number.isInteger(length) || length < 1) throw new RangeError(`digit scenes: limit must be a positive integer, got ${String(options.limit)}`);
+  const { mnist, size, maxDigits, length } = await setupDigitScenes(split, options);
   const name = `digit-scenes-${split}`;
   return {
     name,
@@ -105,7 +140,8 @@ export async function openDigitScenes(split: 'train' | 't10k' = 'train', options
     classes: [...DIGIT_SCENE_CLASSES],
     sample(index: number): Promise<SegmentationSample> {
       if (!Number.isInteger(index) || index < 0 || index >= length) throw new RangeError(`index ${index} is out of range for dataset "${name}" of ${length} samples`);
-      return Promise.resolve(drawScene(mnist, index, size, maxDigits));
+      const { image, labels, width, height } = drawDigitScene(mnist, index, size, maxDigits);
+      return Promise.resolve({ image, labels, width, height });
     },
     describe(index: number): string {
       return `${name}#${index}`;
@@ -225,7 +261,7 @@ export async function openDigitSceneImages(split: 'train' | 't10k' = 'train'): P
     label: () => undefined,
     source(index: number) {
       if (!Number.isInteger(index) || index < 0 || index >= mnist.length) throw new RangeError(`index ${index} is out of range for dataset "${name}" of ${mnist.length} samples`);
-      return { kind: 'raw', pixels: drawScene(mnist, index, size, SCENE_MAX_DIGITS).image, width: size, height: size, channels: 3 };
+      return { kind: 'raw', pixels: drawDigitScene(mnist, index, size, SCENE_MAX_DIGITS).image, width: size, height: size, channels: 3 };
     },
     describe: (index: number) => `${name}#${index}`,
   };
