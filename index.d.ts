@@ -54,6 +54,38 @@ export declare class NativeClassifier {
   threads(): number
 }
 
+/** A Mask R-CNN detector on a ConvMAE backbone and its optimizer, owned by one worker thread. */
+export declare class NativeDetector {
+  /**
+   * `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
+   * {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64.
+   */
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, threads?: number | undefined | null)
+  /**
+   * One optimizer update on uint8 images [batch, height, width, 3] and their annotations
+   * (see `image_targets`).
+   */
+  train(pixels: Uint8Array, batch: number, height: number, width: number, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: number): Promise<DetTrainResult>
+  /**
+   * Detections of a batch; `outputSizes` holds (height, width) per image, the size to scale
+   * boxes and masks to (default: the input size).
+   */
+  detect(pixels: Uint8Array, batch: number, height: number, width: number, outputSizes?: Uint32Array | undefined | null): Promise<DetectionsResult>
+  /** Writes weights, optimizer state and `extra` (JSON) atomically. */
+  save(path: string, extra: string): Promise<void>
+  /** Restores a detector checkpoint exactly (ours, or an official detectron2 model_final). */
+  load(path: string, strict: boolean): Promise<LoadResult>
+  /**
+   * Loads a pretrained encoder into the backbone as the official DET code does (strict=False,
+   * pos_embed resized bicubically to the detection grid, fresh FPN and heads).
+   */
+  initFrom(path: string): Promise<LoadResult>
+  /** Frees the model after queued commands finish. Further calls reject. */
+  dispose(): void
+  /** The CPU threads the steps run on now. */
+  threads(): number
+}
+
 /** A pretraining model and its optimizer, owned by one worker thread. */
 export declare class NativePretrainer {
   /**
@@ -180,6 +212,31 @@ export interface DecodedBatch {
   pixels: Buffer
   /** Per image: null when decoded, else why not, naming the file. */
   errors: Array<string | undefined | null>
+}
+
+/** The detections of a batch, image after image (`counts` per image), best first in each. */
+export interface DetectionsResult {
+  counts: Array<number>
+  /** 4 per detection: x1, y1, x2, y2 in output pixels. */
+  boxes: Float32Array
+  scores: Float32Array
+  classes: Uint32Array
+  /** One binary mask of its image's output size per detection, concatenated. */
+  masks: Uint8Array
+}
+
+export interface DetTrainResult {
+  /** The sum of the five losses. */
+  loss: number
+  lossRpnCls: number
+  lossRpnLoc: number
+  lossCls: number
+  lossBoxReg: number
+  lossMask: number
+  /** Foreground regions sampled for the ROI heads over the batch. */
+  foreground: number
+  lr: number
+  step: number
 }
 
 export interface EvalResult {

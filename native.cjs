@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeClassifier = nativeBinding.NativeClassifier
+module.exports.NativeDetector = nativeBinding.NativeDetector
 module.exports.NativePretrainer = nativeBinding.NativePretrainer
 module.exports.NativeSegmenter = nativeBinding.NativeSegmenter
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv

@@ -8,6 +8,9 @@ use crate::model::classifier::{ClassifierHead, HeadKind};
 use crate::train::Pretrainer;
 use crate::segment::{SegmenterAdamWConfig, SegmenterTrainer};
 use crate::model::segmenter::SegmenterHead;
+use crate::detect::{DetectorAdamWConfig, DetectorTrainer};
+use crate::model::detector::DetectorHead;
+use crate::optim::AdamW;
 use crate::pos_embed::resize_pos_embed;
 use crate::optim::Moments;
 use candle_core::{DType, Device, Tensor};
@@ -349,34 +352,155 @@ pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> can
         .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
 }
 
-/// The prefixes of the segmenter's BatchNorms (each has `running_mean`).
+/// The prefixes of a model's BatchNorms (each has `running_mean`).
 fn batch_norm_prefixes(params: &ParamStore) -> Vec<String> {
     params.iter().filter_map(|p| p.spec.name.strip_suffix(".running_mean").map(str::to_string)).collect()
 }
 
-/// Saves a segmenter: weights with every BatchNorm's `num_batches_tracked`, AdamW moments,
-/// config, head, optimizer settings and step.
-pub fn save_segmenter(trainer: &SegmenterTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
-    let model = &trainer.model;
-    let mut tensors: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.spec.name.clone(), p.tensor.clone())).collect();
-    for prefix in batch_norm_prefixes(&model.params) {
-        tensors.push((format!("{prefix}.num_batches_tracked"), Tensor::new(trainer.bn_batches as i64, &Device::Cpu)?));
+/// The state of a downstream-task trainer (segmenter, detector) that its checkpoint holds: its
+/// weights with the BatchNorms' shared `num_batches_tracked`, AdamW, step and seed, and its head
+/// and optimizer settings as JSON.
+struct TaskState<'a, H, A> {
+    /// "segmenter" or "detector": the `kind` metadata and the word in messages.
+    kind: &'static str,
+    cfg: &'a ConvMaeConfig,
+    params: &'a mut ParamStore,
+    head: &'a H,
+    adamw: &'a A,
+    optimizer: &'a mut AdamW,
+    bn_batches: &'a mut u64,
+    seed: &'a mut u64,
+}
+
+/// `TaskState` read only, for saving.
+struct TaskView<'a, H, A> {
+    kind: &'static str,
+    cfg: &'a ConvMaeConfig,
+    params: &'a ParamStore,
+    head: &'a H,
+    adamw: &'a A,
+    optimizer: &'a AdamW,
+    bn_batches: u64,
+    seed: u64,
+}
+
+fn save_task<H: Serialize, A: Serialize>(state: TaskView<H, A>, path: &Path, extra: &str) -> candle_core::Result<()> {
+    let params = state.params;
+    let mut tensors: Vec<(String, Tensor)> = params.iter().map(|p| (p.spec.name.clone(), p.tensor.clone())).collect();
+    for prefix in batch_norm_prefixes(params) {
+        tensors.push((format!("{prefix}.num_batches_tracked"), Tensor::new(state.bn_batches as i64, &Device::Cpu)?));
     }
-    for m in &trainer.optimizer.moments {
+    for m in &state.optimizer.moments {
         tensors.push((format!("{EXP_AVG}{}", m.name), m.exp_avg.clone()));
         tensors.push((format!("{EXP_AVG_SQ}{}", m.name), m.exp_avg_sq.clone()));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
-    meta.insert("kind".to_string(), "segmenter".to_string());
-    meta.insert("config".to_string(), serde_json::to_string(&model.cfg).unwrap());
-    meta.insert("head".to_string(), serde_json::to_string(&model.head).unwrap());
-    meta.insert("adamw".to_string(), serde_json::to_string(&trainer.adamw).unwrap());
-    meta.insert("optimizer_step".to_string(), trainer.step_count().to_string());
-    meta.insert("seed".to_string(), trainer.seed.to_string());
-    meta.insert("dtype".to_string(), format!("{:?}", model.dtype()).to_lowercase());
+    meta.insert("kind".to_string(), state.kind.to_string());
+    meta.insert("config".to_string(), serde_json::to_string(state.cfg).unwrap());
+    meta.insert("head".to_string(), serde_json::to_string(state.head).unwrap());
+    meta.insert("adamw".to_string(), serde_json::to_string(state.adamw).unwrap());
+    meta.insert("optimizer_step".to_string(), state.optimizer.step.to_string());
+    meta.insert("seed".to_string(), state.seed.to_string());
+    meta.insert("dtype".to_string(), format!("{:?}", params.dtype).to_lowercase());
     meta.insert("extra".to_string(), extra.to_string());
     write_checkpoint(path, &tensors, meta)
+}
+
+/// Restores a task trainer exactly from our checkpoint of the same kind and head, or from an
+/// official file (no `kind`: `from_official` renames its tensors first).
+fn load_task<H, A>(state: TaskState<H, A>, path: &Path, strict: bool, from_official: fn(&mut CheckpointFile)) -> candle_core::Result<(LoadReport, String)>
+where
+    H: Serialize + serde::de::DeserializeOwned + PartialEq,
+    A: Serialize + serde::de::DeserializeOwned + PartialEq,
+{
+    let (kind, shown) = (state.kind, path.display().to_string());
+    let mut file = read_checkpoint(path)?;
+    check_same_config(&file, state.cfg, &shown)?;
+    match (file.metadata.get("kind").map(String::as_str), file.metadata.get("head")) {
+        (Some(k), Some(head)) if k == kind => {
+            let head: H = serde_json::from_str(head).map_err(|e| err(format!("checkpoint '{shown}': bad head metadata: {e}")))?;
+            if &head != state.head {
+                return Err(err(format!(
+                    "checkpoint '{shown}' holds a different {kind} head: {} (this model: {})",
+                    serde_json::to_string(&head).unwrap(),
+                    serde_json::to_string(state.head).unwrap()
+                )));
+            }
+        }
+        (Some(other), _) => {
+            return Err(err(format!("checkpoint '{shown}' is a {other} checkpoint; initialize a {kind} from it (initFrom) instead of resuming")));
+        }
+        (None, _) if file.format == "convmae" => {
+            return Err(err(format!("checkpoint '{shown}' is a pretraining checkpoint; initialize a {kind} from it (initFrom) instead of resuming")));
+        }
+        (None, _) => from_official(&mut file),
+    }
+    let mut report = load_weights(state.params, &file, strict, &shown)?;
+    if let Some(prefix) = batch_norm_prefixes(state.params).first() {
+        if let Some(n) = file.tensors.get(&format!("{prefix}.num_batches_tracked")) {
+            *state.bn_batches = n.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
+        }
+    }
+    let (dtype, device) = (state.params.dtype, state.params.device.clone());
+    if file.format == "convmae" && restore_moments(&mut state.optimizer.moments, &file, &shown, dtype, &device)? {
+        let num = |k: &str| file.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
+        state.optimizer.step = num("optimizer_step").unwrap_or(0);
+        if let Some(seed) = num("seed") {
+            *state.seed = seed;
+        }
+        if let Some(adamw) = file.metadata.get("adamw").and_then(|a| serde_json::from_str::<A>(a).ok()) {
+            if &adamw != state.adamw {
+                return Err(err(format!("checkpoint '{shown}' was trained with other AdamW settings: {} (this model: {})", serde_json::to_string(&adamw).unwrap(), serde_json::to_string(state.adamw).unwrap())));
+            }
+        }
+        report.optimizer_restored = true;
+    }
+    let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
+    Ok((report, extra))
+}
+
+/// Initializes a task model's backbone from a pretraining, classifier or task checkpoint (ours
+/// or official, renamed by `from_official`) as the official SEG and DET code do: strict=False,
+/// `pos_embed` resized bicubically when the file's grid differs (a 224-px pretraining for 512-px
+/// segmentation: 14x14 to 32x32; for 1024-px detection: to 64x64), the heads (`fresh`) left at
+/// their init. Relative position tables of another shape (a task checkpoint at another size or
+/// window) stay fresh too, as they are when the file has none.
+fn init_backbone_from(kind: &str, cfg: &ConvMaeConfig, params: &mut ParamStore, path: &Path, from_official: fn(&mut CheckpointFile), fresh: fn(&str) -> bool) -> candle_core::Result<LoadReport> {
+    let shown = path.display().to_string();
+    let mut file = read_checkpoint(path)?;
+    from_official(&mut file);
+    if let Some(theirs) = file.config() {
+        let theirs = theirs.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        if theirs.embed_dim != cfg.embed_dim || theirs.depth != cfg.depth || theirs.patch_size != cfg.patch_size {
+            return Err(err(format!(
+                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
+                theirs.embed_dim, theirs.depth, cfg.embed_dim, cfg.depth
+            )));
+        }
+    }
+    let dim = cfg.embed_dim[2];
+    if let Some(table) = file.tensors.get("pos_embed") {
+        let (tokens, width) = match table.dims() {
+            [1, tokens, width] => (*tokens, *width),
+            other => return Err(err(format!("checkpoint '{shown}': pos_embed has shape {other:?}, expected [1, tokens, {dim}]"))),
+        };
+        let from = (tokens as f64).sqrt().round() as usize;
+        if width == dim && from * from == tokens && from != cfg.grid() {
+            let values = table.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let resized = resize_pos_embed(&values, dim, from, cfg.grid());
+            let resized = Tensor::from_vec(resized, (1, cfg.num_tokens(), dim), &Device::Cpu)?.to_dtype(table.dtype())?;
+            file.tensors.insert("pos_embed".into(), resized);
+        }
+    }
+    let other_shape: Vec<String> = params
+        .iter()
+        .filter(|p| p.spec.name.ends_with(".relative_position_bias_table"))
+        .filter(|p| file.tensors.get(&p.spec.name).is_some_and(|t| t.dims() != p.spec.shape.as_slice()))
+        .map(|p| p.spec.name.clone())
+        .collect();
+    load_weights_except(params, &file, false, &shown, |name| fresh(name) || other_shape.iter().any(|n| n == name))
+        .map_err(|e| err(format!("{e} (the {kind}'s preset / config must describe the checkpoint's encoder)")))
 }
 
 /// The official mmseg checkpoints name the backbone's tensors `backbone.<encoder name>`; ours
@@ -387,101 +511,83 @@ fn strip_backbone_prefix(file: &mut CheckpointFile) {
     }
 }
 
+/// The official detectron2 checkpoints name the encoder's tensors `backbone.bottom_up.<name>`
+/// (the FPN's are `backbone.fpn_*`, as ours); ours use the encoder's names as they are.
+fn strip_bottom_up_prefix(file: &mut CheckpointFile) {
+    const PREFIX: &str = "backbone.bottom_up.";
+    if file.tensors.keys().any(|k| k.starts_with(PREFIX)) {
+        file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (k.strip_prefix(PREFIX).map(str::to_string).unwrap_or(k), v)).collect();
+    }
+}
+
+fn segmenter_state(trainer: &mut SegmenterTrainer) -> TaskState<'_, SegmenterHead, SegmenterAdamWConfig> {
+    let model = &mut trainer.model;
+    TaskState {
+        kind: "segmenter",
+        cfg: &model.cfg,
+        params: &mut model.params,
+        head: &model.head,
+        adamw: &trainer.adamw,
+        optimizer: &mut trainer.optimizer,
+        bn_batches: &mut trainer.bn_batches,
+        seed: &mut trainer.seed,
+    }
+}
+
+/// Saves a segmenter: weights with every BatchNorm's `num_batches_tracked`, AdamW moments,
+/// config, head, optimizer settings and step.
+pub fn save_segmenter(trainer: &SegmenterTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
+    let m = &trainer.model;
+    let view = TaskView { kind: "segmenter", cfg: &m.cfg, params: &m.params, head: &m.head, adamw: &trainer.adamw, optimizer: &trainer.optimizer, bn_batches: trainer.bn_batches, seed: trainer.seed };
+    save_task(view, path, extra)
+}
+
 /// Restores a segmenter exactly (resume, evaluation): weights and BatchNorm counters, and for
 /// our files AdamW state, step and seed. The official UperNet `.pth` (mmseg's `state_dict`)
 /// loads too.
 pub fn load_segmenter(trainer: &mut SegmenterTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
-    let shown = path.display().to_string();
-    let mut file = read_checkpoint(path)?;
-    check_same_config(&file, &trainer.model.cfg, &shown)?;
-    match (file.metadata.get("kind").map(String::as_str), file.metadata.get("head")) {
-        (Some("segmenter"), Some(head)) => {
-            let head: SegmenterHead = serde_json::from_str(head).map_err(|e| err(format!("checkpoint '{shown}': bad head metadata: {e}")))?;
-            if head != trainer.model.head {
-                return Err(err(format!(
-                    "checkpoint '{shown}' holds a different segmenter head: {} (this model: {})",
-                    serde_json::to_string(&head).unwrap(),
-                    serde_json::to_string(&trainer.model.head).unwrap()
-                )));
-            }
-        }
-        (Some(other), _) => {
-            return Err(err(format!("checkpoint '{shown}' is a {other} checkpoint; initialize a segmenter from it (initFrom) instead of resuming")));
-        }
-        (None, _) if file.format == "convmae" => {
-            return Err(err(format!("checkpoint '{shown}' is a pretraining checkpoint; initialize a segmenter from it (initFrom) instead of resuming")));
-        }
-        (None, _) => strip_backbone_prefix(&mut file),
-    }
-    let mut report = load_weights(&mut trainer.model.params, &file, strict, &shown)?;
-    if let Some(prefix) = batch_norm_prefixes(&trainer.model.params).first() {
-        if let Some(n) = file.tensors.get(&format!("{prefix}.num_batches_tracked")) {
-            trainer.bn_batches = n.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
-        }
-    }
-    let (dtype, device) = (trainer.model.dtype(), trainer.model.device().clone());
-    if file.format == "convmae" && restore_moments(&mut trainer.optimizer.moments, &file, &shown, dtype, &device)? {
-        let num = |k: &str| file.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
-        trainer.optimizer.step = num("optimizer_step").unwrap_or(0);
-        if let Some(seed) = num("seed") {
-            trainer.seed = seed;
-        }
-        if let Some(adamw) = file.metadata.get("adamw").and_then(|a| serde_json::from_str::<SegmenterAdamWConfig>(a).ok()) {
-            if adamw != trainer.adamw {
-                return Err(err(format!("checkpoint '{shown}' was trained with other AdamW settings: {} (this model: {})", serde_json::to_string(&adamw).unwrap(), serde_json::to_string(&trainer.adamw).unwrap())));
-            }
-        }
-        report.optimizer_restored = true;
-    }
-    let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
-    Ok((report, extra))
+    load_task(segmenter_state(trainer), path, strict, strip_backbone_prefix)
 }
 
-/// Initializes a segmenter's backbone from a pretraining, classifier or segmenter checkpoint
-/// (ours or official) as the SEG code does: strict=False, `pos_embed` resized bicubically when
-/// the file's grid differs (a 224-px pretraining for 512-px segmentation: 14x14 to 32x32), the
-/// heads left at their fresh init. Tensors the file lacks (layer scales, relative position
-/// tables, `fpn`) keep theirs and are reported missing; relative position tables of another
-/// grid stay fresh and are reported reinitialized.
+/// Initializes a segmenter's backbone from an encoder checkpoint (`init_backbone_from`); the
+/// decode and auxiliary heads stay fresh.
 pub fn init_segmenter_from(trainer: &mut SegmenterTrainer, path: &Path) -> candle_core::Result<LoadReport> {
-    let shown = path.display().to_string();
-    let mut file = read_checkpoint(path)?;
-    strip_backbone_prefix(&mut file);
-    let ours = trainer.model.cfg.clone();
-    if let Some(cfg) = file.config() {
-        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
-        if cfg.embed_dim != ours.embed_dim || cfg.depth != ours.depth || cfg.patch_size != ours.patch_size {
-            return Err(err(format!(
-                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
-                cfg.embed_dim, cfg.depth, ours.embed_dim, ours.depth
-            )));
-        }
+    let model = &mut trainer.model;
+    init_backbone_from("segmenter", &model.cfg, &mut model.params, path, strip_backbone_prefix, |name| name.starts_with("decode_head.") || name.starts_with("auxiliary_head."))
+}
+
+fn detector_state(trainer: &mut DetectorTrainer) -> TaskState<'_, DetectorHead, DetectorAdamWConfig> {
+    let model = &mut trainer.model;
+    TaskState {
+        kind: "detector",
+        cfg: &model.cfg,
+        params: &mut model.params,
+        head: &model.head,
+        adamw: &trainer.adamw,
+        optimizer: &mut trainer.optimizer,
+        bn_batches: &mut trainer.bn_batches,
+        seed: &mut trainer.seed,
     }
-    let dim = ours.embed_dim[2];
-    if let Some(table) = file.tensors.get("pos_embed") {
-        let (tokens, width) = match table.dims() {
-            [1, tokens, width] => (*tokens, *width),
-            other => return Err(err(format!("checkpoint '{shown}': pos_embed has shape {other:?}, expected [1, tokens, {dim}]"))),
-        };
-        let from = (tokens as f64).sqrt().round() as usize;
-        if width == dim && from * from == tokens && from != ours.grid() {
-            let values = table.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            let resized = resize_pos_embed(&values, dim, from, ours.grid());
-            let resized = Tensor::from_vec(resized, (1, ours.num_tokens(), dim), &Device::Cpu)?.to_dtype(table.dtype())?;
-            file.tensors.insert("pos_embed".into(), resized);
-        }
-    }
-    // Relative position tables of another grid (a segmenter checkpoint at another size) have no
-    // counterpart here: those stay fresh, as they are when the file has none.
-    let other_grid: Vec<String> = trainer
-        .model
-        .params
-        .iter()
-        .filter(|p| p.spec.name.ends_with(".relative_position_bias_table"))
-        .filter(|p| file.tensors.get(&p.spec.name).is_some_and(|t| t.dims() != p.spec.shape.as_slice()))
-        .map(|p| p.spec.name.clone())
-        .collect();
-    let fresh = |name: &str| name.starts_with("decode_head.") || name.starts_with("auxiliary_head.") || other_grid.iter().any(|n| n == name);
-    load_weights_except(&mut trainer.model.params, &file, false, &shown, fresh)
-        .map_err(|e| err(format!("{e} (the segmenter's preset / config must describe the checkpoint's encoder)")))
+}
+
+/// Saves a detector as a segmenter is saved (`save_task`).
+pub fn save_detector(trainer: &DetectorTrainer, path: &Path, extra: &str) -> candle_core::Result<()> {
+    let m = &trainer.model;
+    let view = TaskView { kind: "detector", cfg: &m.cfg, params: &m.params, head: &m.head, adamw: &trainer.adamw, optimizer: &trainer.optimizer, bn_batches: trainer.bn_batches, seed: trainer.seed };
+    save_task(view, path, extra)
+}
+
+/// Restores a detector exactly: ours, or the official detectron2 `model_final` (`model`
+/// state_dict, encoder under `backbone.bottom_up.`).
+pub fn load_detector(trainer: &mut DetectorTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
+    load_task(detector_state(trainer), path, strict, strip_bottom_up_prefix)
+}
+
+/// Initializes a detector's backbone from an encoder checkpoint (`init_backbone_from`; pos_embed
+/// resized to the detection grid); the FPN, RPN and ROI heads stay fresh.
+pub fn init_detector_from(trainer: &mut DetectorTrainer, path: &Path) -> candle_core::Result<LoadReport> {
+    let model = &mut trainer.model;
+    init_backbone_from("detector", &model.cfg, &mut model.params, path, strip_bottom_up_prefix, |name| {
+        name.starts_with("backbone.fpn_") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.")
+    })
 }

@@ -16,7 +16,9 @@ use crate::augment::AugmentSpec;
 use crate::classify::{ClassifierTrainer, OptimizerConfig, Targets, TrainStepOptions};
 use crate::model::classifier::{ClassifierHead, ConvViT};
 use crate::threads::ThreadChoice;
-use crate::session::{ClassifierCommand, ClassifierReply, Command, Images, Reply, SegmenterCommand, SegmenterReply, Session, Worker};
+use crate::session::{ClassifierCommand, ClassifierReply, Command, DetectorCommand, DetectorReply, Images, Reply, SegmenterCommand, SegmenterReply, Session, Worker};
+use crate::detect::{DetectorAdamWConfig, DetectorTrainer};
+use crate::model::detector::{Detector, DetectorHead, ImageTargets};
 use crate::model::segmenter::{Segmenter, SegmenterHead};
 use crate::segment::{SegmenterAdamWConfig, SegmenterTrainer};
 use crate::train::{Pretrainer, StepOptions};
@@ -784,6 +786,195 @@ impl NativeSegmenter {
     #[napi]
     pub async fn init_from(&self, path: String) -> Result<LoadResult> {
         self.loaded(SegmenterCommand::InitFrom { path: path.into() }).await
+    }
+
+    /// Frees the model after queued commands finish. Further calls reject.
+    #[napi]
+    pub fn dispose(&self) -> Result<()> {
+        self.session.lock().map_err(|_| js_err("session lock poisoned"))?.dispose();
+        Ok(())
+    }
+
+    /// The CPU threads the steps run on now.
+    #[napi]
+    pub fn threads(&self) -> Result<u32> {
+        Ok(self.session.lock().map_err(|_| js_err("session lock poisoned"))?.threads_in_use() as u32)
+    }
+}
+
+#[napi(object)]
+pub struct DetTrainResult {
+    /// The sum of the five losses.
+    pub loss: f64,
+    pub loss_rpn_cls: f64,
+    pub loss_rpn_loc: f64,
+    pub loss_cls: f64,
+    pub loss_box_reg: f64,
+    pub loss_mask: f64,
+    /// Foreground regions sampled for the ROI heads over the batch.
+    pub foreground: u32,
+    pub lr: f64,
+    pub step: i64,
+}
+
+/// The detections of a batch, image after image (`counts` per image), best first in each.
+#[napi(object)]
+pub struct DetectionsResult {
+    pub counts: Vec<u32>,
+    /// 4 per detection: x1, y1, x2, y2 in output pixels.
+    pub boxes: Float32Array,
+    pub scores: Float32Array,
+    pub classes: Uint32Array,
+    /// One binary mask of its image's output size per detection, concatenated.
+    pub masks: Uint8Array,
+}
+
+/// The per-image annotations of a batch from flat arrays: `counts` instances per image, 4 box
+/// numbers and a class each, and a mask of height x width each, all concatenated.
+fn image_targets(counts: &[u32], boxes: &[f32], classes: &[u32], masks: &[u8], pixels_per_mask: usize) -> Result<Vec<ImageTargets>> {
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    if boxes.len() != 4 * total || classes.len() != total || masks.len() != total * pixels_per_mask {
+        return Err(js_err(format!(
+            "targets: counts add up to {total} instances, so boxes must hold {} numbers (got {}), classes {total} (got {}), masks {} bytes (got {})",
+            4 * total,
+            boxes.len(),
+            classes.len(),
+            total * pixels_per_mask,
+            masks.len()
+        )));
+    }
+    let mut at = 0;
+    let mut out = Vec::with_capacity(counts.len());
+    for &c in counts {
+        let c = c as usize;
+        out.push(ImageTargets {
+            boxes: boxes[4 * at..4 * (at + c)].chunks(4).map(|b| [b[0], b[1], b[2], b[3]]).collect(),
+            classes: classes[at..at + c].iter().map(|&k| k as usize).collect(),
+            masks: masks[at * pixels_per_mask..(at + c) * pixels_per_mask].to_vec(),
+        });
+        at += c;
+    }
+    Ok(out)
+}
+
+/// A Mask R-CNN detector on a ConvMAE backbone and its optimizer, owned by one worker thread.
+#[napi]
+pub struct NativeDetector {
+    session: Mutex<Session<DetectorTrainer>>,
+}
+
+impl NativeDetector {
+    async fn call(&self, command: DetectorCommand) -> Result<DetectorReply> {
+        call(&self.session, command).await
+    }
+
+    async fn loaded(&self, command: DetectorCommand) -> Result<LoadResult> {
+        match self.call(command).await? {
+            DetectorReply::Loaded { report, extra } => Ok(LoadResult { report: report_json(&report), extra }),
+            _ => Err(js_err("unexpected reply to load")),
+        }
+    }
+}
+
+#[napi]
+impl NativeDetector {
+    /// `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
+    /// {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64.
+    #[napi(constructor)]
+    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, threads: Option<u32>) -> Result<Self> {
+        let cfg = parse_config(&config_json)?;
+        let head: DetectorHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid detector head: {e}")))?;
+        head.validate(&cfg).map_err(js_err)?;
+        let dtype = parse_dtype(&dtype)?;
+        let adamw: DetectorAdamWConfig = match optimizer_json {
+            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
+            None => DetectorAdamWConfig::default(),
+        };
+        if seed < 0 {
+            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
+        }
+        let session = Session::start(move || {
+            let model = Detector::new(cfg, head, dtype, &candle_core::Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            DetectorTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+        }, ThreadChoice::from_option(threads));
+        Ok(Self { session: Mutex::new(session) })
+    }
+
+    /// One optimizer update on uint8 images [batch, height, width, 3] and their annotations
+    /// (see `image_targets`).
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn train(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: f64) -> Result<DetTrainResult> {
+        if counts.len() != batch as usize {
+            return Err(js_err(format!("targets: counts has {} entries for {batch} images", counts.len())));
+        }
+        let targets = image_targets(&counts, &boxes, &classes, &masks, (height * width) as usize)?;
+        let command = DetectorCommand::Train { images: images(&pixels, batch, height, width), targets, lr };
+        match self.call(command).await? {
+            DetectorReply::Trained(s) => Ok(DetTrainResult {
+                loss: s.loss,
+                loss_rpn_cls: s.loss_rpn_cls,
+                loss_rpn_loc: s.loss_rpn_loc,
+                loss_cls: s.loss_cls,
+                loss_box_reg: s.loss_box_reg,
+                loss_mask: s.loss_mask,
+                foreground: s.foreground as u32,
+                lr: s.lr,
+                step: s.step as i64,
+            }),
+            _ => Err(js_err("unexpected reply to train")),
+        }
+    }
+
+    /// Detections of a batch; `outputSizes` holds (height, width) per image, the size to scale
+    /// boxes and masks to (default: the input size).
+    #[napi]
+    pub async fn detect(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, output_sizes: Option<Uint32Array>) -> Result<DetectionsResult> {
+        let output: Vec<(usize, usize)> = match output_sizes {
+            Some(sizes) => {
+                if sizes.len() != 2 * batch as usize {
+                    return Err(js_err(format!("outputSizes must hold 2 numbers per image ({}), got {}", 2 * batch, sizes.len())));
+                }
+                sizes.chunks(2).map(|s| (s[0] as usize, s[1] as usize)).collect()
+            }
+            None => vec![(height as usize, width as usize); batch as usize],
+        };
+        match self.call(DetectorCommand::Detect { images: images(&pixels, batch, height, width), output }).await? {
+            DetectorReply::Detected(dets) => {
+                let mut r = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for d in dets {
+                    r.0.push(d.boxes.len() as u32);
+                    r.1.extend(d.boxes.iter().flatten());
+                    r.2.extend(d.scores);
+                    r.3.extend(d.classes.iter().map(|&c| c as u32));
+                    r.4.extend(d.masks);
+                }
+                Ok(DetectionsResult { counts: r.0, boxes: r.1.into(), scores: r.2.into(), classes: r.3.into(), masks: r.4.into() })
+            }
+            _ => Err(js_err("unexpected reply to detect")),
+        }
+    }
+
+    /// Writes weights, optimizer state and `extra` (JSON) atomically.
+    #[napi]
+    pub async fn save(&self, path: String, extra: String) -> Result<()> {
+        match self.call(DetectorCommand::Save { path: path.into(), extra }).await? {
+            DetectorReply::Saved => Ok(()),
+            _ => Err(js_err("unexpected reply to save")),
+        }
+    }
+
+    /// Restores a detector checkpoint exactly (ours, or an official detectron2 model_final).
+    #[napi]
+    pub async fn load(&self, path: String, strict: bool) -> Result<LoadResult> {
+        self.loaded(DetectorCommand::Load { path: path.into(), strict }).await
+    }
+
+    /// Loads a pretrained encoder into the backbone as the official DET code does (strict=False,
+    /// pos_embed resized bicubically to the detection grid, fresh FPN and heads).
+    #[napi]
+    pub async fn init_from(&self, path: String) -> Result<LoadResult> {
+        self.loaded(DetectorCommand::InitFrom { path: path.into() }).await
     }
 
     /// Frees the model after queued commands finish. Further calls reject.

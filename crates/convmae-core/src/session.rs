@@ -7,6 +7,8 @@ use crate::checkpoint::{self, LoadReport};
 use crate::classify::{ClassifierTrainer, EvalStats, Features, TrainStepOptions, TrainStepStats};
 use crate::recon::{self, Reconstruction};
 use crate::segment::{SegEval, SegTrainStats, SegmenterTrainer};
+use crate::detect::{DetTrainStats, DetectorTrainer};
+use crate::model::detector::{ImageDetections, ImageTargets};
 use crate::threads::{CpuThreads, ThreadChoice};
 use crate::train::{Batch, Pretrainer, StepOptions, StepStats};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -248,6 +250,49 @@ impl Worker for SegmenterTrainer {
 
     fn is_step(command: &SegmenterCommand) -> bool {
         matches!(command, SegmenterCommand::Train { .. })
+    }
+}
+
+pub enum DetectorCommand {
+    /// One step on images and their annotations (one `ImageTargets` per image).
+    Train { images: Images, targets: Vec<ImageTargets>, lr: f64 },
+    /// Detections with boxes and masks at each image's `output` size (height, width).
+    Detect { images: Images, output: Vec<(usize, usize)> },
+    Save { path: PathBuf, extra: String },
+    /// Exact restore (resume or evaluation): ours, or an official detectron2 model_final.
+    Load { path: PathBuf, strict: bool },
+    /// The official initialization of the backbone from a pretrained encoder (fresh FPN and heads).
+    InitFrom { path: PathBuf },
+}
+
+pub enum DetectorReply {
+    Trained(DetTrainStats),
+    Detected(Vec<ImageDetections>),
+    Saved,
+    Loaded { report: LoadReport, extra: String },
+}
+
+impl Worker for DetectorTrainer {
+    type Command = DetectorCommand;
+    type Reply = DetectorReply;
+    fn run(&mut self, command: DetectorCommand) -> Result<DetectorReply, String> {
+        use DetectorCommand as C;
+        use DetectorReply as R;
+        match command {
+            C::Train { images, targets, lr } => self.train_step(&images.view(), &targets, lr).map(R::Trained).map_err(message),
+            C::Detect { images, output } => self.detect(&images.view(), &output).map(R::Detected).map_err(message),
+            C::Save { path, extra } => checkpoint::save_detector(self, &path, &extra).map(|_| R::Saved).map_err(message),
+            C::Load { path, strict } => checkpoint::load_detector(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message),
+            C::InitFrom { path } => checkpoint::init_detector_from(self, &path).map(|report| R::Loaded { report, extra: "{}".into() }).map_err(message),
+        }
+    }
+
+    fn on_cpu(&self) -> bool {
+        self.model.device().is_cpu()
+    }
+
+    fn is_step(command: &DetectorCommand) -> bool {
+        matches!(command, DetectorCommand::Train { .. })
     }
 }
 

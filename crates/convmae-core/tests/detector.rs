@@ -297,3 +297,59 @@ fn a_small_model_learns_to_find_rectangles() {
     assert_eq!(scaled[0].height, 2 * s);
     assert_eq!(scaled[0].masks.len(), scaled[0].boxes.len() * 2 * s * s);
 }
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("convmae-detector-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn step(t: &mut DetectorTrainer, seed: u64) -> f64 {
+    let s = t.model.cfg.img_size;
+    let (px, targets) = rectangles(2, s, seed);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    t.train_step(&batch, &targets, 1e-3).unwrap().loss
+}
+
+#[test]
+fn a_saved_detector_resumes_exactly_and_initializes_from_an_encoder() {
+    use convmae_core::checkpoint::{init_detector_from, load_detector, save_detector};
+    use convmae_core::pos_embed::resize_pos_embed;
+    let new = |cfg: ConvMaeConfig, seed| DetectorTrainer::new(Detector::new(cfg, small_head(), DType::F32, &Device::Cpu, seed).unwrap(), DetectorAdamWConfig::default(), seed).unwrap();
+    let mut a = new(small_cfg(), 1);
+    step(&mut a, 0);
+    step(&mut a, 1);
+    let path = tmp("resume.safetensors");
+    save_detector(&a, &path, "{\"epoch\":3}").unwrap();
+    let (saved_fc1, saved_pos) = (to_vec(a.model.params.get("blocks3.2.mlp.fc1.weight")), to_vec(a.model.params.get("pos_embed")));
+    let mut b = new(small_cfg(), 2);
+    let (report, extra) = load_detector(&mut b, &path, true).unwrap();
+    assert!(report.optimizer_restored && report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
+    assert_eq!(extra, "{\"epoch\":3}");
+    assert_eq!((b.step_count(), b.bn_batches, b.seed), (2, 2, 1));
+    // The next step is the same step: same stochastic depth, sampling, moments and statistics.
+    assert_eq!(step(&mut a, 2).to_bits(), step(&mut b, 2).to_bits());
+    for (pa, pb) in a.model.params.iter().zip(b.model.params.iter()) {
+        assert_eq!(to_vec(&pa.tensor), to_vec(&pb.tensor), "{}", pa.spec.name);
+    }
+    // A 64-px detector (4x4 grid) initializes a 128-px one (8x8 grid): the encoder loads, its
+    // pos_embed resized bicubically; the FPN, RPN, heads and the global table (another shape)
+    // stay fresh.
+    let big_cfg = ConvMaeConfig { img_size: 128, ..small_cfg() };
+    let mut big = new(big_cfg, 6);
+    let fresh_rpn = to_vec(big.model.params.get("proposal_generator.rpn_head.conv.conv0.weight"));
+    let report = init_detector_from(&mut big, &path).unwrap();
+    for name in ["backbone.fpn_lateral2.weight", "proposal_generator.rpn_head.conv.conv0.weight", "roi_heads.mask_head.deconv.weight", "global_rel_pos_bias.relative_position_bias_table"] {
+        assert!(report.reinitialized.contains(&name.to_string()), "{name} not in {:?}", report.reinitialized);
+    }
+    assert!(!report.reinitialized.contains(&"windowed_rel_pos_bias.relative_position_bias_table".to_string()), "same window, same table");
+    assert_eq!(to_vec(big.model.params.get("proposal_generator.rpn_head.conv.conv0.weight")), fresh_rpn);
+    assert_eq!(to_vec(big.model.params.get("blocks3.2.mlp.fc1.weight")), saved_fc1);
+    let want: Vec<f32> = resize_pos_embed(&saved_pos, 16, 4, 8).into_iter().map(|v| v as f32).collect();
+    let got: Vec<f32> = to_vec(big.model.params.get("pos_embed")).into_iter().map(|v| v as f32).collect();
+    assert_eq!(got, want);
+    // Resuming from a detector of another head is refused, naming the kind.
+    let mut other = DetectorTrainer::new(Detector::new(small_cfg(), DetectorHead { num_classes: 3, ..small_head() }, DType::F32, &Device::Cpu, 1).unwrap(), DetectorAdamWConfig::default(), 1).unwrap();
+    let e = load_detector(&mut other, &path, true).err().unwrap().to_string();
+    assert!(e.contains("different detector head"), "{e}");
+}
