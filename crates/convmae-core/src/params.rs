@@ -258,7 +258,9 @@ impl SpecList {
 /// pretraining and classifier checkpoints load as they are).
 ///
 /// - `pos_embed` is at the detection grid and frozen (the official resizes the pretrained one
-///   and, through a bug, freezes it); fresh, it is the sin-cos table.
+///   and, through a bug, freezes it: `build_2d_sincos_position_embedding` computes a table it
+///   never assigns). A fresh one is the sin-cos table here; the official's fresh one would be
+///   trunc_normal(0.02) noise, frozen, which is useless without a checkpoint.
 /// - One relative position bias table for all windowed blocks and one for all global blocks.
 /// - Init as detectron2's: FPN convs c2_xavier_fill, RPN convs normal(0.01), head convs and the
 ///   deconv c2_msra_fill (kaiming normal, fan_out), fc1 c2_xavier_fill, cls_score normal(0.01),

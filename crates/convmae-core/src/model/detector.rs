@@ -122,7 +122,7 @@ impl DetectorHead {
         if self.num_classes == 0 {
             return fail("num_classes must be positive".into());
         }
-        if self.window == 0 || grid % self.window != 0 {
+        if self.window == 0 || !grid.is_multiple_of(self.window) {
             return fail(format!("window ({}) must divide the token grid ({grid} = img_size {} / 16); the official code pads nothing", self.window, cfg.img_size));
         }
         if let Some(&b) = self.global_blocks.iter().find(|&&b| b >= cfg.depth[2]) {
@@ -235,7 +235,7 @@ fn values_f32(t: &Tensor) -> Result<Vec<f32>> {
 impl Detector {
     pub fn new(cfg: ConvMaeConfig, head: DetectorHead, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate().map_err(err)?;
-        if cfg.img_size % 32 != 0 {
+        if !cfg.img_size.is_multiple_of(32) {
             return Err(err(format!("invalid config: the detector needs img_size divisible by 32 (a stride-32 level), got {}", cfg.img_size)));
         }
         head.validate(&cfg).map_err(err)?;
