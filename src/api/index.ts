@@ -3,3 +3,4 @@ export * from './pretrainer.js';
 export * from './fixture.js';
 export * from './classifier.js';
 export * from './segmenter.js';
+export * from './detector.js';

@@ -77,3 +77,12 @@ export {
   type DetectionSample,
   type Rle,
 } from './detection.js';
+export {
+  DETECTION_PAD_PIXEL,
+  LSJ_SCALE_RANGE,
+  detectionTestResize,
+  detectionTrainTransform,
+  lsjResizedSize,
+  type DetectionTestInput,
+  type DetectionTrainTransformOptions,
+} from './detection-transforms.js';

@@ -45,3 +45,31 @@ export function polyLrAt(s: PolySchedule, step: number): number {
   if (step >= s.warmupSteps) return regular;
   return regular * (1 - (1 - step / s.warmupSteps) * (1 - s.warmupRatio));
 }
+
+/** detectron2's `WarmupParamScheduler(CosineParamScheduler(1, 0), warmup_factor, warmup_length)` through `LRMultiplier`, per iteration, as the DET recipe sets it. */
+export interface DetectionSchedule {
+  /** Base lr (the cosine's start). */
+  lr: number;
+  /** The run's length: the cosine reaches 0 there. */
+  steps: number;
+  warmupSteps: number;
+  /** The warmup starts at lr * warmupFactor (0.001 officially). */
+  warmupFactor: number;
+}
+
+/**
+ * The lr of iteration `step` (0-based): lr * m(step / steps), where m is the half cosine from 1
+ * to 0, except during the warmup (step < warmupSteps), where m rises linearly from
+ * warmupFactor * m(0) to the cosine's value where the warmup ends, as fvcore's
+ * CompositeParamScheduler joins the two.
+ */
+export function detectionLrAt(step: number, s: DetectionSchedule): number {
+  const cosine = (where: number) => 0.5 * (1 + Math.cos(Math.PI * Math.min(1, where)));
+  const where = step / s.steps;
+  const warmupEnd = s.warmupSteps / s.steps;
+  if (step < s.warmupSteps) {
+    const start = s.warmupFactor * cosine(0);
+    return s.lr * (start + (cosine(warmupEnd) - start) * (where / warmupEnd));
+  }
+  return s.lr * cosine(where);
+}

@@ -1,0 +1,274 @@
+/**
+ * The typed detector: Mask R-CNN on a ConvMAE backbone, as the official DET code builds it
+ * (detectron2: the `ConvViTDet` backbone with windowed and global stage-3 attention, FPN, RPN,
+ * the 4conv1fc box head and the mask head), on its own Rust worker thread. Every method returns
+ * a Promise; the event loop stays free while a step runs.
+ */
+import { native } from '../native.js';
+import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
+import { checkImageBatch, threadCount, type ImageBatch, type LoadOptions, type Threads } from './pretrainer.js';
+import type { SegmenterLoadReport } from './segmenter.js';
+
+/** x1, y1, x2, y2 in pixels (continuous coordinates; width = x2 - x1). */
+export type BoxXyxy = [number, number, number, number];
+
+/** AdamW of the DET recipe: betas (0.9, 0.999), weight decay 0.1 (none on norms, pos_embed, relative tables), no layer decay. */
+export interface DetectorAdamWOptions {
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weight_decay?: number;
+}
+
+/** The detector's architecture and detectron2's sampling and test settings; absent ones take the official values. */
+export interface DetectorOptions extends ModelSpec {
+  /** Object classes (no background class). */
+  numClasses: number;
+  /** Side of a stage-3 attention window in tokens; must divide the token grid (img_size / 16). Default 16 (official, 1024-px images). */
+  window?: number;
+  /** Stage-3 blocks with global attention. Default [0, 3, 6, 10] (official). */
+  globalBlocks?: number[];
+  /** Width of the FPN and the heads' convs. Default 256. */
+  channels?: number;
+  /** Anchor size of each of p2..p6. Default [32, 64, 128, 256, 512]. */
+  anchorSizes?: number[];
+  /** Anchor aspect ratios (h / w). Default [0.5, 1, 2]. */
+  aspectRatios?: number[];
+  /** Default 2. */
+  rpnConvs?: number;
+  /** Default 4. */
+  boxConvs?: number;
+  /** Width of the box head's fc. Default 1024. */
+  boxFc?: number;
+  /** Default 4. */
+  maskConvs?: number;
+  /** Stochastic depth of the backbone's last block (rates rise linearly). Default 0.1 (official). */
+  dropPath?: number;
+  /** Anchors sampled per image for the RPN's losses. Default 256. */
+  rpnBatchPerImage?: number;
+  rpnPositiveFraction?: number;
+  /** Proposals kept per level before NMS in training (2000) and testing (1000). */
+  rpnPreNmsTrain?: number;
+  rpnPreNmsTest?: number;
+  /** Proposals kept per image after NMS in training (1000) and testing (1000). */
+  rpnPostNmsTrain?: number;
+  rpnPostNmsTest?: number;
+  rpnNms?: number;
+  /** Regions sampled per image for the ROI heads. Default 512. */
+  roiBatchPerImage?: number;
+  roiPositiveFraction?: number;
+  /** Test: detections scoring at most this are dropped. Default 0.05. */
+  scoreThreshold?: number;
+  /** Test: NMS per class. Default 0.5. */
+  testNms?: number;
+  detectionsPerImage?: number;
+  /** 'f32' (default) or 'f64'. The detector runs on the CPU. */
+  dtype?: 'f32' | 'f64';
+  threads?: Threads;
+  /** Seeds the init, stochastic depth and sampling. Default 0. */
+  seed?: number;
+  optimizer?: DetectorAdamWOptions;
+}
+
+/** The head fields of DetectorOptions, with the Rust names. */
+const HEAD_FIELDS = {
+  window: 'window',
+  globalBlocks: 'global_blocks',
+  channels: 'channels',
+  anchorSizes: 'anchor_sizes',
+  aspectRatios: 'aspect_ratios',
+  rpnConvs: 'rpn_convs',
+  boxConvs: 'box_convs',
+  boxFc: 'box_fc',
+  maskConvs: 'mask_convs',
+  dropPath: 'drop_path',
+  rpnBatchPerImage: 'rpn_batch_per_image',
+  rpnPositiveFraction: 'rpn_positive_fraction',
+  rpnPreNmsTrain: 'rpn_pre_nms_train',
+  rpnPreNmsTest: 'rpn_pre_nms_test',
+  rpnPostNmsTrain: 'rpn_post_nms_train',
+  rpnPostNmsTest: 'rpn_post_nms_test',
+  rpnNms: 'rpn_nms',
+  roiBatchPerImage: 'roi_batch_per_image',
+  roiPositiveFraction: 'roi_positive_fraction',
+  scoreThreshold: 'score_threshold',
+  testNms: 'test_nms',
+  detectionsPerImage: 'detections_per_image',
+} as const satisfies Partial<Record<keyof DetectorOptions, string>>;
+
+/** One annotated object: its class (0-based), box and binary mask at the image's size. */
+export interface TargetInstance {
+  category: number;
+  box: BoxXyxy;
+  /** [height * width], nonzero = object. */
+  mask: Uint8Array;
+}
+
+/** Images with their objects: `instances[i]` are image i's. */
+export interface AnnotatedBatch extends ImageBatch {
+  instances: TargetInstance[][];
+}
+
+export interface DetTrainResult {
+  /** The sum of the five losses. */
+  loss: number;
+  lossRpnCls: number;
+  lossRpnLoc: number;
+  lossCls: number;
+  lossBoxReg: number;
+  lossMask: number;
+  /** Foreground regions sampled for the ROI heads over the batch. */
+  foreground: number;
+  lr: number;
+  /** Optimizer updates so far. */
+  step: number;
+}
+
+/** The detections of one image, best first. */
+export interface ImageDetections {
+  boxes: BoxXyxy[];
+  scores: number[];
+  classes: number[];
+  /** One binary mask of [height * width] per detection. */
+  masks: Uint8Array[];
+  height: number;
+  width: number;
+}
+
+function parseReport(r: { report: string; extra: string }): SegmenterLoadReport {
+  return { ...(JSON.parse(r.report) as Omit<SegmenterLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
+}
+
+/** The batch's instances as the native flat arrays, every instance checked and named. */
+function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: Uint32Array; boxes: Float32Array; classes: Uint32Array; masks: Uint8Array } {
+  if (!Array.isArray(batch.instances) || batch.instances.length !== batch.batchSize) {
+    throw new RangeError(`instances must hold one array per image (${batch.batchSize}), got ${Array.isArray(batch.instances) ? batch.instances.length : typeof batch.instances}`);
+  }
+  const pixels = batch.height * batch.width;
+  const total = batch.instances.reduce((n, list) => n + list.length, 0);
+  const counts = new Uint32Array(batch.batchSize);
+  const boxes = new Float32Array(4 * total);
+  const classes = new Uint32Array(total);
+  const masks = new Uint8Array(total * pixels);
+  let at = 0;
+  batch.instances.forEach((list, i) => {
+    counts[i] = list.length;
+    list.forEach((instance, j) => {
+      const where = `instances[${i}][${j}]`;
+      if (!Number.isInteger(instance.category) || instance.category < 0 || instance.category >= numClasses) {
+        throw new RangeError(`${where}: category ${String(instance.category)} is not in 0..${numClasses - 1}`);
+      }
+      const [x1, y1, x2, y2] = instance.box;
+      if (![x1, y1, x2, y2].every(Number.isFinite) || !(x2 > x1 && y2 > y1)) throw new RangeError(`${where}: box [${instance.box.join(', ')}] must be finite with x2 > x1 and y2 > y1`);
+      if (!(instance.mask instanceof Uint8Array) || instance.mask.length !== pixels) {
+        throw new RangeError(`${where}: mask must be a Uint8Array of ${pixels} values (${batch.height}x${batch.width}), got ${instance.mask instanceof Uint8Array ? instance.mask.length : typeof instance.mask}`);
+      }
+      boxes.set([x1, y1, x2, y2], 4 * at);
+      classes[at] = instance.category;
+      masks.set(instance.mask, at * pixels);
+      at++;
+    });
+  });
+  return { counts, boxes, classes, masks };
+}
+
+export class Detector {
+  readonly config: ConvMaeConfig;
+  readonly numClasses: number;
+  readonly dtype: 'f32' | 'f64';
+  #native: InstanceType<typeof native.NativeDetector> | undefined;
+
+  private constructor(config: ConvMaeConfig, options: DetectorOptions) {
+    this.config = config;
+    this.numClasses = options.numClasses;
+    this.dtype = options.dtype ?? 'f32';
+    const head: Record<string, unknown> = { num_classes: options.numClasses };
+    for (const [key, name] of Object.entries(HEAD_FIELDS)) {
+      const value = options[key as keyof typeof HEAD_FIELDS];
+      if (value !== undefined) head[name] = value;
+    }
+    const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
+    this.#native = new native.NativeDetector(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, threadCount(options.threads));
+  }
+
+  /** A fresh detector (detectron2's init of the FPN and heads). Invalid options throw here, named. */
+  static create(options: DetectorOptions): Detector {
+    if (!Number.isInteger(options.numClasses) || options.numClasses < 1) throw new RangeError(`numClasses must be a positive integer, got ${String(options.numClasses)}`);
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    return new Detector(resolveConfig(options), options);
+  }
+
+  private get handle(): InstanceType<typeof native.NativeDetector> {
+    if (!this.#native) throw new Error('this Detector was disposed');
+    return this.#native;
+  }
+
+  /** The CPU threads the training steps run on now. */
+  get threads(): number {
+    return this.handle.threads();
+  }
+
+  /**
+   * Loads a pretrained encoder (pretraining, classifier, segmenter or detector checkpoint; ours
+   * or official) into the backbone as the DET code does: strict=False, `pos_embed` resized
+   * bicubically to the detection grid (224-px pretraining, 1024-px detection: 14x14 to 64x64),
+   * the FPN, RPN and ROI heads fresh. `missing` lists what the file lacks (the relative tables).
+   */
+  async initFrom(path: string): Promise<SegmenterLoadReport> {
+    return parseReport(await this.handle.initFrom(path));
+  }
+
+  /** Restores a detector checkpoint exactly (ours with optimizer state, or an official detectron2 model_final). */
+  async load(path: string, options: LoadOptions = {}): Promise<SegmenterLoadReport> {
+    return parseReport(await this.handle.load(path, options.strict ?? true));
+  }
+
+  /** Writes weights, optimizer state and `extra` atomically. */
+  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
+    await this.handle.save(path, JSON.stringify(extra));
+  }
+
+  /** One optimizer update on uint8 images (the model's side) and their objects. */
+  async train(batch: AnnotatedBatch, options: { lr: number }): Promise<DetTrainResult> {
+    checkImageBatch(batch);
+    const t = flattenInstances(batch, this.numClasses);
+    const r = await this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, t.counts, t.boxes, t.classes, t.masks, options.lr);
+    return { ...r, step: Number(r.step) };
+  }
+
+  /**
+   * Detections (boxes, scores, classes, masks) of each image, scaled to its `outputSizes[i]`
+   * ([height, width]; default the input size): the size the image had before it was resized to
+   * the model's input, as detectron2's `detector_postprocess`.
+   */
+  async detect(batch: ImageBatch, options: { outputSizes?: [number, number][] } = {}): Promise<ImageDetections[]> {
+    checkImageBatch(batch);
+    const sizes = options.outputSizes;
+    if (sizes !== undefined && (sizes.length !== batch.batchSize || !sizes.every(([h, w]) => Number.isInteger(h) && Number.isInteger(w) && h > 0 && w > 0))) {
+      throw new RangeError(`outputSizes must hold a positive integer [height, width] per image (${batch.batchSize})`);
+    }
+    const r = await this.handle.detect(batch.images, batch.batchSize, batch.height, batch.width, sizes ? Uint32Array.from(sizes.flat()) : undefined);
+    const out: ImageDetections[] = [];
+    let at = 0;
+    let maskAt = 0;
+    r.counts.forEach((count, i) => {
+      const [height, width] = sizes ? sizes[i]! : [batch.height, batch.width];
+      const image: ImageDetections = { boxes: [], scores: [], classes: [], masks: [], height, width };
+      for (let n = 0; n < count; n++, at++) {
+        image.boxes.push([r.boxes[4 * at]!, r.boxes[4 * at + 1]!, r.boxes[4 * at + 2]!, r.boxes[4 * at + 3]!]);
+        image.scores.push(r.scores[at]!);
+        image.classes.push(r.classes[at]!);
+        image.masks.push(r.masks.subarray(maskAt, maskAt + height * width));
+        maskAt += height * width;
+      }
+      out.push(image);
+    });
+    return out;
+  }
+
+  dispose(): void {
+    this.#native?.dispose();
+    this.#native = undefined;
+  }
+}

@@ -1,0 +1,152 @@
+/**
+ * The official DET data pipeline (detectron2's large-scale jitter, LSJ, as the in-repo
+ * `DET/configs/convmae` configs set it), for an image and its objects at their original size:
+ *
+ * - train: ResizeScale (a scale drawn from U(min, max), default [0.1, 2.0], of the target
+ *   S x S: the image scaled by min(scale S / h, scale S / w), sides rounded; bilinear, masks
+ *   nearest), then FixedSizeCrop S x S (one uniform draw u, offset round(u * max(0, new - S)) on
+ *   each axis) padded right and bottom to S x S, then RandomFlip (horizontal, p 0.5) of the whole
+ *   S x S canvas, padding included. `recompute_boxes`: each box is the tight box of its
+ *   transformed mask, and objects whose mask is left empty are dropped (detectron2's
+ *   `filter_empty_instances`). Crowd regions are dropped from the training targets, as
+ *   detectron2's mapper drops them. S is the model's img_size (1024 officially).
+ * - test: ResizeShortestEdge(S, max S), which for a square S is a scale of S / max(h, w),
+ *   bilinear, then FixedSizeCrop's padding right and bottom to S x S.
+ *
+ * Padding: pixels are padded with 128, FixedSizeCrop's default `pad_value`, which the configs
+ * keep; masks with 0. (The Official-ConvMAE-Det configs flip first; these follow the in-repo
+ * DET code, spec section 6.1.)
+ */
+import { uniform, type Rng } from './rng.js';
+import { resizeBilinearRgb } from './segmentation-transforms.js';
+import type { DetectionInstance, DetectionSample } from './detection.js';
+
+/** What padding pixels hold: detectron2 FixedSizeCrop's `pad_value`. */
+export const DETECTION_PAD_PIXEL = 128;
+/** detectron2 LSJ's ResizeScale range. */
+export const LSJ_SCALE_RANGE: readonly [number, number] = [0.1, 2.0];
+
+/** detectron2 ResizeScale's output [height, width] of an h x w image at `scale` of the S x S target. */
+export function lsjResizedSize(height: number, width: number, size: number, scale: number): [number, number] {
+  const factor = Math.min((scale * size) / height, (scale * size) / width);
+  // np.round: halves to even.
+  return [Math.max(1, roundHalfEven(height * factor)), Math.max(1, roundHalfEven(width * factor))];
+}
+
+function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** A row-major RGB image mirrored left to right. */
+function flipRgb(src: Uint8Array, width: number, height: number): Uint8Array {
+  const out = new Uint8Array(src.length);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const s = (y * width + x) * 3;
+      const d = (y * width + width - 1 - x) * 3;
+      out[d] = src[s]!;
+      out[d + 1] = src[s + 1]!;
+      out[d + 2] = src[s + 2]!;
+    }
+  }
+  return out;
+}
+
+export interface DetectionTrainTransformOptions {
+  /** ResizeScale's [min, max] scale of S; default [0.1, 2.0] (official). */
+  scaleRange?: readonly [number, number];
+}
+
+/**
+ * The train transform of the module comment: an S x S sample whose instances (crowd regions
+ * left out) carry masks at S x S, boxes recomputed from them and area = their pixel count.
+ * Draws from `rng` in the order of the augmentations: scale, crop offset, flip.
+ */
+export function detectionTrainTransform(sample: DetectionSample, size: number, rng: Rng, options: DetectionTrainTransformOptions = {}): DetectionSample {
+  const [minScale, maxScale] = options.scaleRange ?? LSJ_SCALE_RANGE;
+  if (!(Number.isFinite(minScale) && Number.isFinite(maxScale) && minScale > 0 && maxScale >= minScale)) {
+    throw new RangeError(`scaleRange must be [min, max] with 0 < min <= max, got [${String(minScale)}, ${String(maxScale)}]`);
+  }
+  const { width: w, height: h } = sample;
+  const scale = uniform(rng, minScale, maxScale);
+  const [nh, nw] = lsjResizedSize(h, w, size, scale);
+  const u = uniform(rng, 0, 1);
+  const flip = uniform(rng, 0, 1) < 0.5;
+  const top = Math.round(Math.max(0, nh - size) * u);
+  const left = Math.round(Math.max(0, nw - size) * u);
+  const ch = Math.min(size, nh);
+  const cw = Math.min(size, nw);
+
+  const resized = resizeBilinearRgb(sample.image, w, h, nw, nh);
+  const canvas = new Uint8Array(size * size * 3).fill(DETECTION_PAD_PIXEL);
+  for (let y = 0; y < ch; y++) canvas.set(resized.subarray(((top + y) * nw + left) * 3, ((top + y) * nw + left + cw) * 3), y * size * 3);
+  const image = flip ? flipRgb(canvas, size, size) : canvas;
+
+  // Nearest resize (resizeNearest's source index floor(o * in / out)) of the mask, read only
+  // where the crop keeps it; flipped with the canvas.
+  const rows = new Int32Array(ch);
+  for (let y = 0; y < ch; y++) rows[y] = Math.min(Math.floor(((top + y) * h) / nh), h - 1) * w;
+  const cols = new Int32Array(cw);
+  for (let x = 0; x < cw; x++) {
+    cols[x] = Math.min(Math.floor(((left + x) * w) / nw), w - 1);
+  }
+  const instances: DetectionInstance[] = [];
+  for (const instance of sample.instances) {
+    if (instance.iscrowd) continue;
+    const mask = new Uint8Array(size * size);
+    let x1 = size;
+    let y1 = size;
+    let x2 = 0;
+    let y2 = 0;
+    let area = 0;
+    for (let y = 0; y < ch; y++) {
+      const row = rows[y]!;
+      for (let cx = 0; cx < cw; cx++) {
+        if (instance.mask[row + cols[cx]!] === 0) continue;
+        const x = flip ? size - 1 - cx : cx;
+        mask[y * size + x] = 1;
+        area++;
+        if (x < x1) x1 = x;
+        if (x + 1 > x2) x2 = x + 1;
+        if (y < y1) y1 = y;
+        y2 = y + 1;
+      }
+    }
+    if (area === 0) continue;
+    instances.push({ category: instance.category, box: [x1, y1, x2, y2], mask, area, iscrowd: false });
+  }
+  return { image, width: size, height: size, instances, id: sample.id };
+}
+
+/** An image as the test transform gives it to the model, and how it maps back. */
+export interface DetectionTestInput {
+  /** [S, S, 3]: the resized image at the top left, padded. */
+  image: Uint8Array;
+  /** The resized image's size inside the S x S input. */
+  resizedHeight: number;
+  resizedWidth: number;
+  /** Input pixels per original pixel: S / max(h, w). */
+  scale: number;
+  /**
+   * The square in original pixels that the S x S input covers, max(h, w) on each side: the
+   * output size to ask `Detector.detect` for, so boxes and masks come back in original pixels
+   * (then cut to the image's h x w).
+   */
+  canvas: number;
+}
+
+/** The test transform of the module comment. */
+export function detectionTestResize(sample: Pick<DetectionSample, 'image' | 'width' | 'height'>, size: number): DetectionTestInput {
+  const { width: w, height: h } = sample;
+  const canvas = Math.max(w, h);
+  const scale = size / canvas;
+  // ResizeShortestEdge: int(side * scale + 0.5).
+  const nh = Math.max(1, Math.floor(h * scale + 0.5));
+  const nw = Math.max(1, Math.floor(w * scale + 0.5));
+  const resized = nh === h && nw === w ? sample.image : resizeBilinearRgb(sample.image, w, h, nw, nh);
+  if (nh === size && nw === size) return { image: resized, resizedHeight: nh, resizedWidth: nw, scale, canvas };
+  const image = new Uint8Array(size * size * 3).fill(DETECTION_PAD_PIXEL);
+  for (let y = 0; y < nh; y++) image.set(resized.subarray(y * nw * 3, (y + 1) * nw * 3), y * size * 3);
+  return { image, resizedHeight: nh, resizedWidth: nw, scale, canvas };
+}
