@@ -14,7 +14,8 @@ import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { IMAGE_EXTENSIONS, openMnist, type IdxDataset, type ImageDataset } from './datasets.js';
-import { createRng, deriveSeed, permutation, randInt, type Rng } from './rng.js';
+import { createRng, deriveSeed, randInt, type Rng } from './rng.js';
+import { stepBatches, type SkippedStepSample } from './step-batches.js';
 import { IGNORE_LABEL } from '../api/segmenter.js';
 
 export interface SegmentationSample {
@@ -280,12 +281,7 @@ export interface SegmentationBatch {
 }
 
 /** A sample that could not be read, and what took its place. */
-export interface SkippedSegmentationSample {
-  index: number;
-  path: string;
-  reason: string;
-  step: number;
-}
+export type SkippedSegmentationSample = SkippedStepSample;
 
 export interface SegmentationBatchOptions {
   batchSize: number;
@@ -303,59 +299,26 @@ export interface SegmentationBatchOptions {
 const TRANSFORM_STREAM = 0x7472;
 
 /**
- * Batches of a dataset: a shuffled order per epoch drawn from (seed, epoch), the last partial
- * batch dropped, micro-steps `startStep` (a resume) to `endStep`, the next batch prepared while
- * the current one trains. Sample i of step s is transformed with a generator seeded by
- * (seed, s, i), so a resumed run sees the same pixels. An unreadable sample is reported through
- * `onSkip` and replaced by the next one in the epoch's order.
+ * Batches of a dataset (`stepBatches`). Sample i of step s is transformed with a generator
+ * seeded by (seed, s, i), so a resumed run sees the same pixels. An unreadable sample, or one
+ * the transform leaves at another size, is reported through `onSkip` and replaced by the next
+ * one in the epoch's order.
  */
 export async function* segmentationBatches(dataset: SegmentationDataset, options: SegmentationBatchOptions): AsyncGenerator<SegmentationBatch> {
   const { batchSize, size, seed } = options;
-  const stepsPerEpoch = Math.floor(dataset.length / batchSize);
-  if (stepsPerEpoch < 1) throw new RangeError(`dataset '${dataset.name}' has ${dataset.length} samples, fewer than one batch of ${batchSize}`);
-  const orders = new Map<number, Uint32Array>();
-  const orderOf = (epoch: number) => {
-    let order = orders.get(epoch);
-    if (!order) {
-      orders.clear();
-      order = permutation(dataset.length, createRng(deriveSeed(seed, epoch)));
-      orders.set(epoch, order);
-    }
-    return order;
+  const read = async (index: number, step: number, slot: number): Promise<SegmentationSample> => {
+    const sample = await dataset.sample(index);
+    const out = options.transform ? options.transform(sample, createRng(deriveSeed(seed, step, slot, TRANSFORM_STREAM))) : sample;
+    if (out.width !== size || out.height !== size) throw new RangeError(`it is ${out.width}x${out.height}, the model takes ${size}x${size}`);
+    return out;
   };
-  const readAt = async (order: Uint32Array, position: number, step: number, slot: number): Promise<[number, SegmentationSample]> => {
-    for (let tries = 0; tries < dataset.length; tries++) {
-      const index = order[(position + tries) % dataset.length]!;
-      try {
-        const sample = await dataset.sample(index);
-        const out = options.transform ? options.transform(sample, createRng(deriveSeed(seed, step, slot, TRANSFORM_STREAM))) : sample;
-        if (out.width !== size || out.height !== size) throw new RangeError(`it is ${out.width}x${out.height}, the model takes ${size}x${size}`);
-        return [index, out];
-      } catch (e) {
-        options.onSkip?.({ index, path: dataset.describe(index), reason: (e as Error).message, step });
-      }
-    }
-    throw new Error(`dataset '${dataset.name}': no sample could be read`);
-  };
-  const load = async (step: number): Promise<SegmentationBatch> => {
-    const epoch = Math.floor(step / stepsPerEpoch);
-    const order = orderOf(epoch);
-    const at = (step % stepsPerEpoch) * batchSize;
-    const read = await Promise.all(Array.from({ length: batchSize }, (_, i) => readAt(order, at + i, step, i)));
+  for await (const { samples, indices, epoch } of stepBatches({ ...options, dataset, read })) {
     const images = new Uint8Array(batchSize * size * size * 3);
     const labels = new Uint8Array(batchSize * size * size);
-    read.forEach(([, s], i) => {
+    samples.forEach((s, i) => {
       images.set(s.image, i * size * size * 3);
       labels.set(s.labels, i * size * size);
     });
-    return { images, labels, batchSize, height: size, width: size, indices: read.map(([index]) => index), epoch };
-  };
-  let next = options.startStep < options.endStep ? load(options.startStep) : undefined;
-  for (let step = options.startStep; step < options.endStep; step++) {
-    const current = await next!;
-    next = step + 1 < options.endStep ? load(step + 1) : undefined;
-    // A rejected prefetch surfaces when awaited; keep it from counting as unhandled meanwhile.
-    next?.catch(() => undefined);
-    yield current;
+    yield { images, labels, batchSize, height: size, width: size, indices, epoch };
   }
 }

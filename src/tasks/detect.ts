@@ -20,8 +20,9 @@ import type { Threads } from '../api/pretrainer.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { decodeRle, encodeRle, openCocoFolder, openDigitDetectionScenes, type DetectionDataset, type DetectionSample } from '../data/detection.js';
 import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE } from '../data/detection-transforms.js';
-import { createRng, deriveSeed, permutation, type Rng } from '../data/rng.js';
-import type { SkippedSegmentationSample } from '../data/segmentation.js';
+import { createRng, deriveSeed, type Rng } from '../data/rng.js';
+import { stepBatches, type SkippedStepSample } from '../data/step-batches.js';
+
 import { DetectionEvaluator, type Box, type DetectionScores, type EvalDetection, type EvalGroundTruth, type EvalImage } from './detection-eval.js';
 import { positiveInt, runLength, startRun, type TrainingProgress } from './run.js';
 import { detectionLrAt, type DetectionSchedule } from './schedule.js';
@@ -37,7 +38,7 @@ const EVAL_BATCH = 8;
 export type DetectorHeadOptions = Omit<DetectorOptions, 'numClasses' | 'preset' | 'config' | 'dtype' | 'threads' | 'seed' | 'optimizer'>;
 
 /** An image that could not be read, and what took its place. */
-export type SkippedDetectionSample = SkippedSegmentationSample;
+export type SkippedDetectionSample = SkippedStepSample;
 
 export interface DetectRunOptions extends DetectorHeadOptions {
   /**
@@ -205,65 +206,28 @@ export interface DetectionBatchOptions {
 const TRANSFORM_STREAM = 0x6c736a;
 
 /**
- * Batches of a dataset, as `segmentationBatches` makes them: a shuffled order per epoch drawn
- * from (seed, epoch), the last partial batch dropped, micro-steps `startStep` (a resume) to
- * `endStep`, the next batch prepared while the current one trains. Sample i of step s is
- * transformed with a generator seeded by (seed, s, i), so a resumed run sees the same pixels.
- * An unreadable sample is reported through `onSkip`, a sample without objects (detectron2's
- * filter of images with no usable annotation) through `onEmpty`; either is replaced by the next
- * one in the epoch's order.
+ * Batches of a dataset (`stepBatches`). Sample i of step s is transformed with a generator
+ * seeded by (seed, s, i), so a resumed run sees the same pixels. An unreadable sample is
+ * reported through `onSkip`, a sample without objects (detectron2's filter of images with no
+ * usable annotation) through `onEmpty`; either is replaced by the next one in the epoch's order.
  */
 export async function* detectionBatches(dataset: DetectionDataset, options: DetectionBatchOptions): AsyncGenerator<DetectionBatch> {
   const { batchSize, size, seed } = options;
-  const stepsPerEpoch = Math.floor(dataset.length / batchSize);
-  if (stepsPerEpoch < 1) throw new RangeError(`dataset '${dataset.name}' has ${dataset.length} samples, fewer than one batch of ${batchSize}`);
-  const orders = new Map<number, Uint32Array>();
-  const orderOf = (epoch: number) => {
-    let order = orders.get(epoch);
-    if (!order) {
-      orders.clear();
-      order = permutation(dataset.length, createRng(deriveSeed(seed, epoch)));
-      orders.set(epoch, order);
+  const read = async (index: number, step: number, slot: number): Promise<DetectionSample | undefined> => {
+    const sample = await dataset.sample(index);
+    if (!sample.instances.some((instance) => !instance.iscrowd)) {
+      options.onEmpty?.(index, step);
+      return undefined;
     }
-    return order;
+    const out = options.transform(sample, createRng(deriveSeed(seed, step, slot, TRANSFORM_STREAM)));
+    if (out.width !== size || out.height !== size) throw new RangeError(`the train transform made ${dataset.describe(index)} ${out.width}x${out.height}, the model takes ${size}x${size}`);
+    return out;
   };
-  const readAt = async (order: Uint32Array, position: number, step: number, slot: number): Promise<[number, DetectionSample]> => {
-    for (let tries = 0; tries < dataset.length; tries++) {
-      const index = order[(position + tries) % dataset.length]!;
-      let sample: DetectionSample;
-      try {
-        sample = await dataset.sample(index);
-      } catch (e) {
-        options.onSkip?.({ index, path: dataset.describe(index), reason: (e as Error).message, step });
-        continue;
-      }
-      if (!sample.instances.some((instance) => !instance.iscrowd)) {
-        options.onEmpty?.(index, step);
-        continue;
-      }
-      const out = options.transform(sample, createRng(deriveSeed(seed, step, slot, TRANSFORM_STREAM)));
-      if (out.width !== size || out.height !== size) throw new RangeError(`the train transform made ${dataset.describe(index)} ${out.width}x${out.height}, the model takes ${size}x${size}`);
-      return [index, out];
-    }
-    throw new Error(`dataset '${dataset.name}': no sample could be read that holds an object`);
-  };
-  const load = async (step: number): Promise<DetectionBatch> => {
-    const epoch = Math.floor(step / stepsPerEpoch);
-    const order = orderOf(epoch);
-    const at = (step % stepsPerEpoch) * batchSize;
-    const read = await Promise.all(Array.from({ length: batchSize }, (_, i) => readAt(order, at + i, step, i)));
+  for await (const { samples, indices, epoch } of stepBatches({ ...options, dataset, read, unusable: 'that holds an object' })) {
     const images = new Uint8Array(batchSize * size * size * 3);
-    read.forEach(([, s], i) => images.set(s.image, i * size * size * 3));
-    const instances = read.map(([, s]) => s.instances.map(({ category, box, mask }) => ({ category, box, mask })));
-    return { images, instances, batchSize, height: size, width: size, indices: read.map(([index]) => index), epoch };
-  };
-  let next = options.startStep < options.endStep ? load(options.startStep) : undefined;
-  for (let step = options.startStep; step < options.endStep; step++) {
-    const current = await next!;
-    next = step + 1 < options.endStep ? load(step + 1) : undefined;
-    // A rejected prefetch surfaces when awaited; keep it from counting as unhandled meanwhile.
-    next?.catch(() => undefined);
-    yield current;
+    samples.forEach((s, i) => images.set(s.image, i * size * size * 3));
+    const instances = samples.map((s) => s.instances.map(({ category, box, mask }) => ({ category, box, mask })));
+    yield { images, instances, batchSize, height: size, width: size, indices, epoch };
   }
 }
 

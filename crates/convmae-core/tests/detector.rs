@@ -3,6 +3,8 @@
 //! detectron2's weight-decay groups, bad targets named, and a small model learning to find
 //! coloured rectangles.
 
+mod common;
+use common::tensors::{nchw, nhwc, random, to_vec};
 use candle_core::{DType, Device, Tensor};
 use convmae_core::detect::{DetectorAdamWConfig, DetectorTrainer};
 use convmae_core::model::detector::{deconv_2x2, max_pool_2x2, upsample_nearest_2x, window_partition, window_unpartition, Detector, DetectorHead, ImageTargets};
@@ -10,24 +12,6 @@ use convmae_core::boxes::BoxXyxy;
 use convmae_core::rng::Rng;
 use convmae_core::train::{normalize, Batch};
 use convmae_core::ConvMaeConfig;
-
-fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-}
-
-fn nhwc(x: &Tensor) -> Tensor {
-    x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
-}
-
-fn nchw(x: &Tensor) -> Tensor {
-    x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let n = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
-}
 
 /// A 64-px model: stage-3 grid 4x4, windows of 2x2 tokens, blocks 0 and 3 global.
 fn small_cfg() -> ConvMaeConfig {
@@ -299,9 +283,7 @@ fn a_small_model_learns_to_find_rectangles() {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("convmae-detector-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::tensors::tmp("detector", name)
 }
 
 fn step(t: &mut DetectorTrainer, seed: u64) -> f64 {

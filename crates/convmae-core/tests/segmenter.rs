@@ -3,6 +3,8 @@
 //! treatment of ignored pixels, gradients against finite differences, the official layer-decay
 //! groups, and a small model learning a labelling.
 
+mod common;
+use common::tensors::{nchw, nhwc, random, to_vec};
 use candle_core::{DType, Device, Tensor};
 use convmae_core::model::classifier::Mode;
 use convmae_core::model::segmenter::{
@@ -13,24 +15,6 @@ use convmae_core::segment::{ClassAreas, SegmenterAdamWConfig, SegmenterTrainer};
 use convmae_core::train::{normalize, Batch};
 use convmae_core::ConvMaeConfig;
 use std::collections::BTreeSet;
-
-fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-}
-
-fn nhwc(x: &Tensor) -> Tensor {
-    x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
-}
-
-fn nchw(x: &Tensor) -> Tensor {
-    x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let n = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
-}
 
 /// A 48-px model (3x3 token grid, so the stride-32 level is 1x1) small enough for f64
 /// finite differences.
@@ -348,9 +332,7 @@ fn bad_inputs_are_named() {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("convmae-segmenter-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::tensors::tmp("segmenter", name)
 }
 
 fn stripes(b: usize, s: usize, step: u64) -> (Vec<u8>, Vec<u8>) {

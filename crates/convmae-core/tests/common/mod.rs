@@ -2,6 +2,8 @@
 //! and the model on the path a CUDA bf16 step takes, here on the CPU in f32 (packed copies of
 //! an f64 store: every sublayer one op, in chains, the backward on the tape).
 
+#![allow(dead_code)] // each test crate compiles this module and uses part of it
+
 use candle_core::{DType, Device};
 use convmae_core::params::{pretrain_param_specs, Packing, ParamStore};
 use convmae_core::{ConvMae, ConvMaeConfig};
@@ -23,3 +25,4 @@ pub fn packed_f32_model(cfg: &ConvMaeConfig) -> ConvMae {
     model.params = store.compute_view(DType::F32, Packing::Sublayers).unwrap();
     model
 }
+pub mod tensors;
