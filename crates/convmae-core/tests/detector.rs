@@ -335,3 +335,38 @@ fn a_saved_detector_resumes_exactly_and_initializes_from_an_encoder() {
     let e = load_detector(&mut other, &path, true).err().unwrap().to_string();
     assert!(e.contains("different detector head"), "{e}");
 }
+
+/// A detector saved under detectron2's names (the encoder under `backbone.bottom_up.`, the rest
+/// as ours, the relative position indices and BatchNorm counters as buffers, no metadata) loads
+/// strictly: every tensor found, the counters restored, the same detections.
+#[test]
+fn official_detectron2_names_load() {
+    use convmae_core::checkpoint::load_detector;
+    let s = small_cfg().img_size;
+    let new = |seed| DetectorTrainer::new(Detector::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, seed).unwrap(), DetectorAdamWConfig::default(), seed).unwrap();
+    let mut a = new(1);
+    step(&mut a, 0);
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for p in a.model.params.iter() {
+        let name = &p.spec.name;
+        let official = if name.starts_with("backbone.") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.") { name.clone() } else { format!("backbone.bottom_up.{name}") };
+        tensors.push((official.clone(), p.tensor.clone()));
+        if let Some(prefix) = official.strip_suffix(".running_mean") {
+            tensors.push((format!("{prefix}.num_batches_tracked"), Tensor::new(1i64, &Device::Cpu).unwrap()));
+        }
+    }
+    let index = Tensor::zeros(16 * 16, DType::I64, &Device::Cpu).unwrap();
+    tensors.push(("backbone.bottom_up.windowed_rel_pos_bias.relative_position_index".into(), index));
+    let path = tmp("model_final.safetensors");
+    candle_core::safetensors::save(&tensors.into_iter().collect::<std::collections::HashMap<_, _>>(), &path).unwrap();
+    let mut b = new(2);
+    let (report, _) = load_detector(&mut b, &path, true).unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty() && !report.optimizer_restored, "{report:?}");
+    assert_eq!(b.bn_batches, 1);
+    let (px, _) = rectangles(2, s, 5);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let (da, db) = (a.detect(&batch, &[(s, s), (s, s)]).unwrap(), b.detect(&batch, &[(s, s), (s, s)]).unwrap());
+    for (x, y) in da.iter().zip(&db) {
+        assert_eq!((&x.boxes, &x.scores, &x.classes), (&y.boxes, &y.scores, &y.classes));
+    }
+}
