@@ -57,6 +57,7 @@ mod cuda;
 mod gemm_epilogue;
 mod depthwise_conv;
 mod unfold;
+mod batch_norm;
 mod roi_align;
 mod erf_f32;
 mod gelu;
@@ -92,6 +93,7 @@ pub use sublayer::{attention_residual, attention_residual_packed, conv2_with_dw_
 pub use softmax::softmax_last_dim;
 pub use transfer::{read_later, upload, PendingValue, Uploadable};
 pub use unfold::unfold;
+pub use batch_norm::{batch_norm_stats, batch_norm_train};
 pub use roi_align::{roi_align, RoiBox};
 pub use sparse_depthwise_conv::{sparse_depthwise_conv2d, SparseNeighbors, VisibleTokens};
 

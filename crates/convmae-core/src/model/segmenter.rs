@@ -193,6 +193,18 @@ impl Forward<'_> {
     pub fn batch_norm(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let p = self.params;
         let (b, h, w, c) = x.dims4()?;
+        if self.training && x.device().is_cpu() {
+            if b * h * w < 2 {
+                return Err(candle_core::Error::Msg(format!(
+                    "{prefix}: BatchNorm in training needs more than one value per channel, got a {h}x{w} map of {b} image(s) (use a batch of at least 2 images)"
+                )));
+            }
+            // One op with its own backward (convmae_kernels::batch_norm); the statistics again,
+            // detached, for the running averages.
+            let (mean, var_unbiased) = k::batch_norm_stats(x)?;
+            self.norm_stats.push(NormStats { prefix: prefix.to_string(), stats: BatchStats { mean, var_unbiased } });
+            return k::batch_norm_train(x, p.get(&format!("{prefix}.weight")), p.get(&format!("{prefix}.bias")), BN_EPS);
+        }
         let (mean, var) = if self.training {
             let count = b * h * w;
             if count < 2 {
