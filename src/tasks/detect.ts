@@ -23,7 +23,7 @@ import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE } from '.
 import { createRng, deriveSeed, type Rng } from '../data/rng.js';
 import { stepBatches, type SkippedStepSample } from '../data/step-batches.js';
 
-import { DetectionEvaluator, type Box, type DetectionScores, type EvalDetection, type EvalGroundTruth, type EvalImage } from './detection-eval.js';
+import { DetectionEvaluator, SUMMARY_KEYS, type SummaryKey, type Box, type DetectionScores, type EvalDetection, type EvalGroundTruth, type EvalImage } from './detection-eval.js';
 import { positiveInt, runLength, startRun, type TrainingProgress } from './run.js';
 import { detectionLrAt, type DetectionSchedule } from './schedule.js';
 import { native } from '../native.js';
@@ -92,22 +92,10 @@ export interface DetectRunOptions extends DetectorHeadOptions {
  * COCOeval's 12 summary numbers in percent, as detectron2 reports them; NaN where COCO has -1
  * (nothing to score; null in JSON).
  */
-export interface CocoMetrics {
-  AP: number;
-  AP50: number;
-  AP75: number;
-  APs: number;
-  APm: number;
-  APl: number;
-  AR1: number;
-  AR10: number;
-  AR100: number;
-  ARs: number;
-  ARm: number;
-  ARl: number;
+export type CocoMetrics = Record<SummaryKey, number> & {
   /** AP per class (indexed as the dataset's classes), percent, NaN where undefined. */
   perClass: number[];
-}
+};
 
 export interface DetEvalSummary {
   step: number;
@@ -234,21 +222,8 @@ export async function* detectionBatches(dataset: DetectionDataset, options: Dete
 /** COCO's numbers as detectron2 reports them: percent, NaN for -1. */
 function toMetrics(s: DetectionScores, classes: number): CocoMetrics {
   const pct = (v: number) => (v >= 0 ? 100 * v : NaN);
-  return {
-    AP: pct(s.AP),
-    AP50: pct(s.AP50),
-    AP75: pct(s.AP75),
-    APs: pct(s.APs),
-    APm: pct(s.APm),
-    APl: pct(s.APl),
-    AR1: pct(s.AR1),
-    AR10: pct(s.AR10),
-    AR100: pct(s.AR100),
-    ARs: pct(s.ARs),
-    ARm: pct(s.ARm),
-    ARl: pct(s.ARl),
-    perClass: Array.from({ length: classes }, (_, c) => pct(s.perCategoryAP.get(c) ?? -1)),
-  };
+  const summary = Object.fromEntries(SUMMARY_KEYS.map((key) => [key, pct(s[key])])) as Record<SummaryKey, number>;
+  return { ...summary, perClass: Array.from({ length: classes }, (_, c) => pct(s.perCategoryAP.get(c) ?? -1)) };
 }
 
 /** detectron2's one-line summary of CocoMetrics: "AP 12.345 | AP50 ... | APl ...", "nan" where undefined. */

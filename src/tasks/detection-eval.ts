@@ -48,6 +48,10 @@ export interface EvalDetection {
   mask?: Uint8Array;
 }
 
+/** The names of COCOeval.summarize()'s 12 numbers, in its order. */
+export const SUMMARY_KEYS = ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'] as const;
+export type SummaryKey = (typeof SUMMARY_KEYS)[number];
+
 /** COCOeval.summarize()'s 12 numbers as fractions in [0, 1]; -1 where COCO prints -1 (nothing defined). */
 export interface DetectionScores {
   /** IoU .50:.95, area all, maxDets 100 (the headline AP). */

@@ -17,7 +17,7 @@
 //! matmul). The box geometry (anchors, matching, sampling, NMS) is in `crate::boxes`.
 
 use super::classifier::draw_drop_path;
-use super::conv_stages;
+use super::encoder_stem;
 use super::layers::*;
 use super::segmenter::{attention_with_bias, conv2d, relative_position_index, Forward, NormStats};
 use crate::boxes::*;
@@ -296,13 +296,10 @@ impl Detector {
 
     /// The backbone's four outputs [B, H, W, C] (strides 4, 8, 16, 32).
     fn backbone(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
-        let (cfg, p) = (&self.cfg, &self.params);
-        let unmasked = SpatialMix::Dense { keep: None };
+        let cfg = &self.cfg;
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (stage1, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+        let (stage1, stage2, mut x) = encoder_stem(cfg, &self.params, imgs, drop)?;
         let b = imgs.dim(0)?;
-        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
-        let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
         for i in 0..cfg.depth[2] {
             x = self.vit_block(i, &x, drop.map(|d| &d[conv_blocks + i]))?;
         }

@@ -298,6 +298,19 @@ pub fn conv_stages(
     Ok((stage1, stage2))
 }
 
+/// The unmasked encoder up to stage 3's first block, as the downstream backbones (segmenter,
+/// detector) run it: both conv stages, then patch_embed3 -> patch_embed4 -> + pos_embed.
+/// Returns (stage 1, stage 2, tokens [B, N, D3]); `drop` holds every block's stochastic depth.
+pub fn encoder_stem(cfg: &ConvMaeConfig, p: &ParamStore, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<(Tensor, Tensor, Tensor)> {
+    let unmasked = SpatialMix::Dense { keep: None };
+    let conv_blocks = cfg.depth[0] + cfg.depth[1];
+    let (stage1, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+    let b = imgs.dim(0)?;
+    let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
+    let tokens = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
+    Ok((stage1, stage2, tokens))
+}
+
 /// The 5x5 neighbourhoods of the visible positions of conv stage `stage` (0 or 1), rows in the
 /// order of the sparse layout: (image, visible token in ids_keep order, row in cell, col in cell).
 /// Given as the mask (`VisibleTokens`): the table is built where it is used, on a GPU by a kernel.

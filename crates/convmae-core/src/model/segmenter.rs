@@ -19,7 +19,7 @@
 //! also gives their backward.
 
 use super::classifier::{draw_drop_path, BatchStats, Mode, PROBE_BN_MOMENTUM};
-use super::conv_stages;
+use super::encoder_stem;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
 use crate::params::{segmenter_param_specs, ParamStore};
@@ -360,12 +360,9 @@ impl Segmenter {
     /// channels-last images [B, H, W, 3].
     fn backbone(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
         let (cfg, p) = (&self.cfg, &self.params);
-        let unmasked = SpatialMix::Dense { keep: None };
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (stage1, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+        let (stage1, stage2, mut x) = encoder_stem(cfg, p, imgs, drop)?;
         let b = imgs.dim(0)?;
-        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
-        let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
         for i in 0..cfg.depth[2] {
             x = seg_transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, &self.rel_index, drop.map(|d| &d[conv_blocks + i]))?;
         }
