@@ -6,8 +6,8 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, threadCount, type ImageBatch, type LoadOptions, type Threads } from './pretrainer.js';
-import type { SegmenterLoadReport } from './segmenter.js';
+import { checkImageBatch, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkTaskOptions, TaskModel } from './task-model.js';
 
 /** x1, y1, x2, y2 in pixels (continuous coordinates; width = x2 - x1). */
 export type BoxXyxy = [number, number, number, number];
@@ -135,9 +135,6 @@ export interface ImageDetections {
   width: number;
 }
 
-function parseReport(r: { report: string; extra: string }): SegmenterLoadReport {
-  return { ...(JSON.parse(r.report) as Omit<SegmenterLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
-}
 
 /** The batch's instances as the native flat arrays, every instance checked and named. */
 function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: Uint32Array; boxes: Float32Array; classes: Uint32Array; masks: Uint8Array } {
@@ -172,61 +169,30 @@ function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: 
   return { counts, boxes, classes, masks };
 }
 
-export class Detector {
-  readonly config: ConvMaeConfig;
+/**
+ * Mask R-CNN on a ConvMAE backbone. `initFrom` resizes `pos_embed` to the detection grid
+ * (224-px pretraining, 1024-px detection: 14x14 to 64x64), leaves the FPN, RPN and ROI heads
+ * fresh and reports the relative tables as missing; `load` also reads an official detectron2
+ * model_final.
+ */
+export class Detector extends TaskModel<InstanceType<typeof native.NativeDetector>> {
   readonly numClasses: number;
-  readonly dtype: 'f32' | 'f64';
-  #native: InstanceType<typeof native.NativeDetector> | undefined;
 
   private constructor(config: ConvMaeConfig, options: DetectorOptions) {
-    this.config = config;
-    this.numClasses = options.numClasses;
-    this.dtype = options.dtype ?? 'f32';
     const head: Record<string, unknown> = { num_classes: options.numClasses };
     for (const [key, name] of Object.entries(HEAD_FIELDS)) {
       const value = options[key as keyof typeof HEAD_FIELDS];
       if (value !== undefined) head[name] = value;
     }
-    const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new native.NativeDetector(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, threadCount(options.threads));
+    super('Detector', native.NativeDetector, config, head, options);
+    this.numClasses = options.numClasses;
   }
 
   /** A fresh detector (detectron2's init of the FPN and heads). Invalid options throw here, named. */
   static create(options: DetectorOptions): Detector {
     if (!Number.isInteger(options.numClasses) || options.numClasses < 1) throw new RangeError(`numClasses must be a positive integer, got ${String(options.numClasses)}`);
-    const seed = options.seed ?? 0;
-    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    checkTaskOptions(options);
     return new Detector(resolveConfig(options), options);
-  }
-
-  private get handle(): InstanceType<typeof native.NativeDetector> {
-    if (!this.#native) throw new Error('this Detector was disposed');
-    return this.#native;
-  }
-
-  /** The CPU threads the training steps run on now. */
-  get threads(): number {
-    return this.handle.threads();
-  }
-
-  /**
-   * Loads a pretrained encoder (pretraining, classifier, segmenter or detector checkpoint; ours
-   * or official) into the backbone as the DET code does: strict=False, `pos_embed` resized
-   * bicubically to the detection grid (224-px pretraining, 1024-px detection: 14x14 to 64x64),
-   * the FPN, RPN and ROI heads fresh. `missing` lists what the file lacks (the relative tables).
-   */
-  async initFrom(path: string): Promise<SegmenterLoadReport> {
-    return parseReport(await this.handle.initFrom(path));
-  }
-
-  /** Restores a detector checkpoint exactly (ours with optimizer state, or an official detectron2 model_final). */
-  async load(path: string, options: LoadOptions = {}): Promise<SegmenterLoadReport> {
-    return parseReport(await this.handle.load(path, options.strict ?? true));
-  }
-
-  /** Writes weights, optimizer state and `extra` atomically. */
-  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
-    await this.handle.save(path, JSON.stringify(extra));
   }
 
   /** One optimizer update on uint8 images (the model's side) and their objects. */
@@ -265,10 +231,5 @@ export class Detector {
       out.push(image);
     });
     return out;
-  }
-
-  dispose(): void {
-    this.#native?.dispose();
-    this.#native = undefined;
   }
 }

@@ -4,3 +4,4 @@ export * from './fixture.js';
 export * from './classifier.js';
 export * from './segmenter.js';
 export * from './detector.js';
+export * from './task-model.js';

@@ -6,7 +6,8 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, threadCount, type ImageBatch, type LoadOptions, type LoadReport, type Threads } from './pretrainer.js';
+import { checkImageBatch, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkTaskOptions, TaskModel, type TaskLoadReport } from './task-model.js';
 
 /** Label value no loss or metric counts (mmseg's ignore_index; ADE20K's "other" after reduce_zero_label). */
 export const IGNORE_LABEL = 255;
@@ -121,14 +122,8 @@ export class SegmentationMeter {
   }
 }
 
-export interface SegmenterLoadReport extends LoadReport {
-  /** Tensors the file has that were left fresh on purpose (the heads; relative position tables of another grid). */
-  reinitialized: string[];
-}
-
-function parseReport(r: { report: string; extra: string }): SegmenterLoadReport {
-  return { ...(JSON.parse(r.report) as Omit<SegmenterLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
-}
+/** What `initFrom` and `load` report (see TaskLoadReport). */
+export type SegmenterLoadReport = TaskLoadReport;
 
 function checkLabels(batch: LabelledBatch | ImageBatch, labels: Uint8Array | undefined): void {
   if (labels === undefined) return;
@@ -137,21 +132,20 @@ function checkLabels(batch: LabelledBatch | ImageBatch, labels: Uint8Array | und
   if (labels.length !== want) throw new RangeError(`labels hold ${labels.length} values, expected ${want} (one per pixel of ${batch.batchSize} images of ${batch.height}x${batch.width})`);
 }
 
-export class Segmenter {
-  readonly config: ConvMaeConfig;
+/**
+ * UperNet on a ConvMAE backbone. `initFrom` resizes `pos_embed` to this grid (224-px
+ * pretraining, 512-px segmentation: 14x14 to 32x32) and reports the layer scales, relative
+ * position tables and `fpn` as missing; `load` also reads an official mmseg UperNet .pth.
+ */
+export class Segmenter extends TaskModel<InstanceType<typeof native.NativeSegmenter>> {
   readonly numClasses: number;
-  readonly dtype: 'f32' | 'f64';
-  #native: InstanceType<typeof native.NativeSegmenter> | undefined;
 
   private constructor(config: ConvMaeConfig, options: SegmenterOptions) {
-    this.config = config;
-    this.numClasses = options.numClasses;
-    this.dtype = options.dtype ?? 'f32';
     const head: Record<string, unknown> = { num_classes: options.numClasses };
     const optional = { channels: options.channels, aux_channels: options.auxChannels, pool_scales: options.poolScales, dropout: options.dropout, drop_path: options.dropPath, aux_weight: options.auxWeight };
     for (const [key, value] of Object.entries(optional)) if (value !== undefined) head[key] = value;
-    const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new native.NativeSegmenter(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, threadCount(options.threads));
+    super('Segmenter', native.NativeSegmenter, config, head, options);
+    this.numClasses = options.numClasses;
   }
 
   /** A fresh segmenter (the official init of the backbone and heads). Invalid options throw here. */
@@ -159,39 +153,8 @@ export class Segmenter {
     if (!Number.isInteger(options.numClasses) || options.numClasses < 1 || options.numClasses > 255) {
       throw new RangeError(`numClasses must be an integer in 1..255 (label 255 is ignored), got ${String(options.numClasses)}`);
     }
-    const seed = options.seed ?? 0;
-    if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be a non-negative integer, got ${seed}`);
+    checkTaskOptions(options);
     return new Segmenter(resolveConfig(options), options);
-  }
-
-  private get handle(): InstanceType<typeof native.NativeSegmenter> {
-    if (!this.#native) throw new Error('this Segmenter was disposed');
-    return this.#native;
-  }
-
-  /** The CPU threads the training steps run on now. */
-  get threads(): number {
-    return this.handle.threads();
-  }
-
-  /**
-   * Loads a pretrained encoder (pretraining, classifier or segmenter checkpoint; ours or official)
-   * into the backbone as the SEG code does: strict=False, `pos_embed` resized bicubically to this
-   * model's grid (224-px pretraining, 512-px segmentation: 14x14 to 32x32), the heads fresh. The
-   * report's `missing` lists what the file lacks (layer scales, relative position tables, fpn).
-   */
-  async initFrom(path: string): Promise<SegmenterLoadReport> {
-    return parseReport(await this.handle.initFrom(path));
-  }
-
-  /** Restores a segmenter checkpoint exactly (ours with optimizer state, or an official mmseg UperNet .pth). */
-  async load(path: string, options: LoadOptions = {}): Promise<SegmenterLoadReport> {
-    return parseReport(await this.handle.load(path, options.strict ?? true));
-  }
-
-  /** Writes weights, optimizer state and `extra` atomically. */
-  async save(path: string, extra: Record<string, unknown> = {}): Promise<void> {
-    await this.handle.save(path, JSON.stringify(extra));
   }
 
   /** One optimizer update on uint8 images and their label maps. */
@@ -223,10 +186,5 @@ export class Segmenter {
     const r = await this.handle.evaluateSlide(image.image, image.height, image.width, options.originalHeight, options.originalWidth, stride, options.labels);
     const areas = r.intersect && r.union && r.predicted && r.label ? { intersect: r.intersect, union: r.union, predicted: r.predicted, label: r.label } : undefined;
     return { predictions: r.predictions, areas };
-  }
-
-  dispose(): void {
-    this.#native?.dispose();
-    this.#native = undefined;
   }
 }

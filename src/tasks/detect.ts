@@ -15,7 +15,7 @@
 import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { Detector, type DetectorOptions, type TargetInstance } from '../api/detector.js';
-import type { SegmenterLoadReport } from '../api/segmenter.js';
+import type { TaskLoadReport } from '../api/task-model.js';
 import type { Threads } from '../api/pretrainer.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { decodeRle, encodeRle, openCocoFolder, openDigitDetectionScenes, type DetectionDataset, type DetectionSample } from '../data/detection.js';
@@ -119,7 +119,7 @@ export interface DetectRunSummary {
   mask: CocoMetrics | undefined;
   checkpoint: string;
   log: string;
-  init: SegmenterLoadReport | undefined;
+  init: TaskLoadReport | undefined;
   /** Training images that could not be read (each replaced by the next in its epoch's order). */
   skipped: SkippedDetectionSample[];
   /** Training images passed over for holding no object but crowd regions (detectron2 filters them). */
