@@ -204,9 +204,11 @@ export class Detector extends TaskModel<InstanceType<typeof native.NativeDetecto
   }
 
   /**
-   * Detections (boxes, scores, classes, masks) of each image, scaled to its `outputSizes[i]`
-   * ([height, width]; default the input size): the size the image had before it was resized to
-   * the model's input, as detectron2's `detector_postprocess`.
+   * Detections (boxes, scores, classes, masks) of each image, the whole S x S input scaled to
+   * its `outputSizes[i]` ([height, width]; default the input size), as detectron2's
+   * `detector_postprocess`. Each axis is scaled on its own, so for an image resized with its
+   * aspect kept and padded (the test transform), ask for the square max(h, w) x max(h, w) and
+   * cut the masks to h x w (`evaluateDetection` does).
    */
   async detect(batch: ImageBatch, options: { outputSizes?: [number, number][] } = {}): Promise<ImageDetections[]> {
     checkImageBatch(batch);

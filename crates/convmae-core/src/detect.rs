@@ -155,8 +155,9 @@ impl DetectorTrainer {
         Ok(stats)
     }
 
-    /// Detections of a batch, boxes and masks at each image's `output` size (height, width):
-    /// the size the image had before it was resized to the model's input.
+    /// Detections of a batch, boxes and masks with the whole S x S input scaled to each image's
+    /// `output` size (height, width), each axis on its own (for a padded, aspect-kept resize,
+    /// the caller asks for the padded square and cuts).
     pub fn detect(&self, batch: &Batch, output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
         self.check_images(batch, "detect")?;
         if output.len() != batch.batch || output.iter().any(|&(h, w)| h == 0 || w == 0) {
