@@ -3,7 +3,7 @@
 //! detectron2's weight-decay groups, bad targets named, and a small model learning to find
 //! coloured rectangles.
 
-mod common;
+use crate::common;
 use common::tensors::{nchw, nhwc, random, to_vec};
 use candle_core::{DType, Device, Tensor};
 use convmae_core::detect::{DetectorAdamWConfig, DetectorTrainer};

@@ -7,12 +7,12 @@
 //! allocations come on top. The forward and both backwards (the tape's and candle's, alternated)
 //! are timed apart, and the graph's op count is printed, so the two can be set against run 7's
 //! host-time table. Ignored by default; run with
-//! `cargo test -p convmae-core --release --test host_overhead_bench -- --ignored --nocapture`.
+//! `cargo test -p convmae-core --release --test integration host_overhead_bench -- --ignored --nocapture`.
 //! Results: benches/results/host-overhead-<date>.md.
 
 use std::time::Instant;
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::{env_count, median, packed_f32_model};

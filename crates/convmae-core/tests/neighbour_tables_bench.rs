@@ -3,7 +3,7 @@
 //! (`visible_neighbors`: the mask as `VisibleTokens`, the table by formula on first use, which
 //! on a GPU is built there instead), ConvMAE-B at batch 64, stages 1 and 2, alternated. Ignored
 //! by default; run with
-//! `RAYON_NUM_THREADS=1 cargo test -p convmae-core --release --test neighbour_tables_bench -- --ignored --nocapture`
+//! `RAYON_NUM_THREADS=1 cargo test -p convmae-core --release --test integration neighbour_tables_bench -- --ignored --nocapture`
 //! (and without RAYON_NUM_THREADS for every core). Results: benches/results/neighbour-tables-<date>.md.
 
 use convmae_core::masking::Masking;

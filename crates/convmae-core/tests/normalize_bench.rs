@@ -1,6 +1,6 @@
 //! The host path's cost of normalizing one batch, the pass a GPU step used to wait on (see
 //! convmae_kernels::normalize_rgb). Ignored by default; run with
-//! `cargo test -p convmae-core --release --test normalize_bench -- --ignored --nocapture`
+//! `cargo test -p convmae-core --release --test integration normalize_bench -- --ignored --nocapture`
 //! (results: benches/results/normalize-<date>.md).
 
 use candle_core::{DType, Device};

@@ -3,7 +3,7 @@
 //! treatment of ignored pixels, gradients against finite differences, the official layer-decay
 //! groups, and a small model learning a labelling.
 
-mod common;
+use crate::common;
 use common::tensors::{nchw, nhwc, random, to_vec};
 use candle_core::{DType, Device, Tensor};
 use convmae_core::model::classifier::Mode;

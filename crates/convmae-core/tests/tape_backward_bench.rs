@@ -4,12 +4,12 @@
 //! at batch 32, the two alternated, the forward untimed. What the CPU shows is the tape's
 //! saving in memory traffic and allocation (candle's zero-filled gradients and their adds);
 //! a GPU step saves those launches too. Ignored by default; run with
-//! `cargo test -p convmae-core --release --test tape_backward_bench -- --ignored --nocapture`.
+//! `cargo test -p convmae-core --release --test integration tape_backward_bench -- --ignored --nocapture`.
 //! Results: benches/results/tape-backward-<date>.md.
 
 use std::time::Instant;
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::{env_count, median, packed_f32_model};
