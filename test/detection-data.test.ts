@@ -154,7 +154,7 @@ test('RLE: a compressed string worked out by hand from the format decodes to its
   t.throws(() => decodeRle({ size: [4, 6], counts: '12a0O' }), { message: /runs cover 21 pixels, the mask has 24/ });
 });
 
-test('polygons are rasterized at pixel centres by the even-odd rule', (t) => {
+test('polygons are rasterized as pycocotools does: near pixel centres, even-odd, on its 5x grid', (t) => {
   // Centres 1.5, 2.5, 3.5 lie inside 1..4 in both axes; 0.5 and 4.5 do not.
   t.deepEqual(rasterizePolygons([[1, 1, 4, 1, 4, 4, 1, 4]], 6, 6), maskOf(['......', '.###..', '.###..', '.###..', '......', '......']));
   // The same square clockwise or counter-clockwise, and clipped by the image.
@@ -172,6 +172,11 @@ test('polygons are rasterized at pixel centres by the even-odd rule', (t) => {
   );
   // Fewer than 3 points cover nothing.
   t.deepEqual(rasterizePolygons([[0, 0, 3, 3]], 4, 4), new Uint8Array(16));
+  // Where the 5x grid decides: x 1.5..3, y 2..3.1 go to fine 8..15 and 10..16 (trunc(5v + 0.5)).
+  // Pixel column x is toggled where the walk crosses fine columns 5x+2 | 5x+3: column 2 (12|13)
+  // at fine rows 10 and 16, i.e. pixel rows ceil(10.5 / 5 - 0.5) = 2 and ceil(16.5 / 5 - 0.5) = 3;
+  // column 1 (7|8) is never crossed, though its centre 1.5 lies on the left edge.
+  t.deepEqual(rasterizePolygons([[1.5, 2, 3, 2, 3, 3.1, 1.5, 3.1]], 4, 4), maskOf(['....', '....', '..#.', '....']));
 });
 
 async function writeCocoFolder(): Promise<string> {

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the reference implementations some tests compare against (test/oracles/) into
+# .cache/test-oracles: pycocotools (COCO's polygon rasterization and COCOeval) and numpy, pinned,
+# from PyPI wheels. test/pycocotools.test.ts runs python3 with that folder on PYTHONPATH; without
+# it the test is skipped unless CONVMAE_REQUIRE_ORACLES=1 (as .ci/run sets).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET="$ROOT/.cache/test-oracles"
+PACKAGES=(pycocotools==2.0.11 numpy==2.4.6)
+WANT=$(printf '%s\n' "${PACKAGES[@]}")
+if [[ -f "$TARGET/.packages" && "$(cat "$TARGET/.packages")" == "$WANT" ]]; then
+  echo "setup-test-oracles: already in $TARGET"
+  exit 0
+fi
+start=$(date +%s)
+rm -rf "$TARGET"
+mkdir -p "$TARGET"
+"${PYTHON:-python3}" -m pip install --disable-pip-version-check --root-user-action=ignore --only-binary=:all: --no-compile --quiet \
+  --target "$TARGET" "${PACKAGES[@]}"
+echo "$WANT" > "$TARGET/.packages"
+echo "setup-test-oracles: installed ${PACKAGES[*]} in $TARGET in $(( $(date +%s) - start )) s"

@@ -1,0 +1,191 @@
+// Our COCO code against pycocotools itself (test/oracles/pycocotools_oracle.py), on random cases
+// drawn here: the polygon rasterizer (COCO's ground-truth masks, detectron2's bitmasks) and the
+// evaluator's 12 summary numbers for 'bbox' and 'segm'. pycocotools comes from
+// `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where it is
+// missing the tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
+import test from 'ava';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
+import { rasterizePolygons } from '../src/data/detection.js';
+import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
+import { ROOT } from './helpers.js';
+
+const ORACLE = path.join(ROOT, 'test', 'oracles', 'pycocotools_oracle.py');
+const PYTHON = process.env.CONVMAE_ORACLE_PYTHON ?? 'python3';
+const PYTHONPATH = [path.join(ROOT, '.cache', 'test-oracles'), process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
+
+/** Runs the oracle on one request; throws with its stderr when it fails. */
+function oracle<T>(request: object): T {
+  const run = spawnSync(PYTHON, [ORACLE], { input: JSON.stringify(request), env: { ...process.env, PYTHONPATH }, maxBuffer: 1 << 28, encoding: 'utf8' });
+  if (run.status !== 0) throw new Error(`pycocotools oracle exited ${run.status}: ${run.error?.message ?? run.stderr}`);
+  return JSON.parse(run.stdout) as T;
+}
+
+const probe = spawnSync(PYTHON, ['-c', 'import pycocotools.mask, pycocotools.cocoeval'], { env: { ...process.env, PYTHONPATH }, encoding: 'utf8' });
+const missing = probe.status === 0 ? undefined : `${PYTHON} cannot import pycocotools (run scripts/setup-test-oracles.sh): ${probe.error?.message ?? probe.stderr.trim().split('\n').pop()}`;
+if (missing && process.env.CONVMAE_REQUIRE_ORACLES === '1') throw new Error(`CONVMAE_REQUIRE_ORACLES=1 but ${missing}`);
+const withOracle = missing ? test.skip : test;
+
+const bits = (mask: Uint8Array): string => Array.from(mask, (v) => (v ? '1' : '0')).join('');
+
+/** A coordinate of one of three kinds: on a quarter-pixel grid, on a tenth grid (5x + 0.5 lands on .0 and .5), or anywhere. */
+function coordinate(rng: Rng, kind: number, low: number, high: number): number {
+  if (kind === 0) return randInt(rng, Math.ceil(low * 4), Math.floor(high * 4)) / 4;
+  if (kind === 1) return randInt(rng, Math.ceil(low * 10), Math.floor(high * 10)) / 10;
+  return uniform(rng, low, high);
+}
+
+/** 3-9 vertices around or across an image (outside it too), sometimes with a repeated vertex. */
+function randomPolygon(rng: Rng, height: number, width: number, around?: Box): number[] {
+  const kind = randInt(rng, 0, 2);
+  const [x1, y1, x2, y2] = around ?? [-3, -3, width + 3, height + 3];
+  const polygon: number[] = [];
+  for (let k = randInt(rng, 3, 9); k > 0; k--) polygon.push(coordinate(rng, kind, x1, x2), coordinate(rng, kind, y1, y2));
+  if (rng() < 0.1) polygon.push(polygon[0]!, polygon[1]!);
+  return polygon;
+}
+
+withOracle('polygons rasterize to pycocotools\' masks pixel for pixel (frPyObjects + merge + decode)', (t) => {
+  const rng = createRng(2026);
+  const cases = Array.from({ length: 400 }, (_, i) => {
+    const [height, width] = i % 10 === 0 ? [randInt(rng, 60, 160), randInt(rng, 60, 160)] : [randInt(rng, 1, 40), randInt(rng, 1, 40)];
+    const polygons = Array.from({ length: randInt(rng, 1, 3) }, () => randomPolygon(rng, height, width));
+    return { height, width, polygons };
+  });
+  const { masks } = oracle<{ masks: string[] }>({ command: 'rasterize', cases });
+  let differing = 0;
+  let set = 0;
+  cases.forEach((c, i) => {
+    const ours = bits(rasterizePolygons(c.polygons, c.height, c.width));
+    set += ours.split('1').length - 1;
+    if (ours !== masks[i]) {
+      differing++;
+      if (differing <= 3) t.log(`case ${i} differs: ${JSON.stringify(c)}`);
+    }
+  });
+  t.is(differing, 0);
+  // Not a vacuous agreement on empty masks.
+  t.true(set > 10_000, `${set} pixels set`);
+});
+
+interface Scene {
+  images: { id: number; width: number; height: number }[];
+  categories: number[];
+  gts: EvalGroundTruth[];
+  dts: EvalDetection[];
+}
+
+/** A box on the quarter-pixel grid (exact in xyxy and xywh), inside the image, at least a pixel wide. */
+function randomBox(rng: Rng, height: number, width: number, scale: number): Box {
+  const w = Math.max(1, Math.round(uniform(rng, 0.1, scale) * width * 4) / 4);
+  const h = Math.max(1, Math.round(uniform(rng, 0.1, scale) * height * 4) / 4);
+  const x = Math.round(uniform(rng, 0, Math.max(0, width - w)) * 4) / 4;
+  const y = Math.round(uniform(rng, 0, Math.max(0, height - h)) * 4) / 4;
+  return [x, y, Math.min(width, x + w), Math.min(height, y + h)];
+}
+
+/** The box moved and resized by up to `amount` of its size (a near-miss or a hit), clipped. */
+function jitter(rng: Rng, [x1, y1, x2, y2]: Box, amount: number, height: number, width: number): Box {
+  const q = (v: number) => Math.round(v * 4) / 4;
+  const dw = (x2 - x1) * amount;
+  const dh = (y2 - y1) * amount;
+  const nx1 = Math.min(width - 1, Math.max(0, q(x1 + uniform(rng, -dw, dw))));
+  const ny1 = Math.min(height - 1, Math.max(0, q(y1 + uniform(rng, -dh, dh))));
+  return [nx1, ny1, Math.max(nx1 + 1, Math.min(width, q(x2 + uniform(rng, -dw, dw)))), Math.max(ny1 + 1, Math.min(height, q(y2 + uniform(rng, -dh, dh))))];
+}
+
+/**
+ * Images of 20-140 pixels (areas on both sides of 32^2 and 96^2), 1-3 categories, 0-7 objects an
+ * image (some crowds), a polygon mask inside each box; detections near objects and elsewhere,
+ * scores from a small set (ties, which COCO breaks by order), sometimes over 100 in an image.
+ */
+function randomScene(rng: Rng): Scene {
+  const categories = [1, 2, 3].slice(0, randInt(rng, 1, 3));
+  const images = Array.from({ length: randInt(rng, 1, 4) }, (_, i) => ({ id: 10 + 3 * i, width: randInt(rng, 20, 140), height: randInt(rng, 20, 140) }));
+  const gts: EvalGroundTruth[] = [];
+  const dts: EvalDetection[] = [];
+  const maskIn = (box: Box, height: number, width: number) => rasterizePolygons([randomPolygon(rng, height, width, box)], height, width);
+  const score = () => (rng() < 0.3 ? randInt(rng, 1, 4) / 4 : Math.round(rng() * 1000) / 1000);
+  for (const image of images) {
+    const { height, width, id } = image;
+    for (let n = randInt(rng, 0, 7); n > 0; n--) {
+      const box = randomBox(rng, height, width, 0.9);
+      const mask = maskIn(box, height, width);
+      const pixels = mask.reduce((s, v) => s + v, 0);
+      const category = categories[randInt(rng, 0, categories.length - 1)]!;
+      // COCO's area is the polygon's, not the pixel count: near it, sometimes across a range edge.
+      // Now and then exactly on a range's edge (COCO's ranges include both ends).
+      const area = rng() < 0.1 ? [32 ** 2, 96 ** 2][randInt(rng, 0, 1)]! : Math.max(0, pixels + randInt(rng, -20, 20));
+      gts.push({ imageId: id, category, box, mask, area, iscrowd: rng() < 0.12 });
+      for (let d = randInt(rng, 0, 3); d > 0; d--) {
+        const near = jitter(rng, box, uniform(rng, 0, 0.5), height, width);
+        // Its mask: the object's moved by a few pixels (mask IoUs across the thresholds), at
+        // times with a blob of the jittered box added.
+        let nearMask = shifted(mask, height, width, randInt(rng, -3, 3), randInt(rng, -3, 3));
+        if (rng() < 0.3) {
+          const blob = maskIn(near, height, width);
+          nearMask = nearMask.map((v, p) => v | blob[p]!);
+        }
+        dts.push({ imageId: id, category: rng() < 0.85 ? category : categories[randInt(rng, 0, categories.length - 1)]!, score: score(), box: near, mask: nearMask });
+      }
+    }
+    for (let n = rng() < 0.1 ? randInt(rng, 95, 130) : randInt(rng, 0, 4); n > 0; n--) {
+      const box = randomBox(rng, height, width, 0.6);
+      dts.push({ imageId: id, category: categories[randInt(rng, 0, categories.length - 1)]!, score: score(), box, mask: maskIn(box, height, width) });
+    }
+  }
+  return { images, categories, gts, dts };
+}
+
+/** The mask moved by (dx, dy) pixels, what leaves the image dropped. */
+function shifted(mask: Uint8Array, height: number, width: number, dx: number, dy: number): Uint8Array {
+  const out = new Uint8Array(mask.length);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const [sx, sy] = [x - dx, y - dy];
+      if (sx >= 0 && sx < width && sy >= 0 && sy < height) out[y * width + x] = mask[sy * width + sx]!;
+    }
+  }
+  return out;
+}
+
+const xywh = ([x1, y1, x2, y2]: Box): Box => [x1, y1, x2 - x1, y2 - y1];
+
+/** COCOeval's stats for each scene, in one run of the oracle. */
+function oracleStats(scenes: Scene[], iouType: IouType): number[][] {
+  const maskBits = (mask: Uint8Array | undefined) => (iouType === 'segm' ? bits(mask!) : undefined);
+  const request = scenes.map((scene) => ({
+    iouType,
+    images: scene.images,
+    categories: scene.categories,
+    gts: scene.gts.map((g, i) => ({ id: i + 1, image_id: g.imageId, category_id: g.category, bbox: xywh(g.box), area: g.area, iscrowd: g.iscrowd ? 1 : 0, mask: maskBits(g.mask) })),
+    dts: scene.dts.map((d) => ({ image_id: d.imageId, category_id: d.category, score: d.score, bbox: xywh(d.box), mask: maskBits(d.mask) })),
+  }));
+  return oracle<{ stats: number[][] }>({ command: 'evaluate', scenes: request }).stats;
+}
+
+for (const iouType of ['bbox', 'segm'] as const) {
+  withOracle(`the evaluator's 12 numbers are COCOeval's ('${iouType}', random scenes with crowds, ties, area ranges and over 100 detections)`, (t) => {
+    const rng = createRng(iouType === 'bbox' ? 11 : 12);
+    const scenes = Array.from({ length: 40 }, () => randomScene(rng));
+    const stats = oracleStats(scenes, iouType);
+    let worst = 0;
+    let nonTrivial = 0;
+    scenes.forEach((scene, s) => {
+      const evaluator = new DetectionEvaluator(scene.images, scene.categories, iouType);
+      evaluator.addGroundTruth(scene.gts);
+      evaluator.addDetections(scene.dts);
+      const ours = evaluator.evaluate();
+      const theirs = stats[s]!;
+      SUMMARY_KEYS.forEach((key, i) => {
+        const diff = Math.abs(ours[key] - theirs[i]!);
+        worst = Math.max(worst, diff);
+        if (diff > 1e-12) t.fail(`scene ${s}, ${key}: ours ${ours[key]}, COCOeval ${theirs[i]}`);
+      });
+      if (theirs[0]! > 0 && theirs[0]! < 1) nonTrivial++;
+    });
+    t.log(`worst |ours - COCOeval| ${worst.toExponential(2)}; ${nonTrivial} of 40 scenes with AP strictly between 0 and 1`);
+    t.true(nonTrivial >= 20, `${nonTrivial} scenes with a non-trivial AP`);
+  });
+}
