@@ -104,6 +104,8 @@ export declare class NativePretrainer {
   save(path: string, extra: string): Promise<void>
   /** Loads a checkpoint (ours, or an official .pth); optimizer state too when present. */
   load(path: string, strict: boolean): Promise<LoadResult>
+  /** Loads another run's weights as a starting point (checkpoint::init_pretrainer_from). */
+  initFrom(path: string): Promise<LoadResult>
   /** original | masked | reconstruction | reconstruction + visible, one row per image. */
   reconstruct(pixels: Uint8Array, batch: number, height: number, width: number, seed: number): Promise<ReconstructionResult>
   /** Frees the model after queued commands finish. Further calls reject. */

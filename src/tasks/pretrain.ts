@@ -2,13 +2,13 @@
  * The pretraining driver: data -> native steps -> schedule, logs, checkpoints, resume, and the
  * reconstruction picture at the end. Mirrors main_pretrain.py + engine_pretrain.py.
  */
-import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { BatchLoader, openDataset, type ImageDataset, type SkippedSample } from '../data/index.js';
 import type { ConvMaeConfig } from '../api/config.js';
-import { Pretrainer, type AdamWOptions, type ConvPath, type StepResult } from '../api/pretrainer.js';
-import { exists, positiveInt, runLength, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
+import { Pretrainer, type AdamWOptions, type ConvPath, type LoadReport, type StepResult } from '../api/pretrainer.js';
+import { positiveInt, runLength, startRun, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
 import { lrAt, scaledLr } from './schedule.js';
 
 /** Pretraining defaults: convmae-base, batch 64, one epoch, blr 1.5e-4, warmup 0, outDir runs/pretrain. */
@@ -20,6 +20,12 @@ export interface PretrainRunOptions extends TrainingRunOptions {
   checkpointEvery?: number;
   /** Images in the reconstruction picture (0 = none). Default 8. */
   reconstructions?: number;
+  /**
+   * Weights to start from (`Pretrainer.initFrom`): the released encoder-only `.pth`, or one of
+   * our pretraining or classifier checkpoints; the optimizer and schedule start anew. Random init
+   * when absent.
+   */
+  init?: string;
 }
 
 export type PretrainProgress = TrainingProgress;
@@ -36,6 +42,8 @@ export interface PretrainSummary {
   config: ConvMaeConfig;
   /** The CPU threads the last steps ran on (see `Threads`). */
   threads: number;
+  /** What `init` loaded and what kept its fresh init; undefined without `init` (or on resume). */
+  init: LoadReport | undefined;
 }
 
 /** Loop state saved with each checkpoint, so that --resume continues exactly. */
@@ -92,12 +100,9 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
     await mkdir(outDir, { recursive: true });
     const checkpoint = path.join(outDir, 'checkpoint.safetensors');
     const log = path.join(outDir, 'log.jsonl');
-    if (options.resume) {
-      const from = typeof options.resume === 'string' ? options.resume : checkpoint;
-      if (!(await exists(from))) throw new Error(`--resume: no checkpoint at '${from}'`);
-      const report = await model.load(from);
-      const saved = report.extra as unknown as RunState;
-      if (typeof saved.step !== 'number') throw new Error(`--resume: '${from}' holds no training-loop state`);
+    const start = await startRun(model, options, checkpoint, log);
+    if (start.resumed) {
+      const { state: saved, from } = start.resumed as unknown as { state: RunState; from: string };
       if (saved.batchSize !== batchSize || saved.accumSteps !== accumSteps) {
         throw new Error(
           `--resume: '${from}' was trained with batch ${saved.batchSize} x accum ${saved.accumSteps}, this run asks for ${batchSize} x ${accumSteps}`,
@@ -105,8 +110,6 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
       }
       // The schedule of the original run continues; a longer --steps extends it.
       state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
-    } else {
-      await writeFile(log, '');
     }
 
     const skipped: SkippedSample[] = [];
@@ -199,7 +202,7 @@ export async function pretrain(options: PretrainRunOptions = {}): Promise<Pretra
       reconstruction = path.join(outDir, 'reconstruction.png');
       await writeReconstruction(model, dataset, imageSize, count, seed, reconstruction);
     }
-    return { steps: state.step, firstLoss, lastLoss, checkpoint, log, reconstruction, skipped, dataset: dataset.name, config: model.config, threads: model.threads };
+    return { steps: state.step, firstLoss, lastLoss, checkpoint, log, reconstruction, skipped, dataset: dataset.name, config: model.config, threads: model.threads, init: start.init };
   } finally {
     model.dispose();
   }

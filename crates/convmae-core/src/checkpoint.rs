@@ -238,6 +238,21 @@ fn check_same_config(file: &CheckpointFile, ours: &ConvMaeConfig, shown: &str) -
     Ok(())
 }
 
+/// A checkpoint whose configuration (when it records one) has an encoder of another shape cannot
+/// initialize this model; other settings (decoder, heads, image size) may differ.
+fn check_same_encoder(file: &CheckpointFile, ours: &ConvMaeConfig, shown: &str) -> candle_core::Result<()> {
+    if let Some(theirs) = file.config() {
+        let theirs = theirs.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
+        if theirs.embed_dim != ours.embed_dim || theirs.depth != ours.depth || theirs.patch_size != ours.patch_size {
+            return Err(err(format!(
+                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
+                theirs.embed_dim, theirs.depth, ours.embed_dim, ours.depth
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Copies AdamW moments from the file when it has them for every tensor; false (nothing touched)
 /// when it has none.
 fn restore_moments(moments: &mut [Moments], file: &CheckpointFile, shown: &str, dtype: DType, device: &Device) -> candle_core::Result<bool> {
@@ -277,6 +292,25 @@ pub fn load_pretrainer(trainer: &mut Pretrainer, path: &Path, strict: bool) -> c
     }
     let extra = file.metadata.get("extra").cloned().unwrap_or_else(|| "{}".into());
     Ok((report, extra))
+}
+
+/// Starts a pretraining run from another run's weights, the way to continue pretraining from the
+/// released encoder-only checkpoint (official issues #12 and #30): an official pretraining
+/// `.pth`, one of our pretraining checkpoints, or a classifier's. What the file holds of this
+/// model is loaded (strict=False); the rest keeps its fresh init (for the released file: the
+/// fusion convs, `mask_token` and the decoder). The fixed sin-cos tables `pos_embed` and
+/// `decoder_pos_embed` stay the model's own (a classifier's learned `pos_embed` is not one). The
+/// optimizer state is not touched: on a fresh model, the run starts at step 0 with zero moments.
+pub fn init_pretrainer_from(trainer: &mut Pretrainer, path: &Path) -> candle_core::Result<LoadReport> {
+    let shown = path.display().to_string();
+    let file = read_checkpoint(path)?;
+    check_same_encoder(&file, &trainer.model.cfg, &shown)?;
+    let report = load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name == "pos_embed" || name == "decoder_pos_embed")
+        .map_err(|e| err(format!("{e} (the preset / config must describe the checkpoint's encoder)")))?;
+    if report.loaded.is_empty() {
+        return Err(err(format!("checkpoint '{shown}' holds none of the pretraining model's tensors (is it a ConvMAE checkpoint?)")));
+    }
+    Ok(report)
 }
 
 /// Restores a classifier exactly (resume, evaluation): weights, and when the file is one of ours,
@@ -338,16 +372,7 @@ pub fn load_classifier(trainer: &mut ClassifierTrainer, path: &Path, strict: boo
 pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let shown = path.display().to_string();
     let file = read_checkpoint(path)?;
-    if let Some(cfg) = file.config() {
-        let cfg = cfg.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
-        let ours = &trainer.model.cfg;
-        if cfg.embed_dim != ours.embed_dim || cfg.depth != ours.depth || cfg.patch_size != ours.patch_size {
-            return Err(err(format!(
-                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
-                cfg.embed_dim, cfg.depth, ours.embed_dim, ours.depth
-            )));
-        }
-    }
+    check_same_encoder(&file, &trainer.model.cfg, &shown)?;
     load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
         .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
 }
@@ -470,15 +495,7 @@ fn init_backbone_from(kind: &str, cfg: &ConvMaeConfig, params: &mut ParamStore, 
     let shown = path.display().to_string();
     let mut file = read_checkpoint(path)?;
     from_official(&mut file);
-    if let Some(theirs) = file.config() {
-        let theirs = theirs.map_err(|e| err(format!("checkpoint '{shown}': {e}")))?;
-        if theirs.embed_dim != cfg.embed_dim || theirs.depth != cfg.depth || theirs.patch_size != cfg.patch_size {
-            return Err(err(format!(
-                "checkpoint '{shown}' holds an encoder of another shape (embed_dim {:?}, depth {:?}) than this model's ({:?}, {:?})",
-                theirs.embed_dim, theirs.depth, cfg.embed_dim, cfg.depth
-            )));
-        }
-    }
+    check_same_encoder(&file, cfg, &shown)?;
     let dim = cfg.embed_dim[2];
     if let Some(table) = file.tensors.get("pos_embed") {
         let (tokens, width) = match table.dims() {

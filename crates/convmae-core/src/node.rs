@@ -379,6 +379,15 @@ impl NativePretrainer {
         }
     }
 
+    /// Loads another run's weights as a starting point (checkpoint::init_pretrainer_from).
+    #[napi]
+    pub async fn init_from(&self, path: String) -> Result<LoadResult> {
+        match self.call(Command::InitFrom { path: path.into() }).await? {
+            Reply::Loaded { report, extra } => Ok(LoadResult { report: report_json(&report), extra }),
+            _ => Err(js_err("unexpected reply to initFrom")),
+        }
+    }
+
     /// original | masked | reconstruction | reconstruction + visible, one row per image.
     #[napi]
     pub async fn reconstruct(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, seed: i64) -> Result<ReconstructionResult> {

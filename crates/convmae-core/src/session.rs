@@ -37,6 +37,7 @@ pub enum Command {
     Step { images: Images, opts: StepOptions },
     Save { path: PathBuf, extra: String },
     Load { path: PathBuf, strict: bool },
+    InitFrom { path: PathBuf },
     Reconstruct { images: Images, seed: u64 },
 }
 
@@ -103,6 +104,9 @@ impl Worker for Pretrainer {
             Command::Save { path, extra } => checkpoint::save_pretrainer(self, &path, &extra).map(|_| Reply::Saved).map_err(message),
             Command::Load { path, strict } => checkpoint::load_pretrainer(self, &path, strict)
                 .map(|(report, extra)| Reply::Loaded { report, extra })
+                .map_err(message),
+            Command::InitFrom { path } => checkpoint::init_pretrainer_from(self, &path)
+                .map(|report| Reply::Loaded { report, extra: "{}".into() })
                 .map_err(message),
             Command::Reconstruct { images, seed } => {
                 recon::reconstruct(&self.model, &images.view(), seed).map(Reply::Reconstruction).map_err(message)
