@@ -3,9 +3,10 @@
  * for an image and its label map at their original size:
  *
  * - train: Resize to the scale (4S, S) times a ratio drawn from [0.5, 2] keeping the aspect
- *   (image bilinear, labels nearest, as cv2 resizes them), RandomCrop S x S retried up to 10
- *   times until no class covers 75% or more of the crop's labelled pixels, flip with p 0.5,
- *   PhotoMetricDistortion, Pad to S x S (image 0, labels 255). S is the model's img_size (512).
+ *   (labels by cv2's INTER_NEAREST exactly; the image bilinear, within 1 of cv2's fixed-point
+ *   INTER_LINEAR), RandomCrop S x S retried up to 10 times until no class covers 75% or more of
+ *   the crop's labelled pixels, flip with p 0.5, PhotoMetricDistortion, Pad to S x S (image 0,
+ *   labels 255). S is the model's img_size (512).
  * - test: Resize to (4S, S) keeping the aspect; the model then slides S x S windows over it
  *   (stride 2S/3, 341 for 512) and the logits are resized back to the original size.
  *
@@ -27,7 +28,11 @@ export function rescaledSize(width: number, height: number, long: number, short:
   return [Math.floor(width * factor + 0.5), Math.floor(height * factor + 0.5)];
 }
 
-/** cv2.resize INTER_LINEAR of RGB uint8: half-pixel centres, source clamped at the edges, rounded. */
+/**
+ * cv2.resize INTER_LINEAR of RGB uint8: half-pixel centres, source clamped at the edges, rounded.
+ * In floating point: cv2's 8-bit path rounds its weights to 11 bits, so a value may differ from
+ * cv2's by 1 (test/oracles.test.ts).
+ */
 export function resizeBilinearRgb(src: Uint8Array, width: number, height: number, outWidth: number, outHeight: number): Uint8Array {
   const out = new Uint8Array(outWidth * outHeight * 3);
   const axis = (inp: number, outp: number) => {
@@ -66,13 +71,19 @@ export function resizeBilinearRgb(src: Uint8Array, width: number, height: number
   return out;
 }
 
-/** cv2.resize INTER_NEAREST of a label map: source index floor(o * in / out). */
+/**
+ * cv2.resize INTER_NEAREST of a label map: source index floor(o * (1 / (out / in))), computed as
+ * cv2 computes it (the reciprocal of the scale, not in / out, so that where o * in / out is an
+ * integer the index can land one below it, as cv2's does).
+ */
 export function resizeNearest(src: Uint8Array, width: number, height: number, outWidth: number, outHeight: number): Uint8Array {
   const out = new Uint8Array(outWidth * outHeight);
+  const inverseX = 1 / (outWidth / width);
+  const inverseY = 1 / (outHeight / height);
   for (let y = 0; y < outHeight; y++) {
-    const sy = Math.min(Math.floor((y * height) / outHeight), height - 1);
+    const sy = Math.min(Math.floor(y * inverseY), height - 1);
     for (let x = 0; x < outWidth; x++) {
-      out[y * outWidth + x] = src[sy * width + Math.min(Math.floor((x * width) / outWidth), width - 1)]!;
+      out[y * outWidth + x] = src[sy * width + Math.min(Math.floor(x * inverseX), width - 1)]!;
     }
   }
   return out;

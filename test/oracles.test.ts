@@ -1,31 +1,40 @@
-// Our COCO code against pycocotools itself (test/oracles/pycocotools_oracle.py), on random cases
-// drawn here: the polygon rasterizer (COCO's ground-truth masks, detectron2's bitmasks) and the
-// evaluator's 12 summary numbers for 'bbox' and 'segm'. pycocotools comes from
-// `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where it is
-// missing the tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
+// Our code against the reference implementations themselves, on random cases drawn here
+// (test/oracles/*.py run them): pycocotools for the polygon rasterizer (COCO's ground-truth masks,
+// detectron2's bitmasks) and the evaluator's 12 summary numbers for 'bbox' and 'segm'; OpenCV for
+// the segmentation pipeline's resizes (mmcv's imresize is cv2.resize). They come from
+// `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where one
+// is missing its tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
+import { resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
 import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
 import { ROOT } from './helpers.js';
 
-const ORACLE = path.join(ROOT, 'test', 'oracles', 'pycocotools_oracle.py');
 const PYTHON = process.env.CONVMAE_ORACLE_PYTHON ?? 'python3';
 const PYTHONPATH = [path.join(ROOT, '.cache', 'test-oracles'), process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
 
-/** Runs the oracle on one request; throws with its stderr when it fails. */
-function oracle<T>(request: object): T {
-  const run = spawnSync(PYTHON, [ORACLE], { input: JSON.stringify(request), env: { ...process.env, PYTHONPATH }, maxBuffer: 1 << 28, encoding: 'utf8' });
-  if (run.status !== 0) throw new Error(`pycocotools oracle exited ${run.status}: ${run.error?.message ?? run.stderr}`);
+/** Runs test/oracles/<name>_oracle.py on one request; throws with its stderr when it fails. */
+function oracle<T>(name: string, request: object): T {
+  const script = path.join(ROOT, 'test', 'oracles', `${name}_oracle.py`);
+  const run = spawnSync(PYTHON, [script], { input: JSON.stringify(request), env: { ...process.env, PYTHONPATH }, maxBuffer: 1 << 28, encoding: 'utf8' });
+  if (run.status !== 0) throw new Error(`${name} oracle exited ${run.status}: ${run.error?.message ?? run.stderr}`);
   return JSON.parse(run.stdout) as T;
 }
 
-const probe = spawnSync(PYTHON, ['-c', 'import pycocotools.mask, pycocotools.cocoeval'], { env: { ...process.env, PYTHONPATH }, encoding: 'utf8' });
-const missing = probe.status === 0 ? undefined : `${PYTHON} cannot import pycocotools (run scripts/setup-test-oracles.sh): ${probe.error?.message ?? probe.stderr.trim().split('\n').pop()}`;
-if (missing && process.env.CONVMAE_REQUIRE_ORACLES === '1') throw new Error(`CONVMAE_REQUIRE_ORACLES=1 but ${missing}`);
-const withOracle = missing ? test.skip : test;
+/** `test`, or `test.skip` when `modules` cannot be imported (a failure under CONVMAE_REQUIRE_ORACLES=1). */
+function withOracle(modules: string): typeof test | typeof test.skip {
+  const probe = spawnSync(PYTHON, ['-c', `import ${modules}`], { env: { ...process.env, PYTHONPATH }, encoding: 'utf8' });
+  if (probe.status === 0) return test;
+  const why = `${PYTHON} cannot import ${modules} (run scripts/setup-test-oracles.sh): ${probe.error?.message ?? probe.stderr.trim().split('\n').pop()}`;
+  if (process.env.CONVMAE_REQUIRE_ORACLES === '1') throw new Error(`CONVMAE_REQUIRE_ORACLES=1 but ${why}`);
+  return test.skip;
+}
+
+const withCoco = withOracle('pycocotools.mask, pycocotools.cocoeval');
+const withCv2 = withOracle('cv2');
 
 const bits = (mask: Uint8Array): string => Array.from(mask, (v) => (v ? '1' : '0')).join('');
 
@@ -46,14 +55,14 @@ function randomPolygon(rng: Rng, height: number, width: number, around?: Box): n
   return polygon;
 }
 
-withOracle('polygons rasterize to pycocotools\' masks pixel for pixel (frPyObjects + merge + decode)', (t) => {
+withCoco('polygons rasterize to pycocotools\' masks pixel for pixel (frPyObjects + merge + decode)', (t) => {
   const rng = createRng(2026);
   const cases = Array.from({ length: 400 }, (_, i) => {
     const [height, width] = i % 10 === 0 ? [randInt(rng, 60, 160), randInt(rng, 60, 160)] : [randInt(rng, 1, 40), randInt(rng, 1, 40)];
     const polygons = Array.from({ length: randInt(rng, 1, 3) }, () => randomPolygon(rng, height, width));
     return { height, width, polygons };
   });
-  const { masks } = oracle<{ masks: string[] }>({ command: 'rasterize', cases });
+  const { masks } = oracle<{ masks: string[] }>('pycocotools', { command: 'rasterize', cases });
   let differing = 0;
   let set = 0;
   cases.forEach((c, i) => {
@@ -162,11 +171,11 @@ function oracleStats(scenes: Scene[], iouType: IouType): number[][] {
     gts: scene.gts.map((g, i) => ({ id: i + 1, image_id: g.imageId, category_id: g.category, bbox: xywh(g.box), area: g.area, iscrowd: g.iscrowd ? 1 : 0, mask: maskBits(g.mask) })),
     dts: scene.dts.map((d) => ({ image_id: d.imageId, category_id: d.category, score: d.score, bbox: xywh(d.box), mask: maskBits(d.mask) })),
   }));
-  return oracle<{ stats: number[][] }>({ command: 'evaluate', scenes: request }).stats;
+  return oracle<{ stats: number[][] }>('pycocotools', { command: 'evaluate', scenes: request }).stats;
 }
 
 for (const iouType of ['bbox', 'segm'] as const) {
-  withOracle(`the evaluator's 12 numbers are COCOeval's ('${iouType}', random scenes with crowds, ties, area ranges and over 100 detections)`, (t) => {
+  withCoco(`the evaluator's 12 numbers are COCOeval's ('${iouType}', random scenes with crowds, ties, area ranges and over 100 detections)`, (t) => {
     const rng = createRng(iouType === 'bbox' ? 11 : 12);
     const scenes = Array.from({ length: 40 }, () => randomScene(rng));
     const stats = oracleStats(scenes, iouType);
@@ -189,3 +198,36 @@ for (const iouType of ['bbox', 'segm'] as const) {
     t.true(nonTrivial >= 20, `${nonTrivial} scenes with a non-trivial AP`);
   });
 }
+
+withCv2('resizes as mmcv\'s cv2.resize: label maps by INTER_NEAREST to the pixel, images by INTER_LINEAR within 1', (t) => {
+  const rng = createRng(7);
+  const cases = Array.from({ length: 120 }, (_, i) => {
+    const [height, width] = [randInt(rng, 1, 50), randInt(rng, 1, 50)];
+    const [outHeight, outWidth] = i % 4 === 0 ? [height * randInt(rng, 1, 3), width * 2] : [randInt(rng, 1, 110), randInt(rng, 1, 110)];
+    // Smooth ramps in some cases, noise in the rest.
+    const rgb = Array.from({ length: height * width * 3 }, (_, j) => (i % 3 === 0 ? (Math.floor(j / 3) * 7 + (j % 3) * 50) % 256 : randInt(rng, 0, 255)));
+    const labels = Array.from({ length: height * width }, () => randInt(rng, 0, 4));
+    return { height, width, outHeight, outWidth, rgb, labels };
+  });
+  const theirs = oracle<{ rgb: number[][]; labels: number[][] }>('cv2', { command: 'resize', cases });
+  let labelDiffs = 0;
+  let worst = 0;
+  let off = 0;
+  let values = 0;
+  cases.forEach((c, i) => {
+    const labels = resizeNearest(Uint8Array.from(c.labels), c.width, c.height, c.outWidth, c.outHeight);
+    labels.forEach((v, j) => (labelDiffs += v === theirs.labels[i]![j] ? 0 : 1));
+    const rgb = resizeBilinearRgb(Uint8Array.from(c.rgb), c.width, c.height, c.outWidth, c.outHeight);
+    rgb.forEach((v, j) => {
+      const d = Math.abs(v - theirs.rgb[i]![j]!);
+      worst = Math.max(worst, d);
+      off += d ? 1 : 0;
+    });
+    values += rgb.length;
+  });
+  t.is(labelDiffs, 0);
+  // cv2's 8-bit INTER_LINEAR rounds its weights to 11 bits and (in its vector paths) truncates
+  // partial sums; ours weighs in floating point and rounds once.
+  t.true(worst <= 1, `largest difference ${worst}`);
+  t.log(`INTER_LINEAR: ${off} of ${values} values differ from cv2's, by 1`);
+});
