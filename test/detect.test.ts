@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import {
+  clipPolygonToBox,
   createRng,
   detect,
   detectionLrAt,
@@ -22,6 +23,7 @@ import {
   openCocoFolder,
   openDigitDetectionScenes,
   pretrain,
+  rasterizePolygons,
   type AnnotatedBatch,
   type BoxXyxy,
   type DetectionSample,
@@ -88,6 +90,48 @@ function blockSample(): DetectionSample {
   };
 }
 
+test('the LSJ train transform moves polygons as detectron2 moves PolygonMasks: scaled, clipped to the crop, mirrored; box from the vertices, mask rasterized', (t) => {
+  // Draws in order: scale, crop offset u, flip (< 0.5 flips).
+  const scripted = (...values: number[]) => () => values.shift()!;
+  const triangle = [10, 10, 60, 10, 10, 40];
+  const sample = {
+    image: new Uint8Array(100 * 50 * 3).fill(50),
+    width: 100,
+    height: 50,
+    id: 1,
+    instances: [{ category: 3, box: [0, 0, 100, 50] as [number, number, number, number], mask: rasterizePolygons([triangle], 50, 100), area: 750, iscrowd: false, polygons: [triangle] }],
+  };
+  // Scale 1 at S = 64: factor min(64 / 50, 64 / 100) = 0.64, 32 x 64, nothing cropped.
+  const plain = detectionTrainTransform(sample, 64, scripted(0, 0.3, 0.9), { scaleRange: [1, 1] });
+  const moved = [[6.4, 6.4, 38.4, 6.4, 6.4, 25.6]];
+  const close = (a: number[][], b: number[][]) => a.length === b.length && a.every((p, i) => p.length === b[i]!.length && p.every((v, j) => Math.abs(v - b[i]![j]!) < 1e-12));
+  t.true(close(plain.instances[0]!.polygons!, moved), JSON.stringify(plain.instances[0]!.polygons));
+  // The box of the vertices, not of the rasterized pixels.
+  t.true(close([plain.instances[0]!.box], [[6.4, 6.4, 38.4, 25.6]]), JSON.stringify(plain.instances[0]!.box));
+  t.deepEqual(plain.instances[0]!.mask, rasterizePolygons(plain.instances[0]!.polygons!, 64, 64));
+  t.true(plain.instances[0]!.area > 200);
+  // Flipped: x -> 64 - x over the whole canvas.
+  const flipped = detectionTrainTransform(sample, 64, scripted(0, 0.3, 0.1), { scaleRange: [1, 1] });
+  t.true(close(flipped.instances[0]!.polygons!, [[57.6, 6.4, 25.6, 6.4, 57.6, 25.6]]), JSON.stringify(flipped.instances[0]!.polygons));
+  t.true(close([flipped.instances[0]!.box], [[25.6, 6.4, 57.6, 25.6]]));
+  // Scale 2: factor 1.28, 64 x 128, cropped to 64 x 64 at left round(64 u) = 32 for u = 0.5. The
+  // triangle (12.8, 12.8) (76.8, 12.8) (12.8, 51.2) is cut at x = 32, where its hypotenuse has
+  // y = 51.2 - (38.4 / 64) (32 - 12.8) = 39.68: the triangle (32, 12.8) (76.8, 12.8) (32, 39.68),
+  // shifted by -32.
+  const cropped = detectionTrainTransform(sample, 64, scripted(0, 0.5, 0.9), { scaleRange: [2, 2] });
+  t.true(close(cropped.instances[0]!.polygons!, [[0, 12.8, 44.8, 12.8, 0, 39.68]]), JSON.stringify(cropped.instances[0]!.polygons));
+  t.true(close([cropped.instances[0]!.box], [[0, 12.8, 44.8, 39.68]]), JSON.stringify(cropped.instances[0]!.box));
+  // u = 1 crops at left 64: a triangle wholly left of x = 64 is gone, and its instance dropped.
+  const beyond = { ...sample, instances: [{ ...sample.instances[0]!, polygons: [[10, 10, 40, 10, 10, 40]] }] };
+  t.deepEqual(detectionTrainTransform(beyond, 64, scripted(0, 1, 0.9), { scaleRange: [2, 2] }).instances, []);
+  // The clip itself: a U open at the top, cut below its bar's top, covers the same pixels as the
+  // two arms and the bar cut separately would (Sutherland-Hodgman joins them along the edge).
+  const u = [0, 0, 2, 0, 2, 6, 4, 6, 4, 0, 6, 0, 6, 8, 0, 8];
+  const clipped = clipPolygonToBox(u, 0, 3, 6, 8);
+  t.deepEqual(rasterizePolygons([clipped], 10, 10), rasterizePolygons([[0, 3, 2, 3, 2, 6, 4, 6, 4, 3, 6, 3, 6, 8, 0, 8]], 10, 10));
+  t.deepEqual(clipPolygonToBox(u, 10, 10, 20, 20), []);
+});
+
 test('the LSJ train transform: flip, ResizeScale sizes, crop and pad to S, boxes recomputed from the masks, empty and crowd instances dropped', (t) => {
   // ResizeScale: min(scale S / h, scale S / w), sides rounded half to even as np.round.
   t.deepEqual(lsjResizedSize(20, 40, 32, 1), [16, 32]);
@@ -123,8 +167,8 @@ test('the LSJ train transform: flip, ResizeScale sizes, crop and pad to S, boxes
   }
   t.true(flipped > 2 && flipped < 14, `${flipped} of 16 flipped`);
   // Scale 1/4: 8 x 8, padded with 128 (FixedSizeCrop's pad_value) and empty mask, then the
-  // canvas flipped or not; nearest resizing reads rows and columns 0, 4, 8, ...: the single
-  // pixel at (1, 1) vanishes and its instance is dropped.
+  // canvas flipped or not; nearest resizing (PIL's: the pixel under each output centre) reads
+  // rows and columns 2, 6, 10, ...: the single pixel at (1, 1) vanishes and its instance is dropped.
   for (let seed = 0; seed < 4; seed++) {
     const out = detectionTrainTransform(sample, 32, createRng(seed), { scaleRange: [0.25, 0.25] });
     t.deepEqual(

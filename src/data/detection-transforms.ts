@@ -6,10 +6,18 @@
  *   S x S: the image scaled by min(scale S / h, scale S / w), sides rounded; bilinear, masks
  *   nearest), then FixedSizeCrop S x S (one uniform draw u, offset round(u * max(0, new - S)) on
  *   each axis) padded right and bottom to S x S, then RandomFlip (horizontal, p 0.5) of the whole
- *   S x S canvas, padding included. `recompute_boxes`: each box is the tight box of its
- *   transformed mask, and objects whose mask is left empty are dropped (detectron2's
- *   `filter_empty_instances`). Crowd regions are dropped from the training targets, as
+ *   S x S canvas, padding included. Crowd regions are dropped from the training targets, as
  *   detectron2's mapper drops them. S is the model's img_size (1024 officially).
+ *   Objects with polygons (COCO's, the official configs' mask format) are moved as detectron2
+ *   moves PolygonMasks: their vertices scaled, clipped to the crop, shifted and mirrored;
+ *   `recompute_boxes` takes the box of the moved vertices, and the mask at S x S is their
+ *   rasterization as pycocotools does it. The clipping is Sutherland-Hodgman's, slivers of zero
+ *   area dropped; detectron2 uses shapely, which also repairs a self-intersecting polygon
+ *   (buffer(0)) and splits one the crop cuts in two, where ours stays whole, joined along the
+ *   crop's edge: the same pixels and the same box. Objects given by a mask alone (the digit scenes, RLE) have it resized nearest (PIL's
+ *   NEAREST, pixel centres, as detectron2's BitMasks) and the box is the mask's tight box.
+ *   Objects left without a box of positive size are dropped (detectron2's
+ *   `filter_empty_instances`).
  * - test: ResizeShortestEdge(S, max S), which for a square S is a scale of S / max(h, w),
  *   bilinear, then FixedSizeCrop's padding right and bottom to S x S.
  *
@@ -19,7 +27,7 @@
  */
 import { uniform, type Rng } from './rng.js';
 import { resizeBilinearRgb } from './segmentation-transforms.js';
-import type { DetectionInstance, DetectionSample } from './detection.js';
+import { rasterizePolygons, type DetectionInstance, type DetectionSample } from './detection.js';
 
 /** What padding pixels hold: detectron2 FixedSizeCrop's `pad_value`. */
 export const DETECTION_PAD_PIXEL = 128;
@@ -83,17 +91,26 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
   for (let y = 0; y < ch; y++) canvas.set(resized.subarray(((top + y) * nw + left) * 3, ((top + y) * nw + left + cw) * 3), y * size * 3);
   const image = flip ? flipRgb(canvas, size, size) : canvas;
 
-  // Nearest resize (resizeNearest's source index floor(o * in / out)) of the mask, read only
-  // where the crop keeps it; flipped with the canvas.
+  // Nearest resize of a mask (PIL's NEAREST: the source pixel under the output pixel's centre),
+  // read only where the crop keeps it; flipped with the canvas.
   const rows = new Int32Array(ch);
-  for (let y = 0; y < ch; y++) rows[y] = Math.min(Math.floor(((top + y) * h) / nh), h - 1) * w;
+  for (let y = 0; y < ch; y++) rows[y] = Math.min(Math.floor(((top + y + 0.5) * h) / nh), h - 1) * w;
   const cols = new Int32Array(cw);
   for (let x = 0; x < cw; x++) {
-    cols[x] = Math.min(Math.floor(((left + x) * w) / nw), w - 1);
+    cols[x] = Math.min(Math.floor(((left + x + 0.5) * w) / nw), w - 1);
   }
   const instances: DetectionInstance[] = [];
   for (const instance of sample.instances) {
     if (instance.iscrowd) continue;
+    if (instance.polygons) {
+      const moved = movePolygons(instance.polygons, { scaleX: nw / w, scaleY: nh / h, left, top, cropWidth: cw, cropHeight: ch, flipWidth: flip ? size : undefined });
+      const box = polygonsBox(moved);
+      // detectron2's Boxes.nonempty threshold.
+      if (!(box[2] - box[0] > 1e-5 && box[3] - box[1] > 1e-5)) continue;
+      const mask = rasterizePolygons(moved, size, size);
+      instances.push({ category: instance.category, box, mask, area: mask.reduce((n, v) => n + v, 0), iscrowd: false, polygons: moved });
+      continue;
+    }
     const mask = new Uint8Array(size * size);
     let x1 = size;
     let y1 = size;
@@ -117,6 +134,94 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
     instances.push({ category: instance.category, box: [x1, y1, x2, y2], mask, area, iscrowd: false });
   }
   return { image, width: size, height: size, instances, id: sample.id };
+}
+
+/** How the train transform moves polygon vertices: see movePolygons. */
+interface PolygonMove {
+  /** ResizeScale's factors: new size / old size per axis. */
+  scaleX: number;
+  scaleY: number;
+  /** FixedSizeCrop's crop of the resized image. */
+  left: number;
+  top: number;
+  cropWidth: number;
+  cropHeight: number;
+  /** The canvas width when flipped (x becomes width - x), else undefined. */
+  flipWidth: number | undefined;
+}
+
+/**
+ * Polygons through ResizeScale, FixedSizeCrop and RandomFlip, as detectron2 moves PolygonMasks:
+ * vertices scaled, each polygon clipped to the crop box (slivers of zero area dropped), shifted
+ * to the crop's origin and mirrored.
+ */
+export function movePolygons(polygons: readonly (readonly number[])[], move: PolygonMove): number[][] {
+  const out: number[][] = [];
+  const [x0, y0, x1, y1] = [move.left, move.top, move.left + move.cropWidth, move.top + move.cropHeight];
+  for (const polygon of polygons) {
+    const scaled: number[] = [];
+    for (let i = 0; i + 1 < polygon.length; i += 2) scaled.push(polygon[i]! * move.scaleX, polygon[i + 1]! * move.scaleY);
+    const clipped = clipPolygonToBox(scaled, x0, y0, x1, y1);
+    if (clipped.length < 6 || polygonArea(clipped) === 0) continue;
+    for (let i = 0; i < clipped.length; i += 2) {
+      const x = clipped[i]! - x0;
+      clipped[i] = move.flipWidth === undefined ? x : move.flipWidth - x;
+      clipped[i + 1] = clipped[i + 1]! - y0;
+    }
+    out.push(clipped);
+  }
+  return out;
+}
+
+/** Sutherland-Hodgman clipping of a polygon (x, y pairs) to the box [x0, x1] x [y0, y1]. */
+export function clipPolygonToBox(polygon: readonly number[], x0: number, y0: number, x1: number, y1: number): number[] {
+  // Each edge of the box: which side is inside, and where a segment crosses it.
+  const edges: [(x: number, y: number) => boolean, (ax: number, ay: number, bx: number, by: number) => [number, number]][] = [
+    [(x) => x >= x0, (ax, ay, bx, by) => [x0, ay + ((by - ay) * (x0 - ax)) / (bx - ax)]],
+    [(x) => x <= x1, (ax, ay, bx, by) => [x1, ay + ((by - ay) * (x1 - ax)) / (bx - ax)]],
+    [(_, y) => y >= y0, (ax, ay, bx, by) => [ax + ((bx - ax) * (y0 - ay)) / (by - ay), y0]],
+    [(_, y) => y <= y1, (ax, ay, bx, by) => [ax + ((bx - ax) * (y1 - ay)) / (by - ay), y1]],
+  ];
+  let points = [...polygon];
+  for (const [inside, cross] of edges) {
+    const n = points.length / 2;
+    if (n === 0) break;
+    const kept: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const [ax, ay] = [points[2 * ((i + n - 1) % n)]!, points[2 * ((i + n - 1) % n) + 1]!];
+      const [bx, by] = [points[2 * i]!, points[2 * i + 1]!];
+      const aIn = inside(ax, ay);
+      const bIn = inside(bx, by);
+      if (bIn) {
+        if (!aIn) kept.push(...cross(ax, ay, bx, by));
+        kept.push(bx, by);
+      } else if (aIn) kept.push(...cross(ax, ay, bx, by));
+    }
+    points = kept;
+  }
+  return points;
+}
+
+/** The shoelace area of a polygon (x, y pairs), unsigned. */
+function polygonArea(polygon: readonly number[]): number {
+  const n = polygon.length / 2;
+  let twice = 0;
+  for (let i = 0, j = n - 1; i < n; j = i++) twice += polygon[2 * j]! * polygon[2 * i + 1]! - polygon[2 * i]! * polygon[2 * j + 1]!;
+  return Math.abs(twice) / 2;
+}
+
+/** detectron2's PolygonMasks.get_bounding_boxes: min and max over all vertices; zeros when none. */
+function polygonsBox(polygons: readonly (readonly number[])[]): [number, number, number, number] {
+  let [x1, y1, x2, y2] = [Infinity, Infinity, -Infinity, -Infinity];
+  for (const p of polygons) {
+    for (let i = 0; i + 1 < p.length; i += 2) {
+      x1 = Math.min(x1, p[i]!);
+      x2 = Math.max(x2, p[i]!);
+      y1 = Math.min(y1, p[i + 1]!);
+      y2 = Math.max(y2, p[i + 1]!);
+    }
+  }
+  return Number.isFinite(x1) ? [x1, y1, x2, y2] : [0, 0, 0, 0];
 }
 
 /** An image as the test transform gives it to the model, and how it maps back. */

@@ -27,6 +27,12 @@ export interface DetectionInstance {
   area: number;
   /** A COCO crowd region: one mask over many objects, which training ignores rather than matches. */
   iscrowd: boolean;
+  /**
+   * The polygons the mask was rasterized from ([x1, y1, x2, y2, ...] in pixels), where the
+   * annotation has them. The train transform then moves these, as detectron2 moves its
+   * PolygonMasks (the official configs' mask format), and recomputes box and mask from them.
+   */
+  polygons?: number[][];
 }
 
 export interface DetectionSample {
@@ -553,7 +559,9 @@ export async function openCocoFolder(root: string, options: CocoFolderOptions = 
             throw new Error(`COCO annotations '${annotationFile}': ${(e as Error).message}`);
           }
         }
-        return { category: a.category, box: [...a.box], mask, area: a.area ?? maskExtent(mask, image.height, image.width).pixels, iscrowd: a.iscrowd };
+        const instance: DetectionInstance = { category: a.category, box: [...a.box], mask, area: a.area ?? maskExtent(mask, image.height, image.width).pixels, iscrowd: a.iscrowd };
+        if (a.segmentation.kind === 'polygons') instance.polygons = a.segmentation.polygons.map((p) => [...p]);
+        return instance;
       });
       return { image: pixels, width: image.width, height: image.height, instances, id: image.id };
     },

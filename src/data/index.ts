@@ -80,9 +80,11 @@ export {
 export {
   DETECTION_PAD_PIXEL,
   LSJ_SCALE_RANGE,
+  clipPolygonToBox,
   detectionTestResize,
   detectionTrainTransform,
   lsjResizedSize,
+  movePolygons,
   type DetectionTestInput,
   type DetectionTrainTransformOptions,
 } from './detection-transforms.js';
