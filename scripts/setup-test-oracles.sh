@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the reference implementations some tests compare against (test/oracles/) into
 # .cache/test-oracles, pinned, from PyPI wheels: pycocotools (COCO's polygon rasterization and
-# COCOeval), OpenCV (the resizes of mmcv, which the official SEG pipeline uses) and numpy.
+# COCOeval), OpenCV (the resizes of mmcv, which the official SEG pipeline uses), Pillow (the
+# mask resizes of detectron2) and numpy.
 # test/oracles.test.ts runs python3 with that folder on PYTHONPATH; without it those tests are
 # skipped unless CONVMAE_REQUIRE_ORACLES=1 (as .ci/run sets).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET="$ROOT/.cache/test-oracles"
-PACKAGES=(pycocotools==2.0.11 numpy==2.4.6 opencv-python-headless==5.0.0.93)
+PACKAGES=(pycocotools==2.0.11 numpy==2.4.6 opencv-python-headless==5.0.0.93 pillow==13.0.0)
 WANT=$(printf '%s\n' "${PACKAGES[@]}")
 if [[ -f "$TARGET/.packages" && "$(cat "$TARGET/.packages")" == "$WANT" ]]; then
   echo "setup-test-oracles: already in $TARGET"

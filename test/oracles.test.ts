@@ -1,7 +1,8 @@
 // Our code against the reference implementations themselves, on random cases drawn here
 // (test/oracles/*.py run them): pycocotools for the polygon rasterizer (COCO's ground-truth masks,
 // detectron2's bitmasks) and the evaluator's 12 summary numbers for 'bbox' and 'segm'; OpenCV for
-// the segmentation pipeline's resizes (mmcv's imresize is cv2.resize). They come from
+// the segmentation pipeline's resizes (mmcv's imresize is cv2.resize); Pillow for the detection
+// pipeline's mask resize (detectron2 resizes BitMasks with PIL's NEAREST). They come from
 // `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where one
 // is missing its tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
 import test from 'ava';
@@ -10,6 +11,7 @@ import path from 'node:path';
 import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
 import { resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
+import { pilNearestSource } from '../src/data/detection-transforms.js';
 import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
 import { ROOT } from './helpers.js';
 
@@ -35,6 +37,7 @@ function withOracle(modules: string): typeof test | typeof test.skip {
 
 const withCoco = withOracle('pycocotools.mask, pycocotools.cocoeval');
 const withCv2 = withOracle('cv2');
+const withPil = withOracle('PIL.Image');
 
 const bits = (mask: Uint8Array): string => Array.from(mask, (v) => (v ? '1' : '0')).join('');
 
@@ -230,4 +233,22 @@ withCv2('resizes as mmcv\'s cv2.resize: label maps by INTER_NEAREST to the pixel
   // partial sums; ours weighs in floating point and rounds once.
   t.true(worst <= 1, `largest difference ${worst}`);
   t.log(`INTER_LINEAR: ${off} of ${values} values differ from cv2's, by 1`);
+});
+
+withPil('masks resize as detectron2\'s BitMasks (PIL\'s NEAREST), to the pixel', (t) => {
+  const rng = createRng(8);
+  const cases = Array.from({ length: 300 }, () => {
+    const [height, width] = [randInt(rng, 1, 60), randInt(rng, 1, 60)];
+    const [outHeight, outWidth] = [randInt(rng, 1, 180), randInt(rng, 1, 180)];
+    return { height, width, outHeight, outWidth, mask: Array.from({ length: height * width }, () => randInt(rng, 0, 1)) };
+  });
+  const { masks } = oracle<{ masks: number[][] }>('pil', { command: 'nearest', cases });
+  let differing = 0;
+  cases.forEach((c, i) => {
+    const rows = pilNearestSource(c.height, c.outHeight);
+    const cols = pilNearestSource(c.width, c.outWidth);
+    const ours = Array.from({ length: c.outHeight * c.outWidth }, (_, p) => c.mask[rows[Math.floor(p / c.outWidth)]! * c.width + cols[p % c.outWidth]!]!);
+    if (ours.some((v, p) => v !== masks[i]![p])) differing++;
+  });
+  t.is(differing, 0);
 });

@@ -91,14 +91,13 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
   for (let y = 0; y < ch; y++) canvas.set(resized.subarray(((top + y) * nw + left) * 3, ((top + y) * nw + left + cw) * 3), y * size * 3);
   const image = flip ? flipRgb(canvas, size, size) : canvas;
 
-  // Nearest resize of a mask (PIL's NEAREST: the source pixel under the output pixel's centre),
-  // read only where the crop keeps it; flipped with the canvas.
+  // Nearest resize of a mask (PIL's NEAREST, as detectron2 resizes BitMasks), read only where
+  // the crop keeps it; flipped with the canvas.
+  const sourceRows = pilNearestSource(h, nh);
+  const sourceCols = pilNearestSource(w, nw);
   const rows = new Int32Array(ch);
-  for (let y = 0; y < ch; y++) rows[y] = Math.min(Math.floor(((top + y + 0.5) * h) / nh), h - 1) * w;
-  const cols = new Int32Array(cw);
-  for (let x = 0; x < cw; x++) {
-    cols[x] = Math.min(Math.floor(((left + x + 0.5) * w) / nw), w - 1);
-  }
+  for (let y = 0; y < ch; y++) rows[y] = sourceRows[top + y]! * w;
+  const cols = sourceCols.subarray(left, left + cw);
   const instances: DetectionInstance[] = [];
   for (const instance of sample.instances) {
     if (instance.iscrowd) continue;
@@ -134,6 +133,23 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
     instances.push({ category: instance.category, box: [x1, y1, x2, y2], mask, area, iscrowd: false });
   }
   return { image, width: size, height: size, instances, id: sample.id };
+}
+
+/**
+ * The source index of each of `outputs` pixels when PIL resizes `inputs` pixels to them with
+ * NEAREST: the position under each output pixel's centre, stepped as PIL steps it (start at half
+ * the scale, add the scale per pixel, in floating point, truncate), which can differ from
+ * floor((o + 0.5) * inputs / outputs) by one where that lands on an integer.
+ */
+export function pilNearestSource(inputs: number, outputs: number): Int32Array {
+  const source = new Int32Array(outputs);
+  const step = inputs / outputs;
+  let at = step * 0.5;
+  for (let o = 0; o < outputs; o++) {
+    source[o] = Math.min(Math.trunc(at), inputs - 1);
+    at += step;
+  }
+  return source;
 }
 
 /** How the train transform moves polygon vertices: see movePolygons. */

@@ -85,6 +85,7 @@ export {
   detectionTrainTransform,
   lsjResizedSize,
   movePolygons,
+  pilNearestSource,
   type DetectionTestInput,
   type DetectionTrainTransformOptions,
 } from './detection-transforms.js';
