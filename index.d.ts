@@ -63,9 +63,10 @@ export declare class NativeDetector {
   constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update on uint8 images [batch, height, width, 3] and their annotations
-   * (see `image_targets`).
+   * (see `image_targets`), with the instances' polygons where they have them (see
+   * `instance_polygons`; their mask targets are then rasterized from the polygons).
    */
-  train(pixels: Uint8Array, batch: number, height: number, width: number, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: number): Promise<DetTrainResult>
+  train(pixels: Uint8Array, batch: number, height: number, width: number, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: number, polygonCounts?: Uint32Array | undefined | null, polygonLengths?: Uint32Array | undefined | null, polygonCoords?: Float64Array | undefined | null): Promise<DetTrainResult>
   /**
    * Detections of a batch; `outputSizes` holds (height, width) per image, the size to scale
    * boxes and masks to (default: the input size).
@@ -281,6 +282,12 @@ export declare function modelInfo(configJson: string): string
 
 /** The config of a named preset, as JSON. */
 export declare function presetConfig(name: string): string
+
+/**
+ * Polygons (`lengths[p]` numbers of `coords` each: x1, y1, x2, y2, ...) rasterized as
+ * pycocotools does (crate::polygons::rasterize), a row-major [height, width] mask.
+ */
+export declare function rasterizePolygons(lengths: Uint32Array, coords: Float64Array, height: number, width: number): Uint8Array
 
 export interface ReconstructionResult {
   pixels: Buffer

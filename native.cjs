@@ -850,5 +850,6 @@ module.exports.cudaPoolPeaks = nativeBinding.cudaPoolPeaks
 module.exports.decodeCropBatch = nativeBinding.decodeCropBatch
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
+module.exports.rasterizePolygons = nativeBinding.rasterizePolygons
 module.exports.resolveConfig = nativeBinding.resolveConfig
 module.exports.timeKernels = nativeBinding.timeKernels

@@ -251,6 +251,24 @@ test('the detector trains on digit scenes, detects at the output size asked for,
     const badMask = structuredClone(batch.instances);
     badMask[1]![0]!.mask = new Uint8Array(10);
     await t.throwsAsync(() => model.train({ ...batch, instances: badMask }, { lr: 1e-3 }), { message: /instances\[1\]\[0\]: mask must be a Uint8Array of 4096 values/ });
+    const badPolygon = structuredClone(batch.instances);
+    badPolygon[0]![0]!.polygons = [[1, 2, 3, 4, 5, 6], [1, 2, 3]];
+    await t.throwsAsync(() => model.train({ ...batch, instances: badPolygon }, { lr: 1e-3 }), { message: /instances\[0\]\[0\]: polygons\[1\] must hold 3 or more \(x, y\) pairs of finite numbers/ });
+    // With polygons, the mask head's target comes from them: a triangle instead of the mask
+    // changes the mask loss, and nothing else of the first step.
+    const fresh = () => Detector.create({ ...smallRun, numClasses: 10, seed: 1 });
+    const [plain, drawn] = [fresh(), fresh()];
+    try {
+      const withPolygon = structuredClone(batch.instances);
+      const [x1, y1, x2, y2] = withPolygon[0]![0]!.box;
+      withPolygon[0]![0]!.polygons = [[x1, y1, x2, y1, x1, y2]];
+      const [p, d] = [await plain.train(batch, { lr: 1e-3 }), await drawn.train({ ...batch, instances: withPolygon }, { lr: 1e-3 })];
+      t.not(d.lossMask, p.lossMask);
+      t.deepEqual([d.lossRpnCls, d.lossRpnLoc, d.lossCls, d.lossBoxReg, d.foreground], [p.lossRpnCls, p.lossRpnLoc, p.lossCls, p.lossBoxReg, p.foreground]);
+    } finally {
+      plain.dispose();
+      drawn.dispose();
+    }
     await t.throwsAsync(() => model.train({ ...batch, instances: [batch.instances[0]!] }, { lr: 1e-3 }), { message: /instances must hold one array per image \(2\), got 1/ });
     await t.throwsAsync(() => model.detect(batch, { outputSizes: [[32, 48]] }), { message: /outputSizes must hold a positive integer \[height, width\] per image \(2\)/ });
   } finally {

@@ -102,6 +102,12 @@ export interface TargetInstance {
   box: BoxXyxy;
   /** [height * width], nonzero = object. */
   mask: Uint8Array;
+  /**
+   * The polygons the mask was drawn from ([x1, y1, ...] in input pixels), where there are any:
+   * the mask head's targets are then rasterized from them inside each region, as detectron2's
+   * PolygonMasks.crop_and_resize does, instead of cropped from `mask`.
+   */
+  polygons?: number[][];
 }
 
 /** Images with their objects: `instances[i]` are image i's. */
@@ -137,7 +143,7 @@ export interface ImageDetections {
 
 
 /** The batch's instances as the native flat arrays, every instance checked and named. */
-function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: Uint32Array; boxes: Float32Array; classes: Uint32Array; masks: Uint8Array } {
+function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: Uint32Array; boxes: Float32Array; classes: Uint32Array; masks: Uint8Array; polygons?: FlatPolygons } {
   if (!Array.isArray(batch.instances) || batch.instances.length !== batch.batchSize) {
     throw new RangeError(`instances must hold one array per image (${batch.batchSize}), got ${Array.isArray(batch.instances) ? batch.instances.length : typeof batch.instances}`);
   }
@@ -147,6 +153,9 @@ function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: 
   const boxes = new Float32Array(4 * total);
   const classes = new Uint32Array(total);
   const masks = new Uint8Array(total * pixels);
+  const polygonCounts: number[] = [];
+  const polygonLengths: number[] = [];
+  const polygonCoords: number[] = [];
   let at = 0;
   batch.instances.forEach((list, i) => {
     counts[i] = list.length;
@@ -163,10 +172,29 @@ function flattenInstances(batch: AnnotatedBatch, numClasses: number): { counts: 
       boxes.set([x1, y1, x2, y2], 4 * at);
       classes[at] = instance.category;
       masks.set(instance.mask, at * pixels);
+      const polygons = instance.polygons ?? [];
+      polygons.forEach((p, k) => {
+        if (!Array.isArray(p) || p.length < 6 || p.length % 2 !== 0 || !p.every(Number.isFinite)) {
+          throw new RangeError(`${where}: polygons[${k}] must hold 3 or more (x, y) pairs of finite numbers`);
+        }
+      });
+      polygonCounts.push(polygons.length);
+      for (const p of polygons) {
+        polygonLengths.push(p.length);
+        for (const v of p) polygonCoords.push(v);
+      }
       at++;
     });
   });
-  return { counts, boxes, classes, masks };
+  const polygons = polygonLengths.length > 0 ? { counts: Uint32Array.from(polygonCounts), lengths: Uint32Array.from(polygonLengths), coords: Float64Array.from(polygonCoords) } : undefined;
+  return { counts, boxes, classes, masks, polygons };
+}
+
+/** Every instance's polygons as the native flat arrays: a count per instance, a length per polygon, the numbers. */
+interface FlatPolygons {
+  counts: Uint32Array;
+  lengths: Uint32Array;
+  coords: Float64Array;
 }
 
 /**
@@ -199,7 +227,8 @@ export class Detector extends TaskModel<InstanceType<typeof native.NativeDetecto
   async train(batch: AnnotatedBatch, options: { lr: number }): Promise<DetTrainResult> {
     checkImageBatch(batch);
     const t = flattenInstances(batch, this.numClasses);
-    const r = await this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, t.counts, t.boxes, t.classes, t.masks, options.lr);
+    const p = t.polygons;
+    const r = await this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, t.counts, t.boxes, t.classes, t.masks, options.lr, p?.counts, p?.lengths, p?.coords);
     return { ...r, step: Number(r.step) };
   }
 

@@ -15,6 +15,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { drawDigitScene, setupDigitScenes, type DigitSceneDrawing, type DigitScenesOptions } from './segmentation.js';
 import { IGNORE_LABEL } from '../api/segmenter.js';
+import { native } from '../native.js';
 
 export interface DetectionInstance {
   /** 0-based class id; there is no background class. */
@@ -114,94 +115,23 @@ export async function openDigitDetectionScenes(split: 'train' | 't10k' = 'train'
 // ---------------------------------------------------------------------------
 // Masks: polygons and COCO run-length encoding
 
-/** pycocotools walks a polygon's boundary on a grid this many times finer than the pixels. */
-const POLYGON_UPSAMPLING = 5;
-
 /**
  * Rasterizes polygons ([x1, y1, x2, y2, ...] in pixels) into a [height, width] mask as
  * pycocotools does (`frPyObjects` then `merge`, which COCO's evaluation and detectron2's
  * `polygons_to_bitmask` use), so that ground-truth masks and mask AP match theirs pixel for
- * pixel. The union over the polygons (COCO stores an object cut in parts as several polygons);
- * within one polygon, the even-odd rule (a polygon traced twice covers nothing).
- *
- * The method, in brief: the vertices are rounded onto a grid 5x finer than the pixels, the
- * closed boundary is walked there one fine step at a time along each edge's longer axis, and
- * wherever the walk crosses the fine column boundary that runs through pixel column x's centre,
- * the row of the crossing (its upper fine row mapped back to pixels, clamped to [0, height],
- * rounded up) toggles column x from that row down. Each column is then filled between pairs of
- * its sorted toggles. C's truncating casts and its order of floating-point operations are kept,
- * since they decide which pixel a boundary falls in.
+ * pixel: the union over the polygons, within one polygon the even-odd rule (a polygon traced
+ * twice covers nothing). The native module does it (crates/convmae-core/src/polygons.rs, which
+ * says how), the same code that rasterizes the detector's mask targets.
  */
 export function rasterizePolygons(polygons: readonly (readonly number[])[], height: number, width: number): Uint8Array {
-  const mask = new Uint8Array(height * width);
-  for (const polygon of polygons) {
-    const toggles = columnToggles(polygon, height, width);
-    for (let x = 0; x < width; x++) {
-      const rows = toggles[x]!;
-      if (rows.length === 0) continue;
-      rows.sort((a, b) => a - b);
-      for (let k = 0; k + 1 < rows.length; k += 2) {
-        for (let y = rows[k]!; y < rows[k + 1]!; y++) mask[y * width + x] = 1;
-      }
-    }
-  }
-  return mask;
-}
-
-/**
- * For each pixel column, the rows at which the polygon's boundary toggles it (unsorted; an even
- * number per column, since the boundary is closed). See rasterizePolygons.
- */
-function columnToggles(polygon: readonly number[], height: number, width: number): number[][] {
-  const toggles: number[][] = Array.from({ length: width }, () => []);
-  const n = Math.floor(polygon.length / 2);
-  const fineX: number[] = [];
-  const fineY: number[] = [];
-  for (let i = 0; i < n; i++) {
-    fineX.push(Math.trunc(POLYGON_UPSAMPLING * polygon[2 * i]! + 0.5));
-    fineY.push(Math.trunc(POLYGON_UPSAMPLING * polygon[2 * i + 1]! + 0.5));
-  }
-  let lastX = NaN;
-  let lastY = NaN;
-  // One fine point of the walk: when its column differs from the last point's (by one), the
-  // walk crossed the line between them; that line runs through a pixel centre every 5 columns.
-  const visit = (x: number, y: number): void => {
-    if (!Number.isNaN(lastX) && x !== lastX) {
-      const column = (Math.min(x, lastX) + 0.5) / POLYGON_UPSAMPLING - 0.5;
-      if (Math.floor(column) === column && column >= 0 && column <= width - 1) {
-        const row = Math.min(Math.max((Math.min(y, lastY) + 0.5) / POLYGON_UPSAMPLING - 0.5, 0), height);
-        toggles[column]!.push(Math.ceil(row));
-      }
-    }
-    lastX = x;
-    lastY = y;
-  };
-  for (let j = 0; j < n; j++) {
-    let [xs, ys, xe, ye] = [fineX[j]!, fineY[j]!, fineX[(j + 1) % n]!, fineY[(j + 1) % n]!];
-    const dx = Math.abs(xe - xs);
-    const dy = Math.abs(ye - ys);
-    const alongX = dx >= dy;
-    // Interpolate from the end with the smaller coordinate on the long axis (the rounding
-    // depends on which end), but visit the points in the edge's own direction.
-    const reversed = alongX ? xs > xe : ys > ye;
-    if (reversed) [xs, ys, xe, ye] = [xe, ye, xs, ys];
-    if (alongX) {
-      // A zero-length edge (a repeated vertex) gives 0 / 0 here; its one point lies in the
-      // column of its neighbours, so the NaN row is never read.
-      const slope = (ye - ys) / dx;
-      for (let d = 0; d <= dx; d++) {
-        const t = reversed ? dx - d : d;
-        visit(xs + t, Math.trunc(ys + slope * t + 0.5));
-      }
-    } else {
-      const slope = (xe - xs) / dy;
-      for (let d = 0; d <= dy; d++) {
-        const t = reversed ? dy - d : d;
-        visit(Math.trunc(xs + slope * t + 0.5), ys + t);
-      }
-    }
-  }
-  return toggles;
+  const lengths = Uint32Array.from(polygons, (p) => p.length - (p.length % 2));
+  const coords = new Float64Array(lengths.reduce((n, l) => n + l, 0));
+  let at = 0;
+  polygons.forEach((p, i) => {
+    coords.set(p.slice(0, lengths[i]), at);
+    at += lengths[i]!;
+  });
+  return native.rasterizePolygons(lengths, coords, height, width);
 }
 
 /** A COCO run-length encoding: runs over the mask in column-major order, 0s first. */

@@ -214,7 +214,7 @@ export async function* detectionBatches(dataset: DetectionDataset, options: Dete
   for await (const { samples, indices, epoch } of stepBatches({ ...options, dataset, read, unusable: 'that holds an object' })) {
     const images = new Uint8Array(batchSize * size * size * 3);
     samples.forEach((s, i) => images.set(s.image, i * size * size * 3));
-    const instances = samples.map((s) => s.instances.map(({ category, box, mask }) => ({ category, box, mask })));
+    const instances = samples.map((s) => s.instances.map(({ category, box, mask, polygons }) => ({ category, box, mask, polygons })));
     yield { images, instances, batchSize, height: size, width: size, indices, epoch };
   }
 }

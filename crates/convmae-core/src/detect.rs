@@ -106,6 +106,14 @@ impl DetectorTrainer {
             if t.masks.len() != t.boxes.len() * s * s {
                 return Err(err(format!("targets of image {i}: masks hold {} values, expected {} ({} masks of {s}x{s})", t.masks.len(), t.boxes.len() * s * s, t.boxes.len())));
             }
+            if t.polygons.len() > t.boxes.len() {
+                return Err(err(format!("targets of image {i}: polygons for {} instances but {} boxes", t.polygons.len(), t.boxes.len())));
+            }
+            for (j, polygons) in t.polygons.iter().enumerate() {
+                if let Some(p) = polygons.iter().find(|p| p.len() < 6 || p.len() % 2 != 0 || !p.iter().all(|v| v.is_finite())) {
+                    return Err(err(format!("targets of image {i}: instance {j} has a polygon of {} finite-or-not numbers; each needs 3 or more (x, y) pairs of finite numbers", p.len())));
+                }
+            }
             for (j, (b, &c)) in t.boxes.iter().zip(&t.classes).enumerate() {
                 if !b.iter().all(|v| v.is_finite()) || b[2] <= b[0] || b[3] <= b[1] {
                     return Err(err(format!("targets of image {i}: box {j} {b:?} is not a finite box with x2 > x1 and y2 > y1")));

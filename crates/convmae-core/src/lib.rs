@@ -15,6 +15,7 @@ pub mod precision;
 pub mod pos_embed;
 pub mod rng;
 pub mod boxes;
+pub mod polygons;
 pub mod detect;
 pub mod segment;
 

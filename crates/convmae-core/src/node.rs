@@ -188,6 +188,14 @@ pub fn cuda_pool_peaks(ordinal: u32) -> Result<String> {
     crate::device::cuda_pool_peaks(ordinal as usize).map(|p| serde_json::to_string(&p).unwrap()).map_err(js_err)
 }
 
+/// Polygons (`lengths[p]` numbers of `coords` each: x1, y1, x2, y2, ...) rasterized as
+/// pycocotools does (crate::polygons::rasterize), a row-major [height, width] mask.
+#[napi]
+pub fn rasterize_polygons(lengths: Uint32Array, coords: Float64Array, height: u32, width: u32) -> Result<Uint8Array> {
+    let polygons = instance_polygons(&[lengths.len() as u32], &lengths, &coords, 1)?.pop().unwrap_or_default();
+    Ok(crate::polygons::rasterize(&polygons, height as usize, width as usize).into())
+}
+
 /// Whether this build has the CUDA backend (`npm run build:cuda`).
 #[napi]
 pub fn cuda_build() -> bool {
@@ -840,7 +848,36 @@ pub struct DetectionsResult {
 
 /// The per-image annotations of a batch from flat arrays: `counts` instances per image, 4 box
 /// numbers and a class each, and a mask of height x width each, all concatenated.
-fn image_targets(counts: &[u32], boxes: &[f32], classes: &[u32], masks: &[u8], pixels_per_mask: usize) -> Result<Vec<ImageTargets>> {
+/// Instances' polygons from their flat form: `per_instance[i]` polygons for instance i (over
+/// all images, in order; 0 = none), `lengths[p]` numbers for polygon p, `coords` all of them.
+fn instance_polygons(per_instance: &[u32], lengths: &[u32], coords: &[f64], instances: usize) -> Result<Vec<Vec<Vec<f64>>>> {
+    let polygons: usize = per_instance.iter().map(|&n| n as usize).sum();
+    let numbers: usize = lengths.iter().map(|&n| n as usize).sum();
+    if per_instance.len() != instances || lengths.len() != polygons || coords.len() != numbers {
+        return Err(js_err(format!(
+            "polygons: polygonCounts must hold one count per instance ({instances}, got {}), polygonLengths one length per polygon ({polygons}, got {}), polygonCoords their {numbers} numbers (got {})",
+            per_instance.len(),
+            lengths.len(),
+            coords.len()
+        )));
+    }
+    let (mut p, mut at) = (0, 0);
+    Ok(per_instance
+        .iter()
+        .map(|&n| {
+            (0..n as usize)
+                .map(|_| {
+                    let len = lengths[p] as usize;
+                    let polygon = coords[at..at + len].to_vec();
+                    (p, at) = (p + 1, at + len);
+                    polygon
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn image_targets(counts: &[u32], boxes: &[f32], classes: &[u32], masks: &[u8], pixels_per_mask: usize, mut polygons: Vec<Vec<Vec<f64>>>) -> Result<Vec<ImageTargets>> {
     let total: usize = counts.iter().map(|&c| c as usize).sum();
     if boxes.len() != 4 * total || classes.len() != total || masks.len() != total * pixels_per_mask {
         return Err(js_err(format!(
@@ -860,6 +897,7 @@ fn image_targets(counts: &[u32], boxes: &[f32], classes: &[u32], masks: &[u8], p
             boxes: boxes[4 * at..4 * (at + c)].chunks(4).map(|b| [b[0], b[1], b[2], b[3]]).collect(),
             classes: classes[at..at + c].iter().map(|&k| k as usize).collect(),
             masks: masks[at * pixels_per_mask..(at + c) * pixels_per_mask].to_vec(),
+            polygons: if polygons.is_empty() { Vec::new() } else { polygons.drain(..c).collect() },
         });
         at += c;
     }
@@ -910,14 +948,34 @@ impl NativeDetector {
     }
 
     /// One optimizer update on uint8 images [batch, height, width, 3] and their annotations
-    /// (see `image_targets`).
+    /// (see `image_targets`), with the instances' polygons where they have them (see
+    /// `instance_polygons`; their mask targets are then rasterized from the polygons).
     #[napi]
     #[allow(clippy::too_many_arguments)]
-    pub async fn train(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: f64) -> Result<DetTrainResult> {
+    pub async fn train(
+        &self,
+        pixels: Uint8Array,
+        batch: u32,
+        height: u32,
+        width: u32,
+        counts: Uint32Array,
+        boxes: Float32Array,
+        classes: Uint32Array,
+        masks: Uint8Array,
+        lr: f64,
+        polygon_counts: Option<Uint32Array>,
+        polygon_lengths: Option<Uint32Array>,
+        polygon_coords: Option<Float64Array>,
+    ) -> Result<DetTrainResult> {
         if counts.len() != batch as usize {
             return Err(js_err(format!("targets: counts has {} entries for {batch} images", counts.len())));
         }
-        let targets = image_targets(&counts, &boxes, &classes, &masks, (height * width) as usize)?;
+        let polygons = match (polygon_counts, polygon_lengths, polygon_coords) {
+            (Some(n), Some(l), Some(c)) => instance_polygons(&n, &l, &c, classes.len())?,
+            (None, None, None) => Vec::new(),
+            _ => return Err(js_err("polygons: pass polygonCounts, polygonLengths and polygonCoords together")),
+        };
+        let targets = image_targets(&counts, &boxes, &classes, &masks, (height * width) as usize, polygons)?;
         let command = DetectorCommand::Train { images: images(&pixels, batch, height, width), targets, lr };
         match self.call(command).await? {
             DetectorReply::Trained(s) => Ok(DetTrainResult {

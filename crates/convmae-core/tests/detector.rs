@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use convmae_core::detect::{DetectorAdamWConfig, DetectorTrainer};
 use convmae_core::model::detector::{deconv_2x2, max_pool_2x2, upsample_nearest_2x, window_partition, window_unpartition, Detector, DetectorHead, ImageTargets};
 use convmae_core::boxes::BoxXyxy;
+use convmae_core::polygons;
+use convmae_kernels::RoiBox;
 use convmae_core::rng::Rng;
 use convmae_core::train::{normalize, Batch};
 use convmae_core::ConvMaeConfig;
@@ -240,7 +242,44 @@ fn bad_inputs_are_named() {
     targets[0].masks.pop();
     let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
     assert!(e.contains("targets of image 0: masks hold"), "{e}");
+    targets[0].masks.push(0);
+    targets[0].boxes[0] = [5.0, 5.0, 9.0, 9.0];
+    targets[1].polygons = vec![vec![vec![1.0, 2.0, 3.0, 4.0]]];
+    let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
+    assert!(e.contains("targets of image 1: instance 0 has a polygon of 4"), "{e}");
     assert_eq!(trainer.step_count(), 0, "no update on refused input");
+}
+
+/// Mask targets: an instance with polygons gets them rasterized inside the region (detectron2's
+/// PolygonMasks.crop_and_resize), one without gets its mask cropped by ROIAlign (BitMasks), and
+/// the ground-truth index runs over all images' instances in order.
+#[test]
+fn mask_targets_come_from_polygons_where_given_else_from_masks() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let model = Detector::new(cfg, small_head(), DType::F32, &Device::Cpu, 0).unwrap();
+    let rect = |x0: usize, y0: usize, x1: usize, y1: usize| -> Vec<u8> { (0..s * s).map(|p| u8::from((x0..x1).contains(&(p % s)) && (y0..y1).contains(&(p / s)))).collect() };
+    // Image 0: two instances with masks only; image 1: one whose mask is left empty on purpose
+    // and whose polygon is a triangle, so that only the polygon can give its target.
+    let triangle = vec![10.0, 10.0, 40.0, 10.0, 10.0, 40.0];
+    let targets = vec![
+        ImageTargets { boxes: vec![[8.0, 8.0, 24.0, 24.0], [30.0, 30.0, 50.0, 50.0]], classes: vec![0, 1], masks: [rect(8, 8, 24, 24), rect(30, 30, 50, 50)].concat(), polygons: Vec::new() },
+        ImageTargets { boxes: vec![[10.0, 10.0, 40.0, 40.0]], classes: vec![1], masks: vec![0; s * s], polygons: vec![vec![triangle.clone()]] },
+    ];
+    let roi = |image: usize, b: [f32; 4]| RoiBox { image, x1: b[0], y1: b[1], x2: b[2], y2: b[3] };
+    let rois = [roi(0, [8.0, 8.0, 24.0, 24.0]), roi(0, [30.0, 30.0, 40.0, 50.0]), roi(1, [10.0, 10.0, 40.0, 40.0])];
+    let got = model.mask_targets(&rois, &[0, 1, 2], &targets).unwrap();
+    let side = 28 * 28;
+    // A region equal to its square mask: all ones; the left half of the second square: all ones.
+    assert!(got[..side].iter().all(|&v| v == 1.0));
+    assert!(got[side..2 * side].iter().all(|&v| v == 1.0));
+    // The triangle inside its own box: its rasterization at 28 x 28, the lower-left half.
+    let want: Vec<f32> = polygons::rasterize_within_box(&[triangle], &[10.0, 10.0, 40.0, 40.0], 28).iter().map(|&m| f32::from(m)).collect();
+    assert_eq!(&got[2 * side..], &want[..]);
+    let on: f32 = want.iter().sum();
+    assert!(on > 300.0 && on < 500.0, "{on} of 784 pixels");
+    assert_eq!(want[27], 0.0, "top right corner outside");
+    assert_eq!(want[0], 1.0, "top left corner inside");
 }
 
 /// Training on one fixed batch drives every loss down and the trained model finds the

@@ -168,6 +168,9 @@ pub struct ImageTargets {
     pub boxes: Vec<BoxXyxy>,
     pub classes: Vec<usize>,
     pub masks: Vec<u8>,
+    /// Per instance, its polygons ([x1, y1, ...] in input pixels) or none. Empty (or shorter than
+    /// `boxes`), or an instance without polygons: its mask target comes from `masks` instead.
+    pub polygons: Vec<Vec<Vec<f64>>>,
 }
 
 /// The five losses of a training step (detectron2's names), each a scalar tensor.
@@ -579,18 +582,46 @@ impl Detector {
         Ok(DetectorLosses { rpn_cls, rpn_loc, cls, box_reg, mask, norm_stats: f.norm_stats, foreground: fg.len(), proposals: used })
     }
 
-    /// detectron2 `mask_rcnn_loss`: each foreground region's logits of its class against its
-    /// ground truth's mask cropped and resized to 28 x 28 by ROIAlign (aligned, adaptive
-    /// sampling) and thresholded at 0.5; binary cross-entropy averaged over all those pixels.
-    fn mask_loss(&self, logits: &Tensor, rois: &[RoiBox], classes: &[usize], gt_index: &[usize], targets: &[ImageTargets]) -> Result<Tensor> {
+    /// The 28 x 28 mask target of each foreground region (row-major, 0 or 1), from the ground
+    /// truth `gt_index` names (an index over all images' instances, in order): detectron2's
+    /// PolygonMasks.crop_and_resize where the instance has polygons (rasterized inside the
+    /// region as pycocotools does), else its BitMasks.crop_and_resize (the mask cropped and
+    /// resized by ROIAlign, aligned, adaptive sampling, thresholded at 0.5).
+    pub fn mask_targets(&self, rois: &[RoiBox], gt_index: &[usize], targets: &[ImageTargets]) -> Result<Vec<f32>> {
         let side = self.cfg.img_size;
+        let polygons: Vec<Option<&Vec<Vec<f64>>>> = targets.iter().flat_map(|t| (0..t.boxes.len()).map(|g| t.polygons.get(g).filter(|p| !p.is_empty()))).collect();
+        let from_mask: Vec<usize> = (0..rois.len()).filter(|&i| polygons[gt_index[i]].is_none()).collect();
+        let mut out = vec![0f32; rois.len() * MASK_SIDE * MASK_SIDE];
+        if !from_mask.is_empty() {
+            let masks: Vec<f32> = targets.iter().flat_map(|t| t.masks.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 })).collect();
+            let count = masks.len() / (side * side);
+            let gt_masks = Tensor::from_vec(masks, (count, side, side, 1), &Device::Cpu)?;
+            let crop: Vec<RoiBox> = from_mask.iter().map(|&i| RoiBox { image: gt_index[i], ..rois[i] }).collect();
+            let resized = values_f32(&k::roi_align(&gt_masks, &crop, MASK_SIDE, 1.0, 0)?)?;
+            for (j, &i) in from_mask.iter().enumerate() {
+                let target = &mut out[i * MASK_SIDE * MASK_SIDE..(i + 1) * MASK_SIDE * MASK_SIDE];
+                for (t, &v) in target.iter_mut().zip(&resized[j * MASK_SIDE * MASK_SIDE..]) {
+                    *t = if v >= 0.5 { 1.0 } else { 0.0 };
+                }
+            }
+        }
+        for (i, r) in rois.iter().enumerate() {
+            if let Some(p) = polygons[gt_index[i]] {
+                let b: BoxXyxy = [r.x1, r.y1, r.x2, r.y2];
+                let mask = crate::polygons::rasterize_within_box(p, &b, MASK_SIDE);
+                for (t, &m) in out[i * MASK_SIDE * MASK_SIDE..].iter_mut().zip(&mask) {
+                    *t = f32::from(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// detectron2 `mask_rcnn_loss`: each foreground region's logits of its class against its
+    /// mask target (`mask_targets`); binary cross-entropy averaged over all those pixels.
+    fn mask_loss(&self, logits: &Tensor, rois: &[RoiBox], classes: &[usize], gt_index: &[usize], targets: &[ImageTargets]) -> Result<Tensor> {
         let device = self.device();
-        let masks: Vec<f32> = targets.iter().flat_map(|t| t.masks.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 })).collect();
-        let count = masks.len() / (side * side);
-        let gt_masks = Tensor::from_vec(masks, (count, side, side, 1), device)?;
-        let crop: Vec<RoiBox> = rois.iter().zip(gt_index).map(|(r, &g)| RoiBox { image: g, ..*r }).collect();
-        let resized = values_f32(&k::roi_align(&gt_masks, &crop, MASK_SIDE, 1.0, 0)?)?;
-        let binary: Vec<f32> = resized.iter().map(|&v| if v >= 0.5 { 1.0 } else { 0.0 }).collect();
+        let binary = self.mask_targets(rois, gt_index, targets)?;
         let n = rois.len();
         let pixels = n * MASK_SIDE * MASK_SIDE;
         let k_classes = self.head.num_classes;
