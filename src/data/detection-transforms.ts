@@ -326,6 +326,22 @@ function polygonsBox(polygons: readonly (readonly number[])[]): [number, number,
   return Number.isFinite(x1) ? [x1, y1, x2, y2] : [0, 0, 0, 0];
 }
 
+/**
+ * detectron2's ResizeShortestEdge.get_output_shape: the short side to `short`, then both scaled
+ * down if the long side passes `maxSize`, each rounded by int(x + 0.5), in its order of
+ * operations (for the square test input, a scale of S / max(h, w) up to the last bits).
+ */
+export function shortestEdgeSize(height: number, width: number, short: number, maxSize: number): [number, number] {
+  const scale = short / Math.min(height, width);
+  let [newHeight, newWidth] = height < width ? [short, scale * width] : [scale * height, short];
+  if (Math.max(newHeight, newWidth) > maxSize) {
+    const down = maxSize / Math.max(newHeight, newWidth);
+    newHeight *= down;
+    newWidth *= down;
+  }
+  return [Math.max(1, Math.trunc(newHeight + 0.5)), Math.max(1, Math.trunc(newWidth + 0.5))];
+}
+
 /** An image as the test transform gives it to the model, and how it maps back. */
 export interface DetectionTestInput {
   /** [S, S, 3]: the resized image at the top left, padded. */
@@ -348,9 +364,7 @@ export function detectionTestResize(sample: Pick<DetectionSample, 'image' | 'wid
   const { width: w, height: h } = sample;
   const canvas = Math.max(w, h);
   const scale = size / canvas;
-  // ResizeShortestEdge: int(side * scale + 0.5).
-  const nh = Math.max(1, Math.floor(h * scale + 0.5));
-  const nw = Math.max(1, Math.floor(w * scale + 0.5));
+  const [nh, nw] = shortestEdgeSize(h, w, size, size);
   const resized = resizeBilinearPil(sample.image, w, h, nw, nh);
   if (nh === size && nw === size) return { image: resized, resizedHeight: nh, resizedWidth: nw, scale, canvas };
   const image = new Uint8Array(size * size * 3).fill(DETECTION_PAD_PIXEL);
