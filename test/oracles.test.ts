@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
-import { resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
+import { photometricConvert, resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
 import { pilNearestSource, resizeBilinearPil } from '../src/data/detection-transforms.js';
 import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
 import { ROOT } from './helpers.js';
@@ -272,6 +272,22 @@ withPil('images resize as detectron2\'s ResizeTransform (PIL\'s BILINEAR, antial
       differing++;
       if (differing <= 3) t.log(`case ${i}: ${c.width}x${c.height} -> ${c.outWidth}x${c.outHeight}`);
     }
+  });
+  t.is(differing, 0);
+});
+
+withCv2('PhotoMetricDistortion\'s brightness and contrast steps as numpy computes them (float32), to the byte', (t) => {
+  const rng = createRng(10);
+  const pixels = Array.from({ length: 256 }, (_, i) => i);
+  // Brightness (alpha 1, beta in [-32, 32]) and contrast (alpha in [0.5, 1.5], beta 0), with
+  // values that land exactly on integers among them.
+  const cases = Array.from({ length: 400 }, (_, i) => (i % 2 === 0 ? { alpha: 1, beta: i % 8 === 0 ? randInt(rng, -32, 32) + 0.5 : uniform(rng, -32, 32) } : { alpha: i % 6 === 1 ? randInt(rng, 5, 15) / 10 : uniform(rng, 0.5, 1.5), beta: 0 }));
+  const theirs = oracle<{ pixels: number[][] }>('cv2', { command: 'convert', cases: cases.map((c) => ({ ...c, pixels })) });
+  let differing = 0;
+  cases.forEach((c, i) => {
+    const ours = Uint8Array.from(pixels);
+    photometricConvert(ours, c.alpha, c.beta);
+    if (ours.some((v, j) => v !== theirs.pixels[i]![j])) differing++;
   });
   t.is(differing, 0);
 });

@@ -12,7 +12,7 @@
  *
  * PhotoMetricDistortion's saturation and hue steps convert through HSV in floating point, where
  * mmcv goes through cv2's 8-bit HSV (hue in [0, 180)); its brightness and contrast steps are
- * exact.
+ * exact (in float32, as numpy computes them; test/oracles.test.ts).
  */
 import { randInt, uniform, type Rng } from './rng.js';
 import type { SegmentationSample } from './segmentation.js';
@@ -108,9 +108,14 @@ function balancedEnough(labels: Uint8Array, width: number, top: number, left: nu
   return max / total < CAT_MAX_RATIO;
 }
 
-/** `convert` of PhotoMetricDistortion: x * alpha + beta, clipped to [0, 255], truncated to uint8. */
-function convert(pixels: Uint8Array, alpha: number, beta: number): void {
-  for (let i = 0; i < pixels.length; i++) pixels[i] = Math.trunc(Math.min(255, Math.max(0, pixels[i]! * alpha + beta)));
+/**
+ * `convert` of PhotoMetricDistortion, in place: x * alpha + beta, clipped to [0, 255], truncated
+ * to uint8. In float32, as numpy computes `img.astype(np.float32) * alpha + beta` (the Python
+ * floats taken as float32), since the truncation can fall either side of an integer.
+ */
+export function photometricConvert(pixels: Uint8Array, alpha: number, beta: number): void {
+  const [a, b] = [Math.fround(alpha), Math.fround(beta)];
+  for (let i = 0; i < pixels.length; i++) pixels[i] = Math.trunc(Math.min(255, Math.max(0, Math.fround(Math.fround(pixels[i]! * a) + b))));
 }
 
 /** RGB (0-255) to HSV with hue in [0, 360), saturation and value in [0, 1]. */
@@ -155,10 +160,10 @@ function adjustHsv(pixels: Uint8Array, alpha: number, hueShift: number): void {
  */
 export function photometricDistortion(pixels: Uint8Array, rng: Rng): void {
   const coin = () => randInt(rng, 0, 1) === 1;
-  if (coin()) convert(pixels, 1, uniform(rng, -32, 32));
+  if (coin()) photometricConvert(pixels, 1, uniform(rng, -32, 32));
   const contrastFirst = coin();
   const contrast = () => {
-    if (coin()) convert(pixels, uniform(rng, 0.5, 1.5), 0);
+    if (coin()) photometricConvert(pixels, uniform(rng, 0.5, 1.5), 0);
   };
   if (contrastFirst) contrast();
   if (coin()) adjustHsv(pixels, uniform(rng, 0.5, 1.5), 0);

@@ -6,6 +6,9 @@ Reads one JSON request on stdin, writes one JSON answer on stdout:
    "rgb": [h * w * 3 bytes], "labels": [h * w bytes]}]}
     -> {"rgb": [[...]], "labels": [[...]]}: cv2.resize INTER_LINEAR of the RGB image and
        INTER_NEAREST of the label map, row-major.
+  {"command": "convert", "cases": [{"alpha", "beta", "pixels": [bytes]}]}
+    -> {"pixels": [[...]]}: mmseg PhotoMetricDistortion's convert, numpy's
+       clip(img.astype(float32) * alpha + beta, 0, 255).astype(uint8).
 """
 import json
 import sys
@@ -25,9 +28,18 @@ def resize(request):
     return {"rgb": rgb, "labels": labels}
 
 
+def convert(request):
+    out = []
+    for case in request["cases"]:
+        img = np.array(case["pixels"], dtype=np.uint8)
+        img = img.astype(np.float32) * case["alpha"] + case["beta"]
+        out.append(np.clip(img, 0, 255).astype(np.uint8).tolist())
+    return {"pixels": out}
+
+
 def main():
     request = json.load(sys.stdin)
-    json.dump({"resize": resize}[request["command"]](request), sys.stdout)
+    json.dump({"resize": resize, "convert": convert}[request["command"]](request), sys.stdout)
 
 
 if __name__ == "__main__":
