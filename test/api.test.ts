@@ -239,6 +239,7 @@ test('initFrom: the released encoder-only file seeds the encoder; the decoder, m
     const report = await seeded.initFrom(encoderOnly);
     t.is(report.format, 'pth');
     t.false(report.optimizerRestored);
+    t.deepEqual(report.reinitialized, ['pos_embed'], 'the encoder-only file has no decoder_pos_embed');
     t.deepEqual(report.unexpected, []);
     t.true(report.missing.includes('mask_token') && report.missing.includes('stage1_output_decode.weight'));
     t.true(report.missing.every((n) => /^(mask_token|decoder|stage[12]_output_decode)/.test(n)), report.missing.join(', '));
@@ -258,6 +259,25 @@ test('initFrom: the released encoder-only file seeds the encoder; the decoder, m
     t.is((b.header.__metadata__ as Record<string, string>).optimizer_step, '0');
   } finally {
     for (const p of [fresh, seeded, loaded]) p.dispose();
+  }
+});
+
+test('initFrom a classifier checkpoint: its encoder loads, its head is unexpected, its learned pos_embed is not taken', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-init-'));
+  const classifier = Classifier.create({ preset: 'convmae-tiny', numClasses: 3 });
+  const p = Pretrainer.create({ preset: 'convmae-tiny' });
+  try {
+    const file = path.join(dir, 'classifier.safetensors');
+    await classifier.save(file);
+    const report = await p.initFrom(file);
+    t.true(report.loaded.length > 50);
+    t.true(report.loaded.some((n) => n.startsWith('blocks3.')));
+    t.deepEqual(report.reinitialized, ['pos_embed']);
+    t.true(report.unexpected.includes('head.weight'), report.unexpected.join(', '));
+    t.true(report.missing.includes('mask_token') && report.missing.includes('decoder_pos_embed'));
+  } finally {
+    classifier.dispose();
+    p.dispose();
   }
 });
 

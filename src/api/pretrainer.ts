@@ -101,6 +101,8 @@ export interface LoadReport {
   loaded: string[];
   missing: string[];
   unexpected: string[];
+  /** Tensors the file holds that were left at this model's values on purpose (`initFrom`: the sin-cos tables). */
+  reinitialized: string[];
   optimizerRestored: boolean;
   /** What the saver passed as `extra` (the training loop's state), {} if none. */
   extra: Record<string, unknown>;
