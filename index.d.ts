@@ -296,6 +296,12 @@ export interface ReconstructionResult {
   loss: number
 }
 
+/**
+ * An RGB image [height, width, 3] resized as Pillow's `Image.resize` resizes it, with its
+ * BILINEAR or BICUBIC filter (crate::imaging::resized): detectron2's ResizeTransform.
+ */
+export declare function resizePil(pixels: Uint8Array, width: number, height: number, outWidth: number, outHeight: number, filter: string): Uint8Array
+
 /** Validates a config (JSON, every field optional over ConvMAE-B) and returns it complete. */
 export declare function resolveConfig(json: string): string
 

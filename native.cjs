@@ -851,5 +851,6 @@ module.exports.decodeCropBatch = nativeBinding.decodeCropBatch
 module.exports.modelInfo = nativeBinding.modelInfo
 module.exports.presetConfig = nativeBinding.presetConfig
 module.exports.rasterizePolygons = nativeBinding.rasterizePolygons
+module.exports.resizePil = nativeBinding.resizePil
 module.exports.resolveConfig = nativeBinding.resolveConfig
 module.exports.timeKernels = nativeBinding.timeKernels

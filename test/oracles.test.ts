@@ -3,7 +3,8 @@
 // detectron2's bitmasks) and the evaluator's 12 summary numbers for 'bbox' and 'segm'; OpenCV for
 // the segmentation pipeline's resizes (mmcv's imresize is cv2.resize); Pillow for the detection
 // pipeline's resizes (detectron2 resizes uint8 images with PIL's BILINEAR and BitMasks with its
-// NEAREST). They come from
+// NEAREST) and the pretraining crops' (torchvision's BICUBIC); numpy for PhotoMetricDistortion's
+// arithmetic. They come from
 // `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where one
 // is missing its tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
 import test from 'ava';
@@ -12,7 +13,8 @@ import path from 'node:path';
 import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
 import { photometricConvert, resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
-import { pilNearestSource, resizeBilinearPil } from '../src/data/detection-transforms.js';
+import { pilNearestSource } from '../src/data/detection-transforms.js';
+import { native } from '../src/native.js';
 import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
 import { ROOT } from './helpers.js';
 
@@ -254,27 +256,29 @@ withPil('masks resize as detectron2\'s BitMasks (PIL\'s NEAREST), to the pixel',
   t.is(differing, 0);
 });
 
-withPil('images resize as detectron2\'s ResizeTransform (PIL\'s BILINEAR, antialiased when shrinking), to the byte', (t) => {
-  const rng = createRng(9);
-  const cases = Array.from({ length: 150 }, (_, i) => {
-    const [height, width] = [randInt(rng, 1, 70), randInt(rng, 1, 70)];
-    // Shrinking (down to a tenth), growing, one axis unchanged, both unchanged.
-    const pick = (n: number) => (i % 10 === 0 ? n : i % 3 === 0 ? Math.max(1, Math.round(n * uniform(rng, 0.1, 0.9))) : randInt(rng, 1, 160));
-    const [outHeight, outWidth] = i % 7 === 0 ? [height, pick(width)] : [pick(height), pick(width)];
-    const rgb = Array.from({ length: height * width * 3 }, (_, j) => (i % 2 === 0 ? (Math.floor(j / 3) * 13 + (j % 3) * 70) % 256 : randInt(rng, 0, 255)));
-    return { height, width, outHeight, outWidth, rgb };
+for (const filter of ['bilinear', 'bicubic'] as const) {
+  withPil(`images resize as Pillow's ${filter.toUpperCase()} resizes them (${filter === 'bilinear' ? "detectron2's ResizeTransform" : "torchvision's RandomResizedCrop"}), antialiased when shrinking, to the byte`, (t) => {
+    const rng = createRng(filter === 'bilinear' ? 9 : 19);
+    const cases = Array.from({ length: 150 }, (_, i) => {
+      const [height, width] = [randInt(rng, 1, 70), randInt(rng, 1, 70)];
+      // Shrinking (down to a tenth), growing, one axis unchanged, both unchanged.
+      const pick = (n: number) => (i % 10 === 0 ? n : i % 3 === 0 ? Math.max(1, Math.round(n * uniform(rng, 0.1, 0.9))) : randInt(rng, 1, 160));
+      const [outHeight, outWidth] = i % 7 === 0 ? [height, pick(width)] : [pick(height), pick(width)];
+      const rgb = Array.from({ length: height * width * 3 }, (_, j) => (i % 2 === 0 ? (Math.floor(j / 3) * 13 + (j % 3) * 70) % 256 : randInt(rng, 0, 255)));
+      return { height, width, outHeight, outWidth, rgb };
+    });
+    const theirs = oracle<{ rgb: number[][] }>('pil', { command: 'resize', filter, cases });
+    let differing = 0;
+    cases.forEach((c, i) => {
+      const ours = native.resizePil(Uint8Array.from(c.rgb), c.width, c.height, c.outWidth, c.outHeight, filter);
+      if (ours.length !== theirs.rgb[i]!.length || ours.some((v, p) => v !== theirs.rgb[i]![p])) {
+        differing++;
+        if (differing <= 3) t.log(`case ${i}: ${c.width}x${c.height} -> ${c.outWidth}x${c.outHeight}`);
+      }
+    });
+    t.is(differing, 0);
   });
-  const theirs = oracle<{ rgb: number[][] }>('pil', { command: 'bilinear', cases });
-  let differing = 0;
-  cases.forEach((c, i) => {
-    const ours = resizeBilinearPil(Uint8Array.from(c.rgb), c.width, c.height, c.outWidth, c.outHeight);
-    if (ours.length !== theirs.rgb[i]!.length || ours.some((v, p) => v !== theirs.rgb[i]![p])) {
-      differing++;
-      if (differing <= 3) t.log(`case ${i}: ${c.width}x${c.height} -> ${c.outWidth}x${c.outHeight}`);
-    }
-  });
-  t.is(differing, 0);
-});
+}
 
 withCv2('PhotoMetricDistortion\'s brightness and contrast steps as numpy computes them (float32), to the byte', (t) => {
   const rng = createRng(10);

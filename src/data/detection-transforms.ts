@@ -28,6 +28,7 @@
  */
 import { uniform, type Rng } from './rng.js';
 import { rasterizePolygons, type DetectionInstance, type DetectionSample } from './detection.js';
+import { native } from '../native.js';
 
 /** What padding pixels hold: detectron2 FixedSizeCrop's `pad_value`. */
 export const DETECTION_PAD_PIXEL = 128;
@@ -152,90 +153,16 @@ export function pilNearestSource(inputs: number, outputs: number): Int32Array {
   return source;
 }
 
-/** Pillow's fixed-point precision for 8-bit resampling: 32 - 8 - 2 bits. */
-const PIL_PRECISION_BITS = 22;
-
-/**
- * One axis of Pillow's separable resampling with its BILINEAR (triangle) filter, widened by the
- * scale when shrinking (which is what antialiases PIL's downscaling, unlike cv2's 2-tap one): for
- * each output pixel, the first input pixel and the weights, normalized, then rounded to 22-bit
- * fixed point as Pillow rounds them (precompute_coeffs, normalize_coeffs_8bpc).
- */
-function pilBilinearTaps(inputs: number, outputs: number): { first: Int32Array; count: Int32Array; weights: Int32Array[] } {
-  const scale = inputs / outputs;
-  const filterScale = Math.max(scale, 1);
-  const support = filterScale;
-  const first = new Int32Array(outputs);
-  const count = new Int32Array(outputs);
-  const weights: Int32Array[] = [];
-  for (let o = 0; o < outputs; o++) {
-    const centre = (o + 0.5) * scale;
-    const lo = Math.max(0, Math.trunc(centre - support + 0.5));
-    const hi = Math.min(inputs, Math.trunc(centre + support + 0.5));
-    const raw: number[] = [];
-    let sum = 0;
-    for (let i = lo; i < hi; i++) {
-      // Pillow multiplies by the reciprocal; dividing can round differently.
-      const w = Math.max(0, 1 - Math.abs((i - centre + 0.5) * (1 / filterScale)));
-      raw.push(w);
-      sum += w;
-    }
-    weights.push(Int32Array.from(raw, (w) => Math.trunc((sum !== 0 ? w / sum : w) * (1 << PIL_PRECISION_BITS) + 0.5)));
-    first[o] = lo;
-    count[o] = hi - lo;
-  }
-  return { first, count, weights };
-}
-
-/** Pillow's clip8: a fixed-point sum back to a byte. */
-function pilClip8(sum: number): number {
-  if (sum >= 2 ** (PIL_PRECISION_BITS + 8)) return 255;
-  if (sum <= 0) return 0;
-  return Math.floor(sum / 2 ** PIL_PRECISION_BITS);
-}
-
 /**
  * An RGB image resized as PIL's Image.resize(BILINEAR) resizes it, which detectron2's
- * ResizeTransform uses for uint8 images (ResizeScale, ResizeShortestEdge): the horizontal pass
- * first, over the rows the vertical pass reads, rounded to bytes, then the vertical pass; each
- * pass skipped where its size is unchanged. Checked against Pillow in test/oracles.test.ts.
+ * ResizeTransform uses for uint8 images (ResizeScale, ResizeShortestEdge): the triangle filter
+ * widened by the scale when shrinking (antialiased, unlike cv2's 2-tap bilinear), 22-bit
+ * fixed-point taps, the horizontal pass first, rounded to bytes between the passes. The native
+ * module does it (crates/convmae-core/src/imaging.rs, Pillow's resampling, which also gives the
+ * pretraining crops their BICUBIC); test/oracles.test.ts checks both filters against Pillow.
  */
 export function resizeBilinearPil(src: Uint8Array, width: number, height: number, outWidth: number, outHeight: number): Uint8Array {
-  let image = src;
-  let rowOffset = 0;
-  const vertical = pilBilinearTaps(height, outHeight);
-  if (outWidth !== width) {
-    // Only the rows the vertical pass reads.
-    const firstRow = vertical.first[0]!;
-    const endRow = vertical.first[outHeight - 1]! + vertical.count[outHeight - 1]!;
-    const horizontal = pilBilinearTaps(width, outWidth);
-    const out = new Uint8Array((endRow - firstRow) * outWidth * 3);
-    for (let y = firstRow; y < endRow; y++) {
-      for (let x = 0; x < outWidth; x++) {
-        const k = horizontal.weights[x]!;
-        const from = horizontal.first[x]!;
-        for (let c = 0; c < 3; c++) {
-          let sum = 1 << (PIL_PRECISION_BITS - 1);
-          for (let i = 0; i < k.length; i++) sum += src[(y * width + from + i) * 3 + c]! * k[i]!;
-          out[((y - firstRow) * outWidth + x) * 3 + c] = pilClip8(sum);
-        }
-      }
-    }
-    image = out;
-    rowOffset = firstRow;
-  }
-  if (outHeight === height) return image === src ? src.slice() : image;
-  const out = new Uint8Array(outHeight * outWidth * 3);
-  for (let y = 0; y < outHeight; y++) {
-    const k = vertical.weights[y]!;
-    const from = vertical.first[y]! - rowOffset;
-    for (let p = 0; p < outWidth * 3; p++) {
-      let sum = 1 << (PIL_PRECISION_BITS - 1);
-      for (let i = 0; i < k.length; i++) sum += image[(from + i) * outWidth * 3 + p]! * k[i]!;
-      out[y * outWidth * 3 + p] = pilClip8(sum);
-    }
-  }
-  return out;
+  return native.resizePil(src, width, height, outWidth, outHeight, 'bilinear');
 }
 
 /** How the train transform moves polygon vertices: see movePolygons. */

@@ -73,16 +73,45 @@ pub fn decode_jpeg(data: &[u8]) -> Result<DecodedImage, String> {
 /// Pillow's fixed point: 32 bits minus 8 for the pixel and 2 for headroom.
 const PRECISION_BITS: u32 = 22;
 
-/// Keys' cubic with a = -0.5, Pillow's BICUBIC (support 2).
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
+/// Pillow's resampling filters that this crate uses: BICUBIC for the classification and
+/// pretraining crops (torchvision's RandomResizedCrop), BILINEAR for detectron2's resizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// The triangle, support 1.
+    Bilinear,
+    /// Keys' cubic with a = -0.5, support 2.
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Bilinear => {
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
     }
 }
 
@@ -100,10 +129,13 @@ struct Taps {
 /// [0, in_size): when shrinking, the kernel is stretched by the scale factor
 /// (antialiasing), weights are normalized to sum 1, then rounded half away
 /// from zero to 22-bit fixed point.
-fn taps(in_size: usize, out_size: usize) -> Taps {
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = 2.0 * filter_scale;
+    let support = filter.support() * filter_scale;
+    // As Pillow: times the reciprocal (a division may round otherwise in the last bit, though
+    // no case of test/oracles.test.ts tells them apart).
+    let inverse_scale = 1.0 / filter_scale;
     let stride = support.ceil() as usize * 2 + 1;
     let mut first = Vec::with_capacity(out_size);
     let mut len = Vec::with_capacity(out_size);
@@ -117,7 +149,7 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let n = hi - lo;
         let mut sum = 0.0;
         for (k, w) in row.iter_mut().enumerate().take(n) {
-            *w = bicubic((k as f64 + lo as f64 - center + 0.5) / filter_scale);
+            *w = filter.weight((k as f64 + lo as f64 - center + 0.5) * inverse_scale);
             sum += *w;
         }
         for k in 0..n {
@@ -147,6 +179,20 @@ pub fn resized_crop(image: &DecodedImage, crop: CropFlip, size: usize, out: &mut
 
 /// `resized_crop` to `out_width` x `out_height`.
 pub fn resized_crop_to(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, out: &mut [u8]) -> Result<(), String> {
+    resample_with(image, crop, out_width, out_height, Filter::Bicubic, out)
+}
+
+/// The whole image resized to `out_width` x `out_height` as Pillow's `Image.resize(size,
+/// filter)` resizes it (RGB out, grey replicated): detectron2's ResizeTransform with BILINEAR.
+pub fn resized(image: &DecodedImage, out_width: usize, out_height: usize, filter: Filter) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; out_width * out_height * 3];
+    let whole = CropFlip { left: 0, top: 0, width: image.width, height: image.height, flip: false };
+    resample_with(image, whole, out_width, out_height, filter, &mut out)?;
+    Ok(out)
+}
+
+/// The checks and the dispatch of `resized_crop_to` and `resized`.
+fn resample_with(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, filter: Filter, out: &mut [u8]) -> Result<(), String> {
     if crop.width == 0 || crop.height == 0 || crop.left + crop.width > image.width || crop.top + crop.height > image.height {
         return Err(format!(
             "crop {}x{} at ({}, {}) is outside the {}x{} image",
@@ -165,13 +211,13 @@ pub fn resized_crop_to(image: &DecodedImage, crop: CropFlip, out_width: usize, o
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        unsafe { resample_avx2(image, crop, out_width, out_height, out) };
+        unsafe { resample_avx2(image, crop, out_width, out_height, filter, out) };
         return Ok(());
     }
     if image.channels == 1 {
-        resample::<1>(image, crop, out_width, out_height, out);
+        resample::<1>(image, crop, out_width, out_height, filter, out);
     } else {
-        resample::<3>(image, crop, out_width, out_height, out);
+        resample::<3>(image, crop, out_width, out_height, filter, out);
     }
     Ok(())
 }
@@ -181,23 +227,23 @@ pub fn resized_crop_to(image: &DecodedImage, crop: CropFlip, out_width: usize, o
 /// time goes. Same integer arithmetic, same result.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn resample_avx2(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, out: &mut [u8]) {
+unsafe fn resample_avx2(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, filter: Filter, out: &mut [u8]) {
     if image.channels == 1 {
-        resample::<1>(image, crop, out_width, out_height, out);
+        resample::<1>(image, crop, out_width, out_height, filter, out);
     } else {
-        resample::<3>(image, crop, out_width, out_height, out);
+        resample::<3>(image, crop, out_width, out_height, filter, out);
     }
 }
 
 /// Pillow's two-pass resample of the crop (`Image.crop(box).resize(size,
-/// BICUBIC)`): the horizontal pass first, rounded to 8 bits, over only the
+/// filter)`): the horizontal pass first, rounded to 8 bits, over only the
 /// rows the vertical pass reads; a pass is skipped when its axis keeps its
 /// size, as Pillow does. The flip is applied while writing the output.
 #[inline(always)]
-fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, out: &mut [u8]) {
+fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usize, out_height: usize, filter: Filter, out: &mut [u8]) {
     let src_stride = image.width * C;
     let resize_rows = crop.height != out_height;
-    let vertical = taps(crop.height, out_height);
+    let vertical = taps(crop.height, out_height, filter);
     // Rows of the crop that the vertical pass reads.
     let (row_first, row_end) = if resize_rows {
         (vertical.first[0], vertical.first[out_height - 1] + vertical.len[out_height - 1])
@@ -208,7 +254,7 @@ fn resample<const C: usize>(image: &DecodedImage, crop: CropFlip, out_width: usi
     let line = out_width * C;
     let horizontal_pass: Vec<u8>;
     let (rows, row_stride): (&[u8], usize) = if crop.width != out_width {
-        let horizontal = taps(crop.width, out_width);
+        let horizontal = taps(crop.width, out_width, filter);
         let row_count = row_end - row_first;
         let column = row_count * C;
         // The horizontal pass runs as a vertical one on the transposed crop:
@@ -364,7 +410,7 @@ mod tests {
     #[test]
     fn taps_are_normalized_and_stay_inside_the_source() {
         for &(inp, out) in &[(500, 224), (224, 224), (100, 224), (37, 5), (5, 37), (1, 3)] {
-            let t = taps(inp, out);
+            let t = taps(inp, out, Filter::Bicubic);
             for i in 0..out {
                 assert!(t.first[i] + t.len[i] <= inp, "{inp}->{out} tap {i}");
                 let sum: i64 = t.weights[i * t.stride..i * t.stride + t.len[i]].iter().map(|&w| i64::from(w)).sum();

@@ -196,6 +196,22 @@ pub fn rasterize_polygons(lengths: Uint32Array, coords: Float64Array, height: u3
     Ok(crate::polygons::rasterize(&polygons, height as usize, width as usize).into())
 }
 
+/// An RGB image [height, width, 3] resized as Pillow's `Image.resize` resizes it, with its
+/// BILINEAR or BICUBIC filter (crate::imaging::resized): detectron2's ResizeTransform.
+#[napi]
+pub fn resize_pil(pixels: Uint8Array, width: u32, height: u32, out_width: u32, out_height: u32, filter: String) -> Result<Uint8Array> {
+    let filter = match filter.as_str() {
+        "bilinear" => imaging::Filter::Bilinear,
+        "bicubic" => imaging::Filter::Bicubic,
+        other => return Err(js_err(format!("resizePil: filter must be 'bilinear' or 'bicubic', got '{other}'"))),
+    };
+    if pixels.len() != (width * height * 3) as usize || out_width == 0 || out_height == 0 {
+        return Err(js_err(format!("resizePil: {} bytes for a {width}x{height} RGB image, to {out_width}x{out_height}", pixels.len())));
+    }
+    let image = imaging::DecodedImage { pixels: pixels.to_vec(), width: width as usize, height: height as usize, channels: 3 };
+    Ok(imaging::resized(&image, out_width as usize, out_height as usize, filter).map_err(js_err)?.into())
+}
+
 /// Whether this build has the CUDA backend (`npm run build:cuda`).
 #[napi]
 pub fn cuda_build() -> bool {
