@@ -3,8 +3,8 @@
 // detectron2's bitmasks) and the evaluator's 12 summary numbers for 'bbox' and 'segm'; OpenCV for
 // the segmentation pipeline's resizes (mmcv's imresize is cv2.resize); Pillow for the detection
 // pipeline's resizes (detectron2 resizes uint8 images with PIL's BILINEAR and BitMasks with its
-// NEAREST) and the pretraining crops' (torchvision's BICUBIC); numpy for PhotoMetricDistortion's
-// arithmetic. They come from
+// NEAREST), the pretraining crops' (torchvision's BICUBIC) and timm's RandAugment ops; numpy for
+// PhotoMetricDistortion's arithmetic. They come from
 // `bash scripts/setup-test-oracles.sh` (.cache/test-oracles, which .ci/run installs); where one
 // is missing its tests are skipped, unless CONVMAE_REQUIRE_ORACLES=1 makes that a failure.
 import test from 'ava';
@@ -14,6 +14,7 @@ import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
 import { photometricConvert, resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
 import { pilNearestSource } from '../src/data/detection-transforms.js';
+import { RAND_AUGMENT_OPS } from '../src/data/randaugment.js';
 import { native } from '../src/native.js';
 import { DetectionEvaluator, SUMMARY_KEYS, type Box, type EvalDetection, type EvalGroundTruth, type IouType } from '../src/tasks/detection-eval.js';
 import { ROOT } from './helpers.js';
@@ -294,4 +295,27 @@ withCv2('PhotoMetricDistortion\'s brightness and contrast steps as numpy compute
     if (ours.some((v, j) => v !== theirs.pixels[i]![j])) differing++;
   });
   t.is(differing, 0);
+});
+
+withPil('each of the 15 RandAugment ops (timm rand-m9-mstd0.5-inc1) computes what Pillow computes, to the byte', (t) => {
+  const rng = createRng(21);
+  const cases = RAND_AUGMENT_OPS.flatMap(([op]) =>
+    Array.from({ length: 24 }, (_, i) => {
+      const size = randInt(rng, 3, 24);
+      // Noise, a narrow band of values, or smooth ramps; magnitudes from N(9, 0.5) and whole levels.
+      const rgb = Array.from({ length: size * size * 3 }, (_, j) => (i % 3 === 0 ? randInt(rng, 0, 255) : i % 3 === 1 ? randInt(rng, 60, 190) : (Math.floor(j / 3) * 11 + (j % 3) * 50) % 256));
+      const level = i % 4 === 0 ? randInt(rng, 0, 10) : Math.min(10, Math.max(0, 9 + 0.5 * (uniform(rng, -2, 2))));
+      return { op, level, sign: i % 2 === 0 ? 1 : -1, size, rgb };
+    }),
+  );
+  const theirs = oracle<{ rgb: number[][] }>('pil', { command: 'randaugment', fill: [124, 116, 104], cases });
+  const differing = new Map<string, number>();
+  cases.forEach((c, i) => {
+    const op = RAND_AUGMENT_OPS.find(([name]) => name === c.op)![1];
+    const px = Uint8Array.from(c.rgb);
+    // The ops negate their argument where rng() > 0.5.
+    op({ px, offset: 0, size: c.size } as never, c.level, () => (c.sign < 0 ? 0.9 : 0.1));
+    if (px.some((v, j) => v !== theirs.rgb[i]![j])) differing.set(c.op, (differing.get(c.op) ?? 0) + 1);
+  });
+  t.deepEqual(Object.fromEntries(differing), {});
 });

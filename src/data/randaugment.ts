@@ -6,9 +6,9 @@
  * colour; signed magnitudes are negated with probability 0.5.
  *
  * Works in place on uint8 RGB HWC pixels (a region of the batch buffer), after the crop and
- * flip, before normalization. The ops follow PIL's definitions (ImageOps / ImageEnhance /
- * Image.transform); resampling is our own bicubic (a = -0.5), so pixels may differ from PIL's
- * by rounding.
+ * flip, before normalization. The ops compute what Pillow computes (ImageOps, ImageEnhance,
+ * Image.transform and rotate with BICUBIC), to the byte: test/oracles.test.ts checks each
+ * against Pillow itself.
  */
 import { normal, type Rng } from './rng.js';
 
@@ -100,13 +100,18 @@ function luma(r: number, g: number, b: number): number {
   return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
 }
 
-/** Image.blend(degenerate, image, factor) per pixel: deg + factor * (img - deg), clipped, truncated. */
+/**
+ * Image.blend(degenerate, image, factor) per pixel: deg + factor * (img - deg), clipped,
+ * truncated; in float32, as Pillow's Blend.c computes it (its alpha is a C float), since the
+ * truncation can fall either side of an integer.
+ */
 function blend(v: View, factor: number, degenerate: (i: number, channel: number) => number): void {
+  const alpha = Math.fround(factor);
   const end = v.offset + v.size * v.size * 3;
   for (let i = v.offset; i < end; i += 3) {
     for (let c = 0; c < 3; c++) {
       const d = degenerate(i, c);
-      v.px[i + c] = Math.trunc(clip8(d + factor * (v.px[i + c] - d)));
+      v.px[i + c] = Math.trunc(clip8(Math.fround(d + Math.fround(alpha * (v.px[i + c] - d)))));
     }
   }
 }
@@ -145,60 +150,89 @@ function sharpness(v: View, factor: number): void {
   blend(v, factor, (i, c) => smooth[i - offset + c]);
 }
 
-/** Cubic convolution weight (a = -0.5, PIL's bicubic). */
-function cubic(x: number): number {
-  const a = -0.5;
-  x = Math.abs(x);
-  if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
-  if (x < 2) return (((x - 5) * x + 8) * x - 4) * a;
-  return 0;
+/**
+ * Pillow's cubic through four samples at fractional position d (its BICUBIC macro of
+ * Geometry.c: the a = -1 cubic convolution, not the a = -0.5 of its resize), in its order of
+ * operations.
+ */
+function cubicThrough(v1: number, v2: number, v3: number, v4: number, d: number): number {
+  const p1 = v2;
+  const p2 = -v1 + v3;
+  const p3 = 2 * (v1 - v2) + v3 - v4;
+  const p4 = -v1 + v2 - v3 + v4;
+  return p1 + d * (p2 + d * (p3 + d * p4));
 }
 
 /**
- * Image.transform(AFFINE, (a, b, c, d, e, f)): output pixel centre (x, y) reads the input at
- * (a x + b y + c, d x + e y + f), bicubically; points outside the image get the fill colour.
+ * Image.transform(AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor) as Pillow computes it: output
+ * pixel centre (x + .5, y + .5) reads the input at (a x' + b y' + c, d x' + e y' + f); a point
+ * outside [0, size) keeps the fill colour; inside, four rows of four columns around it (columns
+ * clamped to the image, rows past the edge repeating the last one taken) are blended by
+ * `cubicThrough`, clipped and truncated.
  */
 function affine(v: View, m: readonly [number, number, number, number, number, number]): void {
   const { px, offset, size } = v;
   const src = px.slice(offset, offset + size * size * 3);
-  const at = (x: number, y: number, c: number) => src[(Math.min(Math.max(y, 0), size - 1) * size + Math.min(Math.max(x, 0), size - 1)) * 3 + c];
+  const clamp = (i: number) => (i < 0 ? 0 : i < size ? i : size - 1);
   for (let y = 0; y < size; y++) {
     for (let x = 0; x < size; x++) {
-      const xo = x + 0.5;
-      const yo = y + 0.5;
-      const xi = m[0] * xo + m[1] * yo + m[2] - 0.5;
-      const yi = m[3] * xo + m[4] * yo + m[5] - 0.5;
+      const [xo, yo] = [x + 0.5, y + 0.5];
+      let xin = m[0] * xo + m[1] * yo + m[2];
+      let yin = m[3] * xo + m[4] * yo + m[5];
       const o = offset + (y * size + x) * 3;
-      if (xi < -0.5 || yi < -0.5 || xi >= size - 0.5 || yi >= size - 0.5) {
+      if (xin < 0 || xin >= size || yin < 0 || yin >= size) {
         px[o] = FILL[0];
         px[o + 1] = FILL[1];
         px[o + 2] = FILL[2];
         continue;
       }
-      const x0 = Math.floor(xi);
-      const y0 = Math.floor(yi);
-      const wx = [cubic(xi - x0 + 1), cubic(xi - x0), cubic(x0 + 1 - xi), cubic(x0 + 2 - xi)];
-      const wy = [cubic(yi - y0 + 1), cubic(yi - y0), cubic(y0 + 1 - yi), cubic(y0 + 2 - yi)];
+      xin -= 0.5;
+      yin -= 0.5;
+      const x0 = Math.floor(xin);
+      const y0 = Math.floor(yin);
+      const [dx, dy] = [xin - x0, yin - y0];
+      const cols = [clamp(x0 - 1), clamp(x0), clamp(x0 + 1), clamp(x0 + 2)];
       for (let c = 0; c < 3; c++) {
-        let acc = 0;
-        for (let j = 0; j < 4; j++) {
-          let row = 0;
-          for (let i = 0; i < 4; i++) row += wx[i] * at(x0 - 1 + i, y0 - 1 + j, c);
-          acc += wy[j] * row;
-        }
-        px[o + c] = clip8(Math.round(acc));
+        const row = (r: number) => {
+          const base = r * size;
+          return cubicThrough(src[(base + cols[0]!) * 3 + c]!, src[(base + cols[1]!) * 3 + c]!, src[(base + cols[2]!) * 3 + c]!, src[(base + cols[3]!) * 3 + c]!, dx);
+        };
+        const inside = (r: number) => r >= 0 && r < size;
+        const v1 = row(clamp(y0 - 1));
+        const v2 = inside(y0) ? row(y0) : v1;
+        const v3 = inside(y0 + 1) ? row(y0 + 1) : v2;
+        const v4 = inside(y0 + 2) ? row(y0 + 2) : v3;
+        const value = cubicThrough(v1, v2, v3, v4, dy);
+        px[o + c] = value <= 0 ? 0 : value >= 255 ? 255 : Math.trunc(value);
       }
     }
   }
 }
 
-/** Image.rotate(degrees) about the centre (counter-clockwise for positive degrees). */
+/** Python's round(x, 15), as Pillow rounds its rotation matrix. */
+const round15 = (x: number) => Number(x.toFixed(15));
+
+/**
+ * Image.rotate(degrees, BICUBIC, fillcolor) about the centre, counter-clockwise for positive
+ * degrees, with Pillow's matrix (the angle taken mod 360, cos and sin rounded to 15 decimals)
+ * and its shortcuts: 0 a copy, 180 a flip of both axes (90 and 270 need exact multiples, which
+ * the magnitudes here never give).
+ */
 function rotate(v: View, degrees: number): void {
-  const angle = (-degrees * Math.PI) / 180;
-  const [cos, sin] = [Math.cos(angle), Math.sin(angle)];
-  const centre = v.size / 2;
-  // Input = R (output - centre) + centre, R = [[cos, sin], [-sin, cos]].
-  affine(v, [cos, sin, centre - cos * centre - sin * centre, -sin, cos, centre + sin * centre - cos * centre]);
+  let angle = degrees % 360;
+  if (angle !== 0 && angle < 0) angle += 360;
+  if (angle === 0) return;
+  const { size } = v;
+  if (angle === 180) {
+    affine(v, [-1, 0, size, 0, -1, size]);
+    return;
+  }
+  const radians = -(angle * (Math.PI / 180));
+  const m: [number, number, number, number, number, number] = [round15(Math.cos(radians)), round15(Math.sin(radians)), 0, round15(-Math.sin(radians)), round15(Math.cos(radians)), 0];
+  const centre = size / 2;
+  m[2] = m[0] * -centre + m[1] * -centre + m[2] + centre;
+  m[5] = m[3] * -centre + m[4] * -centre + m[5] + centre;
+  affine(v, m);
 }
 
 const enhanceFactor = (level: number, rng: Rng) => 1 + negate((level / MAX_LEVEL) * 0.9, rng);

@@ -9,12 +9,17 @@ Reads one JSON request on stdin, writes one JSON answer on stdout:
    "outHeight", "outWidth", "rgb": [h * w * 3 bytes]}]}
     -> {"rgb": [[...]]}: each RGB image through Image.resize(BILINEAR or BICUBIC): detectron2's
        ResizeTransform on uint8 images, torchvision's RandomResizedCrop (bicubic).
+  {"command": "randaugment", "fill": [r, g, b], "cases": [{"op", "level", "sign", "size",
+   "rgb": [size * size * 3 bytes]}]}
+    -> {"rgb": [[...]]}: each image through one of timm's RandAugment ops (the official fine-tune
+       recipe's rand-m9-mstd0.5-inc1: the "increasing" ops, BICUBIC, filled with `fill`), at
+       magnitude `level` with `sign` (+1 or -1) where the op negates its argument at random.
 """
 import json
 import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 
 def nearest(request):
@@ -36,9 +41,51 @@ def resize(request):
     return {"rgb": images}
 
 
+def randaugment_op(img, op, level, sign, fill):
+    """timm's op and its level-to-argument mapping (level on the 0..10 scale)."""
+    geometry = dict(resample=Image.BICUBIC, fillcolor=fill)
+    fraction = level / 10.0
+    if op == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if op == "Equalize":
+        return ImageOps.equalize(img)
+    if op == "Invert":
+        return ImageOps.invert(img)
+    if op == "Rotate":
+        return img.rotate(sign * fraction * 30.0, **geometry)
+    if op == "PosterizeIncreasing":
+        bits = 4 - int(fraction * 4)
+        return img if bits >= 8 else ImageOps.posterize(img, bits)
+    if op == "SolarizeIncreasing":
+        return ImageOps.solarize(img, 256 - int(fraction * 256))
+    if op == "SolarizeAdd":
+        add = int(fraction * 110)
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    enhancers = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
+                 "BrightnessIncreasing": ImageEnhance.Brightness, "SharpnessIncreasing": ImageEnhance.Sharpness}
+    if op in enhancers:
+        return enhancers[op](img).enhance(1.0 + sign * fraction * 0.9)
+    size = img.size[0]
+    affine = {"ShearX": (1, sign * fraction * 0.3, 0, 0, 1, 0), "ShearY": (1, 0, 0, sign * fraction * 0.3, 1, 0),
+              "TranslateXRel": (1, 0, sign * fraction * 0.45 * size, 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, sign * fraction * 0.45 * size)}[op]
+    return img.transform(img.size, Image.AFFINE, affine, **geometry)
+
+
+def randaugment(request):
+    fill = tuple(request["fill"])
+    images = []
+    for case in request["cases"]:
+        size = case["size"]
+        img = Image.fromarray(np.array(case["rgb"], dtype=np.uint8).reshape(size, size, 3))
+        out = randaugment_op(img, case["op"], case["level"], case["sign"], fill)
+        images.append(np.asarray(out).reshape(-1).tolist())
+    return {"rgb": images}
+
+
 def main():
     request = json.load(sys.stdin)
-    json.dump({"nearest": nearest, "resize": resize}[request["command"]](request), sys.stdout)
+    json.dump({"nearest": nearest, "resize": resize, "randaugment": randaugment}[request["command"]](request), sys.stdout)
 
 
 if __name__ == "__main__":
