@@ -177,6 +177,10 @@ test('polygons are rasterized as pycocotools does: near pixel centres, even-odd,
   // at fine rows 10 and 16, i.e. pixel rows ceil(10.5 / 5 - 0.5) = 2 and ceil(16.5 / 5 - 0.5) = 3;
   // column 1 (7|8) is never crossed, though its centre 1.5 lies on the left edge.
   t.deepEqual(rasterizePolygons([[1.5, 2, 3, 2, 3, 3.1, 1.5, 3.1]], 4, 4), maskOf(['....', '....', '..#.', '....']));
+  // Bad input is named, not walked: an odd count, a NaN, a coordinate a billion pixels away.
+  for (const bad of [[1, 1, 4, 1, 4], [1, 1, 4, NaN, 4, 4], [1, 1, 1e9, 1, 4, 4]]) {
+    t.throws(() => rasterizePolygons([[0, 0, 1, 0, 0, 1], bad], 6, 6), { message: /polygons\[1\] must hold \(x, y\) pairs of finite numbers within ±16777216 pixels/ });
+  }
 });
 
 async function writeCocoFolder(): Promise<string> {

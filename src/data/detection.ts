@@ -8,7 +8,8 @@
  *
  * `openCocoFolder` reads COCO's layout (`<root>/<split>/` images and
  * `<root>/annotations/instances_<split>.json`), with the masks' polygons rasterized and RLEs
- * decoded here as pycocotools does (without it), and category ids mapped to contiguous ids as detectron2 maps them.
+ * decoded here as pycocotools does (without it), and category ids mapped to contiguous ids as
+ * detectron2 maps them.
  */
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -115,6 +116,9 @@ export async function openDigitDetectionScenes(split: 'train' | 't10k' = 'train'
 // ---------------------------------------------------------------------------
 // Masks: polygons and COCO run-length encoding
 
+/** The largest polygon coordinate `rasterizePolygons` takes, in pixels (2^24). */
+const MAX_POLYGON_COORDINATE = 2 ** 24;
+
 /**
  * Rasterizes polygons ([x1, y1, x2, y2, ...] in pixels) into a [height, width] mask as
  * pycocotools does (`frPyObjects` then `merge`, which COCO's evaluation and detectron2's
@@ -124,11 +128,19 @@ export async function openDigitDetectionScenes(split: 'train' | 't10k' = 'train'
  * says how), the same code that rasterizes the detector's mask targets.
  */
 export function rasterizePolygons(polygons: readonly (readonly number[])[], height: number, width: number): Uint8Array {
-  const lengths = Uint32Array.from(polygons, (p) => p.length - (p.length % 2));
+  polygons.forEach((p, i) => {
+    // The walk visits every fine grid point along each edge, so a coordinate far off the image
+    // would take as long as it is far; pycocotools has no bound either.
+    if (p.length % 2 !== 0 || !p.every((v) => Number.isFinite(v) && Math.abs(v) <= MAX_POLYGON_COORDINATE)) {
+      throw new RangeError(`polygons[${i}] must hold (x, y) pairs of finite numbers within ±${MAX_POLYGON_COORDINATE} pixels`);
+    }
+  });
+  if (!(Number.isInteger(height) && Number.isInteger(width) && height >= 0 && width >= 0)) throw new RangeError(`rasterizePolygons: height and width must be non-negative integers, got ${height} x ${width}`);
+  const lengths = Uint32Array.from(polygons, (p) => p.length);
   const coords = new Float64Array(lengths.reduce((n, l) => n + l, 0));
   let at = 0;
   polygons.forEach((p, i) => {
-    coords.set(p.slice(0, lengths[i]), at);
+    coords.set(p, at);
     at += lengths[i]!;
   });
   return native.rasterizePolygons(lengths, coords, height, width);

@@ -110,8 +110,13 @@ impl DetectorTrainer {
                 return Err(err(format!("targets of image {i}: polygons for {} instances but {} boxes", t.polygons.len(), t.boxes.len())));
             }
             for (j, polygons) in t.polygons.iter().enumerate() {
-                if let Some(p) = polygons.iter().find(|p| p.len() < 6 || p.len() % 2 != 0 || !p.iter().all(|v| v.is_finite())) {
-                    return Err(err(format!("targets of image {i}: instance {j} has a polygon of {} finite-or-not numbers; each needs 3 or more (x, y) pairs of finite numbers", p.len())));
+                // Far-off coordinates would make the rasterizer's walk as long as they are far.
+                let bound = 4.0 * s as f64;
+                if let Some(p) = polygons.iter().find(|p| p.len() < 6 || p.len() % 2 != 0 || !p.iter().all(|v| v.is_finite() && v.abs() <= bound)) {
+                    return Err(err(format!(
+                        "targets of image {i}: instance {j} has a polygon of {} numbers; each needs 3 or more (x, y) pairs of finite numbers within ±{bound} pixels",
+                        p.len()
+                    )));
                 }
             }
             for (j, (b, &c)) in t.boxes.iter().zip(&t.classes).enumerate() {

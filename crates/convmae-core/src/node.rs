@@ -205,7 +205,7 @@ pub fn resize_pil(pixels: Uint8Array, width: u32, height: u32, out_width: u32, o
         "bicubic" => imaging::Filter::Bicubic,
         other => return Err(js_err(format!("resizePil: filter must be 'bilinear' or 'bicubic', got '{other}'"))),
     };
-    if pixels.len() != (width * height * 3) as usize || out_width == 0 || out_height == 0 {
+    if pixels.len() != width as usize * height as usize * 3 || out_width == 0 || out_height == 0 {
         return Err(js_err(format!("resizePil: {} bytes for a {width}x{height} RGB image, to {out_width}x{out_height}", pixels.len())));
     }
     let image = imaging::DecodedImage { pixels: pixels.to_vec(), width: width as usize, height: height as usize, channels: 3 };

@@ -246,7 +246,10 @@ fn bad_inputs_are_named() {
     targets[0].boxes[0] = [5.0, 5.0, 9.0, 9.0];
     targets[1].polygons = vec![vec![vec![1.0, 2.0, 3.0, 4.0]]];
     let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
-    assert!(e.contains("targets of image 1: instance 0 has a polygon of 4"), "{e}");
+    assert!(e.contains("targets of image 1: instance 0 has a polygon of 4 numbers"), "{e}");
+    targets[1].polygons = vec![vec![vec![1.0, 2.0, 3.0, 4.0, 1e9, 6.0]]];
+    let e = trainer.train_step(&batch, &targets, 1e-4).unwrap_err().to_string();
+    assert!(e.contains("within ±256 pixels"), "{e}");
     assert_eq!(trainer.step_count(), 0, "no update on refused input");
 }
 
