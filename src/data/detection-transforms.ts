@@ -17,8 +17,8 @@
  *   (buffer(0)) and splits one the crop cuts in two. Ours keeps such a polygon whole, its parts
  *   joined by edges along the crop's border, and where a concave polygon wraps around a corner
  *   of the crop those edges can run through the corner: the box then reaches the corner and a
- *   few border pixels differ (9 of 500 random star-shaped polygons, in a one-off comparison
- *   with shapely and pycocotools). Objects given by a mask alone (the digit
+ *   few border pixels differ (9 of 500 random star-shaped polygons against shapely and
+ *   pycocotools: benches/results/polygon-clip-2026-11-28.md). Objects given by a mask alone (the digit
  *   scenes, RLE) have it resized nearest (PIL's NEAREST, pixel centres, as detectron2's
  *   BitMasks) and the box is the mask's tight box. Objects left without a box of positive size
  *   are dropped (detectron2's `filter_empty_instances`).
