@@ -126,6 +126,18 @@ test('autoAttentionForm names the form only when every attention line picked it'
   t.is(autoAttentionForm([line(49, 'gemms'), line(196, 'fused kernels')]), undefined);
   t.is(autoAttentionForm([line(49, 'flash kernels'), 'convmae: attention [64 x 196 tokens] garbled']), undefined);
   t.is(autoAttentionForm([]), undefined);
+  // The mma.sync form's pick has a dot in its name (run 8 missed it, 2026-11-28).
+  t.is(autoAttentionForm([line(49, 'flash kernels on mma.sync'), line(196, 'flash kernels on mma.sync')]), 'flash-mma');
+  t.is(autoAttentionForm([line(49, 'flash kernels'), line(196, 'flash kernels on mma.sync')]), undefined);
+});
+
+test('attentionPicks names each shape and its pick, the mma.sync form included', async (t) => {
+  const { attentionPicks } = await import('../benches/gpu/op-timings.js');
+  const line = (tokens: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: flash kernels 0.280 ms, flash kernels on mma.sync 0.287 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;
+  const mma = attentionPicks([line(49, 'flash kernels on mma.sync'), line(196, 'flash kernels on mma.sync')]);
+  t.is(mma, '64 x 49 tokens x 12 heads of 64: flash kernels on mma.sync; 64 x 196 tokens x 12 heads of 64: flash kernels on mma.sync');
+  t.not(attentionPicks([line(49, 'flash kernels'), line(196, 'flash kernels on mma.sync')]), mma);
+  t.is(attentionPicks(['convmae: the pretraining backward runs on the tape of our ops']), '');
 });
 
 test('CONVMAE_NATIVE naming a missing file is an error that names it; a relative path is taken from the working directory', async (t) => {

@@ -52,7 +52,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { autoAttentionForm, autoChoices, hostProfile, opTimingTable, type HostProfile, type OpTiming } from './op-timings.js';
+import { attentionPicks, autoAttentionForm, autoChoices, hostProfile, opTimingTable, type HostProfile, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -83,7 +83,11 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
     let err = '';
     p.stdout.on('data', (d) => (out += d));
     p.stderr.on('data', (d) => (err += d));
-    const timer = setTimeout(() => p.kill('SIGKILL'), seconds * 1000);
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      p.kill('SIGKILL');
+    }, seconds * 1000);
     // A command that cannot start (no python3 there) is one failed row, not the end of the check.
     let done = false;
     p.on('error', (e) => {
@@ -98,7 +102,12 @@ function child(cmd: string, args: string[], seconds: number, env: NodeJS.Process
       clearTimeout(timer);
       const last = out.trim().split('\n').filter((l) => l.startsWith('{')).at(-1);
       if (code === 0 && last) resolve({ json: JSON.parse(last) as Record<string, unknown>, stderr: err });
-      else resolve({ error: signal === 'SIGKILL' ? `timed out after ${seconds} s` : `exit ${code}: ${err.trim().split('\n').slice(-3).join(' | ')}`, stderr: err });
+      else {
+        // A process ended by a signal has no exit code: name the signal (run 8's composite row
+        // said only "exit null" after a crash with nothing on stderr).
+        const how = signal === 'SIGKILL' && timedOut ? `timed out after ${seconds} s` : signal ? `killed by ${signal}` : `exit ${code}`;
+        resolve({ error: `${how}: ${err.trim().split('\n').slice(-3).join(' | ') || '(nothing on stderr)'}`, stderr: err });
+      }
     });
   });
 }
@@ -656,12 +665,7 @@ const SAME_TRAJECTORY = ['ours-in-flight-1', 'ours-serial-steps', 'ours-candle-b
 
 /** Each SAME_TRAJECTORY row against the headline row of its batch: the same losses, or where they part. */
 function trajectoryLines(rows: Row[]): string[] {
-  const picks = (r: Row) =>
-    (r.choices ?? [])
-      .map((c) => /attention \[([^\]]+)\].*using the ([a-z ]+?) \(/.exec(c))
-      .filter((m) => m !== null)
-      .map((m) => `${m[1]}: ${m[2]}`)
-      .join('; ');
+  const picks = (r: Row) => attentionPicks(r.choices ?? []);
   const lines: string[] = [];
   for (const r of rows.filter((x) => SAME_TRAJECTORY.includes(x.impl) && !x.error)) {
     const head = rows.find((h) => h.impl === 'ours' && h.batch === r.batch && h.dtype === r.dtype && h.path === r.path && !h.error);

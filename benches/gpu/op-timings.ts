@@ -57,7 +57,7 @@ export function autoChoices(stderr: string): string[] {
  *  'fused' or 'flash'), or undefined when the lines are missing or differ by shape. */
 export function autoAttentionForm(choices: string[]): AttentionForm | undefined {
   const picked = (line: string): AttentionForm | undefined => {
-    const form = /using the (fused kernels|gemms|flash kernels) \(CONVMAE_ATTENTION=auto\)/.exec(line)?.[1];
+    const form = /using the (fused kernels|gemms|flash kernels on mma\.sync|flash kernels) \(CONVMAE_ATTENTION=auto\)/.exec(line)?.[1];
     return form === undefined ? undefined : FORM_OF_PICK[form];
   };
   const forms = new Set(choices.filter((c) => c.startsWith('convmae: attention')).map(picked));
@@ -65,9 +65,22 @@ export function autoAttentionForm(choices: string[]): AttentionForm | undefined 
   return forms.size === 1 ? only : undefined;
 }
 
+/**
+ * What `auto` picked for each attention shape, as one comparable string ("64 x 49 tokens x 12
+ * heads of 64: flash kernels; ..."), empty when no line names a pick. Two runs took the same
+ * forms of attention where these are equal.
+ */
+export function attentionPicks(choices: string[]): string {
+  return choices
+    .map((c) => /attention \[([^\]]+)\].*using the (.+?) \(CONVMAE_ATTENTION=auto\)/.exec(c))
+    .filter((m) => m !== null)
+    .map((m) => `${m[1]}: ${m[2]}`)
+    .join('; ');
+}
+
 /** A `CONVMAE_ATTENTION` value naming one of our op's CUDA forms. */
-export type AttentionForm = 'fused' | 'gemm' | 'flash';
-const FORM_OF_PICK: Record<string, AttentionForm> = { 'fused kernels': 'fused', gemms: 'gemm', 'flash kernels': 'flash' };
+export type AttentionForm = 'fused' | 'gemm' | 'flash' | 'flash-mma';
+const FORM_OF_PICK: Record<string, AttentionForm> = { 'fused kernels': 'fused', gemms: 'gemm', 'flash kernels': 'flash', 'flash kernels on mma.sync': 'flash-mma' };
 
 /** The host time of a step by part (ms), as `CONVMAE_PROFILE=1` makes the addon print it. */
 export interface HostProfile {
