@@ -40,6 +40,5 @@ if (( total > LIMIT )); then
   exit 1
 fi
 echo 'prepare: now run(command="bash benches/gpu/run.sh --quick --no-op-timings --profile --deadline 540", carry=["benches/gpu/payload", "dist"], timeout_s=570)'
-echo '         (run 7 of 2026-11-26 ran out of its 232 s deadline before its last A/B rows; since then the check has gained a probe of the'
-echo '         mma.sync flash kernels, an overlapped-steps probe and six A/B rows, each ~15-25 s. Start-up takes 30-75 s of the 900 s a session,'
-echo '         so 540 s leaves about 4 minutes for a short second call; --quick runs the comparison alone at batch 128 before the A/B rows runs 1-7 measured; drop it for every row at 128 when more device time is left)'
+echo '         (run 8 of 2026-11-28 took 405 s of the 540 with every row, plus about 36 s of start-up of the 900 s a session;'
+echo '         a second, --throughput-only call on the warm machine fits in what is left: run 8b, --deadline 330, took 187 s)'
