@@ -210,21 +210,27 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'ours-dense',
       'ours',
       'ours-dense',
-      // --quick: the headline comparison at twice the batch, then the A/B rows runs 1-7 measured.
+      // --quick: the headline comparison at twice the batch and the rest of the issue's matrix
+      // there, then the A/B rows runs 1-7 measured.
       'ours',
+      'ours-dense',
+      'ours',
+      'ours-dense',
       'ours-composite',
       'ours-attention-composite',
       'ours-host-normalize',
       'ours-weight-casts',
       'ours-adamw-per-tensor',
     ]);
-    const doubled = 11;
+    const doubled = [11, 12, 13, 14];
     for (const [i, r] of ours.entries()) {
       t.is(r.error, undefined, `${r.impl} ${r.path} ${r.dtype}`);
       t.true(r.images_per_s > 0, r.impl);
-      t.deepEqual([r.preset, r.device, r.batch], ['convmae-tiny', 'cpu', i === doubled ? 16 : 8]);
+      t.deepEqual([r.preset, r.device, r.batch], ['convmae-tiny', 'cpu', doubled.includes(i) ? 16 : 8]);
     }
-    t.deepEqual([ours[doubled]!.path, ours[doubled]!.dtype], ['sparse', 'bf16']);
+    // At both batches: sparse and dense, fp32 and bf16 (the issue's matrix), the comparison first.
+    t.deepEqual(doubled.map((i) => `${ours[i]!.path} ${ours[i]!.dtype}`), ['sparse bf16', 'dense bf16', 'sparse f32', 'dense f32']);
+    t.deepEqual(ours.slice(0, 11).filter((r) => ['ours', 'ours-dense'].includes(r.impl)).map((r) => `${r.path} ${r.dtype}`), ['sparse bf16', 'dense bf16', 'sparse f32', 'dense f32']);
     t.truthy(ours[0]!.host_ms, 'the headline row has its host-time parts');
     // And how its backward ran: by candle's on the CPU's unpacked path at batch 8, which the
     // tape does not cover.
@@ -232,8 +238,8 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       "convmae: the pretraining backward runs by candle's (an op of candle's, or a composition, stands between the loss and the parameters: the tape does not cover the graph)",
     ]);
     // PyTorch's rows are attempted (without torch here they fail, recorded as such).
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile']);
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.batch), [8, 8, 8, 16, 16]);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile', 'pytorch']);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => `${r.batch} ${r.dtype}`), ['8 bf16', '8 bf16', '8 f32', '16 bf16', '16 bf16', '16 f32']);
     const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
     const report_md = readFileSync(path.join(out, md!), 'utf8');
     t.regex(report_md, /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);

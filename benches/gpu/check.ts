@@ -495,15 +495,23 @@ async function main(): Promise<void> {
     await pytorch(batch, 'none', false);
     if (!quick && batch === batches[0]) await earlierABs(batch);
   }
-  // --quick: the issue's comparison at twice the batch too (ours sparse bf16 against eager and
-  // torch.compile), in whatever the --deadline leaves: the issue asks for batch 128 as well, and
-  // these three rows say whether ours scales with the batch as PyTorch does. Then the A/B rows
-  // of the changes runs 1-7 measured already, last.
+  // --quick: the issue's rows at twice the batch too, in whatever the --deadline leaves (the
+  // issue asks for batch 128 as well): first the comparison (ours sparse bf16 against eager and
+  // torch.compile), which says whether ours scales with the batch as PyTorch does, then the rest
+  // of its matrix (ours sparse / dense x fp32 / bf16, eager fp32: run 8 had only the
+  // comparison at 128; these add about 30 s on an H100). The A/B rows stay at the first batch,
+  // and those of the changes runs 1-7 measured already come last.
   if (quick && !kernelsOnly && !profileOnly) {
     const batch = 2 * firstBatch;
     if (!loadError) await ours(batch, 'bf16', 'sparse', 'ours', { CONVMAE_PROFILE: '1' });
     await pytorch(batch, 'bf16', false);
     await pytorch(batch, 'bf16', true);
+    if (!loadError) {
+      await ours(batch, 'bf16', 'dense', 'ours-dense');
+      await ours(batch, 'fp32', 'sparse', 'ours');
+      await ours(batch, 'fp32', 'dense', 'ours-dense');
+    }
+    await pytorch(batch, 'none', false);
     await earlierABs(firstBatch);
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.

@@ -6,7 +6,7 @@
 # commit, nvidia-smi, ldd of the addon, ncu's version), and with --profile profile.json and
 # ncu-raw.csv.gz. The device tool brings back at most 8 files, hence one env.txt.
 # Extra arguments go to check.js (--deadline S: end within S seconds, skipping what no longer fits;
-# --profile-only: the profile alone; --quick: every row at batch 64, then the comparison alone at 128, then the A/B rows of changes runs 1-7 measured; --kernels-only: parity and kernel
+# --profile-only: the profile alone; --quick: every row at batch 64, then at 128 the comparison (ours sparse bf16, eager, torch.compile) and the rest of the matrix (ours sparse / dense x fp32 / bf16, eager fp32), then the A/B rows of changes runs 1-7 measured; --kernels-only: parity and kernel
 # agreement, no throughput, a minute or two; --throughput-only: throughput and memory without
 # parity and agreement, for a second call after a --kernels-only one).
 # --profile: after the batch-64 comparison (ours sparse bf16, eager, compile), the per-kernel profile of one sparse bf16 step of convmae-base at
