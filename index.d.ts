@@ -58,9 +58,10 @@ export declare class NativeClassifier {
 export declare class NativeDetector {
   /**
    * `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-   * {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64.
+   * {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64;
+   * `device` other than 'cpu' is refused here (its ROIAlign has no CUDA form yet).
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, threads?: number | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update on uint8 images [batch, height, width, 3] and their annotations
    * (see `image_targets`), with the instances' polygons where they have them (see
@@ -124,8 +125,9 @@ export declare class NativeSegmenter {
    * `headJson`: {num_classes, channels, aux_channels, pool_scales, dropout, drop_path,
    * aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
    * weight_decay, layer_decay}. The segmenter runs on the CPU in float32 or float64.
+   * `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; float32, TF32 matmuls).
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, threads?: number | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update on uint8 images [batch, height, width, 3] and their label maps
    * [batch * height * width] (255 = ignore).

@@ -164,8 +164,10 @@ segment options:
                           this grid); random init without it
   --preset NAME           default convmae-tiny (the checkpoint's encoder must match)
   --config JSON|FILE      overrides
-  --dtype f32|f64         default f32 (the segmenter runs on the CPU)
-  --threads N|auto        as for pretrain
+  --dtype f32|f64         default f32
+  --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (f32 with TF32 matmuls; not yet
+                          measured on a GPU)
+  --threads N|auto        as for pretrain (CPU)
   --channels N            UPerHead's width (official 768; digit demo 64)
   --aux-channels N        the auxiliary FCN head's width (official 256; digit demo 32)
   --drop-path X           backbone stochastic depth, default 0.2
@@ -669,8 +671,8 @@ async function runSegment(args: string[]): Promise<void> {
   });
   const dtype = values.dtype ?? 'f32';
   if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
-  for (const unsupported of ['device', 'precision', 'accum-steps', 'blr', 'warmup-epochs'] as const) {
-    if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter runs on the CPU in f32 or f64, one batch per update, with an absolute --lr)`);
+  for (const unsupported of ['precision', 'accum-steps', 'blr', 'warmup-epochs'] as const) {
+    if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter runs in f32 or f64, one batch per update, with an absolute --lr)`);
   }
   const progress = progressPrinter(!values['no-progress']);
   // The digit-scene demo's defaults: a small head, batch and lr for a few CPU minutes (the
@@ -685,6 +687,7 @@ async function runSegment(args: string[]): Promise<void> {
     preset: values.preset ?? 'convmae-tiny',
     config: parseConfig(values.config),
     dtype,
+    device: values.device as DeviceName | undefined,
     threads: threadsOption(values.threads),
     channels: num(values.channels, 'channels') ?? (demo ? 64 : undefined),
     auxChannels: num(values['aux-channels'], 'aux-channels') ?? (demo ? 32 : undefined),

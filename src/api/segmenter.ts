@@ -6,7 +6,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type ImageBatch, type Threads } from './pretrainer.js';
 import { checkTaskOptions, TaskModel, type TaskLoadReport } from './task-model.js';
 
 /** Label value no loss or metric counts (mmseg's ignore_index; ADE20K's "other" after reduce_zero_label). */
@@ -37,8 +37,14 @@ export interface SegmenterOptions extends ModelSpec {
   dropPath?: number;
   /** Weight of the auxiliary loss. Default 0.4 (official). */
   auxWeight?: number;
-  /** 'f32' (default) or 'f64'. The segmenter runs on the CPU. */
+  /** 'f32' (default) or 'f64'. */
   dtype?: 'f32' | 'f64';
+  /**
+   * 'cpu' (default), 'cuda' or 'cuda:N': the CUDA addon (`npm run build:cuda`, loaded with
+   * CONVMAE_NATIVE), float32 with TF32 matmuls; not yet measured on a GPU (see docs/cuda.md).
+   */
+  device?: DeviceName;
+  /** CPU models: a thread count or 'auto' (see `Threads`). */
   threads?: Threads;
   /** Seeds the init, stochastic depth and dropout. Default 0. */
   seed?: number;

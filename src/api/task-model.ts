@@ -5,7 +5,7 @@
  * save). Each subclass adds its head's options and its steps.
  */
 import type { ConvMaeConfig } from './config.js';
-import { threadCount, type LoadOptions, type LoadReport, type Threads } from './pretrainer.js';
+import { threadCount, type DeviceName, type LoadOptions, type LoadReport, type Threads } from './pretrainer.js';
 
 export interface TaskLoadReport extends LoadReport {
   /** Tensors the file has that were left fresh on purpose (the heads; relative position tables of another shape). */
@@ -24,12 +24,14 @@ export interface TaskHandle {
 /** The native constructor's arguments besides the head: the resolved config and these options. */
 export interface TaskModelOptions {
   dtype?: 'f32' | 'f64';
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon); which devices a task model runs on is its own (see each). */
+  device?: DeviceName;
   threads?: Threads;
   seed?: number;
   optimizer?: object;
 }
 
-type TaskHandleClass<H> = new (config: string, head: string, dtype: string, seed: number, optimizer?: string | null, threads?: number | null) => H;
+type TaskHandleClass<H> = new (config: string, head: string, dtype: string, seed: number, optimizer?: string | null, device?: string | null, threads?: number | null) => H;
 
 function parseReport(r: { report: string; extra: string }): TaskLoadReport {
   return { ...(JSON.parse(r.report) as Omit<TaskLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
@@ -53,7 +55,7 @@ export abstract class TaskModel<H extends TaskHandle> {
     this.config = config;
     this.dtype = options.dtype ?? 'f32';
     const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new Native(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, threadCount(options.threads));
+    this.#native = new Native(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', threadCount(options.threads));
   }
 
   protected get handle(): H {

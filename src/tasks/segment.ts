@@ -19,7 +19,7 @@ import { positiveInt, runLength, startRun, type TrainingProgress } from './run.j
 import { polyLrAt, type PolySchedule } from './schedule.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { native } from '../native.js';
-import type { Threads } from '../api/pretrainer.js';
+import type { DeviceName, Threads } from '../api/pretrainer.js';
 
 /** The official run's warmup share: 1500 of 160k iterations. */
 const OFFICIAL_WARMUP_SHARE = 1500 / 160000;
@@ -38,6 +38,8 @@ export interface SegmentRunOptions {
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: 'f32' | 'f64';
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon; see `SegmenterOptions.device`). */
+  device?: DeviceName;
   threads?: Threads;
   /** Pretrained encoder to start from (ours or the official .pth); random init when absent. */
   init?: string;
@@ -220,6 +222,7 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     preset: options.preset,
     config: options.config,
     dtype: options.dtype,
+    device: options.device,
     threads: options.threads,
     numClasses: dataset.classes.length,
     channels: options.channels,

@@ -224,6 +224,43 @@ fn gradients_match_finite_differences() {
     }
 }
 
+/// What a segmenter on CUDA runs is the CPU's function: with every op on candle's compositions
+/// (`with_path(Path::Composite)`: the unfold as narrows and index selects, BatchNorm as candle's
+/// ops; on CUDA the ops without a CUDA kernel of ours take these), the loss and every gradient
+/// of a training step equal the kernels' in f64, here on the CPU.
+#[test]
+fn the_composite_route_of_a_cuda_segmenter_is_the_kernels_function() {
+    use convmae_kernels::{with_path, Path};
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let model = Segmenter::new(cfg, small_head(), DType::F64, &Device::Cpu, 4).unwrap();
+    let (px, labels) = small_batch(2, s, 10);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let imgs = normalize(&batch, DType::F64, &Device::Cpu).unwrap();
+    let run = |path: Path| {
+        with_path(path, || {
+            let loss = train_loss(&model, &imgs, &labels, s);
+            let grads = model.params.gradients(&loss.backward().unwrap()).unwrap();
+            (to_vec(&loss)[0], grads.iter().map(to_vec).collect::<Vec<_>>())
+        })
+    };
+    let (kernel_loss, kernel_grads) = run(Path::Kernels);
+    let (composite_loss, composite_grads) = run(Path::Composite);
+    assert!((kernel_loss - composite_loss).abs() < 1e-12 * kernel_loss.abs(), "loss {kernel_loss} vs {composite_loss}");
+    let names: Vec<String> = model.params.trainable().map(|(p, _)| p.spec.name.clone()).collect();
+    assert_eq!(kernel_grads.len(), names.len());
+    // A bias feeding a BatchNorm (`fpn.0.bias`) has a zero gradient up to rounding (~1e-21):
+    // differences are measured against each tensor's largest gradient, with a floor of 1e-12 of
+    // the largest gradient of all.
+    let largest = |g: &[f64]| g.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let floor = 1e-12 * kernel_grads.iter().map(|g| largest(g)).fold(0f64, f64::max);
+    for ((name, a), b) in names.iter().zip(&kernel_grads).zip(&composite_grads) {
+        let scale = largest(a);
+        let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-9 * scale + floor, "{name}: gradients differ by {worst} (largest {scale})");
+    }
+}
+
 /// spec section 7's table for ConvMAE-B's names (a narrow model with Base's depths): layer 0 is
 /// pos_embed, the patch embeds and blocks1-2 at 0.75^12; blocks3.i at 0.75^(11 - i); `fpn` and
 /// the heads at 1. No decay on 1-D tensors and biases; pos_embed and the relative position

@@ -20,6 +20,32 @@ fn is_half(t: &Tensor) -> bool {
     matches!(t.dtype(), DType::BF16 | DType::F16)
 }
 
+/// im2col of channels-last maps (`crate::unfold`): the zero-padded map's k x k views shifted by
+/// (i, j) and taken at `stride`, concatenated along the channels in (row, column) order. Only
+/// copies, so every dtype and device; candle's autograd makes the backward (col2im) from the
+/// narrows, index selects and the concatenation.
+pub fn unfold(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let (_, height, width, _) = x.dims4()?;
+    let (out_h, out_w) = ((height + 2 * pad - k) / stride + 1, (width + 2 * pad - k) / stride + 1);
+    let padded = x.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?;
+    // `count` positions of `dim` from `start`, `stride` apart.
+    let strided = |t: &Tensor, dim: usize, start: usize, count: usize| -> Result<Tensor> {
+        if stride == 1 {
+            return t.narrow(dim, start, count);
+        }
+        let at: Vec<u32> = (0..count).map(|o| (start + o * stride) as u32).collect();
+        t.index_select(&Tensor::from_vec(at, count, t.device())?, dim)
+    };
+    let mut taps = Vec::with_capacity(k * k);
+    for i in 0..k {
+        let rows = strided(&padded, 1, i, out_h)?;
+        for j in 0..k {
+            taps.push(strided(&rows, 2, j, out_w)?);
+        }
+    }
+    Tensor::cat(&taps, 3)
+}
+
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim (biased variance).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if is_half(x) {

@@ -7,7 +7,8 @@
 //! multiply-adds, and its backward 10 to 25 times (3x3 convs of the segmenter's head at batch 8:
 //! 58 ms for fwd + bwd of a 256 -> 64 conv on 16 x 16 maps against 2.3 ms for the matmul).
 //! The backward of this op is col2im: each row's values added back at their input positions.
-//! CPU only (f32, f64); the segmenter that uses it runs on the CPU.
+//! Our kernel is the CPU's (f32, f64); on other devices and dtypes (a segmenter on CUDA) the op is
+//! `composite::unfold`, candle's narrows / index selects and a concatenation.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -60,8 +61,10 @@ pub fn unfold(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor>
     if k == 0 || stride == 0 || height + 2 * pad < k || width + 2 * pad < k {
         candle_core::bail!("{OP_NAME}: a {k} x {k} window at stride {stride}, padding {pad}, does not fit input {:?}", x.dims());
     }
-    if !x.device().is_cpu() {
-        candle_core::bail!("{OP_NAME}: runs on the CPU only, got a tensor on {:?}", x.device());
+    // Our kernel is the CPU's (f32, f64); elsewhere (a CUDA model, a bf16 map) candle's
+    // composition of copies, which its autograd differentiates.
+    if !(x.device().is_cpu() && crate::has_kernel(x)) {
+        return crate::composite::unfold(x, k, stride, pad);
     }
     crate::tape::apply1(x, Unfold { window: Window { images, height, width, chans, k, stride, pad }, fold: false })
 }
@@ -170,6 +173,25 @@ mod tests {
             let cot = rand(ours.dims(), 3);
             crate::test_util::assert_same_function(ours, theirs, &cot, &[("x", &x), ("weight", &weight)], 1e-12);
         }
+    }
+
+    /// The composition (what a CUDA segmenter runs) is our kernel's function: the same rows,
+    /// and the same gradient, for the strides, paddings and kernel sizes the segmenter uses.
+    #[test]
+    fn the_composition_is_the_kernel() {
+        use crate::composite::{with_path, Path};
+        for (b, h, w, c, k, stride, pad) in [(2usize, 7usize, 5usize, 3usize, 3usize, 1usize, 1usize), (1, 8, 8, 2, 3, 2, 0), (2, 6, 9, 4, 1, 1, 0), (1, 5, 5, 3, 3, 2, 1), (2, 4, 6, 2, 3, 2, 1)] {
+            let x = Var::from_tensor(&rand(&[b, h, w, c], 6)).unwrap();
+            let kernel = with_path(Path::Kernels, || unfold(x.as_tensor(), k, stride, pad)).unwrap();
+            let composed = with_path(Path::Composite, || unfold(x.as_tensor(), k, stride, pad)).unwrap();
+            assert_eq!(kernel.flatten_all().unwrap().to_vec1::<f64>().unwrap(), composed.flatten_all().unwrap().to_vec1::<f64>().unwrap(), "rows of ({b}, {h}, {w}, {c}) k {k} s {stride} p {pad}");
+            let cot = rand(kernel.dims(), 7);
+            crate::test_util::assert_same_function(kernel, composed, &cot, &[("x", &x)], 1e-12);
+        }
+        // bf16 has no kernel of ours on the CPU: the composition serves it, the same copies.
+        let x = rand(&[1, 5, 4, 3], 8);
+        let half = unfold(&x.to_dtype(DType::BF16).unwrap(), 3, 2, 1).unwrap();
+        assert_eq!(half.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), unfold(&x.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap(), 3, 2, 1).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap());
     }
 
     /// col2im is the adjoint of im2col: <unfold(x), r> = <x, fold(r)> for random x and r.
