@@ -241,6 +241,17 @@ async function main(): Promise<void> {
     save();
   }
 
+  // The segmenter on the GPU against the same one on the CPU (f32, TF32 off): its CUDA route
+  // (candle's im2col and BatchNorm, our kernels elsewhere) had run on the CPU only until then.
+  if (!loadError && !throughputOnly && !profileOnly) {
+    const r = await run(process.execPath, [probe, 'segmenter'], 120, { ...process.env, CONVMAE_TF32: 'off' });
+    const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number } | undefined;
+    const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation)';
+    parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; predictions differing ${(100 * j.predictions_differ).toFixed(3)}%` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
+    log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, predictions differing ${(100 * j.predictions_differ).toFixed(3)}%)` : `error ${r.error}`}`);
+    save();
+  }
+
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):
   // whether each kernel pays, which the throughput rows cannot say op by op.
   // --no-op-timings: the agreement and parity without the op timings (17 s of run 4 on an H100),

@@ -8,6 +8,7 @@
  *   node dist/benches/gpu/probe-worker.js mma    (the agreement rows of the mma.sync flash kernels alone)
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
+ *   node dist/benches/gpu/probe-worker.js segmenter [device] (the segmenter on the device against the CPU; run it with CONVMAE_TF32=off)
  *
  * CONVMAE_PROBE_DEVICE=cpu runs every probe on the CPU instead of CUDA (check.ts --rehearse).
  */
@@ -15,7 +16,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { checkFixture } from '../../src/api/fixture.js';
-import { Pretrainer } from '../../src/api/pretrainer.js';
+import { Pretrainer, type DeviceName } from '../../src/api/pretrainer.js';
+import { Segmenter } from '../../src/api/segmenter.js';
 import { native } from '../../src/native.js';
 // The tests' safetensors reader (plain Node, no test framework; dist/test travels with dist/).
 import { readSafetensors, tensorBytes } from '../../test/helpers.js';
@@ -72,6 +74,49 @@ function probeDevice(): 'cpu' | 'cuda' {
   return d;
 }
 
+/**
+ * The segmenter on `device` against the same segmenter on the CPU (one seed, f32): the losses of
+ * three training steps on the same batches, then an evaluation's loss and its predictions. With
+ * CONVMAE_TF32=off both compute in full f32, so they differ only by summation order: the losses
+ * within `tolerance` (relative), at most 0.1% of the predicted pixels otherwise (a near tie's
+ * argmax may flip). On CUDA the segmenter's im2col and BatchNorm are candle's compositions; a
+ * fault in them or in any CUDA kernel it shares with pretraining shows here.
+ */
+async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number }> {
+  const side = 64;
+  const batchSize = 4;
+  const tolerance = 1e-4;
+  const make = (d: DeviceName) => Segmenter.create({ preset: 'convmae-tiny', config: { img_size: side }, numClasses: 5, channels: 32, auxChannels: 16, device: d, seed: 3 });
+  const batch = (k: number) => ({
+    images: Uint8Array.from({ length: batchSize * side * side * 3 }, (_, i) => (i * 131 + k * 977 + 7) % 251),
+    // Stripes of classes with some ignored pixels: a labelling the loss sees everywhere.
+    labels: Uint8Array.from({ length: batchSize * side * side }, (_, i) => (i % 97 === 0 ? 255 : (((i % side) + Math.floor(i / side) + k) >> 4) % 5)),
+    batchSize,
+    height: side,
+    width: side,
+  });
+  const [cpu, other] = [make('cpu'), make(device)];
+  try {
+    let worst = 'none';
+    let worstRel = 0;
+    const note = (name: string, a: number, b: number) => {
+      const rel = a === b ? 0 : Math.abs(a - b) / Math.max(Math.abs(b), 1e-30);
+      if (!(rel <= worstRel)) [worst, worstRel] = [name, rel];
+    };
+    for (let k = 0; k < 3; k++) {
+      const [a, b] = [await other.train(batch(k), { lr: 1e-3 }), await cpu.train(batch(k), { lr: 1e-3 })];
+      note(`loss of step ${k + 1}`, a.loss, b.loss);
+    }
+    const [a, b] = [await other.evaluate(batch(7)), await cpu.evaluate(batch(7))];
+    note('evaluation loss', a.loss ?? NaN, b.loss ?? NaN);
+    const differ = a.predictions.reduce((n, p, i) => n + (p === b.predictions[i] ? 0 : 1), 0) / b.predictions.length;
+    return { pass: worstRel <= tolerance && differ <= 1e-3, worst, worst_rel: worstRel, tolerance, predictions_differ: differ };
+  } finally {
+    cpu.dispose();
+    other.dispose();
+  }
+}
+
 async function main(): Promise<void> {
   const [what, fixture, dtype, convPath] = process.argv.slice(2);
   const device = probeDevice();
@@ -84,12 +129,14 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels(device, 'flash_mma')) as unknown[] }) + '\n');
   } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? device)) + '\n');
+  } else if (what === 'segmenter' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
+    process.stdout.write(JSON.stringify(await segmenterProbe(fixture ?? device)) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
     // Each op at the shapes of a ConvMAE-B step of <batch> images, ours vs candle's, bf16 then f32.
     const rows = JSON.parse(await native.timeKernels(device, Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
-    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] | segmenter [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
   }
 }
 

@@ -55,8 +55,10 @@ impl DeviceSpec {
 #[cfg(feature = "cuda")]
 fn configure_cuda(device: &Device) -> Result<(), String> {
     use candle_core::cuda::cudarc::driver::sys;
-    // cuBLAS may use TF32 tensor cores for f32 matmuls (PyTorch's allow_tf32 for matmul).
-    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    // cuBLAS may use TF32 tensor cores for f32 matmuls (PyTorch's allow_tf32 for matmul),
+    // unless CONVMAE_TF32=off asks for full f32 (the GPU check's CPU-against-CUDA probes of the
+    // task models; a user who wants f32 matmuls to the last bits).
+    candle_core::cuda::set_gemm_reduced_precision_f32(!tf32_off());
     let Device::Cuda(cuda) = device else { return Ok(()) };
     let stream = cuda.cuda_stream();
     let context = stream.context();
@@ -124,6 +126,13 @@ pub fn host_normalize() -> bool {
 pub fn compute_copies_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| env_switch("CONVMAE_COMPUTE_COPIES", "on", "off"))
+}
+
+/// `CONVMAE_TF32=off`: f32 matmuls on CUDA in full f32 rather than on TF32 tensor cores (the
+/// default, `on`, as PyTorch's allow_tf32). Read once per process, when a CUDA device opens.
+pub fn tf32_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| env_switch("CONVMAE_TF32", "on", "off"))
 }
 
 /// `CONVMAE_CHECK_COPIES=on`: after every optimizer update the pretrainer checks that each
