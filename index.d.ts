@@ -58,8 +58,8 @@ export declare class NativeClassifier {
 export declare class NativeDetector {
   /**
    * `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-   * {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64;
-   * `device` other than 'cpu' is refused here (its ROIAlign has no CUDA form yet).
+   * {beta1, beta2, eps, weight_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+   * CUDA build; float32 with TF32 matmuls, or float64).
    */
   constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
   /**

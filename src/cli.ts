@@ -192,8 +192,10 @@ detect options:
   --preset NAME           default ${DETECT_DEMO.preset} (the checkpoint's encoder must match; official:
                           convmae-base with --config '{"img_size":1024}')
   --config JSON|FILE      overrides
-  --dtype f32|f64         default f32 (the detector runs on the CPU)
-  --threads N|auto        as for pretrain
+  --dtype f32|f64         default f32
+  --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (TF32 matmuls for f32; not yet
+                          measured on a GPU)
+  --threads N|auto        as for pretrain (CPU)
   --window N              stage-3 attention window in tokens (official 16; digit demo ${DETECT_DEMO.window})
   --global-blocks LIST    stage-3 blocks with global attention, e.g. 0,3 (official 0,3,6,10; demo ${DETECT_DEMO.globalBlocks.join(',')})
   --channels N            FPN and head width (official 256; digit demo ${DETECT_DEMO.channels})
@@ -767,9 +769,9 @@ async function runDetect(args: string[]): Promise<void> {
   });
   const dtype = values.dtype ?? 'f32';
   if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
-  for (const unsupported of ['device', 'precision', 'accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
+  for (const unsupported of ['precision', 'accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
     if (values[unsupported] !== undefined) {
-      fail(`detect: --${unsupported} is not supported (the detector runs on the CPU in f32 or f64, one batch per update, with an absolute --lr on detectron2's cosine to 0)`);
+      fail(`detect: --${unsupported} is not supported (the detector runs in f32 or f64, one batch per update, with an absolute --lr on detectron2's cosine to 0)`);
     }
   }
   const scaleRange = numList(values['scale-range'], 'scale-range');
@@ -791,6 +793,7 @@ async function runDetect(args: string[]): Promise<void> {
     preset: values.preset ?? DETECT_DEMO.preset,
     config: parseConfig(values.config),
     dtype,
+    device: values.device as DeviceName | undefined,
     threads: threadsOption(values.threads),
     window: num(values.window, 'window') ?? d?.window,
     globalBlocks: numList(values['global-blocks'], 'global-blocks') ?? (d ? [...d.globalBlocks] : undefined),

@@ -4,7 +4,7 @@ import { copyFile, mkdtemp, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { checkFixture, modelInfo, Pretrainer, resolveConfig, Classifier, Segmenter } from '../src/index.js';
+import { checkFixture, modelInfo, Pretrainer, resolveConfig, Classifier, Detector, Segmenter } from '../src/index.js';
 import { native } from '../src/native.js';
 import { CLI, golden, randomImages, readSafetensors, ROOT, tensorBytes } from './helpers.js';
 
@@ -320,12 +320,9 @@ test('device: a CUDA request on the CPU build says how to get the CUDA addon; ba
     t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', device: 'cuda' }), { message: /no CUDA backend.*npm run build:cuda/ });
     t.throws(() => Classifier.create({ preset: 'convmae-tiny', numClasses: 2, device: 'cuda:1' }), { message: /no CUDA backend/ });
     t.throws(() => Segmenter.create({ preset: 'convmae-tiny', numClasses: 2, device: 'cuda' }), { message: /device 'cuda': this build of convmae has no CUDA backend/ });
+    t.throws(() => Detector.create({ preset: 'convmae-tiny', numClasses: 2, window: 4, globalBlocks: [0], device: 'cuda:0' }), { message: /device 'cuda:0': this build of convmae has no CUDA backend/ });
   }
   t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', device: 'gpu' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/ });
   t.throws(() => Segmenter.create({ preset: 'convmae-tiny', numClasses: 2, device: 'gpu' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/ });
-  // The detector runs on the CPU only (its ROIAlign has no CUDA form): its options have no
-  // device, and the native constructor refuses one on either build.
-  const detectorArgs = (device: string) => new native.NativeDetector(JSON.stringify(resolveConfig({ preset: 'convmae-tiny' })), '{"num_classes":2,"window":4,"global_blocks":[0]}', 'f32', 0, null, device, null);
-  t.throws(() => detectorArgs('cuda'), { message: /device 'cuda': the detector runs on the CPU only for now/ });
-  detectorArgs('cpu').dispose();
+  t.throws(() => Detector.create({ preset: 'convmae-tiny', numClasses: 2, window: 4, globalBlocks: [0], device: 'cuda:x' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'/ });
 });

@@ -193,10 +193,10 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.is(report.agreement_error, null);
     t.true(report.agreement.length > 0);
     t.deepEqual(report.agreement.filter((a) => a.pass === false).map((a) => a.op), []);
-    // The five golden fixtures, the overlapped-steps probe and the segmenter against the CPU,
-    // all passing on the CPU.
-    t.is(report.parity.length, 7);
-    t.true(report.parity.some((p) => p.fixture.startsWith('segmenter on the GPU = on the CPU') && p.pass));
+    // The five golden fixtures, the overlapped-steps probe and the segmenter and detector
+    // against the CPU, all passing on the CPU.
+    t.is(report.parity.length, 8);
+    for (const task of ['segmenter', 'detector']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} on the GPU = on the CPU`) && p.pass), task);
     t.deepEqual(report.parity.filter((p) => !p.pass).map((p) => p.fixture), []);
     const ours = report.rows.filter((r) => r.impl.startsWith('ours'));
     // The headline row first (no retry needed), then every A/B row and configuration, each a run of its own.

@@ -241,14 +241,23 @@ async function main(): Promise<void> {
     save();
   }
 
-  // The segmenter on the GPU against the same one on the CPU (f32, TF32 off): its CUDA route
-  // (candle's im2col and BatchNorm, our kernels elsewhere) had run on the CPU only until then.
+  // The segmenter and the detector on the GPU against the same ones on the CPU (f32, TF32 off):
+  // their CUDA routes (candle's im2col and BatchNorm, our ROIAlign kernel, our kernels
+  // elsewhere) were written without a GPU.
   if (!loadError && !throughputOnly && !profileOnly) {
     const r = await run(process.execPath, [probe, 'segmenter'], 120, { ...process.env, CONVMAE_TF32: 'off' });
     const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number } | undefined;
     const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation)';
-    parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; predictions differing ${(100 * j.predictions_differ).toFixed(3)}%` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
-    log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, predictions differing ${(100 * j.predictions_differ).toFixed(3)}%)` : `error ${r.error}`}`);
+    const differ = j ? `predictions differing ${(100 * j.predictions_differ).toFixed(3)}%` : '';
+    parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; ${differ}` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
+    log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, ${differ})` : `error ${r.error}`}`);
+    save();
+    const d = await run(process.execPath, [probe, 'detector'], 120, { ...process.env, CONVMAE_TF32: 'off' });
+    const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number } | undefined;
+    const detFixture = 'detector on the GPU = on the CPU (convmae-tiny, 2 steps; detections reported)';
+    const detections = k ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}` : '';
+    parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...k, worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
+    log(`detector: ${k ? `${k.pass ? 'pass' : 'FAIL'} (worst ${k.worst} ${k.worst_rel.toExponential(2)}, ${detections})` : `error ${d.error}`}`);
     save();
   }
 

@@ -9,6 +9,7 @@
  *   node dist/benches/gpu/probe-worker.js timing <batch> <reps>
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  *   node dist/benches/gpu/probe-worker.js segmenter [device] (the segmenter on the device against the CPU; run it with CONVMAE_TF32=off)
+ *   node dist/benches/gpu/probe-worker.js detector [device]  (the detector likewise)
  *
  * CONVMAE_PROBE_DEVICE=cpu runs every probe on the CPU instead of CUDA (check.ts --rehearse).
  */
@@ -17,6 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { checkFixture } from '../../src/api/fixture.js';
 import { Pretrainer, type DeviceName } from '../../src/api/pretrainer.js';
+import { Detector, type AnnotatedBatch, type TargetInstance } from '../../src/api/detector.js';
 import { Segmenter } from '../../src/api/segmenter.js';
 import { native } from '../../src/native.js';
 // The tests' safetensors reader (plain Node, no test framework; dist/test travels with dist/).
@@ -117,6 +119,94 @@ async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; wors
   }
 }
 
+/**
+ * Images of `side` px with filled rectangles of a few colours as their objects (box, mask, and
+ * for every second object the rectangle as a polygon): detection targets made up here, since
+ * the GPU machine has no dataset.
+ */
+function rectangleScenes(images: number, side: number, seed: number): AnnotatedBatch {
+  const pixels = new Uint8Array(images * side * side * 3);
+  const instances: TargetInstance[][] = [];
+  let s = seed * 7919 + 1;
+  const next = (n: number) => ((s = (s * 1103515245 + 12345) % 2147483648), s % n);
+  for (let i = 0; i < images; i++) {
+    const objects: TargetInstance[] = [];
+    for (let o = 0; o < 3; o++) {
+      const category = next(3);
+      const [w, h] = [12 + next(20), 12 + next(20)];
+      const [x0, y0] = [next(side - w), next(side - h)];
+      const mask = new Uint8Array(side * side);
+      for (let y = y0; y < y0 + h; y++) {
+        for (let x = x0; x < x0 + w; x++) {
+          mask[y * side + x] = 1;
+          pixels.set([60 + 80 * category, 200 - 60 * category, 40 + 30 * o], ((i * side + y) * side + x) * 3);
+        }
+      }
+      const box: [number, number, number, number] = [x0, y0, x0 + w, y0 + h];
+      objects.push(o % 2 ? { category, box, mask, polygons: [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]] } : { category, box, mask });
+    }
+    instances.push(objects);
+  }
+  return { images: pixels, batchSize: images, height: side, width: side, instances };
+}
+
+/**
+ * The detector on `device` against the same detector on the CPU (one seed, f32, run with
+ * CONVMAE_TF32=off): the five losses of two training steps on made-up scenes (the regions the
+ * step samples are drawn on the host from the same seed), then the detections of the trained
+ * models on other scenes. On CUDA its ROIAlign is our CUDA kernel and its BatchNorm candle's ops.
+ * A near tie in a top-k or NMS could change what a step samples, so the losses are held to
+ * `tolerance` only; the detections are reported (count and the largest score difference of
+ * the detections both kept, in order), not judged.
+ */
+async function detectorProbe(device: DeviceName): Promise<{ pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number }> {
+  const side = 64;
+  const tolerance = 1e-3;
+  const make = (d: DeviceName) =>
+    Detector.create({
+      preset: 'convmae-tiny',
+      numClasses: 3,
+      window: 2,
+      globalBlocks: [0, 3],
+      channels: 16,
+      boxFc: 32,
+      boxConvs: 1,
+      maskConvs: 1,
+      anchorSizes: [8, 16, 32, 64, 128],
+      rpnBatchPerImage: 64,
+      roiBatchPerImage: 16,
+      rpnPreNmsTrain: 200,
+      rpnPostNmsTrain: 50,
+      rpnPreNmsTest: 100,
+      rpnPostNmsTest: 50,
+      device: d,
+      seed: 2,
+    });
+  const [cpu, other] = [make('cpu'), make(device)];
+  try {
+    let worst = 'none';
+    let worstRel = 0;
+    const note = (name: string, a: number, b: number) => {
+      const rel = a === b ? 0 : Math.abs(a - b) / Math.max(Math.abs(b), 1e-30);
+      if (!(rel <= worstRel)) [worst, worstRel] = [name, rel];
+    };
+    for (let k = 0; k < 2; k++) {
+      const batch = rectangleScenes(2, side, k + 1);
+      const [a, b] = [await other.train(batch, { lr: 1e-3 }), await cpu.train(batch, { lr: 1e-3 })];
+      for (const part of ['lossRpnCls', 'lossRpnLoc', 'lossCls', 'lossBoxReg', 'lossMask'] as const) note(`${part} of step ${k + 1}`, a[part], b[part]);
+    }
+    const scenes = rectangleScenes(2, side, 9);
+    const [a, b] = [await other.detect(scenes), await cpu.detect(scenes)];
+    const count = (d: typeof a) => d.reduce((n, image) => n + image.scores.length, 0);
+    let scoreDiff = 0;
+    a.forEach((image, i) => image.scores.forEach((score, j) => (scoreDiff = Math.max(scoreDiff, Math.abs(score - (b[i]!.scores[j] ?? Infinity))))));
+    return { pass: worstRel <= tolerance, worst, worst_rel: worstRel, tolerance, detections: [count(a), count(b)], score_diff: scoreDiff };
+  } finally {
+    cpu.dispose();
+    other.dispose();
+  }
+}
+
 async function main(): Promise<void> {
   const [what, fixture, dtype, convPath] = process.argv.slice(2);
   const device = probeDevice();
@@ -129,6 +219,8 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels(device, 'flash_mma')) as unknown[] }) + '\n');
   } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? device)) + '\n');
+  } else if (what === 'detector' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
+    process.stdout.write(JSON.stringify(await detectorProbe(fixture ?? device)) + '\n');
   } else if (what === 'segmenter' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await segmenterProbe(fixture ?? device)) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
@@ -136,7 +228,7 @@ async function main(): Promise<void> {
     const rows = JSON.parse(await native.timeKernels(device, Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
-    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] | segmenter [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] | segmenter [cpu|cuda] | detector [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
   }
 }
 

@@ -6,7 +6,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type ImageBatch, type Threads } from './pretrainer.js';
 import { checkTaskOptions, TaskModel } from './task-model.js';
 
 /** x1, y1, x2, y2 in pixels (continuous coordinates; width = x2 - x1). */
@@ -62,8 +62,14 @@ export interface DetectorOptions extends ModelSpec {
   /** Test: NMS per class. Default 0.5. */
   testNms?: number;
   detectionsPerImage?: number;
-  /** 'f32' (default) or 'f64'. The detector runs on the CPU. */
+  /** 'f32' (default) or 'f64'. */
   dtype?: 'f32' | 'f64';
+  /**
+   * 'cpu' (default), 'cuda' or 'cuda:N': the CUDA addon (`npm run build:cuda`, loaded with
+   * CONVMAE_NATIVE), with TF32 matmuls for f32; not yet measured on a GPU (see docs/cuda.md).
+   */
+  device?: DeviceName;
+  /** CPU models: a thread count or 'auto' (see `Threads`). */
   threads?: Threads;
   /** Seeds the init, stochastic depth and sampling. Default 0. */
   seed?: number;

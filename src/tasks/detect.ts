@@ -16,7 +16,7 @@ import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { Detector, type DetectorOptions, type TargetInstance } from '../api/detector.js';
 import type { TaskLoadReport } from '../api/task-model.js';
-import type { Threads } from '../api/pretrainer.js';
+import type { DeviceName, Threads } from '../api/pretrainer.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { decodeRle, encodeRle, openCocoFolder, openDigitDetectionScenes, type DetectionDataset, type DetectionSample } from '../data/detection.js';
 import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE } from '../data/detection-transforms.js';
@@ -54,6 +54,8 @@ export interface DetectRunOptions extends DetectorHeadOptions {
   preset?: PresetName | string;
   config?: Partial<ConvMaeConfig>;
   dtype?: 'f32' | 'f64';
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon; see `DetectorOptions.device`). */
+  device?: DeviceName;
   threads?: Threads;
   /** Pretrained encoder to start from (ours or the official .pth); random init when absent. */
   init?: string;
@@ -373,6 +375,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
     preset: options.preset,
     config: options.config,
     dtype: options.dtype,
+    device: options.device,
     threads: options.threads,
     numClasses: dataset.classes.length,
     seed,

@@ -945,13 +945,10 @@ impl NativeDetector {
 #[napi]
 impl NativeDetector {
     /// `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-    /// {beta1, beta2, eps, weight_decay}. The detector runs on the CPU in float32 or float64;
-    /// `device` other than 'cpu' is refused here (its ROIAlign has no CUDA form yet).
+    /// {beta1, beta2, eps, weight_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+    /// CUDA build; float32 with TF32 matmuls, or float64).
     #[napi(constructor)]
     pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
-        if let Some(d) = device.as_deref().filter(|d| *d != "cpu") {
-            return Err(js_err(format!("device '{d}': the detector runs on the CPU only for now (its ROIAlign has no CUDA form yet); use device 'cpu'")));
-        }
         let cfg = parse_config(&config_json)?;
         let head: DetectorHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid detector head: {e}")))?;
         head.validate(&cfg).map_err(js_err)?;
@@ -963,8 +960,10 @@ impl NativeDetector {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
         let session = Session::start(move || {
-            let model = Detector::new(cfg, head, dtype, &candle_core::Device::Cpu, seed as u64).map_err(|e| e.to_string())?;
+            let device = device.open()?;
+            let model = Detector::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
             DetectorTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
