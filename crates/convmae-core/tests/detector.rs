@@ -195,6 +195,46 @@ fn gradients_match_finite_differences() {
 
 /// detectron2's groups: no decay on norm layers, pos_embed (frozen here) and the relative
 /// tables; decay on everything else, biases included; no layer decay.
+/// What a detector on CUDA computes is the CPU's function: with every op on candle's
+/// compositions (`with_path(Path::Composite)`; BatchNorm then candle's ops, as on CUDA, where
+/// ROIAlign is our CUDA kernel of the same semantics), the five losses and every gradient of a
+/// training step, given the same proposals, equal the kernels' in f64, here on the CPU.
+#[test]
+fn the_composite_route_of_a_cuda_detector_is_the_kernels_function() {
+    use convmae_kernels::{with_path, Path};
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let model = Detector::new(cfg, DetectorHead { drop_path: 0.0, ..small_head() }, DType::F64, &Device::Cpu, 6).unwrap();
+    let (px, targets) = rectangles(2, s, 8);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let imgs = normalize(&batch, DType::F64, &Device::Cpu).unwrap();
+    let proposals = with_path(Path::Kernels, || model.losses(&imgs, &targets, &mut Rng::new(77)).unwrap().proposals);
+    let run = |path: Path| {
+        with_path(path, || {
+            let losses = model.losses_with_proposals(&imgs, &targets, &mut Rng::new(77), &proposals).unwrap();
+            assert!(losses.foreground > 0, "the check needs foreground regions for the box and mask losses");
+            let parts: Vec<f64> = [&losses.rpn_cls, &losses.rpn_loc, &losses.cls, &losses.box_reg, &losses.mask].iter().map(|l| to_vec(l)[0]).collect();
+            let grads = model.params.gradients(&losses.total().unwrap().backward().unwrap()).unwrap();
+            (parts, grads.iter().map(to_vec).collect::<Vec<_>>())
+        })
+    };
+    let (kernel_parts, kernel_grads) = run(Path::Kernels);
+    let (composite_parts, composite_grads) = run(Path::Composite);
+    for (i, (a, b)) in kernel_parts.iter().zip(&composite_parts).enumerate() {
+        assert!((a - b).abs() <= 1e-12 * a.abs(), "loss {i}: {a} vs {b}");
+    }
+    // Biases feeding a BatchNorm have zero gradients up to rounding: differences against each
+    // tensor's largest gradient, with a floor of 1e-12 of the largest of all.
+    let largest = |g: &[f64]| g.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let floor = 1e-12 * kernel_grads.iter().map(|g| largest(g)).fold(0f64, f64::max);
+    let names: Vec<String> = model.params.trainable().map(|(p, _)| p.spec.name.clone()).collect();
+    assert_eq!(kernel_grads.len(), names.len());
+    for ((name, a), b) in names.iter().zip(&kernel_grads).zip(&composite_grads) {
+        let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-9 * largest(a) + floor, "{name}: gradients differ by {worst} (largest {})", largest(a));
+    }
+}
+
 #[test]
 fn weight_decay_groups_follow_detectron2() {
     let model = Detector::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 0).unwrap();
