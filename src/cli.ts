@@ -139,6 +139,7 @@ eval options:
   --data PATH             default: the MNIST test split
   --preset, --config, --num-classes N, --pool   for files without our metadata
   --batch-size N          default 128
+  --device cpu|cuda[:N]   every kind of checkpoint: default cpu; cuda needs the CUDA addon
 
 features options:
   features CKPT           any checkpoint with a ConvMAE encoder: ours (pretraining or classifier; the
@@ -479,6 +480,7 @@ async function runEval(args: string[]): Promise<void> {
       'no-reduce-zero-label': { type: 'boolean' },
       'eval-split': { type: 'string' },
       threads: { type: 'string' },
+      device: { type: 'string' },
     },
     allowPositionals: true,
   });
@@ -497,6 +499,7 @@ async function runEval(args: string[]): Promise<void> {
       numClasses: num(values['num-classes'], 'num-classes'),
       evalLimit: num(values['eval-limit'], 'eval-limit'),
       batchSize: num(values['batch-size'], 'batch-size'),
+      device: values.device as DeviceName | undefined,
       threads: threadsOption(values.threads),
       onProgress: (done, total) => {
         if (done * 10 >= (shown + 1) * total || done === total) {
@@ -525,6 +528,7 @@ async function runEval(args: string[]): Promise<void> {
       reduceZeroLabel: values['no-reduce-zero-label'] ? false : undefined,
       evalLimit: num(values['eval-limit'], 'eval-limit'),
       batchSize: num(values['batch-size'], 'batch-size'),
+      device: values.device as DeviceName | undefined,
       onProgress: (done, total) => {
         if (done * 10 >= (shown + 1) * total || done === total) {
           shown = Math.floor((done * 10) / total);
@@ -545,6 +549,7 @@ async function runEval(args: string[]): Promise<void> {
     numClasses: num(values['num-classes'], 'num-classes'),
     pool,
     batchSize: num(values['batch-size'], 'batch-size'),
+    device: values.device as DeviceName | undefined,
   });
   process.stdout.write(JSON.stringify({ dataset: r.dataset, acc1: r.acc1, acc5: r.acc5, loss: r.loss, count: r.count }) + '\n');
 }

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { createRng, evaluateSegmenter, openDataset, openDigitScenes, openMnist, openSegmentationFolder, polyLrAt, pretrain, segment, Segmenter, SegmentationMeter } from '../src/index.js';
 import { rescaledSize, resizeBilinearRgb, resizeNearest, segmentationTrainTransform } from '../src/data/segmentation-transforms.js';
+import { native } from '../src/native.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
@@ -152,8 +153,15 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
   t.is(line.dataset, 'digit-scenes-t10k');
   t.is(line.images, 4);
   t.is(line.mIoU, logged.filter((l) => l.event === 'eval').at(-1)!.mIoU!);
-  const err = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--device', 'cuda', '--out', out]));
-  t.regex((err as unknown as { stderr: string }).stderr, /--device is not supported/);
+  // The CPU build names what a CUDA run needs (the CUDA build would run it).
+  if (!native.cudaBuild()) {
+    for (const args of [['segment', '--device', 'cuda', '--steps', '1', '--out', out], ['eval', path.join(out, 'checkpoint.safetensors'), '--device', 'cuda:1']]) {
+      const err = await t.throwsAsync(run(process.execPath, [CLI, ...args]));
+      t.regex((err as unknown as { stderr: string }).stderr, /device 'cuda(:1)?': this build of convmae has no CUDA backend/);
+    }
+  }
+  const precision = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--precision', 'bf16', '--out', out]));
+  t.regex((precision as unknown as { stderr: string }).stderr, /--precision is not supported/);
   const one = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--batch-size', '1', '--out', out]));
   t.regex((one as unknown as { stderr: string }).stderr, /batchSize must be at least 2/);
   const bad = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--data', 'ade', '--out', out]));

@@ -19,6 +19,7 @@ import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
 import { createRng, deriveSeed } from '../data/rng.js';
 import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
+import type { DeviceName } from '../api/pretrainer.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
 import { positiveInt, runLength, startRun, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
@@ -353,6 +354,8 @@ export interface EvaluateOptions {
   numClasses?: number;
   kind?: HeadKind;
   pool?: Pooling;
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
+  device?: DeviceName;
   batchSize?: number;
   concurrency?: number;
 }
@@ -376,6 +379,7 @@ export async function evaluate(options: EvaluateOptions): Promise<EvalSummary & 
     numClasses: head?.num_classes ?? options.numClasses ?? numClassesOf(dataset),
     kind: head?.kind ?? options.kind ?? 'finetune',
     pool: head?.pool ?? options.pool ?? 'global',
+    device: options.device,
   });
   try {
     await model.load(options.checkpoint);

@@ -511,6 +511,8 @@ export interface EvaluateDetectorOptions extends DetectorHeadOptions {
   evalLimit?: number;
   /** Images per detection batch, default 8 (the scores do not depend on it). */
   batchSize?: number;
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
+  device?: DeviceName;
   threads?: Threads;
   onProgress?: (done: number, total: number) => void;
 }
@@ -544,6 +546,7 @@ export async function evaluateDetector(options: EvaluateDetectorOptions): Promis
     config,
     numClasses,
     dtype: meta.dtype === 'f64' ? 'f64' : 'f32',
+    device: options.device,
     threads: options.threads,
     optimizer: meta.adamw ? (JSON.parse(meta.adamw) as DetectorOptions['optimizer']) : undefined,
   });

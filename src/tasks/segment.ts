@@ -326,6 +326,8 @@ export interface EvaluateSegmenterOptions {
   auxChannels?: number;
   evalLimit?: number;
   batchSize?: number;
+  /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
+  device?: DeviceName;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -351,6 +353,7 @@ export async function evaluateSegmenter(options: EvaluateSegmenterOptions): Prom
     channels: head?.channels ?? options.channels,
     auxChannels: head?.aux_channels ?? options.auxChannels,
     poolScales: head?.pool_scales,
+    device: options.device,
   });
   try {
     await model.load(options.checkpoint);
