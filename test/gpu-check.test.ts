@@ -198,7 +198,14 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.is(report.parity.length, 8);
     for (const task of ['segmenter', 'detector']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} on the GPU = on the CPU`) && p.pass), task);
     t.deepEqual(report.parity.filter((p) => !p.pass).map((p) => p.fixture), []);
-    const ours = report.rows.filter((r) => r.impl.startsWith('ours'));
+    // The downstream tasks' rows (at 64 px, batch 2, with narrow heads), after the batch-16 rows.
+    const taskRows = report.rows.filter((r) => /^ours-(segment|detect)-/.test(r.impl));
+    t.deepEqual(taskRows.map((r) => [r.impl, r.batch, r.dtype, r.error]), [
+      ['ours-segment-64px', 2, 'f32', undefined],
+      ['ours-detect-64px', 2, 'f32', undefined],
+    ]);
+    t.true(taskRows.every((r) => r.images_per_s > 0));
+    const ours = report.rows.filter((r) => r.impl.startsWith('ours') && !taskRows.includes(r));
     // The headline row first (no retry needed), then every A/B row and configuration, each a run of its own.
     t.deepEqual(ours.map((r) => r.impl), [
       'ours',

@@ -385,6 +385,23 @@ async function main(): Promise<void> {
     run(process.execPath, [worker, '--preset', preset, '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', precision, '--path', convPath, ...args], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
       record(r, { suite: 'gpu', impl, preset, batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device, path: convPath }),
     );
+  // The downstream tasks' training steps on the GPU (f32; ours only: no PyTorch baseline of
+  // them is installed there): the segmenter at 512 px, batch 8, and the detector at 1024 px,
+  // batch 2, with the official heads (task-worker.ts, made-up labelled images). The rehearsal
+  // runs them at 64 px with the task probes' narrow heads.
+  const taskWorker = path.join(REPO_ROOT, 'dist', 'benches', 'task-worker.js');
+  const tasks = async () => {
+    if (loadError) return;
+    const size = { segment: rehearse ? 64 : 512, detect: rehearse ? 64 : 1024 };
+    const batch = { segment: rehearse ? 2 : 8, detect: 2 };
+    const steps = rehearse ? ['--warmup', '1', '--steps', '1', '--small-heads'] : ['--warmup', '2', '--steps', '5'];
+    const windows = rehearse ? ['--window', '2', '--global-blocks', '0,3'] : [];
+    for (const task of ['segment', 'detect'] as const) {
+      const args = [taskWorker, '--task', task, '--preset', preset, '--img', String(size[task]), '--batch', String(batch[task]), '--device', device, ...steps, ...(task === 'detect' ? windows : [])];
+      const r = await run(process.execPath, args, 180);
+      record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: 'f32', device });
+    }
+  };
   const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
     const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
     if (compile) args.push('--compile');
@@ -515,6 +532,7 @@ async function main(): Promise<void> {
     await pytorch(batch, 'none', false);
     if (!quick && batch === batches[0]) await earlierABs(batch);
   }
+  if (!quick && !kernelsOnly && !profileOnly) await tasks();
   // --quick: the issue's rows at twice the batch too, in whatever the --deadline leaves (the
   // issue asks for batch 128 as well): first the comparison (ours sparse bf16 against eager and
   // torch.compile), which says whether ours scales with the batch as PyTorch does, then the rest
@@ -532,6 +550,7 @@ async function main(): Promise<void> {
       await ours(batch, 'fp32', 'dense', 'ours-dense');
     }
     await pytorch(batch, 'none', false);
+    await tasks();
     await earlierABs(firstBatch);
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.

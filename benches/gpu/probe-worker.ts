@@ -18,11 +18,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { checkFixture } from '../../src/api/fixture.js';
 import { Pretrainer, type DeviceName } from '../../src/api/pretrainer.js';
-import { Detector, type AnnotatedBatch, type TargetInstance } from '../../src/api/detector.js';
+import { Detector } from '../../src/api/detector.js';
 import { Segmenter } from '../../src/api/segmenter.js';
 import { native } from '../../src/native.js';
 // The tests' safetensors reader (plain Node, no test framework; dist/test travels with dist/).
 import { readSafetensors, tensorBytes } from '../../test/helpers.js';
+import { rectangleScenes, stripeLabels } from '../synthetic-scenes.js';
 
 /**
  * Overlapped steps on the GPU (the answers, and the weights and AdamW state after, of steps
@@ -89,14 +90,7 @@ async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; wors
   const batchSize = 4;
   const tolerance = 1e-4;
   const make = (d: DeviceName) => Segmenter.create({ preset: 'convmae-tiny', config: { img_size: side }, numClasses: 5, channels: 32, auxChannels: 16, device: d, seed: 3 });
-  const batch = (k: number) => ({
-    images: Uint8Array.from({ length: batchSize * side * side * 3 }, (_, i) => (i * 131 + k * 977 + 7) % 251),
-    // Stripes of classes with some ignored pixels: a labelling the loss sees everywhere.
-    labels: Uint8Array.from({ length: batchSize * side * side }, (_, i) => (i % 97 === 0 ? 255 : (((i % side) + Math.floor(i / side) + k) >> 4) % 5)),
-    batchSize,
-    height: side,
-    width: side,
-  });
+  const batch = (k: number) => stripeLabels(batchSize, side, 5, k);
   const [cpu, other] = [make('cpu'), make(device)];
   try {
     let worst = 'none';
@@ -117,37 +111,6 @@ async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; wors
     cpu.dispose();
     other.dispose();
   }
-}
-
-/**
- * Images of `side` px with filled rectangles of a few colours as their objects (box, mask, and
- * for every second object the rectangle as a polygon): detection targets made up here, since
- * the GPU machine has no dataset.
- */
-function rectangleScenes(images: number, side: number, seed: number): AnnotatedBatch {
-  const pixels = new Uint8Array(images * side * side * 3);
-  const instances: TargetInstance[][] = [];
-  let s = seed * 7919 + 1;
-  const next = (n: number) => ((s = (s * 1103515245 + 12345) % 2147483648), s % n);
-  for (let i = 0; i < images; i++) {
-    const objects: TargetInstance[] = [];
-    for (let o = 0; o < 3; o++) {
-      const category = next(3);
-      const [w, h] = [12 + next(20), 12 + next(20)];
-      const [x0, y0] = [next(side - w), next(side - h)];
-      const mask = new Uint8Array(side * side);
-      for (let y = y0; y < y0 + h; y++) {
-        for (let x = x0; x < x0 + w; x++) {
-          mask[y * side + x] = 1;
-          pixels.set([60 + 80 * category, 200 - 60 * category, 40 + 30 * o], ((i * side + y) * side + x) * 3);
-        }
-      }
-      const box: [number, number, number, number] = [x0, y0, x0 + w, y0 + h];
-      objects.push(o % 2 ? { category, box, mask, polygons: [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]] } : { category, box, mask });
-    }
-    instances.push(objects);
-  }
-  return { images: pixels, batchSize: images, height: side, width: side, instances };
 }
 
 /**
