@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, one PTX module each (src/cuda.rs embeds them by these names).
-const MODULES: &[&str] = &["depthwise", "rows", "elementwise", "attention", "flash"];
+const MODULES: &[&str] = &["depthwise", "rows", "elementwise", "attention", "flash", "roi_align"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

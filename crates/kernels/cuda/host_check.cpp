@@ -184,10 +184,24 @@ static void mma_m16n8k16_emulated(float d[4], const float a[8], const float b[4]
     __syncwarp();
 }
 
+// roi_align.cu's double arithmetic: the _rn intrinsics round each operation on its own, as
+// C++ does here (g++ contracts nothing in ISO mode, and x86-64 without -mfma has no fused
+// multiply-add). Its float atomics: launch() runs one thread at a time, so a plain
+// read-add-write is atomic here.
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+template <typename T>
+static T atomicAdd(T* p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+
 #include "attention.cu"
 #include "depthwise.cu"
 #include "elementwise.cu"
 #include "flash.cu"
+#include "roi_align.cu"
 #include "rows.cu"
 
 // Runs `kernel` for every (block, thread) of a 1-D launch, like the Rust side sizes it.
@@ -257,7 +271,9 @@ static void launch_blocks(unsigned grid_x, unsigned grid_y, unsigned block, F ke
 
 static int failures = 0;
 
-static void check(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+// `got` in f32, or in f64 for the kernels that have an f64 form (roi_align.cu).
+template <typename G>
+static void check(const char* what, const std::vector<G>& got, const std::vector<double>& want, double tol) {
     double diff = 0, scale = 0;
     for (size_t i = 0; i < want.size(); ++i) {
         const double d = std::fabs(got[i] - want[i]);
@@ -1166,6 +1182,146 @@ static void check_restore_tokens(int64_t b, int64_t l, int64_t keep, int64_t d, 
     check_t("restore tokens: [dx | d mask_token | d pos]", packed, grads, 1e-6);
 }
 
+// ROIAlignV2 (roi_align.cu), forward and adjoint, in f32 and f64, launched as src/cuda.rs
+// roi_align does (a thread per bin element, channels fastest; the map's gradient zeroed
+// first), on regions resolved from the boxes as src/roi_align.rs `Geometry::new` does. The
+// references are detectron2's algorithm written out per box, bin, channel and sample, with
+// the four bilinear taps of its CPU kernel: the forward gathers them, the backward scatters
+// through them. The f64 kernels also meet the adjoint identity <fwd(x), g> = <x, bwd(g)>.
+struct HostBox {
+    int64_t image;
+    float x1, y1, x2, y2;  // input-image pixels
+};
+
+static std::vector<RoiRegion> roi_regions(const std::vector<HostBox>& boxes, int64_t p, double scale, int64_t ratio) {
+    std::vector<RoiRegion> out;
+    for (const auto& b : boxes) {
+        const double x1 = (double)b.x1 * scale - 0.5, y1 = (double)b.y1 * scale - 0.5;
+        const double x2 = (double)b.x2 * scale - 0.5, y2 = (double)b.y2 * scale - 0.5;
+        const auto grid = [&](double len) { return ratio > 0 ? ratio : (int64_t)std::max(std::ceil(len / (double)p), 0.0); };
+        const int64_t gh = grid(y2 - y1), gw = grid(x2 - x1);
+        out.push_back(RoiRegion{y1, x1, (y2 - y1) / (double)p, (x2 - x1) / (double)p, (double)std::max<int64_t>(gh * gw, 1), b.image, gh, gw});
+    }
+    return out;
+}
+
+// The four taps (flat index into [B, H, W, C], weight) of the sample at (y, x) of image b,
+// channel ch; none when it lies more than a pixel off the map.
+static int roi_reference_taps(int64_t h, int64_t w, int64_t c, int64_t b, double y, double x, int64_t ch, int64_t (&at)[4], double (&wt)[4]) {
+    if (y < -1.0 || y > (double)h || x < -1.0 || x > (double)w) return 0;
+    y = std::max(y, 0.0);
+    x = std::max(x, 0.0);
+    int64_t y_low = (int64_t)std::floor(y), x_low = (int64_t)std::floor(x), y_high, x_high;
+    if (y_low >= h - 1) {
+        y_high = y_low = h - 1;
+        y = (double)y_low;
+    } else {
+        y_high = y_low + 1;
+    }
+    if (x_low >= w - 1) {
+        x_high = x_low = w - 1;
+        x = (double)x_low;
+    } else {
+        x_high = x_low + 1;
+    }
+    const double ly = y - y_low, lx = x - x_low, hy = 1 - ly, hx = 1 - lx;
+    const auto idx = [&](int64_t yy, int64_t xx) { return ((b * h + yy) * w + xx) * c + ch; };
+    at[0] = idx(y_low, x_low), at[1] = idx(y_low, x_high), at[2] = idx(y_high, x_low), at[3] = idx(y_high, x_high);
+    wt[0] = hy * hx, wt[1] = hy * lx, wt[2] = ly * hx, wt[3] = ly * lx;
+    return 4;
+}
+
+// Calls visit(bin element index, tap index, weight / count) for every tap of every sample.
+template <typename F>
+static void roi_reference(int64_t h, int64_t w, int64_t c, const std::vector<HostBox>& boxes, int64_t p, double scale, int64_t ratio, F visit) {
+    for (size_t r = 0; r < boxes.size(); ++r) {
+        const auto& bx = boxes[r];
+        const double sx = bx.x1 * scale - 0.5, sy = bx.y1 * scale - 0.5, ex = bx.x2 * scale - 0.5, ey = bx.y2 * scale - 0.5;
+        const double roi_w = ex - sx, roi_h = ey - sy, bin_w = roi_w / p, bin_h = roi_h / p;
+        const int64_t grid_h = ratio > 0 ? ratio : (int64_t)std::ceil(roi_h / p), grid_w = ratio > 0 ? ratio : (int64_t)std::ceil(roi_w / p);
+        const double count = (double)std::max<int64_t>(grid_h * grid_w, 1);
+        for (int64_t ph = 0; ph < p; ++ph)
+            for (int64_t pw = 0; pw < p; ++pw)
+                for (int64_t ch = 0; ch < c; ++ch)
+                    for (int64_t iy = 0; iy < grid_h; ++iy)
+                        for (int64_t ix = 0; ix < grid_w; ++ix) {
+                            const double y = sy + ph * bin_h + (iy + 0.5) * bin_h / grid_h, x = sx + pw * bin_w + (ix + 0.5) * bin_w / grid_w;
+                            int64_t at[4];
+                            double wt[4];
+                            const int taps = roi_reference_taps(h, w, c, bx.image, y, x, ch, at, wt);
+                            for (int t = 0; t < taps; ++t) visit((((int64_t)r * p + ph) * p + pw) * c + ch, at[t], wt[t] / count);
+                        }
+    }
+}
+
+// Boxes given in map pixels, as input pixels at `scale`: inside, the whole map, partly off each
+// side, tiny (under a pixel), ending on the far edges, off the map, far larger than it (many
+// samples a bin), empty, inverted, within the pixel off the left and top edges, past the last
+// column, then `random` more of random sizes (several sample counts) and places (some off the
+// map), on images 0 .. b - 1.
+static std::vector<HostBox> roi_boxes(int64_t b, int64_t h, int64_t w, double scale, int random, unsigned seed) {
+    const double fixed[][5] = {
+        {0, 1.2, 0.7, 6.3, 5.1},   {1, 0.0, 0.0, 9.0, 7.0},    {2, -2.5, -1.8, 3.1, 2.4}, {0, 5.5, 4.2, 11.0, 9.5},
+        {1, 4.3, 3.6, 4.55, 3.8},  {2, 6.0, 4.0, 9.0, 7.0},    {1, 10.5, 8.0, 13.0, 9.5}, {0, -6.0, -6.0, 15.0, 13.0},
+        {2, 3.0, 2.0, 3.0, 5.0},   {1, 5.0, 4.0, 2.0, 1.0},    {0, -1.4, -0.9, 0.3, 6.5}, {2, 7.6, -1.3, 10.2, 0.4},
+        {1, 0.25, 0.25, 8.75, 1.0},
+    };
+    std::vector<HostBox> out;
+    const auto in_input = [&](double v) { return (float)(v / scale); };
+    for (const auto& f : fixed)
+        out.push_back(HostBox{(int64_t)f[0] % b, in_input(f[1] * w / 9.0), in_input(f[2] * h / 7.0), in_input(f[3] * w / 9.0), in_input(f[4] * h / 7.0)});
+    const auto u = random_values(5 * random, seed);
+    for (int i = 0; i < random; ++i) {
+        const double cx = (u[5 * i] + 1) / 2 * (w + 4) - 2, cy = (u[5 * i + 1] + 1) / 2 * (h + 4) - 2;
+        const double bw = (u[5 * i + 2] + 1) * 4, bh = (u[5 * i + 3] + 1) * 4;
+        out.push_back(HostBox{(int64_t)((u[5 * i + 4] + 1) / 2 * b) % b, in_input(cx - bw / 2), in_input(cy - bh / 2), in_input(cx + bw / 2), in_input(cy + bh / 2)});
+    }
+    return out;
+}
+
+static void check_roi_align(int64_t b, int64_t h, int64_t w, int64_t c, double scale, int64_t ratio, int64_t p) {
+    const auto boxes = roi_boxes(b, h, w, scale, 24, (unsigned)(31 + p + 10 * ratio));
+    const auto regions = roi_regions(boxes, p, scale, ratio);
+    const int64_t r = (int64_t)boxes.size(), bins = r * p * p * c, map = b * h * w * c;
+    const auto x32 = random_values(map, 30), g32 = random_values(bins, 31 + (unsigned)p);
+    const std::vector<double> x64(x32.begin(), x32.end()), g64(g32.begin(), g32.end());
+    std::vector<double> fwd(bins, 0.0), bwd(map, 0.0);
+    roi_reference(h, w, c, boxes, p, scale, ratio, [&](int64_t bin, int64_t at, double weight) {
+        fwd[bin] += weight * x64[at];
+        bwd[at] += weight * g64[bin];
+    });
+    char name[128], shape[64];
+    std::snprintf(shape, sizeof shape, "s%g r%lld P%lld [%lld,%lld,%lld,%lld]", scale, (long long)ratio, (long long)p, (long long)b,
+                  (long long)h, (long long)w, (long long)c);
+    // f32: NaN outputs (each must be written), a zeroed gradient (the host's memset).
+    std::vector<float> out32(bins, NAN), dx32(map, 0.f);
+    launch(bins, 256, [&] { roi_align_fwd_f32(x32.data(), regions.data(), out32.data(), r, h, w, c, p); });
+    std::snprintf(name, sizeof name, "roi_align f32 forward %s", shape);
+    check(name, out32, fwd, 1e-6);
+    launch(bins, 256, [&] { roi_align_bwd_f32(g32.data(), regions.data(), dx32.data(), r, h, w, c, p); });
+    std::snprintf(name, sizeof name, "roi_align f32 backward %s", shape);
+    check(name, dx32, bwd, 1e-5);
+    std::vector<double> out64(bins, NAN), dx64(map, 0.0);
+    launch(bins, 256, [&] { roi_align_fwd_f64(x64.data(), regions.data(), out64.data(), r, h, w, c, p); });
+    std::snprintf(name, sizeof name, "roi_align f64 forward %s", shape);
+    check(name, out64, fwd, 1e-12);
+    launch(bins, 256, [&] { roi_align_bwd_f64(g64.data(), regions.data(), dx64.data(), r, h, w, c, p); });
+    std::snprintf(name, sizeof name, "roi_align f64 backward %s", shape);
+    check(name, dx64, bwd, 1e-12);
+    const double lhs = std::inner_product(out64.begin(), out64.end(), g64.begin(), 0.0);
+    const double rhs = std::inner_product(x64.begin(), x64.end(), dx64.begin(), 0.0);
+    std::snprintf(name, sizeof name, "roi_align f64 adjoint identity %s", shape);
+    check(name, std::vector<double>{rhs}, std::vector<double>{lhs}, 1e-12);
+    // The reference reads the map and writes its gradient, and some bins (boxes off the map,
+    // empty ones) are 0, or the checks above prove little.
+    const bool live = std::any_of(fwd.begin(), fwd.end(), [](double v) { return std::fabs(v) > 0.1; }) &&
+                      std::any_of(fwd.begin(), fwd.end(), [](double v) { return v == 0.0; }) &&
+                      std::any_of(bwd.begin(), bwd.end(), [](double v) { return std::fabs(v) > 0.1; });
+    if (!live) ++failures;
+    std::snprintf(name, sizeof name, "roi_align reference not trivial %s", shape);
+    std::printf("%-58s %s\n", name, live ? "ok" : "FAIL");
+}
+
 #define CHECK_FLASH_IN(T, S, HD, nb, n, heads, ...)                                                                          \
     check_flash<T, HD>(nb, n, heads, flash_fwd_hd##HD##_##S, flash_bwd_q_hd##HD##_##S, flash_bwd_kv_hd##HD##_##S,             \
                        flash_mma_fwd_hd##HD##_##S, flash_mma_bwd_q_hd##HD##_##S, flash_mma_bwd_kv_hd##HD##_##S __VA_OPT__(, ) \
@@ -1258,6 +1414,18 @@ int main() {
     check_permute_heads(2, 5, 3, 8, 3);
     check_permute_heads(3, 7, 4, 24, 1);
     check_permute_heads(1, 1, 2, 64, 3);
+    // Three images; C below and above a warp (37: not a multiple of the block); adaptive
+    // sample counts (ratio 0: 1 to 10 a side) and fixed ones; output 1, 2, 3, 4 and 7; the
+    // scales of the detector's levels (1/4 .. 1/32) and of its mask targets (1). Then maps of
+    // one row and of one column (every tap the last row or column) and of one channel.
+    check_roi_align(3, 7, 9, 37, 0.5, 0, 2);
+    check_roi_align(3, 7, 9, 37, 0.25, 2, 4);
+    check_roi_align(3, 7, 9, 5, 1.0, 0, 7);
+    check_roi_align(3, 7, 9, 33, 0.0625, 0, 3);
+    check_roi_align(3, 7, 9, 3, 0.03125, 3, 2);
+    check_roi_align(3, 7, 9, 2, 0.5, 1, 1);
+    check_roi_align(2, 1, 6, 3, 0.5, 0, 2);
+    check_roi_align(2, 8, 1, 1, 0.25, 2, 3);
     if (failures) {
         std::printf("host_check: %d FAILED\n", failures);
         return 1;

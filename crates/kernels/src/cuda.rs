@@ -27,6 +27,7 @@ const ROWS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
 const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const ROI_ALIGN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/roi_align.ptx"));
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Module {
@@ -35,6 +36,7 @@ enum Module {
     Elementwise,
     Attention,
     Flash,
+    RoiAlign,
 }
 
 /// The kernel `name` of `module`, loading the module on first use. candle caches custom
@@ -63,13 +65,18 @@ fn load_func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunctio
         Module::Elementwise => ("convmae_elementwise", ELEMENTWISE_PTX),
         Module::Attention => ("convmae_attention", ATTENTION_PTX),
         Module::Flash => ("convmae_flash", FLASH_PTX),
+        Module::RoiAlign => ("convmae_roi_align", ROI_ALIGN_PTX),
     };
     Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
 }
 
+/// Element types a device buffer of ours holds: `Float`'s, and f64 (roi_align's kernels).
+pub(crate) trait Stored: CudaDType + DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + 'static {}
+impl<T: CudaDType + DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + 'static> Stored for T {}
+
 /// Storage types the kernels are instantiated for, with the suffix of their kernel names and
 /// how cuBLAS names them and computes with them.
-pub(crate) trait Float: CudaDType + DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + 'static {
+pub(crate) trait Float: Stored {
     const SUFFIX: &'static str;
     const CUBLAS_TYPE: cublas_sys::cudaDataType_t;
     /// The gemm compute type: f32 accumulation, with the reduced-precision modes candle's own
@@ -139,12 +146,12 @@ pub(crate) fn dtype_error(op: &str, dtype: DType) -> candle_core::Error {
 
 /// A row-major device operand: a view of the storage when the layout already is row-major
 /// (possibly at an offset), else a row-major copy.
-pub(crate) enum Operand<'a, T: Float> {
+pub(crate) enum Operand<'a, T: Stored> {
     View(CudaView<'a, T>),
     Copy(CudaStorage, PhantomData<T>),
 }
 
-impl<'a, T: Float> Operand<'a, T> {
+impl<'a, T: Stored> Operand<'a, T> {
     pub(crate) fn new(storage: &'a CudaStorage, layout: &Layout) -> Result<Self> {
         match layout.contiguous_offsets() {
             Some((start, end)) => Ok(Self::View(storage.as_cuda_slice::<T>()?.slice(start..end))),
@@ -243,7 +250,7 @@ fn split(rows: usize) -> (usize, usize) {
     (per_part, rows.div_ceil(per_part))
 }
 
-fn alloc<T: Float>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+fn alloc<T: Stored>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every caller launches a kernel that writes all `n` elements before any read.
     unsafe { dev.alloc::<T>(n) }
 }
@@ -1935,4 +1942,77 @@ pub(crate) fn adamw_many_tensors(items: &[crate::AdamWItem], guard: Option<&cand
     let cfg = LaunchConfig { grid_dim: (chunks.len().min(1024) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     unsafe { builder.launch(cfg) }.w()?;
     Ok(true)
+}
+
+// ---- ROIAlign (roi_align.rs, cuda/roi_align.cu) ----------------------------------------------
+
+/// The storage types of the ROIAlign kernels: the CPU op's, f32 and f64.
+pub(crate) trait RoiFloat: Stored {
+    const SUFFIX: &'static str;
+}
+impl RoiFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl RoiFloat for f64 {
+    const SUFFIX: &'static str = "f64";
+}
+
+/// cuda/roi_align.cu `RoiRegion`, byte for byte (64 bytes): one box resolved against the map
+/// on the host (roi_align.rs `Region`), sample iy of bin row ph at
+/// `y_start + ph * bin_h + (iy + 0.5) * bin_h / grid_h` (x likewise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RoiRegionRow {
+    pub y_start: f64,
+    pub x_start: f64,
+    pub bin_h: f64,
+    pub bin_w: f64,
+    /// The bins' divisor, max(grid_h * grid_w, 1).
+    pub count: f64,
+    pub image: i64,
+    pub grid_h: i64,
+    pub grid_w: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<RoiRegionRow>() == 64);
+
+/// ROIAlign `[B, H, W, C]` -> `[R, P, P, C]` over `regions` (`dims`: B, H, W, C, P), or with
+/// `backward` its adjoint `[R, P, P, C]` -> `[B, H, W, C]` (the map's gradient: zeroed, then
+/// every bin's samples add into it, cuda/roi_align.cu). A thread per bin element, channels
+/// fastest; the regions uploaded per call (R x 64 bytes).
+pub(crate) fn roi_align<T: RoiFloat>(
+    src: &CudaStorage,
+    src_l: &Layout,
+    regions: &[RoiRegionRow],
+    (images, h, w, c, p): (usize, usize, usize, usize, usize),
+    backward: bool,
+) -> Result<CudaStorage> {
+    let what = if backward { "roi_align_backward" } else { "roi_align" };
+    let dev = src.device();
+    let x = Operand::<T>::new(src, src_l)?;
+    let xv = x.view()?;
+    let (bins, map) = (regions.len() * p * p * c, images * h * w * c);
+    let n_out = if backward { map } else { bins };
+    // At least one element: no boxes (or no channels) is an empty result, and a zero-byte
+    // allocation is not one the driver promises to make.
+    let mut out = alloc::<T>(dev, n_out.max(1))?;
+    let stream = dev.cuda_stream();
+    if backward {
+        stream.memset_zeros(&mut out).w()?;
+    }
+    if bins > 0 {
+        // SAFETY: plain-old-data rows (repr(C), no padding: the assert above), viewed as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(regions.as_ptr().cast::<u8>(), std::mem::size_of_val(regions)) };
+        let rows = crate::transfer::staged_htod(dev, bytes)?;
+        let f = func(dev, Module::RoiAlign, &format!("{}_{}", if backward { "roi_align_bwd" } else { "roi_align_fwd" }, T::SUFFIX))?;
+        let cfg = launch_1d(bins, BLOCK, what)?;
+        let args = [regions.len(), h, w, c, p].map(|v| v as i64);
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&xv).arg(&rows).arg(&mut out);
+        for a in &args {
+            builder.arg(a);
+        }
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -9,9 +9,16 @@
 //! rows and columns are resolved once (`Taps`, the two neighbours and their weights, or None for
 //! a sample off the map), not once per sample, tap and channel. The backward scatters each bin's
 //! gradient back with the same weights; it is the forward's adjoint, differentiable in the map
-//! only (the boxes are constants held by the op). CPU only (f32, f64), sums in f64.
+//! only (the boxes are constants held by the op).
+//!
+//! Where it runs: on the CPU in f32 and f64 (sums in f64, the backward gathering by map row, so
+//! its sums run in a fixed order); with the `cuda` feature on CUDA in f32 and f64
+//! (cuda/roi_align.cu: a thread per output element; sample positions, weights and sums in f64
+//! from the boxes resolved here (`Region`), so the forward takes the CPU's taps; the backward
+//! adds into the map's gradient by atomics, its summation order not fixed). bf16 and f16 on
+//! CUDA, and other devices, are errors naming the op.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -56,14 +63,41 @@ fn tap(v: f64, size: usize) -> Option<Tap> {
     Some(Tap { lo, hi: lo + 1, w_lo: 1.0 - l, w_hi: l })
 }
 
-/// One axis of a box: the number of samples per bin and their taps, bin by bin (`P * grid`).
-fn axis(start: f64, end: f64, output: usize, sampling_ratio: usize, size: usize) -> (usize, Vec<Option<Tap>>) {
-    let len = end - start; // aligned: not clamped to 1, so a box smaller than a pixel stays small
-    let bin = len / output as f64;
-    // ceil of a negative side (an inverted box) is no samples; its bins are 0.
-    let grid = if sampling_ratio > 0 { sampling_ratio } else { (len / output as f64).ceil().max(0.0) as usize };
-    let taps = (0..output).flat_map(|p| (0..grid).map(move |i| tap(start + p as f64 * bin + (i as f64 + 0.5) * bin / grid as f64, size))).collect();
-    (grid, taps)
+/// One axis of a box on the map: where it starts, its bins' size and the samples per bin.
+#[derive(Clone, Copy, Debug)]
+struct Axis {
+    start: f64,
+    bin: f64,
+    grid: usize,
+}
+
+impl Axis {
+    fn new(start: f64, end: f64, output: usize, sampling_ratio: usize) -> Self {
+        let len = end - start; // aligned: not clamped to 1, so a box smaller than a pixel stays small
+        let bin = len / output as f64;
+        // ceil of a negative side (an inverted box) is no samples; its bins are 0.
+        let grid = if sampling_ratio > 0 { sampling_ratio } else { (len / output as f64).ceil().max(0.0) as usize };
+        Axis { start, bin, grid }
+    }
+
+    /// Sample `i` of bin `p` (cuda/roi_align.cu `roi_sample` rounds it op by op alike).
+    fn sample(&self, p: usize, i: usize) -> f64 {
+        self.start + p as f64 * self.bin + (i as f64 + 0.5) * self.bin / self.grid as f64
+    }
+
+    /// The taps of every sample, bin by bin (`P * grid`), on an axis of `size` pixels.
+    fn taps(&self, output: usize, size: usize) -> Vec<Option<Tap>> {
+        (0..output).flat_map(|p| (0..self.grid).map(move |i| tap(self.sample(p, i), size))).collect()
+    }
+}
+
+/// One box on the map: its image, its two axes and the divisor of its bins.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    image: usize,
+    y: Axis,
+    x: Axis,
+    count: f64,
 }
 
 /// A box resolved against the map: the taps of its sample rows (`ys`, `P * grid_h`) and columns
@@ -81,6 +115,11 @@ struct BoxGrid {
 }
 
 impl BoxGrid {
+    fn new(r: &Region, output: usize, height: usize, width: usize) -> Self {
+        let (ys, xs) = (r.y.taps(output, height), r.x.taps(output, width));
+        let rows = ys.iter().flatten().fold(None, |span: Option<(usize, usize)>, t| Some(span.map_or((t.lo, t.hi), |(a, z)| (a.min(t.lo), z.max(t.hi)))));
+        BoxGrid { image: r.image, grid_h: r.y.grid, grid_w: r.x.grid, count: r.count, ys, xs, rows }
+    }
     fn ys(&self, ph: usize) -> &[Option<Tap>] {
         &self.ys[ph * self.grid_h..][..self.grid_h]
     }
@@ -89,7 +128,7 @@ impl BoxGrid {
     }
 }
 
-/// Sizes of one ROIAlign and its resolved boxes, shared by the op and its backward.
+/// Sizes of one ROIAlign and its boxes, shared by the op and its backward.
 #[derive(Debug)]
 struct Geometry {
     images: usize,
@@ -97,30 +136,56 @@ struct Geometry {
     width: usize,
     chans: usize,
     output: usize,
-    boxes: Vec<BoxGrid>,
+    regions: Vec<Region>,
+    /// The boxes' taps, resolved on first use by the CPU kernels (the CUDA ones place the
+    /// samples themselves, from `regions`).
+    grids: OnceLock<Vec<BoxGrid>>,
 }
 
 impl Geometry {
     #[allow(clippy::too_many_arguments)]
     fn new(images: usize, height: usize, width: usize, chans: usize, boxes: &[RoiBox], output: usize, spatial_scale: f64, sampling_ratio: usize) -> Self {
-        let boxes = boxes
+        let regions = boxes
             .iter()
             .map(|b| {
                 let (x1, y1) = (b.x1 as f64 * spatial_scale - 0.5, b.y1 as f64 * spatial_scale - 0.5);
                 let (x2, y2) = (b.x2 as f64 * spatial_scale - 0.5, b.y2 as f64 * spatial_scale - 0.5);
-                let (grid_h, ys) = axis(y1, y2, output, sampling_ratio, height);
-                let (grid_w, xs) = axis(x1, x2, output, sampling_ratio, width);
-                let rows = ys.iter().flatten().fold(None, |span: Option<(usize, usize)>, t| Some(span.map_or((t.lo, t.hi), |(a, z)| (a.min(t.lo), z.max(t.hi)))));
-                BoxGrid { image: b.image, grid_h, grid_w, count: (grid_h * grid_w).max(1) as f64, ys, xs, rows }
+                let (y, x) = (Axis::new(y1, y2, output, sampling_ratio), Axis::new(x1, x2, output, sampling_ratio));
+                Region { image: b.image, y, x, count: (y.grid * x.grid).max(1) as f64 }
             })
             .collect();
-        Geometry { images, height, width, chans, output, boxes }
+        Geometry { images, height, width, chans, output, regions, grids: OnceLock::new() }
+    }
+    fn grids(&self) -> &[BoxGrid] {
+        self.grids.get_or_init(|| self.regions.iter().map(|r| BoxGrid::new(r, self.output, self.height, self.width)).collect())
     }
     fn image_shape(&self) -> Shape {
         Shape::from_dims(&[self.images, self.height, self.width, self.chans])
     }
     fn bins_shape(&self) -> Shape {
-        Shape::from_dims(&[self.boxes.len(), self.output, self.output, self.chans])
+        Shape::from_dims(&[self.regions.len(), self.output, self.output, self.chans])
+    }
+    /// (B, H, W, C, P), as the CUDA launch takes them.
+    #[cfg(feature = "cuda")]
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (self.images, self.height, self.width, self.chans, self.output)
+    }
+    /// The regions as cuda/roi_align.cu reads them.
+    #[cfg(feature = "cuda")]
+    fn device_regions(&self) -> Vec<crate::cuda::RoiRegionRow> {
+        self.regions
+            .iter()
+            .map(|r| crate::cuda::RoiRegionRow {
+                y_start: r.y.start,
+                x_start: r.x.start,
+                bin_h: r.y.bin,
+                bin_w: r.x.bin,
+                count: r.count,
+                image: r.image as i64,
+                grid_h: r.y.grid as i64,
+                grid_w: r.x.grid as i64,
+            })
+            .collect()
     }
 }
 
@@ -149,8 +214,8 @@ pub fn roi_align(features: &Tensor, boxes: &[RoiBox], output: usize, spatial_sca
             candle_core::bail!("{OP_NAME}: box {i} has non-finite coordinates {b:?}");
         }
     }
-    if !features.device().is_cpu() {
-        candle_core::bail!("{OP_NAME}: runs on the CPU only, got a tensor on {:?}", features.device());
+    if !(features.device().is_cpu() || features.device().is_cuda()) {
+        candle_core::bail!("{OP_NAME}: runs on the CPU and on CUDA only, got a tensor on {:?}", features.device());
     }
     let geometry = Arc::new(Geometry::new(images, height, width, chans, boxes, output, spatial_scale, sampling_ratio));
     crate::tape::apply1(features, RoiAlign { geometry, backward: false })
@@ -163,20 +228,33 @@ struct RoiAlign {
     backward: bool,
 }
 
+impl RoiAlign {
+    /// The result's shape, once the input's is checked against the geometry.
+    fn output_shape(&self, l: &Layout) -> Result<Shape> {
+        let g = &*self.geometry;
+        let (from, to) = if self.backward { (g.bins_shape(), g.image_shape()) } else { (g.image_shape(), g.bins_shape()) };
+        if l.shape() != &from {
+            candle_core::bail!("{}: input {:?}, expected {:?}", self.name(), l.dims(), from.dims());
+        }
+        Ok(to)
+    }
+}
+
 /// The bins, parallel over bins (each one box's samples, summed in f64 over all C channels).
 fn pool<T: Element + Into<f64>>(x: &[T], g: &Geometry) -> Vec<T> {
     let (c, p, w) = (g.chans, g.output, g.width);
     let plane = g.height * w * c;
-    let mut out = vec![T::ZERO; g.boxes.len() * p * p * c];
+    let mut out = vec![T::ZERO; g.regions.len() * p * p * c];
     if out.is_empty() {
         return out;
     }
+    let boxes = g.grids();
     out.par_chunks_mut(c).enumerate().for_each_init(
         || vec![0f64; c],
         |acc, (bin, dst)| {
             let (pw, rest) = (bin % p, bin / p);
             let (ph, r) = (rest % p, rest / p);
-            let bx = &g.boxes[r];
+            let bx = &boxes[r];
             let image = &x[bx.image * plane..][..plane];
             acc.fill(0.0);
             for ty in bx.ys(ph).iter().flatten() {
@@ -210,8 +288,9 @@ fn scatter<T: Element + Into<f64>>(grad: &[T], g: &Geometry) -> Vec<T> {
     if out.is_empty() {
         return out;
     }
+    let boxes = g.grids();
     let mut by_image = vec![Vec::new(); g.images];
-    for (r, bx) in g.boxes.iter().enumerate() {
+    for (r, bx) in boxes.iter().enumerate() {
         by_image[bx.image].push(r);
     }
     out.par_chunks_mut(row).enumerate().for_each_init(
@@ -220,7 +299,7 @@ fn scatter<T: Element + Into<f64>>(grad: &[T], g: &Geometry) -> Vec<T> {
             let (y, b) = (i % h, i / h);
             acc.fill(0.0);
             for &r in &by_image[b] {
-                let bx = &g.boxes[r];
+                let bx = &boxes[r];
                 if !bx.rows.is_some_and(|(first, last)| first <= y && y <= last) {
                     continue;
                 }
@@ -263,14 +342,26 @@ impl CustomOp1 for RoiAlign {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &*self.geometry;
-        let (from, to) = if self.backward { (g.bins_shape(), g.image_shape()) } else { (g.image_shape(), g.bins_shape()) };
-        if l.shape() != &from {
-            candle_core::bail!("{}: input {:?}, expected {:?}", self.name(), l.dims(), from.dims());
-        }
+        let to = self.output_shape(l)?;
         let out = dispatch_float!(self.name(), (s => x), {
             let x = row_major(x, l);
             Element::into_storage(if self.backward { scatter(&x, g) } else { pool(&x, g) })
         });
+        Ok((out, to))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use crate::cuda::roi_align;
+        let g = &*self.geometry;
+        let to = self.output_shape(l)?;
+        let regions = g.device_regions();
+        let out = match s.dtype() {
+            candle_core::DType::F32 => roi_align::<f32>(s, l, &regions, g.dims(), self.backward),
+            candle_core::DType::F64 => roi_align::<f64>(s, l, &regions, g.dims(), self.backward),
+            other => candle_core::bail!("{}: no CUDA kernel for dtype {other:?} (f32 and f64 have one)", self.name()),
+        }?;
         Ok((out, to))
     }
 
