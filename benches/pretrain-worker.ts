@@ -17,8 +17,8 @@
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
 import { Pretrainer, resolveConfig, type DeviceName, type Precision } from '../src/api/index.js';
-import { native } from '../src/native.js';
 import { intFlag, median, parseArgs } from './lib.js';
+import { peakMemoryMb } from './peak-memory.js';
 
 /** xorshift32 bytes: cheap, deterministic random pixels. */
 function fillRandom(buf: Uint8Array, state: { s: number }): void {
@@ -95,8 +95,6 @@ async function main(): Promise<void> {
     };
     const times = Array.from({ length: steps }, (_, k) => perStep(warmup + k));
     const med = median(times);
-    // On CUDA, the peak of the device's memory pool (where every tensor lives); on the CPU, RSS.
-    const gpuPeakMb = device === 'cpu' ? undefined : (JSON.parse(native.cudaPoolPeaks(Number(device.split(':')[1] ?? 0))) as { used_high: number }).used_high / 2 ** 20;
     const out = {
       suite: 'pretrain',
       impl: convPath === 'sparse' ? 'ours' : 'ours-dense',
@@ -112,8 +110,7 @@ async function main(): Promise<void> {
       warmup,
       steps,
       in_flight: inFlight,
-      // process.resourceUsage().maxRSS is in KiB
-      peak_mem_mb: gpuPeakMb ?? process.resourceUsage().maxRSS / 1024,
+      peak_mem_mb: peakMemoryMb(device),
       host_rss_mb: process.resourceUsage().maxRSS / 1024,
       import_rss_mb: importRssMb,
     };

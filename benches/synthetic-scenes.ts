@@ -3,7 +3,7 @@
  * no dataset is installed (the GPU machine has Node, the addon and dist/ only): deterministic
  * functions of their arguments, so two models (CPU and GPU, or two runs) see the same batches.
  */
-import type { AnnotatedBatch, TargetInstance } from '../src/api/detector.js';
+import type { AnnotatedBatch, DetectorOptions, TargetInstance } from '../src/api/detector.js';
 import type { LabelledBatch } from '../src/api/segmenter.js';
 
 /**
@@ -53,3 +53,24 @@ export function stripeLabels(images: number, side: number, classes: number, seed
     width: side,
   };
 }
+
+/**
+ * A narrow detector head for 64-px scenes and convmae-tiny (windows of 2 tokens, blocks 0 and 3
+ * global, FPN width 16, one conv in each head, few regions): the GPU check's detector probe and
+ * the task bench's rehearsal size.
+ */
+export const SMALL_DETECTOR_HEAD = {
+  window: 2,
+  globalBlocks: [0, 3],
+  channels: 16,
+  boxFc: 32,
+  boxConvs: 1,
+  maskConvs: 1,
+  anchorSizes: [8, 16, 32, 64, 128],
+  rpnBatchPerImage: 64,
+  roiBatchPerImage: 16,
+  rpnPreNmsTrain: 200,
+  rpnPostNmsTrain: 50,
+  rpnPreNmsTest: 100,
+  rpnPostNmsTest: 50,
+} satisfies Partial<DetectorOptions>;

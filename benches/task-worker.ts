@@ -18,9 +18,9 @@ import { Detector } from '../src/api/detector.js';
 import { resolveConfig, type ConvMaeConfig } from '../src/api/config.js';
 import type { DeviceName } from '../src/api/pretrainer.js';
 import { Segmenter } from '../src/api/segmenter.js';
-import { native } from '../src/native.js';
 import { intFlag, median, parseArgs } from './lib.js';
-import { rectangleScenes, stripeLabels } from './synthetic-scenes.js';
+import { peakMemoryMb } from './peak-memory.js';
+import { rectangleScenes, SMALL_DETECTOR_HEAD, stripeLabels } from './synthetic-scenes.js';
 
 async function main(): Promise<void> {
   const opts = parseArgs(process.argv.slice(2), new Set(['small-heads']));
@@ -35,15 +35,18 @@ async function main(): Promise<void> {
   const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
   const config: Partial<ConvMaeConfig> = { img_size: side };
   const { img_size } = resolveConfig({ preset, config });
-  const windowFlag = opts.flags.window === undefined ? undefined : intFlag(opts, 'window', 16);
-  const globalBlocks = opts.flags['global-blocks']?.split(',').map(Number);
+  // The head's window and global blocks where the flags give them (else the small head's, or
+  // the official ones).
+  const windows = {
+    ...(opts.flags.window === undefined ? {} : { window: intFlag(opts, 'window', 16) }),
+    ...(opts.flags['global-blocks'] === undefined ? {} : { globalBlocks: opts.flags['global-blocks'].split(',').map(Number) }),
+  };
 
   const small = opts.flags['small-heads'] === 'true';
-  const smallDetector = { channels: 16, boxFc: 32, boxConvs: 1, maskConvs: 1, rpnBatchPerImage: 64, roiBatchPerImage: 16, rpnPreNmsTrain: 200, rpnPostNmsTrain: 50 };
   const model =
     task === 'segment'
       ? Segmenter.create({ preset, config, numClasses: 150, device, dtype, seed: 0, ...(small ? { channels: 32, auxChannels: 16 } : {}) })
-      : Detector.create({ preset, config, numClasses: 80, device, dtype, seed: 0, window: windowFlag, globalBlocks, ...(small ? smallDetector : {}) });
+      : Detector.create({ preset, config, numClasses: 80, device, dtype, seed: 0, ...(small ? SMALL_DETECTOR_HEAD : {}), ...windows });
   try {
     const times: number[] = [];
     const losses: number[] = [];
@@ -58,7 +61,6 @@ async function main(): Promise<void> {
       if (i >= warmup) times.push(performance.now() - t0);
     }
     const med = median(times);
-    const gpuPeakMb = device === 'cpu' ? undefined : (JSON.parse(native.cudaPoolPeaks(Number(device.split(':')[1] ?? 0))) as { used_high: number }).used_high / 2 ** 20;
     process.stdout.write(
       JSON.stringify({
         suite: 'task',
@@ -74,7 +76,7 @@ async function main(): Promise<void> {
         losses,
         warmup,
         steps,
-        peak_mem_mb: gpuPeakMb ?? process.resourceUsage().maxRSS / 1024,
+        peak_mem_mb: peakMemoryMb(device),
       }) + '\n',
     );
   } finally {

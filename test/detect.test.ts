@@ -30,27 +30,14 @@ import {
   type ImageBatch,
   type ImageDetections,
 } from '../src/index.js';
+import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
 import { native } from '../src/native.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
 /** A tiny detector: convmae-tiny (64 px, token grid 4), narrow heads, small sampling sizes. */
-const small = {
-  preset: 'convmae-tiny',
-  window: 2,
-  globalBlocks: [0, 3],
-  channels: 16,
-  boxFc: 32,
-  boxConvs: 1,
-  maskConvs: 1,
-  anchorSizes: [8, 16, 32, 64, 128],
-  rpnBatchPerImage: 64,
-  roiBatchPerImage: 16,
-  rpnPreNmsTrain: 200,
-  rpnPostNmsTrain: 50,
-  rpnPreNmsTest: 100,
-  rpnPostNmsTest: 50,
-} as const;
+// The GPU check's detector probe uses the same narrow head (benches/synthetic-scenes.ts).
+const small = { preset: 'convmae-tiny', ...SMALL_DETECTOR_HEAD } as const;
 const smallRun = { ...small, globalBlocks: [...small.globalBlocks], anchorSizes: [...small.anchorSizes] };
 const smallFlags = ['--channels', '16', '--box-fc', '32', '--box-convs', '1', '--mask-convs', '1', '--rpn-batch', '64', '--roi-batch', '16', '--rpn-pre-nms-train', '200', '--rpn-post-nms-train', '50', '--rpn-pre-nms-test', '100', '--rpn-post-nms-test', '50'];
 

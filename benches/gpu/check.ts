@@ -395,9 +395,8 @@ async function main(): Promise<void> {
     const size = { segment: rehearse ? 64 : 512, detect: rehearse ? 64 : 1024 };
     const batch = { segment: rehearse ? 2 : 8, detect: 2 };
     const steps = rehearse ? ['--warmup', '1', '--steps', '1', '--small-heads'] : ['--warmup', '2', '--steps', '5'];
-    const windows = rehearse ? ['--window', '2', '--global-blocks', '0,3'] : [];
     for (const task of ['segment', 'detect'] as const) {
-      const args = [taskWorker, '--task', task, '--preset', preset, '--img', String(size[task]), '--batch', String(batch[task]), '--device', device, ...steps, ...(task === 'detect' ? windows : [])];
+      const args = [taskWorker, '--task', task, '--preset', preset, '--img', String(size[task]), '--batch', String(batch[task]), '--device', device, ...steps];
       const r = await run(process.execPath, args, 180);
       record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: 'f32', device });
     }

@@ -23,7 +23,7 @@ import { Segmenter } from '../../src/api/segmenter.js';
 import { native } from '../../src/native.js';
 // The tests' safetensors reader (plain Node, no test framework; dist/test travels with dist/).
 import { readSafetensors, tensorBytes } from '../../test/helpers.js';
-import { rectangleScenes, stripeLabels } from '../synthetic-scenes.js';
+import { rectangleScenes, SMALL_DETECTOR_HEAD, stripeLabels } from '../synthetic-scenes.js';
 
 /**
  * Overlapped steps on the GPU (the answers, and the weights and AdamW state after, of steps
@@ -77,6 +77,17 @@ function probeDevice(): 'cpu' | 'cuda' {
   return d;
 }
 
+/** The largest relative difference of the values noted (CPU's second), and where it was. */
+class WorstDifference {
+  name = 'none';
+  rel = 0;
+  note(name: string, value: number, reference: number): void {
+    const rel = value === reference ? 0 : Math.abs(value - reference) / Math.max(Math.abs(reference), 1e-30);
+    // NaN compares false: a NaN difference becomes the worst and fails any tolerance.
+    if (!(rel <= this.rel)) [this.name, this.rel] = [name, rel];
+  }
+}
+
 /**
  * The segmenter on `device` against the same segmenter on the CPU (one seed, f32): the losses of
  * three training steps on the same batches, then an evaluation's loss and its predictions. With
@@ -93,20 +104,15 @@ async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; wors
   const batch = (k: number) => stripeLabels(batchSize, side, 5, k);
   const [cpu, other] = [make('cpu'), make(device)];
   try {
-    let worst = 'none';
-    let worstRel = 0;
-    const note = (name: string, a: number, b: number) => {
-      const rel = a === b ? 0 : Math.abs(a - b) / Math.max(Math.abs(b), 1e-30);
-      if (!(rel <= worstRel)) [worst, worstRel] = [name, rel];
-    };
+    const worst = new WorstDifference();
     for (let k = 0; k < 3; k++) {
       const [a, b] = [await other.train(batch(k), { lr: 1e-3 }), await cpu.train(batch(k), { lr: 1e-3 })];
-      note(`loss of step ${k + 1}`, a.loss, b.loss);
+      worst.note(`loss of step ${k + 1}`, a.loss, b.loss);
     }
     const [a, b] = [await other.evaluate(batch(7)), await cpu.evaluate(batch(7))];
-    note('evaluation loss', a.loss ?? NaN, b.loss ?? NaN);
+    worst.note('evaluation loss', a.loss ?? NaN, b.loss ?? NaN);
     const differ = a.predictions.reduce((n, p, i) => n + (p === b.predictions[i] ? 0 : 1), 0) / b.predictions.length;
-    return { pass: worstRel <= tolerance && differ <= 1e-3, worst, worst_rel: worstRel, tolerance, predictions_differ: differ };
+    return { pass: worst.rel <= tolerance && differ <= 1e-3, worst: worst.name, worst_rel: worst.rel, tolerance, predictions_differ: differ };
   } finally {
     cpu.dispose();
     other.dispose();
@@ -126,44 +132,21 @@ async function detectorProbe(device: DeviceName): Promise<{ pass: boolean; worst
   const side = 64;
   const tolerance = 1e-3;
   const make = (d: DeviceName) =>
-    Detector.create({
-      preset: 'convmae-tiny',
-      numClasses: 3,
-      window: 2,
-      globalBlocks: [0, 3],
-      channels: 16,
-      boxFc: 32,
-      boxConvs: 1,
-      maskConvs: 1,
-      anchorSizes: [8, 16, 32, 64, 128],
-      rpnBatchPerImage: 64,
-      roiBatchPerImage: 16,
-      rpnPreNmsTrain: 200,
-      rpnPostNmsTrain: 50,
-      rpnPreNmsTest: 100,
-      rpnPostNmsTest: 50,
-      device: d,
-      seed: 2,
-    });
+Detector.create({ preset: 'convmae-tiny', numClasses: 3, ...SMALL_DETECTOR_HEAD, device: d, seed: 2 });
   const [cpu, other] = [make('cpu'), make(device)];
   try {
-    let worst = 'none';
-    let worstRel = 0;
-    const note = (name: string, a: number, b: number) => {
-      const rel = a === b ? 0 : Math.abs(a - b) / Math.max(Math.abs(b), 1e-30);
-      if (!(rel <= worstRel)) [worst, worstRel] = [name, rel];
-    };
+    const worst = new WorstDifference();
     for (let k = 0; k < 2; k++) {
       const batch = rectangleScenes(2, side, k + 1);
       const [a, b] = [await other.train(batch, { lr: 1e-3 }), await cpu.train(batch, { lr: 1e-3 })];
-      for (const part of ['lossRpnCls', 'lossRpnLoc', 'lossCls', 'lossBoxReg', 'lossMask'] as const) note(`${part} of step ${k + 1}`, a[part], b[part]);
+      for (const part of ['lossRpnCls', 'lossRpnLoc', 'lossCls', 'lossBoxReg', 'lossMask'] as const) worst.note(`${part} of step ${k + 1}`, a[part], b[part]);
     }
     const scenes = rectangleScenes(2, side, 9);
     const [a, b] = [await other.detect(scenes), await cpu.detect(scenes)];
     const count = (d: typeof a) => d.reduce((n, image) => n + image.scores.length, 0);
     let scoreDiff = 0;
     a.forEach((image, i) => image.scores.forEach((score, j) => (scoreDiff = Math.max(scoreDiff, Math.abs(score - (b[i]!.scores[j] ?? Infinity))))));
-    return { pass: worstRel <= tolerance, worst, worst_rel: worstRel, tolerance, detections: [count(a), count(b)], score_diff: scoreDiff };
+    return { pass: worst.rel <= tolerance, worst: worst.name, worst_rel: worst.rel, tolerance, detections: [count(a), count(b)], score_diff: scoreDiff };
   } finally {
     cpu.dispose();
     other.dispose();
