@@ -12,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { createRng, randInt, uniform, type Rng } from '../src/data/rng.js';
 import { rasterizePolygons } from '../src/data/detection.js';
-import { photometricConvert, resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
+import { photometricConvert, photometricHue, photometricSaturation, resizeBilinearRgb, resizeNearest } from '../src/data/segmentation-transforms.js';
 import { pilNearestSource } from '../src/data/detection-transforms.js';
 import { RAND_AUGMENT_OPS } from '../src/data/randaugment.js';
 import { native } from '../src/native.js';
@@ -293,6 +293,43 @@ withCv2('PhotoMetricDistortion\'s brightness and contrast steps as numpy compute
     const ours = Uint8Array.from(pixels);
     photometricConvert(ours, c.alpha, c.beta);
     if (ours.some((v, j) => v !== theirs.pixels[i]![j])) differing++;
+  });
+  t.is(differing, 0);
+});
+
+withCv2("PhotoMetricDistortion's saturation and hue steps in cv2's 8-bit HSV, to the byte", (t) => {
+  const rng = createRng(11);
+  // Widths below one block of cv2's vector loop (32 pixels), whole blocks, and blocks with a
+  // scalar tail; noise, greys (saturation 0), pure and near-pure hues, dark pixels.
+  const widths = [1, 7, 31, 32, 33, 64, 100, 129];
+  const cases = Array.from({ length: 96 }, (_, i) => {
+    const width = widths[i % widths.length]!;
+    const height = randInt(rng, 1, 12);
+    const kind = i % 4;
+    const rgb = Array.from({ length: width * height }, () => {
+      if (kind === 1) return Array(3).fill(randInt(rng, 0, 255)) as number[];
+      if (kind === 2) return [randInt(rng, 0, 1) * 255, randInt(rng, 0, 255), randInt(rng, 0, 1) * 255];
+      if (kind === 3) return [randInt(rng, 0, 12), randInt(rng, 0, 12), randInt(rng, 0, 12)];
+      return [randInt(rng, 0, 255), randInt(rng, 0, 255), randInt(rng, 0, 255)];
+    }).flat();
+    const saturation = i % 2 === 0 ? (i % 6 === 0 ? randInt(rng, 5, 15) / 10 : uniform(rng, 0.5, 1.5)) : null;
+    return { height, width, rgb, saturation, hue: saturation === null ? randInt(rng, -18, 18) : null };
+  });
+  // And a grid of the colour cube (every third level of each channel, 0 and 255 included:
+  // 86^3 colours), at the official crop's width (16 blocks a row), the last row filled with black.
+  const levels = Array.from({ length: 86 }, (_, k) => 3 * k);
+  const grid = levels.flatMap((r) => levels.flatMap((g) => levels.flatMap((b) => [r, g, b])));
+  const rows = Math.ceil(grid.length / 3 / 512);
+  const padded = grid.concat(Array(rows * 512 * 3 - grid.length).fill(0) as number[]);
+  cases.push({ height: rows, width: 512, rgb: padded, saturation: 1.3, hue: null }, { height: rows, width: 512, rgb: padded, saturation: null, hue: 7 });
+  const theirs = oracle<{ rgb: number[][] }>('cv2', { command: 'hsv', cases });
+  let differing = 0;
+  cases.forEach((c, i) => {
+    const ours = Uint8Array.from(c.rgb);
+    if (c.saturation !== null) photometricSaturation(ours, c.width, c.saturation);
+    else photometricHue(ours, c.width, c.hue!);
+    const wrong = ours.findIndex((v, j) => v !== theirs.rgb[i]![j]);
+    if (wrong >= 0 && ++differing <= 3) t.log(`case ${i} (${c.width} wide, ${c.saturation !== null ? `saturation ${c.saturation}` : `hue ${c.hue}`}): byte ${wrong}, ours ${ours[wrong]}, cv2 ${theirs.rgb[i]![wrong]}`);
   });
   t.is(differing, 0);
 });

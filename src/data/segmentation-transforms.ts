@@ -10,9 +10,9 @@
  * - test: Resize to (4S, S) keeping the aspect; the model then slides S x S windows over it
  *   (stride 2S/3, 341 for 512) and the logits are resized back to the original size.
  *
- * PhotoMetricDistortion's saturation and hue steps convert through HSV in floating point, where
- * mmcv goes through cv2's 8-bit HSV (hue in [0, 180)); its brightness and contrast steps are
- * exact (in float32, as numpy computes them; test/oracles.test.ts).
+ * PhotoMetricDistortion is mmcv's to the byte: brightness and contrast in float32, as numpy
+ * computes them, saturation and hue in cv2's 8-bit HSV as opencv-python's AVX2 build converts
+ * (see `editInCvHsv`; test/oracles.test.ts).
  */
 import { randInt, uniform, type Rng } from './rng.js';
 import type { SegmentationSample } from './segmentation.js';
@@ -118,47 +118,111 @@ export function photometricConvert(pixels: Uint8Array, alpha: number, beta: numb
   for (let i = 0; i < pixels.length; i++) pixels[i] = Math.trunc(Math.min(255, Math.max(0, Math.fround(Math.fround(pixels[i]! * a) + b))));
 }
 
-/** RGB (0-255) to HSV with hue in [0, 360), saturation and value in [0, 1]. */
-function rgbToHsv(r: number, g: number, b: number): [number, number, number] {
-  const max = Math.max(r, g, b);
-  const min = Math.min(r, g, b);
-  const d = max - min;
-  let h = 0;
-  if (d > 0) {
-    if (max === r) h = (60 * (g - b)) / d;
-    else if (max === g) h = 120 + (60 * (b - r)) / d;
-    else h = 240 + (60 * (r - g)) / d;
-  }
-  if (h < 0) h += 360;
-  return [h, max > 0 ? d / max : 0, max / 255];
+/**
+ * cv2's 8-bit HSV (hue in [0, 180), saturation and value in [0, 255]), which mmseg's
+ * PhotoMetricDistortion edits through (mmcv.bgr2hsv / hsv2bgr), reproduced to the byte
+ * (test/oracles.test.ts against opencv-python). RGB to HSV is fixed point with two division
+ * tables (12 fractional bits, rounded). HSV to RGB is float32 and differs between OpenCV's two
+ * code paths: its vector loop (blocks of 32 pixels on x86-64 with AVX2, 4 vectors of 8 lanes)
+ * truncates x * 255 to uint8, while the scalar loop for the rest of each row rounds it (half to
+ * even); both evaluate 1 - s * h as one fused
+ * multiply-add (GCC contracts it where FMA is on). Which pixels take which path depends on the
+ * row width and on the CPU's vector width: this follows the AVX2 build, as opencv-python runs
+ * on an x86-64 server; cv2 itself gives other bytes on a CPU whose dispatch differs.
+ */
+const CV_HSV_SHIFT = 12;
+const CV_HSV_HALF = 1 << (CV_HSV_SHIFT - 1);
+/** round((255 << 12) / v) and round((180 << 12) / (6 * diff)); index 0 holds 0. (No ties occur.) */
+const CV_SDIV = Int32Array.from({ length: 256 }, (_, i) => (i === 0 ? 0 : Math.round((255 << CV_HSV_SHIFT) / i)));
+const CV_HDIV180 = Int32Array.from({ length: 256 }, (_, i) => (i === 0 ? 0 : Math.round((180 << CV_HSV_SHIFT) / (6 * i))));
+/** Pixels per block of cv2's vector HSV-to-RGB loop (AVX2); the rest of a row goes through its scalar loop. */
+const CV_HSV2RGB_BLOCK = 32;
+/** The tab index cv2 takes for (b, g, r) in each sector of the hue circle. */
+const CV_SECTOR_TABS = [
+  [1, 3, 0],
+  [1, 0, 2],
+  [3, 0, 1],
+  [0, 2, 1],
+  [0, 1, 3],
+  [2, 1, 0],
+];
+
+/** cv2.cvtColor(RGB2HSV) of one pixel into `hsv` at `o` (the same bytes for BGR2HSV of the pixel's BGR). */
+function cvRgbToHsv(r: number, g: number, b: number, hsv: Uint8Array, o: number): void {
+  const v = Math.max(r, g, b);
+  const diff = v - Math.min(r, g, b);
+  const vr = v === r ? -1 : 0;
+  const vg = v === g ? -1 : 0;
+  const s = (diff * CV_SDIV[v]! + CV_HSV_HALF) >> CV_HSV_SHIFT;
+  let h = (vr & (g - b)) + (~vr & ((vg & (b - r + 2 * diff)) + (~vg & (r - g + 4 * diff))));
+  h = (h * CV_HDIV180[diff]! + CV_HSV_HALF) >> CV_HSV_SHIFT;
+  hsv[o] = h < 0 ? h + 180 : h;
+  hsv[o + 1] = s;
+  hsv[o + 2] = v;
 }
 
-function hsvToRgb(h: number, s: number, v: number): [number, number, number] {
-  const c = v * s;
-  const hp = (((h % 360) + 360) % 360) / 60;
-  const x = c * (1 - Math.abs((hp % 2) - 1));
-  const [r, g, b] = hp < 1 ? [c, x, 0] : hp < 2 ? [x, c, 0] : hp < 3 ? [0, c, x] : hp < 4 ? [0, x, c] : hp < 5 ? [x, 0, c] : [c, 0, x];
-  const m = v - c;
-  return [Math.round((r + m) * 255), Math.round((g + m) * 255), Math.round((b + m) * 255)];
+/** 1 - a * b in float32 with one rounding, as a fused multiply-add gives it (a * b of two float32 is exact in a double). */
+const fusedOneMinus = (a: number, b: number) => Math.fround(1 - a * b);
+
+/** cvRound: to nearest, ties to even. */
+function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-/** Scales saturation by `alpha` (clipped) and shifts hue by `hueShift` degrees, per pixel. */
-function adjustHsv(pixels: Uint8Array, alpha: number, hueShift: number): void {
-  for (let i = 0; i < pixels.length; i += 3) {
-    const [h, s, v] = rgbToHsv(pixels[i]!, pixels[i + 1]!, pixels[i + 2]!);
-    const [r, g, b] = hsvToRgb(h + hueShift, Math.min(1, s * alpha), v);
-    pixels[i] = r;
-    pixels[i + 1] = g;
-    pixels[i + 2] = b;
-  }
+/** cv2.cvtColor(HSV2RGB) of one pixel into `rgb` at `o`, by cv2's vector loop (`vector`) or its scalar loop. */
+function cvHsvToRgb(h: number, s8: number, v8: number, vector: boolean, rgb: Uint8Array, o: number): void {
+  const third = Math.fround(1 / 255);
+  const s = Math.fround(s8 * third);
+  const v = Math.fround(v8 * third);
+  const scaled = Math.fround(h * Math.fround(6 / 180));
+  // The vector loop truncates (hue < 180, so never negative) and reduces the sector modulo 6 in
+  // float32; the scalar loop floors: the same integers here. (The scalar loop's shortcut for a
+  // grey pixel, saturation 0, gives what every tab below gives then: v.)
+  const whole = Math.trunc(scaled);
+  const frac = Math.fround(scaled - whole);
+  const tabs = [v, Math.fround(v * Math.fround(1 - s)), Math.fround(v * fusedOneMinus(s, frac)), Math.fround(v * fusedOneMinus(s, Math.fround(1 - frac)))];
+  const [bi, gi, ri] = CV_SECTOR_TABS[whole % 6]!;
+  const [b, g, r] = [tabs[bi!]!, tabs[gi!]!, tabs[ri!]!];
+  const toByte = (x: number) => Math.min(255, Math.max(0, vector ? Math.trunc(Math.fround(x * 255)) : roundHalfEven(Math.fround(x * 255))));
+  rgb[o] = toByte(r);
+  rgb[o + 1] = toByte(g);
+  rgb[o + 2] = toByte(b);
 }
 
 /**
- * mmseg 0.11's PhotoMetricDistortion on RGB uint8, in place: brightness (delta 32), then
- * contrast (0.5-1.5) first or last, saturation (0.5-1.5) and hue (18 of cv2's 180 steps, so
- * 36 degrees); each applied with probability 1/2.
+ * `edit` applied to the image's cv2 HSV bytes (hue, saturation, value per pixel), in place:
+ * mmcv.bgr2hsv, the edit, mmcv.hsv2bgr, row by row as cv2 converts (see CV_HSV2RGB_BLOCK).
  */
-export function photometricDistortion(pixels: Uint8Array, rng: Rng): void {
+function editInCvHsv(pixels: Uint8Array, width: number, edit: (hsv: Uint8Array) => void): void {
+  const hsv = new Uint8Array(pixels.length);
+  for (let i = 0; i < pixels.length; i += 3) cvRgbToHsv(pixels[i]!, pixels[i + 1]!, pixels[i + 2]!, hsv, i);
+  edit(hsv);
+  const vectorEnd = width - (width % CV_HSV2RGB_BLOCK);
+  for (let p = 0; p < pixels.length / 3; p++) cvHsvToRgb(hsv[3 * p]!, hsv[3 * p + 1]!, hsv[3 * p + 2]!, p % width < vectorEnd, pixels, 3 * p);
+}
+
+/** mmseg's saturation step: S = convert(S, alpha) (float32, clipped, truncated) in cv2's HSV. */
+export function photometricSaturation(pixels: Uint8Array, width: number, alpha: number): void {
+  const a = Math.fround(alpha);
+  editInCvHsv(pixels, width, (hsv) => {
+    for (let i = 1; i < hsv.length; i += 3) hsv[i] = Math.trunc(Math.min(255, Math.max(0, Math.fround(hsv[i]! * a))));
+  });
+}
+
+/** mmseg's hue step: H = (H + delta) mod 180 in cv2's HSV, delta in cv2's hue units (2 degrees). */
+export function photometricHue(pixels: Uint8Array, width: number, delta: number): void {
+  editInCvHsv(pixels, width, (hsv) => {
+    for (let i = 0; i < hsv.length; i += 3) hsv[i] = (((hsv[i]! + delta) % 180) + 180) % 180;
+  });
+}
+
+/**
+ * mmseg 0.11's PhotoMetricDistortion on an RGB uint8 image `width` pixels wide, in place:
+ * brightness (delta 32), then contrast (0.5-1.5) first or last, saturation (0.5-1.5) and hue
+ * (up to 18 of cv2's 180 steps) in cv2's 8-bit HSV; each applied with probability 1/2.
+ */
+export function photometricDistortion(pixels: Uint8Array, width: number, rng: Rng): void {
   const coin = () => randInt(rng, 0, 1) === 1;
   if (coin()) photometricConvert(pixels, 1, uniform(rng, -32, 32));
   const contrastFirst = coin();
@@ -166,8 +230,8 @@ export function photometricDistortion(pixels: Uint8Array, rng: Rng): void {
     if (coin()) photometricConvert(pixels, uniform(rng, 0.5, 1.5), 0);
   };
   if (contrastFirst) contrast();
-  if (coin()) adjustHsv(pixels, uniform(rng, 0.5, 1.5), 0);
-  if (coin()) adjustHsv(pixels, 1, 2 * randInt(rng, -18, 18));
+  if (coin()) photometricSaturation(pixels, width, uniform(rng, 0.5, 1.5));
+  if (coin()) photometricHue(pixels, width, randInt(rng, -18, 18));
   if (!contrastFirst) contrast();
 }
 
@@ -204,11 +268,11 @@ export function segmentationTrainTransform(sample: SegmentationSample, size: num
   }
   // The distortion runs before the pad in mmseg, so padded pixels stay 0.
   const cropped = outImage.subarray(0, size * size * 3);
-  if (ch === size && cw === size) photometricDistortion(cropped, rng);
+  if (ch === size && cw === size) photometricDistortion(cropped, size, rng);
   else {
     const region = new Uint8Array(ch * cw * 3);
     for (let y = 0; y < ch; y++) region.set(outImage.subarray(y * size * 3, y * size * 3 + cw * 3), y * cw * 3);
-    photometricDistortion(region, rng);
+    photometricDistortion(region, cw, rng);
     for (let y = 0; y < ch; y++) outImage.set(region.subarray(y * cw * 3, (y + 1) * cw * 3), y * size * 3);
   }
   return { image: outImage, labels: outLabels, width: size, height: size };

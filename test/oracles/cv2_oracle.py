@@ -9,6 +9,12 @@ Reads one JSON request on stdin, writes one JSON answer on stdout:
   {"command": "convert", "cases": [{"alpha", "beta", "pixels": [bytes]}]}
     -> {"pixels": [[...]]}: mmseg PhotoMetricDistortion's convert, numpy's
        clip(img.astype(float32) * alpha + beta, 0, 255).astype(uint8).
+  {"command": "hsv", "cases": [{"height", "width", "rgb": [bytes], "saturation": alpha | null,
+   "hue": delta | null}]}
+    -> {"rgb": [[...]]}: mmseg 0.11 PhotoMetricDistortion's saturation step (alpha given) or
+       hue step (delta given) on the image as mmseg holds it (BGR): mmcv.bgr2hsv
+       (cv2.cvtColor BGR2HSV), S = convert(S, alpha) or H = (H + delta) % 180, mmcv.hsv2bgr;
+       returned as RGB.
 """
 import json
 import sys
@@ -37,9 +43,22 @@ def convert(request):
     return {"pixels": out}
 
 
+def hsv(request):
+    out = []
+    for case in request["cases"]:
+        bgr = np.array(case["rgb"], dtype=np.uint8).reshape(case["height"], case["width"], 3)[:, :, ::-1].copy()
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+        if case["saturation"] is not None:
+            img[:, :, 1] = np.clip(img[:, :, 1].astype(np.float32) * case["saturation"], 0, 255).astype(np.uint8)
+        if case["hue"] is not None:
+            img[:, :, 0] = (img[:, :, 0].astype(int) + case["hue"]) % 180
+        out.append(cv2.cvtColor(img, cv2.COLOR_HSV2BGR)[:, :, ::-1].reshape(-1).tolist())
+    return {"rgb": out}
+
+
 def main():
     request = json.load(sys.stdin)
-    json.dump({"resize": resize, "convert": convert}[request["command"]](request), sys.stdout)
+    json.dump({"resize": resize, "convert": convert, "hsv": hsv}[request["command"]](request), sys.stdout)
 
 
 if __name__ == "__main__":
