@@ -562,6 +562,22 @@ pub fn compare_only(device: &Device, part: &str, dtypes: &[DType]) -> Result<Vec
     Ok(out)
 }
 
+/// The detector's ROIAlign on an FPN level of a 1024-px image pair (p3: stride 8, 128 x 128 x
+/// 256), 7 x 7 bins with adaptive sampling, over boxes of every kind the detector meets: small
+/// and large, on the map's edges, partly and wholly off it, smaller than a pixel, on both images.
+fn roi_align_case() -> Case {
+    let boxes: Vec<crate::RoiBox> = (0..96)
+        .map(|i| {
+            let f = |k: usize| ((i * 7919 + k * 104_729) % 1000) as f32 / 1000.0;
+            let (w, h) = (1.0 + 400.0 * f(1) * f(1), 1.0 + 400.0 * f(2) * f(2));
+            let (x1, y1) = (-100.0 + 1150.0 * f(3), -100.0 + 1150.0 * f(4));
+            let (w, h) = if i % 16 == 0 { (0.4, 0.3) } else { (w, h) };
+            crate::RoiBox { image: i % 2, x1, y1, x2: x1 + w, y2: y1 + h }
+        })
+        .collect();
+    Case { name: "roi_align", shapes: vec![vec![2, 128, 128, 256]], seed: 25, op: Box::new(move |t| crate::roi_align(&t[0], &boxes, 7, 0.125, 0)) }
+}
+
 pub fn compare_on(device: &Device) -> Result<Vec<Agreement>> {
     compare_paths(device, &[Path::Kernels], &[DType::F32])
 }
@@ -574,6 +590,10 @@ pub fn compare_paths(device: &Device, paths: &[Path], dtypes: &[DType]) -> Resul
         for &dtype in dtypes {
             out.extend(compare(&case, device, dtype, paths)?);
         }
+    }
+    // ROIAlign has kernels in f32 and f64 only (the detector's), so its row is f32 alone.
+    if paths.contains(&Path::Kernels) {
+        out.extend(compare(&roi_align_case(), device, DType::F32, &[Path::Kernels])?);
     }
     for &dtype in dtypes {
         for &path in paths {
