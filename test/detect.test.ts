@@ -31,6 +31,7 @@ import {
   type ImageDetections,
 } from '../src/index.js';
 import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
+import { withoutSpikes } from '../src/data/detection-transforms.js';
 import { native } from '../src/native.js';
 import { CLI } from './helpers.js';
 
@@ -118,6 +119,15 @@ test('the LSJ train transform moves polygons as detectron2 moves PolygonMasks: s
   const clipped = clipPolygonToBox(u, 0, 3, 6, 8);
   t.deepEqual(rasterizePolygons([clipped], 10, 10), rasterizePolygons([[0, 3, 2, 3, 2, 6, 4, 6, 4, 3, 6, 3, 6, 8, 0, 8]], 10, 10));
   t.deepEqual(clipPolygonToBox(u, 10, 10, 20, 20), []);
+  // A polygon whose outside part runs around the crop's top-left corner (4, 6): the clip leaves a
+  // spike out to that corner and back, which is removed, so the part is shapely's triangle and
+  // the box recomputed from it is not stretched to the corner (benches/polygon-clip). Its
+  // crossings of x = 4: 8.584 + 8.579 * 0.98 / 11.254 and 17.163 + 8.994 * 10.274 / 16.334.
+  const wrapped = [14.274, 17.163, -2.06, 26.157, -2.361, 25.995, -4.334, 21.413, -5.952, 17.775, -4.526, 6.744, 5.393, -4.894, 3.02, 8.584];
+  const part = clipPolygonToBox(wrapped, 4, 6, 32, 32);
+  const want = [4, 9.33106, 14.274, 17.163, 4, 22.82018];
+  t.true(part.length === want.length && part.every((v, i) => Math.abs(v - want[i]!) < 1e-5), JSON.stringify(part));
+  t.deepEqual(withoutSpikes([0, 0, 5, 0, 5, 5, 5, 9, 5, 5, 0, 5, 0, 5]), [0, 0, 5, 0, 5, 5, 0, 5], 'a spike out and back, and a repeated vertex');
 });
 
 test('the LSJ train transform: flip, ResizeScale sizes, crop and pad to S, boxes recomputed from the masks, empty and crowd instances dropped', (t) => {

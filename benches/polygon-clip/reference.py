@@ -1,6 +1,7 @@
 """detectron2's crop of PolygonMasks (CropTransform.apply_polygons: shapely buffer(0), intersection
 with the crop box, each part's exterior) then pycocotools' rasterization of the parts, on random
-star-shaped polygons, for compare.mjs to hold our Sutherland-Hodgman clip against.
+star-shaped polygons (angles sorted around a centre: some self-intersect, as some COCO polygons do), for
+compare.mjs to hold our clip against; each case says whether all its polygons are valid (simple).
 
 Usage: python3 reference.py SEED OUT.json, with shapely, numpy and pycocotools importable
 (e.g. PYTHONPATH=.cache/test-oracles plus `pip install --target DIR shapely==2.2.0`).
@@ -40,5 +41,7 @@ for i in range(500):
         box = [allc[:, 0].min(), allc[:, 1].min(), allc[:, 0].max(), allc[:, 1].max()]
     else:
         m = np.zeros((ch, cw), np.uint8); box = None
-    cases.append(dict(polys=polys, x0=x0, y0=y0, cw=cw, ch=ch, mask=m.reshape(-1).tolist(), box=box))
+    # Whether every polygon is simple: detectron2 repairs the others by buffer(0) before it crops.
+    valid = all(geometry.Polygon(np.asarray(p).reshape(-1, 2)).is_valid for p in polys)
+    cases.append(dict(polys=polys, x0=x0, y0=y0, cw=cw, ch=ch, mask=m.reshape(-1).tolist(), box=box, valid=valid))
 json.dump(cases, open(sys.argv[2], 'w'))

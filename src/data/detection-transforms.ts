@@ -12,13 +12,14 @@
  *   Objects with polygons (COCO's, the official configs' mask format) are moved as detectron2
  *   moves PolygonMasks: their vertices scaled, clipped to the crop, shifted and mirrored;
  *   `recompute_boxes` takes the box of the moved vertices, and the mask at S x S is their
- *   rasterization as pycocotools does it. The clipping is Sutherland-Hodgman's, slivers of zero
- *   area dropped; detectron2 uses shapely, which also repairs a self-intersecting polygon
- *   (buffer(0)) and splits one the crop cuts in two. Ours keeps such a polygon whole, its parts
- *   joined by edges along the crop's border, and where a concave polygon wraps around a corner
- *   of the crop those edges can run through the corner: the box then reaches the corner and a
- *   few border pixels differ (9 of 500 random star-shaped polygons against shapely and
- *   pycocotools: benches/results/polygon-clip-2026-11-28.md). Objects given by a mask alone (the digit
+ *   rasterization as pycocotools does it. The clipping is Sutherland-Hodgman's, its zero-area
+ *   spikes removed and slivers of zero area dropped; detectron2 uses shapely, which splits a
+ *   polygon the crop cuts in two (ours keeps it whole, its parts joined along the crop's border:
+ *   the same pixels and vertices) and first repairs a self-intersecting polygon by buffer(0),
+ *   which drops some of its lobes (ours clips it as it is). Against shapely and pycocotools on
+ *   random star-shaped polygons, masks and boxes are the same for every case of valid polygons
+ *   and differ in about a fifth of the cases with a self-intersecting one
+ *   (benches/results/polygon-clip-2026-11-28.md). Objects given by a mask alone (the digit
  *   scenes, RLE) have it resized nearest (PIL's NEAREST, pixel centres, as detectron2's
  *   BitMasks) and the box is the mask's tight box. Objects left without a box of positive size
  *   are dropped (detectron2's `filter_empty_instances`).
@@ -206,9 +207,14 @@ export function movePolygons(polygons: readonly (readonly number[])[], move: Pol
 }
 
 /**
- * Sutherland-Hodgman clipping of a polygon (x, y pairs) to the box [x0, x1] x [y0, y1]. A
- * concave polygon the box cuts into parts comes back as one polygon whose parts are joined by
- * edges along the box's border (possibly through its corners), not split as shapely splits it.
+ * Sutherland-Hodgman clipping of a polygon (x, y pairs) to the box [x0, x1] x [y0, y1], then its
+ * zero-area spikes removed (`withoutSpikes`). A concave polygon the box cuts into parts comes
+ * back as one polygon whose parts are joined by edges along the box's border, not split as
+ * shapely splits it: the same pixels (pycocotools rasterizes the joining edges to nothing) and
+ * the same vertices. Where part of the polygon runs outside around a corner of the box, the clip
+ * leaves a spike out to that corner and back, which is not a vertex of shapely's intersection
+ * and would stretch the box recomputed from the vertices; removing the spikes gives shapely's
+ * box (benches/results/polygon-clip-2026-11-28.md).
  */
 export function clipPolygonToBox(polygon: readonly number[], x0: number, y0: number, x1: number, y1: number): number[] {
   // Each edge of the box: which side is inside, and where a segment crosses it.
@@ -234,6 +240,33 @@ export function clipPolygonToBox(polygon: readonly number[], x0: number, y0: num
       } else if (aIn) kept.push(...cross(ax, ay, bx, by));
     }
     points = kept;
+  }
+  return withoutSpikes(points);
+}
+
+/**
+ * A polygon (x, y pairs) without repeated vertices and without spikes: vertices where the
+ * boundary reverses along a line (collinear with both neighbours, the path doubling back), which
+ * enclose no area. Repeated until none is left, as removing one can expose another.
+ */
+export function withoutSpikes(polygon: readonly number[]): number[] {
+  let points = [...polygon];
+  for (let changed = true; changed && points.length >= 6; ) {
+    changed = false;
+    const n = points.length / 2;
+    for (let i = 0; i < n; i++) {
+      const [ux, uy] = [points[2 * ((i + n - 1) % n)]!, points[2 * ((i + n - 1) % n) + 1]!];
+      const [vx, vy] = [points[2 * i]!, points[2 * i + 1]!];
+      const [wx, wy] = [points[2 * ((i + 1) % n)]!, points[2 * ((i + 1) % n) + 1]!];
+      const [ax, ay, bx, by] = [vx - ux, vy - uy, wx - vx, wy - vy];
+      const repeated = ax === 0 && ay === 0;
+      const reversal = ax * by - ay * bx === 0 && ax * bx + ay * by < 0;
+      if (repeated || reversal) {
+        points.splice(2 * i, 2);
+        changed = true;
+        break;
+      }
+    }
   }
   return points;
 }
