@@ -721,8 +721,8 @@ impl NativeSegmenter {
 impl NativeSegmenter {
     /// `headJson`: {num_classes, channels, aux_channels, pool_scales, dropout, drop_path,
     /// aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
-    /// weight_decay, layer_decay}. The segmenter runs on the CPU in float32 or float64.
-    /// `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; float32, TF32 matmuls).
+    /// weight_decay, layer_decay}. Float32 or float64.
+    /// `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; TF32 matmuls for float32).
     #[napi(constructor)]
     pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
