@@ -131,6 +131,14 @@ test('autoAttentionForm names the form only when every attention line picked it'
   t.is(autoAttentionForm([line(49, 'flash kernels'), line(196, 'flash kernels on mma.sync')]), undefined);
 });
 
+test('attentionPicksEnv gives another process the same forms, shape by shape', async (t) => {
+  const { attentionPicksEnv } = await import('../benches/gpu/op-timings.js');
+  const line = (tokens: number, heads: number, hd: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x ${heads} heads of ${hd}] BF16 on Cuda { gpu_id: 0 }: flash kernels 0.280 ms, flash kernels on mma.sync 0.287 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;
+  t.is(attentionPicksEnv([line(49, 12, 64, 'flash kernels'), line(196, 16, 32, 'flash kernels on mma.sync'), 'convmae: the pretraining backward runs on the tape of our ops']), '64x49x12x64=flash,64x196x16x32=flash-mma');
+  t.is(attentionPicksEnv([line(49, 12, 64, 'gemms')]), '64x49x12x64=gemm');
+  t.is(attentionPicksEnv(['convmae: the pretraining backward runs on the tape of our ops']), undefined);
+});
+
 test('attentionPicks names each shape and its pick, the mma.sync form included', async (t) => {
   const { attentionPicks } = await import('../benches/gpu/op-timings.js');
   const line = (tokens: number, pick: string) => `convmae: attention [64 x ${tokens} tokens x 12 heads of 64] BF16 on Cuda { gpu_id: 0 }: flash kernels 0.280 ms, flash kernels on mma.sync 0.287 ms (forward + backward); using the ${pick} (CONVMAE_ATTENTION=auto)`;

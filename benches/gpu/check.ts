@@ -52,7 +52,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { fmt, intFlag, localDate, markdownTable, parseArgs, REPO_ROOT } from '../lib.js';
-import { attentionPicks, autoAttentionForm, autoChoices, hostProfile, opTimingTable, type HostProfile, type OpTiming } from './op-timings.js';
+import { attentionPicks, attentionPicksEnv, autoAttentionForm, autoChoices, hostProfile, opTimingTable, type HostProfile, type OpTiming } from './op-timings.js';
 import { findNcu, ncuArgs, PROFILED_STEP_ENV, profileMarkdown, runUnderNcu, shellQuote, summarizeKernels, type KernelEntry, type NcuRunResult, type ProfileReport, type TorchProfileResult } from './profile.js';
 
 interface Row {
@@ -501,19 +501,25 @@ async function main(): Promise<void> {
     // run short, where the step's time goes says more than any one A/B.
     if (profile && batch === firstBatch) await runProfile();
     if (!loadError && batch === batches[0]) {
+      // The rows that must repeat the headline row's losses take its forms of attention, shape
+      // by shape, rather than timing them again (two forms within noise of each other could be
+      // picked differently in another process: run 8b compared one of these four rows).
+      const headline = rows.find((r) => r.impl === 'ours' && r.batch === batch && r.dtype === 'bf16' && r.path === 'sparse' && !r.error);
+      const picks = attentionPicksEnv(headline?.choices ?? []);
+      const samePicks: NodeJS.ProcessEnv = picks ? { CONVMAE_ATTENTION_PICKS: picks } : {};
       // The backward on the tape against candle's backward: an A/B, and with the trajectories
       // compared (the same losses to the bit) the GPU's whole-step check of the tape, the newest
       // path; first, so that a deadline cuts the others before it.
-      await ours(batch, 'bf16', 'sparse', 'ours-candle-backward', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: 'tape_backward' });
+      await ours(batch, 'bf16', 'sparse', 'ours-candle-backward', { CONVMAE_PROFILE: '1', CONVMAE_COMPOSITE_OPS: 'tape_backward', ...samePicks });
       // The same run of ours, checking after every optimizer step that each bf16 compute copy is
       // its master rounded (the packed copies are written in place by the fused AdamW): the row
       // fails, naming the tensor, if one is not.
-      await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on' });
+      await ours(batch, 'bf16', 'sparse', 'ours-copies-checked', { CONVMAE_CHECK_COPIES: 'on', ...samePicks });
       // The A/B of overlapped steps: each step awaited before the next starts (the host builds a
       // step once the device has finished the last one's forward), and each step finished on the
       // device before it is answered (CONVMAE_STEPS=serial: as before overlapped steps).
-      await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1' }, ['--in-flight', '1']);
-      await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial' }, ['--in-flight', '1']);
+      await ours(batch, 'bf16', 'sparse', 'ours-in-flight-1', { CONVMAE_PROFILE: '1', ...samePicks }, ['--in-flight', '1']);
+      await ours(batch, 'bf16', 'sparse', 'ours-serial-steps', { CONVMAE_PROFILE: '1', CONVMAE_STEPS: 'serial', ...samePicks }, ['--in-flight', '1']);
       // And of the ops written after run 7 without a GPU (the conv block's first half, the loss,
       // the patch layout, the decoder's entry, the chains of sublayers, the patch convs' kernel
       // rows, the backward on the tape): all seven as before them.

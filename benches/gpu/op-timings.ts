@@ -78,6 +78,19 @@ export function attentionPicks(choices: string[]): string {
     .join('; ');
 }
 
+/**
+ * `CONVMAE_ATTENTION_PICKS` for another process to take the same forms of attention as the run
+ * whose choice lines these are, shape by shape ("64x49x12x64=flash-mma,..."; attention.rs), or
+ * undefined when no line names a pick.
+ */
+export function attentionPicksEnv(choices: string[]): string | undefined {
+  const picks = choices
+    .map((c) => /attention \[(\d+) x (\d+) tokens x (\d+) heads of (\d+)\].*using the (.+?) \(CONVMAE_ATTENTION=auto\)/.exec(c))
+    .filter((m) => m !== null && FORM_OF_PICK[m[5]!] !== undefined)
+    .map((m) => `${m![1]}x${m![2]}x${m![3]}x${m![4]}=${FORM_OF_PICK[m![5]!]}`);
+  return picks.length ? picks.join(',') : undefined;
+}
+
 /** A `CONVMAE_ATTENTION` value naming one of our op's CUDA forms. */
 export type AttentionForm = 'fused' | 'gemm' | 'flash' | 'flash-mma';
 const FORM_OF_PICK: Record<string, AttentionForm> = { 'fused kernels': 'fused', gemms: 'gemm', 'flash kernels': 'flash', 'flash kernels on mma.sync': 'flash-mma' };
