@@ -210,8 +210,8 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
 /// differently between two processes when two forms are within noise of each other. Shapes
 /// not listed are timed as usual. Read once per process; a malformed entry is named in a
 /// warning and ignored.
-fn pinned_picks() -> &'static std::collections::HashMap<(usize, usize, usize, usize), CudaForm> {
-    static PICKS: std::sync::OnceLock<std::collections::HashMap<(usize, usize, usize, usize), CudaForm>> = std::sync::OnceLock::new();
+fn pinned_picks() -> &'static Picks {
+    static PICKS: std::sync::OnceLock<Picks> = std::sync::OnceLock::new();
     PICKS.get_or_init(|| {
         let (picks, bad) = parse_picks(&std::env::var("CONVMAE_ATTENTION_PICKS").unwrap_or_default());
         for entry in bad {
@@ -221,8 +221,11 @@ fn pinned_picks() -> &'static std::collections::HashMap<(usize, usize, usize, us
     })
 }
 
-/// `CONVMAE_ATTENTION_PICKS`'s value as (the picks by (b, n, heads, hd), the malformed entries).
-fn parse_picks(raw: &str) -> (std::collections::HashMap<(usize, usize, usize, usize), CudaForm>, Vec<String>) {
+/// Attention forms by shape: (batch, tokens, heads, head dim).
+type Picks = std::collections::HashMap<(usize, usize, usize, usize), CudaForm>;
+
+/// `CONVMAE_ATTENTION_PICKS`'s value as (the picks by shape, the malformed entries).
+fn parse_picks(raw: &str) -> (Picks, Vec<String>) {
     let mut picks = std::collections::HashMap::new();
     let mut bad = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
