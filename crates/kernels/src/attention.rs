@@ -175,16 +175,7 @@ fn auto_form(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device
     // serves; its line has the timed picks' form, so that the GPU check reads it alike.
     if let Some(&form) = pinned_picks().get(&(dims.b, dims.n, dims.heads, dims.hd)) {
         if form.serves(dims, dtype, device)? {
-            eprintln!(
-                "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: given by CONVMAE_ATTENTION_PICKS; using the {} (CONVMAE_ATTENTION=auto)",
-                dims.b,
-                dims.n,
-                dims.heads,
-                dims.hd,
-                dtype,
-                device.location(),
-                form.describe()
-            );
+            print_pick(dims, dtype, device, "given by CONVMAE_ATTENTION_PICKS", form);
             chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, form);
             return Ok(form);
         }
@@ -300,18 +291,23 @@ fn time_forms(dims: Dims, dtype: candle_core::DType, device: &candle_core::Devic
             }
         }
     }
+    print_pick(dims, dtype, device, &format!("{} (forward + backward)", report.join(", ")), best);
+    Ok(best)
+}
+
+/// `auto`'s line for a shape: how the pick was made (`how`) and the pick, in the form the GPU
+/// check reads (benches/gpu/op-timings.ts `attentionPicks`).
+fn print_pick(dims: Dims, dtype: candle_core::DType, device: &candle_core::Device, how: &str, form: CudaForm) {
     eprintln!(
-        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: {} (forward + backward); using the {} (CONVMAE_ATTENTION=auto)",
+        "convmae: attention [{} x {} tokens x {} heads of {}] {:?} on {:?}: {how}; using the {} (CONVMAE_ATTENTION=auto)",
         dims.b,
         dims.n,
         dims.heads,
         dims.hd,
         dtype,
         device.location(),
-        report.join(", "),
-        best.describe()
+        form.describe()
     );
-    Ok(best)
 }
 
 /// max |a - b| / max |b|, in f32.
