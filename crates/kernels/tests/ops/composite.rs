@@ -135,6 +135,7 @@ fn the_agreement_check_runs_and_is_exact_on_the_cpu() {
             "conv_weight_rows",
             "restore_tokens",
             "masked_patch_mse",
+            "roi_align",
             "adamw_update"
         ]
     );
