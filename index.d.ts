@@ -124,8 +124,8 @@ export declare class NativeSegmenter {
   /**
    * `headJson`: {num_classes, channels, aux_channels, pool_scales, dropout, drop_path,
    * aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
-   * weight_decay, layer_decay}. The segmenter runs on the CPU in float32 or float64.
-   * `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; float32, TF32 matmuls).
+   * weight_decay, layer_decay}. Float32 or float64.
+   * `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; TF32 matmuls for float32).
    */
   constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
   /**

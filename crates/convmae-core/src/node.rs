@@ -40,6 +40,11 @@ fn parse_dtype(dtype: &str) -> Result<DType> {
     }
 }
 
+/// A `device` argument: 'cpu' when absent, else 'cpu', 'cuda' or 'cuda:N' (see `DeviceSpec::parse`).
+fn parse_device(device: Option<&str>) -> Result<DeviceSpec> {
+    DeviceSpec::parse(device.unwrap_or("cpu")).map_err(js_err)
+}
+
 fn parse_config(json: &str) -> Result<ConvMaeConfig> {
     let cfg: ConvMaeConfig = serde_json::from_str(json).map_err(|e| js_err(format!("invalid config: {e}")))?;
     cfg.validate().map_err(js_err)?;
@@ -106,7 +111,7 @@ pub fn model_info(config_json: String) -> Result<String> {
 pub async fn check_fixture(path: String, dtype: String, conv_path: Option<String>, device: Option<String>) -> Result<String> {
     let dtype = parse_dtype(&dtype)?;
     let conv_path = ConvPath::parse(conv_path.as_deref().unwrap_or("sparse")).map_err(js_err)?;
-    let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+    let device = parse_device(device.as_deref())?;
     off_thread(move || {
         let device = device.open()?;
         fixture::check_fixture_on(&path, dtype, conv_path, &device)
@@ -136,7 +141,7 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
 pub async fn compare_kernels(device: String, only: Option<String>) -> Result<String> {
     use candle_core::DType;
     use convmae_kernels::Path;
-    let device = DeviceSpec::parse(&device).map_err(js_err)?;
+    let device = parse_device(Some(&device))?;
     off_thread(move || {
         let device = device.open()?;
         let report = if let Some(part) = only {
@@ -159,7 +164,7 @@ pub async fn compare_kernels(device: String, only: Option<String>) -> Result<Str
 pub async fn time_kernels(device: String, batch: u32, reps: u32, dtypes: Vec<String>) -> Result<String> {
     use candle_core::DType;
     use convmae_kernels::Path;
-    let device = DeviceSpec::parse(&device).map_err(js_err)?;
+    let device = parse_device(Some(&device))?;
     let dtypes = dtypes
         .iter()
         .map(|d| match d.as_str() {
@@ -337,7 +342,7 @@ impl NativePretrainer {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
-        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+        let device = parse_device(device.as_deref())?;
         let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
         precision.check_master(dtype).map_err(js_err)?;
         let session = Session::start(move || {
@@ -552,7 +557,7 @@ impl NativeClassifier {
         }
         let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
         precision.check_master(dtype).map_err(js_err)?;
-        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+        let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
             let mut model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
@@ -736,7 +741,7 @@ impl NativeSegmenter {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
-        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+        let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
             let model = Segmenter::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
@@ -960,7 +965,7 @@ impl NativeDetector {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
-        let device = DeviceSpec::parse(device.as_deref().unwrap_or("cpu")).map_err(js_err)?;
+        let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
             let model = Detector::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
