@@ -487,32 +487,34 @@ where
 
 /// Initializes a task model's backbone from a pretraining, classifier or task checkpoint (ours
 /// or official, renamed by `from_official`) as the official SEG and DET code do: strict=False,
-/// `pos_embed` resized bicubically when the file's grid differs (a 224-px pretraining for 512-px
-/// segmentation: 14x14 to 32x32; for 1024-px detection: to 64x64), the heads (`fresh`) left at
-/// their init. Relative position tables of another shape (a task checkpoint at another size or
-/// window) stay fresh too, as they are when the file has none.
+/// `pos_embed` resized bicubically when the file's grid differs from the model's table (a 224-px
+/// pretraining for 512-px segmentation: 14x14 to 32x32; for 1024-px DET detection: to 64x64;
+/// Official-ConvMAE-Det keeps a 14x14 table and resizes it in its forward), the heads (`fresh`)
+/// left at their init. Relative position tables of another shape (a task checkpoint at another
+/// size or window) stay fresh too, as they are when the file has none.
 fn init_backbone_from(kind: &str, cfg: &ConvMaeConfig, params: &mut ParamStore, path: &Path, from_official: fn(&mut CheckpointFile), fresh: fn(&str) -> bool) -> candle_core::Result<LoadReport> {
     let shown = path.display().to_string();
     let mut file = read_checkpoint(path)?;
     from_official(&mut file);
     check_same_encoder(&file, cfg, &shown)?;
     let dim = cfg.embed_dim[2];
+    let to = params.find("pos_embed").map_or(cfg.grid(), |p| (p.spec.shape[1] as f64).sqrt().round() as usize);
     if let Some(table) = file.tensors.get("pos_embed") {
         let (tokens, width) = match table.dims() {
             [1, tokens, width] => (*tokens, *width),
             other => return Err(err(format!("checkpoint '{shown}': pos_embed has shape {other:?}, expected [1, tokens, {dim}]"))),
         };
         let from = (tokens as f64).sqrt().round() as usize;
-        if width == dim && from * from == tokens && from != cfg.grid() {
+        if width == dim && from * from == tokens && from != to {
             let values = table.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            let resized = resize_pos_embed(&values, dim, from, cfg.grid());
-            let resized = Tensor::from_vec(resized, (1, cfg.num_tokens(), dim), &Device::Cpu)?.to_dtype(table.dtype())?;
+            let resized = resize_pos_embed(&values, dim, from, to);
+            let resized = Tensor::from_vec(resized, (1, to * to, dim), &Device::Cpu)?.to_dtype(table.dtype())?;
             file.tensors.insert("pos_embed".into(), resized);
         }
     }
     let other_shape: Vec<String> = params
         .iter()
-        .filter(|p| p.spec.name.ends_with(".relative_position_bias_table"))
+        .filter(|p| [".relative_position_bias_table", ".rel_pos_h", ".rel_pos_w"].iter().any(|end| p.spec.name.ends_with(end)))
         .filter(|p| file.tensors.get(&p.spec.name).is_some_and(|t| t.dims() != p.spec.shape.as_slice()))
         .map(|p| p.spec.name.clone())
         .collect();
@@ -529,11 +531,13 @@ fn strip_backbone_prefix(file: &mut CheckpointFile) {
 }
 
 /// The official detectron2 checkpoints name the encoder's tensors `backbone.bottom_up.<name>`
-/// (the FPN's are `backbone.fpn_*`, as ours); ours use the encoder's names as they are.
-fn strip_bottom_up_prefix(file: &mut CheckpointFile) {
-    const PREFIX: &str = "backbone.bottom_up.";
-    if file.tensors.keys().any(|k| k.starts_with(PREFIX)) {
-        file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (k.strip_prefix(PREFIX).map(str::to_string).unwrap_or(k), v)).collect();
+/// (DET; its FPN's are `backbone.fpn_*`, as ours) or `backbone.net.<name>` (Official-ConvMAE-Det;
+/// its pyramid's are `backbone.simfp_*`, as ours); ours use the encoder's names as they are.
+fn strip_detectron2_encoder_prefix(file: &mut CheckpointFile) {
+    for prefix in ["backbone.bottom_up.", "backbone.net."] {
+        if file.tensors.keys().any(|k| k.starts_with(prefix)) {
+            file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (k.strip_prefix(prefix).map(str::to_string).unwrap_or(k), v)).collect();
+        }
     }
 }
 
@@ -594,17 +598,17 @@ pub fn save_detector(trainer: &DetectorTrainer, path: &Path, extra: &str) -> can
     save_task(view, path, extra)
 }
 
-/// Restores a detector exactly: ours, or the official detectron2 `model_final` (`model`
-/// state_dict, encoder under `backbone.bottom_up.`).
+/// Restores a detector exactly: ours, or an official detectron2 `model_final` (`model`
+/// state_dict, encoder under `backbone.bottom_up.` or `backbone.net.`).
 pub fn load_detector(trainer: &mut DetectorTrainer, path: &Path, strict: bool) -> candle_core::Result<(LoadReport, String)> {
-    load_task(detector_state(trainer), path, strict, strip_bottom_up_prefix)
+    load_task(detector_state(trainer), path, strict, strip_detectron2_encoder_prefix)
 }
 
 /// Initializes a detector's backbone from an encoder checkpoint (`init_backbone_from`; pos_embed
-/// resized to the detection grid); the FPN, RPN and ROI heads stay fresh.
+/// resized to the model's table); the FPN or pyramid, RPN and ROI heads stay fresh.
 pub fn init_detector_from(trainer: &mut DetectorTrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let model = &mut trainer.model;
-    init_backbone_from("detector", &model.cfg, &mut model.params, path, strip_bottom_up_prefix, |name| {
-        name.starts_with("backbone.fpn_") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.")
+    init_backbone_from("detector", &model.cfg, &mut model.params, path, strip_detectron2_encoder_prefix, |name| {
+        name.starts_with("backbone.fpn_") || name.starts_with("backbone.simfp_") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.")
     })
 }

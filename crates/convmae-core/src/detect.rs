@@ -1,7 +1,7 @@
-//! Training and inference steps of the Mask R-CNN detector, per the official DET recipe:
-//! AdamW (betas 0.9 / 0.999, weight decay 0.1; none on norms, `pos_embed` and the relative
-//! position tables; no layer decay), the five detectron2 losses summed with weight 1, BatchNorm
-//! running statistics folded in after every step.
+//! Training and inference steps of the Mask R-CNN detector, per the official recipes: AdamW
+//! (betas 0.9 / 0.999, weight decay 0.1; none on norms, `pos_embed` and DET's relative position
+//! tables; DET has no layer decay, Official-ConvMAE-Det 0.8), the five detectron2 losses summed
+//! with weight 1, BatchNorm running statistics folded in after every step.
 
 use crate::model::detector::{Detector, ImageDetections, ImageTargets};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
@@ -22,22 +22,40 @@ pub struct DetectorAdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Layer-wise lr decay (1: none, DET's; 0.8 in Official-ConvMAE-Det): `detector_group`.
+    pub layer_decay: f64,
 }
 
 impl Default for DetectorAdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, layer_decay: 1.0 }
     }
 }
 
-/// detectron2's `get_default_optimizer_params` as the DET config sets it: weight decay on every
-/// tensor (biases included) except those of norm layers (LayerNorm, BatchNorm: a module named
-/// `norm*`), `pos_embed` and the relative position tables; lr scale 1 everywhere.
-pub fn detector_group(param: &Param, weight_decay: f64) -> ParamGroup {
+/// The pyramid's one LayerNorm not named `norm` (Official-ConvMAE-Det's `simfp_2`: deconv,
+/// LayerNorm, GELU, deconv).
+const PYRAMID_LAYER_NORM: &str = "backbone.simfp_2.1.";
+
+/// detectron2's `get_default_optimizer_params` as the official configs set it:
+/// - weight decay on every tensor (biases and ViTDet's `rel_pos_h` / `rel_pos_w` included)
+///   except those of norm layers (LayerNorm, BatchNorm: a module named `norm*`, or the pyramid's
+///   `simfp_2.1`), `pos_embed` and DET's relative position bias tables;
+/// - lr scale `layer_decay ^ (stage3_blocks + 1 - id)` (`get_vit_lr_decay_rate`, Official-ConvMAE-Det's
+///   `num_layers` = stage 3's depth): id 0 for the patch embeds and the conv blocks, i + 1 for
+///   `blocks3.i`, and stage3_blocks + 1 (scale 1) for everything else, `pos_embed` included.
+pub fn detector_group(param: &Param, weight_decay: f64, layer_decay: f64, stage3_blocks: usize) -> ParamGroup {
     let name = &param.spec.name;
     let module = name.rsplit('.').nth(1).unwrap_or("");
-    let exempt = module.starts_with("norm") || name == "pos_embed" || name.ends_with("relative_position_bias_table");
-    ParamGroup { lr_scale: 1.0, weight_decay: if exempt { 0.0 } else { weight_decay } }
+    let exempt = module.starts_with("norm") || name.starts_with(PYRAMID_LAYER_NORM) || name == "pos_embed" || name.ends_with("relative_position_bias_table");
+    let layer_id = if name.starts_with("patch_embed") || name.starts_with("blocks1.") || name.starts_with("blocks2.") {
+        0
+    } else if let Some(rest) = name.strip_prefix("blocks3.") {
+        rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).map_or(stage3_blocks + 1, |i| i + 1)
+    } else {
+        stage3_blocks + 1
+    };
+    let lr_scale = layer_decay.powf((stage3_blocks + 1 - layer_id) as f64);
+    ParamGroup { lr_scale, weight_decay: if exempt { 0.0 } else { weight_decay } }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -72,7 +90,11 @@ pub struct DetectorTrainer {
 impl DetectorTrainer {
     pub fn new(model: Detector, adamw: DetectorAdamWConfig, seed: u64) -> Result<Self> {
         let cfg = AdamWConfig { beta1: adamw.beta1, beta2: adamw.beta2, eps: adamw.eps, weight_decay: adamw.weight_decay };
-        let optimizer = AdamW::with_groups(cfg, &model.params, |p| detector_group(p, adamw.weight_decay))?;
+        if !(adamw.layer_decay.is_finite() && adamw.layer_decay > 0.0 && adamw.layer_decay <= 1.0) {
+            return Err(err(format!("layer_decay must be in (0, 1], got {}", adamw.layer_decay)));
+        }
+        let stage3_blocks = model.cfg.depth[2];
+        let optimizer = AdamW::with_groups(cfg, &model.params, |p| detector_group(p, adamw.weight_decay, adamw.layer_decay, stage3_blocks))?;
         Ok(Self { model, adamw, optimizer, seed, bn_batches: 0 })
     }
 

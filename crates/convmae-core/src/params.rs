@@ -6,7 +6,7 @@
 
 use crate::config::ConvMaeConfig;
 use crate::model::classifier::{ClassifierHead, HeadKind, Pooling};
-use crate::model::detector::{DetectorHead, BOX_POOL_SIDE};
+use crate::model::detector::{DetectorHead, DetectorVariant, BOX_POOL_SIDE};
 use crate::model::segmenter::{relative_table_len, SegmenterHead};
 use crate::pos_embed::sincos_2d;
 use crate::rng::Rng;
@@ -245,6 +245,17 @@ impl SpecList {
         self.push(format!("{prefix}.weight"), &[out, inp, k, k], init);
         self.batch_norm(&format!("{prefix}.norm"), out);
     }
+    /// detectron2 `Conv2d` without a bias and with norm "LN" (ViTDet): weight + `.norm` LayerNorm.
+    fn conv_layer_norm(&mut self, prefix: &str, inp: usize, out: usize, k: usize, init: Init) {
+        self.push(format!("{prefix}.weight"), &[out, inp, k, k], init);
+        self.layer_norm(&format!("{prefix}.norm"), out);
+    }
+    /// ConvTranspose2d(kernel 2, stride 2) at PyTorch's default init: weight [in, out, 2, 2]
+    /// and bias, both U(+-1/sqrt(fan_in)) where torch counts fan_in from dim 1: out * 4.
+    fn deconv_default(&mut self, prefix: &str, inp: usize, out: usize) {
+        self.push(format!("{prefix}.weight"), &[inp, out, 2, 2], Init::ConvDefault { fan_in: out * 4 });
+        self.push(format!("{prefix}.bias"), &[out], Init::ConvDefault { fan_in: out * 4 });
+    }
     /// A conv with a bias, weight normal(std), bias 0 (the RPN's and the predictors' init).
     fn conv_normal(&mut self, prefix: &str, inp: usize, out: usize, k: usize, std: f64) {
         self.push(format!("{prefix}.weight"), &[out, inp, k, k], Init::Normal { std });
@@ -265,21 +276,65 @@ impl SpecList {
 /// - Init as detectron2's: FPN convs c2_xavier_fill, RPN convs normal(0.01), head convs and the
 ///   deconv c2_msra_fill (kaiming normal, fan_out), fc1 c2_xavier_fill, cls_score normal(0.01),
 ///   bbox_pred and the mask predictor normal(0.001), biases 0; BatchNorms (1, 0).
+///
+/// The Vitdet variant (Official-ConvMAE-Det, ViTDet's detectron2 names less `backbone.net.` for
+/// the encoder's):
+/// - `pos_embed` learnable at `head.pos_grid` (trunc_normal(0.02), as ConvViT inits it), resized
+///   to the token grid in each forward;
+/// - `blocks3.i.attn.rel_pos_h` / `rel_pos_w` [2 S - 1, head dim] per block (S the window, or the
+///   grid in a global block), zero-init (`rel_pos_zero_init`);
+/// - the simple feature pyramid `backbone.simfp_{2,3,4,5}`: deconvs and LayerNorms at PyTorch's
+///   default init, convs without bias at `Conv2d`'s default init (ViTDet inits none of them);
+/// - the heads' convs with a LayerNorm (`.norm`) in place of BatchNorm.
 pub fn detector_param_specs(cfg: &ConvMaeConfig, head: &DetectorHead) -> Vec<ParamSpec> {
     let d3 = cfg.embed_dim[2];
     let grid = cfg.grid();
     let (c, k) = (head.channels, head.num_classes);
+    let vitdet = head.variant == DetectorVariant::Vitdet;
     let mut s = SpecList(Vec::new());
-    s.frozen("pos_embed", &[1, cfg.num_tokens(), d3], Init::SinCos { dim: d3, grid });
+    if vitdet {
+        s.push("pos_embed".into(), &[1, head.pos_grid * head.pos_grid, d3], Init::TruncNormal { std: 0.02 });
+    } else {
+        s.frozen("pos_embed", &[1, cfg.num_tokens(), d3], Init::SinCos { dim: d3, grid });
+    }
     s.patch_embeds(cfg);
     s.encoder_blocks(cfg);
-    s.push("windowed_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(head.window), cfg.num_heads], Init::Zeros);
-    s.push("global_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(grid), cfg.num_heads], Init::Zeros);
-    let [d1, d2, _] = cfg.embed_dim;
-    for (level, inp) in [(2, d1), (3, d2), (4, d3), (5, d3)] {
-        s.conv_norm(&format!("backbone.fpn_lateral{level}"), inp, c, 1, Init::C2XavierFill { fan_in: inp });
-        s.conv_norm(&format!("backbone.fpn_output{level}"), c, c, 3, Init::C2XavierFill { fan_in: c * 9 });
+    if vitdet {
+        let head_dim = d3 / cfg.num_heads;
+        for i in 0..cfg.depth[2] {
+            let side = if head.global_blocks.contains(&i) { grid } else { head.window };
+            for axis in ["h", "w"] {
+                s.push(format!("blocks3.{i}.attn.rel_pos_{axis}"), &[2 * side - 1, head_dim], Init::Zeros);
+            }
+        }
+        let conv = |fan_in: usize| Init::ConvDefault { fan_in };
+        let (half, quarter) = (d3 / 2, d3 / 4);
+        s.deconv_default("backbone.simfp_2.0", d3, half);
+        s.layer_norm("backbone.simfp_2.1", half);
+        s.deconv_default("backbone.simfp_2.3", half, quarter);
+        s.deconv_default("backbone.simfp_3.0", d3, half);
+        for (stage, first, inp) in [(2, 4, quarter), (3, 1, half), (4, 0, d3), (5, 1, d3)] {
+            s.conv_layer_norm(&format!("backbone.simfp_{stage}.{first}"), inp, c, 1, conv(inp));
+            s.conv_layer_norm(&format!("backbone.simfp_{stage}.{}", first + 1), c, c, 3, conv(c * 9));
+        }
+    } else {
+        s.push("windowed_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(head.window), cfg.num_heads], Init::Zeros);
+        s.push("global_rel_pos_bias.relative_position_bias_table".into(), &[relative_table_len(grid), cfg.num_heads], Init::Zeros);
+        let [d1, d2, _] = cfg.embed_dim;
+        for (level, inp) in [(2, d1), (3, d2), (4, d3), (5, d3)] {
+            s.conv_norm(&format!("backbone.fpn_lateral{level}"), inp, c, 1, Init::C2XavierFill { fan_in: inp });
+            s.conv_norm(&format!("backbone.fpn_output{level}"), c, c, 3, Init::C2XavierFill { fan_in: c * 9 });
+        }
     }
+    // The heads' convs: BatchNorm (Det) or LayerNorm (Vitdet) after each.
+    let head_conv = |s: &mut SpecList, prefix: &str| {
+        let init = Init::KaimingNormalFanOut { fan_out: c * 9 };
+        if vitdet {
+            s.conv_layer_norm(prefix, c, c, 3, init);
+        } else {
+            s.conv_norm(prefix, c, c, 3, init);
+        }
+    };
     let anchors = head.anchors_per_position();
     for i in 0..head.rpn_convs {
         s.conv_normal(&format!("proposal_generator.rpn_head.conv.conv{i}"), c, c, 3, 0.01);
@@ -287,7 +342,7 @@ pub fn detector_param_specs(cfg: &ConvMaeConfig, head: &DetectorHead) -> Vec<Par
     s.conv_normal("proposal_generator.rpn_head.objectness_logits", c, anchors, 1, 0.01);
     s.conv_normal("proposal_generator.rpn_head.anchor_deltas", c, 4 * anchors, 1, 0.01);
     for i in 1..=head.box_convs {
-        s.conv_norm(&format!("roi_heads.box_head.conv{i}"), c, c, 3, Init::KaimingNormalFanOut { fan_out: c * 9 });
+        head_conv(&mut s, &format!("roi_heads.box_head.conv{i}"));
     }
     let side = BOX_POOL_SIDE;
     let box_in = c * side * side;
@@ -298,7 +353,7 @@ pub fn detector_param_specs(cfg: &ConvMaeConfig, head: &DetectorHead) -> Vec<Par
     s.push("roi_heads.box_predictor.bbox_pred.weight".into(), &[4 * k, head.box_fc], Init::Normal { std: 0.001 });
     s.push("roi_heads.box_predictor.bbox_pred.bias".into(), &[4 * k], Init::Zeros);
     for i in 1..=head.mask_convs {
-        s.conv_norm(&format!("roi_heads.mask_head.mask_fcn{i}"), c, c, 3, Init::KaimingNormalFanOut { fan_out: c * 9 });
+        head_conv(&mut s, &format!("roi_heads.mask_head.mask_fcn{i}"));
     }
     // ConvTranspose2d weight [in, out, 2, 2]; torch counts its fan_out from dim 0: in * 4.
     s.push("roi_heads.mask_head.deconv.weight".into(), &[c, c, 2, 2], Init::KaimingNormalFanOut { fan_out: c * 4 });

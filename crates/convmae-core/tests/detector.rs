@@ -1,13 +1,15 @@
-//! Mask R-CNN on a ConvMAE backbone (spec section 6.1): the layout helpers against candle's own
-//! NCHW ops and written-out maps, gradients of the five losses against finite differences,
-//! detectron2's weight-decay groups, bad targets named, and a small model learning to find
-//! coloured rectangles.
+//! Mask R-CNN on a ConvMAE backbone (spec section 6.1, and 6.2's Vitdet variant): the layout
+//! helpers against candle's own NCHW ops and written-out maps, gradients of the five losses
+//! against finite differences, detectron2's weight-decay groups, bad targets named, and a small
+//! model learning to find coloured rectangles. Vitdet's attention and position resize against
+//! written-out formulas, its padded windows, its groups and layer decay, its official names.
 
 use crate::common;
 use common::tensors::{nchw, nhwc, random, to_vec};
 use candle_core::{DType, Device, Tensor};
 use convmae_core::detect::{DetectorAdamWConfig, DetectorTrainer};
-use convmae_core::model::detector::{deconv_2x2, max_pool_2x2, upsample_nearest_2x, window_partition, window_unpartition, Detector, DetectorHead, ImageTargets};
+use convmae_core::model::detector::{deconv_2x2, max_pool_2x2, subsample_2x, upsample_nearest_2x, window_partition, window_unpartition, Detector, DetectorHead, DetectorVariant, ImageTargets};
+use convmae_core::model::vitdet::{rel_pos_attention, resized_pos_embed};
 use convmae_core::boxes::BoxXyxy;
 use convmae_core::polygons;
 use convmae_kernels::RoiBox;
@@ -126,16 +128,17 @@ fn total_loss(model: &Detector, imgs: &Tensor, targets: &[ImageTargets], proposa
     model.losses_with_proposals(imgs, targets, &mut rng, proposals).unwrap().total().unwrap()
 }
 
-#[test]
-fn gradients_match_finite_differences() {
+/// The gradients of the five losses summed, at three entries of each of `checked`, against
+/// central differences of step `eps` in f64, with the zero-initialized tables `off_zero` moved
+/// off zero first (so that their paths carry gradients of their own).
+fn check_gradients(head: DetectorHead, off_zero: &[&str], checked: &[&str], eps: f64) {
     let cfg = small_cfg();
     let s = cfg.img_size;
-    let head = DetectorHead { drop_path: 0.0, ..small_head() };
+    let head = DetectorHead { drop_path: 0.0, ..head };
     let mut model = Detector::new(cfg, head, DType::F64, &Device::Cpu, 5).unwrap();
-    // Move the zero-initialized tables off zero, so that their paths carry gradients of their own.
-    for (name, seed) in [("windowed_rel_pos_bias.relative_position_bias_table", 31), ("global_rel_pos_bias.relative_position_bias_table", 32)] {
+    for (seed, name) in off_zero.iter().enumerate() {
         let shape = model.params.get(name).dims().to_vec();
-        model.params.set(name, &(random(&shape, seed) * 0.3).unwrap()).unwrap();
+        model.params.set(name, &(random(&shape, 31 + seed as u64) * 0.3).unwrap()).unwrap();
     }
     let (px, targets) = rectangles(2, s, 4);
     let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
@@ -151,27 +154,7 @@ fn gradients_match_finite_differences() {
     assert_eq!(to_vec(&loss), to_vec(&total_loss(&model, &imgs, &targets, &proposals)), "given the RPN's own proposals, the same loss");
     let grads = model.params.gradients(&loss.backward().unwrap()).unwrap();
     let names: Vec<String> = model.params.trainable().map(|(p, _)| p.spec.name.clone()).collect();
-    let checked = [
-        "roi_heads.mask_head.predictor.weight",
-        "roi_heads.mask_head.deconv.weight",
-        "roi_heads.mask_head.mask_fcn1.norm.weight",
-        "roi_heads.box_predictor.bbox_pred.weight",
-        "roi_heads.box_predictor.cls_score.bias",
-        "roi_heads.box_head.fc1.weight",
-        "roi_heads.box_head.conv1.weight",
-        "proposal_generator.rpn_head.objectness_logits.bias",
-        "proposal_generator.rpn_head.anchor_deltas.weight",
-        "proposal_generator.rpn_head.conv.conv1.weight",
-        "backbone.fpn_output2.norm.bias",
-        "backbone.fpn_lateral5.weight",
-        "backbone.fpn_lateral4.weight",
-        "windowed_rel_pos_bias.relative_position_bias_table",
-        "global_rel_pos_bias.relative_position_bias_table",
-        "blocks3.1.attn.qkv.weight",
-        "blocks1.0.attn.weight",
-    ];
-    let eps = 1e-5;
-    for name in checked {
+    for &name in checked {
         let at = names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no trainable tensor {name}"));
         let analytic = to_vec(&grads[at]);
         assert!(analytic.iter().any(|&g| g != 0.0), "{name} has no gradient");
@@ -193,18 +176,45 @@ fn gradients_match_finite_differences() {
     }
 }
 
-/// detectron2's groups: no decay on norm layers, pos_embed (frozen here) and the relative
-/// tables; decay on everything else, biases included; no layer decay.
+#[test]
+fn gradients_match_finite_differences() {
+    let tables = ["windowed_rel_pos_bias.relative_position_bias_table", "global_rel_pos_bias.relative_position_bias_table"];
+    let checked = [
+        "roi_heads.mask_head.predictor.weight",
+        "roi_heads.mask_head.deconv.weight",
+        "roi_heads.mask_head.mask_fcn1.norm.weight",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_head.fc1.weight",
+        "roi_heads.box_head.conv1.weight",
+        "proposal_generator.rpn_head.objectness_logits.bias",
+        "proposal_generator.rpn_head.anchor_deltas.weight",
+        "proposal_generator.rpn_head.conv.conv1.weight",
+        "backbone.fpn_output2.norm.bias",
+        "backbone.fpn_lateral5.weight",
+        "backbone.fpn_lateral4.weight",
+        "windowed_rel_pos_bias.relative_position_bias_table",
+        "global_rel_pos_bias.relative_position_bias_table",
+        "blocks3.1.attn.qkv.weight",
+        "blocks1.0.attn.weight",
+    ];
+    check_gradients(small_head(), &tables, &checked, 1e-5);
+}
+
 /// What a detector on CUDA computes is the CPU's function: with every op on candle's
 /// compositions (`with_path(Path::Composite)`; BatchNorm then candle's ops, as on CUDA, where
 /// ROIAlign is our CUDA kernel of the same semantics), the five losses and every gradient of a
 /// training step, given the same proposals, equal the kernels' in f64, here on the CPU.
 #[test]
 fn the_composite_route_of_a_cuda_detector_is_the_kernels_function() {
+    composite_route_equals_kernels(small_head());
+}
+
+fn composite_route_equals_kernels(head: DetectorHead) {
     use convmae_kernels::{with_path, Path};
     let cfg = small_cfg();
     let s = cfg.img_size;
-    let model = Detector::new(cfg, DetectorHead { drop_path: 0.0, ..small_head() }, DType::F64, &Device::Cpu, 6).unwrap();
+    let model = Detector::new(cfg, DetectorHead { drop_path: 0.0, ..head }, DType::F64, &Device::Cpu, 6).unwrap();
     let (px, targets) = rectangles(2, s, 8);
     let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
     let imgs = normalize(&batch, DType::F64, &Device::Cpu).unwrap();
@@ -235,6 +245,8 @@ fn the_composite_route_of_a_cuda_detector_is_the_kernels_function() {
     }
 }
 
+/// detectron2's groups: no decay on norm layers, pos_embed (frozen here) and the relative
+/// tables; decay on everything else, biases included; no layer decay.
 #[test]
 fn weight_decay_groups_follow_detectron2() {
     let model = Detector::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 0).unwrap();
@@ -452,3 +464,232 @@ fn official_detectron2_names_load() {
         assert_eq!((&x.boxes, &x.scores, &x.classes), (&y.boxes, &y.scores, &y.classes));
     }
 }
+
+// ---- Official-ConvMAE-Det (Vitdet) ----
+
+/// The small model as Vitdet: windows of 3 tokens on the 4x4 grid (padded to 6x6, as 64 tokens
+/// are to 70 in the official), block 1 global, a 2x2 pos_embed table resized to the grid.
+fn small_vitdet_head() -> DetectorHead {
+    DetectorHead { variant: DetectorVariant::Vitdet, window: 3, global_blocks: vec![1], pos_grid: 2, ..small_head() }
+}
+
+#[test]
+fn padded_windows_are_vitdets() {
+    // A 5x5 grid in 2x2 windows: padded to 6x6, nine windows; padding is zero and dropped after.
+    let (g, w) = (5, 2);
+    let tokens = (Tensor::arange(0f64, (2 * g * g * 3) as f64, &Device::Cpu).unwrap() + 1.0).unwrap().reshape((2, g * g, 3)).unwrap();
+    let windows = window_partition(&tokens, g, w).unwrap();
+    assert_eq!(windows.dims(), &[18, 4, 3]);
+    let (t, got) = (to_vec(&tokens), to_vec(&windows));
+    for b in 0..2 {
+        for window in 0..9 {
+            for slot in 0..4 {
+                let (r, c) = ((window / 3) * w + slot / w, (window % 3) * w + slot % w);
+                for ch in 0..3 {
+                    let want = if r < g && c < g { t[(b * g * g + r * g + c) * 3 + ch] } else { 0.0 };
+                    assert_eq!(got[((b * 9 + window) * 4 + slot) * 3 + ch], want, "image {b} window {window} slot {slot}");
+                }
+            }
+        }
+    }
+    assert_eq!(to_vec(&window_unpartition(&windows, 2, g, w).unwrap()), t);
+    // LastLevelMaxPool: rows and columns 0, 2, 4 of a 5x5 map.
+    let x = random(&[1, 5, 5, 2], 4);
+    let sub = to_vec(&subsample_2x(&x).unwrap());
+    let xv = to_vec(&x);
+    for (i, (r, c)) in [0, 2, 4].iter().flat_map(|&r| [0, 2, 4].map(move |c| (r, c))).enumerate() {
+        assert_eq!(&sub[i * 2..i * 2 + 2], &xv[(r * 5 + c) * 2..][..2]);
+    }
+}
+
+/// `add_decomposed_rel_pos` written out: for query (y, x) and key (ky, kx) of head h the logit is
+/// (q . k) / sqrt(hd) + q . rel_pos_h[y - ky + S - 1] + q . rel_pos_w[x - kx + S - 1].
+#[test]
+fn rel_pos_attention_is_the_written_out_formula() {
+    let cfg = small_cfg();
+    let mut model = Detector::new(cfg.clone(), small_vitdet_head(), DType::F64, &Device::Cpu, 3).unwrap();
+    let block = "blocks3.1";
+    for (name, seed) in [("rel_pos_h", 41), ("rel_pos_w", 42)] {
+        let full = format!("{block}.attn.{name}");
+        let shape = model.params.get(&full).dims().to_vec();
+        model.params.set(&full, &(random(&shape, seed) * 0.5).unwrap()).unwrap();
+    }
+    let (side, d, heads) = (cfg.grid(), cfg.embed_dim[2], cfg.num_heads);
+    let (n, hd) = (side * side, d / heads);
+    let x = random(&[2, n, d], 9);
+    let got = to_vec(&rel_pos_attention(&model.params, block, &x, side, heads).unwrap());
+    let p = |name: &str| to_vec(model.params.get(&format!("{block}.{name}")));
+    let (qkv_w, qkv_b, proj_w, proj_b, rh, rw) = (p("attn.qkv.weight"), p("attn.qkv.bias"), p("attn.proj.weight"), p("attn.proj.bias"), p("attn.rel_pos_h"), p("attn.rel_pos_w"));
+    let xv = to_vec(&x);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(u, v)| u * v).sum::<f64>();
+    for b in 0..2 {
+        let qkv: Vec<Vec<f64>> = (0..n).map(|t| (0..3 * d).map(|o| qkv_b[o] + dot(&qkv_w[o * d..][..d], &xv[(b * n + t) * d..][..d])).collect()).collect();
+        let mut heads_out = vec![vec![0.0; d]; n];
+        for h in 0..heads {
+            let part = |t: usize, which: usize| qkv[t][which * d + h * hd..][..hd].to_vec();
+            for (i, out) in heads_out.iter_mut().enumerate() {
+                let q = part(i, 0);
+                let (y, x0) = (i / side, i % side);
+                let logits: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let (ky, kx) = (j / side, j % side);
+                        dot(&q, &part(j, 1)) / (hd as f64).sqrt() + dot(&q, &rh[(y + side - 1 - ky) * hd..][..hd]) + dot(&q, &rw[(x0 + side - 1 - kx) * hd..][..hd])
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for c in 0..hd {
+                        out[h * hd + c] += ej / sum * part(j, 2)[c];
+                    }
+                }
+            }
+        }
+        for i in 0..n {
+            for o in 0..d {
+                let want = proj_b[o] + dot(&proj_w[o * d..][..d], &heads_out[i]);
+                let have = got[(b * n + i) * d + o];
+                assert!((want - have).abs() < 1e-12, "image {b} token {i} channel {o}: {have} vs {want}");
+            }
+        }
+    }
+}
+
+/// `get_abs_pos`: the runtime resize is the loader's bicubic resize (torch's, align_corners
+/// False), and a table already at the grid is used as it is.
+#[test]
+fn resized_pos_embed_is_the_bicubic_resize() {
+    use convmae_core::pos_embed::resize_pos_embed;
+    let table = random(&[1, 9, 5], 12);
+    let got = to_vec(&resized_pos_embed(&table, 7).unwrap());
+    let want = resize_pos_embed(&to_vec(&table), 5, 3, 7);
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+    assert_eq!(to_vec(&resized_pos_embed(&table, 3).unwrap()), to_vec(&table));
+}
+
+#[test]
+fn vitdet_gradients_match_finite_differences() {
+    let tables = ["blocks3.0.attn.rel_pos_h", "blocks3.0.attn.rel_pos_w", "blocks3.1.attn.rel_pos_h", "blocks3.1.attn.rel_pos_w"];
+    let checked = [
+        "roi_heads.mask_head.mask_fcn1.norm.weight",
+        "roi_heads.box_head.conv1.norm.bias",
+        "roi_heads.box_head.conv1.weight",
+        "backbone.simfp_2.0.weight",
+        "backbone.simfp_2.1.weight",
+        "backbone.simfp_2.3.bias",
+        "backbone.simfp_2.5.norm.weight",
+        "backbone.simfp_3.0.weight",
+        "backbone.simfp_4.0.weight",
+        "backbone.simfp_5.2.weight",
+        "blocks3.0.attn.rel_pos_h",
+        "blocks3.1.attn.rel_pos_w",
+        "blocks3.2.attn.qkv.weight",
+        "pos_embed",
+        "blocks1.0.norm1.weight",
+    ];
+    // Every anchor sampled, so that p5 and p6 (few anchors, all negatives here) carry gradients.
+    // A step of 1e-5 crosses a ReLU's kink at one entry of simfp_2.3.bias (3e-4 apart; 1e-6 and
+    // 1e-7 agree), so the steps are smaller here.
+    check_gradients(DetectorHead { rpn_batch_per_image: 1024, ..small_vitdet_head() }, &tables, &checked, 1e-6);
+}
+
+#[test]
+fn the_composite_route_of_a_cuda_vitdet_is_the_kernels_function() {
+    composite_route_equals_kernels(DetectorHead { rpn_batch_per_image: 1024, ..small_vitdet_head() });
+}
+
+/// Official-ConvMAE-Det's groups: `get_vit_lr_decay_rate` with num_layers = stage 3's depth (4
+/// here), no decay on norms (the pyramid's `simfp_2.1` LayerNorm included) and pos_embed, decay
+/// on the relative position tables and biases.
+#[test]
+fn vitdet_groups_follow_official_convmae_det() {
+    let model = Detector::new(small_cfg(), small_vitdet_head(), DType::F32, &Device::Cpu, 0).unwrap();
+    let trainer = DetectorTrainer::new(model, DetectorAdamWConfig { layer_decay: 0.8, ..DetectorAdamWConfig::default() }, 0).unwrap();
+    let groups: std::collections::HashMap<String, (f64, f64)> = trainer.model.params.trainable().zip(&trainer.optimizer.groups).map(|((p, _), g)| (p.spec.name.clone(), (g.lr_scale, g.weight_decay))).collect();
+    let decay = |e: i32| 0.8f64.powf(e as f64);
+    for (name, scale, wd) in [
+        ("patch_embed1.proj.weight", decay(5), 0.1),
+        ("patch_embed3.norm.weight", decay(5), 0.0),
+        ("patch_embed4.weight", decay(5), 0.1),
+        ("blocks1.0.norm1.bias", decay(5), 0.0),
+        ("blocks2.0.attn.weight", decay(5), 0.1),
+        ("blocks3.0.attn.qkv.bias", decay(4), 0.1),
+        ("blocks3.0.attn.rel_pos_h", decay(4), 0.1),
+        ("blocks3.3.norm2.weight", decay(1), 0.0),
+        ("blocks3.3.mlp.fc2.weight", decay(1), 0.1),
+        ("pos_embed", 1.0, 0.0),
+        ("backbone.simfp_2.1.weight", 1.0, 0.0),
+        ("backbone.simfp_2.0.bias", 1.0, 0.1),
+        ("backbone.simfp_4.1.norm.bias", 1.0, 0.0),
+        ("roi_heads.box_head.conv1.norm.weight", 1.0, 0.0),
+        ("roi_heads.box_predictor.bbox_pred.bias", 1.0, 0.1),
+    ] {
+        assert_eq!(groups[name], (scale, wd), "{name}");
+    }
+    assert!(!groups.keys().any(|n| n.contains("rel_pos_bias") || n.contains("fpn_")), "no DET tensors in a Vitdet model");
+    let e = DetectorTrainer::new(Detector::new(small_cfg(), small_vitdet_head(), DType::F32, &Device::Cpu, 0).unwrap(), DetectorAdamWConfig { layer_decay: 1.5, ..DetectorAdamWConfig::default() }, 0).err().unwrap();
+    assert!(e.to_string().contains("layer_decay must be in (0, 1], got 1.5"), "{e}");
+}
+
+/// A Vitdet model trains (every loss down on a fixed batch), resumes exactly, and loads
+/// Official-ConvMAE-Det's names (the encoder under `backbone.net.`) strictly; initialized from
+/// an encoder checkpoint at another grid, its pos_embed is resized to its own table.
+#[test]
+fn a_vitdet_detector_trains_resumes_and_loads_official_names() {
+    use convmae_core::checkpoint::{init_detector_from, load_detector, save_detector};
+    use convmae_core::pos_embed::resize_pos_embed;
+    let s = small_cfg().img_size;
+    let adamw = DetectorAdamWConfig { layer_decay: 0.8, ..DetectorAdamWConfig::default() };
+    let new = |seed| DetectorTrainer::new(Detector::new(small_cfg(), small_vitdet_head(), DType::F32, &Device::Cpu, seed).unwrap(), adamw.clone(), seed).unwrap();
+    let mut a = new(1);
+    let (px, targets) = rectangles(2, s, 8);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    let first = a.train_step(&batch, &targets, 2e-3).unwrap();
+    let mut last = first.clone();
+    for _ in 0..150 {
+        last = a.train_step(&batch, &targets, 2e-3).unwrap();
+    }
+    assert!(last.loss < 0.3 * first.loss, "loss {} -> {}", first.loss, last.loss);
+    let path = tmp("vitdet.safetensors");
+    save_detector(&a, &path, "{}").unwrap();
+    let mut b = new(2);
+    let (report, _) = load_detector(&mut b, &path, true).unwrap();
+    assert!(report.optimizer_restored && report.missing.is_empty() && report.unexpected.is_empty(), "{report:?}");
+    assert_eq!(step(&mut a, 2).to_bits(), step(&mut b, 2).to_bits());
+
+    // Official names: the encoder under backbone.net., the rest as ours.
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for p in a.model.params.iter() {
+        let name = &p.spec.name;
+        let official = if name.starts_with("backbone.") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.") { name.clone() } else { format!("backbone.net.{name}") };
+        tensors.push((official, p.tensor.clone()));
+    }
+    let official = tmp("vitdet_model_final.safetensors");
+    candle_core::safetensors::save(&tensors.into_iter().collect::<std::collections::HashMap<_, _>>(), &official).unwrap();
+    let mut c = new(3);
+    let (report, _) = load_detector(&mut c, &official, true).unwrap();
+    assert!(report.missing.is_empty() && report.unexpected.is_empty() && !report.optimizer_restored, "{report:?}");
+    let (da, dc) = (a.detect(&batch, &[(s, s), (s, s)]).unwrap(), c.detect(&batch, &[(s, s), (s, s)]).unwrap());
+    for (x, y) in da.iter().zip(&dc) {
+        assert_eq!((&x.boxes, &x.scores, &x.classes), (&y.boxes, &y.scores, &y.classes));
+    }
+
+    // From a DET detector (its frozen 4x4 table): the encoder loads, pos_embed resized to 2x2,
+    // the pyramid and heads stay fresh.
+    let mut det = DetectorTrainer::new(Detector::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 4).unwrap(), DetectorAdamWConfig::default(), 4).unwrap();
+    step(&mut det, 0);
+    let det_path = tmp("det_for_vitdet.safetensors");
+    save_detector(&det, &det_path, "{}").unwrap();
+    let mut v = new(5);
+    let report = init_detector_from(&mut v, &det_path).unwrap();
+    assert!(report.missing.contains(&"backbone.simfp_2.0.weight".to_string()), "{:?}", report.missing);
+    assert_eq!(to_vec(v.model.params.get("blocks3.2.mlp.fc1.weight")), to_vec(det.model.params.get("blocks3.2.mlp.fc1.weight")));
+    let want: Vec<f32> = resize_pos_embed(&to_vec(det.model.params.get("pos_embed")), 16, 4, 2).into_iter().map(|v| v as f32).collect();
+    let got: Vec<f32> = to_vec(v.model.params.get("pos_embed")).into_iter().map(|v| v as f32).collect();
+    assert_eq!(got, want);
+}
+

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use convmae_core::masking::Masking;
-use convmae_core::model::layers::{block_names, conv_blocks, transformer_blocks, SpatialMix};
+use convmae_core::model::layers::{block_names, conv_blocks, transformer_blocks, SpatialMix, CONV_LN_EPS};
 use convmae_core::model::visible_neighbors;
 use convmae_core::params::{pretrain_param_specs, Packing, ParamStore, SublayerKind};
 use convmae_core::rng::Rng;
@@ -65,7 +65,7 @@ fn chained_stages_give_the_blocks_values_and_gradients_to_the_bit() {
         on: Blocks<'a>,
     }
     let runs = [
-        Run { name: "stage 1", blocks: &stage1, kinds: conv, shape: vec![batch * keep, cell, cell, cfg.embed_dim[0]], on: Box::new(|p, x| conv_blocks(p, &stage1, x, &SpatialMix::Sparse(&nbrs), None).unwrap()) },
+        Run { name: "stage 1", blocks: &stage1, kinds: conv, shape: vec![batch * keep, cell, cell, cfg.embed_dim[0]], on: Box::new(|p, x| conv_blocks(p, &stage1, x, &SpatialMix::Sparse(&nbrs), None, CONV_LN_EPS).unwrap()) },
         Run { name: "stage 3", blocks: &stage3, kinds: transformer, shape: vec![batch, keep, cfg.embed_dim[2]], on: Box::new(|p, x| transformer_blocks(p, &stage3, x, cfg.num_heads).unwrap()) },
         Run { name: "decoder", blocks: &decoder, kinds: transformer, shape: vec![batch, tokens, cfg.decoder_embed_dim], on: Box::new(|p, x| transformer_blocks(p, &decoder, x, cfg.decoder_num_heads).unwrap()) },
     ];

@@ -199,7 +199,7 @@ impl ConvViT {
         let imgs = imgs.to_dtype(p.dtype)?;
         let unmasked = SpatialMix::Dense { keep: None };
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (stage1, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+        let (stage1, stage2) = conv_stages(cfg, p, &imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]), CONV_LN_EPS)?;
         let b = imgs.dim(0)?;
         let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
         let mut x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;

@@ -1,5 +1,6 @@
-//! Mask R-CNN on a ConvMAE backbone, as the official `DET/` code builds it (spec section 6.1):
-//! detectron2's `GeneralizedRCNN` with
+//! Mask R-CNN on a ConvMAE backbone, in the two official builds (`DetectorVariant`).
+//!
+//! `Det`, the in-repo `DET/` code (spec section 6.1): detectron2's `GeneralizedRCNN` with
 //!
 //! - `ConvViTDet`: the encoder at the detection grid, stage-3 attention in non-overlapping
 //!   windows except in the global blocks (0, 3, 6, 10 for Base), one BEiT relative position
@@ -13,6 +14,13 @@
 //!   regions), class-specific box regression; 14x14 to the mask head (4 convs, a 2x2 deconv,
 //!   28x28 class-specific masks).
 //!
+//! `Vitdet`, `OpenGVLab/Official-ConvMAE-Det` (spec section 6.2: detectron2's ViTDet with the
+//! ConvMAE encoder, `super::vitdet`): the same RPN and ROI heads with LayerNorm in place of
+//! BatchNorm, fed by the simple feature pyramid of the stage-3 map alone; stage-3 attention in
+//! 14 x 14 windows (the grid zero-padded to a multiple) except in blocks 1, 4, 7 and 10, with
+//! decomposed relative positions per block; a learnable pos_embed at the pretraining grid,
+//! resized bicubically in every forward; the conv blocks' LayerNorm eps 1e-6.
+//!
 //! Feature maps are channels-last [B, H, W, C]; convs go through `segmenter::conv2d` (unfold +
 //! matmul). The box geometry (anchors, matching, sampling, NMS) is in `crate::boxes`.
 
@@ -20,6 +28,7 @@ use super::classifier::draw_drop_path;
 use super::encoder_stem;
 use super::layers::*;
 use super::segmenter::{attention_with_bias, conv2d, relative_position_index, Forward, NormStats};
+use super::vitdet::{rel_pos_attention, resized_pos_embed, DETECTRON2_LN_EPS};
 use crate::boxes::*;
 use crate::config::ConvMaeConfig;
 use crate::params::{detector_param_specs, ParamStore};
@@ -42,16 +51,35 @@ fn err(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
 }
 
-/// The task-specific part of the detector (official `convmae_base_mask_rcnn_FPN_25ep`); the
-/// sampling sizes and thresholds are detectron2's defaults.
+/// Which official detector a `Detector` is (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorVariant {
+    /// The in-repo `DET/` (`convmae_base_mask_rcnn_FPN_25ep`): FPN on four backbone levels.
+    #[default]
+    Det,
+    /// `Official-ConvMAE-Det` (`mask_rcnn_vitdet_convmae_b_25ep`): the simple feature pyramid.
+    Vitdet,
+}
+
+/// The task-specific part of the detector (official `convmae_base_mask_rcnn_FPN_25ep`, or with
+/// `variant: Vitdet` and `DetectorHead::vitdet`'s window and global blocks,
+/// `mask_rcnn_vitdet_convmae_b_25ep`); the sampling sizes and thresholds are detectron2's
+/// defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorHead {
+    pub variant: DetectorVariant,
     pub num_classes: usize,
-    /// Side of a stage-3 attention window in tokens (16); must divide the token grid.
+    /// Side of a stage-3 attention window in tokens (16; 14 in Vitdet). In Det it must divide
+    /// the token grid (the official pads nothing); Vitdet zero-pads the grid to a multiple.
     pub window: usize,
-    /// Stage-3 blocks with global attention (0, 3, 6, 10); the rest attend within windows.
+    /// Stage-3 blocks with global attention (0, 3, 6, 10; 1, 4, 7, 10 in Vitdet); the rest
+    /// attend within windows.
     pub global_blocks: Vec<usize>,
+    /// Vitdet: side of the learnable pos_embed table (14: `pretrain_img_size` 224 / 16), resized
+    /// to the token grid in every forward. Unused by Det, whose table is at the token grid.
+    pub pos_grid: usize,
     /// Width of the FPN and of the heads' convs (256).
     pub channels: usize,
     /// Anchor size of each of p2..p6 (32, 64, 128, 256, 512).
@@ -84,9 +112,11 @@ pub struct DetectorHead {
 impl Default for DetectorHead {
     fn default() -> Self {
         Self {
+            variant: DetectorVariant::Det,
             num_classes: 80,
             window: 16,
             global_blocks: vec![0, 3, 6, 10],
+            pos_grid: 14,
             channels: 256,
             anchor_sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
             aspect_ratios: vec![0.5, 1.0, 2.0],
@@ -112,6 +142,11 @@ impl Default for DetectorHead {
 }
 
 impl DetectorHead {
+    /// Official-ConvMAE-Det's head: window 14, global attention in blocks 1, 4, 7 and 10.
+    pub fn vitdet() -> Self {
+        Self { variant: DetectorVariant::Vitdet, window: 14, global_blocks: vec![1, 4, 7, 10], ..Self::default() }
+    }
+
     pub fn anchors_per_position(&self) -> usize {
         self.aspect_ratios.len()
     }
@@ -122,8 +157,17 @@ impl DetectorHead {
         if self.num_classes == 0 {
             return fail("num_classes must be positive".into());
         }
-        if self.window == 0 || !grid.is_multiple_of(self.window) {
-            return fail(format!("window ({}) must divide the token grid ({grid} = img_size {} / 16); the official code pads nothing", self.window, cfg.img_size));
+        match self.variant {
+            DetectorVariant::Det if self.window == 0 || !grid.is_multiple_of(self.window) => {
+                return fail(format!("window ({}) must divide the token grid ({grid} = img_size {} / 16); the official DET code pads nothing (variant 'vitdet' pads)", self.window, cfg.img_size));
+            }
+            DetectorVariant::Vitdet if self.window == 0 || self.pos_grid == 0 => {
+                return fail(format!("window ({}) and pos_grid ({}) must be positive", self.window, self.pos_grid));
+            }
+            DetectorVariant::Vitdet if !cfg.embed_dim[2].is_multiple_of(4) => {
+                return fail(format!("the simple feature pyramid quarters stage 3's width ({}), which must be divisible by 4", cfg.embed_dim[2]));
+            }
+            _ => {}
         }
         if let Some(&b) = self.global_blocks.iter().find(|&&b| b >= cfg.depth[2]) {
             return fail(format!("global_blocks: block {b} does not exist (stage 3 has {} blocks)", cfg.depth[2]));
@@ -209,8 +253,9 @@ pub struct Detector {
     pub cfg: ConvMaeConfig,
     pub head: DetectorHead,
     pub params: ParamStore,
-    window_index: Tensor,
-    global_index: Tensor,
+    /// Det's relative position index of its windowed and its global blocks' shared tables
+    /// (Vitdet indexes its per-block tables by the offset along each axis instead).
+    bias_index: Option<(Tensor, Tensor)>,
     /// Anchors of p2..p6 for an input of img_size x img_size, in prediction order.
     anchors: Vec<Vec<BoxXyxy>>,
 }
@@ -247,7 +292,10 @@ impl Detector {
             let v = relative_position_index(side);
             Tensor::from_vec(v.clone(), v.len(), device)
         };
-        let (window_index, global_index) = (index(head.window)?, index(cfg.grid())?);
+        let bias_index = match head.variant {
+            DetectorVariant::Det => Some((index(head.window)?, index(cfg.grid())?)),
+            DetectorVariant::Vitdet => None,
+        };
         let mut side = cfg.img_size / LEVEL_STRIDES[0];
         let mut anchors = Vec::with_capacity(LEVEL_STRIDES.len());
         for (level, &stride) in LEVEL_STRIDES.iter().enumerate() {
@@ -255,7 +303,7 @@ impl Detector {
             anchors.push(grid_anchors(&cell, stride, side, side));
             side = side.div_ceil(2);
         }
-        Ok(Self { cfg, head, params, window_index, global_index, anchors })
+        Ok(Self { cfg, head, params, bias_index, anchors })
     }
 
     pub fn dtype(&self) -> DType {
@@ -277,13 +325,17 @@ impl Detector {
         let b = x.dim(0)?;
         let heads = self.cfg.num_heads;
         let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, VIT_LN_EPS)?;
-        let attn = if self.head.global_blocks.contains(&i) {
-            attention_with_bias(p, &prefix, &h, heads, p.get("global_rel_pos_bias.relative_position_bias_table"), &self.global_index)?
-        } else {
-            let (g, w) = (self.cfg.grid(), self.head.window);
-            let windows = window_partition(&h, g, w)?;
-            let table = p.get("windowed_rel_pos_bias.relative_position_bias_table");
-            window_unpartition(&attention_with_bias(p, &prefix, &windows, heads, table, &self.window_index)?, b, g, w)?
+        let (g, w) = (self.cfg.grid(), self.head.window);
+        let global = self.head.global_blocks.contains(&i);
+        let attn = match (self.head.variant, &self.bias_index) {
+            (DetectorVariant::Det, Some((_, global_index))) if global => attention_with_bias(p, &prefix, &h, heads, p.get("global_rel_pos_bias.relative_position_bias_table"), global_index)?,
+            (DetectorVariant::Det, Some((window_index, _))) => {
+                let table = p.get("windowed_rel_pos_bias.relative_position_bias_table");
+                window_unpartition(&attention_with_bias(p, &prefix, &window_partition(&h, g, w)?, heads, table, window_index)?, b, g, w)?
+            }
+            (DetectorVariant::Det, None) => unreachable!("Detector::new builds Det's bias index"),
+            (DetectorVariant::Vitdet, _) if global => rel_pos_attention(p, &prefix, &h, g, heads)?,
+            (DetectorVariant::Vitdet, _) => window_unpartition(&rel_pos_attention(p, &prefix, &window_partition(&h, g, w)?, w, heads)?, b, g, w)?,
         };
         let with_drop = |branch: Tensor, scale: Option<&Tensor>| -> Result<Tensor> {
             match scale {
@@ -297,27 +349,67 @@ impl Detector {
         &x + with_drop(h, drop.map(|d| &d.second))?
     }
 
-    /// The backbone's four outputs [B, H, W, C] (strides 4, 8, 16, 32).
-    fn backbone(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
-        let cfg = &self.cfg;
+    /// The encoder's stage outputs [B, H, W, C] (strides 4, 8 and 16; stage 3 without a final
+    /// norm).
+    fn backbone(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 3]> {
+        let (cfg, p) = (&self.cfg, &self.params);
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (stage1, stage2, mut x) = encoder_stem(cfg, &self.params, imgs, drop)?;
+        let g = cfg.grid();
+        let (stage1, stage2, mut x) = match self.head.variant {
+            DetectorVariant::Det => encoder_stem(cfg, p, imgs, drop, CONV_LN_EPS, p.get("pos_embed"))?,
+            // Official-ConvMAE-Det's CBlock takes the model's norm_layer (eps 1e-6).
+            DetectorVariant::Vitdet => encoder_stem(cfg, p, imgs, drop, VIT_LN_EPS, &resized_pos_embed(p.get("pos_embed"), g)?)?,
+        };
         let b = imgs.dim(0)?;
         for i in 0..cfg.depth[2] {
             x = self.vit_block(i, &x, drop.map(|d| &d[conv_blocks + i]))?;
         }
-        let g = cfg.grid();
-        let d3 = cfg.embed_dim[2];
-        let stage3 = x.reshape((b, g, g, d3))?;
-        let pooled = max_pool_2x2(&stage3)?;
-        Ok([stage1, stage2, stage3, pooled])
+        let stage3 = x.reshape((b, g, g, cfg.embed_dim[2]))?;
+        Ok([stage1, stage2, stage3])
     }
 
-    /// detectron2 `Conv2d` with a norm: conv (no bias, `k / 2` padding) then BatchNorm.
+    /// detectron2 `Conv2d` with a norm: conv (no bias, `k / 2` padding) then BatchNorm (Det) or
+    /// LayerNorm over channels (Vitdet's "LN").
     fn conv_norm(&self, f: &mut Forward, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let weight = self.params.get(&format!("{prefix}.weight"));
         let y = conv2d(x, weight, None, 1, weight.dim(2)? / 2)?;
-        f.batch_norm(&format!("{prefix}.norm"), &y)
+        match self.head.variant {
+            DetectorVariant::Det => f.batch_norm(&format!("{prefix}.norm"), &y),
+            DetectorVariant::Vitdet => layer_norm_p(&self.params, &format!("{prefix}.norm"), &y, DETECTRON2_LN_EPS),
+        }
+    }
+
+    /// p2..p6 of the variant's neck.
+    fn pyramid(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<Vec<Tensor>> {
+        let [stage1, stage2, stage3] = self.backbone(imgs, drop)?;
+        match self.head.variant {
+            DetectorVariant::Det => {
+                let pooled = max_pool_2x2(&stage3)?;
+                self.fpn(f, &[stage1, stage2, stage3, pooled])
+            }
+            DetectorVariant::Vitdet => self.simple_pyramid(f, &stage3),
+        }
+    }
+
+    /// ViTDet's `SimpleFeaturePyramid` (scale factors 4, 2, 1, 0.5; norm "LN") on the stage-3
+    /// map, under its module names (`backbone.simfp_<log2 stride>.<layer>`): stride 4 by a 2x2
+    /// deconv, LayerNorm, GELU and another deconv; stride 8 by one deconv; 16 as it is; 32 by
+    /// 2x2 max pooling; then each through a 1x1 and a 3x3 `conv_norm`; p6 = p5 subsampled.
+    fn simple_pyramid(&self, f: &mut Forward, x: &Tensor) -> Result<Vec<Tensor>> {
+        let p = &self.params;
+        let deconv = |name: &str, x: &Tensor| deconv_2x2(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")));
+        let mut convs = |stage: usize, first: usize, x: &Tensor| -> Result<Tensor> {
+            let y = self.conv_norm(f, &format!("backbone.simfp_{stage}.{first}"), x)?;
+            self.conv_norm(f, &format!("backbone.simfp_{stage}.{}", first + 1), &y)
+        };
+        let up4 = deconv("backbone.simfp_2.0", x)?;
+        let up4 = deconv("backbone.simfp_2.3", &layer_norm_p(p, "backbone.simfp_2.1", &up4, DETECTRON2_LN_EPS)?.apply(&k::gelu_erf)?)?;
+        let p2 = convs(2, 4, &up4)?;
+        let p3 = convs(3, 1, &deconv("backbone.simfp_3.0", x)?)?;
+        let p4 = convs(4, 0, x)?;
+        let p5 = convs(5, 1, &max_pool_2x2(x)?)?;
+        let p6 = subsample_2x(&p5)?;
+        Ok(vec![p2, p3, p4, p5, p6])
     }
 
     /// FPN: p2..p6. Top-down from the stride-32 level: each lateral plus the level above,
@@ -335,11 +427,7 @@ impl Detector {
             prev = Some(merged);
         }
         let mut levels: Vec<Tensor> = outputs.into_iter().map(|o| o.expect("every level is computed")).collect();
-        let p5 = &levels[3];
-        let (_, h, w, _) = p5.dims4()?;
-        let rows = index_tensor(&(0..h).step_by(2).collect::<Vec<_>>(), p5.device())?;
-        let cols = index_tensor(&(0..w).step_by(2).collect::<Vec<_>>(), p5.device())?;
-        let p6 = p5.index_select(&rows, 1)?.index_select(&cols, 2)?;
+        let p6 = subsample_2x(&levels[3])?;
         levels.push(p6);
         Ok(levels)
     }
@@ -449,8 +537,7 @@ impl Detector {
 
     /// Levels p2..p6 and the RPN's outputs for normalized images [B, S, S, 3].
     fn features(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
-        let inputs = self.backbone(imgs, drop)?;
-        let levels = self.fpn(f, &inputs)?;
+        let levels = self.pyramid(f, imgs, drop)?;
         let (objectness, deltas) = self.rpn(&levels)?;
         Ok((levels, objectness, deltas))
     }
@@ -723,19 +810,38 @@ impl Detector {
     }
 }
 
-/// Tokens [B, g * g, D] (row-major grid) as non-overlapping w x w windows [B * (g/w)^2, w * w, D],
-/// windows in row-major order, tokens row-major within each.
+/// Tokens [B, g * g, D] (row-major grid) as non-overlapping w x w windows [B * n^2, w * w, D],
+/// n = ceil(g / w), windows in row-major order, tokens row-major within each. Where w does not
+/// divide g the grid is first zero-padded at the bottom and right to n * w (ViTDet's
+/// `window_partition`; DET's windows always divide it).
 pub fn window_partition(x: &Tensor, g: usize, w: usize) -> Result<Tensor> {
     let (b, _, d) = x.dims3()?;
-    let nw = g / w;
-    x.reshape(vec![b, nw, w, nw, w, d])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b * nw * nw, w * w, d))
+    let n = g.div_ceil(w);
+    let mut grid = x.reshape((b, g, g, d))?;
+    if n * w > g {
+        grid = grid.pad_with_zeros(1, 0, n * w - g)?.pad_with_zeros(2, 0, n * w - g)?;
+    }
+    grid.reshape(vec![b, n, w, n, w, d])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b * n * n, w * w, d))
 }
 
-/// The inverse of `window_partition`: [B * (g/w)^2, w * w, D] -> [B, g * g, D].
+/// The inverse of `window_partition`: [B * n^2, w * w, D] -> [B, g * g, D], padding dropped.
 pub fn window_unpartition(x: &Tensor, b: usize, g: usize, w: usize) -> Result<Tensor> {
     let d = x.dim(2)?;
-    let nw = g / w;
-    x.reshape(vec![b, nw, nw, w, w, d])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b, g * g, d))
+    let n = g.div_ceil(w);
+    let mut grid = x.reshape(vec![b, n, n, w, w, d])?.permute([0, 1, 3, 2, 4, 5])?.contiguous()?.reshape((b, n * w, n * w, d))?;
+    if n * w > g {
+        grid = grid.narrow(1, 0, g)?.narrow(2, 0, g)?.contiguous()?;
+    }
+    grid.reshape((b, g * g, d))
+}
+
+/// detectron2's `LastLevelMaxPool` (max_pool2d with kernel 1, stride 2) of [B, H, W, C]: every
+/// other row and column, from the first.
+pub fn subsample_2x(x: &Tensor) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let rows = index_tensor(&(0..h).step_by(2).collect::<Vec<_>>(), x.device())?;
+    let cols = index_tensor(&(0..w).step_by(2).collect::<Vec<_>>(), x.device())?;
+    x.index_select(&rows, 1)?.index_select(&cols, 2)
 }
 
 /// MaxPool2d(2) of [B, H, W, C] with H and W even: the max of each 2x2 cell.

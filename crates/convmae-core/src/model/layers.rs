@@ -98,27 +98,28 @@ fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor
 }
 
 /// CBlock: x + conv2(DW5x5(keep * conv1(LN(x)))), then x + fc2(GELU(fc1(LN(x)))).
-/// The mask touches only the depthwise conv's input, as in the official code.
-pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, drop: Option<&DropPath>) -> Result<Tensor> {
+/// The mask touches only the depthwise conv's input, as in the official code. `eps` is its
+/// LayerNorms' (`CONV_LN_EPS`, but 1e-6 in Official-ConvMAE-Det's copy of the class).
+pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, drop: Option<&DropPath>, eps: f64) -> Result<Tensor> {
     // On the sparse path without stochastic depth the first half is one op (`conv_residual`,
     // like the other sublayers), which decides itself whether to run as the separate ops below.
     let get = |name: &str| p.get(&format!("{prefix}.{name}"));
     if let (SpatialMix::Sparse(nbrs), None) = (mix, drop) {
         let x = match p.packed_sublayer(prefix, SublayerKind::Conv) {
-            Some(pack) => k::conv_residual_packed(x, pack, CONV_LN_EPS, nbrs)?,
+            Some(pack) => k::conv_residual_packed(x, pack, eps, nbrs)?,
             None => k::conv_residual(
                 x,
                 (get("norm1.weight"), get("norm1.bias")),
-                CONV_LN_EPS,
+                eps,
                 (get("conv1.weight"), get("conv1.bias")),
                 (get("attn.weight"), get("attn.bias")),
                 (get("conv2.weight"), get("conv2.bias")),
                 nbrs,
             )?,
         };
-        return mlp_sublayer(p, prefix, &x, CONV_LN_EPS, None);
+        return mlp_sublayer(p, prefix, &x, eps, None);
     }
-    let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, CONV_LN_EPS)?;
+    let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, eps)?;
     let h = linear_p(p, &format!("{prefix}.conv1"), &h)?;
     let dw = p.get(&format!("{prefix}.attn.weight"));
     let h = match mix {
@@ -137,7 +138,7 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
     };
     let branch = k::conv2_with_dw_bias(&h, get("attn.bias"), (get("conv2.weight"), get("conv2.bias")))?;
     let x = residual(x, branch, drop.map(|d| &d.first))?;
-    mlp_sublayer(p, prefix, &x, CONV_LN_EPS, drop.map(|d| &d.second))
+    mlp_sublayer(p, prefix, &x, eps, drop.map(|d| &d.second))
 }
 
 /// x + fc2(GELU(fc1(LN(x)))) with the block's `norm2` and `mlp`: one op (`mlp_residual`)
@@ -218,21 +219,21 @@ fn chain_links<'a>(blocks: &[String], links: impl Fn(&str) -> Result<Option<[k::
 }
 
 /// Conv blocks `blocks` one after another (`conv_block`; `drop` holds each one's stochastic
-/// depth). On the sparse path without stochastic depth, with every sublayer packed (the
+/// depth, `eps` is their LayerNorms'). On the sparse path without stochastic depth, with every sublayer packed (the
 /// pretraining model's compute copies on CUDA), as one chain of their sublayers
 /// (`convmae_kernels::sublayer_chain`: no gradient node between them; the same values).
-pub fn conv_blocks(p: &ParamStore, blocks: &[String], x: &Tensor, mix: &SpatialMix, drop: Option<&[DropPath]>) -> Result<Tensor> {
+pub fn conv_blocks(p: &ParamStore, blocks: &[String], x: &Tensor, mix: &SpatialMix, drop: Option<&[DropPath]>, eps: f64) -> Result<Tensor> {
     if let (SpatialMix::Sparse(nbrs), None) = (mix, drop) {
         let links = chain_links(blocks, |block| {
             let Some(pack) = p.packed_sublayer(block, SublayerKind::Conv) else { return Ok(None) };
-            let conv = k::SublayerLink::Conv { pack, eps: CONV_LN_EPS, neighbours: nbrs };
-            Ok(mlp_link(p, block, CONV_LN_EPS)?.map(|mlp| [conv, mlp]))
+            let conv = k::SublayerLink::Conv { pack, eps, neighbours: nbrs };
+            Ok(mlp_link(p, block, eps)?.map(|mlp| [conv, mlp]))
         })?;
         if let Some(links) = links {
             return k::sublayer_chain(x, &links);
         }
     }
-    blocks.iter().enumerate().try_fold(x.clone(), |x, (i, block)| conv_block(p, block, &x, mix, drop.map(|d| &d[i])))
+    blocks.iter().enumerate().try_fold(x.clone(), |x, (i, block)| conv_block(p, block, &x, mix, drop.map(|d| &d[i]), eps))
 }
 
 /// Transformer blocks `blocks` one after another, without stochastic depth (`transformer_block`):

@@ -4,6 +4,7 @@ pub mod classifier;
 pub mod layers;
 pub mod detector;
 pub mod segmenter;
+pub mod vitdet;
 
 /// Side of the conv blocks' depthwise kernel (`attn`: Conv2d(d, d, 5, padding=2, groups=d)).
 pub const DW_KERNEL: usize = 5;
@@ -217,6 +218,7 @@ impl ConvMae {
             &SpatialMix::Dense { keep: Some(&keep1) },
             &SpatialMix::Dense { keep: Some(&keep2) },
             None,
+            CONV_LN_EPS,
         )?;
         let (b, l) = (imgs.dim(0)?, cfg.num_tokens());
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
@@ -248,7 +250,7 @@ impl ConvMae {
         let pixels = token_blocks(imgs, crate::config::TOKEN_PATCH, &rows)?;
         let nbrs1 = Arc::new(visible_neighbors(cfg, masking, 0)?);
         let nbrs2 = Arc::new(visible_neighbors(cfg, masking, 1)?);
-        let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2), None)?;
+        let (stage1, stage2) = conv_stages(cfg, p, &pixels, &SpatialMix::Sparse(&nbrs1), &SpatialMix::Sparse(&nbrs2), None, CONV_LN_EPS)?;
         // Each token block collapses to one token: [B * keep, 1, 1, D3] -> [B, keep, D3].
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
             patch_conv_as(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k, &[b, keep])
@@ -286,28 +288,30 @@ pub fn conv_stages(
     mix1: &SpatialMix,
     mix2: &SpatialMix,
     drop: Option<&[DropPath]>,
+    eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     let (drop1, drop2) = match drop {
         Some(d) => (Some(&d[..cfg.depth[0]]), Some(&d[cfg.depth[0]..])),
         None => (None, None),
     };
     let x = patch_embed(p, "patch_embed1", imgs, cfg.patch_size[0])?;
-    let stage1 = conv_blocks(p, &block_names("blocks1", cfg.depth[0]), &x, mix1, drop1)?;
+    let stage1 = conv_blocks(p, &block_names("blocks1", cfg.depth[0]), &x, mix1, drop1, eps)?;
     let x = patch_embed(p, "patch_embed2", &stage1, cfg.patch_size[1])?;
-    let stage2 = conv_blocks(p, &block_names("blocks2", cfg.depth[1]), &x, mix2, drop2)?;
+    let stage2 = conv_blocks(p, &block_names("blocks2", cfg.depth[1]), &x, mix2, drop2, eps)?;
     Ok((stage1, stage2))
 }
 
 /// The unmasked encoder up to stage 3's first block, as the downstream backbones (segmenter,
-/// detector) run it: both conv stages, then patch_embed3 -> patch_embed4 -> + pos_embed.
-/// Returns (stage 1, stage 2, tokens [B, N, D3]); `drop` holds every block's stochastic depth.
-pub fn encoder_stem(cfg: &ConvMaeConfig, p: &ParamStore, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<(Tensor, Tensor, Tensor)> {
+/// detector) run it: both conv stages (their LayerNorms' eps `conv_eps`), then patch_embed3 ->
+/// patch_embed4 -> + `pos_embed` ([1, N, D3], the table at the token grid). Returns (stage 1,
+/// stage 2, tokens [B, N, D3]); `drop` holds every block's stochastic depth.
+pub fn encoder_stem(cfg: &ConvMaeConfig, p: &ParamStore, imgs: &Tensor, drop: Option<&[DropPath]>, conv_eps: f64, pos_embed: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let unmasked = SpatialMix::Dense { keep: None };
     let conv_blocks = cfg.depth[0] + cfg.depth[1];
-    let (stage1, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]))?;
+    let (stage1, stage2) = conv_stages(cfg, p, imgs, &unmasked, &unmasked, drop.map(|d| &d[..conv_blocks]), conv_eps)?;
     let b = imgs.dim(0)?;
     let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, cfg.num_tokens()])?;
-    let tokens = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
+    let tokens = linear_p(p, "patch_embed4", &x)?.broadcast_add(pos_embed)?;
     Ok((stage1, stage2, tokens))
 }
 

@@ -363,7 +363,7 @@ impl Segmenter {
     fn backbone(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
         let (cfg, p) = (&self.cfg, &self.params);
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
-        let (stage1, stage2, mut x) = encoder_stem(cfg, p, imgs, drop)?;
+        let (stage1, stage2, mut x) = encoder_stem(cfg, p, imgs, drop, CONV_LN_EPS, p.get("pos_embed"))?;
         let b = imgs.dim(0)?;
         for i in 0..cfg.depth[2] {
             x = seg_transformer_block(p, &format!("blocks3.{i}"), &x, cfg.num_heads, &self.rel_index, drop.map(|d| &d[conv_blocks + i]))?;
