@@ -114,13 +114,14 @@ impl DetectorTrainer {
     }
 
     /// Every image's annotations are well formed: finite boxes inside out-of-order-free
-    /// corners, known classes, one mask of the input size per box.
+    /// corners, known classes, one mask of the input size per box, an extent inside the input.
     fn check_targets(&self, batch: &Batch, targets: &[ImageTargets]) -> Result<()> {
         if targets.len() != batch.batch {
             return Err(err(format!("train step: {} target sets for {} images", targets.len(), batch.batch)));
         }
         let s = self.model.cfg.img_size;
         let k = self.model.head.num_classes;
+        check_extents(targets.iter().map(|t| t.extent.unwrap_or((s, s))), s, "train step")?;
         for (i, t) in targets.iter().enumerate() {
             if t.classes.len() != t.boxes.len() {
                 return Err(err(format!("targets of image {i}: {} boxes but {} classes", t.boxes.len(), t.classes.len())));
@@ -162,7 +163,9 @@ impl DetectorTrainer {
         }
         let step = self.step_count();
         let model = &self.model;
-        let imgs = normalize(batch, model.dtype(), model.device())?;
+        let s = model.cfg.img_size;
+        let extents: Vec<(usize, usize)> = targets.iter().map(|t| t.extent.unwrap_or((s, s))).collect();
+        let imgs = normalize_as_image_list(batch, &extents, model.dtype(), model.device())?;
         let mut rng = Rng::derived(&[self.seed, step, DET_STREAM]);
         let losses = model.losses(&imgs, targets, &mut rng)?;
         let loss = losses.total()?;
@@ -190,15 +193,45 @@ impl DetectorTrainer {
         Ok(stats)
     }
 
-    /// Detections of a batch, boxes and masks with the whole S x S input scaled to each image's
-    /// `output` size (height, width), each axis on its own (for a padded, aspect-kept resize,
-    /// the caller asks for the padded square and cuts).
-    pub fn detect(&self, batch: &Batch, output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
+    /// Detections of a batch, boxes and masks scaled from each image's extent (height, width at
+    /// the top left of its input; None: the whole S x S input) to its `output` size (height,
+    /// width), each axis on its own (for a padded, aspect-kept resize without extents, the
+    /// caller asks for the padded square and cuts).
+    pub fn detect(&self, batch: &Batch, extents: Option<&[(usize, usize)]>, output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
         self.check_images(batch, "detect")?;
         if output.len() != batch.batch || output.iter().any(|&(h, w)| h == 0 || w == 0) {
             return Err(err(format!("detect: {} output sizes for {} images (each nonzero)", output.len(), batch.batch)));
         }
-        let imgs = normalize(batch, self.model.dtype(), self.model.device())?;
-        self.model.detect(&imgs, output)
+        let s = self.model.cfg.img_size;
+        let extents = extents.map_or_else(|| vec![(s, s); batch.batch], <[_]>::to_vec);
+        if extents.len() != batch.batch {
+            return Err(err(format!("detect: {} extents for {} images", extents.len(), batch.batch)));
+        }
+        check_extents(extents.iter().copied(), s, "detect")?;
+        let imgs = normalize_as_image_list(batch, &extents, self.model.dtype(), self.model.device())?;
+        self.model.detect(&imgs, &extents, output)
     }
+}
+
+fn check_extents(extents: impl Iterator<Item = (usize, usize)>, side: usize, what: &str) -> Result<()> {
+    for (i, (h, w)) in extents.enumerate() {
+        if h == 0 || w == 0 || h > side || w > side {
+            return Err(err(format!("{what}: image {i}'s extent {h}x{w} must be nonzero and fit the {side}x{side} input")));
+        }
+    }
+    Ok(())
+}
+
+/// The normalized batch as detectron2's `ImageList.from_tensors` pads it after normalizing: each
+/// image's pixels outside its extent (height, width, at the top left) are 0 (Official-ConvMAE-Det's
+/// square padding; DET's inputs fill the whole square, the crop having padded them with 128).
+fn normalize_as_image_list(batch: &Batch, extents: &[(usize, usize)], dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let imgs = normalize(batch, dtype, device)?;
+    let (h, w) = (batch.height, batch.width);
+    if extents.iter().all(|&e| e == (h, w)) {
+        return Ok(imgs);
+    }
+    let inside: Vec<u8> = extents.iter().flat_map(|&(eh, ew)| (0..h * w).map(move |p| u8::from(p / w < eh && p % w < ew))).collect();
+    let inside = Tensor::from_vec(inside, (batch.batch, h, w, 1), device)?.to_dtype(dtype)?;
+    imgs.broadcast_mul(&inside)
 }

@@ -922,10 +922,19 @@ fn image_targets(counts: &[u32], boxes: &[f32], classes: &[u32], masks: &[u8], p
             classes: classes[at..at + c].iter().map(|&k| k as usize).collect(),
             masks: masks[at * pixels_per_mask..(at + c) * pixels_per_mask].to_vec(),
             polygons: if polygons.is_empty() { Vec::new() } else { polygons.drain(..c).collect() },
+            extent: None,
         });
         at += c;
     }
     Ok(out)
+}
+
+/// `extents` of `train` and `detect`: (height, width) per image.
+fn image_extents(extents: &[u32], batch: u32) -> Result<Vec<(usize, usize)>> {
+    if extents.len() != 2 * batch as usize {
+        return Err(js_err(format!("extents must hold 2 numbers (height, width) per image ({}), got {}", 2 * batch, extents.len())));
+    }
+    Ok(extents.chunks(2).map(|e| (e[0] as usize, e[1] as usize)).collect())
 }
 
 /// A Mask R-CNN detector on a ConvMAE backbone and its optimizer, owned by one worker thread.
@@ -950,7 +959,7 @@ impl NativeDetector {
 #[napi]
 impl NativeDetector {
     /// `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-    /// {beta1, beta2, eps, weight_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+    /// {beta1, beta2, eps, weight_decay, layer_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
     /// CUDA build; float32 with TF32 matmuls, or float64).
     #[napi(constructor)]
     pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
@@ -977,6 +986,9 @@ impl NativeDetector {
     /// One optimizer update on uint8 images [batch, height, width, 3] and their annotations
     /// (see `image_targets`), with the instances' polygons where they have them (see
     /// `instance_polygons`; their mask targets are then rasterized from the polygons).
+    /// `extents`: (height, width) per image at the top left of its input, outside which the
+    /// normalized input is 0 and to which proposals are clipped (detectron2's ImageList
+    /// padding; absent: every image fills its input).
     #[napi]
     #[allow(clippy::too_many_arguments)]
     pub async fn train(
@@ -993,6 +1005,7 @@ impl NativeDetector {
         polygon_counts: Option<Uint32Array>,
         polygon_lengths: Option<Uint32Array>,
         polygon_coords: Option<Float64Array>,
+        extents: Option<Uint32Array>,
     ) -> Result<DetTrainResult> {
         if counts.len() != batch as usize {
             return Err(js_err(format!("targets: counts has {} entries for {batch} images", counts.len())));
@@ -1002,7 +1015,12 @@ impl NativeDetector {
             (None, None, None) => Vec::new(),
             _ => return Err(js_err("polygons: pass polygonCounts, polygonLengths and polygonCoords together")),
         };
-        let targets = image_targets(&counts, &boxes, &classes, &masks, (height * width) as usize, polygons)?;
+        let mut targets = image_targets(&counts, &boxes, &classes, &masks, (height * width) as usize, polygons)?;
+        if let Some(extents) = extents.as_deref().map(|e| image_extents(e, batch)).transpose()? {
+            for (t, e) in targets.iter_mut().zip(extents) {
+                t.extent = Some(e);
+            }
+        }
         let command = DetectorCommand::Train { images: images(&pixels, batch, height, width), targets, lr };
         match self.call(command).await? {
             DetectorReply::Trained(s) => Ok(DetTrainResult {
@@ -1021,9 +1039,11 @@ impl NativeDetector {
     }
 
     /// Detections of a batch; `outputSizes` holds (height, width) per image, the size to scale
-    /// boxes and masks to (default: the input size).
+    /// boxes and masks to (default: the input size); `extents` (height, width) per image, the
+    /// part of its input it fills, from the top left (as in `train`; default: all of it).
     #[napi]
-    pub async fn detect(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, output_sizes: Option<Uint32Array>) -> Result<DetectionsResult> {
+    pub async fn detect(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, output_sizes: Option<Uint32Array>, extents: Option<Uint32Array>) -> Result<DetectionsResult> {
+        let extents = extents.as_deref().map(|e| image_extents(e, batch)).transpose()?;
         let output: Vec<(usize, usize)> = match output_sizes {
             Some(sizes) => {
                 if sizes.len() != 2 * batch as usize {
@@ -1033,7 +1053,7 @@ impl NativeDetector {
             }
             None => vec![(height as usize, width as usize); batch as usize],
         };
-        match self.call(DetectorCommand::Detect { images: images(&pixels, batch, height, width), output }).await? {
+        match self.call(DetectorCommand::Detect { images: images(&pixels, batch, height, width), extents, output }).await? {
             DetectorReply::Detected(dets) => {
                 let mut r = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for d in dets {

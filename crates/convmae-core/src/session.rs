@@ -261,7 +261,8 @@ pub enum DetectorCommand {
     /// One step on images and their annotations (one `ImageTargets` per image).
     Train { images: Images, targets: Vec<ImageTargets>, lr: f64 },
     /// Detections with boxes and masks at each image's `output` size (height, width).
-    Detect { images: Images, output: Vec<(usize, usize)> },
+    /// `extents`: each image's (height, width) at the top left of its input (None: all of it).
+    Detect { images: Images, extents: Option<Vec<(usize, usize)>>, output: Vec<(usize, usize)> },
     Save { path: PathBuf, extra: String },
     /// Exact restore (resume or evaluation): ours, or an official detectron2 model_final.
     Load { path: PathBuf, strict: bool },
@@ -284,7 +285,7 @@ impl Worker for DetectorTrainer {
         use DetectorReply as R;
         match command {
             C::Train { images, targets, lr } => self.train_step(&images.view(), &targets, lr).map(R::Trained).map_err(message),
-            C::Detect { images, output } => self.detect(&images.view(), &output).map(R::Detected).map_err(message),
+            C::Detect { images, extents, output } => self.detect(&images.view(), extents.as_deref(), &output).map(R::Detected).map_err(message),
             C::Save { path, extra } => checkpoint::save_detector(self, &path, &extra).map(|_| R::Saved).map_err(message),
             C::Load { path, strict } => checkpoint::load_detector(self, &path, strict).map(|(report, extra)| R::Loaded { report, extra }).map_err(message),
             C::InitFrom { path } => checkpoint::init_detector_from(self, &path).map(|report| R::Loaded { report, extra: "{}".into() }).map_err(message),

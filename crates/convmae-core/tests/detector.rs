@@ -318,8 +318,8 @@ fn mask_targets_come_from_polygons_where_given_else_from_masks() {
     // and whose polygon is a triangle, so that only the polygon can give its target.
     let triangle = vec![10.0, 10.0, 40.0, 10.0, 10.0, 40.0];
     let targets = vec![
-        ImageTargets { boxes: vec![[8.0, 8.0, 24.0, 24.0], [30.0, 30.0, 50.0, 50.0]], classes: vec![0, 1], masks: [rect(8, 8, 24, 24), rect(30, 30, 50, 50)].concat(), polygons: Vec::new() },
-        ImageTargets { boxes: vec![[10.0, 10.0, 40.0, 40.0]], classes: vec![1], masks: vec![0; s * s], polygons: vec![vec![triangle.clone()]] },
+        ImageTargets { boxes: vec![[8.0, 8.0, 24.0, 24.0], [30.0, 30.0, 50.0, 50.0]], classes: vec![0, 1], masks: [rect(8, 8, 24, 24), rect(30, 30, 50, 50)].concat(), polygons: Vec::new(), extent: None },
+        ImageTargets { boxes: vec![[10.0, 10.0, 40.0, 40.0]], classes: vec![1], masks: vec![0; s * s], polygons: vec![vec![triangle.clone()]], extent: None },
     ];
     let roi = |image: usize, b: [f32; 4]| RoiBox { image, x1: b[0], y1: b[1], x2: b[2], y2: b[3] };
     let rois = [roi(0, [8.0, 8.0, 24.0, 24.0]), roi(0, [30.0, 30.0, 40.0, 50.0]), roi(1, [10.0, 10.0, 40.0, 40.0])];
@@ -355,7 +355,7 @@ fn a_small_model_learns_to_find_rectangles() {
     }
     assert_eq!(last.step, 151);
     assert!(last.loss < 0.3 * first.loss, "loss {} -> {}", first.loss, last.loss);
-    let dets = trainer.detect(&batch, &[(s, s), (s, s)]).unwrap();
+    let dets = trainer.detect(&batch, None, &[(s, s), (s, s)]).unwrap();
     for (t, d) in targets.iter().zip(&dets) {
         assert_eq!(d.masks.len(), d.boxes.len() * s * s);
         for (g, gt) in t.boxes.iter().enumerate() {
@@ -371,7 +371,7 @@ fn a_small_model_learns_to_find_rectangles() {
         }
     }
     // Output sizes scale boxes and masks.
-    let scaled = trainer.detect(&batch, &[(2 * s, s), (s, s)]).unwrap();
+    let scaled = trainer.detect(&batch, None, &[(2 * s, s), (s, s)]).unwrap();
     assert_eq!(scaled[0].height, 2 * s);
     assert_eq!(scaled[0].masks.len(), scaled[0].boxes.len() * 2 * s * s);
 }
@@ -459,7 +459,7 @@ fn official_detectron2_names_load() {
     assert_eq!(b.bn_batches, 1);
     let (px, _) = rectangles(2, s, 5);
     let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
-    let (da, db) = (a.detect(&batch, &[(s, s), (s, s)]).unwrap(), b.detect(&batch, &[(s, s), (s, s)]).unwrap());
+    let (da, db) = (a.detect(&batch, None, &[(s, s), (s, s)]).unwrap(), b.detect(&batch, None, &[(s, s), (s, s)]).unwrap());
     for (x, y) in da.iter().zip(&db) {
         assert_eq!((&x.boxes, &x.scores, &x.classes), (&y.boxes, &y.scores, &y.classes));
     }
@@ -673,7 +673,7 @@ fn a_vitdet_detector_trains_resumes_and_loads_official_names() {
     let mut c = new(3);
     let (report, _) = load_detector(&mut c, &official, true).unwrap();
     assert!(report.missing.is_empty() && report.unexpected.is_empty() && !report.optimizer_restored, "{report:?}");
-    let (da, dc) = (a.detect(&batch, &[(s, s), (s, s)]).unwrap(), c.detect(&batch, &[(s, s), (s, s)]).unwrap());
+    let (da, dc) = (a.detect(&batch, None, &[(s, s), (s, s)]).unwrap(), c.detect(&batch, None, &[(s, s), (s, s)]).unwrap());
     for (x, y) in da.iter().zip(&dc) {
         assert_eq!((&x.boxes, &x.scores, &x.classes), (&y.boxes, &y.scores, &y.classes));
     }
@@ -693,3 +693,53 @@ fn a_vitdet_detector_trains_resumes_and_loads_official_names() {
     assert_eq!(got, want);
 }
 
+
+/// detectron2's ImageList padding: an image's pixels outside its extent are 0 once normalized,
+/// so they do not matter; its proposals and boxes stay inside the extent, and the boxes scale
+/// from the extent to the output size.
+#[test]
+fn pixels_outside_an_extent_do_not_matter_and_boxes_stay_inside_it() {
+    let s = small_cfg().img_size;
+    // Every candidate kept, so that a barely trained model detects something.
+    let model = Detector::new(small_cfg(), DetectorHead { score_threshold: 0.0, ..small_vitdet_head() }, DType::F32, &Device::Cpu, 1).unwrap();
+    let mut trainer = DetectorTrainer::new(model, DetectorAdamWConfig::default(), 1).unwrap();
+    let (px, mut targets) = rectangles(2, s, 8);
+    let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
+    for _ in 0..20 {
+        trainer.train_step(&batch, &targets, 2e-3).unwrap();
+    }
+    let extents = [(s, s), (40, 52)];
+    let mut changed = px.clone();
+    for y in 0..s {
+        for x in 0..s {
+            if y >= 40 || x >= 52 {
+                changed[((s * s) + y * s + x) * 3..][..3].copy_from_slice(&[255, 7, 99]);
+            }
+        }
+    }
+    let other = Batch { pixels: &changed, ..batch };
+    let output = [(s, s), (80, 104)];
+    let a = trainer.detect(&batch, Some(&extents), &output).unwrap();
+    let b = trainer.detect(&other, Some(&extents), &output).unwrap();
+    assert!(!a[1].boxes.is_empty(), "the check needs detections");
+    assert_eq!((&a[1].boxes, &a[1].scores), (&b[1].boxes, &b[1].scores));
+    assert!(a[1].boxes.iter().all(|b| b[2] <= 104.0 && b[3] <= 80.0));
+    assert_eq!(a[1].masks.len(), a[1].boxes.len() * 80 * 104);
+    // Training: proposals inside the extent; a step's loss ignores the pixels outside it.
+    let square: Vec<u8> = (0..s * s).map(|p| u8::from((4..20).contains(&(p % s)) && (4..20).contains(&(p / s)))).collect();
+    targets[1] = ImageTargets { boxes: vec![[4.0, 4.0, 20.0, 20.0]], classes: vec![0], masks: square, polygons: Vec::new(), extent: Some((40, 52)) };
+    let imgs = |p: &[u8]| {
+        let b = Batch { pixels: p, ..batch };
+        normalize(&b, DType::F32, &Device::Cpu).unwrap()
+    };
+    let losses = trainer.model.losses(&imgs(&px), &targets, &mut Rng::new(3)).unwrap();
+    assert!(losses.proposals[1].iter().all(|p| p[2] <= 52.0 && p[3] <= 40.0), "proposals outside the extent");
+    let mut t1 = DetectorTrainer::new(Detector::new(small_cfg(), small_vitdet_head(), DType::F32, &Device::Cpu, 1).unwrap(), DetectorAdamWConfig::default(), 1).unwrap();
+    let mut t2 = DetectorTrainer::new(Detector::new(small_cfg(), small_vitdet_head(), DType::F32, &Device::Cpu, 1).unwrap(), DetectorAdamWConfig::default(), 1).unwrap();
+    let l1 = t1.train_step(&batch, &targets, 1e-3).unwrap().loss;
+    let l2 = t2.train_step(&other, &targets, 1e-3).unwrap().loss;
+    assert_eq!(l1.to_bits(), l2.to_bits());
+    targets[1].extent = Some((s + 1, 4));
+    let e = t1.train_step(&batch, &targets, 1e-3).unwrap_err().to_string();
+    assert!(e.contains("image 1's extent 65x4 must be nonzero and fit the 64x64 input"), "{e}");
+}

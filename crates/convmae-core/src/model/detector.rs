@@ -215,6 +215,9 @@ pub struct ImageTargets {
     /// Per instance, its polygons ([x1, y1, ...] in input pixels) or none. Empty (or shorter than
     /// `boxes`), or an instance without polygons: its mask target comes from `masks` instead.
     pub polygons: Vec<Vec<Vec<f64>>>,
+    /// The image's (height, width) at the top left of the padded input (detectron2's
+    /// `image_size`: proposals are clipped to it); None: the whole input.
+    pub extent: Option<(usize, usize)>,
 }
 
 /// The five losses of a training step (detectron2's names), each a scalar tensor.
@@ -453,11 +456,10 @@ impl Detector {
     }
 
     /// detectron2 `find_top_rpn_proposals` for image `b`: per level the `pre_nms` anchors of
-    /// highest objectness, decoded, clipped, empty boxes dropped, NMS per level, then the
-    /// `post_nms` best overall.
-    fn proposals(&self, objectness: &[f32], deltas: &[f32], b: usize, pre_nms: usize, post_nms: usize) -> Vec<BoxXyxy> {
+    /// highest objectness, decoded, clipped to the image's `extent` (height, width), empty boxes
+    /// dropped, NMS per level, then the `post_nms` best overall.
+    fn proposals(&self, objectness: &[f32], deltas: &[f32], b: usize, extent: (usize, usize), pre_nms: usize, post_nms: usize) -> Vec<BoxXyxy> {
         let total = self.total_anchors();
-        let side = self.cfg.img_size;
         let (mut boxes, mut scores, mut groups) = (Vec::new(), Vec::new(), Vec::new());
         let mut offset = 0;
         for (level, anchors) in self.anchors.iter().enumerate() {
@@ -465,7 +467,7 @@ impl Detector {
             for &a in order_by_score(logits).iter().take(pre_nms) {
                 let at = (b * total + offset + a) * 4;
                 let d = [deltas[at], deltas[at + 1], deltas[at + 2], deltas[at + 3]];
-                let decoded = clip_box(&RPN_TRANSFORM.decode(&anchors[a], &d), side, side);
+                let decoded = clip_box(&RPN_TRANSFORM.decode(&anchors[a], &d), extent.0, extent.1);
                 let finite = decoded.iter().all(|v| v.is_finite()) && logits[a].is_finite();
                 if finite && decoded[2] > decoded[0] && decoded[3] > decoded[1] {
                     boxes.push(decoded);
@@ -617,7 +619,7 @@ impl Detector {
         for (i, t) in targets.iter().enumerate() {
             let mut proposals = match fixed {
                 Some(given) => given[i].clone(),
-                None => self.proposals(&obj_values, &delta_values, i, head.rpn_pre_nms_train, head.rpn_post_nms_train),
+                None => self.proposals(&obj_values, &delta_values, i, t.extent.unwrap_or((side, side)), head.rpn_pre_nms_train, head.rpn_post_nms_train),
             };
             used.push(proposals.clone());
             proposals.extend(&t.boxes);
@@ -720,22 +722,28 @@ impl Detector {
 
     /// Detections of normalized images [B, S, S, 3] in evaluation mode (detectron2's inference:
     /// RPN proposals, class scores and boxes, score threshold, NMS per class, the best
-    /// `detections_per_image`, then masks for them). Boxes and masks are scaled to each image's
-    /// `output` size (height, width), as `detector_postprocess` does.
-    pub fn detect(&self, imgs: &Tensor, output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
+    /// `detections_per_image`, then masks for them). Each image fills `extents` (height, width)
+    /// at the top left of its input (detectron2's `image_size`: proposals and boxes are clipped
+    /// to it); boxes and masks are scaled from it to the image's `output` size (height, width),
+    /// as `detector_postprocess` does.
+    pub fn detect(&self, imgs: &Tensor, extents: &[(usize, usize)], output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
         let imgs = imgs.to_dtype(self.dtype())?;
         let (b, hh, ww, _) = imgs.dims4()?;
         let side = self.cfg.img_size;
-        if (hh, ww) != (side, side) || output.len() != b {
-            return Err(err(format!("detect: {b} images of {hh}x{ww} with {} output sizes; expected img_size {side} and one size per image", output.len())));
+        if (hh, ww) != (side, side) || output.len() != b || extents.len() != b {
+            return Err(err(format!(
+                "detect: {b} images of {hh}x{ww} with {} output sizes and {} extents; expected img_size {side} and one of each per image",
+                output.len(),
+                extents.len()
+            )));
         }
         let head = &self.head;
         let mut f = Forward { params: &self.params, training: false, rng: None, dropout: 0.0, norm_stats: Vec::new() };
         let (levels, objectness, deltas) = self.features(&mut f, &imgs, None)?;
         let (obj_values, delta_values) = (values_f32(&objectness)?, values_f32(&deltas)?);
         let mut rois = Vec::new();
-        for i in 0..b {
-            let proposals = self.proposals(&obj_values, &delta_values, i, head.rpn_pre_nms_test, head.rpn_post_nms_test);
+        for (i, &extent) in extents.iter().enumerate() {
+            let proposals = self.proposals(&obj_values, &delta_values, i, extent, head.rpn_pre_nms_test, head.rpn_post_nms_test);
             rois.extend(proposals.iter().map(|p| RoiBox { image: i, x1: p[0], y1: p[1], x2: p[2], y2: p[3] }));
         }
         let k_classes = head.num_classes;
@@ -750,7 +758,8 @@ impl Detector {
                 let score = probs[j * (k_classes + 1) + c];
                 let at = (j * k_classes + c) * 4;
                 let d = [box_deltas[at], box_deltas[at + 1], box_deltas[at + 2], box_deltas[at + 3]];
-                let decoded = clip_box(&ROI_TRANSFORM.decode(&proposal, &d), side, side);
+                let (eh, ew) = extents[roi.image];
+                let decoded = clip_box(&ROI_TRANSFORM.decode(&proposal, &d), eh, ew);
                 if score > head.score_threshold && score.is_finite() && decoded.iter().all(|v| v.is_finite()) {
                     kept[roi.image].push((decoded, score, c));
                 }
@@ -781,9 +790,9 @@ impl Detector {
         // Scale to the output size, drop boxes left empty, paste the masks.
         let cell = MASK_SIDE * MASK_SIDE;
         let mut row = 0;
-        for det in results.iter_mut() {
+        for (det, &(eh, ew)) in results.iter_mut().zip(extents) {
             let (oh, ow) = (det.height, det.width);
-            let (sy, sx) = (oh as f32 / side as f32, ow as f32 / side as f32);
+            let (sy, sx) = (oh as f32 / eh as f32, ow as f32 / ew as f32);
             let mut out = ImageDetections { height: oh, width: ow, ..Default::default() };
             for n in 0..det.boxes.len() {
                 let bx = det.boxes[n];
