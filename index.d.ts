@@ -58,7 +58,7 @@ export declare class NativeClassifier {
 export declare class NativeDetector {
   /**
    * `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-   * {beta1, beta2, eps, weight_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+   * {beta1, beta2, eps, weight_decay, layer_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
    * CUDA build; float32 with TF32 matmuls, or float64).
    */
   constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
@@ -66,13 +66,17 @@ export declare class NativeDetector {
    * One optimizer update on uint8 images [batch, height, width, 3] and their annotations
    * (see `image_targets`), with the instances' polygons where they have them (see
    * `instance_polygons`; their mask targets are then rasterized from the polygons).
+   * `extents`: (height, width) per image at the top left of its input, outside which the
+   * normalized input is 0 and to which proposals are clipped (detectron2's ImageList
+   * padding; absent: every image fills its input).
    */
-  train(pixels: Uint8Array, batch: number, height: number, width: number, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: number, polygonCounts?: Uint32Array | undefined | null, polygonLengths?: Uint32Array | undefined | null, polygonCoords?: Float64Array | undefined | null): Promise<DetTrainResult>
+  train(pixels: Uint8Array, batch: number, height: number, width: number, counts: Uint32Array, boxes: Float32Array, classes: Uint32Array, masks: Uint8Array, lr: number, polygonCounts?: Uint32Array | undefined | null, polygonLengths?: Uint32Array | undefined | null, polygonCoords?: Float64Array | undefined | null, extents?: Uint32Array | undefined | null): Promise<DetTrainResult>
   /**
    * Detections of a batch; `outputSizes` holds (height, width) per image, the size to scale
-   * boxes and masks to (default: the input size).
+   * boxes and masks to (default: the input size); `extents` (height, width) per image, the
+   * part of its input it fills, from the top left (as in `train`; default: all of it).
    */
-  detect(pixels: Uint8Array, batch: number, height: number, width: number, outputSizes?: Uint32Array | undefined | null): Promise<DetectionsResult>
+  detect(pixels: Uint8Array, batch: number, height: number, width: number, outputSizes?: Uint32Array | undefined | null, extents?: Uint32Array | undefined | null): Promise<DetectionsResult>
   /** Writes weights, optimizer state and `extra` (JSON) atomically. */
   save(path: string, extra: string): Promise<void>
   /** Restores a detector checkpoint exactly (ours, or an official detectron2 model_final). */

@@ -4,7 +4,8 @@
  */
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
-import { modelInfo, PRESETS, type ConvMaeConfig } from './api/config.js';
+import { modelInfo, PRESETS, resolveConfig, type ConvMaeConfig } from './api/config.js';
+import type { DetectorVariant } from './api/detector.js';
 import type { DeviceName, Precision, Threads } from './api/pretrainer.js';
 import { checkFixture } from './api/fixture.js';
 import { pretrain, type PretrainRunOptions } from './tasks/pretrain.js';
@@ -134,8 +135,9 @@ eval options:
               (default convmae-base, 768 / 256); prints mIoU, mAcc, aAcc and IoU per class
   detectors:  --data digits|DIR (default digits: the test scenes; DIR: a COCO folder), --eval-split S
               (default val2017), --eval-limit N, --threads N, and --preset / --config /
-              --num-classes N for an official model_final (default convmae-base, the official
-              head); prints COCO box AP and mask AP (percent; null where COCO prints -1)
+              --num-classes N / --variant det|vitdet for an official model_final (default
+              convmae-base, the DET head; vitdet: Official-ConvMAE-Det's); prints COCO box AP
+              and mask AP (percent; null where COCO prints -1)
   --data PATH             default: the MNIST test split
   --preset, --config, --num-classes N, --pool   for files without our metadata
   --batch-size N          default 128
@@ -188,8 +190,11 @@ detect options:
                           images and DIR/annotations/instances_<split>.json
   --train-split S         COCO folder: default train2017
   --eval-split S          COCO folder: default val2017
+  --variant det|vitdet    det (default): the in-repo DET code (FPN, spec 6.1); vitdet: Official-ConvMAE-Det
+                          (ViTDet's simple feature pyramid, LN heads, decomposed relative positions;
+                          lr 1e-4, layer decay 0.8, batch 16, step decay; spec 6.2)
   --init CKPT             pretrained encoder (ours or the official .pth; pos_embed resized bicubically to
-                          this grid); random init without it
+                          this grid, or for vitdet to --pos-grid); random init without it
   --preset NAME           default ${DETECT_DEMO.preset} (the checkpoint's encoder must match; official:
                           convmae-base with --config '{"img_size":1024}')
   --config JSON|FILE      overrides
@@ -197,8 +202,10 @@ detect options:
   --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (TF32 matmuls for f32; not yet
                           measured on a GPU)
   --threads N|auto        as for pretrain (CPU)
-  --window N              stage-3 attention window in tokens (official 16; digit demo ${DETECT_DEMO.window})
-  --global-blocks LIST    stage-3 blocks with global attention, e.g. 0,3 (official 0,3,6,10; demo ${DETECT_DEMO.globalBlocks.join(',')})
+  --window N              stage-3 attention window in tokens (official 16, vitdet 14; digit demo ${DETECT_DEMO.window})
+  --global-blocks LIST    stage-3 blocks with global attention, e.g. 0,3 (official 0,3,6,10, vitdet 1,4,7,10;
+                          demo ${DETECT_DEMO.globalBlocks.join(',')})
+  --pos-grid N            vitdet: side of the learnable pos_embed table (official 14; digit demo: the grid)
   --channels N            FPN and head width (official 256; digit demo ${DETECT_DEMO.channels})
   --box-fc N              box head fc width (official 1024; digit demo ${DETECT_DEMO.boxFc})
   --box-convs N           box head convs (official 4; digit demo ${DETECT_DEMO.boxConvs})
@@ -211,11 +218,14 @@ detect options:
                           1000, 1000; digit demo ${DETECT_DEMO.rpnPreNmsTrain}, ${DETECT_DEMO.rpnPostNmsTrain}, ${DETECT_DEMO.rpnPreNmsTest}, ${DETECT_DEMO.rpnPostNmsTest})
   --drop-path X           backbone stochastic depth, default 0.1
   --scale-range A,B       LSJ resize range (official 0.1,2.0; digit demo ${DETECT_DEMO.scaleRange.join(',')})
-  --batch-size N          default 32 (official; digit demo ${DETECT_DEMO.batchSize})
+  --batch-size N          default 32 (official; vitdet 16; digit demo ${DETECT_DEMO.batchSize})
   --epochs N | --steps N  run length (default 1 epoch; digit demo ${DETECT_DEMO.steps} steps)
-  --lr X                  base lr, absolute (official 8e-5 for a pretrained backbone; digit demo ${DETECT_DEMO.lr})
-  --warmup-steps N        linear warmup from 0.001 of the lr (default: 461/92187 of the run, rounded up)
+  --lr X                  base lr, absolute (official 8e-5 for a pretrained backbone, vitdet 1e-4; digit
+                          demo ${DETECT_DEMO.lr})
+  --warmup-steps N        linear warmup from 0.001 of the lr (default: 461/92187 of the run, vitdet
+                          250/184375, rounded up)
   --weight-decay X        default 0.1
+  --layer-decay X         default 1 (none), vitdet 0.8
   --eval-every N          evaluate + checkpoint every N steps (default: at the end; digit demo ${DETECT_DEMO.evalEvery})
   --eval-limit N          evaluate on the first N evaluation images (default: all; digit demo ${DETECT_DEMO.evalLimit})
   --seed N, --out DIR (default runs/detect), --resume [--resume-from PATH], --no-progress
@@ -481,6 +491,7 @@ async function runEval(args: string[]): Promise<void> {
       'eval-split': { type: 'string' },
       threads: { type: 'string' },
       device: { type: 'string' },
+      variant: { type: 'string' },
     },
     allowPositionals: true,
   });
@@ -496,6 +507,7 @@ async function runEval(args: string[]): Promise<void> {
       evalSplit: values['eval-split'],
       preset: values.preset,
       config: parseConfig(values.config),
+      variant: detectorVariant(values.variant),
       numClasses: num(values['num-classes'], 'num-classes'),
       evalLimit: num(values['eval-limit'], 'eval-limit'),
       batchSize: num(values['batch-size'], 'batch-size'),
@@ -512,7 +524,7 @@ async function runEval(args: string[]): Promise<void> {
     process.stdout.write(JSON.stringify({ dataset: s.dataset, box: s.box, mask: s.mask, images: s.images, skipped: s.skipped, detections: s.detections }) + '\n');
     return;
   }
-  for (const option of ['eval-split', 'threads'] as const) {
+  for (const option of ['eval-split', 'threads', 'variant'] as const) {
     if (values[option] !== undefined) fail(`eval: --${option} is for detector checkpoints only`);
   }
   if (task === 'segment' || (task === undefined && meta.kind === 'segmenter')) {
@@ -735,6 +747,12 @@ function printDetEval(e: DetEvalSummary): void {
   );
 }
 
+/** --variant det|vitdet (undefined when absent), named in errors. */
+function detectorVariant(value: string | undefined): DetectorVariant | undefined {
+  if (value !== undefined && value !== 'det' && value !== 'vitdet') fail(`--variant must be det or vitdet, got '${value}'`);
+  return value;
+}
+
 /** A comma-separated list of numbers (--global-blocks 0,3), named in errors. */
 function numList(value: string | undefined, name: string): number[] | undefined {
   if (value === undefined) return undefined;
@@ -752,8 +770,11 @@ async function runDetect(args: string[]): Promise<void> {
       init: { type: 'string' },
       'train-split': { type: 'string' },
       'eval-split': { type: 'string' },
+      variant: { type: 'string' },
       window: { type: 'string' },
       'global-blocks': { type: 'string' },
+      'pos-grid': { type: 'string' },
+      'layer-decay': { type: 'string' },
       channels: { type: 'string' },
       'box-fc': { type: 'string' },
       'box-convs': { type: 'string' },
@@ -776,7 +797,7 @@ async function runDetect(args: string[]): Promise<void> {
   if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
   for (const unsupported of ['precision', 'accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
     if (values[unsupported] !== undefined) {
-      fail(`detect: --${unsupported} is not supported (the detector runs in f32 or f64, one batch per update, with an absolute --lr on detectron2's cosine to 0)`);
+      fail(`detect: --${unsupported} is not supported (the detector runs in f32 or f64, one batch per update, with an absolute --lr on the official schedule)`);
     }
   }
   const scaleRange = numList(values['scale-range'], 'scale-range');
@@ -790,16 +811,23 @@ async function runDetect(args: string[]): Promise<void> {
     );
   }
   for (const split of ['train-split', 'eval-split'] as const) if (demo && values[split] !== undefined) fail(`detect: --${split} is for a COCO folder (--data DIR)`);
+  const variant = detectorVariant(values.variant);
+  const preset = values.preset ?? DETECT_DEMO.preset;
+  const config = parseConfig(values.config);
+  // The demo's pos_embed table at its own grid (the official 14 is a 224-px pretraining's).
+  const demoPosGrid = demo && variant === 'vitdet' ? resolveConfig({ preset, config }).img_size / 16 : undefined;
   const s = await detect({
     data: values.data,
     trainSplit: values['train-split'],
     evalSplit: values['eval-split'],
     init: values.init,
-    preset: values.preset ?? DETECT_DEMO.preset,
-    config: parseConfig(values.config),
+    preset,
+    config,
     dtype,
     device: values.device as DeviceName | undefined,
     threads: threadsOption(values.threads),
+    variant,
+    posGrid: num(values['pos-grid'], 'pos-grid') ?? demoPosGrid,
     window: num(values.window, 'window') ?? d?.window,
     globalBlocks: numList(values['global-blocks'], 'global-blocks') ?? (d ? [...d.globalBlocks] : undefined),
     channels: num(values.channels, 'channels') ?? d?.channels,
@@ -821,6 +849,7 @@ async function runDetect(args: string[]): Promise<void> {
     lr: num(values.lr, 'lr') ?? d?.lr,
     warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
     weightDecay: num(values['weight-decay'], 'weight-decay'),
+    layerDecay: num(values['layer-decay'], 'layer-decay'),
     evalEvery: num(values['eval-every'], 'eval-every') ?? (demo ? DETECT_DEMO.evalEvery : undefined),
     evalLimit: num(values['eval-limit'], 'eval-limit') ?? d?.evalLimit,
     seed: num(values.seed, 'seed'),

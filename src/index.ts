@@ -1,7 +1,7 @@
 export * from './api/index.js';
 export * from './data/index.js';
 export { pretrain, writeReconstruction, type PretrainRunOptions, type PretrainProgress, type PretrainSummary } from './tasks/pretrain.js';
-export { detectionLrAt, lrAt, polyLrAt, scaledLr, type DetectionSchedule, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
+export { detectionLrAt, lrAt, polyLrAt, scaledLr, vitdetStepDecay, type DetectionSchedule, type LrSchedule, type PolySchedule } from './tasks/schedule.js';
 export { evaluateSegmentation, evaluateSegmenter, segment, type EvaluateSegmenterOptions, type SegEvalSummary, type SegmentRunOptions, type SegmentRunSummary } from './tasks/segment.js';
 export {
   detect,

@@ -469,7 +469,7 @@ test('convmae detect trains and reports box and mask AP, eval reproduces it, and
     await refused(['detect', '--device', 'cuda', '--steps', '1', '--out', out], /device 'cuda': this build of convmae has no CUDA backend/);
     await refused(['eval', path.join(out, 'checkpoint.safetensors'), '--device', 'cuda'], /device 'cuda': this build of convmae has no CUDA backend/);
   }
-  await refused(['detect', '--min-lr', '0.1', '--out', out], /--min-lr is not supported .*cosine to 0/);
+  await refused(['detect', '--min-lr', '0.1', '--out', out], /--min-lr is not supported .*official schedule/);
   await refused(['detect', '--scale-range', '0.5', '--out', out], /--scale-range: expected two numbers MIN,MAX/);
   await refused(['detect', '--global-blocks', '0,x', '--out', out], /--global-blocks: expected comma-separated numbers/);
   await refused(['detect', '--train-split', 'train2017', '--out', out], /--train-split is for a COCO folder/);

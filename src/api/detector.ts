@@ -1,8 +1,10 @@
 /**
  * The typed detector: Mask R-CNN on a ConvMAE backbone, as the official DET code builds it
  * (detectron2: the `ConvViTDet` backbone with windowed and global stage-3 attention, FPN, RPN,
- * the 4conv1fc box head and the mask head), on its own Rust worker thread. Every method returns
- * a Promise; the event loop stays free while a step runs.
+ * the 4conv1fc box head and the mask head), or with `variant: 'vitdet'` as Official-ConvMAE-Det
+ * does (ViTDet's simple feature pyramid on the stage-3 map, LayerNorm in the heads, decomposed
+ * relative positions, padded 14-token windows), on its own Rust worker thread. Every method
+ * returns a Promise; the event loop stays free while a step runs.
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
@@ -12,22 +14,43 @@ import { checkTaskOptions, TaskModel } from './task-model.js';
 /** x1, y1, x2, y2 in pixels (continuous coordinates; width = x2 - x1). */
 export type BoxXyxy = [number, number, number, number];
 
-/** AdamW of the DET recipe: betas (0.9, 0.999), weight decay 0.1 (none on norms, pos_embed, relative tables), no layer decay. */
+/** AdamW of the official recipes: betas (0.9, 0.999), weight decay 0.1 (none on norms, pos_embed, DET's relative tables). */
 export interface DetectorAdamWOptions {
   beta1?: number;
   beta2?: number;
   eps?: number;
   weight_decay?: number;
+  /** Layer-wise lr decay, in (0, 1]: 1 (none, DET's, the default) or Official-ConvMAE-Det's 0.8. */
+  layer_decay?: number;
 }
+
+/** Which official detector: the in-repo `DET/` ('det', spec 6.1) or `Official-ConvMAE-Det` ('vitdet', spec 6.2). */
+export type DetectorVariant = 'det' | 'vitdet';
+
+/** Official-ConvMAE-Det's window and global blocks, where a 'vitdet' detector's options leave them out. */
+export const VITDET_HEAD_DEFAULTS = { window: 14, globalBlocks: [1, 4, 7, 10] } as const;
 
 /** The detector's architecture and detectron2's sampling and test settings; absent ones take the official values. */
 export interface DetectorOptions extends ModelSpec {
   /** Object classes (no background class). */
   numClasses: number;
-  /** Side of a stage-3 attention window in tokens; must divide the token grid (img_size / 16). Default 16 (official, 1024-px images). */
+  /**
+   * 'det' (default): the in-repo DET code (FPN with BatchNorm on four backbone levels, frozen
+   * pos_embed at the detection grid, shared relative position bias tables). 'vitdet':
+   * Official-ConvMAE-Det (simple feature pyramid and heads with LayerNorm, learnable pos_embed
+   * at `posGrid` resized in each forward, per-block decomposed relative positions, windows that
+   * pad the grid).
+   */
+  variant?: DetectorVariant;
+  /**
+   * Side of a stage-3 attention window in tokens. Default 16 (DET, 1024-px images; it must
+   * divide the token grid, img_size / 16) or 14 ('vitdet', which pads the grid to a multiple).
+   */
   window?: number;
-  /** Stage-3 blocks with global attention. Default [0, 3, 6, 10] (official). */
+  /** Stage-3 blocks with global attention. Default [0, 3, 6, 10] (DET) or [1, 4, 7, 10] ('vitdet'). */
   globalBlocks?: number[];
+  /** 'vitdet': side of the learnable pos_embed table (default 14, a 224-px pretraining's grid). */
+  posGrid?: number;
   /** Width of the FPN and the heads' convs. Default 256. */
   channels?: number;
   /** Anchor size of each of p2..p6. Default [32, 64, 128, 256, 512]. */
@@ -78,8 +101,10 @@ export interface DetectorOptions extends ModelSpec {
 
 /** The head fields of DetectorOptions, with the Rust names. */
 const HEAD_FIELDS = {
+  variant: 'variant',
   window: 'window',
   globalBlocks: 'global_blocks',
+  posGrid: 'pos_grid',
   channels: 'channels',
   anchorSizes: 'anchor_sizes',
   aspectRatios: 'aspect_ratios',
@@ -119,6 +144,22 @@ export interface TargetInstance {
 /** Images with their objects: `instances[i]` are image i's. */
 export interface AnnotatedBatch extends ImageBatch {
   instances: TargetInstance[][];
+  /**
+   * Per image, the [height, width] it fills at the top left of its input (detectron2's
+   * `image_size`, the 'vitdet' pipeline's inputs): outside it the normalized input is 0, as
+   * detectron2 pads after normalizing, and proposals are clipped to it. Default: all of it.
+   */
+  extents?: [number, number][];
+}
+
+/** `extents` as the native flat array, checked against the batch (undefined when absent). */
+function flatExtents(extents: [number, number][] | undefined, batch: ImageBatch): Uint32Array | undefined {
+  if (extents === undefined) return undefined;
+  const fits = ([h, w]: [number, number]) => Number.isInteger(h) && Number.isInteger(w) && h > 0 && w > 0 && h <= batch.height && w <= batch.width;
+  if (!Array.isArray(extents) || extents.length !== batch.batchSize || !extents.every(fits)) {
+    throw new RangeError(`extents must hold a positive integer [height, width] within ${batch.height}x${batch.width} per image (${batch.batchSize})`);
+  }
+  return Uint32Array.from(extents.flat());
 }
 
 export interface DetTrainResult {
@@ -203,23 +244,33 @@ interface FlatPolygons {
   coords: Float64Array;
 }
 
+/** The options that are set (a spread of them then keeps defaults where one is undefined). */
+function definedOnly<T extends object>(options: T): Partial<T> {
+  return Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
 /**
- * Mask R-CNN on a ConvMAE backbone. `initFrom` resizes `pos_embed` to the detection grid
- * (224-px pretraining, 1024-px detection: 14x14 to 64x64), leaves the FPN, RPN and ROI heads
- * fresh and reports the relative tables as missing; `load` also reads an official detectron2
- * model_final.
+ * Mask R-CNN on a ConvMAE backbone. `initFrom` resizes `pos_embed` to the model's table (DET:
+ * the detection grid, 224-px pretraining and 1024-px detection: 14x14 to 64x64; 'vitdet':
+ * `posGrid`, 14x14 as it is), leaves the FPN or pyramid, RPN and ROI heads fresh and reports the
+ * relative position tables as missing; `load` also reads an official detectron2 model_final
+ * (the encoder under `backbone.bottom_up.` or `backbone.net.`).
  */
 export class Detector extends TaskModel<InstanceType<typeof native.NativeDetector>> {
   readonly numClasses: number;
+  /** Which official detector this is ('det' or 'vitdet'). */
+  readonly variant: DetectorVariant;
 
   private constructor(config: ConvMaeConfig, options: DetectorOptions) {
     const head: Record<string, unknown> = { num_classes: options.numClasses };
+    const withDefaults = options.variant === 'vitdet' ? { window: VITDET_HEAD_DEFAULTS.window, globalBlocks: [...VITDET_HEAD_DEFAULTS.globalBlocks], ...definedOnly(options) } : options;
     for (const [key, name] of Object.entries(HEAD_FIELDS)) {
-      const value = options[key as keyof typeof HEAD_FIELDS];
+      const value = withDefaults[key as keyof typeof HEAD_FIELDS];
       if (value !== undefined) head[name] = value;
     }
     super('Detector', native.NativeDetector, config, head, options);
     this.numClasses = options.numClasses;
+    this.variant = options.variant ?? 'det';
   }
 
   /** A fresh detector (detectron2's init of the FPN and heads). Invalid options throw here, named. */
@@ -234,24 +285,28 @@ export class Detector extends TaskModel<InstanceType<typeof native.NativeDetecto
     checkImageBatch(batch);
     const t = flattenInstances(batch, this.numClasses);
     const p = t.polygons;
-    const r = await this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, t.counts, t.boxes, t.classes, t.masks, options.lr, p?.counts, p?.lengths, p?.coords);
+    const extents = flatExtents(batch.extents, batch);
+    const r = await this.handle.train(batch.images, batch.batchSize, batch.height, batch.width, t.counts, t.boxes, t.classes, t.masks, options.lr, p?.counts, p?.lengths, p?.coords, extents);
     return { ...r, step: Number(r.step) };
   }
 
   /**
-   * Detections (boxes, scores, classes, masks) of each image, the whole S x S input scaled to
-   * its `outputSizes[i]` ([height, width]; default the input size), as detectron2's
-   * `detector_postprocess`. Each axis is scaled on its own, so for an image resized with its
-   * aspect kept and padded (the test transform), ask for the square max(h, w) x max(h, w) and
-   * cut the masks to h x w (`evaluateDetection` does).
+   * Detections (boxes, scores, classes, masks) of each image, its extent (`extents[i]`, the
+   * [height, width] it fills at the top left of its input; default the whole S x S input)
+   * scaled to its `outputSizes[i]` ([height, width]; default the input size), as detectron2's
+   * `detector_postprocess`. Each axis is scaled on its own: for an image resized with its aspect
+   * kept and padded, give its resized size as the extent and ask for its original size, or
+   * (DET's inputs, without extents) ask for the square max(h, w) x max(h, w) and cut the masks
+   * to h x w (`evaluateDetection` does one or the other).
    */
-  async detect(batch: ImageBatch, options: { outputSizes?: [number, number][] } = {}): Promise<ImageDetections[]> {
+  async detect(batch: ImageBatch, options: { outputSizes?: [number, number][]; extents?: [number, number][] } = {}): Promise<ImageDetections[]> {
     checkImageBatch(batch);
     const sizes = options.outputSizes;
     if (sizes !== undefined && (sizes.length !== batch.batchSize || !sizes.every(([h, w]) => Number.isInteger(h) && Number.isInteger(w) && h > 0 && w > 0))) {
       throw new RangeError(`outputSizes must hold a positive integer [height, width] per image (${batch.batchSize})`);
     }
-    const r = await this.handle.detect(batch.images, batch.batchSize, batch.height, batch.width, sizes ? Uint32Array.from(sizes.flat()) : undefined);
+    const extents = flatExtents(options.extents, batch);
+    const r = await this.handle.detect(batch.images, batch.batchSize, batch.height, batch.width, sizes ? Uint32Array.from(sizes.flat()) : undefined, extents);
     const out: ImageDetections[] = [];
     let at = 0;
     let maskAt = 0;

@@ -27,8 +27,16 @@
  *   PIL's BILINEAR, then FixedSizeCrop's padding right and bottom to S x S.
  *
  * Padding: pixels are padded with 128, FixedSizeCrop's default `pad_value`, which the configs
- * keep; masks with 0. (The Official-ConvMAE-Det configs flip first; these follow the in-repo
- * DET code, spec section 6.1.)
+ * keep; masks with 0.
+ *
+ * With `imageList` (Official-ConvMAE-Det, spec section 6.2): FixedSizeCrop(pad=False) and the
+ * flip first, so the flip mirrors the image itself, not the padded canvas, and the crop is not
+ * padded; the sample keeps the S x S layout with the image at the top left, its size in
+ * `extent`, and the rest 0, which the model then pads as detectron2's ImageList does (0 after
+ * normalizing: `AnnotatedBatch.extents`). Flipping first then cropping at offset round(u * m)
+ * is cropping at m - round(u * m) then flipping the crop: the same distribution, drawn here from
+ * the same u. The test transform is the same resize without the padding, its extent the resized
+ * size.
  */
 import { uniform, type Rng } from './rng.js';
 import { rasterizePolygons, type DetectionInstance, type DetectionSample } from './detection.js';
@@ -69,6 +77,13 @@ function flipRgb(src: Uint8Array, width: number, height: number): Uint8Array {
 export interface DetectionTrainTransformOptions {
   /** ResizeScale's [min, max] scale of S; default [0.1, 2.0] (official). */
   scaleRange?: readonly [number, number];
+  /** Official-ConvMAE-Det's layout (see the module comment): the image at the top left, unpadded, its size in `extent`. */
+  imageList?: boolean;
+}
+
+/** A transformed sample: S x S, with the [height, width] the image fills at its top left where the model pads (`imageList`). */
+export interface TransformedDetectionSample extends DetectionSample {
+  extent?: [number, number];
 }
 
 /**
@@ -76,7 +91,7 @@ export interface DetectionTrainTransformOptions {
  * left out) carry masks at S x S, boxes recomputed from them and area = their pixel count.
  * Draws from `rng` in the order of the augmentations: scale, crop offset, flip.
  */
-export function detectionTrainTransform(sample: DetectionSample, size: number, rng: Rng, options: DetectionTrainTransformOptions = {}): DetectionSample {
+export function detectionTrainTransform(sample: DetectionSample, size: number, rng: Rng, options: DetectionTrainTransformOptions = {}): TransformedDetectionSample {
   const [minScale, maxScale] = options.scaleRange ?? LSJ_SCALE_RANGE;
   if (!(Number.isFinite(minScale) && Number.isFinite(maxScale) && minScale > 0 && maxScale >= minScale)) {
     throw new RangeError(`scaleRange must be [min, max] with 0 < min <= max, got [${String(minScale)}, ${String(maxScale)}]`);
@@ -91,10 +106,16 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
   const ch = Math.min(size, nh);
   const cw = Math.min(size, nw);
 
+  const imageList = options.imageList === true;
+  // The width the flip mirrors: the padded canvas (DET) or the image itself (ImageList layout).
+  const mirrored = imageList ? cw : size;
   const resized = resizeBilinearPil(sample.image, w, h, nw, nh);
-  const canvas = new Uint8Array(size * size * 3).fill(DETECTION_PAD_PIXEL);
-  for (let y = 0; y < ch; y++) canvas.set(resized.subarray(((top + y) * nw + left) * 3, ((top + y) * nw + left + cw) * 3), y * size * 3);
-  const image = flip ? flipRgb(canvas, size, size) : canvas;
+  const canvas = new Uint8Array(size * size * 3).fill(imageList ? 0 : DETECTION_PAD_PIXEL);
+  for (let y = 0; y < ch; y++) {
+    const row = resized.subarray(((top + y) * nw + left) * 3, ((top + y) * nw + left + cw) * 3);
+    canvas.set(flip && imageList ? flipRgb(row, cw, 1) : row, y * size * 3);
+  }
+  const image = flip && !imageList ? flipRgb(canvas, size, size) : canvas;
 
   // Nearest resize of a mask (PIL's NEAREST, as detectron2 resizes BitMasks), read only where
   // the crop keeps it; flipped with the canvas.
@@ -107,7 +128,7 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
   for (const instance of sample.instances) {
     if (instance.iscrowd) continue;
     if (instance.polygons) {
-      const moved = movePolygons(instance.polygons, { scaleX: nw / w, scaleY: nh / h, left, top, cropWidth: cw, cropHeight: ch, flipWidth: flip ? size : undefined });
+      const moved = movePolygons(instance.polygons, { scaleX: nw / w, scaleY: nh / h, left, top, cropWidth: cw, cropHeight: ch, flipWidth: flip ? mirrored : undefined });
       const box = polygonsBox(moved);
       // detectron2's Boxes.nonempty threshold.
       if (!(box[2] - box[0] > 1e-5 && box[3] - box[1] > 1e-5)) continue;
@@ -125,7 +146,7 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
       const row = rows[y]!;
       for (let cx = 0; cx < cw; cx++) {
         if (instance.mask[row + cols[cx]!] === 0) continue;
-        const x = flip ? size - 1 - cx : cx;
+        const x = flip ? mirrored - 1 - cx : cx;
         mask[y * size + x] = 1;
         area++;
         if (x < x1) x1 = x;
@@ -137,7 +158,7 @@ export function detectionTrainTransform(sample: DetectionSample, size: number, r
     if (area === 0) continue;
     instances.push({ category: instance.category, box: [x1, y1, x2, y2], mask, area, iscrowd: false });
   }
-  return { image, width: size, height: size, instances, id: sample.id };
+  return { image, width: size, height: size, instances, id: sample.id, ...(imageList ? { extent: [ch, cw] as [number, number] } : {}) };
 }
 
 /**
@@ -326,15 +347,15 @@ export interface DetectionTestInput {
   canvas: number;
 }
 
-/** The test transform of the module comment. */
-export function detectionTestResize(sample: Pick<DetectionSample, 'image' | 'width' | 'height'>, size: number): DetectionTestInput {
+/** The test transform of the module comment (`imageList`: padded with 0, for the model to pad as ImageList does). */
+export function detectionTestResize(sample: Pick<DetectionSample, 'image' | 'width' | 'height'>, size: number, options: { imageList?: boolean } = {}): DetectionTestInput {
   const { width: w, height: h } = sample;
   const canvas = Math.max(w, h);
   const scale = size / canvas;
   const [nh, nw] = shortestEdgeSize(h, w, size, size);
   const resized = resizeBilinearPil(sample.image, w, h, nw, nh);
   if (nh === size && nw === size) return { image: resized, resizedHeight: nh, resizedWidth: nw, scale, canvas };
-  const image = new Uint8Array(size * size * 3).fill(DETECTION_PAD_PIXEL);
+  const image = new Uint8Array(size * size * 3).fill(options.imageList ? 0 : DETECTION_PAD_PIXEL);
   for (let y = 0; y < nh; y++) image.set(resized.subarray(y * nw * 3, (y + 1) * nw * 3), y * size * 3);
   return { image, resizedHeight: nh, resizedWidth: nw, scale, canvas };
 }

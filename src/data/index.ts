@@ -88,4 +88,5 @@ export {
   pilNearestSource,
   type DetectionTestInput,
   type DetectionTrainTransformOptions,
+  type TransformedDetectionSample,
 } from './detection-transforms.js';

@@ -1,36 +1,45 @@
 /**
- * The detection driver (the official DET recipe, spec section 6.1): Mask R-CNN (detectron2's FPN,
- * RPN and StandardROIHeads) on a ConvMAE backbone, AdamW lr 8e-5 (betas 0.9 / 0.999, weight
- * decay 0.1, none on norms and position tables), batch 32, detectron2's cosine schedule with a
- * linear warmup from 0.001 of the lr, the large-scale-jitter train transform
- * (src/data/detection-transforms.ts), evaluation by COCO box AP and mask AP
- * (src/tasks/detection-eval.ts), JSONL logs, checkpoints and exact resume.
+ * The detection driver, with the two official recipes (`RECIPES`):
  *
- * The official run is 92187 iterations (25 epochs of COCO at batch 32) with 461 warmup
- * iterations; here the warmup defaults to the same share of the run, rounded up, which is the
- * official 461 at the official length. Data: the digit detection scenes of src/data/detection.ts
- * (the embedded default, scored on the first scenes of the test split) or a folder in COCO's
- * layout (train2017 / val2017 by default).
+ * - DET (spec section 6.1, the default): Mask R-CNN (detectron2's FPN, RPN and
+ *   StandardROIHeads) on a ConvMAE backbone, AdamW lr 8e-5 (betas 0.9 / 0.999, weight decay 0.1,
+ *   none on norms and position tables), batch 32, detectron2's cosine schedule with a linear
+ *   warmup from 0.001 of the lr. The official run is 92187 iterations (25 epochs of COCO at
+ *   batch 32) with 461 warmup iterations.
+ * - Official-ConvMAE-Det (`variant: 'vitdet'`, spec 6.2): ViTDet's simple feature pyramid, AdamW
+ *   lr 1e-4 with layer decay 0.8, batch 16, a step decay (x0.1 at iteration 163889, x0.01 at
+ *   177546 of 184375) after 250 warmup iterations; the crop unpadded and the image padded by the
+ *   model (`imageList` in src/data/detection-transforms.ts).
+ *
+ * Warmups and milestones default to the same shares of the run as the official ones (the
+ * warmup rounded up, the milestones to the nearest step), which are the official iterations at
+ * the official length. Both use the large-scale-jitter train transform
+ * (src/data/detection-transforms.ts), evaluation by COCO box AP and mask AP
+ * (src/tasks/detection-eval.ts), JSONL logs, checkpoints and exact resume. Data: the digit
+ * detection scenes of src/data/detection.ts (the embedded default, scored on the first scenes of
+ * the test split) or a folder in COCO's layout (train2017 / val2017 by default).
  */
 import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { Detector, type DetectorOptions, type TargetInstance } from '../api/detector.js';
+import { Detector, type DetectorOptions, type DetectorVariant, type TargetInstance } from '../api/detector.js';
 import type { TaskLoadReport } from '../api/task-model.js';
 import type { DeviceName, Threads } from '../api/pretrainer.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { decodeRle, encodeRle, openCocoFolder, openDigitDetectionScenes, type DetectionDataset, type DetectionSample } from '../data/detection.js';
-import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE } from '../data/detection-transforms.js';
+import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE, type TransformedDetectionSample } from '../data/detection-transforms.js';
 import { createRng, deriveSeed, type Rng } from '../data/rng.js';
 import { stepBatches, type SkippedStepSample } from '../data/step-batches.js';
 
 import { DetectionEvaluator, SUMMARY_KEYS, type SummaryKey, type Box, type DetectionScores, type EvalDetection, type EvalGroundTruth, type EvalImage } from './detection-eval.js';
 import { positiveInt, runLength, startRun, type TrainingProgress } from './run.js';
-import { detectionLrAt, type DetectionSchedule } from './schedule.js';
+import { checkStepDecay, detectionLrAt, vitdetStepDecay, type DetectionSchedule } from './schedule.js';
 import { native } from '../native.js';
 
-/** The official run's warmup share: 461 of 92187 iterations. */
-const OFFICIAL_WARMUP = 461;
-const OFFICIAL_STEPS = 92187;
+/** Each official recipe's defaults (see the module comment); the warmup is a share of the run. */
+const RECIPES: Record<DetectorVariant, { lr: number; batchSize: number; layerDecay: number; warmup: number; officialSteps: number; stepDecay: boolean }> = {
+  det: { lr: 8e-5, batchSize: 32, layerDecay: 1, warmup: 461, officialSteps: 92187, stepDecay: false },
+  vitdet: { lr: 1e-4, batchSize: 16, layerDecay: 0.8, warmup: 250, officialSteps: 184375, stepDecay: true },
+};
 /** Evaluation batches hold at most this many images (each detection's mask comes back at the image's size). */
 const EVAL_BATCH = 8;
 
@@ -59,19 +68,21 @@ export interface DetectRunOptions extends DetectorHeadOptions {
   threads?: Threads;
   /** Pretrained encoder to start from (ours or the official .pth); random init when absent. */
   init?: string;
-  /** Default 32 (official). */
+  /** Default 32 (official DET; 16 for 'vitdet'). */
   batchSize?: number;
   /** Run length in steps (default 1 epoch). */
   steps?: number;
   epochs?: number;
-  /** Base lr, absolute (no batch scaling), default 8e-5 (official). */
+  /** Base lr, absolute (no batch scaling), default 8e-5 (official DET; 1e-4 for 'vitdet'). */
   lr?: number;
-  /** Default: 461 / 92187 of the run, rounded up (see the module comment). */
+  /** Default: 461 / 92187 of the run (DET) or 250 / 184375 ('vitdet'), rounded up (see the module comment). */
   warmupSteps?: number;
   /** The warmup starts at lr * warmupFactor; default 0.001. */
   warmupFactor?: number;
   /** AdamW weight decay, default 0.1 (official). */
   weightDecay?: number;
+  /** Layer-wise lr decay, default 1 (none, DET) or 0.8 ('vitdet'). */
+  layerDecay?: number;
   /** LSJ's ResizeScale range, default [0.1, 2.0] (official). */
   scaleRange?: [number, number];
   seed?: number;
@@ -170,6 +181,8 @@ async function openDetectionData(spec: DataSpec, size: number): Promise<{ train:
 export interface DetectionBatch {
   images: Uint8Array;
   instances: TargetInstance[][];
+  /** Per image, the [height, width] it fills at the top left, where the transform leaves the padding to the model. */
+  extents?: [number, number][];
   batchSize: number;
   height: number;
   width: number;
@@ -186,7 +199,7 @@ export interface DetectionBatchOptions {
   startStep: number;
   endStep: number;
   /** Maps a sample to size x size, drawing from `rng` (the LSJ train transform). */
-  transform: (sample: DetectionSample, rng: Rng) => DetectionSample;
+  transform: (sample: DetectionSample, rng: Rng) => TransformedDetectionSample;
   onSkip?: (s: SkippedDetectionSample) => void;
   /** A sample without objects (none, or only crowd regions) was passed over. */
   onEmpty?: (index: number, step: number) => void;
@@ -203,7 +216,7 @@ const TRANSFORM_STREAM = 0x6c736a;
  */
 export async function* detectionBatches(dataset: DetectionDataset, options: DetectionBatchOptions): AsyncGenerator<DetectionBatch> {
   const { batchSize, size, seed } = options;
-  const read = async (index: number, step: number, slot: number): Promise<DetectionSample | undefined> => {
+  const read = async (index: number, step: number, slot: number): Promise<TransformedDetectionSample | undefined> => {
     const sample = await dataset.sample(index);
     if (!sample.instances.some((instance) => !instance.iscrowd)) {
       options.onEmpty?.(index, step);
@@ -217,7 +230,8 @@ export async function* detectionBatches(dataset: DetectionDataset, options: Dete
     const images = new Uint8Array(batchSize * size * size * 3);
     samples.forEach((s, i) => images.set(s.image, i * size * size * 3));
     const instances = samples.map((s) => s.instances.map(({ category, box, mask, polygons }) => ({ category, box, mask, polygons })));
-    yield { images, instances, batchSize, height: size, width: size, indices, epoch };
+    const extents = samples.some((s) => s.extent) ? samples.map((s) => s.extent ?? ([size, size] as [number, number])) : undefined;
+    yield { images, instances, batchSize, height: size, width: size, indices, epoch, ...(extents ? { extents } : {}) };
   }
 }
 
@@ -241,9 +255,10 @@ interface Kept<T> {
 
 /**
  * COCO box AP and mask AP of `model` on the dataset: each image through the test transform
- * (resize to fit S x S, pad), detections scaled back to its original size, scored against its
- * original ground truth (crowd regions kept as crowd; each annotation's area). Unreadable images
- * are skipped and counted (and left out of the scores). Scores do not depend on `batchSize`.
+ * (resize to fit S x S, pad; a 'vitdet' model pads it itself, given the resized size as the
+ * image's extent), detections scaled back to its original size, scored against its original
+ * ground truth (crowd regions kept as crowd; each annotation's area). Unreadable images are
+ * skipped and counted (and left out of the scores). Scores do not depend on `batchSize`.
  */
 export async function evaluateDetection(
   model: Detector,
@@ -272,10 +287,16 @@ export async function evaluateDetection(
       (s): s is { index: number; sample: DetectionSample } => s.sample !== undefined,
     );
     if (samples.length > 0) {
-      const inputs = samples.map(({ sample }) => detectionTestResize(sample, size));
+      const imageList = model.variant === 'vitdet';
+      const inputs = samples.map(({ sample }) => detectionTestResize(sample, size, { imageList }));
       const pixels = new Uint8Array(samples.length * size * size * 3);
       inputs.forEach((input, i) => pixels.set(input.image, i * size * size * 3));
-      const found = await model.detect({ images: pixels, batchSize: samples.length, height: size, width: size }, { outputSizes: inputs.map((input) => [input.canvas, input.canvas]) });
+      const batch = { images: pixels, batchSize: samples.length, height: size, width: size };
+      // detector_postprocess: from the resized image to the original (ImageList layout), or from
+      // the whole padded square to the square it covers, cut below.
+      const found = imageList
+        ? await model.detect(batch, { extents: inputs.map((input) => [input.resizedHeight, input.resizedWidth]), outputSizes: samples.map(({ sample }) => [sample.height, sample.width]) })
+        : await model.detect(batch, { outputSizes: inputs.map((input) => [input.canvas, input.canvas]) });
       samples.forEach(({ index, sample }, i) => {
         const { width: w, height: h } = sample;
         images.push({ id: index, width: w, height: h });
@@ -286,14 +307,14 @@ export async function evaluateDetection(
           })),
         );
         const d = found[i]!;
-        const canvas = inputs[i]!.canvas;
+        const canvas = imageList ? undefined : inputs[i]!.canvas;
         const kept: Kept<EvalDetection>[] = [];
         d.boxes.forEach((b, n) => {
           // detector_postprocess: boxes clipped to the image, empty ones dropped.
           const box: Box = [Math.min(Math.max(b[0], 0), w), Math.min(Math.max(b[1], 0), h), Math.min(Math.max(b[2], 0), w), Math.min(Math.max(b[3], 0), h)];
           if (!(box[2] > box[0] && box[3] > box[1])) return;
           let mask = d.masks[n]!;
-          if (canvas !== w || canvas !== h) {
+          if (canvas !== undefined && (canvas !== w || canvas !== h)) {
             const cut = new Uint8Array(h * w);
             for (let y = 0; y < h; y++) cut.set(mask.subarray(y * canvas, y * canvas + w), y * w);
             mask = cut;
@@ -323,8 +344,10 @@ export async function evaluateDetection(
 /** The detector's head options of `options` that are set. */
 function headOptions(options: DetectorHeadOptions): DetectorHeadOptions {
   const keys: (keyof DetectorHeadOptions)[] = [
+    'variant',
     'window',
     'globalBlocks',
+    'posGrid',
     'channels',
     'anchorSizes',
     'aspectRatios',
@@ -360,12 +383,15 @@ function checkScaleRange(range: readonly number[]): [number, number] {
 export async function detect(options: DetectRunOptions = {}): Promise<DetectRunSummary> {
   const started = performance.now();
   const outDir = options.outDir ?? path.join('runs', 'detect');
-  const batchSize = positiveInt(options.batchSize ?? 32, 'batchSize');
+  const variant = options.variant ?? 'det';
+  if (variant !== 'det' && variant !== 'vitdet') throw new RangeError(`variant must be 'det' or 'vitdet', got '${String(variant)}'`);
+  const recipe = RECIPES[variant];
+  const batchSize = positiveInt(options.batchSize ?? recipe.batchSize, 'batchSize');
   const seed = options.seed ?? 0;
   const scaleRange = checkScaleRange(options.scaleRange ?? [...LSJ_SCALE_RANGE]);
   const warmupFactor = options.warmupFactor ?? 0.001;
   if (!(Number.isFinite(warmupFactor) && warmupFactor >= 0 && warmupFactor <= 1)) throw new RangeError(`warmupFactor must be in [0, 1], got ${warmupFactor}`);
-  const lr = options.lr ?? 8e-5;
+  const lr = options.lr ?? recipe.lr;
   if (!(Number.isFinite(lr) && lr >= 0)) throw new RangeError(`lr must be a finite non-negative number, got ${lr}`);
   const size = resolveConfig(options).img_size;
   const data = await openDetectionData(options, size);
@@ -379,13 +405,13 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
     threads: options.threads,
     numClasses: dataset.classes.length,
     seed,
-    optimizer: { weight_decay: options.weightDecay ?? 0.1 },
+    optimizer: { weight_decay: options.weightDecay ?? 0.1, layer_decay: options.layerDecay ?? recipe.layerDecay },
   });
   try {
     const stepsPerEpoch = Math.floor(dataset.length / batchSize);
     const totalSteps = runLength(options, stepsPerEpoch, 1);
     const evalEvery = options.evalEvery === undefined ? totalSteps : positiveInt(options.evalEvery, 'evalEvery');
-    const warmupSteps = options.warmupSteps ?? Math.ceil((totalSteps * OFFICIAL_WARMUP) / OFFICIAL_STEPS);
+    const warmupSteps = options.warmupSteps ?? Math.ceil((totalSteps * recipe.warmup) / recipe.officialSteps);
     if (!Number.isInteger(warmupSteps) || warmupSteps < 0) throw new RangeError(`warmupSteps must be a non-negative integer, got ${warmupSteps}`);
     let state: RunState = {
       step: 0,
@@ -393,7 +419,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
       batchSize,
       seed,
       scaleRange,
-      schedule: { lr, steps: totalSteps, warmupSteps: Math.min(warmupSteps, totalSteps), warmupFactor },
+      schedule: { lr, steps: totalSteps, warmupSteps: Math.min(warmupSteps, totalSteps), warmupFactor, ...(recipe.stepDecay ? vitdetStepDecay(totalSteps) : {}) },
     };
 
     await mkdir(outDir, { recursive: true });
@@ -405,6 +431,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
       if (saved.batchSize !== batchSize) throw new Error(`--resume: '${from}' was trained with batch ${saved.batchSize}, this run asks for ${batchSize}`);
       // A longer run continues past the saved length on the saved schedule (its lr is 0 there).
       state = { ...saved, totalSteps: Math.max(saved.totalSteps, totalSteps), schedule: { ...saved.schedule } };
+      checkStepDecay(state.schedule);
     }
     const init = start.init;
 
@@ -428,7 +455,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
       seed: state.seed,
       startStep: state.step,
       endStep: state.totalSteps,
-      transform: (sample, rng) => detectionTrainTransform(sample, size, rng, { scaleRange: state.scaleRange }),
+      transform: (sample, rng) => detectionTrainTransform(sample, size, rng, { scaleRange: state.scaleRange, imageList: variant === 'vitdet' }),
       onSkip: (s) => {
         skipped.push(s);
         options.onSkip?.(s);

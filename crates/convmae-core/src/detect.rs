@@ -32,6 +32,15 @@ impl Default for DetectorAdamWConfig {
     }
 }
 
+impl DetectorAdamWConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.layer_decay.is_finite() && self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            return Err(format!("layer_decay must be in (0, 1], got {}", self.layer_decay));
+        }
+        Ok(())
+    }
+}
+
 /// The pyramid's one LayerNorm not named `norm` (Official-ConvMAE-Det's `simfp_2`: deconv,
 /// LayerNorm, GELU, deconv).
 const PYRAMID_LAYER_NORM: &str = "backbone.simfp_2.1.";
@@ -90,9 +99,7 @@ pub struct DetectorTrainer {
 impl DetectorTrainer {
     pub fn new(model: Detector, adamw: DetectorAdamWConfig, seed: u64) -> Result<Self> {
         let cfg = AdamWConfig { beta1: adamw.beta1, beta2: adamw.beta2, eps: adamw.eps, weight_decay: adamw.weight_decay };
-        if !(adamw.layer_decay.is_finite() && adamw.layer_decay > 0.0 && adamw.layer_decay <= 1.0) {
-            return Err(err(format!("layer_decay must be in (0, 1], got {}", adamw.layer_decay)));
-        }
+        adamw.validate().map_err(err)?;
         let stage3_blocks = model.cfg.depth[2];
         let optimizer = AdamW::with_groups(cfg, &model.params, |p| detector_group(p, adamw.weight_decay, adamw.layer_decay, stage3_blocks))?;
         Ok(Self { model, adamw, optimizer, seed, bn_batches: 0 })

@@ -971,6 +971,7 @@ impl NativeDetector {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
             None => DetectorAdamWConfig::default(),
         };
+        adamw.validate().map_err(js_err)?;
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
