@@ -28,6 +28,7 @@ import {
   type ImageDetections,
 } from '../src/index.js';
 import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
+import { native } from '../src/native.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
@@ -175,9 +176,14 @@ test('a vitdet detector takes the official window and global blocks by default, 
   t.throws(() => Detector.create({ preset: 'convmae-tiny', numClasses: 2, window: 2 }), { message: /global_blocks: block 6 does not exist/ });
   t.throws(() => Detector.create({ preset: 'convmae-tiny', numClasses: 2, variant: 'nope' as 'vitdet' }), { message: /invalid detector head: unknown variant `nope`, expected `det` or `vitdet`/ });
   t.throws(() => Detector.create({ ...smallRun, numClasses: 10, optimizer: { layer_decay: 0 } }), { message: /layer_decay must be in \(0, 1\], got 0/ });
-  const model = Detector.create({ ...smallRun, numClasses: 10, seed: 1, optimizer: { layer_decay: 0.8 } });
+  const model = Detector.create({ ...smallRun, numClasses: 10, seed: 1 });
   try {
     t.is(model.variant, 'vitdet');
+    // The official layer decay is the default, as the head's are; a checkpoint records it.
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-vitdet-api-'));
+    await model.save(path.join(dir, 'fresh.safetensors'));
+    const adamw = JSON.parse((JSON.parse(await native.checkpointMetadata(path.join(dir, 'fresh.safetensors'))) as { adamw: string }).adamw) as { layer_decay: number };
+    t.is(adamw.layer_decay, 0.8);
     const batch = await sceneBatch(2);
     const a = await model.train({ ...batch, extents: [[64, 64], [48, 40]] }, { lr: 1e-3 });
     t.true(Number.isFinite(a.loss) && a.foreground > 0);

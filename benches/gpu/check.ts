@@ -252,13 +252,20 @@ async function main(): Promise<void> {
     parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; ${differ}` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
     log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, ${differ})` : `error ${r.error}`}`);
     save();
-    const d = await run(process.execPath, [probe, 'detector'], 120, { ...process.env, CONVMAE_TF32: 'off' });
-    const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number } | undefined;
-    const detFixture = 'detector on the GPU = on the CPU (convmae-tiny, 2 steps; detections reported)';
-    const detections = k ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}` : '';
-    parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...k, worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
-    log(`detector: ${k ? `${k.pass ? 'pass' : 'FAIL'} (worst ${k.worst} ${k.worst_rel.toExponential(2)}, ${detections})` : `error ${d.error}`}`);
-    save();
+    // The DET detector, then Official-ConvMAE-Det's (its pyramid, LayerNorm heads, decomposed
+    // relative positions and extents, also written without a GPU).
+    for (const [name, probeName, what] of [
+      ['detector', 'detector', 'convmae-tiny, 2 steps'],
+      ['detector (vitdet)', 'detector-vitdet', 'vitdet variant, convmae-tiny, 2 steps with extents'],
+    ] as const) {
+      const d = await run(process.execPath, [probe, probeName], 120, { ...process.env, CONVMAE_TF32: 'off' });
+      const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number } | undefined;
+      const detFixture = `${name} on the GPU = on the CPU (${what}; detections reported)`;
+      const detections = k ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}` : '';
+      parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...k, worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
+      log(`${name}: ${k ? `${k.pass ? 'pass' : 'FAIL'} (worst ${k.worst} ${k.worst_rel.toExponential(2)}, ${detections})` : `error ${d.error}`}`);
+      save();
+    }
   }
 
   // Each op's time by our kernels and by candle's compositions at a step's shapes (seconds):

@@ -10,6 +10,7 @@
  *   node dist/benches/gpu/probe-worker.js overlap [device]   (default cuda; cpu runs the same probe there)
  *   node dist/benches/gpu/probe-worker.js segmenter [device] (the segmenter on the device against the CPU; run it with CONVMAE_TF32=off)
  *   node dist/benches/gpu/probe-worker.js detector [device]  (the detector likewise)
+ *   node dist/benches/gpu/probe-worker.js detector-vitdet [device]  (its Official-ConvMAE-Det variant, with extents)
  *
  * CONVMAE_PROBE_DEVICE=cpu runs every probe on the CPU instead of CUDA (check.ts --rehearse).
  */
@@ -126,23 +127,26 @@ async function segmenterProbe(device: DeviceName): Promise<{ pass: boolean; wors
  * models on other scenes. On CUDA its ROIAlign is our CUDA kernel and its BatchNorm candle's ops.
  * A near tie in a top-k or NMS could change what a step samples, so the losses are held to
  * `tolerance` only; the detections are reported (count and the largest score difference of
- * the detections both kept, in order), not judged.
+ * the detections both kept, in order), not judged. The 'vitdet' variant (Official-ConvMAE-Det:
+ * simple feature pyramid, LayerNorm heads, decomposed relative positions, padded windows) runs
+ * with the second image's extent smaller than its input, as its pipeline gives them.
  */
-async function detectorProbe(device: DeviceName): Promise<{ pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number }> {
+async function detectorProbe(device: DeviceName, variant: 'det' | 'vitdet'): Promise<{ pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number }> {
   const side = 64;
   const tolerance = 1e-3;
-  const make = (d: DeviceName) =>
-Detector.create({ preset: 'convmae-tiny', numClasses: 3, ...SMALL_DETECTOR_HEAD, device: d, seed: 2 });
+  const vitdet = variant === 'vitdet' ? { variant, window: 3, globalBlocks: [1], posGrid: 4 } : {};
+  const extents: [number, number][] | undefined = variant === 'vitdet' ? [[side, side], [48, 56]] : undefined;
+  const make = (d: DeviceName) => Detector.create({ preset: 'convmae-tiny', numClasses: 3, ...SMALL_DETECTOR_HEAD, ...vitdet, device: d, seed: 2 });
   const [cpu, other] = [make('cpu'), make(device)];
   try {
     const worst = new WorstDifference();
     for (let k = 0; k < 2; k++) {
-      const batch = rectangleScenes(2, side, k + 1);
+      const batch = { ...rectangleScenes(2, side, k + 1), extents };
       const [a, b] = [await other.train(batch, { lr: 1e-3 }), await cpu.train(batch, { lr: 1e-3 })];
       for (const part of ['lossRpnCls', 'lossRpnLoc', 'lossCls', 'lossBoxReg', 'lossMask'] as const) worst.note(`${part} of step ${k + 1}`, a[part], b[part]);
     }
     const scenes = rectangleScenes(2, side, 9);
-    const [a, b] = [await other.detect(scenes), await cpu.detect(scenes)];
+    const [a, b] = [await other.detect(scenes, { extents }), await cpu.detect(scenes, { extents })];
     const count = (d: typeof a) => d.reduce((n, image) => n + image.scores.length, 0);
     let scoreDiff = 0;
     a.forEach((image, i) => image.scores.forEach((score, j) => (scoreDiff = Math.max(scoreDiff, Math.abs(score - (b[i]!.scores[j] ?? Infinity))))));
@@ -165,8 +169,8 @@ async function main(): Promise<void> {
     process.stdout.write(JSON.stringify({ rows: JSON.parse(await native.compareKernels(device, 'flash_mma')) as unknown[] }) + '\n');
   } else if (what === 'overlap' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await overlapProbe(fixture ?? device)) + '\n');
-  } else if (what === 'detector' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
-    process.stdout.write(JSON.stringify(await detectorProbe(fixture ?? device)) + '\n');
+  } else if ((what === 'detector' || what === 'detector-vitdet') && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
+    process.stdout.write(JSON.stringify(await detectorProbe(fixture ?? device, what === 'detector' ? 'det' : 'vitdet')) + '\n');
   } else if (what === 'segmenter' && (fixture === undefined || fixture === 'cpu' || fixture === 'cuda')) {
     process.stdout.write(JSON.stringify(await segmenterProbe(fixture ?? device)) + '\n');
   } else if (what === 'timing' && Number(fixture) > 0 && Number(dtype) > 0) {
@@ -174,7 +178,7 @@ async function main(): Promise<void> {
     const rows = JSON.parse(await native.timeKernels(device, Number(fixture), Number(dtype), ['bf16', 'f32'])) as unknown[];
     process.stdout.write(JSON.stringify({ rows }) + '\n');
   } else {
-    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] | segmenter [cpu|cuda] | detector [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
+    throw new Error(`usage: probe-worker.js parity <fixture> <f32|f64> <sparse|dense> | agreement | mma | timing <batch> <reps> | overlap [cpu|cuda] | segmenter [cpu|cuda] | detector [cpu|cuda] | detector-vitdet [cpu|cuda] (got ${process.argv.slice(2).join(' ')})`);
   }
 }
 

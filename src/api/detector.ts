@@ -20,15 +20,15 @@ export interface DetectorAdamWOptions {
   beta2?: number;
   eps?: number;
   weight_decay?: number;
-  /** Layer-wise lr decay, in (0, 1]: 1 (none, DET's, the default) or Official-ConvMAE-Det's 0.8. */
+  /** Layer-wise lr decay, in (0, 1]: default 1 (none, DET's) or 0.8 for 'vitdet' (Official-ConvMAE-Det's). */
   layer_decay?: number;
 }
 
 /** Which official detector: the in-repo `DET/` ('det', spec 6.1) or `Official-ConvMAE-Det` ('vitdet', spec 6.2). */
 export type DetectorVariant = 'det' | 'vitdet';
 
-/** Official-ConvMAE-Det's window and global blocks, where a 'vitdet' detector's options leave them out. */
-export const VITDET_HEAD_DEFAULTS = { window: 14, globalBlocks: [1, 4, 7, 10] } as const;
+/** Official-ConvMAE-Det's window, global blocks and layer decay, where a 'vitdet' detector's options leave them out. */
+export const VITDET_DEFAULTS = { window: 14, globalBlocks: [1, 4, 7, 10], layerDecay: 0.8 } as const;
 
 /** The detector's architecture and detectron2's sampling and test settings; absent ones take the official values. */
 export interface DetectorOptions extends ModelSpec {
@@ -263,12 +263,14 @@ export class Detector extends TaskModel<InstanceType<typeof native.NativeDetecto
 
   private constructor(config: ConvMaeConfig, options: DetectorOptions) {
     const head: Record<string, unknown> = { num_classes: options.numClasses };
-    const withDefaults = options.variant === 'vitdet' ? { window: VITDET_HEAD_DEFAULTS.window, globalBlocks: [...VITDET_HEAD_DEFAULTS.globalBlocks], ...definedOnly(options) } : options;
+    const vitdet = options.variant === 'vitdet';
+    const withDefaults = vitdet ? { window: VITDET_DEFAULTS.window, globalBlocks: [...VITDET_DEFAULTS.globalBlocks], ...definedOnly(options) } : options;
     for (const [key, name] of Object.entries(HEAD_FIELDS)) {
       const value = withDefaults[key as keyof typeof HEAD_FIELDS];
       if (value !== undefined) head[name] = value;
     }
-    super('Detector', native.NativeDetector, config, head, options);
+    const optimizer = vitdet ? { layer_decay: VITDET_DEFAULTS.layerDecay, ...definedOnly(options.optimizer ?? {}) } : options.optimizer;
+    super('Detector', native.NativeDetector, config, head, { ...options, optimizer });
     this.numClasses = options.numClasses;
     this.variant = options.variant ?? 'det';
   }

@@ -35,10 +35,13 @@ import { positiveInt, runLength, startRun, type TrainingProgress } from './run.j
 import { checkStepDecay, detectionLrAt, vitdetStepDecay, type DetectionSchedule } from './schedule.js';
 import { native } from '../native.js';
 
-/** Each official recipe's defaults (see the module comment); the warmup is a share of the run. */
-const RECIPES: Record<DetectorVariant, { lr: number; batchSize: number; layerDecay: number; warmup: number; officialSteps: number; stepDecay: boolean }> = {
-  det: { lr: 8e-5, batchSize: 32, layerDecay: 1, warmup: 461, officialSteps: 92187, stepDecay: false },
-  vitdet: { lr: 1e-4, batchSize: 16, layerDecay: 0.8, warmup: 250, officialSteps: 184375, stepDecay: true },
+/**
+ * Each official recipe's run defaults (see the module comment; the layer decay is the model's,
+ * `DetectorAdamWOptions.layer_decay`); the warmup is a share of the run.
+ */
+const RECIPES: Record<DetectorVariant, { lr: number; batchSize: number; warmup: number; officialSteps: number; stepDecay: boolean }> = {
+  det: { lr: 8e-5, batchSize: 32, warmup: 461, officialSteps: 92187, stepDecay: false },
+  vitdet: { lr: 1e-4, batchSize: 16, warmup: 250, officialSteps: 184375, stepDecay: true },
 };
 /** Evaluation batches hold at most this many images (each detection's mask comes back at the image's size). */
 const EVAL_BATCH = 8;
@@ -405,7 +408,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
     threads: options.threads,
     numClasses: dataset.classes.length,
     seed,
-    optimizer: { weight_decay: options.weightDecay ?? 0.1, layer_decay: options.layerDecay ?? recipe.layerDecay },
+    optimizer: { weight_decay: options.weightDecay ?? 0.1, layer_decay: options.layerDecay },
   });
   try {
     const stepsPerEpoch = Math.floor(dataset.length / batchSize);
