@@ -15,7 +15,6 @@ import {
   detectionTrainTransform,
   Detector,
   maskBox,
-  openDigitDetectionScenes,
   rasterizePolygons as rasterize,
   uniform,
   vitdetStepDecay,
@@ -29,6 +28,7 @@ import {
 } from '../src/index.js';
 import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
 import { native } from '../src/native.js';
+import { sceneBatch, stepLines } from './detection-helpers.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
@@ -160,15 +160,6 @@ test('a vitdet model is evaluated through extents: the ground truth seen through
   t.true(Math.abs(r.mask.AP - 100) < 1e-9, JSON.stringify(r.mask));
 });
 
-/** The first `n` digit detection scenes of t10k as a batch. */
-async function sceneBatch(n: number): Promise<AnnotatedBatch> {
-  const scenes = await openDigitDetectionScenes('t10k', { limit: n });
-  const samples = await Promise.all(Array.from({ length: n }, (_, i) => scenes.sample(i)));
-  const images = new Uint8Array(n * 64 * 64 * 3);
-  samples.forEach((s, i) => images.set(s.image, i * 64 * 64 * 3));
-  return { images, batchSize: n, height: 64, width: 64, instances: samples.map((s) => s.instances.map(({ category, box, mask }) => ({ category, box, mask }))) };
-}
-
 test('a vitdet detector takes the official window and global blocks by default, trains and detects with extents, and names bad ones', async (t) => {
   // The defaults are the official ones, block 4 (vitdet's 1, 4, 7, 10) or 6 (DET's 0, 3, 6, 10)
   // being the first that tiny's 4-block stage 3 lacks.
@@ -205,14 +196,8 @@ test('a vitdet detection run stopped after 2 of 4 steps resumes exactly, and con
   const stop = new AbortController();
   await detect({ ...base, outDir: path.join(dir, 'resumed'), signal: stop.signal, onProgress: (p) => p.step === 2 && stop.abort() });
   const second = await detect({ ...base, outDir: path.join(dir, 'resumed'), resume: true });
-  const losses = async (file: string) =>
-    (await readFile(file, 'utf8'))
-      .trim()
-      .split('\n')
-      .map((l) => JSON.parse(l) as { step?: number; loss?: number; lr?: number; event?: string })
-      .filter((l) => l.event === undefined);
-  const a = await losses(straight.log);
-  const b = await losses(second.log);
+  const a = await stepLines(straight.log);
+  const b = await stepLines(second.log);
   t.deepEqual(
     b.map((l) => [l.step, l.loss, l.lr]),
     a.map((l) => [l.step, l.loss, l.lr]),

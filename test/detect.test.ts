@@ -21,7 +21,6 @@ import {
   lsjResizedSize,
   maskBox,
   openCocoFolder,
-  openDigitDetectionScenes,
   pretrain,
   rasterizePolygons,
   type AnnotatedBatch,
@@ -33,6 +32,7 @@ import {
 import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
 import { withoutSpikes } from '../src/data/detection-transforms.js';
 import { native } from '../src/native.js';
+import { sceneBatch, stepLines } from './detection-helpers.js';
 import { CLI } from './helpers.js';
 
 const run = promisify(execFile);
@@ -207,15 +207,6 @@ test('the LSJ train transform: flip, ResizeScale sizes, crop and pad to S, boxes
   t.is(input.image[(15 * 32 + 31) * 3], 9);
   t.is(input.image[16 * 32 * 3], 128);
 });
-
-/** The first `n` digit detection scenes of t10k as a batch. */
-async function sceneBatch(n: number): Promise<AnnotatedBatch> {
-  const scenes = await openDigitDetectionScenes('t10k', { limit: n });
-  const samples = await Promise.all(Array.from({ length: n }, (_, i) => scenes.sample(i)));
-  const images = new Uint8Array(n * 64 * 64 * 3);
-  samples.forEach((s, i) => images.set(s.image, i * 64 * 64 * 3));
-  return { images, batchSize: n, height: 64, width: 64, instances: samples.map((s) => s.instances.map(({ category, box, mask }) => ({ category, box, mask }))) };
-}
 
 test('the detector trains on digit scenes, detects at the output size asked for, and names bad instances', async (t) => {
   t.throws(() => Detector.create({ ...smallRun, numClasses: 0 }), { message: /numClasses must be a positive integer/ });
@@ -421,14 +412,8 @@ test('a detection run stopped after 2 of 4 steps resumes exactly', async (t) => 
   await t.throwsAsync(() => detect({ ...base, batchSize: 4, outDir: path.join(dir, 'resumed'), resume: true }), { message: /trained with batch 2, this run asks for 4/ });
   const second = await detect({ ...base, outDir: path.join(dir, 'resumed'), resume: true });
   t.is(second.steps, 4);
-  const losses = async (file: string) =>
-    (await readFile(file, 'utf8'))
-      .trim()
-      .split('\n')
-      .map((l) => JSON.parse(l) as { step?: number; loss?: number; lr?: number; event?: string })
-      .filter((l) => l.event === undefined);
-  const a = await losses(straight.log);
-  const b = await losses(second.log);
+  const a = await stepLines(straight.log);
+  const b = await stepLines(second.log);
   t.deepEqual(
     b.map((l) => l.step),
     [1, 2, 3, 4],
