@@ -57,8 +57,9 @@ export declare class NativeClassifier {
 /** A Mask R-CNN detector on a ConvMAE backbone and its optimizer, owned by one worker thread. */
 export declare class NativeDetector {
   /**
-   * `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-   * {beta1, beta2, eps, weight_decay, layer_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+   * `headJson`: the DetectorHead fields (absent: the official values of its `variant`,
+   * 'det' or 'vitdet'); `optimizerJson`: {beta1, beta2, eps, weight_decay, layer_decay}
+   * (absent: the variant's official values). `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
    * CUDA build; float32 with TF32 matmuls, or float64).
    */
   constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)

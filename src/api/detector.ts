@@ -27,8 +27,6 @@ export interface DetectorAdamWOptions {
 /** Which official detector: the in-repo `DET/` ('det', spec 6.1) or `Official-ConvMAE-Det` ('vitdet', spec 6.2). */
 export type DetectorVariant = 'det' | 'vitdet';
 
-/** Official-ConvMAE-Det's window, global blocks and layer decay, where a 'vitdet' detector's options leave them out. */
-export const VITDET_DEFAULTS = { window: 14, globalBlocks: [1, 4, 7, 10], layerDecay: 0.8 } as const;
 
 /** The detector's architecture and detectron2's sampling and test settings; absent ones take the official values. */
 export interface DetectorOptions extends ModelSpec {
@@ -244,11 +242,6 @@ interface FlatPolygons {
   coords: Float64Array;
 }
 
-/** The options that are set (a spread of them then keeps defaults where one is undefined). */
-function definedOnly<T extends object>(options: T): Partial<T> {
-  return Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as Partial<T>;
-}
-
 /**
  * Mask R-CNN on a ConvMAE backbone. `initFrom` resizes `pos_embed` to the model's table (DET:
  * the detection grid, 224-px pretraining and 1024-px detection: 14x14 to 64x64; 'vitdet':
@@ -262,15 +255,13 @@ export class Detector extends TaskModel<InstanceType<typeof native.NativeDetecto
   readonly variant: DetectorVariant;
 
   private constructor(config: ConvMaeConfig, options: DetectorOptions) {
+    // Absent fields take the official values of the variant (the native side fills them in).
     const head: Record<string, unknown> = { num_classes: options.numClasses };
-    const vitdet = options.variant === 'vitdet';
-    const withDefaults = vitdet ? { window: VITDET_DEFAULTS.window, globalBlocks: [...VITDET_DEFAULTS.globalBlocks], ...definedOnly(options) } : options;
     for (const [key, name] of Object.entries(HEAD_FIELDS)) {
-      const value = withDefaults[key as keyof typeof HEAD_FIELDS];
+      const value = options[key as keyof typeof HEAD_FIELDS];
       if (value !== undefined) head[name] = value;
     }
-    const optimizer = vitdet ? { layer_decay: VITDET_DEFAULTS.layerDecay, ...definedOnly(options.optimizer ?? {}) } : options.optimizer;
-    super('Detector', native.NativeDetector, config, head, { ...options, optimizer });
+    super('Detector', native.NativeDetector, config, head, options);
     this.numClasses = options.numClasses;
     this.variant = options.variant ?? 'det';
   }

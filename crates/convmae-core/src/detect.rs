@@ -3,7 +3,7 @@
 //! tables; DET has no layer decay, Official-ConvMAE-Det 0.8), the five detectron2 losses summed
 //! with weight 1, BatchNorm running statistics folded in after every step.
 
-use crate::model::detector::{Detector, ImageDetections, ImageTargets};
+use crate::model::detector::{Detector, DetectorVariant, ImageDetections, ImageTargets};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::params::Param;
 use crate::rng::Rng;
@@ -33,6 +33,24 @@ impl Default for DetectorAdamWConfig {
 }
 
 impl DetectorAdamWConfig {
+    /// The official settings of `variant`: DET's defaults, or layer decay 0.8 for
+    /// Official-ConvMAE-Det.
+    pub fn official(variant: DetectorVariant) -> Self {
+        match variant {
+            DetectorVariant::Det => Self::default(),
+            DetectorVariant::Vitdet => Self { layer_decay: 0.8, ..Self::default() },
+        }
+    }
+
+    /// Settings from JSON whose absent fields take `official(variant)`'s values.
+    pub fn from_json(json: &str, variant: DetectorVariant) -> std::result::Result<Self, String> {
+        let given: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("invalid optimizer options: {e}"))?;
+        let Some(fields) = given.as_object() else { return Err(format!("invalid optimizer options: expected an object, got {given}")) };
+        let mut adamw = serde_json::to_value(Self::official(variant)).expect("settings serialize");
+        adamw.as_object_mut().expect("settings are an object").extend(fields.clone());
+        serde_json::from_value(adamw).map_err(|e| format!("invalid optimizer options: {e}"))
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.layer_decay.is_finite() && self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             return Err(format!("layer_decay must be in (0, 1], got {}", self.layer_decay));

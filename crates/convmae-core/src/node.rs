@@ -958,19 +958,17 @@ impl NativeDetector {
 
 #[napi]
 impl NativeDetector {
-    /// `headJson`: the DetectorHead fields (absent: the official values); `optimizerJson`:
-    /// {beta1, beta2, eps, weight_decay, layer_decay}. `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
+    /// `headJson`: the DetectorHead fields (absent: the official values of its `variant`,
+    /// 'det' or 'vitdet'); `optimizerJson`: {beta1, beta2, eps, weight_decay, layer_decay}
+    /// (absent: the variant's official values). `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
     /// CUDA build; float32 with TF32 matmuls, or float64).
     #[napi(constructor)]
     pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
-        let head: DetectorHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid detector head: {e}")))?;
+        let head = DetectorHead::from_json(&head_json).map_err(js_err)?;
         head.validate(&cfg).map_err(js_err)?;
         let dtype = parse_dtype(&dtype)?;
-        let adamw: DetectorAdamWConfig = match optimizer_json {
-            Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
-            None => DetectorAdamWConfig::default(),
-        };
+        let adamw = DetectorAdamWConfig::from_json(optimizer_json.as_deref().unwrap_or("{}"), head.variant).map_err(js_err)?;
         adamw.validate().map_err(js_err)?;
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));

@@ -797,3 +797,22 @@ fn vitdet_tensors_have_the_official_names_and_shapes() {
 fn a_small_vitdet_model_learns_to_find_rectangles() {
     learns_to_find_rectangles(small_vitdet_head(), DetectorAdamWConfig { layer_decay: 1.0, ..DetectorAdamWConfig::default() });
 }
+
+/// JSON heads and optimizer settings (what the API sends) take their variant's official values
+/// where they leave fields out; unknown fields and variants are refused, named.
+#[test]
+fn json_settings_default_to_their_variants_official_values() {
+    let head = DetectorHead::from_json(r#"{"variant":"vitdet","num_classes":3}"#).unwrap();
+    assert_eq!(head, DetectorHead { num_classes: 3, ..DetectorHead::vitdet() });
+    let head = DetectorHead::from_json(r#"{"variant":"vitdet","window":7}"#).unwrap();
+    assert_eq!((head.window, head.global_blocks), (7, vec![1, 4, 7, 10]));
+    assert_eq!(DetectorHead::from_json("{}").unwrap(), DetectorHead::default());
+    let e = DetectorHead::from_json(r#"{"variant":"vit"}"#).unwrap_err();
+    assert!(e.contains("unknown variant `vit`, expected `det` or `vitdet`"), "{e}");
+    let e = DetectorHead::from_json(r#"{"windows":3}"#).unwrap_err();
+    assert!(e.contains("unknown field `windows`"), "{e}");
+    assert!(DetectorHead::from_json("[]").unwrap_err().contains("expected an object"));
+    assert_eq!(DetectorAdamWConfig::from_json("{}", DetectorVariant::Vitdet).unwrap().layer_decay, 0.8);
+    assert_eq!(DetectorAdamWConfig::from_json(r#"{"weight_decay":0.05}"#, DetectorVariant::Det).unwrap(), DetectorAdamWConfig { weight_decay: 0.05, ..DetectorAdamWConfig::default() });
+    assert_eq!(DetectorAdamWConfig::from_json(r#"{"layer_decay":0.9}"#, DetectorVariant::Vitdet).unwrap().layer_decay, 0.9);
+}

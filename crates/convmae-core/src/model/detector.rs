@@ -147,6 +147,26 @@ impl DetectorHead {
         Self { variant: DetectorVariant::Vitdet, window: 14, global_blocks: vec![1, 4, 7, 10], ..Self::default() }
     }
 
+    /// The official head of `variant`.
+    pub fn official(variant: DetectorVariant) -> Self {
+        match variant {
+            DetectorVariant::Det => Self::default(),
+            DetectorVariant::Vitdet => Self::vitdet(),
+        }
+    }
+
+    /// A head from JSON whose absent fields take the official values of its `variant` (DET's
+    /// when it names none), unlike serde's defaults, which are DET's whatever the variant.
+    pub fn from_json(json: &str) -> std::result::Result<Self, String> {
+        let given: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("invalid detector head: {e}"))?;
+        let variant = given.get("variant").and_then(|v| serde_json::from_value::<DetectorVariant>(v.clone()).ok()).unwrap_or_default();
+        let Some(fields) = given.as_object() else { return Err(format!("invalid detector head: expected an object, got {given}")) };
+        let mut head = serde_json::to_value(Self::official(variant)).expect("a head serializes");
+        head.as_object_mut().expect("a head is an object").extend(fields.clone());
+        // Unknown fields and bad values (an unknown variant among them) are refused here.
+        serde_json::from_value(head).map_err(|e| format!("invalid detector head: {e}"))
+    }
+
     pub fn anchors_per_position(&self) -> usize {
         self.aspect_ratios.len()
     }
