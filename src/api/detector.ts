@@ -27,7 +27,6 @@ export interface DetectorAdamWOptions {
 /** Which official detector: the in-repo `DET/` ('det', spec 6.1) or `Official-ConvMAE-Det` ('vitdet', spec 6.2). */
 export type DetectorVariant = 'det' | 'vitdet';
 
-
 /** The detector's architecture and detectron2's sampling and test settings; absent ones take the official values. */
 export interface DetectorOptions extends ModelSpec {
   /** Object classes (no background class). */
