@@ -28,6 +28,7 @@ import {
 } from '../src/index.js';
 import { SMALL_DETECTOR_HEAD } from '../benches/synthetic-scenes.js';
 import { native } from '../src/native.js';
+import { checkStepDecay } from '../src/tasks/schedule.js';
 import { sceneBatch, stepLines } from './detection-helpers.js';
 import { CLI } from './helpers.js';
 
@@ -49,6 +50,10 @@ test('the vitdet schedule is fvcore MultiStep under the warmup: 0.001 of the lr,
   close(detectionLrAt(95, s), 1e-5);
   close(detectionLrAt(96, s), 1e-6);
   close(detectionLrAt(99, s), 1e-6);
+  // A saved run's step decay is checked when it resumes: one more multiplier than milestones.
+  t.notThrows(() => checkStepDecay(s));
+  t.throws(() => checkStepDecay({ ...s, values: [1, 0.1] }), { message: /a step decay needs one more multiplier than milestones/ });
+  t.throws(() => checkStepDecay({ ...s, milestones: [96, 89] }), { message: /milestones must be non-decreasing step numbers/ });
 });
 
 /** A 32 x 48 image with a 10 x 6 block (class 1) and a triangle given by a polygon and its rasterization (class 2). */
