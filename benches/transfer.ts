@@ -84,6 +84,7 @@ export const transferSuite: Suite = {
     preset: 'default convmae-tiny',
     pretrained: 'use this pretraining checkpoint instead of pretraining here (say --pretrain-steps it had)',
     'pretrain-steps': 'default 4000 (batch 64, blr 1e-2, warmup 200 steps)',
+    masking: 'pretraining masks: random (ConvMAE, default) or complementary (FastConvMAE: 4 views of each image)',
     'linprobe-epochs': 'default 3 (batch 256, warmup 0.3 epoch, LARS)',
     'linprobe-blr': 'default 3: the official 0.1 is tuned for 90 epochs; a 3-epoch probe with it barely moves (LARS steps scale with lr * 0.001)',
     'finetune-epochs': 'default 2 (batch 64, warmup 0.2 epoch, the full official recipe)',
@@ -102,7 +103,10 @@ export const transferSuite: Suite = {
     const work = path.resolve(opts.flags.work ?? path.join(REPO_ROOT, 'runs', 'bench-transfer'));
     mkdirSync(work, { recursive: true });
     const pretrainSteps = intFlag(opts, 'pretrain-steps', 4000);
-    const pretrainRecipe = { preset, batchSize: 64, steps: pretrainSteps, blr: 1e-2, warmupSteps: 200, seed };
+    const masking = opts.flags.masking ?? 'random';
+    if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking: '${masking}' is not random or complementary`);
+    const config = masking === 'complementary' ? { complementary_masking: true } : undefined;
+    const pretrainRecipe = { preset, config, batchSize: 64, steps: pretrainSteps, blr: 1e-2, warmupSteps: 200, seed };
     let checkpoint = opts.flags.pretrained;
     let pretrainInfo: Record<string, unknown> = { ...pretrainRecipe, checkpoint };
     if (!checkpoint) {
@@ -180,7 +184,7 @@ export const transferSuite: Suite = {
     }
     const notes = [
       ...pairedSummary(measurements.map((m) => m.details as unknown as Details)),
-      `pretraining: ${preset}, ${pretrainSteps} steps x batch 64 (${pretrainSteps * 64} images) on ${data}, blr 1e-2, warmup 200, checkpoint ${checkpoint}`,
+      `pretraining: ${preset}, ${pretrainSteps} steps x batch 64 (${pretrainSteps * 64} images) on ${data}, blr 1e-2, warmup 200, ${masking} masking, checkpoint ${checkpoint}`,
       'threads = 0: the default (all cores); images_per_s includes evaluation passes at each epoch end',
     ];
     return { measurements, notes };

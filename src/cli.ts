@@ -73,6 +73,8 @@ pretrain options:
   --threads N|auto        CPU threads of the steps (default: all cores or RAYON_NUM_THREADS; auto: the
                           fastest of all, half, ..., one, timed on the first steps); same results on any
   --path sparse|dense     stages 1-2 on visible positions only (default) or densely as the official code
+  --complementary-masking FastConvMAE: each image as 4 views whose visible tokens split it (mask ratio
+                          0.75), every token in the loss; same as --config '{"complementary_masking":true}'
   --batch-size N          default 32 (demo) / 64
   --accum-steps N         micro-batches per optimizer update, default 1
   --epochs N | --steps N  run length (default: 1500 steps for the demo, 1 epoch otherwise)
@@ -341,6 +343,7 @@ async function runPretrain(args: string[]): Promise<void> {
     options: {
       ...TRAINING_OPTIONS,
       path: { type: 'string' },
+      'complementary-masking': { type: 'boolean' },
       'checkpoint-every': { type: 'string' },
       reconstructions: { type: 'string' },
       init: { type: 'string' },
@@ -354,7 +357,7 @@ async function runPretrain(args: string[]): Promise<void> {
   const options: PretrainRunOptions = {
     data: values.data,
     preset: values.preset ?? (demo ? 'convmae-tiny' : 'convmae-base'),
-    config: parseConfig(values.config),
+    config: values['complementary-masking'] ? { ...parseConfig(values.config), complementary_masking: true } : parseConfig(values.config),
     dtype: (values.dtype as 'f32' | 'f64' | undefined) ?? 'f32',
     device: values.device as DeviceName | undefined,
     precision: values.precision as Precision | undefined,

@@ -21,6 +21,12 @@ export interface ConvMaeConfig {
   decoder_num_heads: number;
   norm_pix_loss: boolean;
   mask_ratio: number;
+  /**
+   * FastConvMAE's complementary masking: each image is seen as `L / len_keep` views (4 at mask
+   * ratio 0.75) whose visible tokens split its tokens, so the loss covers every token of every
+   * image. The weights are the same model's either way. Default false (ConvMAE's one mask).
+   */
+  complementary_masking: boolean;
 }
 
 /** `convmae-base` is the paper's ConvMAE-B; `convmae-tiny` (64 px) is the CPU demo and test model. */

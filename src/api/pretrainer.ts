@@ -78,7 +78,7 @@ export interface StepOptions {
   lr: number;
   /** Micro-batches per optimizer update (the official accum_iter); default 1. */
   accumSteps?: number;
-  /** Explicit mask noise [batchSize * tokens] (tests); otherwise drawn from (seed, step). */
+  /** Explicit mask noise [batchSize * tokens], one row per image under complementary masking too (tests); otherwise drawn from (seed, step). */
   noise?: Float64Array;
 }
 

@@ -28,6 +28,11 @@ pub struct ConvMaeConfig {
     pub decoder_num_heads: usize,
     pub norm_pix_loss: bool,
     pub mask_ratio: f64,
+    /// FastConvMAE's complementary masking (spec section 8.1): each image is seen as
+    /// `L / len_keep` views (4 at mask ratio 0.75) whose visible sets split its tokens, so the
+    /// loss covers every token of every image; false is ConvMAE's one random mask per image.
+    /// The model and its weights are the same either way.
+    pub complementary_masking: bool,
 }
 
 impl Default for ConvMaeConfig {
@@ -56,6 +61,7 @@ impl ConvMaeConfig {
             decoder_num_heads: 16,
             norm_pix_loss: true,
             mask_ratio: 0.75,
+            complementary_masking: false,
         }
     }
 
@@ -160,6 +166,11 @@ impl ConvMaeConfig {
                 self.num_tokens(),
                 self.img_size
             ));
+        }
+        if self.complementary_masking {
+            if let Err(e) = crate::masking::complementary_views(self.num_tokens(), self.len_keep()) {
+                return fail(format!("complementary_masking with mask_ratio {} on a {}-px image: {e}", self.mask_ratio, self.img_size));
+            }
         }
         Ok(())
     }

@@ -205,22 +205,27 @@ impl Pretrainer {
         Ok(Self { model, optimizer, seed, micro_step: 0, pending: None, pending_count: 0, in_flight: None, settled: Default::default(), backward_reported: false })
     }
 
+    /// The masks of a batch of `batch` images: one per image, or under `complementary_masking`
+    /// the complementary views of each. `noise` ([batch, L]) is the official forward's
+    /// `torch.rand(B, L)`; drawn from (seed, micro step) when absent.
     pub fn masking_for(&self, batch: usize, noise: Option<&[f64]>) -> Result<Masking> {
         let cfg = &self.model.cfg;
         let (l, keep) = (cfg.num_tokens(), cfg.len_keep());
-        Ok(match noise {
-            Some(n) => {
-                if n.len() != batch * l {
-                    return Err(candle_core::Error::Msg(format!(
-                        "noise: expected {batch} x {l} = {} values, got {}",
-                        batch * l,
-                        n.len()
-                    )));
-                }
-                Masking::from_noise(n, batch, l, keep)
+        let noise = match noise {
+            Some(n) if n.len() != batch * l => {
+                return Err(candle_core::Error::Msg(format!("noise: expected {batch} x {l} = {} values, got {}", batch * l, n.len())));
             }
-            None => Masking::random(&mut Rng::derived(&[self.seed, self.micro_step]), batch, l, keep),
-        })
+            Some(n) => n.to_vec(),
+            None => {
+                let mut rng = Rng::derived(&[self.seed, self.micro_step]);
+                (0..batch * l).map(|_| rng.uniform()).collect()
+            }
+        };
+        if cfg.complementary_masking {
+            Masking::complementary_from_noise(&noise, batch, l, keep)
+        } else {
+            Ok(Masking::from_noise(&noise, batch, l, keep))
+        }
     }
 
     pub fn check_batch(&self, batch: &Batch) -> Result<()> {

@@ -8,6 +8,7 @@ mod common;
 
 mod checkpoint;
 mod classifier;
+mod complementary;
 mod detector;
 mod golden;
 mod host_overhead_bench;

@@ -76,6 +76,11 @@ pub enum SpatialMix<'a> {
     /// A dense [B, H, W, C] map; `keep` ([B, H, W, 1], 1 = visible) multiplies the conv's input,
     /// as the official code does (None downstream, where nothing is masked).
     Dense { keep: Option<&'a Tensor> },
+    /// FastConvMAE's CBlock on one dense [B, H, W, C] map seen as complementary views: the
+    /// depthwise conv runs once per view on the input times that view's keep map ([B, H, W, 1]),
+    /// and each output is kept where its view is visible, sum_v keep_v * DW(keep_v * h). The
+    /// keep maps partition the positions, so each position reads only its own view's neighbours.
+    DenseViews(&'a [Tensor]),
     /// Only visible positions, as rows of [.., C]; masked neighbours and the border read as zero.
     Sparse(&'a Arc<SparseNeighbors>),
 }
@@ -130,6 +135,19 @@ pub fn conv_block(p: &ParamStore, prefix: &str, x: &Tensor, mix: &SpatialMix, dr
             };
             let (c, _, kh, kw) = dw.dims4()?;
             k::depthwise_conv2d(&h, &dw.reshape((c, kh, kw))?)?
+        }
+        SpatialMix::DenseViews(keeps) => {
+            let (c, _, kh, kw) = dw.dims4()?;
+            let dw = dw.reshape((c, kh, kw))?;
+            let mut sum: Option<Tensor> = None;
+            for keep in keeps.iter() {
+                let view = k::depthwise_conv2d(&h.broadcast_mul(keep)?, &dw)?.broadcast_mul(keep)?;
+                sum = Some(match sum {
+                    Some(s) => (s + view)?,
+                    None => view,
+                });
+            }
+            sum.ok_or_else(|| candle_core::Error::Msg("SpatialMix::DenseViews needs at least one view".into()))?
         }
         // The token blocks and PyTorch's [C, 1, K, K] kernel as they are: a reshape is a graph
         // node, and candle's backward zero-fills and adds a gradient for each (at stage 1's
@@ -248,14 +266,6 @@ pub fn transformer_blocks(p: &ParamStore, blocks: &[String], x: &Tensor, num_hea
         Some(links) => k::sublayer_chain(x, &links),
         None => blocks.iter().try_fold(x.clone(), |x, block| transformer_block(p, block, &x, num_heads, None)),
     }
-}
-
-/// Gathers rows of `x` ([B, L, D]) at `ids` ([B, K] u32) along dim 1.
-pub fn gather_tokens(x: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (b, _, d) = x.dims3()?;
-    let kk = ids.dim(1)?;
-    let idx = ids.unsqueeze(2)?.broadcast_as((b, kk, d))?.contiguous()?;
-    x.contiguous()?.gather(&idx, 1)
 }
 
 /// Mean over the last dim, keeping it.

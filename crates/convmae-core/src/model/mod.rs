@@ -199,43 +199,48 @@ impl ConvMae {
         // The prediction stays in the compute dtype: the loss reads bf16 and computes in f32.
         let pred = self.forward_decoder(p, &latent, masking)?;
         let mask = masking.mask_tensor(self.dtype(), dev)?;
-        let loss = loss::masked_patch_loss(&pred, imgs, &mask, cfg.norm_pix_loss)?;
+        // Each row's target is its image: under complementary masking the images once per view,
+        // view-major (the official `target.repeat(4, 1, 1)`).
+        let targets = match masking.views() {
+            1 => imgs.clone(),
+            views => imgs.repeat((views, 1, 1, 1))?,
+        };
+        let loss = loss::masked_patch_loss(&pred, &targets, &mask, cfg.norm_pix_loss)?;
         Ok(PretrainOutput { loss, pred, mask, latent, stage1, stage2, stage3_tokens, pack_grads: p.pack_gradients(), tape: None })
     }
 
     /// The official computation: dense maps, the keep mask on each depthwise conv's input,
-    /// then everything gathered at the visible tokens.
+    /// then everything gathered at the visible tokens. Under complementary masking, FastConvMAE's:
+    /// the maps once per image, each depthwise conv once per view (`SpatialMix::DenseViews`),
+    /// then each view's visible tokens gathered from its image's maps.
     fn conv_stages_dense(&self, p: &ParamStore, imgs: &Tensor, masking: &Masking) -> Result<ConvStagesOut> {
         let cfg = &self.cfg;
         let (dtype, dev) = (imgs.dtype(), self.device());
         let grid = cfg.grid();
         let keep1 = masking.keep_map(grid, cfg.stage_cell(0), dtype, dev)?;
         let keep2 = masking.keep_map(grid, cfg.stage_cell(1), dtype, dev)?;
-        let (stage1, stage2) = conv_stages(
-            cfg,
-            p,
-            imgs,
-            &SpatialMix::Dense { keep: Some(&keep1) },
-            &SpatialMix::Dense { keep: Some(&keep2) },
-            None,
-            CONV_LN_EPS,
-        )?;
-        let (b, l) = (imgs.dim(0)?, cfg.num_tokens());
+        let images = masking.images;
+        // [views * images, ..] keep maps, view-major: one [images, ..] map per view.
+        let per_view = |keep: &Tensor| -> Result<Vec<Tensor>> { (0..masking.views()).map(|v| keep.narrow(0, v * images, images)).collect() };
+        let (views1, views2) = (per_view(&keep1)?, per_view(&keep2)?);
+        let (mix1, mix2) = if masking.views() == 1 {
+            (SpatialMix::Dense { keep: Some(&keep1) }, SpatialMix::Dense { keep: Some(&keep2) })
+        } else {
+            (SpatialMix::DenseViews(&views1), SpatialMix::DenseViews(&views2))
+        };
+        let (stage1, stage2) = conv_stages(cfg, p, imgs, &mix1, &mix2, None, CONV_LN_EPS)?;
+        let (l, d3) = (cfg.num_tokens(), cfg.embed_dim[2]);
         let fuse = |name: &str, x: &Tensor, k: usize| -> Result<Tensor> {
-            patch_conv_as(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k, &[b, l])
+            patch_conv_as(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")), k, &[images, l])
         };
         let s1 = fuse("stage1_output_decode", &stage1, cfg.stage_cell(0))?;
         let s2 = fuse("stage2_output_decode", &stage2, cfg.stage_cell(1))?;
-        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[b, l])?;
+        let x = patch_embed_as(p, "patch_embed3", &stage2, cfg.patch_size[2], &[images, l])?;
         let x = linear_p(p, "patch_embed4", &x)?.broadcast_add(p.get("pos_embed"))?;
-        let ids_keep = masking.ids_keep_tensor(dev)?;
-        Ok(ConvStagesOut {
-            tokens: gather_tokens(&x, &ids_keep)?,
-            s1: gather_tokens(&s1, &ids_keep)?,
-            s2: gather_tokens(&s2, &ids_keep)?,
-            stage1,
-            stage2,
-        })
+        // Each row's visible tokens, from the [images * L, D3] rows of its image.
+        let rows = masking.visible_token_rows(dev)?;
+        let visible = |x: &Tensor| -> Result<Tensor> { x.reshape((images * l, d3))?.index_select(&rows, 0)?.reshape((masking.batch, masking.len_keep, d3)) };
+        Ok(ConvStagesOut { tokens: visible(&x)?, s1: visible(&s1)?, s2: visible(&s2)?, stage1, stage2 })
     }
 
     /// Exact sparse computation: every op of stages 1-2 is per position or confined to one
