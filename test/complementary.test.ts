@@ -7,8 +7,8 @@ import { mkdtemp, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { modelInfo, Pretrainer, resolveConfig } from '../src/index.js';
-import { CLI, randomImages, readSafetensors } from './helpers.js';
+import { checkFixture, modelInfo, Pretrainer, resolveConfig } from '../src/index.js';
+import { CLI, randomImages, readSafetensors, ROOT } from './helpers.js';
 
 const run = promisify(execFile);
 
@@ -50,6 +50,21 @@ test('the complementary loss is the mean of its 4 views\' plain losses, through 
     plain.dispose();
   }
 });
+
+// A fixture of FastConvMAE's own computation, made by our PyTorch rewrite of the official model
+// (benches/baselines/fastconvmae_fixture.py; that model's ConvMAE path passes the official golden
+// fixture): the shared dense stages with one depthwise conv per view, the rolled views and the
+// shared unshuffle. Every output, activation and gradient agrees, on both of our paths.
+const FASTCONVMAE_FIXTURE = path.join(ROOT, 'test', 'fixtures', 'fastconvmae_small.safetensors');
+
+for (const convPath of ['sparse', 'dense'] as const) {
+  test(`FastConvMAE's computation in float64 (PyTorch) agrees with ours, ${convPath} path`, async (t) => {
+    const r = await checkFixture(FASTCONVMAE_FIXTURE, 'f64', convPath);
+    t.true(r.pass, `worst ${r.worst} ${r.worst_rel}`);
+    t.true(r.worst_rel < 1e-12, `worst ${r.worst} ${r.worst_rel}`);
+    t.true(r.errors.filter((e) => e.name.startsWith('grad.')).length > 50);
+  });
+}
 
 test('complementary masking needs len_keep to divide the tokens, and says so by name', (t) => {
   t.true(resolveConfig({ preset: 'convmae-base', config: { complementary_masking: true } }).complementary_masking);

@@ -109,11 +109,18 @@ class CBlock(nn.Module):
     def _ln(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep=None) -> torch.Tensor:
+        """``keep``: None, one [B, 1, H, W] keep map (ConvMAE), or FastConvMAE's list of
+        complementary keep maps: the depthwise conv once per view, each output kept where its
+        view is visible, summed."""
         h = self.conv1(self._ln(self.norm1, x))
-        if keep is not None:
-            h = keep * h
-        x = x + self.conv2(self.attn(h))
+        if isinstance(keep, (list, tuple)):
+            h = sum(k * self.attn(k * h) for k in keep)
+        else:
+            if keep is not None:
+                h = keep * h
+            h = self.attn(h)
+        x = x + self.conv2(h)
         x = x + self.mlp(self._ln(self.norm2, x))
         return x
 
@@ -183,6 +190,7 @@ class MaskedAutoencoderConvViT(nn.Module):
         qkv_bias: bool = True,
         norm_pix_loss: bool = False,
         mask_ratio: float = 0.75,
+        complementary_masking: bool = False,
     ):
         super().__init__()
         # The official signature takes the per-stage input sizes [224, 56, 28]; the first one is the image.
@@ -201,6 +209,9 @@ class MaskedAutoencoderConvViT(nn.Module):
         self.num_patches = self.grid * self.grid
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
+        # FastConvMAE (Alpha-VL/FastConvMAE, models_fastconvmae.py): the same weights, each image
+        # seen as num_patches / len_keep complementary views.
+        self.complementary_masking = complementary_masking
 
         # ---- encoder
         self.patch_embed1 = PatchEmbed(in_chans, e[0], p[0])
@@ -271,14 +282,42 @@ class MaskedAutoencoderConvViT(nn.Module):
         return keep.reshape(b, 1, self.grid * factor, self.grid * factor)
 
     # ------------------------------------------------------------------ encoder (spec 1.5)
+    def complementary_masking_views(
+        self, batch: int, mask_ratio: float, noise: Optional[torch.Tensor], device, dtype
+    ) -> Tuple[list, list, torch.Tensor]:
+        """FastConvMAE's masks: one argsort per image, split into consecutive runs of len_keep
+        (each a view's visible tokens); returns the views' ids_keep and masks, and the one
+        ids_restore they share."""
+        n = self.num_patches
+        len_keep = int(n * (1 - mask_ratio))
+        if len_keep == 0 or n % len_keep != 0:
+            raise ValueError(f"complementary masking needs len_keep ({len_keep}) to divide the {n} tokens")
+        if noise is None:
+            noise = torch.rand(batch, n, device=device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep, masks = [], []
+        for start in range(0, n, len_keep):
+            ids_keep.append(ids_shuffle[:, start:start + len_keep])
+            mask = torch.ones(batch, n, device=device, dtype=dtype)
+            mask[:, start:start + len_keep] = 0
+            masks.append(torch.gather(mask, 1, ids_restore))
+        return ids_keep, masks, ids_restore
+
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None,
                         acts: Optional[Dict[str, torch.Tensor]] = None):
         b = imgs.shape[0]
-        ids_keep, mask, ids_restore = self.random_masking(b, mask_ratio, noise, imgs.device, imgs.dtype)
         f2 = self.patch_sizes[2]
         f1 = self.patch_sizes[1] * f2
-        keep1 = self._upsample_keep(mask, f1)
-        keep2 = self._upsample_keep(mask, f2)
+        if self.complementary_masking:
+            views_keep, masks, ids_restore = self.complementary_masking_views(b, mask_ratio, noise, imgs.device, imgs.dtype)
+            keep1 = [self._upsample_keep(m, f1) for m in masks]
+            keep2 = [self._upsample_keep(m, f2) for m in masks]
+        else:
+            ids_keep, mask, ids_restore = self.random_masking(b, mask_ratio, noise, imgs.device, imgs.dtype)
+            views_keep, masks = [ids_keep], [mask]
+            keep1 = self._upsample_keep(mask, f1)
+            keep2 = self._upsample_keep(mask, f2)
 
         x = self.patch_embed1(imgs)
         for blk in self.blocks1:
@@ -296,10 +335,12 @@ class MaskedAutoencoderConvViT(nn.Module):
         x = self.patch_embed4(x)
         x = x + self.pos_embed
 
-        idx = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        x = torch.gather(x, 1, idx)
-        s1 = torch.gather(s1, 1, idx)
-        s2 = torch.gather(s2, 1, idx)
+        # Each view's visible tokens, the views concatenated along the batch (view-major).
+        idx = [k.unsqueeze(-1).expand(-1, -1, x.shape[-1]) for k in views_keep]
+        x = torch.cat([torch.gather(x, 1, i) for i in idx])
+        s1 = torch.cat([torch.gather(s1, 1, i) for i in idx])
+        s2 = torch.cat([torch.gather(s2, 1, i) for i in idx])
+        mask = torch.cat(masks)
         for blk in self.blocks3:
             x = blk(x)
         if acts is not None:
@@ -314,6 +355,11 @@ class MaskedAutoencoderConvViT(nn.Module):
         b, k, c = x.shape
         n = ids_restore.shape[1]
         x = torch.cat([x, self.mask_token.expand(b, n - k, c)], dim=1)
+        views = b // ids_restore.shape[0]
+        if views > 1:
+            # FastConvMAE: view v's sequence rolled by v * len_keep, then the shared unshuffle.
+            x = torch.cat([torch.roll(part, v * k, 1) for v, part in enumerate(x.chunk(views))])
+            ids_restore = ids_restore.repeat(views, 1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, c))
         x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
@@ -341,6 +387,7 @@ class MaskedAutoencoderConvViT(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as torch.var defaults to
             target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target = target.repeat(pred.shape[0] // target.shape[0], 1, 1)  # one per view
         per_patch = ((pred - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
@@ -377,6 +424,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 _CONFIG_KEYS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
     "decoder_depth", "decoder_num_heads", "mlp_ratio", "qkv_bias", "norm_pix_loss", "mask_ratio",
+    "complementary_masking",
 )
 
 

@@ -102,6 +102,7 @@ impl Fixture {
         cfg.decoder_num_heads = get_usize("decoder_num_heads", cfg.decoder_num_heads);
         cfg.norm_pix_loss = m["norm_pix_loss"].as_bool().unwrap_or(cfg.norm_pix_loss);
         cfg.mask_ratio = m["mask_ratio"].as_f64().unwrap_or(cfg.mask_ratio);
+        cfg.complementary_masking = m["complementary_masking"].as_bool().unwrap_or(false);
         cfg.validate().map_err(err)?;
         if let Some(k) = m["len_keep"].as_u64() {
             if k as usize != cfg.len_keep() {
@@ -158,7 +159,11 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, conv_path: ConvPat
         return Err(err(format!("fixture images are {h}x{w}, its config says img_size {}", cfg.img_size)));
     }
     let noise = fx.tensor("input.noise")?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let masking = Masking::from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep());
+    let masking = if cfg.complementary_masking {
+        Masking::complementary_from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep())?
+    } else {
+        Masking::from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep())
+    };
     let imgs_nhwc = imgs.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
     let out = model.forward_pretrain(&imgs_nhwc, &masking)?;
     let grads = out.backward(&out.loss)?;
@@ -178,7 +183,9 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, conv_path: ConvPat
     };
     let (s1_ours, s1_ref) = stage_pair(&out.stage1, "act.stage1", 0)?;
     let (s2_ours, s2_ref) = stage_pair(&out.stage2, "act.stage2", 1)?;
-    let ids_restore = Tensor::from_slice(&masking.ids_restore, (b, cfg.num_tokens()), &Device::Cpu)?;
+    // The images' one ids_restore: view 0's (the other views' are it rolled; FastConvMAE returns
+    // the shared one).
+    let ids_restore = Tensor::from_slice(&masking.ids_restore[..b * cfg.num_tokens()], (b, cfg.num_tokens()), &Device::Cpu)?;
     let mut errors = vec![
         compare("output.loss", &out.loss.reshape(1)?, fx.tensor("output.loss")?)?,
         compare("output.pred", &out.pred, fx.tensor("output.pred")?)?,
