@@ -16,7 +16,7 @@
  */
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
-import { Pretrainer, resolveConfig, type DeviceName, type Precision } from '../src/api/index.js';
+import { Pretrainer, resolveConfig, type ConvMaeConfig, type DeviceName, type Precision } from '../src/api/index.js';
 import { intFlag, median, parseArgs } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 
@@ -51,9 +51,11 @@ async function main(): Promise<void> {
   const inFlight = intFlag(opts, 'in-flight', 2);
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;
-  const config = resolveConfig({ preset });
+  // Overrides of the preset, e.g. {"complementary_masking":true} (the suite's --masking).
+  const overrides = opts.flags.config === undefined ? undefined : (JSON.parse(opts.flags.config) as Partial<ConvMaeConfig>);
+  const config = resolveConfig({ preset, config: overrides });
   const side = config.img_size;
-  const p = Pretrainer.create({ preset, dtype, seed, path: convPath, device, precision });
+  const p = Pretrainer.create({ preset, config: overrides, dtype, seed, path: convPath, device, precision });
   const rng = { s: 0x9e3779b9 ^ seed };
   const batches = Array.from({ length: 4 }, () => {
     const images = new Uint8Array(batch * side * side * 3);

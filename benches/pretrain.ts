@@ -67,6 +67,7 @@ export const pretrainSuite: Suite = {
     impl: 'implementations, comma separated: ours,ours-dense,pytorch (default all)',
     threads: 'threads for every implementation (default: core count)',
     'timeout-s': 'limit per child process in seconds (default 3600)',
+    masking: 'random (ConvMAE, default) or complementary (FastConvMAE: 4 views per image), for every implementation',
   },
 
   async run(opts: Options, log: (line: string) => void): Promise<SuiteResult> {
@@ -82,6 +83,9 @@ export const pretrainSuite: Suite = {
     const threads = intFlag(opts, 'threads', coreCount());
     const timeoutMs = intFlag(opts, 'timeout-s', 3600) * 1000;
     const impls = listFlag(opts, 'impl', [...IMPLS]) as Impl[];
+    const masking = opts.flags.masking ?? 'random';
+    if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking: '${masking}' is not random or complementary`);
+    const configArgs = masking === 'complementary' ? ['--config', JSON.stringify({ complementary_masking: true })] : [];
     for (const i of impls) if (!IMPLS.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${IMPLS.join(', ')})`);
 
     const notes: string[] = [];
@@ -113,7 +117,7 @@ export const pretrainSuite: Suite = {
         for (let round = 1; round <= rounds; round++) {
           for (const impl of active) {
             if (failed.has(impl)) continue;
-            const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps)];
+            const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps), ...configArgs];
             const [cmd, args] =
               impl !== 'pytorch'
                 ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common, '--path', impl === 'ours' ? 'sparse' : 'dense']]
@@ -155,6 +159,7 @@ export const pretrainSuite: Suite = {
             peak_mem_mb: Math.max(...rs.map((r) => r.peak_mem_mb)),
             ms_per_step_median: ms,
             details: {
+              masking,
               rounds: rs.length,
               warmup,
               steps,
@@ -172,12 +177,15 @@ export const pretrainSuite: Suite = {
 
   table(ms: Measurement[]): string {
     const rows = ms.map((m) => {
-      const ref = ms.find((o) => o.impl === 'pytorch' && o.preset === m.preset && o.batch === m.batch && o.threads === m.threads);
+      const masking = (m.details?.masking as string | undefined) ?? 'random';
+      const ref = ms.find(
+        (o) => o.impl === 'pytorch' && o.preset === m.preset && o.batch === m.batch && o.threads === m.threads && ((o.details?.masking as string | undefined) ?? 'random') === masking,
+      );
       const speed = ref ? `${(m.images_per_s / ref.images_per_s).toFixed(2)}×` : '—';
       const d = m.details ?? {};
       const rounds = Array.isArray(d.round_ms_median) ? (d.round_ms_median as number[]).map((x) => fmt(x)).join(' / ') : '';
       const importMb = typeof d.import_rss_mb === 'number' ? fmt(d.import_rss_mb) : '—';
-      return [m.preset, String(m.batch), m.impl, String(m.threads), fmt(m.ms_per_step_median), rounds, fmt(m.images_per_s), speed, fmt(m.peak_mem_mb), importMb];
+      return [masking === 'random' ? m.preset : `${m.preset} (${masking} masking)`, String(m.batch), m.impl, String(m.threads), fmt(m.ms_per_step_median), rounds, fmt(m.images_per_s), speed, fmt(m.peak_mem_mb), importMb];
     });
     return markdownTable(
       ['preset', 'batch', 'impl', 'threads', 'ms/step (median)', 'per-round medians', 'images/s', 'vs pytorch', 'peak RSS MB', 'RSS after import MB'],

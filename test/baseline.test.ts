@@ -19,6 +19,7 @@ import {
   type RunRecord,
 } from '../benches/lib.js';
 import { findTorch, pretrainSuite } from '../benches/pretrain.js';
+import { checkFixture } from '../src/index.js';
 import { GOLDEN, ROOT } from './helpers.js';
 
 const run = promisify(execFile);
@@ -130,4 +131,18 @@ withTorch('time_step.py prints the pretrain JSON line for a tiny model', async (
   t.like(m, { suite: 'pretrain', impl: 'pytorch', preset: 'convmae-tiny', batch: 2, dtype: 'f32', device: 'cpu', threads: 1 });
   t.true((m.images_per_s as number) > 0);
   t.is(m.params, 1167744);
+});
+
+withTorch('fastconvmae_fixture.py makes a fixture that ours passes on seeds other than the committed one', async (t) => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'convmae-fastfx-'));
+  try {
+    const out = path.join(dir, 'fastconvmae.safetensors');
+    await run(torch.python, [path.join(ROOT, 'benches', 'baselines', 'fastconvmae_fixture.py'), '--out', out, '--seed', '3', '--batch', '3'], { cwd: ROOT, timeout: 300_000 });
+    for (const convPath of ['sparse', 'dense'] as const) {
+      const r = await checkFixture(out, 'f64', convPath);
+      t.true(r.pass && r.worst_rel < 1e-12, `${convPath}: worst ${r.worst} ${r.worst_rel}`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

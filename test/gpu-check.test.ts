@@ -195,7 +195,7 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       agreement_error: string | null;
       parity: { fixture: string; pass: boolean }[];
       agreement: { op: string; pass?: boolean }[];
-      rows: { impl: string; path?: string; dtype: string; batch: number; preset: string; device: string; error?: string; images_per_s: number; host_ms?: unknown; choices?: string[] }[];
+      rows: { impl: string; path?: string; dtype: string; batch: number; preset: string; device: string; error?: string; images_per_s: number; host_ms?: unknown; choices?: string[]; masking?: string }[];
     };
     t.is(report.load_error, null);
     t.is(report.agreement_error, null);
@@ -233,6 +233,8 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'ours-dense',
       'ours',
       'ours-dense',
+      // FastConvMAE's complementary masking at the first batch.
+      'ours-complementary',
       'ours-composite',
       'ours-attention-composite',
       'ours-host-normalize',
@@ -255,8 +257,17 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       "convmae: the pretraining backward runs by candle's (an op of candle's, or a composition, stands between the loss and the parameters: the tape does not cover the graph)",
     ]);
     // PyTorch's rows are attempted (without torch here they fail, recorded as such).
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), ['pytorch', 'pytorch-compile', 'pytorch', 'pytorch', 'pytorch-compile', 'pytorch']);
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => `${r.batch} ${r.dtype}`), ['8 bf16', '8 bf16', '8 f32', '16 bf16', '16 bf16', '16 f32']);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => r.impl), [
+      'pytorch',
+      'pytorch-compile',
+      'pytorch',
+      'pytorch',
+      'pytorch-compile',
+      'pytorch',
+      'pytorch-complementary',
+    ]);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => `${r.batch} ${r.dtype}`), ['8 bf16', '8 bf16', '8 f32', '16 bf16', '16 bf16', '16 f32', '8 bf16']);
+    t.deepEqual(report.rows.filter((r) => r.impl.endsWith('-complementary')).map((r) => r.masking), ['complementary', 'complementary']);
     const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
     const report_md = readFileSync(path.join(out, md!), 'utf8');
     t.regex(report_md, /A rehearsal \(`--rehearse`\): the check's flow on the CPU addon with convmae-tiny at batch 8/);

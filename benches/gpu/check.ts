@@ -73,7 +73,12 @@ interface Row {
   host_ms?: HostProfile;
   /** Ours: every step's loss, warmup included, in step order (the run's trajectory). */
   losses?: number[];
+  /** 'complementary': FastConvMAE's complementary masking (4 views per image), ours and PyTorch's. */
+  masking?: string;
 }
+
+/** The config override of FastConvMAE's rows, for our worker and PyTorch's alike. */
+const COMPLEMENTARY_CONFIG = ['--config', JSON.stringify({ complementary_masking: true })];
 
 /** Runs a command, returns its last JSON line (or the error), killing it after `seconds`. */
 function child(cmd: string, args: string[], seconds: number, env: NodeJS.ProcessEnv = process.env): Promise<{ json?: Record<string, unknown>; error?: string; stderr: string }> {
@@ -408,11 +413,22 @@ async function main(): Promise<void> {
       record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: 'f32', device });
     }
   };
-  const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean) => {
-    const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5'];
+  const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean, extra: string[] = []) => {
+    const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5', ...extra];
     if (compile) args.push('--compile');
     const r = await run(python, args, compile ? 240 : 120);
-    record(r, { suite: 'gpu', impl: compile ? 'pytorch-compile' : 'pytorch', preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device });
+    const impl = (compile ? 'pytorch-compile' : 'pytorch') + (extra === COMPLEMENTARY_CONFIG ? '-complementary' : '');
+    record(r, { suite: 'gpu', impl, preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device, ...(extra === COMPLEMENTARY_CONFIG ? { masking: 'complementary' } : {}) });
+  };
+  // FastConvMAE's complementary masking (4 views of each image: stage 3 and the decoder 4 times,
+  // every position of stages 1-2 once): ours sparse bf16 against PyTorch eager bf16 computing as
+  // models_fastconvmae.py does, at the first batch.
+  const complementary = async () => {
+    if (!loadError) {
+      const r = await run(process.execPath, [worker, '--preset', preset, '--batch', String(firstBatch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', 'bf16', '--path', 'sparse', ...COMPLEMENTARY_CONFIG], 150, { ...process.env, ...attentionFallback });
+      record(r, { suite: 'gpu', impl: 'ours-complementary', preset, batch: firstBatch, dtype: 'bf16', device, path: 'sparse', masking: 'complementary' });
+    }
+    await pytorch(firstBatch, 'bf16', false, COMPLEMENTARY_CONFIG);
   };
   // (e) the per-kernel profile of a batch-64 step: right after the issue's comparison at batch 64
   // (it needs our row's attention pick), before the other configurations, so that a run cut short
@@ -563,6 +579,7 @@ async function main(): Promise<void> {
     }
     await pytorch(batch, 'none', false);
     await tasks();
+    await complementary();
     await earlierABs(firstBatch);
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.
@@ -597,13 +614,14 @@ function writeResults({ out, started, runArgs, rehearse, preset, firstBatch, loa
   const date = localDate(new Date());
   const lines = rows.map((r) => JSON.stringify({ ...r, suite: 'gpu' }));
   writeFileSync(path.join(out, `gpu-${date}.jsonl`), lines.join('\n') + '\n');
-  const eagerBf16 = (b: number) => rows.find((r) => r.impl === 'pytorch' && r.dtype === 'bf16' && r.batch === b);
-  const compiled = (b: number) => rows.find((r) => r.impl === 'pytorch-compile' && r.batch === b);
+  // A row compares with PyTorch's of its batch and masking (FastConvMAE's rows with its eager row).
+  const eagerBf16 = (r: Row) => rows.find((o) => o.impl.startsWith('pytorch') && !o.impl.startsWith('pytorch-compile') && o.dtype === 'bf16' && o.batch === r.batch && o.masking === r.masking);
+  const compiled = (r: Row) => rows.find((o) => o.impl.startsWith('pytorch-compile') && o.batch === r.batch && o.masking === r.masking);
   const table = markdownTable(
     ['impl', 'path', 'precision', 'batch', 'images/s', 'ms/step', 'peak GPU MB', 'vs eager bf16', 'vs compile', 'mem vs eager bf16'],
     rows.map((r) => {
-      const e = eagerBf16(r.batch);
-      const c = compiled(r.batch);
+      const e = eagerBf16(r);
+      const c = compiled(r);
       return [r.impl, r.path ?? '', r.dtype, String(r.batch), r.error ? r.error : fmt(r.images_per_s), fmt(r.ms_per_step_median), fmt(r.peak_mem_mb), e ? fmt(r.images_per_s / e.images_per_s) : '', c ? fmt(r.images_per_s / c.images_per_s) : '', e ? fmt(r.peak_mem_mb / e.peak_mem_mb) : ''];
     }),
   );
