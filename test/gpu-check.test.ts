@@ -201,9 +201,10 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.is(report.agreement_error, null);
     t.true(report.agreement.length > 0);
     t.deepEqual(report.agreement.filter((a) => a.pass === false).map((a) => a.op), []);
-    // The five golden fixtures, the overlapped-steps probe and the segmenter and both detectors
-    // against the CPU, all passing on the CPU.
-    t.is(report.parity.length, 9);
+    // The five golden fixtures, FastConvMAE's two, the overlapped-steps probe and the segmenter
+    // and both detectors against the CPU, all passing on the CPU.
+    t.is(report.parity.length, 11);
+    t.deepEqual(report.parity.filter((p) => p.fixture === 'fastconvmae_small.safetensors').map((p) => p.pass), [true, true]);
     for (const task of ['segmenter', 'detector', 'detector (vitdet)']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} on the GPU = on the CPU`) && p.pass), task);
     t.deepEqual(report.parity.filter((p) => !p.pass).map((p) => p.fixture), []);
     // The downstream tasks' rows (at 64 px, batch 2, with narrow heads), after the batch-16 rows.
