@@ -44,9 +44,7 @@ impl Masking {
         let mut ids_restore = vec![0u32; batch * tokens];
         let mut mask = vec![1.0; batch * tokens];
         for b in 0..batch {
-            let row = &noise[b * tokens..(b + 1) * tokens];
-            let mut order: Vec<u32> = (0..tokens as u32).collect();
-            order.sort_by(|&i, &j| row[i as usize].total_cmp(&row[j as usize]));
+            let order = ids_shuffle(&noise[b * tokens..(b + 1) * tokens]);
             for (rank, &t) in order.iter().enumerate() {
                 ids_restore[b * tokens + t as usize] = rank as u32;
                 if rank < len_keep {
@@ -73,10 +71,7 @@ impl Masking {
         let mut ids_restore = vec![0u32; batch * tokens];
         let mut mask = vec![1.0; batch * tokens];
         for i in 0..images {
-            let row = &noise[i * tokens..(i + 1) * tokens];
-            let mut order: Vec<u32> = (0..tokens as u32).collect();
-            order.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]));
-            for (rank, &t) in order.iter().enumerate() {
+            for (rank, &t) in ids_shuffle(&noise[i * tokens..(i + 1) * tokens]).iter().enumerate() {
                 let owner = rank / len_keep;
                 for v in 0..views {
                     let r = v * images + i;
@@ -147,6 +142,14 @@ impl Masking {
         }
         upload_as(&keep, (self.batch, side, side, 1), dtype, device)
     }
+}
+
+/// argsort(noise) ascending over one image's tokens (a stable sort, as torch.argsort of distinct
+/// values): the official `ids_shuffle` row.
+fn ids_shuffle(noise: &[f64]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..noise.len() as u32).collect();
+    order.sort_by(|&a, &b| noise[a as usize].total_cmp(&noise[b as usize]));
+    order
 }
 
 /// Views of complementary masking: `tokens / len_keep`, which must divide exactly (the views

@@ -7,16 +7,7 @@ use convmae_core::model::layers::token_blocks;
 use convmae_core::model::{ConvMae, ConvPath};
 use convmae_core::rng::Rng;
 use convmae_core::ConvMaeConfig;
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    if m > 0.0 {
-        d / m
-    } else {
-        d
-    }
-}
+use crate::common::tensors::rel;
 
 fn random_config(rng: &mut Rng) -> ConvMaeConfig {
     let pick = |rng: &mut Rng, xs: &[usize]| xs[(rng.uniform() * xs.len() as f64) as usize];
@@ -38,6 +29,32 @@ fn random_config(rng: &mut Rng) -> ConvMaeConfig {
     }
 }
 
+/// A model of `cfg` (weights from `seed`, f64) run on both paths gives the same loss, latent,
+/// prediction, stage outputs at the visible positions and gradients.
+pub fn assert_paths_agree(cfg: &ConvMaeConfig, imgs: &Tensor, masking: &Masking, seed: u64, ctx: &str) {
+    let mut model = ConvMae::new(cfg.clone(), DType::F64, &Device::Cpu, seed).unwrap();
+    model.path = ConvPath::Dense;
+    let dense = model.forward_pretrain(imgs, masking).unwrap();
+    let dense_grads = dense.backward(&dense.loss).unwrap();
+    model.path = ConvPath::Sparse;
+    let sparse = model.forward_pretrain(imgs, masking).unwrap();
+    let sparse_grads = sparse.backward(&sparse.loss).unwrap();
+
+    assert_eq!(sparse.pred.dims(), dense.pred.dims(), "{ctx}");
+    assert!(rel(&sparse.loss, &dense.loss) < 1e-12, "loss, {ctx}");
+    assert!(rel(&sparse.latent, &dense.latent) < 1e-10, "latent, {ctx}");
+    assert!(rel(&sparse.pred, &dense.pred) < 1e-10, "pred, {ctx}");
+    let rows = masking.visible_token_rows(&Device::Cpu).unwrap();
+    for (stage, (sp, de)) in [(&sparse.stage1, &dense.stage1), (&sparse.stage2, &dense.stage2)].into_iter().enumerate() {
+        let visible = token_blocks(de, cfg.stage_cell(stage), &rows).unwrap();
+        assert!(rel(sp, &visible) < 1e-10, "stage{} at visible positions, {ctx}", stage + 1);
+    }
+    for (p, v) in model.params.trainable() {
+        let (gs, gd) = (sparse_grads.get(v.as_tensor()).unwrap(), dense_grads.get(v.as_tensor()).unwrap());
+        assert!(rel(gs, gd) < 1e-9, "grad {} rel {:.3e}, {ctx}", p.spec.name, rel(gs, gd));
+    }
+}
+
 #[test]
 fn sparse_equals_dense_on_random_configs() {
     let mut rng = Rng::new(2024);
@@ -53,28 +70,7 @@ fn sparse_equals_dense_on_random_configs() {
         let imgs: Vec<f64> = (0..b * s * s * 3).map(|_| rng.normal()).collect();
         let imgs = Tensor::from_vec(imgs, (b, s, s, 3), &Device::Cpu).unwrap();
         let masking = Masking::random(&mut rng, b, cfg.num_tokens(), cfg.len_keep());
-        let mut model = ConvMae::new(cfg.clone(), DType::F64, &Device::Cpu, case).unwrap();
-
-        model.path = ConvPath::Dense;
-        let dense = model.forward_pretrain(&imgs, &masking).unwrap();
-        let dense_grads = dense.backward(&dense.loss).unwrap();
-        model.path = ConvPath::Sparse;
-        let sparse = model.forward_pretrain(&imgs, &masking).unwrap();
-        let sparse_grads = sparse.backward(&sparse.loss).unwrap();
-
-        let ctx = format!("case {case}: {cfg:?}, batch {b}");
-        assert!(rel(&sparse.loss, &dense.loss) < 1e-12, "loss, {ctx}");
-        assert!(rel(&sparse.latent, &dense.latent) < 1e-10, "latent, {ctx}");
-        assert!(rel(&sparse.pred, &dense.pred) < 1e-10, "pred, {ctx}");
-        let rows = masking.visible_token_rows(&Device::Cpu).unwrap();
-        for (stage, (sp, de)) in [(&sparse.stage1, &dense.stage1), (&sparse.stage2, &dense.stage2)].into_iter().enumerate() {
-            let visible = token_blocks(de, cfg.stage_cell(stage), &rows).unwrap();
-            assert!(rel(sp, &visible) < 1e-10, "stage{} at visible positions, {ctx}", stage + 1);
-        }
-        for (p, v) in model.params.trainable() {
-            let (gs, gd) = (sparse_grads.get(v.as_tensor()).unwrap(), dense_grads.get(v.as_tensor()).unwrap());
-            assert!(rel(gs, gd) < 1e-9, "grad {} rel {:.3e}, {ctx}", p.spec.name, rel(gs, gd));
-        }
+        assert_paths_agree(&cfg, &imgs, &masking, case, &format!("case {case}: {cfg:?}, batch {b}"));
     }
     assert!(checked >= 10, "only {checked} valid random configs");
 }

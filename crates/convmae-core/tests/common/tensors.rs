@@ -1,8 +1,19 @@
-//! Tensor helpers of the task-model tests (segmenter, detector): values out, layouts, random
-//! inputs and a scratch folder.
+//! Tensor helpers of the tests: relative error, values out, layouts, random inputs and a
+//! scratch folder.
 
 use candle_core::{DType, Device, Tensor};
 use convmae_core::rng::Rng;
+
+/// max|a - b| / max|b| (max|a - b| where b is all zeros), in f64 tensors.
+pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    if m > 0.0 {
+        d / m
+    } else {
+        d
+    }
+}
 
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
