@@ -62,7 +62,7 @@ export const pretrainSuite: Suite = {
     preset: 'model preset(s), comma separated (default convmae-base)',
     batch: 'batch size(s), comma separated (default 8)',
     steps: 'timed steps per round (default 5)',
-    warmup: 'untimed steps per round (default 2)',
+    warmup: 'untimed steps per round (default 2; fewer than the worker\'s 2 steps in flight time the first steps with the start)',
     rounds: 'alternating rounds per implementation (default 3)',
     impl: 'implementations, comma separated: ours,ours-dense,pytorch (default all)',
     threads: 'threads for every implementation (default: core count)',
