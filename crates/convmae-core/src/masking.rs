@@ -88,8 +88,7 @@ impl Masking {
 
     /// Complementary masks from uniform noise drawn as `random` draws it, [images, tokens].
     pub fn complementary_random(rng: &mut Rng, images: usize, tokens: usize, len_keep: usize) -> Result<Self> {
-        let noise: Vec<f64> = (0..images * tokens).map(|_| rng.uniform()).collect();
-        Self::complementary_from_noise(&noise, images, tokens, len_keep)
+        Self::complementary_from_noise(&uniform_noise(rng, images, tokens), images, tokens, len_keep)
     }
 
     /// Masked views per image: 1 for plain masking.
@@ -99,8 +98,7 @@ impl Masking {
 
     /// Uniform noise from a seeded stream, as `torch.rand(B, L)` does in the official forward.
     pub fn random(rng: &mut Rng, batch: usize, tokens: usize, len_keep: usize) -> Self {
-        let noise: Vec<f64> = (0..batch * tokens).map(|_| rng.uniform()).collect();
-        Self::from_noise(&noise, batch, tokens, len_keep)
+        Self::from_noise(&uniform_noise(rng, batch, tokens), batch, tokens, len_keep)
     }
 
     pub fn ids_keep_tensor(&self, device: &Device) -> Result<Tensor> {
@@ -144,6 +142,11 @@ impl Masking {
     }
 }
 
+/// [images, tokens] uniform noise from `rng`, row-major: the official forward's `torch.rand(B, L)`.
+pub fn uniform_noise(rng: &mut Rng, images: usize, tokens: usize) -> Vec<f64> {
+    (0..images * tokens).map(|_| rng.uniform()).collect()
+}
+
 /// argsort(noise) ascending over one image's tokens (a stable sort, as torch.argsort of distinct
 /// values): the official `ids_shuffle` row.
 fn ids_shuffle(noise: &[f64]) -> Vec<u32> {
@@ -181,7 +184,7 @@ mod tests {
     fn complementary_views_split_the_tokens_and_view_0_is_the_plain_mask() {
         let (images, tokens, keep) = (3, 16, 4);
         let mut rng = Rng::new(11);
-        let noise: Vec<f64> = (0..images * tokens).map(|_| rng.uniform()).collect();
+        let noise = uniform_noise(&mut rng, images, tokens);
         let plain = Masking::from_noise(&noise, images, tokens, keep);
         let m = Masking::complementary_from_noise(&noise, images, tokens, keep).unwrap();
         assert_eq!((m.batch, m.images, m.views()), (12, 3, 4));

@@ -216,10 +216,7 @@ impl Pretrainer {
                 return Err(candle_core::Error::Msg(format!("noise: expected {batch} x {l} = {} values, got {}", batch * l, n.len())));
             }
             Some(n) => n.to_vec(),
-            None => {
-                let mut rng = Rng::derived(&[self.seed, self.micro_step]);
-                (0..batch * l).map(|_| rng.uniform()).collect()
-            }
+            None => crate::masking::uniform_noise(&mut Rng::derived(&[self.seed, self.micro_step]), batch, l),
         };
         if cfg.complementary_masking {
             Masking::complementary_from_noise(&noise, batch, l, keep)
