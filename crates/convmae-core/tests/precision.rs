@@ -136,3 +136,32 @@ fn packed_sublayer_gradients_arrive_through_the_views_sinks() {
         assert_eq!(flat(slice(&grads).as_ref()), flat(slice(&plain).as_ref()), "{name}");
     }
 }
+
+/// FastConvMAE's complementary masking in bf16 on packed sublayer copies (each sublayer one op,
+/// as a CUDA bf16 step runs it): the loss within a few percent of f32's, a finite gradient for
+/// every trainable tensor. (tests/tape.rs: the tape covers its graph.)
+#[test]
+fn complementary_masking_in_bf16_on_the_packed_path() {
+    use convmae_core::masking::Masking;
+    use convmae_core::model::Precision;
+    use convmae_core::params::Packing;
+    let cfg = convmae_core::ConvMaeConfig { complementary_masking: true, ..convmae_core::ConvMaeConfig::tiny() };
+    let (b, s, l) = (2, cfg.img_size, cfg.num_tokens());
+    let px: Vec<f32> = (0..b * s * s * 3).map(|i| ((i * 7919) % 255) as f32 / 64.0 - 2.0).collect();
+    let imgs = Tensor::from_vec(px, (b, s, s, 3), &Device::Cpu).unwrap();
+    let noise: Vec<f64> = (0..b * l).map(|i| ((i * 37) % 101) as f64 / 101.0).collect();
+    let views = Masking::complementary_from_noise(&noise, b, l, cfg.len_keep()).unwrap();
+    let mut model = ConvMae::new(cfg.clone(), DType::F32, &Device::Cpu, 3).unwrap();
+    let full = model.forward_pretrain(&imgs, &views).unwrap().loss.to_scalar::<f32>().unwrap();
+    model.precision = Precision::Bf16;
+    model.sublayer_packing = Some(Packing::Sublayers);
+    let out = model.forward_pretrain(&imgs, &views).unwrap();
+    let half = out.loss.to_scalar::<f32>().unwrap();
+    assert!(((half - full) / full).abs() < 0.05, "bf16 loss {half} vs f32 {full}");
+    assert_eq!(out.pred.dims3().unwrap().0, 4 * b);
+    let grads = out.backward(&out.loss).unwrap();
+    for ((p, _), g) in model.params.trainable().zip(model.params.gradients(&grads).unwrap()) {
+        let sum = g.to_dtype(DType::F32).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(sum.is_finite() && sum > 0.0, "{}: {sum}", p.spec.name);
+    }
+}

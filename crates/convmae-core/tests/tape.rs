@@ -33,7 +33,12 @@ fn gradients(model: &ConvMae, imgs: &Tensor, masking: &Masking, scale: f64, cand
 }
 
 fn inputs(cfg: &ConvMaeConfig, batch: usize) -> (Tensor, Masking) {
-    let masking = Masking::random(&mut Rng::new(3), batch, cfg.num_tokens(), cfg.len_keep());
+    let (l, keep) = (cfg.num_tokens(), cfg.len_keep());
+    let masking = if cfg.complementary_masking {
+        Masking::complementary_random(&mut Rng::new(3), batch, l, keep).unwrap()
+    } else {
+        Masking::random(&mut Rng::new(3), batch, l, keep)
+    };
     let imgs = Tensor::randn(0f32, 1.0, (batch, cfg.img_size, cfg.img_size, 3), &Device::Cpu).unwrap();
     (imgs, masking)
 }
@@ -44,7 +49,9 @@ fn inputs(cfg: &ConvMaeConfig, batch: usize) -> (Tensor, Masking) {
 /// sends the same forward to candle's backward.
 #[test]
 fn the_tape_gives_the_pretraining_gradients_of_candles_backward_to_the_bit() {
-    for (name, cfg) in [("golden_small", ConvMaeConfig::golden_small()), ("convmae-base", ConvMaeConfig::base())] {
+    // FastConvMAE's complementary masking too: its views' repeated targets are constants to the tape.
+    let complementary = ConvMaeConfig { complementary_masking: true, ..ConvMaeConfig::golden_small() };
+    for (name, cfg) in [("golden_small", ConvMaeConfig::golden_small()), ("convmae-base", ConvMaeConfig::base()), ("golden_small complementary", complementary)] {
         let model = packed_model(&cfg);
         let (imgs, masking) = inputs(&cfg, 2);
         for scale in [1.0, 0.25] {
