@@ -116,6 +116,14 @@ export function listFlag(opts: Options, name: string, dflt: string[]): string[] 
   return xs;
 }
 
+/** `--masking random|complementary` (default random): the pretraining masks, and the config
+ *  override that selects them (FastConvMAE's complementary masking), or undefined. */
+export function maskingFlag(opts: Options): { masking: 'random' | 'complementary'; config?: { complementary_masking: true } } {
+  const masking = opts.flags.masking ?? 'random';
+  if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking must be random or complementary, got '${masking}'`);
+  return masking === 'complementary' ? { masking, config: { complementary_masking: true } } : { masking };
+}
+
 export function median(xs: number[]): number {
   if (xs.length === 0) return NaN;
   const s = [...xs].sort((a, b) => a - b);

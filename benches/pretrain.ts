@@ -18,6 +18,7 @@ import {
   intFlag,
   listFlag,
   markdownTable,
+  maskingFlag,
   median,
   runChild,
   tryExec,
@@ -83,9 +84,8 @@ export const pretrainSuite: Suite = {
     const threads = intFlag(opts, 'threads', coreCount());
     const timeoutMs = intFlag(opts, 'timeout-s', 3600) * 1000;
     const impls = listFlag(opts, 'impl', [...IMPLS]) as Impl[];
-    const masking = opts.flags.masking ?? 'random';
-    if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking: '${masking}' is not random or complementary`);
-    const configArgs = masking === 'complementary' ? ['--config', JSON.stringify({ complementary_masking: true })] : [];
+    const { masking, config } = maskingFlag(opts);
+    const configArgs = config ? ['--config', JSON.stringify(config)] : [];
     for (const i of impls) if (!IMPLS.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${IMPLS.join(', ')})`);
 
     const notes: string[] = [];

@@ -22,7 +22,7 @@
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { finetune, linprobe, pretrain, type ClassifyRunSummary } from '../src/index.js';
-import { REPO_ROOT, fmt, intFlag, listFlag, markdownTable, type Measurement, type Options, type Suite } from './lib.js';
+import { REPO_ROOT, fmt, intFlag, listFlag, markdownTable, maskingFlag, type Measurement, type Options, type Suite } from './lib.js';
 
 const FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz';
 
@@ -103,9 +103,7 @@ export const transferSuite: Suite = {
     const work = path.resolve(opts.flags.work ?? path.join(REPO_ROOT, 'runs', 'bench-transfer'));
     mkdirSync(work, { recursive: true });
     const pretrainSteps = intFlag(opts, 'pretrain-steps', 4000);
-    const masking = opts.flags.masking ?? 'random';
-    if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking: '${masking}' is not random or complementary`);
-    const config = masking === 'complementary' ? { complementary_masking: true } : undefined;
+    const { masking, config } = maskingFlag(opts);
     const pretrainRecipe = { preset, config, batchSize: 64, steps: pretrainSteps, blr: 1e-2, warmupSteps: 200, seed };
     let checkpoint = opts.flags.pretrained;
     let pretrainInfo: Record<string, unknown> = { ...pretrainRecipe, checkpoint };

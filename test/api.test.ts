@@ -94,7 +94,7 @@ test('invalid config is an error that names the field, before any compute', (t) 
   t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', config: { img_size: 100 } }), { message: /img_size/ });
   t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', config: { num_heads: 3 } }), { message: /num_heads/ });
   t.throws(() => Pretrainer.create({ preset: 'convmae-nope' }), { message: /unknown preset 'convmae-nope'/ });
-  t.throws(() => resolveConfig({ config: { embed_dim: 'wide' as unknown as [number, number, number] } }), { message: /invalid config/ });
+  t.throws(() => resolveConfig({ config: { embed_dim: 'wide' as unknown as [number, number, number] } }), { message: /invalid config: 'embed_dim': invalid type/ });
   t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', dtype: 'f16' as 'f32' }), { message: /dtype/ });
 });
 

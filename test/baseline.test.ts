@@ -11,6 +11,7 @@ import { SUITES } from '../benches/run.js';
 import {
   jsonLine,
   markdownTable,
+  maskingFlag,
   median,
   parseArgs,
   renderResultsMarkdown,
@@ -108,6 +109,12 @@ test('unknown suites and flags are refused with usage', async (t) => {
   t.regex(String((e1 as { stderr?: string }).stderr), /unknown suite 'nope'/);
   const e2 = await t.throwsAsync(run(process.execPath, [js, 'pretrain', '--bogus', '1'], { cwd: ROOT }));
   t.regex(String((e2 as { stderr?: string }).stderr), /--bogus/);
+});
+
+test('--masking takes random or complementary, and names itself otherwise', (t) => {
+  t.deepEqual(maskingFlag(parseArgs(['pretrain'])), { masking: 'random' });
+  t.deepEqual(maskingFlag(parseArgs(['pretrain', '--masking', 'complementary'])), { masking: 'complementary', config: { complementary_masking: true } });
+  t.throws(() => maskingFlag(parseArgs(['pretrain', '--masking', 'fast'])), { message: "--masking must be random or complementary, got 'fast'" });
 });
 
 (existsSync(FIXTURE) ? withTorch : test.skip)('the PyTorch baseline matches the official float64 golden fixture to 1e-9', async (t) => {

@@ -218,6 +218,8 @@ test('a vitdet detection run stopped after 2 of 4 steps resumes exactly, and con
   const flags = ['--variant', 'vitdet', '--window', '3', '--global-blocks', '1', '--channels', '16', '--box-fc', '32', '--box-convs', '1', '--mask-convs', '1', '--rpn-batch', '64', '--roi-batch', '16'];
   const { stderr } = await run(process.execPath, [CLI, 'detect', '--steps', '2', '--batch-size', '2', ...flags, '--eval-limit', '4', '--out', out, '--no-progress']);
   t.regex(stderr, /eval at step 2: box AP [\d.]+ {2}mask AP [\d.]+ {2}\(4 images/);
+  // The demo's own lr for vitdet (DET's is 2e-3).
+  t.regex(stderr, /demo defaults: .*lr 0\.0005,/);
   const logged = (await readFile(path.join(out, 'log.jsonl'), 'utf8'))
     .trim()
     .split('\n')

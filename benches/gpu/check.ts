@@ -418,12 +418,12 @@ async function main(): Promise<void> {
       record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: 'f32', device });
     }
   };
-  const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean, extra: string[] = []) => {
-    const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5', ...extra];
+  const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean, masking?: 'complementary') => {
+    const args = [baseline, '--preset', preset, '--batch', String(batch), '--device', device, '--amp', amp, '--warmup', compile ? '3' : '2', '--steps', '5', ...(masking ? COMPLEMENTARY_CONFIG : [])];
     if (compile) args.push('--compile');
     const r = await run(python, args, compile ? 240 : 120);
-    const impl = (compile ? 'pytorch-compile' : 'pytorch') + (extra === COMPLEMENTARY_CONFIG ? '-complementary' : '');
-    record(r, { suite: 'gpu', impl, preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device, ...(extra === COMPLEMENTARY_CONFIG ? { masking: 'complementary' } : {}) });
+    const impl = (compile ? 'pytorch-compile' : 'pytorch') + (masking ? `-${masking}` : '');
+    record(r, { suite: 'gpu', impl, preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device, ...(masking ? { masking } : {}) });
   };
   // FastConvMAE's complementary masking (4 views of each image: stage 3 and the decoder 4 times,
   // every position of stages 1-2 once): ours sparse bf16 against PyTorch eager bf16 computing as
@@ -433,7 +433,7 @@ async function main(): Promise<void> {
       const r = await run(process.execPath, [worker, '--preset', preset, '--batch', String(firstBatch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', 'bf16', '--path', 'sparse', ...COMPLEMENTARY_CONFIG], 150, { ...process.env, ...attentionFallback });
       record(r, { suite: 'gpu', impl: 'ours-complementary', preset, batch: firstBatch, dtype: 'bf16', device, path: 'sparse', masking: 'complementary' });
     }
-    await pytorch(firstBatch, 'bf16', false, COMPLEMENTARY_CONFIG);
+    await pytorch(firstBatch, 'bf16', false, 'complementary');
   };
   // (e) the per-kernel profile of a batch-64 step: right after the issue's comparison at batch 64
   // (it needs our row's attention pick), before the other configurations, so that a run cut short

@@ -175,6 +175,26 @@ impl ConvMaeConfig {
         Ok(())
     }
 
+    /// A config from JSON (every field optional over ConvMAE-B), validated. A field of the wrong
+    /// type or an unknown one is named: serde's own message gives only a column.
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        let cfg: Self = match serde_json::from_str(json) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                // Each field alone over the defaults: the first that fails is the one to name.
+                let named = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json).ok().and_then(|fields| {
+                    fields.into_iter().find_map(|(key, value)| {
+                        let one = serde_json::Value::Object([(key.clone(), value)].into_iter().collect());
+                        serde_json::from_value::<Self>(one).err().map(|e| format!("invalid config: '{key}': {e}"))
+                    })
+                });
+                return Err(named.unwrap_or_else(|| format!("invalid config: {e}")));
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Tokens per side of the stage-3 grid (img_size / 16).
     pub fn grid(&self) -> usize {
         self.img_size / TOKEN_PATCH
@@ -207,6 +227,18 @@ impl ConvMaeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_json_names_the_field_that_fails() {
+        let e = ConvMaeConfig::from_json(r#"{"mask_ratio": 0.75, "complementary_masking": "yes"}"#).unwrap_err();
+        assert!(e.starts_with("invalid config: 'complementary_masking': invalid type: string \"yes\", expected a boolean"), "{e}");
+        let e = ConvMaeConfig::from_json(r#"{"mask_ratios": 0.5}"#).unwrap_err();
+        assert!(e.starts_with("invalid config: 'mask_ratios': unknown field"), "{e}");
+        let e = ConvMaeConfig::from_json("[1]").unwrap_err();
+        assert!(e.starts_with("invalid config: ") && !e.contains('\''), "{e}");
+        assert!(ConvMaeConfig::from_json(r#"{"complementary_masking": true, "mask_ratio": 0.6}"#).unwrap_err().contains("complementary_masking with mask_ratio 0.6"));
+        assert!(ConvMaeConfig::from_json(r#"{"complementary_masking": true}"#).unwrap().complementary_masking);
+    }
 
     #[test]
     fn presets_are_valid() {

@@ -159,6 +159,9 @@ pub fn check_pretrain(fx: &Fixture, path: &str, dtype: DType, conv_path: ConvPat
         return Err(err(format!("fixture images are {h}x{w}, its config says img_size {}", cfg.img_size)));
     }
     let noise = fx.tensor("input.noise")?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if noise.len() != b * cfg.num_tokens() {
+        return Err(err(format!("fixture tensor 'input.noise' holds {} values, its {b} images of {} tokens need {}", noise.len(), cfg.num_tokens(), b * cfg.num_tokens())));
+    }
     let masking = if cfg.complementary_masking {
         Masking::complementary_from_noise(&noise, b, cfg.num_tokens(), cfg.len_keep())?
     } else {

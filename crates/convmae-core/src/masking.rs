@@ -65,7 +65,9 @@ impl Masking {
     /// divide `tokens` (the official code supports mask ratio 0.75 on 196 tokens: 4 views).
     pub fn complementary_from_noise(noise: &[f64], images: usize, tokens: usize, len_keep: usize) -> Result<Self> {
         let views = complementary_views(tokens, len_keep).map_err(candle_core::Error::Msg)?;
-        assert_eq!(noise.len(), images * tokens, "noise must hold images x tokens values");
+        if noise.len() != images * tokens {
+            return Err(candle_core::Error::Msg(format!("noise: expected {images} x {tokens} = {} values, got {}", images * tokens, noise.len())));
+        }
         let batch = images * views;
         let mut ids_keep = vec![0u32; batch * len_keep];
         let mut ids_restore = vec![0u32; batch * tokens];
@@ -233,5 +235,7 @@ mod tests {
         assert!(complementary_views(169, 42).unwrap_err().contains("len_keep = 42"));
         assert!(complementary_views(16, 16).is_err());
         assert!(Masking::complementary_from_noise(&[0.0; 9], 1, 9, 2).is_err());
+        let e = Masking::complementary_from_noise(&[0.0; 15], 1, 16, 4).unwrap_err().to_string();
+        assert!(e.contains("noise: expected 1 x 16 = 16 values, got 15"), "{e}");
     }
 }

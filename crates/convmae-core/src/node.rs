@@ -46,9 +46,7 @@ fn parse_device(device: Option<&str>) -> Result<DeviceSpec> {
 }
 
 fn parse_config(json: &str) -> Result<ConvMaeConfig> {
-    let cfg: ConvMaeConfig = serde_json::from_str(json).map_err(|e| js_err(format!("invalid config: {e}")))?;
-    cfg.validate().map_err(js_err)?;
-    Ok(cfg)
+    ConvMaeConfig::from_json(json).map_err(js_err)
 }
 
 /// Runs `f` on a fresh thread and awaits its result without blocking Node.
