@@ -60,9 +60,10 @@ export declare class NativeDetector {
    * `headJson`: the DetectorHead fields (absent: the official values of its `variant`,
    * 'det' or 'vitdet'); `optimizerJson`: {beta1, beta2, eps, weight_decay, layer_decay}
    * (absent: the variant's official values). `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
-   * CUDA build; float32 with TF32 matmuls, or float64).
+   * CUDA build; float32 with TF32 matmuls, or float64). `precision`: 'fp32' (default) or
+   * 'bf16' (float32 master weights; BatchNorm, ROIAlign, the losses and the box geometry in f32).
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update on uint8 images [batch, height, width, 3] and their annotations
    * (see `image_targets`), with the instances' polygons where they have them (see
@@ -131,8 +132,9 @@ export declare class NativeSegmenter {
    * aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
    * weight_decay, layer_decay}. Float32 or float64.
    * `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; TF32 matmuls for float32).
+   * `precision`: 'fp32' (default) or 'bf16' (float32 master weights; BatchNorm and the losses in f32).
    */
-  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, threads?: number | undefined | null)
+  constructor(configJson: string, headJson: string, dtype: string, seed: number, optimizerJson?: string | undefined | null, device?: string | undefined | null, precision?: string | undefined | null, threads?: number | undefined | null)
   /**
    * One optimizer update on uint8 images [batch, height, width, 3] and their label maps
    * [batch * height * width] (255 = ignore).

@@ -174,6 +174,8 @@ segment options:
   --dtype f32|f64         default f32
   --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (f32 with TF32 matmuls; not yet
                           measured on a GPU)
+  --precision fp32|bf16   bf16: the network in bfloat16 over float32 weights; BatchNorm and the losses
+                          in f32, as mmseg's fp16 training (default fp32)
   --threads N|auto        as for pretrain (CPU)
   --channels N            UPerHead's width (official 768; digit demo 64)
   --aux-channels N        the auxiliary FCN head's width (official 256; digit demo 32)
@@ -205,6 +207,8 @@ detect options:
   --dtype f32|f64         default f32
   --device cpu|cuda[:N]   default cpu; cuda needs the CUDA addon (TF32 matmuls for f32; not yet
                           measured on a GPU)
+  --precision fp32|bf16   bf16: the network in bfloat16 over float32 weights; BatchNorm, ROIAlign, the
+                          losses and the box geometry in f32, as detectron2's AMP (default fp32)
   --threads N|auto        as for pretrain (CPU)
   --window N              stage-3 attention window in tokens (official 16, vitdet 14; digit demo ${DETECT_DEMO.window})
   --global-blocks LIST    stage-3 blocks with global attention, e.g. 0,3 (official 0,3,6,10, vitdet 1,4,7,10;
@@ -695,8 +699,8 @@ async function runSegment(args: string[]): Promise<void> {
   });
   const dtype = values.dtype ?? 'f32';
   if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
-  for (const unsupported of ['precision', 'accum-steps', 'blr', 'warmup-epochs'] as const) {
-    if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter runs in f32 or f64, one batch per update, with an absolute --lr)`);
+  for (const unsupported of ['accum-steps', 'blr', 'warmup-epochs'] as const) {
+    if (values[unsupported] !== undefined) fail(`segment: --${unsupported} is not supported (the segmenter takes one batch per update, with an absolute --lr)`);
   }
   const progress = progressPrinter(!values['no-progress']);
   // The digit-scene demo's defaults: a small head, batch and lr for a few CPU minutes (the
@@ -712,6 +716,7 @@ async function runSegment(args: string[]): Promise<void> {
     config: parseConfig(values.config),
     dtype,
     device: values.device as DeviceName | undefined,
+    precision: values.precision as Precision | undefined,
     threads: threadsOption(values.threads),
     channels: num(values.channels, 'channels') ?? (demo ? 64 : undefined),
     auxChannels: num(values['aux-channels'], 'aux-channels') ?? (demo ? 32 : undefined),
@@ -800,9 +805,9 @@ async function runDetect(args: string[]): Promise<void> {
   });
   const dtype = values.dtype ?? 'f32';
   if (dtype !== 'f32' && dtype !== 'f64') fail(`--dtype must be f32 or f64, got '${dtype}'`);
-  for (const unsupported of ['precision', 'accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
+  for (const unsupported of ['accum-steps', 'blr', 'warmup-epochs', 'min-lr'] as const) {
     if (values[unsupported] !== undefined) {
-      fail(`detect: --${unsupported} is not supported (the detector runs in f32 or f64, one batch per update, with an absolute --lr on the official schedule)`);
+      fail(`detect: --${unsupported} is not supported (the detector takes one batch per update, with an absolute --lr on the official schedule)`);
     }
   }
   const scaleRange = numList(values['scale-range'], 'scale-range');
@@ -830,6 +835,7 @@ async function runDetect(args: string[]): Promise<void> {
     config,
     dtype,
     device: values.device as DeviceName | undefined,
+    precision: values.precision as Precision | undefined,
     threads: threadsOption(values.threads),
     variant,
     posGrid: num(values['pos-grid'], 'pos-grid') ?? demoPosGrid,

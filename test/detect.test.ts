@@ -265,6 +265,25 @@ test('the detector trains on digit scenes, detects at the output size asked for,
   }
 });
 
+test('in bf16 the detector starts from the f32 RPN losses within a few percent, takes a step and detects; bf16 needs f32 weights', async (t) => {
+  t.throws(() => Detector.create({ ...smallRun, numClasses: 10, dtype: 'f64', precision: 'bf16' }), { message: /precision 'bf16' needs dtype f32 master weights/ });
+  const [full, half] = [Detector.create({ ...smallRun, numClasses: 10, seed: 1 }), Detector.create({ ...smallRun, numClasses: 10, seed: 1, precision: 'bf16' })];
+  try {
+    t.is(half.precision, 'bf16');
+    const batch = await sceneBatch(2);
+    // The first step's RPN losses are the initial weights' on the same sampled anchors (the ROI
+    // heads' regions come from the proposals, which rounding may reorder).
+    const [a, b] = [await full.train(batch, { lr: 1e-3 }), await half.train(batch, { lr: 1e-3 })];
+    for (const key of ['lossRpnCls', 'lossRpnLoc'] as const) t.true(Math.abs(b[key] - a[key]) < 0.05 * a[key], `${key}: bf16 ${b[key]} vs f32 ${a[key]}`);
+    for (const key of ['loss', 'lossCls', 'lossBoxReg', 'lossMask'] as const) t.true(Number.isFinite(b[key]), key);
+    const found = await half.detect(batch, { outputSizes: [[64, 64], [64, 64]] });
+    t.true(found.every((d) => d.masks.length === d.boxes.length && d.scores.every(Number.isFinite)));
+  } finally {
+    full.dispose();
+    half.dispose();
+  }
+});
+
 test('initFrom a pretraining checkpoint loads the backbone and reports the FPN and heads as missing', async (t) => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-det-'));
   const p = await pretrain({ preset: 'convmae-tiny', steps: 1, batchSize: 4, outDir: path.join(dir, 'pre'), reconstructions: 0 });
@@ -455,6 +474,7 @@ test('convmae detect trains and reports box and mask AP, eval reproduces it, and
     await refused(['eval', path.join(out, 'checkpoint.safetensors'), '--device', 'cuda'], /device 'cuda': this build of convmae has no CUDA backend/);
   }
   await refused(['detect', '--min-lr', '0.1', '--out', out], /--min-lr is not supported .*official schedule/);
+  await refused(['detect', '--precision', 'fp16', '--out', out], /precision must be 'fp32' or 'bf16', got 'fp16'/);
   await refused(['detect', '--scale-range', '0.5', '--out', out], /--scale-range: expected two numbers MIN,MAX/);
   await refused(['detect', '--global-blocks', '0,x', '--out', out], /--global-blocks: expected comma-separated numbers/);
   await refused(['detect', '--train-split', 'train2017', '--out', out], /--train-split is for a COCO folder/);

@@ -104,6 +104,34 @@ test('the segmenter trains, evaluates with areas that count every labelled pixel
   }
 });
 
+test('in bf16 the segmenter starts from the f32 loss within a few percent and trains; bf16 needs f32 weights', async (t) => {
+  t.throws(() => Segmenter.create({ ...small, numClasses: 11, dtype: 'f64', precision: 'bf16' }), { message: /precision 'bf16' needs dtype f32 master weights/ });
+  const [full, half] = [Segmenter.create({ ...small, numClasses: 11, seed: 2 }), Segmenter.create({ ...small, numClasses: 11, seed: 2, precision: 'bf16' })];
+  try {
+    t.is(half.precision, 'bf16');
+    const scenes = await openDigitScenes('t10k', { limit: 2 });
+    const samples = await Promise.all([0, 1].map((i) => scenes.sample(i)));
+    const images = new Uint8Array(2 * 64 * 64 * 3);
+    const labels = new Uint8Array(2 * 64 * 64);
+    samples.forEach((s, i) => {
+      images.set(s.image, i * 64 * 64 * 3);
+      labels.set(s.labels, i * 64 * 64);
+    });
+    const batch = { images, labels, batchSize: 2, height: 64, width: 64 };
+    // The first step's loss is the initial weights' (same seed, same draws).
+    const [a, b] = [await full.train(batch, { lr: 1e-3 }), await half.train(batch, { lr: 1e-3 })];
+    t.true(Math.abs(b.loss - a.loss) < 0.05 * a.loss, `bf16 ${b.loss} vs f32 ${a.loss}`);
+    t.not(b.loss, a.loss, 'bf16 computes differently');
+    let last = b;
+    for (let i = 0; i < 5; i++) last = await half.train(batch, { lr: 1e-3 });
+    t.true(last.loss < b.loss, `bf16 loss ${b.loss} -> ${last.loss}`);
+    t.is((await half.evaluate(batch)).predictions.length, 2 * 64 * 64);
+  } finally {
+    full.dispose();
+    half.dispose();
+  }
+});
+
 test('initFrom a pretraining checkpoint loads the encoder and reports what the segmenter adds', async (t) => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-seg-'));
   const p = await pretrain({ preset: 'convmae-tiny', steps: 1, batchSize: 4, outDir: path.join(dir, 'pre'), reconstructions: 0 });
@@ -160,8 +188,10 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
       t.regex((err as unknown as { stderr: string }).stderr, /device 'cuda(:1)?': this build of convmae has no CUDA backend/);
     }
   }
-  const precision = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--precision', 'bf16', '--out', out]));
-  t.regex((precision as unknown as { stderr: string }).stderr, /--precision is not supported/);
+  const precision = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--precision', 'fp16', '--out', out]));
+  t.regex((precision as unknown as { stderr: string }).stderr, /precision must be 'fp32' or 'bf16', got 'fp16'/);
+  const accum = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--accum-steps', '2', '--out', out]));
+  t.regex((accum as unknown as { stderr: string }).stderr, /--accum-steps is not supported/);
   const one = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--batch-size', '1', '--out', out]));
   t.regex((one as unknown as { stderr: string }).stderr, /batchSize must be at least 2/);
   const bad = await t.throwsAsync(run(process.execPath, [CLI, 'segment', '--data', 'ade', '--out', out]));

@@ -8,7 +8,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type DeviceName, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type ImageBatch, type Precision, type Threads } from './pretrainer.js';
 import { checkTaskOptions, TaskModel } from './task-model.js';
 
 /** x1, y1, x2, y2 in pixels (continuous coordinates; width = x2 - x1). */
@@ -89,6 +89,12 @@ export interface DetectorOptions extends ModelSpec {
    * CONVMAE_NATIVE), with TF32 matmuls for f32; not yet measured on a GPU (see docs/cuda.md).
    */
   device?: DeviceName;
+  /**
+   * 'fp32' (default) or 'bf16': the backbone, the neck and the heads compute in bfloat16 over
+   * float32 master weights; BatchNorm, ROIAlign, the five losses and the box geometry stay f32,
+   * as detectron2's AMP runs them (needs dtype 'f32').
+   */
+  precision?: Precision;
   /** CPU models: a thread count or 'auto' (see `Threads`). */
   threads?: Threads;
   /** Seeds the init, stochastic depth and sampling. Default 0. */

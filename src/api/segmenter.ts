@@ -6,7 +6,7 @@
  */
 import { native } from '../native.js';
 import { resolveConfig, type ConvMaeConfig, type ModelSpec } from './config.js';
-import { checkImageBatch, type DeviceName, type ImageBatch, type Threads } from './pretrainer.js';
+import { checkImageBatch, type DeviceName, type ImageBatch, type Precision, type Threads } from './pretrainer.js';
 import { checkTaskOptions, TaskModel, type TaskLoadReport } from './task-model.js';
 
 /** Label value no loss or metric counts (mmseg's ignore_index; ADE20K's "other" after reduce_zero_label). */
@@ -44,6 +44,12 @@ export interface SegmenterOptions extends ModelSpec {
    * CONVMAE_NATIVE), float32 with TF32 matmuls; not yet measured on a GPU (see docs/cuda.md).
    */
   device?: DeviceName;
+  /**
+   * 'fp32' (default) or 'bf16': the backbone and the heads compute in bfloat16 over float32
+   * master weights; BatchNorm (statistics, affine weights, running averages) and the losses stay
+   * f32, as mmseg's fp16 training keeps them (needs dtype 'f32').
+   */
+  precision?: Precision;
   /** CPU models: a thread count or 'auto' (see `Threads`). */
   threads?: Threads;
   /** Seeds the init, stochastic depth and dropout. Default 0. */

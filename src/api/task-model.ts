@@ -5,7 +5,7 @@
  * save). Each subclass adds its head's options and its steps.
  */
 import type { ConvMaeConfig } from './config.js';
-import { threadCount, type DeviceName, type LoadOptions, type LoadReport, type Threads } from './pretrainer.js';
+import { threadCount, type DeviceName, type LoadOptions, type LoadReport, type Precision, type Threads } from './pretrainer.js';
 
 export interface TaskLoadReport extends LoadReport {
   /** Tensors the file has that were left fresh on purpose (the heads; relative position tables of another shape). */
@@ -26,12 +26,14 @@ export interface TaskModelOptions {
   dtype?: 'f32' | 'f64';
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon); which devices a task model runs on is its own (see each). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16' (needs dtype 'f32'); what stays f32 under bf16 is each model's (see each). */
+  precision?: Precision;
   threads?: Threads;
   seed?: number;
   optimizer?: object;
 }
 
-type TaskHandleClass<H> = new (config: string, head: string, dtype: string, seed: number, optimizer?: string | null, device?: string | null, threads?: number | null) => H;
+type TaskHandleClass<H> = new (config: string, head: string, dtype: string, seed: number, optimizer?: string | null, device?: string | null, precision?: string | null, threads?: number | null) => H;
 
 function parseReport(r: { report: string; extra: string }): TaskLoadReport {
   return { ...(JSON.parse(r.report) as Omit<TaskLoadReport, 'extra'>), extra: JSON.parse(r.extra) as Record<string, unknown> };
@@ -46,6 +48,7 @@ export function checkTaskOptions(options: { seed?: number }): void {
 export abstract class TaskModel<H extends TaskHandle> {
   readonly config: ConvMaeConfig;
   readonly dtype: 'f32' | 'f64';
+  readonly precision: Precision;
   #native: H | undefined;
   readonly #kind: string;
 
@@ -54,8 +57,9 @@ export abstract class TaskModel<H extends TaskHandle> {
     this.#kind = kind;
     this.config = config;
     this.dtype = options.dtype ?? 'f32';
+    this.precision = options.precision ?? 'fp32';
     const optimizer = options.optimizer ? JSON.stringify(options.optimizer) : undefined;
-    this.#native = new Native(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', threadCount(options.threads));
+    this.#native = new Native(JSON.stringify(config), JSON.stringify(head), this.dtype, options.seed ?? 0, optimizer, options.device ?? 'cpu', this.precision, threadCount(options.threads));
   }
 
   protected get handle(): H {

@@ -23,7 +23,7 @@ import { appendFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { Detector, type DetectorOptions, type DetectorVariant, type TargetInstance } from '../api/detector.js';
 import type { TaskLoadReport } from '../api/task-model.js';
-import type { DeviceName, Threads } from '../api/pretrainer.js';
+import type { DeviceName, Precision, Threads } from '../api/pretrainer.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { decodeRle, encodeRle, openCocoFolder, openDigitDetectionScenes, type DetectionDataset, type DetectionSample } from '../data/detection.js';
 import { detectionTestResize, detectionTrainTransform, LSJ_SCALE_RANGE, type TransformedDetectionSample } from '../data/detection-transforms.js';
@@ -47,7 +47,7 @@ const RECIPES: Record<DetectorVariant, { lr: number; batchSize: number; warmup: 
 const EVAL_BATCH = 8;
 
 /** The detector's architecture and sampling settings (DetectorOptions less the model spec and run settings). */
-export type DetectorHeadOptions = Omit<DetectorOptions, 'numClasses' | 'preset' | 'config' | 'dtype' | 'threads' | 'seed' | 'optimizer'>;
+export type DetectorHeadOptions = Omit<DetectorOptions, 'numClasses' | 'preset' | 'config' | 'dtype' | 'precision' | 'threads' | 'seed' | 'optimizer'>;
 
 /** An image that could not be read, and what took its place. */
 export type SkippedDetectionSample = SkippedStepSample;
@@ -68,6 +68,8 @@ export interface DetectRunOptions extends DetectorHeadOptions {
   dtype?: 'f32' | 'f64';
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon; see `DetectorOptions.device`). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16' (see `DetectorOptions.precision`). */
+  precision?: Precision;
   threads?: Threads;
   /** Pretrained encoder to start from (ours or the official .pth); random init when absent. */
   init?: string;
@@ -405,6 +407,7 @@ export async function detect(options: DetectRunOptions = {}): Promise<DetectRunS
     config: options.config,
     dtype: options.dtype,
     device: options.device,
+    precision: options.precision,
     threads: options.threads,
     numClasses: dataset.classes.length,
     seed,

@@ -19,7 +19,7 @@ import { positiveInt, runLength, startRun, type TrainingProgress } from './run.j
 import { polyLrAt, type PolySchedule } from './schedule.js';
 import { resolveConfig, type ConvMaeConfig, type PresetName } from '../api/config.js';
 import { native } from '../native.js';
-import type { DeviceName, Threads } from '../api/pretrainer.js';
+import type { DeviceName, Precision, Threads } from '../api/pretrainer.js';
 
 /** The official run's warmup share: 1500 of 160k iterations. */
 const OFFICIAL_WARMUP_SHARE = 1500 / 160000;
@@ -40,6 +40,8 @@ export interface SegmentRunOptions {
   dtype?: 'f32' | 'f64';
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon; see `SegmenterOptions.device`). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16' (see `SegmenterOptions.precision`). */
+  precision?: Precision;
   threads?: Threads;
   /** Pretrained encoder to start from (ours or the official .pth); random init when absent. */
   init?: string;
@@ -223,6 +225,7 @@ export async function segment(options: SegmentRunOptions = {}): Promise<SegmentR
     config: options.config,
     dtype: options.dtype,
     device: options.device,
+    precision: options.precision,
     threads: options.threads,
     numClasses: dataset.classes.length,
     channels: options.channels,

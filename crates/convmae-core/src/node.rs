@@ -40,6 +40,13 @@ fn parse_dtype(dtype: &str) -> Result<DType> {
     }
 }
 
+/// A `precision` argument ('fp32' when absent) for master weights of `dtype`: bf16 needs f32.
+fn parse_precision(precision: Option<&str>, dtype: DType) -> Result<Precision> {
+    let precision = Precision::parse(precision.unwrap_or("fp32")).map_err(js_err)?;
+    precision.check_master(dtype).map_err(js_err)?;
+    Ok(precision)
+}
+
 /// A `device` argument: 'cpu' when absent, else 'cpu', 'cuda' or 'cuda:N' (see `DeviceSpec::parse`).
 fn parse_device(device: Option<&str>) -> Result<DeviceSpec> {
     DeviceSpec::parse(device.unwrap_or("cpu")).map_err(js_err)
@@ -341,8 +348,7 @@ impl NativePretrainer {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
         let device = parse_device(device.as_deref())?;
-        let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
-        precision.check_master(dtype).map_err(js_err)?;
+        let precision = parse_precision(precision.as_deref(), dtype)?;
         let session = Session::start(move || {
             let device = device.open()?;
             let mut model = ConvMae::new(cfg, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
@@ -553,8 +559,7 @@ impl NativeClassifier {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
-        let precision = Precision::parse(precision.as_deref().unwrap_or("fp32")).map_err(js_err)?;
-        precision.check_master(dtype).map_err(js_err)?;
+        let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
@@ -726,8 +731,19 @@ impl NativeSegmenter {
     /// aux_weight} (absent fields: the official values); `optimizerJson`: {beta1, beta2, eps,
     /// weight_decay, layer_decay}. Float32 or float64.
     /// `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA build; TF32 matmuls for float32).
+    /// `precision`: 'fp32' (default) or 'bf16' (float32 master weights; BatchNorm and the losses in f32).
     #[napi(constructor)]
-    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config_json: String,
+        head_json: String,
+        dtype: String,
+        seed: i64,
+        optimizer_json: Option<String>,
+        device: Option<String>,
+        precision: Option<String>,
+        threads: Option<u32>,
+    ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let head: SegmenterHead = serde_json::from_str(&head_json).map_err(|e| js_err(format!("invalid segmenter head: {e}")))?;
         head.validate().map_err(js_err)?;
@@ -739,10 +755,12 @@ impl NativeSegmenter {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let model = Segmenter::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = Segmenter::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            model.precision = precision;
             SegmenterTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
@@ -959,9 +977,20 @@ impl NativeDetector {
     /// `headJson`: the DetectorHead fields (absent: the official values of its `variant`,
     /// 'det' or 'vitdet'); `optimizerJson`: {beta1, beta2, eps, weight_decay, layer_decay}
     /// (absent: the variant's official values). `device`: 'cpu' (default), 'cuda' or 'cuda:N' (the
-    /// CUDA build; float32 with TF32 matmuls, or float64).
+    /// CUDA build; float32 with TF32 matmuls, or float64). `precision`: 'fp32' (default) or
+    /// 'bf16' (float32 master weights; BatchNorm, ROIAlign, the losses and the box geometry in f32).
     #[napi(constructor)]
-    pub fn new(config_json: String, head_json: String, dtype: String, seed: i64, optimizer_json: Option<String>, device: Option<String>, threads: Option<u32>) -> Result<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config_json: String,
+        head_json: String,
+        dtype: String,
+        seed: i64,
+        optimizer_json: Option<String>,
+        device: Option<String>,
+        precision: Option<String>,
+        threads: Option<u32>,
+    ) -> Result<Self> {
         let cfg = parse_config(&config_json)?;
         let head = DetectorHead::from_json(&head_json).map_err(js_err)?;
         head.validate(&cfg).map_err(js_err)?;
@@ -971,10 +1000,12 @@ impl NativeDetector {
         if seed < 0 {
             return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
         }
+        let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let model = Detector::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = Detector::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            model.precision = precision;
             DetectorTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })

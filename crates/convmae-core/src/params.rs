@@ -613,6 +613,14 @@ impl ParamStore {
         self.params.iter().filter_map(|p| p.var.as_ref().map(|v| (p, v)))
     }
 
+    /// The tensors as a forward under `precision` reads them, unpacked: this store itself for
+    /// fp32 (or an f64 store), else its compute copies (`compute_view`). What the task models
+    /// (classifier, segmenter, detector) compute with; the pretraining model may also pack.
+    pub fn at_precision(&self, precision: crate::precision::Precision) -> candle_core::Result<std::borrow::Cow<'_, Self>> {
+        let dtype = precision.compute_dtype(self.dtype);
+        Ok(if dtype == self.dtype { std::borrow::Cow::Borrowed(self) } else { std::borrow::Cow::Owned(self.compute_view(dtype, Packing::None)?) })
+    }
+
     /// The tensors as a forward in `dtype` reads them: this store itself when `dtype` is its own,
     /// else its compute copies in `dtype` (made on the first call, kept in step by `set` and the
     /// optimizers): a store whose trainable tensors are the copies' Vars. With

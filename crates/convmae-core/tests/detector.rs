@@ -13,6 +13,7 @@ use convmae_core::model::vitdet::{rel_pos_attention, resized_pos_embed};
 use convmae_core::boxes::BoxXyxy;
 use convmae_core::polygons;
 use convmae_kernels::RoiBox;
+use convmae_core::precision::Precision;
 use convmae_core::rng::Rng;
 use convmae_core::train::{normalize, Batch};
 use convmae_core::ConvMaeConfig;
@@ -342,13 +343,21 @@ fn mask_targets_come_from_polygons_where_given_else_from_masks() {
 /// it by more than half.
 #[test]
 fn a_small_model_learns_to_find_rectangles() {
-    learns_to_find_rectangles(small_head(), DetectorAdamWConfig::default());
+    learns_to_find_rectangles(small_head(), DetectorAdamWConfig::default(), Precision::Fp32);
 }
 
-fn learns_to_find_rectangles(head: DetectorHead, adamw: DetectorAdamWConfig) {
+/// The same in bf16 (the weights' compute copies follow every update).
+#[test]
+fn a_small_model_learns_to_find_rectangles_in_bf16() {
+    let trainer = learns_to_find_rectangles(small_head(), DetectorAdamWConfig::default(), Precision::Bf16);
+    assert_eq!(trainer.model.params.stale_copy().unwrap(), None);
+}
+
+fn learns_to_find_rectangles(head: DetectorHead, adamw: DetectorAdamWConfig, precision: Precision) -> DetectorTrainer {
     let cfg = small_cfg();
     let s = cfg.img_size;
-    let model = Detector::new(cfg, head, DType::F32, &Device::Cpu, 11).unwrap();
+    let mut model = Detector::new(cfg, head, DType::F32, &Device::Cpu, 11).unwrap();
+    model.precision = precision;
     let mut trainer = DetectorTrainer::new(model, adamw, 3).unwrap();
     let (px, targets) = rectangles(2, s, 8);
     let batch = Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 };
@@ -358,7 +367,14 @@ fn learns_to_find_rectangles(head: DetectorHead, adamw: DetectorAdamWConfig) {
         last = trainer.train_step(&batch, &targets, 2e-3).unwrap();
     }
     assert_eq!(last.step, 151);
-    assert!(last.loss < 0.3 * first.loss, "loss {} -> {}", first.loss, last.loss);
+    // The toy's loss is noisy from step to step (the sampled anchors and regions); bf16's
+    // rounding makes it lag on this seed (step 150: 0.34 of the first loss against f32's 0.26;
+    // the means of steps 191-200 are 0.22 and 0.20), so its bound is looser.
+    let bound = match precision {
+        Precision::Fp32 => 0.3,
+        Precision::Bf16 => 0.4,
+    };
+    assert!(last.loss < bound * first.loss, "loss {} -> {}", first.loss, last.loss);
     let dets = trainer.detect(&batch, None, &[(s, s), (s, s)]).unwrap();
     for (t, d) in targets.iter().zip(&dets) {
         assert_eq!(d.masks.len(), d.boxes.len() * s * s);
@@ -378,6 +394,53 @@ fn learns_to_find_rectangles(head: DetectorHead, adamw: DetectorAdamWConfig) {
     let scaled = trainer.detect(&batch, None, &[(2 * s, s), (s, s)]).unwrap();
     assert_eq!(scaled[0].height, 2 * s);
     assert_eq!(scaled[0].masks.len(), scaled[0].boxes.len() * 2 * s * s);
+    trainer
+}
+
+/// bf16 precision, as detectron2's AMP runs a detector: the network on bf16 copies of the
+/// weights; BatchNorm, ROIAlign, the five losses and the box geometry in f32. With the same
+/// weights, draws and proposals, each loss within a few percent of f32's; the gradients arrive
+/// at the f32 masters for BatchNorm, at the bf16 copies for the rest, all finite.
+#[test]
+fn bf16_losses_are_close_to_f32s() {
+    bf16_losses_close_to_f32s(small_head());
+    bf16_losses_close_to_f32s(small_vitdet_head());
+}
+
+fn bf16_losses_close_to_f32s(head: DetectorHead) {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let mut model = Detector::new(cfg, DetectorHead { drop_path: 0.0, ..head }, DType::F32, &Device::Cpu, 6).unwrap();
+    let (px, targets) = rectangles(2, s, 8);
+    let imgs = normalize(&Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 }, DType::F32, &Device::Cpu).unwrap();
+    let proposals = model.losses(&imgs, &targets, &mut Rng::new(77)).unwrap().proposals;
+    let losses = |model: &Detector| {
+        let l = model.losses_with_proposals(&imgs, &targets, &mut Rng::new(77), &proposals).unwrap();
+        assert!(l.foreground > 0, "the check needs foreground regions for the box and mask losses");
+        l
+    };
+    let parts = |l: &convmae_core::model::detector::DetectorLosses| -> Vec<f64> {
+        [&l.rpn_cls, &l.rpn_loc, &l.cls, &l.box_reg, &l.mask].iter().map(|t| {
+            assert_eq!(t.dtype(), DType::F32);
+            to_vec(t)[0]
+        }).collect()
+    };
+    let full = parts(&losses(&model));
+    model.precision = Precision::Bf16;
+    let half_losses = losses(&model);
+    let half = parts(&half_losses);
+    for (i, (h, f)) in half.iter().zip(&full).enumerate() {
+        assert!((h - f).abs() <= 0.05 * f.abs() + 1e-3, "{:?} loss {i}: bf16 {h} vs f32 {f}", model.head.variant);
+    }
+    let grads = half_losses.total().unwrap().backward().unwrap();
+    let nonzero = common::check_bf16_gradient_routes(&model.params, &grads);
+    assert!(nonzero * 10 > model.params.trainable().count() * 8, "only {nonzero} tensors got a nonzero gradient");
+    // Inference in bf16 gives detections of the output's size.
+    let dets = model.detect(&imgs, &[(s, s), (s, s)], &[(s, s), (s, s)]).unwrap();
+    for d in &dets {
+        assert_eq!(d.masks.len(), d.boxes.len() * s * s);
+        assert!(d.scores.iter().all(|v| v.is_finite()));
+    }
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -795,7 +858,7 @@ fn vitdet_tensors_have_the_official_names_and_shapes() {
 /// random one learns too slowly for 150 steps (loss 2.52 -> 0.96, against 0.3x asked).
 #[test]
 fn a_small_vitdet_model_learns_to_find_rectangles() {
-    learns_to_find_rectangles(small_vitdet_head(), DetectorAdamWConfig { layer_decay: 1.0, ..DetectorAdamWConfig::default() });
+    learns_to_find_rectangles(small_vitdet_head(), DetectorAdamWConfig { layer_decay: 1.0, ..DetectorAdamWConfig::default() }, Precision::Fp32);
 }
 
 /// JSON heads and optimizer settings (what the API sends) take their variant's official values
@@ -816,3 +879,4 @@ fn json_settings_default_to_their_variants_official_values() {
     assert_eq!(DetectorAdamWConfig::from_json(r#"{"weight_decay":0.05}"#, DetectorVariant::Det).unwrap(), DetectorAdamWConfig { weight_decay: 0.05, ..DetectorAdamWConfig::default() });
     assert_eq!(DetectorAdamWConfig::from_json(r#"{"layer_decay":0.9}"#, DetectorVariant::Vitdet).unwrap().layer_decay, 0.9);
 }
+

@@ -10,6 +10,7 @@ use convmae_core::model::classifier::Mode;
 use convmae_core::model::segmenter::{
     adaptive_avg_pool, adaptive_pool_matrix, bilinear_matrix, relative_position_index, relative_table_len, resize_bilinear, segmentation_loss, Segmenter, SegmenterHead,
 };
+use convmae_core::precision::Precision;
 use convmae_core::rng::Rng;
 use convmae_core::segment::{ClassAreas, SegmenterAdamWConfig, SegmenterTrainer};
 use convmae_core::train::{normalize, Batch};
@@ -305,9 +306,21 @@ fn layer_decay_groups_follow_the_official_table() {
 
 #[test]
 fn a_small_segmenter_learns_a_labelling_and_reports_its_areas() {
+    learns_a_labelling(Precision::Fp32);
+}
+
+/// The same in bf16 (the weights' compute copies follow every update).
+#[test]
+fn a_small_segmenter_learns_a_labelling_in_bf16() {
+    let trainer = learns_a_labelling(Precision::Bf16);
+    assert_eq!(trainer.model.params.stale_copy().unwrap(), None);
+}
+
+fn learns_a_labelling(precision: Precision) -> SegmenterTrainer {
     let cfg = small_cfg();
     let s = cfg.img_size;
-    let model = Segmenter::new(cfg, small_head(), DType::F32, &Device::Cpu, 1).unwrap();
+    let mut model = Segmenter::new(cfg, small_head(), DType::F32, &Device::Cpu, 1).unwrap();
+    model.precision = precision;
     let mut trainer = SegmenterTrainer::new(model, SegmenterAdamWConfig::default(), 1).unwrap();
     // Class = which third of the image a pixel's column falls in; the picture shows it as
     // three flat colours, with a border of ignored labels.
@@ -348,6 +361,43 @@ fn a_small_segmenter_learns_a_labelling_and_reports_its_areas() {
     // The running statistics moved off their init.
     let running = to_vec(trainer.model.params.get("fpn.1.running_mean"));
     assert!(running.iter().any(|&v| v != 0.0));
+    trainer
+}
+
+/// bf16 precision, as mmseg's fp16 training runs a segmenter: the backbone and the heads on
+/// bf16 copies of the weights, BatchNorm (statistics, affine weights, running averages) and the
+/// losses in f32. With the same weights and draws, the losses within a few percent of f32's.
+#[test]
+fn bf16_precision_keeps_batch_norm_and_the_losses_in_f32() {
+    let cfg = small_cfg();
+    let s = cfg.img_size;
+    let mut model = Segmenter::new(cfg, small_head(), DType::F32, &Device::Cpu, 2).unwrap();
+    let (px, labels) = small_batch(2, s, 9);
+    let imgs = normalize(&Batch { pixels: &px, batch: 2, height: s, width: s, channels: 3 }, DType::F32, &Device::Cpu).unwrap();
+    let full = to_vec(&train_loss(&model, &imgs, &labels, s))[0];
+    let full_stats = model.forward(&imgs, &mut Mode::Train(&mut Rng::new(5))).unwrap().norm_stats;
+    model.precision = Precision::Bf16;
+    assert_eq!(model.compute_dtype(), DType::BF16);
+    let out = model.forward(&imgs, &mut Mode::Train(&mut Rng::new(5))).unwrap();
+    assert_eq!((out.logits.dtype(), out.aux_logits.dtype()), (DType::F32, DType::F32));
+    assert_eq!(out.norm_stats.len(), full_stats.len());
+    for (half, full) in out.norm_stats.iter().zip(&full_stats) {
+        assert_eq!(half.stats.mean.dtype(), DType::F32, "{}", half.prefix);
+        // Statistics of bf16 activations: close to f32's, not equal. (Against the layer's largest
+        // variance: the pooled 1x1 level has two values per channel, whose variance is all
+        // rounding where the two nearly agree.)
+        let (a, b) = (to_vec(&half.stats.var_unbiased), to_vec(&full.stats.var_unbiased));
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 0.1 * scale, "{}: batch variance {x} vs f32 {y} (largest {scale})", half.prefix);
+        }
+    }
+    let loss = train_loss(&model, &imgs, &labels, s);
+    assert_eq!(loss.dtype(), DType::F32);
+    let half = to_vec(&loss)[0];
+    assert!(((half - full) / full).abs() < 0.05, "bf16 loss {half} vs f32 {full}");
+    let nonzero = common::check_bf16_gradient_routes(&model.params, &loss.backward().unwrap());
+    assert!(nonzero * 10 > model.params.trainable().count() * 9, "only {nonzero} tensors got a nonzero gradient");
 }
 
 #[test]

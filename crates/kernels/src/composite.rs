@@ -99,7 +99,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let w = weight.reshape((out, ()))?;
     let lead = &x.dims()[..x.rank() - 1];
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, ()))?.matmul(&w.t()?)?.broadcast_add(bias)?;
+    let product = x.reshape((rows, ()))?.matmul(&w.t()?)?;
+    // In bf16 / f16 the bias is added in f32: its gradient sums every row, which a half
+    // accumulator (candle's sum) stalls on once the sum outgrows the terms (our CUDA kernel
+    // sums it in f32 too).
+    let y = if is_half(x) {
+        product.to_dtype(DType::F32)?.broadcast_add(&bias.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+    } else {
+        product.broadcast_add(bias)?
+    };
     let mut shape = lead.to_vec();
     shape.push(out);
     y.reshape(shape)
@@ -423,6 +431,23 @@ pub(crate) fn use_kernel(args: &[&Tensor]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// A bf16 linear's bias gradient sums every row in f32: over 4096 rows of gradient 1 it is
+    /// 4096 exactly (a bf16 running sum stalls at 256, where adding 1 no longer changes it).
+    #[test]
+    fn a_half_linear_sums_its_bias_gradient_in_f32() {
+        let x = Tensor::ones((4096, 3), DType::BF16, &Device::Cpu).unwrap();
+        let w = Tensor::ones((2, 3), DType::BF16, &Device::Cpu).unwrap();
+        let bias = Var::from_tensor(&Tensor::zeros(2, DType::BF16, &Device::Cpu).unwrap()).unwrap();
+        let y = super::linear(&x, &w, bias.as_tensor()).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(bias.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), DType::BF16);
+        assert_eq!(g.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [4096.0, 4096.0]);
+    }
+
     #[test]
     fn composite_ops_are_read_as_a_list_and_unknown_names_set_apart() {
         let (ops, unknown) = super::parse_composite_ops(" restore_tokens,,patch_blocks , layer_norm");

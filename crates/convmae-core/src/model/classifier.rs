@@ -6,11 +6,10 @@
 use super::conv_stages;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
-use crate::params::{classifier_param_specs, Packing, ParamStore};
+use crate::params::{classifier_param_specs, ParamStore};
 use crate::precision::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, D};
-use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 /// The encoder's outputs at its three scales: what a detection or segmentation neck takes.
@@ -175,13 +174,6 @@ impl ConvViT {
         self.precision.compute_dtype(self.dtype())
     }
 
-    /// The parameters as the encoder uses them: the master tensors, or their bf16 compute copies
-    /// (`ParamStore::compute_view`; the gradients arrive at the copies).
-    fn compute_params(&self) -> Result<Cow<'_, ParamStore>> {
-        let dtype = self.compute_dtype();
-        Ok(if dtype == self.dtype() { Cow::Borrowed(&self.params) } else { Cow::Owned(self.params.compute_view(dtype, Packing::None)?) })
-    }
-
     pub fn device(&self) -> &Device {
         &self.params.device
     }
@@ -194,7 +186,8 @@ impl ConvViT {
     /// The encoder's output at each of its three scales for channels-last images [B, H, W, C]
     /// (no mask), in the compute dtype.
     pub fn forward_stages(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<EncoderStages> {
-        let params = self.compute_params()?;
+        // The master tensors, or their bf16 compute copies (the gradients arrive at the copies).
+        let params = self.params.at_precision(self.precision)?;
         let (cfg, p): (_, &ParamStore) = (&self.cfg, &params);
         let imgs = imgs.to_dtype(p.dtype)?;
         let unmasked = SpatialMix::Dense { keep: None };

@@ -32,6 +32,7 @@ use super::vitdet::{rel_pos_attention, resized_pos_embed, DETECTRON2_LN_EPS};
 use crate::boxes::*;
 use crate::config::ConvMaeConfig;
 use crate::params::{detector_param_specs, ParamStore};
+use crate::precision::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, D};
 use convmae_kernels::{self as k, RoiBox};
@@ -276,6 +277,10 @@ pub struct Detector {
     pub cfg: ConvMaeConfig,
     pub head: DetectorHead,
     pub params: ParamStore,
+    /// fp32 (the default), or bf16: the backbone, the necks and the heads on bf16 copies of the
+    /// weights; BatchNorm, ROIAlign, the losses and the box geometry in f32, as detectron2's AMP
+    /// runs them (`Forward::batch_norm`, `pool`, `predictions`).
+    pub precision: Precision,
     /// Det's relative position index of its windowed and its global blocks' shared tables
     /// (Vitdet indexes its per-block tables by the offset along each axis instead).
     bias_index: Option<(Tensor, Tensor)>,
@@ -326,11 +331,21 @@ impl Detector {
             anchors.push(grid_anchors(&cell, stride, side, side));
             side = side.div_ceil(2);
         }
-        Ok(Self { cfg, head, params, bias_index, anchors })
+        Ok(Self { cfg, head, params, precision: Precision::Fp32, bias_index, anchors })
     }
 
     pub fn dtype(&self) -> DType {
         self.params.dtype
+    }
+
+    /// The dtype the network computes in.
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute_dtype(self.dtype())
+    }
+
+    /// A head's output as the losses and the box geometry read it: in the masters' dtype.
+    fn predictions(&self, t: Tensor) -> Result<Tensor> {
+        t.to_dtype(self.dtype())
     }
 
     pub fn device(&self) -> &Device {
@@ -342,8 +357,7 @@ impl Detector {
     }
 
     /// A stage-3 block: x + attn(LN(x)) with global or windowed attention, x + mlp(LN(x)).
-    fn vit_block(&self, i: usize, x: &Tensor, drop: Option<&DropPath>) -> Result<Tensor> {
-        let p = &self.params;
+    fn vit_block(&self, p: &ParamStore, i: usize, x: &Tensor, drop: Option<&DropPath>) -> Result<Tensor> {
         let prefix = format!("blocks3.{i}");
         let b = x.dim(0)?;
         let heads = self.cfg.num_heads;
@@ -374,8 +388,8 @@ impl Detector {
 
     /// The encoder's stage outputs [B, H, W, C] (strides 4, 8 and 16; stage 3 without a final
     /// norm).
-    fn backbone(&self, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 3]> {
-        let (cfg, p) = (&self.cfg, &self.params);
+    fn backbone(&self, p: &ParamStore, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 3]> {
+        let cfg = &self.cfg;
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
         let g = cfg.grid();
         let (stage1, stage2, mut x) = match self.head.variant {
@@ -385,7 +399,7 @@ impl Detector {
         };
         let b = imgs.dim(0)?;
         for i in 0..cfg.depth[2] {
-            x = self.vit_block(i, &x, drop.map(|d| &d[conv_blocks + i]))?;
+            x = self.vit_block(p, i, &x, drop.map(|d| &d[conv_blocks + i]))?;
         }
         let stage3 = x.reshape((b, g, g, cfg.embed_dim[2]))?;
         Ok([stage1, stage2, stage3])
@@ -394,17 +408,17 @@ impl Detector {
     /// detectron2 `Conv2d` with a norm: conv (no bias, `k / 2` padding) then BatchNorm (Det) or
     /// LayerNorm over channels (Vitdet's "LN").
     fn conv_norm(&self, f: &mut Forward, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        let weight = self.params.get(&format!("{prefix}.weight"));
+        let weight = f.params.get(&format!("{prefix}.weight"));
         let y = conv2d(x, weight, None, 1, weight.dim(2)? / 2)?;
         match self.head.variant {
             DetectorVariant::Det => f.batch_norm(&format!("{prefix}.norm"), &y),
-            DetectorVariant::Vitdet => layer_norm_p(&self.params, &format!("{prefix}.norm"), &y, DETECTRON2_LN_EPS),
+            DetectorVariant::Vitdet => layer_norm_p(f.params, &format!("{prefix}.norm"), &y, DETECTRON2_LN_EPS),
         }
     }
 
     /// p2..p6 of the variant's neck.
     fn pyramid(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<Vec<Tensor>> {
-        let [stage1, stage2, stage3] = self.backbone(imgs, drop)?;
+        let [stage1, stage2, stage3] = self.backbone(f.params, imgs, drop)?;
         match self.head.variant {
             DetectorVariant::Det => {
                 let pooled = max_pool_2x2(&stage3)?;
@@ -419,7 +433,7 @@ impl Detector {
     /// deconv, LayerNorm, GELU and another deconv; stride 8 by one deconv; 16 as it is; 32 by
     /// 2x2 max pooling; then each through a 1x1 and a 3x3 `conv_norm`; p6 = p5 subsampled.
     fn simple_pyramid(&self, f: &mut Forward, x: &Tensor) -> Result<Vec<Tensor>> {
-        let p = &self.params;
+        let p = f.params;
         let deconv = |name: &str, x: &Tensor| deconv_2x2(x, p.get(&format!("{name}.weight")), p.get(&format!("{name}.bias")));
         let mut convs = |stage: usize, first: usize, x: &Tensor| -> Result<Tensor> {
             let y = self.conv_norm(f, &format!("backbone.simfp_{stage}.{first}"), x)?;
@@ -455,10 +469,9 @@ impl Detector {
         Ok(levels)
     }
 
-    /// RPN head on every level: objectness [B, A_total] and deltas [B, A_total, 4], anchors in
-    /// the order of `self.anchors` flattened.
-    fn rpn(&self, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
-        let p = &self.params;
+    /// RPN head on every level: objectness [B, A_total] and deltas [B, A_total, 4] (in the
+    /// masters' dtype), anchors in the order of `self.anchors` flattened.
+    fn rpn(&self, p: &ParamStore, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
         let (mut objectness, mut deltas) = (Vec::new(), Vec::new());
         for level in levels {
             let mut x = level.clone();
@@ -472,7 +485,7 @@ impl Detector {
             let d = linear_p(p, "proposal_generator.rpn_head.anchor_deltas", &x)?;
             deltas.push(d.reshape((b, (), 4))?);
         }
-        Ok((Tensor::cat(&objectness, 1)?, Tensor::cat(&deltas, 1)?))
+        Ok((self.predictions(Tensor::cat(&objectness, 1)?)?, self.predictions(Tensor::cat(&deltas, 1)?)?))
     }
 
     /// detectron2 `find_top_rpn_proposals` for image `b`: per level the `pre_nms` anchors of
@@ -501,8 +514,10 @@ impl Detector {
     }
 
     /// ROIAlignV2 features [R, side, side, C] of `rois` from p2..p5, each region from the level
-    /// its size assigns, in the order of `rois`.
+    /// its size assigns, in the order of `rois`, in the levels' dtype. The sampling runs in the
+    /// masters' dtype (f32 under bf16, as torchvision's autocast runs roi_align).
     fn pool(&self, levels: &[Tensor], rois: &[RoiBox], side: usize) -> Result<Tensor> {
+        let compute = levels[0].dtype();
         let (min, max) = ROI_LEVELS;
         let mut by_level: Vec<Vec<usize>> = vec![Vec::new(); max - min + 1];
         for (i, r) in rois.iter().enumerate() {
@@ -515,11 +530,11 @@ impl Detector {
                 continue;
             }
             let boxes: Vec<RoiBox> = members.iter().map(|&i| rois[i]).collect();
-            parts.push(k::roi_align(&levels[l], &boxes, side, 1.0 / LEVEL_STRIDES[l] as f64, 0)?);
+            parts.push(k::roi_align(&levels[l].to_dtype(self.dtype())?, &boxes, side, 1.0 / LEVEL_STRIDES[l] as f64, 0)?.to_dtype(compute)?);
             order.extend(members);
         }
         if parts.is_empty() {
-            return Tensor::zeros((0, side, side, self.head.channels), self.dtype(), self.device());
+            return Tensor::zeros((0, side, side, self.head.channels), compute, self.device());
         }
         let pooled = Tensor::cat(&parts, 0)?;
         // Row `order[j]` of the output is row j of `pooled`.
@@ -531,9 +546,9 @@ impl Detector {
     }
 
     /// 4conv1fc box head and the predictor: class scores [R, K + 1] (the last is background)
-    /// and class-specific deltas [R, 4K].
+    /// and class-specific deltas [R, 4K], in the masters' dtype.
     fn box_head(&self, f: &mut Forward, pooled: &Tensor) -> Result<(Tensor, Tensor)> {
-        let p = &self.params;
+        let p = f.params;
         let mut x = pooled.clone();
         for i in 1..=self.head.box_convs {
             x = self.conv_norm(f, &format!("roi_heads.box_head.conv{i}"), &x)?.relu()?;
@@ -542,25 +557,26 @@ impl Detector {
         let r = x.dim(0)?;
         let flat = x.permute((0, 3, 1, 2))?.contiguous()?.reshape((r, ()))?;
         let x = linear_p(p, "roi_heads.box_head.fc1", &flat)?.relu()?;
-        Ok((linear_p(p, "roi_heads.box_predictor.cls_score", &x)?, linear_p(p, "roi_heads.box_predictor.bbox_pred", &x)?))
+        let scores = linear_p(p, "roi_heads.box_predictor.cls_score", &x)?;
+        Ok((self.predictions(scores)?, self.predictions(linear_p(p, "roi_heads.box_predictor.bbox_pred", &x)?)?))
     }
 
     /// Mask head: convs, the 2x2 stride-2 deconv (a matmul to 4 sub-positions), ReLU, the 1x1
-    /// predictor: logits [R, 28, 28, K].
+    /// predictor: logits [R, 28, 28, K], in the masters' dtype.
     fn mask_head(&self, f: &mut Forward, pooled: &Tensor) -> Result<Tensor> {
-        let p = &self.params;
+        let p = f.params;
         let mut x = pooled.clone();
         for i in 1..=self.head.mask_convs {
             x = self.conv_norm(f, &format!("roi_heads.mask_head.mask_fcn{i}"), &x)?.relu()?;
         }
         let y = deconv_2x2(&x, p.get("roi_heads.mask_head.deconv.weight"), p.get("roi_heads.mask_head.deconv.bias"))?.relu()?;
-        linear_p(p, "roi_heads.mask_head.predictor", &y)
+        self.predictions(linear_p(p, "roi_heads.mask_head.predictor", &y)?)
     }
 
     /// Levels p2..p6 and the RPN's outputs for normalized images [B, S, S, 3].
     fn features(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
         let levels = self.pyramid(f, imgs, drop)?;
-        let (objectness, deltas) = self.rpn(&levels)?;
+        let (objectness, deltas) = self.rpn(f.params, &levels)?;
         Ok((levels, objectness, deltas))
     }
 
@@ -581,15 +597,16 @@ impl Detector {
     }
 
     fn losses_with(&self, imgs: &Tensor, targets: &[ImageTargets], rng: &mut Rng, fixed: Option<&[Vec<BoxXyxy>]>) -> Result<DetectorLosses> {
-        let imgs = imgs.to_dtype(self.dtype())?;
+        let params = self.params.at_precision(self.precision)?;
+        let imgs = imgs.to_dtype(params.dtype)?;
         let (b, hh, ww, _) = imgs.dims4()?;
         let side = self.cfg.img_size;
         if (hh, ww) != (side, side) || targets.len() != b {
             return Err(err(format!("losses: {b} images of {hh}x{ww} with {} target sets; expected img_size {side} and one set per image", targets.len())));
         }
         let (device, dtype, head) = (self.device().clone(), self.dtype(), &self.head);
-        let drop = draw_drop_path(&self.cfg, head.drop_path, b, dtype, &device, rng)?;
-        let mut f = Forward { params: &self.params, training: true, rng: None, dropout: 0.0, norm_stats: Vec::new() };
+        let drop = draw_drop_path(&self.cfg, head.drop_path, b, params.dtype, &device, rng)?;
+        let mut f = Forward { params: &params, masters: &self.params, training: true, rng: None, dropout: 0.0, norm_stats: Vec::new() };
         let (levels, objectness, deltas) = self.features(&mut f, &imgs, drop.as_deref())?;
         let total = self.total_anchors();
         let all_anchors: Vec<BoxXyxy> = self.anchors.concat();
@@ -747,7 +764,8 @@ impl Detector {
     /// to it); boxes and masks are scaled from it to the image's `output` size (height, width),
     /// as `detector_postprocess` does.
     pub fn detect(&self, imgs: &Tensor, extents: &[(usize, usize)], output: &[(usize, usize)]) -> Result<Vec<ImageDetections>> {
-        let imgs = imgs.to_dtype(self.dtype())?;
+        let params = self.params.at_precision(self.precision)?;
+        let imgs = imgs.to_dtype(params.dtype)?;
         let (b, hh, ww, _) = imgs.dims4()?;
         let side = self.cfg.img_size;
         if (hh, ww) != (side, side) || output.len() != b || extents.len() != b {
@@ -758,7 +776,7 @@ impl Detector {
             )));
         }
         let head = &self.head;
-        let mut f = Forward { params: &self.params, training: false, rng: None, dropout: 0.0, norm_stats: Vec::new() };
+        let mut f = Forward { params: &params, masters: &self.params, training: false, rng: None, dropout: 0.0, norm_stats: Vec::new() };
         let (levels, objectness, deltas) = self.features(&mut f, &imgs, None)?;
         let (obj_values, delta_values) = (values_f32(&objectness)?, values_f32(&deltas)?);
         let mut rois = Vec::new();

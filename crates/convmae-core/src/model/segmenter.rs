@@ -23,6 +23,7 @@ use super::encoder_stem;
 use super::layers::*;
 use crate::config::ConvMaeConfig;
 use crate::params::{segmenter_param_specs, ParamStore};
+use crate::precision::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use convmae_kernels as k;
@@ -180,7 +181,12 @@ pub struct NormStats {
 /// What a forward computes besides its logits, and the randomness it draws from (the
 /// segmenter's and the detector's).
 pub(super) struct Forward<'a> {
+    /// The tensors the network computes with: the masters, or their bf16 compute copies
+    /// (`ParamStore::at_precision`).
     pub params: &'a ParamStore,
+    /// The master tensors: BatchNorm's affine weights and running statistics, which stay in the
+    /// masters' dtype under bf16.
+    pub masters: &'a ParamStore,
     pub training: bool,
     pub rng: Option<&'a mut Rng>,
     pub dropout: f64,
@@ -189,9 +195,17 @@ pub(super) struct Forward<'a> {
 
 impl Forward<'_> {
     /// BatchNorm2d over [B, H, W, C]: batch statistics (biased variance) in training, recorded
-    /// for the running averages; the running ones in evaluation.
+    /// for the running averages; the running ones in evaluation. It computes in the masters'
+    /// dtype, with the master affine weights, and returns `x`'s dtype: under bf16 its statistics
+    /// are f32 sums over every position of the batch (as AMP keeps BatchNorm in f32), which bf16's
+    /// 8-bit mantissa could not hold.
     pub fn batch_norm(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        let p = self.params;
+        let compute = x.dtype();
+        self.batch_norm_in_master_dtype(prefix, &x.to_dtype(self.masters.dtype)?)?.to_dtype(compute)
+    }
+
+    fn batch_norm_in_master_dtype(&mut self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let p = self.masters;
         let (b, h, w, c) = x.dims4()?;
         // Our BatchNorm op is the CPU's; a CUDA model (and the composite path, `with_path`)
         // takes candle's ops below.
@@ -318,7 +332,7 @@ fn seg_transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: us
 
 /// What a segmenter forward returns.
 pub struct SegmenterOutput {
-    /// UPerHead's logits [B, H/4, W/4, K].
+    /// UPerHead's logits [B, H/4, W/4, K], in the masters' dtype.
     pub logits: Tensor,
     /// The auxiliary FCNHead's logits [B, H/16, W/16, K].
     pub aux_logits: Tensor,
@@ -330,6 +344,9 @@ pub struct Segmenter {
     pub cfg: ConvMaeConfig,
     pub head: SegmenterHead,
     pub params: ParamStore,
+    /// fp32 (the default), or bf16: the backbone and the heads on bf16 copies of the weights,
+    /// BatchNorm and the losses in f32 (`Forward::batch_norm`, `forward`).
+    pub precision: Precision,
     /// `relative_position_index` of the stage-3 grid (a buffer shared by every block).
     rel_index: Tensor,
 }
@@ -347,11 +364,16 @@ impl Segmenter {
         let params = ParamStore::init(segmenter_param_specs(&cfg, &head), dtype, device, seed)?;
         let index = relative_position_index(cfg.grid());
         let rel_index = Tensor::from_vec(index.clone(), index.len(), device)?;
-        Ok(Self { cfg, head, params, rel_index })
+        Ok(Self { cfg, head, params, precision: Precision::Fp32, rel_index })
     }
 
     pub fn dtype(&self) -> DType {
         self.params.dtype
+    }
+
+    /// The dtype the network computes in.
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute_dtype(self.dtype())
     }
 
     pub fn device(&self) -> &Device {
@@ -361,7 +383,7 @@ impl Segmenter {
     /// The backbone's four levels [B, H, W, C] (strides 4, 8, 16, 32) for normalized
     /// channels-last images [B, H, W, 3].
     fn backbone(&self, f: &mut Forward, imgs: &Tensor, drop: Option<&[DropPath]>) -> Result<[Tensor; 4]> {
-        let (cfg, p) = (&self.cfg, &self.params);
+        let (cfg, p) = (&self.cfg, f.params);
         let conv_blocks = cfg.depth[0] + cfg.depth[1];
         let (stage1, stage2, mut x) = encoder_stem(cfg, p, imgs, drop, CONV_LN_EPS, p.get("pos_embed"))?;
         let b = imgs.dim(0)?;
@@ -407,24 +429,28 @@ impl Segmenter {
         f.classify("decode_head", &fused)
     }
 
-    /// Logits of both heads for normalized channels-last images [B, H, W, 3]. In training
-    /// (`Mode::Train`) stochastic depth and Dropout2d draw from the generator and BatchNorm uses
-    /// (and returns) the batch's statistics.
+    /// Logits of both heads, in the masters' dtype, for normalized channels-last images
+    /// [B, H, W, 3]. In training (`Mode::Train`) stochastic depth and Dropout2d draw from the
+    /// generator and BatchNorm uses (and returns) the batch's statistics.
     pub fn forward(&self, imgs: &Tensor, mode: &mut Mode) -> Result<SegmenterOutput> {
-        let imgs = imgs.to_dtype(self.dtype())?;
+        let params = self.params.at_precision(self.precision)?;
+        let imgs = imgs.to_dtype(params.dtype)?;
         let (training, mut rng) = match mode {
             Mode::Train(rng) => (true, Some(&mut **rng)),
             Mode::Eval => (false, None),
         };
         let drop = match rng.as_deref_mut() {
-            Some(rng) => draw_drop_path(&self.cfg, self.head.drop_path, imgs.dim(0)?, self.dtype(), self.device(), rng)?,
+            Some(rng) => draw_drop_path(&self.cfg, self.head.drop_path, imgs.dim(0)?, params.dtype, self.device(), rng)?,
             None => None,
         };
-        let mut f = Forward { params: &self.params, training, rng, dropout: self.head.dropout, norm_stats: Vec::new() };
+        let mut f = Forward { params: &params, masters: &self.params, training, rng, dropout: self.head.dropout, norm_stats: Vec::new() };
         let levels = self.backbone(&mut f, &imgs, drop.as_deref())?;
         let logits = self.decode_head(&mut f, &levels)?;
         let aux = f.conv_module("auxiliary_head.convs.0", &levels[2])?;
         let aux_logits = f.classify("auxiliary_head", &aux)?;
+        // The losses, the upsampling to the labels' size and the argmax read f32 under bf16, as
+        // autocast computes its losses in f32.
+        let (logits, aux_logits) = (logits.to_dtype(self.dtype())?, aux_logits.to_dtype(self.dtype())?);
         Ok(SegmenterOutput { logits, aux_logits, norm_stats: f.norm_stats })
     }
 

@@ -26,3 +26,24 @@ pub fn packed_f32_model(cfg: &ConvMaeConfig) -> ConvMae {
     model
 }
 pub mod tensors;
+
+/// Where a bf16 step's gradients arrived, checked for a task model whose BatchNorms compute in
+/// f32: each BatchNorm affine tensor (a `weight` or `bias` beside a `running_mean`) at its f32
+/// master, every other trainable tensor at its bf16 compute copy; all finite. Returns how many
+/// tensors got a nonzero gradient.
+pub fn check_bf16_gradient_routes(params: &ParamStore, grads: &candle_core::backprop::GradStore) -> usize {
+    let by_tensor = params.gradients(grads).unwrap();
+    let mut nonzero = 0;
+    for ((p, master), g) in params.trainable().zip(&by_tensor) {
+        let name = &p.spec.name;
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        let batch_norm = params.find(&format!("{module}.running_mean")).is_some();
+        let at_master = grads.get(master.as_tensor()).is_some();
+        assert_eq!(at_master, batch_norm, "{name}: gradient at the f32 master: {at_master}, a BatchNorm tensor: {batch_norm}");
+        assert_eq!(g.dtype(), if batch_norm { DType::F32 } else { DType::BF16 }, "{name}");
+        let values = tensors::to_vec(g);
+        assert!(values.iter().all(|v| v.is_finite()), "{name}: a non-finite gradient");
+        nonzero += usize::from(values.iter().any(|&v| v != 0.0));
+    }
+    nonzero
+}
