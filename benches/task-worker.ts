@@ -7,6 +7,8 @@
  *   node dist/benches/task-worker.js --task segment --preset convmae-base --img 512 --batch 8 --device cuda
  *   node dist/benches/task-worker.js --task detect --preset convmae-base --img 1024 --batch 2 --device cuda
  *
+ * `--precision bf16`: the networks in bf16 over f32 weights (default fp32).
+ *
  * The heads are the official ones (segmenter: 768 / 256 channels, PPM (1, 2, 3, 6); detector:
  * windows of 16 tokens at 1024 px with blocks 0, 3, 6, 10 global, FPN width 256, 4conv1fc, 512
  * regions an image) unless `--window` or `--global-blocks` say otherwise (smaller images need a
@@ -16,7 +18,7 @@
  */
 import { Detector } from '../src/api/detector.js';
 import { resolveConfig, type ConvMaeConfig } from '../src/api/config.js';
-import type { DeviceName } from '../src/api/pretrainer.js';
+import type { DeviceName, Precision } from '../src/api/pretrainer.js';
 import { Segmenter } from '../src/api/segmenter.js';
 import { intFlag, median, parseArgs } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
@@ -33,6 +35,7 @@ async function main(): Promise<void> {
   const steps = intFlag(opts, 'steps', 5);
   const device = (opts.flags.device ?? 'cpu') as DeviceName;
   const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
+  const precision = (opts.flags.precision ?? 'fp32') as Precision;
   const config: Partial<ConvMaeConfig> = { img_size: side };
   const { img_size } = resolveConfig({ preset, config });
   // The head's window and global blocks where the flags give them (else the small head's, or
@@ -45,8 +48,8 @@ async function main(): Promise<void> {
   const small = opts.flags['small-heads'] === 'true';
   const model =
     task === 'segment'
-      ? Segmenter.create({ preset, config, numClasses: 150, device, dtype, seed: 0, ...(small ? { channels: 32, auxChannels: 16 } : {}) })
-      : Detector.create({ preset, config, numClasses: 80, device, dtype, seed: 0, ...(small ? SMALL_DETECTOR_HEAD : {}), ...windows });
+      ? Segmenter.create({ preset, config, numClasses: 150, device, dtype, precision, seed: 0, ...(small ? { channels: 32, auxChannels: 16 } : {}) })
+      : Detector.create({ preset, config, numClasses: 80, device, dtype, precision, seed: 0, ...(small ? SMALL_DETECTOR_HEAD : {}), ...windows });
   try {
     const times: number[] = [];
     const losses: number[] = [];
@@ -69,6 +72,7 @@ async function main(): Promise<void> {
         batch,
         img_size,
         dtype,
+        precision,
         device,
         images_per_s: batch / (med / 1000),
         ms_per_step_median: med,

@@ -202,7 +202,7 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.true(report.agreement.length > 0);
     t.deepEqual(report.agreement.filter((a) => a.pass === false).map((a) => a.op), []);
     // The five golden fixtures, FastConvMAE's two, the overlapped-steps probe and the segmenter
-    // and both detectors against the CPU, all passing on the CPU.
+    // and both detectors against the CPU (each with its bf16 first losses), all passing on the CPU.
     t.is(report.parity.length, 11);
     t.deepEqual(report.parity.filter((p) => p.fixture === 'fastconvmae_small.safetensors').map((p) => p.pass), [true, true]);
     for (const task of ['segmenter', 'detector', 'detector (vitdet)']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} on the GPU = on the CPU`) && p.pass), task);
@@ -212,6 +212,8 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.deepEqual(taskRows.map((r) => [r.impl, r.batch, r.dtype, r.error]), [
       ['ours-segment-64px', 2, 'f32', undefined],
       ['ours-detect-64px', 2, 'f32', undefined],
+      ['ours-segment-64px', 2, 'bf16', undefined],
+      ['ours-detect-64px', 2, 'bf16', undefined],
     ]);
     t.true(taskRows.every((r) => r.images_per_s > 0));
     const ours = report.rows.filter((r) => r.impl.startsWith('ours') && !taskRows.includes(r));

@@ -256,9 +256,9 @@ async function main(): Promise<void> {
   // elsewhere) were written without a GPU.
   if (!loadError && !throughputOnly && !profileOnly) {
     const r = await run(process.execPath, [probe, 'segmenter'], 120, { ...process.env, CONVMAE_TF32: 'off' });
-    const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number } | undefined;
-    const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation)';
-    const differ = j ? `predictions differing ${(100 * j.predictions_differ).toFixed(3)}%` : '';
+    const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number; bf16_rel: number } | undefined;
+    const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation; its bf16 losses within 5% of f32)';
+    const differ = j ? `predictions differing ${(100 * j.predictions_differ).toFixed(3)}%; bf16 losses off by ${j.bf16_rel.toExponential(2)}` : '';
     parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; ${differ}` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
     log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, ${differ})` : `error ${r.error}`}`);
     save();
@@ -269,9 +269,11 @@ async function main(): Promise<void> {
       ['detector (vitdet)', 'detector-vitdet', 'vitdet variant, convmae-tiny, 2 steps with extents'],
     ] as const) {
       const d = await run(process.execPath, [probe, probeName], 120, { ...process.env, CONVMAE_TF32: 'off' });
-      const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number } | undefined;
-      const detFixture = `${name} on the GPU = on the CPU (${what}; detections reported)`;
-      const detections = k ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}` : '';
+      const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number; bf16_rel: number } | undefined;
+      const detFixture = `${name} on the GPU = on the CPU (${what}; detections reported; its bf16 RPN losses within 5% of f32)`;
+      const detections = k
+        ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}; bf16 RPN losses off by ${k.bf16_rel.toExponential(2)}`
+        : '';
       parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...k, worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
       log(`${name}: ${k ? `${k.pass ? 'pass' : 'FAIL'} (worst ${k.worst} ${k.worst_rel.toExponential(2)}, ${detections})` : `error ${d.error}`}`);
       save();
@@ -402,20 +404,22 @@ async function main(): Promise<void> {
     run(process.execPath, [worker, '--preset', preset, '--batch', String(batch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', precision, '--path', convPath, ...args], 150, { ...process.env, ...attentionFallback, ...env }).then((r) =>
       record(r, { suite: 'gpu', impl, preset, batch, dtype: precision === 'bf16' ? 'bf16' : 'f32', device, path: convPath }),
     );
-  // The downstream tasks' training steps on the GPU (f32; ours only: no PyTorch baseline of
-  // them is installed there): the segmenter at 512 px, batch 8, and the detector at 1024 px,
-  // batch 2, with the official heads (task-worker.ts, made-up labelled images). The rehearsal
-  // runs them at 64 px with the task probes' narrow heads.
+  // The downstream tasks' training steps on the GPU (f32, then bf16; ours only: no PyTorch
+  // baseline of them is installed there): the segmenter at 512 px, batch 8, and the detector at
+  // 1024 px, batch 2, with the official heads (task-worker.ts, made-up labelled images). The
+  // rehearsal runs them at 64 px with the task probes' narrow heads.
   const taskWorker = path.join(REPO_ROOT, 'dist', 'benches', 'task-worker.js');
   const tasks = async () => {
     if (loadError) return;
     const size = { segment: rehearse ? 64 : 512, detect: rehearse ? 64 : 1024 };
     const batch = { segment: rehearse ? 2 : 8, detect: 2 };
     const steps = rehearse ? ['--warmup', '1', '--steps', '1', '--small-heads'] : ['--warmup', '2', '--steps', '5'];
-    for (const task of ['segment', 'detect'] as const) {
-      const args = [taskWorker, '--task', task, '--preset', preset, '--img', String(size[task]), '--batch', String(batch[task]), '--device', device, ...steps];
-      const r = await run(process.execPath, args, 180);
-      record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: 'f32', device });
+    for (const precision of ['fp32', 'bf16'] as const) {
+      for (const task of ['segment', 'detect'] as const) {
+        const args = [taskWorker, '--task', task, '--preset', preset, '--img', String(size[task]), '--batch', String(batch[task]), '--device', device, '--precision', precision, ...steps];
+        const r = await run(process.execPath, args, 180);
+        record(r, { suite: 'gpu', impl: `ours-${task}-${size[task]}px`, preset, batch: batch[task], dtype: precision === 'bf16' ? 'bf16' : 'f32', device });
+      }
     }
   };
   const pytorch = async (batch: number, amp: 'bf16' | 'none', compile: boolean, masking?: 'complementary') => {
