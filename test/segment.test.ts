@@ -16,6 +16,19 @@ import { CLI } from './helpers.js';
 const run = promisify(execFile);
 const small = { preset: 'convmae-tiny', channels: 16, auxChannels: 8 } as const;
 
+/** The first two digit scenes of t10k as one labelled batch. */
+async function sceneBatch() {
+  const scenes = await openDigitScenes('t10k', { limit: 2 });
+  const samples = await Promise.all([0, 1].map((i) => scenes.sample(i)));
+  const images = new Uint8Array(2 * 64 * 64 * 3);
+  const labels = new Uint8Array(2 * 64 * 64);
+  samples.forEach((s, i) => {
+    images.set(s.image, i * 64 * 64 * 3);
+    labels.set(s.labels, i * 64 * 64);
+  });
+  return { images, labels, batchSize: 2, height: 64, width: 64 };
+}
+
 test('the meter scores areas as mmseg does: classes with an empty union leave the mean', (t) => {
   const meter = new SegmentationMeter(3);
   // Class 2 never appears in labels or predictions.
@@ -71,15 +84,8 @@ test('the segmenter trains, evaluates with areas that count every labelled pixel
   t.throws(() => Segmenter.create({ ...small, numClasses: 3, poolScales: [0] }), { message: /pool_scales/ });
   const model = Segmenter.create({ ...small, numClasses: 11, seed: 2 });
   try {
-    const scenes = await openDigitScenes('t10k', { limit: 2 });
-    const samples = await Promise.all([0, 1].map((i) => scenes.sample(i)));
-    const images = new Uint8Array(2 * 64 * 64 * 3);
-    const labels = new Uint8Array(2 * 64 * 64);
-    samples.forEach((s, i) => {
-      images.set(s.image, i * 64 * 64 * 3);
-      labels.set(s.labels, i * 64 * 64);
-    });
-    const batch = { images, labels, batchSize: 2, height: 64, width: 64 };
+    const batch = await sceneBatch();
+    const { images, labels } = batch;
     const r = await model.train(batch, { lr: 1e-3 });
     t.is(r.step, 1);
     t.true(Number.isFinite(r.loss) && Math.abs(r.loss - (r.decodeLoss + 0.4 * r.auxLoss)) < 1e-5);
@@ -109,15 +115,7 @@ test('in bf16 the segmenter starts from the f32 loss within a few percent and tr
   const [full, half] = [Segmenter.create({ ...small, numClasses: 11, seed: 2 }), Segmenter.create({ ...small, numClasses: 11, seed: 2, precision: 'bf16' })];
   try {
     t.is(half.precision, 'bf16');
-    const scenes = await openDigitScenes('t10k', { limit: 2 });
-    const samples = await Promise.all([0, 1].map((i) => scenes.sample(i)));
-    const images = new Uint8Array(2 * 64 * 64 * 3);
-    const labels = new Uint8Array(2 * 64 * 64);
-    samples.forEach((s, i) => {
-      images.set(s.image, i * 64 * 64 * 3);
-      labels.set(s.labels, i * 64 * 64);
-    });
-    const batch = { images, labels, batchSize: 2, height: 64, width: 64 };
+    const batch = await sceneBatch();
     // The first step's loss is the initial weights' (same seed, same draws).
     const [a, b] = [await full.train(batch, { lr: 1e-3 }), await half.train(batch, { lr: 1e-3 })];
     t.true(Math.abs(b.loss - a.loss) < 0.05 * a.loss, `bf16 ${b.loss} vs f32 ${a.loss}`);

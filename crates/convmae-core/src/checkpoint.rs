@@ -217,6 +217,32 @@ pub fn load_weights_except(
     Ok(report)
 }
 
+/// Encoder files written by other training code wrap the model's names in one module name:
+/// DDP's `module.`, mmselfsup's `backbone.`, EasyCV's `encoder.` and `decoder.` (its MAE and
+/// FastConvMAE models). A file tensor whose name is none of the model's, but whose name after its
+/// first dot is, is read as that tensor; the file's own tensor of that name wins where it has
+/// both. Two wrapped tensors of one name are an error naming both.
+fn unwrap_module_prefixes(file: &mut CheckpointFile, params: &ParamStore, shown: &str) -> candle_core::Result<()> {
+    let mut renames: BTreeMap<String, String> = BTreeMap::new();
+    for key in file.tensors.keys() {
+        if params.find(key).is_some() {
+            continue;
+        }
+        let Some((_, inner)) = key.split_once('.') else { continue };
+        if params.find(inner).is_none() || file.tensors.contains_key(inner) {
+            continue;
+        }
+        if let Some(other) = renames.insert(inner.to_string(), key.clone()) {
+            return Err(err(format!("checkpoint '{shown}' holds both '{other}' and '{key}' for the model's tensor '{inner}'")));
+        }
+    }
+    for (inner, key) in renames {
+        let t = file.tensors.remove(&key).expect("a key of the file");
+        file.tensors.insert(inner, t);
+    }
+    Ok(())
+}
+
 /// Buffers a checkpoint may hold that are not model tensors here: BatchNorm step counters (kept
 /// by the trainers) and the relative position indices (computed from the grid).
 fn is_derived_buffer(name: &str) -> bool {
@@ -303,8 +329,9 @@ pub fn load_pretrainer(trainer: &mut Pretrainer, path: &Path, strict: bool) -> c
 /// optimizer state is not touched: on a fresh model, the run starts at step 0 with zero moments.
 pub fn init_pretrainer_from(trainer: &mut Pretrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let shown = path.display().to_string();
-    let file = read_checkpoint(path)?;
+    let mut file = read_checkpoint(path)?;
     check_same_encoder(&file, &trainer.model.cfg, &shown)?;
+    unwrap_module_prefixes(&mut file, &trainer.model.params, &shown)?;
     let report = load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name == "pos_embed" || name == "decoder_pos_embed")
         .map_err(|e| err(format!("{e} (the preset / config must describe the checkpoint's encoder)")))?;
     if report.loaded.is_empty() {
@@ -371,8 +398,9 @@ pub fn load_classifier(trainer: &mut ClassifierTrainer, path: &Path, strict: boo
 /// touched. Encoder tensors of the wrong shape are an error naming the tensor.
 pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let shown = path.display().to_string();
-    let file = read_checkpoint(path)?;
+    let mut file = read_checkpoint(path)?;
     check_same_encoder(&file, &trainer.model.cfg, &shown)?;
+    unwrap_module_prefixes(&mut file, &trainer.model.params, &shown)?;
     load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
         .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
 }

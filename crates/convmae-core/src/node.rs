@@ -40,6 +40,11 @@ fn parse_dtype(dtype: &str) -> Result<DType> {
     }
 }
 
+/// A `seed` argument: a non-negative integer.
+fn parse_seed(seed: i64) -> Result<u64> {
+    u64::try_from(seed).map_err(|_| js_err(format!("seed must be a non-negative integer, got {seed}")))
+}
+
 /// A `precision` argument ('fp32' when absent) for master weights of `dtype`: bf16 needs f32.
 fn parse_precision(precision: Option<&str>, dtype: DType) -> Result<Precision> {
     let precision = Precision::parse(precision.unwrap_or("fp32")).map_err(js_err)?;
@@ -344,17 +349,15 @@ impl NativePretrainer {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid AdamW options: {e}")))?,
             None => AdamWConfig::default(),
         };
-        if seed < 0 {
-            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
-        }
+        let seed = parse_seed(seed)?;
         let device = parse_device(device.as_deref())?;
         let precision = parse_precision(precision.as_deref(), dtype)?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let mut model = ConvMae::new(cfg, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = ConvMae::new(cfg, dtype, &device, seed).map_err(|e| e.to_string())?;
             model.path = conv_path;
             model.precision = precision;
-            Pretrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+            Pretrainer::new(model, adamw, seed).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }
@@ -424,7 +427,7 @@ impl NativePretrainer {
     /// original | masked | reconstruction | reconstruction + visible, one row per image.
     #[napi]
     pub async fn reconstruct(&self, pixels: Uint8Array, batch: u32, height: u32, width: u32, seed: i64) -> Result<ReconstructionResult> {
-        let command = Command::Reconstruct { images: images(&pixels, batch, height, width), seed: seed as u64 };
+        let command = Command::Reconstruct { images: images(&pixels, batch, height, width), seed: parse_seed(seed)? };
         match self.call(command).await? {
             Reply::Reconstruction(r) => Ok(ReconstructionResult {
                 pixels: r.pixels.into(),
@@ -556,16 +559,14 @@ impl NativeClassifier {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
             None => OptimizerConfig::default_for(head.kind),
         };
-        if seed < 0 {
-            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
-        }
+        let seed = parse_seed(seed)?;
         let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let mut model = ConvViT::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = ConvViT::new(cfg, head, dtype, &device, seed).map_err(|e| e.to_string())?;
             model.precision = precision;
-            ClassifierTrainer::new(model, optimizer, seed as u64).map_err(|e| e.to_string())
+            ClassifierTrainer::new(model, optimizer, seed).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }
@@ -752,16 +753,14 @@ impl NativeSegmenter {
             Some(j) => serde_json::from_str(&j).map_err(|e| js_err(format!("invalid optimizer options: {e}")))?,
             None => SegmenterAdamWConfig::default(),
         };
-        if seed < 0 {
-            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
-        }
+        let seed = parse_seed(seed)?;
         let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let mut model = Segmenter::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = Segmenter::new(cfg, head, dtype, &device, seed).map_err(|e| e.to_string())?;
             model.precision = precision;
-            SegmenterTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+            SegmenterTrainer::new(model, adamw, seed).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }
@@ -997,16 +996,14 @@ impl NativeDetector {
         let dtype = parse_dtype(&dtype)?;
         let adamw = DetectorAdamWConfig::from_json(optimizer_json.as_deref().unwrap_or("{}"), head.variant).map_err(js_err)?;
         adamw.validate().map_err(js_err)?;
-        if seed < 0 {
-            return Err(js_err(format!("seed must be a non-negative integer, got {seed}")));
-        }
+        let seed = parse_seed(seed)?;
         let precision = parse_precision(precision.as_deref(), dtype)?;
         let device = parse_device(device.as_deref())?;
         let session = Session::start(move || {
             let device = device.open()?;
-            let mut model = Detector::new(cfg, head, dtype, &device, seed as u64).map_err(|e| e.to_string())?;
+            let mut model = Detector::new(cfg, head, dtype, &device, seed).map_err(|e| e.to_string())?;
             model.precision = precision;
-            DetectorTrainer::new(model, adamw, seed as u64).map_err(|e| e.to_string())
+            DetectorTrainer::new(model, adamw, seed).map_err(|e| e.to_string())
         }, ThreadChoice::from_option(threads));
         Ok(Self { session: Mutex::new(session) })
     }

@@ -175,3 +175,57 @@ fn a_non_finite_loss_changes_nothing() {
         assert!(now.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{} changed", p.spec.name);
     }
 }
+
+/// Encoder files of other training code wrap the names in one module (DDP's `module.`,
+/// mmselfsup's `backbone.`, EasyCV's `encoder.` / `decoder.`): initialization reads them as the
+/// model's names; a name wrapped twice is an error naming both.
+#[test]
+fn initialization_reads_names_wrapped_in_one_module() {
+    use convmae_core::checkpoint::init_pretrainer_from;
+    use std::collections::HashMap;
+    let official = read_checkpoint(std::path::Path::new(&golden("pretrain_small_official.pth"))).unwrap();
+    let wrap = |name: &str, how: &str| -> String {
+        match how {
+            "easycv" if name.starts_with("decoder") || name == "mask_token" => format!("decoder.{name}"),
+            "easycv" => format!("encoder.{name}"),
+            _ => format!("module.{name}"),
+        }
+    };
+    for how in ["easycv", "ddp"] {
+        let wrapped: HashMap<String, Tensor> = official.tensors.iter().map(|(k, v)| (wrap(k, how), v.clone())).collect();
+        let path = tmp(&format!("wrapped-{how}.safetensors"));
+        candle_core::safetensors::save(&wrapped, &path).unwrap();
+        let model = golden_model();
+        let mut trainer = Pretrainer::new(model, AdamWConfig::default(), 0).unwrap();
+        let report = init_pretrainer_from(&mut trainer, &path).unwrap();
+        assert!(report.unexpected.is_empty() && report.missing.is_empty(), "{how}: {report:?}");
+        // The fixed sin-cos tables stay the model's own; everything else is the file's.
+        assert_eq!(report.loaded.len() + report.reinitialized.len(), trainer.model.params.iter().count(), "{how}");
+        for name in &report.loaded {
+            assert!(max_diff(trainer.model.params.get(name), &official.tensors[name]) == 0.0, "{how}: {name}");
+        }
+    }
+    // A classifier from mmselfsup's layout: the encoder loads, the head stays fresh.
+    {
+        use convmae_core::checkpoint::init_classifier_from;
+        use convmae_core::classify::{ClassifierTrainer, OptimizerConfig};
+        use convmae_core::model::classifier::{ClassifierHead, ConvViT, HeadKind};
+        let wrapped: HashMap<String, Tensor> = official.tensors.iter().map(|(k, v)| (format!("backbone.{k}"), v.clone())).collect();
+        let path = tmp("wrapped-backbone.safetensors");
+        candle_core::safetensors::save(&wrapped, &path).unwrap();
+        let model = ConvViT::new(ConvMaeConfig::golden_small(), ClassifierHead::finetune(10), DType::F32, &Device::Cpu, 3).unwrap();
+        let mut t = ClassifierTrainer::new(model, OptimizerConfig::default_for(HeadKind::Finetune), 3).unwrap();
+        let report = init_classifier_from(&mut t, &path).unwrap();
+        assert_eq!(report.missing, ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]);
+        assert!(max_diff(t.model.params.get("blocks3.1.mlp.fc2.bias"), &official.tensors["blocks3.1.mlp.fc2.bias"]) == 0.0);
+        assert!(report.unexpected.iter().all(|n| n.starts_with("backbone.")), "{:?}", report.unexpected);
+    }
+    // Both `module.x` and `encoder.x`: which one is meant is not for us to guess.
+    let mut both: HashMap<String, Tensor> = official.tensors.iter().map(|(k, v)| (format!("module.{k}"), v.clone())).collect();
+    both.insert("encoder.norm.weight".into(), official.tensors["norm.weight"].clone());
+    let path = tmp("wrapped-twice.safetensors");
+    candle_core::safetensors::save(&both, &path).unwrap();
+    let mut trainer = Pretrainer::new(golden_model(), AdamWConfig::default(), 0).unwrap();
+    let e = init_pretrainer_from(&mut trainer, &path).unwrap_err().to_string();
+    assert!(e.contains("'encoder.norm.weight'") && e.contains("'module.norm.weight'") && e.contains("tensor 'norm.weight'"), "{e}");
+}
