@@ -470,6 +470,31 @@ fn a_saved_segmenter_resumes_exactly() {
     assert!(e.contains("different segmenter head"), "{e}");
 }
 
+/// In bf16 too: the loaded masters give the same compute copies, so the next step is the same
+/// step, bit for bit (the copies of a model that stepped before the load follow it as well).
+#[test]
+fn a_saved_bf16_segmenter_resumes_exactly() {
+    use convmae_core::checkpoint::{load_segmenter, save_segmenter};
+    let new = |seed| {
+        let mut model = Segmenter::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, seed).unwrap();
+        model.precision = Precision::Bf16;
+        SegmenterTrainer::new(model, SegmenterAdamWConfig::default(), seed).unwrap()
+    };
+    let mut a = new(1);
+    step(&mut a, 0);
+    step(&mut a, 1);
+    let path = tmp("resume-bf16.safetensors");
+    save_segmenter(&a, &path, "{}").unwrap();
+    let mut b = new(2);
+    step(&mut b, 5);
+    load_segmenter(&mut b, &path, true).unwrap();
+    assert_eq!(b.model.params.stale_copy().unwrap(), None);
+    assert_eq!(step(&mut a, 2).to_bits(), step(&mut b, 2).to_bits());
+    for (pa, pb) in a.model.params.iter().zip(b.model.params.iter()) {
+        assert_eq!(to_vec(&pa.tensor), to_vec(&pb.tensor), "{}", pa.spec.name);
+    }
+}
+
 #[test]
 fn init_from_loads_the_backbone_and_resizes_pos_embed_bicubically() {
     use convmae_core::checkpoint::{init_segmenter_from, save_segmenter};
