@@ -201,9 +201,10 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
     t.is(report.agreement_error, null);
     t.true(report.agreement.length > 0);
     t.deepEqual(report.agreement.filter((a) => a.pass === false).map((a) => a.op), []);
-    // The five golden fixtures, FastConvMAE's two, the overlapped-steps probe and the segmenter
-    // and both detectors against the CPU (each with its bf16 first losses), all passing on the CPU.
-    t.is(report.parity.length, 11);
+    // The five golden fixtures, FastConvMAE's two, the overlapped-steps probe, the segmenter
+    // and both detectors against the CPU and each of those three in bf16, all passing on the CPU.
+    t.is(report.parity.length, 14);
+    for (const task of ['segmenter', 'detector', 'detector (vitdet)']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} in bf16 on the GPU ~ f32 on the CPU`) && p.pass), `${task} bf16`);
     t.deepEqual(report.parity.filter((p) => p.fixture === 'fastconvmae_small.safetensors').map((p) => p.pass), [true, true]);
     for (const task of ['segmenter', 'detector', 'detector (vitdet)']) t.true(report.parity.some((p) => p.fixture.startsWith(`${task} on the GPU = on the CPU`) && p.pass), task);
     t.deepEqual(report.parity.filter((p) => !p.pass).map((p) => p.fixture), []);

@@ -253,14 +253,24 @@ async function main(): Promise<void> {
 
   // The segmenter and the detector on the GPU against the same ones on the CPU (f32, TF32 off):
   // their CUDA routes (candle's im2col and BatchNorm, our ROIAlign kernel, our kernels
-  // elsewhere) were written without a GPU.
+  // elsewhere) were written without a GPU. Each probe then trains the same model in bf16 on the
+  // GPU, a row of its own: its losses within 5% of the CPU's f32 ones.
+  type TaskBf16 = { bf16?: { pass: boolean; worst?: string; worst_rel?: number; tolerance?: number; error?: string } };
+  const pushBf16 = (name: string, what: string, bf16: TaskBf16['bf16'], probeError?: string) => {
+    const fixture = `${name} in bf16 on the GPU ~ f32 on the CPU (${what}, within 5%)`;
+    const error = bf16?.error ?? (bf16 ? undefined : probeError ?? 'the probe reported no bf16 check');
+    parity.push(error === undefined && bf16 ? { fixture, dtype: 'bf16', path: null, pass: bf16.pass, worst: bf16.worst, worst_rel: bf16.worst_rel, tolerance: bf16.tolerance } : { fixture, dtype: 'bf16', path: null, pass: false, error });
+    log(`${name} bf16: ${error === undefined && bf16 ? `${bf16.pass ? 'pass' : 'FAIL'} (worst ${bf16.worst} ${bf16.worst_rel?.toExponential(2)})` : `error ${error}`}`);
+  };
   if (!loadError && !throughputOnly && !profileOnly) {
     const r = await run(process.execPath, [probe, 'segmenter'], 120, { ...process.env, CONVMAE_TF32: 'off' });
-    const j = r.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number; bf16_rel: number } | undefined;
-    const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation; its bf16 losses within 5% of f32)';
-    const differ = j ? `predictions differing ${(100 * j.predictions_differ).toFixed(3)}%; bf16 losses off by ${j.bf16_rel.toExponential(2)}` : '';
-    parity.push(j ? { fixture, dtype: 'f32', path: null, ...j, worst: `${j.worst}; ${differ}` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
+    const j = r.json as ({ pass: boolean; worst: string; worst_rel: number; tolerance: number; predictions_differ: number } & TaskBf16) | undefined;
+    const fixture = 'segmenter on the GPU = on the CPU (convmae-tiny, 3 steps and an evaluation)';
+    const differ = j ? `predictions differing ${(100 * j.predictions_differ).toFixed(3)}%` : '';
+    const { bf16, ...f32 } = j ?? {};
+    parity.push(j ? { fixture, dtype: 'f32', path: null, ...(f32 as Omit<typeof j, 'bf16'>), worst: `${j.worst}; ${differ}` } : { fixture, dtype: 'f32', path: null, pass: false, error: r.error });
     log(`segmenter: ${j ? `${j.pass ? 'pass' : 'FAIL'} (worst ${j.worst} ${j.worst_rel.toExponential(2)}, ${differ})` : `error ${r.error}`}`);
+    pushBf16('segmenter', '3 steps', bf16, r.error);
     save();
     // The DET detector, then Official-ConvMAE-Det's (its pyramid, LayerNorm heads, decomposed
     // relative positions and extents, also written without a GPU).
@@ -269,13 +279,13 @@ async function main(): Promise<void> {
       ['detector (vitdet)', 'detector-vitdet', 'vitdet variant, convmae-tiny, 2 steps with extents'],
     ] as const) {
       const d = await run(process.execPath, [probe, probeName], 120, { ...process.env, CONVMAE_TF32: 'off' });
-      const k = d.json as { pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number; bf16_rel: number } | undefined;
-      const detFixture = `${name} on the GPU = on the CPU (${what}; detections reported; its bf16 RPN losses within 5% of f32)`;
-      const detections = k
-        ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}; bf16 RPN losses off by ${k.bf16_rel.toExponential(2)}`
-        : '';
-      parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...k, worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
+      const k = d.json as ({ pass: boolean; worst: string; worst_rel: number; tolerance: number; detections: [number, number]; score_diff: number } & TaskBf16) | undefined;
+      const detFixture = `${name} on the GPU = on the CPU (${what}; detections reported)`;
+      const detections = k ? `detections ${k.detections[0]} on the GPU, ${k.detections[1]} on the CPU, scores within ${k.score_diff.toExponential(2)}` : '';
+      const { bf16, ...f32 } = k ?? {};
+      parity.push(k ? { fixture: detFixture, dtype: 'f32', path: null, ...(f32 as Omit<typeof k, 'bf16'>), worst: `${k.worst}; ${detections}` } : { fixture: detFixture, dtype: 'f32', path: null, pass: false, error: d.error });
       log(`${name}: ${k ? `${k.pass ? 'pass' : 'FAIL'} (worst ${k.worst} ${k.worst_rel.toExponential(2)}, ${detections})` : `error ${d.error}`}`);
+      pushBf16(name, 'RPN losses of 2 steps', bf16, d.error);
       save();
     }
   }
