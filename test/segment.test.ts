@@ -179,6 +179,12 @@ test('convmae segment trains, reports mIoU and refuses options it does not take'
   t.is(line.dataset, 'digit-scenes-t10k');
   t.is(line.images, 4);
   t.is(line.mIoU, logged.filter((l) => l.event === 'eval').at(-1)!.mIoU!);
+  // In bf16 the same images are scored by the same weights rounded to bf16.
+  const half = JSON.parse((await run(process.execPath, [CLI, 'eval', path.join(out, 'checkpoint.safetensors'), '--eval-limit', '4', '--precision', 'bf16'])).stdout) as typeof line;
+  t.is(half.images, 4);
+  t.true(half.mIoU >= 0 && half.mIoU <= 100, `bf16 mIoU ${half.mIoU}`);
+  const badEval = await t.throwsAsync(run(process.execPath, [CLI, 'eval', path.join(out, 'checkpoint.safetensors'), '--precision', 'half']));
+  t.regex((badEval as unknown as { stderr: string }).stderr, /precision must be 'fp32' or 'bf16', got 'half'/);
   // The CPU build names what a CUDA run needs (the CUDA build would run it).
   if (!native.cudaBuild()) {
     for (const args of [['segment', '--device', 'cuda', '--steps', '1', '--out', out], ['eval', path.join(out, 'checkpoint.safetensors'), '--device', 'cuda:1']]) {

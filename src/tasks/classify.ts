@@ -19,7 +19,7 @@ import { randAugment, type RandAugmentOptions } from '../data/randaugment.js';
 import { createRng, deriveSeed } from '../data/rng.js';
 import { classBalancedSubset } from '../data/subset.js';
 import type { ConvMaeConfig, PresetName } from '../api/config.js';
-import type { DeviceName } from '../api/pretrainer.js';
+import type { DeviceName, Precision } from '../api/pretrainer.js';
 import { Classifier, type ClassifierLoadReport, type HeadKind, type Pooling } from '../api/classifier.js';
 import { native } from '../native.js';
 import { positiveInt, runLength, startRun, windowPeriod, type TrainingProgress, type TrainingRunOptions } from './run.js';
@@ -356,6 +356,8 @@ export interface EvaluateOptions {
   pool?: Pooling;
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16': the network in bfloat16 over the checkpoint's float32 weights (see the model's `precision`). */
+  precision?: Precision;
   batchSize?: number;
   concurrency?: number;
 }
@@ -380,6 +382,7 @@ export async function evaluate(options: EvaluateOptions): Promise<EvalSummary & 
     kind: head?.kind ?? options.kind ?? 'finetune',
     pool: head?.pool ?? options.pool ?? 'global',
     device: options.device,
+    precision: options.precision,
   });
   try {
     await model.load(options.checkpoint);

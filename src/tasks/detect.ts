@@ -546,6 +546,8 @@ export interface EvaluateDetectorOptions extends DetectorHeadOptions {
   batchSize?: number;
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16': the network in bfloat16 over the checkpoint's float32 weights (see the model's `precision`). */
+  precision?: Precision;
   threads?: Threads;
   onProgress?: (done: number, total: number) => void;
 }
@@ -580,6 +582,7 @@ export async function evaluateDetector(options: EvaluateDetectorOptions): Promis
     numClasses,
     dtype: meta.dtype === 'f64' ? 'f64' : 'f32',
     device: options.device,
+    precision: options.precision,
     threads: options.threads,
     optimizer: meta.adamw ? (JSON.parse(meta.adamw) as DetectorOptions['optimizer']) : undefined,
   });

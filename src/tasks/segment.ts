@@ -331,6 +331,8 @@ export interface EvaluateSegmenterOptions {
   batchSize?: number;
   /** 'cpu' (default), 'cuda' or 'cuda:N' (the CUDA addon). */
   device?: DeviceName;
+  /** 'fp32' (default) or 'bf16': the network in bfloat16 over the checkpoint's float32 weights (see the model's `precision`). */
+  precision?: Precision;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -357,6 +359,7 @@ export async function evaluateSegmenter(options: EvaluateSegmenterOptions): Prom
     auxChannels: head?.aux_channels ?? options.auxChannels,
     poolScales: head?.pool_scales,
     device: options.device,
+    precision: options.precision,
   });
   try {
     await model.load(options.checkpoint);
