@@ -513,14 +513,36 @@ where
     Ok((report, extra))
 }
 
+/// What `init_backbone_from` does with a file's relative position tables of another grid (a task
+/// checkpoint at another image size or window).
+#[derive(Clone, Copy, PartialEq)]
+enum OtherGridTables {
+    /// The segmenter's per-block BEiT tables [(2g - 1)^2, heads], seen as a heads-channel image of
+    /// side 2g - 1, resized bicubically (align_corners=False) to the model's side: the table
+    /// interpolation of the official SEG loader (`mmcv_custom/checkpoint.py`). Its first pass,
+    /// BEiT's geometric-progression resampling, cannot run on these tables: it splits off
+    /// `num_extra_tokens` class-token rows, here 0, and `table[:-0]` is empty.
+    Resize,
+    /// Left fresh and reported as reinitialized (the detector's tables).
+    KeepFresh,
+}
+
 /// Initializes a task model's backbone from a pretraining, classifier or task checkpoint (ours
 /// or official, renamed by `from_official`) as the official SEG and DET code do: strict=False,
 /// `pos_embed` resized bicubically when the file's grid differs from the model's table (a 224-px
 /// pretraining for 512-px segmentation: 14x14 to 32x32; for 1024-px DET detection: to 64x64;
 /// Official-ConvMAE-Det keeps a 14x14 table and resizes it in its forward), the heads (`fresh`)
-/// left at their init. Relative position tables of another shape (a task checkpoint at another
-/// size or window) stay fresh too, as they are when the file has none.
-fn init_backbone_from(kind: &str, cfg: &ConvMaeConfig, params: &mut ParamStore, path: &Path, from_official: fn(&mut CheckpointFile), fresh: fn(&str) -> bool) -> candle_core::Result<LoadReport> {
+/// left at their init. Relative position tables of another shape are resized or stay fresh as
+/// `tables` says (fresh, as when the file has none).
+fn init_backbone_from(
+    kind: &str,
+    cfg: &ConvMaeConfig,
+    params: &mut ParamStore,
+    path: &Path,
+    from_official: fn(&mut CheckpointFile),
+    fresh: fn(&str) -> bool,
+    tables: OtherGridTables,
+) -> candle_core::Result<LoadReport> {
     let shown = path.display().to_string();
     let mut file = read_checkpoint(path)?;
     from_official(&mut file);
@@ -538,6 +560,18 @@ fn init_backbone_from(kind: &str, cfg: &ConvMaeConfig, params: &mut ParamStore, 
             let resized = resize_pos_embed(&values, dim, from, to);
             let resized = Tensor::from_vec(resized, (1, to * to, dim), &Device::Cpu)?.to_dtype(table.dtype())?;
             file.tensors.insert("pos_embed".into(), resized);
+        }
+    }
+    if tables == OtherGridTables::Resize {
+        for p in params.iter().filter(|p| p.spec.name.ends_with(".relative_position_bias_table")) {
+            let (Some(table), &[rows, heads]) = (file.tensors.get(&p.spec.name), p.spec.shape.as_slice()) else { continue };
+            let &[from_rows, from_heads] = table.dims() else { continue };
+            let (from, to) = ((from_rows as f64).sqrt().round() as usize, (rows as f64).sqrt().round() as usize);
+            if from_heads == heads && from_rows != rows && from * from == from_rows && to * to == rows {
+                let values = table.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let resized = Tensor::from_vec(resize_pos_embed(&values, heads, from, to), (rows, heads), &Device::Cpu)?.to_dtype(table.dtype())?;
+                file.tensors.insert(p.spec.name.clone(), resized);
+            }
         }
     }
     let other_shape: Vec<String> = params
@@ -602,7 +636,15 @@ pub fn load_segmenter(trainer: &mut SegmenterTrainer, path: &Path, strict: bool)
 /// decode and auxiliary heads stay fresh.
 pub fn init_segmenter_from(trainer: &mut SegmenterTrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let model = &mut trainer.model;
-    init_backbone_from("segmenter", &model.cfg, &mut model.params, path, strip_backbone_prefix, |name| name.starts_with("decode_head.") || name.starts_with("auxiliary_head."))
+    init_backbone_from(
+        "segmenter",
+        &model.cfg,
+        &mut model.params,
+        path,
+        strip_backbone_prefix,
+        |name| name.starts_with("decode_head.") || name.starts_with("auxiliary_head."),
+        OtherGridTables::Resize,
+    )
 }
 
 fn detector_state(trainer: &mut DetectorTrainer) -> TaskState<'_, DetectorHead, DetectorAdamWConfig> {
@@ -636,7 +678,13 @@ pub fn load_detector(trainer: &mut DetectorTrainer, path: &Path, strict: bool) -
 /// resized to the model's table); the FPN or pyramid, RPN and ROI heads stay fresh.
 pub fn init_detector_from(trainer: &mut DetectorTrainer, path: &Path) -> candle_core::Result<LoadReport> {
     let model = &mut trainer.model;
-    init_backbone_from("detector", &model.cfg, &mut model.params, path, strip_detectron2_encoder_prefix, |name| {
-        name.starts_with("backbone.fpn_") || name.starts_with("backbone.simfp_") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads.")
-    })
+    init_backbone_from(
+        "detector",
+        &model.cfg,
+        &mut model.params,
+        path,
+        strip_detectron2_encoder_prefix,
+        |name| name.starts_with("backbone.fpn_") || name.starts_with("backbone.simfp_") || name.starts_with("proposal_generator.") || name.starts_with("roi_heads."),
+        OtherGridTables::KeepFresh,
+    )
 }

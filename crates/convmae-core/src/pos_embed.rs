@@ -128,6 +128,28 @@ mod resize_tests {
         assert_eq!(&half[0..8], &[0.5, 0.59375, -0.09375, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
+    /// torch 2.15's `interpolate(size=7, mode='bicubic', align_corners=False)` of each unit
+    /// vector of length 5 (a relative position table's 5 offsets of a 3x3 grid to the 7 of a 4x4
+    /// one), printed to 12 digits.
+    #[test]
+    fn bicubic_upsampling_matches_torch() {
+        let torch = [
+            [1.078717201166, -0.078717201166, 0.0, 0.0, 0.0],
+            [0.419825072886, 0.685131195335, -0.104956268222, 0.0, 0.0],
+            [-0.109329446064, 0.845481049563, 0.307580174927, -0.043731778426, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 0.0],
+            [0.0, -0.043731778426, 0.307580174927, 0.845481049563, -0.109329446064],
+            [0.0, 0.0, -0.104956268222, 0.685131195335, 0.419825072886],
+            [0.0, 0.0, 0.0, -0.078717201166, 1.078717201166],
+        ];
+        let m = bicubic_matrix(5, 7);
+        for (o, row) in torch.iter().enumerate() {
+            for (i, &want) in row.iter().enumerate() {
+                assert!((m[o * 5 + i] - want).abs() < 1e-12, "[{o}][{i}]: {} vs torch {want}", m[o * 5 + i]);
+            }
+        }
+    }
+
     #[test]
     fn a_table_resizes_per_channel_and_position() {
         // Against the 2-D sum written out: out[r][c] = sum over (i, j) of m[r][i] m[c][j] in[i][j].

@@ -503,6 +503,8 @@ fn init_from_loads_the_backbone_and_resizes_pos_embed_bicubically() {
     let mut small = Segmenter::new(small_cfg(), small_head(), DType::F32, &Device::Cpu, 5).unwrap();
     let table = random(&[1, 9, 16], 4);
     small.params.set("pos_embed", &table).unwrap();
+    // A trained relative position table (they start at zero): 5x5 offsets of the 3x3 grid, 2 heads.
+    small.params.set("blocks3.1.attn.relative_position_bias_table", &random(&[25, 2], 9)).unwrap();
     let source = SegmenterTrainer::new(small, SegmenterAdamWConfig::default(), 5).unwrap();
     let path = tmp("init.safetensors");
     save_segmenter(&source, &path, "{}").unwrap();
@@ -510,9 +512,15 @@ fn init_from_loads_the_backbone_and_resizes_pos_embed_bicubically() {
     let mut big = SegmenterTrainer::new(Segmenter::new(cfg, small_head(), DType::F32, &Device::Cpu, 6).unwrap(), SegmenterAdamWConfig::default(), 6).unwrap();
     let fresh_head = to_vec(big.model.params.get("decode_head.conv_seg.weight"));
     let report = init_segmenter_from(&mut big, &path).unwrap();
-    assert!(report.reinitialized.iter().all(|n| n.starts_with("decode_head.") || n.starts_with("auxiliary_head.") || n.ends_with("relative_position_bias_table")));
-    assert!(report.reinitialized.contains(&"blocks3.1.attn.relative_position_bias_table".to_string()));
+    assert!(report.reinitialized.iter().all(|n| n.starts_with("decode_head.") || n.starts_with("auxiliary_head.")), "{:?}", report.reinitialized);
     assert!(report.reinitialized.contains(&"decode_head.conv_seg.weight".to_string()));
+    // The relative position tables, 5x5 offsets of the 3x3 grid, are resized bicubically to the
+    // 7x7 offsets of the 4x4 grid (the official loader's table interpolation), each head alike.
+    let name = "blocks3.1.attn.relative_position_bias_table";
+    assert!(report.loaded.iter().any(|n| n == name));
+    let small_table = to_vec(source.model.params.get(name));
+    let resized: Vec<f32> = to_vec(big.model.params.get(name)).into_iter().map(|v| v as f32).collect();
+    assert_eq!(resized, resize_pos_embed(&small_table, 2, 5, 7).into_iter().map(|v| v as f32).collect::<Vec<_>>());
     assert_eq!(to_vec(big.model.params.get("decode_head.conv_seg.weight")), fresh_head);
     assert_eq!(to_vec(big.model.params.get("blocks1.0.attn.weight")), to_vec(source.model.params.get("blocks1.0.attn.weight")));
     let stored = to_vec(source.model.params.get("pos_embed"));
