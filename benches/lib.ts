@@ -124,6 +124,108 @@ export function maskingFlag(opts: Options): { masking: 'random' | 'complementary
   return masking === 'complementary' ? { masking, config: { complementary_masking: true } } : { masking };
 }
 
+/** One round of a timing worker: its median ms/step, the steps it timed, its peak memory. */
+export interface RoundResult {
+  ms_median: number;
+  ms: number[];
+  peak_mem_mb: number;
+  import_rss_mb?: number;
+}
+
+function num(x: unknown): number {
+  return typeof x === 'number' ? x : NaN;
+}
+
+/**
+ * Runs each implementation's timing worker `rounds` times, alternating (a, b, a, b, ...), each
+ * round a fresh process (`command(impl)`), so that machine noise hits them alike and each peak
+ * memory is its own. A worker that fails (exit, no JSON line, timeout) is noted in `notes` and
+ * not run again. Returns the rounds of every implementation that never failed.
+ */
+export async function alternatingRounds<I extends string>(
+  impls: readonly I[],
+  rounds: number,
+  label: string,
+  batch: number,
+  command: (impl: I) => [string, string[]],
+  env: NodeJS.ProcessEnv,
+  timeoutMs: number,
+  notes: string[],
+  log: (line: string) => void,
+): Promise<Map<I, RoundResult[]>> {
+  const perImpl = new Map<I, RoundResult[]>(impls.map((i) => [i, []]));
+  const failed = new Set<I>();
+  for (let round = 1; round <= rounds; round++) {
+    for (const impl of impls) {
+      if (failed.has(impl)) continue;
+      const [cmd, args] = command(impl);
+      log(`[${label}] round ${round}/${rounds}: ${impl} ...`);
+      const r = await runChild(cmd, args, env, timeoutMs);
+      const j = r.json;
+      if (r.code !== 0 || !j || !Number.isFinite(num(j.ms_per_step_median))) {
+        const why = r.timedOut ? `timed out after ${timeoutMs / 1000} s` : `exit ${r.code ?? r.signal}`;
+        const tail = r.stderr.trim().split('\n').slice(-5).join(' | ');
+        notes.push(`${impl} failed on ${label} (round ${round}, ${why}): ${tail}`);
+        log(`  ${impl} failed (${why}): ${tail}`);
+        failed.add(impl);
+        continue;
+      }
+      const rr: RoundResult = {
+        ms_median: num(j.ms_per_step_median),
+        ms: Array.isArray(j.ms_per_step) ? (j.ms_per_step as number[]) : [],
+        peak_mem_mb: num(j.peak_mem_mb),
+        import_rss_mb: typeof j.import_rss_mb === 'number' ? j.import_rss_mb : undefined,
+      };
+      perImpl.get(impl)!.push(rr);
+      log(`  ${impl}: ${fmt(rr.ms_median)} ms/step, ${fmt(batch / (rr.ms_median / 1000))} images/s, peak ${fmt(rr.peak_mem_mb)} MB`);
+    }
+  }
+  for (const impl of failed) perImpl.delete(impl);
+  for (const [impl, rs] of perImpl) if (rs.length === 0) perImpl.delete(impl);
+  return perImpl;
+}
+
+/** A CPU f32 measurement from an implementation's rounds: the median of their medians, the largest peak. */
+export function roundsMeasurement(
+  id: { suite: string; impl: string; preset: string; batch: number; threads: number },
+  rs: RoundResult[],
+  details: Record<string, unknown>,
+): Measurement {
+  const ms = median(rs.map((r) => r.ms_median));
+  return {
+    ...id,
+    dtype: 'f32',
+    device: 'cpu',
+    images_per_s: id.batch / (ms / 1000),
+    peak_mem_mb: Math.max(...rs.map((r) => r.peak_mem_mb)),
+    ms_per_step_median: ms,
+    details: {
+      ...details,
+      rounds: rs.length,
+      round_ms_median: rs.map((r) => r.ms_median),
+      ms_per_step: rs.map((r) => r.ms),
+      round_peak_mem_mb: rs.map((r) => r.peak_mem_mb),
+      import_rss_mb: rs[0]!.import_rss_mb,
+    },
+  };
+}
+
+/** xorshift32 bytes: cheap, deterministic random pixels (the timing workers' batches). */
+export function fillRandom(buf: Uint8Array, state: { s: number }): void {
+  let s = state.s >>> 0 || 1;
+  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.byteLength >> 2);
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    words[i] = s;
+  }
+  for (let i = words.length << 2; i < buf.length; i++) buf[i] = (i * 131 + s) & 255;
+  state.s = s;
+}
+
 export function median(xs: number[]): number {
   if (xs.length === 0) return NaN;
   const s = [...xs].sort((a, b) => a - b);

@@ -17,24 +17,8 @@
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
 import { Pretrainer, resolveConfig, type ConvMaeConfig, type DeviceName, type Precision } from '../src/api/index.js';
-import { intFlag, median, parseArgs } from './lib.js';
+import { fillRandom, intFlag, median, parseArgs } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
-
-/** xorshift32 bytes: cheap, deterministic random pixels. */
-function fillRandom(buf: Uint8Array, state: { s: number }): void {
-  let s = state.s >>> 0 || 1;
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.byteLength >> 2);
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    words[i] = s;
-  }
-  for (let i = words.length << 2; i < buf.length; i++) buf[i] = (i * 131 + s) & 255;
-  state.s = s;
-}
 
 async function main(): Promise<void> {
   const opts = parseArgs(process.argv.slice(2));

@@ -13,14 +13,14 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import {
   REPO_ROOT,
+  alternatingRounds,
   coreCount,
   fmt,
   intFlag,
   listFlag,
   markdownTable,
   maskingFlag,
-  median,
-  runChild,
+  roundsMeasurement,
   tryExec,
   type Measurement,
   type Options,
@@ -43,17 +43,6 @@ export function findTorch(): { python: string; torch?: string; reason?: string }
   const v = tryExec(python, ['-c', 'import torch; print(torch.__version__)'], 120_000);
   if (!v) return { python, reason: `${python} cannot import torch (see benches/README.md for the install)` };
   return { python, torch: v.split('\n').pop() };
-}
-
-interface RoundResult {
-  ms_median: number;
-  ms: number[];
-  peak_mem_mb: number;
-  import_rss_mb?: number;
-}
-
-function num(x: unknown): number {
-  return typeof x === 'number' ? x : NaN;
 }
 
 export const pretrainSuite: Suite = {
@@ -112,64 +101,13 @@ export const pretrainSuite: Suite = {
     const measurements: Measurement[] = [];
     for (const preset of presets) {
       for (const batch of batches) {
-        const perImpl = new Map<Impl, RoundResult[]>(active.map((i) => [i, []]));
-        const failed = new Set<Impl>();
-        for (let round = 1; round <= rounds; round++) {
-          for (const impl of active) {
-            if (failed.has(impl)) continue;
-            const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps), ...configArgs];
-            const [cmd, args] =
-              impl !== 'pytorch'
-                ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common, '--path', impl === 'ours' ? 'sparse' : 'dense']]
-                : [torchPython, [path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py'), ...common, '--threads', String(threads)]];
-            log(`[${preset} b${batch}] round ${round}/${rounds}: ${impl} ...`);
-            const r = await runChild(cmd, args, env, timeoutMs);
-            const j = r.json;
-            if (r.code !== 0 || !j || !Number.isFinite(num(j.ms_per_step_median))) {
-              const why = r.timedOut ? `timed out after ${timeoutMs / 1000} s` : `exit ${r.code ?? r.signal}`;
-              const tail = r.stderr.trim().split('\n').slice(-5).join(' | ');
-              notes.push(`${impl} failed on ${preset} batch ${batch} (round ${round}, ${why}): ${tail}`);
-              log(`  ${impl} failed (${why}): ${tail}`);
-              failed.add(impl);
-              continue;
-            }
-            const rr: RoundResult = {
-              ms_median: num(j.ms_per_step_median),
-              ms: Array.isArray(j.ms_per_step) ? (j.ms_per_step as number[]) : [],
-              peak_mem_mb: num(j.peak_mem_mb),
-              import_rss_mb: typeof j.import_rss_mb === 'number' ? j.import_rss_mb : undefined,
-            };
-            perImpl.get(impl)!.push(rr);
-            log(`  ${impl}: ${fmt(rr.ms_median)} ms/step, ${fmt(batch / (rr.ms_median / 1000))} images/s, peak ${fmt(rr.peak_mem_mb)} MB`);
-          }
-        }
-        for (const impl of active) {
-          const rs = perImpl.get(impl)!;
-          if (failed.has(impl) || rs.length === 0) continue;
-          const ms = median(rs.map((r) => r.ms_median));
-          measurements.push({
-            suite: 'pretrain',
-            impl,
-            preset,
-            batch,
-            dtype: 'f32',
-            device: 'cpu',
-            threads,
-            images_per_s: batch / (ms / 1000),
-            peak_mem_mb: Math.max(...rs.map((r) => r.peak_mem_mb)),
-            ms_per_step_median: ms,
-            details: {
-              masking,
-              rounds: rs.length,
-              warmup,
-              steps,
-              round_ms_median: rs.map((r) => r.ms_median),
-              ms_per_step: rs.map((r) => r.ms),
-              round_peak_mem_mb: rs.map((r) => r.peak_mem_mb),
-              import_rss_mb: rs[0].import_rss_mb,
-            },
-          });
-        }
+        const common = ['--preset', preset, '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps), ...configArgs];
+        const perImpl = await alternatingRounds(active, rounds, `${preset} batch ${batch}`, batch, (impl) =>
+          impl !== 'pytorch'
+            ? [process.execPath, [path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'), ...common, '--path', impl === 'ours' ? 'sparse' : 'dense']]
+            : [torchPython, [path.join(REPO_ROOT, 'benches', 'baselines', 'time_step.py'), ...common, '--threads', String(threads)]],
+          env, timeoutMs, notes, log);
+        for (const [impl, rs] of perImpl) measurements.push(roundsMeasurement({ suite: 'pretrain', impl, preset, batch, threads }, rs, { masking, warmup, steps }));
       }
     }
     return { measurements, notes, versions };

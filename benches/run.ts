@@ -31,6 +31,7 @@ import {
   type Suite,
 } from './lib.js';
 import { dataSuite } from './data.js';
+import { finetuneSuite } from './finetune.js';
 import { finetuneStepSuite } from './finetune-step.js';
 import { geluSuite } from './gelu.js';
 import { opsSuite } from './ops.js';
@@ -40,6 +41,7 @@ import { transferSuite } from './transfer.js';
 
 export const SUITES: Record<string, Suite> = {
   [pretrainSuite.name]: pretrainSuite,
+  [finetuneSuite.name]: finetuneSuite,
   [kernelsSuite.name]: kernelsSuite,
   [geluSuite.name]: geluSuite,
   [opsSuite.name]: opsSuite,

@@ -128,6 +128,28 @@ test('--masking takes random or complementary, and names itself otherwise', (t) 
   for (const k of ['loss', 'pred', 'latent', 'grad_max']) t.true(r.rel[k] < 1e-9, `${k}: ${r.rel[k]}`);
 });
 
+const FINETUNE_FIXTURE = path.join(path.dirname(FIXTURE), 'finetune_small.safetensors');
+
+(existsSync(FINETUNE_FIXTURE) ? withTorch : test.skip)('the PyTorch fine-tuning baseline matches the official float64 fine-tune fixture to 1e-9', async (t) => {
+  const { stdout } = await run(torch.python, [path.join(ROOT, 'benches', 'baselines', 'check_golden_finetune.py'), '--fixture', FINETUNE_FIXTURE], { cwd: ROOT, timeout: 300_000 });
+  const r = JSON.parse(stdout.trim().split('\n').pop()!) as { ok: boolean; rel: Record<string, number>; base_manifest_match: boolean | null };
+  t.true(r.ok, JSON.stringify(r));
+  t.is(r.rel.grads_checked, 85);
+  for (const k of ['features', 'logits', 'loss', 'grad_max']) t.true(r.rel[k]! < 1e-9, `${k}: ${r.rel[k]}`);
+  t.true(r.base_manifest_match, 'ConvViT-B has the official 207 fine-tune tensors');
+});
+
+withTorch('the finetune suite times ours and time_step.py --task finetune on a tiny model', async (t) => {
+  const { stdout } = await run(
+    process.execPath,
+    [path.join(ROOT, 'dist', 'benches', 'run.js'), 'finetune', '--preset', 'convmae-tiny', '--batch', '2', '--steps', '1', '--warmup', '0', '--rounds', '1', '--threads', '1', '--no-save', '--quiet'],
+    { cwd: ROOT, timeout: 300_000, env: { ...process.env, CONVMAE_TORCH_PYTHON: torch.python } },
+  );
+  const lines = stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+  t.deepEqual(lines.map((m) => [m.suite, m.impl, m.batch]), [['finetune', 'ours', 2], ['finetune', 'pytorch', 2]]);
+  t.true(lines.every((m) => (m.images_per_s as number) > 0));
+});
+
 withTorch('time_step.py prints the pretrain JSON line for a tiny model', async (t) => {
   const { stdout } = await run(
     torch.python,

@@ -1,7 +1,14 @@
-"""Times one ConvMAE pretraining step in PyTorch (the baseline of ``npm run bench -- pretrain``).
+"""Times one ConvMAE pretraining step in PyTorch (the baseline of ``npm run bench -- pretrain``),
+or with ``--task finetune`` one fine-tuning step (the baseline of ``npm run bench -- finetune``).
 
     python benches/baselines/time_step.py --preset convmae-base --batch 8 --threads 2 --warmup 2 --steps 5
     python benches/baselines/time_step.py --device cuda --batch 64 --amp bf16 [--compile] [--profile]
+    python benches/baselines/time_step.py --task finetune --preset convmae-base --batch 8 --threads 2
+
+A fine-tuning step (convvit_torch.py) is what ``Classifier.train`` does with soft targets: take
+a random uint8 batch, normalize it, forward with stochastic depth 0.1, SoftTargetCrossEntropy
+against label-smoothed (0.1) one-hot targets of 1000 classes, backward, AdamW (betas 0.9/0.999,
+weight decay 0.05) over layer-decay groups (0.65). No mixup or erasing on either side.
 
 A step is what the project's ``Pretrainer.pretrainStep`` does: take a random uint8 [B,H,W,3]
 batch, ImageNet-normalize it, draw the mask, forward, backward, AdamW (betas 0.9/0.95,
@@ -34,7 +41,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from convmae_torch import PRESETS, from_config, param_groups_for_adamw  # noqa: E402
+from convvit_torch import ConvViT, finetune_param_groups, soft_target_cross_entropy  # noqa: E402
 
+# The fine-tuning step's classes and label smoothing (ImageNet-1k, the official recipe).
+NUM_CLASSES = 1000
+SMOOTHING = 0.1
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -74,13 +85,14 @@ def profile_step(step, cuda: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="pretrain", choices=["pretrain", "finetune"])
     ap.add_argument("--preset", default="convmae-base", choices=sorted(PRESETS))
     ap.add_argument("--config", default=None, help="JSON overrides applied on top of the preset")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1.5e-4)
+    ap.add_argument("--lr", type=float, default=None, help="default 1.5e-4 (pretrain), 2e-3 (finetune: blr 5e-4 x 1024 / 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -108,25 +120,43 @@ def main() -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = from_config(cfg).to(torch.float32).to(device)
+    finetune = args.task == "finetune"
+    if finetune:
+        model = ConvViT(img_size=cfg["img_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+                        mlp_ratio=cfg.get("mlp_ratio", (4, 4, 4)), num_classes=NUM_CLASSES, drop_path=0.1).to(device)
+        lr = args.lr if args.lr is not None else 2e-3
+        groups = finetune_param_groups(model, 0.05, 0.65)
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    else:
+        model = from_config(cfg).to(torch.float32).to(device)
+        opt = torch.optim.AdamW(param_groups_for_adamw(model, 0.05), lr=args.lr if args.lr is not None else 1.5e-4, betas=(0.9, 0.95))
     model.train()
-    opt = torch.optim.AdamW(param_groups_for_adamw(model, 0.05), lr=args.lr, betas=(0.9, 0.95))
     forward = torch.compile(model) if args.compile else model
 
     b, s = args.batch, model.img_size
     mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    targets = torch.empty(0)
 
     def step() -> float:
+        nonlocal targets
         u8 = torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=gen)  # like the uint8 batches ours gets
+        if finetune:
+            labels = torch.randint(0, NUM_CLASSES, (b,), generator=gen)
+            targets = torch.full((b, NUM_CLASSES), SMOOTHING / NUM_CLASSES).scatter_(1, labels[:, None], 1.0 - SMOOTHING + SMOOTHING / NUM_CLASSES)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         # The host-to-device copy of the uint8 batch is part of the step, as it is for ours.
         imgs = (u8.to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0 - mean) / std
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            loss, _, _ = forward(imgs)
+            if finetune:
+                loss = soft_target_cross_entropy(forward(imgs), targets.to(device))
+            else:
+                loss, _, _ = forward(imgs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -144,7 +174,7 @@ def main() -> int:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     impl = "pytorch" + ("-compile" if args.compile else "")
     out = {
-        "suite": "pretrain",
+        "suite": args.task,
         "impl": impl,
         "preset": args.preset,
         "batch": b,
