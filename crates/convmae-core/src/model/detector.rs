@@ -374,16 +374,10 @@ impl Detector {
             (DetectorVariant::Vitdet, _) if global => rel_pos_attention(p, &prefix, &h, g, heads)?,
             (DetectorVariant::Vitdet, _) => window_unpartition(&rel_pos_attention(p, &prefix, &window_partition(&h, g, w)?, w, heads)?, b, g, w)?,
         };
-        let with_drop = |branch: Tensor, scale: Option<&Tensor>| -> Result<Tensor> {
-            match scale {
-                Some(s) => branch.broadcast_mul(s),
-                None => Ok(branch),
-            }
-        };
-        let x = (x + with_drop(attn, drop.map(|d| &d.first))?)?;
+        let x = residual(x, attn, drop.map(|d| &d.first))?;
         let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, VIT_LN_EPS)?;
         let h = linear_p(p, &format!("{prefix}.mlp.fc2"), &linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?)?;
-        &x + with_drop(h, drop.map(|d| &d.second))?
+        residual(&x, h, drop.map(|d| &d.second))
     }
 
     /// The encoder's stage outputs [B, H, W, C] (strides 4, 8 and 16; stage 3 without a final

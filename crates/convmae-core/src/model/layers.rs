@@ -94,10 +94,11 @@ pub struct DropPath {
     pub second: Tensor,
 }
 
-/// `x + branch`, with the branch scaled per sample when stochastic depth is active.
-fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+/// `x + branch`, with the branch scaled per sample when stochastic depth is active (one op:
+/// `residual_scaled`).
+pub fn residual(x: &Tensor, branch: Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
     match scale {
-        Some(s) => x + branch.broadcast_mul(s)?,
+        Some(s) => k::residual_scaled(x, &branch, s),
         None => x + branch,
     }
 }

@@ -314,20 +314,14 @@ pub(super) fn attention_with_bias(p: &ParamStore, block: &str, x: &Tensor, num_h
 /// mlp(LN(x))); LayerNorm eps 1e-5.
 fn seg_transformer_block(p: &ParamStore, prefix: &str, x: &Tensor, num_heads: usize, rel_index: &Tensor, drop: Option<&DropPath>) -> Result<Tensor> {
     let get = |name: &str| p.get(&format!("{prefix}.{name}"));
-    // The branch times its layer scale, then (stochastic depth) its per-sample scale.
-    let scaled = |branch: Tensor, gamma: &str, sample_scale: Option<&Tensor>| -> Result<Tensor> {
-        let branch = branch.broadcast_mul(get(gamma))?;
-        match sample_scale {
-            Some(s) => branch.broadcast_mul(s),
-            None => Ok(branch),
-        }
-    };
+    // The branch times its layer scale, then (stochastic depth) its per-sample scale, added.
     let h = layer_norm_p(p, &format!("{prefix}.norm1"), x, SEG_LN_EPS)?;
     let table = get("attn.relative_position_bias_table");
-    let x = (x + scaled(attention_with_bias(p, prefix, &h, num_heads, table, rel_index)?, "gamma_1", drop.map(|d| &d.first))?)?;
+    let attn = attention_with_bias(p, prefix, &h, num_heads, table, rel_index)?.broadcast_mul(get("gamma_1"))?;
+    let x = residual(x, attn, drop.map(|d| &d.first))?;
     let h = layer_norm_p(p, &format!("{prefix}.norm2"), &x, SEG_LN_EPS)?;
     let h = linear_p(p, &format!("{prefix}.mlp.fc2"), &linear_gelu_p(p, &format!("{prefix}.mlp.fc1"), &h)?)?;
-    &x + scaled(h, "gamma_2", drop.map(|d| &d.second))?
+    residual(&x, h.broadcast_mul(get("gamma_2"))?, drop.map(|d| &d.second))
 }
 
 /// What a segmenter forward returns.
