@@ -10,7 +10,7 @@
  * mixup or erasing (the PyTorch side has none either). Prints one JSON line.
  */
 import { Classifier, type DeviceName, type Precision } from '../src/api/index.js';
-import { fillRandom, intFlag, median, parseArgs } from './lib.js';
+import { fillRandom, median, parseArgs, stepWorkerFlags } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 
 /** ImageNet-1k's classes and the official label smoothing, as time_step.py's fine-tuning step. */
@@ -18,15 +18,10 @@ const NUM_CLASSES = 1000;
 const SMOOTHING = 0.1;
 
 async function main(): Promise<void> {
-  const opts = parseArgs(process.argv.slice(2));
-  const preset = opts.flags.preset ?? 'convmae-base';
-  const batch = intFlag(opts, 'batch', 8);
-  const warmup = intFlag(opts, 'warmup', 2, 0);
-  const steps = intFlag(opts, 'steps', 5);
-  const seed = intFlag(opts, 'seed', 0, 0);
-  const lr = opts.flags.lr !== undefined ? Number(opts.flags.lr) : 2e-3;
-  const device = (opts.flags.device ?? 'cpu') as DeviceName;
-  const precision = (opts.flags.precision ?? 'fp32') as Precision;
+  const flags = stepWorkerFlags(parseArgs(process.argv.slice(2)), 2e-3);
+  const { preset, batch, warmup, steps, seed, lr } = flags;
+  const device = flags.device as DeviceName;
+  const precision = flags.precision as Precision;
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;
   const model = Classifier.create({ preset, numClasses: NUM_CLASSES, kind: 'finetune', dropPath: 0.1, device, precision, seed });

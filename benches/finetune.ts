@@ -7,8 +7,8 @@
  */
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { findTorch } from './pretrain.js';
-import { REPO_ROOT, alternatingRounds, coreCount, fmt, intFlag, listFlag, markdownTable, roundsMeasurement, type Measurement, type Suite } from './lib.js';
+import { withTorchIfFound } from './pretrain.js';
+import { REPO_ROOT, alternatingRounds, batchesFlag, coreCount, fmt, intFlag, listFlag, markdownTable, roundsMeasurement, type Measurement, type Suite } from './lib.js';
 
 const IMPLS = ['ours', 'pytorch'] as const;
 type Impl = (typeof IMPLS)[number];
@@ -29,11 +29,7 @@ export const finetuneSuite: Suite = {
 
   async run(opts, log) {
     const presets = listFlag(opts, 'preset', ['convmae-base']);
-    const batches = listFlag(opts, 'batch', ['8']).map((b) => {
-      const n = Number(b);
-      if (!Number.isInteger(n) || n < 1) throw new RangeError(`--batch must be positive integers, got '${b}'`);
-      return n;
-    });
+    const batches = batchesFlag(opts);
     const steps = intFlag(opts, 'steps', 5);
     const warmup = intFlag(opts, 'warmup', 2, 0);
     const rounds = intFlag(opts, 'rounds', 3);
@@ -44,20 +40,7 @@ export const finetuneSuite: Suite = {
 
     const notes: string[] = [];
     const versions: Record<string, string> = {};
-    let active = [...impls];
-    let torchPython = '';
-    if (active.includes('pytorch')) {
-      const t = findTorch();
-      if (t.reason) {
-        notes.push(`pytorch skipped: ${t.reason}`);
-        log(`note: pytorch skipped: ${t.reason}`);
-        active = active.filter((i) => i !== 'pytorch');
-      } else {
-        torchPython = t.python;
-        versions.torch = t.torch ?? 'unknown';
-        versions.torch_python = t.python;
-      }
-    }
+    const { active, torchPython } = withTorchIfFound(impls, notes, versions, log);
     const worker = path.join(REPO_ROOT, 'dist', 'benches', 'finetune-worker.js');
     if (active.includes('ours') && !existsSync(worker)) throw new Error('dist/benches/finetune-worker.js is missing: run `npx tsc -p tsconfig.json` first');
 

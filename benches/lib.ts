@@ -118,6 +118,41 @@ export function listFlag(opts: Options, name: string, dflt: string[]): string[] 
 
 /** `--masking random|complementary` (default random): the pretraining masks, and the config
  *  override that selects them (FastConvMAE's complementary masking), or undefined. */
+/** What every step-timing worker reads from its flags (pretrain-worker, finetune-worker). */
+export interface StepWorkerFlags {
+  preset: string;
+  batch: number;
+  warmup: number;
+  steps: number;
+  seed: number;
+  lr: number;
+  device: string;
+  precision: string;
+}
+
+/** The step-timing workers' common flags, with their defaults (`lr`: the worker's own). */
+export function stepWorkerFlags(opts: Options, defaultLr: number): StepWorkerFlags {
+  return {
+    preset: opts.flags.preset ?? 'convmae-base',
+    batch: intFlag(opts, 'batch', 8),
+    warmup: intFlag(opts, 'warmup', 2, 0),
+    steps: intFlag(opts, 'steps', 5),
+    seed: intFlag(opts, 'seed', 0, 0),
+    lr: opts.flags.lr !== undefined ? Number(opts.flags.lr) : defaultLr,
+    device: opts.flags.device ?? 'cpu',
+    precision: opts.flags.precision ?? 'fp32',
+  };
+}
+
+/** `--batch`: positive integers, comma separated (default 8). */
+export function batchesFlag(opts: Options): number[] {
+  return listFlag(opts, 'batch', ['8']).map((b) => {
+    const n = Number(b);
+    if (!Number.isInteger(n) || n < 1) throw new RangeError(`--batch must be positive integers, got '${b}'`);
+    return n;
+  });
+}
+
 export function maskingFlag(opts: Options): { masking: 'random' | 'complementary'; config?: { complementary_masking: true } } {
   const masking = opts.flags.masking ?? 'random';
   if (masking !== 'random' && masking !== 'complementary') throw new RangeError(`--masking must be random or complementary, got '${masking}'`);

@@ -17,21 +17,17 @@
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
 import { Pretrainer, resolveConfig, type ConvMaeConfig, type DeviceName, type Precision } from '../src/api/index.js';
-import { fillRandom, intFlag, median, parseArgs } from './lib.js';
+import { fillRandom, intFlag, median, parseArgs, stepWorkerFlags } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 
 async function main(): Promise<void> {
   const opts = parseArgs(process.argv.slice(2));
-  const preset = opts.flags.preset ?? 'convmae-base';
-  const batch = intFlag(opts, 'batch', 8);
-  const warmup = intFlag(opts, 'warmup', 2, 0);
-  const steps = intFlag(opts, 'steps', 5);
-  const seed = intFlag(opts, 'seed', 0, 0);
-  const lr = opts.flags.lr !== undefined ? Number(opts.flags.lr) : 1.5e-4;
+  const flags = stepWorkerFlags(opts, 1.5e-4);
+  const { preset, batch, warmup, steps, seed, lr } = flags;
+  const device = flags.device as DeviceName;
+  const precision = flags.precision as Precision;
   const dtype = (opts.flags.dtype ?? 'f32') as 'f32' | 'f64';
   const convPath = (opts.flags.path ?? 'sparse') as 'sparse' | 'dense';
-  const device = (opts.flags.device ?? 'cpu') as DeviceName;
-  const precision = (opts.flags.precision ?? 'fp32') as Precision;
   const inFlight = intFlag(opts, 'in-flight', 2);
 
   const importRssMb = process.resourceUsage().maxRSS / 1024;

@@ -14,6 +14,7 @@ import path from 'node:path';
 import {
   REPO_ROOT,
   alternatingRounds,
+  batchesFlag,
   coreCount,
   fmt,
   intFlag,
@@ -33,6 +34,23 @@ export const IMPLS = ['ours', 'ours-dense', 'pytorch'] as const;
 export type Impl = (typeof IMPLS)[number];
 
 const DEFAULT_TORCH_PYTHON = '/work/venv-torch/bin/python';
+
+/**
+ * `impls` as they can run here: without 'pytorch' where no interpreter with torch is found (the
+ * reason noted and logged), else with the interpreter, whose torch version goes to `versions`.
+ */
+export function withTorchIfFound<I extends string>(impls: I[], notes: string[], versions: Record<string, string>, log: (line: string) => void): { active: I[]; torchPython: string } {
+  if (!impls.includes('pytorch' as I)) return { active: impls, torchPython: '' };
+  const t = findTorch();
+  if (t.reason) {
+    notes.push(`pytorch skipped: ${t.reason}`);
+    log(`note: pytorch skipped: ${t.reason}`);
+    return { active: impls.filter((i) => i !== 'pytorch'), torchPython: '' };
+  }
+  versions.torch = t.torch ?? 'unknown';
+  versions.torch_python = t.python;
+  return { active: impls, torchPython: t.python };
+}
 
 /** The interpreter for the PyTorch baseline and its torch version, or why it cannot be used. */
 export function findTorch(): { python: string; torch?: string; reason?: string } {
@@ -62,11 +80,7 @@ export const pretrainSuite: Suite = {
 
   async run(opts: Options, log: (line: string) => void): Promise<SuiteResult> {
     const presets = listFlag(opts, 'preset', ['convmae-base']);
-    const batches = listFlag(opts, 'batch', ['8']).map((b) => {
-      const n = Number(b);
-      if (!Number.isInteger(n) || n < 1) throw new RangeError(`--batch must be positive integers, got '${b}'`);
-      return n;
-    });
+    const batches = batchesFlag(opts);
     const steps = intFlag(opts, 'steps', 5);
     const warmup = intFlag(opts, 'warmup', 2, 0);
     const rounds = intFlag(opts, 'rounds', 3);
@@ -79,20 +93,7 @@ export const pretrainSuite: Suite = {
 
     const notes: string[] = [];
     const versions: Record<string, string> = {};
-    let active = [...impls];
-    let torchPython = '';
-    if (active.includes('pytorch')) {
-      const t = findTorch();
-      if (t.reason) {
-        notes.push(`pytorch skipped: ${t.reason}`);
-        log(`note: pytorch skipped: ${t.reason}`);
-        active = active.filter((i) => i !== 'pytorch');
-      } else {
-        torchPython = t.python;
-        versions.torch = t.torch ?? 'unknown';
-        versions.torch_python = t.python;
-      }
-    }
+    const { active, torchPython } = withTorchIfFound(impls, notes, versions, log);
     if ((active.includes('ours') || active.includes('ours-dense')) && !existsSync(path.join(REPO_ROOT, 'dist', 'benches', 'pretrain-worker.js'))) {
       throw new Error('dist/benches/pretrain-worker.js is missing: run `npx tsc -p tsconfig.json` first');
     }

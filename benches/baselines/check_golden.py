@@ -57,6 +57,26 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return num / denom
 
 
+def compare_grads(named: dict, t: dict, names: list, results: dict, problems: list):
+    """Each ``grad.*`` of fixture ``t`` against the gradient of its parameter in ``named`` (relative
+    error into ``results``); ``names``: the parameters the fixture should hold gradients of.
+    Returns the grad keys, the worst error and its key."""
+    grad_keys = sorted(k for k in t if k.startswith("grad."))
+    if sorted(k[len("grad."):] for k in grad_keys) != sorted(names):
+        problems.append("the fixture's grad.* names differ from the model's trainable parameters")
+    worst, worst_name = 0.0, None
+    for k in grad_keys:
+        p = named.get(k[len("grad."):])
+        if p is None or p.grad is None:
+            problems.append(f"no gradient for {k}")
+            continue
+        e = rel_err(p.grad, t[k])
+        results[k] = e
+        if e >= worst:
+            worst, worst_name = e, k
+    return grad_keys, worst, worst_name
+
+
 def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     default_fixture = os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "golden", "pretrain_small.safetensors"))
@@ -101,20 +121,8 @@ def main() -> int:
             results[f"act.{name}"] = rel_err(acts[name], t[f"act.{name}"])
 
     named = dict(model.named_parameters())
-    grad_keys = sorted(k for k in t if k.startswith("grad."))
-    trainable = sorted(n for n, p in named.items() if p.requires_grad)
-    if sorted(k[len("grad."):] for k in grad_keys) != trainable:
-        problems.append("the fixture's grad.* names differ from the model's trainable parameters")
-    grad_worst, grad_worst_name = 0.0, None
-    for k in grad_keys:
-        p = named.get(k[len("grad."):])
-        if p is None or p.grad is None:
-            problems.append(f"no gradient for {k}")
-            continue
-        e = rel_err(p.grad, t[k])
-        results[k] = e
-        if e >= grad_worst:
-            grad_worst, grad_worst_name = e, k
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    grad_keys, grad_worst, grad_worst_name = compare_grads(named, t, trainable, results, problems)
 
     # ConvMAE-B: every parameter name, shape and trainable flag, in registration order, against the
     # official model's manifest (when the file is beside the fixture).

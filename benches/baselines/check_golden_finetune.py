@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_golden import load_safetensors, rel_err  # noqa: E402
+from check_golden import compare_grads, load_safetensors, rel_err  # noqa: E402
 from convvit_torch import ConvViT  # noqa: E402
 
 
@@ -57,19 +57,7 @@ def main() -> int:
         "loss": rel_err(loss.reshape(1), t["output.loss"]),
     }
     named = dict(model.named_parameters())
-    grad_keys = sorted(k for k in t if k.startswith("grad."))
-    if sorted(k[len("grad."):] for k in grad_keys) != sorted(named):
-        problems.append("the fixture's grad.* names differ from the model's parameters")
-    grad_worst, grad_worst_name = 0.0, None
-    for k in grad_keys:
-        p = named.get(k[len("grad."):])
-        if p is None or p.grad is None:
-            problems.append(f"no gradient for {k}")
-            continue
-        e = rel_err(p.grad, t[k])
-        results[k] = e
-        if e >= grad_worst:
-            grad_worst, grad_worst_name = e, k
+    grad_keys, grad_worst, grad_worst_name = compare_grads(named, t, list(named), results, problems)
 
     manifest_path = os.path.join(os.path.dirname(args.fixture), "convmae_base_manifest.json")
     manifest_match = None
