@@ -182,6 +182,13 @@ export declare function benchGelu(elements: number, inputStd: number, iters: num
 export declare function checkFixture(path: string, dtype: string, convPath?: string | undefined | null, device?: string | undefined | null): Promise<string>
 
 /**
+ * The model configuration of a checkpoint as JSON `{config, source}`: from our metadata
+ * (`source` "metadata"), else as its encoder tensors' shapes give it ("shapes":
+ * `CheckpointFile::inferred_config`; num_heads a guess); null when it holds neither.
+ */
+export declare function checkpointConfig(path: string): Promise<string | null>
+
+/**
  * The metadata of a checkpoint as a JSON object of strings (ours: format, kind, config, head,
  * optimizer, ...; an official .pth has none: {}).
  */

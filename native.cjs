@@ -842,6 +842,7 @@ module.exports.NativeSegmenter = nativeBinding.NativeSegmenter
 module.exports.benchDepthwiseConv = nativeBinding.benchDepthwiseConv
 module.exports.benchGelu = nativeBinding.benchGelu
 module.exports.checkFixture = nativeBinding.checkFixture
+module.exports.checkpointConfig = nativeBinding.checkpointConfig
 module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.compareKernels = nativeBinding.compareKernels
 module.exports.cropPixelBatch = nativeBinding.cropPixelBatch

@@ -4,7 +4,7 @@
  */
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
-import { modelInfo, PRESETS, resolveConfig, type ConvMaeConfig } from './api/config.js';
+import { checkpointConfig, modelInfo, PRESETS, resolveConfig, type ConvMaeConfig, type ModelSpec } from './api/config.js';
 import type { DetectorVariant } from './api/detector.js';
 import type { DeviceName, Precision, Threads } from './api/pretrainer.js';
 import { checkFixture } from './api/fixture.js';
@@ -243,6 +243,8 @@ detect options:
 info options:
   --preset NAME           default convmae-base
   --config JSON|FILE      overrides
+  --checkpoint FILE       the model of a checkpoint: ours from its metadata, another (an official
+                          .pth) from its encoder tensors' shapes (num_heads guessed: 64 channels a head)
   --json                  machine-readable output
 
 check-fixture options:
@@ -635,9 +637,22 @@ async function runFeatures(args: string[]): Promise<void> {
   process.stdout.write(JSON.stringify(r) + '\n');
 }
 
-function runInfo(args: string[]): void {
-  const { values } = parseArgs({ args, options: { preset: { type: 'string' }, config: { type: 'string' }, json: { type: 'boolean' } } });
-  const info = modelInfo({ preset: values.preset ?? 'convmae-base', config: parseConfig(values.config) });
+async function runInfo(args: string[]): Promise<void> {
+  const { values } = parseArgs({ args, options: { preset: { type: 'string' }, config: { type: 'string' }, checkpoint: { type: 'string' }, json: { type: 'boolean' } } });
+  let spec: ModelSpec = { preset: values.preset ?? 'convmae-base', config: parseConfig(values.config) };
+  if (values.checkpoint !== undefined) {
+    if (values.preset !== undefined) fail('info: --checkpoint gives the model; --preset is for a model without one (add --config to override its fields)');
+    const found = await checkpointConfig(values.checkpoint);
+    if (!found) fail(`info: '${values.checkpoint}' holds no model configuration and no encoder (no patch_embed1.proj.weight)`);
+    if (found.source === 'shapes' && !values.json) {
+      process.stderr.write(
+        `'${values.checkpoint}' has no metadata: its tensors' shapes give the model; num_heads (${found.config.num_heads}, one per 64 channels) and decoder_num_heads ` +
+          `(${found.config.decoder_num_heads}, one per 32) are guesses (override with --config '{"num_heads":N}')\n`,
+      );
+    }
+    spec = { config: { ...found.config, ...(parseConfig(values.config) ?? {}) } };
+  }
+  const info = modelInfo(spec);
   if (values.json) {
     process.stdout.write(JSON.stringify(info) + '\n');
     return;

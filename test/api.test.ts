@@ -4,7 +4,7 @@ import { copyFile, mkdtemp, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { checkFixture, modelInfo, Pretrainer, resolveConfig, Classifier, Detector, Segmenter } from '../src/index.js';
+import { checkFixture, checkpointConfig, modelInfo, Pretrainer, resolveConfig, Classifier, Detector, Segmenter } from '../src/index.js';
 import { native } from '../src/native.js';
 import { CLI, golden, randomImages, readSafetensors, ROOT, tensorBytes } from './helpers.js';
 
@@ -325,4 +325,27 @@ test('device: a CUDA request on the CPU build says how to get the CUDA addon; ba
   t.throws(() => Pretrainer.create({ preset: 'convmae-tiny', device: 'gpu' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/ });
   t.throws(() => Segmenter.create({ preset: 'convmae-tiny', numClasses: 2, device: 'gpu' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/ });
   t.throws(() => Detector.create({ preset: 'convmae-tiny', numClasses: 2, window: 4, globalBlocks: [0], device: 'cuda:x' as never }), { message: /device must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'/ });
+});
+
+test('a checkpoint gives its model: ours from its metadata, an official .pth from its shapes (heads guessed), on the CLI too', async (t) => {
+  const official = await checkpointConfig(golden('pretrain_small_official.pth'));
+  t.is(official?.source, 'shapes');
+  t.like(official?.config, { img_size: 224, patch_size: [4, 2, 2], embed_dim: [32, 48, 64], depth: [2, 1, 2], decoder_embed_dim: 32, decoder_depth: 2, num_heads: 1 });
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'convmae-ckpt-config-'));
+  const ours = path.join(dir, 'tiny.safetensors');
+  const p = Pretrainer.create({ preset: 'convmae-tiny', config: { num_heads: 2 } });
+  try {
+    await p.save(ours);
+  } finally {
+    p.dispose();
+  }
+  t.deepEqual(await checkpointConfig(ours), { config: resolveConfig({ preset: 'convmae-tiny', config: { num_heads: 2 } }), source: 'metadata' });
+  const junk = path.join(dir, 'junk.safetensors');
+  await writeFile(junk, 'not a checkpoint');
+  await t.throwsAsync(() => checkpointConfig(junk), { message: /junk.safetensors/ });
+  const { stdout, stderr } = await run(process.execPath, [CLI, 'info', '--checkpoint', golden('pretrain_small_official.pth'), '--config', '{"num_heads":4}']);
+  t.regex(stderr, /num_heads \(1, one per 64 channels\) and decoder_num_heads \(1, one per 32\) are guesses/);
+  t.regex(stdout, /"embed_dim":\[32,48,64\].*"num_heads":4/);
+  const e = await t.throwsAsync(run(process.execPath, [CLI, 'info', '--checkpoint', golden('pretrain_small_official.pth'), '--preset', 'convmae-tiny']));
+  t.regex((e as unknown as { stderr: string }).stderr, /--checkpoint gives the model/);
 });

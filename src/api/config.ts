@@ -66,6 +66,17 @@ export interface ModelInfo {
   macs: { pretrain_dense: number; pretrain_sparse: number; encoder: number };
 }
 
+/**
+ * The model configuration of a checkpoint file: from our metadata (`source: 'metadata'`), else
+ * as its encoder tensors' shapes give it (`'shapes'`: widths, patch sizes, depths, MLP ratios and
+ * the image size of its pos_embed grid; `num_heads` is in no shape, so it is a guess of one head
+ * per 64 channels, and the decoder is ConvMAE-B's). Undefined when the file holds neither.
+ */
+export async function checkpointConfig(path: string): Promise<{ config: ConvMaeConfig; source: 'metadata' | 'shapes' } | undefined> {
+  const r = await native.checkpointConfig(path);
+  return r === null || r === undefined ? undefined : (JSON.parse(r) as { config: ConvMaeConfig; source: 'metadata' | 'shapes' });
+}
+
 export function modelInfo(spec: ModelSpec = {}): ModelInfo {
   return JSON.parse(native.modelInfo(JSON.stringify(resolveConfig(spec)))) as ModelInfo;
 }

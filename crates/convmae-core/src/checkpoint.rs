@@ -152,6 +152,72 @@ impl CheckpointFile {
     pub fn config(&self) -> Option<Result<ConvMaeConfig, String>> {
         self.metadata.get("config").map(|c| serde_json::from_str(c).map_err(|e| format!("bad config metadata: {e}")))
     }
+
+    /// The encoder's configuration as its tensors' shapes give it, for a file without our
+    /// metadata (an official or third-party `.pth`, spec 8.3: "infer sizes from tensor shapes"),
+    /// under whatever module prefix holds `patch_embed1.proj.weight` (none, `backbone.`,
+    /// `backbone.bottom_up.`, `encoder.`, ...): the patch sizes and widths from the three patch
+    /// embeds, each stage's depth from its numbered blocks, its MLP ratio from block 0's `fc1`,
+    /// `img_size` from `pos_embed`'s grid; a pretraining file's decoder width and depth. Head
+    /// counts are in no shape: one per 64 channels in stage 3 (ConvMAE-B's 12 at 768), one per
+    /// 32 in the decoder (its 16 at 512). The rest (and the decoder of an encoder-only file) is
+    /// ConvMAE-B's. None when the file has no `patch_embed1`.
+    pub fn inferred_config(&self) -> Option<Result<ConvMaeConfig, String>> {
+        const FIRST: &str = "patch_embed1.proj.weight";
+        let prefix = self.tensors.keys().find_map(|k| k.strip_suffix(FIRST))?.to_string();
+        let dims = |name: &str| self.tensors.get(&format!("{prefix}{name}")).map(|t| t.dims().to_vec());
+        let infer = || -> Result<ConvMaeConfig, String> {
+            let mut cfg = ConvMaeConfig::base();
+            let mut previous = None;
+            for s in 0..3 {
+                let name = format!("patch_embed{}.proj.weight", s + 1);
+                let Some(&[out, inp, k, k2]) = dims(&name).as_deref() else {
+                    return Err(format!("'{prefix}{name}' is missing or not a [out, in, k, k] kernel"));
+                };
+                if k != k2 || previous.is_some_and(|p| p != inp) {
+                    return Err(format!("'{prefix}{name}' has shape [{out}, {inp}, {k}, {k2}], which does not follow the stage before"));
+                }
+                if s == 0 {
+                    cfg.in_chans = inp;
+                }
+                (cfg.embed_dim[s], cfg.patch_size[s]) = (out, k);
+                previous = Some(out);
+                cfg.depth[s] = (0..).take_while(|i| dims(&format!("blocks{}.{i}.norm1.weight", s + 1)).is_some()).count();
+                if let Some(hidden) = dims(&format!("blocks{}.0.mlp.fc1.weight", s + 1)).and_then(|d| d.first().copied()) {
+                    cfg.mlp_ratio[s] = hidden as f64 / out as f64;
+                }
+            }
+            if let Some(&[1, tokens, _]) = dims("pos_embed").as_deref() {
+                let grid = (tokens as f64).sqrt().round() as usize;
+                if grid * grid == tokens {
+                    cfg.img_size = grid * cfg.patch_size.iter().product::<usize>();
+                }
+            }
+            // timm's convention of 64 channels a head: ConvMAE-B's 12 at 768.
+            cfg.num_heads = (cfg.embed_dim[2] / 64).max(1);
+            // A pretraining file's decoder: its width and depth; 32 channels a head (16 at 512).
+            if let Some(&[width, _]) = dims("decoder_embed.weight").as_deref() {
+                cfg.decoder_embed_dim = width;
+                cfg.decoder_depth = (0..).take_while(|i| dims(&format!("decoder_blocks.{i}.norm1.weight")).is_some()).count();
+                cfg.decoder_num_heads = (width / 32).max(1);
+            }
+            cfg.validate()?;
+            Ok(cfg)
+        };
+        Some(infer())
+    }
+
+    /// What a load error adds for a file of another encoder: the encoder fields its shapes
+    /// give (`inferred_config`) as a `--config` to pass, or nothing where they give none.
+    pub fn shape_hint(&self) -> String {
+        match self.inferred_config() {
+            Some(Ok(c)) => format!(
+                "; its tensors describe --config '{{\"img_size\":{},\"patch_size\":{:?},\"embed_dim\":{:?},\"depth\":{:?},\"mlp_ratio\":{:?}}}' (num_heads is in no shape: add it)",
+                c.img_size, c.patch_size, c.embed_dim, c.depth, c.mlp_ratio
+            ),
+            _ => String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -333,7 +399,7 @@ pub fn init_pretrainer_from(trainer: &mut Pretrainer, path: &Path) -> candle_cor
     check_same_encoder(&file, &trainer.model.cfg, &shown)?;
     unwrap_module_prefixes(&mut file, &trainer.model.params, &shown)?;
     let report = load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name == "pos_embed" || name == "decoder_pos_embed")
-        .map_err(|e| err(format!("{e} (the preset / config must describe the checkpoint's encoder)")))?;
+        .map_err(|e| err(format!("{e} (the preset / config must describe the checkpoint's encoder{})", file.shape_hint())))?;
     if report.loaded.is_empty() {
         return Err(err(format!("checkpoint '{shown}' holds none of the pretraining model's tensors (is it a ConvMAE checkpoint?)")));
     }
@@ -402,7 +468,7 @@ pub fn init_classifier_from(trainer: &mut ClassifierTrainer, path: &Path) -> can
     check_same_encoder(&file, &trainer.model.cfg, &shown)?;
     unwrap_module_prefixes(&mut file, &trainer.model.params, &shown)?;
     load_weights_except(&mut trainer.model.params, &file, false, &shown, |name| name.starts_with("head."))
-        .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder)")))
+        .map_err(|e| err(format!("{e} (the classifier's preset / config must describe the checkpoint's encoder{})", file.shape_hint())))
 }
 
 /// The prefixes of a model's BatchNorms (each has `running_mean`).
@@ -581,7 +647,7 @@ fn init_backbone_from(
         .map(|p| p.spec.name.clone())
         .collect();
     load_weights_except(params, &file, false, &shown, |name| fresh(name) || other_shape.iter().any(|n| n == name))
-        .map_err(|e| err(format!("{e} (the {kind}'s preset / config must describe the checkpoint's encoder)")))
+        .map_err(|e| err(format!("{e} (the {kind}'s preset / config must describe the checkpoint's encoder{})", file.shape_hint())))
 }
 
 /// The official mmseg checkpoints name the backbone's tensors `backbone.<encoder name>`; ours

@@ -142,6 +142,23 @@ pub async fn checkpoint_metadata(path: String) -> Result<String> {
     .await
 }
 
+/// The model configuration of a checkpoint as JSON `{config, source}`: from our metadata
+/// (`source` "metadata"), else as its encoder tensors' shapes give it ("shapes":
+/// `CheckpointFile::inferred_config`; num_heads a guess); null when it holds neither.
+#[napi]
+pub async fn checkpoint_config(path: String) -> Result<Option<String>> {
+    off_thread(move || {
+        let file = crate::checkpoint::read_checkpoint(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
+        let (config, source) = match (file.config(), file.inferred_config()) {
+            (Some(c), _) => (c.map_err(|e| format!("checkpoint '{path}': {e}"))?, "metadata"),
+            (None, Some(c)) => (c.map_err(|e| format!("checkpoint '{path}': {e}"))?, "shapes"),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(serde_json::json!({ "config": config, "source": source }).to_string()))
+    })
+    .await
+}
+
 /// Agreement of every kernel on `device` with the CPU kernels (forward and every gradient, at
 /// ConvMAE-B-like shapes), as JSON: [{op, path, dtype, shapes, forward_rel, gradient_rel,
 /// gradient_rels, kernel, tolerance, pass}]. On CUDA both paths (our CUDA kernels, "kernels";

@@ -229,3 +229,45 @@ fn initialization_reads_names_wrapped_in_one_module() {
     let e = init_pretrainer_from(&mut trainer, &path).unwrap_err().to_string();
     assert!(e.contains("'encoder.norm.weight'") && e.contains("'module.norm.weight'") && e.contains("tensor 'norm.weight'"), "{e}");
 }
+
+/// A file without our metadata describes its encoder by its shapes (under any one module
+/// prefix): widths, patch sizes, depths, MLP ratios and the image size of its pos_embed grid;
+/// num_heads is in no shape (one per 64 channels is a guess). A load into a model of another
+/// encoder names the config the file's shapes give.
+#[test]
+fn an_official_file_describes_its_encoder_by_its_shapes() {
+    use convmae_core::checkpoint::init_pretrainer_from;
+    use std::collections::HashMap;
+    let official = read_checkpoint(std::path::Path::new(&golden("pretrain_small_official.pth"))).unwrap();
+    let want = ConvMaeConfig::golden_small();
+    let check = |cfg: ConvMaeConfig| {
+        assert_eq!((cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_ratio, cfg.in_chans), (want.img_size, want.patch_size, want.embed_dim, want.depth, want.mlp_ratio, want.in_chans));
+        assert_eq!(cfg.num_heads, 1, "64 channels: one head by the 64-a-head guess (the fixture's model has 4)");
+    };
+    // The pretraining file's decoder too (32 wide, 2 blocks; its heads a guess as well).
+    let c = official.inferred_config().unwrap().unwrap();
+    assert_eq!((c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads), (32, 2, 1));
+    check(official.inferred_config().unwrap().unwrap());
+    let wrapped: HashMap<String, Tensor> = official.tensors.iter().map(|(k, v)| (format!("backbone.bottom_up.{k}"), v.clone())).collect();
+    let path = tmp("wrapped-detectron2.safetensors");
+    candle_core::safetensors::save(&wrapped, &path).unwrap();
+    check(read_checkpoint(&path).unwrap().inferred_config().unwrap().unwrap());
+    // Stages that do not chain are named.
+    let mut broken = official.tensors.clone();
+    broken.insert("patch_embed2.proj.weight".into(), Tensor::zeros((48, 16, 2, 2), DType::F32, &Device::Cpu).unwrap());
+    let path = tmp("broken-stages.safetensors");
+    candle_core::safetensors::save(&broken.into_iter().collect::<HashMap<_, _>>(), &path).unwrap();
+    let e = read_checkpoint(&path).unwrap().inferred_config().unwrap().unwrap_err();
+    assert!(e.contains("'patch_embed2.proj.weight'") && e.contains("does not follow"), "{e}");
+    // The fine-tune fixture keeps its weights under `param.`: the same encoder.
+    check(read_checkpoint(std::path::Path::new(&golden("finetune_small.safetensors"))).unwrap().inferred_config().unwrap().unwrap());
+    // Not an encoder file: nothing to say.
+    let path = tmp("not-an-encoder.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("head.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap())]), &path).unwrap();
+    assert!(read_checkpoint(&path).unwrap().inferred_config().is_none());
+    // ConvMAE-B's model from the small file: the error gives the file's own config.
+    let base = ConvMae::new(ConvMaeConfig::base(), DType::F32, &Device::Cpu, 0).unwrap();
+    let mut trainer = Pretrainer::new(base, AdamWConfig::default(), 0).unwrap();
+    let e = init_pretrainer_from(&mut trainer, std::path::Path::new(&golden("pretrain_small_official.pth"))).unwrap_err().to_string();
+    assert!(e.contains(r#"--config '{"img_size":224,"patch_size":[4, 2, 2],"embed_dim":[32, 48, 64],"depth":[2, 1, 2],"mlp_ratio":[4.0, 4.0, 4.0]}'"#), "{e}");
+}
