@@ -237,8 +237,9 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'ours-dense',
       'ours',
       'ours-dense',
-      // FastConvMAE's complementary masking at the first batch.
+      // FastConvMAE's complementary masking, then fine-tuning, at the first batch.
       'ours-complementary',
+      'ours-finetune',
       'ours-composite',
       'ours-attention-composite',
       'ours-host-normalize',
@@ -269,8 +270,9 @@ test('--rehearse runs the whole check on the CPU addon: every probe and row, the
       'pytorch-compile',
       'pytorch',
       'pytorch-complementary',
+      'pytorch-finetune',
     ]);
-    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => `${r.batch} ${r.dtype}`), ['8 bf16', '8 bf16', '8 f32', '16 bf16', '16 bf16', '16 f32', '8 bf16']);
+    t.deepEqual(report.rows.filter((r) => r.impl.startsWith('pytorch')).map((r) => `${r.batch} ${r.dtype}`), ['8 bf16', '8 bf16', '8 f32', '16 bf16', '16 bf16', '16 f32', '8 bf16', '8 bf16']);
     t.deepEqual(report.rows.filter((r) => r.impl.endsWith('-complementary')).map((r) => r.masking), ['complementary', 'complementary']);
     const md = readdirSync(out).find((f) => /^gpu-\d{4}-\d{2}-\d{2}\.md$/.test(f));
     const report_md = readFileSync(path.join(out, md!), 'utf8');

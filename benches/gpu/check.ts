@@ -439,6 +439,18 @@ async function main(): Promise<void> {
     const impl = (compile ? 'pytorch-compile' : 'pytorch') + (masking ? `-${masking}` : '');
     record(r, { suite: 'gpu', impl, preset, batch, dtype: amp === 'bf16' ? 'bf16' : 'f32', device, ...(masking ? { masking } : {}) });
   };
+  // Fine-tuning (the official ConvViT, 1000 classes, stochastic depth 0.1, soft targets, AdamW
+  // with layer decay; benches/finetune-worker.ts and time_step.py --task finetune): ours in bf16
+  // against PyTorch eager with autocast bf16, at the first batch.
+  const finetuneWorker = path.join(REPO_ROOT, 'dist', 'benches', 'finetune-worker.js');
+  const finetune = async () => {
+    if (!loadError) {
+      const args = [finetuneWorker, '--preset', preset, '--batch', String(firstBatch), '--warmup', '2', '--steps', String(STEPS), '--device', device, '--precision', 'bf16'];
+      record(await run(process.execPath, args, 150, { ...process.env, ...attentionFallback }), { suite: 'gpu', impl: 'ours-finetune', preset, batch: firstBatch, dtype: 'bf16', device });
+    }
+    const args = [baseline, '--task', 'finetune', '--preset', preset, '--batch', String(firstBatch), '--device', device, '--amp', 'bf16', '--warmup', '2', '--steps', '5'];
+    record(await run(python, args, 120), { suite: 'gpu', impl: 'pytorch-finetune', preset, batch: firstBatch, dtype: 'bf16', device });
+  };
   // FastConvMAE's complementary masking (4 views of each image: stage 3 and the decoder 4 times,
   // every position of stages 1-2 once): ours sparse bf16 against PyTorch eager bf16 computing as
   // models_fastconvmae.py does, at the first batch.
@@ -579,7 +591,10 @@ async function main(): Promise<void> {
     await pytorch(batch, 'none', false);
     if (!quick && batch === batches[0]) await earlierABs(batch);
   }
-  if (!quick && !kernelsOnly && !profileOnly) await tasks();
+  if (!quick && !kernelsOnly && !profileOnly) {
+    await tasks();
+    await finetune();
+  }
   // --quick: the issue's rows at twice the batch too, in whatever the --deadline leaves (the
   // issue asks for batch 128 as well): first the comparison (ours sparse bf16 against eager and
   // torch.compile), which says whether ours scales with the batch as PyTorch does, then the rest
@@ -599,6 +614,7 @@ async function main(): Promise<void> {
     await pytorch(batch, 'none', false);
     await tasks();
     await complementary();
+    await finetune();
     await earlierABs(firstBatch);
   }
   // --profile-only, --kernels-only --profile: no throughput rows before it.
