@@ -183,7 +183,7 @@ export declare function checkFixture(path: string, dtype: string, convPath?: str
 
 /**
  * The model configuration of a checkpoint as JSON `{config, source}`: from our metadata
- * (`source` "metadata"), else as its encoder tensors' shapes give it ("shapes":
+ * (`source` "metadata", our files only), else as its encoder tensors' shapes give it ("shapes":
  * `CheckpointFile::inferred_config`; num_heads a guess); null when it holds neither.
  */
 export declare function checkpointConfig(path: string): Promise<string | null>

@@ -646,8 +646,8 @@ async function runInfo(args: string[]): Promise<void> {
     if (!found) fail(`info: '${values.checkpoint}' holds no model configuration and no encoder (no patch_embed1.proj.weight)`);
     if (found.source === 'shapes' && !values.json) {
       process.stderr.write(
-        `'${values.checkpoint}' has no metadata: its tensors' shapes give the model; num_heads (${found.config.num_heads}, one per 64 channels) and decoder_num_heads ` +
-          `(${found.config.decoder_num_heads}, one per 32) are guesses (override with --config '{"num_heads":N}')\n`,
+        `'${values.checkpoint}' holds no convmae metadata: its tensors' shapes give the model; num_heads (${found.config.num_heads}) is a guess of one head per 64 channels, ` +
+          `as is a pretraining file's decoder_num_heads of one per 32 (override with --config '{"num_heads":N}')\n`,
       );
     }
     spec = { config: { ...found.config, ...(parseConfig(values.config) ?? {}) } };
