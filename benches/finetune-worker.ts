@@ -10,7 +10,7 @@
  * mixup or erasing (the PyTorch side has none either). Prints one JSON line.
  */
 import { Classifier, type DeviceName, type Precision } from '../src/api/index.js';
-import { fillRandom, median, parseArgs, stepWorkerFlags } from './lib.js';
+import { fillRandom, parseArgs, stepTimes, stepWorkerFlags } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 
 /** ImageNet-1k's classes and the official label smoothing, as time_step.py's fine-tuning step. */
@@ -46,7 +46,6 @@ async function main(): Promise<void> {
       losses.push(r.loss);
       if (i >= warmup) times.push(ms);
     }
-    const med = median(times);
     process.stdout.write(
       JSON.stringify({
         suite: 'finetune',
@@ -56,12 +55,7 @@ async function main(): Promise<void> {
         dtype: precision === 'bf16' ? 'bf16' : 'f32',
         device,
         threads: Number(process.env.RAYON_NUM_THREADS ?? 0) || null,
-        images_per_s: batch / (med / 1000),
-        ms_per_step_median: med,
-        ms_per_step: times,
-        losses,
-        warmup,
-        steps,
+        ...stepTimes(batch, times, losses, warmup, steps),
         peak_mem_mb: peakMemoryMb(device),
         host_rss_mb: process.resourceUsage().maxRSS / 1024,
         import_rss_mb: importRssMb,

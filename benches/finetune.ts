@@ -8,7 +8,7 @@
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { withTorchIfFound } from './pretrain.js';
-import { REPO_ROOT, alternatingRounds, batchesFlag, coreCount, fmt, intFlag, listFlag, markdownTable, roundsMeasurement, type Measurement, type Suite } from './lib.js';
+import { REPO_ROOT, alternatingRounds, fmt, markdownTable, roundsFlags, roundsMeasurement, type Measurement, type Suite } from './lib.js';
 
 const IMPLS = ['ours', 'pytorch'] as const;
 type Impl = (typeof IMPLS)[number];
@@ -28,15 +28,7 @@ export const finetuneSuite: Suite = {
   },
 
   async run(opts, log) {
-    const presets = listFlag(opts, 'preset', ['convmae-base']);
-    const batches = batchesFlag(opts);
-    const steps = intFlag(opts, 'steps', 5);
-    const warmup = intFlag(opts, 'warmup', 2, 0);
-    const rounds = intFlag(opts, 'rounds', 3);
-    const threads = intFlag(opts, 'threads', coreCount());
-    const timeoutMs = intFlag(opts, 'timeout-s', 3600) * 1000;
-    const impls = listFlag(opts, 'impl', [...IMPLS]) as Impl[];
-    for (const i of impls) if (!IMPLS.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${IMPLS.join(', ')})`);
+    const { presets, batches, steps, warmup, rounds, threads, timeoutMs, impls } = roundsFlags<Impl>(opts, IMPLS);
 
     const notes: string[] = [];
     const versions: Record<string, string> = {};

@@ -144,6 +144,28 @@ export function stepWorkerFlags(opts: Options, defaultLr: number): StepWorkerFla
   };
 }
 
+/** The timing fields of a worker's JSON line from its timed steps (ms) and what they ran on. */
+export function stepTimes(batch: number, times: number[], losses: number[], warmup: number, steps: number): Record<string, unknown> {
+  const med = median(times);
+  return { images_per_s: batch / (med / 1000), ms_per_step_median: med, ms_per_step: times, losses, warmup, steps };
+}
+
+/** The flags of a suite that alternates implementations in rounds (`pretrain`, `finetune`). */
+export function roundsFlags<I extends string>(opts: Options, known: readonly I[]) {
+  const impls = listFlag(opts, 'impl', [...known]) as I[];
+  for (const i of impls) if (!known.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${known.join(', ')})`);
+  return {
+    presets: listFlag(opts, 'preset', ['convmae-base']),
+    batches: batchesFlag(opts),
+    steps: intFlag(opts, 'steps', 5),
+    warmup: intFlag(opts, 'warmup', 2, 0),
+    rounds: intFlag(opts, 'rounds', 3),
+    threads: intFlag(opts, 'threads', coreCount()),
+    timeoutMs: intFlag(opts, 'timeout-s', 3600) * 1000,
+    impls,
+  };
+}
+
 /** `--batch`: positive integers, comma separated (default 8). */
 export function batchesFlag(opts: Options): number[] {
   return listFlag(opts, 'batch', ['8']).map((b) => {

@@ -17,7 +17,7 @@
 // The API only (no data pipeline, so no sharp): the GPU check runs this where only Node, the
 // native addon and dist/ exist.
 import { Pretrainer, resolveConfig, type ConvMaeConfig, type DeviceName, type Precision } from '../src/api/index.js';
-import { fillRandom, intFlag, median, parseArgs, stepWorkerFlags } from './lib.js';
+import { fillRandom, intFlag, parseArgs, stepTimes, stepWorkerFlags } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 
 async function main(): Promise<void> {
@@ -76,7 +76,6 @@ async function main(): Promise<void> {
     // --warmup 1, ConvMAE-B's step read 2.1 s at batch 32 against 7.9 s, 2026-11-28).
     const perStep = (i: number) => (i >= inFlight ? (finished[i]! - finished[i - inFlight]!) / inFlight : (finished[i]! - t0) / (i + 1));
     const times = Array.from({ length: steps }, (_, k) => perStep(warmup + k));
-    const med = median(times);
     const out = {
       suite: 'pretrain',
       impl: convPath === 'sparse' ? 'ours' : 'ours-dense',
@@ -85,12 +84,7 @@ async function main(): Promise<void> {
       dtype: precision === 'bf16' ? 'bf16' : dtype,
       device,
       threads: Number(process.env.RAYON_NUM_THREADS ?? 0) || null,
-      images_per_s: batch / (med / 1000),
-      ms_per_step_median: med,
-      ms_per_step: times,
-      losses,
-      warmup,
-      steps,
+      ...stepTimes(batch, times, losses, warmup, steps),
       in_flight: inFlight,
       peak_mem_mb: peakMemoryMb(device),
       host_rss_mb: process.resourceUsage().maxRSS / 1024,

@@ -14,13 +14,10 @@ import path from 'node:path';
 import {
   REPO_ROOT,
   alternatingRounds,
-  batchesFlag,
-  coreCount,
   fmt,
-  intFlag,
-  listFlag,
   markdownTable,
   maskingFlag,
+  roundsFlags,
   roundsMeasurement,
   tryExec,
   type Measurement,
@@ -79,17 +76,9 @@ export const pretrainSuite: Suite = {
   },
 
   async run(opts: Options, log: (line: string) => void): Promise<SuiteResult> {
-    const presets = listFlag(opts, 'preset', ['convmae-base']);
-    const batches = batchesFlag(opts);
-    const steps = intFlag(opts, 'steps', 5);
-    const warmup = intFlag(opts, 'warmup', 2, 0);
-    const rounds = intFlag(opts, 'rounds', 3);
-    const threads = intFlag(opts, 'threads', coreCount());
-    const timeoutMs = intFlag(opts, 'timeout-s', 3600) * 1000;
-    const impls = listFlag(opts, 'impl', [...IMPLS]) as Impl[];
+    const { presets, batches, steps, warmup, rounds, threads, timeoutMs, impls } = roundsFlags<Impl>(opts, IMPLS);
     const { masking, config } = maskingFlag(opts);
     const configArgs = config ? ['--config', JSON.stringify(config)] : [];
-    for (const i of impls) if (!IMPLS.includes(i)) throw new RangeError(`unknown --impl '${i}' (known: ${IMPLS.join(', ')})`);
 
     const notes: string[] = [];
     const versions: Record<string, string> = {};

@@ -20,7 +20,7 @@ import { Detector } from '../src/api/detector.js';
 import { resolveConfig, type ConvMaeConfig } from '../src/api/config.js';
 import type { DeviceName, Precision } from '../src/api/pretrainer.js';
 import { Segmenter } from '../src/api/segmenter.js';
-import { intFlag, median, parseArgs } from './lib.js';
+import { intFlag, parseArgs, stepTimes } from './lib.js';
 import { peakMemoryMb } from './peak-memory.js';
 import { rectangleScenes, SMALL_DETECTOR_HEAD, stripeLabels } from './synthetic-scenes.js';
 
@@ -63,7 +63,6 @@ async function main(): Promise<void> {
       losses.push(loss);
       if (i >= warmup) times.push(performance.now() - t0);
     }
-    const med = median(times);
     process.stdout.write(
       JSON.stringify({
         suite: 'task',
@@ -74,12 +73,7 @@ async function main(): Promise<void> {
         dtype,
         precision,
         device,
-        images_per_s: batch / (med / 1000),
-        ms_per_step_median: med,
-        ms_per_step: times,
-        losses,
-        warmup,
-        steps,
+        ...stepTimes(batch, times, losses, warmup, steps),
         peak_mem_mb: peakMemoryMb(device),
       }) + '\n',
     );

@@ -57,6 +57,18 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return num / denom
 
 
+def load_fixture_params(model, t: dict, problems: list) -> dict:
+    """Loads fixture ``t``'s ``param.*`` tensors into ``model`` (strict=False), naming in
+    ``problems`` what either side lacks; returns them by model name."""
+    params = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    if missing:
+        problems.append(f"model tensors absent from the fixture: {missing}")
+    if unexpected:
+        problems.append(f"fixture tensors the model lacks: {unexpected}")
+    return params
+
+
 def compare_grads(named: dict, t: dict, names: list, results: dict, problems: list):
     """Each ``grad.*`` of fixture ``t`` against the gradient of its parameter in ``named`` (relative
     error into ``results``); ``names``: the parameters the fixture should hold gradients of.
@@ -92,13 +104,8 @@ def main() -> int:
     cfg = json.loads(meta["config"])
     model = from_config(cfg).to(torch.float64)
 
-    params = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
-    missing, unexpected = model.load_state_dict(params, strict=False)
     problems = []
-    if missing:
-        problems.append(f"model tensors absent from the fixture: {missing}")
-    if unexpected:
-        problems.append(f"fixture tensors the model lacks: {unexpected}")
+    params = load_fixture_params(model, t, problems)
 
     results = {}
     # our sin-cos table against the fixture's frozen ones (not a parity requirement, a sanity check)

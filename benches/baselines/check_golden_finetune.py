@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_golden import compare_grads, load_safetensors, rel_err  # noqa: E402
+from check_golden import compare_grads, load_fixture_params, load_safetensors, rel_err  # noqa: E402
 from convvit_torch import ConvViT  # noqa: E402
 
 
@@ -37,13 +37,8 @@ def main() -> int:
     cfg = json.loads(meta["config"])
     model = ConvViT(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
                     num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=cfg["num_classes"], drop_path=0.0).to(torch.float64)
-    params = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
-    missing, unexpected = model.load_state_dict(params, strict=False)
     problems = []
-    if missing:
-        problems.append(f"model tensors absent from the fixture: {missing}")
-    if unexpected:
-        problems.append(f"fixture tensors the model lacks: {unexpected}")
+    load_fixture_params(model, t, problems)
     model.eval()
 
     features = {}

@@ -576,3 +576,4 @@ fn slide_evaluation_averages_overlapping_windows_as_mmseg() {
     let e = trainer.evaluate_slide(&square, (s, s), None, 0).err().unwrap().to_string();
     assert!(e.contains("stride"), "{e}");
 }
+
